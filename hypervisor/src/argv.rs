@@ -1,0 +1,378 @@
+//! Runtime → QEMU command line. Pure.
+//!
+//! [`render_base`] renders the machine (what the runtime stores in `argv`);
+//! [`render_execution`] adds what only exists at execution: disks and NICs
+//! with their explicit `bus=pci.0,addr=`, tap and socket fds.
+
+use std::os::fd::RawFd;
+use std::path::Path;
+
+use uuid::Uuid;
+
+use crate::runtime::{RuntimeDisk, RuntimeNic};
+use crate::spec::{Boot, DiskCache, DiskFormat, NicModel};
+use crate::Runtime;
+
+/// The PCI bus every device is placed on.
+pub const PCI_BUS: &str = "pci.0";
+/// QMP chardev id of the agent's monitor.
+pub const QMP_CHARDEV: &str = "qmp";
+/// QMP chardev id of the operator's monitor.
+pub const OPERATOR_QMP_CHARDEV: &str = "qmp-operator";
+/// Chardev id of the serial console.
+pub const SERIAL_CHARDEV: &str = "serial0";
+
+/// Escapes a value for QEMU's `key=value,...` syntax, where a literal comma
+/// is written twice. Without this a path like `/a,file=/etc/shadow` would
+/// smuggle in an option.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+/// The short form of a device uuid used in QEMU ids. Block node names are
+/// limited to 31 bytes, so ids use the first 12 hex digits.
+fn short(uuid: Uuid) -> String {
+    uuid.simple().to_string()[..12].to_owned()
+}
+
+/// QEMU device id of a disk.
+pub fn disk_device_id(uuid: Uuid) -> String {
+    format!("disk-{}", short(uuid))
+}
+
+/// Block node of a disk's file (protocol) layer.
+pub fn disk_file_node(uuid: Uuid) -> String {
+    format!("file-{}", short(uuid))
+}
+
+/// Block node of a disk's format layer, the one the device uses.
+pub fn disk_format_node(uuid: Uuid) -> String {
+    format!("fmt-{}", short(uuid))
+}
+
+/// QEMU device id of a NIC.
+pub fn nic_device_id(uuid: Uuid) -> String {
+    format!("nic-{}", short(uuid))
+}
+
+/// QEMU netdev id of a NIC.
+pub fn netdev_id(uuid: Uuid) -> String {
+    format!("net-{}", short(uuid))
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// The machine part of the command line.
+pub fn render_base(rt: &Runtime) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", escape(&rt.name)),
+        "-uuid".into(),
+        rt.uuid.to_string(),
+        "-machine".into(),
+        format!("{},accel={}", escape(&rt.machine_type), rt.accelerator.as_str()),
+        "-cpu".into(),
+        escape(&rt.cpu_model),
+        "-m".into(),
+        format!("size={}M", rt.memory_mib),
+        "-smp".into(),
+        rt.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-msg".into(),
+        "timestamp=on".into(),
+    ];
+    match rt.vnc_display {
+        Some(display) => argv.extend([
+            "-vnc".into(),
+            format!("127.0.0.1:{display}"),
+            "-device".into(),
+            format!("VGA,bus={PCI_BUS},addr=0x2"),
+        ]),
+        None => argv.extend(["-display".into(), "none".into()]),
+    }
+    if let Boot::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    } = &rt.boot
+    {
+        // -kernel and -initrd take a plain file name, not key=value options.
+        argv.extend(["-kernel".into(), kernel.to_string_lossy().into_owned()]);
+        if let Some(initrd) = initrd {
+            argv.extend(["-initrd".into(), initrd.to_string_lossy().into_owned()]);
+        }
+        argv.extend(["-append".into(), cmdline.clone()]);
+    }
+    argv
+}
+
+/// The fds and sockets that exist only at execution.
+#[derive(Debug, Clone)]
+pub struct ExecutionFds<'a> {
+    /// Listening socket of the agent's QMP monitor.
+    pub qmp: RawFd,
+    /// Listening socket of the serial console, when the runtime has one.
+    pub serial: Option<RawFd>,
+    /// One tap fd per NIC, in runtime order.
+    pub taps: Vec<RawFd>,
+    /// Path of an extra QMP monitor for operators, when enabled.
+    pub operator_qmp: Option<&'a Path>,
+}
+
+/// The full command line: base, disks, NICs and the execution fds.
+pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
+    let mut argv = rt.argv.clone();
+    for (index, disk) in rt.disks.iter().enumerate() {
+        let boot_first = index == 0 && rt.boot == Boot::Disk;
+        argv.extend(render_disk(disk, boot_first));
+    }
+    for (nic, fd) in rt.nics.iter().zip(&fds.taps) {
+        argv.extend(render_nic(nic, *fd));
+    }
+    argv.extend([
+        "-chardev".into(),
+        format!("socket,id={QMP_CHARDEV},fd={},server=on,wait=off", fds.qmp),
+        "-mon".into(),
+        format!("chardev={QMP_CHARDEV},mode=control"),
+    ]);
+    if let Some(path) = fds.operator_qmp {
+        argv.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id={OPERATOR_QMP_CHARDEV},path={},server=on,wait=off",
+                escape_path(path)
+            ),
+            "-mon".into(),
+            format!("chardev={OPERATOR_QMP_CHARDEV},mode=control"),
+        ]);
+    }
+    if let Some(fd) = fds.serial {
+        argv.extend([
+            "-chardev".into(),
+            format!("socket,id={SERIAL_CHARDEV},fd={fd},server=on,wait=off"),
+            "-serial".into(),
+            format!("chardev:{SERIAL_CHARDEV}"),
+        ]);
+    }
+    argv
+}
+
+/// `cache.direct`, `cache.no-flush` and the device's `write-cache` for a mode.
+fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
+    match cache {
+        DiskCache::None => (true, false, true),
+        DiskCache::Writeback => (false, false, true),
+        DiskCache::Writethrough => (false, false, false),
+        DiskCache::Directsync => (true, false, false),
+        DiskCache::Unsafe => (false, true, true),
+    }
+}
+
+/// `-blockdev` (file), `-blockdev` (format) and `-device` for one disk.
+pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
+    let d = &disk.spec;
+    let (direct, no_flush, write_cache) = cache_flags(d.cache);
+    let format = match d.format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let file_node = disk_file_node(d.uuid);
+    let format_node = disk_format_node(d.uuid);
+    let boot = if boot_first { ",bootindex=1" } else { "" };
+    [
+        "-blockdev".into(),
+        format!(
+            "driver=file,node-name={file_node},filename={},read-only={},cache.direct={},cache.no-flush={}",
+            escape_path(&d.path),
+            on_off(d.read_only),
+            on_off(direct),
+            on_off(no_flush)
+        ),
+        "-blockdev".into(),
+        format!(
+            "driver={format},node-name={format_node},file={file_node},read-only={}",
+            on_off(d.read_only)
+        ),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,id={},drive={format_node},bus={PCI_BUS},addr={:#x},write-cache={}{boot}",
+            disk_device_id(d.uuid),
+            disk.slot,
+            on_off(write_cache)
+        ),
+    ]
+}
+
+/// `-netdev` and `-device` for one NIC on an inherited tap fd.
+pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd) -> [String; 4] {
+    let n = &nic.spec;
+    let model = match n.model {
+        NicModel::Virtio => "virtio-net-pci",
+        NicModel::E1000 => "e1000",
+    };
+    let netdev = netdev_id(n.uuid);
+    [
+        "-netdev".into(),
+        format!("tap,id={netdev},fd={tap_fd}"),
+        "-device".into(),
+        format!(
+            "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}",
+            nic_device_id(n.uuid),
+            n.mac,
+            nic.slot
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::generate;
+    use crate::runtime::tests::{host, qemu_7_2};
+    use crate::spec::tests::sample_spec;
+    use proptest::prelude::*;
+
+    /// Splits QEMU `key=value,...` syntax the way QEMU does (`,,` is a comma).
+    fn split_keyval(s: &str) -> Vec<(String, String)> {
+        let mut items = Vec::new();
+        let mut current = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    current.push(',');
+                } else {
+                    items.push(std::mem::take(&mut current));
+                }
+            } else {
+                current.push(c);
+            }
+        }
+        items.push(current);
+        items
+            .into_iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (kv, String::new()),
+            })
+            .collect()
+    }
+
+    fn fds() -> ExecutionFds<'static> {
+        ExecutionFds { qmp: 3, serial: Some(4), taps: vec![5], operator_qmp: None }
+    }
+
+    #[test]
+    fn comma_is_doubled() {
+        assert_eq!(escape("/a,b,,c"), "/a,,b,,,,c");
+    }
+
+    #[test]
+    fn base_argv_names_machine_memory_and_uuid() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        let argv = render_base(&rt).join(" ");
+
+        assert!(argv.contains("-machine pc-i440fx-7.2,accel=kvm"), "{argv}");
+        assert!(argv.contains("-m size=128M"), "{argv}");
+        assert!(argv.contains(&format!("-uuid {}", rt.uuid)), "{argv}");
+        assert!(argv.contains("-nodefaults"), "{argv}");
+    }
+
+    #[test]
+    fn every_device_has_an_explicit_bus_and_slot() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        let argv = render_execution(&rt, &fds());
+
+        let devices: Vec<&String> = argv
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(devices.len(), 2);
+        assert!(devices[0].contains("bus=pci.0,addr=0x3"), "{}", devices[0]);
+        assert!(devices[1].contains("bus=pci.0,addr=0x4"), "{}", devices[1]);
+    }
+
+    #[test]
+    fn nic_uses_the_inherited_tap_fd() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        let argv = render_execution(&rt, &fds());
+
+        let netdev = argv.iter().find(|a| a.starts_with("tap,")).unwrap();
+        assert_eq!(netdev, &format!("tap,id={},fd=5", netdev_id(rt.nics[0].spec.uuid)));
+    }
+
+    #[test]
+    fn disk_boot_marks_first_disk_bootable() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        let argv = render_execution(&rt, &fds()).join(" ");
+
+        assert!(argv.contains("bootindex=1"), "{argv}");
+    }
+
+    #[test]
+    fn cache_none_is_direct_io() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        let [_, file, ..] = render_disk(&rt.disks[0], false);
+
+        let kv = split_keyval(&file);
+        assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
+    }
+
+    #[test]
+    fn node_names_fit_qemus_limit() {
+        let id = Uuid::from_u128(u128::MAX);
+
+        assert!(disk_file_node(id).len() <= 31);
+        assert!(disk_format_node(id).len() <= 31);
+    }
+
+    proptest! {
+        #[test]
+        fn no_disk_path_can_smuggle_an_option(
+            parts in proptest::collection::vec("[ -~&&[^/]]{1,16}", 1..4)
+        ) {
+            prop_assume!(parts.iter().all(|p| p != "." && p != ".."));
+            let path = format!("/{}", parts.join("/"));
+            let qemu = qemu_7_2();
+            let mut spec = sample_spec();
+            spec.disks[0].path = path.clone().into();
+            let rt = generate(&spec, host(&qemu), 1).unwrap();
+
+            let [_, file, _, format, _, device] = render_disk(&rt.disks[0], true);
+
+            let kv = split_keyval(&file);
+            let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+            prop_assert_eq!(keys, vec!["driver", "node-name", "filename", "read-only", "cache.direct", "cache.no-flush"]);
+            prop_assert_eq!(&kv[2].1, &path);
+            prop_assert_eq!(split_keyval(&format).len(), 4);
+            prop_assert_eq!(split_keyval(&device).len(), 7);
+        }
+
+        #[test]
+        fn rendering_is_deterministic(tap in 3i32..1000, qmp in 3i32..1000) {
+            let qemu = qemu_7_2();
+            let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+            let fds = ExecutionFds { qmp, serial: None, taps: vec![tap], operator_qmp: None };
+            prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! QEMU knowledge for kvm-agent: turns an instance spec into a runtime and a
+//! runtime into a running QEMU, and speaks QMP to it.
+//!
+//! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime) and
+//! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
+//! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
+//! liveness, pidfd), [`qmp`] and [`lifecycle`] (launch and stop).
+//! Nothing here knows about gRPC or about how records are stored.
+#![deny(missing_docs)]
+
+pub mod argv;
+pub mod lifecycle;
+pub mod probe;
+pub mod process;
+pub mod qmp;
+pub mod runtime;
+pub mod spec;
+pub mod tap;
+
+pub use runtime::Runtime;
+pub use spec::InstanceSpec;

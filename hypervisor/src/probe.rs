@@ -1,0 +1,234 @@
+//! What an installed QEMU binary offers: its version and machine types.
+//!
+//! Parsing is pure; [`probe`] runs the binary. The agent caches the result
+//! per binary, because running `qemu -help` style commands on every
+//! operation is what makes some drivers slow.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+
+/// A QEMU version triple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QemuVersion {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Micro.
+    pub micro: u32,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// One line of `-machine help`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineType {
+    /// Name, e.g. `pc-i440fx-7.2` or `pc`.
+    pub name: String,
+    /// For an alias such as `pc`, the versioned type it stands for.
+    pub alias_of: Option<String>,
+}
+
+/// Facts about one QEMU binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuInfo {
+    /// The binary as resolved.
+    pub binary: PathBuf,
+    /// Its version.
+    pub version: QemuVersion,
+    /// The first line of `-version`.
+    pub version_text: String,
+    /// Every machine type.
+    pub machines: Vec<MachineType>,
+}
+
+impl QemuInfo {
+    /// Resolves a machine type or alias to its versioned name, so a guest's
+    /// ABI stays fixed across QEMU upgrades and migrations.
+    pub fn resolve_machine(&self, requested: &str) -> Option<String> {
+        let m = self.machines.iter().find(|m| m.name == requested)?;
+        Some(m.alias_of.clone().unwrap_or_else(|| m.name.clone()))
+    }
+}
+
+/// Why a QEMU binary couldn't be probed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The binary isn't there.
+    #[error(
+        "QEMU binary {} not found; install the qemu-system-x86 package or set --qemu-binary",
+        .0.display()
+    )]
+    Missing(PathBuf),
+    /// The binary couldn't be run.
+    #[error("QEMU binary {} can't be run", binary.display())]
+    Exec {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran but said something unexpected.
+    #[error("QEMU binary {} gave unexpected output for {what}: {detail}", binary.display())]
+    Output {
+        /// The binary.
+        binary: PathBuf,
+        /// Which query.
+        what: &'static str,
+        /// What it printed, shortened.
+        detail: String,
+    },
+}
+
+/// Parses `QEMU emulator version 7.2.22 (Debian ...)`.
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let line = text.lines().next()?;
+    let rest = line.split("version ").nth(1)?;
+    let triple = rest.split_whitespace().next()?;
+    let mut parts = triple.split('.').map(|p| p.parse::<u32>().ok());
+    Some(QemuVersion {
+        major: parts.next()??,
+        minor: parts.next()??,
+        micro: parts.next().unwrap_or(Some(0))?,
+    })
+}
+
+/// Parses the output of `-machine help`.
+pub fn parse_machine_help(text: &str) -> Vec<MachineType> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("Supported machines"))
+        .skip(1)
+        .filter_map(|line| {
+            let name = line.split_whitespace().next()?;
+            let alias_of = line
+                .split("(alias of ")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(str::to_owned);
+            Some(MachineType {
+                name: name.to_owned(),
+                alias_of,
+            })
+        })
+        .collect()
+}
+
+/// Finds `binary` on PATH unless it already contains a slash.
+pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ProbeError> {
+    if binary.components().count() > 1 {
+        return if binary.is_file() {
+            Ok(binary.to_owned())
+        } else {
+            Err(ProbeError::Missing(binary.to_owned()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ProbeError::Missing(binary.to_owned()))
+}
+
+/// Runs the binary twice (`-version`, `-machine help`), concurrently.
+pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
+    let binary = resolve_binary(binary)?;
+    let (version_out, machine_out) = tokio::try_join!(
+        run(&binary, &["-version"]),
+        run(&binary, &["-machine", "help"])
+    )?;
+    let version = parse_version(&version_out).ok_or_else(|| ProbeError::Output {
+        binary: binary.clone(),
+        what: "-version",
+        detail: version_out.chars().take(200).collect(),
+    })?;
+    let machines = parse_machine_help(&machine_out);
+    if machines.is_empty() {
+        return Err(ProbeError::Output {
+            binary,
+            what: "-machine help",
+            detail: machine_out.chars().take(200).collect(),
+        });
+    }
+    Ok(QemuInfo {
+        binary,
+        version,
+        version_text: version_out.lines().next().unwrap_or_default().to_owned(),
+        machines,
+    })
+}
+
+async fn run(binary: &Path, args: &[&str]) -> Result<String, ProbeError> {
+    let out = tokio::process::Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| ProbeError::Exec {
+            binary: binary.to_owned(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether KVM can be used: `/dev/kvm` opens read-write. The error says why not.
+pub fn kvm_usable() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm can't be opened read-write: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MACHINE_HELP: &str = "Supported machines are:
+microvm              microvm (i386)
+pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)
+pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)
+pc-i440fx-7.1        Standard PC (i440FX + PIIX, 1996)
+q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)
+pc-q35-7.2           Standard PC (Q35 + ICH9, 2009)
+none                 empty machine
+";
+
+    #[test]
+    fn parses_debian_version_line() {
+        let v = parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright");
+
+        assert_eq!(v, Some(QemuVersion { major: 7, minor: 2, micro: 22 }));
+    }
+
+    #[test]
+    fn parses_two_part_version() {
+        assert_eq!(
+            parse_version("QEMU emulator version 8.0"),
+            Some(QemuVersion { major: 8, minor: 0, micro: 0 })
+        );
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn aliases_resolve_to_versioned_types() {
+        let info = QemuInfo {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            version: QemuVersion { major: 7, minor: 2, micro: 22 },
+            version_text: String::new(),
+            machines: parse_machine_help(MACHINE_HELP),
+        };
+
+        assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));
+        assert_eq!(info.resolve_machine("q35").as_deref(), Some("pc-q35-7.2"));
+        assert_eq!(info.resolve_machine("pc-i440fx-7.1").as_deref(), Some("pc-i440fx-7.1"));
+        assert_eq!(info.resolve_machine("virt"), None);
+    }
+}

@@ -1,0 +1,248 @@
+//! QEMU as an OS process: spawning it in its own session, pidfiles,
+//! liveness that survives pid reuse, and pidfds for supervision.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use uuid::Uuid;
+
+/// Writes a pidfile atomically (temp file, rename).
+pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
+    let temp = path.with_extension("tmp");
+    fs::write(&temp, format!("{pid}\n"))?;
+    fs::rename(&temp, path)
+}
+
+/// Reads a pidfile; `None` when missing or unreadable.
+pub fn read_pidfile(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// True when the arguments carry `-uuid <uuid>`. Pure.
+pub fn cmdline_has_uuid(cmdline: &[u8], uuid: Uuid) -> bool {
+    let wanted = uuid.to_string();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"-uuid" && w[1] == wanted.as_bytes())
+}
+
+/// True when `pid` is alive and is the QEMU of the instance `uuid`.
+///
+/// A pid alone proves nothing after a reboot or a wrap-around; the uuid on
+/// the command line does. A zombie has an empty command line and so counts
+/// as dead.
+pub fn runs_instance(pid: u32, uuid: Uuid) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_has_uuid(&c, uuid))
+}
+
+/// The pid in `pidfile` if that process is the instance's QEMU.
+pub fn live_instance_pid(pidfile: &Path, uuid: Uuid) -> Option<u32> {
+    read_pidfile(pidfile).filter(|&pid| runs_instance(pid, uuid))
+}
+
+/// Spawns `binary` with `args` in a new session, with stdout and stderr
+/// appended to `log`, and with `inherit` (and only those, besides 0-2)
+/// passed across exec.
+pub fn spawn_detached(
+    binary: &Path,
+    args: &[impl AsRef<OsStr>],
+    inherit: &[RawFd],
+    log: File,
+) -> io::Result<Child> {
+    let stderr = log.try_clone()?;
+    let inherit = inherit.to_vec();
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(stderr);
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (setsid, fcntl) on plain integers; it
+    // allocates nothing and touches no locks.
+    unsafe {
+        command.pre_exec(move || {
+            // Its own session: QEMU outlives the agent and no terminal
+            // signal aimed at the agent reaches it.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+/// Returns the last `max_bytes` of a log file, lossily decoded.
+pub fn log_tail(path: &Path, max_bytes: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)));
+    let mut buf = Vec::new();
+    let _ = file.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_owned()
+}
+
+/// Rotates `path` to `path.1` .. `path.keep` when it is over `max_bytes`.
+pub fn rotate_log(path: &Path, max_bytes: u64, keep: u32) -> io::Result<()> {
+    if fs::metadata(path).map_or(true, |m| m.len() <= max_bytes) {
+        return Ok(());
+    }
+    let numbered = |n: u32| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        std::path::PathBuf::from(p)
+    };
+    for n in (1..keep).rev() {
+        let from = numbered(n);
+        if from.exists() {
+            fs::rename(&from, numbered(n + 1))?;
+        }
+    }
+    fs::rename(path, numbered(1))
+}
+
+/// A pidfd: a handle on one process that can't be confused by pid reuse.
+/// Readable once the process has exited.
+#[derive(Debug)]
+pub struct PidFd {
+    fd: AsyncFd<OwnedFd>,
+    pid: u32,
+}
+
+impl PidFd {
+    /// Opens a pidfd for `pid`. Must be called inside a tokio runtime.
+    pub fn open(pid: u32) -> io::Result<PidFd> {
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd
+        // or -1; it touches no memory of ours.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        // SAFETY: `OwnedFd` always returns the fd it owns, and the AsyncFd
+        // owns the `OwnedFd` for its whole life, so the fd stays open and the
+        // same.
+        let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(PidFd { fd, pid })
+    }
+
+    /// The pid it refers to.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Resolves once the process has exited. Any number of tasks may wait;
+    /// readiness is never cleared, so it stays resolved.
+    pub async fn exited(&self) {
+        // An error here means the fd is unusable; treat it as exited rather
+        // than waiting forever.
+        let _ = self.fd.readable().await;
+    }
+
+    /// True if the process has already exited.
+    pub fn has_exited(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc > 0
+    }
+
+    /// Sends a signal through the pidfd, so it can't hit a reused pid.
+    pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number,
+        // a null siginfo and no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.get_ref().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            // Already gone: the signal's purpose is served.
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn uuid_must_follow_the_uuid_flag() {
+        let id = Uuid::from_u128(42);
+        let good = format!("qemu\0-name\0x\0-uuid\0{id}\0");
+        let elsewhere = format!("qemu\0-name\0{id}\0");
+        let other = format!("qemu\0-uuid\0{}\0", Uuid::from_u128(43));
+
+        assert!(cmdline_has_uuid(good.as_bytes(), id));
+        assert!(!cmdline_has_uuid(elsewhere.as_bytes(), id));
+        assert!(!cmdline_has_uuid(other.as_bytes(), id));
+        assert!(!cmdline_has_uuid(b"", id));
+    }
+
+    #[test]
+    fn a_pid_of_another_process_is_not_the_instance() {
+        let me = std::process::id();
+
+        assert!(!runs_instance(me, Uuid::from_u128(42)));
+    }
+
+    #[test]
+    fn log_rotation_keeps_numbered_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("qemu.log");
+        for round in 0..4 {
+            fs::write(&log, format!("round {round} {}", "x".repeat(100))).unwrap();
+            rotate_log(&log, 10, 2).unwrap();
+        }
+
+        assert!(!log.exists());
+        assert!(fs::read_to_string(dir.path().join("qemu.log.1")).unwrap().starts_with("round 3"));
+        assert!(fs::read_to_string(dir.path().join("qemu.log.2")).unwrap().starts_with("round 2"));
+        assert!(!dir.path().join("qemu.log.3").exists());
+    }
+
+    #[tokio::test]
+    async fn pidfd_resolves_when_the_process_exits() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pidfd = PidFd::open(child.id()).unwrap();
+        assert!(!pidfd.has_exited());
+
+        pidfd.signal(libc::SIGKILL).unwrap();
+
+        tokio::time::timeout(Duration::from_secs(5), pidfd.exited()).await.unwrap();
+        assert!(pidfd.has_exited());
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,564 @@
+//! An async QMP client.
+//!
+//! One reader task owns the read half of the socket: it routes each reply to
+//! the caller waiting on its `id` and broadcasts events, so a caller can wait
+//! for `DEVICE_DELETED` or `RESET` while other commands flow. Every command
+//! has a timeout, and QEMU's error `class` and `desc` are kept.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+use crate::probe::QemuVersion;
+
+/// Timeouts and bounds of a QMP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct QmpConfig {
+    /// How long to wait for the greeting after connecting.
+    pub greeting_timeout: Duration,
+    /// Default timeout of one command.
+    pub command_timeout: Duration,
+    /// Longest line accepted from QEMU; a longer one drops the connection.
+    pub max_line_bytes: usize,
+}
+
+impl Default for QmpConfig {
+    fn default() -> Self {
+        Self {
+            greeting_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(10),
+            max_line_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// An asynchronous QMP event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    /// Event name, e.g. `SHUTDOWN`.
+    pub name: String,
+    /// Its `data`, or `null`.
+    pub data: Value,
+}
+
+/// What can go wrong talking QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// Connecting, reading or writing failed.
+    #[error("QMP socket I/O failed")]
+    Io(#[from] std::io::Error),
+    /// QEMU didn't greet in time.
+    #[error("no QMP greeting within {0:?}")]
+    NoGreeting(Duration),
+    /// A command got no reply in time.
+    #[error("QMP command {command} got no reply within {after:?}")]
+    Timeout {
+        /// Command name.
+        command: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The connection is gone.
+    #[error("QMP connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Disconnected {
+        /// Why, when known.
+        reason: Option<String>,
+    },
+    /// QEMU sent something that isn't QMP.
+    #[error("QMP protocol violation: {0}")]
+    Protocol(String),
+    /// QEMU refused the command.
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Qemu {
+        /// Command name.
+        command: String,
+        /// QEMU's error class, e.g. `GenericError`.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// The command isn't in this QEMU's `query-commands`.
+    #[error("this QEMU does not support the QMP command {0}")]
+    Unsupported(String),
+}
+
+impl QmpError {
+    /// Whether reconnecting could help: a dropped or confused connection,
+    /// not an error QEMU gave on purpose.
+    pub fn should_reconnect(&self) -> bool {
+        matches!(
+            self,
+            QmpError::Io(_)
+                | QmpError::Disconnected { .. }
+                | QmpError::Protocol(_)
+                | QmpError::Timeout { .. }
+        )
+    }
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>;
+
+struct Shared {
+    pending: Pending,
+    events: broadcast::Sender<QmpEvent>,
+    closed: watch::Sender<Option<String>>,
+}
+
+/// A QMP connection after the capabilities handshake.
+pub struct QmpClient {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    config: QmpConfig,
+    version: QemuVersion,
+    commands: HashSet<String>,
+    reader: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for QmpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpClient")
+            .field("version", &self.version)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for QmpClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Commands that are sent before `query-commands` is known.
+const HANDSHAKE_COMMANDS: [&str; 2] = ["qmp_capabilities", "query-commands"];
+/// Events a slow subscriber may fall behind by before it misses some.
+const EVENT_BUFFER: usize = 256;
+
+impl QmpClient {
+    /// Connects to a QMP unix socket and completes the handshake.
+    pub async fn connect(path: &Path, config: QmpConfig) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path).await?;
+        Self::handshake(stream, config).await
+    }
+
+    /// Reads the greeting, sends `qmp_capabilities` and learns the supported
+    /// commands.
+    pub async fn handshake(stream: UnixStream, config: QmpConfig) -> Result<Self, QmpError> {
+        let (read, writer) = stream.into_split();
+        let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(config.max_line_bytes));
+        let greeting = tokio::time::timeout(config.greeting_timeout, lines.next())
+            .await
+            .map_err(|_| QmpError::NoGreeting(config.greeting_timeout))?;
+        let greeting = match greeting {
+            None => return Err(QmpError::Disconnected { reason: Some("before the greeting".into()) }),
+            Some(line) => line.map_err(line_error)?,
+        };
+        let version = parse_greeting(&greeting)?;
+
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (closed, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            events,
+            closed,
+        });
+        let reader = tokio::spawn(read_loop(lines, shared.clone()));
+        let mut client = QmpClient {
+            writer: tokio::sync::Mutex::new(writer),
+            shared,
+            next_id: AtomicU64::new(1),
+            config,
+            version,
+            commands: HashSet::new(),
+            reader,
+        };
+        client.execute("qmp_capabilities", None).await?;
+        let listed = client.execute("query-commands", None).await?;
+        client.commands = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+            .collect();
+        Ok(client)
+    }
+
+    /// QEMU's version from the greeting.
+    pub fn version(&self) -> QemuVersion {
+        self.version
+    }
+
+    /// Whether this QEMU has the command.
+    pub fn supports(&self, command: &str) -> bool {
+        self.commands.contains(command)
+    }
+
+    /// Subscribes to events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// True once the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.borrow().is_some()
+    }
+
+    /// Waits until the connection is gone and returns why.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.shared.closed.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return "reader ended".into();
+            }
+        }
+    }
+
+    /// Runs a command with the default timeout.
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_with_timeout(command, arguments, self.config.command_timeout)
+            .await
+    }
+
+    /// Runs a command and returns its `return` value.
+    pub async fn execute_with_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        if !HANDSHAKE_COMMANDS.contains(&command) && !self.supports(command) {
+            return Err(QmpError::Unsupported(command.to_owned()));
+        }
+        if let Some(reason) = self.shared.closed.borrow().clone() {
+            return Err(QmpError::Disconnected { reason: Some(reason) });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut message = json!({ "execute": command, "id": id });
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        let mut line = message.to_string();
+        line.push('\n');
+
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, tx);
+        let outcome = tokio::time::timeout(timeout, async {
+            self.writer.lock().await.write_all(line.as_bytes()).await?;
+            rx.await.unwrap_or_else(|_| {
+                Err(QmpError::Disconnected { reason: None })
+            })
+        })
+        .await;
+        lock(&self.shared.pending).remove(&id);
+        match outcome {
+            Err(_) => Err(QmpError::Timeout {
+                command: command.to_owned(),
+                after: timeout,
+            }),
+            Ok(Err(QmpError::Qemu { class, desc, .. })) => Err(QmpError::Qemu {
+                command: command.to_owned(),
+                class,
+                desc,
+            }),
+            Ok(other) => other,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn line_error(e: LinesCodecError) -> QmpError {
+    match e {
+        LinesCodecError::MaxLineLengthExceeded => {
+            QmpError::Protocol("a line exceeded the length bound".into())
+        }
+        LinesCodecError::Io(e) => QmpError::Io(e),
+    }
+}
+
+/// Parses the greeting line into QEMU's version.
+pub fn parse_greeting(line: &str) -> Result<QemuVersion, QmpError> {
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| QmpError::Protocol(format!("greeting is not JSON: {e}")))?;
+    let q = value
+        .pointer("/QMP/version/qemu")
+        .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {}", shorten(line))))?;
+    let field = |name| q.get(name).and_then(Value::as_u64).map(|v| v as u32);
+    match (field("major"), field("minor"), field("micro")) {
+        (Some(major), Some(minor), Some(micro)) => Ok(QemuVersion { major, minor, micro }),
+        _ => Err(QmpError::Protocol(format!("greeting lacks a version: {}", shorten(line)))),
+    }
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(120).collect()
+}
+
+/// One parsed line from QEMU.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    /// A reply to command `id`.
+    Reply {
+        /// The id we sent.
+        id: u64,
+        /// `return`, or QEMU's error.
+        result: Result<Value, (String, String)>,
+    },
+    /// A reply without a usable id (QEMU answers unparseable input that way).
+    Orphan(Value),
+    /// An event.
+    Event(QmpEvent),
+}
+
+/// Classifies a line from QEMU. Pure.
+pub fn parse_incoming(line: &str) -> Result<Incoming, QmpError> {
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| QmpError::Protocol(format!("line is not JSON ({e}): {}", shorten(line))))?;
+    if let Some(name) = value.get("event").and_then(Value::as_str) {
+        return Ok(Incoming::Event(QmpEvent {
+            name: name.to_owned(),
+            data: value.get("data").cloned().unwrap_or(Value::Null),
+        }));
+    }
+    let Some(id) = value.get("id").and_then(Value::as_u64) else {
+        return Ok(Incoming::Orphan(value));
+    };
+    if let Some(ret) = value.get("return") {
+        return Ok(Incoming::Reply { id, result: Ok(ret.clone()) });
+    }
+    if let Some(err) = value.get("error") {
+        let text = |k| err.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+        return Ok(Incoming::Reply { id, result: Err((text("class"), text("desc"))) });
+    }
+    Err(QmpError::Protocol(format!("reply has neither return nor error: {}", shorten(line))))
+}
+
+async fn read_loop(
+    mut lines: FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+    shared: Arc<Shared>,
+) {
+    let reason = loop {
+        let line = match lines.next().await {
+            None => break "QEMU closed the socket".to_owned(),
+            Some(Err(e)) => break line_error(e).to_string(),
+            Some(Ok(line)) => line,
+        };
+        match parse_incoming(&line) {
+            Ok(Incoming::Event(event)) => {
+                tracing::debug!(event = %event.name, "qmp event");
+                // No subscriber is fine: nobody is waiting for events.
+                let _ = shared.events.send(event);
+            }
+            Ok(Incoming::Reply { id, result }) => {
+                let waiter = lock(&shared.pending).remove(&id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(result.map_err(|(class, desc)| QmpError::Qemu {
+                            command: String::new(),
+                            class,
+                            desc,
+                        }));
+                    }
+                    None => tracing::warn!(id, "QMP reply with an unknown or expired id"),
+                }
+            }
+            Ok(Incoming::Orphan(value)) => {
+                tracing::warn!(reply = %shorten(&value.to_string()), "QMP reply without an id");
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(%reason, "qmp connection closed");
+    for (_, tx) in lock(&shared.pending).drain() {
+        let _ = tx.send(Err(QmpError::Disconnected { reason: Some(reason.clone()) }));
+    }
+    shared.closed.send_replace(Some(reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
+
+    fn config() -> QmpConfig {
+        QmpConfig {
+            greeting_timeout: Duration::from_millis(500),
+            command_timeout: Duration::from_millis(500),
+            max_line_bytes: 4096,
+        }
+    }
+
+    /// A scripted peer: greets, answers the handshake, then runs `script`
+    /// on each later request line.
+    async fn fake_qemu<F>(server: UnixStream, mut script: F)
+    where
+        F: FnMut(Value) -> Vec<String> + Send + 'static,
+    {
+        let (read, mut write) = server.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let req: Value = serde_json::from_str(&line).unwrap();
+            let id = req["id"].clone();
+            let replies = match req["execute"].as_str().unwrap() {
+                "qmp_capabilities" => vec![json!({"return": {}, "id": id}).to_string()],
+                "query-commands" => vec![json!({"return": [{"name": "query-status"}, {"name": "quit"}], "id": id}).to_string()],
+                _ => script(req),
+            };
+            for r in replies {
+                if write.write_all(format!("{r}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn connected<F>(script: F) -> QmpClient
+    where
+        F: FnMut(Value) -> Vec<String> + Send + 'static,
+    {
+        let (client, server) = UnixStream::pair().unwrap();
+        tokio::spawn(fake_qemu(server, script));
+        QmpClient::handshake(client, config()).await.unwrap()
+    }
+
+    #[test]
+    fn greeting_gives_version() {
+        assert_eq!(
+            parse_greeting(GREETING).unwrap(),
+            QemuVersion { major: 7, minor: 2, micro: 22 }
+        );
+    }
+
+    #[test]
+    fn error_reply_keeps_class_and_desc() {
+        let parsed = parse_incoming(r#"{"id": 7, "error": {"class": "GenericError", "desc": "Duplicate ID"}}"#).unwrap();
+
+        assert_eq!(
+            parsed,
+            Incoming::Reply { id: 7, result: Err(("GenericError".into(), "Duplicate ID".into())) }
+        );
+    }
+
+    #[tokio::test]
+    async fn replies_are_routed_by_id_with_events_interleaved() {
+        let client = connected(|req| {
+            let id = req["id"].clone();
+            vec![
+                json!({"event": "RESET", "data": {"guest": false}}).to_string(),
+                json!({"return": {"status": "running"}, "id": id}).to_string(),
+            ]
+        })
+        .await;
+        let mut events = client.subscribe();
+
+        let status = client.execute("query-status", None).await.unwrap();
+
+        assert_eq!(status["status"], "running");
+        assert_eq!(events.recv().await.unwrap().name, "RESET");
+    }
+
+    #[tokio::test]
+    async fn unsupported_command_never_reaches_qemu() {
+        let client = connected(|_| panic!("must not be sent")).await;
+
+        let err = client.execute("device_add", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Unsupported(ref c) if c == "device_add"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn silent_qemu_times_out() {
+        let client = connected(|_| vec![]).await;
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        assert!(err.should_reconnect());
+    }
+
+    #[tokio::test]
+    async fn garbage_line_drops_the_connection_with_a_protocol_error() {
+        let client = connected(|_| vec!["this is not json".into()]).await;
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("not JSON")), "{err:?}");
+        assert!(client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn overlong_line_drops_the_connection() {
+        let client = connected(|_| vec![format!("{{\"return\": \"{}\"}}", "x".repeat(10_000))]).await;
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("length bound")), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn reply_with_unknown_id_is_ignored() {
+        let client = connected(|req| {
+            let id = req["id"].clone();
+            vec![
+                json!({"return": {}, "id": 999}).to_string(),
+                json!({"return": {"status": "paused"}, "id": id}).to_string(),
+            ]
+        })
+        .await;
+
+        let status = client.execute("query-status", None).await.unwrap();
+
+        assert_eq!(status["status"], "paused");
+    }
+
+    #[tokio::test]
+    async fn no_greeting_is_a_typed_error() {
+        let (client, _server) = UnixStream::pair().unwrap();
+
+        let err = QmpClient::handshake(client, config()).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::NoGreeting(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn socket_closing_mid_command_is_disconnected() {
+        let (client_end, server) = UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let (read, mut write) = server.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+            for _ in 0..2 {
+                let line = lines.next_line().await.unwrap().unwrap();
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let ret = if req["execute"] == "query-commands" { json!([{"name": "query-status"}]) } else { json!({}) };
+                write.write_all(format!("{}\n", json!({"return": ret, "id": req["id"]})).as_bytes()).await.unwrap();
+            }
+            let _ = lines.next_line().await; // read the command, then hang up
+        });
+        let client = QmpClient::handshake(client_end, config()).await.unwrap();
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Disconnected { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,573 @@
+//! The runtime: everything needed to start the same machine again.
+//!
+//! It is generated once from a spec (at start and hard reboot), persisted
+//! before execution, and replayed by soft reboot, restart, migration and
+//! restore. Generation is pure: the caller passes in what it learned about
+//! the host ([`QemuInfo`], whether KVM opens).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::argv;
+use crate::probe::{QemuInfo, QemuVersion};
+use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, NicSpec, SpecError};
+
+/// Version of the runtime layout. A runtime with another version is refused.
+pub const RUNTIME_FORMAT_VERSION: u32 = 1;
+/// Highest slot on pci.0.
+pub const MAX_PCI_SLOT: u8 = 31;
+/// Slots never given to disks or NICs: 0 host bridge, 1 PIIX3 (ISA, IDE,
+/// USB, ACPI functions), 2 the display adapter. Keeping 2 reserved even
+/// without a display means turning VNC on later never moves a device.
+pub const RESERVED_PCI_SLOTS: [u8; 3] = [0, 1, 2];
+/// The kernel's limit for a unix socket path (sun_path is 108 bytes with NUL).
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
+/// Sockets created in the run directory; their paths must fit `sun_path`.
+pub const RUN_DIR_SOCKETS: [&str; 3] = ["qmp.sock", "serial.sock", "qmp-operator.sock"];
+
+/// The accelerator once `auto` is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedAccelerator {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl ResolvedAccelerator {
+    /// The `accel=` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedAccelerator::Kvm => "kvm",
+            ResolvedAccelerator::Tcg => "tcg",
+        }
+    }
+}
+
+/// A disk with its place on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeDisk {
+    /// The disk as asked for.
+    #[serde(flatten)]
+    pub spec: DiskSpec,
+    /// Slot on pci.0.
+    pub slot: u8,
+}
+
+/// A NIC with its place on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeNic {
+    /// The NIC as asked for.
+    #[serde(flatten)]
+    pub spec: NicSpec,
+    /// Slot on pci.0.
+    pub slot: u8,
+}
+
+/// The QEMU a runtime was generated for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuIdentity {
+    /// Binary path on the node that generated the runtime.
+    pub binary: PathBuf,
+    /// Its version.
+    pub version: QemuVersion,
+}
+
+/// A generated runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    /// Layout version, [`RUNTIME_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Instance name.
+    pub name: String,
+    /// Instance uuid; also on QEMU's command line, for liveness checks.
+    pub uuid: Uuid,
+    /// Counts generations of this instance's runtime: 1 at the first start,
+    /// one more at every start from a spec and every hard reboot.
+    pub generation: u64,
+    /// The QEMU it was generated for.
+    pub qemu: QemuIdentity,
+    /// Versioned machine type, e.g. `pc-i440fx-7.2`.
+    pub machine_type: String,
+    /// Accelerator.
+    pub accelerator: ResolvedAccelerator,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Boot settings.
+    pub boot: Boot,
+    /// Serial console on a unix socket.
+    pub serial_console: bool,
+    /// VNC display on loopback.
+    pub vnc_display: Option<u32>,
+    /// Disks with their slots.
+    pub disks: Vec<RuntimeDisk>,
+    /// NICs with their slots.
+    pub nics: Vec<RuntimeNic>,
+    /// The machine part of QEMU's command line (no devices, no fds); always
+    /// equal to [`argv::render_base`] of the fields above.
+    pub argv: Vec<String>,
+}
+
+/// Why a runtime couldn't be generated or was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The spec (or the spec part of a runtime) is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// QEMU doesn't know the machine type.
+    #[error("machine type {requested:?} is not offered by this QEMU; it offers: {offered}")]
+    UnknownMachineType {
+        /// As asked.
+        requested: String,
+        /// A short list of what is offered.
+        offered: String,
+    },
+    /// KVM was asked for explicitly but can't be used.
+    #[error("KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto")]
+    KvmUnavailable(String),
+    /// More devices than slots.
+    #[error("instance {instance:?}: no free PCI slot on pci.0 ({used} of {total} usable slots needed)")]
+    NoFreeSlot {
+        /// Instance name.
+        instance: String,
+        /// Slots the spec needs.
+        used: usize,
+        /// Slots there are.
+        total: usize,
+    },
+    /// A socket path would not fit in `sun_path`.
+    #[error("socket path {} is {len} bytes, over the kernel's limit of {MAX_UNIX_SOCKET_PATH}; use a shorter state directory", path.display())]
+    SocketPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// A foreign runtime has another layout version.
+    #[error("runtime format version {0} is not supported (this agent reads {RUNTIME_FORMAT_VERSION})")]
+    FormatVersion(u32),
+    /// A foreign runtime puts a device in a reserved, out-of-range or used slot.
+    #[error("device {device:?} has PCI slot {slot}, which is reserved, out of range or used twice")]
+    BadSlot {
+        /// Device name.
+        device: String,
+        /// Its slot.
+        slot: u8,
+    },
+    /// A foreign runtime's argv doesn't match its structured part.
+    #[error("runtime argv does not match its structured part; refusing to execute foreign options")]
+    ArgvMismatch,
+    /// A foreign runtime's generation is zero.
+    #[error("runtime generation must be at least 1")]
+    Generation,
+}
+
+/// What runtime generation needs to know about the host, decided by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFacts<'a> {
+    /// The probed QEMU binary.
+    pub qemu: &'a QemuInfo,
+    /// `Ok` when /dev/kvm opens; otherwise why not.
+    pub kvm: Result<(), &'a str>,
+    /// The instance's run directory, where its sockets go.
+    pub run_dir: &'a Path,
+}
+
+/// Generates a runtime from a spec. Pure.
+pub fn generate(
+    spec: &InstanceSpec,
+    host: HostFacts<'_>,
+    generation: u64,
+) -> Result<Runtime, RuntimeError> {
+    spec.validate()?;
+    check_socket_paths(host.run_dir)?;
+    let machine_type = host.qemu.resolve_machine(&spec.machine_type).ok_or_else(|| {
+        RuntimeError::UnknownMachineType {
+            requested: spec.machine_type.clone(),
+            offered: host
+                .qemu
+                .machines
+                .iter()
+                .filter(|m| m.alias_of.is_some())
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    })?;
+    let accelerator = match (spec.accelerator, host.kvm) {
+        (Accelerator::Kvm, Ok(())) | (Accelerator::Auto, Ok(())) => ResolvedAccelerator::Kvm,
+        (Accelerator::Kvm, Err(why)) => return Err(RuntimeError::KvmUnavailable(why.to_owned())),
+        (Accelerator::Auto, Err(_)) | (Accelerator::Tcg, _) => ResolvedAccelerator::Tcg,
+    };
+
+    let mut free = free_slots();
+    let device_count = spec.disks.len() + spec.nics.len();
+    let total = free.len();
+    let no_slot = || RuntimeError::NoFreeSlot {
+        instance: spec.name.clone(),
+        used: device_count,
+        total,
+    };
+    let disks = spec
+        .disks
+        .iter()
+        .map(|d| {
+            Ok(RuntimeDisk {
+                spec: d.clone(),
+                slot: free.next().ok_or_else(no_slot)?,
+            })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let nics = spec
+        .nics
+        .iter()
+        .map(|n| {
+            Ok(RuntimeNic {
+                spec: n.clone(),
+                slot: free.next().ok_or_else(no_slot)?,
+            })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+
+    let mut runtime = Runtime {
+        format_version: RUNTIME_FORMAT_VERSION,
+        name: spec.name.clone(),
+        uuid: spec.uuid,
+        generation,
+        qemu: QemuIdentity {
+            binary: host.qemu.binary.clone(),
+            version: host.qemu.version,
+        },
+        machine_type,
+        accelerator,
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        cpu_model: spec.cpu_model.clone(),
+        boot: spec.boot.clone(),
+        serial_console: spec.serial_console,
+        vnc_display: spec.vnc_display,
+        disks,
+        nics,
+        argv: Vec::new(),
+    };
+    runtime.argv = argv::render_base(&runtime);
+    Ok(runtime)
+}
+
+/// Slots that generation may hand out, lowest first.
+fn free_slots() -> impl ExactSizeIterator<Item = u8> {
+    (0..=MAX_PCI_SLOT)
+        .filter(|s| !RESERVED_PCI_SLOTS.contains(s))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// Checks that every socket of the run directory fits in `sun_path`.
+pub fn check_socket_paths(run_dir: &Path) -> Result<(), RuntimeError> {
+    for socket in RUN_DIR_SOCKETS {
+        let path = run_dir.join(socket);
+        let len = path.as_os_str().len();
+        if len > MAX_UNIX_SOCKET_PATH {
+            return Err(RuntimeError::SocketPathTooLong { path, len });
+        }
+    }
+    Ok(())
+}
+
+impl Runtime {
+    /// The spec this runtime was generated from, with the machine type and
+    /// accelerator as resolved.
+    pub fn to_spec(&self) -> InstanceSpec {
+        InstanceSpec {
+            name: self.name.clone(),
+            uuid: self.uuid,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disks: self.disks.iter().map(|d| d.spec.clone()).collect(),
+            nics: self.nics.iter().map(|n| n.spec.clone()).collect(),
+            boot: self.boot.clone(),
+            machine_type: self.machine_type.clone(),
+            accelerator: match self.accelerator {
+                ResolvedAccelerator::Kvm => Accelerator::Kvm,
+                ResolvedAccelerator::Tcg => Accelerator::Tcg,
+            },
+            serial_console: self.serial_console,
+            vnc_display: self.vnc_display,
+            cpu_model: self.cpu_model.clone(),
+        }
+    }
+
+    /// Every PCI slot the runtime's devices hold.
+    pub fn used_slots(&self) -> impl Iterator<Item = u8> + '_ {
+        self.disks
+            .iter()
+            .map(|d| d.slot)
+            .chain(self.nics.iter().map(|n| n.slot))
+    }
+
+    /// Validates a runtime that arrived from elsewhere (a peer, a save file,
+    /// a record on disk) as strictly as a spec. Pure.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        if self.format_version != RUNTIME_FORMAT_VERSION {
+            return Err(RuntimeError::FormatVersion(self.format_version));
+        }
+        if self.generation == 0 {
+            return Err(RuntimeError::Generation);
+        }
+        self.to_spec().validate()?;
+        let mut seen = HashSet::new();
+        let named_slots = self
+            .disks
+            .iter()
+            .map(|d| (&d.spec.name, d.slot))
+            .chain(self.nics.iter().map(|n| (&n.spec.name, n.slot)));
+        for (name, slot) in named_slots {
+            if slot > MAX_PCI_SLOT || RESERVED_PCI_SLOTS.contains(&slot) || !seen.insert(slot) {
+                return Err(RuntimeError::BadSlot {
+                    device: name.clone(),
+                    slot,
+                });
+            }
+        }
+        if self.argv != argv::render_base(self) {
+            return Err(RuntimeError::ArgvMismatch);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::probe::{MachineType, QemuVersion};
+    use crate::spec::tests::sample_spec;
+    use crate::spec::{DiskCache, DiskFormat, NicModel};
+
+    pub(crate) fn qemu_7_2() -> QemuInfo {
+        QemuInfo {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            version: QemuVersion { major: 7, minor: 2, micro: 22 },
+            version_text: "QEMU emulator version 7.2.22".into(),
+            machines: vec![
+                MachineType { name: "pc".into(), alias_of: Some("pc-i440fx-7.2".into()) },
+                MachineType { name: "pc-i440fx-7.2".into(), alias_of: None },
+                MachineType { name: "q35".into(), alias_of: Some("pc-q35-7.2".into()) },
+                MachineType { name: "pc-q35-7.2".into(), alias_of: None },
+            ],
+        }
+    }
+
+    pub(crate) fn host(qemu: &QemuInfo) -> HostFacts<'_> {
+        HostFacts { qemu, kvm: Ok(()), run_dir: Path::new("/var/lib/kvm-agent/run/web1") }
+    }
+
+    fn disk(n: u128) -> DiskSpec {
+        DiskSpec {
+            name: format!("d{n}"),
+            uuid: Uuid::from_u128(0xd000 + n),
+            path: format!("/srv/d{n}.img").into(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            cache: DiskCache::None,
+        }
+    }
+
+    fn nic(n: u128) -> NicSpec {
+        NicSpec {
+            name: format!("n{n}"),
+            uuid: Uuid::from_u128(0xe000 + n),
+            mac: format!("52:54:00:00:00:{n:02x}").parse().unwrap(),
+            model: NicModel::Virtio,
+            bridge: None,
+        }
+    }
+
+    #[test]
+    fn pc_alias_resolves_to_versioned_machine() {
+        let qemu = qemu_7_2();
+
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+
+        assert_eq!(rt.machine_type, "pc-i440fx-7.2");
+    }
+
+    #[test]
+    fn devices_get_consecutive_slots_after_the_reserved_ones() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.disks.push(disk(2));
+
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+
+        assert_eq!(rt.used_slots().collect::<Vec<_>>(), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn auto_accelerator_follows_kvm_availability() {
+        let qemu = qemu_7_2();
+        let no_kvm = HostFacts { kvm: Err("permission denied"), ..host(&qemu) };
+
+        let with = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let without = generate(&sample_spec(), no_kvm, 1).unwrap();
+
+        assert_eq!(with.accelerator, ResolvedAccelerator::Kvm);
+        assert_eq!(without.accelerator, ResolvedAccelerator::Tcg);
+    }
+
+    #[test]
+    fn explicit_kvm_without_kvm_is_an_error_not_a_fallback() {
+        let qemu = qemu_7_2();
+        let spec = InstanceSpec { accelerator: Accelerator::Kvm, ..sample_spec() };
+        let no_kvm = HostFacts { kvm: Err("permission denied"), ..host(&qemu) };
+
+        assert!(matches!(generate(&spec, no_kvm, 1), Err(RuntimeError::KvmUnavailable(_))));
+    }
+
+    #[test]
+    fn unknown_machine_type_lists_the_offered_ones() {
+        let qemu = qemu_7_2();
+        let spec = InstanceSpec { machine_type: "virt".into(), ..sample_spec() };
+
+        let err = generate(&spec, host(&qemu), 1).unwrap_err();
+
+        assert!(err.to_string().contains("pc, q35"), "{err}");
+    }
+
+    #[test]
+    fn too_many_devices_is_no_free_slot() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.disks = (0..20).map(disk).collect();
+        spec.nics = (0..10).map(nic).collect();
+
+        let err = generate(&spec, host(&qemu), 1).unwrap_err();
+
+        assert!(matches!(err, RuntimeError::NoFreeSlot { used: 30, total: 29, .. }), "{err:?}");
+        assert!(err.to_string().contains("no free PCI slot"));
+    }
+
+    #[test]
+    fn overlong_socket_path_is_refused_at_generation() {
+        let qemu = qemu_7_2();
+        let long = PathBuf::from(format!("/var/lib/{}", "x".repeat(100)));
+        let facts = HostFacts { run_dir: &long, ..host(&qemu) };
+
+        assert!(matches!(
+            generate(&sample_spec(), facts, 1),
+            Err(RuntimeError::SocketPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn generated_runtime_validates_and_survives_json() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 3).unwrap();
+
+        let back: Runtime = serde_json::from_str(&serde_json::to_string(&rt).unwrap()).unwrap();
+
+        assert_eq!(back, rt);
+        assert_eq!(back.validate(), Ok(()));
+    }
+
+    #[test]
+    fn foreign_runtime_with_extra_argv_is_refused() {
+        let qemu = qemu_7_2();
+        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        rt.argv.extend(["-device".into(), "pci-testdev".into()]);
+
+        assert_eq!(rt.validate(), Err(RuntimeError::ArgvMismatch));
+    }
+
+    #[test]
+    fn foreign_runtime_with_reserved_or_shared_slot_is_refused() {
+        let qemu = qemu_7_2();
+        let mut reserved = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        reserved.disks[0].slot = 1;
+        let mut shared = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        shared.nics[0].slot = shared.disks[0].slot;
+
+        assert!(matches!(reserved.validate(), Err(RuntimeError::BadSlot { slot: 1, .. })));
+        assert!(matches!(shared.validate(), Err(RuntimeError::BadSlot { .. })));
+    }
+
+    #[test]
+    fn foreign_runtime_with_changed_memory_but_old_argv_is_refused() {
+        let qemu = qemu_7_2();
+        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        rt.memory_mib = 4096;
+
+        assert_eq!(rt.validate(), Err(RuntimeError::ArgvMismatch));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn path_strategy() -> impl Strategy<Value = String> {
+            // Printable ASCII including commas, '=' and spaces, as path components.
+            proptest::collection::vec("[ -~&&[^/]]{1,12}", 1..4).prop_filter_map(
+                "no dot components",
+                |parts| {
+                    if parts.iter().any(|p| p == "." || p == "..") {
+                        None
+                    } else {
+                        Some(format!("/{}", parts.join("/")))
+                    }
+                },
+            )
+        }
+
+        fn spec_strategy() -> impl Strategy<Value = InstanceSpec> {
+            (
+                proptest::collection::vec(path_strategy(), 0..8),
+                0usize..8,
+                16u64..65536,
+                1u32..64,
+                any::<bool>(),
+            )
+                .prop_map(|(paths, nic_count, memory_mib, vcpus, serial)| {
+                    let mut spec = sample_spec();
+                    spec.memory_mib = memory_mib;
+                    spec.vcpus = vcpus;
+                    spec.serial_console = serial;
+                    spec.disks = paths
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, p)| DiskSpec { path: p.into(), ..disk(i as u128) })
+                        .collect();
+                    spec.nics = (0..nic_count as u128).map(|i| nic(i + 1)).collect();
+                    spec
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn generation_is_deterministic(spec in spec_strategy()) {
+                let qemu = qemu_7_2();
+                let a = generate(&spec, host(&qemu), 1).unwrap();
+                let b = generate(&spec, host(&qemu), 1).unwrap();
+                prop_assert_eq!(&a, &b);
+                prop_assert_eq!(argv::render_base(&a), argv::render_base(&b));
+            }
+
+            #[test]
+            fn slots_are_unique_and_never_reserved(spec in spec_strategy()) {
+                let qemu = qemu_7_2();
+                let rt = generate(&spec, host(&qemu), 1).unwrap();
+                let slots: Vec<u8> = rt.used_slots().collect();
+                let unique: HashSet<u8> = slots.iter().copied().collect();
+                prop_assert_eq!(unique.len(), slots.len());
+                prop_assert!(slots.iter().all(|s| !RESERVED_PCI_SLOTS.contains(s) && *s <= MAX_PCI_SLOT));
+                prop_assert_eq!(rt.validate(), Ok(()));
+            }
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The instance spec: what the cluster asks for, and its validation.
+//!
+//! Validation is pure and total: every field is checked before anything is
+//! created, so a bad request leaves no runtime, process or tap behind.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Smallest memory size accepted, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Largest memory size accepted, in MiB (4 TiB).
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+/// Largest vCPU count accepted (the i440fx and q35 limit without x2apic).
+pub const MAX_VCPUS: u32 = 255;
+/// Longest instance name.
+pub const MAX_INSTANCE_NAME: usize = 63;
+/// Longest device name.
+pub const MAX_DEVICE_NAME: usize = 32;
+/// Longest path accepted for a disk, kernel or initrd.
+pub const MAX_PATH: usize = 4096;
+/// Longest kernel command line accepted.
+pub const MAX_CMDLINE: usize = 4096;
+/// Highest VNC display number (port 5900 + display).
+pub const MAX_VNC_DISPLAY: u32 = 99;
+/// Longest Linux interface name (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// Which accelerator to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// KVM when /dev/kvm opens, TCG otherwise.
+    #[default]
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Raw image or block device.
+    #[default]
+    Raw,
+    /// QCOW2 image.
+    Qcow2,
+}
+
+/// Host cache mode of a disk, with QEMU's `cache=` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// O_DIRECT, guest flushes honoured.
+    #[default]
+    None,
+    /// Host page cache, guest flushes honoured.
+    Writeback,
+    /// Host page cache, every write flushed.
+    Writethrough,
+    /// O_DIRECT, every write flushed.
+    Directsync,
+    /// Host page cache, flushes ignored.
+    Unsafe,
+}
+
+/// Emulated NIC model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    /// virtio-net-pci.
+    #[default]
+    Virtio,
+    /// Intel e1000.
+    E1000,
+}
+
+/// A unicast Ethernet address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// True when the group bit is set (multicast or broadcast).
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or(())?;
+            if part.len() != 2 {
+                return Err(());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| ())?;
+        }
+        if parts.next().is_some() {
+            return Err(());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|()| serde::de::Error::custom(format!("invalid MAC address {s:?}")))
+    }
+}
+
+/// A disk as the spec asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Unique among the instance's devices.
+    pub name: String,
+    /// Stable identity; QEMU ids derive from it.
+    pub uuid: Uuid,
+    /// Absolute path of the image or block device.
+    pub path: PathBuf,
+    /// Image format.
+    pub format: DiskFormat,
+    /// Attach read-only.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: DiskCache,
+}
+
+/// A NIC as the spec asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// Unique among the instance's devices.
+    pub name: String,
+    /// Stable identity; QEMU ids derive from it.
+    pub uuid: Uuid,
+    /// Guest-visible MAC.
+    pub mac: MacAddr,
+    /// Emulated model.
+    pub model: NicModel,
+    /// Bridge to attach the tap to.
+    pub bridge: Option<String>,
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Boot {
+    /// From the first disk.
+    #[default]
+    Disk,
+    /// Direct kernel boot.
+    Kernel {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Optional initrd.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+}
+
+/// What the cluster asks this node to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Instance name, unique on the node.
+    pub name: String,
+    /// Instance uuid, unique in the cluster.
+    pub uuid: Uuid,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Disks, in guest order.
+    pub disks: Vec<DiskSpec>,
+    /// NICs, in guest order.
+    pub nics: Vec<NicSpec>,
+    /// Boot settings.
+    pub boot: Boot,
+    /// Machine type or alias, e.g. `pc`.
+    pub machine_type: String,
+    /// Accelerator wish.
+    pub accelerator: Accelerator,
+    /// Serial console on a unix socket.
+    pub serial_console: bool,
+    /// VNC display on loopback.
+    pub vnc_display: Option<u32>,
+    /// CPU model.
+    pub cpu_model: String,
+}
+
+/// Why a spec was refused. Each message names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Bad instance name.
+    #[error(
+        "instance name {0:?} is invalid: use 1-{MAX_INSTANCE_NAME} letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
+    InstanceName(String),
+    /// The nil uuid.
+    #[error("instance uuid must not be the nil uuid")]
+    NilUuid,
+    /// Memory out of bounds.
+    #[error("memory {0} MiB is out of range: use {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB")]
+    Memory(u64),
+    /// vCPUs out of bounds.
+    #[error("vcpus {0} is out of range: use 1..={MAX_VCPUS}")]
+    Vcpus(u32),
+    /// Bad device name.
+    #[error(
+        "device name {0:?} is invalid: use 1-{MAX_DEVICE_NAME} letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
+    DeviceName(String),
+    /// Two devices share a name.
+    #[error("device name {0:?} is used twice")]
+    DuplicateDeviceName(String),
+    /// Two devices share a uuid.
+    #[error("device uuid {0} is used twice")]
+    DuplicateDeviceUuid(Uuid),
+    /// A device uuid is nil.
+    #[error("device {0:?} has the nil uuid")]
+    NilDeviceUuid(String),
+    /// A path isn't acceptable.
+    #[error("{what} path {path:?} is invalid: {reason}")]
+    Path {
+        /// Which path (e.g. `disk "data"`).
+        what: String,
+        /// The path as given.
+        path: PathBuf,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// MAC can't be parsed.
+    #[error("NIC {nic:?}: MAC {mac:?} is not of the form aa:bb:cc:dd:ee:ff")]
+    MacSyntax {
+        /// NIC name.
+        nic: String,
+        /// As given.
+        mac: String,
+    },
+    /// MAC isn't unicast.
+    #[error("NIC {nic:?}: MAC {mac} is multicast or broadcast; use a unicast address (even first octet)")]
+    MacNotUnicast {
+        /// NIC name.
+        nic: String,
+        /// As given.
+        mac: MacAddr,
+    },
+    /// MAC is all zeros.
+    #[error("NIC {nic:?}: MAC 00:00:00:00:00:00 is not a usable address")]
+    MacZero {
+        /// NIC name.
+        nic: String,
+    },
+    /// Two NICs share a MAC.
+    #[error("MAC {0} is used by two NICs")]
+    DuplicateMac(MacAddr),
+    /// Bad bridge name.
+    #[error("NIC {nic:?}: bridge {bridge:?} is not a valid interface name (1-{MAX_IFNAME} letters, digits, '-', '_' or '.')")]
+    Bridge {
+        /// NIC name.
+        nic: String,
+        /// As given.
+        bridge: String,
+    },
+    /// Bad kernel command line.
+    #[error("kernel command line is invalid: {0}")]
+    Cmdline(&'static str),
+    /// Bad machine type.
+    #[error("machine type {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
+    MachineType(String),
+    /// Bad CPU model.
+    #[error("CPU model {0:?} is invalid: use letters, digits, '-', '_' or '.' (CPU flags are not accepted)")]
+    CpuModel(String),
+    /// VNC display out of range.
+    #[error("VNC display {0} is out of range: use 0..={MAX_VNC_DISPLAY}")]
+    VncDisplay(u32),
+}
+
+/// True for `[A-Za-z0-9][A-Za-z0-9_.-]*` of at most `max` bytes.
+pub fn is_safe_identifier(s: &str, max: usize) -> bool {
+    let mut bytes = s.bytes();
+    match bytes.next() {
+        Some(first) if first.is_ascii_alphanumeric() => {}
+        _ => return false,
+    }
+    s.len() <= max && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks an absolute, normalized path without NUL bytes.
+pub fn check_absolute_path(what: &str, path: &Path) -> Result<(), SpecError> {
+    let fail = |reason| {
+        Err(SpecError::Path {
+            what: what.to_owned(),
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    let Some(text) = path.to_str() else {
+        return fail("it is not valid UTF-8");
+    };
+    if text.is_empty() {
+        return fail("it is empty");
+    }
+    if !path.is_absolute() {
+        return fail("it must be absolute");
+    }
+    if text.len() > MAX_PATH {
+        return fail("it is too long");
+    }
+    if text.bytes().any(|b| b == 0 || b.is_ascii_control()) {
+        return fail("it contains control characters");
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return fail("it must not contain '.' or '..' components");
+    }
+    Ok(())
+}
+
+impl InstanceSpec {
+    /// Checks every field. Pure.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !is_safe_identifier(&self.name, MAX_INSTANCE_NAME) {
+            return Err(SpecError::InstanceName(self.name.clone()));
+        }
+        if self.uuid.is_nil() {
+            return Err(SpecError::NilUuid);
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(SpecError::Memory(self.memory_mib));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(SpecError::Vcpus(self.vcpus));
+        }
+        if !is_safe_identifier(&self.machine_type, 64) {
+            return Err(SpecError::MachineType(self.machine_type.clone()));
+        }
+        if !is_safe_identifier(&self.cpu_model, 64) {
+            return Err(SpecError::CpuModel(self.cpu_model.clone()));
+        }
+        if let Some(d) = self.vnc_display {
+            if d > MAX_VNC_DISPLAY {
+                return Err(SpecError::VncDisplay(d));
+            }
+        }
+        self.validate_boot()?;
+
+        let mut names = HashSet::new();
+        let mut uuids = HashSet::new();
+        let mut device_ids = self
+            .disks
+            .iter()
+            .map(|d| (&d.name, d.uuid))
+            .chain(self.nics.iter().map(|n| (&n.name, n.uuid)));
+        device_ids.try_for_each(|(name, uuid)| {
+            if !is_safe_identifier(name, MAX_DEVICE_NAME) {
+                return Err(SpecError::DeviceName(name.clone()));
+            }
+            if uuid.is_nil() {
+                return Err(SpecError::NilDeviceUuid(name.clone()));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(SpecError::DuplicateDeviceName(name.clone()));
+            }
+            if !uuids.insert(uuid) {
+                return Err(SpecError::DuplicateDeviceUuid(uuid));
+            }
+            Ok(())
+        })?;
+
+        for disk in &self.disks {
+            check_absolute_path(&format!("disk {:?}", disk.name), &disk.path)?;
+        }
+        let mut macs = HashSet::new();
+        for nic in &self.nics {
+            check_nic(nic)?;
+            if !macs.insert(nic.mac) {
+                return Err(SpecError::DuplicateMac(nic.mac));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_boot(&self) -> Result<(), SpecError> {
+        let Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &self.boot
+        else {
+            return Ok(());
+        };
+        check_absolute_path("kernel", kernel)?;
+        if let Some(initrd) = initrd {
+            check_absolute_path("initrd", initrd)?;
+        }
+        if cmdline.len() > MAX_CMDLINE {
+            return Err(SpecError::Cmdline("it is longer than 4096 bytes"));
+        }
+        if cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+            return Err(SpecError::Cmdline("it contains NUL or newline"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks one NIC's MAC and bridge.
+pub fn check_nic(nic: &NicSpec) -> Result<(), SpecError> {
+    if nic.mac.0 == [0; 6] {
+        return Err(SpecError::MacZero {
+            nic: nic.name.clone(),
+        });
+    }
+    if nic.mac.is_multicast() {
+        return Err(SpecError::MacNotUnicast {
+            nic: nic.name.clone(),
+            mac: nic.mac,
+        });
+    }
+    if let Some(bridge) = &nic.bridge {
+        if !is_safe_identifier(bridge, MAX_IFNAME) {
+            return Err(SpecError::Bridge {
+                nic: nic.name.clone(),
+                bridge: bridge.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_spec() -> InstanceSpec {
+        InstanceSpec {
+            name: "web1".into(),
+            uuid: Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0),
+            memory_mib: 128,
+            vcpus: 1,
+            disks: vec![DiskSpec {
+                name: "root".into(),
+                uuid: Uuid::from_u128(0xd15c_0000_0000_0000_0000_0000_0000_0001),
+                path: "/srv/images/web1.img".into(),
+                format: DiskFormat::Raw,
+                read_only: false,
+                cache: DiskCache::None,
+            }],
+            nics: vec![NicSpec {
+                name: "eth0".into(),
+                uuid: Uuid::from_u128(0x41c0_0000_0000_0000_0000_0000_0000_0001),
+                mac: "52:54:00:12:34:56".parse().unwrap(),
+                model: NicModel::Virtio,
+                bridge: Some("br0".into()),
+            }],
+            boot: Boot::Disk,
+            machine_type: "pc".into(),
+            accelerator: Accelerator::Auto,
+            serial_console: true,
+            vnc_display: None,
+            cpu_model: "qemu64".into(),
+        }
+    }
+
+    #[test]
+    fn sample_spec_is_valid() {
+        assert_eq!(sample_spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn names_with_slash_or_dots_are_refused() {
+        for bad in ["a/b", "..", "../etc", ".hidden", "", "a b", "x,y"] {
+            let spec = InstanceSpec {
+                name: bad.into(),
+                ..sample_spec()
+            };
+            assert_eq!(spec.validate(), Err(SpecError::InstanceName(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_and_vcpu_bounds_are_enforced() {
+        let zero_mem = InstanceSpec { memory_mib: 0, ..sample_spec() };
+        let huge_mem = InstanceSpec { memory_mib: u64::MAX, ..sample_spec() };
+        let zero_cpu = InstanceSpec { vcpus: 0, ..sample_spec() };
+        let many_cpu = InstanceSpec { vcpus: 10_000, ..sample_spec() };
+
+        assert_eq!(zero_mem.validate(), Err(SpecError::Memory(0)));
+        assert_eq!(huge_mem.validate(), Err(SpecError::Memory(u64::MAX)));
+        assert_eq!(zero_cpu.validate(), Err(SpecError::Vcpus(0)));
+        assert_eq!(many_cpu.validate(), Err(SpecError::Vcpus(10_000)));
+    }
+
+    #[test]
+    fn relative_and_dotted_disk_paths_are_refused() {
+        for bad in ["disk.img", "./disk.img", "/srv/../etc/shadow", "/srv/\nx"] {
+            let mut spec = sample_spec();
+            spec.disks[0].path = bad.into();
+            assert!(matches!(spec.validate(), Err(SpecError::Path { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn disk_path_with_comma_is_allowed() {
+        let mut spec = sample_spec();
+        spec.disks[0].path = "/srv/a,b/disk,file=/etc/shadow".into();
+
+        assert_eq!(spec.validate(), Ok(()));
+    }
+
+    #[test]
+    fn multicast_broadcast_and_zero_macs_are_refused() {
+        for (bad, zero) in [("01:00:5e:00:00:01", false), ("ff:ff:ff:ff:ff:ff", false), ("00:00:00:00:00:00", true)] {
+            let mut spec = sample_spec();
+            spec.nics[0].mac = bad.parse().unwrap();
+            let err = spec.validate().unwrap_err();
+            if zero {
+                assert!(matches!(err, SpecError::MacZero { .. }));
+            } else {
+                assert!(matches!(err, SpecError::MacNotUnicast { .. }));
+            }
+        }
+    }
+
+    #[test]
+    fn mac_parsing_is_strict() {
+        for bad in ["52:54:00:12:34", "52:54:00:12:34:56:78", "5254.0012.3456", "52:54:00:12:34:5g", "52:54:0:12:34:56"] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        assert_eq!("52:54:00:AB:cd:EF".parse::<MacAddr>().unwrap().to_string(), "52:54:00:ab:cd:ef");
+    }
+
+    #[test]
+    fn duplicate_device_names_and_uuids_are_refused() {
+        let mut same_name = sample_spec();
+        same_name.nics[0].name = "root".into();
+        let mut same_uuid = sample_spec();
+        same_uuid.nics[0].uuid = same_uuid.disks[0].uuid;
+
+        assert_eq!(same_name.validate(), Err(SpecError::DuplicateDeviceName("root".into())));
+        assert_eq!(same_uuid.validate(), Err(SpecError::DuplicateDeviceUuid(same_uuid.disks[0].uuid)));
+    }
+
+    #[test]
+    fn cpu_model_cannot_carry_flags() {
+        let spec = InstanceSpec { cpu_model: "host,+vmx".into(), ..sample_spec() };
+
+        assert!(matches!(spec.validate(), Err(SpecError::CpuModel(_))));
+    }
+
+    #[test]
+    fn bridge_names_are_interface_names() {
+        let mut spec = sample_spec();
+        spec.nics[0].bridge = Some("bridge-name-too-long".into());
+
+        assert!(matches!(spec.validate(), Err(SpecError::Bridge { .. })));
+    }
+}

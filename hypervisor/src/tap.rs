@@ -1,0 +1,201 @@
+//! Host tap devices, opened by the agent and handed to QEMU as fds.
+//!
+//! Taps are created non-persistent: the interface lives exactly as long as
+//! some process holds its fd, so it disappears when QEMU exits.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+const TUN_DEVICE: &str = "/dev/net/tun";
+/// `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const IFNAMSIZ: usize = 16;
+
+/// Why a tap couldn't be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// /dev/net/tun can't be opened.
+    #[error("can't open {TUN_DEVICE} (load the tun module; the agent needs CAP_NET_ADMIN)")]
+    OpenTun(#[source] io::Error),
+    /// TUNSETIFF failed.
+    #[error("can't create a tap from template {template:?}")]
+    Create {
+        /// Name template.
+        template: String,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Bringing the interface up failed.
+    #[error("can't bring tap {tap} up")]
+    Up {
+        /// Tap name.
+        tap: String,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The bridge doesn't exist or refused the port.
+    #[error("can't attach tap {tap} to bridge {bridge} (does the bridge exist?)")]
+    Bridge {
+        /// Tap name.
+        tap: String,
+        /// Bridge name.
+        bridge: String,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+union IfreqData {
+    flags: libc::c_short,
+    ifindex: libc::c_int,
+    _size: [u8; 24],
+}
+
+/// `struct ifreq` of `<net/if.h>`.
+#[repr(C)]
+struct Ifreq {
+    name: [u8; IFNAMSIZ],
+    data: IfreqData,
+}
+
+impl Ifreq {
+    fn new(name: &str) -> Self {
+        let mut req = Ifreq {
+            name: [0; IFNAMSIZ],
+            data: IfreqData { _size: [0; 24] },
+        };
+        let len = name.len().min(IFNAMSIZ - 1);
+        req.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+        req
+    }
+
+    fn name(&self) -> String {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+/// Runs one ioctl that takes a `struct ifreq`.
+fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::c_ulong, req: &mut Ifreq) -> io::Result<()> {
+    // SAFETY: `req` is a valid, exclusively borrowed `struct ifreq` of the
+    // kernel's layout for the whole call, and every request passed here
+    // reads or writes only that struct.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, req as *mut Ifreq) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An AF_INET datagram socket, the handle interface ioctls are made on.
+fn control_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An open tap interface. Dropping it closes the agent's fd.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tap {
+    /// Creates a tap with vnet headers. `template` may hold `%d`, which the
+    /// kernel replaces with the first free number.
+    pub fn create(template: &str) -> Result<Tap, TapError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(TUN_DEVICE)
+            .map_err(TapError::OpenTun)?;
+        let fd = OwnedFd::from(file);
+        let mut req = Ifreq::new(template);
+        req.data.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        ifreq_ioctl(fd.as_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Create {
+            template: template.to_owned(),
+            source,
+        })?;
+        Ok(Tap {
+            fd,
+            name: req.name(),
+        })
+    }
+
+    /// The interface name the kernel gave it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets IFF_UP.
+    pub fn set_up(&self) -> Result<(), TapError> {
+        let err = |source| TapError::Up {
+            tap: self.name.clone(),
+            source,
+        };
+        let sock = control_socket().map_err(err)?;
+        let mut req = Ifreq::new(&self.name);
+        ifreq_ioctl(sock.as_fd(), SIOCGIFFLAGS, &mut req).map_err(err)?;
+        // SAFETY: SIOCGIFFLAGS filled the `flags` member of the union.
+        let flags = unsafe { req.data.flags };
+        req.data.flags = flags | libc::IFF_UP as libc::c_short;
+        ifreq_ioctl(sock.as_fd(), SIOCSIFFLAGS, &mut req).map_err(err)
+    }
+
+    /// Adds the tap as a port of `bridge`.
+    pub fn attach_to_bridge(&self, bridge: &str) -> Result<(), TapError> {
+        let err = |source| TapError::Bridge {
+            tap: self.name.clone(),
+            bridge: bridge.to_owned(),
+            source,
+        };
+        let index = nix::net::if_::if_nametoindex(bridge).map_err(|e| err(e.into()))?;
+        let sock = control_socket().map_err(err)?;
+        let mut req = Ifreq::new(bridge);
+        req.data.ifindex = index as libc::c_int;
+        ifreq_ioctl(sock.as_fd(), SIOCBRADDIF, &mut req).map_err(err)
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_has_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<Ifreq>(), 40);
+    }
+
+    #[test]
+    fn ifreq_name_is_truncated_and_terminated() {
+        let req = Ifreq::new("a-very-long-interface-name");
+
+        assert_eq!(req.name(), "a-very-long-int");
+    }
+}

@@ -1,0 +1,567 @@
+//! Durable per-instance records: any serde type, stored one file per name in
+//! a versioned, checksummed envelope, written atomically.
+//!
+//! This crate knows files and nothing about QEMU. A record is written to a
+//! temporary file, fsynced, renamed over the old one and the directory is
+//! fsynced, so a crash at any point leaves either the old or the new record.
+//! A record that can't be read is moved to `quarantine/` and reported; it is
+//! never deleted.
+#![deny(missing_docs)]
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+/// Written into every envelope so a stray JSON file is never taken for a record.
+const ENVELOPE_FORMAT: &str = "kvm-agent-record";
+/// Envelope layout version. Bump it when the envelope (not the payload) changes.
+pub const ENVELOPE_VERSION: u32 = 1;
+const RECORD_SUFFIX: &str = ".json";
+const QUARANTINE_DIR: &str = "quarantine";
+
+/// What can go wrong with a record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record name can't be a file name.
+    #[error("invalid record name {0:?}: use letters, digits, '-', '_' and '.', not starting with '.'")]
+    InvalidName(String),
+    /// Reading or writing failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The payload could not be serialized.
+    #[error("record {name:?} can't be serialized")]
+    Serialize {
+        /// Record name.
+        name: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The record was unreadable and has been moved aside.
+    #[error("record {name:?} is unreadable ({reason}); moved to {}", quarantined_to.display())]
+    Corrupt {
+        /// Record name.
+        name: String,
+        /// What was wrong with it.
+        reason: String,
+        /// Where the file now is.
+        quarantined_to: PathBuf,
+    },
+}
+
+impl StoreError {
+    /// True when the underlying cause is a full disk or an exhausted quota,
+    /// which callers report as a resource problem rather than a bug.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc_errno::ENOSPC) | Some(libc_errno::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The two errno values `is_out_of_space` looks for (Linux numbering).
+mod libc_errno {
+    pub const ENOSPC: i32 = 28;
+    pub const EDQUOT: i32 = 122;
+}
+
+/// A record as loaded: its payload and the revision it was written with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record<T> {
+    /// Record name (file stem).
+    pub name: String,
+    /// Counts the writes of this name, starting at 1.
+    pub revision: u64,
+    /// The stored value.
+    pub value: T,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    format: &'static str,
+    version: u32,
+    revision: u64,
+    sha256: String,
+    payload: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    format: String,
+    version: u32,
+    revision: u64,
+    sha256: String,
+    payload: Box<RawValue>,
+}
+
+/// A directory of records of one kind.
+#[derive(Debug)]
+pub struct RecordStore {
+    dir: PathBuf,
+    quarantine: PathBuf,
+    revisions: Mutex<HashMap<String, u64>>,
+    temp_counter: AtomicU64,
+}
+
+impl RecordStore {
+    /// Opens (creating if needed) `state_dir/kind/`, with quarantined files
+    /// going to `state_dir/quarantine/`.
+    pub fn open(state_dir: &Path, kind: &str) -> Result<Self, StoreError> {
+        let dir = state_dir.join(kind);
+        let quarantine = state_dir.join(QUARANTINE_DIR);
+        for d in [&dir, &quarantine] {
+            fs::create_dir_all(d).map_err(|source| StoreError::Io {
+                op: "create directory",
+                path: d.clone(),
+                source,
+            })?;
+        }
+        Ok(Self {
+            dir,
+            quarantine,
+            revisions: Mutex::new(HashMap::new()),
+            temp_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// The directory holding the records.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where a record of this name lives.
+    pub fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
+        check_name(name)?;
+        Ok(self.dir.join(format!("{name}{RECORD_SUFFIX}")))
+    }
+
+    /// Writes `value` as the next revision of `name`, durably.
+    ///
+    /// Returns the new revision. On error the previous record is untouched.
+    pub fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<u64, StoreError> {
+        let path = self.path_of(name)?;
+        let revision = self.current_revision(name, &path) + 1;
+        let bytes = encode_envelope(name, revision, value)?;
+
+        let temp = self.dir.join(format!(
+            ".{name}.tmp.{}.{}",
+            std::process::id(),
+            self.temp_counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = write_durably(&temp, &path, &self.dir, &bytes);
+        if result.is_err() {
+            // Best effort: the temp file is garbage either way.
+            let _ = fs::remove_file(&temp);
+        }
+        result?;
+        self.set_revision(name, revision);
+        Ok(revision)
+    }
+
+    /// Loads `name`. `Ok(None)` when there is no record. A record that fails
+    /// its checks is quarantined and returned as [`StoreError::Corrupt`].
+    pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<Record<T>>, StoreError> {
+        let path = self.path_of(name)?;
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        match decode_envelope::<T>(&bytes) {
+            Ok((revision, value)) => {
+                self.set_revision(name, revision);
+                Ok(Some(Record {
+                    name: name.to_owned(),
+                    revision,
+                    value,
+                }))
+            }
+            Err(reason) => Err(self.quarantine(name, &path, reason)),
+        }
+    }
+
+    /// Loads every record. Unreadable ones are quarantined and returned as
+    /// errors beside the good ones, so one bad file never hides the others.
+    pub fn load_all<T: DeserializeOwned>(&self) -> (Vec<Record<T>>, Vec<StoreError>) {
+        let mut records = Vec::new();
+        let mut errors = Vec::new();
+        let names = match self.names() {
+            Ok(n) => n,
+            Err(e) => return (records, vec![e]),
+        };
+        for name in names {
+            match self.load(&name) {
+                Ok(Some(r)) => records.push(r),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        (records, errors)
+    }
+
+    /// Names of all records present, sorted.
+    pub fn names(&self) -> Result<Vec<String>, StoreError> {
+        let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
+            op: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let file = e.file_name().into_string().ok()?;
+                let stem = file.strip_suffix(RECORD_SUFFIX)?;
+                check_name(stem).ok()?;
+                Some(stem.to_owned())
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes the record of `name`, durably. Missing records are fine.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "remove",
+                    path,
+                    source,
+                });
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.revisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    fn current_revision(&self, name: &str, path: &Path) -> u64 {
+        if let Some(r) = self
+            .revisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return *r;
+        }
+        // Not loaded yet in this process: continue from what is on disk so
+        // revisions keep growing across agent restarts.
+        fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<EnvelopeIn>(&b).ok())
+            .map_or(0, |e| e.revision)
+    }
+
+    fn set_revision(&self, name: &str, revision: u64) {
+        self.revisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), revision);
+    }
+
+    fn quarantine(&self, name: &str, path: &Path, reason: String) -> StoreError {
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let target = self.quarantine.join(format!("{name}{RECORD_SUFFIX}.{stamp}"));
+        tracing::warn!(record = name, %reason, to = %target.display(), "quarantining unreadable record");
+        if let Err(source) = fs::rename(path, &target).and_then(|()| sync_dir(&self.dir).map_err(io_of)) {
+            return StoreError::Io {
+                op: "quarantine",
+                path: path.to_owned(),
+                source,
+            };
+        }
+        self.revisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        StoreError::Corrupt {
+            name: name.to_owned(),
+            reason,
+            quarantined_to: target,
+        }
+    }
+}
+
+fn io_of(e: StoreError) -> io::Error {
+    match e {
+        StoreError::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// Record names become file names, so they are held to a safe alphabet.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(name.to_owned()))
+    }
+}
+
+fn checksum(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Encodes a value into the on-disk envelope. Pure; exposed for tests and
+/// tools that inspect records.
+pub fn encode_envelope<T: Serialize>(
+    name: &str,
+    revision: u64,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let serialize_err = |source| StoreError::Serialize {
+        name: name.to_owned(),
+        source,
+    };
+    let payload = serde_json::to_string(value).map_err(serialize_err)?;
+    let raw = RawValue::from_string(payload).map_err(serialize_err)?;
+    let envelope = EnvelopeOut {
+        format: ENVELOPE_FORMAT,
+        version: ENVELOPE_VERSION,
+        revision,
+        sha256: checksum(raw.get().as_bytes()),
+        payload: &raw,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(serialize_err)?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// Decodes and verifies an envelope. Pure; the error says what was wrong.
+pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<(u64, T), String> {
+    let envelope: EnvelopeIn =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a record envelope: {e}"))?;
+    if envelope.format != ENVELOPE_FORMAT {
+        return Err(format!("unknown format {:?}", envelope.format));
+    }
+    if envelope.version != ENVELOPE_VERSION {
+        return Err(format!(
+            "envelope version {} is not supported (this agent reads {ENVELOPE_VERSION})",
+            envelope.version
+        ));
+    }
+    let actual = checksum(envelope.payload.get().as_bytes());
+    if actual != envelope.sha256 {
+        return Err(format!(
+            "checksum mismatch: stored {}, computed {actual}",
+            envelope.sha256
+        ));
+    }
+    let value = serde_json::from_str(envelope.payload.get())
+        .map_err(|e| format!("payload doesn't match the expected type: {e}"))?;
+    Ok((envelope.revision, value))
+}
+
+fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let io_err = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let mut file: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp)
+        .map_err(io_err("create", temp))?;
+    file.write_all(bytes).map_err(io_err("write", temp))?;
+    file.sync_all().map_err(io_err("fsync", temp))?;
+    drop(file);
+    fs::rename(temp, target).map_err(io_err("rename", target))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io {
+            op: "fsync directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Sample {
+        memory: u64,
+        label: String,
+    }
+
+    fn sample(memory: u64) -> Sample {
+        Sample {
+            memory,
+            label: "web, \"quoted\"".into(),
+        }
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_counts_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+
+        assert_eq!(store.save("web1", &sample(128)).unwrap(), 1);
+        assert_eq!(store.save("web1", &sample(256)).unwrap(), 2);
+
+        let rec: Record<Sample> = store.load("web1").unwrap().unwrap();
+        assert_eq!(rec.revision, 2);
+        assert_eq!(rec.value, sample(256));
+    }
+
+    #[test]
+    fn revisions_continue_across_store_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        RecordStore::open(dir.path(), "runtime")
+            .unwrap()
+            .save("a", &sample(1))
+            .unwrap();
+
+        let reopened = RecordStore::open(dir.path(), "runtime").unwrap();
+
+        assert_eq!(reopened.save("a", &sample(2)).unwrap(), 2);
+    }
+
+    #[test]
+    fn missing_record_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+
+        assert!(store.load::<Sample>("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn flipped_byte_is_quarantined_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(128)).unwrap();
+        let path = store.path_of("web1").unwrap();
+        let text = fs::read_to_string(&path).unwrap().replace("128", "129");
+        fs::write(&path, &text).unwrap();
+
+        let err = store.load::<Sample>("web1").unwrap_err();
+
+        let StoreError::Corrupt { quarantined_to, reason, .. } = err else {
+            panic!("expected Corrupt, got {err:?}");
+        };
+        assert!(reason.contains("checksum mismatch"), "{reason}");
+        assert!(!path.exists());
+        assert_eq!(fs::read_to_string(quarantined_to).unwrap(), text);
+    }
+
+    #[test]
+    fn truncated_record_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(128)).unwrap();
+        let path = store.path_of("web1").unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+
+        let err = store.load::<Sample>("web1").unwrap_err();
+
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert_eq!(fs::read_dir(dir.path().join("quarantine")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn load_all_returns_good_records_beside_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("good", &sample(1)).unwrap();
+        fs::write(store.path_of("bad").unwrap(), b"{not json").unwrap();
+
+        let (records, errors) = store.load_all::<Sample>();
+
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].name, "good");
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn wrong_payload_type_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("x", &"just a string").unwrap();
+
+        let err = store.load::<Sample>("x").unwrap_err();
+
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn newer_envelope_version_is_refused() {
+        let bytes = encode_envelope("x", 1, &sample(1)).unwrap();
+        let text = String::from_utf8(bytes).unwrap().replace("\"version\": 1", "\"version\": 9");
+
+        let err = decode_envelope::<Sample>(text.as_bytes()).unwrap_err();
+
+        assert!(err.contains("version 9"), "{err}");
+    }
+
+    #[test]
+    fn names_that_escape_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+
+        for bad in ["../x", "a/b", ".hidden", "", "a b"] {
+            assert!(
+                matches!(store.save(bad, &sample(1)), Err(StoreError::InvalidName(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn remove_deletes_and_forgets_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("a", &sample(1)).unwrap();
+
+        store.remove("a").unwrap();
+
+        assert!(store.load::<Sample>("a").unwrap().is_none());
+        assert_eq!(store.save("a", &sample(1)).unwrap(), 1);
+    }
+}
