@@ -1,1 +1,14 @@
-//! placeholder
+//! The kvm-agent node agent: wires the hypervisor and the record store to
+//! the gRPC API, runs per-instance operations, and provides the command
+//! line client.
+//!
+//! This is the only crate that knows about gRPC.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod instances;
+pub mod server;
+pub mod service;

@@ -47,6 +47,26 @@ pub fn live_instance_pid(pidfile: &Path, uuid: Uuid) -> Option<u32> {
     read_pidfile(pidfile).filter(|&pid| runs_instance(pid, uuid))
 }
 
+/// Names of the tap interfaces that `pid` holds open, in fd order. The
+/// kernel shows them in fdinfo as `iff:`, which lets an agent that
+/// restarted under a running QEMU find its taps again.
+pub fn tap_names(pid: u32) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut taps: Vec<(u32, String)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            let info = fs::read_to_string(e.path()).ok()?;
+            let name = info.lines().find_map(|l| l.strip_prefix("iff:"))?;
+            Some((fd, name.trim().to_owned()))
+        })
+        .collect();
+    taps.sort();
+    taps.into_iter().map(|(_, name)| name).collect()
+}
+
 /// Spawns `binary` with `args` in a new session, with stdout and stderr
 /// appended to `log`, and with `inherit` (and only those, besides 0-2)
 /// passed across exec.

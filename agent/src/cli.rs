@@ -1,0 +1,493 @@
+//! The `kvm-agent` command line: `serve`, and client subcommands that call
+//! the API over the agent's socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use serde_json::{Value, json};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::{AgentConfig, DEFAULT_STATE_DIR, SOCKET_NAME};
+use crate::instances::Agent;
+use crate::server::{self, Listen};
+
+/// kvm-agent: a node agent for QEMU/KVM clusters.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// The agent's socket (client commands).
+    #[arg(long, global = true, env = "KVM_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Output format of client commands.
+    #[arg(long, short, global = true, value_enum, default_value = "human")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent.
+    Serve(ServeArgs),
+    /// Facts about the node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Manage instances.
+    Instance {
+        #[command(subcommand)]
+        command: InstanceCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Records, run directories and the default socket live here.
+    #[arg(long, env = "KVM_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// `unix:PATH` or `tcp:ADDR:PORT` (loopback only); default: unix socket in the state dir.
+    #[arg(long)]
+    listen: Option<Listen>,
+    /// QEMU binary, by name (looked up on PATH) or path.
+    #[arg(long, env = "KVM_AGENT_QEMU", default_value = "qemu-system-x86_64")]
+    qemu_binary: PathBuf,
+    /// Also give every instance an operators' QMP socket (qmp-operator.sock in its run directory).
+    #[arg(long)]
+    operator_qmp: bool,
+    /// How long a stop waits for the guest to power off after ACPI powerdown.
+    #[arg(long, default_value_t = 60_000)]
+    powerdown_timeout_ms: u64,
+    /// How long a stop waits after QMP quit.
+    #[arg(long, default_value_t = 5_000)]
+    quit_timeout_ms: u64,
+    /// How long a stop waits after SIGKILL.
+    #[arg(long, default_value_t = 5_000)]
+    kill_timeout_ms: u64,
+    /// Timeout of one QMP command.
+    #[arg(long, default_value_t = 10_000)]
+    qmp_timeout_ms: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Show QEMU, KVM, memory and CPUs.
+    Info,
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCommand {
+    /// Start an instance from a spec given by flags.
+    Start(SpecArgs),
+    /// Stop an instance.
+    Stop {
+        /// Instance name.
+        name: String,
+        /// SIGKILL at once.
+        #[arg(long)]
+        force: bool,
+        /// Override the powerdown timeout.
+        #[arg(long)]
+        powerdown_timeout_ms: Option<u32>,
+    },
+    /// Reboot an instance.
+    Reboot {
+        /// Instance name.
+        name: String,
+        /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
+        #[arg(long, value_enum, default_value = "soft")]
+        mode: RebootModeArg,
+        /// The spec for a hard reboot.
+        #[command(flatten)]
+        spec: Option<SpecArgs>,
+    },
+    /// Show one instance.
+    Info {
+        /// Instance name.
+        name: String,
+    },
+    /// List instances.
+    List,
+    /// Print an instance's saved runtime.
+    Runtime {
+        /// Instance name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RebootModeArg {
+    Soft,
+    Hard,
+    Reset,
+}
+
+#[derive(Debug, Args, Clone)]
+struct SpecArgs {
+    /// Instance name.
+    #[arg(long = "name", id = "instance_name")]
+    name: String,
+    /// Instance uuid (default: kept from the record, or new).
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...]; repeat for more.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// A NIC: mac=M[,name=N][,model=virtio|e1000][,bridge=B]; repeat for more.
+    #[arg(long)]
+    nic: Vec<String>,
+    /// Kernel for direct boot.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initrd for direct boot.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Kernel command line.
+    #[arg(long)]
+    append: Option<String>,
+    /// Machine type.
+    #[arg(long, default_value = "pc")]
+    machine: String,
+    /// auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Serial console on a unix socket.
+    #[arg(long)]
+    serial: bool,
+    /// VNC display on 127.0.0.1.
+    #[arg(long)]
+    vnc: Option<u32>,
+    /// CPU model.
+    #[arg(long)]
+    cpu: Option<String>,
+}
+
+/// Splits `key=value,...`, where `,,` stands for a comma.
+fn split_options(s: &str) -> Vec<(String, String)> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            (',', Some(',')) => {
+                chars.next();
+                items.last_mut().into_iter().for_each(|i| i.push(','));
+            }
+            (',', _) => items.push(String::new()),
+            _ => items.last_mut().into_iter().for_each(|i| i.push(c)),
+        }
+    }
+    items
+        .into_iter()
+        .filter(|i| !i.is_empty())
+        .map(|i| match i.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (i, String::new()),
+        })
+        .collect()
+}
+
+impl SpecArgs {
+    fn to_proto(&self) -> anyhow::Result<pb::InstanceSpec> {
+        let disks = self
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let mut disk = pb::DiskSpec {
+                    name: format!("disk{i}"),
+                    ..Default::default()
+                };
+                for (k, v) in split_options(text) {
+                    match k.as_str() {
+                        "path" => disk.path = v,
+                        "name" => disk.name = v,
+                        "uuid" => disk.uuid = v,
+                        "ro" | "readonly" => disk.read_only = true,
+                        "format" => {
+                            disk.format = pb::DiskFormat::from_str_name(&format!("DISK_FORMAT_{}", v.to_uppercase()))
+                                .with_context(|| format!("unknown disk format {v:?}"))? as i32
+                        }
+                        "cache" => {
+                            disk.cache = pb::DiskCache::from_str_name(&format!("DISK_CACHE_{}", v.to_uppercase()))
+                                .with_context(|| format!("unknown cache mode {v:?}"))? as i32
+                        }
+                        _ => bail!("unknown disk option {k:?}"),
+                    }
+                }
+                Ok(disk)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let nics = self
+            .nic
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let mut nic = pb::NicSpec {
+                    name: format!("nic{i}"),
+                    ..Default::default()
+                };
+                for (k, v) in split_options(text) {
+                    match k.as_str() {
+                        "mac" => nic.mac = v,
+                        "name" => nic.name = v,
+                        "uuid" => nic.uuid = v,
+                        "bridge" => nic.bridge = v,
+                        "model" => {
+                            nic.model = pb::NicModel::from_str_name(&format!("NIC_MODEL_{}", v.to_uppercase()))
+                                .with_context(|| format!("unknown NIC model {v:?}"))? as i32
+                        }
+                        _ => bail!("unknown NIC option {k:?}"),
+                    }
+                }
+                Ok(nic)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let accelerator = pb::Accelerator::from_str_name(&format!("ACCELERATOR_{}", self.accel.to_uppercase()))
+            .with_context(|| format!("unknown accelerator {:?}", self.accel))?;
+        Ok(pb::InstanceSpec {
+            name: self.name.clone(),
+            uuid: self.uuid.clone().unwrap_or_default(),
+            memory_mib: self.memory,
+            vcpus: self.vcpus,
+            disks,
+            nics,
+            boot: Some(pb::BootSpec {
+                kernel: self.kernel.clone().unwrap_or_default(),
+                initrd: self.initrd.clone().unwrap_or_default(),
+                cmdline: self.append.clone().unwrap_or_default(),
+            }),
+            machine_type: self.machine.clone(),
+            accelerator: accelerator as i32,
+            serial_console: self.serial,
+            vnc: self.vnc.map(|display| pb::VncSpec { display }),
+            cpu_model: self.cpu.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Connects to the agent's unix socket.
+pub async fn connect(socket: PathBuf) -> anyhow::Result<NodeAgentClient<Channel>> {
+    let display = socket.display().to_string();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
+        }))
+        .await
+        .with_context(|| format!("can't reach the agent at {display}; is `kvm-agent serve` running?"))?;
+    Ok(NodeAgentClient::new(channel))
+}
+
+fn state_name(state: i32) -> String {
+    pb::InstanceState::try_from(state)
+        .map(|s| s.as_str_name().trim_start_matches("INSTANCE_STATE_").to_lowercase())
+        .unwrap_or_else(|_| state.to_string())
+}
+
+fn instance_json(i: &pb::InstanceInfo) -> Value {
+    json!({
+        "name": i.name,
+        "uuid": i.uuid,
+        "state": state_name(i.state),
+        "state_detail": i.state_detail,
+        "pid": i.pid,
+        "uptime_seconds": i.uptime_seconds,
+        "memory_mib": i.memory_mib,
+        "vcpus": i.vcpus,
+        "runtime_generation": i.runtime_generation,
+        "machine_type": i.machine_type,
+        "accelerator": i.accelerator,
+        "qemu_version": i.qemu_version,
+        "devices": i.devices.iter().map(|d| json!({
+            "kind": pb::DeviceKind::try_from(d.kind).map(|k| k.as_str_name().trim_start_matches("DEVICE_KIND_").to_lowercase()).unwrap_or_default(),
+            "name": d.name,
+            "uuid": d.uuid,
+            "pci_slot": d.pci_slot,
+            "qemu_id": d.qemu_id,
+            "detail": d.detail,
+            "tap": d.tap,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_instance(i: &pb::InstanceInfo) {
+    println!("name:        {}", i.name);
+    println!("uuid:        {}", i.uuid);
+    println!("state:       {}", state_name(i.state));
+    if !i.state_detail.is_empty() {
+        println!("detail:      {}", i.state_detail);
+    }
+    if i.pid != 0 {
+        println!("pid:         {}  (up {}s)", i.pid, i.uptime_seconds);
+    }
+    println!("memory:      {} MiB, {} vcpus", i.memory_mib, i.vcpus);
+    println!("machine:     {} ({}), QEMU {}", i.machine_type, i.accelerator, i.qemu_version);
+    println!("generation:  {}", i.runtime_generation);
+    for d in &i.devices {
+        let kind = if d.kind == pb::DeviceKind::Nic as i32 { "nic " } else { "disk" };
+        let tap = if d.tap.is_empty() { String::new() } else { format!(" tap={}", d.tap) };
+        println!("  {kind} {:<12} slot {:#04x}  {}{tap}", d.name, d.pci_slot, d.detail);
+    }
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(SOCKET_NAME));
+    let json_out = matches!(cli.output, Output::Json);
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Node { command: NodeCommand::Info } => {
+            let n = connect(socket).await?.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
+            if json_out {
+                println!("{}", json!({
+                    "hostname": n.hostname, "qemu_path": n.qemu_path, "qemu_version": n.qemu_version,
+                    "qemu_error": n.qemu_error, "kvm_available": n.kvm_available, "kvm_detail": n.kvm_detail,
+                    "memory_total_mib": n.memory_total_mib, "memory_available_mib": n.memory_available_mib,
+                    "cpus": n.cpus, "instance_count": n.instance_count, "agent_version": n.agent_version,
+                }));
+            } else {
+                println!("hostname:   {}", n.hostname);
+                println!("qemu:       {} {}{}", n.qemu_path, n.qemu_version, n.qemu_error);
+                println!("kvm:        {} ({})", n.kvm_available, n.kvm_detail);
+                println!("memory:     {} MiB total, {} MiB available", n.memory_total_mib, n.memory_available_mib);
+                println!("cpus:       {}", n.cpus);
+                println!("instances:  {}", n.instance_count);
+            }
+            Ok(())
+        }
+        Command::Instance { command } => instance(connect(socket).await?, command, json_out).await,
+    }
+}
+
+async fn instance(mut client: NodeAgentClient<Channel>, command: InstanceCommand, json_out: bool) -> anyhow::Result<()> {
+    let show = |i: &pb::InstanceInfo| {
+        if json_out {
+            println!("{}", instance_json(i));
+        } else {
+            print_instance(i);
+        }
+    };
+    match command {
+        InstanceCommand::Start(spec) => {
+            let spec = spec.to_proto()?;
+            show(&client.start_instance(pb::StartInstanceRequest { spec: Some(spec) }).await?.into_inner());
+        }
+        InstanceCommand::Stop { name, force, powerdown_timeout_ms } => {
+            let r = client
+                .stop_instance(pb::StopInstanceRequest { name, force, powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0) })
+                .await?
+                .into_inner();
+            let method = pb::StopMethod::try_from(r.method)
+                .map(|m| m.as_str_name().trim_start_matches("STOP_METHOD_").to_lowercase())
+                .unwrap_or_default();
+            if json_out {
+                println!("{}", json!({ "method": method, "instance": r.instance.as_ref().map(instance_json) }));
+            } else {
+                println!("stopped ({method})");
+            }
+        }
+        InstanceCommand::Reboot { name, mode, spec } => {
+            let mode = match mode {
+                RebootModeArg::Soft => pb::RebootMode::Soft,
+                RebootModeArg::Hard => pb::RebootMode::Hard,
+                RebootModeArg::Reset => pb::RebootMode::Reset,
+            };
+            let spec = spec.map(|s| s.to_proto()).transpose()?;
+            show(&client.reboot_instance(pb::RebootInstanceRequest { name, mode: mode as i32, spec }).await?.into_inner());
+        }
+        InstanceCommand::Info { name } => show(&client.get_instance(pb::GetInstanceRequest { name }).await?.into_inner()),
+        InstanceCommand::List => {
+            let list = client.list_instances(pb::ListInstancesRequest {}).await?.into_inner().instances;
+            if json_out {
+                println!("{}", Value::Array(list.iter().map(instance_json).collect()));
+            } else {
+                println!("{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN");
+                for i in &list {
+                    println!(
+                        "{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}",
+                        i.name, state_name(i.state), i.pid, i.memory_mib, i.vcpus, i.runtime_generation
+                    );
+                }
+            }
+        }
+        InstanceCommand::Runtime { name } => {
+            let r = client.get_runtime(pb::GetRuntimeRequest { name }).await?.into_inner();
+            println!("{}", r.runtime_json);
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let mut cfg = AgentConfig::new(args.state_dir);
+    cfg.qemu_binary = args.qemu_binary;
+    cfg.launch.operator_qmp = args.operator_qmp;
+    cfg.launch.qmp.command_timeout = Duration::from_millis(args.qmp_timeout_ms);
+    cfg.stop.powerdown = Duration::from_millis(args.powerdown_timeout_ms);
+    cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
+    cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
+    let listen = args.listen.unwrap_or_else(|| Listen::Unix(cfg.socket_path()));
+    let agent = Agent::open(cfg).context("opening the state directory")?;
+    server::serve(agent, listen).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_option_with_doubled_comma_keeps_the_comma() {
+        assert_eq!(
+            split_options("path=/srv/a,,b.img,ro"),
+            vec![("path".into(), "/srv/a,b.img".into()), ("ro".into(), String::new())]
+        );
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

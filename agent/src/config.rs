@@ -1,0 +1,53 @@
+//! Agent settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hypervisor::lifecycle::{LaunchConfig, StopTimeouts};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
+/// Name of the agent's unix socket inside the state directory.
+pub const SOCKET_NAME: &str = "agent.sock";
+
+/// Everything the agent needs to know to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Records, run directories and the socket live here.
+    pub state_dir: PathBuf,
+    /// QEMU binary name or path.
+    pub qemu_binary: PathBuf,
+    /// Launch settings (QMP timeouts, operator monitor, tap names, logs).
+    pub launch: LaunchConfig,
+    /// Stop escalation timeouts.
+    pub stop: StopTimeouts,
+    /// How long a reset waits for QEMU's RESET event.
+    pub reset_timeout: Duration,
+    /// How long the supervisor waits for QMP to drain after QEMU exits, to
+    /// see whether the guest itself asked for the power-off.
+    pub exit_drain_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for a state directory.
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            state_dir,
+            qemu_binary: "qemu-system-x86_64".into(),
+            launch: LaunchConfig::default(),
+            stop: StopTimeouts::default(),
+            reset_timeout: Duration::from_secs(5),
+            exit_drain_timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// The default listening socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.state_dir.join(SOCKET_NAME)
+    }
+
+    /// The run directory of an instance.
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("run").join(name)
+    }
+}

@@ -1,0 +1,236 @@
+//! Conversions between the wire types (`kvmagent.v1`) and the hypervisor's
+//! domain types. Pure.
+
+use std::path::PathBuf;
+
+use hypervisor::spec::{
+    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, NicModel, NicSpec, SpecError,
+};
+use kvm_agent_proto::v1 as pb;
+use uuid::Uuid;
+
+use crate::error::AgentError;
+use crate::instances::{InstanceView, State};
+use hypervisor::argv;
+use hypervisor::lifecycle::StopMethod;
+
+/// Default machine type when the request leaves it empty.
+pub const DEFAULT_MACHINE_TYPE: &str = "pc";
+/// Default CPU model when the request leaves it empty.
+pub const DEFAULT_CPU_MODEL: &str = "qemu64";
+
+fn parse_uuid(what: &str, text: &str) -> Result<Uuid, AgentError> {
+    if text.is_empty() {
+        return Ok(Uuid::nil());
+    }
+    Uuid::parse_str(text).map_err(|e| AgentError::BadRequest(format!("{what} uuid {text:?} is invalid: {e}")))
+}
+
+fn non_empty(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+/// Converts a wire spec. Missing uuids stay nil: the agent fills them in
+/// from the instance's record, or with fresh ones.
+pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> {
+    let disks = p
+        .disks
+        .iter()
+        .map(|d| {
+            Ok(DiskSpec {
+                name: d.name.clone(),
+                uuid: parse_uuid(&format!("disk {:?}", d.name), &d.uuid)?,
+                path: PathBuf::from(&d.path),
+                format: match pb::DiskFormat::try_from(d.format) {
+                    Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
+                    Ok(pb::DiskFormat::Raw | pb::DiskFormat::Unspecified) => DiskFormat::Raw,
+                    Err(_) => return Err(AgentError::BadRequest(format!("disk {:?}: unknown format {}", d.name, d.format))),
+                },
+                read_only: d.read_only,
+                cache: match pb::DiskCache::try_from(d.cache) {
+                    Ok(pb::DiskCache::Unspecified | pb::DiskCache::None) => DiskCache::None,
+                    Ok(pb::DiskCache::Writeback) => DiskCache::Writeback,
+                    Ok(pb::DiskCache::Writethrough) => DiskCache::Writethrough,
+                    Ok(pb::DiskCache::Directsync) => DiskCache::Directsync,
+                    Ok(pb::DiskCache::Unsafe) => DiskCache::Unsafe,
+                    Err(_) => return Err(AgentError::BadRequest(format!("disk {:?}: unknown cache mode {}", d.name, d.cache))),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, AgentError>>()?;
+    let nics = p
+        .nics
+        .iter()
+        .map(|n| {
+            Ok(NicSpec {
+                name: n.name.clone(),
+                uuid: parse_uuid(&format!("NIC {:?}", n.name), &n.uuid)?,
+                mac: n.mac.parse::<MacAddr>().map_err(|()| SpecError::MacSyntax {
+                    nic: n.name.clone(),
+                    mac: n.mac.clone(),
+                })?,
+                model: match pb::NicModel::try_from(n.model) {
+                    Ok(pb::NicModel::Unspecified | pb::NicModel::Virtio) => NicModel::Virtio,
+                    Ok(pb::NicModel::E1000) => NicModel::E1000,
+                    Err(_) => return Err(AgentError::BadRequest(format!("NIC {:?}: unknown model {}", n.name, n.model))),
+                },
+                bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
+            })
+        })
+        .collect::<Result<Vec<_>, AgentError>>()?;
+    let boot = match p.boot {
+        Some(b) if !b.kernel.is_empty() => Boot::Kernel {
+            kernel: PathBuf::from(b.kernel),
+            initrd: non_empty(&b.initrd),
+            cmdline: b.cmdline,
+        },
+        Some(b) if !b.initrd.is_empty() || !b.cmdline.is_empty() => {
+            return Err(AgentError::BadRequest(
+                "boot: an initrd or kernel command line needs a kernel".into(),
+            ));
+        }
+        _ => Boot::Disk,
+    };
+    let accelerator = match pb::Accelerator::try_from(p.accelerator) {
+        Ok(pb::Accelerator::Unspecified | pb::Accelerator::Auto) => Accelerator::Auto,
+        Ok(pb::Accelerator::Kvm) => Accelerator::Kvm,
+        Ok(pb::Accelerator::Tcg) => Accelerator::Tcg,
+        Err(_) => return Err(AgentError::BadRequest(format!("unknown accelerator {}", p.accelerator))),
+    };
+    Ok(InstanceSpec {
+        name: p.name,
+        uuid: parse_uuid("instance", &p.uuid)?,
+        memory_mib: p.memory_mib,
+        vcpus: p.vcpus,
+        disks,
+        nics,
+        boot,
+        machine_type: if p.machine_type.is_empty() {
+            DEFAULT_MACHINE_TYPE.into()
+        } else {
+            p.machine_type
+        },
+        accelerator,
+        serial_console: p.serial_console,
+        vnc_display: p.vnc.map(|v| v.display),
+        cpu_model: if p.cpu_model.is_empty() {
+            DEFAULT_CPU_MODEL.into()
+        } else {
+            p.cpu_model
+        },
+    })
+}
+
+/// The wire form of an instance's state.
+pub fn state_to_proto(state: State) -> pb::InstanceState {
+    match state {
+        State::Stopped => pb::InstanceState::Stopped,
+        State::Starting => pb::InstanceState::Starting,
+        State::Running => pb::InstanceState::Running,
+        State::Stopping => pb::InstanceState::Stopping,
+        State::Crashed => pb::InstanceState::Crashed,
+    }
+}
+
+/// The wire form of an instance view.
+pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
+    let mut info = pb::InstanceInfo {
+        name: view.name,
+        state: state_to_proto(view.state) as i32,
+        state_detail: view.detail,
+        pid: view.pid.unwrap_or(0),
+        uptime_seconds: view.uptime.map_or(0, |d| d.as_secs()),
+        ..Default::default()
+    };
+    let Some(rt) = view.runtime else {
+        return info;
+    };
+    info.uuid = rt.uuid.to_string();
+    info.memory_mib = rt.memory_mib;
+    info.vcpus = rt.vcpus;
+    info.runtime_generation = rt.generation;
+    info.machine_type = rt.machine_type.clone();
+    info.accelerator = rt.accelerator.as_str().to_owned();
+    info.qemu_version = rt.qemu.version.to_string();
+    info.devices = rt
+        .disks
+        .iter()
+        .map(|d| pb::DeviceInfo {
+            kind: pb::DeviceKind::Disk as i32,
+            name: d.spec.name.clone(),
+            uuid: d.spec.uuid.to_string(),
+            pci_slot: u32::from(d.slot),
+            qemu_id: argv::disk_device_id(d.spec.uuid),
+            detail: d.spec.path.display().to_string(),
+            tap: String::new(),
+        })
+        .chain(rt.nics.iter().enumerate().map(|(i, n)| pb::DeviceInfo {
+            kind: pb::DeviceKind::Nic as i32,
+            name: n.spec.name.clone(),
+            uuid: n.spec.uuid.to_string(),
+            pci_slot: u32::from(n.slot),
+            qemu_id: argv::nic_device_id(n.spec.uuid),
+            detail: n.spec.mac.to_string(),
+            tap: view.taps.get(i).cloned().unwrap_or_default(),
+        }))
+        .collect();
+    info
+}
+
+/// The wire form of a stop method.
+pub fn stop_method_to_proto(method: Option<StopMethod>) -> pb::StopMethod {
+    match method {
+        None => pb::StopMethod::AlreadyStopped,
+        Some(StopMethod::Powerdown) => pb::StopMethod::Powerdown,
+        Some(StopMethod::Quit) => pb::StopMethod::Quit,
+        Some(StopMethod::Kill) => pb::StopMethod::Kill,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire() -> pb::InstanceSpec {
+        pb::InstanceSpec {
+            name: "web1".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            nics: vec![pb::NicSpec { name: "eth0".into(), mac: "52:54:00:00:00:01".into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn empty_fields_take_defaults() {
+        let spec = spec_from_proto(wire()).unwrap();
+
+        assert_eq!(spec.machine_type, "pc");
+        assert_eq!(spec.cpu_model, "qemu64");
+        assert_eq!(spec.accelerator, Accelerator::Auto);
+        assert_eq!(spec.boot, Boot::Disk);
+        assert!(spec.uuid.is_nil());
+    }
+
+    #[test]
+    fn malformed_mac_is_a_spec_error() {
+        let mut w = wire();
+        w.nics[0].mac = "not-a-mac".into();
+
+        assert!(matches!(spec_from_proto(w), Err(AgentError::Spec(SpecError::MacSyntax { .. }))));
+    }
+
+    #[test]
+    fn cmdline_without_kernel_is_refused() {
+        let w = pb::InstanceSpec { boot: Some(pb::BootSpec { cmdline: "quiet".into(), ..Default::default() }), ..wire() };
+
+        assert!(matches!(spec_from_proto(w), Err(AgentError::BadRequest(_))));
+    }
+
+    #[test]
+    fn malformed_uuid_is_a_bad_request() {
+        let w = pb::InstanceSpec { uuid: "xyz".into(), ..wire() };
+
+        assert!(matches!(spec_from_proto(w), Err(AgentError::BadRequest(_))));
+    }
+}

@@ -1,0 +1,193 @@
+//! The agent's error type and its one mapping to gRPC status codes.
+
+use hypervisor::lifecycle::{LaunchError, StopError};
+use hypervisor::probe::ProbeError;
+use hypervisor::qmp::QmpError;
+use hypervisor::runtime::RuntimeError;
+use hypervisor::spec::SpecError;
+use runtime_store::StoreError;
+use tonic::{Code, Status};
+
+/// Everything an agent operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request is malformed (bad spec, bad uuid, missing field).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A request field is missing or unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such instance.
+    #[error("instance {0:?} not found")]
+    NotFound(String),
+    /// Start of an instance that runs.
+    #[error("instance {name:?} is already running (pid {pid})")]
+    AlreadyRunning {
+        /// Instance name.
+        name: String,
+        /// Its QEMU.
+        pid: u32,
+    },
+    /// An operation that needs a running instance.
+    #[error("instance {0:?} is not running")]
+    NotRunning(String),
+    /// A disk image isn't there.
+    #[error("instance {instance:?}: disk {disk:?} path {path} does not exist")]
+    DiskMissing {
+        /// Instance name.
+        instance: String,
+        /// Disk name.
+        disk: String,
+        /// Its path.
+        path: String,
+    },
+    /// Runtime generation refused the spec or a stored runtime.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The QEMU binary can't be used.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    /// QEMU couldn't be started.
+    #[error("instance {instance:?} failed to start")]
+    Launch {
+        /// Instance name.
+        instance: String,
+        /// What went wrong.
+        #[source]
+        source: LaunchError,
+    },
+    /// QEMU couldn't be stopped.
+    #[error("instance {instance:?} failed to stop")]
+    Stop {
+        /// Instance name.
+        instance: String,
+        /// What went wrong.
+        #[source]
+        source: StopError,
+    },
+    /// A QMP command failed.
+    #[error("instance {instance:?}: QMP failed")]
+    Qmp {
+        /// Instance name.
+        instance: String,
+        /// What went wrong.
+        #[source]
+        source: QmpError,
+    },
+    /// A record couldn't be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A blocking task died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+impl AgentError {
+    /// The gRPC code of this error, and a hint at what to do next.
+    fn code_and_hint(&self) -> (Code, &'static str) {
+        match self {
+            AgentError::Spec(_) | AgentError::BadRequest(_) => (Code::InvalidArgument, "fix the request and retry"),
+            AgentError::NotFound(_) => (Code::NotFound, "list instances with `kvm-agent instance list`"),
+            AgentError::AlreadyRunning { .. } => (Code::AlreadyExists, "stop it first, or reboot it"),
+            AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
+            AgentError::DiskMissing { .. } => (Code::FailedPrecondition, "create the image or fix the path"),
+            AgentError::Runtime(e) => match e {
+                RuntimeError::NoFreeSlot { .. } => (Code::ResourceExhausted, "remove a device first"),
+                RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {
+                    (Code::FailedPrecondition, "fix the node setup")
+                }
+                _ => (Code::InvalidArgument, "fix the request and retry"),
+            },
+            AgentError::Probe(_) => (Code::FailedPrecondition, "fix the QEMU installation on this node"),
+            AgentError::Launch { source, .. } => match source {
+                LaunchError::Qmp(_) => (Code::Unavailable, "check qemu.log in the instance's run directory"),
+                LaunchError::Spawn { .. } => (Code::Internal, "check the agent's permissions"),
+                _ => (Code::FailedPrecondition, "fix the cause above and start again"),
+            },
+            AgentError::Stop { .. } => (Code::Internal, "inspect the QEMU process on the node"),
+            AgentError::Qmp { source, .. } => match source {
+                QmpError::Timeout { .. } | QmpError::NoGreeting(_) => {
+                    (Code::DeadlineExceeded, "QEMU may be hung; retry or stop with force")
+                }
+                QmpError::Qemu { .. } => (Code::FailedPrecondition, "QEMU refused the request"),
+                QmpError::Unsupported(_) => (Code::FailedPrecondition, "this QEMU is too old for the request"),
+                _ => (Code::Unavailable, "retry; the agent reconnects to QEMU"),
+            },
+            AgentError::Store(e) if e.is_out_of_space() => {
+                (Code::ResourceExhausted, "free space in the agent's state directory")
+            }
+            AgentError::Store(_) | AgentError::Internal(_) => (Code::Internal, "see the agent's log"),
+        }
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(err: AgentError) -> Status {
+        let (code, hint) = err.code_and_hint();
+        Status::new(code, format!("{} ({hint})", chain(&err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_errors_are_invalid_argument() {
+        let status = Status::from(AgentError::Spec(SpecError::Vcpus(0)));
+
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("vcpus 0"));
+    }
+
+    #[test]
+    fn already_running_is_already_exists() {
+        let status = Status::from(AgentError::AlreadyRunning { name: "web1".into(), pid: 42 });
+
+        assert_eq!(status.code(), Code::AlreadyExists);
+    }
+
+    #[test]
+    fn qmp_timeout_is_deadline_exceeded() {
+        let err = AgentError::Qmp {
+            instance: "web1".into(),
+            source: QmpError::Timeout { command: "quit".into(), after: std::time::Duration::from_secs(1) },
+        };
+
+        assert_eq!(Status::from(err).code(), Code::DeadlineExceeded);
+    }
+
+    #[test]
+    fn no_free_slot_is_resource_exhausted() {
+        let err = AgentError::Runtime(RuntimeError::NoFreeSlot { instance: "x".into(), used: 30, total: 29 });
+
+        assert_eq!(Status::from(err).code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn message_carries_the_cause_chain() {
+        let err = AgentError::Launch {
+            instance: "web1".into(),
+            source: LaunchError::ExitedEarly { status: "exit status: 1".into(), log_tail: "Could not open 'x'".into() },
+        };
+
+        let status = Status::from(err);
+
+        assert!(status.message().contains("failed to start"), "{}", status.message());
+        assert!(status.message().contains("Could not open 'x'"), "{}", status.message());
+    }
+}

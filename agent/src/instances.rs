@@ -1,0 +1,786 @@
+//! Instances and their operations: start, stop, reboot, supervision and
+//! recovery after an agent restart.
+//!
+//! Each instance has an operation lock that serializes start, stop and
+//! reboot, and a status that readers copy without waiting behind an
+//! operation (the lock on it is never held across an await).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use hypervisor::lifecycle::{self, StopMethod, StopTimeouts, files};
+use hypervisor::probe::{self, QemuInfo};
+use hypervisor::process::{self, PidFd};
+use hypervisor::qmp::{QmpClient, QmpEvent};
+use hypervisor::runtime::{self, HostFacts};
+use hypervisor::{InstanceSpec, Runtime};
+use runtime_store::RecordStore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+
+/// What the record says about an instance, beside its runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedState {
+    /// Should be running.
+    Running,
+    /// Stopped on request.
+    Stopped,
+    /// The guest powered itself off.
+    StoppedByGuest,
+    /// QEMU exited unasked.
+    Crashed,
+}
+
+/// The durable record of an instance: its runtime and how it last ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The runtime to replay.
+    pub runtime: Runtime,
+    /// Last known state.
+    pub state: RecordedState,
+    /// Why it is in that state.
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// An instance's state as callers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not running.
+    Stopped,
+    /// Being started.
+    Starting,
+    /// QEMU runs.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// QEMU exited without being asked to.
+    Crashed,
+}
+
+/// A read-only copy of an instance's status.
+#[derive(Debug, Clone)]
+pub struct InstanceView {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: State,
+    /// Why it is in that state.
+    pub detail: String,
+    /// QEMU's pid while running.
+    pub pid: Option<u32>,
+    /// Time since QEMU started.
+    pub uptime: Option<Duration>,
+    /// The runtime in the record.
+    pub runtime: Option<Runtime>,
+    /// Host tap names by NIC order, while running.
+    pub taps: Vec<String>,
+}
+
+/// A running QEMU that the agent supervises.
+#[derive(Debug)]
+struct Process {
+    pid: u32,
+    pidfd: Arc<PidFd>,
+    qmp: QmpClient,
+    taps: Vec<String>,
+    /// Present when the agent itself spawned QEMU, for reaping.
+    child: Mutex<Option<Child>>,
+    /// Set before the agent stops QEMU, so its exit isn't taken for a crash.
+    stop_requested: AtomicBool,
+    started_at: SystemTime,
+}
+
+impl Process {
+    fn reap(&self) -> Option<String> {
+        let mut child = lock(&self.child).take()?;
+        Some(child.wait().map_or_else(|e| e.to_string(), |s| s.to_string()))
+    }
+}
+
+#[derive(Debug)]
+struct Status {
+    state: State,
+    detail: String,
+    record: Option<InstanceRecord>,
+    process: Option<Arc<Process>>,
+}
+
+/// One instance: an operation lock and a status.
+#[derive(Debug)]
+pub struct Instance {
+    name: String,
+    ops: tokio::sync::Mutex<()>,
+    status: Mutex<Status>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Instance {
+    fn new(name: &str, record: Option<InstanceRecord>, state: State, detail: String) -> Arc<Self> {
+        Arc::new(Instance {
+            name: name.to_owned(),
+            ops: tokio::sync::Mutex::new(()),
+            status: Mutex::new(Status {
+                state,
+                detail,
+                record,
+                process: None,
+            }),
+        })
+    }
+
+    fn view(&self) -> InstanceView {
+        let st = lock(&self.status);
+        InstanceView {
+            name: self.name.clone(),
+            state: st.state,
+            detail: st.detail.clone(),
+            pid: st.process.as_ref().map(|p| p.pid),
+            uptime: st
+                .process
+                .as_ref()
+                .and_then(|p| p.started_at.elapsed().ok()),
+            runtime: st.record.as_ref().map(|r| r.runtime.clone()),
+            taps: st.process.as_ref().map(|p| p.taps.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn process(&self) -> Option<Arc<Process>> {
+        lock(&self.status).process.clone()
+    }
+
+    fn set_state(&self, state: State, detail: impl Into<String>) {
+        let mut st = lock(&self.status);
+        st.state = state;
+        st.detail = detail.into();
+    }
+}
+
+/// How a reboot is done.
+#[derive(Debug, Clone)]
+pub enum RebootMode {
+    /// Stop, then replay the saved runtime.
+    Soft,
+    /// Stop, then start from a runtime generated from this spec.
+    Hard(InstanceSpec),
+    /// `system_reset` in the same QEMU.
+    Reset,
+}
+
+/// Identifies one build of the QEMU binary, so the probe cache notices an
+/// upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BinaryStamp {
+    path: PathBuf,
+    inode: u64,
+    size: u64,
+    mtime: i64,
+}
+
+fn stamp(path: &Path) -> Option<BinaryStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(BinaryStamp {
+        path: path.to_owned(),
+        inode: m.ino(),
+        size: m.size(),
+        mtime: m.mtime(),
+    })
+}
+
+/// Facts about the node.
+#[derive(Debug)]
+pub struct NodeFacts {
+    /// Host name.
+    pub hostname: String,
+    /// QEMU binary as configured.
+    pub qemu_binary: PathBuf,
+    /// Probe result.
+    pub qemu: Result<Arc<QemuInfo>, String>,
+    /// KVM usability.
+    pub kvm: Result<(), String>,
+    /// MemTotal in MiB.
+    pub memory_total_mib: u64,
+    /// MemAvailable in MiB.
+    pub memory_available_mib: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Instances with a record.
+    pub instance_count: u32,
+}
+
+/// The agent: configuration, records and the instances.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    store: Arc<RecordStore>,
+    qemu_cache: tokio::sync::Mutex<Option<(BinaryStamp, Arc<QemuInfo>)>>,
+    instances: RwLock<BTreeMap<String, Arc<Instance>>>,
+}
+
+impl Agent {
+    /// Opens the state directory.
+    pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        let store = RecordStore::open(&cfg.state_dir, "runtime")?;
+        Ok(Arc::new(Agent {
+            cfg,
+            store: Arc::new(store),
+            qemu_cache: tokio::sync::Mutex::new(None),
+            instances: RwLock::new(BTreeMap::new()),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Instance>>> {
+        self.instances.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Instance>>> {
+        self.instances.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn instance(&self, name: &str) -> Result<Arc<Instance>, AgentError> {
+        self.registry()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(name.to_owned()))
+    }
+
+    /// Probes the QEMU binary once per build of it.
+    pub async fn qemu_info(&self) -> Result<Arc<QemuInfo>, AgentError> {
+        let path = probe::resolve_binary(&self.cfg.qemu_binary)?;
+        let current = stamp(&path).ok_or_else(|| probe::ProbeError::Missing(path.clone()))?;
+        let mut cache = self.qemu_cache.lock().await;
+        if let Some((cached_stamp, info)) = cache.as_ref() {
+            if *cached_stamp == current {
+                return Ok(info.clone());
+            }
+        }
+        let info = Arc::new(probe::probe(&path).await?);
+        tracing::info!(binary = %path.display(), version = %info.version, "probed QEMU");
+        *cache = Some((current, info.clone()));
+        Ok(info)
+    }
+
+    /// Facts about this node for GetNodeInfo.
+    pub async fn node_facts(&self) -> NodeFacts {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem = |key: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |kib| kib / 1024)
+        };
+        NodeFacts {
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            qemu_binary: self.cfg.qemu_binary.clone(),
+            qemu: self.qemu_info().await.map_err(|e| e.to_string()),
+            kvm: probe::kvm_usable(),
+            memory_total_mib: mem("MemTotal:"),
+            memory_available_mib: mem("MemAvailable:"),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            instance_count: self.registry().len() as u32,
+        }
+    }
+
+    /// Every instance, by name.
+    pub fn list(&self) -> Vec<InstanceView> {
+        self.registry().values().map(|i| i.view()).collect()
+    }
+
+    /// One instance.
+    pub fn get(&self, name: &str) -> Result<InstanceView, AgentError> {
+        Ok(self.instance(name)?.view())
+    }
+
+    /// The persisted record of an instance, as stored.
+    pub async fn record(&self, name: &str) -> Result<(InstanceRecord, u64), AgentError> {
+        self.instance(name)?;
+        let store = self.store.clone();
+        let owned = name.to_owned();
+        let loaded = tokio::task::spawn_blocking(move || store.load::<InstanceRecord>(&owned))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        let rec = loaded.ok_or_else(|| AgentError::NotFound(name.to_owned()))?;
+        Ok((rec.value, rec.revision))
+    }
+
+    async fn save_record(&self, name: &str, record: &InstanceRecord) -> Result<(), AgentError> {
+        let store = self.store.clone();
+        let (name, record) = (name.to_owned(), record.clone());
+        tokio::task::spawn_blocking(move || store.save(&name, &record))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    async fn remove_record(&self, name: &str) -> Result<(), AgentError> {
+        let store = self.store.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || store.remove(&name))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    /// Updates the state in an instance's record.
+    async fn persist_state(&self, inst: &Instance, state: RecordedState, detail: &str) -> Result<(), AgentError> {
+        let record = {
+            let mut st = lock(&inst.status);
+            let Some(record) = st.record.as_mut() else {
+                return Ok(());
+            };
+            record.state = state;
+            record.detail = detail.to_owned();
+            record.clone()
+        };
+        self.save_record(&inst.name, &record).await
+    }
+
+    /// Gives the spec's missing uuids: the instance's and its devices' from
+    /// the previous runtime when it has them (so ids stay stable), fresh
+    /// ones otherwise.
+    fn fill_identity(spec: &mut InstanceSpec, previous: Option<&Runtime>) {
+        if spec.uuid.is_nil() {
+            spec.uuid = previous.map_or_else(Uuid::new_v4, |r| r.uuid);
+        }
+        for disk in &mut spec.disks {
+            if disk.uuid.is_nil() {
+                disk.uuid = previous
+                    .and_then(|r| r.disks.iter().find(|d| d.spec.name == disk.name))
+                    .map_or_else(Uuid::new_v4, |d| d.spec.uuid);
+            }
+        }
+        for nic in &mut spec.nics {
+            if nic.uuid.is_nil() {
+                nic.uuid = previous
+                    .and_then(|r| r.nics.iter().find(|n| n.spec.name == nic.name))
+                    .map_or_else(Uuid::new_v4, |n| n.spec.uuid);
+            }
+        }
+    }
+
+    /// Generates a runtime for a validated spec (probing QEMU if needed).
+    async fn generate(&self, spec: &InstanceSpec, generation: u64) -> Result<Runtime, AgentError> {
+        let qemu = self.qemu_info().await?;
+        let kvm = probe::kvm_usable();
+        let run_dir = self.cfg.run_dir(&spec.name);
+        let host = HostFacts {
+            qemu: &qemu,
+            kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
+            run_dir: &run_dir,
+        };
+        Ok(runtime::generate(spec, host, generation)?)
+    }
+
+    fn check_disks_exist(spec: &InstanceSpec) -> Result<(), AgentError> {
+        for disk in &spec.disks {
+            if !disk.path.exists() {
+                return Err(AgentError::DiskMissing {
+                    instance: spec.name.clone(),
+                    disk: disk.name.clone(),
+                    path: disk.path.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an instance from a spec.
+    pub async fn start(self: &Arc<Self>, mut spec: InstanceSpec) -> Result<InstanceView, AgentError> {
+        // Validate the name before it is used as a registry key or a path.
+        if !hypervisor::spec::is_safe_identifier(&spec.name, hypervisor::spec::MAX_INSTANCE_NAME) {
+            return Err(hypervisor::spec::SpecError::InstanceName(spec.name).into());
+        }
+        let (inst, fresh) = {
+            let mut registry = self.registry_mut();
+            match registry.get(&spec.name) {
+                Some(i) => (i.clone(), false),
+                None => {
+                    let i = Instance::new(&spec.name, None, State::Stopped, String::new());
+                    registry.insert(spec.name.clone(), i.clone());
+                    (i, true)
+                }
+            }
+        };
+        let _op = inst.ops.lock().await;
+        let result = self.start_locked(&inst, &mut spec).await;
+        if result.is_err() && fresh && lock(&inst.status).record.is_none() {
+            self.registry_mut().remove(&inst.name);
+        }
+        result?;
+        Ok(inst.view())
+    }
+
+    async fn start_locked(self: &Arc<Self>, inst: &Arc<Instance>, spec: &mut InstanceSpec) -> Result<(), AgentError> {
+        let previous = lock(&inst.status).record.clone();
+        Self::fill_identity(spec, previous.as_ref().map(|r| &r.runtime));
+        spec.validate()?;
+        if let Some(p) = inst.process() {
+            return Err(AgentError::AlreadyRunning {
+                name: inst.name.clone(),
+                pid: p.pid,
+            });
+        }
+        let run_dir = self.cfg.run_dir(&spec.name);
+        if let Some(pid) = process::live_instance_pid(&run_dir.join(files::PIDFILE), spec.uuid) {
+            return Err(AgentError::AlreadyRunning {
+                name: inst.name.clone(),
+                pid,
+            });
+        }
+        Self::check_disks_exist(spec)?;
+        let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
+        let runtime = self.generate(spec, generation).await?;
+        if let Some(prev) = &previous {
+            if prev.runtime.uuid != runtime.uuid {
+                tracing::warn!(instance = %inst.name, old = %prev.runtime.uuid, new = %runtime.uuid, "replacing a stopped instance's record with a new uuid");
+            }
+        }
+
+        let record = InstanceRecord {
+            runtime,
+            state: RecordedState::Running,
+            detail: String::new(),
+        };
+        self.save_record(&inst.name, &record).await?;
+        lock(&inst.status).record = Some(record.clone());
+        inst.set_state(State::Starting, "");
+
+        if let Err(e) = self.launch(inst, &record.runtime).await {
+            // Leave things as they were before the call.
+            match previous {
+                Some(prev) => {
+                    self.save_record(&inst.name, &prev).await?;
+                    lock(&inst.status).record = Some(prev);
+                    inst.set_state(State::Stopped, e.to_string());
+                }
+                None => {
+                    self.remove_record(&inst.name).await?;
+                    lock(&inst.status).record = None;
+                    let _ = std::fs::remove_dir_all(&run_dir);
+                }
+            }
+            return Err(e);
+        }
+        tracing::info!(instance = %inst.name, generation = record.runtime.generation, "instance started");
+        Ok(())
+    }
+
+    /// Launches QEMU for a runtime and starts supervising it.
+    async fn launch(self: &Arc<Self>, inst: &Arc<Instance>, runtime: &Runtime) -> Result<(), AgentError> {
+        let run_dir = self.cfg.run_dir(&inst.name);
+        let launched = lifecycle::launch(runtime, &run_dir, &self.cfg.launch)
+            .await
+            .map_err(|source| AgentError::Launch {
+                instance: inst.name.clone(),
+                source,
+            })?;
+        let events = launched.qmp.subscribe();
+        let process = Arc::new(Process {
+            pid: launched.pid,
+            pidfd: launched.pidfd,
+            qmp: launched.qmp,
+            taps: launched.taps,
+            child: Mutex::new(Some(launched.child)),
+            stop_requested: AtomicBool::new(false),
+            started_at: SystemTime::now(),
+        });
+        self.supervise(inst, process, events);
+        Ok(())
+    }
+
+    /// Installs a process as the instance's and watches for its exit.
+    fn supervise(self: &Arc<Self>, inst: &Arc<Instance>, process: Arc<Process>, events: broadcast::Receiver<QmpEvent>) {
+        {
+            let mut st = lock(&inst.status);
+            st.process = Some(process.clone());
+            st.state = State::Running;
+            st.detail.clear();
+        }
+        tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
+    }
+
+    async fn watch_exit(self: Arc<Self>, inst: Arc<Instance>, process: Arc<Process>, mut events: broadcast::Receiver<QmpEvent>) {
+        process.pidfd.exited().await;
+        let exit_status = process.reap().unwrap_or_else(|| "exit status unknown".into());
+        if process.stop_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        // QEMU announces a guest's own power-off with SHUTDOWN guest=true
+        // before exiting; let the reader deliver it before deciding.
+        let _ = tokio::time::timeout(self.cfg.exit_drain_timeout, process.qmp.closed()).await;
+        let mut guest_shutdown = false;
+        while let Ok(event) = events.try_recv() {
+            if event.name == "SHUTDOWN" && event.data.get("guest").and_then(|g| g.as_bool()) == Some(true) {
+                guest_shutdown = true;
+            }
+        }
+        let run_dir = self.cfg.run_dir(&inst.name);
+        let (state, recorded, detail) = if guest_shutdown {
+            (State::Stopped, RecordedState::StoppedByGuest, "the guest powered itself off".to_owned())
+        } else {
+            let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
+            (
+                State::Crashed,
+                RecordedState::Crashed,
+                format!("QEMU exited unexpectedly ({exit_status}); its log ends with:\n{tail}"),
+            )
+        };
+        {
+            let mut st = lock(&inst.status);
+            if !st.process.as_ref().is_some_and(|p| Arc::ptr_eq(p, &process)) {
+                return;
+            }
+            st.process = None;
+            st.state = state;
+            st.detail = detail.clone();
+        }
+        lifecycle::remove_run_files(&run_dir);
+        if guest_shutdown {
+            tracing::info!(instance = %inst.name, "guest powered off");
+        } else {
+            tracing::warn!(instance = %inst.name, pid = process.pid, %exit_status, "QEMU crashed");
+        }
+        // Persist under the operation lock so this write can't interleave
+        // with an operation's own, unless an operation already moved on.
+        let _op = inst.ops.lock().await;
+        if inst.process().is_none() && lock(&inst.status).state == state {
+            if let Err(e) = self.persist_state(&inst, recorded, &detail).await {
+                tracing::error!(instance = %inst.name, error = %e, "can't record the instance's exit");
+            }
+        }
+    }
+
+    /// Stops QEMU if it runs. The caller holds the operation lock.
+    async fn stop_locked(&self, inst: &Instance, force: bool, timeouts: StopTimeouts) -> Result<Option<StopMethod>, AgentError> {
+        let Some(process) = inst.process() else {
+            return Ok(None);
+        };
+        process.stop_requested.store(true, Ordering::SeqCst);
+        inst.set_state(State::Stopping, "");
+        let result = lifecycle::stop(Some(&process.qmp), &process.pidfd, timeouts, force).await;
+        let method = match result {
+            Ok(m) => m,
+            Err(source) => {
+                process.stop_requested.store(false, Ordering::SeqCst);
+                inst.set_state(State::Running, source.to_string());
+                return Err(AgentError::Stop {
+                    instance: inst.name.clone(),
+                    source,
+                });
+            }
+        };
+        process.reap();
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
+        {
+            let mut st = lock(&inst.status);
+            st.process = None;
+            st.state = State::Stopped;
+            st.detail = format!("stopped by {}", stop_method_text(method));
+        }
+        tracing::info!(instance = %inst.name, method = stop_method_text(method), "instance stopped");
+        Ok(Some(method))
+    }
+
+    /// Stops an instance. Returns `None` as the method when it wasn't running.
+    pub async fn stop(&self, name: &str, force: bool, powerdown_timeout: Option<Duration>) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.ops.lock().await;
+        let mut timeouts = self.cfg.stop;
+        if let Some(t) = powerdown_timeout {
+            timeouts.powerdown = t;
+        }
+        let method = self.stop_locked(&inst, force, timeouts).await?;
+        if let Some(method) = method {
+            self.persist_state(&inst, RecordedState::Stopped, &format!("stopped by {}", stop_method_text(method)))
+                .await?;
+        }
+        Ok((inst.view(), method))
+    }
+
+    /// Reboots an instance.
+    pub async fn reboot(self: &Arc<Self>, name: &str, mode: RebootMode) -> Result<InstanceView, AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.ops.lock().await;
+        let Some(process) = inst.process() else {
+            return Err(AgentError::NotRunning(name.to_owned()));
+        };
+        match mode {
+            RebootMode::Reset => {
+                lifecycle::reset(&process.qmp, self.cfg.reset_timeout)
+                    .await
+                    .map_err(|source| AgentError::Qmp {
+                        instance: name.to_owned(),
+                        source,
+                    })?;
+                tracing::info!(instance = %name, "instance reset");
+            }
+            RebootMode::Soft => {
+                // Replay what is on disk: the runtime is the source of truth,
+                // so spec changes since the start stay out until a hard reboot.
+                let (record, _) = self.record(name).await?;
+                record.runtime.validate()?;
+                self.stop_locked(&inst, false, self.cfg.stop).await?;
+                self.relaunch(&inst, record).await?;
+                tracing::info!(instance = %name, "instance soft-rebooted");
+            }
+            RebootMode::Hard(mut spec) => {
+                if spec.name != name {
+                    return Err(AgentError::BadRequest(format!(
+                        "hard reboot of {name:?} was given a spec for {:?}",
+                        spec.name
+                    )));
+                }
+                let previous = lock(&inst.status).record.clone();
+                let previous_runtime = previous.as_ref().map(|r| &r.runtime);
+                Self::fill_identity(&mut spec, previous_runtime);
+                spec.validate()?;
+                Self::check_disks_exist(&spec)?;
+                let generation = previous_runtime.map_or(0, |r| r.generation) + 1;
+                // Generate before stopping: a spec that can't run must not
+                // cost the running instance.
+                let runtime = self.generate(&spec, generation).await?;
+                self.stop_locked(&inst, false, self.cfg.stop).await?;
+                let record = InstanceRecord {
+                    runtime,
+                    state: RecordedState::Running,
+                    detail: String::new(),
+                };
+                self.save_record(name, &record).await?;
+                lock(&inst.status).record = Some(record.clone());
+                self.relaunch(&inst, record).await?;
+                tracing::info!(instance = %name, generation, "instance hard-rebooted");
+            }
+        }
+        Ok(inst.view())
+    }
+
+    async fn relaunch(self: &Arc<Self>, inst: &Arc<Instance>, record: InstanceRecord) -> Result<(), AgentError> {
+        inst.set_state(State::Starting, "");
+        match self.launch(inst, &record.runtime).await {
+            Ok(()) => {
+                lock(&inst.status).record = Some(record);
+                self.persist_state(inst, RecordedState::Running, "").await
+            }
+            Err(e) => {
+                let detail = format!("restart failed: {e}");
+                inst.set_state(State::Crashed, detail.clone());
+                lock(&inst.status).record = Some(record);
+                self.persist_state(inst, RecordedState::Crashed, &detail).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads every record and finds the QEMUs that kept running while the
+    /// agent was away. Instances are recovered in parallel.
+    pub async fn recover(self: &Arc<Self>) {
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load_all::<InstanceRecord>()).await;
+        let (records, errors) = match loaded {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "can't load instance records");
+                return;
+            }
+        };
+        for e in errors {
+            tracing::error!(error = %e, "instance record unusable");
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for rec in records {
+            let agent = self.clone();
+            tasks.spawn(async move { agent.recover_one(rec.name, rec.value).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn recover_one(self: Arc<Self>, name: String, record: InstanceRecord) {
+        let run_dir = self.cfg.run_dir(&name);
+        let uuid = record.runtime.uuid;
+        let (state, detail) = match record.state {
+            RecordedState::Running => (State::Running, String::new()),
+            RecordedState::Crashed => (State::Crashed, record.detail.clone()),
+            RecordedState::Stopped | RecordedState::StoppedByGuest => (State::Stopped, record.detail.clone()),
+        };
+        let inst = Instance::new(&name, Some(record.clone()), state, detail);
+        self.registry_mut().insert(name.clone(), inst.clone());
+        if record.state != RecordedState::Running {
+            return;
+        }
+        let Some(pid) = process::live_instance_pid(&run_dir.join(files::PIDFILE), uuid) else {
+            let detail = "QEMU exited while the agent was not running".to_owned();
+            tracing::warn!(instance = %name, "{detail}");
+            lifecycle::remove_run_files(&run_dir);
+            inst.set_state(State::Crashed, detail.clone());
+            if let Err(e) = self.persist_state(&inst, RecordedState::Crashed, &detail).await {
+                tracing::error!(instance = %name, error = %e, "can't record the crash");
+            }
+            return;
+        };
+        match self.adopt(pid, &run_dir).await {
+            Ok((process, events)) => {
+                tracing::info!(instance = %name, pid, "adopted running instance");
+                self.supervise(&inst, process, events);
+            }
+            Err(e) => {
+                let detail = format!("QEMU (pid {pid}) runs but can't be reached: {e}; stop it by hand");
+                tracing::error!(instance = %name, pid, error = %e, "can't adopt running instance");
+                inst.set_state(State::Crashed, detail);
+            }
+        }
+    }
+
+    async fn adopt(&self, pid: u32, run_dir: &Path) -> Result<(Arc<Process>, broadcast::Receiver<QmpEvent>), String> {
+        let pidfd = PidFd::open(pid).map_err(|e| e.to_string())?;
+        let qmp = QmpClient::connect(&run_dir.join(files::QMP), self.cfg.launch.qmp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = qmp.subscribe();
+        let started_at = std::fs::metadata(run_dir.join(files::PIDFILE))
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| SystemTime::now());
+        Ok((
+            Arc::new(Process {
+                pid,
+                pidfd: Arc::new(pidfd),
+                qmp,
+                taps: process::tap_names(pid),
+                child: Mutex::new(None),
+                stop_requested: AtomicBool::new(false),
+                started_at,
+            }),
+            events,
+        ))
+    }
+}
+
+/// How a stop method is shown to people.
+pub fn stop_method_text(method: StopMethod) -> &'static str {
+    match method {
+        StopMethod::Powerdown => "guest powerdown",
+        StopMethod::Quit => "QMP quit",
+        StopMethod::Kill => "SIGKILL",
+    }
+}

@@ -1,0 +1,107 @@
+//! The gRPC service: each handler converts the request, calls the agent and
+//! converts the answer. No lifecycle logic lives here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_server::NodeAgent;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{spec_from_proto, stop_method_to_proto, view_to_proto};
+use crate::error::AgentError;
+use crate::instances::{Agent, RebootMode};
+
+/// `kvmagent.v1.NodeAgent` on top of an [`Agent`].
+#[derive(Debug, Clone)]
+pub struct NodeAgentService {
+    agent: Arc<Agent>,
+}
+
+impl NodeAgentService {
+    /// Wraps an agent.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl NodeAgent for NodeAgentService {
+    async fn get_node_info(&self, _: Request<pb::GetNodeInfoRequest>) -> Reply<pb::NodeInfo> {
+        let facts = self.agent.node_facts().await;
+        let (qemu_path, qemu_version, qemu_error) = match &facts.qemu {
+            Ok(info) => (info.binary.display().to_string(), info.version_text.clone(), String::new()),
+            Err(e) => (facts.qemu_binary.display().to_string(), String::new(), e.clone()),
+        };
+        Ok(Response::new(pb::NodeInfo {
+            hostname: facts.hostname,
+            qemu_path,
+            qemu_version,
+            qemu_error,
+            kvm_available: facts.kvm.is_ok(),
+            kvm_detail: facts.kvm.err().unwrap_or_else(|| "/dev/kvm opens read-write".into()),
+            memory_total_mib: facts.memory_total_mib,
+            memory_available_mib: facts.memory_available_mib,
+            cpus: facts.cpus,
+            instance_count: facts.instance_count,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn list_instances(&self, _: Request<pb::ListInstancesRequest>) -> Reply<pb::ListInstancesResponse> {
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances: self.agent.list().into_iter().map(view_to_proto).collect(),
+        }))
+    }
+
+    async fn get_instance(&self, req: Request<pb::GetInstanceRequest>) -> Reply<pb::InstanceInfo> {
+        Ok(Response::new(view_to_proto(self.agent.get(&req.into_inner().name)?)))
+    }
+
+    async fn start_instance(&self, req: Request<pb::StartInstanceRequest>) -> Reply<pb::InstanceInfo> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
+        let view = self.agent.start(spec_from_proto(spec)?).await?;
+        Ok(Response::new(view_to_proto(view)))
+    }
+
+    async fn stop_instance(&self, req: Request<pb::StopInstanceRequest>) -> Reply<pb::StopInstanceResponse> {
+        let req = req.into_inner();
+        let powerdown = (req.powerdown_timeout_ms > 0).then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
+        let (view, method) = self.agent.stop(&req.name, req.force, powerdown).await?;
+        Ok(Response::new(pb::StopInstanceResponse {
+            instance: Some(view_to_proto(view)),
+            method: stop_method_to_proto(method) as i32,
+        }))
+    }
+
+    async fn reboot_instance(&self, req: Request<pb::RebootInstanceRequest>) -> Reply<pb::InstanceInfo> {
+        let req = req.into_inner();
+        let mode = match pb::RebootMode::try_from(req.mode) {
+            Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
+            Ok(pb::RebootMode::Reset) => RebootMode::Reset,
+            Ok(pb::RebootMode::Hard) => {
+                let spec = req
+                    .spec
+                    .ok_or_else(|| AgentError::BadRequest("a hard reboot needs a spec".into()))?;
+                RebootMode::Hard(spec_from_proto(spec)?)
+            }
+            Err(_) => return Err(AgentError::BadRequest(format!("unknown reboot mode {}", req.mode)).into()),
+        };
+        Ok(Response::new(view_to_proto(self.agent.reboot(&req.name, mode).await?)))
+    }
+
+    async fn get_runtime(&self, req: Request<pb::GetRuntimeRequest>) -> Reply<pb::GetRuntimeResponse> {
+        let (record, _) = self.agent.record(&req.into_inner().name).await?;
+        let runtime_json = serde_json::to_string_pretty(&record.runtime)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        Ok(Response::new(pb::GetRuntimeResponse {
+            runtime_json,
+            generation: record.runtime.generation,
+        }))
+    }
+}
