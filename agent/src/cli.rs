@@ -73,6 +73,9 @@ struct ServeArgs {
     /// Also give every instance an operators' QMP socket (qmp-operator.sock in its run directory).
     #[arg(long)]
     operator_qmp: bool,
+    /// Tap name template; the kernel replaces %d with a free number.
+    #[arg(long, default_value = "kvmtap%d")]
+    tap_template: String,
     /// How long a stop waits for the guest to power off after ACPI powerdown.
     #[arg(long, default_value_t = 60_000)]
     powerdown_timeout_ms: u64,
@@ -231,12 +234,20 @@ impl SpecArgs {
                         "uuid" => disk.uuid = v,
                         "ro" | "readonly" => disk.read_only = true,
                         "format" => {
-                            disk.format = pb::DiskFormat::from_str_name(&format!("DISK_FORMAT_{}", v.to_uppercase()))
-                                .with_context(|| format!("unknown disk format {v:?}"))? as i32
+                            disk.format = pb::DiskFormat::from_str_name(&format!(
+                                "DISK_FORMAT_{}",
+                                v.to_uppercase()
+                            ))
+                            .with_context(|| format!("unknown disk format {v:?}"))?
+                                as i32
                         }
                         "cache" => {
-                            disk.cache = pb::DiskCache::from_str_name(&format!("DISK_CACHE_{}", v.to_uppercase()))
-                                .with_context(|| format!("unknown cache mode {v:?}"))? as i32
+                            disk.cache = pb::DiskCache::from_str_name(&format!(
+                                "DISK_CACHE_{}",
+                                v.to_uppercase()
+                            ))
+                            .with_context(|| format!("unknown cache mode {v:?}"))?
+                                as i32
                         }
                         _ => bail!("unknown disk option {k:?}"),
                     }
@@ -260,8 +271,12 @@ impl SpecArgs {
                         "uuid" => nic.uuid = v,
                         "bridge" => nic.bridge = v,
                         "model" => {
-                            nic.model = pb::NicModel::from_str_name(&format!("NIC_MODEL_{}", v.to_uppercase()))
-                                .with_context(|| format!("unknown NIC model {v:?}"))? as i32
+                            nic.model = pb::NicModel::from_str_name(&format!(
+                                "NIC_MODEL_{}",
+                                v.to_uppercase()
+                            ))
+                            .with_context(|| format!("unknown NIC model {v:?}"))?
+                                as i32
                         }
                         _ => bail!("unknown NIC option {k:?}"),
                     }
@@ -269,8 +284,9 @@ impl SpecArgs {
                 Ok(nic)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let accelerator = pb::Accelerator::from_str_name(&format!("ACCELERATOR_{}", self.accel.to_uppercase()))
-            .with_context(|| format!("unknown accelerator {:?}", self.accel))?;
+        let accelerator =
+            pb::Accelerator::from_str_name(&format!("ACCELERATOR_{}", self.accel.to_uppercase()))
+                .with_context(|| format!("unknown accelerator {:?}", self.accel))?;
         Ok(pb::InstanceSpec {
             name: self.name.clone(),
             uuid: self.uuid.clone().unwrap_or_default(),
@@ -302,13 +318,19 @@ pub async fn connect(socket: PathBuf) -> anyhow::Result<NodeAgentClient<Channel>
             async move { UnixStream::connect(socket).await.map(TokioIo::new) }
         }))
         .await
-        .with_context(|| format!("can't reach the agent at {display}; is `kvm-agent serve` running?"))?;
+        .with_context(|| {
+            format!("can't reach the agent at {display}; is `kvm-agent serve` running?")
+        })?;
     Ok(NodeAgentClient::new(channel))
 }
 
 fn state_name(state: i32) -> String {
     pb::InstanceState::try_from(state)
-        .map(|s| s.as_str_name().trim_start_matches("INSTANCE_STATE_").to_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("INSTANCE_STATE_")
+                .to_lowercase()
+        })
         .unwrap_or_else(|_| state.to_string())
 }
 
@@ -349,12 +371,26 @@ fn print_instance(i: &pb::InstanceInfo) {
         println!("pid:         {}  (up {}s)", i.pid, i.uptime_seconds);
     }
     println!("memory:      {} MiB, {} vcpus", i.memory_mib, i.vcpus);
-    println!("machine:     {} ({}), QEMU {}", i.machine_type, i.accelerator, i.qemu_version);
+    println!(
+        "machine:     {} ({}), QEMU {}",
+        i.machine_type, i.accelerator, i.qemu_version
+    );
     println!("generation:  {}", i.runtime_generation);
     for d in &i.devices {
-        let kind = if d.kind == pb::DeviceKind::Nic as i32 { "nic " } else { "disk" };
-        let tap = if d.tap.is_empty() { String::new() } else { format!(" tap={}", d.tap) };
-        println!("  {kind} {:<12} slot {:#04x}  {}{tap}", d.name, d.pci_slot, d.detail);
+        let kind = if d.kind == pb::DeviceKind::Nic as i32 {
+            "nic "
+        } else {
+            "disk"
+        };
+        let tap = if d.tap.is_empty() {
+            String::new()
+        } else {
+            format!(" tap={}", d.tap)
+        };
+        println!(
+            "  {kind} {:<12} slot {:#04x}  {}{tap}",
+            d.name, d.pci_slot, d.detail
+        );
     }
 }
 
@@ -367,20 +403,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json_out = matches!(cli.output, Output::Json);
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Node { command: NodeCommand::Info } => {
-            let n = connect(socket).await?.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
+        Command::Node {
+            command: NodeCommand::Info,
+        } => {
+            let n = connect(socket)
+                .await?
+                .get_node_info(pb::GetNodeInfoRequest {})
+                .await?
+                .into_inner();
             if json_out {
-                println!("{}", json!({
-                    "hostname": n.hostname, "qemu_path": n.qemu_path, "qemu_version": n.qemu_version,
-                    "qemu_error": n.qemu_error, "kvm_available": n.kvm_available, "kvm_detail": n.kvm_detail,
-                    "memory_total_mib": n.memory_total_mib, "memory_available_mib": n.memory_available_mib,
-                    "cpus": n.cpus, "instance_count": n.instance_count, "agent_version": n.agent_version,
-                }));
+                println!(
+                    "{}",
+                    json!({
+                        "hostname": n.hostname, "qemu_path": n.qemu_path, "qemu_version": n.qemu_version,
+                        "qemu_error": n.qemu_error, "kvm_available": n.kvm_available, "kvm_detail": n.kvm_detail,
+                        "memory_total_mib": n.memory_total_mib, "memory_available_mib": n.memory_available_mib,
+                        "cpus": n.cpus, "instance_count": n.instance_count, "agent_version": n.agent_version,
+                    })
+                );
             } else {
                 println!("hostname:   {}", n.hostname);
-                println!("qemu:       {} {}{}", n.qemu_path, n.qemu_version, n.qemu_error);
+                println!(
+                    "qemu:       {} {}{}",
+                    n.qemu_path, n.qemu_version, n.qemu_error
+                );
                 println!("kvm:        {} ({})", n.kvm_available, n.kvm_detail);
-                println!("memory:     {} MiB total, {} MiB available", n.memory_total_mib, n.memory_available_mib);
+                println!(
+                    "memory:     {} MiB total, {} MiB available",
+                    n.memory_total_mib, n.memory_available_mib
+                );
                 println!("cpus:       {}", n.cpus);
                 println!("instances:  {}", n.instance_count);
             }
@@ -390,7 +441,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn instance(mut client: NodeAgentClient<Channel>, command: InstanceCommand, json_out: bool) -> anyhow::Result<()> {
+async fn instance(
+    mut client: NodeAgentClient<Channel>,
+    command: InstanceCommand,
+    json_out: bool,
+) -> anyhow::Result<()> {
     let show = |i: &pb::InstanceInfo| {
         if json_out {
             println!("{}", instance_json(i));
@@ -401,18 +456,38 @@ async fn instance(mut client: NodeAgentClient<Channel>, command: InstanceCommand
     match command {
         InstanceCommand::Start(spec) => {
             let spec = spec.to_proto()?;
-            show(&client.start_instance(pb::StartInstanceRequest { spec: Some(spec) }).await?.into_inner());
+            show(
+                &client
+                    .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+                    .await?
+                    .into_inner(),
+            );
         }
-        InstanceCommand::Stop { name, force, powerdown_timeout_ms } => {
+        InstanceCommand::Stop {
+            name,
+            force,
+            powerdown_timeout_ms,
+        } => {
             let r = client
-                .stop_instance(pb::StopInstanceRequest { name, force, powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0) })
+                .stop_instance(pb::StopInstanceRequest {
+                    name,
+                    force,
+                    powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0),
+                })
                 .await?
                 .into_inner();
             let method = pb::StopMethod::try_from(r.method)
-                .map(|m| m.as_str_name().trim_start_matches("STOP_METHOD_").to_lowercase())
+                .map(|m| {
+                    m.as_str_name()
+                        .trim_start_matches("STOP_METHOD_")
+                        .to_lowercase()
+                })
                 .unwrap_or_default();
             if json_out {
-                println!("{}", json!({ "method": method, "instance": r.instance.as_ref().map(instance_json) }));
+                println!(
+                    "{}",
+                    json!({ "method": method, "instance": r.instance.as_ref().map(instance_json) })
+                );
             } else {
                 println!("stopped ({method})");
             }
@@ -424,25 +499,54 @@ async fn instance(mut client: NodeAgentClient<Channel>, command: InstanceCommand
                 RebootModeArg::Reset => pb::RebootMode::Reset,
             };
             let spec = spec.map(|s| s.to_proto()).transpose()?;
-            show(&client.reboot_instance(pb::RebootInstanceRequest { name, mode: mode as i32, spec }).await?.into_inner());
+            show(
+                &client
+                    .reboot_instance(pb::RebootInstanceRequest {
+                        name,
+                        mode: mode as i32,
+                        spec,
+                    })
+                    .await?
+                    .into_inner(),
+            );
         }
-        InstanceCommand::Info { name } => show(&client.get_instance(pb::GetInstanceRequest { name }).await?.into_inner()),
+        InstanceCommand::Info { name } => show(
+            &client
+                .get_instance(pb::GetInstanceRequest { name })
+                .await?
+                .into_inner(),
+        ),
         InstanceCommand::List => {
-            let list = client.list_instances(pb::ListInstancesRequest {}).await?.into_inner().instances;
+            let list = client
+                .list_instances(pb::ListInstancesRequest {})
+                .await?
+                .into_inner()
+                .instances;
             if json_out {
                 println!("{}", Value::Array(list.iter().map(instance_json).collect()));
             } else {
-                println!("{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN");
+                println!(
+                    "{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}",
+                    "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN"
+                );
                 for i in &list {
                     println!(
                         "{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}",
-                        i.name, state_name(i.state), i.pid, i.memory_mib, i.vcpus, i.runtime_generation
+                        i.name,
+                        state_name(i.state),
+                        i.pid,
+                        i.memory_mib,
+                        i.vcpus,
+                        i.runtime_generation
                     );
                 }
             }
         }
         InstanceCommand::Runtime { name } => {
-            let r = client.get_runtime(pb::GetRuntimeRequest { name }).await?.into_inner();
+            let r = client
+                .get_runtime(pb::GetRuntimeRequest { name })
+                .await?
+                .into_inner();
             println!("{}", r.runtime_json);
         }
     }
@@ -452,7 +556,9 @@ async fn instance(mut client: NodeAgentClient<Channel>, command: InstanceCommand
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -464,11 +570,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = AgentConfig::new(args.state_dir);
     cfg.qemu_binary = args.qemu_binary;
     cfg.launch.operator_qmp = args.operator_qmp;
+    cfg.launch.tap_template = args.tap_template;
     cfg.launch.qmp.command_timeout = Duration::from_millis(args.qmp_timeout_ms);
     cfg.stop.powerdown = Duration::from_millis(args.powerdown_timeout_ms);
     cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
-    let listen = args.listen.unwrap_or_else(|| Listen::Unix(cfg.socket_path()));
+    let listen = args
+        .listen
+        .unwrap_or_else(|| Listen::Unix(cfg.socket_path()));
     let agent = Agent::open(cfg).context("opening the state directory")?;
     server::serve(agent, listen).await
 }
@@ -481,7 +590,10 @@ mod tests {
     fn disk_option_with_doubled_comma_keeps_the_comma() {
         assert_eq!(
             split_options("path=/srv/a,,b.img,ro"),
-            vec![("path".into(), "/srv/a,b.img".into()), ("ro".into(), String::new())]
+            vec![
+                ("path".into(), "/srv/a,b.img".into()),
+                ("ro".into(), String::new())
+            ]
         );
     }
 

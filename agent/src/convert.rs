@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use hypervisor::spec::{
-    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, NicModel, NicSpec, SpecError,
+    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, NicModel, NicSpec,
+    SpecError,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -23,7 +24,8 @@ fn parse_uuid(what: &str, text: &str) -> Result<Uuid, AgentError> {
     if text.is_empty() {
         return Ok(Uuid::nil());
     }
-    Uuid::parse_str(text).map_err(|e| AgentError::BadRequest(format!("{what} uuid {text:?} is invalid: {e}")))
+    Uuid::parse_str(text)
+        .map_err(|e| AgentError::BadRequest(format!("{what} uuid {text:?} is invalid: {e}")))
 }
 
 fn non_empty(s: &str) -> Option<PathBuf> {
@@ -44,7 +46,12 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
                 format: match pb::DiskFormat::try_from(d.format) {
                     Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
                     Ok(pb::DiskFormat::Raw | pb::DiskFormat::Unspecified) => DiskFormat::Raw,
-                    Err(_) => return Err(AgentError::BadRequest(format!("disk {:?}: unknown format {}", d.name, d.format))),
+                    Err(_) => {
+                        return Err(AgentError::BadRequest(format!(
+                            "disk {:?}: unknown format {}",
+                            d.name, d.format
+                        )));
+                    }
                 },
                 read_only: d.read_only,
                 cache: match pb::DiskCache::try_from(d.cache) {
@@ -53,7 +60,12 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
                     Ok(pb::DiskCache::Writethrough) => DiskCache::Writethrough,
                     Ok(pb::DiskCache::Directsync) => DiskCache::Directsync,
                     Ok(pb::DiskCache::Unsafe) => DiskCache::Unsafe,
-                    Err(_) => return Err(AgentError::BadRequest(format!("disk {:?}: unknown cache mode {}", d.name, d.cache))),
+                    Err(_) => {
+                        return Err(AgentError::BadRequest(format!(
+                            "disk {:?}: unknown cache mode {}",
+                            d.name, d.cache
+                        )));
+                    }
                 },
             })
         })
@@ -65,14 +77,22 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             Ok(NicSpec {
                 name: n.name.clone(),
                 uuid: parse_uuid(&format!("NIC {:?}", n.name), &n.uuid)?,
-                mac: n.mac.parse::<MacAddr>().map_err(|()| SpecError::MacSyntax {
-                    nic: n.name.clone(),
-                    mac: n.mac.clone(),
-                })?,
+                mac: n
+                    .mac
+                    .parse::<MacAddr>()
+                    .map_err(|()| SpecError::MacSyntax {
+                        nic: n.name.clone(),
+                        mac: n.mac.clone(),
+                    })?,
                 model: match pb::NicModel::try_from(n.model) {
                     Ok(pb::NicModel::Unspecified | pb::NicModel::Virtio) => NicModel::Virtio,
                     Ok(pb::NicModel::E1000) => NicModel::E1000,
-                    Err(_) => return Err(AgentError::BadRequest(format!("NIC {:?}: unknown model {}", n.name, n.model))),
+                    Err(_) => {
+                        return Err(AgentError::BadRequest(format!(
+                            "NIC {:?}: unknown model {}",
+                            n.name, n.model
+                        )));
+                    }
                 },
                 bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
             })
@@ -95,7 +115,12 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         Ok(pb::Accelerator::Unspecified | pb::Accelerator::Auto) => Accelerator::Auto,
         Ok(pb::Accelerator::Kvm) => Accelerator::Kvm,
         Ok(pb::Accelerator::Tcg) => Accelerator::Tcg,
-        Err(_) => return Err(AgentError::BadRequest(format!("unknown accelerator {}", p.accelerator))),
+        Err(_) => {
+            return Err(AgentError::BadRequest(format!(
+                "unknown accelerator {}",
+                p.accelerator
+            )));
+        }
     };
     Ok(InstanceSpec {
         name: p.name,
@@ -196,7 +221,11 @@ mod tests {
             name: "web1".into(),
             memory_mib: 128,
             vcpus: 1,
-            nics: vec![pb::NicSpec { name: "eth0".into(), mac: "52:54:00:00:00:01".into(), ..Default::default() }],
+            nics: vec![pb::NicSpec {
+                name: "eth0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -217,19 +246,31 @@ mod tests {
         let mut w = wire();
         w.nics[0].mac = "not-a-mac".into();
 
-        assert!(matches!(spec_from_proto(w), Err(AgentError::Spec(SpecError::MacSyntax { .. }))));
+        assert!(matches!(
+            spec_from_proto(w),
+            Err(AgentError::Spec(SpecError::MacSyntax { .. }))
+        ));
     }
 
     #[test]
     fn cmdline_without_kernel_is_refused() {
-        let w = pb::InstanceSpec { boot: Some(pb::BootSpec { cmdline: "quiet".into(), ..Default::default() }), ..wire() };
+        let w = pb::InstanceSpec {
+            boot: Some(pb::BootSpec {
+                cmdline: "quiet".into(),
+                ..Default::default()
+            }),
+            ..wire()
+        };
 
         assert!(matches!(spec_from_proto(w), Err(AgentError::BadRequest(_))));
     }
 
     #[test]
     fn malformed_uuid_is_a_bad_request() {
-        let w = pb::InstanceSpec { uuid: "xyz".into(), ..wire() };
+        let w = pb::InstanceSpec {
+            uuid: "xyz".into(),
+            ..wire()
+        };
 
         assert!(matches!(spec_from_proto(w), Err(AgentError::BadRequest(_))));
     }

@@ -100,37 +100,64 @@ impl AgentError {
     /// The gRPC code of this error, and a hint at what to do next.
     fn code_and_hint(&self) -> (Code, &'static str) {
         match self {
-            AgentError::Spec(_) | AgentError::BadRequest(_) => (Code::InvalidArgument, "fix the request and retry"),
-            AgentError::NotFound(_) => (Code::NotFound, "list instances with `kvm-agent instance list`"),
-            AgentError::AlreadyRunning { .. } => (Code::AlreadyExists, "stop it first, or reboot it"),
+            AgentError::Spec(_) | AgentError::BadRequest(_) => {
+                (Code::InvalidArgument, "fix the request and retry")
+            }
+            AgentError::NotFound(_) => (
+                Code::NotFound,
+                "list instances with `kvm-agent instance list`",
+            ),
+            AgentError::AlreadyRunning { .. } => {
+                (Code::AlreadyExists, "stop it first, or reboot it")
+            }
             AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
-            AgentError::DiskMissing { .. } => (Code::FailedPrecondition, "create the image or fix the path"),
+            AgentError::DiskMissing { .. } => {
+                (Code::FailedPrecondition, "create the image or fix the path")
+            }
             AgentError::Runtime(e) => match e {
-                RuntimeError::NoFreeSlot { .. } => (Code::ResourceExhausted, "remove a device first"),
+                RuntimeError::NoFreeSlot { .. } => {
+                    (Code::ResourceExhausted, "remove a device first")
+                }
                 RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {
                     (Code::FailedPrecondition, "fix the node setup")
                 }
                 _ => (Code::InvalidArgument, "fix the request and retry"),
             },
-            AgentError::Probe(_) => (Code::FailedPrecondition, "fix the QEMU installation on this node"),
+            AgentError::Probe(_) => (
+                Code::FailedPrecondition,
+                "fix the QEMU installation on this node",
+            ),
             AgentError::Launch { source, .. } => match source {
-                LaunchError::Qmp(_) => (Code::Unavailable, "check qemu.log in the instance's run directory"),
+                LaunchError::Qmp(_) => (
+                    Code::Unavailable,
+                    "check qemu.log in the instance's run directory",
+                ),
                 LaunchError::Spawn { .. } => (Code::Internal, "check the agent's permissions"),
-                _ => (Code::FailedPrecondition, "fix the cause above and start again"),
+                _ => (
+                    Code::FailedPrecondition,
+                    "fix the cause above and start again",
+                ),
             },
             AgentError::Stop { .. } => (Code::Internal, "inspect the QEMU process on the node"),
             AgentError::Qmp { source, .. } => match source {
-                QmpError::Timeout { .. } | QmpError::NoGreeting(_) => {
-                    (Code::DeadlineExceeded, "QEMU may be hung; retry or stop with force")
-                }
+                QmpError::Timeout { .. } | QmpError::NoGreeting(_) => (
+                    Code::DeadlineExceeded,
+                    "QEMU may be hung; retry or stop with force",
+                ),
                 QmpError::Qemu { .. } => (Code::FailedPrecondition, "QEMU refused the request"),
-                QmpError::Unsupported(_) => (Code::FailedPrecondition, "this QEMU is too old for the request"),
+                QmpError::Unsupported(_) => (
+                    Code::FailedPrecondition,
+                    "this QEMU is too old for the request",
+                ),
                 _ => (Code::Unavailable, "retry; the agent reconnects to QEMU"),
             },
-            AgentError::Store(e) if e.is_out_of_space() => {
-                (Code::ResourceExhausted, "free space in the agent's state directory")
+            AgentError::Store(e) if e.is_out_of_space() => (
+                Code::ResourceExhausted,
+                "free space in the agent's state directory",
+            ),
+            AgentError::Store(_) | AgentError::Internal(_) => {
+                (Code::Internal, "see the agent's log")
             }
-            AgentError::Store(_) | AgentError::Internal(_) => (Code::Internal, "see the agent's log"),
         }
     }
 }
@@ -156,7 +183,10 @@ mod tests {
 
     #[test]
     fn already_running_is_already_exists() {
-        let status = Status::from(AgentError::AlreadyRunning { name: "web1".into(), pid: 42 });
+        let status = Status::from(AgentError::AlreadyRunning {
+            name: "web1".into(),
+            pid: 42,
+        });
 
         assert_eq!(status.code(), Code::AlreadyExists);
     }
@@ -165,7 +195,10 @@ mod tests {
     fn qmp_timeout_is_deadline_exceeded() {
         let err = AgentError::Qmp {
             instance: "web1".into(),
-            source: QmpError::Timeout { command: "quit".into(), after: std::time::Duration::from_secs(1) },
+            source: QmpError::Timeout {
+                command: "quit".into(),
+                after: std::time::Duration::from_secs(1),
+            },
         };
 
         assert_eq!(Status::from(err).code(), Code::DeadlineExceeded);
@@ -173,7 +206,11 @@ mod tests {
 
     #[test]
     fn no_free_slot_is_resource_exhausted() {
-        let err = AgentError::Runtime(RuntimeError::NoFreeSlot { instance: "x".into(), used: 30, total: 29 });
+        let err = AgentError::Runtime(RuntimeError::NoFreeSlot {
+            instance: "x".into(),
+            used: 30,
+            total: 29,
+        });
 
         assert_eq!(Status::from(err).code(), Code::ResourceExhausted);
     }
@@ -182,12 +219,23 @@ mod tests {
     fn message_carries_the_cause_chain() {
         let err = AgentError::Launch {
             instance: "web1".into(),
-            source: LaunchError::ExitedEarly { status: "exit status: 1".into(), log_tail: "Could not open 'x'".into() },
+            source: LaunchError::ExitedEarly {
+                status: "exit status: 1".into(),
+                log_tail: "Could not open 'x'".into(),
+            },
         };
 
         let status = Status::from(err);
 
-        assert!(status.message().contains("failed to start"), "{}", status.message());
-        assert!(status.message().contains("Could not open 'x'"), "{}", status.message());
+        assert!(
+            status.message().contains("failed to start"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("Could not open 'x'"),
+            "{}",
+            status.message()
+        );
     }
 }

@@ -104,7 +104,11 @@ struct Process {
 impl Process {
     fn reap(&self) -> Option<String> {
         let mut child = lock(&self.child).take()?;
-        Some(child.wait().map_or_else(|e| e.to_string(), |s| s.to_string()))
+        Some(
+            child
+                .wait()
+                .map_or_else(|e| e.to_string(), |s| s.to_string()),
+        )
     }
 }
 
@@ -154,7 +158,11 @@ impl Instance {
                 .as_ref()
                 .and_then(|p| p.started_at.elapsed().ok()),
             runtime: st.record.as_ref().map(|r| r.runtime.clone()),
-            taps: st.process.as_ref().map(|p| p.taps.clone()).unwrap_or_default(),
+            taps: st
+                .process
+                .as_ref()
+                .map(|p| p.taps.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -175,7 +183,7 @@ pub enum RebootMode {
     /// Stop, then replay the saved runtime.
     Soft,
     /// Stop, then start from a runtime generated from this spec.
-    Hard(InstanceSpec),
+    Hard(Box<InstanceSpec>),
     /// `system_reset` in the same QEMU.
     Reset,
 }
@@ -267,10 +275,10 @@ impl Agent {
         let path = probe::resolve_binary(&self.cfg.qemu_binary)?;
         let current = stamp(&path).ok_or_else(|| probe::ProbeError::Missing(path.clone()))?;
         let mut cache = self.qemu_cache.lock().await;
-        if let Some((cached_stamp, info)) = cache.as_ref() {
-            if *cached_stamp == current {
-                return Ok(info.clone());
-            }
+        if let Some((cached_stamp, info)) = cache.as_ref()
+            && *cached_stamp == current
+        {
+            return Ok(info.clone());
         }
         let info = Arc::new(probe::probe(&path).await?);
         tracing::info!(binary = %path.display(), version = %info.version, "probed QEMU");
@@ -344,7 +352,12 @@ impl Agent {
     }
 
     /// Updates the state in an instance's record.
-    async fn persist_state(&self, inst: &Instance, state: RecordedState, detail: &str) -> Result<(), AgentError> {
+    async fn persist_state(
+        &self,
+        inst: &Instance,
+        state: RecordedState,
+        detail: &str,
+    ) -> Result<(), AgentError> {
         let record = {
             let mut st = lock(&inst.status);
             let Some(record) = st.record.as_mut() else {
@@ -407,7 +420,10 @@ impl Agent {
     }
 
     /// Starts an instance from a spec.
-    pub async fn start(self: &Arc<Self>, mut spec: InstanceSpec) -> Result<InstanceView, AgentError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        mut spec: InstanceSpec,
+    ) -> Result<InstanceView, AgentError> {
         // Validate the name before it is used as a registry key or a path.
         if !hypervisor::spec::is_safe_identifier(&spec.name, hypervisor::spec::MAX_INSTANCE_NAME) {
             return Err(hypervisor::spec::SpecError::InstanceName(spec.name).into());
@@ -432,7 +448,11 @@ impl Agent {
         Ok(inst.view())
     }
 
-    async fn start_locked(self: &Arc<Self>, inst: &Arc<Instance>, spec: &mut InstanceSpec) -> Result<(), AgentError> {
+    async fn start_locked(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        spec: &mut InstanceSpec,
+    ) -> Result<(), AgentError> {
         let previous = lock(&inst.status).record.clone();
         Self::fill_identity(spec, previous.as_ref().map(|r| &r.runtime));
         spec.validate()?;
@@ -452,10 +472,10 @@ impl Agent {
         Self::check_disks_exist(spec)?;
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let runtime = self.generate(spec, generation).await?;
-        if let Some(prev) = &previous {
-            if prev.runtime.uuid != runtime.uuid {
-                tracing::warn!(instance = %inst.name, old = %prev.runtime.uuid, new = %runtime.uuid, "replacing a stopped instance's record with a new uuid");
-            }
+        if let Some(prev) = &previous
+            && prev.runtime.uuid != runtime.uuid
+        {
+            tracing::warn!(instance = %inst.name, old = %prev.runtime.uuid, new = %runtime.uuid, "replacing a stopped instance's record with a new uuid");
         }
 
         let record = InstanceRecord {
@@ -488,7 +508,11 @@ impl Agent {
     }
 
     /// Launches QEMU for a runtime and starts supervising it.
-    async fn launch(self: &Arc<Self>, inst: &Arc<Instance>, runtime: &Runtime) -> Result<(), AgentError> {
+    async fn launch(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        runtime: &Runtime,
+    ) -> Result<(), AgentError> {
         let run_dir = self.cfg.run_dir(&inst.name);
         let launched = lifecycle::launch(runtime, &run_dir, &self.cfg.launch)
             .await
@@ -511,7 +535,12 @@ impl Agent {
     }
 
     /// Installs a process as the instance's and watches for its exit.
-    fn supervise(self: &Arc<Self>, inst: &Arc<Instance>, process: Arc<Process>, events: broadcast::Receiver<QmpEvent>) {
+    fn supervise(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        process: Arc<Process>,
+        events: broadcast::Receiver<QmpEvent>,
+    ) {
         {
             let mut st = lock(&inst.status);
             st.process = Some(process.clone());
@@ -521,9 +550,16 @@ impl Agent {
         tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
     }
 
-    async fn watch_exit(self: Arc<Self>, inst: Arc<Instance>, process: Arc<Process>, mut events: broadcast::Receiver<QmpEvent>) {
+    async fn watch_exit(
+        self: Arc<Self>,
+        inst: Arc<Instance>,
+        process: Arc<Process>,
+        mut events: broadcast::Receiver<QmpEvent>,
+    ) {
         process.pidfd.exited().await;
-        let exit_status = process.reap().unwrap_or_else(|| "exit status unknown".into());
+        let exit_status = process
+            .reap()
+            .unwrap_or_else(|| "exit status unknown".into());
         if process.stop_requested.load(Ordering::SeqCst) {
             return;
         }
@@ -532,13 +568,19 @@ impl Agent {
         let _ = tokio::time::timeout(self.cfg.exit_drain_timeout, process.qmp.closed()).await;
         let mut guest_shutdown = false;
         while let Ok(event) = events.try_recv() {
-            if event.name == "SHUTDOWN" && event.data.get("guest").and_then(|g| g.as_bool()) == Some(true) {
+            if event.name == "SHUTDOWN"
+                && event.data.get("guest").and_then(|g| g.as_bool()) == Some(true)
+            {
                 guest_shutdown = true;
             }
         }
         let run_dir = self.cfg.run_dir(&inst.name);
         let (state, recorded, detail) = if guest_shutdown {
-            (State::Stopped, RecordedState::StoppedByGuest, "the guest powered itself off".to_owned())
+            (
+                State::Stopped,
+                RecordedState::StoppedByGuest,
+                "the guest powered itself off".to_owned(),
+            )
         } else {
             let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
             (
@@ -549,7 +591,11 @@ impl Agent {
         };
         {
             let mut st = lock(&inst.status);
-            if !st.process.as_ref().is_some_and(|p| Arc::ptr_eq(p, &process)) {
+            if !st
+                .process
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &process))
+            {
                 return;
             }
             st.process = None;
@@ -565,15 +611,21 @@ impl Agent {
         // Persist under the operation lock so this write can't interleave
         // with an operation's own, unless an operation already moved on.
         let _op = inst.ops.lock().await;
-        if inst.process().is_none() && lock(&inst.status).state == state {
-            if let Err(e) = self.persist_state(&inst, recorded, &detail).await {
-                tracing::error!(instance = %inst.name, error = %e, "can't record the instance's exit");
-            }
+        if inst.process().is_none()
+            && lock(&inst.status).state == state
+            && let Err(e) = self.persist_state(&inst, recorded, &detail).await
+        {
+            tracing::error!(instance = %inst.name, error = %e, "can't record the instance's exit");
         }
     }
 
     /// Stops QEMU if it runs. The caller holds the operation lock.
-    async fn stop_locked(&self, inst: &Instance, force: bool, timeouts: StopTimeouts) -> Result<Option<StopMethod>, AgentError> {
+    async fn stop_locked(
+        &self,
+        inst: &Instance,
+        force: bool,
+        timeouts: StopTimeouts,
+    ) -> Result<Option<StopMethod>, AgentError> {
         let Some(process) = inst.process() else {
             return Ok(None);
         };
@@ -604,7 +656,12 @@ impl Agent {
     }
 
     /// Stops an instance. Returns `None` as the method when it wasn't running.
-    pub async fn stop(&self, name: &str, force: bool, powerdown_timeout: Option<Duration>) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        powerdown_timeout: Option<Duration>,
+    ) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.ops.lock().await;
         let mut timeouts = self.cfg.stop;
@@ -613,14 +670,22 @@ impl Agent {
         }
         let method = self.stop_locked(&inst, force, timeouts).await?;
         if let Some(method) = method {
-            self.persist_state(&inst, RecordedState::Stopped, &format!("stopped by {}", stop_method_text(method)))
-                .await?;
+            self.persist_state(
+                &inst,
+                RecordedState::Stopped,
+                &format!("stopped by {}", stop_method_text(method)),
+            )
+            .await?;
         }
         Ok((inst.view(), method))
     }
 
     /// Reboots an instance.
-    pub async fn reboot(self: &Arc<Self>, name: &str, mode: RebootMode) -> Result<InstanceView, AgentError> {
+    pub async fn reboot(
+        self: &Arc<Self>,
+        name: &str,
+        mode: RebootMode,
+    ) -> Result<InstanceView, AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.ops.lock().await;
         let Some(process) = inst.process() else {
@@ -645,7 +710,8 @@ impl Agent {
                 self.relaunch(&inst, record).await?;
                 tracing::info!(instance = %name, "instance soft-rebooted");
             }
-            RebootMode::Hard(mut spec) => {
+            RebootMode::Hard(spec) => {
+                let mut spec = *spec;
                 if spec.name != name {
                     return Err(AgentError::BadRequest(format!(
                         "hard reboot of {name:?} was given a spec for {:?}",
@@ -676,7 +742,11 @@ impl Agent {
         Ok(inst.view())
     }
 
-    async fn relaunch(self: &Arc<Self>, inst: &Arc<Instance>, record: InstanceRecord) -> Result<(), AgentError> {
+    async fn relaunch(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        record: InstanceRecord,
+    ) -> Result<(), AgentError> {
         inst.set_state(State::Starting, "");
         match self.launch(inst, &record.runtime).await {
             Ok(()) => {
@@ -687,7 +757,8 @@ impl Agent {
                 let detail = format!("restart failed: {e}");
                 inst.set_state(State::Crashed, detail.clone());
                 lock(&inst.status).record = Some(record);
-                self.persist_state(inst, RecordedState::Crashed, &detail).await?;
+                self.persist_state(inst, RecordedState::Crashed, &detail)
+                    .await?;
                 Err(e)
             }
         }
@@ -722,7 +793,9 @@ impl Agent {
         let (state, detail) = match record.state {
             RecordedState::Running => (State::Running, String::new()),
             RecordedState::Crashed => (State::Crashed, record.detail.clone()),
-            RecordedState::Stopped | RecordedState::StoppedByGuest => (State::Stopped, record.detail.clone()),
+            RecordedState::Stopped | RecordedState::StoppedByGuest => {
+                (State::Stopped, record.detail.clone())
+            }
         };
         let inst = Instance::new(&name, Some(record.clone()), state, detail);
         self.registry_mut().insert(name.clone(), inst.clone());
@@ -734,7 +807,10 @@ impl Agent {
             tracing::warn!(instance = %name, "{detail}");
             lifecycle::remove_run_files(&run_dir);
             inst.set_state(State::Crashed, detail.clone());
-            if let Err(e) = self.persist_state(&inst, RecordedState::Crashed, &detail).await {
+            if let Err(e) = self
+                .persist_state(&inst, RecordedState::Crashed, &detail)
+                .await
+            {
                 tracing::error!(instance = %name, error = %e, "can't record the crash");
             }
             return;
@@ -745,14 +821,19 @@ impl Agent {
                 self.supervise(&inst, process, events);
             }
             Err(e) => {
-                let detail = format!("QEMU (pid {pid}) runs but can't be reached: {e}; stop it by hand");
+                let detail =
+                    format!("QEMU (pid {pid}) runs but can't be reached: {e}; stop it by hand");
                 tracing::error!(instance = %name, pid, error = %e, "can't adopt running instance");
                 inst.set_state(State::Crashed, detail);
             }
         }
     }
 
-    async fn adopt(&self, pid: u32, run_dir: &Path) -> Result<(Arc<Process>, broadcast::Receiver<QmpEvent>), String> {
+    async fn adopt(
+        &self,
+        pid: u32,
+        run_dir: &Path,
+    ) -> Result<(Arc<Process>, broadcast::Receiver<QmpEvent>), String> {
         let pidfd = PidFd::open(pid).map_err(|e| e.to_string())?;
         let qmp = QmpClient::connect(&run_dir.join(files::QMP), self.cfg.launch.qmp)
             .await

@@ -38,13 +38,18 @@ impl std::str::FromStr for Listen {
                 .map(Listen::Tcp)
                 .map_err(|e| format!("bad TCP address {addr:?}: {e}"));
         }
-        Err(format!("listen address {s:?} must start with unix: or tcp:"))
+        Err(format!(
+            "listen address {s:?} must start with unix: or tcp:"
+        ))
     }
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, serve until killed.
         return std::future::pending().await;
     };
@@ -78,11 +83,13 @@ pub async fn serve(agent: Arc<Agent>, listen: Listen) -> anyhow::Result<()> {
     match listen {
         Listen::Unix(path) => {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
             }
             // A socket left by an agent that died; nothing listens on it.
             let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+            let listener =
+                UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             tracing::info!(socket = %path.display(), "serving");
             let result = router
@@ -93,7 +100,9 @@ pub async fn serve(agent: Arc<Agent>, listen: Listen) -> anyhow::Result<()> {
         }
         Listen::Tcp(addr) => {
             if !addr.ip().is_loopback() {
-                bail!("refusing to listen on {addr} without mutual TLS; use a loopback address or the unix socket");
+                bail!(
+                    "refusing to listen on {addr} without mutual TLS; use a loopback address or the unix socket"
+                );
             }
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(%addr, "serving");
@@ -111,8 +120,14 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse() {
-        assert_eq!("unix:/run/a.sock".parse(), Ok(Listen::Unix("/run/a.sock".into())));
-        assert_eq!("tcp:127.0.0.1:7000".parse(), Ok(Listen::Tcp("127.0.0.1:7000".parse().unwrap())));
+        assert_eq!(
+            "unix:/run/a.sock".parse(),
+            Ok(Listen::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:7000".parse(),
+            Ok(Listen::Tcp("127.0.0.1:7000".parse().unwrap()))
+        );
         assert!("127.0.0.1:7000".parse::<Listen>().is_err());
     }
 }

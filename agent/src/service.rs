@@ -32,8 +32,16 @@ impl NodeAgent for NodeAgentService {
     async fn get_node_info(&self, _: Request<pb::GetNodeInfoRequest>) -> Reply<pb::NodeInfo> {
         let facts = self.agent.node_facts().await;
         let (qemu_path, qemu_version, qemu_error) = match &facts.qemu {
-            Ok(info) => (info.binary.display().to_string(), info.version_text.clone(), String::new()),
-            Err(e) => (facts.qemu_binary.display().to_string(), String::new(), e.clone()),
+            Ok(info) => (
+                info.binary.display().to_string(),
+                info.version_text.clone(),
+                String::new(),
+            ),
+            Err(e) => (
+                facts.qemu_binary.display().to_string(),
+                String::new(),
+                e.clone(),
+            ),
         };
         Ok(Response::new(pb::NodeInfo {
             hostname: facts.hostname,
@@ -41,7 +49,10 @@ impl NodeAgent for NodeAgentService {
             qemu_version,
             qemu_error,
             kvm_available: facts.kvm.is_ok(),
-            kvm_detail: facts.kvm.err().unwrap_or_else(|| "/dev/kvm opens read-write".into()),
+            kvm_detail: facts
+                .kvm
+                .err()
+                .unwrap_or_else(|| "/dev/kvm opens read-write".into()),
             memory_total_mib: facts.memory_total_mib,
             memory_available_mib: facts.memory_available_mib,
             cpus: facts.cpus,
@@ -50,17 +61,25 @@ impl NodeAgent for NodeAgentService {
         }))
     }
 
-    async fn list_instances(&self, _: Request<pb::ListInstancesRequest>) -> Reply<pb::ListInstancesResponse> {
+    async fn list_instances(
+        &self,
+        _: Request<pb::ListInstancesRequest>,
+    ) -> Reply<pb::ListInstancesResponse> {
         Ok(Response::new(pb::ListInstancesResponse {
             instances: self.agent.list().into_iter().map(view_to_proto).collect(),
         }))
     }
 
     async fn get_instance(&self, req: Request<pb::GetInstanceRequest>) -> Reply<pb::InstanceInfo> {
-        Ok(Response::new(view_to_proto(self.agent.get(&req.into_inner().name)?)))
+        Ok(Response::new(view_to_proto(
+            self.agent.get(&req.into_inner().name)?,
+        )))
     }
 
-    async fn start_instance(&self, req: Request<pb::StartInstanceRequest>) -> Reply<pb::InstanceInfo> {
+    async fn start_instance(
+        &self,
+        req: Request<pb::StartInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
         let spec = req
             .into_inner()
             .spec
@@ -69,9 +88,13 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new(view_to_proto(view)))
     }
 
-    async fn stop_instance(&self, req: Request<pb::StopInstanceRequest>) -> Reply<pb::StopInstanceResponse> {
+    async fn stop_instance(
+        &self,
+        req: Request<pb::StopInstanceRequest>,
+    ) -> Reply<pb::StopInstanceResponse> {
         let req = req.into_inner();
-        let powerdown = (req.powerdown_timeout_ms > 0).then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
+        let powerdown = (req.powerdown_timeout_ms > 0)
+            .then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
         let (view, method) = self.agent.stop(&req.name, req.force, powerdown).await?;
         Ok(Response::new(pb::StopInstanceResponse {
             instance: Some(view_to_proto(view)),
@@ -79,7 +102,10 @@ impl NodeAgent for NodeAgentService {
         }))
     }
 
-    async fn reboot_instance(&self, req: Request<pb::RebootInstanceRequest>) -> Reply<pb::InstanceInfo> {
+    async fn reboot_instance(
+        &self,
+        req: Request<pb::RebootInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
         let req = req.into_inner();
         let mode = match pb::RebootMode::try_from(req.mode) {
             Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
@@ -88,14 +114,23 @@ impl NodeAgent for NodeAgentService {
                 let spec = req
                     .spec
                     .ok_or_else(|| AgentError::BadRequest("a hard reboot needs a spec".into()))?;
-                RebootMode::Hard(spec_from_proto(spec)?)
+                RebootMode::Hard(Box::new(spec_from_proto(spec)?))
             }
-            Err(_) => return Err(AgentError::BadRequest(format!("unknown reboot mode {}", req.mode)).into()),
+            Err(_) => {
+                return Err(
+                    AgentError::BadRequest(format!("unknown reboot mode {}", req.mode)).into(),
+                );
+            }
         };
-        Ok(Response::new(view_to_proto(self.agent.reboot(&req.name, mode).await?)))
+        Ok(Response::new(view_to_proto(
+            self.agent.reboot(&req.name, mode).await?,
+        )))
     }
 
-    async fn get_runtime(&self, req: Request<pb::GetRuntimeRequest>) -> Reply<pb::GetRuntimeResponse> {
+    async fn get_runtime(
+        &self,
+        req: Request<pb::GetRuntimeRequest>,
+    ) -> Reply<pb::GetRuntimeResponse> {
         let (record, _) = self.agent.record(&req.into_inner().name).await?;
         let runtime_json = serde_json::to_string_pretty(&record.runtime)
             .map_err(|e| AgentError::Internal(e.to_string()))?;

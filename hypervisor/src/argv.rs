@@ -9,9 +9,9 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use crate::Runtime;
 use crate::runtime::{RuntimeDisk, RuntimeNic};
 use crate::spec::{Boot, DiskCache, DiskFormat, NicModel};
-use crate::Runtime;
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -76,7 +76,11 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
         "-uuid".into(),
         rt.uuid.to_string(),
         "-machine".into(),
-        format!("{},accel={}", escape(&rt.machine_type), rt.accelerator.as_str()),
+        format!(
+            "{},accel={}",
+            escape(&rt.machine_type),
+            rt.accelerator.as_str()
+        ),
         "-cpu".into(),
         escape(&rt.cpu_model),
         "-m".into(),
@@ -267,7 +271,12 @@ mod tests {
     }
 
     fn fds() -> ExecutionFds<'static> {
-        ExecutionFds { qmp: 3, serial: Some(4), taps: vec![5], operator_qmp: None }
+        ExecutionFds {
+            qmp: 3,
+            serial: Some(4),
+            taps: vec![5],
+            operator_qmp: None,
+        }
     }
 
     #[test]
@@ -313,7 +322,10 @@ mod tests {
         let argv = render_execution(&rt, &fds());
 
         let netdev = argv.iter().find(|a| a.starts_with("tap,")).unwrap();
-        assert_eq!(netdev, &format!("tap,id={},fd=5", netdev_id(rt.nics[0].spec.uuid)));
+        assert_eq!(
+            netdev,
+            &format!("tap,id={},fd=5", netdev_id(rt.nics[0].spec.uuid))
+        );
     }
 
     #[test]

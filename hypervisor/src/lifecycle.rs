@@ -14,11 +14,11 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Runtime;
 use crate::argv::{self, ExecutionFds};
 use crate::process::{self, PidFd};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::tap::{Tap, TapError};
-use crate::Runtime;
 
 /// File names inside an instance's run directory.
 pub mod files {
@@ -141,14 +141,20 @@ pub fn prepare_run_dir(run_dir: &Path) -> Result<(), LaunchError> {
         .mode(0o700)
         .create(run_dir)
         .map_err(run_dir_error(run_dir))?;
-    fs::set_permissions(run_dir, fs::Permissions::from_mode(0o700)).map_err(run_dir_error(run_dir))?;
+    fs::set_permissions(run_dir, fs::Permissions::from_mode(0o700))
+        .map_err(run_dir_error(run_dir))?;
     remove_run_files(run_dir);
     Ok(())
 }
 
 /// Removes the sockets and the pidfile of a run directory, keeping the log.
 pub fn remove_run_files(run_dir: &Path) {
-    for name in [files::QMP, files::SERIAL, files::OPERATOR_QMP, files::PIDFILE] {
+    for name in [
+        files::QMP,
+        files::SERIAL,
+        files::OPERATOR_QMP,
+        files::PIDFILE,
+    ] {
         let _ = fs::remove_file(run_dir.join(name));
     }
 }
@@ -157,7 +163,11 @@ fn listen(path: &Path) -> Result<UnixListener, LaunchError> {
     UnixListener::bind(path).map_err(run_dir_error(path))
 }
 
-fn open_resources(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<ExecutionResources, LaunchError> {
+fn open_resources(
+    rt: &Runtime,
+    run_dir: &Path,
+    cfg: &LaunchConfig,
+) -> Result<ExecutionResources, LaunchError> {
     let mut taps = Vec::with_capacity(rt.nics.len());
     for nic in &rt.nics {
         let tap = Tap::create(&cfg.tap_template)?;
@@ -180,7 +190,11 @@ fn open_resources(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<Ex
 }
 
 /// Launches QEMU for `rt` and waits until its QMP monitor is ready.
-pub async fn launch(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<Launched, LaunchError> {
+pub async fn launch(
+    rt: &Runtime,
+    run_dir: &Path,
+    cfg: &LaunchConfig,
+) -> Result<Launched, LaunchError> {
     if !rt.qemu.binary.is_file() {
         return Err(LaunchError::QemuMissing(rt.qemu.binary.clone()));
     }
@@ -193,13 +207,22 @@ pub async fn launch(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<
     result
 }
 
-async fn launch_in(rt: &Runtime, run_dir: &Path, log_path: &Path, cfg: &LaunchConfig) -> Result<Launched, LaunchError> {
+async fn launch_in(
+    rt: &Runtime,
+    run_dir: &Path,
+    log_path: &Path,
+    cfg: &LaunchConfig,
+) -> Result<Launched, LaunchError> {
     let resources = open_resources(rt, run_dir, cfg)?;
     let operator_qmp = run_dir.join(files::OPERATOR_QMP);
     let fds = ExecutionFds {
         qmp: resources.qmp.as_raw_fd(),
         serial: resources.serial.as_ref().map(AsRawFd::as_raw_fd),
-        taps: resources.taps.iter().map(|t| t.as_fd().as_raw_fd()).collect(),
+        taps: resources
+            .taps
+            .iter()
+            .map(|t| t.as_fd().as_raw_fd())
+            .collect(),
         operator_qmp: cfg.operator_qmp.then_some(operator_qmp.as_path()),
     };
     let args = argv::render_execution(rt, &fds);
@@ -214,12 +237,13 @@ async fn launch_in(rt: &Runtime, run_dir: &Path, log_path: &Path, cfg: &LaunchCo
         .open(log_path)
         .map_err(run_dir_error(log_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log).map_err(|source| {
-        LaunchError::Spawn {
-            binary: rt.qemu.binary.clone(),
-            source,
-        }
-    })?;
+    let mut child =
+        process::spawn_detached(&rt.qemu.binary, &args, &inherit, log).map_err(|source| {
+            LaunchError::Spawn {
+                binary: rt.qemu.binary.clone(),
+                source,
+            }
+        })?;
     let pid = child.id();
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
     // QEMU holds its own copies now. Ours must go, or a QEMU that dies early
@@ -321,7 +345,9 @@ pub enum StopMethod {
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {
     /// Even SIGKILL didn't end it (a process stuck in the kernel).
-    #[error("QEMU (pid {pid}) is still alive {after:?} after SIGKILL; it is probably stuck in the kernel (D state)")]
+    #[error(
+        "QEMU (pid {pid}) is still alive {after:?} after SIGKILL; it is probably stuck in the kernel (D state)"
+    )]
     Unkillable {
         /// The pid.
         pid: u32,
@@ -351,33 +377,46 @@ pub async fn stop(
     timeouts: StopTimeouts,
     force: bool,
 ) -> Result<StopMethod, StopError> {
-    if !force {
-        if let Some(qmp) = qmp {
-            let step_limit = timeouts.powerdown;
-            match qmp.execute_with_timeout("system_powerdown", None, step_limit).await {
-                Ok(_) if exits_within(pidfd, timeouts.powerdown).await => return Ok(StopMethod::Powerdown),
-                Ok(_) => tracing::info!(pid = pidfd.pid(), "guest ignored powerdown; quitting QEMU"),
-                Err(e) => tracing::warn!(pid = pidfd.pid(), error = %e, "powerdown failed; quitting QEMU"),
+    if !force && let Some(qmp) = qmp {
+        match qmp
+            .execute_with_timeout("system_powerdown", None, timeouts.powerdown)
+            .await
+        {
+            Ok(_) if exits_within(pidfd, timeouts.powerdown).await => {
+                return Ok(StopMethod::Powerdown);
             }
-            match qmp.execute_with_timeout("quit", None, timeouts.quit).await {
-                // QEMU may close the socket before its reply arrives.
-                Ok(_) | Err(QmpError::Disconnected { .. }) if exits_within(pidfd, timeouts.quit).await => {
-                    return Ok(StopMethod::Quit);
-                }
-                Ok(_) | Err(QmpError::Disconnected { .. }) => {
-                    tracing::warn!(pid = pidfd.pid(), "QEMU didn't exit after quit; killing it")
-                }
-                Err(e) => tracing::warn!(pid = pidfd.pid(), error = %e, "quit failed; killing QEMU"),
+            Ok(_) => {
+                tracing::info!(pid = pidfd.pid(), "guest ignored powerdown; quitting QEMU")
+            }
+            Err(e) => {
+                tracing::warn!(pid = pidfd.pid(), error = %e, "powerdown failed; quitting QEMU")
             }
         }
+        match qmp.execute_with_timeout("quit", None, timeouts.quit).await {
+            // QEMU may close the socket before its reply arrives.
+            Ok(_) | Err(QmpError::Disconnected { .. })
+                if exits_within(pidfd, timeouts.quit).await =>
+            {
+                return Ok(StopMethod::Quit);
+            }
+            Ok(_) | Err(QmpError::Disconnected { .. }) => {
+                tracing::warn!(pid = pidfd.pid(), "QEMU didn't exit after quit; killing it")
+            }
+            Err(e) => {
+                tracing::warn!(pid = pidfd.pid(), error = %e, "quit failed; killing QEMU")
+            }
+        }
+        // It may have gone in the moment between the timeout and here.
+        if pidfd.has_exited() {
+            return Ok(StopMethod::Quit);
+        }
     }
-    if pidfd.has_exited() {
-        return Ok(StopMethod::Kill);
-    }
-    pidfd.signal(libc::SIGKILL).map_err(|source| StopError::Signal {
-        pid: pidfd.pid(),
-        source,
-    })?;
+    pidfd
+        .signal(libc::SIGKILL)
+        .map_err(|source| StopError::Signal {
+            pid: pidfd.pid(),
+            source,
+        })?;
     if exits_within(pidfd, timeouts.kill).await {
         Ok(StopMethod::Kill)
     } else {

@@ -203,16 +203,29 @@ none                 empty machine
 
     #[test]
     fn parses_debian_version_line() {
-        let v = parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright");
+        let v = parse_version(
+            "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright",
+        );
 
-        assert_eq!(v, Some(QemuVersion { major: 7, minor: 2, micro: 22 }));
+        assert_eq!(
+            v,
+            Some(QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22
+            })
+        );
     }
 
     #[test]
     fn parses_two_part_version() {
         assert_eq!(
             parse_version("QEMU emulator version 8.0"),
-            Some(QemuVersion { major: 8, minor: 0, micro: 0 })
+            Some(QemuVersion {
+                major: 8,
+                minor: 0,
+                micro: 0
+            })
         );
         assert_eq!(parse_version("garbage"), None);
     }
@@ -221,14 +234,21 @@ none                 empty machine
     fn aliases_resolve_to_versioned_types() {
         let info = QemuInfo {
             binary: "/usr/bin/qemu-system-x86_64".into(),
-            version: QemuVersion { major: 7, minor: 2, micro: 22 },
+            version: QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22,
+            },
             version_text: String::new(),
             machines: parse_machine_help(MACHINE_HELP),
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));
         assert_eq!(info.resolve_machine("q35").as_deref(), Some("pc-q35-7.2"));
-        assert_eq!(info.resolve_machine("pc-i440fx-7.1").as_deref(), Some("pc-i440fx-7.1"));
+        assert_eq!(
+            info.resolve_machine("pc-i440fx-7.1").as_deref(),
+            Some("pc-i440fx-7.1")
+        );
         assert_eq!(info.resolve_machine("virt"), None);
     }
 }

@@ -248,8 +248,16 @@ mod tests {
         }
 
         assert!(!log.exists());
-        assert!(fs::read_to_string(dir.path().join("qemu.log.1")).unwrap().starts_with("round 3"));
-        assert!(fs::read_to_string(dir.path().join("qemu.log.2")).unwrap().starts_with("round 2"));
+        assert!(
+            fs::read_to_string(dir.path().join("qemu.log.1"))
+                .unwrap()
+                .starts_with("round 3")
+        );
+        assert!(
+            fs::read_to_string(dir.path().join("qemu.log.2"))
+                .unwrap()
+                .starts_with("round 2")
+        );
         assert!(!dir.path().join("qemu.log.3").exists());
     }
 
@@ -261,7 +269,9 @@ mod tests {
 
         pidfd.signal(libc::SIGKILL).unwrap();
 
-        tokio::time::timeout(Duration::from_secs(5), pidfd.exited()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), pidfd.exited())
+            .await
+            .unwrap();
         assert!(pidfd.has_exited());
         child.wait().unwrap();
     }

@@ -157,12 +157,17 @@ impl QmpClient {
     /// commands.
     pub async fn handshake(stream: UnixStream, config: QmpConfig) -> Result<Self, QmpError> {
         let (read, writer) = stream.into_split();
-        let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(config.max_line_bytes));
+        let mut lines =
+            FramedRead::new(read, LinesCodec::new_with_max_length(config.max_line_bytes));
         let greeting = tokio::time::timeout(config.greeting_timeout, lines.next())
             .await
             .map_err(|_| QmpError::NoGreeting(config.greeting_timeout))?;
         let greeting = match greeting {
-            None => return Err(QmpError::Disconnected { reason: Some("before the greeting".into()) }),
+            None => {
+                return Err(QmpError::Disconnected {
+                    reason: Some("before the greeting".into()),
+                });
+            }
             Some(line) => line.map_err(line_error)?,
         };
         let version = parse_greeting(&greeting)?;
@@ -229,7 +234,11 @@ impl QmpClient {
     }
 
     /// Runs a command with the default timeout.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         self.execute_with_timeout(command, arguments, self.config.command_timeout)
             .await
     }
@@ -245,7 +254,9 @@ impl QmpClient {
             return Err(QmpError::Unsupported(command.to_owned()));
         }
         if let Some(reason) = self.shared.closed.borrow().clone() {
-            return Err(QmpError::Disconnected { reason: Some(reason) });
+            return Err(QmpError::Disconnected {
+                reason: Some(reason),
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = json!({ "execute": command, "id": id });
@@ -259,9 +270,8 @@ impl QmpClient {
         lock(&self.shared.pending).insert(id, tx);
         let outcome = tokio::time::timeout(timeout, async {
             self.writer.lock().await.write_all(line.as_bytes()).await?;
-            rx.await.unwrap_or_else(|_| {
-                Err(QmpError::Disconnected { reason: None })
-            })
+            rx.await
+                .unwrap_or(Err(QmpError::Disconnected { reason: None }))
         })
         .await;
         lock(&self.shared.pending).remove(&id);
@@ -302,8 +312,15 @@ pub fn parse_greeting(line: &str) -> Result<QemuVersion, QmpError> {
         .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {}", shorten(line))))?;
     let field = |name| q.get(name).and_then(Value::as_u64).map(|v| v as u32);
     match (field("major"), field("minor"), field("micro")) {
-        (Some(major), Some(minor), Some(micro)) => Ok(QemuVersion { major, minor, micro }),
-        _ => Err(QmpError::Protocol(format!("greeting lacks a version: {}", shorten(line)))),
+        (Some(major), Some(minor), Some(micro)) => Ok(QemuVersion {
+            major,
+            minor,
+            micro,
+        }),
+        _ => Err(QmpError::Protocol(format!(
+            "greeting lacks a version: {}",
+            shorten(line)
+        ))),
     }
 }
 
@@ -341,13 +358,27 @@ pub fn parse_incoming(line: &str) -> Result<Incoming, QmpError> {
         return Ok(Incoming::Orphan(value));
     };
     if let Some(ret) = value.get("return") {
-        return Ok(Incoming::Reply { id, result: Ok(ret.clone()) });
+        return Ok(Incoming::Reply {
+            id,
+            result: Ok(ret.clone()),
+        });
     }
     if let Some(err) = value.get("error") {
-        let text = |k| err.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
-        return Ok(Incoming::Reply { id, result: Err((text("class"), text("desc"))) });
+        let text = |k| {
+            err.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        return Ok(Incoming::Reply {
+            id,
+            result: Err((text("class"), text("desc"))),
+        });
     }
-    Err(QmpError::Protocol(format!("reply has neither return nor error: {}", shorten(line))))
+    Err(QmpError::Protocol(format!(
+        "reply has neither return nor error: {}",
+        shorten(line)
+    )))
 }
 
 async fn read_loop(
@@ -387,7 +418,9 @@ async fn read_loop(
     };
     tracing::debug!(%reason, "qmp connection closed");
     for (_, tx) in lock(&shared.pending).drain() {
-        let _ = tx.send(Err(QmpError::Disconnected { reason: Some(reason.clone()) }));
+        let _ = tx.send(Err(QmpError::Disconnected {
+            reason: Some(reason.clone()),
+        }));
     }
     shared.closed.send_replace(Some(reason));
 }
@@ -415,13 +448,19 @@ mod tests {
     {
         let (read, mut write) = server.into_split();
         let mut lines = BufReader::new(read).lines();
-        write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        write
+            .write_all(format!("{GREETING}\n").as_bytes())
+            .await
+            .unwrap();
         while let Ok(Some(line)) = lines.next_line().await {
             let req: Value = serde_json::from_str(&line).unwrap();
             let id = req["id"].clone();
             let replies = match req["execute"].as_str().unwrap() {
                 "qmp_capabilities" => vec![json!({"return": {}, "id": id}).to_string()],
-                "query-commands" => vec![json!({"return": [{"name": "query-status"}, {"name": "quit"}], "id": id}).to_string()],
+                "query-commands" => vec![
+                    json!({"return": [{"name": "query-status"}, {"name": "quit"}], "id": id})
+                        .to_string(),
+                ],
                 _ => script(req),
             };
             for r in replies {
@@ -445,17 +484,27 @@ mod tests {
     fn greeting_gives_version() {
         assert_eq!(
             parse_greeting(GREETING).unwrap(),
-            QemuVersion { major: 7, minor: 2, micro: 22 }
+            QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22
+            }
         );
     }
 
     #[test]
     fn error_reply_keeps_class_and_desc() {
-        let parsed = parse_incoming(r#"{"id": 7, "error": {"class": "GenericError", "desc": "Duplicate ID"}}"#).unwrap();
+        let parsed = parse_incoming(
+            r#"{"id": 7, "error": {"class": "GenericError", "desc": "Duplicate ID"}}"#,
+        )
+        .unwrap();
 
         assert_eq!(
             parsed,
-            Incoming::Reply { id: 7, result: Err(("GenericError".into(), "Duplicate ID".into())) }
+            Incoming::Reply {
+                id: 7,
+                result: Err(("GenericError".into(), "Duplicate ID".into()))
+            }
         );
     }
 
@@ -483,7 +532,10 @@ mod tests {
 
         let err = client.execute("device_add", None).await.unwrap_err();
 
-        assert!(matches!(err, QmpError::Unsupported(ref c) if c == "device_add"), "{err:?}");
+        assert!(
+            matches!(err, QmpError::Unsupported(ref c) if c == "device_add"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -502,17 +554,24 @@ mod tests {
 
         let err = client.execute("query-status", None).await.unwrap_err();
 
-        assert!(matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("not JSON")), "{err:?}");
+        assert!(
+            matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("not JSON")),
+            "{err:?}"
+        );
         assert!(client.is_closed());
     }
 
     #[tokio::test]
     async fn overlong_line_drops_the_connection() {
-        let client = connected(|_| vec![format!("{{\"return\": \"{}\"}}", "x".repeat(10_000))]).await;
+        let client =
+            connected(|_| vec![format!("{{\"return\": \"{}\"}}", "x".repeat(10_000))]).await;
 
         let err = client.execute("query-status", None).await.unwrap_err();
 
-        assert!(matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("length bound")), "{err:?}");
+        assert!(
+            matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("length bound")),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -546,12 +605,22 @@ mod tests {
         tokio::spawn(async move {
             let (read, mut write) = server.into_split();
             let mut lines = BufReader::new(read).lines();
-            write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+            write
+                .write_all(format!("{GREETING}\n").as_bytes())
+                .await
+                .unwrap();
             for _ in 0..2 {
                 let line = lines.next_line().await.unwrap().unwrap();
                 let req: Value = serde_json::from_str(&line).unwrap();
-                let ret = if req["execute"] == "query-commands" { json!([{"name": "query-status"}]) } else { json!({}) };
-                write.write_all(format!("{}\n", json!({"return": ret, "id": req["id"]})).as_bytes()).await.unwrap();
+                let ret = if req["execute"] == "query-commands" {
+                    json!([{"name": "query-status"}])
+                } else {
+                    json!({})
+                };
+                write
+                    .write_all(format!("{}\n", json!({"return": ret, "id": req["id"]})).as_bytes())
+                    .await
+                    .unwrap();
             }
             let _ = lines.next_line().await; // read the command, then hang up
         });

@@ -131,10 +131,14 @@ pub enum RuntimeError {
         offered: String,
     },
     /// KVM was asked for explicitly but can't be used.
-    #[error("KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto")]
+    #[error(
+        "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
+    )]
     KvmUnavailable(String),
     /// More devices than slots.
-    #[error("instance {instance:?}: no free PCI slot on pci.0 ({used} of {total} usable slots needed)")]
+    #[error(
+        "instance {instance:?}: no free PCI slot on pci.0 ({used} of {total} usable slots needed)"
+    )]
     NoFreeSlot {
         /// Instance name.
         instance: String,
@@ -152,7 +156,9 @@ pub enum RuntimeError {
         len: usize,
     },
     /// A foreign runtime has another layout version.
-    #[error("runtime format version {0} is not supported (this agent reads {RUNTIME_FORMAT_VERSION})")]
+    #[error(
+        "runtime format version {0} is not supported (this agent reads {RUNTIME_FORMAT_VERSION})"
+    )]
     FormatVersion(u32),
     /// A foreign runtime puts a device in a reserved, out-of-range or used slot.
     #[error("device {device:?} has PCI slot {slot}, which is reserved, out of range or used twice")]
@@ -189,8 +195,10 @@ pub fn generate(
 ) -> Result<Runtime, RuntimeError> {
     spec.validate()?;
     check_socket_paths(host.run_dir)?;
-    let machine_type = host.qemu.resolve_machine(&spec.machine_type).ok_or_else(|| {
-        RuntimeError::UnknownMachineType {
+    let machine_type = host
+        .qemu
+        .resolve_machine(&spec.machine_type)
+        .ok_or_else(|| RuntimeError::UnknownMachineType {
             requested: spec.machine_type.clone(),
             offered: host
                 .qemu
@@ -200,8 +208,7 @@ pub fn generate(
                 .map(|m| m.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-        }
-    })?;
+        })?;
     let accelerator = match (spec.accelerator, host.kvm) {
         (Accelerator::Kvm, Ok(())) | (Accelerator::Auto, Ok(())) => ResolvedAccelerator::Kvm,
         (Accelerator::Kvm, Err(why)) => return Err(RuntimeError::KvmUnavailable(why.to_owned())),
@@ -354,19 +361,39 @@ pub(crate) mod tests {
     pub(crate) fn qemu_7_2() -> QemuInfo {
         QemuInfo {
             binary: "/usr/bin/qemu-system-x86_64".into(),
-            version: QemuVersion { major: 7, minor: 2, micro: 22 },
+            version: QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22,
+            },
             version_text: "QEMU emulator version 7.2.22".into(),
             machines: vec![
-                MachineType { name: "pc".into(), alias_of: Some("pc-i440fx-7.2".into()) },
-                MachineType { name: "pc-i440fx-7.2".into(), alias_of: None },
-                MachineType { name: "q35".into(), alias_of: Some("pc-q35-7.2".into()) },
-                MachineType { name: "pc-q35-7.2".into(), alias_of: None },
+                MachineType {
+                    name: "pc".into(),
+                    alias_of: Some("pc-i440fx-7.2".into()),
+                },
+                MachineType {
+                    name: "pc-i440fx-7.2".into(),
+                    alias_of: None,
+                },
+                MachineType {
+                    name: "q35".into(),
+                    alias_of: Some("pc-q35-7.2".into()),
+                },
+                MachineType {
+                    name: "pc-q35-7.2".into(),
+                    alias_of: None,
+                },
             ],
         }
     }
 
     pub(crate) fn host(qemu: &QemuInfo) -> HostFacts<'_> {
-        HostFacts { qemu, kvm: Ok(()), run_dir: Path::new("/var/lib/kvm-agent/run/web1") }
+        HostFacts {
+            qemu,
+            kvm: Ok(()),
+            run_dir: Path::new("/var/lib/kvm-agent/run/web1"),
+        }
     }
 
     fn disk(n: u128) -> DiskSpec {
@@ -413,7 +440,10 @@ pub(crate) mod tests {
     #[test]
     fn auto_accelerator_follows_kvm_availability() {
         let qemu = qemu_7_2();
-        let no_kvm = HostFacts { kvm: Err("permission denied"), ..host(&qemu) };
+        let no_kvm = HostFacts {
+            kvm: Err("permission denied"),
+            ..host(&qemu)
+        };
 
         let with = generate(&sample_spec(), host(&qemu), 1).unwrap();
         let without = generate(&sample_spec(), no_kvm, 1).unwrap();
@@ -425,16 +455,28 @@ pub(crate) mod tests {
     #[test]
     fn explicit_kvm_without_kvm_is_an_error_not_a_fallback() {
         let qemu = qemu_7_2();
-        let spec = InstanceSpec { accelerator: Accelerator::Kvm, ..sample_spec() };
-        let no_kvm = HostFacts { kvm: Err("permission denied"), ..host(&qemu) };
+        let spec = InstanceSpec {
+            accelerator: Accelerator::Kvm,
+            ..sample_spec()
+        };
+        let no_kvm = HostFacts {
+            kvm: Err("permission denied"),
+            ..host(&qemu)
+        };
 
-        assert!(matches!(generate(&spec, no_kvm, 1), Err(RuntimeError::KvmUnavailable(_))));
+        assert!(matches!(
+            generate(&spec, no_kvm, 1),
+            Err(RuntimeError::KvmUnavailable(_))
+        ));
     }
 
     #[test]
     fn unknown_machine_type_lists_the_offered_ones() {
         let qemu = qemu_7_2();
-        let spec = InstanceSpec { machine_type: "virt".into(), ..sample_spec() };
+        let spec = InstanceSpec {
+            machine_type: "virt".into(),
+            ..sample_spec()
+        };
 
         let err = generate(&spec, host(&qemu), 1).unwrap_err();
 
@@ -450,7 +492,17 @@ pub(crate) mod tests {
 
         let err = generate(&spec, host(&qemu), 1).unwrap_err();
 
-        assert!(matches!(err, RuntimeError::NoFreeSlot { used: 30, total: 29, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                RuntimeError::NoFreeSlot {
+                    used: 30,
+                    total: 29,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("no free PCI slot"));
     }
 
@@ -458,7 +510,10 @@ pub(crate) mod tests {
     fn overlong_socket_path_is_refused_at_generation() {
         let qemu = qemu_7_2();
         let long = PathBuf::from(format!("/var/lib/{}", "x".repeat(100)));
-        let facts = HostFacts { run_dir: &long, ..host(&qemu) };
+        let facts = HostFacts {
+            run_dir: &long,
+            ..host(&qemu)
+        };
 
         assert!(matches!(
             generate(&sample_spec(), facts, 1),
@@ -494,8 +549,14 @@ pub(crate) mod tests {
         let mut shared = generate(&sample_spec(), host(&qemu), 1).unwrap();
         shared.nics[0].slot = shared.disks[0].slot;
 
-        assert!(matches!(reserved.validate(), Err(RuntimeError::BadSlot { slot: 1, .. })));
-        assert!(matches!(shared.validate(), Err(RuntimeError::BadSlot { .. })));
+        assert!(matches!(
+            reserved.validate(),
+            Err(RuntimeError::BadSlot { slot: 1, .. })
+        ));
+        assert!(matches!(
+            shared.validate(),
+            Err(RuntimeError::BadSlot { .. })
+        ));
     }
 
     #[test]
@@ -541,7 +602,10 @@ pub(crate) mod tests {
                     spec.disks = paths
                         .into_iter()
                         .enumerate()
-                        .map(|(i, p)| DiskSpec { path: p.into(), ..disk(i as u128) })
+                        .map(|(i, p)| DiskSpec {
+                            path: p.into(),
+                            ..disk(i as u128)
+                        })
                         .collect();
                     spec.nics = (0..nic_count as u128).map(|i| nic(i + 1)).collect();
                     spec

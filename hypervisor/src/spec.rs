@@ -273,7 +273,9 @@ pub enum SpecError {
         mac: String,
     },
     /// MAC isn't unicast.
-    #[error("NIC {nic:?}: MAC {mac} is multicast or broadcast; use a unicast address (even first octet)")]
+    #[error(
+        "NIC {nic:?}: MAC {mac} is multicast or broadcast; use a unicast address (even first octet)"
+    )]
     MacNotUnicast {
         /// NIC name.
         nic: String,
@@ -290,7 +292,9 @@ pub enum SpecError {
     #[error("MAC {0} is used by two NICs")]
     DuplicateMac(MacAddr),
     /// Bad bridge name.
-    #[error("NIC {nic:?}: bridge {bridge:?} is not a valid interface name (1-{MAX_IFNAME} letters, digits, '-', '_' or '.')")]
+    #[error(
+        "NIC {nic:?}: bridge {bridge:?} is not a valid interface name (1-{MAX_IFNAME} letters, digits, '-', '_' or '.')"
+    )]
     Bridge {
         /// NIC name.
         nic: String,
@@ -304,7 +308,9 @@ pub enum SpecError {
     #[error("machine type {0:?} is invalid: use letters, digits, '-', '_' or '.'")]
     MachineType(String),
     /// Bad CPU model.
-    #[error("CPU model {0:?} is invalid: use letters, digits, '-', '_' or '.' (CPU flags are not accepted)")]
+    #[error(
+        "CPU model {0:?} is invalid: use letters, digits, '-', '_' or '.' (CPU flags are not accepted)"
+    )]
     CpuModel(String),
     /// VNC display out of range.
     #[error("VNC display {0} is out of range: use 0..={MAX_VNC_DISPLAY}")]
@@ -375,10 +381,10 @@ impl InstanceSpec {
         if !is_safe_identifier(&self.cpu_model, 64) {
             return Err(SpecError::CpuModel(self.cpu_model.clone()));
         }
-        if let Some(d) = self.vnc_display {
-            if d > MAX_VNC_DISPLAY {
-                return Err(SpecError::VncDisplay(d));
-            }
+        if let Some(d) = self.vnc_display
+            && d > MAX_VNC_DISPLAY
+        {
+            return Err(SpecError::VncDisplay(d));
         }
         self.validate_boot()?;
 
@@ -454,13 +460,13 @@ pub fn check_nic(nic: &NicSpec) -> Result<(), SpecError> {
             mac: nic.mac,
         });
     }
-    if let Some(bridge) = &nic.bridge {
-        if !is_safe_identifier(bridge, MAX_IFNAME) {
-            return Err(SpecError::Bridge {
-                nic: nic.name.clone(),
-                bridge: bridge.clone(),
-            });
-        }
+    if let Some(bridge) = &nic.bridge
+        && !is_safe_identifier(bridge, MAX_IFNAME)
+    {
+        return Err(SpecError::Bridge {
+            nic: nic.name.clone(),
+            bridge: bridge.clone(),
+        });
     }
     Ok(())
 }
@@ -511,16 +517,32 @@ pub(crate) mod tests {
                 name: bad.into(),
                 ..sample_spec()
             };
-            assert_eq!(spec.validate(), Err(SpecError::InstanceName(bad.into())), "{bad}");
+            assert_eq!(
+                spec.validate(),
+                Err(SpecError::InstanceName(bad.into())),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn memory_and_vcpu_bounds_are_enforced() {
-        let zero_mem = InstanceSpec { memory_mib: 0, ..sample_spec() };
-        let huge_mem = InstanceSpec { memory_mib: u64::MAX, ..sample_spec() };
-        let zero_cpu = InstanceSpec { vcpus: 0, ..sample_spec() };
-        let many_cpu = InstanceSpec { vcpus: 10_000, ..sample_spec() };
+        let zero_mem = InstanceSpec {
+            memory_mib: 0,
+            ..sample_spec()
+        };
+        let huge_mem = InstanceSpec {
+            memory_mib: u64::MAX,
+            ..sample_spec()
+        };
+        let zero_cpu = InstanceSpec {
+            vcpus: 0,
+            ..sample_spec()
+        };
+        let many_cpu = InstanceSpec {
+            vcpus: 10_000,
+            ..sample_spec()
+        };
 
         assert_eq!(zero_mem.validate(), Err(SpecError::Memory(0)));
         assert_eq!(huge_mem.validate(), Err(SpecError::Memory(u64::MAX)));
@@ -533,7 +555,10 @@ pub(crate) mod tests {
         for bad in ["disk.img", "./disk.img", "/srv/../etc/shadow", "/srv/\nx"] {
             let mut spec = sample_spec();
             spec.disks[0].path = bad.into();
-            assert!(matches!(spec.validate(), Err(SpecError::Path { .. })), "{bad:?}");
+            assert!(
+                matches!(spec.validate(), Err(SpecError::Path { .. })),
+                "{bad:?}"
+            );
         }
     }
 
@@ -547,7 +572,11 @@ pub(crate) mod tests {
 
     #[test]
     fn multicast_broadcast_and_zero_macs_are_refused() {
-        for (bad, zero) in [("01:00:5e:00:00:01", false), ("ff:ff:ff:ff:ff:ff", false), ("00:00:00:00:00:00", true)] {
+        for (bad, zero) in [
+            ("01:00:5e:00:00:01", false),
+            ("ff:ff:ff:ff:ff:ff", false),
+            ("00:00:00:00:00:00", true),
+        ] {
             let mut spec = sample_spec();
             spec.nics[0].mac = bad.parse().unwrap();
             let err = spec.validate().unwrap_err();
@@ -561,10 +590,19 @@ pub(crate) mod tests {
 
     #[test]
     fn mac_parsing_is_strict() {
-        for bad in ["52:54:00:12:34", "52:54:00:12:34:56:78", "5254.0012.3456", "52:54:00:12:34:5g", "52:54:0:12:34:56"] {
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "5254.0012.3456",
+            "52:54:00:12:34:5g",
+            "52:54:0:12:34:56",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
-        assert_eq!("52:54:00:AB:cd:EF".parse::<MacAddr>().unwrap().to_string(), "52:54:00:ab:cd:ef");
+        assert_eq!(
+            "52:54:00:AB:cd:EF".parse::<MacAddr>().unwrap().to_string(),
+            "52:54:00:ab:cd:ef"
+        );
     }
 
     #[test]
@@ -574,13 +612,22 @@ pub(crate) mod tests {
         let mut same_uuid = sample_spec();
         same_uuid.nics[0].uuid = same_uuid.disks[0].uuid;
 
-        assert_eq!(same_name.validate(), Err(SpecError::DuplicateDeviceName("root".into())));
-        assert_eq!(same_uuid.validate(), Err(SpecError::DuplicateDeviceUuid(same_uuid.disks[0].uuid)));
+        assert_eq!(
+            same_name.validate(),
+            Err(SpecError::DuplicateDeviceName("root".into()))
+        );
+        assert_eq!(
+            same_uuid.validate(),
+            Err(SpecError::DuplicateDeviceUuid(same_uuid.disks[0].uuid))
+        );
     }
 
     #[test]
     fn cpu_model_cannot_carry_flags() {
-        let spec = InstanceSpec { cpu_model: "host,+vmx".into(), ..sample_spec() };
+        let spec = InstanceSpec {
+            cpu_model: "host,+vmx".into(),
+            ..sample_spec()
+        };
 
         assert!(matches!(spec.validate(), Err(SpecError::CpuModel(_))));
     }

@@ -169,7 +169,9 @@ impl Tap {
             bridge: bridge.to_owned(),
             source,
         };
-        let index = nix::net::if_::if_nametoindex(bridge).map_err(|e| err(e.into()))?;
+        // The request names the bridge and carries the index of the port.
+        nix::net::if_::if_nametoindex(bridge).map_err(|e| err(e.into()))?;
+        let index = nix::net::if_::if_nametoindex(self.name.as_str()).map_err(|e| err(e.into()))?;
         let sock = control_socket().map_err(err)?;
         let mut req = Ifreq::new(bridge);
         req.data.ifindex = index as libc::c_int;

@@ -32,7 +32,9 @@ const QUARANTINE_DIR: &str = "quarantine";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The record name can't be a file name.
-    #[error("invalid record name {0:?}: use letters, digits, '-', '_' and '.', not starting with '.'")]
+    #[error(
+        "invalid record name {0:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+    )]
     InvalidName(String),
     /// Reading or writing failed.
     #[error("{op} {path}")]
@@ -296,9 +298,13 @@ impl RecordStore {
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let target = self.quarantine.join(format!("{name}{RECORD_SUFFIX}.{stamp}"));
+        let target = self
+            .quarantine
+            .join(format!("{name}{RECORD_SUFFIX}.{stamp}"));
         tracing::warn!(record = name, %reason, to = %target.display(), "quarantining unreadable record");
-        if let Err(source) = fs::rename(path, &target).and_then(|()| sync_dir(&self.dir).map_err(io_of)) {
+        if let Err(source) =
+            fs::rename(path, &target).and_then(|()| sync_dir(&self.dir).map_err(io_of))
+        {
             return StoreError::Io {
                 op: "quarantine",
                 path: path.to_owned(),
@@ -482,7 +488,12 @@ mod tests {
 
         let err = store.load::<Sample>("web1").unwrap_err();
 
-        let StoreError::Corrupt { quarantined_to, reason, .. } = err else {
+        let StoreError::Corrupt {
+            quarantined_to,
+            reason,
+            ..
+        } = err
+        else {
             panic!("expected Corrupt, got {err:?}");
         };
         assert!(reason.contains("checksum mismatch"), "{reason}");
@@ -502,7 +513,10 @@ mod tests {
         let err = store.load::<Sample>("web1").unwrap_err();
 
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
-        assert_eq!(fs::read_dir(dir.path().join("quarantine")).unwrap().count(), 1);
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            1
+        );
     }
 
     #[test]
@@ -533,7 +547,9 @@ mod tests {
     #[test]
     fn newer_envelope_version_is_refused() {
         let bytes = encode_envelope("x", 1, &sample(1)).unwrap();
-        let text = String::from_utf8(bytes).unwrap().replace("\"version\": 1", "\"version\": 9");
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 9");
 
         let err = decode_envelope::<Sample>(text.as_bytes()).unwrap_err();
 

@@ -27,7 +27,13 @@ fn writer_child() {
     let filler: Vec<String> = (0..2000).map(|i| format!("entry-{i:08}")).collect();
     for counter in 2.. {
         store
-            .save("victim", &Big { counter, filler: filler.clone() })
+            .save(
+                "victim",
+                &Big {
+                    counter,
+                    filler: filler.clone(),
+                },
+            )
             .unwrap();
     }
 }
@@ -37,7 +43,13 @@ fn killing_a_writer_midway_keeps_a_complete_generation() {
     let dir = tempfile::tempdir().unwrap();
     let store = RecordStore::open(dir.path(), "runtime").unwrap();
     store
-        .save("victim", &Big { counter: 1, filler: vec![] })
+        .save(
+            "victim",
+            &Big {
+                counter: 1,
+                filler: vec![],
+            },
+        )
         .unwrap();
 
     for round in 0..5u64 {
@@ -59,8 +71,13 @@ fn killing_a_writer_midway_keeps_a_complete_generation() {
         let fresh = RecordStore::open(dir.path(), "runtime").unwrap();
         let record = fresh.load::<Big>("victim").unwrap().expect("record kept");
         assert!(record.value.counter >= 1);
-        let quarantined = std::fs::read_dir(dir.path().join("quarantine")).unwrap().count();
-        assert_eq!(quarantined, 0, "round {round}: a killed writer must not corrupt the record");
+        let quarantined = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            quarantined, 0,
+            "round {round}: a killed writer must not corrupt the record"
+        );
     }
     // The writers really ran: the record moved past the first generation.
     let last = store.load::<Big>("victim").unwrap().unwrap();

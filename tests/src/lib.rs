@@ -1,1 +1,436 @@
-//! placeholder
+//! Fixtures for the end-to-end tests: an agent process with its own state
+//! directory, a gRPC client on its socket, an independent QMP client for
+//! checking what QEMU really has, disk images, bridges and process helpers.
+//!
+//! Every QEMU a test starts is killed on drop, even when the test panics.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint, Uri};
+use uuid::Uuid;
+
+/// The QEMU binary the tests need. Panics with what to install if missing.
+pub fn require_qemu() -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_default();
+    found.unwrap_or_else(|| {
+        panic!("qemu-system-x86_64 is not installed; install the qemu-system-x86 package (scripts/test does)")
+    })
+}
+
+/// The agent binary built next to the test binary.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVM_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/kvm-agent
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("kvm-agent"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} is missing; build it first with `cargo build -p kvm-agent` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Options of a test agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Extra `serve` arguments.
+    pub args: Vec<String>,
+    /// QEMU binary override.
+    pub qemu_binary: Option<PathBuf>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            args: vec![
+                "--powerdown-timeout-ms".into(),
+                "1000".into(),
+                "--quit-timeout-ms".into(),
+                "2000".into(),
+                "--kill-timeout-ms".into(),
+                "5000".into(),
+            ],
+            qemu_binary: None,
+        }
+    }
+}
+
+/// A `kvm-agent serve` process with its own state directory.
+pub struct TestAgent {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    options: AgentOptions,
+    tap_prefix: String,
+    uuids: Mutex<HashSet<Uuid>>,
+}
+
+impl TestAgent {
+    /// Starts an agent with default test options.
+    pub async fn start() -> TestAgent {
+        Self::start_with(AgentOptions::default()).await
+    }
+
+    /// Starts an agent with `options`.
+    pub async fn start_with(options: AgentOptions) -> TestAgent {
+        require_qemu();
+        let dir = tempfile::Builder::new()
+            .prefix("ka")
+            .tempdir()
+            .expect("temp dir");
+        // A tap prefix of its own, so parallel tests can tell their taps apart.
+        let tap_prefix = format!("kt{}", &Uuid::new_v4().simple().to_string()[..6]);
+        let mut agent = TestAgent {
+            dir,
+            child: None,
+            options,
+            tap_prefix,
+            uuids: Mutex::new(HashSet::new()),
+        };
+        agent.spawn().await;
+        agent
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = Command::new(agent_binary());
+        cmd.arg("serve")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--operator-qmp")
+            .arg("--tap-template")
+            .arg(format!("{}%d", self.tap_prefix))
+            .args(&self.options.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("agent.log")).expect("agent log"));
+        if let Some(q) = &self.options.qemu_binary {
+            cmd.arg("--qemu-binary").arg(q);
+        }
+        self.child = Some(cmd.spawn().expect("spawn kvm-agent"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if StdUnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kvm-agent exited with {status}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("kvm-agent did not listen within 20 s; log:\n{}", self.log());
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A scratch directory for images.
+    pub fn scratch(&self) -> PathBuf {
+        let p = self.dir.path().join("scratch");
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        p
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir().join("agent.sock")
+    }
+
+    /// An instance's run directory.
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.state_dir().join("run").join(name)
+    }
+
+    /// An instance's runtime record file.
+    pub fn record_path(&self, name: &str) -> PathBuf {
+        self.state_dir()
+            .join("runtime")
+            .join(format!("{name}.json"))
+    }
+
+    /// Tap interfaces on the host made by this agent.
+    pub fn taps(&self) -> Vec<String> {
+        let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&self.tap_prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        taps.sort();
+        taps
+    }
+
+    /// A gRPC channel on the agent's socket.
+    pub async fn channel(&self) -> Channel {
+        let socket = self.socket();
+        Endpoint::try_from("http://localhost")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    tokio::net::UnixStream::connect(socket)
+                        .await
+                        .map(TokioIo::new)
+                }
+            }))
+            .await
+            .expect("connect to agent")
+    }
+
+    /// A NodeAgent client on the agent's socket.
+    pub async fn client(&self) -> NodeAgentClient<Channel> {
+        NodeAgentClient::new(self.channel().await)
+    }
+
+    /// A spec with a fresh uuid that this fixture will clean up after.
+    pub fn spec(&self, name: &str, memory_mib: u64) -> pb::InstanceSpec {
+        let uuid = Uuid::new_v4();
+        self.track(uuid);
+        pb::InstanceSpec {
+            name: name.into(),
+            uuid: uuid.to_string(),
+            memory_mib,
+            vcpus: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Remembers a uuid whose QEMU must die with the fixture.
+    pub fn track(&self, uuid: Uuid) {
+        self.uuids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uuid);
+    }
+
+    /// A sparse raw image.
+    pub fn raw_image(&self, name: &str, size_mib: u64) -> PathBuf {
+        let path = self.scratch().join(name);
+        let f = std::fs::File::create(&path).expect("create image");
+        f.set_len(size_mib << 20).expect("size image");
+        path
+    }
+
+    /// Kills the agent with SIGKILL; its instances keep running.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again on the same state directory.
+    pub async fn restart(&mut self) {
+        self.kill_agent();
+        self.spawn().await;
+    }
+
+    /// pids of live QEMUs of tracked instances.
+    pub fn live_qemus(&self) -> Vec<u32> {
+        let uuids = self.uuids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        qemu_pids_with_uuids(&uuids)
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill_agent();
+        for pid in self.live_qemus() {
+            // SAFETY: kill(2) with a pid we just found and a constant signal.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+/// pids of processes whose command line has `-uuid <one of uuids>`.
+pub fn qemu_pids_with_uuids(uuids: &HashSet<Uuid>) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2).any(|w| {
+                w[0] == b"-uuid"
+                    && std::str::from_utf8(w[1])
+                        .ok()
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                        .is_some_and(|u| uuids.contains(&u))
+            })
+        })
+        .collect()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A minimal, independent QMP client used to check what QEMU really has.
+/// It talks to the operators' monitor socket, not the agent's.
+pub struct Qmp {
+    reader: BufReader<StdUnixStream>,
+    writer: StdUnixStream,
+}
+
+impl Qmp {
+    /// Connects and negotiates capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let stream = StdUnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+        };
+        let greeting = qmp.line();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", json!({}));
+        qmp
+    }
+
+    fn line(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read QMP line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Runs a command and returns its `return`; panics on an error reply.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
+        let msg = json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{msg}").expect("write QMP");
+        loop {
+            let v = self.line();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            if let Some(e) = v.get("error") {
+                panic!("QMP {command} failed: {e}");
+            }
+        }
+    }
+
+    /// Devices on bus 0 as (slot, qdev_id, class description).
+    pub fn pci_devices(&mut self) -> Vec<(u64, String, String)> {
+        let buses = self.execute("query-pci", json!({}));
+        buses[0]["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| {
+                (
+                    d["slot"].as_u64().expect("slot"),
+                    d["qdev_id"].as_str().unwrap_or_default().to_owned(),
+                    d["class_info"]["desc"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Guest RAM in bytes.
+    pub fn base_memory(&mut self) -> u64 {
+        self.execute("query-memory-size-summary", json!({}))["base-memory"]
+            .as_u64()
+            .expect("base-memory")
+    }
+}
+
+/// The operators' QMP of a running instance.
+pub fn operator_qmp(agent: &TestAgent, name: &str) -> Qmp {
+    Qmp::connect(&agent.run_dir(name).join("qmp-operator.sock"))
+}
+
+/// A Linux bridge that exists for the life of the value.
+pub struct Bridge {
+    /// Its name.
+    pub name: String,
+}
+
+impl Bridge {
+    /// Creates a bridge with a unique name.
+    pub fn create() -> Bridge {
+        let name = format!("kb{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let status = Command::new("ip")
+            .args(["link", "add", &name, "type", "bridge"])
+            .status()
+            .expect("run ip (install iproute2)");
+        assert!(status.success(), "ip link add {name} type bridge failed");
+        Bridge { name }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `limit` passes.
+pub async fn wait_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

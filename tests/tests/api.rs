@@ -1,0 +1,183 @@
+//! The API surface around the instance calls: node facts, the runtime
+//! record, health, and the command line as an operator uses it.
+
+use std::process::Command;
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::*;
+use serde_json::Value;
+
+#[tokio::test]
+async fn node_info_reports_qemu_and_kvm() {
+    let agent = TestAgent::start().await;
+
+    let info = agent
+        .client()
+        .await
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(
+        info.qemu_version.contains("QEMU emulator version"),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.kvm_available,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+    );
+    assert!(info.memory_total_mib > 0);
+    assert!(info.cpus > 0);
+}
+
+#[tokio::test]
+async fn runtime_record_holds_the_resolved_machine_and_device_slots() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("described", 64);
+    spec.nics = vec![pb::NicSpec {
+        name: "eth0".into(),
+        mac: "52:54:00:00:50:01".into(),
+        ..Default::default()
+    }];
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap();
+
+    let reply = agent
+        .client()
+        .await
+        .get_runtime(pb::GetRuntimeRequest {
+            name: "described".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let runtime: Value = serde_json::from_str(&reply.runtime_json).unwrap();
+    assert!(
+        runtime["machine_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("pc-i440fx-"),
+        "{runtime}"
+    );
+    assert_eq!(runtime["nics"][0]["slot"], 3);
+    assert_eq!(reply.generation, 1);
+}
+
+#[tokio::test]
+async fn cli_lists_instances_as_json() {
+    let agent = TestAgent::start().await;
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("listed", 64)),
+        })
+        .await
+        .unwrap();
+
+    let out = Command::new(agent_binary())
+        .args([
+            "--socket",
+            agent.socket().to_str().unwrap(),
+            "--output",
+            "json",
+            "instance",
+            "list",
+        ])
+        .output()
+        .unwrap();
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "listed");
+    assert_eq!(list[0]["state"], "running");
+}
+
+#[tokio::test]
+async fn cli_starts_and_stops_an_instance() {
+    let agent = TestAgent::start().await;
+    let uuid = uuid::Uuid::new_v4();
+    agent.track(uuid);
+    let socket = agent.socket();
+    let cli = |args: &[&str]| {
+        Command::new(agent_binary())
+            .args(["--socket", socket.to_str().unwrap(), "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let started = cli(&[
+        "instance",
+        "start",
+        "--name",
+        "cli1",
+        "--uuid",
+        &uuid.to_string(),
+        "--memory",
+        "64",
+        "--nic",
+        "mac=52:54:00:00:50:02",
+    ]);
+    let stopped = cli(&["instance", "stop", "cli1", "--force"]);
+    let missing = cli(&["instance", "info", "nope"]);
+
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let info: Value = serde_json::from_slice(&started.stdout).unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["devices"][0]["kind"], "nic");
+    assert!(stopped.status.success());
+    let stop: Value = serde_json::from_slice(&stopped.stdout).unwrap();
+    assert_eq!(stop["method"], "kill");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+}
+
+#[tokio::test]
+async fn socket_is_private_to_the_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = TestAgent::start().await;
+
+    let mode = std::fs::metadata(agent.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn health_service_reports_the_node_agent_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let agent = TestAgent::start().await;
+    let channel = agent.channel().await;
+
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "kvmagent.v1.NodeAgent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(reply.status, ServingStatus::Serving as i32);
+}

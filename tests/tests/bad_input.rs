@@ -1,0 +1,290 @@
+//! Refused requests and failed starts leave nothing behind: no record, no
+//! run directory, no process, no tap.
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::*;
+use serde_json::json;
+use tonic::Code;
+
+fn nic(mac: &str) -> pb::NicSpec {
+    pb::NicSpec {
+        name: "eth0".into(),
+        mac: mac.into(),
+        ..Default::default()
+    }
+}
+
+fn disk(name: &str, path: &str) -> pb::DiskSpec {
+    pb::DiskSpec {
+        name: name.into(),
+        path: path.into(),
+        cache: pb::DiskCache::Writeback as i32,
+        ..Default::default()
+    }
+}
+
+async fn start_err(agent: &TestAgent, spec: pb::InstanceSpec) -> tonic::Status {
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .expect_err("start must fail")
+}
+
+fn assert_nothing_left(agent: &TestAgent, name: &str) {
+    assert!(agent.live_qemus().is_empty(), "no QEMU may run");
+    assert!(
+        agent.taps().is_empty(),
+        "no tap may remain: {:?}",
+        agent.taps()
+    );
+    let records = std::fs::read_dir(agent.state_dir().join("runtime"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(records, 0, "no runtime record may be written for {name:?}");
+    if !name.is_empty() && !name.contains('/') {
+        assert!(
+            !agent.run_dir(name).exists(),
+            "no run directory for {name:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalid_specs_are_invalid_argument_and_create_nothing() {
+    let agent = TestAgent::start().await;
+    let image = agent.raw_image("ok.img", 8);
+    let image = image.to_str().unwrap();
+    let base = || {
+        let mut s = agent.spec("bad", 64);
+        s.nics = vec![nic("52:54:00:00:40:01")];
+        s.disks = vec![disk("root", image)];
+        s
+    };
+    let cases: Vec<(&str, pb::InstanceSpec)> = vec![
+        (
+            "name with a slash",
+            pb::InstanceSpec {
+                name: "a/b".into(),
+                ..base()
+            },
+        ),
+        (
+            "name of dots",
+            pb::InstanceSpec {
+                name: "..".into(),
+                ..base()
+            },
+        ),
+        (
+            "name with a traversal",
+            pb::InstanceSpec {
+                name: "../etc".into(),
+                ..base()
+            },
+        ),
+        (
+            "relative disk path",
+            pb::InstanceSpec {
+                disks: vec![disk("root", "images/root.img")],
+                ..base()
+            },
+        ),
+        (
+            "multicast MAC",
+            pb::InstanceSpec {
+                nics: vec![nic("01:00:5e:00:00:01")],
+                ..base()
+            },
+        ),
+        (
+            "broadcast MAC",
+            pb::InstanceSpec {
+                nics: vec![nic("ff:ff:ff:ff:ff:ff")],
+                ..base()
+            },
+        ),
+        (
+            "malformed MAC",
+            pb::InstanceSpec {
+                nics: vec![nic("52:54:00:zz:00:01")],
+                ..base()
+            },
+        ),
+        (
+            "zero memory",
+            pb::InstanceSpec {
+                memory_mib: 0,
+                ..base()
+            },
+        ),
+        (
+            "absurd memory",
+            pb::InstanceSpec {
+                memory_mib: u64::MAX,
+                ..base()
+            },
+        ),
+        ("zero vcpus", pb::InstanceSpec { vcpus: 0, ..base() }),
+        (
+            "absurd vcpus",
+            pb::InstanceSpec {
+                vcpus: 100_000,
+                ..base()
+            },
+        ),
+        (
+            "duplicate device name",
+            pb::InstanceSpec {
+                disks: vec![disk("eth0", image)],
+                ..base()
+            },
+        ),
+        (
+            "CPU flags smuggled in",
+            pb::InstanceSpec {
+                cpu_model: "host,+vmx".into(),
+                ..base()
+            },
+        ),
+        (
+            "malformed uuid",
+            pb::InstanceSpec {
+                uuid: "not-a-uuid".into(),
+                ..base()
+            },
+        ),
+    ];
+
+    for (what, spec) in cases {
+        let name = spec.name.clone();
+
+        let err = start_err(&agent, spec).await;
+
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            !err.message().is_empty(),
+            "{what}: the message must say what is wrong"
+        );
+        assert_nothing_left(&agent, &name);
+    }
+}
+
+#[tokio::test]
+async fn a_comma_in_a_disk_path_is_escaped_not_an_injected_option() {
+    let agent = TestAgent::start().await;
+    let tricky = agent.raw_image("a,file=evil.img", 8);
+    let mut spec = agent.spec("commas", 64);
+    spec.disks = vec![disk("root", tricky.to_str().unwrap())];
+
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .expect("a comma in a path is allowed");
+
+    let mut qmp = operator_qmp(&agent, "commas");
+    let blocks = qmp.execute("query-named-block-nodes", json!({}));
+    let filenames: Vec<&str> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["drv"] == "file")
+        .filter_map(|n| n["file"].as_str())
+        .collect();
+    assert_eq!(filenames, vec![tricky.to_str().unwrap()]);
+}
+
+#[tokio::test]
+async fn a_missing_disk_is_failed_precondition_naming_the_path() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("nodisk", 64);
+    spec.disks = vec![disk("root", "/nonexistent/kvm-agent-test/root.img")];
+    spec.nics = vec![nic("52:54:00:00:40:02")];
+
+    let err = start_err(&agent, spec).await;
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("/nonexistent/kvm-agent-test/root.img"),
+        "{}",
+        err.message()
+    );
+    assert_nothing_left(&agent, "nodisk");
+}
+
+#[tokio::test]
+async fn qemu_exiting_at_once_returns_its_stderr_and_leaves_nothing() {
+    let agent = TestAgent::start().await;
+    // A raw file declared as qcow2: QEMU refuses it while starting.
+    let image = agent.raw_image("raw.img", 8);
+    let mut spec = agent.spec("early", 64);
+    spec.disks = vec![pb::DiskSpec {
+        format: pb::DiskFormat::Qcow2 as i32,
+        ..disk("root", image.to_str().unwrap())
+    }];
+    spec.nics = vec![nic("52:54:00:00:40:03")];
+
+    let err = start_err(&agent, spec).await;
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("QEMU exited during start-up"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("qcow2"),
+        "QEMU's own words must be in the error: {}",
+        err.message()
+    );
+    assert_nothing_left(&agent, "early");
+}
+
+#[tokio::test]
+async fn a_missing_qemu_binary_says_what_to_install() {
+    let agent = TestAgent::start_with(AgentOptions {
+        qemu_binary: Some("/nonexistent/qemu-system-x86_64".into()),
+        ..AgentOptions::default()
+    })
+    .await;
+    let mut spec = agent.spec("noqemu", 64);
+    spec.nics = vec![nic("52:54:00:00:40:04")];
+
+    let err = start_err(&agent, spec).await;
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not found"), "{}", err.message());
+    assert!(
+        err.message().contains("qemu-system-x86"),
+        "{}",
+        err.message()
+    );
+    assert_nothing_left(&agent, "noqemu");
+}
+
+#[tokio::test]
+async fn unknown_instances_are_not_found() {
+    let agent = TestAgent::start().await;
+    let mut client = agent.client().await;
+
+    let get = client
+        .get_instance(pb::GetInstanceRequest {
+            name: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    let stop = client
+        .stop_instance(pb::StopInstanceRequest {
+            name: "ghost".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(get.code(), Code::NotFound);
+    assert_eq!(stop.code(), Code::NotFound);
+}

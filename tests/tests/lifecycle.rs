@@ -1,0 +1,448 @@
+//! Start, stop, reboot and supervision against real QEMU, real taps and
+//! real image files, driven through the gRPC API.
+
+use std::time::{Duration, Instant};
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::*;
+use serde_json::json;
+use tonic::Code;
+
+fn disk(name: &str, path: &std::path::Path) -> pb::DiskSpec {
+    pb::DiskSpec {
+        name: name.into(),
+        path: path.display().to_string(),
+        // The test images live on whatever filesystem the temp dir is on,
+        // which may not do O_DIRECT.
+        cache: pb::DiskCache::Writeback as i32,
+        ..Default::default()
+    }
+}
+
+fn nic(name: &str, mac: &str) -> pb::NicSpec {
+    pb::NicSpec {
+        name: name.into(),
+        mac: mac.into(),
+        ..Default::default()
+    }
+}
+
+async fn start(agent: &TestAgent, spec: pb::InstanceSpec) -> pb::InstanceInfo {
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap_or_else(|s| panic!("start failed: {s:?}\nagent log:\n{}", agent.log()))
+        .into_inner()
+}
+
+async fn get(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
+    agent
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await
+        .expect("get instance")
+        .into_inner()
+}
+
+async fn stop(agent: &TestAgent, name: &str, force: bool) -> pb::StopInstanceResponse {
+    agent
+        .client()
+        .await
+        .stop_instance(pb::StopInstanceRequest {
+            name: name.into(),
+            force,
+            powerdown_timeout_ms: 0,
+        })
+        .await
+        .expect("stop")
+        .into_inner()
+}
+
+fn nic_count(qmp: &mut Qmp) -> usize {
+    qmp.pci_devices()
+        .iter()
+        .filter(|(_, id, _)| id.starts_with("nic-"))
+        .count()
+}
+
+#[tokio::test]
+async fn devices_sit_at_their_runtime_slots_and_taps_live_with_qemu() {
+    let agent = TestAgent::start().await;
+    let bridge = Bridge::create();
+    let mut spec = agent.spec("web1", 128);
+    let root = agent.raw_image("root.img", 32);
+    let data = agent.raw_image("data.img", 16);
+    spec.disks = vec![disk("root", &root), disk("data", &data)];
+    spec.nics = vec![pb::NicSpec {
+        bridge: bridge.name.clone(),
+        ..nic("eth0", "52:54:00:00:10:01")
+    }];
+
+    let info = start(&agent, spec).await;
+
+    assert_eq!(info.state, pb::InstanceState::Running as i32);
+    let mut qmp = operator_qmp(&agent, "web1");
+    let pci = qmp.pci_devices();
+    for device in &info.devices {
+        let at_slot = pci
+            .iter()
+            .find(|(slot, _, _)| u32::try_from(*slot).unwrap() == device.pci_slot);
+        assert_eq!(
+            at_slot.map(|(_, id, _)| id.as_str()),
+            Some(device.qemu_id.as_str()),
+            "device {} should be at slot {}: {pci:?}",
+            device.name,
+            device.pci_slot
+        );
+    }
+    let blocks = qmp.execute("query-block", json!({}));
+    let files: Vec<String> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["inserted"]["file"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        files.iter().any(|f| f.contains(root.to_str().unwrap())),
+        "{files:?}"
+    );
+    assert!(
+        files.iter().any(|f| f.contains(data.to_str().unwrap())),
+        "{files:?}"
+    );
+    let tap = info
+        .devices
+        .iter()
+        .find(|d| d.name == "eth0")
+        .unwrap()
+        .tap
+        .clone();
+    assert!(!tap.is_empty());
+    assert_eq!(agent.taps(), vec![tap.clone()]);
+    let master =
+        std::fs::read_link(format!("/sys/class/net/{tap}/master")).expect("tap has a master");
+    assert!(master.ends_with(&bridge.name), "{master:?}");
+    let qemu_fd_on_tun = std::fs::read_dir(format!("/proc/{}/fd", info.pid))
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l == std::path::Path::new("/dev/net/tun"))
+        });
+    assert!(qemu_fd_on_tun, "QEMU must hold the tap fd");
+    drop(qmp);
+
+    stop(&agent, "web1", false).await;
+
+    assert!(
+        agent.taps().is_empty(),
+        "tap must vanish with QEMU: {:?}",
+        agent.taps()
+    );
+    assert!(!agent.run_dir("web1").join("qmp.sock").exists());
+    assert!(!agent.run_dir("web1").join("pid").exists());
+}
+
+#[tokio::test]
+async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("seed", 128);
+    spec.nics = vec![nic("eth0", "52:54:00:00:20:01")];
+    let first = start(&agent, spec.clone()).await;
+    let mut bigger = spec.clone();
+    bigger.memory_mib = 256;
+    bigger.nics.push(nic("eth1", "52:54:00:00:20:02"));
+
+    let soft = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "seed".into(),
+            mode: pb::RebootMode::Soft as i32,
+            spec: Some(bigger.clone()),
+        })
+        .await
+        .expect("soft reboot")
+        .into_inner();
+
+    assert_ne!(soft.pid, first.pid, "a soft reboot starts a new QEMU");
+    assert_eq!(soft.runtime_generation, first.runtime_generation);
+    let mut qmp = operator_qmp(&agent, "seed");
+    assert_eq!(qmp.base_memory(), 128 << 20);
+    assert_eq!(nic_count(&mut qmp), 1);
+    drop(qmp);
+
+    let hard = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "seed".into(),
+            mode: pb::RebootMode::Hard as i32,
+            spec: Some(bigger),
+        })
+        .await
+        .expect("hard reboot")
+        .into_inner();
+
+    assert_eq!(hard.runtime_generation, first.runtime_generation + 1);
+    let mut qmp = operator_qmp(&agent, "seed");
+    assert_eq!(qmp.base_memory(), 256 << 20);
+    assert_eq!(nic_count(&mut qmp), 2);
+    let eth0_before = first.devices.iter().find(|d| d.name == "eth0").unwrap();
+    let eth0_after = hard.devices.iter().find(|d| d.name == "eth0").unwrap();
+    assert_eq!(
+        eth0_before.uuid, eth0_after.uuid,
+        "device identity survives a hard reboot"
+    );
+}
+
+#[tokio::test]
+async fn stop_of_a_guest_that_ignores_powerdown_ends_with_quit() {
+    let agent = TestAgent::start().await;
+    start(&agent, agent.spec("deaf", 64)).await;
+    let began = Instant::now();
+
+    let reply = stop(&agent, "deaf", false).await;
+
+    // powerdown waits 1 s (agent flag), then quit succeeds at once.
+    assert_eq!(reply.method, pb::StopMethod::Quit as i32);
+    assert!(
+        began.elapsed() < Duration::from_millis(1000 + 2000),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(began.elapsed() >= Duration::from_millis(1000));
+    assert!(agent.live_qemus().is_empty());
+    assert!(!agent.run_dir("deaf").join("qmp.sock").exists());
+    assert!(!agent.run_dir("deaf").join("pid").exists());
+}
+
+#[tokio::test]
+async fn stop_kills_a_qemu_that_answers_nothing() {
+    let options = AgentOptions {
+        args: [
+            "--powerdown-timeout-ms",
+            "1000",
+            "--quit-timeout-ms",
+            "500",
+            "--qmp-timeout-ms",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..AgentOptions::default()
+    };
+    let agent = TestAgent::start_with(options).await;
+    let info = start(&agent, agent.spec("hung", 64)).await;
+    // A stopped process answers neither powerdown nor quit, but SIGKILL ends it.
+    // SAFETY: kill(2) on the QEMU this test started.
+    unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGSTOP) };
+    let began = Instant::now();
+
+    let reply = stop(&agent, "hung", false).await;
+
+    assert_eq!(reply.method, pb::StopMethod::Kill as i32);
+    // powerdown (1 s) + quit (0.5 s) + the kill itself
+    assert!(
+        began.elapsed() < Duration::from_millis(1000 + 500 + 2000),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!process_alive(info.pid));
+    assert!(!agent.run_dir("hung").join("qmp.sock").exists());
+    assert!(!agent.run_dir("hung").join("pid").exists());
+}
+
+#[tokio::test]
+async fn force_stop_kills_at_once() {
+    let agent = TestAgent::start().await;
+    let info = start(&agent, agent.spec("forced", 64)).await;
+    let began = Instant::now();
+
+    let reply = stop(&agent, "forced", true).await;
+
+    assert_eq!(reply.method, pb::StopMethod::Kill as i32);
+    assert!(
+        began.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!process_alive(info.pid));
+    assert_eq!(
+        reply.instance.unwrap().state,
+        pb::InstanceState::Stopped as i32
+    );
+}
+
+#[tokio::test]
+async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
+    let agent = TestAgent::start().await;
+    let info = start(&agent, agent.spec("victim", 64)).await;
+    let marker = format!("marker-{}", uuid::Uuid::new_v4());
+    let log = agent.run_dir("victim").join("qemu.log");
+    std::fs::write(
+        &log,
+        format!(
+            "{}{marker}\n",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ),
+    )
+    .unwrap();
+
+    // SAFETY: kill(2) on the QEMU this test started.
+    unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGKILL) };
+    let crashed = wait_for(Duration::from_secs(2), async || {
+        let i = get(&agent, "victim").await;
+        (i.state == pb::InstanceState::Crashed as i32).then_some(i)
+    })
+    .await
+    .expect("crashed within 2 s");
+
+    assert!(
+        crashed.state_detail.contains("exited unexpectedly"),
+        "{}",
+        crashed.state_detail
+    );
+    assert!(
+        crashed.state_detail.contains(&marker),
+        "{}",
+        crashed.state_detail
+    );
+    assert_eq!(crashed.pid, 0);
+    let record = std::fs::read_to_string(agent.record_path("victim")).unwrap();
+    assert!(record.contains("\"crashed\""), "{record}");
+}
+
+#[tokio::test]
+async fn starting_a_running_instance_is_already_exists_and_harmless() {
+    let agent = TestAgent::start().await;
+    let spec = agent.spec("twice", 64);
+    let first = start(&agent, spec.clone()).await;
+
+    let err = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let now = get(&agent, "twice").await;
+    assert_eq!(now.pid, first.pid);
+    assert_eq!(now.state, pb::InstanceState::Running as i32);
+    assert!(process_alive(first.pid));
+}
+
+#[tokio::test]
+async fn a_pidfile_naming_another_process_is_not_taken_as_running() {
+    let mut agent = TestAgent::start().await;
+    let spec = agent.spec("reused", 64);
+    start(&agent, spec.clone()).await;
+    // The agent dies and QEMU dies with the host, say; the pid is reused
+    // by an unrelated process before the agent comes back.
+    agent.kill_agent();
+    for pid in agent.live_qemus() {
+        // SAFETY: kill(2) on the QEMU this test started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let stranger_pid = stranger.id();
+    std::fs::write(
+        agent.run_dir("reused").join("pid"),
+        format!("{stranger_pid}\n"),
+    )
+    .unwrap();
+
+    agent.restart().await;
+    let after_restart = get(&agent, "reused").await;
+    let restarted = start(&agent, spec).await;
+
+    assert_eq!(
+        after_restart.state,
+        pb::InstanceState::Crashed as i32,
+        "{}",
+        after_restart.state_detail
+    );
+    assert_eq!(restarted.state, pb::InstanceState::Running as i32);
+    assert_ne!(restarted.pid, stranger_pid);
+    assert!(
+        process_alive(stranger_pid),
+        "the stranger must be left alone"
+    );
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
+
+#[tokio::test]
+async fn agent_restart_adopts_running_instances() {
+    let mut agent = TestAgent::start().await;
+    let mut spec = agent.spec("survivor", 64);
+    spec.nics = vec![nic("eth0", "52:54:00:00:30:01")];
+    let before = start(&agent, spec).await;
+
+    agent.restart().await;
+    let after = get(&agent, "survivor").await;
+
+    assert_eq!(
+        after.state,
+        pb::InstanceState::Running as i32,
+        "{}",
+        after.state_detail
+    );
+    assert_eq!(after.pid, before.pid);
+    assert_eq!(
+        after.devices[0].tap, before.devices[0].tap,
+        "taps are found again"
+    );
+    assert_eq!(
+        stop(&agent, "survivor", false).await.method,
+        pb::StopMethod::Quit as i32
+    );
+    assert!(!process_alive(before.pid));
+}
+
+#[tokio::test]
+async fn reset_keeps_the_same_qemu() {
+    let agent = TestAgent::start().await;
+    let before = start(&agent, agent.spec("resettable", 64)).await;
+
+    let after = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "resettable".into(),
+            mode: pb::RebootMode::Reset as i32,
+            spec: None,
+        })
+        .await
+        .expect("reset")
+        .into_inner();
+
+    assert_eq!(after.pid, before.pid);
+    assert_eq!(after.state, pb::InstanceState::Running as i32);
+}
+
+#[tokio::test]
+async fn soft_reboot_of_a_stopped_instance_is_failed_precondition() {
+    let agent = TestAgent::start().await;
+    start(&agent, agent.spec("idle", 64)).await;
+    stop(&agent, "idle", true).await;
+
+    let err = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "idle".into(),
+            mode: pb::RebootMode::Soft as i32,
+            spec: None,
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
