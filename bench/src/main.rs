@@ -1,0 +1,361 @@
+//! Measures each operation through the agent and the same operation on raw
+//! QEMU, interleaved in the same run, and writes `report.md` and
+//! `report.json`. Every goal is a ratio of medians (agent / raw), because
+//! absolute times on shared machines drift from run to run.
+
+mod raw;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use raw::{RawQemu, machine_args};
+
+/// Benchmark the agent against raw QEMU.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Directory for report.md and report.json.
+    #[arg(long, default_value = "bench/report")]
+    out: PathBuf,
+    /// Fewer rounds (a few minutes).
+    #[arg(long)]
+    quick: bool,
+    /// The agent binary (default: next to this one).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+}
+
+/// Powerdown wait used by both sides in graceful stops: the guests here have
+/// no OS, so this only measures the escalation's own cost.
+const POWERDOWN_WAIT: Duration = Duration::from_millis(20);
+const MEMORY_MIB: u64 = 128;
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    n: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    max_ms: f64,
+}
+
+fn stats(samples: &mut [Duration]) -> Stats {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| ms(samples[((samples.len() as f64 - 1.0) * q).round() as usize]);
+    Stats {
+        n: samples.len(),
+        p50_ms: at(0.5),
+        p90_ms: at(0.9),
+        max_ms: samples.last().map_or(0.0, |d| ms(*d)),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    operation: &'static str,
+    agent: Stats,
+    raw: Stats,
+    ratio_p50: f64,
+    goal: f64,
+}
+
+#[derive(Default)]
+struct Samples {
+    agent: Vec<Duration>,
+    raw: Vec<Duration>,
+}
+
+impl Samples {
+    fn row(mut self, operation: &'static str, goal: f64) -> Row {
+        let agent = stats(&mut self.agent);
+        let raw = stats(&mut self.raw);
+        Row {
+            operation,
+            ratio_p50: agent.p50_ms / raw.p50_ms,
+            agent,
+            raw,
+            goal,
+        }
+    }
+}
+
+struct AgentProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess> {
+    let child = Command::new(binary)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--powerdown-timeout-ms",
+            &POWERDOWN_WAIT.as_millis().to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let socket = state.join("agent.sock");
+    let agent = AgentProcess { child, socket };
+    for _ in 0..500 {
+        if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
+            return Ok(agent);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("the agent did not come up")
+}
+
+fn spec(name: &str, uuid: &str) -> pb::InstanceSpec {
+    pb::InstanceSpec {
+        name: name.into(),
+        uuid: uuid.into(),
+        memory_mib: MEMORY_MIB,
+        vcpus: 1,
+        ..Default::default()
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(Duration, T)> {
+    let t = Instant::now();
+    let v = f.await?;
+    Ok((t.elapsed(), v))
+}
+
+async fn agent_stop(
+    client: &mut NodeAgentClient<Channel>,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    client
+        .stop_instance(pb::StopInstanceRequest {
+            name: name.into(),
+            force,
+            powerdown_timeout_ms: 0,
+        })
+        .await?;
+    Ok(())
+}
+
+async fn agent_start(
+    client: &mut NodeAgentClient<Channel>,
+    spec: &pb::InstanceSpec,
+) -> anyhow::Result<u32> {
+    Ok(client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(spec.clone()),
+        })
+        .await?
+        .into_inner()
+        .pid)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let rounds = if args.quick { 5 } else { 20 };
+    let rtt_calls = if args.quick { 200 } else { 1000 };
+    let binary = match args.agent {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("bench binary directory")?
+            .join("kvm-agent"),
+    };
+    let work = tempfile::Builder::new().prefix("kab").tempdir()?;
+    let agent = start_agent(&binary, &work.path().join("state")).await?;
+    let mut client = kvm_agent::cli::connect(agent.socket.clone()).await?;
+    let node = client
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await?
+        .into_inner();
+    let accel = if node.kvm_available { "kvm" } else { "tcg" };
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let raw_uuid = uuid::Uuid::new_v4().to_string();
+    let raw_args = machine_args("raw", &raw_uuid, accel, MEMORY_MIB);
+    let raw_dir = work.path().join("raw");
+    std::fs::create_dir_all(&raw_dir)?;
+    let s = spec("bench", &uuid);
+
+    let mut start = Samples::default();
+    let mut stop_force = Samples::default();
+    let mut stop_quit = Samples::default();
+    let mut soft = Samples::default();
+    let mut reset = Samples::default();
+    let mut rtt = Samples::default();
+
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        // start → QMP ready, then force stop
+        let (t, _) = timed(agent_start(&mut client, &s)).await?;
+        start.agent.push(t);
+        let (t, _) = timed(agent_stop(&mut client, "bench", true)).await?;
+        stop_force.agent.push(t);
+        let (t, q) = timed(RawQemu::start(&raw_dir, &raw_args)).await?;
+        start.raw.push(t);
+        let (t, _) = timed(q.kill()).await?;
+        stop_force.raw.push(t);
+
+        // graceful stop (powerdown, wait, quit)
+        agent_start(&mut client, &s).await?;
+        let (t, _) = timed(agent_stop(&mut client, "bench", false)).await?;
+        stop_quit.agent.push(t);
+        let q = RawQemu::start(&raw_dir, &raw_args).await?;
+        let (t, _) = timed(q.stop_graceful(POWERDOWN_WAIT)).await?;
+        stop_quit.raw.push(t);
+
+        // soft reboot, reset and round trips on a running instance
+        agent_start(&mut client, &s).await?;
+        let (t, _) = timed(async {
+            client
+                .reboot_instance(pb::RebootInstanceRequest {
+                    name: "bench".into(),
+                    mode: pb::RebootMode::Soft as i32,
+                    spec: None,
+                })
+                .await?;
+            Ok(())
+        })
+        .await?;
+        soft.agent.push(t);
+        let (t, _) = timed(async {
+            client
+                .reboot_instance(pb::RebootInstanceRequest {
+                    name: "bench".into(),
+                    mode: pb::RebootMode::Reset as i32,
+                    spec: None,
+                })
+                .await?;
+            Ok(())
+        })
+        .await?;
+        reset.agent.push(t);
+        let t0 = Instant::now();
+        for _ in 0..rtt_calls {
+            client
+                .get_instance(pb::GetInstanceRequest {
+                    name: "bench".into(),
+                })
+                .await?;
+        }
+        rtt.agent.push(t0.elapsed() / rtt_calls);
+        agent_stop(&mut client, "bench", true).await?;
+
+        let q = RawQemu::start(&raw_dir, &raw_args).await?;
+        let (t, mut q) = timed(async {
+            q.stop_graceful(POWERDOWN_WAIT).await?;
+            RawQemu::start(&raw_dir, &raw_args).await
+        })
+        .await?;
+        soft.raw.push(t);
+        let (t, _) = timed(q.execute_until_event("system_reset", "RESET")).await?;
+        reset.raw.push(t);
+        let t0 = Instant::now();
+        for _ in 0..rtt_calls {
+            q.execute("query-status").await?;
+        }
+        rtt.raw.push(t0.elapsed() / rtt_calls);
+        q.kill().await?;
+    }
+
+    let rows = vec![
+        start.row("start → QMP ready", 1.10),
+        stop_force.row("stop (force)", 1.10),
+        stop_quit.row("stop (powerdown, quit)", 1.10),
+        soft.row("soft reboot", 1.10),
+        reset.row("reset (system_reset → RESET)", 1.10),
+        rtt.row("GetInstance vs query-status round trip", f64::NAN),
+    ];
+    write_report(&args.out, &node, accel, rounds, &rows)
+}
+
+fn write_report(
+    out: &Path,
+    node: &pb::NodeInfo,
+    accel: &str,
+    rounds: usize,
+    rows: &[Row],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let machine = serde_json::json!({
+        "hostname": node.hostname,
+        "kernel": kernel.trim(),
+        "cpus": node.cpus,
+        "memory_total_mib": node.memory_total_mib,
+        "qemu": node.qemu_version,
+        "accelerator": accel,
+        "memory_per_instance_mib": MEMORY_MIB,
+        "rounds": rounds,
+    });
+    let json = serde_json::json!({ "machine": machine, "operations": rows });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+
+    let mut md = String::new();
+    md.push_str("# kvm-agent benchmark\n\n");
+    md.push_str(&format!(
+        "{} CPUs, kernel {}, {}, accelerator {accel}, {MEMORY_MIB} MiB per instance, {rounds} rounds; agent and raw interleaved in the same run.\n\n",
+        node.cpus,
+        kernel.trim(),
+        node.qemu_version
+    ));
+    md.push_str("| operation | agent p50 / p90 / max (ms) | raw p50 / p90 / max (ms) | agent/raw p50 | goal |\n|---|---|---|---|---|\n");
+    for r in rows {
+        let goal = if r.goal.is_nan() {
+            "—".to_owned()
+        } else {
+            format!("≤ {:.2}", r.goal)
+        };
+        let verdict = if r.goal.is_nan() || r.ratio_p50 <= r.goal {
+            ""
+        } else {
+            " ✗"
+        };
+        md.push_str(&format!(
+            "| {} | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.2}{verdict} | {goal} |\n",
+            r.operation,
+            r.agent.p50_ms,
+            r.agent.p90_ms,
+            r.agent.max_ms,
+            r.raw.p50_ms,
+            r.raw.p90_ms,
+            r.raw.max_ms,
+            r.ratio_p50
+        ));
+    }
+    md.push_str(&format!(
+        "\nGraceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv.\n",
+        POWERDOWN_WAIT.as_millis()
+    ));
+    std::fs::write(out.join("report.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("bench: {e:#}");
+        std::process::exit(1);
+    }
+}

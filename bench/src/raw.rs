@@ -1,0 +1,148 @@
+//! The raw baseline: QEMU spawned and QMP spoken directly, with no agent,
+//! done the way a competent direct driver would (the monitor socket passed
+//! as a listening fd, one connection kept open).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, Command};
+
+/// A QEMU started without the agent.
+pub struct RawQemu {
+    child: Child,
+    reader: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    writer: OwnedWriteHalf,
+    next_id: u64,
+}
+
+/// The machine part of the argv, the same options the agent renders.
+pub fn machine_args(name: &str, uuid: &str, accel: &str, memory_mib: u64) -> Vec<String> {
+    [
+        "-name",
+        &format!("guest={name},debug-threads=on"),
+        "-uuid",
+        uuid,
+        "-machine",
+        &format!("pc-i440fx-7.2,accel={accel}"),
+        "-cpu",
+        "qemu64",
+        "-m",
+        &format!("size={memory_mib}M"),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-msg",
+        "timestamp=on",
+        "-display",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl RawQemu {
+    /// Spawns QEMU and waits until QMP is ready (greeting + capabilities).
+    pub async fn start(dir: &Path, args: &[String]) -> anyhow::Result<RawQemu> {
+        let sock = dir.join("raw-qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)?;
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(args)
+            .arg("-chardev")
+            .arg(format!("socket,id=qmp,fd={fd},server=on,wait=off"))
+            .args(["-mon", "chardev=qmp,mode=control"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls on an integer between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawn qemu")?;
+        drop(listener);
+        let (read, writer) = UnixStream::connect(&sock).await?.into_split();
+        let mut raw = RawQemu {
+            child,
+            reader: BufReader::new(read).lines(),
+            writer,
+            next_id: 0,
+        };
+        let greeting = raw.reader.next_line().await?.context("no greeting")?;
+        if !greeting.contains("\"QMP\"") {
+            bail!("unexpected greeting {greeting}");
+        }
+        raw.execute("qmp_capabilities").await?;
+        Ok(raw)
+    }
+
+    /// Runs a command and waits for its reply, skipping events.
+    pub async fn execute(&mut self, command: &str) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let line = format!("{}\n", json!({ "execute": command, "id": self.next_id }));
+        self.writer.write_all(line.as_bytes()).await?;
+        loop {
+            let line = self.reader.next_line().await?.context("QMP closed")?;
+            let v: Value = serde_json::from_str(&line)?;
+            if v.get("id").and_then(Value::as_u64) == Some(self.next_id) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Runs a command and waits for both its reply and an event, in
+    /// whatever order QEMU sends them.
+    pub async fn execute_until_event(&mut self, command: &str, event: &str) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let line = format!("{}\n", json!({ "execute": command, "id": self.next_id }));
+        self.writer.write_all(line.as_bytes()).await?;
+        let (mut replied, mut seen) = (false, false);
+        while !(replied && seen) {
+            let line = self.reader.next_line().await?.context("QMP closed")?;
+            let v: Value = serde_json::from_str(&line)?;
+            replied |= v.get("id").and_then(Value::as_u64) == Some(self.next_id);
+            seen |= v.get("event").and_then(Value::as_str) == Some(event);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// powerdown, wait `powerdown_wait` for an exit, then quit and reap:
+    /// the same escalation the agent runs.
+    pub async fn stop_graceful(mut self, powerdown_wait: Duration) -> anyhow::Result<()> {
+        self.execute("system_powerdown").await?;
+        if tokio::time::timeout(powerdown_wait, self.child.wait())
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let id = self.next_id + 1;
+        self.next_id = id;
+        let line = format!("{}\n", json!({ "execute": "quit", "id": id }));
+        self.writer.write_all(line.as_bytes()).await?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
