@@ -126,6 +126,8 @@ pub struct ExecutionFds<'a> {
     pub serial: Option<RawFd>,
     /// One tap fd per NIC, in runtime order.
     pub taps: Vec<RawFd>,
+    /// One vhost-net fd per NIC, in runtime order (`None` without vhost).
+    pub vhost: Vec<Option<RawFd>>,
     /// Path of an extra QMP monitor for operators, when enabled.
     pub operator_qmp: Option<&'a Path>,
 }
@@ -137,8 +139,9 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
         let boot_first = index == 0 && rt.boot == Boot::Disk;
         argv.extend(render_disk(disk, boot_first));
     }
-    for (nic, fd) in rt.nics.iter().zip(&fds.taps) {
-        argv.extend(render_nic(nic, *fd));
+    for (index, (nic, fd)) in rt.nics.iter().zip(&fds.taps).enumerate() {
+        let vhost = fds.vhost.get(index).copied().flatten();
+        argv.extend(render_nic(nic, *fd, vhost));
     }
     argv.extend([
         "-chardev".into(),
@@ -214,8 +217,9 @@ pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
     ]
 }
 
-/// `-netdev` and `-device` for one NIC on an inherited tap fd.
-pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd) -> [String; 4] {
+/// `-netdev` and `-device` for one NIC on an inherited tap fd (and vhost
+/// fd). No `vnet_hdr=`: QEMU reads it from the fd and refuses both.
+pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd, vhost_fd: Option<RawFd>) -> [String; 4] {
     let n = &nic.spec;
     let model = match n.model {
         NicModel::Virtio => "virtio-net-pci",
@@ -224,7 +228,10 @@ pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd) -> [String; 4] {
     let netdev = netdev_id(n.uuid);
     [
         "-netdev".into(),
-        format!("tap,id={netdev},fd={tap_fd}"),
+        match vhost_fd {
+            Some(v) => format!("tap,id={netdev},fd={tap_fd},vhost=on,vhostfd={v}"),
+            None => format!("tap,id={netdev},fd={tap_fd}"),
+        },
         "-device".into(),
         format!(
             "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}",
@@ -275,6 +282,7 @@ mod tests {
             qmp: 3,
             serial: Some(4),
             taps: vec![5],
+            vhost: vec![None],
             operator_qmp: None,
         }
     }
@@ -383,7 +391,7 @@ mod tests {
         fn rendering_is_deterministic(tap in 3i32..1000, qmp in 3i32..1000) {
             let qemu = qemu_7_2();
             let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-            let fds = ExecutionFds { qmp, serial: None, taps: vec![tap], operator_qmp: None };
+            let fds = ExecutionFds { qmp, serial: None, taps: vec![tap], vhost: vec![None], operator_qmp: None };
             prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
         }
     }

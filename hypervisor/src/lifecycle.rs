@@ -18,7 +18,7 @@ use crate::Runtime;
 use crate::argv::{self, ExecutionFds};
 use crate::process::{self, PidFd};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
-use crate::tap::{Tap, TapError};
+use crate::tap::{self, Tap, TapError};
 
 /// File names inside an instance's run directory.
 pub mod files {
@@ -125,6 +125,7 @@ struct ExecutionResources {
     qmp: UnixListener,
     serial: Option<UnixListener>,
     taps: Vec<Tap>,
+    vhost: Vec<Option<std::fs::File>>,
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
@@ -178,7 +179,13 @@ fn open_resources(
         tracing::debug!(instance = %rt.name, nic = %nic.spec.name, tap = tap.name(), "tap ready");
         taps.push(tap);
     }
+    let vhost = rt
+        .nics
+        .iter()
+        .map(|n| n.spec.vhost.then(tap::open_vhost_net).transpose())
+        .collect::<Result<Vec<_>, TapError>>()?;
     Ok(ExecutionResources {
+        vhost,
         qmp: listen(&run_dir.join(files::QMP))?,
         serial: if rt.serial_console {
             Some(listen(&run_dir.join(files::SERIAL))?)
@@ -223,12 +230,18 @@ async fn launch_in(
             .iter()
             .map(|t| t.as_fd().as_raw_fd())
             .collect(),
+        vhost: resources
+            .vhost
+            .iter()
+            .map(|v| v.as_ref().map(AsRawFd::as_raw_fd))
+            .collect(),
         operator_qmp: cfg.operator_qmp.then_some(operator_qmp.as_path()),
     };
     let args = argv::render_execution(rt, &fds);
     let mut inherit = vec![fds.qmp];
     inherit.extend(fds.serial);
     inherit.extend(&fds.taps);
+    inherit.extend(fds.vhost.iter().flatten());
 
     let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
     let log = OpenOptions::new()

@@ -6,14 +6,17 @@
 //! has a timeout, and QEMU's error `class` and `desc` are kept.
 
 use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -250,6 +253,93 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments, None, timeout).await
+    }
+
+    /// Runs a command whose fd rides in the same `sendmsg` (SCM_RIGHTS), as
+    /// `getfd` and `add-fd` need. QEMU keeps its own copy; the caller's fd
+    /// stays the caller's.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.send(command, arguments, Some(fd), self.config.command_timeout)
+            .await
+    }
+
+    /// `getfd`: hands QEMU an fd under a name, for `netdev_add fd=NAME`.
+    pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), fd)
+            .await
+            .map(drop)
+    }
+
+    /// `closefd`: drops a named fd QEMU hasn't used.
+    pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        self.execute("closefd", Some(json!({ "fdname": name })))
+            .await
+            .map(drop)
+    }
+
+    /// `add-fd`: puts an fd into a new fdset, usable as `/dev/fdset/N`.
+    /// Returns the fdset id.
+    pub async fn add_fd(&self, fd: BorrowedFd<'_>) -> Result<u64, QmpError> {
+        let reply = self.execute_with_fd("add-fd", None, fd).await?;
+        reply
+            .get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Protocol(format!("add-fd reply without fdset-id: {reply}")))
+    }
+
+    /// `remove-fd`: releases an fdset. QEMU closes its fds once nothing
+    /// uses them.
+    pub async fn remove_fd(&self, fdset_id: u64) -> Result<(), QmpError> {
+        self.execute("remove-fd", Some(json!({ "fdset-id": fdset_id })))
+            .await
+            .map(drop)
+    }
+
+    /// Writes one command line, with an fd attached when given.
+    async fn write_line(&self, line: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let mut writer = self.writer.lock().await;
+        let Some(fd) = fd else {
+            return writer.write_all(line).await;
+        };
+        let stream: &UnixStream = writer.as_ref();
+        let sent = loop {
+            stream.writable().await?;
+            let attempt = stream.try_io(Interest::WRITABLE, || {
+                let iov = [IoSlice::new(line)];
+                let fds = [fd.as_raw_fd()];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // The fd went with the first byte; the rest of a long line follows.
+        writer.write_all(&line[sent..]).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         if !HANDSHAKE_COMMANDS.contains(&command) && !self.supports(command) {
             return Err(QmpError::Unsupported(command.to_owned()));
         }
@@ -269,7 +359,7 @@ impl QmpClient {
         let (tx, rx) = oneshot::channel();
         lock(&self.shared.pending).insert(id, tx);
         let outcome = tokio::time::timeout(timeout, async {
-            self.writer.lock().await.write_all(line.as_bytes()).await?;
+            self.write_line(line.as_bytes(), fd).await?;
             rx.await
                 .unwrap_or(Err(QmpError::Disconnected { reason: None }))
         })
@@ -597,6 +687,83 @@ mod tests {
         let err = QmpClient::handshake(client, config()).await.unwrap_err();
 
         assert!(matches!(err, QmpError::NoGreeting(_)), "{err:?}");
+    }
+
+    /// Reads one line from a blocking socket, collecting any fds that came
+    /// with it.
+    fn recv_line_with_fds(
+        sock: &std::os::unix::net::UnixStream,
+    ) -> (String, Vec<std::os::fd::OwnedFd>) {
+        use nix::sys::socket::{ControlMessageOwned, recvmsg};
+        use std::os::fd::FromRawFd;
+        let mut line = Vec::new();
+        let mut fds = Vec::new();
+        while !line.ends_with(b"\n") {
+            let mut byte = [0u8; 1];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+            let msg = recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            for c in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmRights(received) = c {
+                    // SAFETY: the kernel just installed these fds for us.
+                    fds.extend(
+                        received
+                            .into_iter()
+                            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            assert_eq!(msg.bytes, 1, "peer closed");
+            line.push(byte[0]);
+        }
+        (String::from_utf8(line).unwrap(), fds)
+    }
+
+    #[tokio::test]
+    async fn getfd_sends_the_fd_with_the_command() {
+        let (client_end, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut out = server.try_clone().unwrap();
+            use std::io::Write;
+            writeln!(out, "{GREETING}").unwrap();
+            loop {
+                let (line, fds) = recv_line_with_fds(&server);
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let ret = match req["execute"].as_str().unwrap() {
+                    "query-commands" => json!([{"name": "getfd"}]),
+                    "getfd" => {
+                        writeln!(out, "{}", json!({"return": {}, "id": req["id"]})).unwrap();
+                        return (req, fds);
+                    }
+                    _ => json!({}),
+                };
+                writeln!(out, "{}", json!({"return": ret, "id": req["id"]})).unwrap();
+            }
+        });
+        client_end.set_nonblocking(true).unwrap();
+        let client = QmpClient::handshake(UnixStream::from_std(client_end).unwrap(), config())
+            .await
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+
+        client
+            .getfd("net0", std::os::fd::AsFd::as_fd(&file))
+            .await
+            .unwrap();
+
+        let (req, fds) = peer.join().unwrap();
+        assert_eq!(req["arguments"]["fdname"], "net0");
+        assert_eq!(fds.len(), 1, "exactly one fd must cross with the command");
+        let ours = std::fs::metadata(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
+        let theirs = std::fs::metadata(format!("/proc/self/fd/{}", fds[0].as_raw_fd())).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(ours.ino(), theirs.ino(), "the received fd is the same file");
     }
 
     #[tokio::test]

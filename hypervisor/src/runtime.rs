@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+pub use uuid::Uuid;
 
 use crate::argv;
 use crate::probe::{QemuInfo, QemuVersion};
@@ -171,6 +171,11 @@ pub enum RuntimeError {
     /// A foreign runtime's argv doesn't match its structured part.
     #[error("runtime argv does not match its structured part; refusing to execute foreign options")]
     ArgvMismatch,
+    /// A NIC asks for vhost but the node has no /dev/vhost-net.
+    #[error(
+        "NIC {0:?} asks for vhost, but /dev/vhost-net is missing on this node; load the vhost_net module or turn vhost off"
+    )]
+    VhostUnavailable(String),
     /// A foreign runtime's generation is zero.
     #[error("runtime generation must be at least 1")]
     Generation,
@@ -185,6 +190,8 @@ pub struct HostFacts<'a> {
     pub kvm: Result<(), &'a str>,
     /// The instance's run directory, where its sockets go.
     pub run_dir: &'a Path,
+    /// Whether /dev/vhost-net exists.
+    pub vhost_net: bool,
 }
 
 /// Generates a runtime from a spec. Pure.
@@ -215,6 +222,9 @@ pub fn generate(
         (Accelerator::Auto, Err(_)) | (Accelerator::Tcg, _) => ResolvedAccelerator::Tcg,
     };
 
+    if let Some(nic) = spec.nics.iter().find(|n| n.vhost && !host.vhost_net) {
+        return Err(RuntimeError::VhostUnavailable(nic.name.clone()));
+    }
     let mut free = free_slots();
     let device_count = spec.disks.len() + spec.nics.len();
     let total = free.len();
@@ -393,6 +403,7 @@ pub(crate) mod tests {
             qemu,
             kvm: Ok(()),
             run_dir: Path::new("/var/lib/kvm-agent/run/web1"),
+            vhost_net: true,
         }
     }
 
@@ -414,7 +425,24 @@ pub(crate) mod tests {
             mac: format!("52:54:00:00:00:{n:02x}").parse().unwrap(),
             model: NicModel::Virtio,
             bridge: None,
+            vhost: false,
         }
+    }
+
+    #[test]
+    fn vhost_without_vhost_net_is_refused() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.nics[0].vhost = true;
+        let facts = HostFacts {
+            vhost_net: false,
+            ..host(&qemu)
+        };
+
+        assert_eq!(
+            generate(&spec, facts, 1),
+            Err(RuntimeError::VhostUnavailable("eth0".into()))
+        );
     }
 
     #[test]

@@ -174,6 +174,9 @@ pub struct NicSpec {
     pub model: NicModel,
     /// Bridge to attach the tap to.
     pub bridge: Option<String>,
+    /// Use in-kernel vhost-net (needs /dev/vhost-net on the node).
+    #[serde(default)]
+    pub vhost: bool,
 }
 
 /// How the guest boots.
@@ -495,6 +498,7 @@ pub(crate) mod tests {
                 mac: "52:54:00:12:34:56".parse().unwrap(),
                 model: NicModel::Virtio,
                 bridge: Some("br0".into()),
+                vhost: false,
             }],
             boot: Boot::Disk,
             machine_type: "pc".into(),

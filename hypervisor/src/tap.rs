@@ -25,6 +25,9 @@ pub enum TapError {
     /// /dev/net/tun can't be opened.
     #[error("can't open {TUN_DEVICE} (load the tun module; the agent needs CAP_NET_ADMIN)")]
     OpenTun(#[source] io::Error),
+    /// /dev/vhost-net can't be opened.
+    #[error("can't open {VHOST_NET_DEVICE} (load the vhost_net module, or turn vhost off)")]
+    OpenVhost(#[source] io::Error),
     /// TUNSETIFF failed.
     #[error("can't create a tap from template {template:?}")]
     Create {
@@ -54,6 +57,24 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The in-kernel virtio-net backend's control device.
+pub const VHOST_NET_DEVICE: &str = "/dev/vhost-net";
+
+/// Whether the node offers vhost-net.
+pub fn vhost_net_available() -> bool {
+    std::path::Path::new(VHOST_NET_DEVICE).exists()
+}
+
+/// Opens /dev/vhost-net for one NIC queue.
+pub fn open_vhost_net() -> Result<std::fs::File, TapError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(VHOST_NET_DEVICE)
+        .map_err(TapError::OpenVhost)
 }
 
 #[repr(C)]
