@@ -23,6 +23,8 @@ pub struct AgentConfig {
     pub stop: StopTimeouts,
     /// How long a reset waits for QEMU's RESET event.
     pub reset_timeout: Duration,
+    /// How long a device removal waits for the guest to release the device.
+    pub unplug_timeout: Duration,
     /// How long the supervisor waits for QMP to drain after QEMU exits, to
     /// see whether the guest itself asked for the power-off.
     pub exit_drain_timeout: Duration,
@@ -37,6 +39,7 @@ impl AgentConfig {
             launch: LaunchConfig::default(),
             stop: StopTimeouts::default(),
             reset_timeout: Duration::from_secs(5),
+            unplug_timeout: Duration::from_secs(10),
             exit_drain_timeout: Duration::from_millis(500),
         }
     }

@@ -14,6 +14,7 @@ use crate::error::AgentError;
 use crate::instances::{InstanceView, State};
 use hypervisor::argv;
 use hypervisor::lifecycle::StopMethod;
+use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 
 /// Default machine type when the request leaves it empty.
 pub const DEFAULT_MACHINE_TYPE: &str = "pc";
@@ -32,72 +33,79 @@ fn non_empty(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
 }
 
+/// Converts a wire disk. A missing uuid stays nil.
+pub fn disk_from_proto(d: &pb::DiskSpec) -> Result<DiskSpec, AgentError> {
+    Ok(DiskSpec {
+        name: d.name.clone(),
+        uuid: parse_uuid(&format!("disk {:?}", d.name), &d.uuid)?,
+        path: PathBuf::from(&d.path),
+        format: match pb::DiskFormat::try_from(d.format) {
+            Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
+            Ok(pb::DiskFormat::Raw | pb::DiskFormat::Unspecified) => DiskFormat::Raw,
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "disk {:?}: unknown format {}",
+                    d.name, d.format
+                )));
+            }
+        },
+        read_only: d.read_only,
+        cache: match pb::DiskCache::try_from(d.cache) {
+            Ok(pb::DiskCache::Unspecified | pb::DiskCache::None) => DiskCache::None,
+            Ok(pb::DiskCache::Writeback) => DiskCache::Writeback,
+            Ok(pb::DiskCache::Writethrough) => DiskCache::Writethrough,
+            Ok(pb::DiskCache::Directsync) => DiskCache::Directsync,
+            Ok(pb::DiskCache::Unsafe) => DiskCache::Unsafe,
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "disk {:?}: unknown cache mode {}",
+                    d.name, d.cache
+                )));
+            }
+        },
+    })
+}
+
+/// Converts a wire NIC. A missing uuid stays nil.
+pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
+    Ok(NicSpec {
+        name: n.name.clone(),
+        uuid: parse_uuid(&format!("NIC {:?}", n.name), &n.uuid)?,
+        mac: n
+            .mac
+            .parse::<MacAddr>()
+            .map_err(|()| SpecError::MacSyntax {
+                nic: n.name.clone(),
+                mac: n.mac.clone(),
+            })?,
+        model: match pb::NicModel::try_from(n.model) {
+            Ok(pb::NicModel::Unspecified | pb::NicModel::Virtio) => NicModel::Virtio,
+            Ok(pb::NicModel::E1000) => NicModel::E1000,
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "NIC {:?}: unknown model {}",
+                    n.name, n.model
+                )));
+            }
+        },
+        bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
+        vhost: n.vhost,
+    })
+}
+
 /// Converts a wire spec. Missing uuids stay nil: the agent fills them in
 /// from the instance's record, or with fresh ones.
 pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> {
     let disks = p
         .disks
         .iter()
-        .map(|d| {
-            Ok(DiskSpec {
-                name: d.name.clone(),
-                uuid: parse_uuid(&format!("disk {:?}", d.name), &d.uuid)?,
-                path: PathBuf::from(&d.path),
-                format: match pb::DiskFormat::try_from(d.format) {
-                    Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
-                    Ok(pb::DiskFormat::Raw | pb::DiskFormat::Unspecified) => DiskFormat::Raw,
-                    Err(_) => {
-                        return Err(AgentError::BadRequest(format!(
-                            "disk {:?}: unknown format {}",
-                            d.name, d.format
-                        )));
-                    }
-                },
-                read_only: d.read_only,
-                cache: match pb::DiskCache::try_from(d.cache) {
-                    Ok(pb::DiskCache::Unspecified | pb::DiskCache::None) => DiskCache::None,
-                    Ok(pb::DiskCache::Writeback) => DiskCache::Writeback,
-                    Ok(pb::DiskCache::Writethrough) => DiskCache::Writethrough,
-                    Ok(pb::DiskCache::Directsync) => DiskCache::Directsync,
-                    Ok(pb::DiskCache::Unsafe) => DiskCache::Unsafe,
-                    Err(_) => {
-                        return Err(AgentError::BadRequest(format!(
-                            "disk {:?}: unknown cache mode {}",
-                            d.name, d.cache
-                        )));
-                    }
-                },
-            })
-        })
-        .collect::<Result<Vec<_>, AgentError>>()?;
+        .map(disk_from_proto)
+        .collect::<Result<Vec<_>, _>>()?;
     let nics = p
         .nics
         .iter()
-        .map(|n| {
-            Ok(NicSpec {
-                name: n.name.clone(),
-                uuid: parse_uuid(&format!("NIC {:?}", n.name), &n.uuid)?,
-                mac: n
-                    .mac
-                    .parse::<MacAddr>()
-                    .map_err(|()| SpecError::MacSyntax {
-                        nic: n.name.clone(),
-                        mac: n.mac.clone(),
-                    })?,
-                model: match pb::NicModel::try_from(n.model) {
-                    Ok(pb::NicModel::Unspecified | pb::NicModel::Virtio) => NicModel::Virtio,
-                    Ok(pb::NicModel::E1000) => NicModel::E1000,
-                    Err(_) => {
-                        return Err(AgentError::BadRequest(format!(
-                            "NIC {:?}: unknown model {}",
-                            n.name, n.model
-                        )));
-                    }
-                },
-                bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
-            })
-        })
-        .collect::<Result<Vec<_>, AgentError>>()?;
+        .map(nic_from_proto)
+        .collect::<Result<Vec<_>, _>>()?;
     let boot = match p.boot {
         Some(b) if !b.kernel.is_empty() => Boot::Kernel {
             kernel: PathBuf::from(b.kernel),
@@ -180,26 +188,38 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
     info.devices = rt
         .disks
         .iter()
-        .map(|d| pb::DeviceInfo {
-            kind: pb::DeviceKind::Disk as i32,
-            name: d.spec.name.clone(),
-            uuid: d.spec.uuid.to_string(),
-            pci_slot: u32::from(d.slot),
-            qemu_id: argv::disk_device_id(d.spec.uuid),
-            detail: d.spec.path.display().to_string(),
-            tap: String::new(),
-        })
-        .chain(rt.nics.iter().enumerate().map(|(i, n)| pb::DeviceInfo {
-            kind: pb::DeviceKind::Nic as i32,
-            name: n.spec.name.clone(),
-            uuid: n.spec.uuid.to_string(),
-            pci_slot: u32::from(n.slot),
-            qemu_id: argv::nic_device_id(n.spec.uuid),
-            detail: n.spec.mac.to_string(),
-            tap: view.taps.get(i).cloned().unwrap_or_default(),
+        .map(disk_to_proto)
+        .chain(rt.nics.iter().enumerate().map(|(i, n)| {
+            nic_to_proto(n, view.taps.get(i).map(String::as_str).unwrap_or_default())
         }))
         .collect();
     info
+}
+
+/// The wire form of a disk and its slot.
+pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
+    pb::DeviceInfo {
+        kind: pb::DeviceKind::Disk as i32,
+        name: d.spec.name.clone(),
+        uuid: d.spec.uuid.to_string(),
+        pci_slot: u32::from(d.slot),
+        qemu_id: argv::disk_device_id(d.spec.uuid),
+        detail: d.spec.path.display().to_string(),
+        tap: String::new(),
+    }
+}
+
+/// The wire form of a NIC, its slot and its tap.
+pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
+    pb::DeviceInfo {
+        kind: pb::DeviceKind::Nic as i32,
+        name: n.spec.name.clone(),
+        uuid: n.spec.uuid.to_string(),
+        pci_slot: u32::from(n.slot),
+        qemu_id: argv::nic_device_id(n.spec.uuid),
+        detail: n.spec.mac.to_string(),
+        tap: tap.to_owned(),
+    }
 }
 
 /// The wire form of a stop method.

@@ -1,5 +1,6 @@
 //! The agent's error type and its one mapping to gRPC status codes.
 
+use hotplug::HotplugError;
 use hypervisor::lifecycle::{LaunchError, StopError};
 use hypervisor::probe::ProbeError;
 use hypervisor::qmp::QmpError;
@@ -40,6 +41,35 @@ pub enum AgentError {
         disk: String,
         /// Its path.
         path: String,
+    },
+    /// A disk image can't be used.
+    #[error("instance {instance:?}: disk {disk:?} path {path} can't be used: {reason}")]
+    DiskUnusable {
+        /// Instance name.
+        instance: String,
+        /// Disk name.
+        disk: String,
+        /// Its path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// No such device on the instance.
+    #[error("instance {instance:?} has no device {device:?}")]
+    DeviceNotFound {
+        /// Instance name.
+        instance: String,
+        /// Device name.
+        device: String,
+    },
+    /// A hotplug operation failed; QEMU and the runtime are as before.
+    #[error("instance {instance:?}: hotplug failed")]
+    Hotplug {
+        /// Instance name.
+        instance: String,
+        /// What went wrong.
+        #[source]
+        source: HotplugError,
     },
     /// Runtime generation refused the spec or a stored runtime.
     #[error(transparent)]
@@ -111,13 +141,46 @@ impl AgentError {
                 (Code::AlreadyExists, "stop it first, or reboot it")
             }
             AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
-            AgentError::DiskMissing { .. } => {
-                (Code::FailedPrecondition, "create the image or fix the path")
+            AgentError::DiskMissing { .. } | AgentError::DiskUnusable { .. } => {
+                (Code::InvalidArgument, "create the image or fix the path")
             }
+            AgentError::DeviceNotFound { .. } => {
+                (Code::NotFound, "list devices with `kvm-agent device list`")
+            }
+            AgentError::Hotplug { source, .. } => match source {
+                HotplugError::Unsupported(_) => {
+                    (Code::FailedPrecondition, "this node or QEMU can't do it")
+                }
+                HotplugError::Slot(_) => (Code::ResourceExhausted, "remove a device first"),
+                HotplugError::Tap(_) => (
+                    Code::FailedPrecondition,
+                    "fix the network setup on the node",
+                ),
+                HotplugError::GuestDidNotRelease { .. } => (
+                    Code::DeadlineExceeded,
+                    "retry once the guest OS runs, or stop the instance",
+                ),
+                HotplugError::Qmp {
+                    source: QmpError::Timeout { .. },
+                    ..
+                } => (Code::DeadlineExceeded, "QEMU may be hung; retry"),
+                HotplugError::Qmp {
+                    source: QmpError::Qemu { .. },
+                    ..
+                } => (Code::FailedPrecondition, "QEMU refused the device"),
+                HotplugError::Qmp { .. } => {
+                    (Code::Unavailable, "retry; the agent reconnects to QEMU")
+                }
+                HotplugError::Verify { .. } => (Code::Internal, "see the agent's log"),
+            },
             AgentError::Runtime(e) => match e {
                 RuntimeError::NoFreeSlot { .. } => {
                     (Code::ResourceExhausted, "remove a device first")
                 }
+                RuntimeError::VhostUnavailable(_) => (
+                    Code::InvalidArgument,
+                    "turn vhost off, or load vhost_net on the node",
+                ),
                 RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {
                     (Code::FailedPrecondition, "fix the node setup")
                 }

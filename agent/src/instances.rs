@@ -25,6 +25,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::config::AgentConfig;
+use crate::devices::HotplugIntent;
 use crate::error::AgentError;
 
 /// What the record says about an instance, beside its runtime.
@@ -51,6 +52,9 @@ pub struct InstanceRecord {
     /// Why it is in that state.
     #[serde(default)]
     pub detail: String,
+    /// A hotplug operation under way (the intent journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<HotplugIntent>,
 }
 
 /// An instance's state as callers see it.
@@ -89,11 +93,12 @@ pub struct InstanceView {
 
 /// A running QEMU that the agent supervises.
 #[derive(Debug)]
-struct Process {
+pub(crate) struct Process {
     pid: u32,
     pidfd: Arc<PidFd>,
     qmp: QmpClient,
-    taps: Vec<String>,
+    /// Host taps in the runtime's NIC order.
+    taps: Mutex<Vec<String>>,
     /// Present when the agent itself spawned QEMU, for reaping.
     child: Mutex<Option<Child>>,
     /// Set before the agent stops QEMU, so its exit isn't taken for a crash.
@@ -102,6 +107,26 @@ struct Process {
 }
 
 impl Process {
+    /// The QMP connection.
+    pub(crate) fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    /// Records the tap of a hot-added NIC (the last one).
+    pub(crate) fn push_tap(&self, tap: String) {
+        lock(&self.taps).push(tap);
+    }
+
+    /// Forgets the tap of a removed NIC.
+    pub(crate) fn remove_tap(&self, index: usize) -> String {
+        let mut taps = lock(&self.taps);
+        if index < taps.len() {
+            taps.remove(index)
+        } else {
+            String::new()
+        }
+    }
+
     fn reap(&self) -> Option<String> {
         let mut child = lock(&self.child).take()?;
         Some(
@@ -146,7 +171,7 @@ impl Instance {
         })
     }
 
-    fn view(&self) -> InstanceView {
+    pub(crate) fn view(&self) -> InstanceView {
         let st = lock(&self.status);
         InstanceView {
             name: self.name.clone(),
@@ -161,13 +186,29 @@ impl Instance {
             taps: st
                 .process
                 .as_ref()
-                .map(|p| p.taps.clone())
+                .map(|p| lock(&p.taps).clone())
                 .unwrap_or_default(),
         }
     }
 
     fn process(&self) -> Option<Arc<Process>> {
         lock(&self.status).process.clone()
+    }
+
+    /// The instance name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Takes the operation lock.
+    pub(crate) async fn lock_ops(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.ops.lock().await
+    }
+
+    /// The running process (if any) and the record, copied together.
+    pub(crate) fn process_and_record(&self) -> (Option<Arc<Process>>, Option<InstanceRecord>) {
+        let st = lock(&self.status);
+        (st.process.clone(), st.record.clone())
     }
 
     fn set_state(&self, state: State, detail: impl Into<String>) {
@@ -263,7 +304,7 @@ impl Agent {
         self.instances.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn instance(&self, name: &str) -> Result<Arc<Instance>, AgentError> {
+    pub(crate) fn instance(&self, name: &str) -> Result<Arc<Instance>, AgentError> {
         self.registry()
             .get(name)
             .cloned()
@@ -342,6 +383,17 @@ impl Agent {
         Ok(())
     }
 
+    /// Saves a record and makes it the instance's current one.
+    pub(crate) async fn write_record(
+        &self,
+        inst: &Instance,
+        record: &InstanceRecord,
+    ) -> Result<(), AgentError> {
+        self.save_record(&inst.name, record).await?;
+        lock(&inst.status).record = Some(record.clone());
+        Ok(())
+    }
+
     async fn remove_record(&self, name: &str) -> Result<(), AgentError> {
         let store = self.store.clone();
         let name = name.to_owned();
@@ -402,6 +454,7 @@ impl Agent {
             qemu: &qemu,
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
             run_dir: &run_dir,
+            vhost_net: hypervisor::tap::vhost_net_available(),
         };
         Ok(runtime::generate(spec, host, generation)?)
     }
@@ -482,6 +535,7 @@ impl Agent {
             runtime,
             state: RecordedState::Running,
             detail: String::new(),
+            pending: None,
         };
         self.save_record(&inst.name, &record).await?;
         lock(&inst.status).record = Some(record.clone());
@@ -525,7 +579,7 @@ impl Agent {
             pid: launched.pid,
             pidfd: launched.pidfd,
             qmp: launched.qmp,
-            taps: launched.taps,
+            taps: Mutex::new(launched.taps),
             child: Mutex::new(Some(launched.child)),
             stop_requested: AtomicBool::new(false),
             started_at: SystemTime::now(),
@@ -732,6 +786,7 @@ impl Agent {
                     runtime,
                     state: RecordedState::Running,
                     detail: String::new(),
+                    pending: None,
                 };
                 self.save_record(name, &record).await?;
                 lock(&inst.status).record = Some(record.clone());
@@ -797,6 +852,11 @@ impl Agent {
                 (State::Stopped, record.detail.clone())
             }
         };
+        if let Some(intent) = &record.pending {
+            // Reconciling it against QEMU is the restart's next step; until
+            // then it is reported, not silently dropped.
+            tracing::warn!(instance = %name, ?intent, "a hotplug operation was under way when the agent stopped");
+        }
         let inst = Instance::new(&name, Some(record.clone()), state, detail);
         self.registry_mut().insert(name.clone(), inst.clone());
         if record.state != RecordedState::Running {
@@ -847,7 +907,7 @@ impl Agent {
                 pid,
                 pidfd: Arc::new(pidfd),
                 qmp,
-                taps: process::tap_names(pid),
+                taps: Mutex::new(process::tap_names(pid)),
                 child: Mutex::new(None),
                 stop_requested: AtomicBool::new(false),
                 started_at,

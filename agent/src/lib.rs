@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod devices;
 pub mod error;
 pub mod instances;
 pub mod server;

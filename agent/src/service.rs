@@ -8,8 +8,13 @@ use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_server::NodeAgent;
 use tonic::{Request, Response, Status};
 
-use crate::convert::{spec_from_proto, stop_method_to_proto, view_to_proto};
+use crate::convert::{
+    disk_from_proto, disk_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
+    stop_method_to_proto, view_to_proto,
+};
+use crate::devices::ChangedDevice;
 use crate::error::AgentError;
+use crate::instances::InstanceView;
 use crate::instances::{Agent, RebootMode};
 
 /// `kvmagent.v1.NodeAgent` on top of an [`Agent`].
@@ -127,6 +132,55 @@ impl NodeAgent for NodeAgentService {
         )))
     }
 
+    async fn hotplug_support(
+        &self,
+        req: Request<pb::HotplugSupportRequest>,
+    ) -> Reply<pb::HotplugSupportResponse> {
+        let support = self.agent.hotplug_support(&req.into_inner().name)?;
+        let capability = |r: &Result<(), String>| {
+            Some(pb::Capability {
+                supported: r.is_ok(),
+                reason: r.clone().err().unwrap_or_default(),
+            })
+        };
+        Ok(Response::new(pb::HotplugSupportResponse {
+            nic: capability(&support.nic),
+            disk: capability(&support.disk),
+            remove: capability(&support.remove),
+            vhost: capability(&support.vhost),
+        }))
+    }
+
+    async fn add_nic(&self, req: Request<pb::AddNicRequest>) -> Reply<pb::DeviceChangeResponse> {
+        let req = req.into_inner();
+        let nic = req
+            .nic
+            .ok_or_else(|| AgentError::BadRequest("nic is required".into()))?;
+        let changed = self.agent.add_nic(&req.name, nic_from_proto(&nic)?).await?;
+        Ok(Response::new(device_change(changed)))
+    }
+
+    async fn add_disk(&self, req: Request<pb::AddDiskRequest>) -> Reply<pb::DeviceChangeResponse> {
+        let req = req.into_inner();
+        let disk = req
+            .disk
+            .ok_or_else(|| AgentError::BadRequest("disk is required".into()))?;
+        let changed = self
+            .agent
+            .add_disk(&req.name, disk_from_proto(&disk)?)
+            .await?;
+        Ok(Response::new(device_change(changed)))
+    }
+
+    async fn remove_device(
+        &self,
+        req: Request<pb::RemoveDeviceRequest>,
+    ) -> Reply<pb::DeviceChangeResponse> {
+        let req = req.into_inner();
+        let changed = self.agent.remove_device(&req.name, &req.device).await?;
+        Ok(Response::new(device_change(changed)))
+    }
+
     async fn get_runtime(
         &self,
         req: Request<pb::GetRuntimeRequest>,
@@ -138,5 +192,16 @@ impl NodeAgent for NodeAgentService {
             runtime_json,
             generation: record.runtime.generation,
         }))
+    }
+}
+
+fn device_change((view, changed): (InstanceView, ChangedDevice)) -> pb::DeviceChangeResponse {
+    let device = match &changed {
+        ChangedDevice::Nic(nic, tap) => nic_to_proto(nic, tap),
+        ChangedDevice::Disk(disk) => disk_to_proto(disk),
+    };
+    pb::DeviceChangeResponse {
+        instance: Some(view_to_proto(view)),
+        device: Some(device),
     }
 }

@@ -434,3 +434,8 @@ pub async fn wait_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Number of open fds of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}

@@ -198,7 +198,7 @@ async fn a_comma_in_a_disk_path_is_escaped_not_an_injected_option() {
 }
 
 #[tokio::test]
-async fn a_missing_disk_is_failed_precondition_naming_the_path() {
+async fn a_missing_disk_is_invalid_argument_naming_the_path() {
     let agent = TestAgent::start().await;
     let mut spec = agent.spec("nodisk", 64);
     spec.disks = vec![disk("root", "/nonexistent/kvm-agent-test/root.img")];
@@ -206,7 +206,7 @@ async fn a_missing_disk_is_failed_precondition_naming_the_path() {
 
     let err = start_err(&agent, spec).await;
 
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message()
             .contains("/nonexistent/kvm-agent-test/root.img"),

@@ -1,0 +1,294 @@
+//! Hotplug on running instances: the agent's side. It validates the
+//! device against the instance's runtime, journals the intent in the
+//! record, lets the `hotplug` crate change QEMU, and writes the new layout
+//! back so that reboot and migration keep it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::Arc;
+
+use hotplug::remove::Device;
+use hotplug::support::Support;
+use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
+use hypervisor::spec::{DiskSpec, NicSpec};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::AgentError;
+use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
+
+/// A hotplug operation recorded before QEMU is touched, so an agent that
+/// dies midway can tell at restart what may have happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum HotplugIntent {
+    /// A NIC is being added at its slot.
+    AddNic {
+        /// The NIC as it will be recorded.
+        nic: RuntimeNic,
+    },
+    /// A disk is being added at its slot.
+    AddDisk {
+        /// The disk as it will be recorded.
+        disk: RuntimeDisk,
+    },
+    /// A device is being removed.
+    Remove {
+        /// Device name.
+        device: String,
+    },
+}
+
+/// What changed, for the reply.
+#[derive(Debug)]
+pub enum ChangedDevice {
+    /// A NIC, with its tap while running.
+    Nic(RuntimeNic, String),
+    /// A disk.
+    Disk(RuntimeDisk),
+}
+
+/// Opens a disk image the way QEMU will use it, so a bad path is refused
+/// before anything changes.
+fn open_image(instance: &str, disk: &DiskSpec) -> Result<File, AgentError> {
+    let unusable = |reason: String| AgentError::DiskUnusable {
+        instance: instance.to_owned(),
+        disk: disk.name.clone(),
+        path: disk.path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(&disk.path).map_err(|e| unusable(e.to_string()))?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(unusable("not a regular file or block device".into()));
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&disk.path)
+        .map_err(|e| unusable(e.to_string()))
+}
+
+impl Agent {
+    fn running(inst: &Instance) -> Result<(Arc<Process>, InstanceRecord), AgentError> {
+        let (process, record) = inst.process_and_record();
+        match (process, record) {
+            (Some(p), Some(r)) => Ok((p, r)),
+            _ => Err(AgentError::NotRunning(inst.name().to_owned())),
+        }
+    }
+
+    /// What hotplug can do for a running instance.
+    pub fn hotplug_support(&self, name: &str) -> Result<Support, AgentError> {
+        let inst = self.instance(name)?;
+        let (process, _) = Self::running(&inst)?;
+        Ok(hotplug::support::check(process.qmp()))
+    }
+
+    fn require(instance: &str, capability: &Result<(), String>) -> Result<(), AgentError> {
+        capability.clone().map_err(|reason| AgentError::Hotplug {
+            instance: instance.to_owned(),
+            source: hotplug::HotplugError::Unsupported(reason),
+        })
+    }
+
+    async fn free_slot(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        record: &InstanceRecord,
+    ) -> Result<u8, AgentError> {
+        let pci = process
+            .qmp()
+            .execute("query-pci", None)
+            .await
+            .map_err(|source| AgentError::Qmp {
+                instance: inst.name().to_owned(),
+                source,
+            })?;
+        hotplug::slots::find_free_slot(&pci, record.runtime.used_slots(), &RESERVED_PCI_SLOTS)
+            .map_err(|e| AgentError::Hotplug {
+                instance: inst.name().to_owned(),
+                source: e.into(),
+            })
+    }
+
+    /// Hot-adds a NIC.
+    pub async fn add_nic(
+        &self,
+        name: &str,
+        mut nic: NicSpec,
+    ) -> Result<(InstanceView, ChangedDevice), AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.lock_ops().await;
+        let (process, mut record) = Self::running(&inst)?;
+        if nic.uuid.is_nil() {
+            nic.uuid = Uuid::new_v4();
+        }
+        let mut candidate = record.runtime.to_spec();
+        candidate.nics.push(nic.clone());
+        candidate.validate()?;
+        let support = hotplug::support::check(process.qmp());
+        Self::require(name, &support.nic)?;
+        if nic.vhost && support.vhost.is_err() {
+            return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
+        }
+        let slot = self.free_slot(&inst, &process, &record).await?;
+        let runtime_nic = RuntimeNic { spec: nic, slot };
+
+        self.journal(
+            &inst,
+            &mut record,
+            HotplugIntent::AddNic {
+                nic: runtime_nic.clone(),
+            },
+        )
+        .await?;
+        let added = hotplug::nic::add(
+            process.qmp(),
+            &runtime_nic,
+            &self.config().launch.tap_template,
+        )
+        .await;
+        let added = match added {
+            Ok(a) => a,
+            Err(source) => {
+                self.clear_journal(&inst, &mut record).await?;
+                return Err(AgentError::Hotplug {
+                    instance: name.to_owned(),
+                    source,
+                });
+            }
+        };
+        record.runtime.nics.push(runtime_nic.clone());
+        process.push_tap(added.tap.clone());
+        self.clear_journal(&inst, &mut record).await?;
+        tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
+        Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
+    }
+
+    /// Hot-adds a disk.
+    pub async fn add_disk(
+        &self,
+        name: &str,
+        mut disk: DiskSpec,
+    ) -> Result<(InstanceView, ChangedDevice), AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.lock_ops().await;
+        let (process, mut record) = Self::running(&inst)?;
+        if disk.uuid.is_nil() {
+            disk.uuid = Uuid::new_v4();
+        }
+        let mut candidate = record.runtime.to_spec();
+        candidate.disks.push(disk.clone());
+        candidate.validate()?;
+        let image = open_image(name, &disk)?;
+        Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
+        let slot = self.free_slot(&inst, &process, &record).await?;
+        let runtime_disk = RuntimeDisk { spec: disk, slot };
+
+        self.journal(
+            &inst,
+            &mut record,
+            HotplugIntent::AddDisk {
+                disk: runtime_disk.clone(),
+            },
+        )
+        .await?;
+        if let Err(source) = hotplug::disk::add(process.qmp(), &runtime_disk, &image).await {
+            self.clear_journal(&inst, &mut record).await?;
+            return Err(AgentError::Hotplug {
+                instance: name.to_owned(),
+                source,
+            });
+        }
+        drop(image);
+        record.runtime.disks.push(runtime_disk.clone());
+        self.clear_journal(&inst, &mut record).await?;
+        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = runtime_disk.slot, "disk added");
+        Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
+    }
+
+    /// Hot-removes a device by name.
+    pub async fn remove_device(
+        &self,
+        name: &str,
+        device: &str,
+    ) -> Result<(InstanceView, ChangedDevice), AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.lock_ops().await;
+        let (process, mut record) = Self::running(&inst)?;
+        let nic_index = record
+            .runtime
+            .nics
+            .iter()
+            .position(|n| n.spec.name == device);
+        let disk_index = record
+            .runtime
+            .disks
+            .iter()
+            .position(|d| d.spec.name == device);
+        let target = match (nic_index, disk_index) {
+            (Some(i), _) => Device::Nic(record.runtime.nics[i].spec.uuid),
+            (None, Some(i)) => Device::Disk(record.runtime.disks[i].spec.uuid),
+            (None, None) => {
+                return Err(AgentError::DeviceNotFound {
+                    instance: name.to_owned(),
+                    device: device.to_owned(),
+                });
+            }
+        };
+        Self::require(name, &hotplug::support::check(process.qmp()).remove)?;
+
+        self.journal(
+            &inst,
+            &mut record,
+            HotplugIntent::Remove {
+                device: device.to_owned(),
+            },
+        )
+        .await?;
+        let removed =
+            hotplug::remove::remove(process.qmp(), target, self.config().unplug_timeout).await;
+        if let Err(source) = removed {
+            // The device may still be in QEMU; the runtime keeps it, which
+            // is what QEMU has until the guest lets go.
+            self.clear_journal(&inst, &mut record).await?;
+            return Err(AgentError::Hotplug {
+                instance: name.to_owned(),
+                source,
+            });
+        }
+        let changed = match (target, nic_index, disk_index) {
+            (Device::Nic(_), Some(i), _) => {
+                let tap = process.remove_tap(i);
+                ChangedDevice::Nic(record.runtime.nics.remove(i), tap)
+            }
+            (_, _, Some(i)) => ChangedDevice::Disk(record.runtime.disks.remove(i)),
+            // `target` was built from one of the two indexes.
+            _ => return Err(AgentError::Internal("device index lost".into())),
+        };
+        self.clear_journal(&inst, &mut record).await?;
+        tracing::info!(instance = %name, device, "device removed");
+        Ok((inst.view(), changed))
+    }
+
+    async fn journal(
+        &self,
+        inst: &Instance,
+        record: &mut InstanceRecord,
+        intent: HotplugIntent,
+    ) -> Result<(), AgentError> {
+        record.pending = Some(intent);
+        self.write_record(inst, record).await
+    }
+
+    async fn clear_journal(
+        &self,
+        inst: &Instance,
+        record: &mut InstanceRecord,
+    ) -> Result<(), AgentError> {
+        record.pending = None;
+        self.write_record(inst, record).await
+    }
+}

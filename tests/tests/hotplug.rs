@@ -1,0 +1,456 @@
+//! Hotplug against real QEMU without a guest OS: the runtime keeps what was
+//! added, slots run out cleanly, failures roll back without leaks, and an
+//! unplug the guest never acknowledges is reported, not pretended.
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::*;
+use serde_json::{Value, json};
+use tonic::Code;
+
+fn nic(name: &str, mac: &str) -> pb::NicSpec {
+    pb::NicSpec {
+        name: name.into(),
+        mac: mac.into(),
+        ..Default::default()
+    }
+}
+
+fn disk(name: &str, path: &std::path::Path) -> pb::DiskSpec {
+    pb::DiskSpec {
+        name: name.into(),
+        path: path.display().to_string(),
+        cache: pb::DiskCache::Writeback as i32,
+        ..Default::default()
+    }
+}
+
+async fn start(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec(name, 64)),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
+        .into_inner()
+}
+
+async fn add_nic(
+    agent: &TestAgent,
+    name: &str,
+    nic: pb::NicSpec,
+) -> Result<pb::DeviceChangeResponse, tonic::Status> {
+    agent
+        .client()
+        .await
+        .add_nic(pb::AddNicRequest {
+            name: name.into(),
+            nic: Some(nic),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn add_disk(
+    agent: &TestAgent,
+    name: &str,
+    disk: pb::DiskSpec,
+) -> Result<pb::DeviceChangeResponse, tonic::Status> {
+    agent
+        .client()
+        .await
+        .add_disk(pb::AddDiskRequest {
+            name: name.into(),
+            disk: Some(disk),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn runtime(agent: &TestAgent, name: &str) -> Value {
+    let reply = agent
+        .client()
+        .await
+        .get_runtime(pb::GetRuntimeRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    serde_json::from_str(&reply.runtime_json).unwrap()
+}
+
+fn slot_of(qmp: &mut Qmp, id: &str) -> Option<u64> {
+    qmp.pci_devices()
+        .into_iter()
+        .find(|(_, qdev, _)| qdev == id)
+        .map(|(slot, _, _)| slot)
+}
+
+#[tokio::test]
+async fn soft_reboot_keeps_hotplugged_devices_at_their_slots() {
+    let agent = TestAgent::start().await;
+    start(&agent, "grow").await;
+    let image = agent.raw_image("extra.img", 8);
+    let added_nic = add_nic(&agent, "grow", nic("eth9", "52:54:00:00:60:01"))
+        .await
+        .unwrap()
+        .device
+        .unwrap();
+    let added_disk = add_disk(&agent, "grow", disk("extra", &image))
+        .await
+        .unwrap()
+        .device
+        .unwrap();
+    let mut qmp = operator_qmp(&agent, "grow");
+    assert_eq!(
+        slot_of(&mut qmp, &added_nic.qemu_id),
+        Some(added_nic.pci_slot.into())
+    );
+    assert_eq!(
+        slot_of(&mut qmp, &added_disk.qemu_id),
+        Some(added_disk.pci_slot.into())
+    );
+    drop(qmp);
+
+    let rebooted = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "grow".into(),
+            mode: pb::RebootMode::Soft as i32,
+            spec: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut qmp = operator_qmp(&agent, "grow");
+    assert_eq!(
+        slot_of(&mut qmp, &added_nic.qemu_id),
+        Some(added_nic.pci_slot.into())
+    );
+    assert_eq!(
+        slot_of(&mut qmp, &added_disk.qemu_id),
+        Some(added_disk.pci_slot.into())
+    );
+    let tap = &rebooted
+        .devices
+        .iter()
+        .find(|d| d.name == "eth9")
+        .unwrap()
+        .tap;
+    assert_eq!(agent.taps(), vec![tap.clone()]);
+    let rt = runtime(&agent, "grow").await;
+    assert_eq!(rt["nics"][0]["slot"], added_nic.pci_slot);
+    assert_eq!(rt["disks"][0]["slot"], added_disk.pci_slot);
+}
+
+#[tokio::test]
+async fn a_full_bus_is_resource_exhausted_and_changes_nothing() {
+    let agent = TestAgent::start().await;
+    start(&agent, "crowded").await;
+    let mut added = 0;
+    let err = loop {
+        let mac = format!("52:54:00:00:61:{added:02x}");
+        match add_nic(&agent, "crowded", nic(&format!("n{added}"), &mac)).await {
+            Ok(_) => added += 1,
+            Err(e) => break e,
+        }
+        assert!(added <= 32, "the bus can't hold more than 32 devices");
+    };
+    let before = runtime(&agent, "crowded").await;
+
+    let again = add_nic(&agent, "crowded", nic("one-more", "52:54:00:00:62:01"))
+        .await
+        .unwrap_err();
+
+    // Slots 0-2 are reserved, so 29 NICs fit.
+    assert_eq!(added, 29);
+    for e in [&err, &again] {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("no free PCI slot"), "{}", e.message());
+    }
+    assert_eq!(runtime(&agent, "crowded").await, before);
+    assert_eq!(
+        agent.taps().len(),
+        29,
+        "the refused add must not leave a tap"
+    );
+}
+
+#[tokio::test]
+async fn a_nic_refused_at_device_add_is_rolled_back_without_leaks() {
+    let agent = TestAgent::start().await;
+    let info = start(&agent, "refuse-nic").await;
+    let nic_uuid = uuid::Uuid::new_v4();
+    let mut qmp = operator_qmp(&agent, "refuse-nic");
+    // Occupy the NIC's QEMU id so that device_add fails after netdev_add.
+    let id = format!("nic-{}", &nic_uuid.simple().to_string()[..12]);
+    qmp.execute(
+        "device_add",
+        json!({ "driver": "virtio-rng-pci", "id": id, "bus": "pci.0", "addr": "0x1f" }),
+    );
+    let fds_before = fd_count(info.pid);
+    let runtime_before = runtime(&agent, "refuse-nic").await;
+
+    let err = add_nic(
+        &agent,
+        "refuse-nic",
+        pb::NicSpec {
+            uuid: nic_uuid.to_string(),
+            ..nic("eth1", "52:54:00:00:63:01")
+        },
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("device_add"), "{}", err.message());
+    assert_eq!(fd_count(info.pid), fds_before, "no fd may leak into QEMU");
+    assert_eq!(qmp.execute("query-fdsets", json!({})), json!([]));
+    assert!(
+        agent.taps().is_empty(),
+        "the tap must be closed: {:?}",
+        agent.taps()
+    );
+    assert_eq!(runtime(&agent, "refuse-nic").await, runtime_before);
+    let record = std::fs::read_to_string(agent.record_path("refuse-nic")).unwrap();
+    assert!(
+        !record.contains("pending"),
+        "the intent must be cleared: {record}"
+    );
+}
+
+#[tokio::test]
+async fn a_disk_refused_at_device_add_is_rolled_back_without_leaks() {
+    let agent = TestAgent::start().await;
+    let info = start(&agent, "refuse-disk").await;
+    let image = agent.raw_image("refused.img", 8);
+    let disk_uuid = uuid::Uuid::new_v4();
+    let mut qmp = operator_qmp(&agent, "refuse-disk");
+    let short = &disk_uuid.simple().to_string()[..12];
+    qmp.execute("device_add", json!({ "driver": "virtio-rng-pci", "id": format!("disk-{short}"), "bus": "pci.0", "addr": "0x1f" }));
+    let fds_before = fd_count(info.pid);
+    let runtime_before = runtime(&agent, "refuse-disk").await;
+
+    let err = add_disk(
+        &agent,
+        "refuse-disk",
+        pb::DiskSpec {
+            uuid: disk_uuid.to_string(),
+            ..disk("data", &image)
+        },
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(fd_count(info.pid), fds_before, "no fd may leak into QEMU");
+    assert_eq!(qmp.execute("query-fdsets", json!({})), json!([]));
+    let nodes = qmp.execute("query-named-block-nodes", json!({}));
+    assert!(
+        !nodes.to_string().contains(short),
+        "block nodes must be deleted: {nodes}"
+    );
+    assert_eq!(runtime(&agent, "refuse-disk").await, runtime_before);
+}
+
+#[tokio::test]
+async fn a_disk_with_a_bad_format_is_rolled_back_at_blockdev_add() {
+    let agent = TestAgent::start().await;
+    let info = start(&agent, "badfmt").await;
+    let image = agent.raw_image("plain.img", 8);
+    let mut qmp = operator_qmp(&agent, "badfmt");
+    let fds_before = fd_count(info.pid);
+
+    let err = add_disk(
+        &agent,
+        "badfmt",
+        pb::DiskSpec {
+            format: pb::DiskFormat::Qcow2 as i32,
+            ..disk("data", &image)
+        },
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("qcow2"),
+        "QEMU's reason must be kept: {}",
+        err.message()
+    );
+    assert_eq!(fd_count(info.pid), fds_before);
+    assert_eq!(qmp.execute("query-fdsets", json!({})), json!([]));
+}
+
+#[tokio::test]
+async fn unplug_without_a_guest_os_is_deadline_exceeded_and_the_device_stays() {
+    let options = AgentOptions {
+        args: [
+            "--powerdown-timeout-ms",
+            "1000",
+            "--unplug-timeout-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..AgentOptions::default()
+    };
+    let agent = TestAgent::start_with(options).await;
+    start(&agent, "deaf").await;
+    let added = add_nic(&agent, "deaf", nic("eth1", "52:54:00:00:64:01"))
+        .await
+        .unwrap()
+        .device
+        .unwrap();
+
+    let err = agent
+        .client()
+        .await
+        .remove_device(pb::RemoveDeviceRequest {
+            name: "deaf".into(),
+            device: "eth1".into(),
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("did not release"),
+        "{}",
+        err.message()
+    );
+    let rt = runtime(&agent, "deaf").await;
+    assert_eq!(rt["nics"][0]["name"], "eth1");
+    let mut qmp = operator_qmp(&agent, "deaf");
+    assert_eq!(
+        slot_of(&mut qmp, &added.qemu_id),
+        Some(added.pci_slot.into())
+    );
+}
+
+#[tokio::test]
+async fn bad_hotplug_requests_change_nothing() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("strict", 64);
+    spec.nics = vec![nic("eth0", "52:54:00:00:65:01")];
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap();
+    start(&agent, "asleep").await;
+    agent
+        .client()
+        .await
+        .stop_instance(pb::StopInstanceRequest {
+            name: "asleep".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = runtime(&agent, "strict").await;
+    let directory = agent.scratch();
+
+    let stopped = add_nic(&agent, "asleep", nic("eth1", "52:54:00:00:65:02"))
+        .await
+        .unwrap_err();
+    let same_mac = add_nic(&agent, "strict", nic("eth1", "52:54:00:00:65:01"))
+        .await
+        .unwrap_err();
+    let same_name = add_nic(&agent, "strict", nic("eth0", "52:54:00:00:65:03"))
+        .await
+        .unwrap_err();
+    let multicast = add_nic(&agent, "strict", nic("eth1", "01:00:5e:00:00:09"))
+        .await
+        .unwrap_err();
+    let missing = add_disk(
+        &agent,
+        "strict",
+        disk("d", std::path::Path::new("/nonexistent/x.img")),
+    )
+    .await
+    .unwrap_err();
+    let not_a_file = add_disk(&agent, "strict", disk("d", &directory))
+        .await
+        .unwrap_err();
+    let relative = add_disk(&agent, "strict", disk("d", std::path::Path::new("x.img")))
+        .await
+        .unwrap_err();
+    let vhost = add_nic(
+        &agent,
+        "strict",
+        pb::NicSpec {
+            vhost: true,
+            ..nic("eth1", "52:54:00:00:65:04")
+        },
+    )
+    .await;
+    let unknown = agent
+        .client()
+        .await
+        .remove_device(pb::RemoveDeviceRequest {
+            name: "strict".into(),
+            device: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(stopped.code(), Code::FailedPrecondition, "{stopped:?}");
+    for e in [
+        &same_mac,
+        &same_name,
+        &multicast,
+        &missing,
+        &not_a_file,
+        &relative,
+    ] {
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    assert!(
+        missing.message().contains("/nonexistent/x.img"),
+        "{}",
+        missing.message()
+    );
+    if std::path::Path::new("/dev/vhost-net").exists() {
+        vhost.expect("vhost works where /dev/vhost-net exists");
+    } else {
+        let e = vhost.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("/dev/vhost-net"), "{}", e.message());
+        assert_eq!(runtime(&agent, "strict").await, before);
+    }
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(agent.taps().len(), 1, "only eth0's tap");
+}
+
+#[tokio::test]
+async fn support_reports_each_capability_with_reasons() {
+    let agent = TestAgent::start().await;
+    start(&agent, "able").await;
+
+    let s = agent
+        .client()
+        .await
+        .hotplug_support(pb::HotplugSupportRequest {
+            name: "able".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert!(s.nic.unwrap().supported);
+    assert!(s.disk.unwrap().supported);
+    assert!(s.remove.unwrap().supported);
+    let vhost = s.vhost.unwrap();
+    assert_eq!(
+        vhost.supported,
+        std::path::Path::new("/dev/vhost-net").exists()
+    );
+    if !vhost.supported {
+        assert!(vhost.reason.contains("/dev/vhost-net"), "{}", vhost.reason);
+    }
+}
