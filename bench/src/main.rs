@@ -36,6 +36,8 @@ struct Args {
 /// no OS, so this only measures the escalation's own cost.
 const POWERDOWN_WAIT: Duration = Duration::from_millis(20);
 const MEMORY_MIB: u64 = 128;
+/// Time given to a fresh instance before hotplug is measured, on both sides.
+const SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Serialize)]
 struct Stats {
@@ -200,6 +202,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut soft = Samples::default();
     let mut reset = Samples::default();
     let mut rtt = Samples::default();
+    let mut nic_add = Samples::default();
+    let mut disk_add = Samples::default();
+    let agent_image = work.path().join("agent-disk.img");
+    let raw_image = work.path().join("raw-disk.img");
+    for image in [&agent_image, &raw_image] {
+        std::fs::File::create(image)?.set_len(16 << 20)?;
+    }
 
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
@@ -273,6 +282,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         rtt.raw.push(t0.elapsed() / rtt_calls);
         q.kill().await?;
+
+        // hot-add of a NIC and a disk into a running instance, once its
+        // firmware has settled (right after start QEMU is busy with it)
+        agent_start(&mut client, &s).await?;
+        tokio::time::sleep(SETTLE).await;
+        let nic = pb::NicSpec {
+            name: "hp-nic".into(),
+            mac: "52:54:00:98:00:01".into(),
+            ..Default::default()
+        };
+        let (t, _) = timed(async {
+            Ok(client
+                .add_nic(pb::AddNicRequest {
+                    name: "bench".into(),
+                    nic: Some(nic),
+                })
+                .await?)
+        })
+        .await?;
+        nic_add.agent.push(t);
+        let disk = pb::DiskSpec {
+            name: "hp-disk".into(),
+            path: agent_image.display().to_string(),
+            cache: pb::DiskCache::Writeback as i32,
+            ..Default::default()
+        };
+        let (t, _) = timed(async {
+            Ok(client
+                .add_disk(pb::AddDiskRequest {
+                    name: "bench".into(),
+                    disk: Some(disk),
+                })
+                .await?)
+        })
+        .await?;
+        disk_add.agent.push(t);
+        // The next start regenerates the runtime from the spec, which has
+        // no devices, so hotplugged ones don't pile up across rounds.
+        agent_stop(&mut client, "bench", true).await?;
+
+        let mut q = RawQemu::start(&raw_dir, &raw_args).await?;
+        tokio::time::sleep(SETTLE).await;
+        let (t, tap) = timed(q.add_nic(round as u32, 3)).await?;
+        nic_add.raw.push(t);
+        let (t, _) = timed(q.add_disk(round as u32, 4, &raw_image)).await?;
+        disk_add.raw.push(t);
+        q.kill().await?;
+        drop(tap);
     }
 
     let rows = vec![
@@ -282,6 +339,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         soft.row("soft reboot", 1.10),
         reset.row("reset (system_reset → RESET)", 1.10),
         rtt.row("GetInstance vs query-status round trip", f64::NAN),
+        nic_add.row("NIC hot-add", 1.5),
+        disk_add.row("disk hot-add", 1.5),
     ];
     write_report(&args.out, &node, accel, rounds, &rows)
 }

@@ -2,7 +2,12 @@
 //! done the way a competent direct driver would (the monitor socket passed
 //! as a listening fd, one connection kept open).
 
-use std::os::fd::AsRawFd;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use hypervisor::tap::Tap;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
@@ -94,9 +99,57 @@ impl RawQemu {
 
     /// Runs a command and waits for its reply, skipping events.
     pub async fn execute(&mut self, command: &str) -> anyhow::Result<Value> {
+        self.execute_args(command, Value::Null, None).await
+    }
+
+    /// Runs a command with arguments, and an fd sent in the same sendmsg
+    /// when given. Fails on an error reply.
+    pub async fn execute_args(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> anyhow::Result<Value> {
         self.next_id += 1;
-        let line = format!("{}\n", json!({ "execute": command, "id": self.next_id }));
-        self.writer.write_all(line.as_bytes()).await?;
+        let mut msg = json!({ "execute": command, "id": self.next_id });
+        if !arguments.is_null() {
+            msg["arguments"] = arguments;
+        }
+        let line = format!("{msg}\n");
+        match fd {
+            None => self.writer.write_all(line.as_bytes()).await?,
+            Some(fd) => {
+                let stream: &UnixStream = self.writer.as_ref();
+                loop {
+                    stream.writable().await?;
+                    let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                        let fds = [fd.as_raw_fd()];
+                        sendmsg::<()>(
+                            stream.as_raw_fd(),
+                            &[IoSlice::new(line.as_bytes())],
+                            &[ControlMessage::ScmRights(&fds)],
+                            MsgFlags::empty(),
+                            None,
+                        )
+                        .map_err(std::io::Error::from)
+                    });
+                    match sent {
+                        Ok(n) if n == line.len() => break,
+                        Ok(n) => bail!("short sendmsg ({n} of {} bytes)", line.len()),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        let reply = self.reply().await?;
+        if let Some(e) = reply.get("error") {
+            bail!("{command} failed: {e}");
+        }
+        Ok(reply)
+    }
+
+    async fn reply(&mut self) -> anyhow::Result<Value> {
         loop {
             let line = self.reader.next_line().await?.context("QMP closed")?;
             let v: Value = serde_json::from_str(&line)?;
@@ -119,6 +172,64 @@ impl RawQemu {
             replied |= v.get("id").and_then(Value::as_u64) == Some(self.next_id);
             seen |= v.get("event").and_then(Value::as_str) == Some(event);
         }
+        Ok(())
+    }
+
+    /// Hot-adds a NIC the way a direct driver would: tap, getfd,
+    /// netdev_add, query-pci (to pick the slot), device_add.
+    pub async fn add_nic(&mut self, index: u32, slot: u8) -> anyhow::Result<Tap> {
+        let tap = Tap::create("kbraw%d")?;
+        tap.set_up()?;
+        let netdev = format!("rawnet{index}");
+        self.execute_args("getfd", json!({ "fdname": netdev }), Some(tap.as_fd()))
+            .await?;
+        self.execute_args(
+            "netdev_add",
+            json!({ "type": "tap", "id": netdev, "fd": netdev }),
+            None,
+        )
+        .await?;
+        self.execute("query-pci").await?;
+        let device = json!({
+            "driver": "virtio-net-pci", "id": format!("rawnic{index}"), "netdev": netdev,
+            "mac": format!("52:54:00:99:00:{index:02x}"), "bus": "pci.0", "addr": format!("{slot:#x}"),
+        });
+        self.execute_args("device_add", device, None).await?;
+        Ok(tap)
+    }
+
+    /// Hot-adds a raw disk: open, add-fd, two blockdev-adds, query-pci,
+    /// device_add, remove-fd.
+    pub async fn add_disk(&mut self, index: u32, slot: u8, path: &Path) -> anyhow::Result<()> {
+        let image = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let reply = self
+            .execute_args("add-fd", Value::Null, Some(image.as_fd()))
+            .await?;
+        let fdset = reply["return"]["fdset-id"].as_u64().context("fdset-id")?;
+        let file = format!("rawfile{index}");
+        let format = format!("rawfmt{index}");
+        let file_node = json!({
+            "driver": "file", "node-name": file, "filename": format!("/dev/fdset/{fdset}"),
+            "cache": { "direct": false, "no-flush": false },
+        });
+        self.execute_args("blockdev-add", file_node, None).await?;
+        self.execute_args(
+            "blockdev-add",
+            json!({ "driver": "raw", "node-name": format, "file": file }),
+            None,
+        )
+        .await?;
+        self.execute("query-pci").await?;
+        let device = json!({
+            "driver": "virtio-blk-pci", "id": format!("rawdisk{index}"), "drive": format,
+            "bus": "pci.0", "addr": format!("{slot:#x}"),
+        });
+        self.execute_args("device_add", device, None).await?;
+        self.execute_args("remove-fd", json!({ "fdset-id": fdset }), None)
+            .await?;
         Ok(())
     }
 
