@@ -4,6 +4,8 @@
 //!
 //! Every QEMU a test starts is killed on drop, even when the test panics.
 
+pub mod guest;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;

@@ -1,0 +1,205 @@
+//! Hotplug and power events seen from inside a real Linux guest (TCG).
+
+use std::time::Duration;
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::*;
+use serde_json::Value;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const GUEST_SEES_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn start_guest(agent: &TestAgent, name: &str) -> (pb::InstanceInfo, GuestConsole) {
+    let mut spec = agent.spec(name, 256);
+    boot_guest(&mut spec);
+    let info = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
+        .into_inner();
+    let socket = agent.run_dir(name).join("serial.sock");
+    let console = tokio::task::spawn_blocking(move || GuestConsole::connect(&socket, BOOT_TIMEOUT))
+        .await
+        .unwrap();
+    (info, console)
+}
+
+async fn runtime(agent: &TestAgent, name: &str) -> Value {
+    let reply = agent
+        .client()
+        .await
+        .get_runtime(pb::GetRuntimeRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    serde_json::from_str(&reply.runtime_json).unwrap()
+}
+
+/// Runs blocking console work off the async runtime.
+async fn in_guest<T: Send + 'static>(
+    console: GuestConsole,
+    work: impl FnOnce(&mut GuestConsole) -> T + Send + 'static,
+) -> (GuestConsole, T) {
+    tokio::task::spawn_blocking(move || {
+        let mut console = console;
+        let out = work(&mut console);
+        (console, out)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
+    let agent = TestAgent::start().await;
+    let (_, console) = start_guest(&agent, "guest1").await;
+    let pattern = format!("KVMAGENT-PATTERN-{}", uuid::Uuid::new_v4().simple());
+    let image = agent.raw_image("hot.img", 8);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all(pattern.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut client = agent.client().await;
+
+    let nic = client
+        .add_nic(pb::AddNicRequest {
+            name: "guest1".into(),
+            nic: Some(pb::NicSpec {
+                name: "eth1".into(),
+                mac: "52:54:00:00:70:01".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("add NIC")
+        .into_inner()
+        .device
+        .unwrap();
+    let disk = client
+        .add_disk(pb::AddDiskRequest {
+            name: "guest1".into(),
+            disk: Some(pb::DiskSpec {
+                name: "hot".into(),
+                path: image.display().to_string(),
+                cache: pb::DiskCache::Writeback as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("add disk")
+        .into_inner()
+        .device
+        .unwrap();
+
+    let (nic_addr, disk_addr) = (pci_address(nic.pci_slot), pci_address(disk.pci_slot));
+    let read_pattern = format!("dd if=/dev/vda bs={} count=1 2>/dev/null", pattern.len());
+    let (console, (listing, data, mac)) = in_guest(console, move |c| {
+        let listing = c.run_until("ls /sys/bus/pci/devices", GUEST_SEES_TIMEOUT, |out| {
+            out.contains(&nic_addr) && out.contains(&disk_addr)
+        });
+        c.run_until("ls /dev", GUEST_SEES_TIMEOUT, |out| {
+            out.split_whitespace().any(|d| d == "vda")
+        });
+        let data = c.run(&read_pattern);
+        let mac = c.run("cat /sys/class/net/*/address");
+        (listing, data, mac)
+    })
+    .await;
+    assert!(listing.contains(&pci_address(nic.pci_slot)), "{listing}");
+    assert!(
+        data.contains(&pattern),
+        "the guest must read the host's bytes: {data:?}"
+    );
+    assert!(mac.contains("52:54:00:00:70:01"), "{mac}");
+    assert!(agent.taps().contains(&nic.tap));
+
+    for device in ["eth1", "hot"] {
+        client
+            .remove_device(pb::RemoveDeviceRequest {
+                name: "guest1".into(),
+                device: device.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("remove {device}: {s:?}"));
+    }
+
+    let (nic_addr, disk_addr) = (pci_address(nic.pci_slot), pci_address(disk.pci_slot));
+    let (_console, listing) = in_guest(console, move |c| {
+        c.run_until("ls /sys/bus/pci/devices", GUEST_SEES_TIMEOUT, |out| {
+            !out.contains(&nic_addr) && !out.contains(&disk_addr)
+        })
+    })
+    .await;
+    assert!(!listing.contains(&pci_address(disk.pci_slot)));
+    let mut qmp = operator_qmp(&agent, "guest1");
+    let pci = qmp.pci_devices();
+    assert!(
+        pci.iter()
+            .all(|(_, id, _)| id != &nic.qemu_id && id != &disk.qemu_id),
+        "{pci:?}"
+    );
+    let rt = runtime(&agent, "guest1").await;
+    assert_eq!(rt["nics"], serde_json::json!([]));
+    assert_eq!(rt["disks"], serde_json::json!([]));
+    assert!(
+        !agent.taps().contains(&nic.tap),
+        "the tap must be gone: {:?}",
+        agent.taps()
+    );
+}
+
+#[tokio::test]
+async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
+    let agent = TestAgent::start().await;
+    let (info, console) = start_guest(&agent, "selfoff").await;
+
+    let (_console, uname) = in_guest(console, |c| {
+        let uname = c.run("uname -s");
+        c.send("poweroff -f");
+        uname
+    })
+    .await;
+    assert_eq!(uname, "Linux");
+    let stopped = wait_for(Duration::from_secs(10), async || {
+        let i = agent
+            .client()
+            .await
+            .get_instance(pb::GetInstanceRequest {
+                name: "selfoff".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (i.state != pb::InstanceState::Running as i32).then_some(i)
+    })
+    .await
+    .expect("the instance leaves running");
+
+    assert_eq!(
+        stopped.state,
+        pb::InstanceState::Stopped as i32,
+        "{}",
+        stopped.state_detail
+    );
+    assert!(
+        stopped.state_detail.contains("guest powered itself off"),
+        "{}",
+        stopped.state_detail
+    );
+    assert!(!process_alive(info.pid));
+    let record = std::fs::read_to_string(agent.record_path("selfoff")).unwrap();
+    assert!(record.contains("stopped_by_guest"), "{record}");
+    assert_eq!(
+        runtime(&agent, "selfoff").await["memory_mib"],
+        256,
+        "the runtime is kept"
+    );
+}
