@@ -195,8 +195,16 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
         stopped.state_detail
     );
     assert!(!process_alive(info.pid));
-    let record = std::fs::read_to_string(agent.record_path("selfoff")).unwrap();
-    assert!(record.contains("stopped_by_guest"), "{record}");
+    // The record follows the in-memory state a moment later.
+    let record = wait_for(Duration::from_secs(2), async || {
+        let r = std::fs::read_to_string(agent.record_path("selfoff")).ok()?;
+        r.contains("stopped_by_guest").then_some(r)
+    })
+    .await;
+    assert!(
+        record.is_some(),
+        "the record must say the guest stopped itself"
+    );
     assert_eq!(
         runtime(&agent, "selfoff").await["memory_mib"],
         256,

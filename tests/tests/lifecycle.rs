@@ -311,8 +311,13 @@ async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
         crashed.state_detail
     );
     assert_eq!(crashed.pid, 0);
-    let record = std::fs::read_to_string(agent.record_path("victim")).unwrap();
-    assert!(record.contains("\"crashed\""), "{record}");
+    // The record follows the in-memory state a moment later.
+    let record = wait_for(Duration::from_secs(2), async || {
+        let r = std::fs::read_to_string(agent.record_path("victim")).ok()?;
+        r.contains("\"crashed\"").then_some(r)
+    })
+    .await;
+    assert!(record.is_some(), "the record must say crashed");
 }
 
 #[tokio::test]
