@@ -22,15 +22,16 @@ use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum HotplugIntent {
-    /// A NIC is being added at its slot.
+    /// A NIC is being added. Its slot isn't journaled: the journal is
+    /// written while the slot is looked up, and QEMU shows it by device id.
     AddNic {
-        /// The NIC as it will be recorded.
-        nic: RuntimeNic,
+        /// The NIC.
+        nic: NicSpec,
     },
-    /// A disk is being added at its slot.
+    /// A disk is being added (slot as for NICs).
     AddDisk {
-        /// The disk as it will be recorded.
-        disk: RuntimeDisk,
+        /// The disk.
+        disk: DiskSpec,
     },
     /// A device is being removed.
     Remove {
@@ -96,7 +97,7 @@ impl Agent {
         &self,
         inst: &Instance,
         process: &Process,
-        record: &InstanceRecord,
+        used: &[u8],
     ) -> Result<u8, AgentError> {
         let pci = process
             .qmp()
@@ -106,11 +107,12 @@ impl Agent {
                 instance: inst.name().to_owned(),
                 source,
             })?;
-        hotplug::slots::find_free_slot(&pci, record.runtime.used_slots(), &RESERVED_PCI_SLOTS)
-            .map_err(|e| AgentError::Hotplug {
+        hotplug::slots::find_free_slot(&pci, used.iter().copied(), &RESERVED_PCI_SLOTS).map_err(
+            |e| AgentError::Hotplug {
                 instance: inst.name().to_owned(),
                 source: e.into(),
-            })
+            },
+        )
     }
 
     /// Hot-adds a NIC.
@@ -121,7 +123,7 @@ impl Agent {
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await;
-        let (process, mut record) = Self::running(&inst)?;
+        let (process, record) = Self::running(&inst)?;
         if nic.uuid.is_nil() {
             nic.uuid = Uuid::new_v4();
         }
@@ -133,36 +135,40 @@ impl Agent {
         if nic.vhost && support.vhost.is_err() {
             return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
         }
-        let slot = self.free_slot(&inst, &process, &record).await?;
-        let runtime_nic = RuntimeNic { spec: nic, slot };
-
-        self.journal(
-            &inst,
-            &mut record,
-            HotplugIntent::AddNic {
-                nic: runtime_nic.clone(),
-            },
-        )
-        .await?;
-        let added = hotplug::nic::add(
-            process.qmp(),
-            &runtime_nic,
-            &self.config().launch.tap_template,
-        )
-        .await;
-        let added = match added {
-            Ok(a) => a,
-            Err(source) => {
-                self.clear_journal(&inst, &mut record).await?;
-                return Err(AgentError::Hotplug {
+        // The tap, the journal and the slot look-up don't depend on each
+        // other; doing them side by side keeps hotplug close to raw QMP.
+        let used: Vec<u8> = record.runtime.used_slots().collect();
+        let (spec, template) = (nic.clone(), self.config().launch.tap_template.clone());
+        let prepare = tokio::task::spawn_blocking(move || hotplug::nic::prepare(&spec, &template));
+        let intent = HotplugIntent::AddNic { nic: nic.clone() };
+        let (prepared, journaled, slot) = tokio::join!(
+            prepare,
+            self.journal(&inst, intent),
+            self.free_slot(&inst, &process, &used)
+        );
+        journaled?;
+        let ready = prepared
+            .map_err(|e| AgentError::Internal(e.to_string()))
+            .and_then(|p| {
+                p.map_err(|source| AgentError::Hotplug {
                     instance: name.to_owned(),
                     source,
-                });
+                })
+            })
+            .and_then(|p| Ok((p, slot?)));
+        let (prepared, slot) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                self.clear_journal(&inst)?;
+                return Err(e);
             }
         };
-        record.runtime.nics.push(runtime_nic.clone());
+        let runtime_nic = RuntimeNic { spec: nic, slot };
+        let mut updated = record.clone();
+        updated.runtime.nics.push(runtime_nic.clone());
+        let attach = hotplug::nic::attach(process.qmp(), prepared, &runtime_nic);
+        let added = self.apply(&inst, &record, &updated, attach).await?;
         process.push_tap(added.tap.clone());
-        self.clear_journal(&inst, &mut record).await?;
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
     }
@@ -175,7 +181,7 @@ impl Agent {
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await;
-        let (process, mut record) = Self::running(&inst)?;
+        let (process, record) = Self::running(&inst)?;
         if disk.uuid.is_nil() {
             disk.uuid = Uuid::new_v4();
         }
@@ -184,27 +190,26 @@ impl Agent {
         candidate.validate()?;
         let image = open_image(name, &disk)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
-        let slot = self.free_slot(&inst, &process, &record).await?;
+        let used: Vec<u8> = record.runtime.used_slots().collect();
+        let intent = HotplugIntent::AddDisk { disk: disk.clone() };
+        let (journaled, slot) = tokio::join!(
+            self.journal(&inst, intent),
+            self.free_slot(&inst, &process, &used)
+        );
+        journaled?;
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                self.clear_journal(&inst)?;
+                return Err(e);
+            }
+        };
         let runtime_disk = RuntimeDisk { spec: disk, slot };
-
-        self.journal(
-            &inst,
-            &mut record,
-            HotplugIntent::AddDisk {
-                disk: runtime_disk.clone(),
-            },
-        )
-        .await?;
-        if let Err(source) = hotplug::disk::add(process.qmp(), &runtime_disk, &image).await {
-            self.clear_journal(&inst, &mut record).await?;
-            return Err(AgentError::Hotplug {
-                instance: name.to_owned(),
-                source,
-            });
-        }
+        let mut updated = record.clone();
+        updated.runtime.disks.push(runtime_disk.clone());
+        let add = hotplug::disk::add(process.qmp(), &runtime_disk, &image);
+        self.apply(&inst, &record, &updated, add).await?;
         drop(image);
-        record.runtime.disks.push(runtime_disk.clone());
-        self.clear_journal(&inst, &mut record).await?;
         tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = runtime_disk.slot, "disk added");
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
     }
@@ -242,7 +247,6 @@ impl Agent {
 
         self.journal(
             &inst,
-            &mut record,
             HotplugIntent::Remove {
                 device: device.to_owned(),
             },
@@ -253,7 +257,7 @@ impl Agent {
         if let Err(source) = removed {
             // The device may still be in QEMU; the runtime keeps it, which
             // is what QEMU has until the guest lets go.
-            self.clear_journal(&inst, &mut record).await?;
+            self.clear_journal(&inst)?;
             return Err(AgentError::Hotplug {
                 instance: name.to_owned(),
                 source,
@@ -268,27 +272,66 @@ impl Agent {
             // `target` was built from one of the two indexes.
             _ => return Err(AgentError::Internal("device index lost".into())),
         };
-        self.clear_journal(&inst, &mut record).await?;
+        self.commit(&inst, &record).await?;
         tracing::info!(instance = %name, device, "device removed");
         Ok((inst.view(), changed))
     }
 
-    async fn journal(
-        &self,
-        inst: &Instance,
-        record: &mut InstanceRecord,
-        intent: HotplugIntent,
-    ) -> Result<(), AgentError> {
-        record.pending = Some(intent);
-        self.write_record(inst, record).await
+    /// Records the intent before QEMU is touched.
+    async fn journal(&self, inst: &Instance, intent: HotplugIntent) -> Result<(), AgentError> {
+        let journal = self.journal_store();
+        let name = inst.name().to_owned();
+        tokio::task::spawn_blocking(move || journal.record(&name, &intent))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        Ok(())
     }
 
-    async fn clear_journal(
+    /// Clears the intent once the record (or QEMU, after a rollback) says
+    /// what happened.
+    fn clear_journal(&self, inst: &Instance) -> Result<(), AgentError> {
+        Ok(self.journal_store().clear(inst.name())?)
+    }
+
+    /// Writes the record with the new layout, then clears the intent.
+    async fn commit(&self, inst: &Instance, record: &InstanceRecord) -> Result<(), AgentError> {
+        self.write_record(inst, record).await?;
+        self.clear_journal(inst)
+    }
+
+    /// Runs a hot-add in QEMU and the durable write of the record that
+    /// includes the device side by side, so the fsync costs no latency. The
+    /// intent, journaled before, covers the moment where one is done and
+    /// the other isn't. If QEMU refuses, the previous record is written
+    /// back; if the record can't be written, the intent stays for the next
+    /// start to reconcile and the error is returned.
+    async fn apply<T>(
         &self,
         inst: &Instance,
-        record: &mut InstanceRecord,
-    ) -> Result<(), AgentError> {
-        record.pending = None;
-        self.write_record(inst, record).await
+        before: &InstanceRecord,
+        after: &InstanceRecord,
+        change: impl Future<Output = Result<T, hotplug::HotplugError>>,
+    ) -> Result<T, AgentError> {
+        let (changed, written) = tokio::join!(change, self.write_record(inst, after));
+        match (changed, written) {
+            (Ok(value), Ok(())) => {
+                self.clear_journal(inst)?;
+                Ok(value)
+            }
+            (Err(source), written) => {
+                if written.is_ok() {
+                    self.write_record(inst, before).await?;
+                }
+                self.clear_journal(inst)?;
+                Err(AgentError::Hotplug {
+                    instance: inst.name().to_owned(),
+                    source,
+                })
+            }
+            (Ok(_), Err(e)) => {
+                tracing::error!(instance = %inst.name(), error = %e, "device added but the record can't say so; the intent is kept for reconciliation");
+                Err(e)
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@ use hypervisor::process::{self, PidFd};
 use hypervisor::qmp::{QmpClient, QmpEvent};
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
-use runtime_store::RecordStore;
+use runtime_store::{Intent, IntentJournal, RecordStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -52,9 +52,6 @@ pub struct InstanceRecord {
     /// Why it is in that state.
     #[serde(default)]
     pub detail: String,
-    /// A hotplug operation under way (the intent journal).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<HotplugIntent>,
 }
 
 /// An instance's state as callers see it.
@@ -275,6 +272,7 @@ pub struct NodeFacts {
 pub struct Agent {
     cfg: AgentConfig,
     store: Arc<RecordStore>,
+    journal: Arc<IntentJournal>,
     qemu_cache: tokio::sync::Mutex<Option<(BinaryStamp, Arc<QemuInfo>)>>,
     instances: RwLock<BTreeMap<String, Arc<Instance>>>,
 }
@@ -283,9 +281,11 @@ impl Agent {
     /// Opens the state directory.
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let store = RecordStore::open(&cfg.state_dir, "runtime")?;
+        let journal = IntentJournal::open(&cfg.state_dir, "journal")?;
         Ok(Arc::new(Agent {
             cfg,
             store: Arc::new(store),
+            journal: Arc::new(journal),
             qemu_cache: tokio::sync::Mutex::new(None),
             instances: RwLock::new(BTreeMap::new()),
         }))
@@ -294,6 +294,11 @@ impl Agent {
     /// The configuration.
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// The hotplug intent journal.
+    pub(crate) fn journal_store(&self) -> Arc<IntentJournal> {
+        self.journal.clone()
     }
 
     fn registry(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Instance>>> {
@@ -535,7 +540,6 @@ impl Agent {
             runtime,
             state: RecordedState::Running,
             detail: String::new(),
-            pending: None,
         };
         self.save_record(&inst.name, &record).await?;
         lock(&inst.status).record = Some(record.clone());
@@ -786,7 +790,6 @@ impl Agent {
                     runtime,
                     state: RecordedState::Running,
                     detail: String::new(),
-                    pending: None,
                 };
                 self.save_record(name, &record).await?;
                 lock(&inst.status).record = Some(record.clone());
@@ -852,10 +855,19 @@ impl Agent {
                 (State::Stopped, record.detail.clone())
             }
         };
-        if let Some(intent) = &record.pending {
-            // Reconciling it against QEMU is the restart's next step; until
-            // then it is reported, not silently dropped.
-            tracing::warn!(instance = %name, ?intent, "a hotplug operation was under way when the agent stopped");
+        // Reconciling an unfinished hotplug against QEMU is still to come;
+        // until then it is reported, never silently dropped.
+        match self.journal.load::<HotplugIntent>(&name) {
+            Ok(Intent::None) => {}
+            Ok(Intent::Pending(intent)) => {
+                tracing::warn!(instance = %name, ?intent, "a hotplug operation was under way when the agent stopped")
+            }
+            Ok(Intent::Unreadable(e)) => {
+                tracing::warn!(instance = %name, error = %e, "the hotplug intent journal can't be read")
+            }
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "the hotplug intent journal can't be read")
+            }
         }
         let inst = Instance::new(&name, Some(record.clone()), state, detail);
         self.registry_mut().insert(name.clone(), inst.clone());

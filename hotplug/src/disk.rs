@@ -6,12 +6,12 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use hypervisor::argv::{PCI_BUS, disk_device_id, disk_file_node, disk_format_node};
-use hypervisor::qmp::QmpClient;
+use hypervisor::qmp::{Command, QmpClient, QmpError};
 use hypervisor::runtime::RuntimeDisk;
 use hypervisor::spec::{DiskCache, DiskFormat};
 use serde_json::{Value, json};
 
-use crate::{HotplugError, undo, verify_slot};
+use crate::{HotplugError, slots, undo};
 
 /// `(direct, no_flush, write_cache)` for a cache mode, as at start.
 fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
@@ -64,86 +64,122 @@ pub fn device_arguments(disk: &RuntimeDisk) -> Value {
 }
 
 /// Hot-adds `disk` from an image the caller opened (read-only or
-/// read-write, as the disk asks). On failure every step is undone.
+/// read-write, as the disk asks). After `add-fd`, the block nodes, the
+/// device, the checks and `remove-fd` go out as one pipeline. On failure
+/// every step that succeeded is undone.
 pub async fn add(qmp: &QmpClient, disk: &RuntimeDisk, image: &File) -> Result<(), HotplugError> {
     let fdset = qmp
         .add_fd(image.as_fd())
         .await
         .map_err(HotplugError::qmp("add-fd"))?;
-    let result = add_nodes_and_device(qmp, disk, fdset).await;
-    // The nodes hold their own dup of the fd; the set itself can go either
-    // way. Failing to release it costs one fd in QEMU, not the operation.
-    if let Err(e) = qmp.remove_fd(fdset).await {
+    let commands = vec![
+        Command::new("blockdev-add", file_node_arguments(disk, fdset)),
+        Command::new("blockdev-add", format_node_arguments(disk)),
+        Command::new("device_add", device_arguments(disk)),
+        Command::bare("query-pci"),
+        Command::bare("query-block"),
+        // The nodes hold their own dup of the fd, so the set can go now,
+        // whatever happened before it.
+        Command::new("remove-fd", json!({ "fdset-id": fdset })),
+    ];
+    let mut results = qmp.pipeline(commands).await.into_iter();
+    let mut next = || {
+        results
+            .next()
+            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
+    };
+    let (file_added, format_added, device_added) = (next(), next(), next());
+    let (pci, blocks, fdset_removed) = (next(), next(), next());
+    if let Err(e) = fdset_removed {
+        // It costs one fd in QEMU, not the operation.
         tracing::warn!(fdset, error = %e, "remove-fd failed after disk hot-add");
     }
-    result
-}
 
-async fn add_nodes_and_device(
-    qmp: &QmpClient,
-    disk: &RuntimeDisk,
-    fdset: u64,
-) -> Result<(), HotplugError> {
-    let file_node = disk_file_node(disk.spec.uuid);
-    let format_node = disk_format_node(disk.spec.uuid);
-    qmp.execute("blockdev-add", Some(file_node_arguments(disk, fdset)))
-        .await
-        .map_err(HotplugError::qmp("blockdev-add (file)"))?;
-    if let Err(source) = qmp
-        .execute("blockdev-add", Some(format_node_arguments(disk)))
-        .await
-    {
-        undo(qmp, "blockdev-del", json!({ "node-name": file_node })).await;
-        return Err(HotplugError::Qmp {
-            step: "blockdev-add (format)",
-            source,
-        });
-    }
-    let undo_nodes = || async {
-        undo(qmp, "blockdev-del", json!({ "node-name": format_node })).await;
-        undo(qmp, "blockdev-del", json!({ "node-name": file_node })).await;
-    };
-    if let Err(source) = qmp
-        .execute("device_add", Some(device_arguments(disk)))
-        .await
-    {
-        undo_nodes().await;
-        return Err(HotplugError::Qmp {
-            step: "device_add",
-            source,
-        });
-    }
     let id = disk_device_id(disk.spec.uuid);
-    let verified = match verify_slot(qmp, &id, disk.slot).await {
-        Ok(()) => verify_block(qmp, &id).await,
-        Err(e) => Err(e),
+    let failure = match (file_added, format_added, device_added) {
+        (Ok(_), Ok(_), Ok(_)) => match (pci, blocks) {
+            (Ok(pci), Ok(blocks)) => {
+                let at_slot = slots::bus0_devices(&pci)
+                    .iter()
+                    .any(|(s, q)| *s == disk.slot && *q == id);
+                if at_slot && block_attached(&blocks, &id) {
+                    return Ok(());
+                }
+                (
+                    3,
+                    HotplugError::Verify {
+                        id: id.clone(),
+                        slot: disk.slot,
+                    },
+                )
+            }
+            (Err(source), _) => (
+                3,
+                HotplugError::Qmp {
+                    step: "query-pci",
+                    source,
+                },
+            ),
+            (_, Err(source)) => (
+                3,
+                HotplugError::Qmp {
+                    step: "query-block",
+                    source,
+                },
+            ),
+        },
+        (Err(source), ..) => (
+            0,
+            HotplugError::Qmp {
+                step: "blockdev-add (file)",
+                source,
+            },
+        ),
+        (_, Err(source), _) => (
+            1,
+            HotplugError::Qmp {
+                step: "blockdev-add (format)",
+                source,
+            },
+        ),
+        (_, _, Err(source)) => (
+            2,
+            HotplugError::Qmp {
+                step: "device_add",
+                source,
+            },
+        ),
     };
-    if let Err(e) = verified {
+    let (reached, error) = failure;
+    if reached >= 3 {
         undo(qmp, "device_del", json!({ "id": id })).await;
-        undo_nodes().await;
-        return Err(e);
     }
-    Ok(())
+    if reached >= 2 {
+        undo(
+            qmp,
+            "blockdev-del",
+            json!({ "node-name": disk_format_node(disk.spec.uuid) }),
+        )
+        .await;
+    }
+    if reached >= 1 {
+        undo(
+            qmp,
+            "blockdev-del",
+            json!({ "node-name": disk_file_node(disk.spec.uuid) }),
+        )
+        .await;
+    }
+    Err(error)
 }
 
-async fn verify_block(qmp: &QmpClient, id: &str) -> Result<(), HotplugError> {
-    let blocks = qmp
-        .execute("query-block", None)
-        .await
-        .map_err(HotplugError::qmp("query-block"))?;
-    let attached = blocks.as_array().into_iter().flatten().any(|b| {
+/// Whether `query-block` shows a block device attached to device `id`.
+fn block_attached(blocks: &Value, id: &str) -> bool {
+    blocks.as_array().into_iter().flatten().any(|b| {
         b.get("qdev")
             .and_then(Value::as_str)
             .is_some_and(|q| q.split('/').any(|part| part == id))
-    });
-    if attached {
-        Ok(())
-    } else {
-        Err(HotplugError::Verify {
-            id: id.to_owned(),
-            slot: 0,
-        })
-    }
+    })
 }
 
 #[cfg(test)]

@@ -75,22 +75,3 @@ async fn undo(qmp: &QmpClient, command: &str, arguments: Value) {
         tracing::warn!(command, %arguments, error = %e, "rollback step failed");
     }
 }
-
-/// Checks that `id` sits at `slot` on bus 0.
-async fn verify_slot(qmp: &QmpClient, id: &str, slot: u8) -> Result<(), HotplugError> {
-    let pci = qmp
-        .execute("query-pci", None)
-        .await
-        .map_err(HotplugError::qmp("query-pci"))?;
-    if slots::bus0_devices(&pci)
-        .iter()
-        .any(|(s, qdev)| *s == slot && qdev == id)
-    {
-        Ok(())
-    } else {
-        Err(HotplugError::Verify {
-            id: id.to_owned(),
-            slot,
-        })
-    }
-}

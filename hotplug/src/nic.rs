@@ -4,13 +4,15 @@
 use std::os::fd::AsFd;
 
 use hypervisor::argv::{PCI_BUS, netdev_id, nic_device_id};
-use hypervisor::qmp::QmpClient;
+use std::fs::File;
+
+use hypervisor::qmp::{Command, QmpClient, QmpError};
 use hypervisor::runtime::RuntimeNic;
-use hypervisor::spec::NicModel;
+use hypervisor::spec::{NicModel, NicSpec};
 use hypervisor::tap::{self, Tap};
 use serde_json::{Value, json};
 
-use crate::{HotplugError, undo, verify_slot};
+use crate::{HotplugError, slots, undo};
 
 /// What a successful NIC hot-add leaves on the host.
 #[derive(Debug)]
@@ -35,71 +37,155 @@ pub fn device_arguments(nic: &RuntimeNic) -> Value {
     })
 }
 
-/// Hot-adds `nic` at its slot. On failure every step taken is undone and
-/// the tap is closed, so it vanishes.
+/// A NIC's host side, ready to hand to QEMU.
+#[derive(Debug)]
+pub struct PreparedNic {
+    tap: Tap,
+    vhost: Option<File>,
+}
+
+impl PreparedNic {
+    /// The tap's interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+}
+
+/// Opens the tap (and vhost-net) of a NIC, brings it up and attaches it to
+/// its bridge. Touches no QEMU, so it can run beside other preparation.
+pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, HotplugError> {
+    let tap = Tap::create(tap_template)?;
+    tap.set_up()?;
+    if let Some(bridge) = &nic.bridge {
+        tap.attach_to_bridge(bridge)?;
+    }
+    let vhost = nic.vhost.then(tap::open_vhost_net).transpose()?;
+    Ok(PreparedNic { tap, vhost })
+}
+
+/// Hot-adds `nic` at its slot: getfd, netdev_add, device_add and the
+/// query-pci check go out as one pipeline. On failure every step that
+/// succeeded is undone and the tap is closed, so it vanishes.
+pub async fn attach(
+    qmp: &QmpClient,
+    prepared: PreparedNic,
+    nic: &RuntimeNic,
+) -> Result<AddedNic, HotplugError> {
+    let netdev = netdev_id(nic.spec.uuid);
+    let vhost_name = format!("{netdev}-vhost");
+    let mut netdev_args = json!({ "type": "tap", "id": netdev, "fd": netdev });
+    let mut commands =
+        vec![Command::new("getfd", json!({ "fdname": netdev })).with_fd(prepared.tap.as_fd())];
+    if let Some(vhost) = &prepared.vhost {
+        commands
+            .push(Command::new("getfd", json!({ "fdname": vhost_name })).with_fd(vhost.as_fd()));
+        netdev_args["vhost"] = json!(true);
+        netdev_args["vhostfd"] = json!(vhost_name);
+    }
+    commands.push(Command::new("netdev_add", netdev_args));
+    commands.push(Command::new("device_add", device_arguments(nic)));
+    commands.push(Command::bare("query-pci"));
+
+    let mut results = qmp.pipeline(commands).await.into_iter();
+    let mut next = || {
+        results
+            .next()
+            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
+    };
+    let tap_fd = next();
+    let vhost_fd = prepared.vhost.as_ref().map(|_| next());
+    let netdev_added = next();
+    let device_added = next();
+    let pci = next();
+
+    let id = nic_device_id(nic.spec.uuid);
+    let failure = match (tap_fd, vhost_fd.transpose(), netdev_added, device_added) {
+        (Ok(_), Ok(_), Ok(_), Ok(_)) => match pci {
+            Ok(pci)
+                if slots::bus0_devices(&pci)
+                    .iter()
+                    .any(|(s, q)| *s == nic.slot && *q == id) =>
+            {
+                None
+            }
+            Ok(_) => Some((
+                3,
+                HotplugError::Verify {
+                    id: id.clone(),
+                    slot: nic.slot,
+                },
+            )),
+            Err(source) => Some((
+                3,
+                HotplugError::Qmp {
+                    step: "query-pci",
+                    source,
+                },
+            )),
+        },
+        (Err(source), ..) => Some((
+            0,
+            HotplugError::Qmp {
+                step: "getfd",
+                source,
+            },
+        )),
+        (_, Err(source), ..) => Some((
+            1,
+            HotplugError::Qmp {
+                step: "getfd (vhost)",
+                source,
+            },
+        )),
+        (_, _, Err(source), _) => Some((
+            1,
+            HotplugError::Qmp {
+                step: "netdev_add",
+                source,
+            },
+        )),
+        (_, _, _, Err(source)) => Some((
+            2,
+            HotplugError::Qmp {
+                step: "device_add",
+                source,
+            },
+        )),
+    };
+    let Some((reached, error)) = failure else {
+        return Ok(AddedNic {
+            tap: prepared.tap.name().to_owned(),
+        });
+    };
+    // Undo in reverse. netdev_add takes the named fds, so they only need
+    // closing when it never ran; closing a name that is gone fails harmlessly.
+    if reached >= 3 {
+        undo(qmp, "device_del", json!({ "id": id })).await;
+    }
+    if reached >= 2 {
+        undo(qmp, "netdev_del", json!({ "id": netdev })).await;
+    } else {
+        undo(qmp, "closefd", json!({ "fdname": netdev })).await;
+        if prepared.vhost.is_some() {
+            undo(qmp, "closefd", json!({ "fdname": vhost_name })).await;
+        }
+    }
+    Err(error)
+}
+
+/// Prepares and attaches in one go.
 pub async fn add(
     qmp: &QmpClient,
     nic: &RuntimeNic,
     tap_template: &str,
 ) -> Result<AddedNic, HotplugError> {
-    let tap = Tap::create(tap_template)?;
-    tap.set_up()?;
-    if let Some(bridge) = &nic.spec.bridge {
-        tap.attach_to_bridge(bridge)?;
-    }
-    let vhost = nic.spec.vhost.then(tap::open_vhost_net).transpose()?;
-
-    let netdev = netdev_id(nic.spec.uuid);
-    let vhost_name = format!("{netdev}-vhost");
-    qmp.getfd(&netdev, tap.as_fd())
-        .await
-        .map_err(HotplugError::qmp("getfd"))?;
-    let mut netdev_args = json!({ "type": "tap", "id": netdev, "fd": netdev });
-    if let Some(vhost) = &vhost {
-        if let Err(source) = qmp.getfd(&vhost_name, vhost.as_fd()).await {
-            undo(qmp, "closefd", json!({ "fdname": netdev })).await;
-            return Err(HotplugError::Qmp {
-                step: "getfd",
-                source,
-            });
-        }
-        netdev_args["vhost"] = json!(true);
-        netdev_args["vhostfd"] = json!(vhost_name);
-    }
-    if let Err(source) = qmp.execute("netdev_add", Some(netdev_args)).await {
-        // netdev_add may or may not have taken the named fds; closing a
-        // name that is gone fails harmlessly.
-        undo(qmp, "closefd", json!({ "fdname": netdev })).await;
-        if vhost.is_some() {
-            undo(qmp, "closefd", json!({ "fdname": vhost_name })).await;
-        }
-        return Err(HotplugError::Qmp {
-            step: "netdev_add",
-            source,
-        });
-    }
-    if let Err(source) = qmp.execute("device_add", Some(device_arguments(nic))).await {
-        undo(qmp, "netdev_del", json!({ "id": netdev })).await;
-        return Err(HotplugError::Qmp {
-            step: "device_add",
-            source,
-        });
-    }
-    let id = nic_device_id(nic.spec.uuid);
-    if let Err(e) = verify_slot(qmp, &id, nic.slot).await {
-        undo(qmp, "device_del", json!({ "id": id })).await;
-        undo(qmp, "netdev_del", json!({ "id": netdev })).await;
-        return Err(e);
-    }
-    Ok(AddedNic {
-        tap: tap.name().to_owned(),
-    })
+    attach(qmp, prepare(&nic.spec, tap_template)?, nic).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hypervisor::spec::{MacAddr, NicSpec};
+    use hypervisor::spec::MacAddr;
 
     #[test]
     fn device_is_placed_at_its_slot_on_pci0() {

@@ -301,36 +301,12 @@ impl QmpClient {
             .map(drop)
     }
 
-    /// Writes one command line, with an fd attached when given.
-    async fn write_line(&self, line: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
-        let mut writer = self.writer.lock().await;
-        let Some(fd) = fd else {
-            return writer.write_all(line).await;
-        };
-        let stream: &UnixStream = writer.as_ref();
-        let sent = loop {
-            stream.writable().await?;
-            let attempt = stream.try_io(Interest::WRITABLE, || {
-                let iov = [IoSlice::new(line)];
-                let fds = [fd.as_raw_fd()];
-                let cmsg = [ControlMessage::ScmRights(&fds)];
-                sendmsg::<()>(
-                    stream.as_raw_fd(),
-                    &iov,
-                    &cmsg,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(std::io::Error::from)
-            });
-            match attempt {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        // The fd went with the first byte; the rest of a long line follows.
-        writer.write_all(&line[sent..]).await
+    /// Sends several commands back to back and then collects their
+    /// replies, in order: one round trip instead of one per command. QEMU
+    /// runs them in order, so a command that depends on a failed one fails
+    /// too; the caller undoes what succeeded.
+    pub async fn pipeline(&self, commands: Vec<Command<'_>>) -> Vec<Result<Value, QmpError>> {
+        self.send_batch(commands, self.config.command_timeout).await
     }
 
     async fn send(
@@ -340,44 +316,181 @@ impl QmpClient {
         fd: Option<BorrowedFd<'_>>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        if !HANDSHAKE_COMMANDS.contains(&command) && !self.supports(command) {
-            return Err(QmpError::Unsupported(command.to_owned()));
+        let batch = vec![Command {
+            name: command,
+            arguments,
+            fd,
+        }];
+        self.send_batch(batch, timeout)
+            .await
+            .pop()
+            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
+    }
+
+    async fn send_batch(
+        &self,
+        commands: Vec<Command<'_>>,
+        timeout: Duration,
+    ) -> Vec<Result<Value, QmpError>> {
+        if let Some(bad) = commands
+            .iter()
+            .find(|c| !HANDSHAKE_COMMANDS.contains(&c.name) && !self.supports(c.name))
+        {
+            return commands
+                .iter()
+                .map(|_| Err(QmpError::Unsupported(bad.name.to_owned())))
+                .collect();
         }
         if let Some(reason) = self.shared.closed.borrow().clone() {
-            return Err(QmpError::Disconnected {
-                reason: Some(reason),
-            });
+            return commands
+                .iter()
+                .map(|_| {
+                    Err(QmpError::Disconnected {
+                        reason: Some(reason.clone()),
+                    })
+                })
+                .collect();
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = json!({ "execute": command, "id": id });
-        if let Some(arguments) = arguments {
-            message["arguments"] = arguments;
+        let mut ids = Vec::with_capacity(commands.len());
+        let mut receivers = Vec::with_capacity(commands.len());
+        let mut lines = Vec::with_capacity(commands.len());
+        for command in &commands {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut message = json!({ "execute": command.name, "id": id });
+            if let Some(arguments) = &command.arguments {
+                message["arguments"] = arguments.clone();
+            }
+            let mut line = message.to_string();
+            line.push('\n');
+            let (tx, rx) = oneshot::channel();
+            lock(&self.shared.pending).insert(id, tx);
+            ids.push(id);
+            receivers.push(rx);
+            lines.push(line);
         }
-        let mut line = message.to_string();
-        line.push('\n');
 
-        let (tx, rx) = oneshot::channel();
-        lock(&self.shared.pending).insert(id, tx);
+        let mut results: Vec<Option<Result<Value, QmpError>>> =
+            commands.iter().map(|_| None).collect();
         let outcome = tokio::time::timeout(timeout, async {
-            self.write_line(line.as_bytes(), fd).await?;
-            rx.await
-                .unwrap_or(Err(QmpError::Disconnected { reason: None }))
+            {
+                let mut writer = self.writer.lock().await;
+                for (line, command) in lines.iter().zip(&commands) {
+                    write_line(&mut writer, line.as_bytes(), command.fd).await?;
+                }
+            }
+            for (slot, rx) in results.iter_mut().zip(receivers) {
+                *slot = Some(
+                    rx.await
+                        .unwrap_or(Err(QmpError::Disconnected { reason: None })),
+                );
+            }
+            Ok::<(), std::io::Error>(())
         })
         .await;
-        lock(&self.shared.pending).remove(&id);
-        match outcome {
-            Err(_) => Err(QmpError::Timeout {
-                command: command.to_owned(),
-                after: timeout,
-            }),
-            Ok(Err(QmpError::Qemu { class, desc, .. })) => Err(QmpError::Qemu {
-                command: command.to_owned(),
-                class,
-                desc,
-            }),
-            Ok(other) => other,
+        {
+            let mut pending = lock(&self.shared.pending);
+            for id in &ids {
+                pending.remove(id);
+            }
+        }
+        let write_error = match outcome {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        };
+        results
+            .into_iter()
+            .zip(&commands)
+            .map(|(result, command)| match result {
+                None => Err(match &write_error {
+                    Some(e) => QmpError::Disconnected {
+                        reason: Some(e.clone()),
+                    },
+                    None => QmpError::Timeout {
+                        command: command.name.to_owned(),
+                        after: timeout,
+                    },
+                }),
+                Some(Err(QmpError::Qemu { class, desc, .. })) => Err(QmpError::Qemu {
+                    command: command.name.to_owned(),
+                    class,
+                    desc,
+                }),
+                Some(other) => other,
+            })
+            .collect()
+    }
+}
+
+/// One command of a [`QmpClient::pipeline`].
+#[derive(Debug)]
+pub struct Command<'a> {
+    /// Command name.
+    pub name: &'a str,
+    /// Its arguments.
+    pub arguments: Option<Value>,
+    /// An fd to send in the same `sendmsg`.
+    pub fd: Option<BorrowedFd<'a>>,
+}
+
+impl<'a> Command<'a> {
+    /// A command with arguments.
+    pub fn new(name: &'a str, arguments: Value) -> Self {
+        Command {
+            name,
+            arguments: Some(arguments),
+            fd: None,
         }
     }
+
+    /// A command without arguments.
+    pub fn bare(name: &'a str) -> Self {
+        Command {
+            name,
+            arguments: None,
+            fd: None,
+        }
+    }
+
+    /// Attaches an fd (SCM_RIGHTS) to the command.
+    pub fn with_fd(mut self, fd: BorrowedFd<'a>) -> Self {
+        self.fd = Some(fd);
+        self
+    }
+}
+
+/// Writes one command line, with an fd attached when given.
+async fn write_line(
+    writer: &mut OwnedWriteHalf,
+    line: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let Some(fd) = fd else {
+        return writer.write_all(line).await;
+    };
+    let stream: &UnixStream = writer.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        let attempt = stream.try_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(line)];
+            let fds = [fd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match attempt {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    // The fd went with the first byte; the rest of a long line follows.
+    writer.write_all(&line[sent..]).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -614,6 +727,54 @@ mod tests {
 
         assert_eq!(status["status"], "running");
         assert_eq!(events.recv().await.unwrap().name, "RESET");
+    }
+
+    #[tokio::test]
+    async fn pipeline_returns_each_reply_in_order_with_failures_in_place() {
+        let client = connected(|req| {
+            let id = req["id"].clone();
+            let reply = match req["execute"].as_str().unwrap() {
+                "quit" => json!({"error": {"class": "GenericError", "desc": "not now"}, "id": id}),
+                _ => json!({"return": {"status": "running"}, "id": id}),
+            };
+            vec![reply.to_string()]
+        })
+        .await;
+
+        let results = client
+            .pipeline(vec![
+                Command::bare("query-status"),
+                Command::bare("quit"),
+                Command::bare("query-status"),
+            ])
+            .await;
+
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0].as_ref().unwrap()["status"], "running");
+        assert!(
+            matches!(&results[1], Err(QmpError::Qemu { command, desc, .. }) if command == "quit" && desc == "not now"),
+            "{:?}",
+            results[1]
+        );
+        assert!(results[2].is_ok());
+    }
+
+    #[tokio::test]
+    async fn pipeline_with_an_unsupported_command_sends_nothing() {
+        let client = connected(|_| panic!("must not be sent")).await;
+
+        let results = client
+            .pipeline(vec![
+                Command::bare("query-status"),
+                Command::bare("device_add"),
+            ])
+            .await;
+
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(QmpError::Unsupported(c)) if c == "device_add"))
+        );
     }
 
     #[tokio::test]

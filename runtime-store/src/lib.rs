@@ -5,8 +5,13 @@
 //! temporary file, fsynced, renamed over the old one and the directory is
 //! fsynced, so a crash at any point leaves either the old or the new record.
 //! A record that can't be read is moved to `quarantine/` and reported; it is
-//! never deleted.
+//! never deleted. [`journal`] keeps the cheaper intent files that say which
+//! operation is under way.
 #![deny(missing_docs)]
+
+pub mod journal;
+
+pub use journal::{Intent, IntentJournal};
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -331,7 +336,7 @@ fn io_of(e: StoreError) -> io::Error {
 }
 
 /// Record names become file names, so they are held to a safe alphabet.
-fn check_name(name: &str) -> Result<(), StoreError> {
+pub(crate) fn check_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
