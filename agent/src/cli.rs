@@ -85,6 +85,9 @@ enum DeviceCommand {
         /// In-kernel vhost-net.
         #[arg(long)]
         vhost: bool,
+        /// Queue pairs (multiqueue when more than 1).
+        #[arg(long, default_value_t = 1)]
+        queues: u32,
     },
     /// Hot-add a disk.
     AddDisk {
@@ -339,6 +342,12 @@ impl SpecArgs {
                         "name" => nic.name = v,
                         "uuid" => nic.uuid = v,
                         "bridge" => nic.bridge = v,
+                        "queues" => {
+                            nic.queues = v
+                                .parse()
+                                .with_context(|| format!("bad queue count {v:?}"))?
+                        }
+                        "vhost" => nic.vhost = true,
                         "model" => {
                             nic.model = pb::NicModel::from_str_name(&format!(
                                 "NIC_MODEL_{}",
@@ -664,6 +673,7 @@ async fn device(
             model,
             bridge,
             vhost,
+            queues,
         } => {
             let model = enum_value("NIC model", "NIC_MODEL_", &model, |s| {
                 pb::NicModel::from_str_name(s).map(|m| m as i32)
@@ -674,6 +684,7 @@ async fn device(
                 model,
                 bridge: bridge.unwrap_or_default(),
                 vhost,
+                queues,
                 ..Default::default()
             };
             client

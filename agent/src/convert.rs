@@ -90,6 +90,7 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
         },
         bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
         vhost: n.vhost,
+        queues: n.queues.max(1),
     })
 }
 

@@ -178,10 +178,10 @@ impl RawQemu {
     /// Hot-adds a NIC the way a direct driver would: tap, getfd,
     /// netdev_add, query-pci (to pick the slot), device_add.
     pub async fn add_nic(&mut self, index: u32, slot: u8) -> anyhow::Result<Tap> {
-        let tap = Tap::create("kbraw%d")?;
+        let tap = Tap::create("kbraw%d", 1)?;
         tap.set_up()?;
         let netdev = format!("rawnet{index}");
-        self.execute_args("getfd", json!({ "fdname": netdev }), Some(tap.as_fd()))
+        self.execute_args("getfd", json!({ "fdname": netdev }), tap.queue_fds().next())
             .await?;
         self.execute_args(
             "netdev_add",

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, netdev_id, nic_device_id};
+use hypervisor::argv::{PCI_BUS, msix_vectors, netdev_id, nic_device_id};
 use std::fs::File;
 
 use hypervisor::qmp::{Command, QmpClient, QmpError};
@@ -27,21 +27,27 @@ pub fn device_arguments(nic: &RuntimeNic) -> Value {
         NicModel::Virtio => "virtio-net-pci",
         NicModel::E1000 => "e1000",
     };
-    json!({
+    let mut args = json!({
         "driver": driver,
         "id": nic_device_id(nic.spec.uuid),
         "netdev": netdev_id(nic.spec.uuid),
         "mac": nic.spec.mac.to_string(),
         "bus": PCI_BUS,
         "addr": format!("{:#x}", nic.slot),
-    })
+    });
+    if nic.spec.queues > 1 {
+        args["mq"] = json!(true);
+        args["vectors"] = json!(msix_vectors(nic.spec.queues));
+    }
+    args
 }
 
 /// A NIC's host side, ready to hand to QEMU.
 #[derive(Debug)]
 pub struct PreparedNic {
     tap: Tap,
-    vhost: Option<File>,
+    /// One per queue, or none without vhost.
+    vhost: Vec<File>,
 }
 
 impl PreparedNic {
@@ -54,12 +60,15 @@ impl PreparedNic {
 /// Opens the tap (and vhost-net) of a NIC, brings it up and attaches it to
 /// its bridge. Touches no QEMU, so it can run beside other preparation.
 pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, HotplugError> {
-    let tap = Tap::create(tap_template)?;
+    let tap = Tap::create(tap_template, nic.queues)?;
     tap.set_up()?;
     if let Some(bridge) = &nic.bridge {
         tap.attach_to_bridge(bridge)?;
     }
-    let vhost = nic.vhost.then(tap::open_vhost_net).transpose()?;
+    let vhost_queues = if nic.vhost { nic.queues } else { 0 };
+    let vhost = (0..vhost_queues)
+        .map(|_| tap::open_vhost_net())
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(PreparedNic { tap, vhost })
 }
 
@@ -72,17 +81,27 @@ pub async fn attach(
     nic: &RuntimeNic,
 ) -> Result<AddedNic, HotplugError> {
     let netdev = netdev_id(nic.spec.uuid);
-    let vhost_name = format!("{netdev}-vhost");
-    let mut netdev_args = json!({ "type": "tap", "id": netdev, "fd": netdev });
-    let mut commands =
-        vec![Command::new("getfd", json!({ "fdname": netdev })).with_fd(prepared.tap.as_fd())];
-    if let Some(vhost) = &prepared.vhost {
-        commands
-            .push(Command::new("getfd", json!({ "fdname": vhost_name })).with_fd(vhost.as_fd()));
-        netdev_args["vhost"] = json!(true);
-        netdev_args["vhostfd"] = json!(vhost_name);
-    }
-    commands.push(Command::new("netdev_add", netdev_args));
+    let tap_names: Vec<String> = (0..prepared.tap.queue_fds().count())
+        .map(|q| format!("{netdev}-q{q}"))
+        .collect();
+    let vhost_names: Vec<String> = (0..prepared.vhost.len())
+        .map(|q| format!("{netdev}-vhost{q}"))
+        .collect();
+    let mut commands: Vec<Command<'_>> = tap_names
+        .iter()
+        .zip(prepared.tap.queue_fds())
+        .chain(
+            vhost_names
+                .iter()
+                .zip(prepared.vhost.iter().map(AsFd::as_fd)),
+        )
+        .map(|(name, fd)| Command::new("getfd", json!({ "fdname": name })).with_fd(fd))
+        .collect();
+    let fd_count = commands.len();
+    commands.push(Command::new(
+        "netdev_add",
+        netdev_arguments(&netdev, &tap_names, &vhost_names),
+    ));
     commands.push(Command::new("device_add", device_arguments(nic)));
     commands.push(Command::bare("query-pci"));
 
@@ -92,15 +111,14 @@ pub async fn attach(
             .next()
             .unwrap_or(Err(QmpError::Disconnected { reason: None }))
     };
-    let tap_fd = next();
-    let vhost_fd = prepared.vhost.as_ref().map(|_| next());
+    let fds_passed: Result<Vec<Value>, QmpError> = (0..fd_count).map(|_| next()).collect();
     let netdev_added = next();
     let device_added = next();
     let pci = next();
 
     let id = nic_device_id(nic.spec.uuid);
-    let failure = match (tap_fd, vhost_fd.transpose(), netdev_added, device_added) {
-        (Ok(_), Ok(_), Ok(_), Ok(_)) => match pci {
+    let failure = match (fds_passed, netdev_added, device_added) {
+        (Ok(_), Ok(_), Ok(_)) => match pci {
             Ok(pci)
                 if slots::bus0_devices(&pci)
                     .iter()
@@ -130,21 +148,14 @@ pub async fn attach(
                 source,
             },
         )),
-        (_, Err(source), ..) => Some((
-            1,
-            HotplugError::Qmp {
-                step: "getfd (vhost)",
-                source,
-            },
-        )),
-        (_, _, Err(source), _) => Some((
+        (_, Err(source), _) => Some((
             1,
             HotplugError::Qmp {
                 step: "netdev_add",
                 source,
             },
         )),
-        (_, _, _, Err(source)) => Some((
+        (_, _, Err(source)) => Some((
             2,
             HotplugError::Qmp {
                 step: "device_add",
@@ -165,12 +176,32 @@ pub async fn attach(
     if reached >= 2 {
         undo(qmp, "netdev_del", json!({ "id": netdev })).await;
     } else {
-        undo(qmp, "closefd", json!({ "fdname": netdev })).await;
-        if prepared.vhost.is_some() {
-            undo(qmp, "closefd", json!({ "fdname": vhost_name })).await;
+        for name in tap_names.iter().chain(&vhost_names) {
+            undo(qmp, "closefd", json!({ "fdname": name })).await;
         }
     }
     Err(error)
+}
+
+/// The `netdev_add` arguments for named tap (and vhost) fds. Pure.
+pub fn netdev_arguments(netdev: &str, tap_names: &[String], vhost_names: &[String]) -> Value {
+    let mut args = json!({ "type": "tap", "id": netdev });
+    match tap_names {
+        [one] => args["fd"] = json!(one),
+        many => args["fds"] = json!(many.join(":")),
+    }
+    match vhost_names {
+        [] => {}
+        [one] => {
+            args["vhost"] = json!(true);
+            args["vhostfd"] = json!(one);
+        }
+        many => {
+            args["vhost"] = json!(true);
+            args["vhostfds"] = json!(many.join(":"));
+        }
+    }
+    args
 }
 
 /// Prepares and attaches in one go.
@@ -188,6 +219,19 @@ mod tests {
     use hypervisor::spec::MacAddr;
 
     #[test]
+    fn netdev_takes_one_named_fd_per_queue() {
+        let names = |p: &str, n: usize| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+
+        let single = netdev_arguments("net-a", &names("t", 1), &[]);
+        let multi = netdev_arguments("net-a", &names("t", 3), &names("v", 3));
+
+        assert_eq!(single, json!({ "type": "tap", "id": "net-a", "fd": "t0" }));
+        assert_eq!(multi["fds"], "t0:t1:t2");
+        assert_eq!(multi["vhostfds"], "v0:v1:v2");
+        assert_eq!(multi["vhost"], true);
+    }
+
+    #[test]
     fn device_is_placed_at_its_slot_on_pci0() {
         let nic = RuntimeNic {
             spec: NicSpec {
@@ -197,6 +241,7 @@ mod tests {
                 model: NicModel::Virtio,
                 bridge: None,
                 vhost: false,
+                queues: 1,
             },
             slot: 7,
         };

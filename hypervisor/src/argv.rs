@@ -124,10 +124,11 @@ pub struct ExecutionFds<'a> {
     pub qmp: RawFd,
     /// Listening socket of the serial console, when the runtime has one.
     pub serial: Option<RawFd>,
-    /// One tap fd per NIC, in runtime order.
-    pub taps: Vec<RawFd>,
-    /// One vhost-net fd per NIC, in runtime order (`None` without vhost).
-    pub vhost: Vec<Option<RawFd>>,
+    /// Per NIC in runtime order, one tap fd per queue.
+    pub taps: Vec<Vec<RawFd>>,
+    /// Per NIC in runtime order, one vhost-net fd per queue (empty
+    /// without vhost).
+    pub vhost: Vec<Vec<RawFd>>,
     /// Path of an extra QMP monitor for operators, when enabled.
     pub operator_qmp: Option<&'a Path>,
 }
@@ -139,9 +140,9 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
         let boot_first = index == 0 && rt.boot == Boot::Disk;
         argv.extend(render_disk(disk, boot_first));
     }
-    for (index, (nic, fd)) in rt.nics.iter().zip(&fds.taps).enumerate() {
-        let vhost = fds.vhost.get(index).copied().flatten();
-        argv.extend(render_nic(nic, *fd, vhost));
+    for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
+        let vhost = fds.vhost.get(index).map(Vec::as_slice).unwrap_or_default();
+        argv.extend(render_nic(nic, taps, vhost));
     }
     argv.extend([
         "-chardev".into(),
@@ -217,9 +218,24 @@ pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
     ]
 }
 
-/// `-netdev` and `-device` for one NIC on an inherited tap fd (and vhost
-/// fd). No `vnet_hdr=`: QEMU reads it from the fd and refuses both.
-pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd, vhost_fd: Option<RawFd>) -> [String; 4] {
+/// Joins fds the way `fds=` and `vhostfds=` want them.
+fn fd_list(fds: &[RawFd]) -> String {
+    fds.iter()
+        .map(RawFd::to_string)
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// MSI-X vectors a multiqueue virtio-net device needs: one per queue of
+/// each direction, one for control and one for config.
+pub fn msix_vectors(queues: u32) -> u32 {
+    2 * queues + 2
+}
+
+/// `-netdev` and `-device` for one NIC on inherited tap fds (one per
+/// queue) and vhost fds. No `vnet_hdr=`: QEMU reads it from the fd and
+/// refuses both.
+pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [String; 4] {
     let n = &nic.spec;
     let model = match n.model {
         NicModel::Virtio => "virtio-net-pci",
@@ -228,16 +244,29 @@ pub fn render_nic(nic: &RuntimeNic, tap_fd: RawFd, vhost_fd: Option<RawFd>) -> [
     let netdev = netdev_id(n.uuid);
     [
         "-netdev".into(),
-        match vhost_fd {
-            Some(v) => format!("tap,id={netdev},fd={tap_fd},vhost=on,vhostfd={v}"),
-            None => format!("tap,id={netdev},fd={tap_fd}"),
+        {
+            let taps = match tap_fds {
+                [one] => format!("fd={one}"),
+                many => format!("fds={}", fd_list(many)),
+            };
+            let vhost = match vhost_fds {
+                [] => String::new(),
+                [one] => format!(",vhost=on,vhostfd={one}"),
+                many => format!(",vhost=on,vhostfds={}", fd_list(many)),
+            };
+            format!("tap,id={netdev},{taps}{vhost}")
         },
         "-device".into(),
         format!(
-            "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}",
+            "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}{}",
             nic_device_id(n.uuid),
             n.mac,
-            nic.slot
+            nic.slot,
+            if n.queues > 1 {
+                format!(",mq=on,vectors={}", msix_vectors(n.queues))
+            } else {
+                String::new()
+            }
         ),
     ]
 }
@@ -281,8 +310,8 @@ mod tests {
         ExecutionFds {
             qmp: 3,
             serial: Some(4),
-            taps: vec![5],
-            vhost: vec![None],
+            taps: vec![vec![5]],
+            vhost: vec![vec![]],
             operator_qmp: None,
         }
     }
@@ -334,6 +363,23 @@ mod tests {
             netdev,
             &format!("tap,id={},fd=5", netdev_id(rt.nics[0].spec.uuid))
         );
+    }
+
+    #[test]
+    fn multiqueue_nic_lists_every_queue_fd_and_turns_mq_on() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.nics[0].queues = 2;
+        spec.nics[0].vhost = true;
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+
+        let [_, netdev, _, device] = render_nic(&rt.nics[0], &[10, 11], &[12, 13]);
+
+        assert!(
+            netdev.ends_with(",fds=10:11,vhost=on,vhostfds=12:13"),
+            "{netdev}"
+        );
+        assert!(device.ends_with(",mq=on,vectors=6"), "{device}");
     }
 
     #[test]
@@ -391,7 +437,7 @@ mod tests {
         fn rendering_is_deterministic(tap in 3i32..1000, qmp in 3i32..1000) {
             let qemu = qemu_7_2();
             let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-            let fds = ExecutionFds { qmp, serial: None, taps: vec![tap], vhost: vec![None], operator_qmp: None };
+            let fds = ExecutionFds { qmp, serial: None, taps: vec![vec![tap]], vhost: vec![vec![]], operator_qmp: None };
             prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
         }
     }

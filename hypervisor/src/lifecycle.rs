@@ -6,7 +6,7 @@
 //! `quit`, then SIGKILL, each with its own timeout.
 
 use std::fs::{self, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ struct ExecutionResources {
     qmp: UnixListener,
     serial: Option<UnixListener>,
     taps: Vec<Tap>,
-    vhost: Vec<Option<std::fs::File>>,
+    vhost: Vec<Vec<std::fs::File>>,
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
@@ -171,7 +171,7 @@ fn open_resources(
 ) -> Result<ExecutionResources, LaunchError> {
     let mut taps = Vec::with_capacity(rt.nics.len());
     for nic in &rt.nics {
-        let tap = Tap::create(&cfg.tap_template)?;
+        let tap = Tap::create(&cfg.tap_template, nic.spec.queues)?;
         tap.set_up()?;
         if let Some(bridge) = &nic.spec.bridge {
             tap.attach_to_bridge(bridge)?;
@@ -182,8 +182,11 @@ fn open_resources(
     let vhost = rt
         .nics
         .iter()
-        .map(|n| n.spec.vhost.then(tap::open_vhost_net).transpose())
-        .collect::<Result<Vec<_>, TapError>>()?;
+        .map(|n| {
+            let queues = if n.spec.vhost { n.spec.queues } else { 0 };
+            (0..queues).map(|_| tap::open_vhost_net()).collect()
+        })
+        .collect::<Result<Vec<Vec<_>>, TapError>>()?;
     Ok(ExecutionResources {
         vhost,
         qmp: listen(&run_dir.join(files::QMP))?,
@@ -228,19 +231,19 @@ async fn launch_in(
         taps: resources
             .taps
             .iter()
-            .map(|t| t.as_fd().as_raw_fd())
+            .map(|t| t.queue_fds().map(|fd| fd.as_raw_fd()).collect())
             .collect(),
         vhost: resources
             .vhost
             .iter()
-            .map(|v| v.as_ref().map(AsRawFd::as_raw_fd))
+            .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
             .collect(),
         operator_qmp: cfg.operator_qmp.then_some(operator_qmp.as_path()),
     };
     let args = argv::render_execution(rt, &fds);
     let mut inherit = vec![fds.qmp];
     inherit.extend(fds.serial);
-    inherit.extend(&fds.taps);
+    inherit.extend(fds.taps.iter().flatten());
     inherit.extend(fds.vhost.iter().flatten());
 
     let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);

@@ -64,7 +64,10 @@ pub fn tap_names(pid: u32) -> Vec<String> {
         })
         .collect();
     taps.sort();
-    taps.into_iter().map(|(_, name)| name).collect()
+    let mut names: Vec<String> = taps.into_iter().map(|(_, name)| name).collect();
+    // A multiqueue tap holds one fd per queue, opened one after another.
+    names.dedup();
+    names
 }
 
 /// Spawns `binary` with `args` in a new session, with stdout and stderr

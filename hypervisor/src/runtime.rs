@@ -426,6 +426,7 @@ pub(crate) mod tests {
             model: NicModel::Virtio,
             bridge: None,
             vhost: false,
+            queues: 1,
         }
     }
 

@@ -27,6 +27,8 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_CMDLINE: usize = 4096;
 /// Highest VNC display number (port 5900 + display).
 pub const MAX_VNC_DISPLAY: u32 = 99;
+/// Most queue pairs a NIC may have.
+pub const MAX_NIC_QUEUES: u32 = 16;
 /// Longest Linux interface name (IFNAMSIZ - 1).
 pub const MAX_IFNAME: usize = 15;
 
@@ -177,6 +179,13 @@ pub struct NicSpec {
     /// Use in-kernel vhost-net (needs /dev/vhost-net on the node).
     #[serde(default)]
     pub vhost: bool,
+    /// Queue pairs; more than one makes a multiqueue tap and virtio device.
+    #[serde(default = "one_queue")]
+    pub queues: u32,
+}
+
+fn one_queue() -> u32 {
+    1
 }
 
 /// How the guest boots.
@@ -290,6 +299,16 @@ pub enum SpecError {
     MacZero {
         /// NIC name.
         nic: String,
+    },
+    /// A queue count out of range, or multiqueue on a model without it.
+    #[error(
+        "NIC {nic:?}: {queues} queues is not possible; use 1..={MAX_NIC_QUEUES}, and more than 1 only with the virtio model"
+    )]
+    Queues {
+        /// NIC name.
+        nic: String,
+        /// As given.
+        queues: u32,
     },
     /// Two NICs share a MAC.
     #[error("MAC {0} is used by two NICs")]
@@ -463,6 +482,14 @@ pub fn check_nic(nic: &NicSpec) -> Result<(), SpecError> {
             mac: nic.mac,
         });
     }
+    let queues_ok = (1..=MAX_NIC_QUEUES).contains(&nic.queues)
+        && (nic.queues == 1 || nic.model == NicModel::Virtio);
+    if !queues_ok {
+        return Err(SpecError::Queues {
+            nic: nic.name.clone(),
+            queues: nic.queues,
+        });
+    }
     if let Some(bridge) = &nic.bridge
         && !is_safe_identifier(bridge, MAX_IFNAME)
     {
@@ -499,6 +526,7 @@ pub(crate) mod tests {
                 model: NicModel::Virtio,
                 bridge: Some("br0".into()),
                 vhost: false,
+                queues: 1,
             }],
             boot: Boot::Disk,
             machine_type: "pc".into(),
@@ -634,6 +662,33 @@ pub(crate) mod tests {
         };
 
         assert!(matches!(spec.validate(), Err(SpecError::CpuModel(_))));
+    }
+
+    #[test]
+    fn queue_counts_are_bounded_and_need_virtio_for_more_than_one() {
+        let mut zero = sample_spec();
+        zero.nics[0].queues = 0;
+        let mut many = sample_spec();
+        many.nics[0].queues = 64;
+        let mut e1000 = sample_spec();
+        e1000.nics[0].queues = 2;
+        e1000.nics[0].model = NicModel::E1000;
+        let mut four = sample_spec();
+        four.nics[0].queues = 4;
+
+        assert!(matches!(
+            zero.validate(),
+            Err(SpecError::Queues { queues: 0, .. })
+        ));
+        assert!(matches!(
+            many.validate(),
+            Err(SpecError::Queues { queues: 64, .. })
+        ));
+        assert!(matches!(
+            e1000.validate(),
+            Err(SpecError::Queues { queues: 2, .. })
+        ));
+        assert_eq!(four.validate(), Ok(()));
     }
 
     #[test]

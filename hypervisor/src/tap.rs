@@ -14,6 +14,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
@@ -133,34 +134,53 @@ fn control_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An open tap interface. Dropping it closes the agent's fd.
+/// An open tap interface with one fd per queue. Dropping it closes the
+/// agent's fds.
 #[derive(Debug)]
 pub struct Tap {
-    fd: OwnedFd,
+    queues: Vec<OwnedFd>,
     name: String,
 }
 
+/// Opens /dev/net/tun and attaches the fd to `name` (or a template).
+fn open_queue(name: &str, flags: libc::c_short) -> Result<(OwnedFd, String), TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(TUN_DEVICE)
+        .map_err(TapError::OpenTun)?;
+    let fd = OwnedFd::from(file);
+    let mut req = Ifreq::new(name);
+    req.data.flags = flags;
+    ifreq_ioctl(fd.as_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Create {
+        template: name.to_owned(),
+        source,
+    })?;
+    Ok((fd, req.name()))
+}
+
 impl Tap {
-    /// Creates a tap with vnet headers. `template` may hold `%d`, which the
-    /// kernel replaces with the first free number.
-    pub fn create(template: &str) -> Result<Tap, TapError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(TUN_DEVICE)
-            .map_err(TapError::OpenTun)?;
-        let fd = OwnedFd::from(file);
-        let mut req = Ifreq::new(template);
-        req.data.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        ifreq_ioctl(fd.as_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Create {
-            template: template.to_owned(),
-            source,
-        })?;
-        Ok(Tap {
-            fd,
-            name: req.name(),
-        })
+    /// Creates a tap with vnet headers and `queues` queues (multiqueue when
+    /// more than one). `template` may hold `%d`, which the kernel replaces
+    /// with the first free number.
+    pub fn create(template: &str, queues: u32) -> Result<Tap, TapError> {
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if queues > 1 {
+            flags |= IFF_MULTI_QUEUE;
+        }
+        let (first, name) = open_queue(template, flags)?;
+        let mut fds = vec![first];
+        for _ in 1..queues {
+            // Every further queue attaches to the interface the first made.
+            fds.push(open_queue(&name, flags)?.0);
+        }
+        Ok(Tap { queues: fds, name })
+    }
+
+    /// One fd per queue.
+    pub fn queue_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.queues.iter().map(AsFd::as_fd)
     }
 
     /// The interface name the kernel gave it.
@@ -197,12 +217,6 @@ impl Tap {
         let mut req = Ifreq::new(bridge);
         req.data.ifindex = index as libc::c_int;
         ifreq_ioctl(sock.as_fd(), SIOCBRADDIF, &mut req).map_err(err)
-    }
-}
-
-impl AsFd for Tap {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
     }
 }
 

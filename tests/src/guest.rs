@@ -129,6 +129,7 @@ impl GuestConsole {
         .expect("write to guest console");
         let out = self.read_until(&marker, Duration::from_secs(60));
         out.replace("\r\n", "\n")
+            .trim()
             .trim_start_matches(PROMPT)
             .trim()
             .to_owned()

@@ -441,3 +441,19 @@ pub async fn wait_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
+
+/// How many fds `pid` holds on the tap interface `tap` (one per queue).
+pub fn tap_queue_fds(pid: u32, tap: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_to_string(e.path()).is_ok_and(|info| {
+                        info.lines()
+                            .any(|l| l.strip_prefix("iff:").map(str::trim) == Some(tap))
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

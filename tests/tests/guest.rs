@@ -75,6 +75,7 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
             nic: Some(pb::NicSpec {
                 name: "eth1".into(),
                 mac: "52:54:00:00:70:01".into(),
+                queues: 2,
                 ..Default::default()
             }),
         })
@@ -101,7 +102,7 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
 
     let (nic_addr, disk_addr) = (pci_address(nic.pci_slot), pci_address(disk.pci_slot));
     let read_pattern = format!("dd if=/dev/vda bs={} count=1 2>/dev/null", pattern.len());
-    let (console, (listing, data, mac)) = in_guest(console, move |c| {
+    let (console, (listing, data, mac, features)) = in_guest(console, move |c| {
         let listing = c.run_until("ls /sys/bus/pci/devices", GUEST_SEES_TIMEOUT, |out| {
             out.contains(&nic_addr) && out.contains(&disk_addr)
         });
@@ -110,7 +111,10 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
         });
         let data = c.run(&read_pattern);
         let mac = c.run("cat /sys/class/net/*/address");
-        (listing, data, mac)
+        // The guest uses one queue pair per vCPU, but the device must offer
+        // multiqueue: virtio feature bit 22 (VIRTIO_NET_F_MQ).
+        let features = c.run("cat /sys/class/net/eth0/device/features");
+        (listing, data, mac, features)
     })
     .await;
     assert!(listing.contains(&pci_address(nic.pci_slot)), "{listing}");
@@ -119,6 +123,11 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
         "the guest must read the host's bytes: {data:?}"
     );
     assert!(mac.contains("52:54:00:00:70:01"), "{mac}");
+    assert_eq!(
+        features.chars().nth(22),
+        Some('1'),
+        "the guest sees a multiqueue NIC: {features}"
+    );
     assert!(agent.taps().contains(&nic.tap));
 
     for device in ["eth1", "hot"] {

@@ -146,6 +146,53 @@ async fn soft_reboot_keeps_hotplugged_devices_at_their_slots() {
 }
 
 #[tokio::test]
+async fn multiqueue_nics_get_one_tap_fd_per_queue_at_start_and_at_hot_add() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("mq", 64);
+    spec.nics = vec![pb::NicSpec {
+        queues: 2,
+        ..nic("eth0", "52:54:00:00:66:01")
+    }];
+    let info = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let added = add_nic(
+        &agent,
+        "mq",
+        pb::NicSpec {
+            queues: 4,
+            ..nic("eth1", "52:54:00:00:66:02")
+        },
+    )
+    .await
+    .unwrap()
+    .device
+    .unwrap();
+
+    let started = &info.devices[0];
+    assert_eq!(tap_queue_fds(info.pid, &started.tap), 2);
+    assert_eq!(tap_queue_fds(info.pid, &added.tap), 4);
+    let mut qmp = operator_qmp(&agent, "mq");
+    for (device, vectors) in [(started, 6), (&added, 10)] {
+        let path = format!("/machine/peripheral/{}", device.qemu_id);
+        assert_eq!(
+            qmp.execute("qom-get", json!({ "path": path, "property": "mq" })),
+            json!(true)
+        );
+        assert_eq!(
+            qmp.execute("qom-get", json!({ "path": path, "property": "vectors" })),
+            json!(vectors)
+        );
+    }
+    assert_eq!(runtime(&agent, "mq").await["nics"][1]["queues"], 4);
+}
+
+#[tokio::test]
 async fn a_full_bus_is_resource_exhausted_and_changes_nothing() {
     let agent = TestAgent::start().await;
     start(&agent, "crowded").await;
