@@ -135,25 +135,20 @@ impl Agent {
         if nic.vhost && support.vhost.is_err() {
             return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
         }
-        // The tap, the journal and the slot look-up don't depend on each
-        // other; doing them side by side keeps hotplug close to raw QMP.
+        // The tap and the slot look-up don't depend on each other: the
+        // tap is made while QEMU answers query-pci. Both are quick, so the
+        // tap's ioctls run here rather than on the blocking pool, whose
+        // hand-offs cost more than they save.
+        self.journal(&inst, HotplugIntent::AddNic { nic: nic.clone() })?;
         let used: Vec<u8> = record.runtime.used_slots().collect();
-        let (spec, template) = (nic.clone(), self.config().launch.tap_template.clone());
-        let prepare = tokio::task::spawn_blocking(move || hotplug::nic::prepare(&spec, &template));
-        let intent = HotplugIntent::AddNic { nic: nic.clone() };
-        let (prepared, journaled, slot) = tokio::join!(
-            prepare,
-            self.journal(&inst, intent),
-            self.free_slot(&inst, &process, &used)
-        );
-        journaled?;
+        let slot_lookup = self.free_slot(&inst, &process, &used);
+        let template = &self.config().launch.tap_template;
+        let (slot, prepared) =
+            tokio::join!(slot_lookup, async { hotplug::nic::prepare(&nic, template) });
         let ready = prepared
-            .map_err(|e| AgentError::Internal(e.to_string()))
-            .and_then(|p| {
-                p.map_err(|source| AgentError::Hotplug {
-                    instance: name.to_owned(),
-                    source,
-                })
+            .map_err(|source| AgentError::Hotplug {
+                instance: name.to_owned(),
+                source,
             })
             .and_then(|p| Ok((p, slot?)));
         let (prepared, slot) = match ready {
@@ -190,14 +185,9 @@ impl Agent {
         candidate.validate()?;
         let image = open_image(name, &disk)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
+        self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let used: Vec<u8> = record.runtime.used_slots().collect();
-        let intent = HotplugIntent::AddDisk { disk: disk.clone() };
-        let (journaled, slot) = tokio::join!(
-            self.journal(&inst, intent),
-            self.free_slot(&inst, &process, &used)
-        );
-        journaled?;
-        let slot = match slot {
+        let slot = match self.free_slot(&inst, &process, &used).await {
             Ok(s) => s,
             Err(e) => {
                 self.clear_journal(&inst)?;
@@ -250,8 +240,7 @@ impl Agent {
             HotplugIntent::Remove {
                 device: device.to_owned(),
             },
-        )
-        .await?;
+        )?;
         let removed =
             hotplug::remove::remove(process.qmp(), target, self.config().unplug_timeout).await;
         if let Err(source) = removed {
@@ -277,14 +266,10 @@ impl Agent {
         Ok((inst.view(), changed))
     }
 
-    /// Records the intent before QEMU is touched.
-    async fn journal(&self, inst: &Instance, intent: HotplugIntent) -> Result<(), AgentError> {
-        let journal = self.journal_store();
-        let name = inst.name().to_owned();
-        tokio::task::spawn_blocking(move || journal.record(&name, &intent))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))??;
-        Ok(())
+    /// Records the intent before QEMU is touched. It is not synced (see
+    /// `runtime_store::journal`), so it is a page-cache write and runs here.
+    fn journal(&self, inst: &Instance, intent: HotplugIntent) -> Result<(), AgentError> {
+        Ok(self.journal_store().record(inst.name(), &intent)?)
     }
 
     /// Clears the intent once the record (or QEMU, after a rollback) says
