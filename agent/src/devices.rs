@@ -187,8 +187,25 @@ impl Agent {
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let used: Vec<u8> = record.runtime.used_slots().collect();
-        let slot = match self.free_slot(&inst, &process, &used).await {
-            Ok(s) => s,
+        // add-fd needs no slot: both questions go to QEMU at once.
+        let (slot, fdset) = tokio::join!(
+            self.free_slot(&inst, &process, &used),
+            hotplug::disk::pass_image(process.qmp(), &image)
+        );
+        let fdset = fdset.map_err(|source| AgentError::Hotplug {
+            instance: name.to_owned(),
+            source,
+        });
+        let failure = match (slot, fdset) {
+            (Ok(slot), Ok(fdset)) => Ok((slot, fdset)),
+            (Err(e), Ok(fdset)) => {
+                hotplug::disk::release_image(process.qmp(), fdset).await;
+                Err(e)
+            }
+            (_, Err(e)) => Err(e),
+        };
+        let (slot, fdset) = match failure {
+            Ok(ready) => ready,
             Err(e) => {
                 self.clear_journal(&inst)?;
                 return Err(e);
@@ -197,8 +214,8 @@ impl Agent {
         let runtime_disk = RuntimeDisk { spec: disk, slot };
         let mut updated = record.clone();
         updated.runtime.disks.push(runtime_disk.clone());
-        let add = hotplug::disk::add(process.qmp(), &runtime_disk, &image);
-        self.apply(&inst, &record, &updated, add).await?;
+        let attach = hotplug::disk::attach(process.qmp(), &runtime_disk, fdset);
+        self.apply(&inst, &record, &updated, attach).await?;
         drop(image);
         tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = runtime_disk.slot, "disk added");
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))

@@ -68,10 +68,24 @@ pub fn device_arguments(disk: &RuntimeDisk) -> Value {
 /// device, the checks and `remove-fd` go out as one pipeline. On failure
 /// every step that succeeded is undone.
 pub async fn add(qmp: &QmpClient, disk: &RuntimeDisk, image: &File) -> Result<(), HotplugError> {
-    let fdset = qmp
-        .add_fd(image.as_fd())
+    attach(qmp, disk, pass_image(qmp, image).await?).await
+}
+
+/// Hands QEMU the image fd in a new fdset (`add-fd`). It doesn't depend on
+/// the slot, so it can go out beside the slot look-up.
+pub async fn pass_image(qmp: &QmpClient, image: &File) -> Result<u64, HotplugError> {
+    qmp.add_fd(image.as_fd())
         .await
-        .map_err(HotplugError::qmp("add-fd"))?;
+        .map_err(HotplugError::qmp("add-fd"))
+}
+
+/// Releases an fdset whose disk was never attached.
+pub async fn release_image(qmp: &QmpClient, fdset: u64) {
+    undo(qmp, "remove-fd", json!({ "fdset-id": fdset })).await;
+}
+
+/// Attaches `disk` from the image in `fdset`, then releases the fdset.
+pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(), HotplugError> {
     let commands = vec![
         Command::new("blockdev-add", file_node_arguments(disk, fdset)),
         Command::new("blockdev-add", format_node_arguments(disk)),
