@@ -6,7 +6,12 @@ use clap::Parser;
 async fn main() {
     let cli = kvm_agent::cli::Cli::parse();
     if let Err(e) = kvm_agent::cli::run(cli).await {
-        eprintln!("kvm-agent: {e:#}");
+        // A refusal from the agent reads as its code and message, not as
+        // the Debug form of a gRPC status.
+        match e.downcast_ref::<tonic::Status>() {
+            Some(status) => eprintln!("kvm-agent: {:?}: {}", status.code(), status.message()),
+            None => eprintln!("kvm-agent: {e:#}"),
+        }
         std::process::exit(1);
     }
 }

@@ -181,3 +181,78 @@ async fn health_service_reports_the_node_agent_serving() {
 
     assert_eq!(reply.status, ServingStatus::Serving as i32);
 }
+
+#[tokio::test]
+async fn cli_hot_adds_and_lists_devices_as_json() {
+    let agent = TestAgent::start().await;
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("devs", 64)),
+        })
+        .await
+        .unwrap();
+    let image = agent.raw_image("cli.img", 8);
+    let socket = agent.socket();
+    let cli = |args: &[&str]| {
+        Command::new(agent_binary())
+            .args([
+                "--socket",
+                socket.to_str().unwrap(),
+                "--output",
+                "json",
+                "device",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let nic = cli(&[
+        "add-nic",
+        "devs",
+        "--mac",
+        "52:54:00:00:80:01",
+        "--name",
+        "eth1",
+        "--queues",
+        "2",
+    ]);
+    let disk = cli(&[
+        "add-disk",
+        "devs",
+        "--path",
+        image.to_str().unwrap(),
+        "--name",
+        "data",
+        "--cache",
+        "writeback",
+    ]);
+    let list = cli(&["list", "devs"]);
+    let support = cli(&["support", "devs"]);
+    let missing = cli(&["remove", "devs", "nope"]);
+
+    for out in [&nic, &disk, &list, &support] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let nic: Value = serde_json::from_slice(&nic.stdout).unwrap();
+    assert_eq!(nic["kind"], "nic");
+    assert!(nic["tap"].as_str().is_some_and(|t| !t.is_empty()));
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["data", "eth1"]);
+    let support: Value = serde_json::from_slice(&support.stdout).unwrap();
+    assert_eq!(support["nic"]["supported"], true);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("has no device \"nope\""));
+}
