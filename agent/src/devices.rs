@@ -14,6 +14,12 @@ use hypervisor::spec::{DiskSpec, NicSpec};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
+use hypervisor::argv::{disk_device_id, nic_device_id};
+use hypervisor::qmp::QmpClient;
+use runtime_store::Intent;
+
 use crate::error::AgentError;
 use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
 
@@ -335,5 +341,137 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Brings the record of an adopted instance in line with what its QEMU
+    /// has: a hotplug the previous agent left under way is finished or
+    /// rolled back, whichever matches QEMU, and any other difference is
+    /// reported rather than guessed at.
+    pub(crate) async fn reconcile_devices(&self, inst: &Instance) -> Result<(), AgentError> {
+        let _op = inst.lock_ops().await;
+        let (process, mut record) = Self::running(inst)?;
+        let intent = match self.journal_store().load::<HotplugIntent>(inst.name())? {
+            Intent::None => None,
+            Intent::Pending(intent) => Some(intent),
+            Intent::Unreadable(e) => {
+                tracing::warn!(instance = %inst.name(), error = %e, "unreadable hotplug intent; comparing devices only");
+                None
+            }
+        };
+        let pci = process
+            .qmp()
+            .execute("query-pci", None)
+            .await
+            .map_err(|source| AgentError::Qmp {
+                instance: inst.name().to_owned(),
+                source,
+            })?;
+        let in_qemu: HashMap<String, u8> = hotplug::slots::bus0_devices(&pci)
+            .into_iter()
+            .map(|(slot, id)| (id, slot))
+            .collect();
+        let changed = match intent {
+            Some(intent) => settle_intent(process.qmp(), &mut record, &in_qemu, intent).await,
+            None => false,
+        };
+        let runtime_ids = record
+            .runtime
+            .nics
+            .iter()
+            .map(|n| (&n.spec.name, nic_device_id(n.spec.uuid)))
+            .chain(
+                record
+                    .runtime
+                    .disks
+                    .iter()
+                    .map(|d| (&d.spec.name, disk_device_id(d.spec.uuid))),
+            );
+        for (device, id) in runtime_ids {
+            if !in_qemu.contains_key(&id) {
+                tracing::warn!(instance = %inst.name(), device = %device, qemu_id = %id, "the runtime has a device QEMU doesn't");
+            }
+        }
+        if changed {
+            self.write_record(inst, &record).await?;
+        }
+        self.clear_journal(inst)
+    }
+}
+
+/// Applies what QEMU shows to an unfinished hotplug. Returns whether the
+/// record changed.
+async fn settle_intent(
+    qmp: &QmpClient,
+    record: &mut InstanceRecord,
+    in_qemu: &HashMap<String, u8>,
+    intent: HotplugIntent,
+) -> bool {
+    let runtime = &mut record.runtime;
+    let (device, id, recorded) = match &intent {
+        HotplugIntent::AddNic { nic } => (
+            Device::Nic(nic.uuid),
+            nic_device_id(nic.uuid),
+            runtime.nics.iter().position(|n| n.spec.uuid == nic.uuid),
+        ),
+        HotplugIntent::AddDisk { disk } => (
+            Device::Disk(disk.uuid),
+            disk_device_id(disk.uuid),
+            runtime.disks.iter().position(|d| d.spec.uuid == disk.uuid),
+        ),
+        HotplugIntent::Remove { device } => {
+            let nic = runtime.nics.iter().position(|n| &n.spec.name == device);
+            let disk = runtime.disks.iter().position(|d| &d.spec.name == device);
+            let (target, id) = match (nic, disk) {
+                (Some(i), _) => (
+                    Device::Nic(runtime.nics[i].spec.uuid),
+                    nic_device_id(runtime.nics[i].spec.uuid),
+                ),
+                (None, Some(i)) => (
+                    Device::Disk(runtime.disks[i].spec.uuid),
+                    disk_device_id(runtime.disks[i].spec.uuid),
+                ),
+                (None, None) => return false,
+            };
+            if in_qemu.contains_key(&id) {
+                tracing::info!(%id, "unfinished removal: the device is still in QEMU and stays");
+                return false;
+            }
+            tracing::info!(%id, "finishing a removal the guest completed");
+            hotplug::remove::delete_backend(qmp, target).await;
+            match (nic, disk) {
+                (Some(i), _) => drop(runtime.nics.remove(i)),
+                (None, Some(i)) => drop(runtime.disks.remove(i)),
+                (None, None) => {}
+            }
+            return true;
+        }
+    };
+    match (in_qemu.get(&id), recorded) {
+        (Some(&slot), None) => {
+            tracing::info!(%id, slot, "finishing a hot-add QEMU completed");
+            match intent {
+                HotplugIntent::AddNic { nic } => runtime.nics.push(RuntimeNic { spec: nic, slot }),
+                HotplugIntent::AddDisk { disk } => {
+                    runtime.disks.push(RuntimeDisk { spec: disk, slot })
+                }
+                HotplugIntent::Remove { .. } => {}
+            }
+            true
+        }
+        (None, Some(index)) => {
+            tracing::info!(%id, "rolling back a hot-add QEMU never completed");
+            hotplug::remove::delete_backend(qmp, device).await;
+            match device {
+                Device::Nic(_) => drop(runtime.nics.remove(index)),
+                Device::Disk(_) => drop(runtime.disks.remove(index)),
+            }
+            true
+        }
+        (None, None) => {
+            tracing::info!(%id, "rolling back a hot-add QEMU never completed");
+            hotplug::remove::delete_backend(qmp, device).await;
+            false
+        }
+        (Some(_), Some(_)) => false,
     }
 }

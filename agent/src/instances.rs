@@ -19,13 +19,12 @@ use hypervisor::process::{self, PidFd};
 use hypervisor::qmp::{QmpClient, QmpEvent};
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
-use runtime_store::{Intent, IntentJournal, RecordStore};
+use runtime_store::{IntentJournal, RecordStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::config::AgentConfig;
-use crate::devices::HotplugIntent;
 use crate::error::AgentError;
 
 /// What the record says about an instance, beside its runtime.
@@ -857,18 +856,6 @@ impl Agent {
         };
         // Reconciling an unfinished hotplug against QEMU is still to come;
         // until then it is reported, never silently dropped.
-        match self.journal.load::<HotplugIntent>(&name) {
-            Ok(Intent::None) => {}
-            Ok(Intent::Pending(intent)) => {
-                tracing::warn!(instance = %name, ?intent, "a hotplug operation was under way when the agent stopped")
-            }
-            Ok(Intent::Unreadable(e)) => {
-                tracing::warn!(instance = %name, error = %e, "the hotplug intent journal can't be read")
-            }
-            Err(e) => {
-                tracing::warn!(instance = %name, error = %e, "the hotplug intent journal can't be read")
-            }
-        }
         let inst = Instance::new(&name, Some(record.clone()), state, detail);
         self.registry_mut().insert(name.clone(), inst.clone());
         if record.state != RecordedState::Running {
@@ -891,6 +878,9 @@ impl Agent {
             Ok((process, events)) => {
                 tracing::info!(instance = %name, pid, "adopted running instance");
                 self.supervise(&inst, process, events);
+                if let Err(e) = self.reconcile_devices(&inst).await {
+                    tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
+                }
             }
             Err(e) => {
                 let detail =

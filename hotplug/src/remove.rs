@@ -74,6 +74,14 @@ pub async fn remove(
     }
     // The device is gone; a backend that can't be deleted only leaks inside
     // QEMU, so it is logged rather than failing the removal.
+    delete_backend(qmp, device).await;
+    Ok(())
+}
+
+/// Deletes a device's netdev or block nodes, best effort (failures are
+/// logged): after a removal, or when recovery finds a backend whose device
+/// never made it.
+pub async fn delete_backend(qmp: &QmpClient, device: Device) {
     match device {
         Device::Nic(u) => undo(qmp, "netdev_del", json!({ "id": netdev_id(u) })).await,
         Device::Disk(u) => {
@@ -91,7 +99,6 @@ pub async fn remove(
             .await;
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
