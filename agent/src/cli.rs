@@ -62,6 +62,15 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Follow the agent's events (one line each; JSON lines with --output json).
+    Events {
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Replay the kept events after this sequence number first.
+        #[arg(long)]
+        after: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +166,9 @@ struct ServeArgs {
     /// How long a device removal waits for the guest to release the device.
     #[arg(long, default_value_t = 10_000)]
     unplug_timeout_ms: u64,
+    /// Events kept for watchers that resume.
+    #[arg(long, default_value_t = crate::events::DEFAULT_EVENT_BUFFER)]
+    event_buffer: usize,
     /// Timeout of one QMP command.
     #[arg(long, default_value_t = 10_000)]
     qmp_timeout_ms: u64,
@@ -497,6 +509,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Instance { command } => instance(connect(socket).await?, command, json_out).await,
         Command::Device { command } => device(connect(socket).await?, command, json_out).await,
+        Command::Events { instance, after } => {
+            events(connect(socket).await?, instance, after, json_out).await
+        }
     }
 }
 
@@ -794,6 +809,54 @@ async fn device(
     Ok(())
 }
 
+async fn events(
+    mut client: NodeAgentClient<Channel>,
+    instance: Option<String>,
+    after: Option<u64>,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let request = pb::WatchEventsRequest {
+        instance: instance.unwrap_or_default(),
+        after_sequence: after,
+    };
+    let mut stream = client.watch_events(request).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        let kind = pb::EventKind::try_from(event.kind)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("EVENT_KIND_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        if json_out {
+            println!(
+                "{}",
+                json!({
+                    "sequence": event.sequence, "unix_millis": event.unix_millis, "instance": event.instance,
+                    "kind": kind, "state": state_name(event.state), "state_detail": event.state_detail,
+                    "guest_initiated": event.guest_initiated, "device": event.device,
+                    "pci_slot": event.pci_slot, "reboot": event.reboot,
+                })
+            );
+            continue;
+        }
+        let what = match event.kind {
+            k if k == pb::EventKind::StateChanged as i32 => {
+                let by_guest = if event.guest_initiated {
+                    " (by the guest)"
+                } else {
+                    ""
+                };
+                format!("{}{by_guest}", state_name(event.state))
+            }
+            k if k == pb::EventKind::Rebooted as i32 => format!("rebooted ({})", event.reboot),
+            _ => format!("{kind} {}", event.device),
+        };
+        println!("{:>6} {:<20} {what}", event.sequence, event.instance);
+    }
+    Ok(())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -817,6 +880,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
     cfg.unplug_timeout = Duration::from_millis(args.unplug_timeout_ms);
+    cfg.event_buffer = args.event_buffer;
     let listen = args
         .listen
         .unwrap_or_else(|| Listen::Unix(cfg.socket_path()));

@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub reset_timeout: Duration,
     /// How long a device removal waits for the guest to release the device.
     pub unplug_timeout: Duration,
+    /// Events kept for watchers that resume.
+    pub event_buffer: usize,
     /// How long the supervisor waits for QMP to drain after QEMU exits, to
     /// see whether the guest itself asked for the power-off.
     pub exit_drain_timeout: Duration,
@@ -40,6 +42,7 @@ impl AgentConfig {
             stop: StopTimeouts::default(),
             reset_timeout: Duration::from_secs(5),
             unplug_timeout: Duration::from_secs(10),
+            event_buffer: crate::events::DEFAULT_EVENT_BUFFER,
             exit_drain_timeout: Duration::from_millis(500),
         }
     }

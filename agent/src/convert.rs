@@ -11,6 +11,7 @@ use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
 
 use crate::error::AgentError;
+use crate::events::{Event, EventKind};
 use crate::instances::{InstanceView, State};
 use hypervisor::argv;
 use hypervisor::lifecycle::StopMethod;
@@ -221,6 +222,46 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
         detail: n.spec.mac.to_string(),
         tap: tap.to_owned(),
     }
+}
+
+/// The wire form of an event.
+pub fn event_to_proto(event: Event) -> pb::Event {
+    let mut wire = pb::Event {
+        sequence: event.sequence,
+        unix_millis: event.unix_millis,
+        instance: event.instance,
+        ..Default::default()
+    };
+    match event.kind {
+        EventKind::State {
+            state,
+            detail,
+            guest_initiated,
+        } => {
+            wire.kind = pb::EventKind::StateChanged as i32;
+            wire.state = state_to_proto(state) as i32;
+            wire.state_detail = detail;
+            wire.guest_initiated = guest_initiated;
+        }
+        EventKind::DeviceAdded { device, slot } => {
+            wire.kind = pb::EventKind::DeviceAdded as i32;
+            wire.device = device;
+            wire.pci_slot = slot.into();
+        }
+        EventKind::DeviceRemoved { device } => {
+            wire.kind = pb::EventKind::DeviceRemoved as i32;
+            wire.device = device;
+        }
+        EventKind::Rebooted {
+            how,
+            guest_initiated,
+        } => {
+            wire.kind = pb::EventKind::Rebooted as i32;
+            wire.reboot = how.to_owned();
+            wire.guest_initiated = guest_initiated;
+        }
+    }
+    wire
 }
 
 /// The wire form of a stop method.

@@ -21,6 +21,7 @@ use hypervisor::qmp::QmpClient;
 use runtime_store::Intent;
 
 use crate::error::AgentError;
+use crate::events::EventKind;
 use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
 
 /// A hotplug operation recorded before QEMU is touched, so an agent that
@@ -170,6 +171,10 @@ impl Agent {
         let attach = hotplug::nic::attach(process.qmp(), prepared, &runtime_nic);
         let added = self.apply(&inst, &record, &updated, attach).await?;
         process.push_tap(added.tap.clone());
+        inst.announce(EventKind::DeviceAdded {
+            device: runtime_nic.spec.name.clone(),
+            slot: runtime_nic.slot,
+        });
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
     }
@@ -223,6 +228,10 @@ impl Agent {
         let attach = hotplug::disk::attach(process.qmp(), &runtime_disk, fdset);
         self.apply(&inst, &record, &updated, attach).await?;
         drop(image);
+        inst.announce(EventKind::DeviceAdded {
+            device: runtime_disk.spec.name.clone(),
+            slot: runtime_disk.slot,
+        });
         tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = runtime_disk.slot, "disk added");
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
     }
@@ -286,6 +295,9 @@ impl Agent {
         };
         self.commit(&inst, &record).await?;
         tracing::info!(instance = %name, device, "device removed");
+        inst.announce(EventKind::DeviceRemoved {
+            device: device.to_owned(),
+        });
         Ok((inst.view(), changed))
     }
 

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
+use crate::events::{Event, EventBus, EventKind, TooOld};
 
 /// What the record says about an instance, beside its runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +148,7 @@ pub struct Instance {
     name: String,
     ops: tokio::sync::Mutex<()>,
     status: Mutex<Status>,
+    events: Arc<EventBus>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,9 +156,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Instance {
-    fn new(name: &str, record: Option<InstanceRecord>, state: State, detail: String) -> Arc<Self> {
+    fn new(
+        name: &str,
+        record: Option<InstanceRecord>,
+        state: State,
+        detail: String,
+        events: Arc<EventBus>,
+    ) -> Arc<Self> {
         Arc::new(Instance {
             name: name.to_owned(),
+            events,
             ops: tokio::sync::Mutex::new(()),
             status: Mutex::new(Status {
                 state,
@@ -208,9 +217,30 @@ impl Instance {
     }
 
     fn set_state(&self, state: State, detail: impl Into<String>) {
-        let mut st = lock(&self.status);
-        st.state = state;
-        st.detail = detail.into();
+        let detail = detail.into();
+        {
+            let mut st = lock(&self.status);
+            st.state = state;
+            st.detail = detail.clone();
+        }
+        self.announce_state(state, detail, false);
+    }
+
+    /// Publishes a state change. Called after the status lock is released.
+    fn announce_state(&self, state: State, detail: String, guest_initiated: bool) {
+        self.events.publish(
+            &self.name,
+            EventKind::State {
+                state,
+                detail,
+                guest_initiated,
+            },
+        );
+    }
+
+    /// Publishes any other event about this instance.
+    pub(crate) fn announce(&self, kind: EventKind) {
+        self.events.publish(&self.name, kind);
     }
 }
 
@@ -272,6 +302,7 @@ pub struct Agent {
     cfg: AgentConfig,
     store: Arc<RecordStore>,
     journal: Arc<IntentJournal>,
+    events: Arc<EventBus>,
     qemu_cache: tokio::sync::Mutex<Option<(BinaryStamp, Arc<QemuInfo>)>>,
     instances: RwLock<BTreeMap<String, Arc<Instance>>>,
 }
@@ -281,10 +312,12 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let store = RecordStore::open(&cfg.state_dir, "runtime")?;
         let journal = IntentJournal::open(&cfg.state_dir, "journal")?;
+        let event_buffer = cfg.event_buffer;
         Ok(Arc::new(Agent {
             cfg,
             store: Arc::new(store),
             journal: Arc::new(journal),
+            events: Arc::new(EventBus::new(event_buffer)),
             qemu_cache: tokio::sync::Mutex::new(None),
             instances: RwLock::new(BTreeMap::new()),
         }))
@@ -293,6 +326,15 @@ impl Agent {
     /// The configuration.
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// Events after `after` (only new ones for `None`) and a receiver for
+    /// the ones to come.
+    pub fn watch_events(
+        &self,
+        after: Option<u64>,
+    ) -> Result<(Vec<Event>, broadcast::Receiver<Event>), TooOld> {
+        self.events.watch(after)
     }
 
     /// The hotplug intent journal.
@@ -490,7 +532,13 @@ impl Agent {
             match registry.get(&spec.name) {
                 Some(i) => (i.clone(), false),
                 None => {
-                    let i = Instance::new(&spec.name, None, State::Stopped, String::new());
+                    let i = Instance::new(
+                        &spec.name,
+                        None,
+                        State::Stopped,
+                        String::new(),
+                        self.events.clone(),
+                    );
                     registry.insert(spec.name.clone(), i.clone());
                     (i, true)
                 }
@@ -604,6 +652,8 @@ impl Agent {
             st.state = State::Running;
             st.detail.clear();
         }
+        inst.announce_state(State::Running, String::new(), false);
+        tokio::spawn(watch_guest_resets(inst.clone(), process.qmp.subscribe()));
         tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
     }
 
@@ -659,6 +709,7 @@ impl Agent {
             st.state = state;
             st.detail = detail.clone();
         }
+        inst.announce_state(state, detail.clone(), guest_shutdown);
         lifecycle::remove_run_files(&run_dir);
         if guest_shutdown {
             tracing::info!(instance = %inst.name, "guest powered off");
@@ -708,6 +759,11 @@ impl Agent {
             st.state = State::Stopped;
             st.detail = format!("stopped by {}", stop_method_text(method));
         }
+        inst.announce_state(
+            State::Stopped,
+            format!("stopped by {}", stop_method_text(method)),
+            false,
+        );
         tracing::info!(instance = %inst.name, method = stop_method_text(method), "instance stopped");
         Ok(Some(method))
     }
@@ -757,6 +813,10 @@ impl Agent {
                         source,
                     })?;
                 tracing::info!(instance = %name, "instance reset");
+                inst.announce(EventKind::Rebooted {
+                    how: "reset",
+                    guest_initiated: false,
+                });
             }
             RebootMode::Soft => {
                 // Replay what is on disk: the runtime is the source of truth,
@@ -766,6 +826,10 @@ impl Agent {
                 self.stop_locked(&inst, false, self.cfg.stop).await?;
                 self.relaunch(&inst, record).await?;
                 tracing::info!(instance = %name, "instance soft-rebooted");
+                inst.announce(EventKind::Rebooted {
+                    how: "soft",
+                    guest_initiated: false,
+                });
             }
             RebootMode::Hard(spec) => {
                 let mut spec = *spec;
@@ -794,6 +858,10 @@ impl Agent {
                 lock(&inst.status).record = Some(record.clone());
                 self.relaunch(&inst, record).await?;
                 tracing::info!(instance = %name, generation, "instance hard-rebooted");
+                inst.announce(EventKind::Rebooted {
+                    how: "hard",
+                    guest_initiated: false,
+                });
             }
         }
         Ok(inst.view())
@@ -856,7 +924,13 @@ impl Agent {
         };
         // Reconciling an unfinished hotplug against QEMU is still to come;
         // until then it is reported, never silently dropped.
-        let inst = Instance::new(&name, Some(record.clone()), state, detail);
+        let inst = Instance::new(
+            &name,
+            Some(record.clone()),
+            state,
+            detail,
+            self.events.clone(),
+        );
         self.registry_mut().insert(name.clone(), inst.clone());
         if record.state != RecordedState::Running {
             return;
@@ -916,6 +990,27 @@ impl Agent {
             }),
             events,
         ))
+    }
+}
+
+/// Publishes the resets a guest does by itself (QEMU's RESET with
+/// `guest: true`); the same QEMU keeps running. Ends with the connection.
+async fn watch_guest_resets(inst: Arc<Instance>, mut events: broadcast::Receiver<QmpEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(e)
+                if e.name == "RESET"
+                    && e.data.get("guest").and_then(|g| g.as_bool()) == Some(true) =>
+            {
+                tracing::info!(instance = %inst.name, "guest rebooted itself");
+                inst.announce(EventKind::Rebooted {
+                    how: "guest",
+                    guest_initiated: true,
+                });
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod convert;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod instances;
 pub mod server;
 pub mod service;

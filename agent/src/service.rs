@@ -9,13 +9,18 @@ use kvm_agent_proto::v1::node_agent_server::NodeAgent;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{
-    disk_from_proto, disk_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
+    disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
     stop_method_to_proto, view_to_proto,
 };
 use crate::devices::ChangedDevice;
 use crate::error::AgentError;
+use crate::events::Event;
 use crate::instances::InstanceView;
 use crate::instances::{Agent, RebootMode};
+use std::pin::Pin;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::{Stream, StreamExt};
 
 /// `kvmagent.v1.NodeAgent` on top of an [`Agent`].
 #[derive(Debug, Clone)]
@@ -31,6 +36,9 @@ impl NodeAgentService {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// The stream WatchEvents returns.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentService {
@@ -130,6 +138,42 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new(view_to_proto(
             self.agent.reboot(&req.name, mode).await?,
         )))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {
+        let req = req.into_inner();
+        let (backlog, live) = self
+            .agent
+            .watch_events(req.after_sequence)
+            .map_err(|e| Status::out_of_range(e.to_string()))?;
+        let filter = req.instance;
+        let wanted = move |e: &Event| filter.is_empty() || e.instance == filter;
+        let backlog = backlog
+            .into_iter()
+            .filter(wanted.clone())
+            .map(|e| Ok(event_to_proto(e)));
+        let live = BroadcastStream::new(live).filter_map(move |item| match item {
+            Ok(e) if wanted(&e) => Some(Ok(event_to_proto(e))),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::resource_exhausted(format!(
+                "this watcher fell {missed} events behind; resume after the last sequence number it saw"
+            )))),
+        });
+        // A lagging watcher gets one error and the stream ends, so it
+        // resumes instead of silently missing events.
+        let mut failed = false;
+        let stream = tokio_stream::iter(backlog)
+            .chain(live)
+            .map_while(move |item| {
+                if failed {
+                    return None;
+                }
+                failed = item.is_err();
+                Some(item)
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn hotplug_support(

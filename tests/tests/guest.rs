@@ -169,6 +169,16 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
 async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
     let agent = TestAgent::start().await;
     let (info, console) = start_guest(&agent, "selfoff").await;
+    let mut events = agent
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            instance: "selfoff".into(),
+            after_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     let (_console, uname) = in_guest(console, |c| {
         let uname = c.run("uname -s");
@@ -198,6 +208,16 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
         "{}",
         stopped.state_detail
     );
+    let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.state, pb::InstanceState::Stopped as i32);
+    assert!(
+        event.guest_initiated,
+        "a guest's own power-off is told apart: {event:?}"
+    );
     assert!(
         stopped.state_detail.contains("guest powered itself off"),
         "{}",
@@ -219,4 +239,45 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
         256,
         "the runtime is kept"
     );
+}
+
+#[tokio::test]
+async fn a_guest_that_reboots_itself_keeps_its_qemu() {
+    let agent = TestAgent::start().await;
+    let (info, console) = start_guest(&agent, "selfreboot").await;
+    let mut events = agent
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            instance: "selfreboot".into(),
+            after_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let (_console, _) = in_guest(console, |c| {
+        c.run("uname -s");
+        c.send("reboot -f");
+    })
+    .await;
+    let event = tokio::time::timeout(Duration::from_secs(20), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(event.kind, pb::EventKind::Rebooted as i32, "{event:?}");
+    assert!(event.guest_initiated);
+    let now = agent
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest {
+            name: "selfreboot".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.state, pb::InstanceState::Running as i32);
+    assert_eq!(now.pid, info.pid, "the same QEMU keeps running");
 }
