@@ -62,6 +62,8 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// QEMU binary override.
     pub qemu_binary: Option<PathBuf>,
+    /// State directory override (default: inside the fixture's temp dir).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -76,6 +78,7 @@ impl Default for AgentOptions {
                 "5000".into(),
             ],
             qemu_binary: None,
+            state_dir: None,
         }
     }
 }
@@ -156,7 +159,15 @@ impl TestAgent {
 
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("state"))
+    }
+
+    /// The agent's pid while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// A scratch directory for images.

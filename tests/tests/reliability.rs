@@ -1,0 +1,174 @@
+//! The agent under pressure: reads that never wait behind a long operation,
+//! operations on different instances in parallel, SIGTERM that leaves
+//! instances running, and a full disk that costs nothing.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
+    let agent = TestAgent::start().await;
+    let mut client = agent.client().await;
+    client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("slow", 64)),
+        })
+        .await
+        .unwrap();
+    // The guest has no OS, so this stop waits out its full powerdown timeout.
+    let mut stopper = agent.client().await;
+    let long_stop = tokio::spawn(async move {
+        stopper
+            .stop_instance(pb::StopInstanceRequest {
+                name: "slow".into(),
+                force: false,
+                powerdown_timeout_ms: 3000,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let began = Instant::now();
+    let info = client
+        .get_instance(pb::GetInstanceRequest {
+            name: "slow".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .list_instances(pb::ListInstancesRequest {})
+        .await
+        .unwrap();
+    client
+        .get_node_info(pb::GetNodeInfoRequest {})
+        .await
+        .unwrap();
+    let reads = began.elapsed();
+    let began = Instant::now();
+    client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("other", 64)),
+        })
+        .await
+        .unwrap();
+    let other_start = began.elapsed();
+
+    assert_eq!(info.state, pb::InstanceState::Stopping as i32);
+    assert!(
+        reads < Duration::from_millis(500),
+        "reads took {reads:?} behind a stop"
+    );
+    assert!(
+        other_start < Duration::from_millis(2000),
+        "another instance's start took {other_start:?}"
+    );
+    assert!(
+        !long_stop.is_finished(),
+        "the stop is still waiting for the guest"
+    );
+    long_stop.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_agent_and_leaves_instances_running() {
+    let mut agent = TestAgent::start().await;
+    let info = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("stays", 64)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let agent_pid = agent.agent_pid().expect("agent runs");
+
+    // SAFETY: kill(2) on the agent this test started.
+    unsafe { libc::kill(agent_pid as libc::pid_t, libc::SIGTERM) };
+    let exited = wait_for(Duration::from_secs(10), async || {
+        (!process_alive(agent_pid)).then_some(())
+    })
+    .await;
+
+    assert!(exited.is_some(), "the agent must exit on SIGTERM");
+    assert!(process_alive(info.pid), "QEMU must keep running");
+    assert!(!agent.socket().exists(), "the socket is removed");
+    agent.restart().await;
+    let adopted = agent
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest {
+            name: "stays".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adopted.pid, info.pid);
+}
+
+#[tokio::test]
+async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
+    let mount = tempfile::Builder::new().prefix("kafull").tempdir().unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mounting a small tmpfs needs root");
+    let state = mount.path().join("state");
+    let agent = TestAgent::start_with(AgentOptions {
+        args: vec!["--powerdown-timeout-ms".into(), "1000".into()],
+        state_dir: Some(state.clone()),
+        ..AgentOptions::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("kept", 64)),
+        })
+        .await
+        .unwrap();
+    client
+        .stop_instance(pb::StopInstanceRequest {
+            name: "kept".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let record_before = std::fs::read(state.join("runtime/kept.json")).unwrap();
+    // Fill what is left.
+    let filler = mount.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 2 << 20]);
+
+    let full = client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("kept", 64)),
+        })
+        .await
+        .unwrap_err();
+    let fresh = client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("new", 64)),
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert_eq!(fresh.code(), Code::ResourceExhausted, "{fresh:?}");
+    assert!(full.message().contains("free space"), "{}", full.message());
+    assert_eq!(
+        std::fs::read(state.join("runtime/kept.json")).unwrap(),
+        record_before,
+        "the previous record is intact"
+    );
+    assert!(agent.live_qemus().is_empty(), "nothing may start");
+    drop(agent);
+    let _ = Command::new("umount").arg(mount.path()).status();
+}
