@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_server::NodeAgent;
+use std::time::Instant;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert::{
     disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
@@ -93,51 +96,62 @@ impl NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::StartInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
-        let view = self.agent.start(spec_from_proto(spec)?).await?;
-        Ok(Response::new(view_to_proto(view)))
+        let id = request_id(req.metadata());
+        let spec = req.into_inner().spec;
+        let name = spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        traced("start", &name, id, async {
+            let spec = spec.ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
+            Ok(view_to_proto(
+                self.agent.start(spec_from_proto(spec)?).await?,
+            ))
+        })
+        .await
     }
 
     async fn stop_instance(
         &self,
         req: Request<pb::StopInstanceRequest>,
     ) -> Reply<pb::StopInstanceResponse> {
+        let id = request_id(req.metadata());
         let req = req.into_inner();
-        let powerdown = (req.powerdown_timeout_ms > 0)
-            .then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
-        let (view, method) = self.agent.stop(&req.name, req.force, powerdown).await?;
-        Ok(Response::new(pb::StopInstanceResponse {
-            instance: Some(view_to_proto(view)),
-            method: stop_method_to_proto(method) as i32,
-        }))
+        traced("stop", &req.name, id, async {
+            let powerdown = (req.powerdown_timeout_ms > 0)
+                .then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
+            let (view, method) = self.agent.stop(&req.name, req.force, powerdown).await?;
+            Ok(pb::StopInstanceResponse {
+                instance: Some(view_to_proto(view)),
+                method: stop_method_to_proto(method) as i32,
+            })
+        })
+        .await
     }
 
     async fn reboot_instance(
         &self,
         req: Request<pb::RebootInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
+        let id = request_id(req.metadata());
         let req = req.into_inner();
-        let mode = match pb::RebootMode::try_from(req.mode) {
-            Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
-            Ok(pb::RebootMode::Reset) => RebootMode::Reset,
-            Ok(pb::RebootMode::Hard) => {
-                let spec = req
-                    .spec
-                    .ok_or_else(|| AgentError::BadRequest("a hard reboot needs a spec".into()))?;
-                RebootMode::Hard(Box::new(spec_from_proto(spec)?))
-            }
-            Err(_) => {
-                return Err(
-                    AgentError::BadRequest(format!("unknown reboot mode {}", req.mode)).into(),
-                );
-            }
-        };
-        Ok(Response::new(view_to_proto(
-            self.agent.reboot(&req.name, mode).await?,
-        )))
+        traced("reboot", &req.name.clone(), id, async {
+            let mode = match pb::RebootMode::try_from(req.mode) {
+                Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
+                Ok(pb::RebootMode::Reset) => RebootMode::Reset,
+                Ok(pb::RebootMode::Hard) => {
+                    let spec = req.spec.ok_or_else(|| {
+                        AgentError::BadRequest("a hard reboot needs a spec".into())
+                    })?;
+                    RebootMode::Hard(Box::new(spec_from_proto(spec)?))
+                }
+                Err(_) => {
+                    return Err(AgentError::BadRequest(format!(
+                        "unknown reboot mode {}",
+                        req.mode
+                    )));
+                }
+            };
+            Ok(view_to_proto(self.agent.reboot(&req.name, mode).await?))
+        })
+        .await
     }
 
     type WatchEventsStream = EventStream;
@@ -196,33 +210,49 @@ impl NodeAgent for NodeAgentService {
     }
 
     async fn add_nic(&self, req: Request<pb::AddNicRequest>) -> Reply<pb::DeviceChangeResponse> {
+        let id = request_id(req.metadata());
         let req = req.into_inner();
-        let nic = req
-            .nic
-            .ok_or_else(|| AgentError::BadRequest("nic is required".into()))?;
-        let changed = self.agent.add_nic(&req.name, nic_from_proto(&nic)?).await?;
-        Ok(Response::new(device_change(changed)))
+        traced("add-nic", &req.name, id, async {
+            let nic = req
+                .nic
+                .as_ref()
+                .ok_or_else(|| AgentError::BadRequest("nic is required".into()))?;
+            Ok(device_change(
+                self.agent.add_nic(&req.name, nic_from_proto(nic)?).await?,
+            ))
+        })
+        .await
     }
 
     async fn add_disk(&self, req: Request<pb::AddDiskRequest>) -> Reply<pb::DeviceChangeResponse> {
+        let id = request_id(req.metadata());
         let req = req.into_inner();
-        let disk = req
-            .disk
-            .ok_or_else(|| AgentError::BadRequest("disk is required".into()))?;
-        let changed = self
-            .agent
-            .add_disk(&req.name, disk_from_proto(&disk)?)
-            .await?;
-        Ok(Response::new(device_change(changed)))
+        traced("add-disk", &req.name, id, async {
+            let disk = req
+                .disk
+                .as_ref()
+                .ok_or_else(|| AgentError::BadRequest("disk is required".into()))?;
+            Ok(device_change(
+                self.agent
+                    .add_disk(&req.name, disk_from_proto(disk)?)
+                    .await?,
+            ))
+        })
+        .await
     }
 
     async fn remove_device(
         &self,
         req: Request<pb::RemoveDeviceRequest>,
     ) -> Reply<pb::DeviceChangeResponse> {
+        let id = request_id(req.metadata());
         let req = req.into_inner();
-        let changed = self.agent.remove_device(&req.name, &req.device).await?;
-        Ok(Response::new(device_change(changed)))
+        traced("remove-device", &req.name, id, async {
+            Ok(device_change(
+                self.agent.remove_device(&req.name, &req.device).await?,
+            ))
+        })
+        .await
     }
 
     async fn get_runtime(
@@ -236,6 +266,60 @@ impl NodeAgent for NodeAgentService {
             runtime_json,
             generation: record.runtime.generation,
         }))
+    }
+}
+
+/// The metadata key that carries an operation's request id, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The caller's request id when it sent a sane one, a new one otherwise.
+fn request_id(metadata: &MetadataMap) -> String {
+    metadata
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map_or_else(
+            || uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+            str::to_owned,
+        )
+}
+
+/// Runs one operation in a span carrying its name, the instance and the
+/// request id, logs how it ended, and returns the request id in the reply
+/// (or in the error's) metadata so a caller can find the operation's lines.
+async fn traced<T>(
+    op: &'static str,
+    instance: &str,
+    request_id: String,
+    work: impl Future<Output = Result<T, AgentError>>,
+) -> Reply<T> {
+    let span = tracing::info_span!("op", op, instance, request_id = %request_id);
+    let started = Instant::now();
+    let result = work.instrument(span.clone()).await;
+    let _in_span = span.enter();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let header = MetadataValue::try_from(request_id.as_str()).ok();
+    match result {
+        Ok(value) => {
+            tracing::info!(elapsed_ms, "operation done");
+            let mut response = Response::new(value);
+            if let Some(h) = header {
+                response.metadata_mut().insert(REQUEST_ID_HEADER, h);
+            }
+            Ok(response)
+        }
+        Err(e) => {
+            tracing::error!(elapsed_ms, error = %e, "operation failed");
+            let mut status = Status::from(e);
+            if let Some(h) = header {
+                status.metadata_mut().insert(REQUEST_ID_HEADER, h);
+            }
+            Err(status)
+        }
     }
 }
 

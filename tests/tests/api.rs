@@ -256,3 +256,70 @@ async fn cli_hot_adds_and_lists_devices_as_json() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no device \"nope\""));
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_the_caller_received() {
+    let agent = TestAgent::start_with(AgentOptions {
+        args: ["--powerdown-timeout-ms", "1000", "--log-format", "json"]
+            .map(String::from)
+            .to_vec(),
+        ..AgentOptions::default()
+    })
+    .await;
+
+    let reply = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("logged", 64)),
+        })
+        .await
+        .unwrap();
+    let refused = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("bad/name", 64)),
+        })
+        .await
+        .unwrap_err();
+
+    let id = reply
+        .metadata()
+        .get("x-request-id")
+        .expect("request id")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let refused_id = refused
+        .metadata()
+        .get("x-request-id")
+        .expect("request id on errors too")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(id, refused_id);
+    let log = agent.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of = |id: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["span"]["request_id"] == id)
+            .collect()
+    };
+    let ours = of(&id);
+    assert!(
+        ours.iter()
+            .any(|l| l["fields"]["message"] == "starting QEMU"),
+        "{log}"
+    );
+    assert!(ours.iter().all(|l| l["span"]["instance"] == "logged"));
+    assert!(
+        of(&refused_id).iter().any(|l| l["level"] == "ERROR"),
+        "{log}"
+    );
+}
