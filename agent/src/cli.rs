@@ -166,6 +166,9 @@ struct ServeArgs {
     /// How long a device removal waits for the guest to release the device.
     #[arg(long, default_value_t = 10_000)]
     unplug_timeout_ms: u64,
+    /// Serve Prometheus metrics on this loopback address (off when unset).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Events kept for watchers that resume.
     #[arg(long, default_value_t = crate::events::DEFAULT_EVENT_BUFFER)]
     event_buffer: usize,
@@ -885,6 +888,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| Listen::Unix(cfg.socket_path()));
     let agent = Agent::open(cfg).context("opening the state directory")?;
+    if let Some(addr) = args.metrics_listen {
+        crate::telemetry::serve(addr, agent.clone())?;
+    }
     server::serve(agent, listen).await
 }
 

@@ -14,3 +14,4 @@ pub mod events;
 pub mod instances;
 pub mod server;
 pub mod service;
+pub mod telemetry;

@@ -301,7 +301,9 @@ async fn traced<T>(
     let started = Instant::now();
     let result = work.instrument(span.clone()).await;
     let _in_span = span.enter();
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let seconds = started.elapsed().as_secs_f64();
+    crate::telemetry::record_operation(op, seconds, result.as_ref().err());
+    let elapsed_ms = seconds * 1000.0;
     let header = MetadataValue::try_from(request_id.as_str()).ok();
     match result {
         Ok(value) => {

@@ -323,3 +323,94 @@ async fn json_logs_carry_the_request_id_the_caller_received() {
         "{log}"
     );
 }
+
+fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text")
+}
+
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_are_valid_prometheus_text_and_move_with_operations() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let agent = TestAgent::start_with(AgentOptions {
+        args: vec![
+            "--powerdown-timeout-ms".into(),
+            "1000".into(),
+            "--metrics-listen".into(),
+            addr.to_string(),
+        ],
+        ..AgentOptions::default()
+    })
+    .await;
+    wait_for(std::time::Duration::from_secs(10), async || {
+        std::net::TcpStream::connect(addr).ok()
+    })
+    .await
+    .expect("metrics listen");
+    let before = tokio::task::spawn_blocking(move || scrape(addr))
+        .await
+        .unwrap();
+
+    agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("counted", 64)),
+        })
+        .await
+        .unwrap();
+    let after = tokio::task::spawn_blocking(move || scrape(addr))
+        .await
+        .unwrap();
+
+    let starts = |s: &prometheus_parse::Scrape| {
+        sample(
+            s,
+            "kvm_agent_operations_total",
+            &[("op", "start"), ("outcome", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(starts(&before), 0.0);
+    assert_eq!(starts(&after), 1.0);
+    assert_eq!(
+        sample(&after, "kvm_agent_instances", &[("state", "running")]),
+        Some(1.0)
+    );
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|s| s.metric.starts_with("kvm_agent_operation_duration_seconds")),
+        "latency is recorded"
+    );
+}

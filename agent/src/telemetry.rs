@@ -1,0 +1,104 @@
+//! Prometheus metrics: operation counts and latencies, QMP failures, and
+//! instances by state. Off unless `serve --metrics-listen` is given.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hypervisor::qmp::QmpError;
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::error::AgentError;
+use crate::events::EventKind;
+use crate::instances::{Agent, State};
+
+const STATES: [(State, &str); 5] = [
+    (State::Stopped, "stopped"),
+    (State::Starting, "starting"),
+    (State::Running, "running"),
+    (State::Stopping, "stopping"),
+    (State::Crashed, "crashed"),
+];
+
+/// Why the metrics endpoint couldn't start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Only loopback is allowed: the endpoint has no authentication.
+    #[error(
+        "metrics address {0} is not loopback; the endpoint has no authentication, so it only listens on 127.0.0.1 or ::1"
+    )]
+    NotLoopback(SocketAddr),
+    /// The exporter refused.
+    #[error("can't start the metrics endpoint on {addr}")]
+    Exporter {
+        /// The address.
+        addr: SocketAddr,
+        /// Its error.
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
+    },
+}
+
+/// Starts the endpoint and keeps the instance gauges current.
+pub fn serve(addr: SocketAddr, agent: Arc<Agent>) -> Result<(), MetricsError> {
+    if !addr.ip().is_loopback() {
+        return Err(MetricsError::NotLoopback(addr));
+    }
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|source| MetricsError::Exporter { addr, source })?;
+    tracing::info!(%addr, "serving metrics");
+    count_instances(&agent);
+    tokio::spawn(async move {
+        let Ok((_, mut events)) = agent.watch_events(None) else {
+            return;
+        };
+        loop {
+            match events.recv().await {
+                Ok(e) if matches!(e.kind, EventKind::State { .. }) => count_instances(&agent),
+                Ok(_) => {}
+                // Missed events only mean a recount.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => count_instances(&agent),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(())
+}
+
+fn count_instances(agent: &Agent) {
+    let views = agent.list();
+    for (state, label) in STATES {
+        let n = views.iter().filter(|v| v.state == state).count();
+        metrics::gauge!("kvm_agent_instances", "state" => label).set(n as f64);
+    }
+}
+
+/// Records how one operation went.
+pub fn record_operation(op: &'static str, seconds: f64, error: Option<&AgentError>) {
+    let outcome = if error.is_some() { "error" } else { "ok" };
+    metrics::counter!("kvm_agent_operations_total", "op" => op, "outcome" => outcome).increment(1);
+    metrics::histogram!("kvm_agent_operation_duration_seconds", "op" => op).record(seconds);
+    if let Some(kind) = error.and_then(qmp_failure) {
+        metrics::counter!("kvm_agent_qmp_errors_total", "kind" => kind).increment(1);
+    }
+}
+
+/// The kind of QMP failure behind an error, if any.
+fn qmp_failure(error: &AgentError) -> Option<&'static str> {
+    let qmp = match error {
+        AgentError::Qmp { source, .. } => source,
+        AgentError::Hotplug {
+            source: hotplug::HotplugError::Qmp { source, .. },
+            ..
+        } => source,
+        _ => return None,
+    };
+    Some(match qmp {
+        QmpError::Timeout { .. } | QmpError::NoGreeting(_) => "timeout",
+        QmpError::Qemu { .. } => "refused",
+        QmpError::Unsupported(_) => "unsupported",
+        QmpError::Io(_) | QmpError::Disconnected { .. } => "disconnected",
+        QmpError::Protocol(_) => "protocol",
+    })
+}
