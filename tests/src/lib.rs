@@ -468,3 +468,89 @@ pub fn tap_queue_fds(pid: u32, tap: &str) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// A NIC spec with defaults.
+pub fn nic(name: &str, mac: &str) -> pb::NicSpec {
+    pb::NicSpec {
+        name: name.into(),
+        mac: mac.into(),
+        ..Default::default()
+    }
+}
+
+/// A disk spec with the writeback cache: test images live on whatever
+/// filesystem the temp dir is on, which may not do O_DIRECT.
+pub fn disk(name: &str, path: &Path) -> pb::DiskSpec {
+    pb::DiskSpec {
+        name: name.into(),
+        path: path.display().to_string(),
+        cache: pb::DiskCache::Writeback as i32,
+        ..Default::default()
+    }
+}
+
+impl TestAgent {
+    /// Starts an instance; panics with the agent's log when that fails.
+    pub async fn start_spec(&self, spec: pb::InstanceSpec) -> pb::InstanceInfo {
+        self.client()
+            .await
+            .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+            .await
+            .unwrap_or_else(|s| panic!("start failed: {s:?}\nagent log:\n{}", self.log()))
+            .into_inner()
+    }
+
+    /// GetInstance.
+    pub async fn instance(&self, name: &str) -> pb::InstanceInfo {
+        self.client()
+            .await
+            .get_instance(pb::GetInstanceRequest { name: name.into() })
+            .await
+            .expect("get instance")
+            .into_inner()
+    }
+
+    /// The instance's runtime as the agent returns it.
+    pub async fn runtime_json(&self, name: &str) -> Value {
+        let reply = self
+            .client()
+            .await
+            .get_runtime(pb::GetRuntimeRequest { name: name.into() })
+            .await
+            .expect("get runtime")
+            .into_inner();
+        serde_json::from_str(&reply.runtime_json).expect("runtime JSON")
+    }
+
+    /// AddNic.
+    pub async fn add_nic(
+        &self,
+        name: &str,
+        nic: pb::NicSpec,
+    ) -> Result<pb::DeviceChangeResponse, tonic::Status> {
+        self.client()
+            .await
+            .add_nic(pb::AddNicRequest {
+                name: name.into(),
+                nic: Some(nic),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// AddDisk.
+    pub async fn add_disk(
+        &self,
+        name: &str,
+        disk: pb::DiskSpec,
+    ) -> Result<pb::DeviceChangeResponse, tonic::Status> {
+        self.client()
+            .await
+            .add_disk(pb::AddDiskRequest {
+                name: name.into(),
+                disk: Some(disk),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}

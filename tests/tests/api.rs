@@ -44,12 +44,7 @@ async fn runtime_record_holds_the_resolved_machine_and_device_slots() {
         mac: "52:54:00:00:50:01".into(),
         ..Default::default()
     }];
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-        .await
-        .unwrap();
+    agent.start_spec(spec).await;
 
     let reply = agent
         .client()
@@ -76,14 +71,7 @@ async fn runtime_record_holds_the_resolved_machine_and_device_slots() {
 #[tokio::test]
 async fn cli_lists_instances_as_json() {
     let agent = TestAgent::start().await;
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("listed", 64)),
-        })
-        .await
-        .unwrap();
+    agent.start_spec(agent.spec("listed", 64)).await;
 
     let out = Command::new(agent_binary())
         .args([
@@ -185,14 +173,7 @@ async fn health_service_reports_the_node_agent_serving() {
 #[tokio::test]
 async fn cli_hot_adds_and_lists_devices_as_json() {
     let agent = TestAgent::start().await;
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("devs", 64)),
-        })
-        .await
-        .unwrap();
+    agent.start_spec(agent.spec("devs", 64)).await;
     let image = agent.raw_image("cli.img", 8);
     let socket = agent.socket();
     let cli = |args: &[&str]| {
@@ -380,14 +361,7 @@ async fn metrics_are_valid_prometheus_text_and_move_with_operations() {
         .await
         .unwrap();
 
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("counted", 64)),
-        })
-        .await
-        .unwrap();
+    agent.start_spec(agent.spec("counted", 64)).await;
     let after = tokio::task::spawn_blocking(move || scrape(addr))
         .await
         .unwrap();

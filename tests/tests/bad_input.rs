@@ -6,23 +6,6 @@ use kvm_agent_tests::*;
 use serde_json::json;
 use tonic::Code;
 
-fn nic(mac: &str) -> pb::NicSpec {
-    pb::NicSpec {
-        name: "eth0".into(),
-        mac: mac.into(),
-        ..Default::default()
-    }
-}
-
-fn disk(name: &str, path: &str) -> pb::DiskSpec {
-    pb::DiskSpec {
-        name: name.into(),
-        path: path.into(),
-        cache: pb::DiskCache::Writeback as i32,
-        ..Default::default()
-    }
-}
-
 async fn start_err(agent: &TestAgent, spec: pb::InstanceSpec) -> tonic::Status {
     agent
         .client()
@@ -58,8 +41,8 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
     let image = image.to_str().unwrap();
     let base = || {
         let mut s = agent.spec("bad", 64);
-        s.nics = vec![nic("52:54:00:00:40:01")];
-        s.disks = vec![disk("root", image)];
+        s.nics = vec![nic("eth0", "52:54:00:00:40:01")];
+        s.disks = vec![disk("root", std::path::Path::new(image))];
         s
     };
     let cases: Vec<(&str, pb::InstanceSpec)> = vec![
@@ -87,28 +70,28 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
         (
             "relative disk path",
             pb::InstanceSpec {
-                disks: vec![disk("root", "images/root.img")],
+                disks: vec![disk("root", std::path::Path::new("images/root.img"))],
                 ..base()
             },
         ),
         (
             "multicast MAC",
             pb::InstanceSpec {
-                nics: vec![nic("01:00:5e:00:00:01")],
+                nics: vec![nic("eth0", "01:00:5e:00:00:01")],
                 ..base()
             },
         ),
         (
             "broadcast MAC",
             pb::InstanceSpec {
-                nics: vec![nic("ff:ff:ff:ff:ff:ff")],
+                nics: vec![nic("eth0", "ff:ff:ff:ff:ff:ff")],
                 ..base()
             },
         ),
         (
             "malformed MAC",
             pb::InstanceSpec {
-                nics: vec![nic("52:54:00:zz:00:01")],
+                nics: vec![nic("eth0", "52:54:00:zz:00:01")],
                 ..base()
             },
         ),
@@ -137,7 +120,7 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
         (
             "duplicate device name",
             pb::InstanceSpec {
-                disks: vec![disk("eth0", image)],
+                disks: vec![disk("eth0", std::path::Path::new(image))],
                 ..base()
             },
         ),
@@ -176,7 +159,7 @@ async fn a_comma_in_a_disk_path_is_escaped_not_an_injected_option() {
     let agent = TestAgent::start().await;
     let tricky = agent.raw_image("a,file=evil.img", 8);
     let mut spec = agent.spec("commas", 64);
-    spec.disks = vec![disk("root", tricky.to_str().unwrap())];
+    spec.disks = vec![disk("root", &tricky)];
 
     agent
         .client()
@@ -201,8 +184,11 @@ async fn a_comma_in_a_disk_path_is_escaped_not_an_injected_option() {
 async fn a_missing_disk_is_invalid_argument_naming_the_path() {
     let agent = TestAgent::start().await;
     let mut spec = agent.spec("nodisk", 64);
-    spec.disks = vec![disk("root", "/nonexistent/kvm-agent-test/root.img")];
-    spec.nics = vec![nic("52:54:00:00:40:02")];
+    spec.disks = vec![disk(
+        "root",
+        std::path::Path::new("/nonexistent/kvm-agent-test/root.img"),
+    )];
+    spec.nics = vec![nic("eth0", "52:54:00:00:40:02")];
 
     let err = start_err(&agent, spec).await;
 
@@ -224,9 +210,9 @@ async fn qemu_exiting_at_once_returns_its_stderr_and_leaves_nothing() {
     let mut spec = agent.spec("early", 64);
     spec.disks = vec![pb::DiskSpec {
         format: pb::DiskFormat::Qcow2 as i32,
-        ..disk("root", image.to_str().unwrap())
+        ..disk("root", &image)
     }];
-    spec.nics = vec![nic("52:54:00:00:40:03")];
+    spec.nics = vec![nic("eth0", "52:54:00:00:40:03")];
 
     let err = start_err(&agent, spec).await;
 
@@ -252,7 +238,7 @@ async fn a_missing_qemu_binary_says_what_to_install() {
     })
     .await;
     let mut spec = agent.spec("noqemu", 64);
-    spec.nics = vec![nic("52:54:00:00:40:04")];
+    spec.nics = vec![nic("eth0", "52:54:00:00:40:04")];
 
     let err = start_err(&agent, spec).await;
 

@@ -146,15 +146,7 @@ async fn a_watcher_sees_a_lifecycle_in_order_and_a_resume_gets_exactly_the_rest(
 #[tokio::test]
 async fn a_killed_qemu_gives_a_crashed_event() {
     let agent = TestAgent::start().await;
-    let info = agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("doomed", 64)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = agent.start_spec(agent.spec("doomed", 64)).await;
     let mut stream = watch(&agent, "doomed", None).await.unwrap();
 
     // SAFETY: kill(2) on the QEMU this test started.

@@ -5,7 +5,6 @@ use std::time::Duration;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
 use kvm_agent_tests::*;
-use serde_json::Value;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_SEES_TIMEOUT: Duration = Duration::from_secs(20);
@@ -25,17 +24,6 @@ async fn start_guest(agent: &TestAgent, name: &str) -> (pb::InstanceInfo, GuestC
         .await
         .unwrap();
     (info, console)
-}
-
-async fn runtime(agent: &TestAgent, name: &str) -> Value {
-    let reply = agent
-        .client()
-        .await
-        .get_runtime(pb::GetRuntimeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    serde_json::from_str(&reply.runtime_json).unwrap()
 }
 
 /// Runs blocking console work off the async runtime.
@@ -155,7 +143,7 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
             .all(|(_, id, _)| id != &nic.qemu_id && id != &disk.qemu_id),
         "{pci:?}"
     );
-    let rt = runtime(&agent, "guest1").await;
+    let rt = agent.runtime_json("guest1").await;
     assert_eq!(rt["nics"], serde_json::json!([]));
     assert_eq!(rt["disks"], serde_json::json!([]));
     assert!(
@@ -235,7 +223,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
         "the record must say the guest stopped itself"
     );
     assert_eq!(
-        runtime(&agent, "selfoff").await["memory_mib"],
+        agent.runtime_json("selfoff").await["memory_mib"],
         256,
         "the runtime is kept"
     );

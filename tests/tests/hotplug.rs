@@ -4,25 +4,8 @@
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use tonic::Code;
-
-fn nic(name: &str, mac: &str) -> pb::NicSpec {
-    pb::NicSpec {
-        name: name.into(),
-        mac: mac.into(),
-        ..Default::default()
-    }
-}
-
-fn disk(name: &str, path: &std::path::Path) -> pb::DiskSpec {
-    pb::DiskSpec {
-        name: name.into(),
-        path: path.display().to_string(),
-        cache: pb::DiskCache::Writeback as i32,
-        ..Default::default()
-    }
-}
 
 async fn start(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
     agent
@@ -34,49 +17,6 @@ async fn start(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
         .await
         .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
         .into_inner()
-}
-
-async fn add_nic(
-    agent: &TestAgent,
-    name: &str,
-    nic: pb::NicSpec,
-) -> Result<pb::DeviceChangeResponse, tonic::Status> {
-    agent
-        .client()
-        .await
-        .add_nic(pb::AddNicRequest {
-            name: name.into(),
-            nic: Some(nic),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn add_disk(
-    agent: &TestAgent,
-    name: &str,
-    disk: pb::DiskSpec,
-) -> Result<pb::DeviceChangeResponse, tonic::Status> {
-    agent
-        .client()
-        .await
-        .add_disk(pb::AddDiskRequest {
-            name: name.into(),
-            disk: Some(disk),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn runtime(agent: &TestAgent, name: &str) -> Value {
-    let reply = agent
-        .client()
-        .await
-        .get_runtime(pb::GetRuntimeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    serde_json::from_str(&reply.runtime_json).unwrap()
 }
 
 fn slot_of(qmp: &mut Qmp, id: &str) -> Option<u64> {
@@ -91,12 +31,14 @@ async fn soft_reboot_keeps_hotplugged_devices_at_their_slots() {
     let agent = TestAgent::start().await;
     start(&agent, "grow").await;
     let image = agent.raw_image("extra.img", 8);
-    let added_nic = add_nic(&agent, "grow", nic("eth9", "52:54:00:00:60:01"))
+    let added_nic = agent
+        .add_nic("grow", nic("eth9", "52:54:00:00:60:01"))
         .await
         .unwrap()
         .device
         .unwrap();
-    let added_disk = add_disk(&agent, "grow", disk("extra", &image))
+    let added_disk = agent
+        .add_disk("grow", disk("extra", &image))
         .await
         .unwrap()
         .device
@@ -140,7 +82,7 @@ async fn soft_reboot_keeps_hotplugged_devices_at_their_slots() {
         .unwrap()
         .tap;
     assert_eq!(agent.taps(), vec![tap.clone()]);
-    let rt = runtime(&agent, "grow").await;
+    let rt = agent.runtime_json("grow").await;
     assert_eq!(rt["nics"][0]["slot"], added_nic.pci_slot);
     assert_eq!(rt["disks"][0]["slot"], added_disk.pci_slot);
 }
@@ -153,26 +95,20 @@ async fn multiqueue_nics_get_one_tap_fd_per_queue_at_start_and_at_hot_add() {
         queues: 2,
         ..nic("eth0", "52:54:00:00:66:01")
     }];
-    let info = agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+    let info = agent.start_spec(spec).await;
+
+    let added = agent
+        .add_nic(
+            "mq",
+            pb::NicSpec {
+                queues: 4,
+                ..nic("eth1", "52:54:00:00:66:02")
+            },
+        )
         .await
         .unwrap()
-        .into_inner();
-
-    let added = add_nic(
-        &agent,
-        "mq",
-        pb::NicSpec {
-            queues: 4,
-            ..nic("eth1", "52:54:00:00:66:02")
-        },
-    )
-    .await
-    .unwrap()
-    .device
-    .unwrap();
+        .device
+        .unwrap();
 
     let started = &info.devices[0];
     assert_eq!(tap_queue_fds(info.pid, &started.tap), 2);
@@ -189,7 +125,7 @@ async fn multiqueue_nics_get_one_tap_fd_per_queue_at_start_and_at_hot_add() {
             json!(vectors)
         );
     }
-    assert_eq!(runtime(&agent, "mq").await["nics"][1]["queues"], 4);
+    assert_eq!(agent.runtime_json("mq").await["nics"][1]["queues"], 4);
 }
 
 #[tokio::test]
@@ -199,15 +135,19 @@ async fn a_full_bus_is_resource_exhausted_and_changes_nothing() {
     let mut added = 0;
     let err = loop {
         let mac = format!("52:54:00:00:61:{added:02x}");
-        match add_nic(&agent, "crowded", nic(&format!("n{added}"), &mac)).await {
+        match agent
+            .add_nic("crowded", nic(&format!("n{added}"), &mac))
+            .await
+        {
             Ok(_) => added += 1,
             Err(e) => break e,
         }
         assert!(added <= 32, "the bus can't hold more than 32 devices");
     };
-    let before = runtime(&agent, "crowded").await;
+    let before = agent.runtime_json("crowded").await;
 
-    let again = add_nic(&agent, "crowded", nic("one-more", "52:54:00:00:62:01"))
+    let again = agent
+        .add_nic("crowded", nic("one-more", "52:54:00:00:62:01"))
         .await
         .unwrap_err();
 
@@ -217,7 +157,7 @@ async fn a_full_bus_is_resource_exhausted_and_changes_nothing() {
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         assert!(e.message().contains("no free PCI slot"), "{}", e.message());
     }
-    assert_eq!(runtime(&agent, "crowded").await, before);
+    assert_eq!(agent.runtime_json("crowded").await, before);
     assert_eq!(
         agent.taps().len(),
         29,
@@ -238,18 +178,18 @@ async fn a_nic_refused_at_device_add_is_rolled_back_without_leaks() {
         json!({ "driver": "virtio-rng-pci", "id": id, "bus": "pci.0", "addr": "0x1f" }),
     );
     let fds_before = fd_count(info.pid);
-    let runtime_before = runtime(&agent, "refuse-nic").await;
+    let runtime_before = agent.runtime_json("refuse-nic").await;
 
-    let err = add_nic(
-        &agent,
-        "refuse-nic",
-        pb::NicSpec {
-            uuid: nic_uuid.to_string(),
-            ..nic("eth1", "52:54:00:00:63:01")
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = agent
+        .add_nic(
+            "refuse-nic",
+            pb::NicSpec {
+                uuid: nic_uuid.to_string(),
+                ..nic("eth1", "52:54:00:00:63:01")
+            },
+        )
+        .await
+        .unwrap_err();
 
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("device_add"), "{}", err.message());
@@ -260,7 +200,7 @@ async fn a_nic_refused_at_device_add_is_rolled_back_without_leaks() {
         "the tap must be closed: {:?}",
         agent.taps()
     );
-    assert_eq!(runtime(&agent, "refuse-nic").await, runtime_before);
+    assert_eq!(agent.runtime_json("refuse-nic").await, runtime_before);
     let intent = std::fs::read(agent.state_dir().join("journal/refuse-nic.intent")).unwrap();
     assert!(
         intent.is_empty(),
@@ -279,18 +219,18 @@ async fn a_disk_refused_at_device_add_is_rolled_back_without_leaks() {
     let short = &disk_uuid.simple().to_string()[..12];
     qmp.execute("device_add", json!({ "driver": "virtio-rng-pci", "id": format!("disk-{short}"), "bus": "pci.0", "addr": "0x1f" }));
     let fds_before = fd_count(info.pid);
-    let runtime_before = runtime(&agent, "refuse-disk").await;
+    let runtime_before = agent.runtime_json("refuse-disk").await;
 
-    let err = add_disk(
-        &agent,
-        "refuse-disk",
-        pb::DiskSpec {
-            uuid: disk_uuid.to_string(),
-            ..disk("data", &image)
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = agent
+        .add_disk(
+            "refuse-disk",
+            pb::DiskSpec {
+                uuid: disk_uuid.to_string(),
+                ..disk("data", &image)
+            },
+        )
+        .await
+        .unwrap_err();
 
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(fd_count(info.pid), fds_before, "no fd may leak into QEMU");
@@ -300,7 +240,7 @@ async fn a_disk_refused_at_device_add_is_rolled_back_without_leaks() {
         !nodes.to_string().contains(short),
         "block nodes must be deleted: {nodes}"
     );
-    assert_eq!(runtime(&agent, "refuse-disk").await, runtime_before);
+    assert_eq!(agent.runtime_json("refuse-disk").await, runtime_before);
 }
 
 #[tokio::test]
@@ -311,16 +251,16 @@ async fn a_disk_with_a_bad_format_is_rolled_back_at_blockdev_add() {
     let mut qmp = operator_qmp(&agent, "badfmt");
     let fds_before = fd_count(info.pid);
 
-    let err = add_disk(
-        &agent,
-        "badfmt",
-        pb::DiskSpec {
-            format: pb::DiskFormat::Qcow2 as i32,
-            ..disk("data", &image)
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = agent
+        .add_disk(
+            "badfmt",
+            pb::DiskSpec {
+                format: pb::DiskFormat::Qcow2 as i32,
+                ..disk("data", &image)
+            },
+        )
+        .await
+        .unwrap_err();
 
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
@@ -347,7 +287,8 @@ async fn unplug_without_a_guest_os_is_deadline_exceeded_and_the_device_stays() {
     };
     let agent = TestAgent::start_with(options).await;
     start(&agent, "deaf").await;
-    let added = add_nic(&agent, "deaf", nic("eth1", "52:54:00:00:64:01"))
+    let added = agent
+        .add_nic("deaf", nic("eth1", "52:54:00:00:64:01"))
         .await
         .unwrap()
         .device
@@ -369,7 +310,7 @@ async fn unplug_without_a_guest_os_is_deadline_exceeded_and_the_device_stays() {
         "{}",
         err.message()
     );
-    let rt = runtime(&agent, "deaf").await;
+    let rt = agent.runtime_json("deaf").await;
     assert_eq!(rt["nics"][0]["name"], "eth1");
     let mut qmp = operator_qmp(&agent, "deaf");
     assert_eq!(
@@ -383,12 +324,7 @@ async fn bad_hotplug_requests_change_nothing() {
     let agent = TestAgent::start().await;
     let mut spec = agent.spec("strict", 64);
     spec.nics = vec![nic("eth0", "52:54:00:00:65:01")];
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-        .await
-        .unwrap();
+    agent.start_spec(spec).await;
     start(&agent, "asleep").await;
     agent
         .client()
@@ -400,43 +336,49 @@ async fn bad_hotplug_requests_change_nothing() {
         })
         .await
         .unwrap();
-    let before = runtime(&agent, "strict").await;
+    let before = agent.runtime_json("strict").await;
     let directory = agent.scratch();
 
-    let stopped = add_nic(&agent, "asleep", nic("eth1", "52:54:00:00:65:02"))
+    let stopped = agent
+        .add_nic("asleep", nic("eth1", "52:54:00:00:65:02"))
         .await
         .unwrap_err();
-    let same_mac = add_nic(&agent, "strict", nic("eth1", "52:54:00:00:65:01"))
+    let same_mac = agent
+        .add_nic("strict", nic("eth1", "52:54:00:00:65:01"))
         .await
         .unwrap_err();
-    let same_name = add_nic(&agent, "strict", nic("eth0", "52:54:00:00:65:03"))
+    let same_name = agent
+        .add_nic("strict", nic("eth0", "52:54:00:00:65:03"))
         .await
         .unwrap_err();
-    let multicast = add_nic(&agent, "strict", nic("eth1", "01:00:5e:00:00:09"))
+    let multicast = agent
+        .add_nic("strict", nic("eth1", "01:00:5e:00:00:09"))
         .await
         .unwrap_err();
-    let missing = add_disk(
-        &agent,
-        "strict",
-        disk("d", std::path::Path::new("/nonexistent/x.img")),
-    )
-    .await
-    .unwrap_err();
-    let not_a_file = add_disk(&agent, "strict", disk("d", &directory))
+    let missing = agent
+        .add_disk(
+            "strict",
+            disk("d", std::path::Path::new("/nonexistent/x.img")),
+        )
         .await
         .unwrap_err();
-    let relative = add_disk(&agent, "strict", disk("d", std::path::Path::new("x.img")))
+    let not_a_file = agent
+        .add_disk("strict", disk("d", &directory))
         .await
         .unwrap_err();
-    let vhost = add_nic(
-        &agent,
-        "strict",
-        pb::NicSpec {
-            vhost: true,
-            ..nic("eth1", "52:54:00:00:65:04")
-        },
-    )
-    .await;
+    let relative = agent
+        .add_disk("strict", disk("d", std::path::Path::new("x.img")))
+        .await
+        .unwrap_err();
+    let vhost = agent
+        .add_nic(
+            "strict",
+            pb::NicSpec {
+                vhost: true,
+                ..nic("eth1", "52:54:00:00:65:04")
+            },
+        )
+        .await;
     let unknown = agent
         .client()
         .await
@@ -469,7 +411,7 @@ async fn bad_hotplug_requests_change_nothing() {
         let e = vhost.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains("/dev/vhost-net"), "{}", e.message());
-        assert_eq!(runtime(&agent, "strict").await, before);
+        assert_eq!(agent.runtime_json("strict").await, before);
     }
     assert_eq!(unknown.code(), Code::NotFound);
     assert_eq!(agent.taps().len(), 1, "only eth0's tap");

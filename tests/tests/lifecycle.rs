@@ -8,45 +8,6 @@ use kvm_agent_tests::*;
 use serde_json::json;
 use tonic::Code;
 
-fn disk(name: &str, path: &std::path::Path) -> pb::DiskSpec {
-    pb::DiskSpec {
-        name: name.into(),
-        path: path.display().to_string(),
-        // The test images live on whatever filesystem the temp dir is on,
-        // which may not do O_DIRECT.
-        cache: pb::DiskCache::Writeback as i32,
-        ..Default::default()
-    }
-}
-
-fn nic(name: &str, mac: &str) -> pb::NicSpec {
-    pb::NicSpec {
-        name: name.into(),
-        mac: mac.into(),
-        ..Default::default()
-    }
-}
-
-async fn start(agent: &TestAgent, spec: pb::InstanceSpec) -> pb::InstanceInfo {
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-        .await
-        .unwrap_or_else(|s| panic!("start failed: {s:?}\nagent log:\n{}", agent.log()))
-        .into_inner()
-}
-
-async fn get(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
-    agent
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest { name: name.into() })
-        .await
-        .expect("get instance")
-        .into_inner()
-}
-
 async fn stop(agent: &TestAgent, name: &str, force: bool) -> pb::StopInstanceResponse {
     agent
         .client()
@@ -81,7 +42,7 @@ async fn devices_sit_at_their_runtime_slots_and_taps_live_with_qemu() {
         ..nic("eth0", "52:54:00:00:10:01")
     }];
 
-    let info = start(&agent, spec).await;
+    let info = agent.start_spec(spec).await;
 
     assert_eq!(info.state, pb::InstanceState::Running as i32);
     let mut qmp = operator_qmp(&agent, "web1");
@@ -150,7 +111,7 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
     let agent = TestAgent::start().await;
     let mut spec = agent.spec("seed", 128);
     spec.nics = vec![nic("eth0", "52:54:00:00:20:01")];
-    let first = start(&agent, spec.clone()).await;
+    let first = agent.start_spec(spec.clone()).await;
     let mut bigger = spec.clone();
     bigger.memory_mib = 256;
     bigger.nics.push(nic("eth1", "52:54:00:00:20:02"));
@@ -201,7 +162,7 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
 #[tokio::test]
 async fn stop_of_a_guest_that_ignores_powerdown_ends_with_quit() {
     let agent = TestAgent::start().await;
-    start(&agent, agent.spec("deaf", 64)).await;
+    agent.start_spec(agent.spec("deaf", 64)).await;
     let began = Instant::now();
 
     let reply = stop(&agent, "deaf", false).await;
@@ -235,7 +196,7 @@ async fn stop_kills_a_qemu_that_answers_nothing() {
         ..AgentOptions::default()
     };
     let agent = TestAgent::start_with(options).await;
-    let info = start(&agent, agent.spec("hung", 64)).await;
+    let info = agent.start_spec(agent.spec("hung", 64)).await;
     // A stopped process answers neither powerdown nor quit, but SIGKILL ends it.
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGSTOP) };
@@ -258,7 +219,7 @@ async fn stop_kills_a_qemu_that_answers_nothing() {
 #[tokio::test]
 async fn force_stop_kills_at_once() {
     let agent = TestAgent::start().await;
-    let info = start(&agent, agent.spec("forced", 64)).await;
+    let info = agent.start_spec(agent.spec("forced", 64)).await;
     let began = Instant::now();
 
     let reply = stop(&agent, "forced", true).await;
@@ -279,7 +240,7 @@ async fn force_stop_kills_at_once() {
 #[tokio::test]
 async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
     let agent = TestAgent::start().await;
-    let info = start(&agent, agent.spec("victim", 64)).await;
+    let info = agent.start_spec(agent.spec("victim", 64)).await;
     let marker = format!("marker-{}", uuid::Uuid::new_v4());
     let log = agent.run_dir("victim").join("qemu.log");
     std::fs::write(
@@ -294,7 +255,7 @@ async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGKILL) };
     let crashed = wait_for(Duration::from_secs(2), async || {
-        let i = get(&agent, "victim").await;
+        let i = agent.instance("victim").await;
         (i.state == pb::InstanceState::Crashed as i32).then_some(i)
     })
     .await
@@ -324,7 +285,7 @@ async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
 async fn starting_a_running_instance_is_already_exists_and_harmless() {
     let agent = TestAgent::start().await;
     let spec = agent.spec("twice", 64);
-    let first = start(&agent, spec.clone()).await;
+    let first = agent.start_spec(spec.clone()).await;
 
     let err = agent
         .client()
@@ -334,7 +295,7 @@ async fn starting_a_running_instance_is_already_exists_and_harmless() {
         .unwrap_err();
 
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    let now = get(&agent, "twice").await;
+    let now = agent.instance("twice").await;
     assert_eq!(now.pid, first.pid);
     assert_eq!(now.state, pb::InstanceState::Running as i32);
     assert!(process_alive(first.pid));
@@ -344,7 +305,7 @@ async fn starting_a_running_instance_is_already_exists_and_harmless() {
 async fn a_pidfile_naming_another_process_is_not_taken_as_running() {
     let mut agent = TestAgent::start().await;
     let spec = agent.spec("reused", 64);
-    start(&agent, spec.clone()).await;
+    agent.start_spec(spec.clone()).await;
     // The agent dies and QEMU dies with the host, say; the pid is reused
     // by an unrelated process before the agent comes back.
     agent.kill_agent();
@@ -364,8 +325,8 @@ async fn a_pidfile_naming_another_process_is_not_taken_as_running() {
     .unwrap();
 
     agent.restart().await;
-    let after_restart = get(&agent, "reused").await;
-    let restarted = start(&agent, spec).await;
+    let after_restart = agent.instance("reused").await;
+    let restarted = agent.start_spec(spec).await;
 
     assert_eq!(
         after_restart.state,
@@ -388,10 +349,10 @@ async fn agent_restart_adopts_running_instances() {
     let mut agent = TestAgent::start().await;
     let mut spec = agent.spec("survivor", 64);
     spec.nics = vec![nic("eth0", "52:54:00:00:30:01")];
-    let before = start(&agent, spec).await;
+    let before = agent.start_spec(spec).await;
 
     agent.restart().await;
-    let after = get(&agent, "survivor").await;
+    let after = agent.instance("survivor").await;
 
     assert_eq!(
         after.state,
@@ -414,7 +375,7 @@ async fn agent_restart_adopts_running_instances() {
 #[tokio::test]
 async fn reset_keeps_the_same_qemu() {
     let agent = TestAgent::start().await;
-    let before = start(&agent, agent.spec("resettable", 64)).await;
+    let before = agent.start_spec(agent.spec("resettable", 64)).await;
 
     let after = agent
         .client()
@@ -435,7 +396,7 @@ async fn reset_keeps_the_same_qemu() {
 #[tokio::test]
 async fn soft_reboot_of_a_stopped_instance_is_failed_precondition() {
     let agent = TestAgent::start().await;
-    start(&agent, agent.spec("idle", 64)).await;
+    agent.start_spec(agent.spec("idle", 64)).await;
     stop(&agent, "idle", true).await;
 
     let err = agent

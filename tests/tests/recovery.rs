@@ -9,32 +9,11 @@ use kvm_agent_tests::*;
 use runtime_store::RecordStore;
 use serde_json::{Value, json};
 
-async fn runtime(agent: &TestAgent, name: &str) -> Value {
-    let reply = agent
-        .client()
-        .await
-        .get_runtime(pb::GetRuntimeRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    serde_json::from_str(&reply.runtime_json).unwrap()
-}
-
-async fn add_nic(agent: &TestAgent, name: &str, nic: &str, mac: &str) -> pb::DeviceInfo {
+async fn add_nic(agent: &TestAgent, name: &str, nic_name: &str, mac: &str) -> pb::DeviceInfo {
     agent
-        .client()
-        .await
-        .add_nic(pb::AddNicRequest {
-            name: name.into(),
-            nic: Some(pb::NicSpec {
-                name: nic.into(),
-                mac: mac.into(),
-                ..Default::default()
-            }),
-        })
+        .add_nic(name, nic(nic_name, mac))
         .await
         .unwrap()
-        .into_inner()
         .device
         .unwrap()
 }
@@ -61,14 +40,7 @@ fn nic_intent(name: &str, uuid: &str, mac: &str) -> Value {
 #[tokio::test]
 async fn a_hot_add_qemu_completed_is_finished_in_the_record() {
     let mut agent = TestAgent::start().await;
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("half", 64)),
-        })
-        .await
-        .unwrap();
+    agent.start_spec(agent.spec("half", 64)).await;
     let before_add = std::fs::read(agent.record_path("half")).unwrap();
     let added = add_nic(&agent, "half", "eth1", "52:54:00:00:90:01").await;
     // The agent dies after QEMU took the NIC but before the record said so.
@@ -82,7 +54,7 @@ async fn a_hot_add_qemu_completed_is_finished_in_the_record() {
 
     agent.restart().await;
 
-    let rt = runtime(&agent, "half").await;
+    let rt = agent.runtime_json("half").await;
     assert_eq!(rt["nics"][0]["name"], "eth1", "{rt}");
     assert_eq!(rt["nics"][0]["slot"], added.pci_slot);
     let info = agent
@@ -101,23 +73,19 @@ async fn a_hot_add_qemu_completed_is_finished_in_the_record() {
 #[tokio::test]
 async fn a_hot_add_qemu_never_completed_is_rolled_back_in_the_record() {
     let mut agent = TestAgent::start().await;
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("ahead", 64)),
-        })
-        .await
-        .unwrap();
+    agent.start_spec(agent.spec("ahead", 64)).await;
     let kept = add_nic(&agent, "ahead", "eth1", "52:54:00:00:91:01").await;
     agent.kill_agent();
     // The record got ahead of QEMU: it lists a NIC QEMU never took.
     let ghost = uuid::Uuid::new_v4().to_string();
     let store = RecordStore::open(&agent.state_dir(), "runtime").unwrap();
     let mut record = store.load::<Value>("ahead").unwrap().unwrap().value;
-    let mut nic = nic_intent("ghost", &ghost, "52:54:00:00:91:02")["nic"].clone();
-    nic["slot"] = json!(20);
-    record["runtime"]["nics"].as_array_mut().unwrap().push(nic);
+    let mut ghost_nic = nic_intent("ghost", &ghost, "52:54:00:00:91:02")["nic"].clone();
+    ghost_nic["slot"] = json!(20);
+    record["runtime"]["nics"]
+        .as_array_mut()
+        .unwrap()
+        .push(ghost_nic);
     store.save("ahead", &record).unwrap();
     write_intent(
         &agent,
@@ -127,7 +95,7 @@ async fn a_hot_add_qemu_never_completed_is_rolled_back_in_the_record() {
 
     agent.restart().await;
 
-    let rt = runtime(&agent, "ahead").await;
+    let rt = agent.runtime_json("ahead").await;
     let names: Vec<&str> = rt["nics"]
         .as_array()
         .unwrap()
@@ -144,12 +112,7 @@ async fn a_removal_the_guest_completed_is_finished_in_the_record() {
     let mut agent = TestAgent::start().await;
     let mut spec = agent.spec("leaving", 256);
     boot_guest(&mut spec);
-    agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-        .await
-        .unwrap();
+    agent.start_spec(spec).await;
     let socket = agent.run_dir("leaving").join("serial.sock");
     let console = tokio::task::spawn_blocking(move || {
         GuestConsole::connect(&socket, Duration::from_secs(60))
@@ -188,7 +151,7 @@ async fn a_removal_the_guest_completed_is_finished_in_the_record() {
 
     agent.restart().await;
 
-    let rt = runtime(&agent, "leaving").await;
+    let rt = agent.runtime_json("leaving").await;
     assert_eq!(rt["nics"], json!([]), "{rt}");
     assert!(intent_is_clear(&agent, "leaving"));
 }

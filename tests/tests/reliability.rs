@@ -77,15 +77,7 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
 #[tokio::test]
 async fn sigterm_stops_the_agent_and_leaves_instances_running() {
     let mut agent = TestAgent::start().await;
-    let info = agent
-        .client()
-        .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("stays", 64)),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = agent.start_spec(agent.spec("stays", 64)).await;
     let agent_pid = agent.agent_pid().expect("agent runs");
 
     // SAFETY: kill(2) on the agent this test started.
