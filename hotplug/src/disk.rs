@@ -5,24 +5,13 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, disk_device_id, disk_file_node, disk_format_node};
+use hypervisor::argv::{PCI_BUS, cache_flags, disk_device_id, disk_file_node, disk_format_node};
 use hypervisor::qmp::{Command, QmpClient, QmpError};
 use hypervisor::runtime::RuntimeDisk;
-use hypervisor::spec::{DiskCache, DiskFormat};
+use hypervisor::spec::DiskFormat;
 use serde_json::{Value, json};
 
 use crate::{HotplugError, slots, undo};
-
-/// `(direct, no_flush, write_cache)` for a cache mode, as at start.
-fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
-    match cache {
-        DiskCache::None => (true, false, true),
-        DiskCache::Writeback => (false, false, true),
-        DiskCache::Writethrough => (false, false, false),
-        DiskCache::Directsync => (true, false, false),
-        DiskCache::Unsafe => (false, true, true),
-    }
-}
 
 /// `blockdev-add` arguments of the file node. Pure.
 pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64) -> Value {
@@ -200,7 +189,7 @@ fn block_attached(blocks: &Value, id: &str) -> bool {
 mod tests {
     use super::*;
     use hypervisor::runtime::Uuid;
-    use hypervisor::spec::DiskSpec;
+    use hypervisor::spec::{DiskCache, DiskSpec};
 
     fn disk(read_only: bool, cache: DiskCache) -> RuntimeDisk {
         RuntimeDisk {

@@ -172,8 +172,10 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
     argv
 }
 
-/// `cache.direct`, `cache.no-flush` and the device's `write-cache` for a mode.
-fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
+/// `cache.direct`, `cache.no-flush` and the device's `write-cache` for a
+/// cache mode, the way QEMU's `cache=` shorthand expands them. Shared by
+/// the command line and hotplug, so a disk behaves the same either way.
+pub fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
     match cache {
         DiskCache::None => (true, false, true),
         DiskCache::Writeback => (false, false, true),
