@@ -408,6 +408,26 @@ impl Agent {
         Ok(self.instance(name)?.view())
     }
 
+    /// Where the serial console socket and the VNC display of a running
+    /// instance are.
+    pub fn console_info(
+        &self,
+        name: &str,
+    ) -> Result<(Option<PathBuf>, Option<String>), AgentError> {
+        let view = self.get(name)?;
+        let runtime = match (view.state, view.runtime) {
+            (State::Running, Some(rt)) => rt,
+            _ => return Err(AgentError::NotRunning(name.to_owned())),
+        };
+        let serial = runtime
+            .serial_console
+            .then(|| self.cfg.run_dir(name).join(files::SERIAL));
+        let vnc = runtime
+            .vnc_display
+            .map(|d| format!("127.0.0.1:{}", 5900 + d));
+        Ok((serial, vnc))
+    }
+
     /// The persisted record of an instance, as stored.
     pub async fn record(&self, name: &str) -> Result<(InstanceRecord, u64), AgentError> {
         self.instance(name)?;

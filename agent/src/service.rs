@@ -154,6 +154,17 @@ impl NodeAgent for NodeAgentService {
         .await
     }
 
+    async fn get_console_info(
+        &self,
+        req: Request<pb::GetConsoleInfoRequest>,
+    ) -> Reply<pb::ConsoleInfo> {
+        let (serial, vnc) = self.agent.console_info(&req.into_inner().name)?;
+        Ok(Response::new(pb::ConsoleInfo {
+            serial_socket: serial.map(|p| p.display().to_string()).unwrap_or_default(),
+            vnc_address: vnc.unwrap_or_default(),
+        }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {

@@ -269,3 +269,62 @@ async fn a_guest_that_reboots_itself_keeps_its_qemu() {
     assert_eq!(now.state, pb::InstanceState::Running as i32);
     assert_eq!(now.pid, info.pid, "the same QEMU keeps running");
 }
+
+#[tokio::test]
+async fn the_console_command_runs_a_command_in_the_guest_and_detaches() {
+    use std::io::{Read, Write};
+    let agent = TestAgent::start().await;
+    let (info, console) = start_guest(&agent, "talk").await;
+    // The serial socket takes one client at a time; make room for the CLI.
+    drop(console);
+    let pty = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    let slave = std::fs::File::from(pty.slave);
+    let mut cli = std::process::Command::new(agent_binary())
+        .args([
+            "--socket",
+            agent.socket().to_str().unwrap(),
+            "console",
+            "talk",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+
+    let screen = tokio::task::spawn_blocking(move || {
+        let mut screen = String::new();
+        let mut buf = [0u8; 4096];
+        let mut sent = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !screen.contains("@@C1@@") && std::time::Instant::now() < deadline {
+            if !sent && screen.contains("Ctrl-]") {
+                master
+                    .write_all(b"uname -s; printf '@@%s@@\\n' C1\n")
+                    .unwrap();
+                sent = true;
+            }
+            let n = master.read(&mut buf).unwrap_or(0);
+            screen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        master.write_all(&[0x1d]).unwrap();
+        screen
+    })
+    .await
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || cli.wait())
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(screen.contains("press Ctrl-] to detach"), "{screen}");
+    assert!(
+        screen.contains("Linux"),
+        "the guest answered through the console: {screen}"
+    );
+    assert!(status.success(), "detaching ends the command cleanly");
+    let now = agent.instance("talk").await;
+    assert_eq!(now.state, pb::InstanceState::Running as i32);
+    assert_eq!(now.pid, info.pid, "the guest keeps running");
+}
