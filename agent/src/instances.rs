@@ -801,6 +801,28 @@ impl Agent {
         if let Some(t) = powerdown_timeout {
             timeouts.powerdown = t;
         }
+        if force && inst.process().is_some() {
+            // A forced stop can only end one way, so the record can say so
+            // while QEMU is being killed rather than after.
+            let detail = format!("stopped by {}", stop_method_text(StopMethod::Kill));
+            let (stopped, persisted) = tokio::join!(
+                self.stop_locked(&inst, true, timeouts),
+                self.persist_state(&inst, RecordedState::Stopped, &detail)
+            );
+            return match stopped {
+                Ok(method) => {
+                    persisted?;
+                    Ok((inst.view(), method))
+                }
+                Err(e) => {
+                    // QEMU survived SIGKILL; the record must not say otherwise.
+                    if let Err(undo) = self.persist_state(&inst, RecordedState::Running, "").await {
+                        tracing::error!(instance = %name, error = %undo, "can't restore the record after a failed stop");
+                    }
+                    Err(e)
+                }
+            };
+        }
         let method = self.stop_locked(&inst, force, timeouts).await?;
         if let Some(method) = method {
             self.persist_state(
