@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use hotplug::remove::Device;
 use hotplug::support::Support;
+use hypervisor::InstanceSpec;
 use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskSpec, NicSpec};
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,17 @@ pub enum ChangedDevice {
     Nic(RuntimeNic, String),
     /// A disk.
     Disk(RuntimeDisk),
+}
+
+/// Checks a device against the instance: its spec with the device added
+/// must still pass validation, so names, uuids and MACs stay unique.
+fn check_addition(
+    record: &InstanceRecord,
+    add: impl FnOnce(&mut InstanceSpec),
+) -> Result<(), AgentError> {
+    let mut candidate = record.runtime.to_spec();
+    add(&mut candidate);
+    Ok(candidate.validate()?)
 }
 
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
@@ -134,9 +146,7 @@ impl Agent {
         if nic.uuid.is_nil() {
             nic.uuid = Uuid::new_v4();
         }
-        let mut candidate = record.runtime.to_spec();
-        candidate.nics.push(nic.clone());
-        candidate.validate()?;
+        check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
         let support = hotplug::support::check(process.qmp());
         Self::require(name, &support.nic)?;
         if nic.vhost && support.vhost.is_err() {
@@ -191,9 +201,7 @@ impl Agent {
         if disk.uuid.is_nil() {
             disk.uuid = Uuid::new_v4();
         }
-        let mut candidate = record.runtime.to_spec();
-        candidate.disks.push(disk.clone());
-        candidate.validate()?;
+        check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
         let image = open_image(name, &disk)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
