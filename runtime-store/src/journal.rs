@@ -107,23 +107,6 @@ impl IntentJournal {
             }),
         }
     }
-
-    /// Removes the journal file of `name` (the instance is gone).
-    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
-        let path = self.path_of(name)?;
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    op: "remove",
-                    path,
-                    source,
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -538,6 +538,22 @@ impl TestAgent {
             .map(tonic::Response::into_inner)
     }
 
+    /// RemoveDevice.
+    pub async fn remove_device(
+        &self,
+        name: &str,
+        device: &str,
+    ) -> Result<pb::DeviceChangeResponse, tonic::Status> {
+        self.client()
+            .await
+            .remove_device(pb::RemoveDeviceRequest {
+                name: name.into(),
+                device: device.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// AddDisk.
     pub async fn add_disk(
         &self,

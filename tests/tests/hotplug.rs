@@ -294,15 +294,7 @@ async fn unplug_without_a_guest_os_is_deadline_exceeded_and_the_device_stays() {
         .device
         .unwrap();
 
-    let err = agent
-        .client()
-        .await
-        .remove_device(pb::RemoveDeviceRequest {
-            name: "deaf".into(),
-            device: "eth1".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = agent.remove_device("deaf", "eth1").await.unwrap_err();
 
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(
@@ -379,15 +371,7 @@ async fn bad_hotplug_requests_change_nothing() {
             },
         )
         .await;
-    let unknown = agent
-        .client()
-        .await
-        .remove_device(pb::RemoveDeviceRequest {
-            name: "strict".into(),
-            device: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let unknown = agent.remove_device("strict", "nope").await.unwrap_err();
 
     assert_eq!(stopped.code(), Code::FailedPrecondition, "{stopped:?}");
     for e in [
