@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hyper_util::rt::TokioIo;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::config::{AgentConfig, DEFAULT_STATE_DIR, SOCKET_NAME};
+
+mod moves;
 use crate::instances::Agent;
+use crate::peer::AgentAddress;
 use crate::server::{self, Listen};
 
 /// kvm-agent: a node agent for QEMU/KVM clusters.
@@ -66,6 +67,28 @@ enum Command {
     Console {
         /// Instance name.
         name: String,
+    },
+    /// Move a running instance to another node's agent.
+    Migrate(moves::MigrateArgs),
+    /// Cancel an outgoing migration (the instance stays), or drop an incoming one.
+    CancelMigration {
+        /// Instance name.
+        name: String,
+    },
+    /// Save a guest's state to a new file on the node; its QEMU then ends.
+    Save {
+        /// Instance name.
+        name: String,
+        /// Absolute path of the file to create (must not exist).
+        path: String,
+    },
+    /// Start an instance from a save file.
+    Restore {
+        /// Absolute path of the save file.
+        path: String,
+        /// Stay paused until `kvm-agent instance resume`.
+        #[arg(long)]
+        paused: bool,
     },
     /// Follow the agent's events (one line each; JSON lines with --output json).
     Events {
@@ -183,6 +206,20 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Address this node's QEMUs receive migrations on; other nodes must reach it.
+    #[arg(long, default_value = "127.0.0.1")]
+    migration_address: std::net::IpAddr,
+    /// Ports incoming migrations may listen on, FIRST-LAST.
+    #[arg(long, default_value = "49152-49215", value_parser = parse_port_range)]
+    migration_ports: std::ops::RangeInclusive<u16>,
+}
+
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    match (first.parse::<u16>(), last.parse::<u16>()) {
+        (Ok(first), Ok(last)) if first > 0 && first <= last => Ok(first..=last),
+        _ => Err(format!("{text:?} is not a port range like 49152-49215")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +263,16 @@ enum InstanceCommand {
     List,
     /// Print an instance's saved runtime.
     Runtime {
+        /// Instance name.
+        name: String,
+    },
+    /// Stop a guest's vCPUs; QEMU keeps running.
+    Pause {
+        /// Instance name.
+        name: String,
+    },
+    /// Let a paused guest run again.
+    Resume {
         /// Instance name.
         name: String,
     },
@@ -409,17 +456,11 @@ impl SpecArgs {
 /// Connects to the agent's unix socket.
 pub async fn connect(socket: PathBuf) -> anyhow::Result<NodeAgentClient<Channel>> {
     let display = socket.display().to_string();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
+    crate::peer::connect(&AgentAddress::Unix(socket), None)
         .await
         .with_context(|| {
             format!("can't reach the agent at {display}; is `kvm-agent serve` running?")
-        })?;
-    Ok(NodeAgentClient::new(channel))
+        })
 }
 
 fn state_name(state: i32) -> String {
@@ -520,6 +561,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Console { name } => console(connect(socket).await?, name, json_out).await,
         Command::Events { instance, after } => {
             events(connect(socket).await?, instance, after, json_out).await
+        }
+        Command::Migrate(args) => moves::migrate(connect(socket).await?, args, json_out).await,
+        Command::CancelMigration { name } => {
+            let cancelled = connect(socket)
+                .await?
+                .cancel_migration(pb::CancelMigrationRequest { name: name.clone() })
+                .await?
+                .into_inner()
+                .cancelled;
+            if json_out {
+                println!("{}", json!({ "name": name, "cancelled": cancelled }));
+            } else {
+                println!("{name}: {cancelled} migration cancelled");
+            }
+            Ok(())
+        }
+        Command::Save { name, path } => {
+            moves::save(connect(socket).await?, name, path, json_out).await
+        }
+        Command::Restore { path, paused } => {
+            moves::restore(connect(socket).await?, path, paused, json_out).await
         }
     }
 }
@@ -631,6 +693,22 @@ async fn instance(
                 .await?
                 .into_inner();
             println!("{}", r.runtime_json);
+        }
+        InstanceCommand::Pause { name } => {
+            show(
+                &client
+                    .pause_instance(pb::PauseInstanceRequest { name })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        InstanceCommand::Resume { name } => {
+            show(
+                &client
+                    .resume_instance(pb::ResumeInstanceRequest { name })
+                    .await?
+                    .into_inner(),
+            );
         }
     }
     Ok(())
@@ -995,6 +1073,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
     cfg.unplug_timeout = Duration::from_millis(args.unplug_timeout_ms);
     cfg.event_buffer = args.event_buffer;
+    cfg.migration.address = args.migration_address.to_string();
+    cfg.migration.ports = args.migration_ports;
     let listen = args
         .listen
         .unwrap_or_else(|| Listen::Unix(cfg.socket_path()));

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::ops::RangeInclusive;
+
 use hypervisor::lifecycle::{LaunchConfig, StopTimeouts};
+use hypervisor::migration::MigrationParameters;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
@@ -30,6 +33,33 @@ pub struct AgentConfig {
     /// How long the supervisor waits for QMP to drain after QEMU exits, to
     /// see whether the guest itself asked for the power-off.
     pub exit_drain_timeout: Duration,
+    /// Migration settings.
+    pub migration: MigrationConfig,
+}
+
+/// Where incoming migrations listen, and the defaults of outgoing ones.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// The address this node's QEMUs receive migrations on; the source's
+    /// QEMU connects to it, so it must be reachable from other nodes.
+    pub address: String,
+    /// Ports an incoming migration may listen on.
+    pub ports: RangeInclusive<u16>,
+    /// Defaults of outgoing migrations; a call can override each.
+    pub parameters: MigrationParameters,
+    /// How long a call to the other agent may take.
+    pub peer_timeout: Duration,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            ports: 49152..=49215,
+            parameters: MigrationParameters::default(),
+            peer_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -44,6 +74,7 @@ impl AgentConfig {
             unplug_timeout: Duration::from_secs(10),
             event_buffer: crate::events::DEFAULT_EVENT_BUFFER,
             exit_drain_timeout: Duration::from_millis(500),
+            migration: MigrationConfig::default(),
         }
     }
 

@@ -164,6 +164,10 @@ pub fn state_to_proto(state: State) -> pb::InstanceState {
         State::Running => pb::InstanceState::Running,
         State::Stopping => pb::InstanceState::Stopping,
         State::Crashed => pb::InstanceState::Crashed,
+        State::Paused => pb::InstanceState::Paused,
+        State::Migrating => pb::InstanceState::Migrating,
+        State::Saved => pb::InstanceState::Saved,
+        State::Incoming => pb::InstanceState::Incoming,
     }
 }
 
@@ -259,6 +263,10 @@ pub fn event_to_proto(event: Event) -> pb::Event {
             wire.kind = pb::EventKind::Rebooted as i32;
             wire.reboot = how.to_owned();
             wire.guest_initiated = guest_initiated;
+        }
+        EventKind::MigrationProgress(report) => {
+            wire.kind = pb::EventKind::MigrationProgress as i32;
+            wire.migration = Some(report.to_proto());
         }
     }
     wire

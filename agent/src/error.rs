@@ -7,6 +7,7 @@ use hypervisor::qmp::QmpError;
 use hypervisor::runtime::RuntimeError;
 use hypervisor::spec::SpecError;
 use runtime_store::StoreError;
+use runtime_store::savefile::SaveFileError;
 use tonic::{Code, Status};
 
 /// Everything an agent operation can fail with.
@@ -107,12 +108,78 @@ pub enum AgentError {
     /// A record couldn't be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A save file can't be written or read.
+    #[error("save file {}", path.display())]
+    SaveFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        #[source]
+        source: SaveFileError,
+    },
+    /// The uuid offered doesn't match the instance recorded by that name.
+    #[error(
+        "instance {instance:?} is recorded here with uuid {recorded}, not {offered}; it is another instance by the same name"
+    )]
+    UuidMismatch {
+        /// Instance name.
+        instance: String,
+        /// The uuid in this node's record.
+        recorded: String,
+        /// The uuid offered.
+        offered: String,
+    },
+    /// The other agent of a migration refused or couldn't be reached.
+    #[error("target agent {target}: {message}")]
+    Peer {
+        /// Its address.
+        target: String,
+        /// What it said, or why it couldn't be reached.
+        message: String,
+        /// Its status code (UNAVAILABLE when unreachable).
+        code: Code,
+    },
+    /// QEMU's migration failed; the instance stays where it was.
+    #[error("instance {instance:?}: migration failed: {reason}")]
+    MigrationFailed {
+        /// Instance name.
+        instance: String,
+        /// QEMU's reason.
+        reason: String,
+    },
+    /// The migration was cancelled; the instance stays where it was.
+    #[error("instance {0:?}: migration cancelled")]
+    MigrationCancelled(String),
+    /// The target got the stream but never said whether it took over.
+    #[error(
+        "instance {instance:?}: the target {target} did not confirm that it took over ({reason}); the guest stays paused here so it can't run twice"
+    )]
+    MigrationOutcomeUnknown {
+        /// Instance name.
+        instance: String,
+        /// The target.
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No migration to finalize or cancel.
+    #[error("instance {0:?} has no migration under way")]
+    NoMigration(String),
+    /// Every port of the migration range is taken.
+    #[error("no free migration port in {first}-{last}")]
+    NoMigrationPort {
+        /// First port of the range.
+        first: u16,
+        /// Last port of the range.
+        last: u16,
+    },
     /// A blocking task died.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
+/// An error and its sources, as one line.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -221,6 +288,51 @@ impl AgentError {
             AgentError::Store(_) | AgentError::Internal(_) => {
                 (Code::Internal, "see the agent's log")
             }
+            AgentError::SaveFile { source, .. } => match source {
+                SaveFileError::Exists(_) => (
+                    Code::AlreadyExists,
+                    "choose another path, or remove the old file first",
+                ),
+                e if e.is_corrupt() => (
+                    Code::InvalidArgument,
+                    "the file is damaged or not a save file; it was left as it is",
+                ),
+                e if e.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ENOSPC) => {
+                    (Code::ResourceExhausted, "free space where the file goes")
+                }
+                e if e.io_error().map(std::io::Error::kind)
+                    == Some(std::io::ErrorKind::NotFound) =>
+                {
+                    (Code::NotFound, "check the path")
+                }
+                _ => (
+                    Code::FailedPrecondition,
+                    "check the path and its permissions",
+                ),
+            },
+            AgentError::UuidMismatch { .. } => (
+                Code::FailedPrecondition,
+                "remove or rename the other instance first",
+            ),
+            AgentError::Peer { code, .. } => (
+                *code,
+                "the instance stays on this node; fix the target and retry",
+            ),
+            AgentError::MigrationFailed { .. } => {
+                (Code::Aborted, "the instance stays where it was; retry")
+            }
+            AgentError::MigrationCancelled(_) => {
+                (Code::Cancelled, "the instance stays on this node")
+            }
+            AgentError::MigrationOutcomeUnknown { .. } => (
+                Code::Unavailable,
+                "check the target: resume here only if it doesn't run the instance",
+            ),
+            AgentError::NoMigration(_) => (Code::FailedPrecondition, "nothing to do"),
+            AgentError::NoMigrationPort { .. } => (
+                Code::ResourceExhausted,
+                "wait for running migrations to finish, or widen --migration-ports",
+            ),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
-use crate::instances::State;
+use crate::instances::{MigrationReport, State};
 
 /// Events kept for watchers that resume.
 pub const DEFAULT_EVENT_BUFFER: usize = 4096;
@@ -44,6 +44,8 @@ pub enum EventKind {
         /// The guest did it itself.
         guest_initiated: bool,
     },
+    /// A migration moved on.
+    MigrationProgress(MigrationReport),
 }
 
 /// One event.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
-use hypervisor::lifecycle::{self, StopMethod, StopTimeouts, files};
+use hypervisor::lifecycle::{self, LaunchMode, StopMethod, StopTimeouts, files};
 use hypervisor::probe::{self, QemuInfo};
 use hypervisor::process::{self, PidFd};
 use hypervisor::qmp::{QmpClient, QmpEvent};
@@ -28,6 +28,12 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::events::{Event, EventBus, EventKind, TooOld};
 
+mod migration;
+mod saves;
+
+pub use migration::{MigrateOptions, MigrationReport, ReportPhase};
+pub use saves::SaveOutcome;
+
 /// What the record says about an instance, beside its runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,6 +46,12 @@ pub enum RecordedState {
     StoppedByGuest,
     /// QEMU exited unasked.
     Crashed,
+    /// Saved to a file (the detail says where); QEMU is gone.
+    Saved,
+    /// A QEMU waits for the instance's state from a migration or a
+    /// restore. Until that is finalized the instance isn't this node's, so
+    /// a restarted agent kills such a QEMU and drops the record.
+    Incoming,
 }
 
 /// The durable record of an instance: its runtime and how it last ended.
@@ -67,6 +79,21 @@ pub enum State {
     Stopping,
     /// QEMU exited without being asked to.
     Crashed,
+    /// QEMU runs with the guest's vCPUs stopped.
+    Paused,
+    /// Being migrated away or saved.
+    Migrating,
+    /// Saved to a file; QEMU is gone.
+    Saved,
+    /// Waiting for its state from a migration or a restore.
+    Incoming,
+}
+
+impl State {
+    /// Whether QEMU runs in this state, so the guest's state can be read.
+    pub fn has_qemu(self) -> bool {
+        matches!(self, State::Running | State::Paused | State::Migrating)
+    }
 }
 
 /// A read-only copy of an instance's status.
@@ -140,6 +167,10 @@ struct Status {
     detail: String,
     record: Option<InstanceRecord>,
     process: Option<Arc<Process>>,
+    /// Set while the instance is migrating away; notified to cancel.
+    outgoing: Option<Arc<tokio::sync::Notify>>,
+    /// Set while a migration into this node waits to be finalized.
+    incoming: Option<migration::Incoming>,
 }
 
 /// One instance: an operation lock and a status.
@@ -172,6 +203,8 @@ impl Instance {
                 detail,
                 record,
                 process: None,
+                outgoing: None,
+                incoming: None,
             }),
         })
     }
@@ -236,6 +269,15 @@ impl Instance {
                 guest_initiated,
             },
         );
+    }
+
+    /// Whether the record says a migration or restore into this node is
+    /// unfinished.
+    fn is_incoming(&self) -> bool {
+        lock(&self.status)
+            .record
+            .as_ref()
+            .is_some_and(|r| r.state == RecordedState::Incoming)
     }
 
     /// Publishes any other event about this instance.
@@ -305,6 +347,8 @@ pub struct Agent {
     events: Arc<EventBus>,
     qemu_cache: tokio::sync::Mutex<Option<(BinaryStamp, Arc<QemuInfo>)>>,
     instances: RwLock<BTreeMap<String, Arc<Instance>>>,
+    /// Ports of incoming migrations that aren't finished yet.
+    incoming_ports: Mutex<std::collections::BTreeSet<u16>>,
 }
 
 impl Agent {
@@ -320,6 +364,7 @@ impl Agent {
             events: Arc::new(EventBus::new(event_buffer)),
             qemu_cache: tokio::sync::Mutex::new(None),
             instances: RwLock::new(BTreeMap::new()),
+            incoming_ports: Mutex::new(Default::default()),
         }))
     }
 
@@ -384,10 +429,7 @@ impl Agent {
                 .map_or(0, |kib| kib / 1024)
         };
         NodeFacts {
-            hostname: nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default(),
+            hostname: hostname(),
             qemu_binary: self.cfg.qemu_binary.clone(),
             qemu: self.qemu_info().await.map_err(|e| e.to_string()),
             kvm: probe::kvm_usable(),
@@ -612,7 +654,7 @@ impl Agent {
         lock(&inst.status).record = Some(record.clone());
         inst.set_state(State::Starting, "");
 
-        if let Err(e) = self.launch(inst, &record.runtime).await {
+        if let Err(e) = self.launch(inst, &record.runtime, LaunchMode::Boot).await {
             // Leave things as they were before the call.
             match previous {
                 Some(prev) => {
@@ -637,9 +679,10 @@ impl Agent {
         self: &Arc<Self>,
         inst: &Arc<Instance>,
         runtime: &Runtime,
-    ) -> Result<(), AgentError> {
+        mode: LaunchMode,
+    ) -> Result<Arc<Process>, AgentError> {
         let run_dir = self.cfg.run_dir(&inst.name);
-        let launched = lifecycle::launch(runtime, &run_dir, &self.cfg.launch)
+        let launched = lifecycle::launch(runtime, &run_dir, &self.cfg.launch, mode)
             .await
             .map_err(|source| AgentError::Launch {
                 instance: inst.name.clone(),
@@ -655,8 +698,12 @@ impl Agent {
             stop_requested: AtomicBool::new(false),
             started_at: SystemTime::now(),
         });
-        self.supervise(inst, process, events);
-        Ok(())
+        let state = match mode {
+            LaunchMode::Boot => State::Running,
+            LaunchMode::Incoming => State::Incoming,
+        };
+        self.supervise(inst, process.clone(), events, state);
+        Ok(process)
     }
 
     /// Installs a process as the instance's and watches for its exit.
@@ -665,14 +712,18 @@ impl Agent {
         inst: &Arc<Instance>,
         process: Arc<Process>,
         events: broadcast::Receiver<QmpEvent>,
+        state: State,
     ) {
-        {
+        let detail = {
             let mut st = lock(&inst.status);
             st.process = Some(process.clone());
-            st.state = State::Running;
-            st.detail.clear();
-        }
-        inst.announce_state(State::Running, String::new(), false);
+            st.state = state;
+            if state != State::Incoming {
+                st.detail.clear();
+            }
+            st.detail.clone()
+        };
+        inst.announce_state(state, detail, false);
         tokio::spawn(watch_guest_resets(inst.clone(), process.qmp.subscribe()));
         tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
     }
@@ -738,8 +789,11 @@ impl Agent {
         }
         // Persist under the operation lock so this write can't interleave
         // with an operation's own, unless an operation already moved on.
+        // An incoming instance isn't this node's: whoever finalizes or
+        // cancels it decides what its record becomes.
         let _op = inst.ops.lock().await;
         if inst.process().is_none()
+            && !inst.is_incoming()
             && lock(&inst.status).state == state
             && let Err(e) = self.persist_state(&inst, recorded, &detail).await
         {
@@ -757,9 +811,15 @@ impl Agent {
         let Some(process) = inst.process() else {
             return Ok(None);
         };
+        // A paused guest can't answer a powerdown request.
+        let paused = matches!(lock(&inst.status).state, State::Paused | State::Incoming);
         process.stop_requested.store(true, Ordering::SeqCst);
         inst.set_state(State::Stopping, "");
-        let result = lifecycle::stop(Some(&process.qmp), &process.pidfd, timeouts, force).await;
+        let result = if paused && !force {
+            lifecycle::quit(Some(&process.qmp), &process.pidfd, timeouts).await
+        } else {
+            lifecycle::stop(Some(&process.qmp), &process.pidfd, timeouts, force).await
+        };
         let method = match result {
             Ok(m) => m,
             Err(source) => {
@@ -797,6 +857,11 @@ impl Agent {
     ) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.ops.lock().await;
+        if inst.is_incoming() {
+            // Nothing of the guest ran here yet; stopping means dropping it.
+            self.abort_incoming(&inst).await;
+            return Ok((inst.view(), Some(StopMethod::Kill)));
+        }
         let mut timeouts = self.cfg.stop;
         if let Some(t) = powerdown_timeout {
             timeouts.powerdown = t;
@@ -915,8 +980,8 @@ impl Agent {
         record: InstanceRecord,
     ) -> Result<(), AgentError> {
         inst.set_state(State::Starting, "");
-        match self.launch(inst, &record.runtime).await {
-            Ok(()) => {
+        match self.launch(inst, &record.runtime, LaunchMode::Boot).await {
+            Ok(_) => {
                 lock(&inst.status).record = Some(record);
                 self.persist_state(inst, RecordedState::Running, "").await
             }
@@ -963,6 +1028,11 @@ impl Agent {
             RecordedState::Stopped | RecordedState::StoppedByGuest => {
                 (State::Stopped, record.detail.clone())
             }
+            RecordedState::Saved => (State::Saved, record.detail.clone()),
+            RecordedState::Incoming => {
+                self.drop_unfinished_incoming(&name, &record).await;
+                return;
+            }
         };
         // Reconciling an unfinished hotplug against QEMU is still to come;
         // until then it is reported, never silently dropped.
@@ -993,7 +1063,12 @@ impl Agent {
         match self.adopt(pid, &run_dir).await {
             Ok((process, events)) => {
                 tracing::info!(instance = %name, pid, "adopted running instance");
-                self.supervise(&inst, process, events);
+                // A guest paused before the restart stays paused.
+                let state = match hypervisor::migration::guest_running(&process.qmp).await {
+                    Ok(false) => State::Paused,
+                    _ => State::Running,
+                };
+                self.supervise(&inst, process, events, state);
                 if let Err(e) = self.reconcile_devices(&inst).await {
                     tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
                 }
@@ -1033,6 +1108,21 @@ impl Agent {
             events,
         ))
     }
+}
+
+/// This node's host name.
+pub(crate) fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Publishes the resets a guest does by itself (QEMU's RESET with

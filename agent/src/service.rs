@@ -19,9 +19,11 @@ use crate::devices::ChangedDevice;
 use crate::error::AgentError;
 use crate::events::Event;
 use crate::instances::InstanceView;
-use crate::instances::{Agent, RebootMode};
+use crate::instances::{Agent, MigrateOptions, RebootMode};
 use std::pin::Pin;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::{Stream, StreamExt};
 
@@ -42,6 +44,19 @@ type Reply<T> = Result<Response<T>, Status>;
 
 /// The stream WatchEvents returns.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// The stream MigrateInstance returns.
+pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
+
+fn migrate_options_from_proto(options: pb::MigrationOptions) -> MigrateOptions {
+    MigrateOptions {
+        offline: options.offline,
+        max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
+        downtime_limit: (options.downtime_limit_ms > 0)
+            .then(|| Duration::from_millis(options.downtime_limit_ms.into())),
+        auto_converge: options.auto_converge,
+    }
+}
 
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentService {
@@ -166,6 +181,150 @@ impl NodeAgent for NodeAgentService {
     }
 
     type WatchEventsStream = EventStream;
+    type MigrateInstanceStream = ProgressStream;
+
+    async fn pause_instance(
+        &self,
+        req: Request<pb::PauseInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        let id = request_id(req.metadata());
+        let name = req.into_inner().name;
+        traced("pause", &name, id, async {
+            Ok(view_to_proto(self.agent.pause(&name).await?))
+        })
+        .await
+    }
+
+    async fn resume_instance(
+        &self,
+        req: Request<pb::ResumeInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        let id = request_id(req.metadata());
+        let name = req.into_inner().name;
+        traced("resume", &name, id, async {
+            Ok(view_to_proto(self.agent.resume(&name).await?))
+        })
+        .await
+    }
+
+    async fn save_instance(
+        &self,
+        req: Request<pb::SaveInstanceRequest>,
+    ) -> Reply<pb::SaveInstanceResponse> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        traced("save", &req.name, id, async {
+            let saved = self.agent.save(&req.name, &req.path).await?;
+            Ok(pb::SaveInstanceResponse {
+                instance: Some(view_to_proto(saved.view)),
+                file_bytes: saved.file_bytes,
+                was_running: saved.was_running,
+                duration_ms: saved.duration.as_millis() as u64,
+            })
+        })
+        .await
+    }
+
+    async fn restore_instance(
+        &self,
+        req: Request<pb::RestoreInstanceRequest>,
+    ) -> Reply<pb::RestoreInstanceResponse> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        traced("restore", "", id, async {
+            let (view, duration) = self.agent.restore(&req.path, req.paused).await?;
+            Ok(pb::RestoreInstanceResponse {
+                instance: Some(view_to_proto(view)),
+                duration_ms: duration.as_millis() as u64,
+            })
+        })
+        .await
+    }
+
+    async fn migrate_instance(
+        &self,
+        req: Request<pb::MigrateInstanceRequest>,
+    ) -> Reply<ProgressStream> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        let options = migrate_options_from_proto(req.options.unwrap_or_default());
+        let (progress_tx, mut progress_rx) = mpsc::channel(16);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let agent = self.agent.clone();
+        // The migration runs to its end even if the caller goes away: its
+        // outcome must not depend on a client's connection.
+        tokio::spawn(async move {
+            let work = traced(
+                "migrate",
+                &req.name,
+                id,
+                agent.migrate(&req.name, &req.target, options, progress_tx),
+            );
+            tokio::pin!(work);
+            let result = loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    Some(report) = progress_rx.recv() => {
+                        let _ = out_tx.try_send(Ok(report.to_proto()));
+                    }
+                }
+            };
+            while let Ok(report) = progress_rx.try_recv() {
+                let _ = out_tx.try_send(Ok(report.to_proto()));
+            }
+            if let Err(status) = result {
+                let _ = out_tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn accept_migration(
+        &self,
+        req: Request<pb::AcceptMigrationRequest>,
+    ) -> Reply<pb::AcceptMigrationResponse> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        traced("accept_migration", "", id, async {
+            let address = self
+                .agent
+                .accept_migration(&req.runtime_json, &req.source)
+                .await?;
+            Ok(pb::AcceptMigrationResponse { address })
+        })
+        .await
+    }
+
+    async fn finalize_migration(
+        &self,
+        req: Request<pb::FinalizeMigrationRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        traced("finalize_migration", &req.name, id, async {
+            Ok(view_to_proto(
+                self.agent
+                    .finalize_migration(&req.name, &req.uuid, req.resume)
+                    .await?,
+            ))
+        })
+        .await
+    }
+
+    async fn cancel_migration(
+        &self,
+        req: Request<pb::CancelMigrationRequest>,
+    ) -> Reply<pb::CancelMigrationResponse> {
+        let id = request_id(req.metadata());
+        let name = req.into_inner().name;
+        traced("cancel_migration", &name, id, async {
+            let cancelled = self.agent.cancel_migration(&name).await?;
+            Ok(pb::CancelMigrationResponse {
+                cancelled: cancelled.into(),
+            })
+        })
+        .await
+    }
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {
         let req = req.into_inner();

@@ -131,6 +131,9 @@ pub struct ExecutionFds<'a> {
     pub vhost: Vec<Vec<RawFd>>,
     /// Path of an extra QMP monitor for operators, when enabled.
     pub operator_qmp: Option<&'a Path>,
+    /// Start with the vCPUs stopped, waiting for the guest's state to
+    /// arrive (`-S -incoming defer`), for a migration or a restore.
+    pub incoming: bool,
 }
 
 /// The full command line: base, disks, NICs and the execution fds.
@@ -168,6 +171,11 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
             "-serial".into(),
             format!("chardev:{SERIAL_CHARDEV}"),
         ]);
+    }
+    if fds.incoming {
+        // -S as well, so the guest only runs once the agent says so, not
+        // as soon as the stream is complete.
+        argv.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     }
     argv
 }
@@ -315,7 +323,24 @@ mod tests {
             taps: vec![vec![5]],
             vhost: vec![vec![]],
             operator_qmp: None,
+            incoming: false,
         }
+    }
+
+    #[test]
+    fn an_incoming_start_waits_paused_for_the_stream() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let plain = render_execution(&rt, &fds());
+        assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
+        let incoming = render_execution(
+            &rt,
+            &ExecutionFds {
+                incoming: true,
+                ..fds()
+            },
+        );
+        assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
     }
 
     #[test]
@@ -439,7 +464,7 @@ mod tests {
         fn rendering_is_deterministic(tap in 3i32..1000, qmp in 3i32..1000) {
             let qemu = qemu_7_2();
             let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-            let fds = ExecutionFds { qmp, serial: None, taps: vec![vec![tap]], vhost: vec![vec![]], operator_qmp: None };
+            let fds = ExecutionFds { qmp, serial: None, taps: vec![vec![tap]], vhost: vec![vec![]], operator_qmp: None, incoming: false };
             prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
         }
     }

@@ -4,12 +4,14 @@
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime) and
 //! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
 //! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
-//! liveness, pidfd), [`qmp`] and [`lifecycle`] (launch and stop).
+//! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop) and [`migration`] (QEMU's
+//! side of migration, save and restore).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
 
 pub mod argv;
 pub mod lifecycle;
+pub mod migration;
 pub mod probe;
 pub mod process;
 pub mod qmp;

@@ -199,18 +199,28 @@ fn open_resources(
     })
 }
 
+/// How a launched guest begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// Boot it.
+    Boot,
+    /// Wait, paused, for its state from a migration or a save file.
+    Incoming,
+}
+
 /// Launches QEMU for `rt` and waits until its QMP monitor is ready.
 pub async fn launch(
     rt: &Runtime,
     run_dir: &Path,
     cfg: &LaunchConfig,
+    mode: LaunchMode,
 ) -> Result<Launched, LaunchError> {
     if !rt.qemu.binary.is_file() {
         return Err(LaunchError::QemuMissing(rt.qemu.binary.clone()));
     }
     prepare_run_dir(run_dir)?;
     let log_path = run_dir.join(files::LOG);
-    let result = launch_in(rt, run_dir, &log_path, cfg).await;
+    let result = launch_in(rt, run_dir, &log_path, cfg, mode).await;
     if result.is_err() {
         remove_run_files(run_dir);
     }
@@ -222,6 +232,7 @@ async fn launch_in(
     run_dir: &Path,
     log_path: &Path,
     cfg: &LaunchConfig,
+    mode: LaunchMode,
 ) -> Result<Launched, LaunchError> {
     let resources = open_resources(rt, run_dir, cfg)?;
     let operator_qmp = run_dir.join(files::OPERATOR_QMP);
@@ -239,6 +250,7 @@ async fn launch_in(
             .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
             .collect(),
         operator_qmp: cfg.operator_qmp.then_some(operator_qmp.as_path()),
+        incoming: mode == LaunchMode::Incoming,
     };
     let args = argv::render_execution(rt, &fds);
     let mut inherit = vec![fds.qmp];
@@ -408,6 +420,18 @@ pub async fn stop(
                 tracing::warn!(pid = pidfd.pid(), error = %e, "powerdown failed; quitting QEMU")
             }
         }
+    }
+    quit(qmp.filter(|_| !force), pidfd, timeouts).await
+}
+
+/// Ends QEMU without asking the guest: QMP `quit` (when a connection is
+/// given), then SIGKILL.
+pub async fn quit(
+    qmp: Option<&QmpClient>,
+    pidfd: &PidFd,
+    timeouts: StopTimeouts,
+) -> Result<StopMethod, StopError> {
+    if let Some(qmp) = qmp {
         match qmp.execute_with_timeout("quit", None, timeouts.quit).await {
             // QEMU may close the socket before its reply arrives.
             Ok(_) | Err(QmpError::Disconnected { .. })

@@ -279,6 +279,52 @@ pub fn generate(
     Ok(runtime)
 }
 
+/// Makes a runtime that was generated elsewhere (by a migration peer, or
+/// into a save file) runnable on this host, without changing anything the
+/// guest can see: it is validated as strictly as a spec, then checked
+/// against this host's QEMU, and only the binary is replaced by the local
+/// one. Pure.
+pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, RuntimeError> {
+    foreign.validate()?;
+    check_socket_paths(host.run_dir)?;
+    // The versioned machine type must exist as such: resolving an alias
+    // here would change the guest's ABI under it.
+    if !host
+        .qemu
+        .machines
+        .iter()
+        .any(|m| m.name == foreign.machine_type && m.alias_of.is_none())
+    {
+        return Err(RuntimeError::UnknownMachineType {
+            requested: foreign.machine_type.clone(),
+            offered: host
+                .qemu
+                .machines
+                .iter()
+                .filter(|m| m.alias_of.is_none())
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    if let (ResolvedAccelerator::Kvm, Err(why)) = (foreign.accelerator, host.kvm) {
+        return Err(RuntimeError::KvmUnavailable(why.to_owned()));
+    }
+    if let Some(nic) = foreign
+        .nics
+        .iter()
+        .find(|n| n.spec.vhost && !host.vhost_net)
+    {
+        return Err(RuntimeError::VhostUnavailable(nic.spec.name.clone()));
+    }
+    let mut local = foreign.clone();
+    local.qemu = QemuIdentity {
+        binary: host.qemu.binary.clone(),
+        version: host.qemu.version,
+    };
+    Ok(local)
+}
+
 /// Slots that generation may hand out, lowest first.
 fn free_slots() -> impl ExactSizeIterator<Item = u8> {
     (0..=MAX_PCI_SLOT)
@@ -405,6 +451,51 @@ pub(crate) mod tests {
             run_dir: Path::new("/var/lib/kvm-agent/run/web1"),
             vhost_net: true,
         }
+    }
+
+    #[test]
+    fn a_foreign_runtime_is_adopted_with_the_local_binary_only() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 3).unwrap();
+        let mut other = qemu_7_2();
+        other.binary = "/opt/qemu/bin/qemu-system-x86_64".into();
+        let adopted = adopt_on_host(&rt, host(&other)).unwrap();
+        assert_eq!(adopted.qemu.binary, other.binary);
+        assert_eq!(adopted.argv, rt.argv);
+        assert_eq!(
+            (adopted.disks.clone(), adopted.nics.clone()),
+            (rt.disks.clone(), rt.nics.clone())
+        );
+    }
+
+    #[test]
+    fn a_foreign_runtime_the_host_cant_run_is_refused() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let mut older = qemu_7_2();
+        older
+            .machines
+            .retain(|m| !m.name.contains("7.2") && m.name != "pc");
+        assert!(matches!(
+            adopt_on_host(&rt, host(&older)),
+            Err(RuntimeError::UnknownMachineType { .. })
+        ));
+        let mut no_kvm = host(&qemu);
+        no_kvm.kvm = Err("no /dev/kvm");
+        if rt.accelerator == ResolvedAccelerator::Kvm {
+            assert!(matches!(
+                adopt_on_host(&rt, no_kvm),
+                Err(RuntimeError::KvmUnavailable(_))
+            ));
+        }
+        let mut smuggled = rt.clone();
+        smuggled
+            .argv
+            .extend(["-monitor".into(), "tcp:0.0.0.0:4444,server".into()]);
+        assert_eq!(
+            adopt_on_host(&smuggled, host(&qemu)),
+            Err(RuntimeError::ArgvMismatch)
+        );
     }
 
     fn disk(n: u128) -> DiskSpec {

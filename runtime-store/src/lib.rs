@@ -6,10 +6,12 @@
 //! fsynced, so a crash at any point leaves either the old or the new record.
 //! A record that can't be read is moved to `quarantine/` and reported; it is
 //! never deleted. [`journal`] keeps the cheaper intent files that say which
-//! operation is under way.
+//! operation is under way, and [`savefile`] the self-describing files a
+//! saved guest's state goes into.
 #![deny(missing_docs)]
 
 pub mod journal;
+pub mod savefile;
 
 pub use journal::{Intent, IntentJournal};
 

@@ -1,0 +1,297 @@
+//! `kvm-agent migrate`, `save` and `restore`: long operations, shown with a
+//! progress bar on a terminal and as plain or JSON lines otherwise.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use serde_json::json;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use super::{instance_json, print_instance};
+
+/// `kvm-agent migrate`.
+#[derive(Debug, Args)]
+pub(super) struct MigrateArgs {
+    /// Instance name.
+    name: String,
+    /// The target agent: unix:/path/to/agent.sock or http://host:port.
+    #[arg(long)]
+    to: String,
+    /// Pause the guest first; it doesn't run during the migration.
+    #[arg(long)]
+    offline: bool,
+    /// Cap in bytes per second; K, M and G suffixes are binary (100M = 100 MiB/s).
+    #[arg(long, value_parser = parse_size)]
+    max_bandwidth: Option<u64>,
+    /// The longest pause at switch-over, in milliseconds.
+    #[arg(long)]
+    downtime_limit_ms: Option<u32>,
+    /// Don't throttle a guest that dirties memory faster than it can be sent.
+    #[arg(long)]
+    no_auto_converge: bool,
+}
+
+/// Reads `1048576`, `512K`, `100M` or `2G`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size like 1048576, 512K, 100M or 2G"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn phase_name(phase: i32) -> String {
+    pb::MigrationPhase::try_from(phase)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("MIGRATION_PHASE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| phase.to_string())
+}
+
+fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
+    json!({
+        "phase": phase_name(p.phase),
+        "qemu_status": p.qemu_status,
+        "transferred_bytes": p.transferred_bytes,
+        "remaining_bytes": p.remaining_bytes,
+        "total_bytes": p.total_bytes,
+        "dirty_rate_bytes_per_second": p.dirty_rate_bytes_per_second,
+        "expected_downtime_ms": p.expected_downtime_ms,
+        "downtime_ms": p.downtime_ms,
+        "elapsed_ms": p.elapsed_ms,
+        "address": p.address,
+    })
+}
+
+fn progress_line(p: &pb::MigrationProgress) -> String {
+    let mut line = format!("{:<10}", phase_name(p.phase));
+    if !p.qemu_status.is_empty() {
+        line.push_str(&format!(
+            " {:<10} {:>8.1} MiB sent, {:>8.1} MiB left of {:.0} MiB",
+            p.qemu_status,
+            mib(p.transferred_bytes),
+            mib(p.remaining_bytes),
+            mib(p.total_bytes)
+        ));
+        if p.dirty_rate_bytes_per_second > 0 {
+            line.push_str(&format!(
+                ", dirtying {:.1} MiB/s",
+                mib(p.dirty_rate_bytes_per_second)
+            ));
+        }
+        if p.downtime_ms > 0 {
+            line.push_str(&format!(", downtime {} ms", p.downtime_ms));
+        } else if p.expected_downtime_ms > 0 {
+            line.push_str(&format!(
+                ", expected downtime {} ms",
+                p.expected_downtime_ms
+            ));
+        }
+    }
+    line.push_str(&format!(" ({:.1} s)", p.elapsed_ms as f64 / 1000.0));
+    line
+}
+
+/// Runs `kvm-agent migrate`.
+pub(super) async fn migrate(
+    mut client: NodeAgentClient<Channel>,
+    args: MigrateArgs,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let request = pb::MigrateInstanceRequest {
+        name: args.name.clone(),
+        target: args.to.clone(),
+        options: Some(pb::MigrationOptions {
+            offline: args.offline,
+            max_bandwidth: args.max_bandwidth.unwrap_or(0),
+            downtime_limit_ms: args.downtime_limit_ms.unwrap_or(0),
+            auto_converge: args.no_auto_converge.then_some(false),
+        }),
+    };
+    let mut stream = client.migrate_instance(request).await?.into_inner();
+    let bar = (!json_out && std::io::stdout().is_terminal()).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:12} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {elapsed})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut last = None;
+    while let Some(item) = stream.next().await {
+        let progress = match item {
+            Ok(p) => p,
+            Err(status) => {
+                if let Some(bar) = &bar {
+                    bar.abandon_with_message("failed");
+                }
+                return Err(status.into());
+            }
+        };
+        match &bar {
+            Some(bar) => {
+                bar.set_length(progress.total_bytes.max(progress.transferred_bytes));
+                bar.set_position(progress.transferred_bytes);
+                bar.set_message(phase_name(progress.phase));
+            }
+            None if json_out => println!("{}", progress_json(&progress)),
+            None => println!("{}", progress_line(&progress)),
+        }
+        last = Some(progress);
+    }
+    if let Some(bar) = &bar {
+        bar.finish_with_message("completed");
+    }
+    let done = last
+        .filter(|p| p.phase == pb::MigrationPhase::Completed as i32)
+        .context(
+            "the migration stream ended without an outcome; check the instance on both nodes",
+        )?;
+    if !json_out {
+        println!(
+            "{} migrated to {} in {:.1} s (downtime {} ms)",
+            args.name,
+            args.to,
+            done.elapsed_ms as f64 / 1000.0,
+            done.downtime_ms
+        );
+    }
+    Ok(())
+}
+
+/// Shows a spinner on a terminal while `work` runs.
+async fn with_spinner<T>(message: String, json_out: bool, work: impl Future<Output = T>) -> T {
+    if json_out || !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let spinner = ProgressBar::new_spinner().with_message(message);
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let result = work.await;
+    spinner.finish_and_clear();
+    result
+}
+
+/// Runs `kvm-agent save`.
+pub(super) async fn save(
+    mut client: NodeAgentClient<Channel>,
+    name: String,
+    path: String,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let request = pb::SaveInstanceRequest {
+        name: name.clone(),
+        path: path.clone(),
+    };
+    let saved = with_spinner(
+        format!("saving {name} to {path}"),
+        json_out,
+        client.save_instance(request),
+    )
+    .await?
+    .into_inner();
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "instance": saved.instance.as_ref().map(instance_json),
+                "file_bytes": saved.file_bytes,
+                "was_running": saved.was_running,
+                "duration_ms": saved.duration_ms,
+            })
+        );
+    } else {
+        println!(
+            "{name} saved to {path}: {:.1} MiB in {:.2} s",
+            mib(saved.file_bytes),
+            saved.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+/// Runs `kvm-agent restore`.
+pub(super) async fn restore(
+    mut client: NodeAgentClient<Channel>,
+    path: String,
+    paused: bool,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let request = pb::RestoreInstanceRequest {
+        path: path.clone(),
+        paused,
+    };
+    let restored = with_spinner(
+        format!("restoring from {path}"),
+        json_out,
+        client.restore_instance(request),
+    )
+    .await?
+    .into_inner();
+    let instance = restored.instance.unwrap_or_default();
+    if json_out {
+        println!(
+            "{}",
+            json!({ "instance": instance_json(&instance), "duration_ms": restored.duration_ms })
+        );
+    } else {
+        println!(
+            "restored from {path} in {:.2} s",
+            restored.duration_ms as f64 / 1000.0
+        );
+        print_instance(&instance);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_read() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("fast").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn a_progress_line_says_what_a_person_wants() {
+        let line = progress_line(&pb::MigrationProgress {
+            phase: pb::MigrationPhase::Active as i32,
+            qemu_status: "active".into(),
+            transferred_bytes: 64 << 20,
+            remaining_bytes: 192 << 20,
+            total_bytes: 256 << 20,
+            expected_downtime_ms: 300,
+            elapsed_ms: 1500,
+            ..Default::default()
+        });
+        assert!(line.contains("64.0 MiB sent"), "{line}");
+        assert!(line.contains("192.0 MiB left of 256 MiB"), "{line}");
+        assert!(line.contains("expected downtime 300 ms"), "{line}");
+    }
+}

@@ -1,0 +1,380 @@
+//! Save and restore: a guest's state into a self-describing file on this
+//! node, and back.
+//!
+//! QEMU's migration stream goes through a pipe the agent owns (no shell,
+//! no `exec:`), so the agent checksums it on the way and QEMU never opens
+//! the file itself.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hypervisor::Runtime;
+use hypervisor::lifecycle::{self, LaunchMode};
+use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationPhase};
+use hypervisor::qmp::{QmpClient, QmpError};
+use runtime_store::savefile::{SaveFile, SaveFileError, SaveHeader, SaveWriter};
+
+use super::{Agent, Instance, InstanceRecord, InstanceView, Process, RecordedState, State, lock};
+use crate::error::AgentError;
+
+/// How often a save or restore checks on QEMU.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// A pipe this large lets QEMU and the agent's copy overlap.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// What a save came to.
+#[derive(Debug, Clone)]
+pub struct SaveOutcome {
+    /// The instance afterwards.
+    pub view: InstanceView,
+    /// Size of the file.
+    pub file_bytes: u64,
+    /// Whether the guest ran when it was saved.
+    pub was_running: bool,
+    /// How long the save took.
+    pub duration: Duration,
+}
+
+fn save_error(path: &Path) -> impl FnOnce(SaveFileError) -> AgentError + '_ {
+    move |source| AgentError::SaveFile {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), AgentError> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| AgentError::Internal(format!("can't make a pipe: {e}")))?;
+    // Best effort: a small pipe only costs speed.
+    let _ = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    Ok((read, write))
+}
+
+fn absolute(path: &str) -> Result<PathBuf, AgentError> {
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(AgentError::BadRequest(format!(
+            "save file path {} must be absolute",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Waits for QEMU's side of a save or restore to end.
+async fn wait_stream_end(qmp: &QmpClient) -> Result<qemu_migration::MigrationStatus, QmpError> {
+    loop {
+        let status = qemu_migration::query(qmp).await?;
+        if status.phase.is_final() {
+            return Ok(status);
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+impl Agent {
+    /// Saves a running or paused guest's state to a new file at `path`,
+    /// then ends its QEMU. On any failure the file is gone and the guest
+    /// runs (or stays paused) as before.
+    pub async fn save(self: &Arc<Self>, name: &str, path: &str) -> Result<SaveOutcome, AgentError> {
+        let path = absolute(path)?;
+        let started = Instant::now();
+        let inst = self.instance(name)?;
+        let _op = inst.ops.lock().await;
+        let (process, record) = inst.process_and_record();
+        let before = lock(&inst.status).state;
+        let (Some(process), Some(mut record)) = (process, record) else {
+            return Err(AgentError::NotRunning(name.to_owned()));
+        };
+        if !matches!(before, State::Running | State::Paused) {
+            return Err(AgentError::NotRunning(name.to_owned()));
+        }
+        let qmp_error = |source: QmpError| AgentError::Qmp {
+            instance: name.to_owned(),
+            source,
+        };
+        let was_running = qemu_migration::guest_running(&process.qmp)
+            .await
+            .map_err(qmp_error)?;
+        let header = SaveHeader {
+            instance_name: name.to_owned(),
+            instance_uuid: record.runtime.uuid.to_string(),
+            was_running,
+            saved_at_unix: super::unix_now(),
+            runtime: record.runtime.clone(),
+        };
+        let writer = {
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || SaveWriter::create(&target, &header))
+                .await
+                .map_err(|e| AgentError::Internal(e.to_string()))?
+                .map_err(save_error(&path))?
+        };
+        inst.set_state(State::Migrating, format!("saving to {}", path.display()));
+        let written = self.write_state(&inst, &process, writer, was_running).await;
+        let file_bytes = match written {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if !process.pidfd.has_exited() {
+                    if was_running && let Err(resume) = qemu_migration::resume(&process.qmp).await {
+                        tracing::error!(instance = %name, error = %resume, "can't resume after a failed save");
+                    }
+                    inst.set_state(before, format!("save failed: {e}"));
+                }
+                return Err(e);
+            }
+        };
+
+        // The file is durable: QEMU can go.
+        process.stop_requested.store(true, Ordering::SeqCst);
+        if let Err(e) = lifecycle::quit(Some(&process.qmp), &process.pidfd, self.cfg.stop).await {
+            tracing::error!(instance = %name, error = %e, "can't end QEMU after a save");
+        }
+        process.reap();
+        lifecycle::remove_run_files(&self.cfg.run_dir(name));
+        let detail = format!("saved to {}", path.display());
+        record.state = RecordedState::Saved;
+        record.detail = detail.clone();
+        {
+            let mut st = lock(&inst.status);
+            st.process = None;
+        }
+        self.write_record(&inst, &record).await?;
+        inst.set_state(State::Saved, detail);
+        let duration = started.elapsed();
+        tracing::info!(instance = %name, path = %path.display(), file_bytes, ?duration, "instance saved");
+        Ok(SaveOutcome {
+            view: inst.view(),
+            file_bytes,
+            was_running,
+            duration,
+        })
+    }
+
+    /// Pauses the guest and streams its state into `writer`. Returns the
+    /// file's size once it is durable under its name.
+    async fn write_state(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        mut writer: SaveWriter,
+        was_running: bool,
+    ) -> Result<u64, AgentError> {
+        let path = writer.path().to_owned();
+        let qmp = &process.qmp;
+        let qmp_error = |source: QmpError| AgentError::Qmp {
+            instance: inst.name.clone(),
+            source,
+        };
+        if was_running {
+            qemu_migration::pause(qmp).await.map_err(qmp_error)?;
+        }
+        let params = MigrationParameters {
+            auto_converge: false,
+            ..MigrationParameters::default()
+        };
+        qemu_migration::configure(qmp, &params)
+            .await
+            .map_err(qmp_error)?;
+        let (read, write) = pipe()?;
+        let copy = tokio::task::spawn_blocking(move || {
+            let mut source = File::from(read);
+            writer.copy_stream(&mut source).map(|()| writer)
+        });
+        let started = qemu_migration::start_outgoing_to_fd(qmp, write.as_fd()).await;
+        // QEMU holds its own copy now; ours must go for the copy to see EOF.
+        drop(write);
+        if let Err(e) = started {
+            copy.abort();
+            return Err(qmp_error(e));
+        }
+        let status = wait_stream_end(qmp).await.map_err(qmp_error)?;
+        let copied = copy
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        if status.phase != MigrationPhase::Completed {
+            return Err(AgentError::MigrationFailed {
+                instance: inst.name.clone(),
+                reason: match (status.error, copied) {
+                    (_, Err(e)) => crate::error::chain(&e),
+                    (Some(e), _) => e,
+                    (None, _) => format!("QEMU ended the save {}", status.status),
+                },
+            });
+        }
+        let writer = copied.map_err(save_error(&path))?;
+        tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(save_error(&path))
+    }
+
+    /// Starts an instance from a save file, running unless `paused` (or
+    /// the guest was paused when saved). A file that fails any check
+    /// starts nothing and stays as it is.
+    pub async fn restore(
+        self: &Arc<Self>,
+        path: &str,
+        paused: bool,
+    ) -> Result<(InstanceView, Duration), AgentError> {
+        let path = absolute(path)?;
+        let started = Instant::now();
+        let file = {
+            let source = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut file = SaveFile::<Runtime>::open(&source)?;
+                file.verify()?;
+                Ok::<_, SaveFileError>(file)
+            })
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(save_error(&path))?
+        };
+        let saved = &file.header.runtime;
+        if file.header.instance_uuid != saved.uuid.to_string()
+            || file.header.instance_name != saved.name
+        {
+            return Err(AgentError::BadRequest(format!(
+                "save file {} names instance {:?} ({}) but holds the runtime of {:?} ({})",
+                path.display(),
+                file.header.instance_name,
+                file.header.instance_uuid,
+                saved.name,
+                saved.uuid
+            )));
+        }
+        let runtime = self.adopt_runtime(saved).await?;
+        Self::check_disks_exist(&runtime.to_spec())?;
+        let resume = file.header.was_running && !paused;
+        let inst = self.register_incoming(&runtime)?;
+        let _op = inst.ops.lock().await;
+        let previous = match self.check_incoming(&inst, &runtime) {
+            Ok(p) => p,
+            Err(e) => {
+                if lock(&inst.status).record.is_none() {
+                    self.registry_mut().remove(&inst.name);
+                }
+                return Err(e);
+            }
+        };
+        let source = format!("restore from {}", path.display());
+        let mut record = InstanceRecord {
+            runtime,
+            state: RecordedState::Incoming,
+            detail: source.clone(),
+        };
+        self.write_record(&inst, &record).await?;
+        inst.set_state(State::Incoming, source);
+        let process = match self
+            .launch(&inst, &record.runtime, LaunchMode::Incoming)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.forget_incoming(&inst, previous).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.read_state(&inst, &process, file, &path).await {
+            self.end_incoming_qemu(&inst, &process).await;
+            self.forget_incoming(&inst, previous).await;
+            return Err(e);
+        }
+        record.state = RecordedState::Running;
+        record.detail = String::new();
+        self.write_record(&inst, &record).await?;
+        let state = if resume {
+            qemu_migration::resume(&process.qmp)
+                .await
+                .map_err(|source| AgentError::Qmp {
+                    instance: inst.name.clone(),
+                    source,
+                })?;
+            State::Running
+        } else {
+            State::Paused
+        };
+        inst.set_state(state, "");
+        let duration = started.elapsed();
+        tracing::info!(instance = %inst.name, path = %path.display(), ?duration, resumed = resume, "instance restored");
+        Ok((inst.view(), duration))
+    }
+
+    /// Feeds the file's stream into an incoming QEMU, checking it again on
+    /// the way, and waits until QEMU has loaded it.
+    async fn read_state(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        mut file: SaveFile<Runtime>,
+        path: &Path,
+    ) -> Result<(), AgentError> {
+        let qmp_error = |source: QmpError| AgentError::Qmp {
+            instance: inst.name.clone(),
+            source,
+        };
+        let (read, write) = pipe()?;
+        qemu_migration::start_incoming_from_fd(&process.qmp, read.as_fd())
+            .await
+            .map_err(qmp_error)?;
+        drop(read);
+        let feed = tokio::task::spawn_blocking(move || {
+            let mut sink = File::from(write);
+            file.copy_stream_to(&mut sink)
+        });
+        let status = wait_stream_end(&process.qmp).await.map_err(qmp_error)?;
+        let fed = feed
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        fed.map_err(save_error(path))?;
+        if status.phase != MigrationPhase::Completed {
+            return Err(AgentError::MigrationFailed {
+                instance: inst.name.clone(),
+                reason: status
+                    .error
+                    .unwrap_or_else(|| format!("QEMU ended the restore {}", status.status)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops a running guest's vCPUs.
+    pub async fn pause(&self, name: &str) -> Result<InstanceView, AgentError> {
+        self.set_paused(name, true).await
+    }
+
+    /// Lets a paused guest run.
+    pub async fn resume(&self, name: &str) -> Result<InstanceView, AgentError> {
+        self.set_paused(name, false).await
+    }
+
+    async fn set_paused(&self, name: &str, pause: bool) -> Result<InstanceView, AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.ops.lock().await;
+        let state = lock(&inst.status).state;
+        let Some(process) = inst
+            .process()
+            .filter(|_| matches!(state, State::Running | State::Paused))
+        else {
+            return Err(AgentError::NotRunning(name.to_owned()));
+        };
+        let result = if pause {
+            qemu_migration::pause(&process.qmp).await
+        } else {
+            qemu_migration::resume(&process.qmp).await
+        };
+        result.map_err(|source| AgentError::Qmp {
+            instance: name.to_owned(),
+            source,
+        })?;
+        let next = if pause { State::Paused } else { State::Running };
+        if next != state {
+            inst.set_state(next, "");
+        }
+        Ok(inst.view())
+    }
+}

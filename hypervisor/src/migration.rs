@@ -1,0 +1,305 @@
+//! QEMU's side of migration, save and restore: capabilities and
+//! parameters, starting an outgoing or incoming stream, and reading
+//! `query-migrate`.
+//!
+//! [`MigrationStatus::from_query`] is pure; the rest are thin QMP calls.
+//! Agent-to-agent coordination lives in the agent.
+
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::qmp::{QmpClient, QmpError};
+
+/// The `fdname` a save or restore stream is passed under.
+pub const STREAM_FD_NAME: &str = "kvma-stream";
+
+/// Bandwidth that means "no cap": QEMU's own default of 128 MiB/s makes a
+/// save several times slower than the disk allows.
+pub const UNCAPPED_BANDWIDTH: u64 = 1 << 40;
+
+/// Settings of one outgoing migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationParameters {
+    /// Cap in bytes per second; [`UNCAPPED_BANDWIDTH`] for none.
+    pub max_bandwidth: u64,
+    /// The longest pause QEMU may plan for the final switch-over.
+    pub downtime_limit: Duration,
+    /// Throttle the guest's vCPUs when it dirties memory faster than the
+    /// link can carry it.
+    pub auto_converge: bool,
+}
+
+impl Default for MigrationParameters {
+    fn default() -> Self {
+        Self {
+            max_bandwidth: UNCAPPED_BANDWIDTH,
+            downtime_limit: Duration::from_millis(300),
+            auto_converge: true,
+        }
+    }
+}
+
+/// Where a migration is, as `query-migrate` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationPhase {
+    /// Nothing started yet (or QEMU forgot after a restart).
+    None,
+    /// Setting up.
+    Setup,
+    /// Copying memory.
+    Active,
+    /// Copying the last dirty pages and device state with the guest stopped.
+    Device,
+    /// Done; the stream is complete.
+    Completed,
+    /// Failed; see the error.
+    Failed,
+    /// `migrate_cancel` is under way.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+    /// Any other state of a newer QEMU (e.g. postcopy), treated as active.
+    Other,
+}
+
+impl MigrationPhase {
+    fn parse(status: &str) -> Self {
+        match status {
+            "none" => Self::None,
+            "setup" => Self::Setup,
+            "active" | "pre-switchover" => Self::Active,
+            "device" => Self::Device,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelling" => Self::Cancelling,
+            "cancelled" => Self::Cancelled,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether no more progress will come.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// A snapshot of a migration's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// The phase.
+    pub phase: MigrationPhase,
+    /// QEMU's word for it.
+    pub status: String,
+    /// RAM bytes sent so far.
+    pub transferred_bytes: u64,
+    /// RAM bytes still to send (an estimate while the guest runs).
+    pub remaining_bytes: u64,
+    /// Guest RAM in all.
+    pub total_bytes: u64,
+    /// How fast the guest dirties memory, in bytes per second.
+    pub dirty_rate_bytes_per_second: u64,
+    /// QEMU's estimate of the pause at switch-over.
+    pub expected_downtime: Option<Duration>,
+    /// The real pause, once completed.
+    pub downtime: Option<Duration>,
+    /// Time since the migration started.
+    pub total_time: Option<Duration>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+fn millis(v: &Value, key: &str) -> Option<Duration> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(Duration::from_millis)
+}
+
+impl MigrationStatus {
+    /// Reads a `query-migrate` reply. Pure.
+    pub fn from_query(reply: &Value) -> MigrationStatus {
+        let status = reply
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_owned();
+        let ram = reply.get("ram").cloned().unwrap_or(Value::Null);
+        let ram_u64 = |key: &str| ram.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let page_size = match ram_u64("page-size") {
+            0 => 4096,
+            n => n,
+        };
+        MigrationStatus {
+            phase: MigrationPhase::parse(&status),
+            status,
+            transferred_bytes: ram_u64("transferred"),
+            remaining_bytes: ram_u64("remaining"),
+            total_bytes: ram_u64("total"),
+            dirty_rate_bytes_per_second: ram_u64("dirty-pages-rate").saturating_mul(page_size),
+            expected_downtime: millis(reply, "expected-downtime"),
+            downtime: millis(reply, "downtime"),
+            total_time: millis(reply, "total-time"),
+            error: reply
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        }
+    }
+}
+
+/// Turns on the capabilities and sets the parameters of an outgoing
+/// migration (or save).
+pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<(), QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [
+            { "capability": "events", "state": true },
+            { "capability": "auto-converge", "state": params.auto_converge },
+        ]})),
+    )
+    .await?;
+    let downtime_ms = u64::try_from(params.downtime_limit.as_millis()).unwrap_or(u64::MAX);
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({
+            "max-bandwidth": params.max_bandwidth,
+            "downtime-limit": downtime_ms,
+        })),
+    )
+    .await
+    .map(drop)
+}
+
+/// Starts sending the guest's state to `uri` (`tcp:HOST:PORT` or `fd:NAME`).
+pub async fn start_outgoing(qmp: &QmpClient, uri: &str) -> Result<(), QmpError> {
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .map(drop)
+}
+
+/// Sends the guest's state into `fd` (the write end of a pipe).
+pub async fn start_outgoing_to_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+    qmp.getfd(STREAM_FD_NAME, fd).await?;
+    if let Err(e) = start_outgoing(qmp, &format!("fd:{STREAM_FD_NAME}")).await {
+        let _ = qmp.closefd(STREAM_FD_NAME).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Makes a QEMU started with `-incoming defer` listen on `uri`.
+pub async fn start_incoming(qmp: &QmpClient, uri: &str) -> Result<(), QmpError> {
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await
+        .map(drop)
+}
+
+/// Makes a QEMU started with `-incoming defer` read its state from `fd`
+/// (the read end of a pipe).
+pub async fn start_incoming_from_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+    qmp.getfd(STREAM_FD_NAME, fd).await?;
+    if let Err(e) = start_incoming(qmp, &format!("fd:{STREAM_FD_NAME}")).await {
+        let _ = qmp.closefd(STREAM_FD_NAME).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Reads the migration's progress.
+pub async fn query(qmp: &QmpClient) -> Result<MigrationStatus, QmpError> {
+    qmp.execute("query-migrate", None)
+        .await
+        .map(|reply| MigrationStatus::from_query(&reply))
+}
+
+/// Asks QEMU to cancel an outgoing migration.
+pub async fn cancel(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute("migrate_cancel", None).await.map(drop)
+}
+
+/// Whether the guest's vCPUs run, from `query-status`.
+pub async fn guest_running(qmp: &QmpClient) -> Result<bool, QmpError> {
+    let status = qmp.execute("query-status", None).await?;
+    Ok(status.get("running").and_then(Value::as_bool) == Some(true))
+}
+
+/// Pauses the guest's vCPUs.
+pub async fn pause(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute("stop", None).await.map(drop)
+}
+
+/// Resumes the guest's vCPUs (also after a completed or failed migration).
+pub async fn resume(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute("cont", None).await.map(drop)
+}
+
+/// Polls `query-migrate` every `interval` until the migration ends, calling
+/// `progress` with each snapshot; returns the last one.
+pub async fn wait_until_final(
+    qmp: &QmpClient,
+    interval: Duration,
+    mut progress: impl FnMut(&MigrationStatus),
+) -> Result<MigrationStatus, QmpError> {
+    loop {
+        let status = query(qmp).await?;
+        progress(&status);
+        if status.phase.is_final() {
+            return Ok(status);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_active_migration_is_read() {
+        let reply = json!({
+            "status": "active",
+            "expected-downtime": 300,
+            "total-time": 1500,
+            "ram": {
+                "transferred": 100_000_000u64,
+                "remaining": 50_000_000u64,
+                "total": 268_435_456u64,
+                "dirty-pages-rate": 1000,
+                "page-size": 4096,
+            }
+        });
+        let s = MigrationStatus::from_query(&reply);
+        assert_eq!(s.phase, MigrationPhase::Active);
+        assert_eq!(s.transferred_bytes, 100_000_000);
+        assert_eq!(s.remaining_bytes, 50_000_000);
+        assert_eq!(s.total_bytes, 268_435_456);
+        assert_eq!(s.dirty_rate_bytes_per_second, 4_096_000);
+        assert_eq!(s.expected_downtime, Some(Duration::from_millis(300)));
+        assert_eq!(s.downtime, None);
+        assert!(!s.phase.is_final());
+    }
+
+    #[test]
+    fn a_failure_carries_its_reason_and_nothing_is_made_up() {
+        let s = MigrationStatus::from_query(&json!({
+            "status": "failed",
+            "error-desc": "Unable to write to socket: Broken pipe",
+        }));
+        assert_eq!(s.phase, MigrationPhase::Failed);
+        assert!(s.phase.is_final());
+        assert_eq!(
+            s.error.as_deref(),
+            Some("Unable to write to socket: Broken pipe")
+        );
+        assert_eq!(s.transferred_bytes, 0);
+        assert_eq!(
+            MigrationStatus::from_query(&json!({})).phase,
+            MigrationPhase::None
+        );
+        assert_eq!(
+            MigrationStatus::from_query(&json!({"status": "postcopy-active"})).phase,
+            MigrationPhase::Other
+        );
+    }
+}
