@@ -67,9 +67,7 @@ pub enum SaveFileError {
     #[error("not a kvm-agent save file (wrong magic)")]
     NotASaveFile,
     /// Written by another layout version.
-    #[error(
-        "format version {found} is not supported (this agent reads version {supported})"
-    )]
+    #[error("format version {found} is not supported (this agent reads version {supported})")]
     UnsupportedVersion {
         /// What the file says.
         found: u32,

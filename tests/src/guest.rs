@@ -84,6 +84,21 @@ impl GuestConsole {
         console
     }
 
+    /// Connects to the console of a guest that is already up (after a
+    /// migration or a restore) and waits for a fresh prompt.
+    pub fn attach(socket: &Path, timeout: Duration) -> GuestConsole {
+        let stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        let mut console = GuestConsole {
+            stream,
+            seen: String::new(),
+            counter: 0,
+        };
+        writeln!(console.stream).expect("write to guest console");
+        console.read_until(PROMPT, timeout);
+        console
+    }
+
     fn read_until(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {

@@ -64,6 +64,9 @@ pub struct AgentOptions {
     pub qemu_binary: Option<PathBuf>,
     /// State directory override (default: inside the fixture's temp dir).
     pub state_dir: Option<PathBuf>,
+    /// A command the agent runs under, such as `ip netns exec NS`; it
+    /// must exec the agent so the pid stays the agent's.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -79,6 +82,7 @@ impl Default for AgentOptions {
             ],
             qemu_binary: None,
             state_dir: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -119,7 +123,14 @@ impl TestAgent {
     }
 
     async fn spawn(&mut self) {
-        let mut cmd = Command::new(agent_binary());
+        let mut cmd = match self.options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
         cmd.arg("serve")
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -180,6 +191,11 @@ impl TestAgent {
     /// The agent's socket.
     pub fn socket(&self) -> PathBuf {
         self.state_dir().join("agent.sock")
+    }
+
+    /// The agent's address for another agent (a migration target).
+    pub fn address(&self) -> String {
+        format!("unix:{}", self.socket().display())
     }
 
     /// An instance's run directory.

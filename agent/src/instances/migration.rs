@@ -18,8 +18,10 @@ use hypervisor::qmp::QmpError;
 use hypervisor::runtime;
 use hypervisor::{Runtime, process};
 use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tokio::sync::mpsc;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process, RecordedState, State, lock};
 use crate::error::AgentError;
@@ -28,6 +30,10 @@ use crate::peer::{self, AgentAddress};
 
 /// How often a migration's progress is read.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the source checks that the target agent still waits.
+const TARGET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long that check may take.
+const TARGET_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a target waits for its QEMU to confirm the stream it was told
 /// is complete.
 const FINALIZE_WAIT: Duration = Duration::from_secs(30);
@@ -258,7 +264,15 @@ impl Agent {
         tracing::info!(instance = %inst.name, %target, %address, "target ready; sending the guest's state");
 
         let sent = self
-            .send_state(qmp, &address, options, was_running, cancel, reporter)
+            .send_state(
+                qmp,
+                (&mut peer, target),
+                &address,
+                options,
+                was_running,
+                cancel,
+                reporter,
+            )
             .await;
         let status = match sent {
             Ok(status) => status,
@@ -320,9 +334,11 @@ impl Agent {
     }
 
     /// Runs QEMU's migration to `address` until it completes.
+    #[allow(clippy::too_many_arguments)]
     async fn send_state(
         &self,
         qmp: &hypervisor::qmp::QmpClient,
+        (peer, target): (&mut NodeAgentClient<Channel>, &AgentAddress),
         address: &str,
         options: MigrateOptions,
         was_running: bool,
@@ -344,6 +360,8 @@ impl Agent {
             .await
             .map_err(qmp_error)?;
         let mut cancelled = false;
+        let mut abort: Option<AgentError> = None;
+        let mut next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
         loop {
             let status = qemu_migration::query(qmp).await.map_err(qmp_error)?;
             reporter.report(ReportPhase::Active, Some(status.clone()));
@@ -356,9 +374,20 @@ impl Agent {
                     });
                 }
                 qemu_migration::MigrationPhase::Cancelled => {
-                    return Err(AgentError::MigrationCancelled(name.clone()));
+                    return Err(abort.unwrap_or(AgentError::MigrationCancelled(name.clone())));
                 }
                 _ => {}
+            }
+            // A target agent that went away can't finalize: stop sending
+            // rather than finish a stream nobody will take over.
+            if !cancelled && Instant::now() >= next_target_check {
+                next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
+                if let Some(problem) = check_target(peer, target, &name).await {
+                    tracing::warn!(instance = %name, %target, error = %problem, "cancelling the migration");
+                    qemu_migration::cancel(qmp).await.map_err(qmp_error)?;
+                    abort = Some(problem);
+                    cancelled = true;
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -795,6 +824,39 @@ impl Agent {
             tracing::error!(instance = %name, error = %e, "can't remove the record of an unfinished incoming instance");
         }
         tracing::warn!(instance = %name, "dropped an incoming migration or restore that never finished");
+    }
+}
+
+/// Whether the target still waits for the instance; `Some` says why not.
+async fn check_target(
+    peer: &mut NodeAgentClient<Channel>,
+    target: &AgentAddress,
+    name: &str,
+) -> Option<AgentError> {
+    let request = pb::GetInstanceRequest { name: name.into() };
+    let gone = |message: String| {
+        Some(AgentError::Peer {
+            target: target.to_string(),
+            message,
+            code: Code::Unavailable,
+        })
+    };
+    match tokio::time::timeout(TARGET_CHECK_TIMEOUT, peer.get_instance(request)).await {
+        Ok(Ok(info)) if info.get_ref().state == pb::InstanceState::Incoming as i32 => None,
+        Ok(Ok(info)) => gone(format!(
+            "the target's instance is no longer incoming ({})",
+            info.get_ref().state_detail
+        )),
+        Ok(Err(status)) if status.code() == Code::NotFound => {
+            gone("the target dropped the incoming instance".into())
+        }
+        Ok(Err(status)) => gone(format!(
+            "the target agent went away during the migration: {}",
+            status.message()
+        )),
+        Err(_) => gone(format!(
+            "the target agent did not answer within {TARGET_CHECK_TIMEOUT:?}"
+        )),
     }
 }
 
