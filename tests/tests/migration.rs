@@ -1,0 +1,531 @@
+//! Live migration between two real agents: the guest keeps its memory and
+//! its devices' slots, and every failure leaves exactly one owner.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::*;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use uuid::Uuid;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Slow enough that a guest's memory takes many seconds to send.
+const CRAWL: u64 = 1 << 20;
+
+/// A migration under way, followed from the test.
+struct Migration {
+    progress: watch::Receiver<Option<pb::MigrationProgress>>,
+    outcome: JoinHandle<(Vec<pb::MigrationProgress>, Result<(), tonic::Status>)>,
+}
+
+impl Migration {
+    async fn start(
+        source: &TestAgent,
+        name: &str,
+        target: &TestAgent,
+        options: pb::MigrationOptions,
+    ) -> Migration {
+        let mut stream = source
+            .client()
+            .await
+            .migrate_instance(pb::MigrateInstanceRequest {
+                name: name.into(),
+                target: target.address(),
+                options: Some(options),
+            })
+            .await
+            .expect("MigrateInstance")
+            .into_inner();
+        let (tx, progress) = watch::channel(None);
+        let outcome = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(p) => {
+                        let _ = tx.send(Some(p.clone()));
+                        seen.push(p);
+                    }
+                    Err(status) => return (seen, Err(status)),
+                }
+            }
+            (seen, Ok(()))
+        });
+        Migration { progress, outcome }
+    }
+
+    /// Waits until memory is really being sent.
+    async fn wait_sending(&mut self) {
+        let sending = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.progress.wait_for(|p| {
+                p.as_ref()
+                    .is_some_and(|p| p.qemu_status == "active" && p.transferred_bytes > 0)
+            }),
+        )
+        .await;
+        let got_going = matches!(sending, Ok(Ok(_)));
+        drop(sending);
+        assert!(
+            got_going,
+            "the migration never got going: {:?}",
+            *self.progress.borrow()
+        );
+    }
+
+    async fn outcome(self) -> (Vec<pb::MigrationProgress>, Result<(), tonic::Status>) {
+        tokio::time::timeout(Duration::from_secs(60), self.outcome)
+            .await
+            .expect("the migration ends")
+            .unwrap()
+    }
+}
+
+fn state(info: &pb::InstanceInfo) -> pb::InstanceState {
+    pb::InstanceState::try_from(info.state).unwrap()
+}
+
+async fn absent(agent: &TestAgent, name: &str) -> bool {
+    let reply = agent
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await;
+    matches!(reply, Err(s) if s.code() == Code::NotFound)
+}
+
+fn crawl() -> pb::MigrationOptions {
+    pb::MigrationOptions {
+        max_bandwidth: CRAWL,
+        ..Default::default()
+    }
+}
+
+/// Starts the test guest on `agent` and waits until it is up.
+async fn start_guest(agent: &TestAgent, name: &str, spec: Option<pb::InstanceSpec>) -> Uuid {
+    let mut spec = spec.unwrap_or_else(|| agent.spec(name, 256));
+    boot_guest(&mut spec);
+    let uuid = spec.uuid.parse().unwrap();
+    agent.start_spec(spec).await;
+    let socket = agent.run_dir(name).join("serial.sock");
+    tokio::task::spawn_blocking(move || GuestConsole::connect(&socket, BOOT_TIMEOUT))
+        .await
+        .unwrap();
+    uuid
+}
+
+fn guest_running(agent: &TestAgent, name: &str) -> bool {
+    operator_qmp(agent, name).execute("query-status", serde_json::json!({}))["running"] == true
+}
+
+#[tokio::test]
+async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let mut spec = source.spec("mover", 256);
+    spec.disks
+        .push(disk("root", &source.raw_image("root.img", 8)));
+    spec.nics.push(nic("eth0", "52:54:00:00:80:01"));
+    let uuid = start_guest(&source, "mover", Some(spec)).await;
+    target.track(uuid);
+    let hot_nic = source
+        .add_nic("mover", nic("eth1", "52:54:00:00:80:02"))
+        .await
+        .expect("hot-add NIC")
+        .device
+        .unwrap();
+    let hot_disk = source
+        .add_disk("mover", disk("data", &source.raw_image("data.img", 8)))
+        .await
+        .expect("hot-add disk")
+        .device
+        .unwrap();
+    let marker = format!("MARK-{}", Uuid::new_v4().simple());
+    let socket = source.run_dir("mover").join("serial.sock");
+    let line = marker.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
+        console.run(&format!("echo {line} > /tmp/marker"));
+    })
+    .await
+    .unwrap();
+    let before = source.instance("mover").await;
+    let source_taps = source.taps();
+    assert_eq!(source_taps.len(), 2, "{source_taps:?}");
+
+    let (progress, outcome) = Migration::start(&source, "mover", &target, Default::default())
+        .await
+        .outcome()
+        .await;
+
+    outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
+    let last = progress.last().expect("progress reports");
+    assert_eq!(last.phase, pb::MigrationPhase::Completed as i32, "{last:?}");
+    assert!(
+        last.transferred_bytes > 1 << 20,
+        "a booted guest sends real memory: {last:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| p.phase == pb::MigrationPhase::Preparing as i32)
+    );
+
+    // The source let go of everything.
+    assert!(absent(&source, "mover").await);
+    assert!(
+        !source.record_path("mover").exists(),
+        "no record left on the source"
+    );
+    assert!(
+        source.taps().is_empty(),
+        "no tap left on the source: {:?}",
+        source.taps()
+    );
+    // The target runs the same devices at the same slots.
+    let after = target.instance("mover").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    let slots = |i: &pb::InstanceInfo| {
+        let mut d: Vec<_> = i
+            .devices
+            .iter()
+            .map(|d| (d.name.clone(), d.pci_slot))
+            .collect();
+        d.sort();
+        d
+    };
+    assert_eq!(slots(&after), slots(&before));
+    assert_eq!(
+        qemu_pids_with_uuids(&[uuid].into()),
+        vec![after.pid],
+        "exactly one QEMU"
+    );
+    assert_eq!(target.taps().len(), 2);
+    assert!(guest_running(&target, "mover"));
+
+    let socket = target.run_dir("mover").join("serial.sock");
+    let (nic_addr, disk_addr) = (
+        pci_address(hot_nic.pci_slot),
+        pci_address(hot_disk.pci_slot),
+    );
+    let (seen, devices) = tokio::task::spawn_blocking(move || {
+        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
+        (
+            console.run("cat /tmp/marker"),
+            console.run("ls /sys/bus/pci/devices"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
+    assert!(
+        devices.contains(&nic_addr) && devices.contains(&disk_addr),
+        "the guest still sees its hot-added devices: {devices}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_without_the_disk_refuses_and_the_source_keeps_running() {
+    let source = TestAgent::start().await;
+    let images = source.scratch();
+    // The target sees an empty directory where the source's disk is.
+    let target = TestAgent::start_with(AgentOptions {
+        wrapper: [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs \"$0\" && exec \"$@\"",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([images.display().to_string()])
+        .collect(),
+        ..AgentOptions::default()
+    })
+    .await;
+    let mut spec = source.spec("stayer", 128);
+    let image = source.raw_image("stayer.img", 8);
+    spec.disks.push(disk("root", &image));
+    let uuid: Uuid = spec.uuid.parse().unwrap();
+    let info = source.start_spec(spec).await;
+
+    let (_, outcome) = Migration::start(&source, "stayer", &target, Default::default())
+        .await
+        .outcome()
+        .await;
+
+    let err = outcome.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains(&image.display().to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("target"), "{}", err.message());
+    let after = source.instance("stayer").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert_eq!(after.pid, info.pid);
+    assert!(guest_running(&source, "stayer"));
+    assert!(absent(&target, "stayer").await);
+    assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![info.pid]);
+}
+
+#[tokio::test]
+async fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let uuid = start_guest(&source, "cancel1", None).await;
+    target.track(uuid);
+    let pid = source.instance("cancel1").await.pid;
+    let mut migration = Migration::start(&source, "cancel1", &target, crawl()).await;
+    migration.wait_sending().await;
+    assert_eq!(
+        state(&target.instance("cancel1").await),
+        pb::InstanceState::Incoming
+    );
+
+    let cancelled = source
+        .client()
+        .await
+        .cancel_migration(pb::CancelMigrationRequest {
+            name: "cancel1".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    let (_, outcome) = migration.outcome().await;
+
+    assert_eq!(cancelled.cancelled, "outgoing");
+    let err = outcome.unwrap_err();
+    assert_eq!(err.code(), Code::Cancelled, "{err:?}");
+    let after = source.instance("cancel1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert!(guest_running(&source, "cancel1"));
+    let gone = wait_for(Duration::from_secs(10), async || {
+        (absent(&target, "cancel1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the target drops its QEMU and its record");
+    assert!(!target.record_path("cancel1").exists());
+}
+
+#[tokio::test]
+async fn a_target_agent_killed_mid_migration_leaves_the_source_owner() {
+    let source = TestAgent::start().await;
+    let mut target = TestAgent::start().await;
+    let uuid = start_guest(&source, "orphan1", None).await;
+    target.track(uuid);
+    let pid = source.instance("orphan1").await.pid;
+    let mut migration = Migration::start(&source, "orphan1", &target, crawl()).await;
+    migration.wait_sending().await;
+
+    target.kill_agent();
+    let (_, outcome) = migration.outcome().await;
+
+    let err = outcome.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("target agent"), "{}", err.message());
+    let after = source.instance("orphan1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert!(guest_running(&source, "orphan1"));
+    // The target's QEMU waits, paused, until its agent comes back and
+    // drops it: it never ran the guest.
+    target.restart().await;
+    assert!(absent(&target, "orphan1").await);
+    assert!(!target.record_path("orphan1").exists());
+    let one = wait_for(Duration::from_secs(10), async || {
+        (qemu_pids_with_uuids(&[uuid].into()) == vec![pid]).then_some(())
+    })
+    .await;
+    assert!(one.is_some(), "only the source's QEMU is left");
+}
+
+#[tokio::test]
+async fn a_source_qemu_killed_mid_migration_is_reported_crashed_and_the_target_drops_it() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let uuid = start_guest(&source, "lost1", None).await;
+    target.track(uuid);
+    let pid = source.instance("lost1").await.pid;
+    let mut migration = Migration::start(&source, "lost1", &target, crawl()).await;
+    migration.wait_sending().await;
+
+    // SAFETY: kill(2) with the pid of the source's QEMU and a constant signal.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let (_, outcome) = migration.outcome().await;
+
+    assert!(outcome.is_err());
+    let crashed = wait_for(Duration::from_secs(10), async || {
+        let info = source.instance("lost1").await;
+        (state(&info) == pb::InstanceState::Crashed).then_some(info)
+    })
+    .await
+    .expect("the source reports the crash");
+    assert!(crashed.state_detail.contains("unexpectedly"), "{crashed:?}");
+    let gone = wait_for(Duration::from_secs(10), async || {
+        (absent(&target, "lost1").await && qemu_pids_with_uuids(&[uuid].into()).is_empty())
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "no QEMU is left anywhere");
+}
+
+#[tokio::test]
+async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let spec = source.spec("smuggler", 128);
+    let uuid: Uuid = spec.uuid.parse().unwrap();
+    source.start_spec(spec).await;
+    let mut runtime = source.runtime_json("smuggler").await;
+    runtime["argv"].as_array_mut().unwrap().extend([
+        "-monitor".into(),
+        "tcp:0.0.0.0:4444,server=on,wait=off".into(),
+    ]);
+    let mut client = target.client().await;
+
+    let smuggled = client
+        .accept_migration(pb::AcceptMigrationRequest {
+            runtime_json: runtime.to_string(),
+            source: "test".into(),
+        })
+        .await
+        .unwrap_err();
+    let garbage = client
+        .accept_migration(pb::AcceptMigrationRequest {
+            runtime_json: "{\"name\": 1".into(),
+            source: "test".into(),
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(smuggled.code(), Code::InvalidArgument, "{smuggled:?}");
+    assert!(
+        smuggled.message().contains("argv does not match"),
+        "{}",
+        smuggled.message()
+    );
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+    assert!(absent(&target, "smuggler").await);
+    assert!(!target.record_path("smuggler").exists());
+    assert_eq!(
+        qemu_pids_with_uuids(&[uuid].into()).len(),
+        1,
+        "only the source's QEMU"
+    );
+}
+
+/// Two network namespaces joined by a veth pair: two hosts on one machine.
+struct Hosts {
+    names: [String; 2],
+    addresses: [String; 2],
+}
+
+impl Hosts {
+    fn create() -> Result<Hosts, String> {
+        let tag = &Uuid::new_v4().simple().to_string()[..6];
+        let octet = 16 + (u8::from_str_radix(&tag[..2], 16).unwrap_or(0) % 200);
+        let hosts = Hosts {
+            names: [format!("ka{tag}a"), format!("ka{tag}b")],
+            addresses: [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")],
+        };
+        let [a, b] = &hosts.names;
+        let (veth_a, veth_b) = (format!("v{tag}a"), format!("v{tag}b"));
+        let cidr = |host: usize| format!("{}/24", hosts.addresses[host]);
+        let (cidr_a, cidr_b) = (cidr(0), cidr(1));
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", a],
+            vec!["netns", "add", b],
+            vec![
+                "link", "add", &veth_a, "netns", a, "type", "veth", "peer", "name", &veth_b,
+                "netns", b,
+            ],
+            vec!["-n", a, "addr", "add", &cidr_a, "dev", &veth_a],
+            vec!["-n", b, "addr", "add", &cidr_b, "dev", &veth_b],
+            vec!["-n", a, "link", "set", &veth_a, "up"],
+            vec!["-n", b, "link", "set", &veth_b, "up"],
+            vec!["-n", a, "link", "set", "lo", "up"],
+            vec!["-n", b, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(hosts)
+    }
+
+    fn agent_options(&self, host: usize) -> AgentOptions {
+        let mut options = AgentOptions {
+            wrapper: vec![
+                "ip".into(),
+                "netns".into(),
+                "exec".into(),
+                self.names[host].clone(),
+            ],
+            ..AgentOptions::default()
+        };
+        options
+            .args
+            .extend(["--migration-address".into(), self.addresses[host].clone()]);
+        options
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_guest_moves_between_two_hosts_over_their_own_network() {
+    let hosts = match Hosts::create() {
+        Ok(h) => h,
+        Err(why) => {
+            println!("SKIPPED: network namespaces can't be made here: {why}");
+            return;
+        }
+    };
+    let source = TestAgent::start_with(hosts.agent_options(0)).await;
+    let target = TestAgent::start_with(hosts.agent_options(1)).await;
+    let spec = source.spec("traveller", 128);
+    let uuid: Uuid = spec.uuid.parse().unwrap();
+    target.track(uuid);
+    source.start_spec(spec).await;
+
+    let (progress, outcome) = Migration::start(&source, "traveller", &target, Default::default())
+        .await
+        .outcome()
+        .await;
+
+    outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
+    let address = &progress.last().unwrap().address;
+    assert!(
+        address.starts_with(&format!("tcp:{}:", hosts.addresses[1])),
+        "the stream goes to the target host's own address: {address}"
+    );
+    assert!(absent(&source, "traveller").await);
+    let after = target.instance("traveller").await;
+    assert_eq!(state(&after), pb::InstanceState::Running);
+    assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![after.pid]);
+    drop((source, target));
+}
