@@ -11,12 +11,16 @@ use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::instances::{Agent, State};
 
-const STATES: [(State, &str); 5] = [
+const STATES: [(State, &str); 9] = [
     (State::Stopped, "stopped"),
     (State::Starting, "starting"),
     (State::Running, "running"),
     (State::Stopping, "stopping"),
     (State::Crashed, "crashed"),
+    (State::Paused, "paused"),
+    (State::Migrating, "migrating"),
+    (State::Saved, "saved"),
+    (State::Incoming, "incoming"),
 ];
 
 /// Why the metrics endpoint couldn't start.
@@ -82,6 +86,11 @@ pub fn record_operation(op: &'static str, seconds: f64, error: Option<&AgentErro
     if let Some(kind) = error.and_then(qmp_failure) {
         metrics::counter!("kvm_agent_qmp_errors_total", "kind" => kind).increment(1);
     }
+}
+
+/// Counts the guest memory a finished migration sent.
+pub fn record_migrated_bytes(bytes: u64) {
+    metrics::counter!("kvm_agent_migrated_bytes_total").increment(bytes);
 }
 
 /// The kind of QMP failure behind an error, if any.

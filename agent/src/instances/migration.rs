@@ -324,6 +324,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&run_dir);
         inst.set_state(State::Stopped, format!("migrated to {target}"));
         tracing::info!(instance = %inst.name, %target, "migration completed");
+        crate::telemetry::record_migrated_bytes(status.transferred_bytes);
         reporter.report(ReportPhase::Completed, Some(status.clone()));
         Ok(MigrationReport {
             phase: ReportPhase::Completed,
