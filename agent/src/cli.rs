@@ -1028,6 +1028,7 @@ async fn events(
                     "kind": kind, "state": state_name(event.state), "state_detail": event.state_detail,
                     "guest_initiated": event.guest_initiated, "device": event.device,
                     "pci_slot": event.pci_slot, "reboot": event.reboot,
+                    "migration": event.migration.as_ref().map(moves::progress_json),
                 })
             );
             continue;
@@ -1042,6 +1043,11 @@ async fn events(
                 format!("{}{by_guest}", state_name(event.state))
             }
             k if k == pb::EventKind::Rebooted as i32 => format!("rebooted ({})", event.reboot),
+            k if k == pb::EventKind::MigrationProgress as i32 => event
+                .migration
+                .as_ref()
+                .map(moves::progress_line)
+                .unwrap_or_default(),
             _ => format!("{kind} {}", event.device),
         };
         println!("{:>6} {:<20} {what}", event.sequence, event.instance);

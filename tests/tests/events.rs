@@ -52,6 +52,7 @@ fn label(e: &pb::Event) -> String {
         pb::EventKind::DeviceAdded => format!("added {}", e.device),
         pb::EventKind::DeviceRemoved => format!("removed {}", e.device),
         pb::EventKind::Rebooted => format!("rebooted {}", e.reboot),
+        pb::EventKind::MigrationProgress => "migration".into(),
         pb::EventKind::Unspecified => "?".into(),
     }
 }

@@ -66,7 +66,7 @@ fn phase_name(phase: i32) -> String {
         .unwrap_or_else(|_| phase.to_string())
 }
 
-fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
+pub(super) fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
     json!({
         "phase": phase_name(p.phase),
         "qemu_status": p.qemu_status,
@@ -81,7 +81,7 @@ fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
     })
 }
 
-fn progress_line(p: &pb::MigrationProgress) -> String {
+pub(super) fn progress_line(p: &pb::MigrationProgress) -> String {
     let mut line = format!("{:<10}", phase_name(p.phase));
     if !p.qemu_status.is_empty() {
         line.push_str(&format!(
