@@ -329,6 +329,15 @@ struct SpecArgs {
     /// CPU model.
     #[arg(long)]
     cpu: Option<String>,
+    /// Back guest RAM with this file, or a file in this directory.
+    #[arg(long)]
+    memory_file: Option<String>,
+    /// Map --memory-file shared.
+    #[arg(long, requires = "memory_file")]
+    memory_share: bool,
+    /// Take guest RAM from huge pages (from --memory-file's hugetlbfs mount, default /dev/hugepages).
+    #[arg(long)]
+    hugepages: bool,
 }
 
 /// Splits `key=value,...`, where `,,` stands for a comma.
@@ -449,6 +458,11 @@ impl SpecArgs {
             serial_console: self.serial,
             vnc: self.vnc.map(|display| pb::VncSpec { display }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
+            memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
+                file: self.memory_file.clone().unwrap_or_default(),
+                share: self.memory_share,
+                hugepages: self.hugepages,
+            }),
         })
     }
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use hypervisor::spec::{
-    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, NicModel, NicSpec,
-    SpecError,
+    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, MemoryBacking,
+    NicModel, NicSpec, SpecError,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -21,6 +21,8 @@ use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 pub const DEFAULT_MACHINE_TYPE: &str = "pc";
 /// Default CPU model when the request leaves it empty.
 pub const DEFAULT_CPU_MODEL: &str = "qemu64";
+/// Where huge pages come from when the request doesn't say.
+pub const DEFAULT_HUGEPAGES_MOUNT: &str = "/dev/hugepages";
 
 fn parse_uuid(what: &str, text: &str) -> Result<Uuid, AgentError> {
     if text.is_empty() {
@@ -152,6 +154,28 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             DEFAULT_CPU_MODEL.into()
         } else {
             p.cpu_model
+        },
+        memory_backing: match p.memory {
+            None => MemoryBacking::Anonymous,
+            Some(m) if m.hugepages => MemoryBacking::HugePages {
+                path: if m.file.is_empty() {
+                    DEFAULT_HUGEPAGES_MOUNT.into()
+                } else {
+                    m.file.into()
+                },
+            },
+            Some(m) if m.file.is_empty() => {
+                return Err(SpecError::Path {
+                    what: "memory backing".into(),
+                    path: PathBuf::new(),
+                    reason: "it is empty; give a file or directory, or leave memory unset",
+                }
+                .into());
+            }
+            Some(m) => MemoryBacking::File {
+                path: m.file.into(),
+                share: m.share,
+            },
         },
     })
 }

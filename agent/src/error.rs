@@ -258,6 +258,21 @@ impl AgentError {
                 "fix the QEMU installation on this node",
             ),
             AgentError::Launch { source, .. } => match source {
+                LaunchError::ExitedEarly { log_tail, .. }
+                    if log_tail.contains("backing store")
+                        && log_tail.contains("Cannot allocate memory") =>
+                {
+                    (
+                        Code::ResourceExhausted,
+                        "not enough free huge pages (or memory) for guest RAM: raise vm.nr_hugepages, or start it on another node",
+                    )
+                }
+                LaunchError::ExitedEarly { log_tail, .. } if log_tail.contains("backing store") => {
+                    (
+                        Code::FailedPrecondition,
+                        "check the memory backing path: a hugetlbfs mount for huge pages, a file or directory otherwise",
+                    )
+                }
                 LaunchError::Qmp(_) => (
                     Code::Unavailable,
                     "check qemu.log in the instance's run directory",

@@ -4,6 +4,7 @@
 //! absolute times on shared machines drift from run to run.
 
 mod raw;
+mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -332,7 +333,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drop(tap);
     }
 
-    let rows = vec![
+    let mut rows = vec![
         start.row("start → QMP ready", 1.10),
         stop_force.row("stop (force)", 1.10),
         stop_quit.row("stop (powerdown, quit)", 1.10),
@@ -342,6 +343,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nic_add.row("NIC hot-add", 1.5),
         disk_add.row("disk hot-add", 1.5),
     ];
+    drop(client);
+    drop(agent);
+    let transfer_rounds = if args.quick { 3 } else { 5 };
+    rows.extend(transfer::measure(&binary, work.path(), accel, transfer_rounds).await?);
     write_report(&args.out, &node, accel, rounds, &rows)
 }
 

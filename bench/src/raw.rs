@@ -30,13 +30,30 @@ pub struct RawQemu {
 
 /// The machine part of the argv, the same options the agent renders.
 pub fn machine_args(name: &str, uuid: &str, accel: &str, memory_mib: u64) -> Vec<String> {
-    [
+    machine_args_with(name, uuid, accel, memory_mib, None)
+}
+
+/// The machine part of the argv with guest RAM in a shared file, as the
+/// agent renders a `memory_backing` of kind `file`.
+pub fn machine_args_with(
+    name: &str,
+    uuid: &str,
+    accel: &str,
+    memory_mib: u64,
+    ram_file: Option<&Path>,
+) -> Vec<String> {
+    let backend = if ram_file.is_some() {
+        ",memory-backend=guest-ram"
+    } else {
+        ""
+    };
+    let mut args: Vec<String> = [
         "-name",
         &format!("guest={name},debug-threads=on"),
         "-uuid",
         uuid,
         "-machine",
-        &format!("pc-i440fx-7.2,accel={accel}"),
+        &format!("pc-i440fx-7.2,accel={accel}{backend}"),
         "-cpu",
         "qemu64",
         "-m",
@@ -47,12 +64,21 @@ pub fn machine_args(name: &str, uuid: &str, accel: &str, memory_mib: u64) -> Vec
         "-no-user-config",
         "-msg",
         "timestamp=on",
-        "-display",
-        "none",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    if let Some(file) = ram_file {
+        args.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=guest-ram,size={memory_mib}M,mem-path={},share=on,prealloc=off",
+                file.display()
+            ),
+        ]);
+    }
+    args.extend(["-display".into(), "none".into()]);
+    args
 }
 
 impl RawQemu {
@@ -230,6 +256,71 @@ impl RawQemu {
         self.execute_args("device_add", device, None).await?;
         self.execute_args("remove-fd", json!({ "fdset-id": fdset }), None)
             .await?;
+        Ok(())
+    }
+
+    /// Polls `query-migrate` until the migration ends; returns the
+    /// downtime QEMU reports. Fails unless it completed.
+    pub async fn wait_migration(&mut self) -> anyhow::Result<Duration> {
+        loop {
+            let reply = self.execute("query-migrate").await?;
+            let info = &reply["return"];
+            match info["status"].as_str() {
+                Some("completed") => {
+                    return Ok(Duration::from_millis(
+                        info["downtime"].as_u64().unwrap_or(0),
+                    ));
+                }
+                Some("failed" | "cancelled") => bail!("migration ended: {info}"),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Lifts the bandwidth cap, as the agent does for saves and migrations.
+    pub async fn uncap(&mut self) -> anyhow::Result<()> {
+        self.execute_args(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": hypervisor::migration::UNCAPPED_BANDWIDTH }),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Saves the paused guest into `file` with `migrate fd:`, then
+    /// fsyncs it and quits: a direct driver's save.
+    pub async fn save_to(mut self, file: &Path) -> anyhow::Result<()> {
+        let out = std::fs::File::create(file)?;
+        self.execute("stop").await?;
+        self.uncap().await?;
+        self.execute_args("getfd", json!({ "fdname": "save" }), Some(out.as_fd()))
+            .await?;
+        self.execute_args("migrate", json!({ "uri": "fd:save" }), None)
+            .await?;
+        self.wait_migration().await?;
+        out.sync_all()?;
+        self.quit().await
+    }
+
+    /// Loads a stream from `file` into a QEMU started with `-S -incoming
+    /// defer`, then resumes the guest.
+    pub async fn restore_from(&mut self, file: &Path) -> anyhow::Result<()> {
+        let input = std::fs::File::open(file)?;
+        self.execute_args("getfd", json!({ "fdname": "restore" }), Some(input.as_fd()))
+            .await?;
+        self.execute_args("migrate-incoming", json!({ "uri": "fd:restore" }), None)
+            .await?;
+        self.wait_migration().await?;
+        self.execute("cont").await.map(drop)
+    }
+
+    /// QMP `quit`, then reap.
+    pub async fn quit(mut self) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let line = format!("{}\n", json!({ "execute": "quit", "id": self.next_id }));
+        self.writer.write_all(line.as_bytes()).await?;
+        self.child.wait().await?;
         Ok(())
     }
 

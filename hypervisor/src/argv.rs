@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::Runtime;
 use crate::runtime::{RuntimeDisk, RuntimeNic};
-use crate::spec::{Boot, DiskCache, DiskFormat, NicModel};
+use crate::spec::{Boot, DiskCache, DiskFormat, MemoryBacking, NicModel};
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -68,6 +68,9 @@ fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
 
+/// QEMU object id of guest RAM when it isn't anonymous.
+const MEMORY_BACKEND_ID: &str = "guest-ram";
+
 /// The machine part of the command line.
 pub fn render_base(rt: &Runtime) -> Vec<String> {
     let mut argv: Vec<String> = vec![
@@ -77,9 +80,14 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
         rt.uuid.to_string(),
         "-machine".into(),
         format!(
-            "{},accel={}",
+            "{},accel={}{}",
             escape(&rt.machine_type),
-            rt.accelerator.as_str()
+            rt.accelerator.as_str(),
+            if rt.memory_backing == MemoryBacking::Anonymous {
+                String::new()
+            } else {
+                format!(",memory-backend={MEMORY_BACKEND_ID}")
+            }
         ),
         "-cpu".into(),
         escape(&rt.cpu_model),
@@ -92,6 +100,24 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
         "-msg".into(),
         "timestamp=on".into(),
     ];
+    let backend = |path: &Path, share: bool, prealloc: bool| {
+        format!(
+            "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={},prealloc={}",
+            rt.memory_mib,
+            escape_path(path),
+            on_off(share),
+            on_off(prealloc)
+        )
+    };
+    match &rt.memory_backing {
+        MemoryBacking::Anonymous => {}
+        MemoryBacking::File { path, share } => {
+            argv.extend(["-object".into(), backend(path, *share, false)]);
+        }
+        MemoryBacking::HugePages { path } => {
+            argv.extend(["-object".into(), backend(path, false, true)]);
+        }
+    }
     match rt.vnc_display {
         Some(display) => argv.extend([
             "-vnc".into(),
@@ -341,6 +367,35 @@ mod tests {
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn file_backed_memory_is_named_on_the_machine() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.memory_backing = MemoryBacking::File {
+            path: "/dev/shm/a,b".into(),
+            share: true,
+        };
+        let argv = render_base(&generate(&spec, host(&qemu), 1).unwrap()).join(" ");
+        assert!(
+            argv.contains("accel=kvm,memory-backend=guest-ram"),
+            "{argv}"
+        );
+        assert!(
+            argv.contains("-object memory-backend-file,id=guest-ram,size=128M,mem-path=/dev/shm/a,,b,share=on,prealloc=off"),
+            "{argv}"
+        );
+        spec.memory_backing = MemoryBacking::HugePages {
+            path: "/dev/hugepages".into(),
+        };
+        let argv = render_base(&generate(&spec, host(&qemu), 1).unwrap()).join(" ");
+        assert!(
+            argv.contains("mem-path=/dev/hugepages,share=off,prealloc=on"),
+            "{argv}"
+        );
+        let plain = render_base(&generate(&sample_spec(), host(&qemu), 1).unwrap()).join(" ");
+        assert!(!plain.contains("memory-backend"), "{plain}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub use uuid::Uuid;
 
 use crate::argv;
 use crate::probe::{QemuInfo, QemuVersion};
-use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, NicSpec, SpecError};
+use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
 
 /// Version of the runtime layout. A runtime with another version is refused.
 pub const RUNTIME_FORMAT_VERSION: u32 = 1;
@@ -107,6 +107,10 @@ pub struct Runtime {
     pub serial_console: bool,
     /// VNC display on loopback.
     pub vnc_display: Option<u32>,
+    /// Where guest RAM comes from; records from before it existed have
+    /// anonymous memory.
+    #[serde(default)]
+    pub memory_backing: MemoryBacking,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
@@ -271,6 +275,7 @@ pub fn generate(
         boot: spec.boot.clone(),
         serial_console: spec.serial_console,
         vnc_display: spec.vnc_display,
+        memory_backing: spec.memory_backing.clone(),
         disks,
         nics,
         argv: Vec::new(),
@@ -365,6 +370,7 @@ impl Runtime {
             serial_console: self.serial_console,
             vnc_display: self.vnc_display,
             cpu_model: self.cpu_model.clone(),
+            memory_backing: self.memory_backing.clone(),
         }
     }
 

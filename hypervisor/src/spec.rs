@@ -206,6 +206,30 @@ pub enum Boot {
     },
 }
 
+/// Where guest RAM comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum MemoryBacking {
+    /// Anonymous memory, QEMU's default.
+    #[default]
+    Anonymous,
+    /// A file or a directory (QEMU makes a file in it), on tmpfs or disk.
+    /// `share` maps it shared, so what the guest writes lands in the file.
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// Map shared rather than private.
+        share: bool,
+    },
+    /// Huge pages from a hugetlbfs mount, all taken at start, so a node
+    /// without enough free huge pages refuses the start instead of the
+    /// guest failing later.
+    HugePages {
+        /// The hugetlbfs mount, e.g. `/dev/hugepages`.
+        path: PathBuf,
+    },
+}
+
 /// What the cluster asks this node to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -233,6 +257,8 @@ pub struct InstanceSpec {
     pub vnc_display: Option<u32>,
     /// CPU model.
     pub cpu_model: String,
+    /// Where guest RAM comes from.
+    pub memory_backing: MemoryBacking,
 }
 
 /// Why a spec was refused. Each message names the field and the rule.
@@ -409,6 +435,12 @@ impl InstanceSpec {
             return Err(SpecError::VncDisplay(d));
         }
         self.validate_boot()?;
+        match &self.memory_backing {
+            MemoryBacking::Anonymous => {}
+            MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path } => {
+                check_absolute_path("memory backing", path)?;
+            }
+        }
 
         let mut names = HashSet::new();
         let mut uuids = HashSet::new();
@@ -534,6 +566,7 @@ pub(crate) mod tests {
             serial_console: true,
             vnc_display: None,
             cpu_model: "qemu64".into(),
+            memory_backing: MemoryBacking::Anonymous,
         }
     }
 

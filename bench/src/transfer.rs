@@ -1,0 +1,263 @@
+//! Save, restore and migration of guests whose RAM is random bytes (a
+//! guest without an OS has almost all-zero RAM, which QEMU sends in
+//! milliseconds), through agents and driven raw, interleaved.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::raw::{RawQemu, machine_args_with};
+use crate::{Row, Samples, start_agent};
+
+/// Port of the raw migrations; the agents use their own range.
+const RAW_MIGRATION_PORT: u16 = 49400;
+
+/// Fills a file with random bytes, the RAM a guest starts with.
+fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let mut urandom = std::fs::File::open("/dev/urandom")?;
+    let mut out = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        std::io::Read::read_exact(&mut urandom, &mut buf)?;
+        out.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn spec(name: &str, memory_mib: u64, ram: &Path) -> pb::InstanceSpec {
+    pb::InstanceSpec {
+        name: name.into(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        memory_mib,
+        vcpus: 1,
+        memory: Some(pb::MemoryBacking {
+            file: ram.display().to_string(),
+            share: true,
+            hugepages: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs a migration through the agents; returns total time and downtime.
+async fn agent_migrate(
+    source: &mut NodeAgentClient<Channel>,
+    name: &str,
+    target: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    let started = Instant::now();
+    let mut stream = source
+        .migrate_instance(pb::MigrateInstanceRequest {
+            name: name.into(),
+            target: format!("unix:{}", target.display()),
+            options: None,
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(progress) = stream.next().await {
+        last = Some(progress?);
+    }
+    let total = started.elapsed();
+    let last = last.context("no progress")?;
+    anyhow::ensure!(
+        last.phase == pb::MigrationPhase::Completed as i32,
+        "migration ended in {last:?}"
+    );
+    Ok((total, Duration::from_millis(last.downtime_ms)))
+}
+
+/// A direct driver's migration on loopback: start the target QEMU, listen,
+/// migrate, wait, resume the target, quit the source.
+async fn raw_migrate(
+    dirs: (&Path, &Path),
+    args: &[String],
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut source = RawQemu::start(dirs.0, args).await?;
+    let started = Instant::now();
+    let mut incoming = args.to_vec();
+    incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    let mut target = RawQemu::start(dirs.1, &incoming).await?;
+    let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
+    target
+        .execute_args("migrate-incoming", serde_json::json!({ "uri": uri }), None)
+        .await?;
+    source.uncap().await?;
+    source
+        .execute_args("migrate", serde_json::json!({ "uri": uri }), None)
+        .await?;
+    let downtime = source.wait_migration().await?;
+    target.wait_migration().await?;
+    target.execute("cont").await?;
+    source.quit().await?;
+    let total = started.elapsed();
+    target.kill().await?;
+    Ok((total, downtime))
+}
+
+/// Whose turn it is to hold the migrating instance.
+struct Agents {
+    work: PathBuf,
+    sockets: [PathBuf; 2],
+    clients: [NodeAgentClient<Channel>; 2],
+    _processes: [crate::AgentProcess; 2],
+}
+
+impl Agents {
+    async fn start(binary: &Path, work: &Path) -> anyhow::Result<Agents> {
+        let a = start_agent(binary, &work.join("agent-a")).await?;
+        let b = start_agent(binary, &work.join("agent-b")).await?;
+        let clients = [
+            kvm_agent::cli::connect(a.socket.clone()).await?,
+            kvm_agent::cli::connect(b.socket.clone()).await?,
+        ];
+        Ok(Agents {
+            work: work.to_owned(),
+            sockets: [a.socket.clone(), b.socket.clone()],
+            clients,
+            _processes: [a, b],
+        })
+    }
+}
+
+/// The rows of this part of the report.
+pub async fn measure(
+    binary: &Path,
+    work: &Path,
+    accel: &str,
+    rounds: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let mut agents = Agents::start(binary, work).await?;
+    let mut rows = Vec::new();
+    let (mut save, mut restore) = (Samples::default(), Samples::default());
+    let ram = agents.work.join("ram-256");
+    random_file(&ram, 256)?;
+    let raw_ram = agents.work.join("raw-ram-256");
+    random_file(&raw_ram, 256)?;
+    let raw_args = machine_args_with(
+        "raw",
+        &uuid::Uuid::new_v4().to_string(),
+        accel,
+        256,
+        Some(&raw_ram),
+    );
+    let (raw_a, raw_b) = (agents.work.join("raw-a"), agents.work.join("raw-b"));
+    std::fs::create_dir_all(&raw_a)?;
+    std::fs::create_dir_all(&raw_b)?;
+    let s = spec("saved", 256, &ram);
+    for round in 0..rounds {
+        eprintln!("save/restore round {}/{rounds}", round + 1);
+        let file = agents.work.join(format!("agent-{round}.save"));
+        let client = &mut agents.clients[0];
+        client
+            .start_instance(pb::StartInstanceRequest {
+                spec: Some(s.clone()),
+            })
+            .await?;
+        let t = Instant::now();
+        client
+            .save_instance(pb::SaveInstanceRequest {
+                name: "saved".into(),
+                path: file.display().to_string(),
+            })
+            .await?;
+        save.agent.push(t.elapsed());
+        let t = Instant::now();
+        client
+            .restore_instance(pb::RestoreInstanceRequest {
+                path: file.display().to_string(),
+                paused: false,
+            })
+            .await?;
+        restore.agent.push(t.elapsed());
+        client
+            .stop_instance(pb::StopInstanceRequest {
+                name: "saved".into(),
+                force: true,
+                ..Default::default()
+            })
+            .await?;
+        std::fs::remove_file(&file)?;
+
+        let file = agents.work.join(format!("raw-{round}.save"));
+        let q = RawQemu::start(&raw_a, &raw_args).await?;
+        let t = Instant::now();
+        q.save_to(&file).await?;
+        save.raw.push(t.elapsed());
+        let mut incoming = raw_args.clone();
+        incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let t = Instant::now();
+        let mut q = RawQemu::start(&raw_a, &incoming).await?;
+        q.restore_from(&file).await?;
+        restore.raw.push(t.elapsed());
+        q.kill().await?;
+        std::fs::remove_file(&file)?;
+    }
+    rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", 1.15));
+    rows.push(restore.row("restore 256 MiB random RAM (to running)", 1.15));
+    std::fs::remove_file(&ram)?;
+    std::fs::remove_file(&raw_ram)?;
+
+    for (mib, label, downtime_label) in [
+        (
+            256,
+            "migrate 256 MiB random RAM (total)",
+            "migrate 256 MiB: downtime",
+        ),
+        (
+            1024,
+            "migrate 1 GiB random RAM (total)",
+            "migrate 1 GiB: downtime",
+        ),
+    ] {
+        let ram = agents.work.join(format!("ram-{mib}"));
+        random_file(&ram, mib)?;
+        let raw_ram = agents.work.join(format!("raw-ram-{mib}"));
+        random_file(&raw_ram, mib)?;
+        let raw_args = machine_args_with(
+            "raw",
+            &uuid::Uuid::new_v4().to_string(),
+            accel,
+            mib,
+            Some(&raw_ram),
+        );
+        let (mut total, mut downtime) = (Samples::default(), Samples::default());
+        let name = format!("mover{mib}");
+        agents.clients[0]
+            .start_instance(pb::StartInstanceRequest {
+                spec: Some(spec(&name, mib, &ram)),
+            })
+            .await?;
+        for round in 0..rounds {
+            eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
+            // There and back: the instance alternates between the agents.
+            let (from, to) = (round % 2, 1 - round % 2);
+            let target = agents.sockets[to].clone();
+            let (t, d) = agent_migrate(&mut agents.clients[from], &name, &target).await?;
+            total.agent.push(t);
+            downtime.agent.push(d);
+            let (t, d) = raw_migrate((&raw_a, &raw_b), &raw_args).await?;
+            total.raw.push(t);
+            downtime.raw.push(d);
+        }
+        let holder = rounds % 2;
+        agents.clients[holder]
+            .stop_instance(pb::StopInstanceRequest {
+                name: name.clone(),
+                force: true,
+                ..Default::default()
+            })
+            .await?;
+        rows.push(total.row(label, 1.15));
+        rows.push(downtime.row(downtime_label, f64::NAN));
+        std::fs::remove_file(&ram)?;
+        std::fs::remove_file(&raw_ram)?;
+    }
+    Ok(rows)
+}
