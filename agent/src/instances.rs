@@ -1022,17 +1022,13 @@ impl Agent {
     async fn recover_one(self: Arc<Self>, name: String, record: InstanceRecord) {
         let run_dir = self.cfg.run_dir(&name);
         let uuid = record.runtime.uuid;
+        if record.state == RecordedState::Incoming {
+            self.drop_unfinished_incoming(&name, &record).await;
+            return;
+        }
         let (state, detail) = match record.state {
             RecordedState::Running => (State::Running, String::new()),
-            RecordedState::Crashed => (State::Crashed, record.detail.clone()),
-            RecordedState::Stopped | RecordedState::StoppedByGuest => {
-                (State::Stopped, record.detail.clone())
-            }
-            RecordedState::Saved => (State::Saved, record.detail.clone()),
-            RecordedState::Incoming => {
-                self.drop_unfinished_incoming(&name, &record).await;
-                return;
-            }
+            other => (resting_state(other), record.detail.clone()),
         };
         // Reconciling an unfinished hotplug against QEMU is still to come;
         // until then it is reported, never silently dropped.
@@ -1107,6 +1103,18 @@ impl Agent {
             }),
             events,
         ))
+    }
+}
+
+/// What a recorded state means for an instance whose QEMU isn't running.
+fn resting_state(recorded: RecordedState) -> State {
+    match recorded {
+        RecordedState::Crashed => State::Crashed,
+        RecordedState::Saved => State::Saved,
+        RecordedState::Incoming => State::Incoming,
+        RecordedState::Running | RecordedState::Stopped | RecordedState::StoppedByGuest => {
+            State::Stopped
+        }
     }
 }
 

@@ -33,8 +33,8 @@ pub fn machine_args(name: &str, uuid: &str, accel: &str, memory_mib: u64) -> Vec
     machine_args_with(name, uuid, accel, memory_mib, None)
 }
 
-/// The machine part of the argv with guest RAM in a shared file, as the
-/// agent renders a `memory_backing` of kind `file`.
+/// The machine part of the argv with guest RAM mapped privately from a
+/// file, as the agent renders a `memory_backing` of kind `file`.
 pub fn machine_args_with(
     name: &str,
     uuid: &str,
@@ -72,7 +72,7 @@ pub fn machine_args_with(
         args.extend([
             "-object".into(),
             format!(
-                "memory-backend-file,id=guest-ram,size={memory_mib}M,mem-path={},share=on,prealloc=off",
+                "memory-backend-file,id=guest-ram,size={memory_mib}M,mem-path={},share=off,prealloc=off",
                 file.display()
             ),
         ]);

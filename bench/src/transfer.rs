@@ -38,7 +38,9 @@ fn spec(name: &str, memory_mib: u64, ram: &Path) -> pb::InstanceSpec {
         vcpus: 1,
         memory: Some(pb::MemoryBacking {
             file: ram.display().to_string(),
-            share: true,
+            // Private: each QEMU reads the random bytes, and the target's
+            // writes during the migration don't land in the source's RAM.
+            share: false,
             hugepages: false,
         }),
         ..Default::default()

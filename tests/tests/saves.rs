@@ -193,7 +193,7 @@ fn damaged(good: &Path, name: &str, damage: impl FnOnce(&mut Vec<u8>)) -> PathBu
 }
 
 #[tokio::test]
-async fn a_damaged_save_file_starts_nothing_and_is_left_as_it_was() {
+async fn a_damaged_save_file_is_refused_leaves_no_qemu_and_stays_as_it_was() {
     let agent = TestAgent::start().await;
     let spec = agent.spec("bad1", 128);
     let uuid: Uuid = spec.uuid.parse().unwrap();
@@ -251,7 +251,7 @@ async fn a_damaged_save_file_starts_nothing_and_is_left_as_it_was() {
         );
         assert!(
             qemu_pids_with_uuids(&[uuid].into()).is_empty(),
-            "{}: nothing starts",
+            "{}: no QEMU is left",
             file.display()
         );
         let info = agent.instance("bad1").await;

@@ -668,7 +668,7 @@ impl Agent {
             tracing::error!(instance = %inst.name, error = %e, "can't undo the record of an unfinished incoming instance");
         }
         let (state, detail) = match &previous {
-            Some(prev) => (State::Stopped, prev.detail.clone()),
+            Some(prev) => (super::resting_state(prev.state), prev.detail.clone()),
             None => (State::Stopped, "incoming instance dropped".to_owned()),
         };
         let forget = previous.is_none();
@@ -737,19 +737,23 @@ impl Agent {
         if let Some(port) = lock(&inst.status).incoming.take().map(|i| i.port) {
             lock(&self.incoming_ports).remove(&port);
         }
-        let state = if resume {
-            qemu_migration::resume(&process.qmp)
-                .await
-                .map_err(|source| AgentError::Qmp {
-                    instance: name.to_owned(),
-                    source,
-                })?;
-            State::Running
-        } else {
-            State::Paused
+        // The instance is this node's now, whatever `cont` says: failing
+        // here would make the source resume it too.
+        let (state, detail) = match resume {
+            false => (State::Paused, String::new()),
+            true => match qemu_migration::resume(&process.qmp).await {
+                Ok(()) => (State::Running, String::new()),
+                Err(e) => {
+                    tracing::error!(instance = %name, error = %e, "migrated instance can't be resumed");
+                    (
+                        State::Paused,
+                        format!("migrated here, but QEMU refused to resume it: {e}"),
+                    )
+                }
+            },
         };
-        inst.set_state(state, "");
-        tracing::info!(instance = %name, resumed = resume, "incoming migration finalized");
+        inst.set_state(state, detail);
+        tracing::info!(instance = %name, ?state, "incoming migration finalized");
         Ok(inst.view())
     }
 

@@ -196,17 +196,17 @@ impl Agent {
         let copied = copy
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
+        // The copy's own failure (a full disk) says more than QEMU's
+        // broken pipe that follows from it.
+        let writer = copied.map_err(save_error(&path))?;
         if status.phase != MigrationPhase::Completed {
             return Err(AgentError::MigrationFailed {
                 instance: inst.name.clone(),
-                reason: match (status.error, copied) {
-                    (_, Err(e)) => crate::error::chain(&e),
-                    (Some(e), _) => e,
-                    (None, _) => format!("QEMU ended the save {}", status.status),
-                },
+                reason: status
+                    .error
+                    .unwrap_or_else(|| format!("QEMU ended the save {}", status.status)),
             });
         }
-        let writer = copied.map_err(save_error(&path))?;
         tokio::task::spawn_blocking(move || writer.finish())
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?
@@ -214,8 +214,10 @@ impl Agent {
     }
 
     /// Starts an instance from a save file, running unless `paused` (or
-    /// the guest was paused when saved). A file that fails any check
-    /// starts nothing and stays as it is.
+    /// the guest was paused when saved). A damaged header or a truncated
+    /// file starts nothing; a damaged stream is caught while it is fed,
+    /// before the guest runs, and its QEMU is killed. The file is only
+    /// ever read.
     pub async fn restore(
         self: &Arc<Self>,
         path: &str,
@@ -225,14 +227,10 @@ impl Agent {
         let started = Instant::now();
         let file = {
             let source = path.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut file = SaveFile::<Runtime>::open(&source)?;
-                file.verify()?;
-                Ok::<_, SaveFileError>(file)
-            })
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?
-            .map_err(save_error(&path))?
+            tokio::task::spawn_blocking(move || SaveFile::<Runtime>::open(&source))
+                .await
+                .map_err(|e| AgentError::Internal(e.to_string()))?
+                .map_err(save_error(&path))?
         };
         let saved = &file.header.runtime;
         if file.header.instance_uuid != saved.uuid.to_string()
@@ -330,6 +328,17 @@ impl Agent {
         let fed = feed
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
+        if fed.is_err() || status.phase != MigrationPhase::Completed {
+            // QEMU may have stopped reading at damage it noticed first: a
+            // second read of the file says whether the file is to blame.
+            let owned = path.to_owned();
+            let checked = tokio::task::spawn_blocking(move || {
+                SaveFile::<Runtime>::open(&owned).and_then(|mut f| f.verify())
+            })
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+            checked.map_err(save_error(path))?;
+        }
         fed.map_err(save_error(path))?;
         if status.phase != MigrationPhase::Completed {
             return Err(AgentError::MigrationFailed {
