@@ -529,3 +529,49 @@ async fn a_guest_moves_between_two_hosts_over_their_own_network() {
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![after.pid]);
     drop((source, target));
 }
+
+#[tokio::test]
+async fn an_offline_migration_pauses_first_and_resumes_on_the_target() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let spec = source.spec("offline1", 128);
+    let uuid: Uuid = spec.uuid.parse().unwrap();
+    target.track(uuid);
+    source.start_spec(spec).await;
+    let mut events = source
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest {
+            instance: "offline1".into(),
+            after_sequence: Some(0),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    let options = pb::MigrationOptions {
+        offline: true,
+        ..Default::default()
+    };
+    let (_, outcome) = Migration::start(&source, "offline1", &target, options)
+        .await
+        .outcome()
+        .await;
+
+    outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
+    let after = target.instance("offline1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert!(
+        guest_running(&target, "offline1"),
+        "the target resumes what ran"
+    );
+    assert!(absent(&source, "offline1").await);
+    // The source's log of events shows the move.
+    let mut saw_progress = false;
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(200), events.next()).await
+    {
+        saw_progress |= event.kind == pb::EventKind::MigrationProgress as i32;
+    }
+    assert!(saw_progress, "migration progress is published as events");
+}
