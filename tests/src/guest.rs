@@ -71,13 +71,7 @@ pub struct GuestConsole {
 impl GuestConsole {
     /// Connects to the console socket and waits for the ready marker.
     pub fn connect(socket: &Path, timeout: Duration) -> GuestConsole {
-        let stream = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        let mut console = GuestConsole {
-            stream,
-            seen: String::new(),
-            counter: 0,
-        };
+        let mut console = Self::open(socket);
         console.read_until(READY_MARKER, timeout);
         // The shell's banner ends with its first prompt.
         console.read_until(PROMPT, timeout);
@@ -87,16 +81,20 @@ impl GuestConsole {
     /// Connects to the console of a guest that is already up (after a
     /// migration or a restore) and waits for a fresh prompt.
     pub fn attach(socket: &Path, timeout: Duration) -> GuestConsole {
-        let stream = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-        let mut console = GuestConsole {
-            stream,
-            seen: String::new(),
-            counter: 0,
-        };
+        let mut console = Self::open(socket);
         writeln!(console.stream).expect("write to guest console");
         console.read_until(PROMPT, timeout);
         console
+    }
+
+    fn open(socket: &Path) -> GuestConsole {
+        let stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+        GuestConsole {
+            stream,
+            seen: String::new(),
+            counter: 0,
+        }
     }
 
     fn read_until(&mut self, needle: &str, timeout: Duration) -> String {

@@ -509,23 +509,9 @@ impl Agent {
         let inst = self.register_incoming(&runtime)?;
         let _op = inst.ops.lock().await;
         let previous = self.check_incoming(&inst, &runtime)?;
-        let record = InstanceRecord {
-            runtime,
-            state: RecordedState::Incoming,
-            detail: format!("incoming from {source}"),
-        };
-        self.write_record(&inst, &record).await?;
-        inst.set_state(State::Incoming, format!("incoming from {source}"));
-        let process = match self
-            .launch(&inst, &record.runtime, LaunchMode::Incoming)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                self.forget_incoming(&inst, previous).await;
-                return Err(e);
-            }
-        };
+        let (_, process) = self
+            .launch_incoming(&inst, runtime, format!("incoming from {source}"), &previous)
+            .await?;
         match self.listen_for_migration(&inst, &process).await {
             Ok(port) => {
                 lock(&inst.status).incoming = Some(Incoming { port, previous });
@@ -565,6 +551,37 @@ impl Agent {
         Ok(runtime::adopt_on_host(foreign, host)?)
     }
 
+    /// Records an instance as incoming and starts its QEMU paused, waiting
+    /// for the guest's state. On failure the previous record is back.
+    pub(super) async fn launch_incoming(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        runtime: Runtime,
+        detail: String,
+        previous: &Option<InstanceRecord>,
+    ) -> Result<(InstanceRecord, Arc<Process>), AgentError> {
+        let record = InstanceRecord {
+            runtime,
+            state: RecordedState::Incoming,
+            detail: detail.clone(),
+        };
+        let launched = match self.write_record(inst, &record).await {
+            Ok(()) => {
+                inst.set_state(State::Incoming, detail);
+                self.launch(inst, &record.runtime, LaunchMode::Incoming)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match launched {
+            Ok(process) => Ok((record, process)),
+            Err(e) => {
+                self.forget_incoming(inst, previous.clone()).await;
+                Err(e)
+            }
+        }
+    }
+
     /// Finds or creates the registry entry for an instance coming in.
     pub(super) fn register_incoming(&self, runtime: &Runtime) -> Result<Arc<Instance>, AgentError> {
         let mut registry = self.registry_mut();
@@ -583,8 +600,21 @@ impl Agent {
     }
 
     /// An instance may come in when this node has no QEMU for it and no
-    /// record of another instance by that name. Returns the old record.
+    /// record of another instance by that name. Returns the old record; a
+    /// refused instance that had none leaves no registry entry behind.
     pub(super) fn check_incoming(
+        &self,
+        inst: &Instance,
+        runtime: &Runtime,
+    ) -> Result<Option<InstanceRecord>, AgentError> {
+        let checked = self.check_incoming_inner(inst, runtime);
+        if checked.is_err() && lock(&inst.status).record.is_none() {
+            self.registry_mut().remove(&inst.name);
+        }
+        checked
+    }
+
+    fn check_incoming_inner(
         &self,
         inst: &Instance,
         runtime: &Runtime,

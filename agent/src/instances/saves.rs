@@ -13,12 +13,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
-use hypervisor::lifecycle::{self, LaunchMode};
+use hypervisor::lifecycle;
 use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationPhase};
 use hypervisor::qmp::{QmpClient, QmpError};
 use runtime_store::savefile::{SaveFile, SaveFileError, SaveHeader, SaveWriter};
 
-use super::{Agent, Instance, InstanceRecord, InstanceView, Process, RecordedState, State, lock};
+use super::{Agent, Instance, InstanceView, Process, RecordedState, State, lock};
 use crate::error::AgentError;
 
 /// How often a save or restore checks on QEMU.
@@ -250,33 +250,11 @@ impl Agent {
         let resume = file.header.was_running && !paused;
         let inst = self.register_incoming(&runtime)?;
         let _op = inst.ops.lock().await;
-        let previous = match self.check_incoming(&inst, &runtime) {
-            Ok(p) => p,
-            Err(e) => {
-                if lock(&inst.status).record.is_none() {
-                    self.registry_mut().remove(&inst.name);
-                }
-                return Err(e);
-            }
-        };
-        let source = format!("restore from {}", path.display());
-        let mut record = InstanceRecord {
-            runtime,
-            state: RecordedState::Incoming,
-            detail: source.clone(),
-        };
-        self.write_record(&inst, &record).await?;
-        inst.set_state(State::Incoming, source);
-        let process = match self
-            .launch(&inst, &record.runtime, LaunchMode::Incoming)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                self.forget_incoming(&inst, previous).await;
-                return Err(e);
-            }
-        };
+        let previous = self.check_incoming(&inst, &runtime)?;
+        let detail = format!("restore from {}", path.display());
+        let (mut record, process) = self
+            .launch_incoming(&inst, runtime, detail, &previous)
+            .await?;
         if let Err(e) = self.read_state(&inst, &process, file, &path).await {
             self.end_incoming_qemu(&inst, &process).await;
             self.forget_incoming(&inst, previous).await;
