@@ -477,14 +477,17 @@ pub async fn connect(socket: PathBuf) -> anyhow::Result<NodeAgentClient<Channel>
         })
 }
 
+/// A wire enum value as people read it: `INSTANCE_STATE_RUNNING` → `running`.
+fn enum_label(name: Option<&str>, prefix: &str, value: i32) -> String {
+    name.map_or_else(
+        || value.to_string(),
+        |n| n.trim_start_matches(prefix).to_lowercase(),
+    )
+}
+
 fn state_name(state: i32) -> String {
-    pb::InstanceState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("INSTANCE_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| state.to_string())
+    let name = pb::InstanceState::try_from(state).ok();
+    enum_label(name.map(|s| s.as_str_name()), "INSTANCE_STATE_", state)
 }
 
 fn instance_json(i: &pb::InstanceInfo) -> Value {

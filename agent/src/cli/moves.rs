@@ -57,13 +57,8 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn phase_name(phase: i32) -> String {
-    pb::MigrationPhase::try_from(phase)
-        .map(|p| {
-            p.as_str_name()
-                .trim_start_matches("MIGRATION_PHASE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| phase.to_string())
+    let name = pb::MigrationPhase::try_from(phase).ok();
+    super::enum_label(name.map(|p| p.as_str_name()), "MIGRATION_PHASE_", phase)
 }
 
 pub(super) fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
