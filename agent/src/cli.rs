@@ -16,20 +16,66 @@ use crate::config::{AgentConfig, DEFAULT_STATE_DIR, SOCKET_NAME};
 mod moves;
 use crate::instances::Agent;
 use crate::peer::AgentAddress;
-use crate::server::{self, Listen};
+use crate::server::{self, Listeners};
+use crate::tls::{TlsFiles, TlsMaterial};
 
 /// kvm-agent: a node agent for QEMU/KVM clusters.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
-    /// The agent's socket (client commands).
+    /// The agent's unix socket: where `serve` creates it, and what client
+    /// commands call (default: agent.sock in the state directory).
     #[arg(long, global = true, env = "KVM_AGENT_SOCKET")]
     socket: Option<PathBuf>,
+    /// The agent client commands call, when not the local socket:
+    /// https://HOST:PORT (mutual TLS), http://127.0.0.1:PORT or a socket path.
+    #[arg(long, global = true, env = "KVM_AGENT_ADDRESS", value_parser = AgentAddress::parse)]
+    agent: Option<AgentAddress>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Output format of client commands.
     #[arg(long, short, global = true, value_enum, default_value = "human")]
     output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Mutual TLS on TCP. With `serve`: the agent's certificate, and the CA
+/// its clients' and migration targets' certificates must be signed by.
+/// With client commands: the client's certificate, and the agent's CA.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Certificate (PEM) this side presents.
+    #[arg(long, global = true, env = "KVM_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of that certificate.
+    #[arg(long, global = true, env = "KVM_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The cluster's CA (PEM), which signed the other side's certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "KVM_AGENT_TLS_CA",
+        visible_alias = "client-ca"
+    )]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn load(&self) -> anyhow::Result<Option<TlsMaterial>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                };
+                Ok(Some(TlsMaterial::load(&files)?))
+            }
+            _ => bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -170,9 +216,10 @@ struct ServeArgs {
     /// Records, run directories and the default socket live here.
     #[arg(long, env = "KVM_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// `unix:PATH` or `tcp:ADDR:PORT` (loopback only); default: unix socket in the state dir.
-    #[arg(long)]
-    listen: Option<Listen>,
+    /// Also serve TCP, `tcp://ADDR:PORT`: with mutual TLS (--tls-cert,
+    /// --tls-key, --client-ca), or on a loopback address without it.
+    #[arg(long, value_parser = server::parse_tcp_listen)]
+    listen: Option<std::net::SocketAddr>,
     /// QEMU binary, by name (looked up on PATH) or path.
     #[arg(long, env = "KVM_AGENT_QEMU", default_value = "qemu-system-x86_64")]
     qemu_binary: PathBuf,
@@ -467,13 +514,15 @@ impl SpecArgs {
     }
 }
 
-/// Connects to the agent's unix socket.
-pub async fn connect(socket: PathBuf) -> anyhow::Result<NodeAgentClient<Channel>> {
-    let display = socket.display().to_string();
-    crate::peer::connect(&AgentAddress::Unix(socket), None)
+/// Connects to the agent client commands call.
+async fn connect_agent(
+    address: &AgentAddress,
+    tls: Option<&TlsMaterial>,
+) -> anyhow::Result<NodeAgentClient<Channel>> {
+    crate::peer::connect(address, None, tls)
         .await
         .with_context(|| {
-            format!("can't reach the agent at {display}; is `kvm-agent serve` running?")
+            format!("can't reach the agent at {address}; is `kvm-agent serve` running?")
         })
 }
 
@@ -532,17 +581,25 @@ fn print_instance(i: &pb::InstanceInfo) {
 
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(SOCKET_NAME));
+    let tls = cli.tls.load()?;
+    if let Command::Serve(args) = cli.command {
+        return serve(args, cli.socket, tls).await;
+    }
+    let agent = cli.agent.clone().unwrap_or_else(|| {
+        AgentAddress::Unix(
+            cli.socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(SOCKET_NAME)),
+        )
+    });
+    let connect = async || connect_agent(&agent, tls.as_ref()).await;
     let json_out = matches!(cli.output, Output::Json);
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Node {
             command: NodeCommand::Info,
         } => {
-            let n = connect(socket)
+            let n = connect()
                 .await?
                 .get_node_info(pb::GetNodeInfoRequest {})
                 .await?
@@ -573,15 +630,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Instance { command } => instance(connect(socket).await?, command, json_out).await,
-        Command::Device { command } => device(connect(socket).await?, command, json_out).await,
-        Command::Console { name } => console(connect(socket).await?, name, json_out).await,
+        Command::Instance { command } => instance(connect().await?, command, json_out).await,
+        Command::Device { command } => device(connect().await?, command, json_out).await,
+        Command::Console { name } => console(connect().await?, name, json_out).await,
         Command::Events { instance, after } => {
-            events(connect(socket).await?, instance, after, json_out).await
+            events(connect().await?, instance, after, json_out).await
         }
-        Command::Migrate(args) => moves::migrate(connect(socket).await?, args, json_out).await,
+        Command::Migrate(args) => moves::migrate(connect().await?, args, json_out).await,
         Command::CancelMigration { name } => {
-            let cancelled = connect(socket)
+            let cancelled = connect()
                 .await?
                 .cancel_migration(pb::CancelMigrationRequest { name: name.clone() })
                 .await?
@@ -594,11 +651,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Save { name, path } => {
-            moves::save(connect(socket).await?, name, path, json_out).await
-        }
+        Command::Save { name, path } => moves::save(connect().await?, name, path, json_out).await,
         Command::Restore { path, paused } => {
-            moves::restore(connect(socket).await?, path, paused, json_out).await
+            moves::restore(connect().await?, path, paused, json_out).await
         }
     }
 }
@@ -1084,7 +1139,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(
+    args: ServeArgs,
+    socket: Option<PathBuf>,
+    tls: Option<TlsMaterial>,
+) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let mut cfg = AgentConfig::new(args.state_dir);
     cfg.qemu_binary = args.qemu_binary;
@@ -1098,14 +1157,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.event_buffer = args.event_buffer;
     cfg.migration.address = args.migration_address.to_string();
     cfg.migration.ports = args.migration_ports;
-    let listen = args
-        .listen
-        .unwrap_or_else(|| Listen::Unix(cfg.socket_path()));
+    cfg.migration.peer_tls = tls.clone();
+    let listeners = Listeners {
+        socket: socket.unwrap_or_else(|| cfg.socket_path()),
+        tcp: args.listen,
+        tls,
+    };
+    listeners.check().map_err(anyhow::Error::msg)?;
     let agent = Agent::open(cfg).context("opening the state directory")?;
     if let Some(addr) = args.metrics_listen {
         crate::telemetry::serve(addr, agent.clone())?;
     }
-    server::serve(agent, listen).await
+    server::serve(agent, listeners).await
 }
 
 #[cfg(test)]

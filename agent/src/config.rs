@@ -49,6 +49,8 @@ pub struct MigrationConfig {
     pub parameters: MigrationParameters,
     /// How long a call to the other agent may take.
     pub peer_timeout: Duration,
+    /// This node's certificate, shown to `https://` targets.
+    pub peer_tls: Option<crate::tls::TlsMaterial>,
 }
 
 impl Default for MigrationConfig {
@@ -58,6 +60,7 @@ impl Default for MigrationConfig {
             ports: 49152..=49215,
             parameters: MigrationParameters::default(),
             peer_timeout: Duration::from_secs(30),
+            peer_tls: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use hypervisor::process::{self, PidFd};
 use hypervisor::qmp::{QmpClient, QmpEvent};
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
-use runtime_store::{IntentJournal, RecordStore};
+use runtime_store::{IntentJournal, RecordStore, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -351,9 +351,32 @@ pub struct Agent {
     incoming_ports: Mutex<std::collections::BTreeSet<u16>>,
 }
 
+/// Creates the state directory, or tightens an existing one, to 0700:
+/// records, sockets and QEMU's monitors inside are the node's keys.
+fn private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io_error = |op: &'static str| {
+        move |source| {
+            AgentError::Store(StoreError::Io {
+                op,
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error("create directory"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("set the mode of"))
+}
+
 impl Agent {
     /// Opens the state directory.
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        private_dir(&cfg.state_dir)?;
         let store = RecordStore::open(&cfg.state_dir, "runtime")?;
         let journal = IntentJournal::open(&cfg.state_dir, "journal")?;
         let event_buffer = cfg.event_buffer;

@@ -16,3 +16,4 @@ pub mod peer;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;

@@ -9,17 +9,19 @@ use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::tls::TlsMaterial;
+
 /// Where an agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
     /// A unix socket on this machine.
     Unix(PathBuf),
-    /// `http://host:port`.
+    /// `http://host:port` (loopback) or `https://host:port` (mutual TLS).
     Tcp(String),
 }
 
 impl AgentAddress {
-    /// Reads `unix:/path`, `/path` or `http://host:port`.
+    /// Reads `unix:/path`, `/path`, `http://host:port` or `https://host:port`.
     pub fn parse(text: &str) -> Result<AgentAddress, String> {
         if let Some(path) = text.strip_prefix("unix:") {
             let path = path.trim_start_matches("//");
@@ -28,12 +30,19 @@ impl AgentAddress {
             }
         } else if text.starts_with('/') {
             return Ok(AgentAddress::Unix(text.into()));
-        } else if text.starts_with("http://") && text.len() > "http://".len() {
+        } else if ["http://", "https://"]
+            .iter()
+            .any(|scheme| text.len() > scheme.len() && text.starts_with(scheme))
+        {
             return Ok(AgentAddress::Tcp(text.to_owned()));
         }
         Err(format!(
-            "agent address {text:?} is neither unix:/path/to/agent.sock nor http://host:port"
+            "agent address {text:?} is neither unix:/path/to/agent.sock nor https://host:port"
         ))
+    }
+
+    fn wants_tls(&self) -> bool {
+        matches!(self, AgentAddress::Tcp(url) if url.starts_with("https://"))
     }
 }
 
@@ -46,12 +55,44 @@ impl std::fmt::Display for AgentAddress {
     }
 }
 
+/// Why another agent can't be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// An `https://` address, but no certificate to show it.
+    #[error(
+        "{address} needs mutual TLS: give --tls-cert, --tls-key and --tls-ca (or their KVM_AGENT_TLS_* variables)"
+    )]
+    TlsRequired {
+        /// The address.
+        address: String,
+    },
+    /// Connecting failed; the text carries every cause, since tonic's own
+    /// top-level message ("transport error") says little.
+    #[error("{}", chain(.0))]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Connects now (not lazily), so a failure here means nothing was sent.
-/// With a `timeout`, connecting and every call give up after it.
+/// With a `timeout`, connecting and every call give up after it. `tls` is
+/// used for `https://` addresses, which need it.
 pub async fn connect(
     address: &AgentAddress,
     timeout: Option<Duration>,
-) -> Result<NodeAgentClient<Channel>, tonic::transport::Error> {
+    tls: Option<&TlsMaterial>,
+) -> Result<NodeAgentClient<Channel>, ConnectError> {
     let limit = |endpoint: Endpoint| match timeout {
         Some(t) => endpoint.connect_timeout(t).timeout(t),
         None => endpoint,
@@ -68,7 +109,16 @@ pub async fn connect(
                 }))
                 .await?
         }
-        AgentAddress::Tcp(url) => limit(Endpoint::from_shared(url.clone())?).connect().await?,
+        AgentAddress::Tcp(url) => {
+            let mut endpoint = limit(Endpoint::from_shared(url.clone())?);
+            if address.wants_tls() {
+                let tls = tls.ok_or_else(|| ConnectError::TlsRequired {
+                    address: address.to_string(),
+                })?;
+                endpoint = endpoint.tls_config(tls.client_config())?;
+            }
+            endpoint.connect().await?
+        }
     };
     Ok(NodeAgentClient::new(channel))
 }
@@ -91,7 +141,16 @@ mod tests {
             AgentAddress::parse("http://10.0.0.2:7070"),
             Ok(AgentAddress::Tcp("http://10.0.0.2:7070".into()))
         );
-        for bad in ["", "unix:relative", "10.0.0.2:7070", "http://", "ftp://x"] {
+        let tls = AgentAddress::parse("https://node2.example:7070").unwrap();
+        assert!(tls.wants_tls());
+        for bad in [
+            "",
+            "unix:relative",
+            "10.0.0.2:7070",
+            "http://",
+            "https://",
+            "ftp://x",
+        ] {
             assert!(AgentAddress::parse(bad).is_err(), "{bad:?}");
         }
     }

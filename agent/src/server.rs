@@ -1,47 +1,59 @@
-//! Serving the API: the unix socket (default) or loopback TCP, plus the
-//! standard health and reflection services.
+//! Serving the API: the node's unix socket, and optionally TCP for the
+//! cluster (mutual TLS unless loopback), plus the standard health and
+//! reflection services.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use kvm_agent_proto::v1::FILE_DESCRIPTOR_SET;
 use kvm_agent_proto::v1::node_agent_server::NodeAgentServer;
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 
 use crate::instances::Agent;
 use crate::service::NodeAgentService;
+use crate::tls::TlsMaterial;
 
-/// Where the API listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// A unix socket, mode 0600.
-    Unix(PathBuf),
-    /// TCP; only loopback until mutual TLS is configured.
-    Tcp(SocketAddr),
+/// Where the API is served.
+#[derive(Debug, Clone)]
+pub struct Listeners {
+    /// The node's own socket, mode 0600, for local tools.
+    pub socket: PathBuf,
+    /// A TCP address for the cluster.
+    pub tcp: Option<SocketAddr>,
+    /// Mutual TLS on the TCP address.
+    pub tls: Option<TlsMaterial>,
 }
 
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            return Ok(Listen::Unix(path.into()));
+impl Listeners {
+    /// Refuses TCP beyond loopback without mutual TLS: anyone who reaches
+    /// the port could otherwise start and stop guests.
+    pub fn check(&self) -> Result<(), String> {
+        match self.tcp {
+            Some(addr) if !addr.ip().is_loopback() && self.tls.is_none() => Err(format!(
+                "refusing to listen on {addr} without mutual TLS; give --tls-cert, --tls-key and --client-ca, or use a loopback address"
+            )),
+            _ => Ok(()),
         }
-        if let Some(addr) = s.strip_prefix("tcp:") {
-            return addr
-                .parse()
-                .map(Listen::Tcp)
-                .map_err(|e| format!("bad TCP address {addr:?}: {e}"));
-        }
-        Err(format!(
-            "listen address {s:?} must start with unix: or tcp:"
-        ))
     }
+}
+
+/// Reads `tcp://ADDR:PORT` (or `tcp:ADDR:PORT`).
+pub fn parse_tcp_listen(text: &str) -> Result<SocketAddr, String> {
+    let Some(addr) = text.strip_prefix("tcp:") else {
+        return Err(format!(
+            "listen address {text:?} must look like tcp://ADDR:PORT"
+        ));
+    };
+    let addr = addr.trim_start_matches("//");
+    addr.parse()
+        .map_err(|e| format!("bad TCP address {addr:?}: {e}"))
 }
 
 async fn shutdown_signal() {
@@ -61,56 +73,81 @@ async fn shutdown_signal() {
 }
 
 /// Recovers instances, then serves until SIGTERM or SIGINT.
-pub async fn serve(agent: Arc<Agent>, listen: Listen) -> anyhow::Result<()> {
+pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()> {
+    listeners.check().map_err(anyhow::Error::msg)?;
     agent.recover().await;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<NodeAgentServer<NodeAgentService>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let router = Server::builder()
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(NodeAgentServer::new(NodeAgentService::new(agent)));
+    let router = |tls: Option<&TlsMaterial>| -> anyhow::Result<Router> {
+        let mut server = Server::builder();
+        if let Some(tls) = tls {
+            server = server
+                .tls_config(tls.server_config())
+                .context("setting up TLS")?;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        Ok(server
+            .add_service(health.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(NodeAgentServer::new(NodeAgentService::new(agent.clone()))))
+    };
 
-    match listen {
-        Listen::Unix(path) => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            // A socket left by an agent that died; nothing listens on it.
-            let _ = std::fs::remove_file(&path);
-            let listener =
-                UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            tracing::info!(socket = %path.display(), "serving");
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-                .await;
-            let _ = std::fs::remove_file(&path);
-            result?;
+    let (stop, stopped) = watch::channel(());
+    let shutdown = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.changed().await;
         }
-        Listen::Tcp(addr) => {
-            if !addr.ip().is_loopback() {
-                bail!(
-                    "refusing to listen on {addr} without mutual TLS; use a loopback address or the unix socket"
-                );
-            }
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(%addr, "serving");
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-                .await?;
+    };
+
+    let tcp = match listeners.tcp {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            let tls = listeners.tls.as_ref();
+            tracing::info!(%addr, tls = tls.is_some(), "serving");
+            Some(
+                router(tls)?
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown()),
+            )
         }
+        None => None,
+    };
+
+    let path = &listeners.socket;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
+    // A socket left by an agent that died; nothing listens on it.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %path.display(), "serving");
+    let unix =
+        router(None)?.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown());
+
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(());
+    });
+    let result = match tcp {
+        Some(tcp) => tokio::try_join!(unix, tcp).map(drop),
+        None => unix.await,
+    };
+    let _ = std::fs::remove_file(path);
+    result?;
     Ok(())
 }
 
@@ -119,15 +156,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listen_addresses_parse() {
-        assert_eq!(
-            "unix:/run/a.sock".parse(),
-            Ok(Listen::Unix("/run/a.sock".into()))
-        );
-        assert_eq!(
-            "tcp:127.0.0.1:7000".parse(),
-            Ok(Listen::Tcp("127.0.0.1:7000".parse().unwrap()))
-        );
-        assert!("127.0.0.1:7000".parse::<Listen>().is_err());
+    fn tcp_listen_addresses_parse() {
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(parse_tcp_listen("tcp://127.0.0.1:7000"), Ok(addr));
+        assert_eq!(parse_tcp_listen("tcp:127.0.0.1:7000"), Ok(addr));
+        assert!(parse_tcp_listen("127.0.0.1:7000").is_err());
+        assert!(parse_tcp_listen("tcp://node1:7000").is_err());
+    }
+
+    #[test]
+    fn only_loopback_tcp_goes_without_tls() {
+        let listeners = |tcp: &str| Listeners {
+            socket: "/run/kvm-agent.sock".into(),
+            tcp: Some(tcp.parse().unwrap()),
+            tls: None,
+        };
+        assert!(listeners("127.0.0.1:7000").check().is_ok());
+        assert!(listeners("[::1]:7000").check().is_ok());
+        let err = listeners("10.0.0.1:7000").check().unwrap_err();
+        assert!(err.contains("--tls-cert"), "{err}");
+        assert!(listeners("0.0.0.0:7000").check().is_err());
     }
 }

@@ -126,6 +126,16 @@ async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess
     bail!("the agent did not come up")
 }
 
+/// A client on an agent's unix socket.
+async fn local_client(
+    socket: &Path,
+) -> anyhow::Result<
+    kvm_agent_proto::v1::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+> {
+    let address = kvm_agent::peer::AgentAddress::Unix(socket.to_owned());
+    Ok(kvm_agent::peer::connect(&address, None, None).await?)
+}
+
 fn spec(name: &str, uuid: &str) -> pb::InstanceSpec {
     pb::InstanceSpec {
         name: name.into(),
@@ -184,7 +194,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let work = tempfile::Builder::new().prefix("kab").tempdir()?;
     let agent = start_agent(&binary, &work.path().join("state")).await?;
-    let mut client = kvm_agent::cli::connect(agent.socket.clone()).await?;
+    let mut client = local_client(&agent.socket).await?;
     let node = client
         .get_node_info(pb::GetNodeInfoRequest {})
         .await?

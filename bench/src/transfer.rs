@@ -116,8 +116,8 @@ impl Agents {
         let a = start_agent(binary, &work.join("agent-a")).await?;
         let b = start_agent(binary, &work.join("agent-b")).await?;
         let clients = [
-            kvm_agent::cli::connect(a.socket.clone()).await?,
-            kvm_agent::cli::connect(b.socket.clone()).await?,
+            crate::local_client(&a.socket).await?,
+            crate::local_client(&b.socket).await?,
         ];
         Ok(Agents {
             work: work.to_owned(),

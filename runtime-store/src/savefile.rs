@@ -423,6 +423,21 @@ impl<T: DeserializeOwned> SaveFile<T> {
 }
 
 impl<T> SaveFile<T> {
+    /// Opens the stream for a reader of its own, such as QEMU loading it:
+    /// a new open file description of the same file (not a fresh lookup of
+    /// the path, which might since name another file), positioned at the
+    /// stream's first byte. Reading it leaves this handle's offset alone,
+    /// so [`verify`](Self::verify) can run beside it.
+    pub fn open_stream(&self) -> Result<File, SaveFileError> {
+        use std::os::fd::AsRawFd;
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let mut stream = File::open(&proc_path).map_err(io_error("reopen", &self.path))?;
+        stream
+            .seek(SeekFrom::Start(self.stream_start))
+            .map_err(io_error("seek", &self.path))?;
+        Ok(stream)
+    }
+
     /// Reads the whole stream and checks it against the trailer, so a
     /// corrupt file is refused before anything is started from it.
     pub fn verify(&mut self) -> Result<(), SaveFileError> {

@@ -140,7 +140,7 @@ async fn cli_starts_and_stops_an_instance() {
 }
 
 #[tokio::test]
-async fn socket_is_private_to_the_owner() {
+async fn socket_and_state_directory_are_private_to_the_owner() {
     use std::os::unix::fs::PermissionsExt;
     let agent = TestAgent::start().await;
 
@@ -150,6 +150,11 @@ async fn socket_is_private_to_the_owner() {
         .mode();
 
     assert_eq!(mode & 0o777, 0o600);
+    let state_dir_mode = std::fs::metadata(agent.state_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(state_dir_mode & 0o777, 0o700);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,12 +31,22 @@ impl Migration {
         target: &TestAgent,
         options: pb::MigrationOptions,
     ) -> Migration {
+        Self::start_to(source, name, target.address(), options).await
+    }
+
+    /// Starts a migration to the agent at `target`.
+    async fn start_to(
+        source: &TestAgent,
+        name: &str,
+        target: String,
+        options: pb::MigrationOptions,
+    ) -> Migration {
         let mut stream = source
             .client()
             .await
             .migrate_instance(pb::MigrateInstanceRequest {
                 name: name.into(),
-                target: target.address(),
+                target,
                 options: Some(options),
             })
             .await
@@ -423,11 +434,16 @@ async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
     );
 }
 
-/// Two network namespaces joined by a veth pair: two hosts on one machine.
+/// Two network namespaces joined by a veth pair: two hosts on one machine,
+/// whose agents serve the API with mutual TLS on their own addresses.
 struct Hosts {
     names: [String; 2],
     addresses: [String; 2],
+    ca: TestCa,
 }
+
+/// The API port of the agents in [`Hosts`].
+const HOST_API_PORT: u16 = 7070;
 
 impl Hosts {
     fn create() -> Result<Hosts, String> {
@@ -436,6 +452,7 @@ impl Hosts {
         let hosts = Hosts {
             names: [format!("ka{tag}a"), format!("ka{tag}b")],
             addresses: [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")],
+            ca: TestCa::new("cluster"),
         };
         let [a, b] = &hosts.names;
         let (veth_a, veth_b) = (format!("v{tag}a"), format!("v{tag}b"));
@@ -481,10 +498,21 @@ impl Hosts {
             ],
             ..AgentOptions::default()
         };
+        let address = &self.addresses[host];
+        let node = self.ca.issue(&self.names[host], &[address]);
+        options.args.extend([
+            "--migration-address".into(),
+            address.clone(),
+            "--listen".into(),
+            format!("tcp://{address}:{HOST_API_PORT}"),
+        ]);
+        options.args.extend(node.args());
         options
-            .args
-            .extend(["--migration-address".into(), self.addresses[host].clone()]);
-        options
+    }
+
+    /// The agent of `host` as the other host reaches it.
+    fn api_url(&self, host: usize) -> String {
+        format!("https://{}:{HOST_API_PORT}", self.addresses[host])
     }
 }
 
@@ -512,10 +540,11 @@ async fn a_guest_moves_between_two_hosts_over_their_own_network() {
     target.track(uuid);
     source.start_spec(spec).await;
 
-    let (progress, outcome) = Migration::start(&source, "traveller", &target, Default::default())
-        .await
-        .outcome()
-        .await;
+    let (progress, outcome) =
+        Migration::start_to(&source, "traveller", hosts.api_url(1), Default::default())
+            .await
+            .outcome()
+            .await;
 
     outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
     let address = &progress.last().unwrap().address;

@@ -20,7 +20,7 @@ use super::{instance_json, print_instance};
 pub(super) struct MigrateArgs {
     /// Instance name.
     name: String,
-    /// The target agent: unix:/path/to/agent.sock or http://host:port.
+    /// The target agent: https://host:port (mutual TLS) or unix:/path/to/agent.sock.
     #[arg(long)]
     to: String,
     /// Pause the guest first; it doesn't run during the migration.

@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process, RecordedState, State, lock};
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::peer::{self, AgentAddress};
+use crate::peer::{self, AgentAddress, ConnectError};
 
 /// How often a migration's progress is read.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -144,7 +144,7 @@ fn peer_error(target: &AgentAddress, what: &str, status: tonic::Status) -> Agent
     }
 }
 
-fn unreachable(target: &AgentAddress, e: tonic::transport::Error) -> AgentError {
+fn unreachable(target: &AgentAddress, e: ConnectError) -> AgentError {
     AgentError::Peer {
         target: target.to_string(),
         message: format!("can't reach the target agent: {e}"),
@@ -153,6 +153,19 @@ fn unreachable(target: &AgentAddress, e: tonic::transport::Error) -> AgentError 
 }
 
 impl Agent {
+    async fn connect_peer(
+        &self,
+        target: &AgentAddress,
+    ) -> Result<NodeAgentClient<Channel>, ConnectError> {
+        let migration = &self.cfg.migration;
+        peer::connect(
+            target,
+            Some(migration.peer_timeout),
+            migration.peer_tls.as_ref(),
+        )
+        .await
+    }
+
     fn migration_parameters(&self, options: &MigrateOptions) -> MigrationParameters {
         let defaults = self.cfg.migration.parameters;
         MigrationParameters {
@@ -242,7 +255,8 @@ impl Agent {
         reporter.report(ReportPhase::Preparing, None);
         let runtime_json = serde_json::to_string(&record.runtime)
             .map_err(|e| (AgentError::Internal(e.to_string()), false))?;
-        let mut peer = peer::connect(target, Some(self.cfg.migration.peer_timeout))
+        let mut peer = self
+            .connect_peer(target)
             .await
             .map_err(|e| (unreachable(target, e), false))?;
         let source = crate::instances::hostname();
@@ -402,7 +416,7 @@ impl Agent {
     }
 
     async fn cancel_on_target(&self, target: &AgentAddress, name: &str) {
-        let result = match peer::connect(target, Some(self.cfg.migration.peer_timeout)).await {
+        let result = match self.connect_peer(target).await {
             Ok(mut peer) => peer
                 .cancel_migration(pb::CancelMigrationRequest { name: name.into() })
                 .await
@@ -424,7 +438,7 @@ impl Agent {
     ) -> FinalizeOutcome {
         // A fresh connection: if it can't be made, the request was never
         // sent, so the target can't have taken the instance.
-        let mut peer = match peer::connect(target, Some(self.cfg.migration.peer_timeout)).await {
+        let mut peer = match self.connect_peer(target).await {
             Ok(p) => p,
             Err(e) => return FinalizeOutcome::Refused(unreachable(target, e)),
         };
@@ -454,8 +468,7 @@ impl Agent {
         // Ask again who owns it.
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let Ok(mut peer) = peer::connect(target, Some(self.cfg.migration.peer_timeout)).await
-            else {
+            let Ok(mut peer) = self.connect_peer(target).await else {
                 continue;
             };
             match peer

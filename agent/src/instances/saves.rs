@@ -1,9 +1,10 @@
 //! Save and restore: a guest's state into a self-describing file on this
 //! node, and back.
 //!
-//! QEMU's migration stream goes through a pipe the agent owns (no shell,
-//! no `exec:`), so the agent checksums it on the way and QEMU never opens
-//! the file itself.
+//! Saving, QEMU's migration stream goes through a pipe the agent owns (no
+//! shell, no `exec:`), so the agent checksums it on the way and QEMU never
+//! opens the file itself. Restoring, QEMU reads an fd the agent opened on
+//! the file while the agent checks the checksum beside it.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -280,8 +281,10 @@ impl Agent {
         Ok((inst.view(), duration))
     }
 
-    /// Feeds the file's stream into an incoming QEMU, checking it again on
-    /// the way, and waits until QEMU has loaded it.
+    /// Lets QEMU load the file's stream straight from the file while
+    /// another thread checks its checksum, and waits for both. QEMU reads
+    /// at its own pace and nothing copies the stream; the guest can't run
+    /// before the caller resumes it, which happens only if the check passed.
     async fn read_state(
         &self,
         inst: &Instance,
@@ -293,31 +296,19 @@ impl Agent {
             instance: inst.name.clone(),
             source,
         };
-        let (read, write) = pipe()?;
-        qemu_migration::start_incoming_from_fd(&process.qmp, read.as_fd())
+        let stream = file.open_stream().map_err(save_error(path))?;
+        qemu_migration::start_incoming_from_fd(&process.qmp, stream.as_fd())
             .await
             .map_err(qmp_error)?;
-        drop(read);
-        let feed = tokio::task::spawn_blocking(move || {
-            let mut sink = File::from(write);
-            file.copy_stream_to(&mut sink)
-        });
-        let status = wait_stream_end(&process.qmp).await.map_err(qmp_error)?;
-        let fed = feed
+        drop(stream);
+        let check = tokio::task::spawn_blocking(move || file.verify());
+        let status = wait_stream_end(&process.qmp).await;
+        // A damaged file explains whatever QEMU made of it.
+        check
             .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
-        if fed.is_err() || status.phase != MigrationPhase::Completed {
-            // QEMU may have stopped reading at damage it noticed first: a
-            // second read of the file says whether the file is to blame.
-            let owned = path.to_owned();
-            let checked = tokio::task::spawn_blocking(move || {
-                SaveFile::<Runtime>::open(&owned).and_then(|mut f| f.verify())
-            })
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
-            checked.map_err(save_error(path))?;
-        }
-        fed.map_err(save_error(path))?;
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(save_error(path))?;
+        let status = status.map_err(qmp_error)?;
         if status.phase != MigrationPhase::Completed {
             return Err(AgentError::MigrationFailed {
                 instance: inst.name.clone(),

@@ -1,0 +1,129 @@
+//! A cluster CA made for one test, and the certificates it signs.
+
+use std::path::PathBuf;
+
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A CA with its files in a temporary directory.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+/// The PEM files of one party: its certificate and key, and the CA it
+/// trusts.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    /// Certificate.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// The trusted CA.
+    pub ca: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        let pem = params.self_signed(&key).expect("CA certificate").pem();
+        let dir = tempfile::Builder::new()
+            .prefix("kaca")
+            .tempdir()
+            .expect("CA dir");
+        std::fs::write(dir.path().join("ca.pem"), &pem).expect("write CA");
+        TestCa {
+            dir,
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// The CA certificate (PEM).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Issues a certificate for `name`, valid for the host names and IP
+    /// addresses in `sans`, usable by servers and clients alike (an agent
+    /// is both).
+    pub fn issue(&self, name: &str, sans: &[&str]) -> TlsPaths {
+        let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let mut params = CertificateParams::new(sans).expect("certificate params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let paths = TlsPaths {
+            cert: self.dir.path().join(format!("{name}.pem")),
+            key: self.dir.path().join(format!("{name}.key")),
+            ca: self.dir.path().join("ca.pem"),
+        };
+        std::fs::write(&paths.cert, cert.pem()).expect("write certificate");
+        std::fs::write(&paths.key, key.serialize_pem()).expect("write key");
+        paths
+    }
+}
+
+impl TlsPaths {
+    /// The `--tls-*` arguments of `kvm-agent` for these files.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, path) in [
+            ("--tls-cert", &self.cert),
+            ("--tls-key", &self.key),
+            ("--tls-ca", &self.ca),
+        ] {
+            args.push(flag.to_owned());
+            args.push(path.display().to_string());
+        }
+        args
+    }
+
+    /// A client presenting this certificate and trusting this CA.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        let read = |p: &PathBuf| std::fs::read(p).expect("read PEM");
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)))
+            .identity(Identity::from_pem(read(&self.cert), read(&self.key)))
+    }
+}
+
+/// Connects to `url` (`https://…` with `tls`, `http://…` without) and makes
+/// one call, since a refused handshake may only show on first use.
+pub async fn tls_client(
+    url: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<NodeAgentClient<Channel>, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("{e:?}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+    let mut client = NodeAgentClient::new(channel);
+    client
+        .get_node_info(kvm_agent_proto::v1::GetNodeInfoRequest {})
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    Ok(client)
+}

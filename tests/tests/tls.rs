@@ -1,0 +1,159 @@
+//! The API on TCP: mutual TLS lets in the cluster's certificates and
+//! nobody else, and the agent won't serve the network without it.
+
+use std::process::Command;
+
+use kvm_agent_tests::tls::{TestCa, tls_client};
+use kvm_agent_tests::*;
+use serde_json::Value;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[tokio::test]
+async fn only_certificates_of_the_cluster_ca_get_in() {
+    let ca = TestCa::new("cluster");
+    let node = ca.issue("node1", &["127.0.0.1"]);
+    let port = free_port();
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
+    options.args.extend(node.args());
+    let agent = TestAgent::start_with(options).await;
+    let url = format!("https://127.0.0.1:{port}");
+    let operator = ca.issue("operator", &[]);
+    let elsewhere = TestCa::new("elsewhere");
+    let stranger = elsewhere.issue("stranger", &[]);
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+
+    let member = tls_client(&url, Some(operator.client_config())).await;
+    let anonymous = tls_client(
+        &url,
+        Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem()))),
+    )
+    .await;
+    let foreign_certificate = tls_client(
+        &url,
+        Some(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca.pem()))
+                .identity(Identity::from_pem(
+                    read(&stranger.cert),
+                    read(&stranger.key),
+                )),
+        ),
+    )
+    .await;
+    let plain_text = tls_client(&format!("http://127.0.0.1:{port}"), None).await;
+    // A client that trusts another CA doesn't talk to this agent either.
+    let other_trust = tls_client(&url, Some(stranger.client_config())).await;
+
+    member.unwrap_or_else(|e| panic!("a cluster certificate is let in: {e}\n{}", agent.log()));
+    for (who, outcome) in [
+        ("no certificate", anonymous),
+        ("a certificate of another CA", foreign_certificate),
+        ("plain text", plain_text),
+        ("a client trusting another CA", other_trust),
+    ] {
+        let error = outcome.err().unwrap_or_else(|| panic!("{who} got in"));
+        println!("{who}: {error}");
+    }
+    // The agent keeps serving its own socket and its cluster.
+    agent
+        .client()
+        .await
+        .list_instances(kvm_agent_proto::v1::ListInstancesRequest::default())
+        .await
+        .expect("unix socket still served");
+    tls_client(&url, Some(operator.client_config()))
+        .await
+        .expect("TCP still served");
+}
+
+#[tokio::test]
+async fn the_command_line_reaches_an_agent_over_mutual_tls() {
+    let ca = TestCa::new("cluster");
+    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
+    let port = free_port();
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
+    options.args.extend(node.args());
+    let _agent = TestAgent::start_with(options).await;
+    let operator = ca.issue("operator", &[]);
+    let url = format!("https://localhost:{port}");
+
+    let with_certificate = Command::new(agent_binary())
+        .args(["--agent", &url])
+        .args(operator.args())
+        .args(["node", "info", "--output", "json"])
+        .output()
+        .unwrap();
+    let without = Command::new(agent_binary())
+        .args(["--agent", &url, "node", "info"])
+        .output()
+        .unwrap();
+
+    assert!(
+        with_certificate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_certificate.stderr)
+    );
+    let info: Value = serde_json::from_slice(&with_certificate.stdout).unwrap();
+    assert!(info["qemu_version"].as_str().unwrap().contains("QEMU"));
+    assert!(!without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("--tls-cert"), "says what to give: {stderr}");
+}
+
+#[test]
+fn the_agent_refuses_the_network_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        let out = Command::new(agent_binary())
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ca = TestCa::new("cluster");
+    let node = ca.issue("node1", &["192.0.2.10"]);
+
+    let (code, stderr) = serve(&["--listen", "tcp://192.0.2.10:7070"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("without mutual TLS"), "{stderr}");
+
+    let cert_only = ["--tls-cert", node.cert.to_str().unwrap()];
+    let (code, stderr) = serve(&[&["--listen", "tcp://192.0.2.10:7070"][..], &cert_only].concat());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--tls-key") && stderr.contains("--tls-ca"),
+        "{stderr}"
+    );
+
+    let bad_key = dir.path().join("bad.key");
+    std::fs::write(&bad_key, "not a key").unwrap();
+    let mut args = node.args();
+    args[3] = bad_key.display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stderr) = serve(&[&["--listen", "tcp://192.0.2.10:7070"][..], &args].concat());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("bad.key"), "names the file: {stderr}");
+    assert!(
+        !dir.path().join("state").join("agent.sock").exists(),
+        "nothing is served after a refusal"
+    );
+}
