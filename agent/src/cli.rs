@@ -259,6 +259,9 @@ struct ServeArgs {
     /// Ports incoming migrations may listen on, FIRST-LAST.
     #[arg(long, default_value = "49152-49215", value_parser = parse_port_range)]
     migration_ports: std::ops::RangeInclusive<u16>,
+    /// How long a call to another agent (a migration's target) may take.
+    #[arg(long, default_value_t = 30_000)]
+    peer_timeout_ms: u64,
 }
 
 fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -1157,6 +1160,7 @@ async fn serve(
     cfg.event_buffer = args.event_buffer;
     cfg.migration.address = args.migration_address.to_string();
     cfg.migration.ports = args.migration_ports;
+    cfg.migration.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     cfg.migration.peer_tls = tls.clone();
     let listeners = Listeners {
         socket: socket.unwrap_or_else(|| cfg.socket_path()),

@@ -5,6 +5,7 @@
 //! Every QEMU a test starts is killed on drop, even when the test panics.
 
 pub mod guest;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::HashSet;

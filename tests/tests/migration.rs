@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::proxy::{ApiProxy, Connection, Then};
 use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -603,4 +604,167 @@ async fn an_offline_migration_pauses_first_and_resumes_on_the_target() {
         saw_progress |= event.kind == pb::EventKind::MigrationProgress as i32;
     }
     assert!(saw_progress, "migration progress is published as events");
+}
+
+/// An agent whose calls to other agents give up after a second, so a
+/// target that never answers is settled quickly.
+fn impatient() -> AgentOptions {
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--peer-timeout-ms".into(), "1000".into()]);
+    options
+}
+
+/// Starts a guest without an OS (its RAM is mostly zero, so the stream
+/// completes in a moment) and returns its uuid and pid.
+async fn quick_guest(source: &TestAgent, target: &TestAgent, name: &str) -> (Uuid, u32) {
+    let spec = source.spec(name, 128);
+    let uuid: Uuid = spec.uuid.parse().unwrap();
+    target.track(uuid);
+    let pid = source.start_spec(spec).await.pid;
+    (uuid, pid)
+}
+
+#[tokio::test]
+async fn a_finalize_that_never_reaches_the_target_leaves_the_guest_with_the_source() {
+    let source = TestAgent::start_with(impatient()).await;
+    let target = TestAgent::start().await;
+    let (uuid, pid) = quick_guest(&source, &target, "lost1").await;
+    // The first connection carries AcceptMigration and the liveness
+    // checks; the second, FinalizeMigration, is cut before it is read.
+    let proxy = ApiProxy::start(
+        &target.socket(),
+        vec![Connection::Forward, Connection::Close],
+        Then::Forward,
+    );
+
+    let (_, outcome) = Migration::start_to(&source, "lost1", proxy.address(), Default::default())
+        .await
+        .outcome()
+        .await;
+
+    let err = outcome.expect_err("nothing finalized the migration");
+    assert!(
+        err.message().contains("did not finalize") || err.message().contains("can't reach"),
+        "{err:?}"
+    );
+    let after = source.instance("lost1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert!(guest_running(&source, "lost1"), "the source resumed it");
+    assert!(absent(&target, "lost1").await, "{}", target.log());
+    assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![pid]);
+}
+
+#[tokio::test]
+async fn a_finalize_the_target_refuses_leaves_the_guest_with_the_source() {
+    let source = TestAgent::start_with(impatient()).await;
+    let target = TestAgent::start().await;
+    let (uuid, pid) = quick_guest(&source, &target, "refused1").await;
+    let (arrived_tx, arrived) = oneshot::channel();
+    let (open, open_rx) = oneshot::channel();
+    let proxy = ApiProxy::start(
+        &target.socket(),
+        vec![
+            Connection::Forward,
+            Connection::Gate {
+                arrived: arrived_tx,
+                open: open_rx,
+            },
+        ],
+        Then::Forward,
+    );
+
+    let migration =
+        Migration::start_to(&source, "refused1", proxy.address(), Default::default()).await;
+    tokio::time::timeout(Duration::from_secs(30), arrived)
+        .await
+        .expect("the source finalizes")
+        .unwrap();
+    // The stream is complete; the target drops its half before the
+    // finalize reaches it, so it answers that it has nothing to finalize.
+    target
+        .client()
+        .await
+        .cancel_migration(pb::CancelMigrationRequest {
+            name: "refused1".into(),
+        })
+        .await
+        .expect("the target drops its incoming QEMU");
+    open.send(()).unwrap();
+    let (_, outcome) = migration.outcome().await;
+
+    let err = outcome.expect_err("the target refused");
+    assert!(
+        err.message().contains("could not finalize"),
+        "{err:?}\n{}",
+        source.log()
+    );
+    let after = source.instance("refused1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert!(guest_running(&source, "refused1"));
+    assert!(absent(&target, "refused1").await);
+    assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![pid]);
+}
+
+#[tokio::test]
+async fn a_finalize_left_unanswered_keeps_the_guest_paused_on_both_sides() {
+    let source = TestAgent::start_with(impatient()).await;
+    let target = TestAgent::start().await;
+    let (uuid, pid) = quick_guest(&source, &target, "limbo1").await;
+    // After AcceptMigration, the target's API swallows every call.
+    let proxy = ApiProxy::start(&target.socket(), vec![Connection::Forward], Then::Hold);
+
+    let (_, outcome) = Migration::start_to(&source, "limbo1", proxy.address(), Default::default())
+        .await
+        .outcome()
+        .await;
+
+    let err = outcome.expect_err("the outcome is unknown");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let on_source = source.instance("limbo1").await;
+    assert_eq!(
+        state(&on_source),
+        pb::InstanceState::Paused,
+        "{on_source:?}"
+    );
+    assert!(
+        !guest_running(&source, "limbo1"),
+        "resuming could run it twice"
+    );
+    let on_target = target.instance("limbo1").await;
+    assert_eq!(state(&on_target), pb::InstanceState::Incoming);
+    assert!(!guest_running(&target, "limbo1"));
+
+    // The operator settles it: the target takes over, the source's copy goes.
+    target
+        .client()
+        .await
+        .finalize_migration(pb::FinalizeMigrationRequest {
+            name: "limbo1".into(),
+            uuid: uuid.to_string(),
+            resume: true,
+        })
+        .await
+        .expect("finalize on the target");
+    source
+        .client()
+        .await
+        .stop_instance(pb::StopInstanceRequest {
+            name: "limbo1".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("stop the source's paused copy");
+    let after = target.instance("limbo1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running);
+    assert!(guest_running(&target, "limbo1"));
+    let left = wait_for(Duration::from_secs(10), async || {
+        let pids = qemu_pids_with_uuids(&[uuid].into());
+        (pids == vec![after.pid]).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "only the target's QEMU is left");
+    assert_ne!(after.pid, pid);
 }
