@@ -114,11 +114,10 @@ impl NodeAgent for NodeAgentService {
         let id = request_id(req.metadata());
         let spec = req.into_inner().spec;
         let name = spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-        traced("start", &name, id, async {
+        let agent = self.agent.clone();
+        traced("start", name.clone(), id, async move {
             let spec = spec.ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
-            Ok(view_to_proto(
-                self.agent.start(spec_from_proto(spec)?).await?,
-            ))
+            Ok(view_to_proto(agent.start(spec_from_proto(spec)?).await?))
         })
         .await
     }
@@ -129,10 +128,11 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::StopInstanceResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("stop", &req.name, id, async {
+        let agent = self.agent.clone();
+        traced("stop", req.name.clone(), id, async move {
             let powerdown = (req.powerdown_timeout_ms > 0)
                 .then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
-            let (view, method) = self.agent.stop(&req.name, req.force, powerdown).await?;
+            let (view, method) = agent.stop(&req.name, req.force, powerdown).await?;
             Ok(pb::StopInstanceResponse {
                 instance: Some(view_to_proto(view)),
                 method: stop_method_to_proto(method) as i32,
@@ -147,7 +147,8 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::InstanceInfo> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("reboot", &req.name.clone(), id, async {
+        let agent = self.agent.clone();
+        traced("reboot", req.name.clone(), id, async move {
             let mode = match pb::RebootMode::try_from(req.mode) {
                 Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
                 Ok(pb::RebootMode::Reset) => RebootMode::Reset,
@@ -164,7 +165,7 @@ impl NodeAgent for NodeAgentService {
                     )));
                 }
             };
-            Ok(view_to_proto(self.agent.reboot(&req.name, mode).await?))
+            Ok(view_to_proto(agent.reboot(&req.name, mode).await?))
         })
         .await
     }
@@ -189,8 +190,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::InstanceInfo> {
         let id = request_id(req.metadata());
         let name = req.into_inner().name;
-        traced("pause", &name, id, async {
-            Ok(view_to_proto(self.agent.pause(&name).await?))
+        let agent = self.agent.clone();
+        traced("pause", name.clone(), id, async move {
+            Ok(view_to_proto(agent.pause(&name).await?))
         })
         .await
     }
@@ -201,8 +203,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::InstanceInfo> {
         let id = request_id(req.metadata());
         let name = req.into_inner().name;
-        traced("resume", &name, id, async {
-            Ok(view_to_proto(self.agent.resume(&name).await?))
+        let agent = self.agent.clone();
+        traced("resume", name.clone(), id, async move {
+            Ok(view_to_proto(agent.resume(&name).await?))
         })
         .await
     }
@@ -213,8 +216,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::SaveInstanceResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("save", &req.name, id, async {
-            let saved = self.agent.save(&req.name, &req.path).await?;
+        let agent = self.agent.clone();
+        traced("save", req.name.clone(), id, async move {
+            let saved = agent.save(&req.name, &req.path).await?;
             Ok(pb::SaveInstanceResponse {
                 instance: Some(view_to_proto(saved.view)),
                 file_bytes: saved.file_bytes,
@@ -231,8 +235,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::RestoreInstanceResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("restore", "", id, async {
-            let (view, duration) = self.agent.restore(&req.path, req.paused).await?;
+        let agent = self.agent.clone();
+        traced("restore", String::new(), id, async move {
+            let (view, duration) = agent.restore(&req.path, req.paused).await?;
             Ok(pb::RestoreInstanceResponse {
                 instance: Some(view_to_proto(view)),
                 duration_ms: duration.as_millis() as u64,
@@ -254,12 +259,12 @@ impl NodeAgent for NodeAgentService {
         // The migration runs to its end even if the caller goes away: its
         // outcome must not depend on a client's connection.
         tokio::spawn(async move {
-            let work = traced(
-                "migrate",
-                &req.name,
-                id,
-                agent.migrate(&req.name, &req.target, options, progress_tx),
-            );
+            let name = req.name.clone();
+            let work = traced("migrate", name, id, async move {
+                agent
+                    .migrate(&req.name, &req.target, options, progress_tx)
+                    .await
+            });
             tokio::pin!(work);
             let result = loop {
                 tokio::select! {
@@ -285,9 +290,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::AcceptMigrationResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("accept_migration", "", id, async {
-            let address = self
-                .agent
+        let agent = self.agent.clone();
+        traced("accept_migration", String::new(), id, async move {
+            let address = agent
                 .accept_migration(&req.runtime_json, &req.source)
                 .await?;
             Ok(pb::AcceptMigrationResponse { address })
@@ -301,9 +306,10 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::InstanceInfo> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("finalize_migration", &req.name, id, async {
+        let agent = self.agent.clone();
+        traced("finalize_migration", req.name.clone(), id, async move {
             Ok(view_to_proto(
-                self.agent
+                agent
                     .finalize_migration(&req.name, &req.uuid, req.resume)
                     .await?,
             ))
@@ -317,8 +323,9 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::CancelMigrationResponse> {
         let id = request_id(req.metadata());
         let name = req.into_inner().name;
-        traced("cancel_migration", &name, id, async {
-            let cancelled = self.agent.cancel_migration(&name).await?;
+        let agent = self.agent.clone();
+        traced("cancel_migration", name.clone(), id, async move {
+            let cancelled = agent.cancel_migration(&name).await?;
             Ok(pb::CancelMigrationResponse {
                 cancelled: cancelled.into(),
             })
@@ -382,13 +389,14 @@ impl NodeAgent for NodeAgentService {
     async fn add_nic(&self, req: Request<pb::AddNicRequest>) -> Reply<pb::DeviceChangeResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("add-nic", &req.name, id, async {
+        let agent = self.agent.clone();
+        traced("add-nic", req.name.clone(), id, async move {
             let nic = req
                 .nic
                 .as_ref()
                 .ok_or_else(|| AgentError::BadRequest("nic is required".into()))?;
             Ok(device_change(
-                self.agent.add_nic(&req.name, nic_from_proto(nic)?).await?,
+                agent.add_nic(&req.name, nic_from_proto(nic)?).await?,
             ))
         })
         .await
@@ -397,15 +405,14 @@ impl NodeAgent for NodeAgentService {
     async fn add_disk(&self, req: Request<pb::AddDiskRequest>) -> Reply<pb::DeviceChangeResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("add-disk", &req.name, id, async {
+        let agent = self.agent.clone();
+        traced("add-disk", req.name.clone(), id, async move {
             let disk = req
                 .disk
                 .as_ref()
                 .ok_or_else(|| AgentError::BadRequest("disk is required".into()))?;
             Ok(device_change(
-                self.agent
-                    .add_disk(&req.name, disk_from_proto(disk)?)
-                    .await?,
+                agent.add_disk(&req.name, disk_from_proto(disk)?).await?,
             ))
         })
         .await
@@ -417,9 +424,10 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::DeviceChangeResponse> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        traced("remove-device", &req.name, id, async {
+        let agent = self.agent.clone();
+        traced("remove-device", req.name.clone(), id, async move {
             Ok(device_change(
-                self.agent.remove_device(&req.name, &req.device).await?,
+                agent.remove_device(&req.name, &req.device).await?,
             ))
         })
         .await
@@ -461,23 +469,40 @@ fn request_id(metadata: &MetadataMap) -> String {
 /// Runs one operation in a span carrying its name, the instance and the
 /// request id, logs how it ended, and returns the request id in the reply
 /// (or in the error's) metadata so a caller can find the operation's lines.
-async fn traced<T>(
+async fn traced<T: Send + 'static>(
     op: &'static str,
-    instance: &str,
+    instance: String,
     request_id: String,
-    work: impl Future<Output = Result<T, AgentError>>,
+    work: impl Future<Output = Result<T, AgentError>> + Send + 'static,
 ) -> Reply<T> {
-    let span = tracing::info_span!("op", op, instance, request_id = %request_id);
-    let started = Instant::now();
-    let result = work.instrument(span.clone()).await;
-    let _in_span = span.enter();
-    let seconds = started.elapsed().as_secs_f64();
-    crate::telemetry::record_operation(op, seconds, result.as_ref().err());
-    let elapsed_ms = seconds * 1000.0;
     let header = MetadataValue::try_from(request_id.as_str()).ok();
+    let span =
+        tracing::info_span!("op", op, instance = instance.as_str(), request_id = %request_id);
+    // A task of its own: a caller that goes away, or whose deadline
+    // passes, ends its wait, not the operation halfway through a QMP
+    // sequence or a stop escalation.
+    let operation = tokio::spawn(
+        async move {
+            let started = Instant::now();
+            let result = work.await;
+            let seconds = started.elapsed().as_secs_f64();
+            crate::telemetry::record_operation(op, seconds, result.as_ref().err());
+            let elapsed_ms = seconds * 1000.0;
+            match &result {
+                Ok(_) => tracing::info!(elapsed_ms, "operation done"),
+                Err(e) => tracing::error!(elapsed_ms, error = %e, "operation failed"),
+            }
+            result
+        }
+        .instrument(span),
+    );
+    let result = operation.await.unwrap_or_else(|e| {
+        Err(AgentError::Internal(format!(
+            "the {op} operation ended abnormally: {e}"
+        )))
+    });
     match result {
         Ok(value) => {
-            tracing::info!(elapsed_ms, "operation done");
             let mut response = Response::new(value);
             if let Some(h) = header {
                 response.metadata_mut().insert(REQUEST_ID_HEADER, h);
@@ -485,7 +510,6 @@ async fn traced<T>(
             Ok(response)
         }
         Err(e) => {
-            tracing::error!(elapsed_ms, error = %e, "operation failed");
             let mut status = Status::from(e);
             if let Some(h) = header {
                 status.metadata_mut().insert(REQUEST_ID_HEADER, h);

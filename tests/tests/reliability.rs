@@ -164,3 +164,43 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
     drop(agent);
     let _ = Command::new("umount").arg(mount.path()).status();
 }
+
+#[tokio::test]
+async fn a_caller_whose_deadline_passes_does_not_cut_the_operation_short() {
+    let agent = TestAgent::start().await;
+    let pid = agent.start_spec(agent.spec("deadline1", 64)).await.pid;
+    // Without an OS the guest ignores the powerdown, so the stop runs
+    // through the whole escalation, well past the caller's deadline.
+    let mut request = tonic::Request::new(pb::StopInstanceRequest {
+        name: "deadline1".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+
+    let started = Instant::now();
+    let err = agent
+        .client()
+        .await
+        .stop_instance(request)
+        .await
+        .expect_err("the deadline passes first");
+    let waited = started.elapsed();
+
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(waited < Duration::from_millis(900), "waited {waited:?}");
+    let stopped = wait_for(Duration::from_secs(15), async || {
+        let info = agent.instance("deadline1").await;
+        (info.state == pb::InstanceState::Stopped as i32).then_some(info)
+    })
+    .await;
+    assert!(
+        stopped.is_some(),
+        "the stop went on to its end\n{}",
+        agent.log()
+    );
+    assert!(!process_alive(pid));
+    assert!(agent.log().contains("operation done"), "{}", agent.log());
+}
