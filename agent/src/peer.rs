@@ -69,7 +69,15 @@ pub enum ConnectError {
     /// Connecting failed; the text carries every cause, since tonic's own
     /// top-level message ("transport error") says little.
     #[error("{}", chain(.0))]
-    Transport(#[from] tonic::transport::Error),
+    Transport(tonic::transport::Error),
+}
+
+// Not `#[from]`: that would also make the error the source, and reports
+// that print the source chain would repeat every cause.
+impl From<tonic::transport::Error> for ConnectError {
+    fn from(e: tonic::transport::Error) -> Self {
+        ConnectError::Transport(e)
+    }
 }
 
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -20,6 +20,10 @@ use crate::instances::Agent;
 use crate::service::NodeAgentService;
 use crate::tls::TlsMaterial;
 
+/// The largest request the agent reads. The biggest real one, a peer's
+/// runtime in AcceptMigration, is a few KiB; anything near this is hostile.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// Where the API is served.
 #[derive(Debug, Clone)]
 pub struct Listeners {
@@ -98,7 +102,10 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
             .add_service(health.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(NodeAgentServer::new(NodeAgentService::new(agent.clone()))))
+            .add_service(
+                NodeAgentServer::new(NodeAgentService::new(agent.clone()))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            ))
     };
 
     let (stop, stopped) = watch::channel(());

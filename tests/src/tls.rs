@@ -58,6 +58,23 @@ impl TestCa {
     /// addresses in `sans`, usable by servers and clients alike (an agent
     /// is both).
     pub fn issue(&self, name: &str, sans: &[&str]) -> TlsPaths {
+        self.issue_with(name, sans, |_| {})
+    }
+
+    /// Like [`issue`](Self::issue), for a certificate that expired in 2021.
+    pub fn issue_expired(&self, name: &str, sans: &[&str]) -> TlsPaths {
+        self.issue_with(name, sans, |params| {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        name: &str,
+        sans: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> TlsPaths {
         let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
         let mut params = CertificateParams::new(sans).expect("certificate params");
         params.distinguished_name.push(DnType::CommonName, name);
@@ -69,6 +86,7 @@ impl TestCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        adjust(&mut params);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         let paths = TlsPaths {

@@ -68,6 +68,51 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
             },
         ),
         (
+            "name with a NUL",
+            pb::InstanceSpec {
+                name: "web\01".into(),
+                ..base()
+            },
+        ),
+        (
+            "name of 300 characters",
+            pb::InstanceSpec {
+                name: "a".repeat(300),
+                ..base()
+            },
+        ),
+        (
+            "disk path with a newline",
+            pb::InstanceSpec {
+                disks: vec![disk("root", std::path::Path::new("/srv/a\nb.img"))],
+                ..base()
+            },
+        ),
+        (
+            "disk path with a NUL",
+            pb::InstanceSpec {
+                disks: vec![disk("root", std::path::Path::new("/srv/a\0b.img"))],
+                ..base()
+            },
+        ),
+        (
+            "all-zero MAC",
+            pb::InstanceSpec {
+                nics: vec![nic("eth0", "00:00:00:00:00:00")],
+                ..base()
+            },
+        ),
+        (
+            "bridge name with a slash",
+            pb::InstanceSpec {
+                nics: vec![pb::NicSpec {
+                    bridge: "br0/../x".into(),
+                    ..nic("eth0", "52:54:00:00:40:01")
+                }],
+                ..base()
+            },
+        ),
+        (
             "relative disk path",
             pb::InstanceSpec {
                 disks: vec![disk("root", std::path::Path::new("images/root.img"))],
@@ -273,4 +318,25 @@ async fn unknown_instances_are_not_found() {
 
     assert_eq!(get.code(), Code::NotFound);
     assert_eq!(stop.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_it_is_read() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("big", 64);
+    spec.name = "a".repeat(5 << 20);
+
+    let err = start_err(&agent, spec).await;
+
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    assert_nothing_left(&agent, "");
+    agent
+        .client()
+        .await
+        .list_instances(pb::ListInstancesRequest::default())
+        .await
+        .expect("the agent keeps serving");
 }

@@ -50,6 +50,7 @@ async fn only_certificates_of_the_cluster_ca_get_in() {
         ),
     )
     .await;
+    let expired = tls_client(&url, Some(ca.issue_expired("former", &[]).client_config())).await;
     let plain_text = tls_client(&format!("http://127.0.0.1:{port}"), None).await;
     // A client that trusts another CA doesn't talk to this agent either.
     let other_trust = tls_client(&url, Some(stranger.client_config())).await;
@@ -58,6 +59,7 @@ async fn only_certificates_of_the_cluster_ca_get_in() {
     for (who, outcome) in [
         ("no certificate", anonymous),
         ("a certificate of another CA", foreign_certificate),
+        ("an expired certificate", expired),
         ("plain text", plain_text),
         ("a client trusting another CA", other_trust),
     ] {
@@ -156,4 +158,32 @@ fn the_agent_refuses_the_network_without_tls() {
         !dir.path().join("state").join("agent.sock").exists(),
         "nothing is served after a refusal"
     );
+}
+
+#[tokio::test]
+async fn another_local_user_cannot_open_the_socket() {
+    let agent = TestAgent::start().await;
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) runs")
+    };
+    // The same user could: the binary and the command work as nobody.
+    let version = as_nobody(&[agent_binary().to_str().unwrap(), "--version"]);
+    assert!(version.status.success(), "{version:?}");
+
+    let socket = agent.socket();
+    let out = as_nobody(&[
+        agent_binary().to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "node",
+        "info",
+    ]);
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
 }
