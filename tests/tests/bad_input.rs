@@ -70,7 +70,7 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
         (
             "name with a NUL",
             pb::InstanceSpec {
-                name: "web\01".into(),
+                name: "web\0x".into(),
                 ..base()
             },
         ),
