@@ -103,15 +103,103 @@ async fn sigterm_stops_the_agent_and_leaves_instances_running() {
     assert_eq!(adopted.pid, info.pid);
 }
 
+/// A 1 MiB tmpfs, unmounted on drop.
+struct TinyDisk(tempfile::TempDir);
+
+impl TinyDisk {
+    fn mount() -> TinyDisk {
+        let dir = tempfile::Builder::new().prefix("kafull").tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a small tmpfs needs root");
+        TinyDisk(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    /// Fills what is left; returns the filler to remove.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.path().join("filler");
+        let _ = std::fs::write(&filler, vec![0u8; 2 << 20]);
+        filler
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn a_hot_add_that_cannot_be_recorded_leaves_qemu_and_the_record_as_they_were() {
+    let disk_full = TinyDisk::mount();
+    let state = disk_full.path().join("state");
+    let agent = TestAgent::start_with(AgentOptions {
+        state_dir: Some(state.clone()),
+        ..AgentOptions::default()
+    })
+    .await;
+    let bridge = Bridge::create();
+    agent.start_spec(agent.spec("full1", 64)).await;
+    let image = agent.raw_image("extra.img", 8);
+    let record_before = std::fs::read(state.join("runtime/full1.json")).unwrap();
+    let devices_before = operator_qmp(&agent, "full1").pci_devices();
+    let filler = disk_full.fill();
+
+    let nic_err = agent
+        .add_nic(
+            "full1",
+            pb::NicSpec {
+                bridge: bridge.name.clone(),
+                ..nic("eth1", "52:54:00:00:70:01")
+            },
+        )
+        .await
+        .expect_err("nowhere to record the NIC");
+    let disk_err = agent
+        .add_disk("full1", disk("data", &image))
+        .await
+        .expect_err("nowhere to record the disk");
+
+    assert_eq!(nic_err.code(), Code::ResourceExhausted, "{nic_err:?}");
+    assert_eq!(disk_err.code(), Code::ResourceExhausted, "{disk_err:?}");
+    let mut qmp = operator_qmp(&agent, "full1");
+    assert_eq!(qmp.pci_devices(), devices_before, "QEMU has no new device");
+    assert_eq!(
+        qmp.execute("query-fdsets", serde_json::json!({})),
+        serde_json::json!([])
+    );
+    assert!(
+        agent.taps().is_empty(),
+        "no tap is left: {:?}",
+        agent.taps()
+    );
+    assert_eq!(
+        std::fs::read(state.join("runtime/full1.json")).unwrap(),
+        record_before,
+        "the previous record is intact"
+    );
+    let info = agent.instance("full1").await;
+    assert_eq!(info.state, pb::InstanceState::Running as i32);
+
+    // With room again, the same hot-add works.
+    std::fs::remove_file(filler).unwrap();
+    agent
+        .add_disk("full1", disk("data", &image))
+        .await
+        .expect("hot-add once there is room");
+}
+
 #[tokio::test]
 async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
-    let mount = tempfile::Builder::new().prefix("kafull").tempdir().unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(mount.path())
-        .status()
-        .expect("run mount");
-    assert!(status.success(), "mounting a small tmpfs needs root");
+    let disk_full = TinyDisk::mount();
+    let mount = &disk_full.0;
     let state = mount.path().join("state");
     let agent = TestAgent::start_with(AgentOptions {
         args: vec!["--powerdown-timeout-ms".into(), "1000".into()],
@@ -135,9 +223,7 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
         .await
         .unwrap();
     let record_before = std::fs::read(state.join("runtime/kept.json")).unwrap();
-    // Fill what is left.
-    let filler = mount.path().join("filler");
-    let _ = std::fs::write(&filler, vec![0u8; 2 << 20]);
+    disk_full.fill();
 
     let full = client
         .start_instance(pb::StartInstanceRequest {
@@ -162,7 +248,6 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
     );
     assert!(agent.live_qemus().is_empty(), "nothing may start");
     drop(agent);
-    let _ = Command::new("umount").arg(mount.path()).status();
 }
 
 #[tokio::test]
