@@ -15,17 +15,23 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
-async fn only_certificates_of_the_cluster_ca_get_in() {
-    let ca = TestCa::new("cluster");
-    let node = ca.issue("node1", &["127.0.0.1"]);
+/// An agent serving loopback TCP with mutual TLS, its certificate valid
+/// for 127.0.0.1 and localhost; returns it and its port.
+async fn agent_on_loopback_tcp(ca: &TestCa) -> (TestAgent, u16) {
+    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
     let port = free_port();
     let mut options = AgentOptions::default();
     options
         .args
         .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
     options.args.extend(node.args());
-    let agent = TestAgent::start_with(options).await;
+    (TestAgent::start_with(options).await, port)
+}
+
+#[tokio::test]
+async fn only_certificates_of_the_cluster_ca_get_in() {
+    let ca = TestCa::new("cluster");
+    let (agent, port) = agent_on_loopback_tcp(&ca).await;
     let url = format!("https://127.0.0.1:{port}");
     let operator = ca.issue("operator", &[]);
     let elsewhere = TestCa::new("elsewhere");
@@ -81,14 +87,7 @@ async fn only_certificates_of_the_cluster_ca_get_in() {
 #[tokio::test]
 async fn the_command_line_reaches_an_agent_over_mutual_tls() {
     let ca = TestCa::new("cluster");
-    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
-    let port = free_port();
-    let mut options = AgentOptions::default();
-    options
-        .args
-        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
-    options.args.extend(node.args());
-    let _agent = TestAgent::start_with(options).await;
+    let (_agent, port) = agent_on_loopback_tcp(&ca).await;
     let operator = ca.issue("operator", &[]);
     let url = format!("https://localhost:{port}");
 
