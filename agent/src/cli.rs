@@ -250,6 +250,9 @@ struct ServeArgs {
     /// Timeout of one QMP command.
     #[arg(long, default_value_t = 10_000)]
     qmp_timeout_ms: u64,
+    /// How long a freshly started QEMU may take to greet on QMP.
+    #[arg(long, default_value_t = 10_000)]
+    qmp_greeting_timeout_ms: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -1153,6 +1156,7 @@ async fn serve(
     cfg.launch.operator_qmp = args.operator_qmp;
     cfg.launch.tap_template = args.tap_template;
     cfg.launch.qmp.command_timeout = Duration::from_millis(args.qmp_timeout_ms);
+    cfg.launch.qmp.greeting_timeout = Duration::from_millis(args.qmp_greeting_timeout_ms);
     cfg.stop.powerdown = Duration::from_millis(args.powerdown_timeout_ms);
     cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);

@@ -312,10 +312,13 @@ async fn launch_in(
             taps,
         }),
         Err(qmp_error) => {
-            // Distinguish "QEMU died" (show why) from "QMP is broken".
-            let exited = tokio::time::timeout(Duration::from_secs(2), pidfd.exited())
-                .await
-                .is_ok();
+            // Distinguish "QEMU died" (show why) from "QMP is broken". A
+            // hang-up may come a moment before the exit; silence doesn't.
+            let grace = match qmp_error {
+                QmpError::NoGreeting(_) => Duration::ZERO,
+                _ => Duration::from_secs(2),
+            };
+            let exited = tokio::time::timeout(grace, pidfd.exited()).await.is_ok();
             if exited {
                 let status = child
                     .wait()

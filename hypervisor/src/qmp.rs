@@ -4,11 +4,19 @@
 //! the caller waiting on its `id` and broadcasts events, so a caller can wait
 //! for `DEVICE_DELETED` or `RESET` while other commands flow. Every command
 //! has a timeout, and QEMU's error `class` and `desc` are kept.
+//!
+//! A fault (a line that isn't QMP, an over-long line, a reply that never
+//! comes, a hang-up) drops the connection: after a timeout a late reply
+//! could only confuse the next caller. A client made with
+//! [`QmpClient::connect`] rebuilds it on the next command, so one bad moment
+//! doesn't cost the instance its monitor. Event subscribers keep their
+//! subscription across the rebuild.
 
 use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
+use std::os::fd::RawFd;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -112,53 +120,48 @@ impl QmpError {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>;
 
+/// What one connection's reader shares with its writers.
 struct Shared {
     pending: Pending,
-    events: broadcast::Sender<QmpEvent>,
     closed: watch::Sender<Option<String>>,
 }
 
-/// A QMP connection after the capabilities handshake.
-pub struct QmpClient {
+impl Shared {
+    /// Marks the connection gone and fails every waiting command. The first
+    /// reason wins.
+    fn finish(&self, reason: String) {
+        for (_, tx) in lock(&self.pending).drain() {
+            let _ = tx.send(Err(QmpError::Disconnected {
+                reason: Some(reason.clone()),
+            }));
+        }
+        self.closed.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+    }
+}
+
+/// One socket to QEMU, from greeting to hang-up.
+struct Connection {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// The socket, for `shutdown`; valid while `writer` lives.
+    socket: RawFd,
     shared: Arc<Shared>,
-    next_id: AtomicU64,
-    config: QmpConfig,
-    version: QemuVersion,
-    commands: HashSet<String>,
     reader: JoinHandle<()>,
 }
 
-impl std::fmt::Debug for QmpClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QmpClient")
-            .field("version", &self.version)
-            .field("closed", &self.is_closed())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for QmpClient {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// Commands that are sent before `query-commands` is known.
-const HANDSHAKE_COMMANDS: [&str; 2] = ["qmp_capabilities", "query-commands"];
-/// Events a slow subscriber may fall behind by before it misses some.
-const EVENT_BUFFER: usize = 256;
-
-impl QmpClient {
-    /// Connects to a QMP unix socket and completes the handshake.
-    pub async fn connect(path: &Path, config: QmpConfig) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).await?;
-        Self::handshake(stream, config).await
-    }
-
-    /// Reads the greeting, sends `qmp_capabilities` and learns the supported
-    /// commands.
-    pub async fn handshake(stream: UnixStream, config: QmpConfig) -> Result<Self, QmpError> {
+impl Connection {
+    /// Reads the greeting and starts the reader task.
+    async fn open(
+        stream: UnixStream,
+        config: &QmpConfig,
+        events: broadcast::Sender<QmpEvent>,
+    ) -> Result<(Arc<Connection>, QemuVersion), QmpError> {
+        let socket = stream.as_raw_fd();
         let (read, writer) = stream.into_split();
         let mut lines =
             FramedRead::new(read, LinesCodec::new_with_max_length(config.max_line_bytes));
@@ -174,26 +177,110 @@ impl QmpClient {
             Some(line) => line.map_err(line_error)?,
         };
         let version = parse_greeting(&greeting)?;
-
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
-            events,
             closed,
         });
-        let reader = tokio::spawn(read_loop(lines, shared.clone()));
+        let reader = tokio::spawn(read_loop(lines, socket, shared.clone(), events));
+        Ok((
+            Arc::new(Connection {
+                writer: tokio::sync::Mutex::new(writer),
+                socket,
+                shared,
+                reader,
+            }),
+            version,
+        ))
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.shared.closed.borrow().clone()
+    }
+
+    /// Drops the connection: waiting commands fail, and QEMU sees the
+    /// hang-up at once (its monitor serves one client at a time, so a
+    /// rebuilt connection is only greeted after this).
+    fn drop_with(&self, reason: String) {
+        tracing::warn!(%reason, "dropping the QMP connection");
+        self.reader.abort();
+        self.shared.finish(reason);
+        let _ = nix::sys::socket::shutdown(self.socket, nix::sys::socket::Shutdown::Both);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A QMP client after the capabilities handshake.
+pub struct QmpClient {
+    connection: Mutex<Arc<Connection>>,
+    /// Serializes rebuilds, so a burst of callers opens one connection.
+    rebuilding: tokio::sync::Mutex<()>,
+    /// Where to reconnect; `None` for a client made from a stream.
+    path: Option<PathBuf>,
+    events: broadcast::Sender<QmpEvent>,
+    next_id: AtomicU64,
+    config: QmpConfig,
+    version: QemuVersion,
+    commands: HashSet<String>,
+}
+
+impl std::fmt::Debug for QmpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpClient")
+            .field("version", &self.version)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Commands that are sent before `query-commands` is known.
+const HANDSHAKE_COMMANDS: [&str; 2] = ["qmp_capabilities", "query-commands"];
+/// Events a slow subscriber may fall behind by before it misses some.
+const EVENT_BUFFER: usize = 256;
+
+impl QmpClient {
+    /// Connects to a QMP unix socket and completes the handshake. After a
+    /// fault, the client reconnects to the same path on the next command.
+    pub async fn connect(path: &Path, config: QmpConfig) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path).await?;
+        let mut client = Self::handshake(stream, config).await?;
+        client.path = Some(path.to_owned());
+        Ok(client)
+    }
+
+    /// Reads the greeting, sends `qmp_capabilities` and learns the supported
+    /// commands. Such a client can't reconnect once its stream is gone.
+    pub async fn handshake(stream: UnixStream, config: QmpConfig) -> Result<Self, QmpError> {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (connection, version) = Connection::open(stream, &config, events.clone()).await?;
         let mut client = QmpClient {
-            writer: tokio::sync::Mutex::new(writer),
-            shared,
+            connection: Mutex::new(connection.clone()),
+            rebuilding: tokio::sync::Mutex::new(()),
+            path: None,
+            events,
             next_id: AtomicU64::new(1),
             config,
             version,
             commands: HashSet::new(),
-            reader,
         };
-        client.execute("qmp_capabilities", None).await?;
-        let listed = client.execute("query-commands", None).await?;
+        let timeout = client.config.command_timeout;
+        client
+            .exchange(
+                &connection,
+                vec![Command::bare("qmp_capabilities")],
+                timeout,
+            )
+            .await
+            .remove(0)?;
+        let listed = client
+            .exchange(&connection, vec![Command::bare("query-commands")], timeout)
+            .await
+            .remove(0)?;
         client.commands = listed
             .as_array()
             .into_iter()
@@ -213,19 +300,19 @@ impl QmpClient {
         self.commands.contains(command)
     }
 
-    /// Subscribes to events from now on.
+    /// Subscribes to events from now on, across reconnections.
     pub fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
-        self.shared.events.subscribe()
+        self.events.subscribe()
     }
 
-    /// True once the connection is gone.
+    /// True while the current connection is gone (until a rebuild).
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.borrow().is_some()
+        self.current().closed_reason().is_some()
     }
 
-    /// Waits until the connection is gone and returns why.
+    /// Waits until the current connection is gone and returns why.
     pub async fn closed(&self) -> String {
-        let mut rx = self.shared.closed.subscribe();
+        let mut rx = self.current().shared.closed.subscribe();
         loop {
             if let Some(reason) = rx.borrow_and_update().clone() {
                 return reason;
@@ -327,30 +414,113 @@ impl QmpClient {
             .unwrap_or(Err(QmpError::Disconnected { reason: None }))
     }
 
+    fn current(&self) -> Arc<Connection> {
+        lock(&self.connection).clone()
+    }
+
+    /// The current connection, rebuilt first if a fault dropped it.
+    async fn live_connection(&self) -> Result<Arc<Connection>, QmpError> {
+        let current = self.current();
+        let Some(reason) = current.closed_reason() else {
+            return Ok(current);
+        };
+        let Some(path) = &self.path else {
+            return Err(QmpError::Disconnected {
+                reason: Some(reason),
+            });
+        };
+        let _one = self.rebuilding.lock().await;
+        let current = self.current();
+        if current.closed_reason().is_none() {
+            return Ok(current);
+        }
+        tracing::info!(path = %path.display(), after = %reason, "rebuilding the QMP connection");
+        let rebuilt = async {
+            let stream = UnixStream::connect(path).await?;
+            let (connection, _) =
+                Connection::open(stream, &self.config, self.events.clone()).await?;
+            let timeout = self.config.command_timeout;
+            self.exchange(
+                &connection,
+                vec![Command::bare("qmp_capabilities")],
+                timeout,
+            )
+            .await
+            .remove(0)?;
+            Ok::<_, QmpError>(connection)
+        }
+        .await;
+        match rebuilt {
+            Ok(connection) => {
+                *lock(&self.connection) = connection.clone();
+                Ok(connection)
+            }
+            Err(e @ (QmpError::NoGreeting(_) | QmpError::Timeout { .. })) => Err(e),
+            Err(e) => Err(QmpError::Disconnected {
+                reason: Some(format!("{reason}; reconnecting failed: {e}")),
+            }),
+        }
+    }
+
     async fn send_batch(
         &self,
         commands: Vec<Command<'_>>,
         timeout: Duration,
     ) -> Vec<Result<Value, QmpError>> {
+        let fail_all = |commands: &[Command<'_>], e: &dyn Fn() -> QmpError| {
+            commands.iter().map(|_| Err(e())).collect()
+        };
         if let Some(bad) = commands
             .iter()
             .find(|c| !HANDSHAKE_COMMANDS.contains(&c.name) && !self.supports(c.name))
         {
-            return commands
-                .iter()
-                .map(|_| Err(QmpError::Unsupported(bad.name.to_owned())))
-                .collect();
+            return fail_all(&commands, &|| QmpError::Unsupported(bad.name.to_owned()));
         }
-        if let Some(reason) = self.shared.closed.borrow().clone() {
-            return commands
-                .iter()
-                .map(|_| {
-                    Err(QmpError::Disconnected {
-                        reason: Some(reason.clone()),
-                    })
-                })
-                .collect();
-        }
+        // A rebuild counts against the command's timeout, so a stop's
+        // escalation isn't held up by a QEMU that accepts but never greets.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connection = match tokio::time::timeout_at(deadline, self.live_connection()).await {
+            Ok(Ok(c)) => c,
+            failed => {
+                let first = std::cell::Cell::new(Some(match failed {
+                    Ok(Err(e)) => e,
+                    _ => QmpError::Timeout {
+                        command: commands.first().map_or("", |c| c.name).to_owned(),
+                        after: timeout,
+                    },
+                }));
+                return fail_all(&commands, &|| {
+                    first
+                        .take()
+                        .unwrap_or(QmpError::Disconnected { reason: None })
+                });
+            }
+        };
+        self.exchange_until(&connection, commands, deadline, timeout)
+            .await
+    }
+
+    /// Sends commands on one connection and collects their replies. A
+    /// timeout drops the connection.
+    async fn exchange(
+        &self,
+        connection: &Connection,
+        commands: Vec<Command<'_>>,
+        timeout: Duration,
+    ) -> Vec<Result<Value, QmpError>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.exchange_until(connection, commands, deadline, timeout)
+            .await
+    }
+
+    /// [`Self::exchange`] with a deadline; `timeout` is what errors report.
+    async fn exchange_until(
+        &self,
+        connection: &Connection,
+        commands: Vec<Command<'_>>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Vec<Result<Value, QmpError>> {
         let mut ids = Vec::with_capacity(commands.len());
         let mut receivers = Vec::with_capacity(commands.len());
         let mut lines = Vec::with_capacity(commands.len());
@@ -363,17 +533,33 @@ impl QmpClient {
             let mut line = message.to_string();
             line.push('\n');
             let (tx, rx) = oneshot::channel();
-            lock(&self.shared.pending).insert(id, tx);
+            lock(&connection.shared.pending).insert(id, tx);
             ids.push(id);
             receivers.push(rx);
             lines.push(line);
         }
+        // Checked after registering, so a reader that ends meanwhile
+        // fails these commands instead of leaving them to time out.
+        if let Some(reason) = connection.closed_reason() {
+            let mut pending = lock(&connection.shared.pending);
+            for id in &ids {
+                pending.remove(id);
+            }
+            return commands
+                .iter()
+                .map(|_| {
+                    Err(QmpError::Disconnected {
+                        reason: Some(reason.clone()),
+                    })
+                })
+                .collect();
+        }
 
         let mut results: Vec<Option<Result<Value, QmpError>>> =
             commands.iter().map(|_| None).collect();
-        let outcome = tokio::time::timeout(timeout, async {
+        let outcome = tokio::time::timeout_at(deadline, async {
             {
-                let mut writer = self.writer.lock().await;
+                let mut writer = connection.writer.lock().await;
                 for (line, command) in lines.iter().zip(&commands) {
                     write_line(&mut writer, line.as_bytes(), command.fd).await?;
                 }
@@ -388,7 +574,7 @@ impl QmpClient {
         })
         .await;
         {
-            let mut pending = lock(&self.shared.pending);
+            let mut pending = lock(&connection.shared.pending);
             for id in &ids {
                 pending.remove(id);
             }
@@ -397,6 +583,13 @@ impl QmpClient {
             Ok(Err(e)) => Some(e.to_string()),
             _ => None,
         };
+        if let Some(unanswered) = results.iter().zip(&commands).find(|(r, _)| r.is_none()) {
+            let reason = match &write_error {
+                Some(e) => format!("writing {} failed: {e}", unanswered.1.name),
+                None => format!("{} got no reply within {timeout:?}", unanswered.1.name),
+            };
+            connection.drop_with(reason);
+        }
         results
             .into_iter()
             .zip(&commands)
@@ -586,7 +779,9 @@ pub fn parse_incoming(line: &str) -> Result<Incoming, QmpError> {
 
 async fn read_loop(
     mut lines: FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+    socket: RawFd,
     shared: Arc<Shared>,
+    events: broadcast::Sender<QmpEvent>,
 ) {
     let reason = loop {
         let line = match lines.next().await {
@@ -598,7 +793,7 @@ async fn read_loop(
             Ok(Incoming::Event(event)) => {
                 tracing::debug!(event = %event.name, "qmp event");
                 // No subscriber is fine: nobody is waiting for events.
-                let _ = shared.events.send(event);
+                let _ = events.send(event);
             }
             Ok(Incoming::Reply { id, result }) => {
                 let waiter = lock(&shared.pending).remove(&id);
@@ -620,12 +815,10 @@ async fn read_loop(
         }
     };
     tracing::debug!(%reason, "qmp connection closed");
-    for (_, tx) in lock(&shared.pending).drain() {
-        let _ = tx.send(Err(QmpError::Disconnected {
-            reason: Some(reason.clone()),
-        }));
-    }
-    shared.closed.send_replace(Some(reason));
+    shared.finish(reason);
+    // Hang up for good, so QEMU's monitor is free for a new connection.
+    // `lines` still owns the socket here.
+    let _ = nix::sys::socket::shutdown(socket, nix::sys::socket::Shutdown::Both);
 }
 
 #[cfg(test)]
@@ -839,6 +1032,106 @@ mod tests {
         let status = client.execute("query-status", None).await.unwrap();
 
         assert_eq!(status["status"], "paused");
+    }
+
+    /// Serves QMP on a socket path; connection `n` (from 0) runs
+    /// `script(n, request)`.
+    fn listening_qemu<F>(script: F) -> (tempfile::TempDir, PathBuf)
+    where
+        F: Fn(usize, Value) -> Vec<String> + Send + Sync + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let script = Arc::new(script);
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let script = script.clone();
+                tokio::spawn(fake_qemu(stream, move |req| script(n, req)));
+            }
+        });
+        (dir, path)
+    }
+
+    fn reply(req: &Value, ret: Value) -> String {
+        json!({"return": ret, "id": req["id"]}).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_garbage_line_is_survived_by_reconnecting() {
+        let (_dir, path) = listening_qemu(|n, req| match n {
+            0 => vec!["this is not json".into()],
+            _ => vec![
+                json!({"event": "RESUME", "data": {}}).to_string(),
+                reply(&req, json!({"status": "running"})),
+            ],
+        });
+        let client = QmpClient::connect(&path, config()).await.unwrap();
+        let mut events = client.subscribe();
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+        assert!(matches!(err, QmpError::Disconnected { .. }), "{err:?}");
+        assert!(client.is_closed());
+
+        let status = client.execute("query-status", None).await.unwrap();
+        assert_eq!(status["status"], "running");
+        assert!(!client.is_closed());
+        let event = events.recv().await.unwrap();
+        assert_eq!(event.name, "RESUME", "subscriptions outlive the rebuild");
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_never_comes_drops_the_connection_and_the_next_command_reconnects() {
+        let (_dir, path) = listening_qemu(|n, req| match n {
+            0 => vec![],
+            _ => vec![reply(&req, json!({"status": "paused"}))],
+        });
+        let client = QmpClient::connect(&path, config()).await.unwrap();
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        assert!(client.is_closed(), "a timed-out connection is dropped");
+
+        let status = client.execute("query-status", None).await.unwrap();
+        assert_eq!(status["status"], "paused");
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_that_is_never_greeted_times_out_within_the_command_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (first, _) = listener.accept().await.unwrap();
+            tokio::spawn(fake_qemu(first, |_| vec!["garbage".into()]));
+            // Later connections wait in the backlog, never greeted.
+            std::future::pending::<()>().await;
+            drop(listener);
+        });
+        let client = QmpClient::connect(&path, config()).await.unwrap();
+        let _ = client.execute("query-status", None).await.unwrap_err();
+
+        let started = std::time::Instant::now();
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < config().command_timeout * 2);
+    }
+
+    #[tokio::test]
+    async fn a_client_made_from_a_stream_does_not_reconnect() {
+        let client = connected(|_| vec!["garbage".into()]).await;
+        let _ = client.execute("query-status", None).await.unwrap_err();
+
+        let err = client.execute("query-status", None).await.unwrap_err();
+
+        assert!(
+            matches!(err, QmpError::Disconnected { reason: Some(ref r) } if r.contains("not JSON")),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
