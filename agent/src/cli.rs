@@ -241,6 +241,9 @@ struct ServeArgs {
     /// How long a device removal waits for the guest to release the device.
     #[arg(long, default_value_t = 10_000)]
     unplug_timeout_ms: u64,
+    /// Stop making progress at this point (for tests of crash recovery).
+    #[arg(long, hide = true)]
+    fault_point: Option<crate::config::FaultPoint>,
     /// Serve Prometheus metrics on this loopback address (off when unset).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -545,11 +548,22 @@ fn state_name(state: i32) -> String {
     enum_label(name.map(|s| s.as_str_name()), "INSTANCE_STATE_", state)
 }
 
+/// The state, or `reconciling` while the agent, just restarted, has only
+/// the record's word for it.
+fn shown_state(i: &pb::InstanceInfo) -> String {
+    if i.reconciling {
+        "reconciling".into()
+    } else {
+        state_name(i.state)
+    }
+}
+
 fn instance_json(i: &pb::InstanceInfo) -> Value {
     json!({
         "name": i.name,
         "uuid": i.uuid,
         "state": state_name(i.state),
+        "reconciling": i.reconciling,
         "state_detail": i.state_detail,
         "pid": i.pid,
         "uptime_seconds": i.uptime_seconds,
@@ -566,7 +580,7 @@ fn instance_json(i: &pb::InstanceInfo) -> Value {
 fn print_instance(i: &pb::InstanceInfo) {
     println!("name:        {}", i.name);
     println!("uuid:        {}", i.uuid);
-    println!("state:       {}", state_name(i.state));
+    println!("state:       {}", shown_state(i));
     if !i.state_detail.is_empty() {
         println!("detail:      {}", i.state_detail);
     }
@@ -749,14 +763,14 @@ async fn instance(
                 println!("{}", Value::Array(list.iter().map(instance_json).collect()));
             } else {
                 println!(
-                    "{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}",
+                    "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
                     "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN"
                 );
                 for i in &list {
                     println!(
-                        "{:<20} {:<9} {:>8} {:>8} {:>5} {:>4}",
+                        "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
                         i.name,
-                        state_name(i.state),
+                        shown_state(i),
                         i.pid,
                         i.memory_mib,
                         i.vcpus,
@@ -1161,6 +1175,7 @@ async fn serve(
     cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
     cfg.unplug_timeout = Duration::from_millis(args.unplug_timeout_ms);
+    cfg.fault_point = args.fault_point;
     cfg.event_buffer = args.event_buffer;
     cfg.migration.address = args.migration_address.to_string();
     cfg.migration.ports = args.migration_ports;

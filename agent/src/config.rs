@@ -35,6 +35,29 @@ pub struct AgentConfig {
     pub exit_drain_timeout: Duration,
     /// Migration settings.
     pub migration: MigrationConfig,
+    /// Where to stop dead, for tests that kill the agent at that moment.
+    pub fault_point: Option<FaultPoint>,
+}
+
+/// A moment at which the agent can be told to stop making progress, so a
+/// test can kill it there and check what the next agent makes of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// A hot-add has journaled its intent and QEMU is not yet touched.
+    HotplugBeforeQemu,
+}
+
+impl std::str::FromStr for FaultPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hotplug-before-qemu" => Ok(FaultPoint::HotplugBeforeQemu),
+            other => Err(format!(
+                "unknown fault point {other:?}; the only one is hotplug-before-qemu"
+            )),
+        }
+    }
 }
 
 /// Where incoming migrations listen, and the defaults of outgoing ones.
@@ -78,6 +101,7 @@ impl AgentConfig {
             event_buffer: crate::events::DEFAULT_EVENT_BUFFER,
             exit_drain_timeout: Duration::from_millis(500),
             migration: MigrationConfig::default(),
+            fault_point: None,
         }
     }
 

@@ -203,6 +203,7 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         state_detail: view.detail,
         pid: view.pid.unwrap_or(0),
         uptime_seconds: view.uptime.map_or(0, |d| d.as_secs()),
+        reconciling: view.reconciling,
         ..Default::default()
     };
     let Some(rt) = view.runtime else {

@@ -17,10 +17,11 @@ use uuid::Uuid;
 
 use std::collections::HashMap;
 
-use hypervisor::argv::{disk_device_id, nic_device_id};
+use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device_id};
 use hypervisor::qmp::QmpClient;
 use runtime_store::Intent;
 
+use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
@@ -141,7 +142,7 @@ impl Agent {
         mut nic: NicSpec,
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await;
+        let _op = inst.lock_ops().await?;
         let (process, record) = Self::running(&inst)?;
         if nic.uuid.is_nil() {
             nic.uuid = Uuid::new_v4();
@@ -196,7 +197,7 @@ impl Agent {
         mut disk: DiskSpec,
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await;
+        let _op = inst.lock_ops().await?;
         let (process, record) = Self::running(&inst)?;
         if disk.uuid.is_nil() {
             disk.uuid = Uuid::new_v4();
@@ -251,7 +252,7 @@ impl Agent {
         device: &str,
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await;
+        let _op = inst.lock_ops().await?;
         let (process, mut record) = Self::running(&inst)?;
         let nic_index = record
             .runtime
@@ -327,6 +328,15 @@ impl Agent {
         self.clear_journal(inst)
     }
 
+    /// Stops here for good when told to, so a test can kill the agent at
+    /// this point.
+    async fn reach(&self, point: FaultPoint) {
+        if self.config().fault_point == Some(point) {
+            tracing::warn!(?point, "stopped at a fault point");
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Runs a hot-add in QEMU and the durable write of the record that
     /// includes the device side by side, so the fsync costs no latency. The
     /// intent, journaled before, covers the moment where one is done and
@@ -340,6 +350,10 @@ impl Agent {
         after: &InstanceRecord,
         change: impl Future<Output = Result<T, hotplug::HotplugError>>,
     ) -> Result<T, AgentError> {
+        let change = async {
+            self.reach(FaultPoint::HotplugBeforeQemu).await;
+            change.await
+        };
         let (changed, written) = tokio::join!(change, self.write_record(inst, after));
         match (changed, written) {
             (Ok(value), Ok(())) => {
@@ -364,11 +378,13 @@ impl Agent {
     }
 
     /// Brings the record of an adopted instance in line with what its QEMU
-    /// has: a hotplug the previous agent left under way is finished or
-    /// rolled back, whichever matches QEMU, and any other difference is
-    /// reported rather than guessed at.
+    /// has (`query-pci` and `query-block`): a hotplug the previous agent
+    /// left under way is finished or rolled back, whichever matches QEMU,
+    /// and a device QEMU no longer has leaves the runtime, so a reboot or a
+    /// migration doesn't bring back what the guest lost. A device only QEMU
+    /// has is reported: the runtime can't be guessed for it. The caller
+    /// holds the operation lock.
     pub(crate) async fn reconcile_devices(&self, inst: &Instance) -> Result<(), AgentError> {
-        let _op = inst.lock_ops().await;
         let (process, mut record) = Self::running(inst)?;
         let intent = match self.journal_store().load::<HotplugIntent>(inst.name())? {
             Intent::None => None,
@@ -378,44 +394,91 @@ impl Agent {
                 None
             }
         };
-        let pci = process
-            .qmp()
-            .execute("query-pci", None)
-            .await
-            .map_err(|source| AgentError::Qmp {
-                instance: inst.name().to_owned(),
-                source,
-            })?;
-        let in_qemu: HashMap<String, u8> = hotplug::slots::bus0_devices(&pci)
+        let qmp = process.qmp();
+        let ask = |command: &'static str| async move {
+            qmp.execute(command, None)
+                .await
+                .map_err(|source| AgentError::Qmp {
+                    instance: inst.name().to_owned(),
+                    source,
+                })
+        };
+        let (pci, blocks) = tokio::try_join!(ask("query-pci"), ask("query-block"))?;
+        let on_bus: HashMap<String, u8> = hotplug::slots::bus0_devices(&pci)
             .into_iter()
             .map(|(slot, id)| (id, slot))
             .collect();
-        let changed = match intent {
+        // A disk is there when its device is on the bus with its image
+        // behind it; a device without its block backend can't be used.
+        let in_qemu: HashMap<String, u8> = on_bus
+            .into_iter()
+            .filter(|(id, _)| !is_disk_id(id) || hotplug::disk::block_attached(&blocks, id))
+            .collect();
+        let mut changed = match intent {
             Some(intent) => settle_intent(process.qmp(), &mut record, &in_qemu, intent).await,
             None => false,
         };
-        let runtime_ids = record
-            .runtime
-            .nics
-            .iter()
-            .map(|n| (&n.spec.name, nic_device_id(n.spec.uuid)))
-            .chain(
-                record
-                    .runtime
-                    .disks
-                    .iter()
-                    .map(|d| (&d.spec.name, disk_device_id(d.spec.uuid))),
-            );
-        for (device, id) in runtime_ids {
-            if !in_qemu.contains_key(&id) {
-                tracing::warn!(instance = %inst.name(), device = %device, qemu_id = %id, "the runtime has a device QEMU doesn't");
+        let lost = lost_devices(&record, &in_qemu);
+        for (name, id) in &lost {
+            tracing::warn!(instance = %inst.name(), device = %name, qemu_id = %id, "QEMU no longer has this device; dropping it from the runtime");
+            if let Some(i) = record
+                .runtime
+                .nics
+                .iter()
+                .position(|n| &n.spec.name == name)
+            {
+                record.runtime.nics.remove(i);
+                process.remove_tap(i);
+            }
+            record.runtime.disks.retain(|d| &d.spec.name != name);
+            changed = true;
+        }
+        let known: Vec<String> = runtime_device_ids(&record).map(|(_, id)| id).collect();
+        for id in in_qemu.keys().filter(|id| is_agent_device_id(id)) {
+            if !known.contains(id) {
+                tracing::warn!(instance = %inst.name(), qemu_id = %id, "QEMU has a device the runtime doesn't; left as it is");
             }
         }
         if changed {
             self.write_record(inst, &record).await?;
         }
-        self.clear_journal(inst)
+        self.clear_journal(inst)?;
+        for (name, _) in lost {
+            inst.announce(EventKind::DeviceRemoved { device: name });
+        }
+        Ok(())
     }
+}
+
+/// Each runtime device's name and QEMU id.
+fn runtime_device_ids(record: &InstanceRecord) -> impl Iterator<Item = (String, String)> + '_ {
+    let nics = record
+        .runtime
+        .nics
+        .iter()
+        .map(|n| (n.spec.name.clone(), nic_device_id(n.spec.uuid)));
+    let disks = record
+        .runtime
+        .disks
+        .iter()
+        .map(|d| (d.spec.name.clone(), disk_device_id(d.spec.uuid)));
+    nics.chain(disks)
+}
+
+/// Runtime devices (name, QEMU id) that QEMU doesn't have. Pure.
+fn lost_devices(record: &InstanceRecord, in_qemu: &HashMap<String, u8>) -> Vec<(String, String)> {
+    runtime_device_ids(record)
+        .filter(|(_, id)| !in_qemu.contains_key(id))
+        .collect()
+}
+
+fn is_disk_id(id: &str) -> bool {
+    id.starts_with(DISK_ID_PREFIX)
+}
+
+/// Whether a QEMU id is one the agent gives its devices.
+fn is_agent_device_id(id: &str) -> bool {
+    is_disk_id(id) || id.starts_with(NIC_ID_PREFIX)
 }
 
 /// Applies what QEMU shows to an unfinished hotplug. Returns whether the

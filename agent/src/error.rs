@@ -176,6 +176,9 @@ pub enum AgentError {
     /// A blocking task died.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller left before the operation began, so it never did.
+    #[error("the caller left before the operation began; nothing was done")]
+    CallerGone,
 }
 
 /// An error and its sources, as one line.
@@ -303,6 +306,7 @@ impl AgentError {
             AgentError::Store(_) | AgentError::Internal(_) => {
                 (Code::Internal, "see the agent's log")
             }
+            AgentError::CallerGone => (Code::Cancelled, "call again with a longer deadline"),
             AgentError::SaveFile { source, .. } => match source {
                 SaveFileError::Exists(_) => (
                     Code::AlreadyExists,

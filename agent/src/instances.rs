@@ -113,6 +113,9 @@ pub struct InstanceView {
     pub runtime: Option<Runtime>,
     /// Host tap names by NIC order, while running.
     pub taps: Vec<String>,
+    /// Set after an agent restart until the instance's QEMU has been found
+    /// and its devices compared; operations on it wait until then.
+    pub reconciling: bool,
 }
 
 /// A running QEMU that the agent supervises.
@@ -171,15 +174,42 @@ struct Status {
     outgoing: Option<Arc<tokio::sync::Notify>>,
     /// Set while a migration into this node waits to be finalized.
     incoming: Option<migration::Incoming>,
+    /// Set while recovery after an agent restart works on the instance.
+    reconciling: bool,
 }
 
 /// One instance: an operation lock and a status.
 #[derive(Debug)]
 pub struct Instance {
     name: String,
-    ops: tokio::sync::Mutex<()>,
+    /// Shared so recovery can hold it from registration until done.
+    ops: Arc<tokio::sync::Mutex<()>>,
     status: Mutex<Status>,
     events: Arc<EventBus>,
+}
+
+tokio::task_local! {
+    /// Present while an operation runs for a caller; closed once the
+    /// caller is gone.
+    static CALLER: tokio::sync::watch::Receiver<()>;
+}
+
+/// Runs `work` as the operation of a caller who keeps the sender of
+/// `presence` for as long as it waits.
+pub(crate) fn for_caller<F: Future>(
+    presence: tokio::sync::watch::Receiver<()>,
+    work: F,
+) -> impl Future<Output = F::Output> {
+    CALLER.scope(presence, work)
+}
+
+/// Resolves when the caller of the current operation is gone; never for
+/// work nobody called for (supervision, recovery).
+async fn caller_gone() {
+    match CALLER.try_with(Clone::clone) {
+        Ok(mut presence) => while presence.changed().await.is_ok() {},
+        Err(_) => std::future::pending().await,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,7 +227,7 @@ impl Instance {
         Arc::new(Instance {
             name: name.to_owned(),
             events,
-            ops: tokio::sync::Mutex::new(()),
+            ops: Arc::new(tokio::sync::Mutex::new(())),
             status: Mutex::new(Status {
                 state,
                 detail,
@@ -205,6 +235,7 @@ impl Instance {
                 process: None,
                 outgoing: None,
                 incoming: None,
+                reconciling: false,
             }),
         })
     }
@@ -226,6 +257,7 @@ impl Instance {
                 .as_ref()
                 .map(|p| lock(&p.taps).clone())
                 .unwrap_or_default(),
+            reconciling: st.reconciling,
         }
     }
 
@@ -238,9 +270,16 @@ impl Instance {
         &self.name
     }
 
-    /// Takes the operation lock.
-    pub(crate) async fn lock_ops(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.ops.lock().await
+    /// Takes the operation lock, unless the caller of the operation goes
+    /// away first: an operation that hasn't begun when its caller's
+    /// deadline passes is dropped, while one that has begun runs to its
+    /// end.
+    pub(crate) async fn lock_ops(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, AgentError> {
+        tokio::select! {
+            biased;
+            guard = self.ops.lock() => Ok(guard),
+            () = caller_gone() => Err(AgentError::CallerGone),
+        }
     }
 
     /// The running process (if any) and the record, copied together.
@@ -629,13 +668,24 @@ impl Agent {
                 }
             }
         };
-        let _op = inst.ops.lock().await;
-        let result = self.start_locked(&inst, &mut spec).await;
-        if result.is_err() && fresh && lock(&inst.status).record.is_none() {
-            self.registry_mut().remove(&inst.name);
+        let op = inst.lock_ops().await;
+        let result = match &op {
+            Ok(_) => self.start_locked(&inst, &mut spec).await,
+            Err(_) => Err(AgentError::CallerGone),
+        };
+        if result.is_err() && fresh {
+            self.forget_if_unrecorded(&inst);
         }
         result?;
         Ok(inst.view())
+    }
+
+    /// Drops a registry entry that never got a record, after the operation
+    /// that made it failed.
+    pub(crate) fn forget_if_unrecorded(&self, inst: &Instance) {
+        if lock(&inst.status).record.is_none() {
+            self.registry_mut().remove(&inst.name);
+        }
     }
 
     async fn start_locked(
@@ -879,7 +929,7 @@ impl Agent {
         powerdown_timeout: Option<Duration>,
     ) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         if inst.is_incoming() {
             // Nothing of the guest ran here yet; stopping means dropping it.
             self.abort_incoming(&inst).await;
@@ -930,7 +980,7 @@ impl Agent {
         mode: RebootMode,
     ) -> Result<InstanceView, AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         let Some(process) = inst.process() else {
             return Err(AgentError::NotRunning(name.to_owned()));
         };
@@ -1019,16 +1069,21 @@ impl Agent {
         }
     }
 
-    /// Loads every record and finds the QEMUs that kept running while the
-    /// agent was away. Instances are recovered in parallel.
-    pub async fn recover(self: &Arc<Self>) {
+    /// Loads every record and registers its instance, so that calls can
+    /// name it at once, then starts reconciling in the background: finding
+    /// the QEMUs that kept running while the agent was away, in parallel.
+    /// An instance whose record says running is marked reconciling, and its
+    /// operations wait, until its QEMU is adopted or found gone. The
+    /// returned task ends when all are done.
+    pub async fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let began = std::time::Instant::now();
         let store = self.store.clone();
         let loaded = tokio::task::spawn_blocking(move || store.load_all::<InstanceRecord>()).await;
         let (records, errors) = match loaded {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "can't load instance records");
-                return;
+                return tokio::spawn(async {});
             }
         };
         for e in errors {
@@ -1036,25 +1091,39 @@ impl Agent {
         }
         let mut tasks = tokio::task::JoinSet::new();
         for rec in records {
-            let agent = self.clone();
-            tasks.spawn(async move { agent.recover_one(rec.name, rec.value).await });
+            if let Some(work) = self.register_recorded(rec.name, rec.value) {
+                tasks.spawn(work);
+            }
         }
-        while tasks.join_next().await.is_some() {}
+        let count = tasks.len();
+        tokio::spawn(async move {
+            while tasks.join_next().await.is_some() {}
+            if count > 0 {
+                tracing::info!(
+                    instances = count,
+                    elapsed_ms = began.elapsed().as_millis() as u64,
+                    "reconciliation done"
+                );
+            }
+        })
     }
 
-    async fn recover_one(self: Arc<Self>, name: String, record: InstanceRecord) {
-        let run_dir = self.cfg.run_dir(&name);
-        let uuid = record.runtime.uuid;
+    /// Registers a recorded instance; returns the recovery work it needs.
+    fn register_recorded(
+        self: &Arc<Self>,
+        name: String,
+        record: InstanceRecord,
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+        let agent = self.clone();
         if record.state == RecordedState::Incoming {
-            self.drop_unfinished_incoming(&name, &record).await;
-            return;
+            return Some(Box::pin(async move {
+                agent.drop_unfinished_incoming(&name, &record).await
+            }));
         }
         let (state, detail) = match record.state {
             RecordedState::Running => (State::Running, String::new()),
             other => (resting_state(other), record.detail.clone()),
         };
-        // Reconciling an unfinished hotplug against QEMU is still to come;
-        // until then it is reported, never silently dropped.
         let inst = Instance::new(
             &name,
             Some(record.clone()),
@@ -1062,17 +1131,40 @@ impl Agent {
             detail,
             self.events.clone(),
         );
-        self.registry_mut().insert(name.clone(), inst.clone());
-        if record.state != RecordedState::Running {
-            return;
-        }
-        let Some(pid) = process::live_instance_pid(&run_dir.join(files::PIDFILE), uuid) else {
+        let running = record.state == RecordedState::Running;
+        lock(&inst.status).reconciling = running;
+        // Taken before anyone can see the instance, so no call slips in
+        // ahead of its reconciliation.
+        let op = running.then(|| {
+            inst.ops
+                .clone()
+                .try_lock_owned()
+                .expect("a new instance's lock is free")
+        });
+        self.registry_mut().insert(name, inst.clone());
+        let op = op?;
+        Some(Box::pin(async move {
+            agent.reconcile(&inst, &record).await;
+            lock(&inst.status).reconciling = false;
+            drop(op);
+        }))
+    }
+
+    /// Finds a recorded-running instance's QEMU and adopts it, or records
+    /// that it died while the agent was away. The caller holds the
+    /// operation lock.
+    async fn reconcile(self: &Arc<Self>, inst: &Arc<Instance>, record: &InstanceRecord) {
+        let name = &inst.name;
+        let run_dir = self.cfg.run_dir(name);
+        let Some(pid) =
+            process::live_instance_pid(&run_dir.join(files::PIDFILE), record.runtime.uuid)
+        else {
             let detail = "QEMU exited while the agent was not running".to_owned();
             tracing::warn!(instance = %name, "{detail}");
             lifecycle::remove_run_files(&run_dir);
             inst.set_state(State::Crashed, detail.clone());
             if let Err(e) = self
-                .persist_state(&inst, RecordedState::Crashed, &detail)
+                .persist_state(inst, RecordedState::Crashed, &detail)
                 .await
             {
                 tracing::error!(instance = %name, error = %e, "can't record the crash");
@@ -1087,8 +1179,8 @@ impl Agent {
                     Ok(false) => State::Paused,
                     _ => State::Running,
                 };
-                self.supervise(&inst, process, events, state);
-                if let Err(e) = self.reconcile_devices(&inst).await {
+                self.supervise(inst, process, events, state);
+                if let Err(e) = self.reconcile_devices(inst).await {
                     tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
                 }
             }

@@ -79,7 +79,9 @@ async fn shutdown_signal() {
 /// Recovers instances, then serves until SIGTERM or SIGINT.
 pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()> {
     listeners.check().map_err(anyhow::Error::msg)?;
-    agent.recover().await;
+    // Instances are registered now; their reconciliation goes on while
+    // the server already answers.
+    let _reconciliation = agent.recover().await;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

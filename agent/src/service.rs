@@ -480,8 +480,12 @@ async fn traced<T: Send + 'static>(
         tracing::info_span!("op", op, instance = instance.as_str(), request_id = %request_id);
     // A task of its own: a caller that goes away, or whose deadline
     // passes, ends its wait, not the operation halfway through a QMP
-    // sequence or a stop escalation.
-    let operation = tokio::spawn(
+    // sequence or a stop escalation. One still waiting for the instance
+    // when the caller leaves is dropped instead (`present` goes with the
+    // caller).
+    let (present, presence) = tokio::sync::watch::channel(());
+    let operation = tokio::spawn(crate::instances::for_caller(
+        presence,
         async move {
             let started = Instant::now();
             let result = work.await;
@@ -495,12 +499,13 @@ async fn traced<T: Send + 'static>(
             result
         }
         .instrument(span),
-    );
+    ));
     let result = operation.await.unwrap_or_else(|e| {
         Err(AgentError::Internal(format!(
             "the {op} operation ended abnormally: {e}"
         )))
     });
+    drop(present);
     match result {
         Ok(value) => {
             let mut response = Response::new(value);

@@ -177,7 +177,8 @@ pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(
 }
 
 /// Whether `query-block` shows a block device attached to device `id`.
-fn block_attached(blocks: &Value, id: &str) -> bool {
+/// Pure.
+pub fn block_attached(blocks: &Value, id: &str) -> bool {
     blocks.as_array().into_iter().flatten().any(|b| {
         b.get("qdev")
             .and_then(Value::as_str)

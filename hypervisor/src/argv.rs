@@ -39,9 +39,14 @@ fn short(uuid: Uuid) -> String {
     uuid.simple().to_string()[..12].to_owned()
 }
 
+/// How the QEMU id of every disk device starts.
+pub const DISK_ID_PREFIX: &str = "disk-";
+/// How the QEMU id of every NIC device starts.
+pub const NIC_ID_PREFIX: &str = "nic-";
+
 /// QEMU device id of a disk.
 pub fn disk_device_id(uuid: Uuid) -> String {
-    format!("disk-{}", short(uuid))
+    format!("{DISK_ID_PREFIX}{}", short(uuid))
 }
 
 /// Block node of a disk's file (protocol) layer.
@@ -56,7 +61,7 @@ pub fn disk_format_node(uuid: Uuid) -> String {
 
 /// QEMU device id of a NIC.
 pub fn nic_device_id(uuid: Uuid) -> String {
-    format!("nic-{}", short(uuid))
+    format!("{NIC_ID_PREFIX}{}", short(uuid))
 }
 
 /// QEMU netdev id of a NIC.

@@ -285,10 +285,37 @@ impl TestAgent {
         }
     }
 
-    /// Starts the agent again on the same state directory.
+    /// Starts the agent again on the same state directory and waits until
+    /// it has reconciled every instance.
     pub async fn restart(&mut self) {
+        self.restart_unsettled().await;
+        self.wait_reconciled(Duration::from_secs(30)).await;
+    }
+
+    /// Starts the agent again on the same state directory, returning as
+    /// soon as it listens (instances may still be reconciling).
+    pub async fn restart_unsettled(&mut self) {
         self.kill_agent();
         self.spawn().await;
+    }
+
+    /// Waits until no instance is marked reconciling.
+    pub async fn wait_reconciled(&self, limit: Duration) {
+        let mut client = self.client().await;
+        let settled = wait_for(limit, async || {
+            let list = client
+                .list_instances(pb::ListInstancesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            list.instances.iter().all(|i| !i.reconciling).then_some(())
+        })
+        .await;
+        assert!(
+            settled.is_some(),
+            "instances still reconciling after {limit:?}; log:\n{}",
+            self.log()
+        );
     }
 
     /// pids of live QEMUs of tracked instances.
@@ -341,6 +368,12 @@ pub fn process_alive(pid: u32) -> bool {
                 .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+/// Sends `signal` to `pid` (a process the test started).
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
 /// A minimal, independent QMP client used to check what QEMU really has.

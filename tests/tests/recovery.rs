@@ -155,3 +155,208 @@ async fn a_removal_the_guest_completed_is_finished_in_the_record() {
     assert_eq!(rt["nics"], json!([]), "{rt}");
     assert!(intent_is_clear(&agent, "leaving"));
 }
+
+fn instance_named<'a>(list: &'a [pb::InstanceInfo], name: &str) -> &'a pb::InstanceInfo {
+    list.iter()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
+}
+
+/// The agent is killed in the middle of a NIC hot-add, after QEMU took the
+/// netdev and before it got the device; another instance's QEMU dies while
+/// no agent runs, and a third's pidfile is left naming an unrelated
+/// process. The next agent sorts every one out, and quickly.
+#[tokio::test]
+async fn a_killed_agent_is_replaced_by_one_that_reconciles_every_instance() {
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--fault-point".to_owned(), "hotplug-before-qemu".to_owned()]);
+    let mut agent = TestAgent::start_with(options).await;
+    let mut pids = std::collections::HashMap::new();
+    for name in ["one", "two", "three", "lost", "stranger"] {
+        let info = agent.start_spec(agent.spec(name, 64)).await;
+        pids.insert(name, info.pid);
+    }
+
+    let nic_uuid = uuid::Uuid::new_v4();
+    let mut half_added = nic("eth1", "52:54:00:00:92:01");
+    half_added.uuid = nic_uuid.to_string();
+    let adding = {
+        let mut client = agent.client().await;
+        tokio::spawn(async move {
+            client
+                .add_nic(pb::AddNicRequest {
+                    name: "two".into(),
+                    nic: Some(half_added),
+                })
+                .await
+        })
+    };
+    let stalled = wait_for(Duration::from_secs(10), async || {
+        agent
+            .log()
+            .contains("stopped at a fault point")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        stalled.is_some(),
+        "the hot-add never reached its fault point:\n{}",
+        agent.log()
+    );
+    // QEMU gets the NIC's netdev (a tap of its own) but never the device.
+    let tap = format!("kr{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let netdev = format!("net-{}", &nic_uuid.simple().to_string()[..12]);
+    operator_qmp(&agent, "two").execute(
+        "netdev_add",
+        json!({"type": "tap", "id": netdev, "ifname": tap, "script": "no", "downscript": "no"}),
+    );
+    assert!(std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
+
+    agent.kill_agent();
+    adding.abort();
+    send_signal(pids["lost"], libc::SIGKILL);
+    send_signal(pids["stranger"], libc::SIGKILL);
+    let mut unrelated = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        agent.run_dir("stranger").join("pid"),
+        unrelated.id().to_string(),
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), async || {
+            (!process_alive(pids["lost"]) && !process_alive(pids["stranger"])).then_some(())
+        })
+        .await
+        .is_some()
+    );
+
+    let began = std::time::Instant::now();
+    agent.restart_unsettled().await;
+    let mut client = agent.client().await;
+    let settled = wait_for(Duration::from_secs(10), async || {
+        let list = client
+            .list_instances(pb::ListInstancesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .instances;
+        list.iter().all(|i| !i.reconciling).then_some(list)
+    })
+    .await
+    .expect("reconciliation never finished");
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(2), "reconciling took {took:?}");
+
+    for name in ["one", "two", "three"] {
+        let info = instance_named(&settled, name);
+        assert_eq!(info.state(), pb::InstanceState::Running, "{name}: {info:?}");
+        assert_eq!(info.pid, pids[name], "{name} keeps its QEMU");
+        // QMP is connected again: pausing and resuming both go through it.
+        client
+            .pause_instance(pb::PauseInstanceRequest { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        client
+            .resume_instance(pb::ResumeInstanceRequest { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for name in ["lost", "stranger"] {
+        let info = instance_named(&settled, name);
+        assert_eq!(info.state(), pb::InstanceState::Crashed, "{name}: {info:?}");
+        assert_eq!(info.pid, 0);
+    }
+    assert!(
+        process_alive(unrelated.id()),
+        "the unrelated process is left alone"
+    );
+    let _ = unrelated.kill();
+    let _ = unrelated.wait();
+
+    // The half-done hot-add is gone from QEMU and from the runtime alike.
+    let two = instance_named(&settled, "two");
+    assert!(two.devices.is_empty(), "{:?}", two.devices);
+    let rt = agent.runtime_json("two").await;
+    assert_eq!(rt["nics"], json!([]), "{rt}");
+    assert!(
+        !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "the netdev and its tap were deleted"
+    );
+    let nic_id = format!("nic-{}", &nic_uuid.simple().to_string()[..12]);
+    let in_qemu = operator_qmp(&agent, "two").pci_devices();
+    assert!(
+        in_qemu.iter().all(|(_, id, _)| *id != nic_id),
+        "{in_qemu:?}"
+    );
+    assert!(intent_is_clear(&agent, "two"));
+}
+
+/// While one instance's QEMU can't be reached yet, the restarted agent
+/// already answers: that instance is listed as reconciling (and calls on it
+/// wait), the others are done.
+#[tokio::test]
+async fn the_agent_answers_while_an_instance_is_still_being_reconciled() {
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--qmp-greeting-timeout-ms".to_owned(), "20000".to_owned()]);
+    let mut agent = TestAgent::start_with(options).await;
+    let frozen = agent.start_spec(agent.spec("frozen", 64)).await;
+    agent.start_spec(agent.spec("fine", 64)).await;
+    agent.kill_agent();
+    send_signal(frozen.pid, libc::SIGSTOP);
+
+    agent.restart_unsettled().await;
+    let mut client = agent.client().await;
+    let fine_done = wait_for(Duration::from_secs(5), async || {
+        let list = client
+            .list_instances(pb::ListInstancesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .instances;
+        (!instance_named(&list, "fine").reconciling).then_some(list)
+    })
+    .await;
+    // SIGCONT before any assertion can fail, so the QEMU doesn't stay stopped.
+    let mut pause = tonic::Request::new(pb::PauseInstanceRequest {
+        name: "frozen".into(),
+    });
+    pause.set_timeout(Duration::from_millis(300));
+    let waited = client.pause_instance(pause).await;
+    send_signal(frozen.pid, libc::SIGCONT);
+
+    let list = fine_done.expect("the reachable instance was reconciled");
+    let fine = instance_named(&list, "fine");
+    assert_eq!(fine.state(), pb::InstanceState::Running);
+    let frozen_info = instance_named(&list, "frozen");
+    assert!(frozen_info.reconciling, "{frozen_info:?}");
+    let waited = waited.unwrap_err();
+    assert!(
+        matches!(
+            waited.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "calls on an instance being reconciled wait for it: {waited:?}"
+    );
+
+    let adopted = wait_for(Duration::from_secs(10), async || {
+        let info = client
+            .get_instance(pb::GetInstanceRequest {
+                name: "frozen".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (!info.reconciling).then_some(info)
+    })
+    .await
+    .expect("the frozen instance is reconciled once QEMU runs again");
+    assert_eq!(adopted.state(), pb::InstanceState::Running);
+    assert_eq!(adopted.pid, frozen.pid);
+}

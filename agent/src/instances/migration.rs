@@ -186,7 +186,7 @@ impl Agent {
     ) -> Result<MigrationReport, AgentError> {
         let target = AgentAddress::parse(target).map_err(AgentError::BadRequest)?;
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         let (process, record) = inst.process_and_record();
         let (Some(process), Some(record)) = (process, record) else {
             return Err(AgentError::NotRunning(name.to_owned()));
@@ -520,7 +520,7 @@ impl Agent {
         let runtime = self.adopt_runtime(&foreign).await?;
         Self::check_disks_exist(&runtime.to_spec())?;
         let inst = self.register_incoming(&runtime)?;
-        let _op = inst.ops.lock().await;
+        let _op = self.lock_incoming(&inst).await?;
         let previous = self.check_incoming(&inst, &runtime)?;
         let (_, process) = self
             .launch_incoming(&inst, runtime, format!("incoming from {source}"), &previous)
@@ -621,10 +621,23 @@ impl Agent {
         runtime: &Runtime,
     ) -> Result<Option<InstanceRecord>, AgentError> {
         let checked = self.check_incoming_inner(inst, runtime);
-        if checked.is_err() && lock(&inst.status).record.is_none() {
-            self.registry_mut().remove(&inst.name);
+        if checked.is_err() {
+            self.forget_if_unrecorded(inst);
         }
         checked
+    }
+
+    /// Takes the operation lock of an instance `register_incoming` gave;
+    /// if the caller leaves first, an entry it made is dropped again.
+    pub(super) async fn lock_incoming<'a>(
+        &self,
+        inst: &'a Instance,
+    ) -> Result<tokio::sync::MutexGuard<'a, ()>, AgentError> {
+        let locked = inst.lock_ops().await;
+        if locked.is_err() {
+            self.forget_if_unrecorded(inst);
+        }
+        locked
     }
 
     fn check_incoming_inner(
@@ -750,7 +763,7 @@ impl Agent {
         resume: bool,
     ) -> Result<InstanceView, AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         let (process, record) = inst.process_and_record();
         let Some(mut record) = record.filter(|r| r.state == RecordedState::Incoming) else {
             return Err(AgentError::NoMigration(name.to_owned()));
@@ -846,7 +859,7 @@ impl Agent {
             cancel.notify_one();
             return Ok("outgoing");
         }
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         if inst.is_incoming() {
             self.abort_incoming(&inst).await;
             return Ok("incoming");

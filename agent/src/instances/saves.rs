@@ -85,7 +85,7 @@ impl Agent {
         let path = absolute(path)?;
         let started = Instant::now();
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         let (process, record) = inst.process_and_record();
         let before = lock(&inst.status).state;
         let (Some(process), Some(mut record)) = (process, record) else {
@@ -250,7 +250,7 @@ impl Agent {
         Self::check_disks_exist(&runtime.to_spec())?;
         let resume = file.header.was_running && !paused;
         let inst = self.register_incoming(&runtime)?;
-        let _op = inst.ops.lock().await;
+        let _op = self.lock_incoming(&inst).await?;
         let previous = self.check_incoming(&inst, &runtime)?;
         let detail = format!("restore from {}", path.display());
         let (mut record, process) = self
@@ -332,7 +332,7 @@ impl Agent {
 
     async fn set_paused(&self, name: &str, pause: bool) -> Result<InstanceView, AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.ops.lock().await;
+        let _op = inst.lock_ops().await?;
         let state = lock(&inst.status).state;
         let Some(process) = inst
             .process()
