@@ -375,7 +375,8 @@ pub fn is_safe_identifier(s: &str, max: usize) -> bool {
     s.len() <= max && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Checks an absolute, normalized path without NUL bytes.
+/// Checks an absolute, normalized path without control characters, and
+/// without the characters QEMU's option syntax gives a meaning to.
 pub fn check_absolute_path(what: &str, path: &Path) -> Result<(), SpecError> {
     let fail = |reason| {
         Err(SpecError::Path {
@@ -398,6 +399,13 @@ pub fn check_absolute_path(what: &str, path: &Path) -> Result<(), SpecError> {
     }
     if text.bytes().any(|b| b == 0 || b.is_ascii_control()) {
         return fail("it contains control characters");
+    }
+    // Escaping would make them safe for QEMU, but every tool that later
+    // pastes such a path into an option string would have to as well.
+    if text.contains([',', '=']) {
+        return fail(
+            "it contains ',' or '=', which QEMU options treat as syntax; rename the file or point a symlink without them at it",
+        );
     }
     if path
         .components()
@@ -628,11 +636,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn disk_path_with_comma_is_allowed() {
-        let mut spec = sample_spec();
-        spec.disks[0].path = "/srv/a,b/disk,file=/etc/shadow".into();
+    fn paths_with_option_syntax_are_refused() {
+        for path in ["/srv/a,b/disk", "/srv/disk,file=/etc/shadow", "/srv/x=y.img"] {
+            let mut spec = sample_spec();
+            spec.disks[0].path = path.into();
 
-        assert_eq!(spec.validate(), Ok(()));
+            assert!(
+                matches!(spec.validate(), Err(SpecError::Path { reason, .. }) if reason.contains("symlink")),
+                "{path}"
+            );
+        }
     }
 
     #[test]
