@@ -13,33 +13,36 @@ use tonic::Code;
 async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
     let agent = TestAgent::start().await;
     let mut client = agent.client().await;
-    client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("slow", 64)),
-        })
-        .await
-        .unwrap();
-    // The guest has no OS, so this stop waits out its full powerdown timeout.
+    let slow = agent.start_spec(agent.spec("slow", 64)).await;
+    // The guest has no OS, so this stop would wait out a 30 s powerdown.
     let mut stopper = agent.client().await;
     let long_stop = tokio::spawn(async move {
         stopper
             .stop_instance(pb::StopInstanceRequest {
                 name: "slow".into(),
                 force: false,
-                powerdown_timeout_ms: 3000,
+                powerdown_timeout_ms: 30_000,
             })
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
+    let mut get_times = Vec::new();
+    let mut info = None;
+    for _ in 0..10 {
+        let began = Instant::now();
+        let reply = client
+            .get_instance(pb::GetInstanceRequest {
+                name: "slow".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        get_times.push(began.elapsed());
+        info = Some(reply);
+    }
+    get_times.sort();
     let began = Instant::now();
-    let info = client
-        .get_instance(pb::GetInstanceRequest {
-            name: "slow".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
     client
         .list_instances(pb::ListInstancesRequest {})
         .await
@@ -48,7 +51,7 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
         .get_node_info(pb::GetNodeInfoRequest {})
         .await
         .unwrap();
-    let reads = began.elapsed();
+    let other_reads = began.elapsed();
     let began = Instant::now();
     client
         .start_instance(pb::StartInstanceRequest {
@@ -58,10 +61,17 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
         .unwrap();
     let other_start = began.elapsed();
 
-    assert_eq!(info.state, pb::InstanceState::Stopping as i32);
+    assert_eq!(info.unwrap().state(), pb::InstanceState::Stopping);
+    // The median, so one scheduling hiccup on a shared machine doesn't
+    // decide; the slowest must still be far from the stop's 30 s.
     assert!(
-        reads < Duration::from_millis(500),
-        "reads took {reads:?} behind a stop"
+        get_times[5] < Duration::from_millis(50),
+        "GetInstance took {get_times:?} behind a stop"
+    );
+    assert!(get_times[9] < Duration::from_millis(500), "{get_times:?}");
+    assert!(
+        other_reads < Duration::from_millis(500),
+        "ListInstances and GetNodeInfo took {other_reads:?} behind a stop"
     );
     assert!(
         other_start < Duration::from_millis(2000),
@@ -71,7 +81,184 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
         !long_stop.is_finished(),
         "the stop is still waiting for the guest"
     );
-    long_stop.await.unwrap().unwrap();
+    // End the escalation early: the stop sees QEMU go and completes.
+    send_signal(slow.pid, libc::SIGKILL);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), long_stop)
+        .await
+        .expect("the stop ends once QEMU is gone")
+        .unwrap();
+    stopped.unwrap();
+}
+
+/// Ten operations of every kind fired at one instance at once: each ends
+/// cleanly, and afterwards the runtime, the API and QEMU itself agree.
+#[tokio::test]
+async fn ten_operations_at_once_on_one_instance_leave_it_consistent() {
+    let agent = TestAgent::start().await;
+    agent.start_spec(agent.spec("busy", 64)).await;
+    let images: Vec<_> = (0..2)
+        .map(|i| agent.raw_image(&format!("busy{i}.img"), 8))
+        .collect();
+    let planned = [
+        ("nic eth1", Call::AddNic(nic("eth1", "52:54:00:00:a0:01"))),
+        ("nic eth2", Call::AddNic(nic("eth2", "52:54:00:00:a0:02"))),
+        ("nic eth3", Call::AddNic(nic("eth3", "52:54:00:00:a0:03"))),
+        ("nic eth1 again", Call::AddNic(nic("eth1", "52:54:00:00:a0:04"))),
+        ("disk d0", Call::AddDisk(disk("d0", &images[0]))),
+        ("disk d1", Call::AddDisk(disk("d1", &images[1]))),
+        ("pause", Call::Pause),
+        ("resume", Call::Resume),
+        ("soft reboot", Call::Reboot(pb::RebootMode::Soft)),
+        ("reset", Call::Reboot(pb::RebootMode::Reset)),
+    ];
+    // A connection each, made first, so the calls go out together.
+    let mut clients = Vec::new();
+    for _ in 0..planned.len() {
+        clients.push(agent.client().await);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for ((label, call), mut c) in planned.into_iter().zip(clients) {
+        calls.spawn(async move {
+            let name = || "busy".to_owned();
+            let result = match call {
+                Call::AddNic(nic) => c
+                    .add_nic(pb::AddNicRequest {
+                        name: name(),
+                        nic: Some(nic),
+                    })
+                    .await
+                    .map(drop),
+                Call::AddDisk(disk) => c
+                    .add_disk(pb::AddDiskRequest {
+                        name: name(),
+                        disk: Some(disk),
+                    })
+                    .await
+                    .map(drop),
+                Call::Pause => c
+                    .pause_instance(pb::PauseInstanceRequest { name: name() })
+                    .await
+                    .map(drop),
+                Call::Resume => c
+                    .resume_instance(pb::ResumeInstanceRequest { name: name() })
+                    .await
+                    .map(drop),
+                Call::Reboot(mode) => c
+                    .reboot_instance(pb::RebootInstanceRequest {
+                        name: name(),
+                        mode: mode as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            };
+            (label, result)
+        });
+    }
+
+    let mut duplicate_refusals = 0;
+    while let Some(done) = calls.join_next().await {
+        let (label, result) = done.unwrap();
+        match result {
+            Ok(()) => {}
+            // Whichever eth1 comes second is refused, and only for that.
+            Err(e)
+                if label.starts_with("nic eth1")
+                    && e.code() == Code::InvalidArgument
+                    && e.message().contains("used twice") =>
+            {
+                duplicate_refusals += 1
+            }
+            Err(e) => panic!("{label}: {e:?}"),
+        }
+    }
+    assert_eq!(duplicate_refusals, 1, "one of the two eth1 is refused");
+
+    let info = agent.instance("busy").await;
+    let runtime = agent.runtime_json("busy").await;
+    let mut qmp = operator_qmp(&agent, "busy");
+    let mut in_qemu: Vec<(u64, String)> = qmp
+        .pci_devices()
+        .into_iter()
+        .filter(|(_, id, _)| id.starts_with("nic-") || id.starts_with("disk-"))
+        .map(|(slot, id, _)| (slot, id))
+        .collect();
+    let mut in_api: Vec<(u64, String)> = info
+        .devices
+        .iter()
+        .map(|d| (u64::from(d.pci_slot), d.qemu_id.clone()))
+        .collect();
+    let mut in_runtime: Vec<u64> = ["nics", "disks"]
+        .iter()
+        .flat_map(|k| runtime[k].as_array().unwrap().clone())
+        .map(|d| d["slot"].as_u64().unwrap())
+        .collect();
+    in_qemu.sort();
+    in_api.sort();
+    in_runtime.sort();
+    assert_eq!(in_api.len(), 5, "three NICs and two disks: {in_api:?}");
+    assert_eq!(in_qemu, in_api, "QEMU and the API agree");
+    assert_eq!(
+        in_runtime,
+        in_api.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        "the runtime agrees"
+    );
+    let running = qmp.execute("query-status", serde_json::json!({}))["running"] == true;
+    let paused = info.state() == pb::InstanceState::Paused;
+    assert!(
+        info.state() == pb::InstanceState::Running || paused,
+        "{:?}",
+        info.state()
+    );
+    assert_eq!(running, !paused, "the API's state matches QEMU's");
+}
+
+enum Call {
+    AddNic(pb::NicSpec),
+    AddDisk(pb::DiskSpec),
+    Pause,
+    Resume,
+    Reboot(pb::RebootMode),
+}
+
+#[tokio::test]
+async fn ten_instances_started_at_once_all_run() {
+    let agent = TestAgent::start().await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(agent.client().await);
+    }
+    let mut starts = tokio::task::JoinSet::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let spec = agent.spec(&format!("crowd{i}"), 64);
+        starts.spawn(async move {
+            client
+                .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    let mut pids = std::collections::HashSet::new();
+    while let Some(done) = starts.join_next().await {
+        let info = done.unwrap().expect("every start succeeds");
+        assert_eq!(info.state(), pb::InstanceState::Running);
+        assert!(process_alive(info.pid));
+        pids.insert(info.pid);
+    }
+    assert_eq!(pids.len(), 10, "ten QEMUs of their own");
+    let list = agent
+        .client()
+        .await
+        .list_instances(pb::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(list.len(), 10);
+    assert!(
+        list.iter()
+            .all(|i| i.state() == pb::InstanceState::Running && pids.contains(&i.pid))
+    );
 }
 
 #[tokio::test]
