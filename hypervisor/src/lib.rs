@@ -21,3 +21,14 @@ pub mod tap;
 
 pub use runtime::Runtime;
 pub use spec::InstanceSpec;
+
+/// Settings of the fuzzing properties: `default` cases, or as many as
+/// `KVM_AGENT_FUZZ_CASES` asks for in a longer run.
+#[cfg(test)]
+pub(crate) fn fuzz_config(default: u32) -> proptest::test_runner::Config {
+    let cases = std::env::var("KVM_AGENT_FUZZ_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default);
+    proptest::test_runner::Config::with_cases(cases)
+}

@@ -1252,3 +1252,87 @@ mod tests {
         assert!(matches!(err, QmpError::Disconnected { .. }), "{err:?}");
     }
 }
+
+/// Fuzzing of the decoders QEMU's bytes reach: any line gives a value or a
+/// typed error, never a panic. `KVM_AGENT_FUZZ_CASES` sets the case count.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        crate::fuzz_config(4000)
+    }
+
+    /// JSON values shaped like QMP traffic, with wrong types mixed in.
+    fn qmp_like() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("return".to_owned()),
+                        Just("error".to_owned()),
+                        Just("id".to_owned()),
+                        Just("event".to_owned()),
+                        Just("class".to_owned()),
+                        Just("desc".to_owned()),
+                        Just("QMP".to_owned()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_line_is_a_value_or_a_protocol_error(line in ".{0,200}") {
+            match parse_incoming(&line) {
+                Ok(_) | Err(QmpError::Protocol(_)) => {}
+                Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+            }
+            let _ = parse_greeting(&line);
+        }
+
+        #[test]
+        fn qmp_shaped_json_never_panics(value in qmp_like()) {
+            let line = value.to_string();
+            if let Ok(Incoming::Reply { id, .. }) = parse_incoming(&line) {
+                prop_assert_eq!(Some(id), value.get("id").and_then(Value::as_u64));
+            }
+            let _ = parse_greeting(&line);
+        }
+
+        #[test]
+        fn a_reply_survives_any_extra_fields(
+            id in any::<u64>(),
+            extra in proptest::collection::btree_map("[a-z]{1,8}", ".{0,8}", 0..4),
+        ) {
+            let mut reply = json!({"return": {"status": "running"}, "id": id});
+            for (k, v) in extra {
+                if k != "return" && k != "id" && k != "error" && k != "event" {
+                    reply[k] = Value::from(v);
+                }
+            }
+            let parsed = parse_incoming(&reply.to_string()).unwrap();
+            prop_assert_eq!(
+                parsed,
+                Incoming::Reply { id, result: Ok(json!({"status": "running"})) }
+            );
+        }
+    }
+}

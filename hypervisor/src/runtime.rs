@@ -761,4 +761,122 @@ pub(crate) mod tests {
             }
         }
     }
+
+    /// Fuzzing of what arrives from outside: specs (through the API) and
+    /// runtimes (from a migration peer or a save file), as JSON with one
+    /// field replaced by something hostile. Nothing panics, and whatever
+    /// validation accepts renders to a command line without smuggled
+    /// options.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        /// Values an attacker or a bug would put in a field.
+        fn hostile() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                Just(Value::from(u64::MAX)),
+                Just(Value::from("")),
+                Just(Value::from("a".repeat(300))),
+                Just(Value::from("/srv/a,file=/etc/shadow")),
+                Just(Value::from("/srv/x=y")),
+                Just(Value::from("/srv/../etc/passwd")),
+                Just(Value::from("br0/../x")),
+                Just(Value::from("00:00:00:00:00:00")),
+                Just(Value::from("01:00:5e:00:00:01")),
+                Just(Value::from("00000000-0000-0000-0000-000000000000")),
+                "[ -~]{0,24}".prop_map(Value::from),
+                ".{0,24}".prop_map(Value::from),
+                Just(Value::Array(vec![])),
+                Just(serde_json::json!({})),
+            ]
+        }
+
+        /// Paths to every leaf of a JSON value, as JSON pointers.
+        fn leaves(value: &Value, at: String, out: &mut Vec<String>) {
+            match value {
+                Value::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| leaves(v, format!("{at}/{k}"), out)),
+                Value::Array(a) => a
+                    .iter()
+                    .enumerate()
+                    .for_each(|(i, v)| leaves(v, format!("{at}/{i}"), out)),
+                _ => out.push(at),
+            }
+        }
+
+        /// `value` with one leaf (picked by `pick`) replaced.
+        fn mutated(mut value: Value, pick: prop::sample::Index, with: Value) -> Value {
+            let mut all = Vec::new();
+            leaves(&value, String::new(), &mut all);
+            if let Some(slot) = value.pointer_mut(&all[pick.index(all.len())]) {
+                *slot = with;
+            }
+            value
+        }
+
+        /// No option value carries a line break or a NUL, which no QEMU
+        /// option has and a log line or a cmdline check would misread.
+        fn options_are_well_formed(argv: &[String]) -> bool {
+            argv.iter()
+                .filter(|a| !a.starts_with('-'))
+                .all(|a| !a.contains(['\n', '\0']))
+        }
+
+        proptest! {
+            #![proptest_config(crate::fuzz_config(3000))]
+
+            #[test]
+            fn a_spec_is_accepted_only_when_its_runtime_is_sound(
+                pick in any::<prop::sample::Index>(),
+                with in hostile(),
+            ) {
+                let json = mutated(serde_json::to_value(sample_spec()).unwrap(), pick, with);
+                let Ok(spec) = serde_json::from_value::<InstanceSpec>(json) else {
+                    return Ok(());
+                };
+                if spec.validate().is_err() {
+                    return Ok(());
+                }
+                let qemu = qemu_7_2();
+                if let Ok(rt) = generate(&spec, host(&qemu), 1) {
+                    prop_assert_eq!(rt.validate(), Ok(()));
+                    prop_assert!(options_are_well_formed(&rt.argv), "{:?}", rt.argv);
+                    for d in &rt.disks {
+                        let path = d.spec.path.to_string_lossy();
+                        prop_assert!(!path.contains([',', '=']) && !path.contains(".."), "{path}");
+                    }
+                }
+            }
+
+            #[test]
+            fn a_peer_runtime_is_adopted_only_when_sound(
+                pick in any::<prop::sample::Index>(),
+                with in hostile(),
+            ) {
+                let qemu = qemu_7_2();
+                let rt = generate(&sample_spec(), host(&qemu), 2).unwrap();
+                let json = mutated(serde_json::to_value(&rt).unwrap(), pick, with);
+                let Ok(foreign) = serde_json::from_value::<Runtime>(json) else {
+                    return Ok(());
+                };
+                if let Ok(adopted) = adopt_on_host(&foreign, host(&qemu)) {
+                    prop_assert_eq!(&adopted.argv, &argv::render_base(&adopted));
+                    prop_assert!(options_are_well_formed(&adopted.argv));
+                }
+            }
+
+            #[test]
+            fn any_bytes_as_a_runtime_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Ok(foreign) = serde_json::from_slice::<Runtime>(&bytes) {
+                    let _ = adopt_on_host(&foreign, host(&qemu_7_2()));
+                }
+            }
+        }
+    }
 }

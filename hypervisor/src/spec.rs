@@ -637,7 +637,11 @@ pub(crate) mod tests {
 
     #[test]
     fn paths_with_option_syntax_are_refused() {
-        for path in ["/srv/a,b/disk", "/srv/disk,file=/etc/shadow", "/srv/x=y.img"] {
+        for path in [
+            "/srv/a,b/disk",
+            "/srv/disk,file=/etc/shadow",
+            "/srv/x=y.img",
+        ] {
             let mut spec = sample_spec();
             spec.disks[0].path = path.into();
 

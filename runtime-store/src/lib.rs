@@ -10,6 +10,8 @@
 //! saved guest's state goes into.
 #![deny(missing_docs)]
 
+#[cfg(test)]
+mod fuzz;
 pub mod journal;
 pub mod savefile;
 
@@ -31,7 +33,9 @@ use sha2::{Digest, Sha256};
 /// Written into every envelope so a stray JSON file is never taken for a record.
 const ENVELOPE_FORMAT: &str = "kvm-agent-record";
 /// Envelope layout version. Bump it when the envelope (not the payload) changes.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// Version 2 checksums the revision with the payload; version 1 checksummed
+/// the payload alone and is still read.
+pub const ENVELOPE_VERSION: u32 = 2;
 const RECORD_SUFFIX: &str = ".json";
 const QUARANTINE_DIR: &str = "quarantine";
 
@@ -356,6 +360,18 @@ fn checksum(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The checksum an envelope of `version` carries.
+fn envelope_digest(version: u32, revision: u64, payload: &str) -> String {
+    match version {
+        1 => checksum(payload.as_bytes()),
+        _ => {
+            let mut covered = revision.to_le_bytes().to_vec();
+            covered.extend_from_slice(payload.as_bytes());
+            checksum(&covered)
+        }
+    }
+}
+
 /// Encodes a value into the on-disk envelope. Pure; exposed for tests and
 /// tools that inspect records.
 pub fn encode_envelope<T: Serialize>(
@@ -373,7 +389,7 @@ pub fn encode_envelope<T: Serialize>(
         format: ENVELOPE_FORMAT,
         version: ENVELOPE_VERSION,
         revision,
-        sha256: checksum(raw.get().as_bytes()),
+        sha256: envelope_digest(ENVELOPE_VERSION, revision, raw.get()),
         payload: &raw,
     };
     let mut bytes = serde_json::to_vec_pretty(&envelope).map_err(serialize_err)?;
@@ -388,13 +404,13 @@ pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<(u64, T), St
     if envelope.format != ENVELOPE_FORMAT {
         return Err(format!("unknown format {:?}", envelope.format));
     }
-    if envelope.version != ENVELOPE_VERSION {
+    if !(1..=ENVELOPE_VERSION).contains(&envelope.version) {
         return Err(format!(
             "envelope version {} is not supported (this agent reads {ENVELOPE_VERSION})",
             envelope.version
         ));
     }
-    let actual = checksum(envelope.payload.get().as_bytes());
+    let actual = envelope_digest(envelope.version, envelope.revision, envelope.payload.get());
     if actual != envelope.sha256 {
         return Err(format!(
             "checksum mismatch: stored {}, computed {actual}",
@@ -556,11 +572,36 @@ mod tests {
         let bytes = encode_envelope("x", 1, &sample(1)).unwrap();
         let text = String::from_utf8(bytes)
             .unwrap()
-            .replace("\"version\": 1", "\"version\": 9");
+            .replace("\"version\": 2", "\"version\": 9");
 
         let err = decode_envelope::<Sample>(text.as_bytes()).unwrap_err();
 
         assert!(err.contains("version 9"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_envelope_is_still_read() {
+        let payload = serde_json::to_string(&sample(64)).unwrap();
+        let v1 = format!(
+            r#"{{"format": "{ENVELOPE_FORMAT}", "version": 1, "revision": 3, "sha256": "{}", "payload": {payload}}}"#,
+            checksum(payload.as_bytes())
+        );
+
+        let (revision, value) = decode_envelope::<Sample>(v1.as_bytes()).unwrap();
+
+        assert_eq!((revision, value), (3, sample(64)));
+    }
+
+    #[test]
+    fn a_changed_revision_fails_the_checksum() {
+        let bytes = encode_envelope("x", 7, &sample(1)).unwrap();
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"revision\": 7", "\"revision\": 17");
+
+        let err = decode_envelope::<Sample>(text.as_bytes()).unwrap_err();
+
+        assert!(err.contains("checksum"), "{err}");
     }
 
     #[test]

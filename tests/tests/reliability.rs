@@ -103,7 +103,10 @@ async fn ten_operations_at_once_on_one_instance_leave_it_consistent() {
         ("nic eth1", Call::AddNic(nic("eth1", "52:54:00:00:a0:01"))),
         ("nic eth2", Call::AddNic(nic("eth2", "52:54:00:00:a0:02"))),
         ("nic eth3", Call::AddNic(nic("eth3", "52:54:00:00:a0:03"))),
-        ("nic eth1 again", Call::AddNic(nic("eth1", "52:54:00:00:a0:04"))),
+        (
+            "nic eth1 again",
+            Call::AddNic(nic("eth1", "52:54:00:00:a0:04")),
+        ),
         ("disk d0", Call::AddDisk(disk("d0", &images[0]))),
         ("disk d1", Call::AddDisk(disk("d1", &images[1]))),
         ("pause", Call::Pause),
