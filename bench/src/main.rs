@@ -3,6 +3,7 @@
 //! `report.json`. Every goal is a ratio of medians (agent / raw), because
 //! absolute times on shared machines drift from run to run.
 
+mod load;
 mod raw;
 mod transfer;
 
@@ -357,8 +358,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(agent);
     let transfer_rounds = if args.quick { 3 } else { 5 };
     rows.extend(transfer::measure(&binary, work.path(), accel, transfer_rounds).await?);
-    write_report(&args.out, &node, accel, rounds, &rows)
+    let load_time = Duration::from_secs(if args.quick { 3 } else { 10 });
+    eprintln!("read load: {LOAD_CLIENTS} clients, {LOAD_INSTANCES} instances");
+    let load = load::measure(
+        &binary,
+        work.path(),
+        LOAD_INSTANCES,
+        LOAD_CLIENTS,
+        load_time,
+    )
+    .await?;
+    write_report(&args.out, &node, accel, rounds, &rows, &load)
 }
+
+/// The read load test: this many concurrent clients against this many
+/// running instances.
+const LOAD_CLIENTS: usize = 200;
+const LOAD_INSTANCES: usize = 20;
 
 fn write_report(
     out: &Path,
@@ -366,6 +382,7 @@ fn write_report(
     accel: &str,
     rounds: usize,
     rows: &[Row],
+    load: &load::LoadReport,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -379,7 +396,7 @@ fn write_report(
         "memory_per_instance_mib": MEMORY_MIB,
         "rounds": rounds,
     });
-    let json = serde_json::json!({ "machine": machine, "operations": rows });
+    let json = serde_json::json!({ "machine": machine, "operations": rows, "load": load });
     std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(&json)?,
@@ -420,6 +437,26 @@ fn write_report(
     md.push_str(&format!(
         "\nGraceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv.\n",
         POWERDOWN_WAIT.as_millis()
+    ));
+    md.push_str(&format!(
+        "\n## Read load\n\n{} clients, each on its own connection, alternate GetInstance and ListInstances for {:.0} s against {} running instances (TCG, {} MiB each).\n\n",
+        load.clients, load.seconds, load.instances, load::LOAD_MEMORY_MIB
+    ));
+    md.push_str(
+        "| call | calls | errors | p50 (ms) | p99 (ms) | max (ms) |\n|---|---|---|---|---|---|\n",
+    );
+    for (call, s) in [
+        ("GetInstance", &load.get_instance),
+        ("ListInstances", &load.list_instances),
+    ] {
+        md.push_str(&format!(
+            "| {call} | {} | {} | {:.3} | {:.3} | {:.3} |\n",
+            s.calls, s.errors, s.p50_ms, s.p99_ms, s.max_ms
+        ));
+    }
+    md.push_str(&format!(
+        "\nThe agent's peak RSS during this test: {:.1} MiB.\n",
+        load.agent_peak_rss_mib
     ));
     std::fs::write(out.join("report.md"), &md)?;
     print!("{md}");

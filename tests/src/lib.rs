@@ -42,16 +42,21 @@ pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KVM_AGENT_BIN") {
         return p.into();
     }
+    workspace_binary("kvm-agent")
+}
+
+/// A binary of package `name` built next to the test binary.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/kvm-agent
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("kvm-agent"))
+        .map(|d| d.join(name))
         .expect("target directory");
     assert!(
         bin.is_file(),
-        "{} is missing; build it first with `cargo build -p kvm-agent` (scripts/test does)",
+        "{} is missing; build it first with `cargo build -p {name}` (scripts/test does)",
         bin.display()
     );
     bin

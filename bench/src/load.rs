@@ -1,0 +1,187 @@
+//! Read load: many concurrent clients calling GetInstance and
+//! ListInstances against an agent with running instances, for a fixed time.
+//! Reports latency percentiles, errors and the agent's peak RSS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kvm_agent_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::{local_client, spec, start_agent};
+
+/// Latency of one kind of call under load.
+#[derive(Debug, Serialize)]
+pub struct CallStats {
+    pub calls: usize,
+    pub errors: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// What one load run measured.
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub instances: usize,
+    pub clients: usize,
+    pub seconds: f64,
+    pub get_instance: CallStats,
+    pub list_instances: CallStats,
+    pub agent_peak_rss_mib: f64,
+}
+
+fn call_stats(mut samples: Vec<Duration>, errors: usize) -> CallStats {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| {
+        samples
+            .get(((samples.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(f64::NAN, |d| ms(*d))
+    };
+    CallStats {
+        calls: samples.len(),
+        errors,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: samples.last().map_or(f64::NAN, |d| ms(*d)),
+    }
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmHWM:") as f64 / 1024.0
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `count` instances through the agent, `batch` at a time.
+pub async fn start_instances(
+    socket: &Path,
+    prefix: &str,
+    count: usize,
+    batch: usize,
+) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    for chunk in names.chunks(batch) {
+        let mut starts = tokio::task::JoinSet::new();
+        for name in chunk {
+            let mut client = local_client(socket).await?;
+            let s = spec(name, &uuid::Uuid::new_v4().to_string());
+            starts.spawn(async move {
+                client
+                    .start_instance(pb::StartInstanceRequest {
+                        spec: Some(pb::InstanceSpec {
+                            memory_mib: LOAD_MEMORY_MIB,
+                            accelerator: pb::Accelerator::Tcg as i32,
+                            ..s
+                        }),
+                    })
+                    .await
+            });
+        }
+        while let Some(done) = starts.join_next().await {
+            done??;
+        }
+    }
+    Ok(names)
+}
+
+/// Memory of each instance in load and scale runs.
+pub const LOAD_MEMORY_MIB: u64 = 64;
+
+/// `clients` tasks, each on its own connection, alternate GetInstance (on
+/// the instances in turn) and ListInstances until `duration` is over.
+pub async fn hammer(
+    socket: &Path,
+    names: &[String],
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<(CallStats, CallStats)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let names = Arc::new(names.to_vec());
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..clients {
+        let mut client = local_client(socket).await?;
+        let stop = stop.clone();
+        let names = names.clone();
+        workers.spawn(async move {
+            let (mut gets, mut lists) = (Vec::new(), Vec::new());
+            let (mut get_errors, mut list_errors) = (0, 0);
+            let mut i = worker;
+            while !stop.load(Ordering::Relaxed) {
+                let name = names[i % names.len()].clone();
+                let began = Instant::now();
+                match client.get_instance(pb::GetInstanceRequest { name }).await {
+                    Ok(_) => gets.push(began.elapsed()),
+                    Err(_) => get_errors += 1,
+                }
+                let began = Instant::now();
+                match client.list_instances(pb::ListInstancesRequest {}).await {
+                    Ok(r) if r.get_ref().instances.len() == names.len() => {
+                        lists.push(began.elapsed())
+                    }
+                    _ => list_errors += 1,
+                }
+                i += 1;
+            }
+            (gets, get_errors, lists, list_errors)
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut gets, mut lists) = (Vec::new(), Vec::new());
+    let (mut get_errors, mut list_errors) = (0, 0);
+    while let Some(done) = workers.join_next().await {
+        let (g, ge, l, le) = done?;
+        gets.extend(g);
+        lists.extend(l);
+        get_errors += ge;
+        list_errors += le;
+    }
+    Ok((call_stats(gets, get_errors), call_stats(lists, list_errors)))
+}
+
+/// The load test: `instances` running, `clients` concurrent readers.
+pub async fn measure(
+    binary: &Path,
+    work: &Path,
+    instances: usize,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<LoadReport> {
+    let agent = start_agent(binary, &work.join("load-state")).await?;
+    let names = start_instances(&agent.socket, "load", instances, 10).await?;
+    let (get_instance, list_instances) = hammer(&agent.socket, &names, clients, duration).await?;
+    let seconds = duration.as_secs_f64();
+    let agent_peak_rss_mib = peak_rss_mib(agent.child.id());
+    let mut client = local_client(&agent.socket).await?;
+    for name in &names {
+        client
+            .stop_instance(pb::StopInstanceRequest {
+                name: name.clone(),
+                force: true,
+                powerdown_timeout_ms: 0,
+            })
+            .await?;
+    }
+    Ok(LoadReport {
+        instances,
+        clients,
+        seconds,
+        get_instance,
+        list_instances,
+        agent_peak_rss_mib,
+    })
+}
