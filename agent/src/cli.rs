@@ -241,6 +241,10 @@ struct ServeArgs {
     /// How long a device removal waits for the guest to release the device.
     #[arg(long, default_value_t = 10_000)]
     unplug_timeout_ms: u64,
+    /// Accept disk images, kernels, initrds, memory files and save files
+    /// only under this directory (repeat for several; default: anywhere).
+    #[arg(long = "allowed-root", value_name = "DIR")]
+    allowed_roots: Vec<PathBuf>,
     /// Stop making progress at this point (for tests of crash recovery).
     #[arg(long, hide = true)]
     fault_point: Option<crate::config::FaultPoint>,
@@ -1176,6 +1180,8 @@ async fn serve(
     cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
     cfg.unplug_timeout = Duration::from_millis(args.unplug_timeout_ms);
     cfg.fault_point = args.fault_point;
+    cfg.allowed_roots =
+        crate::config::AllowedRoots::new(args.allowed_roots).map_err(anyhow::Error::msg)?;
     cfg.event_buffer = args.event_buffer;
     cfg.migration.address = args.migration_address.to_string();
     cfg.migration.ports = args.migration_ports;

@@ -203,6 +203,9 @@ impl Agent {
             disk.uuid = Uuid::new_v4();
         }
         check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
+        self.config()
+            .allowed_roots
+            .check(&format!("disk {:?}", disk.name), &disk.path)?;
         let image = open_image(name, &disk)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;

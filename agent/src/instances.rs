@@ -629,7 +629,12 @@ impl Agent {
         Ok(runtime::generate(spec, host, generation)?)
     }
 
-    fn check_disks_exist(spec: &InstanceSpec) -> Result<(), AgentError> {
+    /// Checks the host files a spec points QEMU at: inside the allowed
+    /// roots, and the disk images present.
+    fn check_host_files(&self, spec: &InstanceSpec) -> Result<(), AgentError> {
+        for (what, path) in spec.host_paths() {
+            self.cfg.allowed_roots.check(&what, path)?;
+        }
         for disk in &spec.disks {
             if !disk.path.exists() {
                 return Err(AgentError::DiskMissing {
@@ -709,7 +714,7 @@ impl Agent {
                 pid,
             });
         }
-        Self::check_disks_exist(spec)?;
+        self.check_host_files(spec)?;
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let runtime = self.generate(spec, generation).await?;
         if let Some(prev) = &previous
@@ -1023,7 +1028,7 @@ impl Agent {
                 let previous_runtime = previous.as_ref().map(|r| &r.runtime);
                 Self::fill_identity(&mut spec, previous_runtime);
                 spec.validate()?;
-                Self::check_disks_exist(&spec)?;
+                self.check_host_files(&spec)?;
                 let generation = previous_runtime.map_or(0, |r| r.generation) + 1;
                 // Generate before stopping: a spec that can't run must not
                 // cost the running instance.

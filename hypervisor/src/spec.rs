@@ -302,6 +302,18 @@ pub enum SpecError {
         /// Which rule it broke.
         reason: &'static str,
     },
+    /// A path lies outside the directories the node allows.
+    #[error(
+        "{what} path {path:?} is outside the directories this node allows ({roots}); use a file under one of them"
+    )]
+    OutsideRoots {
+        /// Which path (e.g. `disk "data"`).
+        what: String,
+        /// The path as given, or where its symlinks lead.
+        path: PathBuf,
+        /// The allowed directories, comma-separated.
+        roots: String,
+    },
     /// MAC can't be parsed.
     #[error("NIC {nic:?}: MAC {mac:?} is not of the form aa:bb:cc:dd:ee:ff")]
     MacSyntax {
@@ -373,6 +385,24 @@ pub fn is_safe_identifier(s: &str, max: usize) -> bool {
         _ => return false,
     }
     s.len() <= max && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Checks that `path` lies inside one of `roots`; with no roots, every
+/// path does. Lexical, on normalized absolute paths: the caller checks
+/// again where symlinks lead.
+pub fn check_under_roots(what: &str, path: &Path, roots: &[PathBuf]) -> Result<(), SpecError> {
+    if roots.is_empty() || roots.iter().any(|root| path.starts_with(root)) {
+        return Ok(());
+    }
+    Err(SpecError::OutsideRoots {
+        what: what.to_owned(),
+        path: path.to_owned(),
+        roots: roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// Checks an absolute, normalized path without control characters, and
@@ -486,6 +516,28 @@ impl InstanceSpec {
         Ok(())
     }
 
+    /// Every host file the spec points QEMU at, with what it is: disk
+    /// images, kernel and initrd, and the memory backing.
+    pub fn host_paths(&self) -> Vec<(String, &Path)> {
+        let mut paths: Vec<(String, &Path)> = self
+            .disks
+            .iter()
+            .map(|d| (format!("disk {:?}", d.name), d.path.as_path()))
+            .collect();
+        if let Boot::Kernel { kernel, initrd, .. } = &self.boot {
+            paths.push(("kernel".into(), kernel));
+            if let Some(initrd) = initrd {
+                paths.push(("initrd".into(), initrd));
+            }
+        }
+        if let MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path } =
+            &self.memory_backing
+        {
+            paths.push(("memory backing".into(), path));
+        }
+        paths
+    }
+
     fn validate_boot(&self) -> Result<(), SpecError> {
         let Boot::Kernel {
             kernel,
@@ -576,6 +628,54 @@ pub(crate) mod tests {
             cpu_model: "qemu64".into(),
             memory_backing: MemoryBacking::Anonymous,
         }
+    }
+
+    #[test]
+    fn paths_must_lie_under_a_root_when_roots_are_given() {
+        let roots = [PathBuf::from("/srv/images"), PathBuf::from("/boot")];
+        let check = |p: &str| check_under_roots("disk", Path::new(p), &roots);
+
+        assert_eq!(check("/srv/images/web1.img"), Ok(()));
+        assert_eq!(check("/boot/vmlinuz"), Ok(()));
+        assert!(matches!(
+            check("/srv/images-other/x.img"),
+            Err(SpecError::OutsideRoots { .. })
+        ));
+        assert!(matches!(
+            check("/etc/shadow"),
+            Err(SpecError::OutsideRoots { .. })
+        ));
+        assert_eq!(
+            check_under_roots("disk", Path::new("/anywhere"), &[]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn host_paths_list_every_file_qemu_opens() {
+        let mut spec = sample_spec();
+        spec.boot = Boot::Kernel {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: Some("/boot/initrd".into()),
+            cmdline: String::new(),
+        };
+        spec.memory_backing = MemoryBacking::File {
+            path: "/dev/shm/web1".into(),
+            share: true,
+        };
+
+        let paths: Vec<&Path> = spec.host_paths().into_iter().map(|(_, p)| p).collect();
+
+        assert_eq!(
+            paths,
+            [
+                "/srv/images/web1.img",
+                "/boot/vmlinuz",
+                "/boot/initrd",
+                "/dev/shm/web1"
+            ]
+            .map(Path::new)
+        );
     }
 
     #[test]

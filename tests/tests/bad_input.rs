@@ -337,3 +337,68 @@ async fn an_oversized_request_is_refused_before_it_is_read() {
         .await
         .expect("the agent keeps serving");
 }
+
+#[tokio::test]
+async fn files_outside_the_allowed_roots_are_refused_even_through_a_symlink() {
+    let allowed = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut options = AgentOptions::default();
+    options.args.extend([
+        "--allowed-root".to_owned(),
+        allowed.path().display().to_string(),
+    ]);
+    let agent = TestAgent::start_with(options).await;
+    let image = |dir: &std::path::Path, name: &str| {
+        let path = dir.join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        path
+    };
+    let inside = image(allowed.path(), "ok.img");
+    let outside = image(elsewhere.path(), "no.img");
+    let sneaky = allowed.path().join("sneaky.img");
+    std::os::unix::fs::symlink(&outside, &sneaky).unwrap();
+
+    for (what, path) in [
+        ("outside", &outside),
+        ("a symlink leading outside", &sneaky),
+    ] {
+        let mut spec = agent.spec("rooted", 64);
+        spec.disks = vec![disk("root", path)];
+        let err = start_err(&agent, spec).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().contains("outside the directories"),
+            "{what}: {}",
+            err.message()
+        );
+        assert_nothing_left(&agent, "rooted");
+    }
+
+    let mut spec = agent.spec("rooted", 64);
+    spec.disks = vec![disk("root", &inside)];
+    agent.start_spec(spec).await;
+    let hot = agent
+        .add_disk("rooted", disk("data", &sneaky))
+        .await
+        .unwrap_err();
+    assert_eq!(hot.code(), Code::InvalidArgument, "{hot:?}");
+    let save_path = elsewhere.path().join("rooted.save");
+    let save = agent
+        .client()
+        .await
+        .save_instance(pb::SaveInstanceRequest {
+            name: "rooted".into(),
+            path: save_path.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(save.code(), Code::InvalidArgument, "{save:?}");
+    assert!(!save_path.exists());
+    assert_eq!(
+        agent.instance("rooted").await.state(),
+        pb::InstanceState::Running
+    );
+}

@@ -518,7 +518,7 @@ impl Agent {
         let foreign: Runtime = serde_json::from_str(runtime_json)
             .map_err(|e| AgentError::BadRequest(format!("the runtime is not valid: {e}")))?;
         let runtime = self.adopt_runtime(&foreign).await?;
-        Self::check_disks_exist(&runtime.to_spec())?;
+        self.check_host_files(&runtime.to_spec())?;
         let inst = self.register_incoming(&runtime)?;
         let _op = self.lock_incoming(&inst).await?;
         let previous = self.check_incoming(&inst, &runtime)?;

@@ -83,6 +83,7 @@ impl Agent {
     /// runs (or stays paused) as before.
     pub async fn save(self: &Arc<Self>, name: &str, path: &str) -> Result<SaveOutcome, AgentError> {
         let path = absolute(path)?;
+        self.cfg.allowed_roots.check("save file", &path)?;
         let started = Instant::now();
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await?;
@@ -225,6 +226,7 @@ impl Agent {
         paused: bool,
     ) -> Result<(InstanceView, Duration), AgentError> {
         let path = absolute(path)?;
+        self.cfg.allowed_roots.check("save file", &path)?;
         let started = Instant::now();
         let file = {
             let source = path.clone();
@@ -247,7 +249,7 @@ impl Agent {
             )));
         }
         let runtime = self.adopt_runtime(saved).await?;
-        Self::check_disks_exist(&runtime.to_spec())?;
+        self.check_host_files(&runtime.to_spec())?;
         let resume = file.header.was_running && !paused;
         let inst = self.register_incoming(&runtime)?;
         let _op = self.lock_incoming(&inst).await?;
