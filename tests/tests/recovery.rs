@@ -237,19 +237,15 @@ async fn a_killed_agent_is_replaced_by_one_that_reconciles_every_instance() {
 
     let began = std::time::Instant::now();
     agent.restart_unsettled().await;
-    let mut client = agent.client().await;
-    let settled = wait_for(Duration::from_secs(10), async || {
-        let list = client
-            .list_instances(pb::ListInstancesRequest {})
-            .await
-            .ok()?
-            .into_inner()
-            .instances;
-        list.iter().all(|i| !i.reconciling).then_some(list)
-    })
-    .await
-    .expect("reconciliation never finished");
+    agent.wait_reconciled(Duration::from_secs(10)).await;
     let took = began.elapsed();
+    let mut client = agent.client().await;
+    let settled = client
+        .list_instances(pb::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
     assert!(took < Duration::from_secs(2), "reconciling took {took:?}");
 
     for name in ["one", "two", "three"] {
