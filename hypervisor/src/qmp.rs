@@ -1111,7 +1111,13 @@ mod tests {
             std::future::pending::<()>().await;
             drop(listener);
         });
-        let client = QmpClient::connect(&path, config()).await.unwrap();
+        // A greeting wait far longer than the command's: only the command's
+        // own timeout may end the rebuild.
+        let patient = QmpConfig {
+            greeting_timeout: Duration::from_secs(30),
+            ..config()
+        };
+        let client = QmpClient::connect(&path, patient).await.unwrap();
         let _ = client.execute("query-status", None).await.unwrap_err();
 
         let started = std::time::Instant::now();
