@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_agent_proto::v1 as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{local_client, spec, start_agent};
 
 /// Latency of one kind of call under load.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CallStats {
     pub calls: usize,
     pub errors: usize,
@@ -53,6 +53,11 @@ fn call_stats(mut samples: Vec<Duration>, errors: usize) -> CallStats {
 /// Peak resident memory of a process (VmHWM), in MiB.
 pub fn peak_rss_mib(pid: u32) -> f64 {
     proc_status_kib(pid, "VmHWM:") as f64 / 1024.0
+}
+
+/// Current resident memory of a process (VmRSS), in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmRSS:") as f64 / 1024.0
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -102,12 +107,15 @@ pub async fn start_instances(
 pub const LOAD_MEMORY_MIB: u64 = 64;
 
 /// `clients` tasks, each on its own connection, alternate GetInstance (on
-/// the instances in turn) and ListInstances until `duration` is over.
+/// the instances in turn) and ListInstances until `duration` is over: back
+/// to back, or one pair per `pace` when given (spread over the period, so
+/// the clients don't all call at the same instant).
 pub async fn hammer(
     socket: &Path,
     names: &[String],
     clients: usize,
     duration: Duration,
+    pace: Option<Duration>,
 ) -> anyhow::Result<(CallStats, CallStats)> {
     let stop = Arc::new(AtomicBool::new(false));
     let names = Arc::new(names.to_vec());
@@ -116,11 +124,20 @@ pub async fn hammer(
         let mut client = local_client(socket).await?;
         let stop = stop.clone();
         let names = names.clone();
+        let mut ticks = pace.map(|period| {
+            let offset = period * worker as u32 / clients as u32;
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         workers.spawn(async move {
             let (mut gets, mut lists) = (Vec::new(), Vec::new());
             let (mut get_errors, mut list_errors) = (0, 0);
             let mut i = worker;
             while !stop.load(Ordering::Relaxed) {
+                if let Some(ticks) = &mut ticks {
+                    ticks.tick().await;
+                }
                 let name = names[i % names.len()].clone();
                 let began = Instant::now();
                 match client.get_instance(pb::GetInstanceRequest { name }).await {
@@ -163,7 +180,8 @@ pub async fn measure(
 ) -> anyhow::Result<LoadReport> {
     let agent = start_agent(binary, &work.join("load-state")).await?;
     let names = start_instances(&agent.socket, "load", instances, 10).await?;
-    let (get_instance, list_instances) = hammer(&agent.socket, &names, clients, duration).await?;
+    let (get_instance, list_instances) =
+        hammer(&agent.socket, &names, clients, duration, None).await?;
     let seconds = duration.as_secs_f64();
     let agent_peak_rss_mib = peak_rss_mib(agent.child.id());
     let mut client = local_client(&agent.socket).await?;

@@ -4,7 +4,10 @@
 //! absolute times on shared machines drift from run to run.
 
 mod load;
+mod plot;
 mod raw;
+mod removal;
+mod scale;
 mod transfer;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +35,14 @@ struct Args {
     /// The agent binary (default: next to this one).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Directory with the test guest's vmlinuz and initrd.gz (default:
+    /// what `scripts/build-test-guest` prints).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Measure nothing: draw the charts of this earlier report.json into
+    /// the output directory.
+    #[arg(long, value_name = "REPORT_JSON")]
+    charts_from: Option<PathBuf>,
 }
 
 /// Powerdown wait used by both sides in graceful stops: the guests here have
@@ -184,6 +195,13 @@ async fn agent_start(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(report) = &args.charts_from {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+        let levels: Vec<scale::Level> = serde_json::from_value(json["scale"].clone())
+            .with_context(|| format!("{} has no scale section", report.display()))?;
+        std::fs::create_dir_all(&args.out)?;
+        return write_plots(&args.out, &levels);
+    }
     let rounds = if args.quick { 5 } else { 20 };
     let rtt_calls = if args.quick { 200 } else { 1000 };
     let binary = match args.agent {
@@ -351,9 +369,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         soft.row("soft reboot", 1.10),
         reset.row("reset (system_reset → RESET)", 1.10),
         rtt.row("GetInstance vs query-status round trip", f64::NAN),
-        nic_add.row("NIC hot-add", 1.5),
-        disk_add.row("disk hot-add", 1.5),
+        nic_add.row("NIC hot-add", 1.10),
+        disk_add.row("disk hot-add", 1.10),
     ];
+    let guest = removal::Guest::locate(args.guest.as_deref())?;
+    let removal_rounds = if args.quick { 3 } else { 10 };
+    let removals = removal::measure(
+        &mut client,
+        &work.path().join("state").join("run"),
+        work.path(),
+        &guest,
+        removal_rounds,
+    )
+    .await?;
+    rows.push(removals.row("device removal (disk, test guest)", 1.10));
     drop(client);
     drop(agent);
     let transfer_rounds = if args.quick { 3 } else { 5 };
@@ -368,7 +397,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         load_time,
     )
     .await?;
-    write_report(&args.out, &node, accel, rounds, &rows, &load)
+    let (levels, read_time, settle): (&[usize], _, _) = if args.quick {
+        (&[5, 10], Duration::from_secs(2), Duration::from_secs(3))
+    } else {
+        (
+            &[10, 50, 100],
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+    };
+    let scale = scale::measure(&binary, work.path(), levels, read_time, settle).await?;
+    write_report(
+        &args.out,
+        &node,
+        accel,
+        rounds,
+        &Results {
+            operations: rows,
+            load,
+            scale,
+        },
+    )
 }
 
 /// The read load test: this many concurrent clients against this many
@@ -376,13 +425,121 @@ async fn run(args: Args) -> anyhow::Result<()> {
 const LOAD_CLIENTS: usize = 200;
 const LOAD_INSTANCES: usize = 20;
 
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+struct Results {
+    operations: Vec<Row>,
+    load: load::LoadReport,
+    scale: Vec<scale::Level>,
+}
+
+/// A figure of the scale section, read off each level.
+struct Figure {
+    label: &'static str,
+    value: fn(&scale::Level) -> f64,
+    kind: FigureKind,
+}
+
+#[derive(PartialEq)]
+enum FigureKind {
+    /// The agent's: its growth with the instance count is checked.
+    Agent,
+    /// Context (raw QEMU, the machine): its growth is shown, not checked.
+    Context,
+    /// A ratio, compared with its goal at each level instead.
+    Ratio,
+}
+
+const fn grows(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
+    Figure {
+        label,
+        value,
+        kind: FigureKind::Agent,
+    }
+}
+
+const fn context(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
+    Figure {
+        label,
+        value,
+        kind: FigureKind::Context,
+    }
+}
+
+const fn ratio(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
+    Figure {
+        label,
+        value,
+        kind: FigureKind::Ratio,
+    }
+}
+
+const FIGURES: [Figure; 21] = [
+    grows("start all: agent (ms)", |l| l.start_all.agent_ms),
+    context("start all: raw (ms)", |l| l.start_all.raw_ms),
+    ratio("start all: agent/raw", |l| l.start_all.ratio),
+    grows("GetInstance p50, paced (ms)", |l| {
+        l.get_instance_paced.p50_ms
+    }),
+    grows("GetInstance p99, paced (ms)", |l| {
+        l.get_instance_paced.p99_ms
+    }),
+    grows("ListInstances p50, paced (ms)", |l| {
+        l.list_instances_paced.p50_ms
+    }),
+    grows("ListInstances p99, paced (ms)", |l| {
+        l.list_instances_paced.p99_ms
+    }),
+    grows("GetInstance p50, back to back (ms)", |l| {
+        l.get_instance.p50_ms
+    }),
+    grows("GetInstance p99, back to back (ms)", |l| {
+        l.get_instance.p99_ms
+    }),
+    grows("ListInstances p50, back to back (ms)", |l| {
+        l.list_instances.p50_ms
+    }),
+    grows("ListInstances p99, back to back (ms)", |l| {
+        l.list_instances.p99_ms
+    }),
+    context("QEMUs' CPU during paced reads (% of a core)", |l| {
+        l.qemu_cpu_percent
+    }),
+    context("back to back: calls per second", |l| {
+        (l.get_instance.calls + l.list_instances.calls) as f64 / l.read_seconds
+    }),
+    grows("agent RSS after the load (MiB)", |l| l.agent_rss_mib),
+    grows("agent peak RSS (MiB)", |l| l.agent_peak_rss_mib),
+    grows("agent open fds", |l| l.agent_open_fds as f64),
+    grows("restart: first answer (ms)", |l| l.restart_first_answer_ms),
+    grows("restart: all adopted (ms)", |l| l.reconcile_ms),
+    grows("stop all: agent (ms)", |l| l.stop_all.agent_ms),
+    context("stop all: raw (ms)", |l| l.stop_all.raw_ms),
+    ratio("stop all: agent/raw", |l| l.stop_all.ratio),
+];
+
+/// How much a figure grew from the first level to the last, and whether
+/// that is no faster than the instance count grew.
+fn growth(levels: &[scale::Level], figure: &Figure) -> Option<(f64, bool)> {
+    let (first, last) = (levels.first()?, levels.last()?);
+    if figure.kind == FigureKind::Ratio || levels.len() < 2 {
+        return None;
+    }
+    let grew = (figure.value)(last) / (figure.value)(first);
+    let bound = last.instances as f64 / first.instances as f64;
+    Some((grew, grew <= bound))
+}
+
+fn yes_no(met: bool) -> &'static str {
+    if met { "yes" } else { "**no**" }
+}
+
 fn write_report(
     out: &Path,
     node: &pb::NodeInfo,
     accel: &str,
     rounds: usize,
-    rows: &[Row],
-    load: &load::LoadReport,
+    results: &Results,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -396,7 +553,8 @@ fn write_report(
         "memory_per_instance_mib": MEMORY_MIB,
         "rounds": rounds,
     });
-    let json = serde_json::json!({ "machine": machine, "operations": rows, "load": load });
+    let mut json = serde_json::to_value(results)?;
+    json["machine"] = machine;
     std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(&json)?,
@@ -410,6 +568,17 @@ fn write_report(
         kernel.trim(),
         node.qemu_version
     ));
+    operations_table(&mut md, &results.operations);
+    load_section(&mut md, &results.load);
+    scale_section(&mut md, &results.scale);
+    goals_section(&mut md, results);
+    write_plots(out, &results.scale)?;
+    std::fs::write(out.join("report.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+fn operations_table(md: &mut String, rows: &[Row]) {
     md.push_str("| operation | agent p50 / p90 / max (ms) | raw p50 / p90 / max (ms) | agent/raw p50 | goal |\n|---|---|---|---|---|\n");
     for r in rows {
         let goal = if r.goal.is_nan() {
@@ -435,9 +604,12 @@ fn write_report(
         ));
     }
     md.push_str(&format!(
-        "\nGraceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv.\n",
+        "\nGraceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv. Device removal boots the test guest under TCG on each side, since only a guest releases a device.\n",
         POWERDOWN_WAIT.as_millis()
     ));
+}
+
+fn load_section(md: &mut String, load: &load::LoadReport) {
     md.push_str(&format!(
         "\n## Read load\n\n{} clients, each on its own connection, alternate GetInstance and ListInstances for {:.0} s against {} running instances (TCG, {} MiB each).\n\n",
         load.clients, load.seconds, load.instances, load::LOAD_MEMORY_MIB
@@ -458,8 +630,210 @@ fn write_report(
         "\nThe agent's peak RSS during this test: {:.1} MiB.\n",
         load.agent_peak_rss_mib
     ));
-    std::fs::write(out.join("report.md"), &md)?;
-    print!("{md}");
+}
+
+fn scale_section(md: &mut String, levels: &[scale::Level]) {
+    md.push_str(&format!(
+        "\n## Scale\n\nAt each level, N instances (TCG, {} MiB, no OS) are started {} at a time, raw QEMU first and then through the agent. Once the fresh QEMUs' firmware has settled, {} clients alternate GetInstance and ListInstances, first paced (each client one pair per {} ms) and then back to back. Back to back, the two cores are saturated and latency is mostly time spent in line: by Little's law it is the client count over the throughput. Then the agent is killed with SIGKILL and started again on the same state directory, and all instances are force-stopped at once. Growth compares the last level with the first; it is linear or better when it is at most the growth of the instance count.\n\n",
+        load::LOAD_MEMORY_MIB,
+        scale::START_BATCH,
+        scale::SCALE_CLIENTS,
+        scale::PACE.as_millis(),
+    ));
+    md.push_str("| figure |");
+    for l in levels {
+        md.push_str(&format!(" {} |", l.instances));
+    }
+    md.push_str(" growth | linear or better |\n|---|");
+    md.push_str(&"---|".repeat(levels.len() + 2));
+    md.push('\n');
+    for f in &FIGURES {
+        md.push_str(&format!("| {} |", f.label));
+        for l in levels {
+            md.push_str(&format!(" {:.2} |", (f.value)(l)));
+        }
+        match growth(levels, f) {
+            Some((grew, linear)) if f.kind == FigureKind::Agent => {
+                md.push_str(&format!(" ×{grew:.2} | {} |\n", yes_no(linear)))
+            }
+            Some((grew, _)) => md.push_str(&format!(" ×{grew:.2} | (context) |\n")),
+            None => md.push_str(" — | — |\n"),
+        }
+    }
+    md.push_str("\n![paced read latency against instance count](scale-latency-paced.svg)\n\n![back-to-back read latency against instance count](scale-latency-saturated.svg)\n\n![start time against instance count](scale-start.svg)\n\n![stop and adoption time against instance count](scale-stop-adopt.svg)\n");
+}
+
+fn goals_section(md: &mut String, results: &Results) {
+    md.push_str("\n## Goals\n\n| goal | measured | met |\n|---|---|---|\n");
+    let ratio_rows: Vec<&Row> = results
+        .operations
+        .iter()
+        .filter(|r| !r.goal.is_nan())
+        .collect();
+    let missed: Vec<&str> = ratio_rows
+        .iter()
+        .filter(|r| r.ratio_p50 > r.goal)
+        .map(|r| r.operation)
+        .collect();
+    md.push_str(&format!(
+        "| agent/raw p50 ≤ 1.10 for every operation | {} of {} rows{} | {} |\n",
+        ratio_rows.len() - missed.len(),
+        ratio_rows.len(),
+        if missed.is_empty() {
+            String::new()
+        } else {
+            format!("; over: {}", missed.join(", "))
+        },
+        yes_no(missed.is_empty())
+    ));
+    if let Some(top) = results.scale.last() {
+        let n = top.instances;
+        let paced = "paced";
+        let saturated = "back to back";
+        let checks = [
+            (
+                "GetInstance p50 < 1 ms",
+                paced,
+                top.get_instance_paced.p50_ms,
+                1.0,
+            ),
+            (
+                "GetInstance p99 < 5 ms",
+                paced,
+                top.get_instance_paced.p99_ms,
+                5.0,
+            ),
+            (
+                "ListInstances p99 < 10 ms",
+                paced,
+                top.list_instances_paced.p99_ms,
+                10.0,
+            ),
+            (
+                "GetInstance p50 < 1 ms",
+                saturated,
+                top.get_instance.p50_ms,
+                1.0,
+            ),
+            (
+                "GetInstance p99 < 5 ms",
+                saturated,
+                top.get_instance.p99_ms,
+                5.0,
+            ),
+            (
+                "ListInstances p99 < 10 ms",
+                saturated,
+                top.list_instances.p99_ms,
+                10.0,
+            ),
+        ];
+        for (goal, load, value, limit) in checks {
+            md.push_str(&format!(
+                "| {goal} at {n} instances, {} clients {load} | {value:.2} ms | {} |\n",
+                scale::SCALE_CLIENTS,
+                yes_no(value < limit)
+            ));
+        }
+        md.push_str(&format!(
+            "| agent peak RSS < 64 MiB at {n} instances | {:.2} MiB | {} |\n",
+            top.agent_peak_rss_mib,
+            yes_no(top.agent_peak_rss_mib < 64.0)
+        ));
+        md.push_str(&format!(
+            "| all {n} adopted < 2 s after kill -9 | {:.2} ms | {} |\n",
+            top.reconcile_ms,
+            yes_no(top.reconcile_ms < 2000.0)
+        ));
+    }
+    let growths: Vec<(&str, bool)> = FIGURES
+        .iter()
+        .filter(|f| f.kind == FigureKind::Agent)
+        .filter_map(|f| growth(&results.scale, f).map(|(_, linear)| (f.label, linear)))
+        .collect();
+    let faster: Vec<&str> = growths.iter().filter(|g| !g.1).map(|g| g.0).collect();
+    md.push_str(&format!(
+        "| no figure grows faster than linearly | {} of {} figures{} | {} |\n",
+        growths.len() - faster.len(),
+        growths.len(),
+        if faster.is_empty() {
+            String::new()
+        } else {
+            format!("; faster: {}", faster.join(", "))
+        },
+        yes_no(faster.is_empty())
+    ));
+}
+
+fn write_plots(out: &Path, levels: &[scale::Level]) -> anyhow::Result<()> {
+    let line = |label, value: fn(&scale::Level) -> f64| plot::Series {
+        label,
+        points: levels
+            .iter()
+            .map(|l| (l.instances as f64, value(l)))
+            .collect(),
+    };
+    type Calls = fn(&scale::Level) -> &load::CallStats;
+    let charts: [(&str, String, Calls, Calls); 2] = [
+        (
+            "scale-latency-paced.svg",
+            format!(
+                "Reads, {} clients each calling every {} ms",
+                scale::SCALE_CLIENTS,
+                scale::PACE.as_millis()
+            ),
+            |l| &l.get_instance_paced,
+            |l| &l.list_instances_paced,
+        ),
+        (
+            "scale-latency-saturated.svg",
+            format!("Reads, {} clients back to back", scale::SCALE_CLIENTS),
+            |l| &l.get_instance,
+            |l| &l.list_instances,
+        ),
+    ];
+    for (file, title, get, list) in charts {
+        let series = |label, of: Calls, value: fn(&load::CallStats) -> f64| plot::Series {
+            label,
+            points: levels
+                .iter()
+                .map(|l| (l.instances as f64, value(of(l))))
+                .collect(),
+        };
+        let chart = plot::line_chart(
+            &title,
+            "instances",
+            "latency (ms)",
+            &[
+                series("GetInstance p50", get, |s| s.p50_ms),
+                series("GetInstance p99", get, |s| s.p99_ms),
+                series("ListInstances p50", list, |s| s.p50_ms),
+                series("ListInstances p99", list, |s| s.p99_ms),
+            ],
+        );
+        std::fs::write(out.join(file), chart)?;
+    }
+    let start = plot::line_chart(
+        "Starting every instance",
+        "instances",
+        "time (ms)",
+        &[
+            line("agent", |l| l.start_all.agent_ms),
+            line("raw QEMU", |l| l.start_all.raw_ms),
+        ],
+    );
+    std::fs::write(out.join("scale-start.svg"), start)?;
+    let stop = plot::line_chart(
+        "Stopping every instance, adopting every instance",
+        "instances",
+        "time (ms)",
+        &[
+            line("stop all (agent)", |l| l.stop_all.agent_ms),
+            line("stop all (raw)", |l| l.stop_all.raw_ms),
+            line("adopt all after kill -9", |l| l.reconcile_ms),
+        ],
+    );
+    std::fs::write(out.join("scale-stop-adopt.svg"), stop)?;
     Ok(())
 }
 

@@ -259,6 +259,37 @@ impl RawQemu {
         Ok(())
     }
 
+    /// Removes a disk added by `add_disk`: device_del, wait for the
+    /// guest to release it (DEVICE_DELETED), then delete both block nodes.
+    pub async fn remove_disk(&mut self, index: u32) -> anyhow::Result<()> {
+        let id = format!("rawdisk{index}");
+        self.next_id += 1;
+        let line = format!(
+            "{}\n",
+            json!({ "execute": "device_del", "arguments": { "id": id }, "id": self.next_id })
+        );
+        self.writer.write_all(line.as_bytes()).await?;
+        // The event may come before or after the reply.
+        let (mut replied, mut deleted) = (false, false);
+        while !(replied && deleted) {
+            let line = self.reader.next_line().await?.context("QMP closed")?;
+            let v: Value = serde_json::from_str(&line)?;
+            if v.get("id").and_then(Value::as_u64) == Some(self.next_id) {
+                if let Some(e) = v.get("error") {
+                    bail!("device_del failed: {e}");
+                }
+                replied = true;
+            }
+            deleted |= v.get("event").and_then(Value::as_str) == Some("DEVICE_DELETED")
+                && v["data"]["device"].as_str() == Some(id.as_str());
+        }
+        for node in [format!("rawfmt{index}"), format!("rawfile{index}")] {
+            self.execute_args("blockdev-del", json!({ "node-name": node }), None)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Polls `query-migrate` until the migration ends; returns the
     /// downtime QEMU reports. Fails unless it completed.
     pub async fn wait_migration(&mut self) -> anyhow::Result<Duration> {

@@ -201,8 +201,8 @@ pub async fn measure(
         q.kill().await?;
         std::fs::remove_file(&file)?;
     }
-    rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", 1.15));
-    rows.push(restore.row("restore 256 MiB random RAM (to running)", 1.15));
+    rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", 1.10));
+    rows.push(restore.row("restore 256 MiB random RAM (to running)", 1.10));
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
 
@@ -256,7 +256,7 @@ pub async fn measure(
                 ..Default::default()
             })
             .await?;
-        rows.push(total.row(label, 1.15));
+        rows.push(total.row(label, 1.10));
         rows.push(downtime.row(downtime_label, f64::NAN));
         std::fs::remove_file(&ram)?;
         std::fs::remove_file(&raw_ram)?;

@@ -4,10 +4,11 @@
 
 use std::process::Command;
 
+use kvm_agent_tests::guest::guest_image;
 use kvm_agent_tests::{agent_binary, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 14] = [
+const OPERATIONS: [&str; 15] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
@@ -16,6 +17,7 @@ const OPERATIONS: [&str; 14] = [
     "GetInstance vs query-status round trip",
     "NIC hot-add",
     "disk hot-add",
+    "device removal (disk, test guest)",
     "save 256 MiB random RAM (file fsynced, QEMU quit)",
     "restore 256 MiB random RAM (to running)",
     "migrate 256 MiB random RAM (total)",
@@ -34,6 +36,8 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         .arg(out.path())
         .arg("--agent")
         .arg(agent_binary())
+        .arg("--guest")
+        .arg(guest_image().kernel.parent().unwrap())
         .output()
         .expect("run the benchmark");
     assert!(
@@ -73,4 +77,59 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         assert!(load[call]["p99_ms"].as_f64().is_some_and(f64::is_finite));
     }
     assert!(load["agent_peak_rss_mib"].as_f64().unwrap() > 0.0);
+
+    let levels = report["scale"].as_array().expect("scale");
+    let counts: Vec<u64> = levels
+        .iter()
+        .map(|l| l["instances"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [5, 10]);
+    let positive = |v: &Value| v.as_f64().is_some_and(|x| x.is_finite() && x > 0.0);
+    for level in levels {
+        for pair in ["start_all", "stop_all"] {
+            for field in ["agent_ms", "raw_ms", "ratio"] {
+                assert!(positive(&level[pair][field]), "{pair}.{field}: {level}");
+            }
+        }
+        for call in [
+            "get_instance",
+            "list_instances",
+            "get_instance_paced",
+            "list_instances_paced",
+        ] {
+            assert!(
+                level[call]["calls"].as_u64().unwrap() > 0,
+                "{call}: {level}"
+            );
+            assert_eq!(level[call]["errors"], 0, "{call}: {level}");
+            assert!(positive(&level[call]["p99_ms"]), "{call}: {level}");
+        }
+        for field in [
+            "agent_rss_mib",
+            "agent_peak_rss_mib",
+            "agent_open_fds",
+            "restart_first_answer_ms",
+            "reconcile_ms",
+        ] {
+            assert!(positive(&level[field]), "{field}: {level}");
+        }
+    }
+    // Each chart has a point per level for each of its series.
+    for (chart, series) in [
+        ("scale-latency-paced.svg", 4),
+        ("scale-latency-saturated.svg", 4),
+        ("scale-start.svg", 2),
+        ("scale-stop-adopt.svg", 3),
+    ] {
+        let svg = std::fs::read_to_string(out.path().join(chart)).unwrap();
+        assert_eq!(
+            svg.matches("<circle").count(),
+            series * levels.len(),
+            "{chart}"
+        );
+    }
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    for section in ["## Read load", "## Scale", "## Goals"] {
+        assert!(md.contains(section), "report.md lacks {section}");
+    }
 }
