@@ -145,6 +145,12 @@ enum Command {
         #[arg(long)]
         after: Option<u64>,
     },
+    /// Print a completion script, e.g. `kvm-agent completions bash >
+    /// /etc/bash_completion.d/kvm-agent`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -605,6 +611,11 @@ fn print_instance(i: &pb::InstanceInfo) {
 
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "kvm-agent", &mut std::io::stdout());
+        return Ok(());
+    }
     let tls = cli.tls.load()?;
     if let Command::Serve(args) = cli.command {
         return serve(args, cli.socket, tls).await;
@@ -619,7 +630,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let connect = async || connect_agent(&agent, tls.as_ref()).await;
     let json_out = matches!(cli.output, Output::Json);
     match cli.command {
-        Command::Serve(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Completions { .. } => unreachable!("handled above"),
         Command::Node {
             command: NodeCommand::Info,
         } => {

@@ -393,3 +393,49 @@ async fn metrics_are_valid_prometheus_text_and_move_with_operations() {
         "latency is recorded"
     );
 }
+
+#[test]
+fn cli_prints_completions_that_bash_loads() {
+    let script = Command::new(agent_binary())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(
+        script.status.success(),
+        "{}",
+        String::from_utf8_lossy(&script.stderr)
+    );
+    let text = String::from_utf8(script.stdout).unwrap();
+    for subcommand in ["instance", "device", "migrate", "events", "completions"] {
+        assert!(text.contains(subcommand), "no {subcommand} in:\n{text}");
+    }
+    // Sourced into a real bash, the script registers the command.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kvm-agent.bash");
+    std::fs::write(&file, &text).unwrap();
+    let registered = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p kvm-agent",
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    assert!(String::from_utf8_lossy(&registered.stdout).contains("kvm-agent"));
+
+    let zsh = Command::new(agent_binary())
+        .args(["completions", "zsh"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&zsh.stdout).starts_with("#compdef kvm-agent"));
+    let unknown = Command::new(agent_binary())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}
