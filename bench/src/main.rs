@@ -773,67 +773,57 @@ fn write_plots(out: &Path, levels: &[scale::Level]) -> anyhow::Result<()> {
             .map(|l| (l.instances as f64, value(l)))
             .collect(),
     };
-    type Calls = fn(&scale::Level) -> &load::CallStats;
-    let charts: [(&str, String, Calls, Calls); 2] = [
+    let clients = scale::SCALE_CLIENTS;
+    let charts = [
         (
             "scale-latency-paced.svg",
             format!(
-                "Reads, {} clients each calling every {} ms",
-                scale::SCALE_CLIENTS,
+                "Reads, {clients} clients each calling every {} ms",
                 scale::PACE.as_millis()
             ),
-            |l| &l.get_instance_paced,
-            |l| &l.list_instances_paced,
+            "latency (ms)",
+            vec![
+                line("GetInstance p50", |l| l.get_instance_paced.p50_ms),
+                line("GetInstance p99", |l| l.get_instance_paced.p99_ms),
+                line("ListInstances p50", |l| l.list_instances_paced.p50_ms),
+                line("ListInstances p99", |l| l.list_instances_paced.p99_ms),
+            ],
         ),
         (
             "scale-latency-saturated.svg",
-            format!("Reads, {} clients back to back", scale::SCALE_CLIENTS),
-            |l| &l.get_instance,
-            |l| &l.list_instances,
+            format!("Reads, {clients} clients back to back"),
+            "latency (ms)",
+            vec![
+                line("GetInstance p50", |l| l.get_instance.p50_ms),
+                line("GetInstance p99", |l| l.get_instance.p99_ms),
+                line("ListInstances p50", |l| l.list_instances.p50_ms),
+                line("ListInstances p99", |l| l.list_instances.p99_ms),
+            ],
+        ),
+        (
+            "scale-start.svg",
+            "Starting every instance".to_owned(),
+            "time (ms)",
+            vec![
+                line("agent", |l| l.start_all.agent_ms),
+                line("raw QEMU", |l| l.start_all.raw_ms),
+            ],
+        ),
+        (
+            "scale-stop-adopt.svg",
+            "Stopping every instance, adopting every instance".to_owned(),
+            "time (ms)",
+            vec![
+                line("stop all (agent)", |l| l.stop_all.agent_ms),
+                line("stop all (raw)", |l| l.stop_all.raw_ms),
+                line("adopt all after kill -9", |l| l.reconcile_ms),
+            ],
         ),
     ];
-    for (file, title, get, list) in charts {
-        let series = |label, of: Calls, value: fn(&load::CallStats) -> f64| plot::Series {
-            label,
-            points: levels
-                .iter()
-                .map(|l| (l.instances as f64, value(of(l))))
-                .collect(),
-        };
-        let chart = plot::line_chart(
-            &title,
-            "instances",
-            "latency (ms)",
-            &[
-                series("GetInstance p50", get, |s| s.p50_ms),
-                series("GetInstance p99", get, |s| s.p99_ms),
-                series("ListInstances p50", list, |s| s.p50_ms),
-                series("ListInstances p99", list, |s| s.p99_ms),
-            ],
-        );
+    for (file, title, y_label, series) in charts {
+        let chart = plot::line_chart(&title, "instances", y_label, &series);
         std::fs::write(out.join(file), chart)?;
     }
-    let start = plot::line_chart(
-        "Starting every instance",
-        "instances",
-        "time (ms)",
-        &[
-            line("agent", |l| l.start_all.agent_ms),
-            line("raw QEMU", |l| l.start_all.raw_ms),
-        ],
-    );
-    std::fs::write(out.join("scale-start.svg"), start)?;
-    let stop = plot::line_chart(
-        "Stopping every instance, adopting every instance",
-        "instances",
-        "time (ms)",
-        &[
-            line("stop all (agent)", |l| l.stop_all.agent_ms),
-            line("stop all (raw)", |l| l.stop_all.raw_ms),
-            line("adopt all after kill -9", |l| l.reconcile_ms),
-        ],
-    );
-    std::fs::write(out.join("scale-stop-adopt.svg"), stop)?;
     Ok(())
 }
 
