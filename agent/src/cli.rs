@@ -2,7 +2,6 @@
 //! the API over the agent's socket.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,7 +10,10 @@ use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::config::{AgentConfig, DEFAULT_STATE_DIR, SOCKET_NAME};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+
+use crate::config::{DEFAULT_STATE_DIR, SOCKET_NAME};
+use crate::settings::{self, FileConfig, LogFormat, Settings};
 
 mod moves;
 use crate::instances::Agent;
@@ -84,16 +86,15 @@ enum Output {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent.
     Serve(ServeArgs),
+    /// Check the agent's settings.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Facts about the node.
     Node {
         #[command(subcommand)]
@@ -217,75 +218,152 @@ enum DeviceCommand {
     },
 }
 
+/// Flags of `serve` and `config check`. Each can also come from the
+/// environment variable named in its help, and each overrides the same key
+/// of the config file; unset, the file's value or the default holds.
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Records, run directories and the default socket live here.
-    #[arg(long, env = "KVM_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    /// The TOML config file [default: /etc/kvm-agent/config.toml, if it exists].
+    #[arg(long, env = "KVM_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Records, run directories and the default socket live here [default: /var/lib/kvm-agent].
+    #[arg(long, env = "KVM_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Also serve TCP, `tcp://ADDR:PORT`: with mutual TLS (--tls-cert,
     /// --tls-key, --client-ca), or on a loopback address without it.
-    #[arg(long, value_parser = server::parse_tcp_listen)]
-    listen: Option<std::net::SocketAddr>,
-    /// QEMU binary, by name (looked up on PATH) or path.
-    #[arg(long, env = "KVM_AGENT_QEMU", default_value = "qemu-system-x86_64")]
-    qemu_binary: PathBuf,
+    #[arg(long, env = "KVM_AGENT_LISTEN")]
+    listen: Option<settings::TcpListen>,
+    /// QEMU binary, by name (looked up on PATH) or path [default: qemu-system-x86_64].
+    #[arg(long, env = "KVM_AGENT_QEMU")]
+    qemu_binary: Option<PathBuf>,
     /// Also give every instance an operators' QMP socket (qmp-operator.sock in its run directory).
-    #[arg(long)]
-    operator_qmp: bool,
-    /// Tap name template; the kernel replaces %d with a free number.
-    #[arg(long, default_value = "kvmtap%d")]
-    tap_template: String,
-    /// How long a stop waits for the guest to power off after ACPI powerdown.
-    #[arg(long, default_value_t = 60_000)]
-    powerdown_timeout_ms: u64,
-    /// How long a stop waits after QMP quit.
-    #[arg(long, default_value_t = 5_000)]
-    quit_timeout_ms: u64,
-    /// How long a stop waits after SIGKILL.
-    #[arg(long, default_value_t = 5_000)]
-    kill_timeout_ms: u64,
-    /// How long a device removal waits for the guest to release the device.
-    #[arg(long, default_value_t = 10_000)]
-    unplug_timeout_ms: u64,
+    #[arg(long, env = "KVM_AGENT_OPERATOR_QMP", num_args = 0..=1, default_missing_value = "true")]
+    operator_qmp: Option<bool>,
+    /// Tap name template; the kernel replaces %d with a free number [default: kvmtap%d].
+    #[arg(long, env = "KVM_AGENT_TAP_TEMPLATE")]
+    tap_template: Option<String>,
+    /// How long a stop waits for the guest to power off after ACPI powerdown [default: 60000].
+    #[arg(long, env = "KVM_AGENT_POWERDOWN_TIMEOUT_MS")]
+    powerdown_timeout_ms: Option<NonZeroU64>,
+    /// How long a stop waits after QMP quit [default: 5000].
+    #[arg(long, env = "KVM_AGENT_QUIT_TIMEOUT_MS")]
+    quit_timeout_ms: Option<NonZeroU64>,
+    /// How long a stop waits after SIGKILL [default: 5000].
+    #[arg(long, env = "KVM_AGENT_KILL_TIMEOUT_MS")]
+    kill_timeout_ms: Option<NonZeroU64>,
+    /// How long a device removal waits for the guest to release the device [default: 10000].
+    #[arg(long, env = "KVM_AGENT_UNPLUG_TIMEOUT_MS")]
+    unplug_timeout_ms: Option<NonZeroU64>,
     /// Accept disk images, kernels, initrds, memory files and save files
-    /// only under this directory (repeat for several; default: anywhere).
-    #[arg(long = "allowed-root", value_name = "DIR")]
+    /// only under this directory (repeat for several, or separate them
+    /// with ':'; default: anywhere).
+    #[arg(
+        long = "allowed-root",
+        value_name = "DIR",
+        env = "KVM_AGENT_ALLOWED_ROOTS",
+        value_delimiter = ':'
+    )]
     allowed_roots: Vec<PathBuf>,
     /// Stop making progress at this point (for tests of crash recovery).
     #[arg(long, hide = true)]
     fault_point: Option<crate::config::FaultPoint>,
     /// Serve Prometheus metrics on this loopback address (off when unset).
-    #[arg(long)]
+    #[arg(long, env = "KVM_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Events kept for watchers that resume.
-    #[arg(long, default_value_t = crate::events::DEFAULT_EVENT_BUFFER)]
-    event_buffer: usize,
-    /// Timeout of one QMP command.
-    #[arg(long, default_value_t = 10_000)]
-    qmp_timeout_ms: u64,
-    /// How long a freshly started QEMU may take to greet on QMP.
-    #[arg(long, default_value_t = 10_000)]
-    qmp_greeting_timeout_ms: u64,
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Address this node's QEMUs receive migrations on; other nodes must reach it.
-    #[arg(long, default_value = "127.0.0.1")]
-    migration_address: std::net::IpAddr,
-    /// Ports incoming migrations may listen on, FIRST-LAST.
-    #[arg(long, default_value = "49152-49215", value_parser = parse_port_range)]
-    migration_ports: std::ops::RangeInclusive<u16>,
-    /// How long a call to another agent (a migration's target) may take.
-    #[arg(long, default_value_t = 30_000)]
-    peer_timeout_ms: u64,
+    /// Events kept for watchers that resume [default: 4096].
+    #[arg(long, env = "KVM_AGENT_EVENT_BUFFER")]
+    event_buffer: Option<NonZeroUsize>,
+    /// Timeout of one QMP command [default: 10000].
+    #[arg(long, env = "KVM_AGENT_QMP_TIMEOUT_MS")]
+    qmp_timeout_ms: Option<NonZeroU64>,
+    /// How long a freshly started QEMU may take to greet on QMP [default: 10000].
+    #[arg(long, env = "KVM_AGENT_QMP_GREETING_TIMEOUT_MS")]
+    qmp_greeting_timeout_ms: Option<NonZeroU64>,
+    /// Rotate an instance's qemu.log past this size, at launch [default: 1048576].
+    #[arg(long, env = "KVM_AGENT_QEMU_LOG_MAX_BYTES")]
+    qemu_log_max_bytes: Option<NonZeroU64>,
+    /// Rotated copies of qemu.log kept [default: 3].
+    #[arg(long, env = "KVM_AGENT_QEMU_LOG_KEEP")]
+    qemu_log_keep: Option<NonZeroU32>,
+    /// Log format [default: text].
+    #[arg(long, env = "KVM_AGENT_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Address this node's QEMUs receive migrations on; other nodes must
+    /// reach it [default: 127.0.0.1].
+    #[arg(long, env = "KVM_AGENT_MIGRATION_ADDRESS")]
+    migration_address: Option<std::net::IpAddr>,
+    /// Ports incoming migrations may listen on, FIRST-LAST [default: 49152-49215].
+    #[arg(long, env = "KVM_AGENT_MIGRATION_PORTS")]
+    migration_ports: Option<settings::PortRange>,
+    /// How long a call to another agent (a migration's target) may take [default: 30000].
+    #[arg(long, env = "KVM_AGENT_PEER_TIMEOUT_MS")]
+    peer_timeout_ms: Option<NonZeroU64>,
 }
 
-fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
-    let (first, last) = text.split_once('-').unwrap_or((text, text));
-    match (first.parse::<u16>(), last.parse::<u16>()) {
-        (Ok(first), Ok(last)) if first > 0 && first <= last => Ok(first..=last),
-        _ => Err(format!("{text:?} is not a port range like 49152-49215")),
+impl ServeArgs {
+    /// The flags and environment as one settings layer; the global
+    /// `--socket` and TLS flags belong to it too.
+    fn layer(&self, socket: Option<&PathBuf>, tls: &TlsArgs) -> FileConfig {
+        FileConfig {
+            state_dir: self.state_dir.clone(),
+            socket: socket.cloned(),
+            listen: self.listen,
+            qemu_binary: self.qemu_binary.clone(),
+            allowed_roots: (!self.allowed_roots.is_empty()).then(|| {
+                self.allowed_roots
+                    .iter()
+                    .cloned()
+                    .map(settings::AbsolutePath)
+                    .collect()
+            }),
+            log_format: self.log_format,
+            metrics_listen: self.metrics_listen,
+            event_buffer: self.event_buffer,
+            tls: settings::TlsSection {
+                cert: tls.tls_cert.clone(),
+                key: tls.tls_key.clone(),
+                ca: tls.tls_ca.clone(),
+            },
+            qmp: settings::QmpSection {
+                timeout_ms: self.qmp_timeout_ms,
+                greeting_timeout_ms: self.qmp_greeting_timeout_ms,
+                operator_socket: self.operator_qmp,
+            },
+            stop: settings::StopSection {
+                powerdown_timeout_ms: self.powerdown_timeout_ms,
+                quit_timeout_ms: self.quit_timeout_ms,
+                kill_timeout_ms: self.kill_timeout_ms,
+            },
+            devices: settings::DevicesSection {
+                tap_template: self.tap_template.clone(),
+                unplug_timeout_ms: self.unplug_timeout_ms,
+            },
+            qemu_log: settings::QemuLogSection {
+                max_bytes: self.qemu_log_max_bytes,
+                keep: self.qemu_log_keep,
+            },
+            migration: settings::MigrationSection {
+                address: self.migration_address,
+                ports: self.migration_ports.clone(),
+                peer_timeout_ms: self.peer_timeout_ms,
+            },
+        }
     }
+
+    /// Every layer applied: flags over environment over file over defaults.
+    fn settings(&self, socket: Option<&PathBuf>, tls: &TlsArgs) -> anyhow::Result<Settings> {
+        let file = settings::load(self.config.as_deref())?;
+        let mut settings = self.layer(socket, tls).over(file).resolve()?;
+        settings.agent.fault_point = self.fault_point;
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config file with the environment and flags, and print
+    /// the effective settings as TOML (JSON with --output json).
+    Check(ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -609,17 +687,42 @@ fn print_instance(i: &pb::InstanceInfo) {
     }
 }
 
+/// Writes output meant for files and pipes; a reader that stops early
+/// (`| head`) is not an error.
+fn print_to_pipe(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Completions { shell } = cli.command {
         let mut command = <Cli as clap::CommandFactory>::command();
-        clap_complete::generate(shell, &mut command, "kvm-agent", &mut std::io::stdout());
-        return Ok(());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "kvm-agent", &mut script);
+        return print_to_pipe(&script);
+    }
+    match &cli.command {
+        Command::Serve(args) => return serve(args.settings(cli.socket.as_ref(), &cli.tls)?).await,
+        Command::Config {
+            command: ConfigCommand::Check(args),
+        } => {
+            let settings = args.settings(cli.socket.as_ref(), &cli.tls)?;
+            let effective = settings.effective();
+            let text = if matches!(cli.output, Output::Json) {
+                serde_json::to_string_pretty(&effective)? + "\n"
+            } else {
+                toml::to_string(&effective)?
+            };
+            return print_to_pipe(text.as_bytes());
+        }
+        _ => {}
     }
     let tls = cli.tls.load()?;
-    if let Command::Serve(args) = cli.command {
-        return serve(args, cli.socket, tls).await;
-    }
     let agent = cli.agent.clone().unwrap_or_else(|| {
         AgentAddress::Unix(
             cli.socket
@@ -630,7 +733,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let connect = async || connect_agent(&agent, tls.as_ref()).await;
     let json_out = matches!(cli.output, Output::Json);
     match cli.command {
-        Command::Serve(_) | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Serve(_) | Command::Config { .. } | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
         Command::Node {
             command: NodeCommand::Info,
         } => {
@@ -1174,38 +1279,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(
-    args: ServeArgs,
-    socket: Option<PathBuf>,
-    tls: Option<TlsMaterial>,
-) -> anyhow::Result<()> {
-    init_logging(args.log_format);
-    let mut cfg = AgentConfig::new(args.state_dir);
-    cfg.qemu_binary = args.qemu_binary;
-    cfg.launch.operator_qmp = args.operator_qmp;
-    cfg.launch.tap_template = args.tap_template;
-    cfg.launch.qmp.command_timeout = Duration::from_millis(args.qmp_timeout_ms);
-    cfg.launch.qmp.greeting_timeout = Duration::from_millis(args.qmp_greeting_timeout_ms);
-    cfg.stop.powerdown = Duration::from_millis(args.powerdown_timeout_ms);
-    cfg.stop.quit = Duration::from_millis(args.quit_timeout_ms);
-    cfg.stop.kill = Duration::from_millis(args.kill_timeout_ms);
-    cfg.unplug_timeout = Duration::from_millis(args.unplug_timeout_ms);
-    cfg.fault_point = args.fault_point;
-    cfg.allowed_roots =
-        crate::config::AllowedRoots::new(args.allowed_roots).map_err(anyhow::Error::msg)?;
-    cfg.event_buffer = args.event_buffer;
-    cfg.migration.address = args.migration_address.to_string();
-    cfg.migration.ports = args.migration_ports;
-    cfg.migration.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
-    cfg.migration.peer_tls = tls.clone();
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    init_logging(settings.log_format);
+    let Settings {
+        mut agent,
+        socket,
+        listen,
+        tls,
+        metrics_listen,
+        ..
+    } = settings;
+    let tls = tls.as_ref().map(TlsMaterial::load).transpose()?;
+    agent.migration.peer_tls = tls.clone();
     let listeners = Listeners {
-        socket: socket.unwrap_or_else(|| cfg.socket_path()),
-        tcp: args.listen,
+        socket,
+        tcp: listen,
         tls,
     };
     listeners.check().map_err(anyhow::Error::msg)?;
-    let agent = Agent::open(cfg).context("opening the state directory")?;
-    if let Some(addr) = args.metrics_listen {
+    let agent = Agent::open(agent).context("opening the state directory")?;
+    if let Some(addr) = metrics_listen {
         crate::telemetry::serve(addr, agent.clone())?;
     }
     server::serve(agent, listeners).await

@@ -70,6 +70,11 @@ impl AllowedRoots {
         Ok(Self { given, resolved })
     }
 
+    /// The roots as configured.
+    pub fn given(&self) -> &[PathBuf] {
+        &self.given
+    }
+
     /// Checks `path` as given and where its symlinks lead; a file that
     /// doesn't exist yet (a save) is judged by its directory.
     pub fn check(&self, what: &str, path: &Path) -> Result<(), hypervisor::spec::SpecError> {

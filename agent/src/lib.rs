@@ -15,5 +15,6 @@ pub mod instances;
 pub mod peer;
 pub mod server;
 pub mod service;
+pub mod settings;
 pub mod telemetry;
 pub mod tls;

@@ -39,12 +39,17 @@ impl Listeners {
     /// Refuses TCP beyond loopback without mutual TLS: anyone who reaches
     /// the port could otherwise start and stop guests.
     pub fn check(&self) -> Result<(), String> {
-        match self.tcp {
-            Some(addr) if !addr.ip().is_loopback() && self.tls.is_none() => Err(format!(
-                "refusing to listen on {addr} without mutual TLS; give --tls-cert, --tls-key and --client-ca, or use a loopback address"
-            )),
-            _ => Ok(()),
-        }
+        check_tcp_exposure(self.tcp, self.tls.is_some())
+    }
+}
+
+/// Refuses a TCP address beyond loopback unless mutual TLS guards it.
+pub fn check_tcp_exposure(tcp: Option<SocketAddr>, mutual_tls: bool) -> Result<(), String> {
+    match tcp {
+        Some(addr) if !addr.ip().is_loopback() && !mutual_tls => Err(format!(
+            "refusing to listen on {addr} without mutual TLS; give --tls-cert, --tls-key and --client-ca, or use a loopback address"
+        )),
+        _ => Ok(()),
     }
 }
 

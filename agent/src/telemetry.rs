@@ -42,11 +42,18 @@ pub enum MetricsError {
     },
 }
 
+/// Refuses an address beyond loopback.
+pub fn check_address(addr: SocketAddr) -> Result<(), MetricsError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(MetricsError::NotLoopback(addr))
+    }
+}
+
 /// Starts the endpoint and keeps the instance gauges current.
 pub fn serve(addr: SocketAddr, agent: Arc<Agent>) -> Result<(), MetricsError> {
-    if !addr.ip().is_loopback() {
-        return Err(MetricsError::NotLoopback(addr));
-    }
+    check_address(addr)?;
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()

@@ -439,3 +439,158 @@ fn cli_prints_completions_that_bash_loads() {
         .unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
+
+/// `kvm-agent` with none of the caller's `KVM_AGENT_*` settings.
+fn clean_agent_command() -> Command {
+    let mut cmd = Command::new(agent_binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KVM_AGENT_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn config_check(file: &std::path::Path) -> std::process::Output {
+    clean_agent_command()
+        .args(["config", "check", "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_check_accepts_the_example_and_layers_env_and_flags_over_it() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/config.example.toml");
+    let plain = config_check(&example);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let effective: toml::Table = toml::from_str(&String::from_utf8(plain.stdout).unwrap()).unwrap();
+    assert_eq!(effective["state_dir"].as_str(), Some("/var/lib/kvm-agent"));
+    assert_eq!(
+        effective["stop"]["quit_timeout_ms"].as_integer(),
+        Some(5000)
+    );
+    assert_eq!(
+        effective["migration"]["ports"].as_str(),
+        Some("49152-49215")
+    );
+
+    // The environment overrides the file, and a flag overrides both.
+    let layered = clean_agent_command()
+        .args(["config", "check", "--output", "json", "--config"])
+        .arg(&example)
+        .args(["--kill-timeout-ms", "1234", "--quit-timeout-ms", "4321"])
+        .env("KVM_AGENT_QUIT_TIMEOUT_MS", "7000")
+        .env("KVM_AGENT_MIGRATION_PORTS", "50000-50009")
+        .output()
+        .unwrap();
+    assert!(
+        layered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&layered.stderr)
+    );
+    let effective: Value = serde_json::from_slice(&layered.stdout).unwrap();
+    assert_eq!(effective["stop"]["kill_timeout_ms"], 1234);
+    assert_eq!(effective["stop"]["quit_timeout_ms"], 4321);
+    assert_eq!(effective["migration"]["ports"], "50000-50009");
+    assert_eq!(
+        effective["stop"]["powerdown_timeout_ms"], 60000,
+        "from the file"
+    );
+}
+
+#[test]
+fn config_check_names_the_line_of_an_unknown_key_and_a_bad_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown.toml",
+            "state_dir = \"/srv/kvm\"\n\n[stop]\nquit_timeout = 5000\n",
+            "line 4",
+            "unknown field `quit_timeout`",
+        ),
+        (
+            "bad-value.toml",
+            "[qmp]\ntimeout_ms = 10000\ngreeting_timeout_ms = \"ten seconds\"\n",
+            "line 3",
+            "invalid type",
+        ),
+        (
+            "bad-range.toml",
+            "# ports\n[migration]\naddress = \"10.0.0.1\"\nports = \"50010-50000\"\n",
+            "line 4",
+            "not a port range",
+        ),
+    ];
+    for (name, text, line, what) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = config_check(&file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{name}: nothing is printed as effective"
+        );
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(line), "{name}: {stderr}");
+        assert!(stderr.contains(what), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn serve_runs_with_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let socket = dir.path().join("from-config.sock");
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "state_dir = \"{}\"\nsocket = \"{}\"\nqemu_binary = \"{}\"\n",
+            state_dir.display(),
+            socket.display(),
+            require_qemu().display()
+        ),
+    )
+    .unwrap();
+    let mut serve = clean_agent_command()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let info = loop {
+        let out = clean_agent_command()
+            .args(["node", "info", "--output", "json", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never answered on the socket its config names: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["qemu_path"], require_qemu().display().to_string());
+    assert!(
+        state_dir.is_dir(),
+        "the agent made the state directory its config names"
+    );
+}
