@@ -464,6 +464,10 @@ struct SpecArgs {
     /// auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Pin vCPU threads to host CPUs: one list for all vCPUs ("0-1") or
+    /// one per vCPU, separated by ':' ("1:0").
+    #[arg(long)]
+    cpu_mask: Option<String>,
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
@@ -602,6 +606,7 @@ impl SpecArgs {
             serial_console: self.serial,
             vnc: self.vnc.map(|display| pb::VncSpec { display }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
+            cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
             memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
                 file: self.memory_file.clone().unwrap_or_default(),
                 share: self.memory_share,
@@ -661,6 +666,7 @@ fn instance_json(i: &pb::InstanceInfo) -> Value {
         "machine_type": i.machine_type,
         "accelerator": i.accelerator,
         "qemu_version": i.qemu_version,
+        "cpu_mask": i.cpu_mask,
         "devices": i.devices.iter().map(device_json).collect::<Vec<_>>(),
     })
 }
@@ -676,6 +682,9 @@ fn print_instance(i: &pb::InstanceInfo) {
         println!("pid:         {}  (up {}s)", i.pid, i.uptime_seconds);
     }
     println!("memory:      {} MiB, {} vcpus", i.memory_mib, i.vcpus);
+    if !i.cpu_mask.is_empty() {
+        println!("cpu mask:    {}", i.cpu_mask);
+    }
     println!(
         "machine:     {} ({}), QEMU {}",
         i.machine_type, i.accelerator, i.qemu_version

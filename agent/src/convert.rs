@@ -134,7 +134,12 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             )));
         }
     };
+    let cpu_pinning = match p.cpu_mask.as_str() {
+        "" => None,
+        mask => Some(mask.parse().map_err(SpecError::from)?),
+    };
     Ok(InstanceSpec {
+        cpu_pinning,
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,
@@ -216,6 +221,11 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
     info.machine_type = rt.machine_type.clone();
     info.accelerator = rt.accelerator.as_str().to_owned();
     info.qemu_version = rt.qemu.version.to_string();
+    info.cpu_mask = rt
+        .cpu_pinning
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     info.devices = rt
         .disks
         .iter()

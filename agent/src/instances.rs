@@ -625,6 +625,7 @@ impl Agent {
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
             run_dir: &run_dir,
             vhost_net: hypervisor::tap::vhost_net_available(),
+            cpus: hypervisor::pinning::host_cpu_count(),
         };
         Ok(runtime::generate(spec, host, generation)?)
     }

@@ -4,6 +4,7 @@
 //! [`render_execution`] adds what only exists at execution: disks and NICs
 //! with their explicit `bus=pci.0,addr=`, tap and socket fds.
 
+use crate::pinning::CpuPinning;
 use std::os::fd::RawFd;
 use std::path::Path;
 
@@ -207,6 +208,10 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
         // -S as well, so the guest only runs once the agent says so, not
         // as soon as the stream is complete.
         argv.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    } else if rt.cpu_pinning.as_ref().is_some_and(CpuPinning::restricts) {
+        // Paused until the vCPU threads are pinned, so the guest never
+        // runs where it must not.
+        argv.push("-S".into());
     }
     argv
 }
@@ -372,6 +377,26 @@ mod tests {
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn a_pinned_guest_starts_paused_until_its_threads_are_pinned() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.vcpus = 2;
+        spec.cpu_pinning = Some("1:0".parse().unwrap());
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        assert_eq!(
+            render_execution(&rt, &fds()).last().map(String::as_str),
+            Some("-S")
+        );
+        spec.cpu_pinning = Some("all".parse().unwrap());
+        let unrestricted = generate(&spec, host(&qemu), 1).unwrap();
+        assert!(
+            !render_execution(&unrestricted, &fds())
+                .iter()
+                .any(|a| a == "-S")
+        );
     }
 
     #[test]

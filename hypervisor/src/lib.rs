@@ -4,7 +4,8 @@
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime) and
 //! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
 //! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
-//! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop) and [`migration`] (QEMU's
+//! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
+//! (vCPU masks, parsed purely and applied to QEMU's threads) and [`migration`] (QEMU's
 //! side of migration, save and restore).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
@@ -12,6 +13,7 @@
 pub mod argv;
 pub mod lifecycle;
 pub mod migration;
+pub mod pinning;
 pub mod probe;
 pub mod process;
 pub mod qmp;

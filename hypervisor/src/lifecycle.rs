@@ -5,6 +5,7 @@
 //! watching for an early exit. Stop escalates: ACPI powerdown, then QMP
 //! `quit`, then SIGKILL, each with its own timeout.
 
+use crate::pinning::{PinError, pin_vcpus};
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -102,6 +103,12 @@ pub enum LaunchError {
     /// QEMU runs but QMP didn't come up.
     #[error("QEMU started but its QMP monitor did not become ready")]
     Qmp(#[source] QmpError),
+    /// The vCPU threads couldn't be pinned as the runtime asks.
+    #[error(transparent)]
+    Pinning(#[from] PinError),
+    /// The paused guest wouldn't continue after pinning.
+    #[error("QEMU did not continue after its vCPUs were pinned")]
+    Continue(#[source] QmpError),
 }
 
 /// A freshly launched QEMU.
@@ -304,13 +311,19 @@ async fn launch_in(
         () = pidfd.exited() => Err(QmpError::Disconnected { reason: Some("QEMU exited".into()) }),
     };
     match qmp {
-        Ok(qmp) => Ok(Launched {
-            pid,
-            pidfd,
-            child,
-            qmp,
-            taps,
-        }),
+        Ok(qmp) => {
+            if let Err(e) = pin_and_continue(rt, &qmp, mode).await {
+                kill_and_reap(&mut child);
+                return Err(e);
+            }
+            Ok(Launched {
+                pid,
+                pidfd,
+                child,
+                qmp,
+                taps,
+            })
+        }
         Err(qmp_error) => {
             // Distinguish "QEMU died" (show why) from "QMP is broken". A
             // hang-up may come a moment before the exit; silence doesn't.
@@ -333,6 +346,27 @@ async fn launch_in(
             }
         }
     }
+}
+
+/// Pins the vCPUs of a QEMU that [`argv::render_execution`] started
+/// paused for it, then lets a booting guest run. An incoming guest stays
+/// paused: its migration or restore decides when it runs.
+async fn pin_and_continue(
+    rt: &Runtime,
+    qmp: &QmpClient,
+    mode: LaunchMode,
+) -> Result<(), LaunchError> {
+    let Some(pinning) = rt.cpu_pinning.as_ref().filter(|p| p.restricts()) else {
+        return Ok(());
+    };
+    pin_vcpus(qmp, pinning).await?;
+    if mode == LaunchMode::Boot {
+        qmp.execute("cont", None)
+            .await
+            .map_err(LaunchError::Continue)?;
+    }
+    tracing::info!(instance = %rt.name, mask = %pinning, "vCPUs pinned");
+    Ok(())
 }
 
 fn kill_and_reap(child: &mut Child) {

@@ -5,6 +5,7 @@
 //! restore. Generation is pure: the caller passes in what it learned about
 //! the host ([`QemuInfo`], whether KVM opens).
 
+use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -111,6 +112,9 @@ pub struct Runtime {
     /// anonymous memory.
     #[serde(default)]
     pub memory_backing: MemoryBacking,
+    /// Host CPUs each vCPU thread may run on, applied at every launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pinning: Option<CpuPinning>,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
@@ -183,6 +187,9 @@ pub enum RuntimeError {
     /// A foreign runtime's generation is zero.
     #[error("runtime generation must be at least 1")]
     Generation,
+    /// The CPU mask names CPUs this host doesn't have.
+    #[error(transparent)]
+    CpuPinning(#[from] PinningError),
 }
 
 /// What runtime generation needs to know about the host, decided by the caller.
@@ -196,6 +203,8 @@ pub struct HostFacts<'a> {
     pub run_dir: &'a Path,
     /// Whether /dev/vhost-net exists.
     pub vhost_net: bool,
+    /// The host's CPU count, which bounds CPU masks.
+    pub cpus: u32,
 }
 
 /// Generates a runtime from a spec. Pure.
@@ -228,6 +237,9 @@ pub fn generate(
 
     if let Some(nic) = spec.nics.iter().find(|n| n.vhost && !host.vhost_net) {
         return Err(RuntimeError::VhostUnavailable(nic.name.clone()));
+    }
+    if let Some(pinning) = &spec.cpu_pinning {
+        pinning.check_host(host.cpus)?;
     }
     let mut free = free_slots();
     let device_count = spec.disks.len() + spec.nics.len();
@@ -276,6 +288,7 @@ pub fn generate(
         serial_console: spec.serial_console,
         vnc_display: spec.vnc_display,
         memory_backing: spec.memory_backing.clone(),
+        cpu_pinning: spec.cpu_pinning.clone(),
         disks,
         nics,
         argv: Vec::new(),
@@ -321,6 +334,9 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
         .find(|n| n.spec.vhost && !host.vhost_net)
     {
         return Err(RuntimeError::VhostUnavailable(nic.spec.name.clone()));
+    }
+    if let Some(pinning) = &foreign.cpu_pinning {
+        pinning.check_host(host.cpus)?;
     }
     let mut local = foreign.clone();
     local.qemu = QemuIdentity {
@@ -371,6 +387,7 @@ impl Runtime {
             vnc_display: self.vnc_display,
             cpu_model: self.cpu_model.clone(),
             memory_backing: self.memory_backing.clone(),
+            cpu_pinning: self.cpu_pinning.clone(),
         }
     }
 
@@ -456,7 +473,55 @@ pub(crate) mod tests {
             kvm: Ok(()),
             run_dir: Path::new("/var/lib/kvm-agent/run/web1"),
             vhost_net: true,
+            cpus: 4,
         }
+    }
+
+    #[test]
+    fn cpu_masks_are_checked_against_the_host_and_kept_in_the_runtime() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.vcpus = 2;
+        spec.cpu_pinning = Some("3:0-1".parse().unwrap());
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        assert_eq!(rt.to_spec().cpu_pinning, spec.cpu_pinning);
+        let json = serde_json::to_value(&rt).unwrap();
+        assert_eq!(json["cpu_pinning"], "3:0-1");
+
+        let small = HostFacts {
+            cpus: 2,
+            ..host(&qemu)
+        };
+        assert!(matches!(
+            generate(&spec, small, 1),
+            Err(RuntimeError::CpuPinning(PinningError::NoSuchCpu {
+                cpu: 3,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            adopt_on_host(&rt, small),
+            Err(RuntimeError::CpuPinning(PinningError::NoSuchCpu {
+                cpu: 3,
+                ..
+            }))
+        ));
+
+        spec.vcpus = 3;
+        assert!(matches!(
+            generate(&spec, host(&qemu), 1),
+            Err(RuntimeError::Spec(SpecError::CpuPinning(
+                PinningError::EntryCount { .. }
+            )))
+        ));
+    }
+
+    #[test]
+    fn an_unpinned_runtime_is_stored_without_the_key() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let json = serde_json::to_value(&rt).unwrap();
+        assert!(json.get("cpu_pinning").is_none(), "{json}");
     }
 
     #[test]

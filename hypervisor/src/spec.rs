@@ -3,6 +3,7 @@
 //! Validation is pure and total: every field is checked before anything is
 //! created, so a bad request leaves no runtime, process or tap behind.
 
+use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -259,11 +260,17 @@ pub struct InstanceSpec {
     pub cpu_model: String,
     /// Where guest RAM comes from.
     pub memory_backing: MemoryBacking,
+    /// Host CPUs each vCPU thread may run on; unset leaves them unpinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pinning: Option<CpuPinning>,
 }
 
 /// Why a spec was refused. Each message names the field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    /// The CPU mask doesn't fit the instance.
+    #[error(transparent)]
+    CpuPinning(#[from] PinningError),
     /// Bad instance name.
     #[error(
         "instance name {0:?} is invalid: use 1-{MAX_INSTANCE_NAME} letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -461,6 +468,9 @@ impl InstanceSpec {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(SpecError::Vcpus(self.vcpus));
         }
+        if let Some(pinning) = &self.cpu_pinning {
+            pinning.check_vcpus(self.vcpus)?;
+        }
         if !is_safe_identifier(&self.machine_type, 64) {
             return Err(SpecError::MachineType(self.machine_type.clone()));
         }
@@ -627,6 +637,7 @@ pub(crate) mod tests {
             vnc_display: None,
             cpu_model: "qemu64".into(),
             memory_backing: MemoryBacking::Anonymous,
+            cpu_pinning: None,
         }
     }
 

@@ -626,3 +626,37 @@ impl TestAgent {
             .map(tonic::Response::into_inner)
     }
 }
+
+/// `(thread name, Cpus_allowed_list)` of every thread of a process.
+pub fn thread_affinities(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list in status")
+            .trim()
+            .to_owned();
+        threads.push((comm.trim().to_owned(), allowed));
+    }
+    threads
+}
+
+/// The allowed CPUs of vCPU `index`, named by QEMU's debug-threads
+/// ("CPU 0/KVM", "CPU 0/TCG").
+pub fn vcpu_affinity(threads: &[(String, String)], index: usize) -> &str {
+    let prefix = format!("CPU {index}/");
+    let found: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with(&prefix))
+        .collect();
+    assert_eq!(found.len(), 1, "one thread for vCPU {index} in {threads:?}");
+    &found[0].1
+}

@@ -412,3 +412,87 @@ async fn soft_reboot_of_a_stopped_instance_is_failed_precondition() {
 
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 }
+
+#[tokio::test]
+async fn pinned_vcpus_keep_their_cpus_across_a_soft_reboot() {
+    let agent = TestAgent::start().await;
+    let host_cpus = std::thread::available_parallelism().unwrap().get();
+    let last = host_cpus - 1;
+    // vCPU 0 on the last CPU and vCPU 1 on CPU 0: apart wherever there
+    // are two CPUs.
+    let mask = format!("{last}:0");
+    let mut spec = agent.spec("pinned", 64);
+    spec.vcpus = 2;
+    spec.cpu_mask = mask.clone();
+
+    let started = agent.start_spec(spec).await;
+    assert_eq!(started.cpu_mask, mask);
+    let threads = thread_affinities(started.pid);
+    assert_eq!(vcpu_affinity(&threads, 0), last.to_string());
+    assert_eq!(vcpu_affinity(&threads, 1), "0");
+    let unpinned = format!("0-{last}");
+    if host_cpus > 1 {
+        let main = threads
+            .iter()
+            .find(|(name, _)| name.starts_with("qemu-system"))
+            .unwrap();
+        assert_eq!(
+            main.1, unpinned,
+            "only vCPU threads are pinned: {threads:?}"
+        );
+    }
+    let mut qmp = operator_qmp(&agent, "pinned");
+    let status = qmp.execute("query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "running", "the guest runs once pinned");
+    drop(qmp);
+
+    let rebooted = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "pinned".into(),
+            mode: pb::RebootMode::Soft as i32,
+            spec: None,
+        })
+        .await
+        .expect("soft reboot")
+        .into_inner();
+
+    assert_ne!(rebooted.pid, started.pid);
+    let threads = thread_affinities(rebooted.pid);
+    assert_eq!(vcpu_affinity(&threads, 0), last.to_string());
+    assert_eq!(vcpu_affinity(&threads, 1), "0");
+}
+
+#[tokio::test]
+async fn a_mask_that_does_not_fit_is_refused_before_qemu_starts() {
+    let agent = TestAgent::start().await;
+    let host_cpus = std::thread::available_parallelism().unwrap().get();
+    let client = || agent.client();
+    let cases = [
+        ("0:0:0", "has 3 entries for 2 vCPUs"),
+        ("0-", "is invalid"),
+        (&*format!("{}", host_cpus + 64), "this host has CPUs"),
+    ];
+    for (mask, says) in cases {
+        let mut spec = agent.spec("misfit", 64);
+        spec.vcpus = 2;
+        spec.cpu_mask = mask.into();
+        let status = client()
+            .await
+            .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+            .await
+            .expect_err(mask);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{mask}: {status:?}"
+        );
+        assert!(
+            status.message().contains(says),
+            "{mask}: {}",
+            status.message()
+        );
+    }
+    assert!(agent.live_qemus().is_empty());
+}

@@ -139,6 +139,9 @@ async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
     let source = TestAgent::start().await;
     let target = TestAgent::start().await;
     let mut spec = source.spec("mover", 256);
+    // Pinned, so the target must pin its own QEMU's thread the same way.
+    let last_cpu = (std::thread::available_parallelism().unwrap().get() - 1).to_string();
+    spec.cpu_mask = last_cpu.clone();
     spec.disks
         .push(disk("root", &source.raw_image("root.img", 8)));
     spec.nics.push(nic("eth0", "52:54:00:00:80:01"));
@@ -218,6 +221,8 @@ async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
     );
     assert_eq!(target.taps().len(), 2);
     assert!(guest_running(&target, "mover"));
+    assert_eq!(after.cpu_mask, last_cpu);
+    assert_eq!(vcpu_affinity(&thread_affinities(after.pid), 0), last_cpu);
 
     let socket = target.run_dir("mover").join("serial.sock");
     let (nic_addr, disk_addr) = (

@@ -560,6 +560,7 @@ impl Agent {
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
             run_dir: &run_dir,
             vhost_net: hypervisor::tap::vhost_net_available(),
+            cpus: hypervisor::pinning::host_cpu_count(),
         };
         Ok(runtime::adopt_on_host(foreign, host)?)
     }
