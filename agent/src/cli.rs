@@ -420,6 +420,20 @@ enum InstanceCommand {
         /// Instance name.
         name: String,
     },
+    /// Move a running guest's memory with its balloon, up to the memory it
+    /// was started with; waits until the guest has got there.
+    SetMemory {
+        /// Instance name.
+        name: String,
+        /// Target in MiB.
+        memory_mib: u64,
+        /// Set the target and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the guest.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -930,6 +944,36 @@ async fn instance(
                     .await?
                     .into_inner(),
             );
+        }
+        InstanceCommand::SetMemory {
+            name,
+            memory_mib,
+            no_wait,
+            timeout_ms,
+        } => {
+            let r = client
+                .set_memory(pb::SetMemoryRequest {
+                    name: name.clone(),
+                    memory_mib,
+                    wait: !no_wait,
+                    timeout_ms,
+                })
+                .await?
+                .into_inner();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({
+                        "name": name, "target_mib": r.target_mib,
+                        "actual_mib": r.actual_mib, "maximum_mib": r.maximum_mib,
+                    })
+                );
+            } else {
+                println!(
+                    "{name}: {} MiB of {} MiB (target {} MiB)",
+                    r.actual_mib, r.maximum_mib, r.target_mib
+                );
+            }
         }
     }
     Ok(())

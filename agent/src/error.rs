@@ -173,6 +173,25 @@ pub enum AgentError {
         /// Last port of the range.
         last: u16,
     },
+    /// The runtime has no memory balloon.
+    #[error(
+        "instance {0:?} has no memory balloon: its runtime was made before the agent gave every instance one"
+    )]
+    NoBalloon(String),
+    /// The guest didn't reach its memory target in time.
+    #[error(
+        "instance {instance:?} has {actual_mib} MiB after {waited_ms} ms, not the {target_mib} MiB asked for; the target stays set"
+    )]
+    BalloonTargetNotReached {
+        /// Instance name.
+        instance: String,
+        /// The target.
+        target_mib: u64,
+        /// What the guest has.
+        actual_mib: u64,
+        /// How long the agent waited.
+        waited_ms: u64,
+    },
     /// A blocking task died.
     #[error("internal error: {0}")]
     Internal(String),
@@ -211,6 +230,14 @@ impl AgentError {
                 (Code::AlreadyExists, "stop it first, or reboot it")
             }
             AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
+            AgentError::NoBalloon(_) => (
+                Code::FailedPrecondition,
+                "restart it (hard reboot, or stop and start) to give it one",
+            ),
+            AgentError::BalloonTargetNotReached { .. } => (
+                Code::DeadlineExceeded,
+                "the guest needs a virtio_balloon driver and enough free memory; wait longer or check inside the guest",
+            ),
             AgentError::DiskMissing { .. } | AgentError::DiskUnusable { .. } => {
                 (Code::InvalidArgument, "create the image or fix the path")
             }

@@ -28,8 +28,11 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::events::{Event, EventBus, EventKind, TooOld};
 
+mod memory;
 mod migration;
 mod saves;
+
+pub use memory::MemoryReport;
 
 pub use migration::{MigrateOptions, MigrationReport, ReportPhase};
 pub use saves::SaveOutcome;

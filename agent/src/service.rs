@@ -27,6 +27,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::{Stream, StreamExt};
 
+/// How long a waiting SetMemory waits when the caller doesn't say.
+const DEFAULT_SET_MEMORY_WAIT: Duration = Duration::from_secs(30);
+
 /// `kvmagent.v1.NodeAgent` on top of an [`Agent`].
 #[derive(Debug, Clone)]
 pub struct NodeAgentService {
@@ -183,6 +186,26 @@ impl NodeAgent for NodeAgentService {
 
     type WatchEventsStream = EventStream;
     type MigrateInstanceStream = ProgressStream;
+
+    async fn set_memory(&self, req: Request<pb::SetMemoryRequest>) -> Reply<pb::SetMemoryResponse> {
+        let id = request_id(req.metadata());
+        let req = req.into_inner();
+        let agent = self.agent.clone();
+        let name = req.name.clone();
+        traced("set_memory", name.clone(), id, async move {
+            let wait = req.wait.then(|| match req.timeout_ms {
+                0 => DEFAULT_SET_MEMORY_WAIT,
+                ms => Duration::from_millis(ms),
+            });
+            let report = agent.set_memory(&name, req.memory_mib, wait).await?;
+            Ok(pb::SetMemoryResponse {
+                target_mib: report.target_mib,
+                actual_mib: report.actual_mib,
+                maximum_mib: report.maximum_mib,
+            })
+        })
+        .await
+    }
 
     async fn pause_instance(
         &self,

@@ -44,6 +44,8 @@ fn short(uuid: Uuid) -> String {
 pub const DISK_ID_PREFIX: &str = "disk-";
 /// How the QEMU id of every NIC device starts.
 pub const NIC_ID_PREFIX: &str = "nic-";
+/// QEMU id of the memory balloon device.
+pub const BALLOON_ID: &str = "balloon0";
 
 /// QEMU device id of a disk.
 pub fn disk_device_id(uuid: Uuid) -> String {
@@ -178,6 +180,12 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
     for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
         let vhost = fds.vhost.get(index).map(Vec::as_slice).unwrap_or_default();
         argv.extend(render_nic(nic, taps, vhost));
+    }
+    if let Some(slot) = rt.balloon_slot {
+        argv.extend([
+            "-device".into(),
+            format!("virtio-balloon-pci,id={BALLOON_ID},bus={PCI_BUS},addr={slot:#x}"),
+        ]);
     }
     argv.extend([
         "-chardev".into(),
@@ -458,9 +466,13 @@ mod tests {
             .filter(|w| w[0] == "-device")
             .map(|w| &w[1])
             .collect();
-        assert_eq!(devices.len(), 2);
+        assert_eq!(devices.len(), 3);
         assert!(devices[0].contains("bus=pci.0,addr=0x3"), "{}", devices[0]);
         assert!(devices[1].contains("bus=pci.0,addr=0x4"), "{}", devices[1]);
+        assert_eq!(
+            devices[2],
+            "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x5"
+        );
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
 //! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
 //! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
-//! (vCPU masks, parsed purely and applied to QEMU's threads) and [`migration`] (QEMU's
+//! (vCPU masks, parsed purely and applied to QEMU's threads), [`balloon`]
+//! (the guest's memory target) and [`migration`] (QEMU's
 //! side of migration, save and restore).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
 
 pub mod argv;
+pub mod balloon;
 pub mod lifecycle;
 pub mod migration;
 pub mod pinning;

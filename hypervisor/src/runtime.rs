@@ -119,6 +119,12 @@ pub struct Runtime {
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
+    /// Slot of the virtio memory balloon, which lets the guest's memory be
+    /// lowered and raised again while it runs. Given out after the disks
+    /// and NICs, so it moves none of them; runtimes from before the
+    /// balloon existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_slot: Option<u8>,
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
@@ -269,6 +275,11 @@ pub fn generate(
             })
         })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let balloon_slot = free.next().ok_or(RuntimeError::NoFreeSlot {
+        instance: spec.name.clone(),
+        used: device_count + 1,
+        total,
+    })?;
 
     let mut runtime = Runtime {
         format_version: RUNTIME_FORMAT_VERSION,
@@ -291,6 +302,7 @@ pub fn generate(
         cpu_pinning: spec.cpu_pinning.clone(),
         disks,
         nics,
+        balloon_slot: Some(balloon_slot),
         argv: Vec::new(),
     };
     runtime.argv = argv::render_base(&runtime);
@@ -391,12 +403,13 @@ impl Runtime {
         }
     }
 
-    /// Every PCI slot the runtime's devices hold.
+    /// Every PCI slot the runtime's devices hold, the balloon's included.
     pub fn used_slots(&self) -> impl Iterator<Item = u8> + '_ {
         self.disks
             .iter()
             .map(|d| d.slot)
             .chain(self.nics.iter().map(|n| n.slot))
+            .chain(self.balloon_slot)
     }
 
     /// Validates a runtime that arrived from elsewhere (a peer, a save file,
@@ -413,12 +426,13 @@ impl Runtime {
         let named_slots = self
             .disks
             .iter()
-            .map(|d| (&d.spec.name, d.slot))
-            .chain(self.nics.iter().map(|n| (&n.spec.name, n.slot)));
+            .map(|d| (d.spec.name.as_str(), d.slot))
+            .chain(self.nics.iter().map(|n| (n.spec.name.as_str(), n.slot)))
+            .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)));
         for (name, slot) in named_slots {
             if slot > MAX_PCI_SLOT || RESERVED_PCI_SLOTS.contains(&slot) || !seen.insert(slot) {
                 return Err(RuntimeError::BadSlot {
-                    device: name.clone(),
+                    device: name.to_owned(),
                     slot,
                 });
             }
@@ -625,7 +639,34 @@ pub(crate) mod tests {
 
         let rt = generate(&spec, host(&qemu), 1).unwrap();
 
-        assert_eq!(rt.used_slots().collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            rt.disks.iter().map(|d| d.slot).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(rt.nics[0].slot, 5);
+        assert_eq!(rt.balloon_slot, Some(6), "the balloon comes last");
+        assert_eq!(rt.used_slots().collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_runtime_from_before_the_balloon_still_validates() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let mut json = serde_json::to_value(&rt).unwrap();
+        json.as_object_mut().unwrap().remove("balloon_slot");
+        let old: Runtime = serde_json::from_value(json).unwrap();
+        assert_eq!(old.balloon_slot, None);
+        old.validate().unwrap();
+    }
+
+    #[test]
+    fn a_balloon_in_a_used_slot_is_refused() {
+        let qemu = qemu_7_2();
+        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        rt.balloon_slot = Some(rt.nics[0].slot);
+        assert!(matches!(rt.validate(), Err(RuntimeError::BadSlot { .. })));
+        rt.balloon_slot = Some(1);
+        assert!(matches!(rt.validate(), Err(RuntimeError::BadSlot { .. })));
     }
 
     #[test]

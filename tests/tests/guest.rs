@@ -328,3 +328,69 @@ async fn the_console_command_runs_a_command_in_the_guest_and_detaches() {
     assert_eq!(now.state, pb::InstanceState::Running as i32);
     assert_eq!(now.pid, info.pid, "the guest keeps running");
 }
+
+fn mem_total_kib(meminfo: &str) -> u64 {
+    meminfo
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {meminfo:?}"))
+}
+
+#[tokio::test]
+async fn set_memory_moves_the_balloon_and_never_past_the_runtime_memory() {
+    let agent = TestAgent::start().await;
+    let (_, console) = start_guest(&agent, "balloon1").await;
+    let (console, before) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
+    let set_memory = async |memory_mib: u64| {
+        agent
+            .client()
+            .await
+            .set_memory(pb::SetMemoryRequest {
+                name: "balloon1".into(),
+                memory_mib,
+                wait: true,
+                timeout_ms: 60_000,
+            })
+            .await
+    };
+    let query_balloon_mib = || {
+        operator_qmp(&agent, "balloon1").execute("query-balloon", serde_json::json!({}))["actual"]
+            .as_u64()
+            .unwrap()
+            >> 20
+    };
+
+    let lowered = set_memory(128)
+        .await
+        .expect("lower to 128 MiB")
+        .into_inner();
+
+    assert_eq!(
+        (lowered.target_mib, lowered.actual_mib, lowered.maximum_mib),
+        (128, 128, 256)
+    );
+    assert_eq!(query_balloon_mib(), 128);
+    let (console, after) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
+    assert!(
+        mem_total_kib(&after) + 100 * 1024 <= mem_total_kib(&before),
+        "the guest gave the memory up: {before} → {after}"
+    );
+
+    for too_much in [257, 4096, 0] {
+        let err = set_memory(too_much).await.expect_err("out of range");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{too_much}: {err:?}"
+        );
+        assert!(err.message().contains("256 MiB"), "{}", err.message());
+    }
+    assert_eq!(query_balloon_mib(), 128, "a refused target changes nothing");
+
+    let raised = set_memory(256).await.expect("back to 256 MiB").into_inner();
+    assert_eq!(raised.actual_mib, 256);
+    assert_eq!(query_balloon_mib(), 256);
+    let (_, restored) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
+    assert_eq!(mem_total_kib(&restored), mem_total_kib(&before));
+}

@@ -73,3 +73,70 @@ async fn a_node_without_free_huge_pages_refuses_a_hugepage_guest_clearly() {
     assert!(err.message().contains("backing store"), "{}", err.message());
     assert!(agent.live_qemus().is_empty());
 }
+
+#[tokio::test]
+async fn set_memory_without_a_balloon_driver_times_out_and_says_why() {
+    let agent = TestAgent::start().await;
+    agent.start_spec(agent.spec("nodriver", 128)).await;
+    let set_memory = async |wait: bool| {
+        agent
+            .client()
+            .await
+            .set_memory(pb::SetMemoryRequest {
+                name: "nodriver".into(),
+                memory_mib: 64,
+                wait,
+                timeout_ms: 300,
+            })
+            .await
+    };
+
+    // Without an OS nothing inflates the balloon: the target is set, the
+    // guest keeps its memory.
+    let err = set_memory(true)
+        .await
+        .expect_err("no driver to reach the target");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("virtio_balloon"),
+        "{}",
+        err.message()
+    );
+    let set = set_memory(false)
+        .await
+        .expect("set without waiting")
+        .into_inner();
+    assert_eq!(
+        (set.target_mib, set.actual_mib, set.maximum_mib),
+        (64, 128, 128)
+    );
+    let pci = operator_qmp(&agent, "nodriver").pci_devices();
+    assert!(
+        pci.iter().any(|(_, id, _)| id == "balloon0"),
+        "every instance has a balloon: {pci:?}"
+    );
+
+    let stopped = agent.spec("stopped", 64);
+    agent.start_spec(stopped).await;
+    agent
+        .client()
+        .await
+        .stop_instance(pb::StopInstanceRequest {
+            name: "stopped".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = agent
+        .client()
+        .await
+        .set_memory(pb::SetMemoryRequest {
+            name: "stopped".into(),
+            memory_mib: 32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("not running");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
