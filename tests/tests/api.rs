@@ -594,3 +594,64 @@ fn serve_runs_with_the_config_file() {
         "the agent made the state directory its config names"
     );
 }
+
+/// The field names of the README table whose header starts with `header`.
+fn readme_fields(header: &str) -> std::collections::BTreeSet<String> {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("\n\n")
+        .find(|block| block.starts_with(&format!("| {header}")))
+        .unwrap_or_else(|| panic!("README has no table headed {header:?}"));
+    table
+        .lines()
+        .filter_map(|row| row.strip_prefix("| `"))
+        .map(|row| row.split('`').next().unwrap().to_owned())
+        .collect()
+}
+
+fn keys(object: &Value) -> std::collections::BTreeSet<String> {
+    object
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {object}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn cli_json_has_exactly_the_fields_the_readme_documents() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("documented", 64);
+    spec.nics = vec![nic("eth0", "52:54:00:00:90:01")];
+    spec.disks = vec![disk("root", &agent.raw_image("doc.img", 8))];
+    agent.start_spec(spec).await;
+    let socket = agent.socket();
+    let cli = |args: &[&str]| -> Value {
+        let out = Command::new(agent_binary())
+            .args(["--socket", socket.to_str().unwrap(), "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let instance_fields = readme_fields("Instance field");
+    let device_fields = readme_fields("Device field");
+
+    let list = cli(&["instance", "list"]);
+    let info = cli(&["instance", "info", "documented"]);
+    let devices = cli(&["device", "list", "documented"]);
+
+    assert_eq!(keys(&list[0]), instance_fields);
+    assert_eq!(keys(&info), instance_fields);
+    assert_eq!(info["state"], "running");
+    let devices = devices.as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    for device in devices.iter().chain(info["devices"].as_array().unwrap()) {
+        assert_eq!(keys(device), device_fields, "{device}");
+    }
+}
