@@ -1,0 +1,539 @@
+"""A Ganeti hypervisor class that runs instances through the local kvm-agent.
+
+Ganeti's node daemon calls a hypervisor class for everything it does with
+an instance. This one translates each call into calls to the kvm-agent on
+the same node: the instance's spec is built from Ganeti's objects and KVM
+hvparams, and the agent generates the runtime, runs QEMU, hotplugs devices
+and migrates to the target node's agent.
+
+Settings come from the environment of the node daemon:
+
+``KVM_AGENT_SOCKET``
+    The local agent's socket (default ``/var/lib/kvm-agent/agent.sock``).
+``KVM_AGENT_PEER``
+    How to reach the target node's agent for a migration, with ``{target}``
+    standing for the address Ganeti gives (default ``https://{target}:7070``).
+``KVM_AGENT_GANETI_STATE``
+    Where migration outcomes are kept between Ganeti's calls (default
+    ``/run/kvm-agent-ganeti``).
+"""
+
+import json
+import os
+
+from ganeti import constants, errors, objects
+from ganeti.hypervisor import hv_base
+from ganeti.hypervisor.hv_kvm import KVMHypervisor
+
+import kvm_agent_client as kac
+from kvm_agent_client import pb
+
+DEFAULT_PEER = "https://{target}:7070"
+DEFAULT_STATE_DIR = "/run/kvm-agent-ganeti"
+
+# hvparams this class turns into the agent's spec (or call options).
+TRANSLATED = frozenset([
+    constants.HV_ACPI,
+    constants.HV_BOOT_ORDER,
+    constants.HV_CPU_MASK,
+    constants.HV_CPU_TYPE,
+    constants.HV_DISK_CACHE,
+    constants.HV_DISK_TYPE,
+    constants.HV_INITRD_PATH,
+    constants.HV_KERNEL_ARGS,
+    constants.HV_KERNEL_PATH,
+    constants.HV_KVM_FLAG,
+    constants.HV_KVM_MACHINE_VERSION,
+    constants.HV_MEM_PATH,
+    constants.HV_NIC_TYPE,
+    constants.HV_ROOT_PATH,
+    constants.HV_SERIAL_CONSOLE,
+    constants.HV_VHOST_NET,
+    constants.HV_VIRTIO_NET_QUEUES,
+    constants.HV_VNC_BIND_ADDRESS,
+    constants.HV_MIGRATION_BANDWIDTH,
+    constants.HV_MIGRATION_DOWNTIME,
+    constants.HV_MIGRATION_MODE,
+])
+
+# hvparams that describe what the agent decides for itself on each node;
+# any value is accepted, and the agent's own setting holds.
+AGENT_DECIDES = {
+    constants.HV_KVM_PATH: "the agent's qemu_binary setting",
+    constants.HV_MIGRATION_PORT: "the agent's migration.ports setting",
+    constants.HV_SERIAL_SPEED: "the serial console is a socket, without a line speed",
+    constants.HV_VNET_HDR: "the agent always opens taps with vnet_hdr",
+    constants.HV_KVM_PCI_RESERVATIONS: "the agent reserves slots 0-2 and hands out the rest",
+}
+
+NIC_MODELS = {
+    constants.HT_NIC_PARAVIRTUAL: pb.NIC_MODEL_VIRTIO,
+    constants.HT_NIC_E1000: pb.NIC_MODEL_E1000,
+}
+
+DISK_CACHES = {
+    constants.HT_CACHE_DEFAULT: pb.DISK_CACHE_UNSPECIFIED,
+    constants.HT_CACHE_NONE: pb.DISK_CACHE_NONE,
+    constants.HT_CACHE_WBACK: pb.DISK_CACHE_WRITEBACK,
+    constants.HT_CACHE_WTHROUGH: pb.DISK_CACHE_WRITETHROUGH,
+}
+
+ACCELERATORS = {
+    "": pb.ACCELERATOR_AUTO,
+    constants.HT_KVM_ENABLED: pb.ACCELERATOR_KVM,
+    constants.HT_KVM_DISABLED: pb.ACCELERATOR_TCG,
+}
+
+
+def unsupported(param, value, why):
+    return errors.HypervisorError(
+        "hvparam %s=%r is not supported with kvm-agent: %s" % (param, value, why))
+
+
+def check_supported(hvparams):
+    """Refuses every hvparam value the agent can't honour, naming it.
+
+    Parameters neither translated nor decided by the agent must keep
+    Ganeti's default: a changed value would otherwise be ignored silently.
+    """
+    defaults = constants.HVC_DEFAULTS[constants.HT_KVM]
+    for param in sorted(hvparams):
+        value = hvparams[param]
+        if param in TRANSLATED or param in AGENT_DECIDES:
+            continue
+        if param in defaults and value != defaults[param]:
+            raise unsupported(param, value,
+                              "only the default %r is" % (defaults[param],))
+    if hvparams.get(constants.HV_BOOT_ORDER, constants.HT_BO_DISK) != \
+        constants.HT_BO_DISK:
+        raise unsupported(constants.HV_BOOT_ORDER,
+                          hvparams[constants.HV_BOOT_ORDER],
+                          "instances boot from their first disk or a kernel")
+    if hvparams.get(constants.HV_DISK_TYPE) != constants.HT_DISK_PARAVIRTUAL:
+        raise unsupported(constants.HV_DISK_TYPE, hvparams.get(constants.HV_DISK_TYPE),
+                          "disks are virtio-blk (paravirtual)")
+    if hvparams.get(constants.HV_NIC_TYPE) not in NIC_MODELS:
+        raise unsupported(constants.HV_NIC_TYPE, hvparams.get(constants.HV_NIC_TYPE),
+                          "NICs are paravirtual or e1000")
+    if hvparams.get(constants.HV_DISK_CACHE) not in DISK_CACHES:
+        raise unsupported(constants.HV_DISK_CACHE, hvparams.get(constants.HV_DISK_CACHE),
+                          "use default, none, writeback or writethrough")
+    if hvparams.get(constants.HV_KVM_FLAG, "") not in ACCELERATORS:
+        raise unsupported(constants.HV_KVM_FLAG, hvparams.get(constants.HV_KVM_FLAG),
+                          "use enabled, disabled or leave it empty")
+    vnc = hvparams.get(constants.HV_VNC_BIND_ADDRESS, "")
+    if vnc not in ("", "127.0.0.1", "localhost"):
+        raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
+                          "the agent serves VNC on 127.0.0.1 only")
+
+
+def device_name(kind, device):
+    """The agent's name of a Ganeti NIC or disk: its Ganeti name if it has
+    one the agent accepts, else one made from its uuid."""
+    if device.name and len(device.name) <= 63 and \
+        device.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return device.name
+    return "%s-%s" % (kind, device.uuid.split("-")[0])
+
+
+def nic_spec(nic, hvparams):
+    mode = nic.nicparams.get(constants.NIC_MODE, constants.NIC_MODE_BRIDGED)
+    if mode != constants.NIC_MODE_BRIDGED:
+        raise unsupported("nicparams mode", mode,
+                          "NICs are bridged (the agent attaches the tap to nicparams link)")
+    queues = int(hvparams.get(constants.HV_VIRTIO_NET_QUEUES, 1) or 1)
+    return pb.NicSpec(
+        name=device_name("nic", nic),
+        uuid=nic.uuid,
+        mac=nic.mac,
+        model=NIC_MODELS[hvparams[constants.HV_NIC_TYPE]],
+        bridge=nic.nicparams.get(constants.NIC_LINK, "") or "",
+        vhost=bool(hvparams.get(constants.HV_VHOST_NET)),
+        queues=queues,
+    )
+
+
+def disk_spec(disk, link_name, hvparams):
+    return pb.DiskSpec(
+        name=device_name("disk", disk),
+        uuid=disk.uuid,
+        path=link_name,
+        format=pb.DISK_FORMAT_RAW,
+        read_only=disk.mode == constants.DISK_RDONLY,
+        cache=DISK_CACHES[hvparams[constants.HV_DISK_CACHE]],
+    )
+
+
+def instance_spec(instance, block_devices):
+    """The agent's spec for a Ganeti instance and its block devices. Pure."""
+    hvp = instance.hvparams
+    check_supported(hvp)
+    spec = pb.InstanceSpec(
+        name=instance.name,
+        uuid=instance.uuid,
+        memory_mib=int(instance.beparams[constants.BE_MAXMEM]),
+        vcpus=int(instance.beparams[constants.BE_VCPUS]),
+        disks=[disk_spec(disk, link, hvp) for disk, link, _ in block_devices],
+        nics=[nic_spec(nic, hvp) for nic in instance.nics],
+        machine_type=hvp.get(constants.HV_KVM_MACHINE_VERSION, "") or "",
+        accelerator=ACCELERATORS[hvp.get(constants.HV_KVM_FLAG, "")],
+        serial_console=bool(hvp[constants.HV_SERIAL_CONSOLE]),
+        cpu_model=hvp.get(constants.HV_CPU_TYPE, "") or "",
+        cpu_mask="" if hvp[constants.HV_CPU_MASK] == constants.CPU_PINNING_ALL
+        else hvp[constants.HV_CPU_MASK],
+    )
+    kernel = hvp.get(constants.HV_KERNEL_PATH)
+    if kernel:
+        cmdline = hvp.get(constants.HV_KERNEL_ARGS, "") or ""
+        if hvp.get(constants.HV_ROOT_PATH):
+            cmdline = "root=%s %s" % (hvp[constants.HV_ROOT_PATH], cmdline)
+        if hvp[constants.HV_SERIAL_CONSOLE]:
+            cmdline = "console=ttyS0 %s" % cmdline
+        spec.boot.CopyFrom(pb.BootSpec(kernel=kernel,
+                                       initrd=hvp.get(constants.HV_INITRD_PATH) or "",
+                                       cmdline=cmdline.strip()))
+    if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
+        instance.network_port > constants.VNC_BASE_PORT:
+        spec.vnc.CopyFrom(pb.VncSpec(
+            display=instance.network_port - constants.VNC_BASE_PORT))
+    if hvp.get(constants.HV_MEM_PATH):
+        spec.memory.CopyFrom(pb.MemoryBacking(file=hvp[constants.HV_MEM_PATH]))
+    return spec
+
+
+def qemu_version(text):
+    """(major, minor, micro) from "QEMU emulator version 7.2.22 (...)"."""
+    words = text.split()
+    if len(words) < 4:
+        return (0, 0, 0)
+    parts = (words[3].split(".") + ["0", "0"])[:3]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        return (0, 0, 0)
+
+
+def agent_error(what, error):
+    return errors.HypervisorError("kvm-agent: %s: %s" % (what, error))
+
+
+class KvmAgentHypervisor(hv_base.BaseHypervisor):
+    """Ganeti's KVM hypervisor, with the kvm-agent doing the work."""
+
+    CAN_MIGRATE = True
+    # Ganeti's own KVM parameters and their checks.
+    PARAMETERS = KVMHypervisor.PARAMETERS
+
+    def __init__(self, socket=None, peer=None, state_dir=None):
+        super().__init__()
+        self._socket = socket or os.environ.get("KVM_AGENT_SOCKET", kac.DEFAULT_SOCKET)
+        self._peer = peer or os.environ.get("KVM_AGENT_PEER", DEFAULT_PEER)
+        self._state_dir = state_dir or os.environ.get("KVM_AGENT_GANETI_STATE",
+                                                       DEFAULT_STATE_DIR)
+
+    def _call(self, method, request, what, timeout=120):
+        with kac.Client.unix(self._socket) as client:
+            try:
+                return getattr(client, method)(request, timeout=timeout)
+            except kac.AgentError as e:
+                raise agent_error(what, e)
+
+    def _find(self, name):
+        """The agent's view of an instance, or None if it has none."""
+        with kac.Client.unix(self._socket) as client:
+            try:
+                return client.get_instance(pb.GetInstanceRequest(name=name), timeout=30)
+            except kac.NotFound:
+                return None
+            except kac.AgentError as e:
+                raise agent_error("instance %s" % name, e)
+
+    # ----------------------------------------------------------- parameters
+
+    @classmethod
+    def CheckParameterSyntax(cls, hvparams):
+        KVMHypervisor.CheckParameterSyntax(hvparams)
+        check_supported(hvparams)
+
+    @classmethod
+    def ValidateParameters(cls, hvparams):
+        # Ganeti's node-side checks (files exist, ...), without running
+        # kvm_path: the agent owns the QEMU binary.
+        hv_base.BaseHypervisor.ValidateParameters.__func__(cls, hvparams)
+        check_supported(hvparams)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def StartInstance(self, instance, block_devices, startup_paused):
+        spec = instance_spec(instance, block_devices)
+        self._call("start_instance", pb.StartInstanceRequest(spec=spec),
+                   "starting %s" % instance.name)
+        if startup_paused:
+            self._call("pause_instance", pb.PauseInstanceRequest(name=instance.name),
+                       "pausing %s" % instance.name)
+
+    def StopInstance(self, instance, force=False, retry=False, name=None,
+                     timeout=None):
+        # As Ganeti's KVM driver: a stop by name alone can only kill, and
+        # without ACPI there is nothing to ask the guest. The agent itself
+        # escalates a powerdown that isn't answered within `timeout` to quit
+        # and SIGKILL, so a retry finds the instance gone.
+        if name is not None and not force:
+            raise errors.HypervisorError("Cannot shutdown cleanly by name only")
+        name = name or instance.name
+        info = self._find(name)
+        if info is None or not info.pid:
+            return
+        acpi = instance is not None and instance.hvparams[constants.HV_ACPI]
+        request = pb.StopInstanceRequest(name=name, force=force or not acpi)
+        if timeout:
+            request.powerdown_timeout_ms = int(timeout * 1000)
+        with kac.Client.unix(self._socket) as client:
+            try:
+                client.stop_instance(request, timeout=(timeout or 60) + 60)
+            except kac.FailedPrecondition as e:
+                # Stopped meanwhile, by the earlier call Ganeti retries.
+                current = self._find(name)
+                if current is not None and current.pid:
+                    raise agent_error("stopping %s" % name, e)
+            except kac.AgentError as e:
+                raise agent_error("stopping %s" % name, e)
+
+    def CleanupInstance(self, instance_name):
+        info = self._find(instance_name)
+        if info is not None and info.pid:
+            raise errors.HypervisorError("Cannot cleanup a live instance")
+
+    def RebootInstance(self, instance):
+        # A soft reboot: a fresh QEMU from the saved runtime, as Ganeti's KVM
+        # driver does it.
+        self._call("reboot_instance",
+                   pb.RebootInstanceRequest(name=instance.name, mode=pb.REBOOT_MODE_SOFT),
+                   "rebooting %s" % instance.name)
+
+    def _running(self):
+        with kac.Client.unix(self._socket) as client:
+            try:
+                listed = client.list_instances(pb.ListInstancesRequest(), timeout=30)
+            except kac.AgentError as e:
+                raise agent_error("listing instances", e)
+        return [i for i in listed.instances if i.pid]
+
+    def ListInstances(self, hvparams=None):
+        return [i.name for i in self._running()]
+
+    @staticmethod
+    def _info_tuple(info):
+        state = (hv_base.HvInstanceState.RUNNING if info.pid
+                 else hv_base.HvInstanceState.SHUTDOWN)
+        return (info.name, info.pid, info.memory_mib, info.vcpus, state,
+                info.uptime_seconds)
+
+    def GetInstanceInfo(self, instance_name, hvparams=None):
+        info = self._find(instance_name)
+        if info is None or not info.pid:
+            return None
+        return self._info_tuple(info)
+
+    def GetAllInstancesInfo(self, hvparams=None):
+        return [self._info_tuple(i) for i in self._running()]
+
+    def GetNodeInfo(self, hvparams=None):
+        result = self.GetLinuxNodeInfo()
+        node = self._call("get_node_info", pb.GetNodeInfoRequest(), "node info")
+        result[constants.HV_NODEINFO_KEY_VERSION] = qemu_version(node.qemu_version)
+        return result
+
+    @classmethod
+    def GetInstanceConsole(cls, instance, primary_node, node_group,
+                           hvparams, beparams):
+        if hvparams[constants.HV_SERIAL_CONSOLE]:
+            ndparams = node_group.FillND(primary_node)
+            return objects.InstanceConsole(
+                instance=instance.name, kind=constants.CONS_SSH,
+                host=primary_node.name, port=ndparams.get(constants.ND_SSH_PORT),
+                user=constants.SSH_CONSOLE_USER,
+                command=["kvm-agent", "console", instance.name])
+        if hvparams[constants.HV_VNC_BIND_ADDRESS] and \
+            instance.network_port > constants.VNC_BASE_PORT:
+            return objects.InstanceConsole(
+                instance=instance.name, kind=constants.CONS_VNC,
+                host="127.0.0.1", port=instance.network_port,
+                display=instance.network_port - constants.VNC_BASE_PORT)
+        return objects.InstanceConsole(instance=instance.name,
+                                       kind=constants.CONS_MESSAGE,
+                                       message="No serial console or VNC for %s" %
+                                       instance.name)
+
+    def Verify(self, hvparams=None):
+        try:
+            node = self._call("get_node_info", pb.GetNodeInfoRequest(), "node info",
+                              timeout=10)
+        except errors.HypervisorError as e:
+            return "kvm-agent is not answering on %s: %s" % (self._socket, e)
+        if node.qemu_error:
+            return "kvm-agent can't run QEMU: %s" % node.qemu_error
+        return None
+
+    def BalloonInstanceMemory(self, instance, mem):
+        self._call("set_memory",
+                   pb.SetMemoryRequest(name=instance.name, memory_mib=int(mem), wait=False),
+                   "ballooning %s" % instance.name)
+
+    # ------------------------------------------------------------- migration
+
+    def _migration_file(self, name):
+        return os.path.join(self._state_dir, "%s.migration" % name)
+
+    def _record_migration(self, name, status):
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        path = self._migration_file(name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(status, f)
+        os.replace(path + ".tmp", path)
+
+    def MigrationInfo(self, instance):
+        runtime = self._call("get_runtime", pb.GetRuntimeRequest(name=instance.name),
+                             "runtime of %s" % instance.name)
+        return json.dumps({"uuid": instance.uuid, "generation": runtime.generation})
+
+    def AcceptInstance(self, instance, info, target):
+        # The source's agent prepares this node's agent itself when it
+        # migrates; here, only check that nothing is in the way.
+        existing = self._find(instance.name)
+        if existing is not None and existing.pid:
+            raise errors.HypervisorError(
+                "instance %s already runs on this node's agent (pid %d)" %
+                (instance.name, existing.pid))
+
+    def MigrateInstance(self, cluster_name, instance, target, live):
+        hvp = instance.hvparams
+        options = pb.MigrationOptions(
+            offline=not live,
+            max_bandwidth=int(hvp[constants.HV_MIGRATION_BANDWIDTH]) << 20,
+            downtime_limit_ms=int(hvp[constants.HV_MIGRATION_DOWNTIME]))
+        request = pb.MigrateInstanceRequest(
+            name=instance.name, target=self._peer.format(target=target), options=options)
+        status = {"status": constants.HV_MIGRATION_ACTIVE}
+        self._record_migration(instance.name, status)
+        try:
+            with kac.Client.unix(self._socket) as client:
+                for progress in client.migrate_instance(request, timeout=3600):
+                    status = {"status": constants.HV_MIGRATION_ACTIVE,
+                              "transferred_ram": progress.transferred_bytes,
+                              "total_ram": progress.total_bytes}
+                    if progress.phase == pb.MIGRATION_PHASE_COMPLETED:
+                        status["status"] = constants.HV_MIGRATION_COMPLETED
+            if status["status"] != constants.HV_MIGRATION_COMPLETED:
+                status["status"] = constants.HV_MIGRATION_FAILED
+        except kac.AgentError as e:
+            status = {"status": constants.HV_MIGRATION_FAILED, "error": str(e)}
+            self._record_migration(instance.name, status)
+            raise agent_error("migrating %s to %s" % (instance.name, target), e)
+        self._record_migration(instance.name, status)
+
+    def GetMigrationStatus(self, instance):
+        try:
+            with open(self._migration_file(instance.name)) as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            return objects.MigrationStatus(status=constants.HV_MIGRATION_FAILED)
+        return objects.MigrationStatus(
+            status=status["status"],
+            transferred_ram=status.get("transferred_ram"),
+            total_ram=status.get("total_ram"))
+
+    def FinalizeMigrationDst(self, instance, info, success):
+        if success:
+            info = self._find(instance.name)
+            if info is None or not info.pid:
+                raise errors.HypervisorError(
+                    "migration of %s completed, but it isn't running here" % instance.name)
+            return
+        # Abort: whatever arrived here must go, the source keeps the guest.
+        existing = self._find(instance.name)
+        if existing is None:
+            return
+        if existing.state == pb.INSTANCE_STATE_INCOMING:
+            self._call("cancel_migration", pb.CancelMigrationRequest(name=instance.name),
+                       "dropping the incoming %s" % instance.name)
+        elif existing.pid:
+            self._call("stop_instance", pb.StopInstanceRequest(name=instance.name, force=True),
+                       "stopping the migrated %s" % instance.name)
+
+    def FinalizeMigrationSource(self, instance, success, live):
+        try:
+            os.unlink(self._migration_file(instance.name))
+        except FileNotFoundError:
+            pass
+        existing = self._find(instance.name)
+        if success:
+            if existing is not None and existing.pid:
+                raise errors.HypervisorError(
+                    "migration of %s succeeded, but it still runs on the source" %
+                    instance.name)
+            return
+        if existing is None or not existing.pid:
+            raise errors.HypervisorError(
+                "migration of %s failed and it no longer runs on the source" % instance.name)
+        if existing.state == pb.INSTANCE_STATE_PAUSED:
+            self._call("resume_instance", pb.ResumeInstanceRequest(name=instance.name),
+                       "resuming %s" % instance.name)
+
+    # --------------------------------------------------------------- hotplug
+
+    def HotplugSupported(self, instance):
+        info = self._find(instance.name)
+        if info is None or not info.pid:
+            raise errors.HotplugError("Instance is probably down")
+
+    def VerifyHotplugSupport(self, instance, action, dev_type):
+        if action == constants.HOTPLUG_ACTION_MODIFY:
+            raise errors.HotplugError("Hot-modifying devices is not supported with kvm-agent")
+        if dev_type not in (constants.HOTPLUG_TARGET_NIC, constants.HOTPLUG_TARGET_DISK):
+            raise errors.HotplugError("Hotplug is not supported for %s" % dev_type)
+        support = self._call("hotplug_support",
+                             pb.HotplugSupportRequest(name=instance.name),
+                             "hotplug support of %s" % instance.name)
+        capability = {constants.HOTPLUG_TARGET_NIC: support.nic,
+                      constants.HOTPLUG_TARGET_DISK: support.disk}[dev_type]
+        if action == constants.HOTPLUG_ACTION_REMOVE:
+            capability = support.remove
+        if not capability.supported:
+            raise errors.HotplugError(capability.reason)
+
+    @staticmethod
+    def _hvinfo(device):
+        return {"id": device.qemu_id, "bus": "pci.0", "addr": hex(device.pci_slot)}
+
+    def HotAddDevice(self, instance, dev_type, device, extra, seq):
+        if dev_type == constants.HOTPLUG_TARGET_NIC:
+            reply = self._call("add_nic", pb.AddNicRequest(
+                name=instance.name, nic=nic_spec(device, instance.hvparams)),
+                               "hot-adding a NIC to %s" % instance.name)
+        elif dev_type == constants.HOTPLUG_TARGET_DISK:
+            link_name = extra[0]
+            reply = self._call("add_disk", pb.AddDiskRequest(
+                name=instance.name, disk=disk_spec(device, link_name, instance.hvparams)),
+                               "hot-adding a disk to %s" % instance.name)
+        else:
+            raise errors.HotplugError("Hotplug is not supported for %s" % dev_type)
+        return self._hvinfo(reply.device)
+
+    def HotDelDevice(self, instance, dev_type, device, extra, seq):
+        info = self._find(instance.name)
+        if info is None:
+            raise errors.HotplugError("Instance %s is not running" % instance.name)
+        kind = {constants.HOTPLUG_TARGET_NIC: pb.DEVICE_KIND_NIC,
+                constants.HOTPLUG_TARGET_DISK: pb.DEVICE_KIND_DISK}.get(dev_type)
+        found = [d for d in info.devices if d.uuid == device.uuid and d.kind == kind]
+        if not found:
+            raise errors.HotplugError("%s has no %s with uuid %s" %
+                                      (instance.name, dev_type, device.uuid))
+        reply = self._call("remove_device", pb.RemoveDeviceRequest(
+            name=instance.name, device=found[0].name),
+                           "removing %s from %s" % (found[0].name, instance.name))
+        return self._hvinfo(reply.device)
+
+    def HotModDevice(self, instance, dev_type, device, extra, seq):
+        raise errors.HotplugError("Hot-modifying devices is not supported with kvm-agent")

@@ -1,0 +1,332 @@
+"""KvmAgentHypervisor driven the way Ganeti drives a hypervisor class, with
+Ganeti 3.0's own objects, constants and parameter checks, against two real
+agents. Each step is checked against QEMU through the agent's operator
+QMP socket.
+
+Run by the end-to-end suite (tests/tests/ganeti.rs), which starts the
+agents and passes, in the environment: KVM_AGENT_TEST_SOCKET and
+KVM_AGENT_TEST_STATE_DIR (the source), KVM_AGENT_TEST_TARGET_SOCKET and
+KVM_AGENT_TEST_TARGET_STATE_DIR, KVM_AGENT_TEST_KERNEL and
+KVM_AGENT_TEST_INITRD (the test guest), KVM_AGENT_TEST_SCRATCH (a directory
+for disk images) and KVM_AGENT_TEST_UUIDS (instance uuids to use, which the
+suite cleans up after).
+"""
+
+import json
+import os
+import socket
+import time
+import unittest
+import uuid as uuidlib
+
+from ganeti import constants, errors, objects
+
+import kvm_agent_client as kac
+from kvm_agent_client import pb
+from kvm_agent_ganeti import KvmAgentHypervisor
+
+ENV = os.environ
+SOURCE = ENV["KVM_AGENT_TEST_SOCKET"]
+TARGET = ENV["KVM_AGENT_TEST_TARGET_SOCKET"]
+UUIDS = ENV["KVM_AGENT_TEST_UUIDS"].split(",")
+READY_MARKER = b"KVM-AGENT-GUEST-READY"
+
+
+class Qmp:
+    """A minimal QMP client on the agent's operator socket."""
+
+    def __init__(self, state_dir, name):
+        path = os.path.join(state_dir, "run", name, "qmp-operator.sock")
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+        json.loads(self.reader.readline())
+        self.execute("qmp_capabilities")
+
+    def execute(self, command, **arguments):
+        message = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = json.loads(self.reader.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise AssertionError("%s: %s" % (command, reply["error"]))
+
+    def pci(self):
+        """{qdev_id: slot} of bus 0."""
+        buses = self.execute("query-pci")
+        return {d.get("qdev_id", ""): d["slot"]
+                for bus in buses if bus["bus"] == 0 for d in bus["devices"]}
+
+    def block_files(self):
+        return {b["inserted"]["file"] for b in self.execute("query-block") if "inserted" in b}
+
+    def has_block_device(self, qdev_id):
+        """Whether a device with an image behind it has this id. A hot-added
+        image shows as /dev/fdset/N: the agent opened it, not QEMU."""
+        return any("/%s/" % qdev_id in b.get("qdev", "") + "/" and "inserted" in b
+                   for b in self.execute("query-block"))
+
+    def close(self):
+        self.reader.close()
+        self.sock.close()
+
+
+def wait_for_guest(state_dir, name, timeout=120):
+    path = os.path.join(state_dir, "run", name, "serial.sock")
+    console = socket.socket(socket.AF_UNIX)
+    console.settimeout(timeout)
+    console.connect(path)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while READY_MARKER not in seen:
+        if time.monotonic() > deadline:
+            raise AssertionError("the guest never got ready: %r" % seen[-500:])
+        seen += console.recv(4096)
+    console.close()
+
+
+def hvparams(**changes):
+    hvp = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
+    # A node without a Ganeti kernel: boot from disk unless a test says so.
+    hvp[constants.HV_KERNEL_PATH] = ""
+    hvp[constants.HV_ROOT_PATH] = ""
+    hvp.update(changes)
+    return hvp
+
+
+def guest_hvparams():
+    """The test guest: direct kernel boot under TCG."""
+    return hvparams(**{
+        constants.HV_KERNEL_PATH: ENV["KVM_AGENT_TEST_KERNEL"],
+        constants.HV_INITRD_PATH: ENV["KVM_AGENT_TEST_INITRD"],
+        constants.HV_KERNEL_ARGS: "quiet panic=-1",
+        # Ganeti wants a root with a kernel; the initramfs ignores it.
+        constants.HV_ROOT_PATH: "/dev/ram0",
+        constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED,
+    })
+
+
+def nic(mac):
+    return objects.NIC(mac=mac, uuid=str(uuidlib.uuid4()), name=None,
+                       nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                                  constants.NIC_LINK: ""})
+
+
+def disk_image(name, size_mib=8):
+    path = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], name)
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    disk = objects.Disk(dev_type=constants.DT_PLAIN, size=size_mib, mode=constants.DISK_RDWR,
+                        uuid=str(uuidlib.uuid4()), name=None, params={})
+    return disk, path
+
+
+def instance(name, uuid, hvp, memory=256, nics=(), disks=()):
+    return objects.Instance(
+        name=name, uuid=uuid, hypervisor=constants.HT_KVM, hvparams=hvp,
+        beparams={constants.BE_MAXMEM: memory, constants.BE_MINMEM: memory,
+                  constants.BE_VCPUS: 1},
+        nics=list(nics), disks=list(disks), network_port=0, os="debootstrap")
+
+
+def agent_has(socket_path, name):
+    with kac.Client.unix(socket_path) as client:
+        try:
+            return client.get_instance(pb.GetInstanceRequest(name=name), timeout=10)
+        except kac.NotFound:
+            return None
+
+
+class LifecycleAndHotplug(unittest.TestCase):
+    def test_start_hotplug_and_stop_through_the_class(self):
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        state_dir = ENV["KVM_AGENT_TEST_STATE_DIR"]
+        hvp = guest_hvparams()
+        hv.CheckParameterSyntax(hvp)
+        hv.ValidateParameters(hvp)
+        root, root_path = disk_image("root.img")
+        inst = instance("web1.example.com", UUIDS[0], hvp, nics=[nic("52:54:00:6a:00:01")],
+                        disks=[root])
+
+        hv.StartInstance(inst, [(root, root_path, "")], False)
+
+        name, pid, memory, vcpus, state, _ = hv.GetInstanceInfo(inst.name)
+        self.assertEqual((name, memory, vcpus), (inst.name, 256, 1))
+        self.assertTrue(hv_running(state))
+        self.assertGreater(pid, 0)
+        self.assertIn(inst.name, hv.ListInstances())
+        self.assertIn(inst.name, [i[0] for i in hv.GetAllInstancesInfo()])
+        qmp = Qmp(state_dir, inst.name)
+        self.assertIn(root_path, qmp.block_files())
+        devices = agent_has(SOURCE, inst.name).devices
+        self.assertEqual(sorted(d.kind for d in devices), [pb.DEVICE_KIND_DISK, pb.DEVICE_KIND_NIC])
+        pci = qmp.pci()
+        for device in devices:
+            self.assertEqual(pci.get(device.qemu_id), device.pci_slot, device)
+        wait_for_guest(state_dir, inst.name)
+
+        hv.HotplugSupported(inst)
+        for dev_type in (constants.HOTPLUG_TARGET_NIC, constants.HOTPLUG_TARGET_DISK):
+            hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_ADD, dev_type)
+            hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_REMOVE, dev_type)
+        with self.assertRaises(errors.HotplugError):
+            hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_MODIFY,
+                                    constants.HOTPLUG_TARGET_NIC)
+
+        used_before = set(qmp.pci().values())
+        hot_nic = nic("52:54:00:6a:00:02")
+        nic_info = hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_NIC, hot_nic, None, 1)
+        data, data_path = disk_image("data.img")
+        disk_info = hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_DISK, data,
+                                    (data_path, ""), 1)
+
+        pci = qmp.pci()
+        for info in (nic_info, disk_info):
+            self.assertIn(info["id"], pci)
+            self.assertEqual(hex(pci[info["id"]]), info["addr"])
+            self.assertNotIn(pci[info["id"]], used_before, "a free slot")
+        self.assertTrue(qmp.has_block_device(disk_info["id"]))
+
+        hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, data, None, 1)
+        hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_NIC, hot_nic, None, 1)
+
+        pci = qmp.pci()
+        self.assertNotIn(nic_info["id"], pci)
+        self.assertNotIn(disk_info["id"], pci)
+        self.assertFalse(qmp.has_block_device(disk_info["id"]))
+        hv.BalloonInstanceMemory(inst, 200)
+        deadline = time.monotonic() + 60
+        while qmp.execute("query-balloon")["actual"] >> 20 != 200:
+            self.assertLess(time.monotonic(), deadline, "the balloon never reached 200 MiB")
+            time.sleep(0.2)
+        qmp.close()
+
+        with self.assertRaises(errors.HypervisorError):
+            hv.StopInstance(None, name=inst.name)  # only a kill works by name
+        hv.StopInstance(inst, timeout=30)
+        hv.StopInstance(inst, retry=True, timeout=30)  # Ganeti's retry finds it gone
+
+        self.assertIsNone(hv.GetInstanceInfo(inst.name))
+        self.assertNotIn(inst.name, hv.ListInstances())
+        hv.CleanupInstance(inst.name)
+        self.assertFalse(os.path.exists(os.path.join(state_dir, "run", inst.name, "qmp.sock")))
+
+
+def hv_running(state):
+    from ganeti.hypervisor import hv_base
+    return hv_base.HvInstanceState.IsRunning(state)
+
+
+class Registration(unittest.TestCase):
+    def test_register_makes_ganetis_kvm_this_class(self):
+        from ganeti import hypervisor
+        import kvm_agent_ganeti
+
+        kvm_agent_ganeti.register()
+
+        self.assertIs(hypervisor.GetHypervisorClass(constants.HT_KVM), KvmAgentHypervisor)
+        self.assertIsInstance(hypervisor.GetHypervisor(constants.HT_KVM), KvmAgentHypervisor)
+
+
+class UnsupportedParameters(unittest.TestCase):
+    def test_an_unsupported_value_is_named_and_nothing_starts(self):
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        for param, value in [(constants.HV_SOUNDHW, "hda"),
+                             (constants.HV_USB_MOUSE, "tablet"),
+                             (constants.HV_KEYMAP, "de"),
+                             (constants.HV_DISK_TYPE, constants.HT_DISK_IDE)]:
+            hvp = hvparams(**{param: value})
+            with self.assertRaises(errors.HypervisorError) as refused:
+                hv.CheckParameterSyntax(hvp)
+            self.assertIn(param, str(refused.exception))
+            inst = instance("refused.example.com", UUIDS[1], hvp, memory=64)
+            with self.assertRaises(errors.HypervisorError) as refused:
+                hv.StartInstance(inst, [], False)
+            self.assertIn(param, str(refused.exception))
+            self.assertIsNone(agent_has(SOURCE, inst.name), "no instance was made")
+            self.assertNotIn(inst.name, hv.ListInstances())
+
+    def test_ganetis_own_checks_still_apply(self):
+        hvp = hvparams(**{constants.HV_CPU_MASK: "not-a-mask"})
+        with self.assertRaises(errors.HypervisorError) as refused:
+            KvmAgentHypervisor.CheckParameterSyntax(hvp)
+        self.assertIn(constants.HV_CPU_MASK, str(refused.exception))
+
+
+class Migration(unittest.TestCase):
+    """MigrationInfo on the source, AcceptInstance on the target,
+    MigrateInstance, GetMigrationStatus until done, FinalizeMigrationDst,
+    then FinalizeMigrationSource: the order of Ganeti's backend."""
+
+    def setUp(self):
+        # Ganeti names the target by address; here the address is the
+        # target agent's socket.
+        self.source = KvmAgentHypervisor(socket=SOURCE, peer="unix:{target}",
+                                         state_dir=ENV["KVM_AGENT_TEST_SCRATCH"])
+        self.target = KvmAgentHypervisor(socket=TARGET, peer="unix:{target}",
+                                         state_dir=ENV["KVM_AGENT_TEST_SCRATCH"] + "/target")
+
+    def migrate(self, source, inst, target_address):
+        info = source.MigrationInfo(inst)
+        self.target.AcceptInstance(inst, info, target_address)
+        try:
+            source.MigrateInstance("cluster.example.com", inst, target_address, True)
+        except errors.HypervisorError:
+            pass  # Ganeti's backend reads the outcome from the status.
+        while True:
+            status = source.GetMigrationStatus(inst)
+            if status.status != constants.HV_MIGRATION_ACTIVE:
+                break
+            time.sleep(0.2)
+        success = status.status == constants.HV_MIGRATION_COMPLETED
+        self.target.FinalizeMigrationDst(inst, info, success)
+        source.FinalizeMigrationSource(inst, success, True)
+        return status
+
+    def test_a_migration_in_ganetis_order_moves_the_instance(self):
+        hvp = hvparams(**{constants.HV_MIGRATION_BANDWIDTH: 1024})
+        inst = instance("mover.example.com", UUIDS[2], hvp, memory=128,
+                        nics=[nic("52:54:00:6a:00:03")])
+        self.source.StartInstance(inst, [], False)
+        before = agent_has(SOURCE, inst.name)
+
+        status = self.migrate(self.source, inst, TARGET)
+
+        self.assertEqual(status.status, constants.HV_MIGRATION_COMPLETED)
+        self.assertIsNone(self.source.GetInstanceInfo(inst.name))
+        self.assertIsNone(agent_has(SOURCE, inst.name), "the source let go")
+        self.assertIsNotNone(self.target.GetInstanceInfo(inst.name))
+        after = agent_has(TARGET, inst.name)
+        self.assertEqual([(d.name, d.pci_slot) for d in after.devices],
+                         [(d.name, d.pci_slot) for d in before.devices])
+        qmp = Qmp(ENV["KVM_AGENT_TEST_TARGET_STATE_DIR"], inst.name)
+        self.assertEqual(qmp.execute("query-status")["status"], "running")
+        qmp.close()
+        self.target.StopInstance(inst, force=True)
+
+    def test_an_aborted_migration_leaves_the_instance_on_the_source_only(self):
+        inst = instance("stayer.example.com", UUIDS[3], hvparams(), memory=128)
+        self.source.StartInstance(inst, [], False)
+        pid = self.source.GetInstanceInfo(inst.name)[1]
+        unreachable = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "no-agent-here.sock")
+
+        status = self.migrate(self.source, inst, unreachable)
+
+        self.assertEqual(status.status, constants.HV_MIGRATION_FAILED)
+        info = self.source.GetInstanceInfo(inst.name)
+        self.assertIsNotNone(info, "the instance still runs on the source")
+        self.assertEqual(info[1], pid, "in the same QEMU")
+        self.assertIsNone(agent_has(TARGET, inst.name), "nothing on the target")
+        qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
+        self.assertEqual(qmp.execute("query-status")["status"], "running")
+        qmp.close()
+        self.source.StopInstance(inst, force=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
