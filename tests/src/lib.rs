@@ -660,3 +660,11 @@ pub fn vcpu_affinity(threads: &[(String, String)], index: usize) -> &str {
     assert_eq!(found.len(), 1, "one thread for vCPU {index} in {threads:?}");
     &found[0].1
 }
+
+/// A TCP port on loopback that is free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}

@@ -25,7 +25,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
     let ganeti = from_env("KVM_AGENT_GANETI", "ganeti-env");
     let source = TestAgent::start().await;
     let target = TestAgent::start().await;
-    let uuids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+    let uuids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
     for uuid in &uuids {
         source.track(*uuid);
         target.track(*uuid);
@@ -64,6 +64,6 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
         source.log(),
         target.log()
     );
-    assert!(report.contains("Ran 6 tests"), "{report}");
+    assert!(report.contains("Ran 7 tests"), "{report}");
     assert!(!report.contains("skipped"), "{report}");
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
 
 /// The Python with the client installed, from scripts/python-env (which
@@ -24,7 +25,18 @@ fn client_python() -> PathBuf {
 #[tokio::test]
 async fn python_client_tests_pass_against_the_agent() {
     let python = client_python();
-    let agent = TestAgent::start().await;
+    // The agent also serves loopback TCP with mutual TLS, for the client's
+    // TLS channel.
+    let ca = TestCa::new("cluster");
+    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
+    let operator = ca.issue("operator", &[]);
+    let port = free_port();
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
+    options.args.extend(node.args());
+    let agent = TestAgent::start_with(options).await;
     let uuid = uuid::Uuid::new_v4();
     agent.track(uuid);
     let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python/tests");
@@ -34,7 +46,11 @@ async fn python_client_tests_pass_against_the_agent() {
         cmd.args(["-m", "unittest", "discover", "-v", "-s"])
             .arg(&tests)
             .env("KVM_AGENT_TEST_SOCKET", agent.socket())
-            .env("KVM_AGENT_TEST_UUID", uuid.to_string());
+            .env("KVM_AGENT_TEST_UUID", uuid.to_string())
+            .env("KVM_AGENT_TEST_TLS_TARGET", format!("localhost:{port}"))
+            .env("KVM_AGENT_TEST_TLS_CERT", &operator.cert)
+            .env("KVM_AGENT_TEST_TLS_KEY", &operator.key)
+            .env("KVM_AGENT_TEST_TLS_CA", &operator.ca);
         cmd
     })
     .output()
@@ -48,6 +64,6 @@ async fn python_client_tests_pass_against_the_agent() {
         agent.log()
     );
     // unittest reports each test; all must have run, none skipped.
-    assert!(report.contains("Ran 6 tests"), "{report}");
+    assert!(report.contains("Ran 8 tests"), "{report}");
     assert!(!report.contains("skipped"), "{report}");
 }

@@ -8,13 +8,6 @@ use kvm_agent_tests::*;
 use serde_json::Value;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// An agent serving loopback TCP with mutual TLS, its certificate valid
 /// for 127.0.0.1 and localhost; returns it and its port.
 async fn agent_on_loopback_tcp(ca: &TestCa) -> (TestAgent, u16) {

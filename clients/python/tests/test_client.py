@@ -2,7 +2,9 @@
 
 Run by the end-to-end suite (tests/tests/python_client.rs), which starts an
 agent and passes its socket in KVM_AGENT_TEST_SOCKET and a uuid for the
-instance these tests start in KVM_AGENT_TEST_UUID.
+instance these tests start in KVM_AGENT_TEST_UUID, and for the TLS
+channel the agent's loopback address and an operator's certificate in
+KVM_AGENT_TEST_TLS_TARGET, _CERT, _KEY and _CA.
 """
 
 import os
@@ -14,8 +16,9 @@ import kvm_agent_client as kac
 from kvm_agent_client import pb
 from kvm_agent_client._stubs.kvmagent.v1 import agent_pb2_grpc
 
-SOCKET = os.environ["KVM_AGENT_TEST_SOCKET"]
-UUID = os.environ["KVM_AGENT_TEST_UUID"]
+ENV = os.environ
+SOCKET = ENV["KVM_AGENT_TEST_SOCKET"]
+UUID = ENV["KVM_AGENT_TEST_UUID"]
 
 
 class UnixSocketAuthority(unittest.TestCase):
@@ -40,6 +43,23 @@ class UnixSocketAuthority(unittest.TestCase):
             info = client.get_node_info(pb.GetNodeInfoRequest(), timeout=10)
         self.assertIn("QEMU emulator version", info.qemu_version)
         self.assertGreater(info.cpus, 0)
+
+
+class MutualTls(unittest.TestCase):
+    def test_a_cluster_certificate_gets_in(self):
+        with kac.Client.tls(ENV["KVM_AGENT_TEST_TLS_TARGET"], ENV["KVM_AGENT_TEST_TLS_CERT"],
+                            ENV["KVM_AGENT_TEST_TLS_KEY"], ENV["KVM_AGENT_TEST_TLS_CA"]) as client:
+            info = client.get_node_info(pb.GetNodeInfoRequest(), timeout=10)
+        self.assertIn("QEMU emulator version", info.qemu_version)
+
+    def test_no_certificate_is_refused(self):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=open(ENV["KVM_AGENT_TEST_TLS_CA"], "rb").read())
+        channel = grpc.secure_channel(ENV["KVM_AGENT_TEST_TLS_TARGET"], credentials)
+        with kac.Client(channel) as client:
+            with self.assertRaises(kac.AgentError) as refused:
+                client.get_node_info(pb.GetNodeInfoRequest(), timeout=10)
+        self.assertEqual(refused.exception.code, grpc.StatusCode.UNAVAILABLE)
 
 
 class TypedErrors(unittest.TestCase):

@@ -222,6 +222,32 @@ def hv_running(state):
     return hv_base.HvInstanceState.IsRunning(state)
 
 
+class NodeConsoleAndReboot(unittest.TestCase):
+    def test_node_facts_console_and_a_reboot(self):
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        self.assertIsNone(hv.Verify())
+        absent = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "absent.sock")
+        self.assertIn("not answering", KvmAgentHypervisor(socket=absent).Verify())
+        node = hv.GetNodeInfo()
+        self.assertGreater(node[constants.HV_NODEINFO_KEY_VERSION], (2, 0, 0))
+        self.assertGreater(node["memory_total"], 0)
+
+        inst = instance("rebooted.example.com", UUIDS[4], hvparams(), memory=64)
+        hv.StartInstance(inst, [], False)
+        pid = hv.GetInstanceInfo(inst.name)[1]
+        hv.RebootInstance(inst)
+        self.assertNotEqual(hv.GetInstanceInfo(inst.name)[1], pid, "a fresh QEMU")
+
+        console = hv.GetInstanceConsole(
+            inst, objects.Node(name="node1.example.com", ndparams={}),
+            objects.NodeGroup(name="default", ndparams={}), inst.hvparams, inst.beparams)
+        self.assertEqual(console.kind, constants.CONS_SSH)
+        self.assertEqual(console.host, "node1.example.com")
+        self.assertEqual(console.command, ["kvm-agent", "console", inst.name])
+        hv.StopInstance(inst, force=True)
+        self.assertIsNone(hv.GetInstanceInfo(inst.name))
+
+
 class Registration(unittest.TestCase):
     def test_register_makes_ganetis_kvm_this_class(self):
         from ganeti import hypervisor
