@@ -288,6 +288,16 @@ struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "KVM_AGENT_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// strict: QEMU's seccomp sandbox, no new privileges and a cgroup per
+    /// instance; off: none of it, for debugging [default: strict].
+    #[arg(long, env = "KVM_AGENT_CONFINEMENT", value_enum)]
+    confinement: Option<crate::config::Confinement>,
+    /// Where cgroups are mounted [default: /sys/fs/cgroup].
+    #[arg(long, env = "KVM_AGENT_CGROUP_ROOT")]
+    cgroup_root: Option<settings::AbsolutePath>,
+    /// The agent's cgroup, under which each instance gets its own [default: kvm-agent].
+    #[arg(long, env = "KVM_AGENT_CGROUP_PARENT")]
+    cgroup_parent: Option<settings::CgroupName>,
     /// Address this node's QEMUs receive migrations on; other nodes must
     /// reach it [default: 127.0.0.1].
     #[arg(long, env = "KVM_AGENT_MIGRATION_ADDRESS")]
@@ -317,6 +327,7 @@ impl ServeArgs {
                     .collect()
             }),
             log_format: self.log_format,
+            confinement: self.confinement,
             metrics_listen: self.metrics_listen,
             event_buffer: self.event_buffer,
             tls: settings::TlsSection {
@@ -341,6 +352,10 @@ impl ServeArgs {
             qemu_log: settings::QemuLogSection {
                 max_bytes: self.qemu_log_max_bytes,
                 keep: self.qemu_log_keep,
+            },
+            cgroups: settings::CgroupsSection {
+                root: self.cgroup_root.clone(),
+                parent: self.cgroup_parent.clone(),
             },
             migration: settings::MigrationSection {
                 address: self.migration_address,
@@ -482,6 +497,9 @@ struct SpecArgs {
     /// one per vCPU, separated by ':' ("1:0").
     #[arg(long)]
     cpu_mask: Option<String>,
+    /// Share of CPU time against other instances (cgroup cpu.weight, 1-10000).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
@@ -621,6 +639,7 @@ impl SpecArgs {
             vnc: self.vnc.map(|display| pb::VncSpec { display }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
             cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
+            cpu_weight: self.cpu_weight.unwrap_or_default(),
             memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
                 file: self.memory_file.clone().unwrap_or_default(),
                 share: self.memory_share,

@@ -10,6 +10,10 @@ use hypervisor::migration::MigrationParameters;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
+/// Where cgroups are mounted.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The agent's cgroup under each hierarchy.
+pub const DEFAULT_CGROUP_PARENT: &str = "kvm-agent";
 /// Name of the agent's unix socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -40,6 +44,34 @@ pub struct AgentConfig {
     /// Directories that disk images, kernels, memory files and save files
     /// must lie in.
     pub allowed_roots: AllowedRoots,
+    /// Whether QEMUs run confined.
+    pub confinement: Confinement,
+    /// The cgroup mount.
+    pub cgroup_root: PathBuf,
+    /// The agent's cgroup, under which each instance gets its own.
+    pub cgroup_parent: String,
+}
+
+/// How far each QEMU is boxed in.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Confinement {
+    /// QEMU's seccomp sandbox where the binary has one, no new privileges,
+    /// and a cgroup with a memory limit and a CPU weight.
+    #[default]
+    Strict,
+    /// None of it, for debugging.
+    Off,
 }
 
 /// Directories the host files of requests must lie in; none allows any.
@@ -161,6 +193,9 @@ impl AgentConfig {
             migration: MigrationConfig::default(),
             fault_point: None,
             allowed_roots: AllowedRoots::default(),
+            confinement: Confinement::Strict,
+            cgroup_root: DEFAULT_CGROUP_ROOT.into(),
+            cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
         }
     }
 

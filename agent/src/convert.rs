@@ -140,6 +140,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
     };
     Ok(InstanceSpec {
         cpu_pinning,
+        cpu_weight: (p.cpu_weight != 0).then_some(p.cpu_weight),
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,

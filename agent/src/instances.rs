@@ -5,6 +5,7 @@
 //! reboot, and a status that readers copy without waiting behind an
 //! operation (the lock on it is never held across an await).
 
+use crate::config::Confinement;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -417,8 +418,22 @@ fn private_dir(dir: &Path) -> Result<(), AgentError> {
 
 impl Agent {
     /// Opens the state directory.
-    pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+    pub fn open(mut cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         private_dir(&cfg.state_dir)?;
+        match cfg.confinement {
+            Confinement::Strict => {
+                match hypervisor::cgroup::detect(&cfg.cgroup_root, &cfg.cgroup_parent) {
+                    Ok(layout) => {
+                        tracing::info!(?layout, "instances get cgroups");
+                        cfg.launch.cgroups = Some(layout);
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            Confinement::Off => tracing::warn!(
+                "confinement is off: QEMU runs without its seccomp sandbox and without a cgroup; use it only for debugging"
+            ),
+        }
         let store = RecordStore::open(&cfg.state_dir, "runtime")?;
         let journal = IntentJournal::open(&cfg.state_dir, "journal")?;
         let event_buffer = cfg.event_buffer;
@@ -629,6 +644,7 @@ impl Agent {
             run_dir: &run_dir,
             vhost_net: hypervisor::tap::vhost_net_available(),
             cpus: hypervisor::pinning::host_cpu_count(),
+            confine: self.cfg.confinement == Confinement::Strict,
         };
         Ok(runtime::generate(spec, host, generation)?)
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AgentConfig, AllowedRoots, DEFAULT_STATE_DIR, SOCKET_NAME};
+use crate::config::{AgentConfig, AllowedRoots, Confinement, DEFAULT_STATE_DIR, SOCKET_NAME};
 use crate::tls::TlsFiles;
 
 /// Where `serve` looks for its config file when not told otherwise. A
@@ -111,6 +111,8 @@ layer! {
         allowed_roots: Vec<AbsolutePath>,
         /// `text` or `json`.
         log_format: LogFormat,
+        /// `strict` or `off`.
+        confinement: Confinement,
         /// Loopback address of the Prometheus endpoint.
         metrics_listen: SocketAddr,
         /// Events kept for watchers that resume.
@@ -127,6 +129,8 @@ layer! {
         devices: DevicesSection,
         /// Rotation of each instance's `qemu.log`.
         qemu_log: QemuLogSection,
+        /// Where each instance's cgroup goes.
+        cgroups: CgroupsSection,
         /// Incoming and outgoing migrations.
         migration: MigrationSection,
     }
@@ -185,6 +189,16 @@ layer! {
         max_bytes: NonZeroU64,
         /// Rotated copies kept.
         keep: NonZeroU32,
+    }
+}
+
+layer! {
+    /// `[cgroups]`
+    pub struct CgroupsSection {
+        /// Where cgroups are mounted.
+        root: AbsolutePath,
+        /// The agent's cgroup under each hierarchy.
+        parent: CgroupName,
     }
 }
 
@@ -254,6 +268,38 @@ impl From<PortRange> for String {
     }
 }
 
+/// A cgroup name: a relative path of plain components.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CgroupName(pub String);
+
+impl TryFrom<String> for CgroupName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl std::str::FromStr for CgroupName {
+    type Err = String;
+    fn from_str(name: &str) -> Result<Self, String> {
+        let plain = |c: &str| hypervisor::spec::is_safe_identifier(c, 64);
+        if !name.is_empty() && name.split('/').all(plain) {
+            Ok(CgroupName(name.to_owned()))
+        } else {
+            Err(format!(
+                "cgroup name {name:?} must be a relative path of plain names, like kvm-agent or machine.slice/kvm-agent"
+            ))
+        }
+    }
+}
+
+impl From<CgroupName> for String {
+    fn from(name: CgroupName) -> String {
+        name.0
+    }
+}
+
 /// A path that must be absolute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "PathBuf", into = "PathBuf")]
@@ -267,6 +313,13 @@ impl TryFrom<PathBuf> for AbsolutePath {
         } else {
             Err(format!("{} is not an absolute path", path.display()))
         }
+    }
+}
+
+impl std::str::FromStr for AbsolutePath {
+    type Err = String;
+    fn from_str(path: &str) -> Result<Self, String> {
+        PathBuf::from(path).try_into()
     }
 }
 
@@ -367,6 +420,13 @@ impl FileConfig {
         if let Some(n) = self.event_buffer {
             agent.event_buffer = n.get();
         }
+        agent.confinement = self.confinement.unwrap_or_default();
+        if let Some(root) = self.cgroups.root {
+            agent.cgroup_root = root.0;
+        }
+        if let Some(parent) = self.cgroups.parent {
+            agent.cgroup_parent = parent.0;
+        }
 
         let launch = &mut agent.launch;
         launch.qmp.command_timeout = millis(self.qmp.timeout_ms, launch.qmp.command_timeout);
@@ -456,6 +516,7 @@ impl Settings {
                     .collect(),
             ),
             log_format: Some(self.log_format),
+            confinement: Some(agent.confinement),
             metrics_listen: self.metrics_listen,
             event_buffer: NonZeroUsize::new(agent.event_buffer),
             tls: TlsSection {
@@ -480,6 +541,10 @@ impl Settings {
             qemu_log: QemuLogSection {
                 max_bytes: NonZeroU64::new(launch.log_max_bytes),
                 keep: NonZeroU32::new(launch.log_keep),
+            },
+            cgroups: CgroupsSection {
+                root: Some(AbsolutePath(agent.cgroup_root.clone())),
+                parent: Some(CgroupName(agent.cgroup_parent.clone())),
             },
             migration: MigrationSection {
                 address: agent.migration.address.parse().ok(),

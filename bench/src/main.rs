@@ -104,20 +104,40 @@ impl Samples {
 struct AgentProcess {
     child: Child,
     socket: PathBuf,
+    cgroup_parent: String,
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its instances are stopped by now; only their parent is left.
+        for hierarchy in ["", "memory", "cpu"] {
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(hierarchy)
+                    .join(&self.cgroup_parent),
+            );
+        }
     }
 }
 
+/// A cgroup parent per agent: the source and the target of a migration
+/// on one host hold instances of the same name, which must not share a
+/// cgroup and its memory limit.
+fn cgroup_parent() -> String {
+    static AGENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("kvm-agent-bench/{}-{n}", std::process::id())
+}
+
 async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess> {
+    let cgroup_parent = cgroup_parent();
     let child = Command::new(binary)
         .arg("serve")
         .arg("--state-dir")
         .arg(state)
+        .args(["--cgroup-parent", &cgroup_parent])
         .args([
             "--powerdown-timeout-ms",
             &POWERDOWN_WAIT.as_millis().to_string(),
@@ -128,7 +148,11 @@ async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let socket = state.join("agent.sock");
-    let agent = AgentProcess { child, socket };
+    let agent = AgentProcess {
+        child,
+        socket,
+        cgroup_parent,
+    };
     for _ in 0..500 {
         if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
             return Ok(agent);

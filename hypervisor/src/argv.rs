@@ -44,6 +44,11 @@ fn short(uuid: Uuid) -> String {
 pub const DISK_ID_PREFIX: &str = "disk-";
 /// How the QEMU id of every NIC device starts.
 pub const NIC_ID_PREFIX: &str = "nic-";
+/// QEMU's seccomp sandbox: no obsolete system calls, no privilege changes,
+/// no new processes, no changes to its own scheduling or limits. QEMU is
+/// never daemonized (it would fork under the filter) and never given
+/// `-runas` (a privilege change).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// QEMU id of the memory balloon device.
 pub const BALLOON_ID: &str = "balloon0";
 
@@ -108,6 +113,9 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
         "-msg".into(),
         "timestamp=on".into(),
     ];
+    if rt.sandbox {
+        argv.extend(["-sandbox".into(), SANDBOX.into()]);
+    }
     let backend = |path: &Path, share: bool, prealloc: bool| {
         format!(
             "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={},prealloc={}",

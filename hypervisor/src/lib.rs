@@ -13,6 +13,7 @@
 
 pub mod argv;
 pub mod balloon;
+pub mod cgroup;
 pub mod lifecycle;
 pub mod migration;
 pub mod pinning;

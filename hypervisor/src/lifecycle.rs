@@ -5,6 +5,7 @@
 //! watching for an early exit. Stop escalates: ACPI powerdown, then QMP
 //! `quit`, then SIGKILL, each with its own timeout.
 
+use crate::cgroup::CgroupLayout;
 use crate::pinning::{PinError, pin_vcpus};
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -33,6 +34,9 @@ pub mod files {
     pub const PIDFILE: &str = "pid";
     /// QEMU's stdout and stderr.
     pub const LOG: &str = "qemu.log";
+    /// The cgroup directories made for QEMU, one per line, to remove
+    /// after it.
+    pub const CGROUPS: &str = "cgroups";
 }
 
 /// Settings of a launch.
@@ -48,6 +52,9 @@ pub struct LaunchConfig {
     pub log_max_bytes: u64,
     /// Rotated logs kept.
     pub log_keep: u32,
+    /// Where instance cgroups go; none when the node has no usable cgroups
+    /// or instances aren't confined.
+    pub cgroups: Option<CgroupLayout>,
 }
 
 impl Default for LaunchConfig {
@@ -58,6 +65,7 @@ impl Default for LaunchConfig {
             tap_template: "kvmtap%d".into(),
             log_max_bytes: 1024 * 1024,
             log_keep: 3,
+            cgroups: None,
         }
     }
 }
@@ -109,6 +117,9 @@ pub enum LaunchError {
     /// The paused guest wouldn't continue after pinning.
     #[error("QEMU did not continue after its vCPUs were pinned")]
     Continue(#[source] QmpError),
+    /// QEMU couldn't be put in its cgroup.
+    #[error("can't put QEMU in its cgroup")]
+    Cgroup(#[source] std::io::Error),
 }
 
 /// A freshly launched QEMU.
@@ -164,6 +175,12 @@ pub fn remove_run_files(run_dir: &Path) {
         files::PIDFILE,
     ] {
         let _ = fs::remove_file(run_dir.join(name));
+    }
+    let cgroups = run_dir.join(files::CGROUPS);
+    if let Ok(list) = fs::read_to_string(&cgroups) {
+        let dirs: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
+        crate::cgroup::remove(&dirs);
+        let _ = fs::remove_file(cgroups);
     }
 }
 
@@ -272,14 +289,22 @@ async fn launch_in(
         .open(log_path)
         .map_err(run_dir_error(log_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child =
-        process::spawn_detached(&rt.qemu.binary, &args, &inherit, log).map_err(|source| {
-            LaunchError::Spawn {
-                binary: rt.qemu.binary.clone(),
-                source,
-            }
-        })?;
+    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, rt.confined())
+        .map_err(|source| LaunchError::Spawn {
+        binary: rt.qemu.binary.clone(),
+        source,
+    })?;
     let pid = child.id();
+    if let (Some(layout), Some(limits)) = (&cfg.cgroups, &rt.cgroup) {
+        let confined = layout.confine(&rt.name, limits, pid).and_then(|dirs| {
+            let list: String = dirs.iter().map(|d| format!("{}\n", d.display())).collect();
+            fs::write(run_dir.join(files::CGROUPS), list)
+        });
+        if let Err(source) = confined {
+            kill_and_reap(&mut child);
+            return Err(LaunchError::Cgroup(source));
+        }
+    }
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
     // QEMU holds its own copies now. Ours must go, or a QEMU that dies early
     // would leave the QMP connection hanging instead of closing it.

@@ -46,6 +46,8 @@ pub struct QemuInfo {
     pub version_text: String,
     /// Every machine type.
     pub machines: Vec<MachineType>,
+    /// Whether it was built with seccomp and takes [`crate::argv::SANDBOX`].
+    pub sandbox: bool,
 }
 
 impl QemuInfo {
@@ -136,13 +138,16 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ProbeError> {
         .ok_or_else(|| ProbeError::Missing(binary.to_owned()))
 }
 
-/// Runs the binary twice (`-version`, `-machine help`), concurrently.
+/// Runs the binary three times (`-version`, `-machine help`, and the
+/// sandbox check), concurrently.
 pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
     let binary = resolve_binary(binary)?;
-    let (version_out, machine_out) = tokio::try_join!(
+    let (version_out, machine_out, sandbox) = tokio::join!(
         run(&binary, &["-version"]),
-        run(&binary, &["-machine", "help"])
-    )?;
+        run(&binary, &["-machine", "help"]),
+        takes_sandbox(&binary)
+    );
+    let (version_out, machine_out) = (version_out?, machine_out?);
     let version = parse_version(&version_out).ok_or_else(|| ProbeError::Output {
         binary: binary.clone(),
         what: "-version",
@@ -161,7 +166,21 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
         version,
         version_text: version_out.lines().next().unwrap_or_default().to_owned(),
         machines,
+        sandbox,
     })
+}
+
+/// QEMU parses every option before `-version` exits, so an unknown
+/// `-sandbox` (QEMU without seccomp) or sub-option fails this.
+async fn takes_sandbox(binary: &Path) -> bool {
+    tokio::process::Command::new(binary)
+        .args(["-sandbox", crate::argv::SANDBOX, "-version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
 }
 
 async fn run(binary: &Path, args: &[&str]) -> Result<String, ProbeError> {
@@ -241,6 +260,7 @@ none                 empty machine
             },
             version_text: String::new(),
             machines: parse_machine_help(MACHINE_HELP),
+            sandbox: true,
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));

@@ -78,6 +78,7 @@ pub fn spawn_detached(
     args: &[impl AsRef<OsStr>],
     inherit: &[RawFd],
     log: File,
+    no_new_privs: bool,
 ) -> io::Result<Child> {
     let stderr = log.try_clone()?;
     let inherit = inherit.to_vec();
@@ -88,8 +89,8 @@ pub fn spawn_detached(
         .stdout(log)
         .stderr(stderr);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (setsid, fcntl) on plain integers; it
-    // allocates nothing and touches no locks.
+    // async-signal-safe functions (setsid, fcntl, prctl) on plain integers;
+    // it allocates nothing and touches no locks.
     unsafe {
         command.pre_exec(move || {
             // Its own session: QEMU outlives the agent and no terminal
@@ -101,6 +102,10 @@ pub fn spawn_detached(
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // No setuid binary or file capability can give it more.
+            if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });

@@ -5,6 +5,7 @@
 //! restore. Generation is pure: the caller passes in what it learned about
 //! the host ([`QemuInfo`], whether KVM opens).
 
+use crate::cgroup::CgroupLimits;
 use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,14 @@ pub struct Runtime {
     /// balloon existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_slot: Option<u8>,
+    /// QEMU's seccomp sandbox (`-sandbox`), where its binary has one and
+    /// the agent confines instances.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
+    /// The cgroup limits QEMU runs under, where the agent confines
+    /// instances; each node applies them in its own cgroup layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupLimits>,
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
@@ -196,6 +205,16 @@ pub enum RuntimeError {
     /// The CPU mask names CPUs this host doesn't have.
     #[error(transparent)]
     CpuPinning(#[from] PinningError),
+    /// The runtime runs QEMU sandboxed, and this node's QEMU has no sandbox.
+    #[error(
+        "the runtime runs QEMU with its seccomp sandbox, which this node's QEMU lacks; use a QEMU built with seccomp"
+    )]
+    SandboxUnavailable,
+    /// Cgroup limits that don't fit the guest.
+    #[error(
+        "cgroup limits {0:?} don't fit the guest: the memory limit must cover its memory and the CPU weight lie in 1..=10000"
+    )]
+    CgroupLimits(CgroupLimits),
 }
 
 /// What runtime generation needs to know about the host, decided by the caller.
@@ -211,6 +230,9 @@ pub struct HostFacts<'a> {
     pub vhost_net: bool,
     /// The host's CPU count, which bounds CPU masks.
     pub cpus: u32,
+    /// Whether instances are confined (sandbox where QEMU has one, and
+    /// cgroup limits).
+    pub confine: bool,
 }
 
 /// Generates a runtime from a spec. Pure.
@@ -303,6 +325,13 @@ pub fn generate(
         disks,
         nics,
         balloon_slot: Some(balloon_slot),
+        sandbox: host.confine && host.qemu.sandbox,
+        cgroup: host.confine.then(|| {
+            CgroupLimits::for_guest(
+                spec.memory_mib,
+                spec.cpu_weight.unwrap_or(crate::cgroup::DEFAULT_CPU_WEIGHT),
+            )
+        }),
         argv: Vec::new(),
     };
     runtime.argv = argv::render_base(&runtime);
@@ -349,6 +378,9 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
     }
     if let Some(pinning) = &foreign.cpu_pinning {
         pinning.check_host(host.cpus)?;
+    }
+    if foreign.sandbox && !host.qemu.sandbox {
+        return Err(RuntimeError::SandboxUnavailable);
     }
     let mut local = foreign.clone();
     local.qemu = QemuIdentity {
@@ -400,7 +432,13 @@ impl Runtime {
             cpu_model: self.cpu_model.clone(),
             memory_backing: self.memory_backing.clone(),
             cpu_pinning: self.cpu_pinning.clone(),
+            cpu_weight: self.cgroup.map(|c| c.cpu_weight),
         }
+    }
+
+    /// Whether QEMU runs confined: sandboxed or in a cgroup of its own.
+    pub fn confined(&self) -> bool {
+        self.sandbox || self.cgroup.is_some()
     }
 
     /// Every PCI slot the runtime's devices hold, the balloon's included.
@@ -437,6 +475,12 @@ impl Runtime {
                 });
             }
         }
+        if let Some(limits) = self.cgroup
+            && (limits.memory_limit_mib < self.memory_mib
+                || !crate::cgroup::CPU_WEIGHTS.contains(&limits.cpu_weight))
+        {
+            return Err(RuntimeError::CgroupLimits(limits));
+        }
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
         }
@@ -460,6 +504,7 @@ pub(crate) mod tests {
                 micro: 22,
             },
             version_text: "QEMU emulator version 7.2.22".into(),
+            sandbox: true,
             machines: vec![
                 MachineType {
                     name: "pc".into(),
@@ -488,6 +533,7 @@ pub(crate) mod tests {
             run_dir: Path::new("/var/lib/kvm-agent/run/web1"),
             vhost_net: true,
             cpus: 4,
+            confine: true,
         }
     }
 
@@ -796,8 +842,43 @@ pub(crate) mod tests {
         let qemu = qemu_7_2();
         let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
         rt.memory_mib = 4096;
+        assert!(matches!(rt.validate(), Err(RuntimeError::CgroupLimits(_))));
+        rt.cgroup = Some(CgroupLimits::for_guest(4096, 100));
 
         assert_eq!(rt.validate(), Err(RuntimeError::ArgvMismatch));
+    }
+
+    #[test]
+    fn a_confined_runtime_is_sandboxed_and_limited() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        assert!(rt.sandbox && rt.confined());
+        assert_eq!(rt.cgroup, Some(CgroupLimits::for_guest(128, 100)));
+        assert!(
+            rt.argv
+                .windows(2)
+                .any(|w| w[0] == "-sandbox" && w[1] == argv::SANDBOX)
+        );
+
+        let off = HostFacts {
+            confine: false,
+            ..host(&qemu)
+        };
+        let open = generate(&sample_spec(), off, 1).unwrap();
+        assert!(!open.confined());
+        assert!(!open.argv.iter().any(|a| a == "-sandbox"));
+
+        let mut no_seccomp = qemu_7_2();
+        no_seccomp.sandbox = false;
+        assert!(
+            !generate(&sample_spec(), host(&no_seccomp), 1)
+                .unwrap()
+                .sandbox
+        );
+        assert_eq!(
+            adopt_on_host(&rt, host(&no_seccomp)),
+            Err(RuntimeError::SandboxUnavailable)
+        );
     }
 
     mod properties {

@@ -263,6 +263,10 @@ pub struct InstanceSpec {
     /// Host CPUs each vCPU thread may run on; unset leaves them unpinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_pinning: Option<CpuPinning>,
+    /// Share of CPU time against other instances (cgroup `cpu.weight`,
+    /// 1-10000); unset is the default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 /// Why a spec was refused. Each message names the field and the rule.
@@ -271,6 +275,9 @@ pub enum SpecError {
     /// The CPU mask doesn't fit the instance.
     #[error(transparent)]
     CpuPinning(#[from] PinningError),
+    /// CPU weight out of range.
+    #[error("cpu weight {0} is out of range: use 1..=10000 (100 is the default)")]
+    CpuWeight(u32),
     /// Bad instance name.
     #[error(
         "instance name {0:?} is invalid: use 1-{MAX_INSTANCE_NAME} letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -471,6 +478,12 @@ impl InstanceSpec {
         if let Some(pinning) = &self.cpu_pinning {
             pinning.check_vcpus(self.vcpus)?;
         }
+        if let Some(weight) = self
+            .cpu_weight
+            .filter(|w| !crate::cgroup::CPU_WEIGHTS.contains(w))
+        {
+            return Err(SpecError::CpuWeight(weight));
+        }
         if !is_safe_identifier(&self.machine_type, 64) {
             return Err(SpecError::MachineType(self.machine_type.clone()));
         }
@@ -638,6 +651,7 @@ pub(crate) mod tests {
             cpu_model: "qemu64".into(),
             memory_backing: MemoryBacking::Anonymous,
             cpu_pinning: None,
+            cpu_weight: None,
         }
     }
 

@@ -143,8 +143,13 @@ impl TestAgent {
             .arg(self.state_dir())
             .arg("--operator-qmp")
             .arg("--tap-template")
-            .arg(format!("{}%d", self.tap_prefix))
-            .args(&self.options.args)
+            .arg(format!("{}%d", self.tap_prefix));
+        // A cgroup parent of its own, so parallel tests' instances of the
+        // same name don't share a cgroup.
+        if !self.options.args.iter().any(|a| a == "--cgroup-parent") {
+            cmd.arg("--cgroup-parent").arg(self.cgroup_parent());
+        }
+        cmd.args(&self.options.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -168,6 +173,11 @@ impl TestAgent {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("kvm-agent did not listen within 20 s; log:\n{}", self.log());
+    }
+
+    /// The agent's cgroup parent, under each hierarchy's root.
+    pub fn cgroup_parent(&self) -> String {
+        format!("kvm-agent-test/{}", self.tap_prefix)
     }
 
     /// The agent's log so far.
@@ -336,6 +346,32 @@ impl Drop for TestAgent {
         for pid in self.live_qemus() {
             // SAFETY: kill(2) with a pid we just found and a constant signal.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        for hierarchy in ["", "memory", "cpu"] {
+            let parent = Path::new("/sys/fs/cgroup")
+                .join(hierarchy)
+                .join(self.cgroup_parent());
+            remove_cgroup_tree(&parent);
+        }
+    }
+}
+
+/// Removes a cgroup directory and the ones below it, once their processes
+/// are gone.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.filter_map(Result::ok) {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&child.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => return,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! answered: the source then keeps its QEMU paused and says so, because
 //! resuming could run the guest twice. ARCHITECTURE.md draws the states.
 
+use crate::config::Confinement;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -561,6 +562,7 @@ impl Agent {
             run_dir: &run_dir,
             vhost_net: hypervisor::tap::vhost_net_available(),
             cpus: hypervisor::pinning::host_cpu_count(),
+            confine: self.cfg.confinement == Confinement::Strict,
         };
         Ok(runtime::adopt_on_host(foreign, host)?)
     }

@@ -1,0 +1,209 @@
+//! A cgroup per QEMU, under a parent the agent owns: a memory limit from
+//! the runtime and a CPU weight. cgroup v2 where the unified hierarchy has
+//! the memory controller, else the v1 memory (and cpu) hierarchies, as on
+//! hosts still on the hybrid layout.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Headroom over guest RAM for QEMU itself (device emulation, TCG's
+/// translation cache, I/O buffers): the larger of this and a quarter of
+/// guest RAM.
+pub const MIN_HEADROOM_MIB: u64 = 512;
+/// The CPU weight of an instance that doesn't ask for one (cgroup v2's
+/// default).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+/// cgroup v2's range of `cpu.weight`.
+pub const CPU_WEIGHTS: std::ops::RangeInclusive<u32> = 1..=10_000;
+
+/// The box a runtime asks for, whatever the node's cgroup layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimits {
+    /// `memory.max` (v2) or `memory.limit_in_bytes` (v1), in MiB.
+    pub memory_limit_mib: u64,
+    /// `cpu.weight` (v2); v1's `cpu.shares` is derived from it.
+    pub cpu_weight: u32,
+}
+
+impl CgroupLimits {
+    /// Limits for a guest with `memory_mib` of RAM. Pure.
+    pub fn for_guest(memory_mib: u64, cpu_weight: u32) -> Self {
+        Self {
+            memory_limit_mib: memory_mib + (memory_mib / 4).max(MIN_HEADROOM_MIB),
+            cpu_weight,
+        }
+    }
+}
+
+/// v1's `cpu.shares` for a v2 weight: 100 is the default 1024. Pure.
+pub fn v1_shares(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / 100).max(2)
+}
+
+/// Where the node's instance cgroups go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// One directory in the unified hierarchy.
+    V2 {
+        /// `<root>/<parent>`.
+        parent: PathBuf,
+    },
+    /// A directory in the v1 memory hierarchy, and one in the cpu
+    /// hierarchy when that can be written too.
+    V1 {
+        /// `<root>/memory/<parent>`.
+        memory: PathBuf,
+        /// `<root>/cpu/<parent>`.
+        cpu: Option<PathBuf>,
+    },
+}
+
+/// Why instances won't get cgroups on this node.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no writable cgroup hierarchy with a memory controller under {root}: {reason}; instances run without a cgroup"
+)]
+pub struct CgroupUnavailable {
+    /// The cgroup mount looked at.
+    pub root: PathBuf,
+    /// What was tried.
+    pub reason: String,
+}
+
+fn make_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    // A directory that exists but can't be written is no use either.
+    let probe = dir.join("cgroup.procs");
+    fs::OpenOptions::new().write(true).open(probe).map(drop)
+}
+
+/// Finds the layout and creates the parent in it.
+pub fn detect(root: &Path, parent: &str) -> Result<CgroupLayout, CgroupUnavailable> {
+    let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let mut tried = Vec::new();
+    if controllers.split_whitespace().any(|c| c == "memory") {
+        let dir = root.join(parent);
+        match make_dir(&dir) {
+            Ok(()) => {
+                // Children get memory and cpu only if the parent passes them on.
+                let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu");
+                return Ok(CgroupLayout::V2 { parent: dir });
+            }
+            Err(e) => tried.push(format!("{}: {e}", dir.display())),
+        }
+    } else {
+        tried.push(format!("{} has no memory controller", root.display()));
+    }
+    let memory = root.join("memory").join(parent);
+    match make_dir(&memory) {
+        Ok(()) => {
+            let cpu = root.join("cpu").join(parent);
+            Ok(CgroupLayout::V1 {
+                memory,
+                cpu: make_dir(&cpu).is_ok().then_some(cpu),
+            })
+        }
+        Err(e) => {
+            tried.push(format!("{}: {e}", memory.display()));
+            Err(CgroupUnavailable {
+                root: root.to_owned(),
+                reason: tried.join("; "),
+            })
+        }
+    }
+}
+
+impl CgroupLayout {
+    /// Creates an instance's cgroups, sets their limits and moves `pid`
+    /// (all its threads) in. Returns the directories made, for removal.
+    pub fn confine(
+        &self,
+        instance: &str,
+        limits: &CgroupLimits,
+        pid: u32,
+    ) -> io::Result<Vec<PathBuf>> {
+        let memory_bytes = limits.memory_limit_mib << 20;
+        let mut made = Vec::new();
+        let mut enter = |dir: PathBuf, settings: &[(&str, String)]| -> io::Result<()> {
+            fs::create_dir_all(&dir)?;
+            made.push(dir.clone());
+            for (file, value) in settings {
+                fs::write(dir.join(file), value).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display()))
+                })?;
+            }
+            fs::write(dir.join("cgroup.procs"), pid.to_string())
+        };
+        match self {
+            CgroupLayout::V2 { parent } => enter(
+                parent.join(instance),
+                &[
+                    ("memory.max", memory_bytes.to_string()),
+                    ("cpu.weight", limits.cpu_weight.to_string()),
+                ],
+            )?,
+            CgroupLayout::V1 { memory, cpu } => {
+                enter(
+                    memory.join(instance),
+                    &[("memory.limit_in_bytes", memory_bytes.to_string())],
+                )?;
+                if let Some(cpu) = cpu {
+                    enter(
+                        cpu.join(instance),
+                        &[("cpu.shares", v1_shares(limits.cpu_weight).to_string())],
+                    )?;
+                }
+            }
+        }
+        Ok(made)
+    }
+}
+
+/// Removes cgroup directories once their processes are gone; the kernel
+/// may take a moment after the exit to let go.
+pub fn remove(dirs: &[PathBuf]) {
+    for dir in dirs {
+        for _ in 0..50 {
+            match fs::remove_dir(dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headroom_is_at_least_the_minimum_and_grows_with_the_guest() {
+        assert_eq!(CgroupLimits::for_guest(64, 100).memory_limit_mib, 64 + 512);
+        assert_eq!(
+            CgroupLimits::for_guest(8192, 100).memory_limit_mib,
+            8192 + 2048
+        );
+    }
+
+    #[test]
+    fn v1_shares_follow_the_v2_weight() {
+        assert_eq!(v1_shares(100), 1024);
+        assert_eq!(v1_shares(200), 2048);
+        assert_eq!(v1_shares(1), 10);
+    }
+
+    #[test]
+    fn a_root_without_cgroups_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        // A plain directory: no controllers, and a "memory" that isn't a
+        // cgroup (no cgroup.procs appears in what is made).
+        let err = detect(dir.path(), "kvm-agent").unwrap_err();
+        assert!(err.reason.contains("no memory controller"), "{err}");
+        assert!(err.to_string().contains("run without a cgroup"), "{err}");
+    }
+}
