@@ -378,9 +378,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
         let mut q = RawQemu::start(&raw_dir, &raw_args).await?;
         tokio::time::sleep(SETTLE).await;
-        let (t, tap) = timed(q.add_nic(round as u32, 3)).await?;
+        // Slot 3 holds the balloon, as in the agent's instance.
+        let (t, tap) = timed(q.add_nic(round as u32, 4)).await?;
         nic_add.raw.push(t);
-        let (t, _) = timed(q.add_disk(round as u32, 4, &raw_image)).await?;
+        let (t, _) = timed(q.add_disk(round as u32, 5, &raw_image)).await?;
         disk_add.raw.push(t);
         q.kill().await?;
         drop(tap);

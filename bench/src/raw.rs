@@ -28,7 +28,9 @@ pub struct RawQemu {
     next_id: u64,
 }
 
-/// The machine part of the argv, the same options the agent renders.
+/// The machine part of the argv, the same options the agent renders:
+/// QEMU's seccomp sandbox, and the memory balloon every instance has, in
+/// slot 3 when the instance starts without devices.
 pub fn machine_args(name: &str, uuid: &str, accel: &str, memory_mib: u64) -> Vec<String> {
     machine_args_with(name, uuid, accel, memory_mib, None)
 }
@@ -64,6 +66,8 @@ pub fn machine_args_with(
         "-no-user-config",
         "-msg",
         "timestamp=on",
+        "-sandbox",
+        hypervisor::argv::SANDBOX,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -77,7 +81,12 @@ pub fn machine_args_with(
             ),
         ]);
     }
-    args.extend(["-display".into(), "none".into()]);
+    args.extend([
+        "-display".into(),
+        "none".into(),
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x3".into(),
+    ]);
     args
 }
 
