@@ -704,3 +704,48 @@ pub fn free_port() -> u16 {
         .expect("free port")
         .port()
 }
+
+/// A path that scripts/test prepares and names in the environment
+/// variable `var`, from what `scripts/<script>` prints.
+pub fn prepared_path(var: &str, script: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set; run scripts/test, or set it to what scripts/{script} prints")
+    });
+    assert!(
+        path.exists(),
+        "{} is missing; run scripts/{script}",
+        path.display()
+    );
+    path
+}
+
+/// Runs the Python unittest files in `dir` with `env`, and asserts that
+/// exactly `expected` tests ran, none skipped, all passed. `logs` adds the
+/// agents' logs to a failure.
+pub async fn run_python_tests(
+    dir: &Path,
+    env: &[(&str, std::ffi::OsString)],
+    expected: usize,
+    logs: impl Fn() -> String,
+) {
+    let python = prepared_path("KVM_AGENT_PYTHON", "python-env");
+    let out = tokio::process::Command::new(python)
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .expect("run python");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "Python tests in {} failed:\n{report}\n{}",
+        dir.display(),
+        logs()
+    );
+    assert!(
+        report.contains(&format!("Ran {expected} tests")),
+        "{report}"
+    );
+    assert!(!report.contains("skipped"), "{report}");
+}

@@ -145,3 +145,16 @@ pub async fn tls_client(
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
     Ok(client)
 }
+
+/// An agent serving loopback TCP with mutual TLS, its certificate valid
+/// for 127.0.0.1 and localhost; returns it and its port.
+pub async fn agent_on_loopback_tcp(ca: &TestCa) -> (crate::TestAgent, u16) {
+    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
+    let port = crate::free_port();
+    let mut options = crate::AgentOptions::default();
+    options
+        .args
+        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
+    options.args.extend(node.args());
+    (crate::TestAgent::start_with(options).await, port)
+}

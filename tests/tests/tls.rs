@@ -3,23 +3,10 @@
 
 use std::process::Command;
 
-use kvm_agent_tests::tls::{TestCa, tls_client};
+use kvm_agent_tests::tls::{TestCa, agent_on_loopback_tcp, tls_client};
 use kvm_agent_tests::*;
 use serde_json::Value;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-
-/// An agent serving loopback TCP with mutual TLS, its certificate valid
-/// for 127.0.0.1 and localhost; returns it and its port.
-async fn agent_on_loopback_tcp(ca: &TestCa) -> (TestAgent, u16) {
-    let node = ca.issue("node1", &["127.0.0.1", "localhost"]);
-    let port = free_port();
-    let mut options = AgentOptions::default();
-    options
-        .args
-        .extend(["--listen".into(), format!("tcp://127.0.0.1:{port}")]);
-    options.args.extend(node.args());
-    (TestAgent::start_with(options).await, port)
-}
 
 #[tokio::test]
 async fn only_certificates_of_the_cluster_ca_get_in() {
