@@ -231,7 +231,23 @@ pub async fn pause(qmp: &QmpClient) -> Result<(), QmpError> {
 
 /// Resumes the guest's vCPUs (also after a completed or failed migration).
 pub async fn resume(qmp: &QmpClient) -> Result<(), QmpError> {
+    // A stream that has just completed leaves QEMU in `finish-migrate`
+    // until its main loop sets `postmigrate`, which would stop a guest
+    // that `cont` had already let run.
+    let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+    while run_state(qmp).await? == "finish-migrate" && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
     qmp.execute("cont", None).await.map(drop)
+}
+
+/// How long [`resume`] waits for QEMU to finish a completed stream.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+const SETTLE_POLL: Duration = Duration::from_millis(5);
+
+async fn run_state(qmp: &QmpClient) -> Result<String, QmpError> {
+    let status = qmp.execute("query-status", None).await?;
+    Ok(status["status"].as_str().unwrap_or_default().to_owned())
 }
 
 /// Polls `query-migrate` every `interval` until the migration ends, calling

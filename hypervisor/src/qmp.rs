@@ -854,7 +854,7 @@ mod tests {
             let replies = match req["execute"].as_str().unwrap() {
                 "qmp_capabilities" => vec![json!({"return": {}, "id": id}).to_string()],
                 "query-commands" => vec![
-                    json!({"return": [{"name": "query-status"}, {"name": "quit"}], "id": id})
+                    json!({"return": [{"name": "query-status"}, {"name": "quit"}, {"name": "cont"}], "id": id})
                         .to_string(),
                 ],
                 _ => script(req),
@@ -967,6 +967,41 @@ mod tests {
             results
                 .iter()
                 .all(|r| matches!(r, Err(QmpError::Unsupported(c)) if c == "device_add"))
+        );
+    }
+
+    #[tokio::test]
+    async fn resume_waits_for_a_completed_stream_to_settle_before_cont() {
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
+        let mut finishing = 3;
+        let client = connected(move |req| {
+            let command = req["execute"].as_str().unwrap().to_owned();
+            let reply = match command.as_str() {
+                "query-status" if finishing > 0 => {
+                    finishing -= 1;
+                    json!({"status": "finish-migrate", "running": false})
+                }
+                "query-status" => json!({"status": "postmigrate", "running": false}),
+                _ => json!({}),
+            };
+            log.lock().unwrap().push(command);
+            vec![json!({"return": reply, "id": req["id"]}).to_string()]
+        })
+        .await;
+
+        crate::migration::resume(&client).await.unwrap();
+
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [
+                "query-status",
+                "query-status",
+                "query-status",
+                "query-status",
+                "cont"
+            ],
+            "cont only once QEMU has left finish-migrate"
         );
     }
 

@@ -179,7 +179,12 @@ async fn a_save_that_runs_out_of_space_leaves_no_file_and_the_guest_running() {
     let info = agent.instance("full1").await;
     assert_eq!(state(&info), pb::InstanceState::Running, "{info:?}");
     let status = operator_qmp(&agent, "full1").execute("query-status", serde_json::json!({}));
-    assert_eq!(status["running"], true, "the guest runs again: {status}");
+    assert_eq!(
+        status["running"],
+        true,
+        "the guest runs again: {status}\n{}",
+        agent.log()
+    );
     let _ = Command::new("umount").arg(mount.path()).status();
 }
 
