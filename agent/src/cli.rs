@@ -288,8 +288,9 @@ struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "KVM_AGENT_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
-    /// strict: QEMU's seccomp sandbox, no new privileges and a cgroup per
-    /// instance; off: none of it, for debugging [default: strict].
+    /// strict: QEMU runs as an unprivileged user under its seccomp
+    /// sandbox, with no new privileges and a cgroup per instance; off:
+    /// none of it, for debugging [default: strict].
     #[arg(long, env = "KVM_AGENT_CONFINEMENT", value_enum)]
     confinement: Option<crate::config::Confinement>,
     /// Where cgroups are mounted [default: /sys/fs/cgroup].
@@ -298,6 +299,13 @@ struct ServeArgs {
     /// The agent's cgroup, under which each instance gets its own [default: kvm-agent].
     #[arg(long, env = "KVM_AGENT_CGROUP_PARENT")]
     cgroup_parent: Option<settings::CgroupName>,
+    /// Who confined QEMUs run as: a name, a uid, or uid:gid [default: nobody].
+    #[arg(long, env = "KVM_AGENT_QEMU_USER")]
+    qemu_user: Option<settings::UserName>,
+    /// Give each instance's QEMU a uid of its own from this range,
+    /// FIRST-LAST (its gid is the same number) [default: off].
+    #[arg(long, env = "KVM_AGENT_QEMU_UID_POOL")]
+    qemu_uid_pool: Option<settings::UidRange>,
     /// Address this node's QEMUs receive migrations on; other nodes must
     /// reach it [default: 127.0.0.1].
     #[arg(long, env = "KVM_AGENT_MIGRATION_ADDRESS")]
@@ -356,6 +364,10 @@ impl ServeArgs {
             cgroups: settings::CgroupsSection {
                 root: self.cgroup_root.clone(),
                 parent: self.cgroup_parent.clone(),
+            },
+            qemu_user: settings::QemuUserSection {
+                user: self.qemu_user.clone(),
+                uid_pool: self.qemu_uid_pool.clone(),
             },
             migration: settings::MigrationSection {
                 address: self.migration_address,

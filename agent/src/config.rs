@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::HashSet;
 use std::ops::RangeInclusive;
 
+use hypervisor::identity::QemuUser;
 use hypervisor::lifecycle::{LaunchConfig, StopTimeouts};
 use hypervisor::migration::MigrationParameters;
 
@@ -14,6 +16,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The agent's cgroup under each hierarchy.
 pub const DEFAULT_CGROUP_PARENT: &str = "kvm-agent";
+/// The user confined QEMUs run as unless configured otherwise.
+pub const DEFAULT_QEMU_USER: &str = "nobody";
 /// Name of the agent's unix socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -50,6 +54,59 @@ pub struct AgentConfig {
     pub cgroup_root: PathBuf,
     /// The agent's cgroup, under which each instance gets its own.
     pub cgroup_parent: String,
+    /// Who confined QEMUs run as.
+    pub qemu_users: QemuUsers,
+}
+
+/// Who confined QEMUs run as: one user for all, or a uid of its own for
+/// each instance from a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuUsers {
+    /// The user as configured: a name, a uid, or `uid:gid`.
+    pub name: String,
+    /// That user, resolved. Every instance runs as it when there is no
+    /// pool.
+    pub fixed: QemuUser,
+    /// Uids handed out one per running instance, each with the group of
+    /// the same number.
+    pub pool: Option<RangeInclusive<u32>>,
+}
+
+impl Default for QemuUsers {
+    fn default() -> Self {
+        // Where nobody's entry can't be read, its conventional ids.
+        Self {
+            name: DEFAULT_QEMU_USER.into(),
+            fixed: QemuUser {
+                uid: 65534,
+                gid: 65534,
+            },
+            pool: None,
+        }
+    }
+}
+
+impl QemuUsers {
+    /// The user for an instance. Without a pool, the fixed user. With one,
+    /// the instance's previous uid if it is still free, else the lowest
+    /// free one; `None` when `taken` holds them all. Pure.
+    pub fn pick(&self, previous: Option<QemuUser>, taken: &HashSet<u32>) -> Option<QemuUser> {
+        let Some(pool) = &self.pool else {
+            return Some(self.fixed);
+        };
+        let free = |uid: &u32| pool.contains(uid) && !taken.contains(uid);
+        let uid = previous
+            .map(|p| p.uid)
+            .filter(free)
+            .or_else(|| pool.clone().find(free))?;
+        Some(QemuUser { uid, gid: uid })
+    }
+
+    /// Whether `uid` is one instance's alone: the pool's uids are, the
+    /// fixed user and uids that came with other nodes' runtimes aren't.
+    pub fn exclusive(&self, uid: u32) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.contains(&uid))
+    }
 }
 
 /// How far each QEMU is boxed in.
@@ -196,6 +253,7 @@ impl AgentConfig {
             confinement: Confinement::Strict,
             cgroup_root: DEFAULT_CGROUP_ROOT.into(),
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
+            qemu_users: QemuUsers::default(),
         }
     }
 
@@ -207,5 +265,54 @@ impl AgentConfig {
     /// The run directory of an instance.
     pub fn run_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join("run").join(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> QemuUsers {
+        QemuUsers {
+            pool: Some(64000..=64002),
+            ..QemuUsers::default()
+        }
+    }
+
+    fn user(uid: u32) -> QemuUser {
+        QemuUser { uid, gid: uid }
+    }
+
+    #[test]
+    fn without_a_pool_everyone_is_the_fixed_user() {
+        let users = QemuUsers::default();
+        let taken = HashSet::from([65534]);
+        assert_eq!(users.pick(Some(user(64001)), &taken), Some(users.fixed));
+        assert!(!users.exclusive(65534));
+    }
+
+    #[test]
+    fn a_pool_keeps_an_instances_uid_while_it_is_free() {
+        let users = pool();
+        assert_eq!(users.pick(None, &HashSet::new()), Some(user(64000)));
+        assert_eq!(
+            users.pick(Some(user(64002)), &HashSet::new()),
+            Some(user(64002))
+        );
+        let taken = HashSet::from([64000, 64002]);
+        assert_eq!(users.pick(Some(user(64002)), &taken), Some(user(64001)));
+        // A uid from outside the pool is not kept.
+        assert_eq!(
+            users.pick(Some(user(70000)), &HashSet::new()),
+            Some(user(64000))
+        );
+    }
+
+    #[test]
+    fn an_exhausted_pool_gives_nobody() {
+        let taken = HashSet::from([64000, 64001, 64002]);
+        assert_eq!(pool().pick(None, &taken), None);
+        assert!(pool().exclusive(64001));
+        assert!(!pool().exclusive(65534));
     }
 }

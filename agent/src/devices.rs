@@ -3,13 +3,13 @@
 //! record, lets the `hotplug` crate change QEMU, and writes the new layout
 //! back so that reboot and migration keep it.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::fs::File;
 use std::sync::Arc;
 
 use hotplug::remove::Device;
 use hotplug::support::Support;
 use hypervisor::InstanceSpec;
+use hypervisor::host_files::HostFileError;
 use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskSpec, NicSpec};
 use serde::{Deserialize, Serialize};
@@ -72,22 +72,15 @@ fn check_addition(
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
 /// before anything changes.
 fn open_image(instance: &str, disk: &DiskSpec) -> Result<File, AgentError> {
-    let unusable = |reason: String| AgentError::DiskUnusable {
-        instance: instance.to_owned(),
-        disk: disk.name.clone(),
-        path: disk.path.display().to_string(),
-        reason,
-    };
-    let meta = std::fs::metadata(&disk.path).map_err(|e| unusable(e.to_string()))?;
-    if !(meta.is_file() || meta.file_type().is_block_device()) {
-        return Err(unusable("not a regular file or block device".into()));
-    }
-    OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&disk.path)
-        .map_err(|e| unusable(e.to_string()))
+    hypervisor::host_files::open_disk_image(disk).map_err(|e| match e {
+        HostFileError::Disk { disk, path, reason } => AgentError::DiskUnusable {
+            instance: instance.to_owned(),
+            disk,
+            path: path.display().to_string(),
+            reason,
+        },
+        other => AgentError::BadRequest(other.to_string()),
+    })
 }
 
 impl Agent {

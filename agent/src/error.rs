@@ -33,6 +33,30 @@ pub enum AgentError {
     /// An operation that needs a running instance.
     #[error("instance {0:?} is not running")]
     NotRunning(String),
+    /// Every uid of the QEMU user pool is held by a running instance.
+    #[error(
+        "instance {instance:?}: every uid of the QEMU user pool {first}-{last} is held by a running instance"
+    )]
+    QemuUsersExhausted {
+        /// Instance name.
+        instance: String,
+        /// The pool's first uid.
+        first: u32,
+        /// Its last.
+        last: u32,
+    },
+    /// The uid a runtime runs QEMU as belongs to another running instance.
+    #[error(
+        "instance {instance:?} runs QEMU as uid {uid}, which instance {holder:?} holds on this node"
+    )]
+    QemuUserTaken {
+        /// Instance name.
+        instance: String,
+        /// The uid.
+        uid: u32,
+        /// The instance that has it.
+        holder: String,
+    },
     /// A disk image isn't there.
     #[error("instance {instance:?}: disk {disk:?} path {path} does not exist")]
     DiskMissing {
@@ -230,6 +254,14 @@ impl AgentError {
                 (Code::AlreadyExists, "stop it first, or reboot it")
             }
             AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
+            AgentError::QemuUsersExhausted { .. } => (
+                Code::ResourceExhausted,
+                "stop an instance, or widen qemu_user.uid_pool",
+            ),
+            AgentError::QemuUserTaken { .. } => (
+                Code::FailedPrecondition,
+                "stop the instance that holds the uid, or run this one elsewhere",
+            ),
             AgentError::NoBalloon(_) => (
                 Code::FailedPrecondition,
                 "restart it (hard reboot, or stop and start) to give it one",

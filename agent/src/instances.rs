@@ -6,7 +6,7 @@
 //! operation (the lock on it is never held across an await).
 
 use crate::config::Confinement;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -392,6 +392,9 @@ pub struct Agent {
     instances: RwLock<BTreeMap<String, Arc<Instance>>>,
     /// Ports of incoming migrations that aren't finished yet.
     incoming_ports: Mutex<std::collections::BTreeSet<u16>>,
+    /// Held from picking a pool uid for a start until the instance is
+    /// Starting, so two starts don't pick the same one.
+    qemu_user_pick: tokio::sync::Mutex<()>,
 }
 
 /// Creates the state directory, or tightens an existing one, to 0700:
@@ -416,6 +419,30 @@ fn private_dir(dir: &Path) -> Result<(), AgentError> {
         .map_err(io_error("set the mode of"))
 }
 
+/// Says who QEMU will run as, and warns when that user can't open
+/// /dev/kvm although the agent can, since guests that need KVM would then
+/// be refused.
+fn check_qemu_users(users: &crate::config::QemuUsers) {
+    use hypervisor::identity::{self, Ownership};
+    let user = users.pick(None, &HashSet::new()).unwrap_or(users.fixed);
+    match &users.pool {
+        Some(pool) => tracing::info!(
+            "each QEMU runs as a uid of its own from {}-{}",
+            pool.start(),
+            pool.end()
+        ),
+        None => tracing::info!("QEMU runs as {:?} ({user})", users.name),
+    }
+    if probe::kvm_usable().is_err() {
+        return;
+    }
+    if let Ok(device) = Ownership::of(Path::new(identity::KVM_DEVICE))
+        && let Err(e) = identity::kvm_groups(user, device)
+    {
+        tracing::warn!("{e}; until then, instances that need KVM are refused");
+    }
+}
+
 impl Agent {
     /// Opens the state directory.
     pub fn open(mut cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
@@ -429,9 +456,10 @@ impl Agent {
                     }
                     Err(e) => tracing::warn!("{e}"),
                 }
+                check_qemu_users(&cfg.qemu_users);
             }
             Confinement::Off => tracing::warn!(
-                "confinement is off: QEMU runs without its seccomp sandbox and without a cgroup; use it only for debugging"
+                "confinement is off: QEMU runs as root, without its seccomp sandbox and without a cgroup; use it only for debugging"
             ),
         }
         let store = RecordStore::open(&cfg.state_dir, "runtime")?;
@@ -445,6 +473,7 @@ impl Agent {
             qemu_cache: tokio::sync::Mutex::new(None),
             instances: RwLock::new(BTreeMap::new()),
             incoming_ports: Mutex::new(Default::default()),
+            qemu_user_pick: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -634,19 +663,63 @@ impl Agent {
     }
 
     /// Generates a runtime for a validated spec (probing QEMU if needed).
-    async fn generate(&self, spec: &InstanceSpec, generation: u64) -> Result<Runtime, AgentError> {
+    /// A confined instance keeps the QEMU user of its `previous` runtime
+    /// where it can.
+    async fn generate(
+        &self,
+        spec: &InstanceSpec,
+        generation: u64,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, AgentError> {
         let qemu = self.qemu_info().await?;
         let kvm = probe::kvm_usable();
         let run_dir = self.cfg.run_dir(&spec.name);
+        let confine = self.cfg.confinement == Confinement::Strict;
+        let qemu_user = if confine {
+            let taken = self.exclusive_uids_in_use(&spec.name);
+            let users = &self.cfg.qemu_users;
+            let picked = users.pick(previous.and_then(|r| r.qemu_user), &taken);
+            Some(picked.ok_or_else(|| {
+                let pool = users.pool.clone().unwrap_or(0..=0);
+                AgentError::QemuUsersExhausted {
+                    instance: spec.name.clone(),
+                    first: *pool.start(),
+                    last: *pool.end(),
+                }
+            })?)
+        } else {
+            None
+        };
         let host = HostFacts {
             qemu: &qemu,
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
             run_dir: &run_dir,
             vhost_net: hypervisor::tap::vhost_net_available(),
             cpus: hypervisor::pinning::host_cpu_count(),
-            confine: self.cfg.confinement == Confinement::Strict,
+            confine,
+            qemu_user,
         };
         Ok(runtime::generate(spec, host, generation)?)
+    }
+
+    /// The instances other than `except` whose QEMU runs, or is about to,
+    /// as the uid each holds alone, by uid.
+    fn exclusive_uids_held(&self, except: &str) -> BTreeMap<u32, String> {
+        self.registry()
+            .values()
+            .filter(|inst| inst.name != except)
+            .filter_map(|inst| {
+                let st = lock(&inst.status);
+                let holds = !matches!(st.state, State::Stopped | State::Crashed | State::Saved);
+                let user = st.record.as_ref()?.runtime.qemu_user?;
+                (holds && self.cfg.qemu_users.exclusive(user.uid))
+                    .then(|| (user.uid, inst.name.clone()))
+            })
+            .collect()
+    }
+
+    fn exclusive_uids_in_use(&self, except: &str) -> HashSet<u32> {
+        self.exclusive_uids_held(except).into_keys().collect()
     }
 
     /// Checks the host files a spec points QEMU at: inside the allowed
@@ -736,7 +809,10 @@ impl Agent {
         }
         self.check_host_files(spec)?;
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
-        let runtime = self.generate(spec, generation).await?;
+        let picking = self.qemu_user_pick.lock().await;
+        let runtime = self
+            .generate(spec, generation, previous.as_ref().map(|r| &r.runtime))
+            .await?;
         if let Some(prev) = &previous
             && prev.runtime.uuid != runtime.uuid
         {
@@ -751,6 +827,7 @@ impl Agent {
         self.save_record(&inst.name, &record).await?;
         lock(&inst.status).record = Some(record.clone());
         inst.set_state(State::Starting, "");
+        drop(picking);
 
         if let Err(e) = self.launch(inst, &record.runtime, LaunchMode::Boot).await {
             // Leave things as they were before the call.
@@ -779,8 +856,21 @@ impl Agent {
         runtime: &Runtime,
         mode: LaunchMode,
     ) -> Result<Arc<Process>, AgentError> {
+        if let Some(user) = runtime.qemu_user
+            && let Some(holder) = self.exclusive_uids_held(&inst.name).remove(&user.uid)
+        {
+            return Err(AgentError::QemuUserTaken {
+                instance: inst.name.clone(),
+                uid: user.uid,
+                holder,
+            });
+        }
         let run_dir = self.cfg.run_dir(&inst.name);
-        let launched = lifecycle::launch(runtime, &run_dir, &self.cfg.launch, mode)
+        let mut launch = self.cfg.launch.clone();
+        if runtime.chroot {
+            launch.option_rom_dirs = self.qemu_info().await?.data_dirs.clone();
+        }
+        let launched = lifecycle::launch(runtime, &run_dir, &launch, mode)
             .await
             .map_err(|source| AgentError::Launch {
                 instance: inst.name.clone(),
@@ -1052,7 +1142,7 @@ impl Agent {
                 let generation = previous_runtime.map_or(0, |r| r.generation) + 1;
                 // Generate before stopping: a spec that can't run must not
                 // cost the running instance.
-                let runtime = self.generate(&spec, generation).await?;
+                let runtime = self.generate(&spec, generation, previous_runtime).await?;
                 self.stop_locked(&inst, false, self.cfg.stop).await?;
                 let record = InstanceRecord {
                     runtime,

@@ -13,8 +13,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AgentConfig, AllowedRoots, Confinement, DEFAULT_STATE_DIR, SOCKET_NAME};
+use crate::config::{
+    AgentConfig, AllowedRoots, Confinement, DEFAULT_QEMU_USER, DEFAULT_STATE_DIR, QemuUsers,
+    SOCKET_NAME,
+};
 use crate::tls::TlsFiles;
+use hypervisor::identity::QemuUser;
 
 /// Where `serve` looks for its config file when not told otherwise. A
 /// missing file there means "all defaults"; a missing file that was named
@@ -131,6 +135,8 @@ layer! {
         qemu_log: QemuLogSection,
         /// Where each instance's cgroup goes.
         cgroups: CgroupsSection,
+        /// Who confined QEMUs run as.
+        qemu_user: QemuUserSection,
         /// Incoming and outgoing migrations.
         migration: MigrationSection,
     }
@@ -203,6 +209,16 @@ layer! {
 }
 
 layer! {
+    /// `[qemu_user]`
+    pub struct QemuUserSection {
+        /// A user name, a uid, or `uid:gid`.
+        user: UserName,
+        /// One uid per instance from this range instead.
+        uid_pool: UidRange,
+    }
+}
+
+layer! {
     /// `[migration]`
     pub struct MigrationSection {
         /// Address this node's QEMUs receive migrations on.
@@ -264,6 +280,116 @@ impl std::str::FromStr for PortRange {
 
 impl From<PortRange> for String {
     fn from(range: PortRange) -> String {
+        format!("{}-{}", range.0.start(), range.0.end())
+    }
+}
+
+/// A user written as a name, a uid, or `uid:gid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserName(pub String);
+
+impl TryFrom<String> for UserName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl std::str::FromStr for UserName {
+    type Err = String;
+    fn from_str(name: &str) -> Result<Self, String> {
+        let numeric = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        let named = name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        let ids = match name.split_once(':') {
+            Some((uid, gid)) => numeric(uid) && numeric(gid),
+            None => numeric(name),
+        };
+        if named || ids {
+            Ok(UserName(name.to_owned()))
+        } else {
+            Err(format!(
+                "{name:?} is not a user; write a name, a uid, or uid:gid"
+            ))
+        }
+    }
+}
+
+impl From<UserName> for String {
+    fn from(name: UserName) -> String {
+        name.0
+    }
+}
+
+impl UserName {
+    /// The uid and gid it stands for on this host. A name or a bare uid
+    /// is looked up in the user database; `uid:gid` is taken as it is.
+    pub fn resolve(&self) -> Result<QemuUser, String> {
+        let text = &self.0;
+        let user = if let Some((uid, gid)) = text.split_once(':') {
+            QemuUser {
+                uid: uid.parse().map_err(|_| format!("{uid:?} is not a uid"))?,
+                gid: gid.parse().map_err(|_| format!("{gid:?} is not a gid"))?,
+            }
+        } else {
+            let entry = match text.parse::<u32>() {
+                Ok(uid) => nix::unistd::User::from_uid(uid.into()),
+                Err(_) => nix::unistd::User::from_name(text),
+            }
+            .map_err(|e| format!("can't look up user {text:?}: {e}"))?
+            .ok_or_else(|| {
+                format!("no user {text:?} on this host; create it, or give the ids as uid:gid")
+            })?;
+            QemuUser {
+                uid: entry.uid.as_raw(),
+                gid: entry.gid.as_raw(),
+            }
+        };
+        if user.uid == 0 || user.gid == 0 {
+            return Err(format!(
+                "{text:?} is root ({user}); QEMU runs as root only with confinement = \"off\""
+            ));
+        }
+        Ok(user)
+    }
+}
+
+/// A range of uids written `FIRST-LAST`, root excluded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UidRange(pub RangeInclusive<u32>);
+
+impl TryFrom<String> for UidRange {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text
+            .split_once('-')
+            .map(|(f, l)| (f.parse::<u32>(), l.parse::<u32>()))
+        {
+            Some((Ok(first), Ok(last))) if first > 0 && first <= last => Ok(UidRange(first..=last)),
+            _ => Err(format!(
+                "{text:?} is not a uid range like 64000-64999 (root excluded)"
+            )),
+        }
+    }
+}
+
+impl From<UidRange> for String {
+    fn from(range: UidRange) -> String {
         format!("{}-{}", range.0.start(), range.0.end())
     }
 }
@@ -427,6 +553,18 @@ impl FileConfig {
         if let Some(parent) = self.cgroups.parent {
             agent.cgroup_parent = parent.0;
         }
+        let user = self
+            .qemu_user
+            .user
+            .unwrap_or_else(|| UserName(DEFAULT_QEMU_USER.into()));
+        agent.qemu_users = QemuUsers {
+            fixed: user.resolve().map_err(|message| ConfigError::Invalid {
+                key: "qemu_user.user",
+                message,
+            })?,
+            name: user.0,
+            pool: self.qemu_user.uid_pool.map(|p| p.0),
+        };
 
         let launch = &mut agent.launch;
         launch.qmp.command_timeout = millis(self.qmp.timeout_ms, launch.qmp.command_timeout);
@@ -545,6 +683,10 @@ impl Settings {
             cgroups: CgroupsSection {
                 root: Some(AbsolutePath(agent.cgroup_root.clone())),
                 parent: Some(CgroupName(agent.cgroup_parent.clone())),
+            },
+            qemu_user: QemuUserSection {
+                user: Some(UserName(agent.qemu_users.name.clone())),
+                uid_pool: agent.qemu_users.pool.clone().map(UidRange),
             },
             migration: MigrationSection {
                 address: agent.migration.address.parse().ok(),

@@ -1,8 +1,9 @@
 //! Runtime → QEMU command line. Pure.
 //!
 //! [`render_base`] renders the machine (what the runtime stores in `argv`);
-//! [`render_execution`] adds what only exists at execution: disks and NICs
-//! with their explicit `bus=pci.0,addr=`, tap and socket fds.
+//! [`render_execution`] renders it again with the host files it names
+//! replaced by fds, and adds what only exists at execution: disks and NICs
+//! with their explicit `bus=pci.0,addr=`, tap, image and socket fds.
 
 use crate::pinning::CpuPinning;
 use std::os::fd::RawFd;
@@ -11,6 +12,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use crate::Runtime;
+use crate::probe::QemuVersion;
 use crate::runtime::{RuntimeDisk, RuntimeNic};
 use crate::spec::{Boot, DiskCache, DiskFormat, MemoryBacking, NicModel};
 
@@ -28,10 +30,6 @@ pub const SERIAL_CHARDEV: &str = "serial0";
 /// smuggle in an option.
 pub fn escape(value: &str) -> String {
     value.replace(',', ",,")
-}
-
-fn escape_path(path: &Path) -> String {
-    escape(&path.to_string_lossy())
 }
 
 /// The short form of a device uuid used in QEMU ids. Block node names are
@@ -84,8 +82,31 @@ fn on_off(b: bool) -> &'static str {
 /// QEMU object id of guest RAM when it isn't anonymous.
 const MEMORY_BACKEND_ID: &str = "guest-ram";
 
-/// The machine part of the command line.
+/// The machine part of the command line, naming host files by path.
 pub fn render_base(rt: &Runtime) -> Vec<String> {
+    render_machine(rt, &MachineFds::default())
+}
+
+/// Fds standing in for the host files the machine part names. `None`
+/// keeps a file's path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineFds {
+    /// The kernel of a direct kernel boot.
+    pub kernel: Option<RawFd>,
+    /// Its initrd.
+    pub initrd: Option<RawFd>,
+    /// The file guest RAM lives in.
+    pub memory: Option<RawFd>,
+}
+
+/// The machine part with each file that has an fd named as
+/// `/proc/self/fd/N`, which QEMU opens without walking the directories of
+/// the file's real path.
+fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
+    let host_file = |fd: Option<RawFd>, path: &Path| match fd {
+        Some(fd) => crate::host_files::proc_fd_path(fd),
+        None => path.to_string_lossy().into_owned(),
+    };
     let mut argv: Vec<String> = vec![
         "-name".into(),
         format!("guest={},debug-threads=on", escape(&rt.name)),
@@ -120,7 +141,7 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
         format!(
             "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={},prealloc={}",
             rt.memory_mib,
-            escape_path(path),
+            escape(&host_file(fds.memory, path)),
             on_off(share),
             on_off(prealloc)
         )
@@ -150,9 +171,9 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
     } = &rt.boot
     {
         // -kernel and -initrd take a plain file name, not key=value options.
-        argv.extend(["-kernel".into(), kernel.to_string_lossy().into_owned()]);
+        argv.extend(["-kernel".into(), host_file(fds.kernel, kernel)]);
         if let Some(initrd) = initrd {
-            argv.extend(["-initrd".into(), initrd.to_string_lossy().into_owned()]);
+            argv.extend(["-initrd".into(), host_file(fds.initrd, initrd)]);
         }
         argv.extend(["-append".into(), cmdline.clone()]);
     }
@@ -161,7 +182,7 @@ pub fn render_base(rt: &Runtime) -> Vec<String> {
 
 /// The fds and sockets that exist only at execution.
 #[derive(Debug, Clone)]
-pub struct ExecutionFds<'a> {
+pub struct ExecutionFds {
     /// Listening socket of the agent's QMP monitor.
     pub qmp: RawFd,
     /// Listening socket of the serial console, when the runtime has one.
@@ -171,19 +192,34 @@ pub struct ExecutionFds<'a> {
     /// Per NIC in runtime order, one vhost-net fd per queue (empty
     /// without vhost).
     pub vhost: Vec<Vec<RawFd>>,
-    /// Path of an extra QMP monitor for operators, when enabled.
-    pub operator_qmp: Option<&'a Path>,
+    /// Per disk in runtime order, its open image.
+    pub disks: Vec<RawFd>,
+    /// The boot and RAM files, opened.
+    pub machine: MachineFds,
+    /// Listening socket of an extra QMP monitor for operators, when
+    /// enabled.
+    pub operator_qmp: Option<RawFd>,
+    /// The empty directory QEMU shuts itself into, when the runtime has a
+    /// chroot.
+    pub chroot: Option<RawFd>,
     /// Start with the vCPUs stopped, waiting for the guest's state to
     /// arrive (`-S -incoming defer`), for a migration or a restore.
     pub incoming: bool,
 }
 
-/// The full command line: base, disks, NICs and the execution fds.
-pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
-    let mut argv = rt.argv.clone();
-    for (index, disk) in rt.disks.iter().enumerate() {
+/// The fd set that carries the image of the disk at `index` in the
+/// runtime. Sets start at 1, and hot-added disks take sets of their own.
+pub fn disk_fdset(index: usize) -> u64 {
+    index as u64 + 1
+}
+
+/// The full command line: the machine with its files as fds, disks, NICs
+/// and the execution fds.
+pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
+    let mut argv = render_machine(rt, &fds.machine);
+    for (index, (disk, &image)) in rt.disks.iter().zip(&fds.disks).enumerate() {
         let boot_first = index == 0 && rt.boot == Boot::Disk;
-        argv.extend(render_disk(disk, boot_first));
+        argv.extend(render_disk(disk, image, disk_fdset(index), boot_first));
     }
     for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
         let vhost = fds.vhost.get(index).map(Vec::as_slice).unwrap_or_default();
@@ -201,13 +237,10 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
         "-mon".into(),
         format!("chardev={QMP_CHARDEV},mode=control"),
     ]);
-    if let Some(path) = fds.operator_qmp {
+    if let Some(fd) = fds.operator_qmp {
         argv.extend([
             "-chardev".into(),
-            format!(
-                "socket,id={OPERATOR_QMP_CHARDEV},path={},server=on,wait=off",
-                escape_path(path)
-            ),
+            format!("socket,id={OPERATOR_QMP_CHARDEV},fd={fd},server=on,wait=off"),
             "-mon".into(),
             format!("chardev={OPERATOR_QMP_CHARDEV},mode=control"),
         ]);
@@ -220,6 +253,9 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
             format!("chardev:{SERIAL_CHARDEV}"),
         ]);
     }
+    if let Some(fd) = fds.chroot {
+        argv.extend(chroot_option(rt.qemu.version, fd));
+    }
     if fds.incoming {
         // -S as well, so the guest only runs once the agent says so, not
         // as soon as the stream is complete.
@@ -230,6 +266,26 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds<'_>) -> Vec<String> {
         argv.push("-S".into());
     }
     argv
+}
+
+/// The first QEMU with `-run-with chroot=`, which replaces `-chroot`.
+pub const RUN_WITH_CHROOT_SINCE: QemuVersion = QemuVersion {
+    major: 8,
+    minor: 1,
+    micro: 0,
+};
+
+/// The chroot option in the spelling of the QEMU that executes the runtime,
+/// so a runtime made for an older QEMU still runs on a newer one. The
+/// directory is reached through `/proc/self/fd/N`, which doesn't depend on
+/// QEMU's user seeing the directories above it.
+pub fn chroot_option(version: QemuVersion, dir: RawFd) -> [String; 2] {
+    let dir = crate::host_files::proc_fd_path(dir);
+    if version >= RUN_WITH_CHROOT_SINCE {
+        ["-run-with".into(), format!("chroot={}", escape(&dir))]
+    } else {
+        ["-chroot".into(), dir]
+    }
 }
 
 /// `cache.direct`, `cache.no-flush` and the device's `write-cache` for a
@@ -245,8 +301,9 @@ pub fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
     }
 }
 
-/// `-blockdev` (file), `-blockdev` (format) and `-device` for one disk.
-pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
+/// `-add-fd` of the open image into `fdset`, `-blockdev` (file on
+/// `/dev/fdset/N`), `-blockdev` (format) and `-device` for one disk.
+pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: bool) -> [String; 8] {
     let d = &disk.spec;
     let (direct, no_flush, write_cache) = cache_flags(d.cache);
     let format = match d.format {
@@ -257,10 +314,11 @@ pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
     let format_node = disk_format_node(d.uuid);
     let boot = if boot_first { ",bootindex=1" } else { "" };
     [
+        "-add-fd".into(),
+        format!("fd={image},set={fdset}"),
         "-blockdev".into(),
         format!(
-            "driver=file,node-name={file_node},filename={},read-only={},cache.direct={},cache.no-flush={}",
-            escape_path(&d.path),
+            "driver=file,node-name={file_node},filename=/dev/fdset/{fdset},read-only={},cache.direct={},cache.no-flush={}",
             on_off(d.read_only),
             on_off(direct),
             on_off(no_flush)
@@ -278,6 +336,15 @@ pub fn render_disk(disk: &RuntimeDisk, boot_first: bool) -> [String; 6] {
             on_off(write_cache)
         ),
     ]
+}
+
+/// The option ROM QEMU loads for a NIC model's device, at start and at
+/// hot-add.
+pub fn option_rom(model: NicModel) -> &'static str {
+    match model {
+        NicModel::Virtio => "efi-virtio.rom",
+        NicModel::E1000 => "efi-e1000.rom",
+    }
 }
 
 /// Joins fds the way `fds=` and `vhostfds=` want them.
@@ -368,14 +435,111 @@ mod tests {
             .collect()
     }
 
-    fn fds() -> ExecutionFds<'static> {
+    fn fds() -> ExecutionFds {
         ExecutionFds {
             qmp: 3,
             serial: Some(4),
             taps: vec![vec![5]],
             vhost: vec![vec![]],
+            disks: vec![6],
+            machine: MachineFds::default(),
             operator_qmp: None,
+            chroot: None,
             incoming: false,
+        }
+    }
+
+    #[test]
+    fn the_chroot_option_follows_the_executing_qemus_spelling() {
+        let version = |major, minor| QemuVersion {
+            major,
+            minor,
+            micro: 0,
+        };
+        assert_eq!(
+            chroot_option(version(7, 2), 9),
+            ["-chroot", "/proc/self/fd/9"]
+        );
+        assert_eq!(
+            chroot_option(version(8, 0), 9),
+            ["-chroot", "/proc/self/fd/9"]
+        );
+        assert_eq!(
+            chroot_option(version(8, 1), 9),
+            ["-run-with", "chroot=/proc/self/fd/9"]
+        );
+        assert_eq!(
+            chroot_option(version(10, 0), 9),
+            ["-run-with", "chroot=/proc/self/fd/9"]
+        );
+
+        // The same runtime, executed by a newer QEMU after an upgrade.
+        let qemu = qemu_7_2();
+        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let with_chroot = ExecutionFds {
+            chroot: Some(9),
+            ..fds()
+        };
+        let argv = render_execution(&rt, &with_chroot).join(" ");
+        assert!(argv.contains("-chroot /proc/self/fd/9"), "{argv}");
+        rt.qemu.version = version(9, 2);
+        let argv = render_execution(&rt, &with_chroot).join(" ");
+        assert!(argv.contains("-run-with chroot=/proc/self/fd/9"), "{argv}");
+        assert!(!argv.contains("-chroot"), "{argv}");
+    }
+
+    #[test]
+    fn host_files_are_named_by_path_in_the_runtime_and_by_fd_at_execution() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.boot = Boot::Kernel {
+            kernel: "/srv/boot/vmlinuz".into(),
+            initrd: Some("/srv/boot/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+        };
+        spec.memory_backing = MemoryBacking::File {
+            path: "/dev/shm/web1".into(),
+            share: true,
+        };
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let base = rt.argv.join(" ");
+        assert!(
+            base.contains("-kernel /srv/boot/vmlinuz -initrd /srv/boot/initrd"),
+            "{base}"
+        );
+        assert!(base.contains("mem-path=/dev/shm/web1,"), "{base}");
+
+        let execution = render_execution(
+            &rt,
+            &ExecutionFds {
+                machine: MachineFds {
+                    kernel: Some(7),
+                    initrd: Some(8),
+                    memory: Some(9),
+                },
+                ..fds()
+            },
+        )
+        .join(" ");
+        assert!(
+            execution.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8"),
+            "{execution}"
+        );
+        assert!(
+            execution.contains("mem-path=/proc/self/fd/9,"),
+            "{execution}"
+        );
+        assert!(
+            execution.contains("-add-fd fd=6,set=1 -blockdev driver=file,"),
+            "{execution}"
+        );
+        assert!(execution.contains("filename=/dev/fdset/1,"), "{execution}");
+        for path in [
+            "/srv/",
+            "/dev/shm/",
+            &rt.disks[0].spec.path.to_string_lossy(),
+        ] {
+            assert!(!execution.contains(path), "{path} in {execution}");
         }
     }
 
@@ -529,7 +693,7 @@ mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let [_, file, ..] = render_disk(&rt.disks[0], false);
+        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, false);
 
         let kv = split_keyval(&file);
         assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
@@ -545,7 +709,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn no_disk_path_can_smuggle_an_option(
+        fn no_ram_path_can_smuggle_an_option(
             parts in proptest::collection::vec("[ -~&&[^/]]{1,16}", 1..4)
         ) {
             prop_assume!(parts.iter().all(|p| p != "." && p != ".."));
@@ -553,23 +717,39 @@ mod tests {
             let qemu = qemu_7_2();
             // Validation refuses ',' and '='; escaping must hold anyway.
             let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-            rt.disks[0].spec.path = path.clone().into();
+            rt.memory_backing = MemoryBacking::File { path: path.clone().into(), share: false };
 
-            let [_, file, _, format, _, device] = render_disk(&rt.disks[0], true);
+            let argv = render_base(&rt);
+            let object = argv.iter().find(|a| a.starts_with("memory-backend-file,")).unwrap();
 
+            let kv = split_keyval(object);
+            let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+            prop_assert_eq!(keys, vec!["memory-backend-file", "id", "size", "mem-path", "share", "prealloc"]);
+            prop_assert_eq!(&kv[3].1, &path);
+        }
+
+        #[test]
+        fn a_disk_renders_the_same_options_whatever_it_is(read_only: bool, boot: bool, fd in 3i32..1000, set in 1u64..64) {
+            let qemu = qemu_7_2();
+            let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+            rt.disks[0].spec.read_only = read_only;
+
+            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot);
+
+            prop_assert_eq!(add_fd, format!("fd={fd},set={set}"));
             let kv = split_keyval(&file);
             let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
             prop_assert_eq!(keys, vec!["driver", "node-name", "filename", "read-only", "cache.direct", "cache.no-flush"]);
-            prop_assert_eq!(&kv[2].1, &path);
+            prop_assert_eq!(&kv[2].1, &format!("/dev/fdset/{set}"));
             prop_assert_eq!(split_keyval(&format).len(), 4);
-            prop_assert_eq!(split_keyval(&device).len(), 7);
+            prop_assert_eq!(split_keyval(&device).len(), if boot { 7 } else { 6 });
         }
 
         #[test]
         fn rendering_is_deterministic(tap in 3i32..1000, qmp in 3i32..1000) {
             let qemu = qemu_7_2();
             let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-            let fds = ExecutionFds { qmp, serial: None, taps: vec![vec![tap]], vhost: vec![vec![]], operator_qmp: None, incoming: false };
+            let fds = ExecutionFds { qmp, taps: vec![vec![tap]], serial: None, ..fds() };
             prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
         }
     }

@@ -6,14 +6,18 @@
 //! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
 //! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
 //! (vCPU masks, parsed purely and applied to QEMU's threads), [`balloon`]
-//! (the guest's memory target) and [`migration`] (QEMU's
-//! side of migration, save and restore).
+//! (the guest's memory target), [`migration`] (QEMU's side of migration,
+//! save and restore), [`cgroup`], [`identity`] (the user a confined QEMU
+//! runs as, and its access to `/dev/kvm`, decided purely) and
+//! [`host_files`] (disks, boot and RAM files, opened for QEMU).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
 
 pub mod argv;
 pub mod balloon;
 pub mod cgroup;
+pub mod host_files;
+pub mod identity;
 pub mod lifecycle;
 pub mod migration;
 pub mod pinning;

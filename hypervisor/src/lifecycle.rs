@@ -6,10 +6,14 @@
 //! `quit`, then SIGKILL, each with its own timeout.
 
 use crate::cgroup::CgroupLayout;
+use crate::host_files::{self, HostFileError};
+use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::pinning::{PinError, pin_vcpus};
-use std::fs::{self, OpenOptions};
+use crate::runtime::ResolvedAccelerator;
+use crate::spec::{Boot, MemoryBacking};
+use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -17,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Runtime;
-use crate::argv::{self, ExecutionFds};
-use crate::process::{self, PidFd};
+use crate::argv::{self, ExecutionFds, MachineFds};
+use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::tap::{self, Tap, TapError};
 
@@ -37,6 +41,8 @@ pub mod files {
     /// The cgroup directories made for QEMU, one per line, to remove
     /// after it.
     pub const CGROUPS: &str = "cgroups";
+    /// The empty directory QEMU shuts itself into.
+    pub const CHROOT: &str = "root";
 }
 
 /// Settings of a launch.
@@ -55,6 +61,9 @@ pub struct LaunchConfig {
     /// Where instance cgroups go; none when the node has no usable cgroups
     /// or instances aren't confined.
     pub cgroups: Option<CgroupLayout>,
+    /// Where the QEMU binary finds its option ROMs (`-L help`), for a
+    /// chroot to hold them.
+    pub option_rom_dirs: Vec<PathBuf>,
 }
 
 impl Default for LaunchConfig {
@@ -66,6 +75,7 @@ impl Default for LaunchConfig {
             log_max_bytes: 1024 * 1024,
             log_keep: 3,
             cgroups: None,
+            option_rom_dirs: Vec::new(),
         }
     }
 }
@@ -120,6 +130,12 @@ pub enum LaunchError {
     /// QEMU couldn't be put in its cgroup.
     #[error("can't put QEMU in its cgroup")]
     Cgroup(#[source] std::io::Error),
+    /// A disk, boot or RAM file can't be handed to QEMU.
+    #[error(transparent)]
+    HostFile(#[from] HostFileError),
+    /// QEMU's user can't open /dev/kvm, and the guest needs KVM.
+    #[error(transparent)]
+    KvmAccess(#[from] KvmAccessError),
 }
 
 /// A freshly launched QEMU.
@@ -137,13 +153,85 @@ pub struct Launched {
     pub taps: Vec<String>,
 }
 
-/// Sockets and taps that exist only for one launch; dropped once QEMU holds
-/// its own copies.
+/// Sockets, taps and files that exist only for one launch; dropped once
+/// QEMU holds its own copies.
 struct ExecutionResources {
     qmp: UnixListener,
     serial: Option<UnixListener>,
+    operator_qmp: Option<UnixListener>,
     taps: Vec<Tap>,
-    vhost: Vec<Vec<std::fs::File>>,
+    vhost: Vec<Vec<File>>,
+    disks: Vec<File>,
+    kernel: Option<File>,
+    initrd: Option<File>,
+    memory: Option<File>,
+    chroot: Option<File>,
+}
+
+impl ExecutionResources {
+    fn fds(&self, incoming: bool) -> ExecutionFds {
+        let raw = |file: &Option<File>| file.as_ref().map(AsRawFd::as_raw_fd);
+        ExecutionFds {
+            qmp: self.qmp.as_raw_fd(),
+            serial: self.serial.as_ref().map(AsRawFd::as_raw_fd),
+            taps: self
+                .taps
+                .iter()
+                .map(|t| t.queue_fds().map(|fd| fd.as_raw_fd()).collect())
+                .collect(),
+            vhost: self
+                .vhost
+                .iter()
+                .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
+                .collect(),
+            disks: self.disks.iter().map(AsRawFd::as_raw_fd).collect(),
+            machine: MachineFds {
+                kernel: raw(&self.kernel),
+                initrd: raw(&self.initrd),
+                memory: raw(&self.memory),
+            },
+            operator_qmp: self.operator_qmp.as_ref().map(AsRawFd::as_raw_fd),
+            chroot: raw(&self.chroot),
+            incoming,
+        }
+    }
+}
+
+/// Every fd of `fds`, which QEMU must inherit.
+fn inherited(fds: &ExecutionFds) -> Vec<std::os::fd::RawFd> {
+    let machine = [fds.machine.kernel, fds.machine.initrd, fds.machine.memory];
+    std::iter::once(fds.qmp)
+        .chain(fds.serial)
+        .chain(fds.operator_qmp)
+        .chain(fds.taps.iter().flatten().copied())
+        .chain(fds.vhost.iter().flatten().copied())
+        .chain(fds.disks.iter().copied())
+        .chain(machine.into_iter().flatten())
+        .chain(fds.chroot)
+        .collect()
+}
+
+/// Who QEMU becomes for `rt`: its user, with the group of /dev/kvm when
+/// the guest needs KVM and only that group opens it. Never a silent
+/// fallback to TCG: a guest that needs KVM and can't have it is refused.
+pub fn credentials(rt: &Runtime) -> Result<Option<Credentials>, KvmAccessError> {
+    let Some(user) = rt.qemu_user else {
+        return Ok(None);
+    };
+    let groups = match (
+        rt.accelerator,
+        Ownership::of(Path::new(identity::KVM_DEVICE)),
+    ) {
+        (ResolvedAccelerator::Kvm, Ok(device)) => identity::kvm_groups(user, device)?,
+        // A missing device fails the start with QEMU's own words.
+        _ => Vec::new(),
+    };
+    Ok(Some(Credentials {
+        uid: user.uid,
+        gid: user.gid,
+        groups,
+        keep_chroot: rt.chroot,
+    }))
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_ {
@@ -153,8 +241,9 @@ fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_
     }
 }
 
-/// Creates the run directory (mode 0700) and clears stale sockets in it.
-pub fn prepare_run_dir(run_dir: &Path) -> Result<(), LaunchError> {
+/// Creates the run directory (mode 0700, owned by QEMU's user when it has
+/// one) and clears stale sockets in it.
+pub fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), LaunchError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -162,6 +251,13 @@ pub fn prepare_run_dir(run_dir: &Path) -> Result<(), LaunchError> {
         .map_err(run_dir_error(run_dir))?;
     fs::set_permissions(run_dir, fs::Permissions::from_mode(0o700))
         .map_err(run_dir_error(run_dir))?;
+    // Back to the agent's user when QEMU no longer has one of its own.
+    let (uid, gid) = owner.map_or_else(
+        // SAFETY: geteuid(2) and getegid(2) can't fail and touch no memory.
+        || unsafe { (libc::geteuid(), libc::getegid()) },
+        |u| (u.uid, u.gid),
+    );
+    std::os::unix::fs::chown(run_dir, Some(uid), Some(gid)).map_err(run_dir_error(run_dir))?;
     remove_run_files(run_dir);
     Ok(())
 }
@@ -177,7 +273,7 @@ pub fn remove_run_files(run_dir: &Path) {
         let _ = fs::remove_file(run_dir.join(name));
     }
     let cgroups = run_dir.join(files::CGROUPS);
-    if let Ok(list) = fs::read_to_string(&cgroups) {
+    if let Some(list) = process::read_own_file(&cgroups) {
         let dirs: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
         crate::cgroup::remove(&dirs);
         let _ = fs::remove_file(cgroups);
@@ -211,6 +307,29 @@ fn open_resources(
             (0..queues).map(|_| tap::open_vhost_net()).collect()
         })
         .collect::<Result<Vec<Vec<_>>, TapError>>()?;
+    let disks = rt
+        .disks
+        .iter()
+        .map(|d| host_files::open_disk_image(&d.spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (kernel, initrd) = match &rt.boot {
+        Boot::Kernel { kernel, initrd, .. } => (
+            Some(host_files::open_boot_file("kernel", kernel, rt.qemu_user)?),
+            initrd
+                .as_deref()
+                .map(|i| host_files::open_boot_file("initrd", i, rt.qemu_user))
+                .transpose()?,
+        ),
+        Boot::Disk => (None, None),
+    };
+    // Without a user of its own, QEMU opens (and creates) its RAM file
+    // itself, as root.
+    let memory = match (&rt.memory_backing, rt.qemu_user) {
+        (MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path }, Some(user)) => {
+            Some(host_files::open_memory_file(path, user, &rt.name)?)
+        }
+        _ => None,
+    };
     Ok(ExecutionResources {
         vhost,
         qmp: listen(&run_dir.join(files::QMP))?,
@@ -219,8 +338,47 @@ fn open_resources(
         } else {
             None
         },
+        operator_qmp: if cfg.operator_qmp {
+            Some(listen(&run_dir.join(files::OPERATOR_QMP))?)
+        } else {
+            None
+        },
+        chroot: if rt.chroot {
+            let root = run_dir.join(files::CHROOT);
+            let dir = empty_dir(&root)?;
+            host_files::stage_option_roms(&root, &cfg.option_rom_dirs)
+                .map_err(run_dir_error(&root))?;
+            Some(dir)
+        } else {
+            None
+        },
         taps,
+        disks,
+        kernel,
+        initrd,
+        memory,
     })
+}
+
+/// Makes `path` a new empty directory that only root may change, and
+/// opens it. Whatever was there goes first: the run directory may be
+/// QEMU's, and what QEMU left there is not to be trusted.
+fn empty_dir(path: &Path) -> Result<File, LaunchError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(run_dir_error(path)(e));
+        }
+        _ => {}
+    }
+    fs::DirBuilder::new()
+        .mode(0o555)
+        .create(path)
+        .map_err(run_dir_error(path))?;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(run_dir_error(path))
 }
 
 /// How a launched guest begins.
@@ -242,9 +400,14 @@ pub async fn launch(
     if !rt.qemu.binary.is_file() {
         return Err(LaunchError::QemuMissing(rt.qemu.binary.clone()));
     }
-    prepare_run_dir(run_dir)?;
+    let credentials = credentials(rt)?;
+    prepare_run_dir(run_dir, rt.qemu_user)?;
     let log_path = run_dir.join(files::LOG);
-    let result = launch_in(rt, run_dir, &log_path, cfg, mode).await;
+    let confinement = SpawnConfinement {
+        no_new_privs: rt.confined(),
+        credentials,
+    };
+    let result = launch_in(rt, run_dir, &log_path, cfg, mode, &confinement).await;
     if result.is_err() {
         remove_run_files(run_dir);
     }
@@ -257,48 +420,32 @@ async fn launch_in(
     log_path: &Path,
     cfg: &LaunchConfig,
     mode: LaunchMode,
+    confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
     let resources = open_resources(rt, run_dir, cfg)?;
-    let operator_qmp = run_dir.join(files::OPERATOR_QMP);
-    let fds = ExecutionFds {
-        qmp: resources.qmp.as_raw_fd(),
-        serial: resources.serial.as_ref().map(AsRawFd::as_raw_fd),
-        taps: resources
-            .taps
-            .iter()
-            .map(|t| t.queue_fds().map(|fd| fd.as_raw_fd()).collect())
-            .collect(),
-        vhost: resources
-            .vhost
-            .iter()
-            .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
-            .collect(),
-        operator_qmp: cfg.operator_qmp.then_some(operator_qmp.as_path()),
-        incoming: mode == LaunchMode::Incoming,
-    };
+    let fds = resources.fds(mode == LaunchMode::Incoming);
     let args = argv::render_execution(rt, &fds);
-    let mut inherit = vec![fds.qmp];
-    inherit.extend(fds.serial);
-    inherit.extend(fds.taps.iter().flatten());
-    inherit.extend(fds.vhost.iter().flatten());
+    let inherit = inherited(&fds);
 
     let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
+    // The directory may be QEMU's: never follow a link planted there.
     let log = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(log_path)
         .map_err(run_dir_error(log_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, rt.confined())
+    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, confinement)
         .map_err(|source| LaunchError::Spawn {
-        binary: rt.qemu.binary.clone(),
-        source,
-    })?;
+            binary: rt.qemu.binary.clone(),
+            source,
+        })?;
     let pid = child.id();
     if let (Some(layout), Some(limits)) = (&cfg.cgroups, &rt.cgroup) {
         let confined = layout.confine(&rt.name, limits, pid).and_then(|dirs| {
             let list: String = dirs.iter().map(|d| format!("{}\n", d.display())).collect();
-            fs::write(run_dir.join(files::CGROUPS), list)
+            write_own_file(&run_dir.join(files::CGROUPS), &list)
         });
         if let Err(source) = confined {
             kill_and_reap(&mut child);
@@ -337,6 +484,7 @@ async fn launch_in(
     };
     match qmp {
         Ok(qmp) => {
+            release_disk_fdsets(rt, &qmp).await;
             if let Err(e) = pin_and_continue(rt, &qmp, mode).await {
                 kill_and_reap(&mut child);
                 return Err(e);
@@ -369,6 +517,44 @@ async fn launch_in(
                 kill_and_reap(&mut child);
                 Err(LaunchError::Qmp(qmp_error))
             }
+        }
+    }
+}
+
+/// Writes a file into a run directory that may be QEMU's, replacing
+/// whatever is there without following it.
+fn write_own_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, contents.as_bytes())
+}
+
+/// Drops the fd sets the boot disks came in. Their block nodes hold dups
+/// of the fds, so only the sets' own copies close, and a disk removed
+/// later releases its image completely.
+async fn release_disk_fdsets(rt: &Runtime, qmp: &QmpClient) {
+    let commands = (0..rt.disks.len())
+        .map(|index| {
+            crate::qmp::Command::new(
+                "remove-fd",
+                serde_json::json!({ "fdset-id": argv::disk_fdset(index) }),
+            )
+        })
+        .collect::<Vec<_>>();
+    if commands.is_empty() {
+        return;
+    }
+    for result in qmp.pipeline(commands).await {
+        if let Err(e) = result {
+            // It costs an fd in QEMU, not the start.
+            tracing::warn!(instance = %rt.name, error = %e, "remove-fd after start failed");
         }
     }
 }

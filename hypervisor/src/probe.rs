@@ -48,6 +48,9 @@ pub struct QemuInfo {
     pub machines: Vec<MachineType>,
     /// Whether it was built with seccomp and takes [`crate::argv::SANDBOX`].
     pub sandbox: bool,
+    /// Where it looks for firmware and option ROMs (`-L help`), as it
+    /// prints them.
+    pub data_dirs: Vec<PathBuf>,
 }
 
 impl QemuInfo {
@@ -138,13 +141,14 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf, ProbeError> {
         .ok_or_else(|| ProbeError::Missing(binary.to_owned()))
 }
 
-/// Runs the binary three times (`-version`, `-machine help`, and the
-/// sandbox check), concurrently.
+/// Runs the binary four times (`-version`, `-machine help`, `-L help` and
+/// the sandbox check), concurrently.
 pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
     let binary = resolve_binary(binary)?;
-    let (version_out, machine_out, sandbox) = tokio::join!(
+    let (version_out, machine_out, data_dirs_out, sandbox) = tokio::join!(
         run(&binary, &["-version"]),
         run(&binary, &["-machine", "help"]),
+        run(&binary, &["-L", "help"]),
         takes_sandbox(&binary)
     );
     let (version_out, machine_out) = (version_out?, machine_out?);
@@ -167,7 +171,18 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
         version_text: version_out.lines().next().unwrap_or_default().to_owned(),
         machines,
         sandbox,
+        data_dirs: parse_data_dirs(&data_dirs_out?),
     })
+}
+
+/// The directories `-L help` lists, one per line. Pure.
+pub fn parse_data_dirs(output: &str) -> Vec<PathBuf> {
+    output
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// QEMU parses every option before `-version` exits, so an unknown
@@ -237,6 +252,20 @@ none                 empty machine
     }
 
     #[test]
+    fn data_dirs_are_the_listed_paths_as_printed() {
+        let out = "/usr/bin/../share/qemu\n/usr/bin/../share/seabios\n/usr/bin/../lib/ipxe/qemu\n";
+        assert_eq!(
+            parse_data_dirs(out),
+            vec![
+                PathBuf::from("/usr/bin/../share/qemu"),
+                PathBuf::from("/usr/bin/../share/seabios"),
+                PathBuf::from("/usr/bin/../lib/ipxe/qemu"),
+            ]
+        );
+        assert!(parse_data_dirs("qemu-system-x86_64: -L: bad\n").is_empty());
+    }
+
+    #[test]
     fn parses_two_part_version() {
         assert_eq!(
             parse_version("QEMU emulator version 8.0"),
@@ -261,6 +290,7 @@ none                 empty machine
             version_text: String::new(),
             machines: parse_machine_help(MACHINE_HELP),
             sandbox: true,
+            data_dirs: Vec::new(),
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));

@@ -3,8 +3,9 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,16 +14,48 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
 
-/// Writes a pidfile atomically (temp file, rename).
+/// Writes a pidfile atomically (temp file, rename). The run directory may
+/// belong to QEMU's user, so nothing there is followed: a stale temp file
+/// is removed (a symlink itself, not its target) and the new one must be
+/// created, not opened.
 pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
     let temp = path.with_extension("tmp");
-    fs::write(&temp, format!("{pid}\n"))?;
+    match fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&temp)?;
+    file.write_all(format!("{pid}\n").as_bytes())?;
     fs::rename(&temp, path)
 }
 
-/// Reads a pidfile; `None` when missing or unreadable.
+/// Reads a file the agent wrote into a run directory, if it is still the
+/// agent's: not a symlink, and owned by the agent's user rather than by a
+/// QEMU that may write to that directory.
+pub fn read_own_file(path: &Path) -> Option<String> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    // SAFETY: geteuid(2) has no failure mode and touches no memory.
+    let agent = unsafe { libc::geteuid() };
+    if file.metadata().ok()?.uid() != agent {
+        tracing::warn!(path = %path.display(), "ignoring a file the agent didn't write");
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Reads a pidfile; `None` when missing, unreadable or not the agent's.
 pub fn read_pidfile(path: &Path) -> Option<u32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+    read_own_file(path)?.trim().parse().ok()
 }
 
 /// True when the arguments carry `-uuid <uuid>`. Pure.
@@ -70,18 +103,111 @@ pub fn tap_names(pid: u32) -> Vec<String> {
     names
 }
 
+/// Who a spawned process becomes before exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User id (real, effective and saved).
+    pub uid: u32,
+    /// Group id (real, effective and saved).
+    pub gid: u32,
+    /// Supplementary groups; every other group is dropped.
+    pub groups: Vec<u32>,
+    /// Keep `CAP_SYS_CHROOT`, and no other capability, across exec, so
+    /// that QEMU can enter its chroot.
+    pub keep_chroot: bool,
+}
+
+/// `CAP_SYS_CHROOT` from linux/capability.h.
+const CAP_SYS_CHROOT: u32 = 18;
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two halves.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Leaves the calling process with `CAP_SYS_CHROOT` alone in its
+/// permitted, effective, inheritable and ambient sets, so that it alone
+/// survives exec. Async-signal-safe: two system calls on stack memory.
+///
+/// # Safety
+/// Only to be called between fork and exec.
+unsafe fn keep_only_chroot_capability() -> io::Result<()> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let chroot = 1 << CAP_SYS_CHROOT;
+    let data = [
+        CapData {
+            effective: chroot,
+            permitted: chroot,
+            inheritable: chroot,
+        },
+        CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset(2) reads the header and two data structs, which live
+    // on this stack frame for the whole call.
+    let set = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    // SAFETY: prctl(2) with integer arguments only.
+    let ambient = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE,
+            libc::c_ulong::from(CAP_SYS_CHROOT),
+            0,
+            0,
+        )
+    };
+    if set < 0 || ambient < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a spawned QEMU is confined before exec.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnConfinement {
+    /// Set `no_new_privs`, so no setuid binary or file capability can give
+    /// it more.
+    pub no_new_privs: bool,
+    /// Drop to this user; `None` keeps the agent's.
+    pub credentials: Option<Credentials>,
+}
+
 /// Spawns `binary` with `args` in a new session, with stdout and stderr
 /// appended to `log`, and with `inherit` (and only those, besides 0-2)
 /// passed across exec.
+///
+/// Privileges are dropped here, between fork and exec, rather than by
+/// QEMU's `-runas`: QEMU's sandbox forbids the calls `-runas` makes.
 pub fn spawn_detached(
     binary: &Path,
     args: &[impl AsRef<OsStr>],
     inherit: &[RawFd],
     log: File,
-    no_new_privs: bool,
+    confinement: &SpawnConfinement,
 ) -> io::Result<Child> {
     let stderr = log.try_clone()?;
     let inherit = inherit.to_vec();
+    let no_new_privs = confinement.no_new_privs;
+    let credentials = confinement.credentials.clone();
     let mut command = Command::new(binary);
     command
         .args(args)
@@ -89,8 +215,9 @@ pub fn spawn_detached(
         .stdout(log)
         .stderr(stderr);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (setsid, fcntl, prctl) on plain integers;
-    // it allocates nothing and touches no locks.
+    // async-signal-safe functions (setsid, fcntl, setgroups, setresgid,
+    // setresuid, prctl, capset) on plain integers, the stack and memory
+    // allocated before the fork; it allocates nothing and touches no locks.
     unsafe {
         command.pre_exec(move || {
             // Its own session: QEMU outlives the agent and no terminal
@@ -103,7 +230,23 @@ pub fn spawn_detached(
                     return Err(io::Error::last_os_error());
                 }
             }
-            // No setuid binary or file capability can give it more.
+            if let Some(c) = &credentials {
+                // Capabilities survive the change of uid only if asked.
+                if c.keep_chroot && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // Groups first: once the uid is gone, so is the right to
+                // change them.
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                    || libc::setresgid(c.gid, c.gid, c.gid) < 0
+                    || libc::setresuid(c.uid, c.uid, c.uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if c.keep_chroot {
+                    keep_only_chroot_capability()?;
+                }
+            }
             if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -6,6 +6,7 @@
 //! the host ([`QemuInfo`], whether KVM opens).
 
 use crate::cgroup::CgroupLimits;
+use crate::identity::QemuUser;
 use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,15 @@ pub struct Runtime {
     /// instances; each node applies them in its own cgroup layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<CgroupLimits>,
+    /// The unprivileged user QEMU runs as, where the agent confines
+    /// instances; runtimes without one run QEMU as the agent's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_user: Option<QemuUser>,
+    /// QEMU shuts itself into an empty directory once it has opened what
+    /// it needs (`-chroot`, or `-run-with chroot=` from QEMU 8.1 on).
+    /// Comes with a QEMU user: a root QEMU could leave a chroot at will.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chroot: bool,
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
@@ -215,6 +225,12 @@ pub enum RuntimeError {
         "cgroup limits {0:?} don't fit the guest: the memory limit must cover its memory and the CPU weight lie in 1..=10000"
     )]
     CgroupLimits(CgroupLimits),
+    /// A QEMU user that is root in all but name.
+    #[error("QEMU's user must not be root ({0})")]
+    RootQemuUser(QemuUser),
+    /// A chroot for a QEMU that would run as root.
+    #[error("a runtime that runs QEMU in a chroot must also give it a user of its own")]
+    ChrootWithoutUser,
 }
 
 /// What runtime generation needs to know about the host, decided by the caller.
@@ -233,6 +249,9 @@ pub struct HostFacts<'a> {
     /// Whether instances are confined (sandbox where QEMU has one, and
     /// cgroup limits).
     pub confine: bool,
+    /// Who QEMU runs as when confined; the caller picks it (a fixed user,
+    /// or one from a pool).
+    pub qemu_user: Option<QemuUser>,
 }
 
 /// Generates a runtime from a spec. Pure.
@@ -332,6 +351,8 @@ pub fn generate(
                 spec.cpu_weight.unwrap_or(crate::cgroup::DEFAULT_CPU_WEIGHT),
             )
         }),
+        qemu_user: host.qemu_user.filter(|_| host.confine),
+        chroot: host.confine && host.qemu_user.is_some(),
         argv: Vec::new(),
     };
     runtime.argv = argv::render_base(&runtime);
@@ -436,9 +457,10 @@ impl Runtime {
         }
     }
 
-    /// Whether QEMU runs confined: sandboxed or in a cgroup of its own.
+    /// Whether QEMU runs confined: sandboxed, in a cgroup of its own or as
+    /// a user of its own.
     pub fn confined(&self) -> bool {
-        self.sandbox || self.cgroup.is_some()
+        self.sandbox || self.cgroup.is_some() || self.qemu_user.is_some()
     }
 
     /// Every PCI slot the runtime's devices hold, the balloon's included.
@@ -481,6 +503,14 @@ impl Runtime {
         {
             return Err(RuntimeError::CgroupLimits(limits));
         }
+        if let Some(user) = self.qemu_user
+            && (user.uid == 0 || user.gid == 0)
+        {
+            return Err(RuntimeError::RootQemuUser(user));
+        }
+        if self.chroot && self.qemu_user.is_none() {
+            return Err(RuntimeError::ChrootWithoutUser);
+        }
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
         }
@@ -505,6 +535,7 @@ pub(crate) mod tests {
             },
             version_text: "QEMU emulator version 7.2.22".into(),
             sandbox: true,
+            data_dirs: Vec::new(),
             machines: vec![
                 MachineType {
                     name: "pc".into(),
@@ -534,6 +565,10 @@ pub(crate) mod tests {
             vhost_net: true,
             cpus: 4,
             confine: true,
+            qemu_user: Some(QemuUser {
+                uid: 64000,
+                gid: 64000,
+            }),
         }
     }
 
@@ -854,6 +889,7 @@ pub(crate) mod tests {
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
         assert!(rt.sandbox && rt.confined());
         assert_eq!(rt.cgroup, Some(CgroupLimits::for_guest(128, 100)));
+        assert_eq!(rt.qemu_user, host(&qemu).qemu_user);
         assert!(
             rt.argv
                 .windows(2)
@@ -866,6 +902,8 @@ pub(crate) mod tests {
         };
         let open = generate(&sample_spec(), off, 1).unwrap();
         assert!(!open.confined());
+        assert_eq!(open.qemu_user, None);
+        assert!(!open.chroot);
         assert!(!open.argv.iter().any(|a| a == "-sandbox"));
 
         let mut no_seccomp = qemu_7_2();
@@ -879,6 +917,43 @@ pub(crate) mod tests {
             adopt_on_host(&rt, host(&no_seccomp)),
             Err(RuntimeError::SandboxUnavailable)
         );
+    }
+
+    #[test]
+    fn a_runtime_keeps_its_qemu_user_wherever_it_goes_and_never_runs_it_as_root() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let elsewhere = HostFacts {
+            qemu_user: Some(QemuUser {
+                uid: 64005,
+                gid: 64005,
+            }),
+            ..host(&qemu)
+        };
+        assert_eq!(
+            adopt_on_host(&rt, elsewhere).unwrap().qemu_user,
+            rt.qemu_user
+        );
+
+        assert!(rt.chroot);
+        let mut unprivileged = rt.clone();
+        unprivileged.qemu_user = None;
+        assert_eq!(
+            unprivileged.validate(),
+            Err(RuntimeError::ChrootWithoutUser)
+        );
+
+        let mut rooted = rt.clone();
+        rooted.qemu_user = Some(QemuUser { uid: 0, gid: 64000 });
+        assert!(matches!(
+            rooted.validate(),
+            Err(RuntimeError::RootQemuUser(_))
+        ));
+        rooted.qemu_user = Some(QemuUser { uid: 64000, gid: 0 });
+        assert!(matches!(
+            rooted.validate(),
+            Err(RuntimeError::RootQemuUser(_))
+        ));
     }
 
     mod properties {

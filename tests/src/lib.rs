@@ -451,6 +451,33 @@ impl Qmp {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
     }
 
+    /// Hands QEMU `fd` under `name` (`getfd`, with the fd attached to the
+    /// message), as the agent hands it taps and images.
+    pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let msg = format!(
+            "{}\n",
+            json!({ "execute": "getfd", "arguments": { "fdname": name } })
+        );
+        let fds = [fd.as_raw_fd()];
+        sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &[std::io::IoSlice::new(msg.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send getfd with its fd");
+        loop {
+            let v = self.line();
+            if v.get("return").is_some() {
+                return;
+            }
+            assert!(v.get("error").is_none(), "QMP getfd failed: {v}");
+        }
+    }
+
     /// Runs a command and returns its `return`; panics on an error reply.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
         let msg = json!({ "execute": command, "arguments": arguments });
@@ -543,6 +570,62 @@ pub async fn wait_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option
 /// Number of open fds of a process.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Opens a new tap interface `name`. It is not persistent: it goes away
+/// with the last fd on it.
+pub fn open_tap(name: &str) -> std::os::fd::OwnedFd {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on this
+    // stack frame for the whole call.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&tun), TUNSETIFF, &mut req) };
+    assert!(
+        rc == 0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    tun.into()
+}
+
+/// The files `pid` holds open, by the paths their fds lead to.
+pub fn open_files(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Real, effective, saved and filesystem uids (or gids, with `Gid`) of a
+/// process, from /proc/<pid>/status.
+pub fn status_ids(pid: u32, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(|id| id.parse().unwrap())
+        .collect()
 }
 
 /// How many fds `pid` holds on the tap interface `tap` (one per queue).

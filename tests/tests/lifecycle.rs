@@ -59,6 +59,8 @@ async fn devices_sit_at_their_runtime_slots_and_taps_live_with_qemu() {
             device.pci_slot
         );
     }
+    // The images came as fds: QEMU names them by their fd sets and holds
+    // them open.
     let blocks = qmp.execute("query-block", json!({}));
     let files: Vec<String> = blocks
         .as_array()
@@ -66,14 +68,13 @@ async fn devices_sit_at_their_runtime_slots_and_taps_live_with_qemu() {
         .iter()
         .filter_map(|b| b["inserted"]["file"].as_str().map(str::to_owned))
         .collect();
+    assert_eq!(files.len(), 2, "{blocks}");
     assert!(
-        files.iter().any(|f| f.contains(root.to_str().unwrap())),
+        files.iter().all(|f| f.starts_with("/dev/fdset/")),
         "{files:?}"
     );
-    assert!(
-        files.iter().any(|f| f.contains(data.to_str().unwrap())),
-        "{files:?}"
-    );
+    let held = open_files(info.pid);
+    assert!(held.contains(&root) && held.contains(&data), "{held:?}");
     let tap = info
         .devices
         .iter()

@@ -208,10 +208,13 @@ async fn a_killed_agent_is_replaced_by_one_that_reconciles_every_instance() {
     // QEMU gets the NIC's netdev (a tap of its own) but never the device.
     let tap = format!("kr{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let netdev = format!("net-{}", &nic_uuid.simple().to_string()[..12]);
-    operator_qmp(&agent, "two").execute(
+    let mut qmp = operator_qmp(&agent, "two");
+    qmp.pass_fd("halfadded", std::os::fd::AsFd::as_fd(&open_tap(&tap)));
+    qmp.execute(
         "netdev_add",
-        json!({"type": "tap", "id": netdev, "ifname": tap, "script": "no", "downscript": "no"}),
+        json!({"type": "tap", "id": netdev, "fd": "halfadded"}),
     );
+    drop(qmp);
     assert!(std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
 
     agent.kill_agent();

@@ -563,6 +563,8 @@ impl Agent {
             vhost_net: hypervisor::tap::vhost_net_available(),
             cpus: hypervisor::pinning::host_cpu_count(),
             confine: self.cfg.confinement == Confinement::Strict,
+            // The runtime brings its own.
+            qemu_user: None,
         };
         Ok(runtime::adopt_on_host(foreign, host)?)
     }

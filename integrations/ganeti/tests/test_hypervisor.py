@@ -66,14 +66,26 @@ class Qmp:
         return {b["inserted"]["file"] for b in self.execute("query-block") if "inserted" in b}
 
     def has_block_device(self, qdev_id):
-        """Whether a device with an image behind it has this id. A hot-added
-        image shows as /dev/fdset/N: the agent opened it, not QEMU."""
+        """Whether a device with an image behind it has this id. Images show
+        as /dev/fdset/N: the agent opened them, not QEMU."""
         return any("/%s/" % qdev_id in b.get("qdev", "") + "/" and "inserted" in b
                    for b in self.execute("query-block"))
 
     def close(self):
         self.reader.close()
         self.sock.close()
+
+
+def open_files(pid):
+    """The paths of the files a process holds open."""
+    fd_dir = "/proc/%d/fd" % pid
+    files = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            files.add(os.readlink(os.path.join(fd_dir, fd)))
+        except OSError:
+            pass
+    return files
 
 
 def wait_for_guest(state_dir, name, timeout=120):
@@ -162,7 +174,10 @@ class LifecycleAndHotplug(unittest.TestCase):
         self.assertIn(inst.name, hv.ListInstances())
         self.assertIn(inst.name, [i[0] for i in hv.GetAllInstancesInfo()])
         qmp = Qmp(state_dir, inst.name)
-        self.assertIn(root_path, qmp.block_files())
+        # The agent opened the image and QEMU got the fd.
+        self.assertEqual(len(qmp.block_files()), 1)
+        self.assertTrue(all(f.startswith("/dev/fdset/") for f in qmp.block_files()))
+        self.assertIn(root_path, open_files(pid))
         devices = agent_has(SOURCE, inst.name).devices
         self.assertEqual(sorted(d.kind for d in devices), [pb.DEVICE_KIND_DISK, pb.DEVICE_KIND_NIC])
         pci = qmp.pci()

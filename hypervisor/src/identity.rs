@@ -1,0 +1,155 @@
+//! The unprivileged identity a confined QEMU runs as, and what it may
+//! open itself.
+//!
+//! QEMU gets its disks, taps and sockets as fds from the agent, so the only
+//! device it opens by path is `/dev/kvm`. Whether it can is decided here
+//! from the device's owner and mode, purely, so the answer and the advice
+//! that goes with it can be tested without a device.
+
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The KVM device.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// The uid and gid QEMU runs as. Never root: the runtime refuses 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QemuUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+impl fmt::Display for QemuUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid {} gid {}", self.uid, self.gid)
+    }
+}
+
+/// Owner, group and permission bits of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    /// Owning user.
+    pub uid: u32,
+    /// Owning group.
+    pub gid: u32,
+    /// Permission bits (the low 12 bits of `st_mode`).
+    pub mode: u32,
+}
+
+impl Ownership {
+    /// Reads them from a file's metadata (following symlinks).
+    pub fn of(path: &Path) -> std::io::Result<Ownership> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Ownership::from_metadata(&meta))
+    }
+
+    /// Takes them from metadata already read.
+    pub fn from_metadata(meta: &std::fs::Metadata) -> Ownership {
+        Ownership {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+
+    /// Whether `user`, with supplementary `groups`, has every permission
+    /// in `wanted` (a mask of `r`=4, `w`=2, `x`=1) by the mode bits.
+    pub fn grants(&self, user: QemuUser, groups: &[u32], wanted: u32) -> bool {
+        let class = if self.uid == user.uid {
+            6
+        } else if self.gid == user.gid || groups.contains(&self.gid) {
+            3
+        } else {
+            0
+        };
+        (self.mode >> class) & wanted == wanted
+    }
+}
+
+/// Why QEMU's user can't open `/dev/kvm`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "QEMU runs as {user} and can't open {KVM_DEVICE} (owner {}, group {}, mode {:04o}); \
+     let a group use it, e.g. `groupadd -f kvm && chgrp kvm {KVM_DEVICE} && chmod 0660 {KVM_DEVICE}` \
+     (QEMU is given the device's group), or make it 0666 as most distributions do",
+    device.uid, device.gid, device.mode
+)]
+pub struct KvmAccessError {
+    /// Who QEMU runs as.
+    pub user: QemuUser,
+    /// The device's ownership.
+    pub device: Ownership,
+}
+
+/// The supplementary groups `user` needs to open `/dev/kvm` read-write,
+/// or why no group can help. Root's group is never handed out: a device
+/// only root's group may use stays closed. Pure.
+pub fn kvm_groups(user: QemuUser, device: Ownership) -> Result<Vec<u32>, KvmAccessError> {
+    const READ_WRITE: u32 = 0o6;
+    if device.grants(user, &[], READ_WRITE) {
+        return Ok(Vec::new());
+    }
+    if device.gid != 0 && device.grants(user, &[device.gid], READ_WRITE) {
+        return Ok(vec![device.gid]);
+    }
+    Err(KvmAccessError { user, device })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOBODY: QemuUser = QemuUser {
+        uid: 65534,
+        gid: 65534,
+    };
+
+    fn device(uid: u32, gid: u32, mode: u32) -> Ownership {
+        Ownership { uid, gid, mode }
+    }
+
+    #[test]
+    fn a_world_usable_device_needs_no_group() {
+        assert_eq!(kvm_groups(NOBODY, device(0, 104, 0o666)), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_group_usable_device_lends_its_group() {
+        assert_eq!(kvm_groups(NOBODY, device(0, 104, 0o660)), Ok(vec![104]));
+    }
+
+    #[test]
+    fn a_read_only_group_is_not_enough() {
+        assert!(kvm_groups(NOBODY, device(0, 104, 0o640)).is_err());
+    }
+
+    #[test]
+    fn roots_group_is_never_lent() {
+        assert!(kvm_groups(NOBODY, device(0, 0, 0o660)).is_err());
+    }
+
+    #[test]
+    fn a_root_only_device_says_what_to_change() {
+        let err = kvm_groups(NOBODY, device(0, 0, 0o600)).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("uid 65534"), "{message}");
+        assert!(message.contains("mode 0600"), "{message}");
+        assert!(message.contains("chmod 0660 /dev/kvm"), "{message}");
+    }
+
+    #[test]
+    fn the_owner_class_decides_for_the_owner() {
+        // Owner bits apply to the owner even when the group bits would
+        // grant more, as the kernel decides.
+        let file = device(65534, 0, 0o060);
+        assert!(!file.grants(NOBODY, &[0], 0o4));
+        assert!(device(65534, 0, 0o400).grants(NOBODY, &[], 0o4));
+        assert!(device(0, 65534, 0o040).grants(NOBODY, &[], 0o4));
+        assert!(!device(0, 0, 0o640).grants(NOBODY, &[], 0o4));
+    }
+}
