@@ -119,7 +119,13 @@ pub fn open_memory_file(
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
     let file = if path.is_dir() {
-        let name = path.join(format!(".kvm-agent-{instance}-{}.ram", std::process::id()));
+        let name = path.join(format!(".kvm-agent-{instance}.ram"));
+        // Left over only by an agent that died in the moment between
+        // creating it and unlinking it.
+        match std::fs::remove_file(&name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(failed(e)),
+            _ => {}
+        }
         let file = options.create_new(true).open(&name).map_err(failed)?;
         std::fs::remove_file(&name).map_err(failed)?;
         file
