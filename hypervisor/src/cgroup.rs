@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -116,49 +117,88 @@ pub fn detect(root: &Path, parent: &str) -> Result<CgroupLayout, CgroupUnavailab
     }
 }
 
+/// An instance's cgroups, made and limited, waiting for its QEMU.
+#[derive(Debug)]
+pub struct PreparedCgroups {
+    /// The directories made, for removal once QEMU is gone.
+    pub dirs: Vec<PathBuf>,
+    /// Their `cgroup.procs`, open for writing.
+    procs: Vec<fs::File>,
+}
+
+impl PreparedCgroups {
+    /// The `cgroup.procs` fds. A process that writes `0` to each, between
+    /// fork and exec, runs its program inside the cgroups from the first
+    /// instruction.
+    pub fn procs_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.procs
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect()
+    }
+}
+
 impl CgroupLayout {
-    /// Creates an instance's cgroups, sets their limits and moves `pid`
-    /// (all its threads) in. Returns the directories made, for removal.
-    pub fn confine(
+    /// Creates an instance's cgroups and sets their limits, ready for its
+    /// QEMU to enter. On failure nothing made is left behind.
+    pub fn prepare(&self, instance: &str, limits: &CgroupLimits) -> io::Result<PreparedCgroups> {
+        let mut prepared = PreparedCgroups {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        let result = self.prepare_into(instance, limits, &mut prepared);
+        if let Err(e) = result {
+            drop(prepared.procs);
+            remove(&prepared.dirs);
+            return Err(e);
+        }
+        Ok(prepared)
+    }
+
+    fn prepare_into(
         &self,
         instance: &str,
         limits: &CgroupLimits,
-        pid: u32,
-    ) -> io::Result<Vec<PathBuf>> {
+        prepared: &mut PreparedCgroups,
+    ) -> io::Result<()> {
         let memory_bytes = limits.memory_limit_mib << 20;
-        let mut made = Vec::new();
-        let mut enter = |dir: PathBuf, settings: &[(&str, String)]| -> io::Result<()> {
+        let mut make = |dir: PathBuf, settings: &[(&str, String)]| -> io::Result<()> {
             fs::create_dir_all(&dir)?;
-            made.push(dir.clone());
+            prepared.dirs.push(dir.clone());
             for (file, value) in settings {
                 fs::write(dir.join(file), value).map_err(|e| {
                     io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display()))
                 })?;
             }
-            fs::write(dir.join("cgroup.procs"), pid.to_string())
+            let procs = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(dir.join("cgroup.procs"))?;
+            prepared.procs.push(procs);
+            Ok(())
         };
         match self {
-            CgroupLayout::V2 { parent } => enter(
+            CgroupLayout::V2 { parent } => make(
                 parent.join(instance),
                 &[
                     ("memory.max", memory_bytes.to_string()),
                     ("cpu.weight", limits.cpu_weight.to_string()),
                 ],
-            )?,
+            ),
             CgroupLayout::V1 { memory, cpu } => {
-                enter(
+                make(
                     memory.join(instance),
                     &[("memory.limit_in_bytes", memory_bytes.to_string())],
                 )?;
-                if let Some(cpu) = cpu {
-                    enter(
+                match cpu {
+                    Some(cpu) => make(
                         cpu.join(instance),
                         &[("cpu.shares", v1_shares(limits.cpu_weight).to_string())],
-                    )?;
+                    ),
+                    None => Ok(()),
                 }
             }
         }
-        Ok(made)
     }
 }
 

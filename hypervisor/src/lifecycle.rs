@@ -406,6 +406,7 @@ pub async fn launch(
     let confinement = SpawnConfinement {
         no_new_privs: rt.confined(),
         credentials,
+        cgroup_procs: Vec::new(),
     };
     let result = launch_in(rt, run_dir, &log_path, cfg, mode, &confinement).await;
     if result.is_err() {
@@ -423,6 +424,26 @@ async fn launch_in(
     confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
     let resources = open_resources(rt, run_dir, cfg)?;
+    let cgroups = match (&cfg.cgroups, &rt.cgroup) {
+        (Some(layout), Some(limits)) => {
+            let prepared = layout
+                .prepare(&rt.name, limits)
+                .map_err(LaunchError::Cgroup)?;
+            // Listed before QEMU exists, so a failed launch removes them.
+            let list: String = prepared
+                .dirs
+                .iter()
+                .map(|d| format!("{}\n", d.display()))
+                .collect();
+            write_own_file(&run_dir.join(files::CGROUPS), &list).map_err(LaunchError::Cgroup)?;
+            Some(prepared)
+        }
+        _ => None,
+    };
+    let confinement = SpawnConfinement {
+        cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
+        ..confinement.clone()
+    };
     let fds = resources.fds(mode == LaunchMode::Incoming);
     let args = argv::render_execution(rt, &fds);
     let inherit = inherited(&fds);
@@ -436,22 +457,13 @@ async fn launch_in(
         .open(log_path)
         .map_err(run_dir_error(log_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, confinement)
+    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, &confinement)
         .map_err(|source| LaunchError::Spawn {
             binary: rt.qemu.binary.clone(),
             source,
         })?;
+    drop(cgroups);
     let pid = child.id();
-    if let (Some(layout), Some(limits)) = (&cfg.cgroups, &rt.cgroup) {
-        let confined = layout.confine(&rt.name, limits, pid).and_then(|dirs| {
-            let list: String = dirs.iter().map(|d| format!("{}\n", d.display())).collect();
-            write_own_file(&run_dir.join(files::CGROUPS), &list)
-        });
-        if let Err(source) = confined {
-            kill_and_reap(&mut child);
-            return Err(LaunchError::Cgroup(source));
-        }
-    }
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
     // QEMU holds its own copies now. Ours must go, or a QEMU that dies early
     // would leave the QMP connection hanging instead of closing it.

@@ -189,6 +189,9 @@ pub struct SpawnConfinement {
     pub no_new_privs: bool,
     /// Drop to this user; `None` keeps the agent's.
     pub credentials: Option<Credentials>,
+    /// `cgroup.procs` files to enter, while still privileged, so the
+    /// program runs inside its cgroups from the start.
+    pub cgroup_procs: Vec<RawFd>,
 }
 
 /// Spawns `binary` with `args` in a new session, with stdout and stderr
@@ -208,6 +211,7 @@ pub fn spawn_detached(
     let inherit = inherit.to_vec();
     let no_new_privs = confinement.no_new_privs;
     let credentials = confinement.credentials.clone();
+    let cgroup_procs = confinement.cgroup_procs.clone();
     let mut command = Command::new(binary);
     command
         .args(args)
@@ -224,6 +228,12 @@ pub fn spawn_detached(
             // signal aimed at the agent reaches it.
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // "0" is the writer itself.
+            for &fd in &cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             for &fd in &inherit {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {

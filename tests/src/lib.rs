@@ -481,7 +481,7 @@ impl Qmp {
     /// Runs a command and returns its `return`; panics on an error reply.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
         let msg = json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{msg}").expect("write QMP");
+        writeln!(self.writer, "{msg}").unwrap_or_else(|e| panic!("write QMP {command}: {e}"));
         loop {
             let v = self.line();
             if let Some(r) = v.get("return") {
