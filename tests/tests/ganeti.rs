@@ -35,7 +35,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
             ("KVM_AGENT_TEST_SCRATCH", source.scratch().into()),
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
         ],
-        7,
+        8,
         || {
             format!(
                 "source agent log:\n{}\ntarget agent log:\n{}",

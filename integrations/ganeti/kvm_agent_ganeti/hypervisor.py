@@ -64,6 +64,11 @@ AGENT_DECIDES = {
     constants.HV_SERIAL_SPEED: "the serial console is a socket, without a line speed",
     constants.HV_VNET_HDR: "the agent always opens taps with vnet_hdr",
     constants.HV_KVM_PCI_RESERVATIONS: "the agent reserves slots 0-2 and hands out the rest",
+    # Every QEMU of a confined agent runs unprivileged and chrooted: as the
+    # agent's [qemu_user] user, or with a uid of its own from its uid_pool.
+    constants.HV_SECURITY_MODEL: "the agent's confinement and [qemu_user] settings",
+    constants.HV_SECURITY_DOMAIN: "the agent's [qemu_user] user",
+    constants.HV_KVM_USE_CHROOT: "the agent chroots every confined QEMU",
 }
 
 NIC_MODELS = {

@@ -292,6 +292,24 @@ class UnsupportedParameters(unittest.TestCase):
             self.assertIsNone(agent_has(SOURCE, inst.name), "no instance was made")
             self.assertNotIn(inst.name, hv.ListInstances())
 
+    def test_ganetis_security_settings_are_the_agents(self):
+        # A cluster asking for a uid pool and a chroot gets the agent's box:
+        # QEMU runs unprivileged whatever these say.
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        hvp = hvparams(**{constants.HV_SECURITY_MODEL: constants.HT_SM_POOL,
+                          constants.HV_KVM_USE_CHROOT: True})
+        hv.CheckParameterSyntax(hvp)
+        inst = instance("boxed.example.com", UUIDS[1], hvp, memory=64)
+        hv.StartInstance(inst, [], False)
+        try:
+            pid = agent_has(SOURCE, inst.name).pid
+            with open("/proc/%d/status" % pid) as status:
+                uids = [l.split()[1:] for l in status if l.startswith("Uid:")][0]
+            self.assertNotIn("0", uids)
+            self.assertNotEqual(os.readlink("/proc/%d/root" % pid), "/")
+        finally:
+            hv.StopInstance(inst, force=True)
+
     def test_ganetis_own_checks_still_apply(self):
         hvp = hvparams(**{constants.HV_CPU_MASK: "not-a-mask"})
         with self.assertRaises(errors.HypervisorError) as refused:
