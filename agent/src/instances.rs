@@ -523,6 +523,12 @@ impl Agent {
         }
         let info = Arc::new(probe::probe(&path).await?);
         tracing::info!(binary = %path.display(), version = %info.version, "probed QEMU");
+        if self.cfg.confinement == Confinement::Strict && !info.sandbox {
+            tracing::warn!(
+                binary = %path.display(),
+                "this QEMU has no seccomp sandbox (it refuses -sandbox), so its instances run without one; install a QEMU built with seccomp"
+            );
+        }
         *cache = Some((current, info.clone()));
         Ok(info)
     }

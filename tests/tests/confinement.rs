@@ -176,6 +176,48 @@ async fn with_confinement_off_qemu_runs_unboxed_and_the_agent_warns() {
 }
 
 #[tokio::test]
+async fn a_qemu_without_a_sandbox_is_reported_and_its_instances_still_run_boxed() {
+    // A QEMU built without seccomp refuses -sandbox; this one pretends to
+    // be such a build. QEMU's user must reach it, so it lives outside the
+    // agent's private directories.
+    let dir = tempfile::Builder::new()
+        .prefix("ka-noseccomp")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let qemu = dir.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\nfor arg in \"$@\"; do\n  [ \"$arg\" = -sandbox ] && {{ echo \"-sandbox: there is no option group 'sandbox'\" >&2; exit 1; }}\ndone\nexec {} \"$@\"\n",
+            require_qemu().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--qemu-binary".into(), qemu.display().to_string()]);
+    let agent = TestAgent::start_with(options).await;
+
+    let info = agent.start_spec(agent.spec("unsandboxed", 64)).await;
+
+    let log = agent.log();
+    assert!(log.contains("has no seccomp sandbox"), "{log}");
+    assert_eq!(status_field(info.pid, "Seccomp"), "0");
+    assert_eq!(status_field(info.pid, "NoNewPrivs"), "1");
+    assert_eq!(
+        status_ids(info.pid, "Uid"),
+        vec![65534; 4],
+        "the rest of the box holds"
+    );
+    let runtime = agent.runtime_json("unsandboxed").await;
+    assert!(runtime.get("sandbox").is_none(), "{runtime}");
+    assert_eq!(runtime["chroot"], true, "{runtime}");
+}
+
+#[tokio::test]
 async fn without_writable_cgroups_the_agent_says_so_and_instances_still_run() {
     let mut options = AgentOptions::default();
     // Nothing under /proc can become a cgroup.
