@@ -435,7 +435,8 @@ async fn launch_in(
                 .iter()
                 .map(|d| format!("{}\n", d.display()))
                 .collect();
-            write_own_file(&run_dir.join(files::CGROUPS), &list).map_err(LaunchError::Cgroup)?;
+            process::write_own_file(&run_dir.join(files::CGROUPS), &list)
+                .map_err(LaunchError::Cgroup)?;
             Some(prepared)
         }
         _ => None,
@@ -531,21 +532,6 @@ async fn launch_in(
             }
         }
     }
-}
-
-/// Writes a file into a run directory that may be QEMU's, replacing
-/// whatever is there without following it.
-fn write_own_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    std::io::Write::write_all(&mut file, contents.as_bytes())
 }
 
 /// Drops the fd sets the boot disks came in. Their block nodes hold dups

@@ -14,23 +14,28 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
 
-/// Writes a pidfile atomically (temp file, rename). The run directory may
-/// belong to QEMU's user, so nothing there is followed: a stale temp file
-/// is removed (a symlink itself, not its target) and the new one must be
-/// created, not opened.
+/// Writes a pidfile atomically (temp file, rename).
 pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
     let temp = path.with_extension("tmp");
-    match fs::remove_file(&temp) {
+    write_own_file(&temp, &format!("{pid}\n"))?;
+    fs::rename(&temp, path)
+}
+
+/// Writes a file into a run directory, which may belong to QEMU's user,
+/// so nothing there is followed: whatever is at `path` is removed (a
+/// symlink itself, not its target) and the file is created anew, mode
+/// 0600.
+pub fn write_own_file(path: &Path, contents: &str) -> io::Result<()> {
+    match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
-        .open(&temp)?;
-    file.write_all(format!("{pid}\n").as_bytes())?;
-    fs::rename(&temp, path)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
 }
 
 /// Reads a file the agent wrote into a run directory, if it is still the
