@@ -172,7 +172,8 @@ impl Agent {
         let runtime_nic = RuntimeNic { spec: nic, slot };
         let mut updated = record.clone();
         updated.runtime.nics.push(runtime_nic.clone());
-        let attach = hotplug::nic::attach(process.qmp(), prepared, &runtime_nic);
+        let attach =
+            hotplug::nic::attach(process.qmp(), prepared, &runtime_nic, record.runtime.chroot);
         let added = self.apply(&inst, &record, &updated, attach).await?;
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {

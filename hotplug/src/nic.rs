@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, msix_vectors, netdev_id, nic_device_id};
+use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id, nic_device_id};
 use std::fs::File;
 
 use hypervisor::qmp::{Command, QmpClient, QmpError};
@@ -21,8 +21,9 @@ pub struct AddedNic {
     pub tap: String,
 }
 
-/// The `device_add` arguments of a NIC. Pure.
-pub fn device_arguments(nic: &RuntimeNic) -> Value {
+/// The `device_add` arguments of a NIC, for a QEMU that is `chrooted` or
+/// not. Pure.
+pub fn device_arguments(nic: &RuntimeNic, chrooted: bool) -> Value {
     let driver = match nic.spec.model {
         NicModel::Virtio => "virtio-net-pci",
         NicModel::E1000 => "e1000",
@@ -35,6 +36,9 @@ pub fn device_arguments(nic: &RuntimeNic) -> Value {
         "bus": PCI_BUS,
         "addr": format!("{:#x}", nic.slot),
     });
+    if let Some(rom) = hot_added_romfile(nic.spec.model, chrooted) {
+        args["romfile"] = json!(rom);
+    }
     if nic.spec.queues > 1 {
         args["mq"] = json!(true);
         args["vectors"] = json!(msix_vectors(nic.spec.queues));
@@ -74,11 +78,14 @@ pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, Hotplug
 
 /// Hot-adds `nic` at its slot: getfd, netdev_add, device_add and the
 /// query-pci check go out as one pipeline. On failure every step that
-/// succeeded is undone and the tap is closed, so it vanishes.
+/// succeeded is undone and the tap is closed, so it vanishes. `chrooted`
+/// says whether QEMU runs in its chroot, where it finds the NIC's option
+/// ROM at another path.
 pub async fn attach(
     qmp: &QmpClient,
     prepared: PreparedNic,
     nic: &RuntimeNic,
+    chrooted: bool,
 ) -> Result<AddedNic, HotplugError> {
     let netdev = netdev_id(nic.spec.uuid);
     let tap_names: Vec<String> = (0..prepared.tap.queue_fds().count())
@@ -102,7 +109,7 @@ pub async fn attach(
         "netdev_add",
         netdev_arguments(&netdev, &tap_names, &vhost_names),
     ));
-    commands.push(Command::new("device_add", device_arguments(nic)));
+    commands.push(Command::new("device_add", device_arguments(nic, chrooted)));
     commands.push(Command::bare("query-pci"));
 
     let mut results = qmp.pipeline(commands).await.into_iter();
@@ -204,15 +211,6 @@ pub fn netdev_arguments(netdev: &str, tap_names: &[String], vhost_names: &[Strin
     args
 }
 
-/// Prepares and attaches in one go.
-pub async fn add(
-    qmp: &QmpClient,
-    nic: &RuntimeNic,
-    tap_template: &str,
-) -> Result<AddedNic, HotplugError> {
-    attach(qmp, prepare(&nic.spec, tap_template)?, nic).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,11 +244,32 @@ mod tests {
             slot: 7,
         };
 
-        let args = device_arguments(&nic);
+        let args = device_arguments(&nic, false);
 
         assert_eq!(args["addr"], "0x7");
         assert_eq!(args["bus"], "pci.0");
         assert_eq!(args["mac"], "52:54:00:00:00:09");
         assert_eq!(args["netdev"], netdev_id(nic.spec.uuid));
+        assert!(args.get("romfile").is_none(), "{args}");
+    }
+
+    #[test]
+    fn a_chrooted_qemu_finds_the_rom_in_its_root() {
+        let nic = RuntimeNic {
+            spec: NicSpec {
+                name: "eth1".into(),
+                uuid: hypervisor::runtime::Uuid::from_u128(0xabc),
+                mac: "52:54:00:00:00:09".parse::<MacAddr>().unwrap(),
+                model: NicModel::E1000,
+                bridge: None,
+                vhost: false,
+                queues: 1,
+            },
+            slot: 7,
+        };
+
+        let args = device_arguments(&nic, true);
+
+        assert_eq!(args["romfile"], "/efi-e1000.rom");
     }
 }

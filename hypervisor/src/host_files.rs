@@ -136,48 +136,21 @@ pub fn open_memory_file(
     Ok(file)
 }
 
-/// The directories to make, in order, so that `dir` resolves inside a
-/// chroot as it does outside: a `..` walks back up the directory it
-/// follows, so that directory must exist too. Pure.
-pub fn chroot_dirs(dir: &Path) -> Vec<PathBuf> {
-    use std::path::Component;
-    let mut physical = PathBuf::new();
-    let mut dirs = Vec::new();
-    for component in dir.components() {
-        match component {
-            Component::Normal(name) => {
-                physical.push(name);
-                dirs.push(physical.clone());
-            }
-            Component::ParentDir => {
-                physical.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    dirs
-}
-
-/// Puts the option ROMs of every NIC model into `chroot`, at the path QEMU
-/// looks them up by, so a NIC can still be hot-added once QEMU has shut
-/// itself in. A hard link where the filesystem allows, a copy otherwise.
+/// Links the option ROM of every NIC model into the root of `chroot`, so
+/// a NIC can still be hot-added once QEMU has shut itself in (it is then
+/// told the ROM's path, see [`crate::argv::hot_added_romfile`]). The
+/// chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a directory
+/// inside its root would let it chroot again into that directory and walk
+/// out through `..`. A hard link where the filesystem allows, a copy
+/// otherwise.
 pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()> {
     for model in [crate::spec::NicModel::Virtio, crate::spec::NicModel::E1000] {
         let rom = crate::argv::option_rom(model);
         let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
             continue;
         };
-        let dirs = chroot_dirs(dir);
-        for inner in &dirs {
-            match std::fs::create_dir(chroot.join(inner)) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
-        }
         let source = std::fs::canonicalize(dir.join(rom))?;
-        let target = chroot
-            .join(dirs.last().map_or(Path::new(""), PathBuf::as_path))
-            .join(rom);
+        let target = chroot.join(rom);
         if std::fs::hard_link(&source, &target).is_err() {
             std::fs::copy(&source, &target)?;
         }
@@ -188,28 +161,4 @@ pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()>
 /// The path through which a process reaches its own fd `fd`.
 pub fn proc_fd_path(fd: std::os::fd::RawFd) -> String {
     format!("/proc/self/fd/{fd}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_data_dir_through_dotdot_needs_the_dir_it_walks_back_from() {
-        assert_eq!(
-            chroot_dirs(Path::new("/usr/bin/../lib/ipxe/qemu")),
-            [
-                "usr",
-                "usr/bin",
-                "usr/lib",
-                "usr/lib/ipxe",
-                "usr/lib/ipxe/qemu"
-            ]
-            .map(PathBuf::from)
-        );
-        assert_eq!(
-            chroot_dirs(Path::new("/usr/share/qemu")),
-            ["usr", "usr/share", "usr/share/qemu"].map(PathBuf::from)
-        );
-    }
 }
