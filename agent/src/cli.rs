@@ -299,11 +299,12 @@ struct ServeArgs {
     /// The agent's cgroup, under which each instance gets its own [default: kvm-agent].
     #[arg(long, env = "KVM_AGENT_CGROUP_PARENT")]
     cgroup_parent: Option<settings::CgroupName>,
-    /// Who confined QEMUs run as: a name, a uid, or uid:gid [default: nobody].
+    /// Run every confined QEMU as this one user instead of a uid each: a
+    /// name, a uid, or uid:gid. Applies only without a uid pool.
     #[arg(long, env = "KVM_AGENT_QEMU_USER")]
     qemu_user: Option<settings::UserName>,
     /// Give each instance's QEMU a uid of its own from this range,
-    /// FIRST-LAST (its gid is the same number) [default: off].
+    /// FIRST-LAST (its gid is the same number) [default: 70000-70999].
     #[arg(long, env = "KVM_AGENT_QEMU_UID_POOL")]
     qemu_uid_pool: Option<settings::UidRange>,
     /// Address this node's QEMUs receive migrations on; other nodes must

@@ -16,8 +16,13 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The agent's cgroup under each hierarchy.
 pub const DEFAULT_CGROUP_PARENT: &str = "kvm-agent";
-/// The user confined QEMUs run as unless configured otherwise.
+/// The user every confined QEMU runs as when the operator chooses one
+/// user for all of them instead of a pool.
 pub const DEFAULT_QEMU_USER: &str = "nobody";
+/// The uids confined QEMUs get one each from, unless the operator chooses
+/// otherwise. Above 65535, where distributions allocate no accounts, and
+/// below 100000, where `/etc/subuid` ranges start by default.
+pub const DEFAULT_UID_POOL: RangeInclusive<u32> = 70000..=70999;
 /// Name of the agent's unix socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -81,7 +86,7 @@ impl Default for QemuUsers {
                 uid: 65534,
                 gid: 65534,
             },
-            pool: None,
+            pool: Some(DEFAULT_UID_POOL),
         }
     }
 }
@@ -100,6 +105,17 @@ impl QemuUsers {
             .filter(free)
             .or_else(|| pool.clone().find(free))?;
         Some(QemuUser { uid, gid: uid })
+    }
+
+    /// Says why one user for every QEMU is a risk, when it is the choice.
+    pub fn shared_user_warning(&self) -> Option<String> {
+        self.pool.is_none().then(|| {
+            format!(
+                "every QEMU runs as {:?} ({}): a QEMU taken over by its guest can signal the \
+                 others and reach their files; set [qemu_user] uid_pool for a uid per instance",
+                self.name, self.fixed
+            )
+        })
     }
 
     /// Whether `uid` is one instance's alone: the pool's uids are, the
@@ -285,7 +301,11 @@ mod tests {
 
     #[test]
     fn without_a_pool_everyone_is_the_fixed_user() {
-        let users = QemuUsers::default();
+        let users = QemuUsers {
+            pool: None,
+            ..QemuUsers::default()
+        };
+        assert!(users.shared_user_warning().is_some());
         let taken = HashSet::from([65534]);
         assert_eq!(users.pick(Some(user(64001)), &taken), Some(users.fixed));
         assert!(!users.exclusive(65534));
@@ -306,6 +326,13 @@ mod tests {
             users.pick(Some(user(70000)), &HashSet::new()),
             Some(user(64000))
         );
+    }
+
+    #[test]
+    fn by_default_each_instance_has_a_uid_of_its_own() {
+        let users = QemuUsers::default();
+        assert_eq!(users.pick(None, &HashSet::new()), Some(user(70000)));
+        assert_eq!(users.shared_user_warning(), None);
     }
 
     #[test]

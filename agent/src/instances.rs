@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
+use hypervisor::identity::QemuUser;
 use hypervisor::lifecycle::{self, LaunchMode, StopMethod, StopTimeouts, files};
 use hypervisor::probe::{self, QemuInfo};
 use hypervisor::process::{self, PidFd};
@@ -431,7 +432,7 @@ fn check_qemu_users(users: &crate::config::QemuUsers) {
             pool.start(),
             pool.end()
         ),
-        None => tracing::info!("QEMU runs as {:?} ({user})", users.name),
+        None => tracing::warn!("{}", users.shared_user_warning().unwrap_or_default()),
     }
     if probe::kvm_usable().is_err() {
         return;
@@ -668,6 +669,46 @@ impl Agent {
         }
     }
 
+    /// The user a confined QEMU of instance `name` runs as: its
+    /// `previous` one where it is free, else the pool's lowest free uid.
+    /// `None` when QEMUs aren't confined.
+    pub(crate) fn pick_qemu_user(
+        &self,
+        name: &str,
+        uuid: Uuid,
+        previous: Option<QemuUser>,
+    ) -> Result<Option<QemuUser>, AgentError> {
+        if self.cfg.confinement != Confinement::Strict {
+            return Ok(None);
+        }
+        let users = &self.cfg.qemu_users;
+        let mut taken = self.exclusive_uids_in_use(name);
+        if let Some(pool) = &users.pool {
+            // Another agent's QEMUs, or anything else running as a pool
+            // uid, would share it with this instance; the instance's own
+            // QEMU (a hard reboot's, a migration's source on this host)
+            // would not.
+            taken.extend(
+                hypervisor::identity::processes_by_uid()
+                    .into_iter()
+                    .filter(|(uid, pids)| {
+                        pool.contains(uid)
+                            && pids.iter().any(|&pid| !process::runs_instance(pid, uuid))
+                    })
+                    .map(|(uid, _)| uid),
+            );
+        }
+        let picked = users.pick(previous, &taken).ok_or_else(|| {
+            let pool = users.pool.clone().unwrap_or(0..=0);
+            AgentError::QemuUsersExhausted {
+                instance: name.to_owned(),
+                first: *pool.start(),
+                last: *pool.end(),
+            }
+        })?;
+        Ok(Some(picked))
+    }
+
     /// Generates a runtime for a validated spec (probing QEMU if needed).
     /// A confined instance keeps the QEMU user of its `previous` runtime
     /// where it can.
@@ -681,21 +722,8 @@ impl Agent {
         let kvm = probe::kvm_usable();
         let run_dir = self.cfg.run_dir(&spec.name);
         let confine = self.cfg.confinement == Confinement::Strict;
-        let qemu_user = if confine {
-            let taken = self.exclusive_uids_in_use(&spec.name);
-            let users = &self.cfg.qemu_users;
-            let picked = users.pick(previous.and_then(|r| r.qemu_user), &taken);
-            Some(picked.ok_or_else(|| {
-                let pool = users.pool.clone().unwrap_or(0..=0);
-                AgentError::QemuUsersExhausted {
-                    instance: spec.name.clone(),
-                    first: *pool.start(),
-                    last: *pool.end(),
-                }
-            })?)
-        } else {
-            None
-        };
+        let qemu_user =
+            self.pick_qemu_user(&spec.name, spec.uuid, previous.and_then(|r| r.qemu_user))?;
         let host = HostFacts {
             qemu: &qemu,
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    AgentConfig, AllowedRoots, Confinement, DEFAULT_QEMU_USER, DEFAULT_STATE_DIR, QemuUsers,
-    SOCKET_NAME,
+    AgentConfig, AllowedRoots, Confinement, DEFAULT_QEMU_USER, DEFAULT_STATE_DIR, DEFAULT_UID_POOL,
+    QemuUsers, SOCKET_NAME,
 };
 use crate::tls::TlsFiles;
 use hypervisor::identity::QemuUser;
@@ -394,6 +394,52 @@ impl From<UidRange> for String {
     }
 }
 
+/// Checks that no account of this host, and no subordinate id range of
+/// `/etc/subuid` or `/etc/subgid`, uses a uid or gid of `pool`: a pool uid
+/// must belong to one QEMU and nothing else.
+fn unused_by_accounts(pool: &RangeInclusive<u32>) -> Result<(), String> {
+    let range = format!("{}-{}", pool.start(), pool.end());
+    for id in pool.clone() {
+        if let Ok(Some(user)) = nix::unistd::User::from_uid(id.into()) {
+            return Err(format!(
+                "uid pool {range} overlaps the user {:?} (uid {id}); choose a range no account uses",
+                user.name
+            ));
+        }
+        if let Ok(Some(group)) = nix::unistd::Group::from_gid(id.into()) {
+            return Err(format!(
+                "uid pool {range} overlaps the group {:?} (gid {id}); choose a range no account uses",
+                group.name
+            ));
+        }
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        if let Some((owner, first, last)) = subordinate_overlap(&text, pool) {
+            return Err(format!(
+                "uid pool {range} overlaps {owner:?}'s subordinate ids {first}-{last} in {file}; \
+                 choose a range no account uses"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first `name:first:count` line of a subordinate id file whose range
+/// meets `pool`, as (name, first, last). Pure.
+fn subordinate_overlap(text: &str, pool: &RangeInclusive<u32>) -> Option<(String, u32, u32)> {
+    text.lines().find_map(|line| {
+        let mut fields = line.trim().split(':');
+        let (name, first, count) = (fields.next()?, fields.next()?, fields.next()?);
+        let first: u32 = first.parse().ok()?;
+        let count: u32 = count.parse().ok()?;
+        let last = first.checked_add(count.checked_sub(1)?)?;
+        (first <= *pool.end() && last >= *pool.start()).then(|| (name.to_owned(), first, last))
+    })
+}
+
 /// A cgroup name: a relative path of plain components.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -553,6 +599,19 @@ impl FileConfig {
         if let Some(parent) = self.cgroups.parent {
             agent.cgroup_parent = parent.0;
         }
+        // A user named without a pool is the operator's choice of one
+        // user for all; otherwise each instance gets a uid of its own.
+        let pool = match (&self.qemu_user.user, self.qemu_user.uid_pool) {
+            (_, Some(pool)) => Some(pool.0),
+            (Some(_), None) => None,
+            (None, None) => Some(DEFAULT_UID_POOL),
+        };
+        if let Some(pool) = &pool {
+            unused_by_accounts(pool).map_err(|message| ConfigError::Invalid {
+                key: "qemu_user.uid_pool",
+                message,
+            })?;
+        }
         let user = self
             .qemu_user
             .user
@@ -563,7 +622,7 @@ impl FileConfig {
                 message,
             })?,
             name: user.0,
-            pool: self.qemu_user.uid_pool.map(|p| p.0),
+            pool,
         };
 
         let launch = &mut agent.launch;
@@ -754,6 +813,50 @@ mod tests {
         let (line, _, message) = parse_error("\nallowed_roots = [\"srv\"]\n");
         assert_eq!(line, 2);
         assert!(message.contains("absolute"), "{message}");
+    }
+
+    #[test]
+    fn a_user_named_without_a_pool_is_shared_and_otherwise_each_gets_its_own() {
+        let by_default = parse_str("").unwrap().resolve().unwrap();
+        assert_eq!(by_default.agent.qemu_users.pool, Some(DEFAULT_UID_POOL));
+        let shared = parse_str("[qemu_user]\nuser = \"65534:65534\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(shared.agent.qemu_users.pool, None);
+        let both = parse_str("[qemu_user]\nuser = \"65534:65534\"\nuid_pool = \"71000-71009\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(both.agent.qemu_users.pool, Some(71000..=71009));
+    }
+
+    #[test]
+    fn a_pool_over_an_account_is_refused() {
+        // Root's group, and uid 0 itself, exist on every host.
+        let err = parse_str("[qemu_user]\nuid_pool = \"1-1\"\n")
+            .unwrap()
+            .resolve();
+        let message = format!("{}", err.err().expect("uid 1 is an account on Debian"));
+        assert!(
+            message.contains("choose a range no account uses"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn subordinate_ranges_that_meet_the_pool_are_found() {
+        let subuid = "alice:100000:65536\nbob:165536:65536\n";
+        assert_eq!(subordinate_overlap(subuid, &(70000..=70999)), None);
+        assert_eq!(
+            subordinate_overlap(subuid, &(165000..=165600)),
+            Some(("alice".into(), 100000, 165535))
+        );
+        assert_eq!(
+            subordinate_overlap(subuid, &(231071..=231071)),
+            Some(("bob".into(), 165536, 231071))
+        );
+        assert_eq!(subordinate_overlap("garbage\n:1:\n", &(0..=u32::MAX)), None);
     }
 
     #[test]

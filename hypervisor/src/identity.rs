@@ -30,6 +30,43 @@ impl fmt::Display for QemuUser {
     }
 }
 
+/// The processes of the host by their real and effective uids, from
+/// `/proc/<pid>/status` (a process that changed its uid is not dumpable,
+/// so the owner of its `/proc` directory is root, not its uid). A process
+/// that exits during the scan is skipped.
+pub fn processes_by_uid() -> std::collections::HashMap<u32, Vec<u32>> {
+    let mut by_uid = std::collections::HashMap::<u32, Vec<u32>>::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return by_uid;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        for uid in status_uids(&status) {
+            by_uid.entry(uid).or_default().push(pid);
+        }
+    }
+    by_uid
+}
+
+/// The real and effective uid of a `/proc/<pid>/status` text. Pure.
+fn status_uids(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|ids| {
+            ids.split_whitespace()
+                .take(2)
+                .filter_map(|id| id.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Owner, group and permission bits of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ownership {
@@ -103,6 +140,14 @@ pub fn kvm_groups(user: QemuUser, device: Ownership) -> Result<Vec<u32>, KvmAcce
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_gives_its_real_and_effective_uid() {
+        let status =
+            "Name:\tqemu\nUmask:\t0022\nUid:\t70001\t70002\t70003\t70004\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(status_uids(status), [70001, 70002]);
+        assert_eq!(status_uids("Name:\tgone\n"), Vec::<u32>::new());
+    }
 
     const NOBODY: QemuUser = QemuUser {
         uid: 65534,

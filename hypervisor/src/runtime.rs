@@ -408,7 +408,25 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
         binary: host.qemu.binary.clone(),
         version: host.qemu.version,
     };
+    confine_as_host(&mut local, &host);
     Ok(local)
+}
+
+/// Gives a runtime the confinement this host gives the instances it
+/// generates itself: whatever the sender wrote there is ignored, since
+/// how far a QEMU is boxed in is the executing node's decision. The CPU
+/// weight is the instance's own setting and stays. Pure.
+fn confine_as_host(runtime: &mut Runtime, host: &HostFacts<'_>) {
+    runtime.sandbox = host.confine && host.qemu.sandbox;
+    runtime.cgroup = host.confine.then(|| {
+        let weight = runtime
+            .cgroup
+            .map_or(crate::cgroup::DEFAULT_CPU_WEIGHT, |c| c.cpu_weight);
+        CgroupLimits::for_guest(runtime.memory_mib, weight)
+    });
+    runtime.qemu_user = host.qemu_user.filter(|_| host.confine);
+    runtime.chroot = host.confine && runtime.qemu_user.is_some();
+    runtime.argv = argv::render_base(runtime);
 }
 
 /// Slots that generation may hand out, lowest first.
@@ -920,9 +938,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_runtime_keeps_its_qemu_user_wherever_it_goes_and_never_runs_it_as_root() {
+    fn a_runtime_runs_as_confined_as_the_host_decides_whatever_it_says() {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let mut forged = rt.clone();
+        forged.sandbox = false;
+        forged.chroot = false;
+        forged.qemu_user = Some(QemuUser {
+            uid: 65534,
+            gid: 65534,
+        });
+        forged.cgroup = Some(CgroupLimits {
+            memory_limit_mib: forged.memory_mib,
+            cpu_weight: 10000,
+        });
+        forged.argv = argv::render_base(&forged);
         let elsewhere = HostFacts {
             qemu_user: Some(QemuUser {
                 uid: 64005,
@@ -930,10 +960,38 @@ pub(crate) mod tests {
             }),
             ..host(&qemu)
         };
+
+        let adopted = adopt_on_host(&forged, elsewhere).unwrap();
+
+        assert!(adopted.sandbox);
+        assert!(adopted.chroot);
+        assert_eq!(adopted.qemu_user, elsewhere.qemu_user);
         assert_eq!(
-            adopt_on_host(&rt, elsewhere).unwrap().qemu_user,
-            rt.qemu_user
+            adopted.cgroup,
+            Some(CgroupLimits::for_guest(rt.memory_mib, 10000)),
+            "the host's memory headroom, the instance's own weight"
         );
+        assert_eq!(adopted.argv, rt.argv);
+        assert_eq!(adopted.validate(), Ok(()));
+
+        let mut uncaged = forged.clone();
+        uncaged.cgroup = None;
+        uncaged.argv = argv::render_base(&uncaged);
+        let adopted = adopt_on_host(&uncaged, host(&qemu)).unwrap();
+        assert_eq!(adopted.cgroup, rt.cgroup);
+
+        let open_host = HostFacts {
+            confine: false,
+            ..host(&qemu)
+        };
+        let open = adopt_on_host(&rt, open_host).unwrap();
+        assert!(!open.confined() && !open.chroot);
+    }
+
+    #[test]
+    fn a_runtime_never_runs_qemu_as_root() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
         assert!(rt.chroot);
         let mut unprivileged = rt.clone();

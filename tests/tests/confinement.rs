@@ -52,14 +52,15 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
     let agent = TestAgent::start().await;
     let info = agent.start_spec(agent.spec("boxed", 64)).await;
 
-    let nobody = 65534;
-    assert_eq!(status_ids(info.pid, "Uid"), vec![nobody; 4]);
-    assert_eq!(status_ids(info.pid, "Gid"), vec![nobody; 4]);
-    let runtime = agent.runtime_json("boxed").await;
-    assert_eq!(
-        runtime["qemu_user"],
-        json!({ "uid": nobody, "gid": nobody })
+    let uid = status_ids(info.pid, "Uid")[0];
+    assert!(
+        DEFAULT_UID_POOL.contains(&uid),
+        "uid {uid}: one of the pool's"
     );
+    assert_eq!(status_ids(info.pid, "Uid"), vec![uid; 4]);
+    assert_eq!(status_ids(info.pid, "Gid"), vec![uid; 4]);
+    let runtime = agent.runtime_json("boxed").await;
+    assert_eq!(runtime["qemu_user"], json!({ "uid": uid, "gid": uid }));
     if runtime["accelerator"] == "kvm" {
         // KVM through the device's group, and no other.
         let kvm_group = std::fs::metadata("/dev/kvm").unwrap().gid();
@@ -68,22 +69,27 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
         assert_eq!(status_ids(info.pid, "Groups"), Vec::<u32>::new());
     }
     let run_dir = std::fs::metadata(agent.run_dir("boxed")).unwrap();
-    assert_eq!((run_dir.uid(), run_dir.gid()), (nobody, nobody));
+    assert_eq!((run_dir.uid(), run_dir.gid()), (uid, uid));
     assert_eq!(run_dir.permissions().mode() & 0o777, 0o700);
-    // Shut into an empty directory, with the capability to get there as
-    // its only one.
+    // Shut into a directory that holds the NICs' option ROMs and nothing
+    // else, with the capability to get there as its only one.
     let chroot = agent.run_dir("boxed").join("root");
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/root", info.pid)).unwrap(),
         chroot
     );
-    let inside = files_under(&chroot);
+    let root_meta = std::fs::metadata(&chroot).unwrap();
+    assert_eq!((root_meta.uid(), root_meta.mode() & 0o777), (0, 0o555));
+    let inside: Vec<_> = std::fs::read_dir(&chroot)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert!(!inside.is_empty(), "hot-added NICs need their option ROMs");
     for file in &inside {
-        let meta = std::fs::metadata(file).unwrap();
+        let meta = std::fs::symlink_metadata(file).unwrap();
         assert!(
-            file.extension().is_some_and(|e| e == "rom"),
-            "{}",
+            meta.is_file() && file.extension().is_some_and(|e| e == "rom"),
+            "{}: only ROM files, no directory to chroot into",
             file.display()
         );
         assert_eq!(
@@ -92,6 +98,13 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
             "{}",
             file.display()
         );
+    }
+    // No directory fd leads out of the box either.
+    for fd in std::fs::read_dir(format!("/proc/{}/fd", info.pid)).unwrap() {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap();
+        if target.is_dir() {
+            assert_eq!(target, chroot, "QEMU holds a directory outside its root");
+        }
     }
     let cap_sys_chroot = format!("{:016x}", 1u64 << 18);
     assert_eq!(status_field(info.pid, "CapEff"), cap_sys_chroot);
@@ -123,7 +136,10 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
     agent
         .add_nic("boxed", nic("eth9", "52:54:00:00:a0:01"))
         .await
-        .expect("hot-add a NIC under the sandbox");
+        .expect("hot-add a NIC under the sandbox, its ROM found in the chroot");
+    let escape = try_chroot_escape(info.pid, &chroot);
+    assert_eq!(escape["ways_out"], json!([]), "{escape}");
+    assert_eq!(escape["directories"], json!([]), "{escape}");
     let image = agent.raw_image("boxed.img", 8);
     agent
         .add_disk("boxed", disk("data", &image))
@@ -207,11 +223,8 @@ async fn a_qemu_without_a_sandbox_is_reported_and_its_instances_still_run_boxed(
     assert!(log.contains("has no seccomp sandbox"), "{log}");
     assert_eq!(status_field(info.pid, "Seccomp"), "0");
     assert_eq!(status_field(info.pid, "NoNewPrivs"), "1");
-    assert_eq!(
-        status_ids(info.pid, "Uid"),
-        vec![65534; 4],
-        "the rest of the box holds"
-    );
+    let uid = status_ids(info.pid, "Uid")[0];
+    assert!(DEFAULT_UID_POOL.contains(&uid), "the rest of the box holds");
     let runtime = agent.runtime_json("unsandboxed").await;
     assert!(runtime.get("sandbox").is_none(), "{runtime}");
     assert_eq!(runtime["chroot"], true, "{runtime}");
@@ -243,17 +256,200 @@ async fn without_writable_cgroups_the_agent_says_so_and_instances_still_run() {
     );
 }
 
-/// Every file below `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
-        if entry.file_type().unwrap().is_dir() {
-            files.extend(files_under(&entry.path()));
-        } else {
-            files.push(entry.path());
-        }
+/// The uids the agent gives QEMUs unless told otherwise.
+const DEFAULT_UID_POOL: std::ops::RangeInclusive<u32> = 70000..=70999;
+
+/// The interpreter the escape and isolation probes run in: the
+/// distribution's, which QEMU's uid may execute.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// A `setpriv` command that runs as `pid` does: its uid, gid and
+/// supplementary groups, `no_new_privs`, and `CAP_SYS_CHROOT` kept
+/// through exec when that process holds it. `cwd` is entered before the
+/// drop, so it needn't be reachable by that uid.
+fn as_process(pid: u32, cwd: &Path) -> Command {
+    let uid = status_ids(pid, "Uid")[0];
+    let gid = status_ids(pid, "Gid")[0];
+    let groups = status_ids(pid, "Groups");
+    let mut command = Command::new("setpriv");
+    command
+        .current_dir(cwd)
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        command.arg(format!("--groups={}", list.join(",")));
     }
-    files
+    let effective = u64::from_str_radix(&status_field(pid, "CapEff"), 16).unwrap();
+    if effective & (1 << 18) != 0 {
+        command.args([
+            "--inh-caps=-all,+sys_chroot",
+            "--ambient-caps=-all,+sys_chroot",
+        ]);
+    }
+    if status_field(pid, "NoNewPrivs") == "1" {
+        command.arg("--no-new-privs");
+    }
+    command
+}
+
+/// Tries every directory below the working directory, taken as the root,
+/// as a way out: chroot into it, then climb `..` from the working
+/// directory that chroot leaves behind, the classic escape. Reports the
+/// directories it found and where it got out.
+const ESCAPE_PROBE: &str = r#"
+import json, os
+os.chroot("."); os.chdir("/")
+box = os.stat("/")
+inside = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+dirs = [os.path.join(top, d) for top, subdirs, _ in os.walk("/") for d in subdirs]
+ways_out = []
+for way in dirs + ["."]:
+    os.fchdir(inside)
+    os.chroot(".")
+    try:
+        os.chroot(way)
+    except OSError as e:
+        continue
+    for _ in range(64):
+        try:
+            os.chdir("..")
+        except OSError:
+            break
+    here = os.stat(".")
+    if (here.st_dev, here.st_ino) != (box.st_dev, box.st_ino):
+        ways_out.append({"via": way, "sees": sorted(os.listdir("."))[:20]})
+print(json.dumps({"directories": dirs, "ways_out": ways_out}))
+"#;
+
+/// Runs [`ESCAPE_PROBE`] in `root` as the process `pid` (a QEMU, standing
+/// where QEMU stands once it has entered that root), first in a box that
+/// has a way out, to show the probe finds one where there is one.
+fn try_chroot_escape(pid: u32, root: &Path) -> Value {
+    let run = |dir: &Path| {
+        let out = as_process(pid, dir)
+            .args([PYTHON, "-c", ESCAPE_PROBE])
+            .output()
+            .expect("run setpriv (util-linux)");
+        assert!(
+            out.status.success(),
+            "escape probe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let leaky = tempfile::Builder::new()
+        .prefix("ka-leaky-box")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(leaky.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(leaky.path().join("usr")).unwrap();
+    let control = run(leaky.path());
+    assert_ne!(
+        control["ways_out"],
+        json!([]),
+        "the probe must find the way out of a box with a directory: {control}"
+    );
+    run(root)
+}
+
+/// Checks, as the QEMU `pid` would, that it can't signal the QEMU
+/// `other`, list `other_run_dir` or connect to the sockets there. Reports
+/// each attempt as "ok" or the errno's name.
+const ISOLATION_PROBE: &str = r#"
+import errno, json, os, socket, sys
+other = int(sys.argv[1])
+out = {}
+def attempt(name, action):
+    try:
+        action()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode[e.errno]
+attempt("signal", lambda: os.kill(other, 0))
+attempt("list", lambda: os.listdir("."))
+for sock in ["qmp.sock", "qmp-operator.sock"]:
+    attempt(sock, lambda: socket.socket(socket.AF_UNIX).connect(sock))
+print(json.dumps(out))
+"#;
+
+fn reach_other_qemu(pid: u32, other: u32, other_run_dir: &Path) -> Value {
+    let out = as_process(pid, other_run_dir)
+        .args([PYTHON, "-c", ISOLATION_PROBE, &other.to_string()])
+        .output()
+        .expect("run setpriv (util-linux)");
+    assert!(
+        out.status.success(),
+        "isolation probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn by_default_each_qemu_has_a_uid_of_its_own_and_cant_reach_another() {
+    let agent = TestAgent::start().await;
+    let one = agent.start_spec(agent.spec("one", 64)).await;
+    let two = agent.start_spec(agent.spec("two", 64)).await;
+    let (uid_one, uid_two) = (status_ids(one.pid, "Uid")[0], status_ids(two.pid, "Uid")[0]);
+    assert_ne!(uid_one, uid_two);
+    assert!(DEFAULT_UID_POOL.contains(&uid_one) && DEFAULT_UID_POOL.contains(&uid_two));
+    assert!(
+        !agent.log().contains("every QEMU runs as"),
+        "no shared-user warning by default"
+    );
+
+    let reached = reach_other_qemu(one.pid, two.pid, &agent.run_dir("two"));
+    assert_eq!(
+        reached,
+        json!({
+            "signal": "EPERM",
+            "list": "EACCES",
+            "qmp.sock": "EACCES",
+            "qmp-operator.sock": "EACCES",
+        })
+    );
+    // The probe can tell: as that QEMU's own uid, the same calls work.
+    let own = reach_other_qemu(two.pid, two.pid, &agent.run_dir("two"));
+    assert_eq!(
+        (&own["signal"], &own["list"]),
+        (&json!("ok"), &json!("ok")),
+        "{own}"
+    );
+}
+
+#[tokio::test]
+async fn one_user_for_every_qemu_is_an_explicit_choice_warned_about() {
+    let mut options = AgentOptions::default();
+    options.args.extend(["--qemu-user".into(), "nobody".into()]);
+    let agent = TestAgent::start_with(options).await;
+    let one = agent.start_spec(agent.spec("one", 64)).await;
+    let two = agent.start_spec(agent.spec("two", 64)).await;
+    assert_eq!(status_ids(one.pid, "Uid"), vec![65534; 4]);
+    assert_eq!(status_ids(two.pid, "Uid"), vec![65534; 4]);
+    let log = agent.log();
+    assert!(log.contains("every QEMU runs as \"nobody\""), "{log}");
+    assert!(log.contains("uid_pool"), "{log}");
+}
+
+#[tokio::test]
+async fn a_pool_that_overlaps_an_account_is_refused_at_startup() {
+    // uid 1 is the `daemon` account on Debian.
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(agent_binary())
+        .args(["serve", "--qemu-uid-pool", "1-5", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("uid pool 1-5 overlaps"), "{stderr}");
+    assert!(
+        stderr.contains("choose a range no account uses"),
+        "{stderr}"
+    );
 }
 
 /// A raw image of `mib` MiB filled with `byte`, owned by root with mode
@@ -458,53 +654,112 @@ async fn migrate(source: &TestAgent, name: &str, target: &TestAgent) -> Result<(
 }
 
 #[tokio::test]
-async fn a_migration_keeps_the_pool_uid_and_a_target_holding_it_refuses() {
+async fn a_migration_keeps_the_pool_uid_where_free_and_the_target_picks_otherwise() {
     let pool = |range: &str| AgentOptions {
         args: vec!["--qemu-uid-pool".into(), range.into()],
         ..AgentOptions::default()
     };
     let source = TestAgent::start_with(pool("64300-64309")).await;
-    let target = TestAgent::start_with(pool("64300-64309")).await;
+    let same_pool = TestAgent::start_with(pool("64300-64309")).await;
+    let other_pool = TestAgent::start_with(pool("64310-64319")).await;
     source.start_spec(source.spec("wanderer", 64)).await;
-    target.start_spec(target.spec("resident", 64)).await;
-    let (uid, source_pid) = qemu_uid(&source, "wanderer").await;
-    assert_eq!(
-        qemu_uid(&target, "resident").await.0,
-        uid,
-        "both took the pool's first"
+    same_pool.start_spec(same_pool.spec("resident", 64)).await;
+    let (uid, _) = qemu_uid(&source, "wanderer").await;
+    let (resident, _) = qemu_uid(&same_pool, "resident").await;
+    assert_ne!(
+        resident, uid,
+        "a uid another agent's QEMU runs as is not handed out again"
     );
 
-    // The target's resident holds that uid: the migration is refused and
-    // the guest stays where it was.
-    let refused = migrate(&source, "wanderer", &target).await.unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(
-        refused.message().contains("resident"),
-        "{}",
-        refused.message()
-    );
-    assert!(process_alive(source_pid));
+    migrate(&source, "wanderer", &same_pool)
+        .await
+        .expect("migrate to a node whose pool has the uid free");
     assert_eq!(
-        source.instance("wanderer").await.state,
-        pb::InstanceState::Running as i32
-    );
-
-    target
-        .client()
-        .await
-        .stop_instance(pb::StopInstanceRequest {
-            name: "resident".into(),
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    migrate(&source, "wanderer", &target)
-        .await
-        .expect("migrate once the uid is free");
-    assert_eq!(
-        qemu_uid(&target, "wanderer").await.0,
+        qemu_uid(&same_pool, "wanderer").await.0,
         uid,
         "the runtime's uid came along"
     );
+
+    // A target whose pool lacks the uid gives one of its own: the uid is
+    // the executing node's decision, never the sender's.
+    migrate(&same_pool, "wanderer", &other_pool)
+        .await
+        .expect("migrate to a node with another pool");
+    let (moved, _) = qemu_uid(&other_pool, "wanderer").await;
+    assert!((64310..=64319).contains(&moved), "{moved}");
+}
+
+/// The runtime of a running instance of `source`, rewritten to ask for
+/// less confinement than any node gives: no sandbox (its option taken out
+/// of the argv too, so the argv still matches), no chroot, a shared user,
+/// and `cgroup` as given.
+async fn forged_runtime(source: &TestAgent, name: &str, cgroup: Value) -> Value {
+    let mut runtime = source.runtime_json(name).await;
+    let argv = runtime["argv"].as_array().unwrap().clone();
+    let at = argv.iter().position(|a| a == "-sandbox").unwrap();
+    let mut argv = argv;
+    argv.drain(at..at + 2);
+    runtime["argv"] = Value::Array(argv);
+    runtime["sandbox"] = json!(false);
+    runtime["chroot"] = json!(false);
+    runtime["qemu_user"] = json!({ "uid": 65534, "gid": 65534 });
+    runtime["cgroup"] = cgroup;
+    runtime
+}
+
+#[tokio::test]
+async fn a_sender_cannot_loosen_the_targets_confinement() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    source.start_spec(source.spec("loose", 64)).await;
+    let forgeries = [
+        json!(null),
+        json!({ "memory_limit_mib": 64, "cpu_weight": 10000 }),
+    ];
+    for cgroup in forgeries {
+        let runtime = forged_runtime(&source, "loose", cgroup.clone()).await;
+        let mut client = target.client().await;
+        client
+            .accept_migration(pb::AcceptMigrationRequest {
+                runtime_json: runtime.to_string(),
+                source: "forger".into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{cgroup}: {s:?}"));
+        let pid = target.instance("loose").await.pid;
+
+        // The target's own box, whatever the sender wrote.
+        let uid = status_ids(pid, "Uid")[0];
+        assert!(DEFAULT_UID_POOL.contains(&uid), "{cgroup}: uid {uid}");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "{cgroup}");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{cgroup}");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+            target.run_dir("loose").join("root"),
+            "{cgroup}"
+        );
+        let (dir, limit) = memory_cgroup(pid);
+        assert!(dir.ends_with(format!("{}/loose", target.cgroup_parent())));
+        assert_eq!(
+            std::fs::read_to_string(limit).unwrap().trim(),
+            ((64u64 + 512) << 20).to_string(),
+            "{cgroup}: the target's headroom"
+        );
+        let kept = target.runtime_json("loose").await;
+        assert_eq!(kept["sandbox"], true);
+        assert_eq!(kept["chroot"], true);
+        assert_eq!(kept["qemu_user"]["uid"], uid);
+
+        client
+            .cancel_migration(pb::CancelMigrationRequest {
+                name: "loose".into(),
+            })
+            .await
+            .unwrap();
+        wait_for(std::time::Duration::from_secs(10), async || {
+            (!process_alive(pid)).then_some(())
+        })
+        .await
+        .expect("the dropped incoming QEMU ends");
+    }
 }

@@ -552,10 +552,14 @@ impl Agent {
     }
 
     /// Makes a runtime from another node (or a save file) runnable here.
+    /// Its confinement is this node's: the sender's sandbox, cgroup, user
+    /// and chroot are replaced by what this node gives its own instances,
+    /// keeping the sender's uid only where this node's pool has it free.
     pub(super) async fn adopt_runtime(&self, foreign: &Runtime) -> Result<Runtime, AgentError> {
         let qemu = self.qemu_info().await?;
         let kvm = hypervisor::probe::kvm_usable();
         let run_dir = self.cfg.run_dir(&foreign.name);
+        let qemu_user = self.pick_qemu_user(&foreign.name, foreign.uuid, foreign.qemu_user)?;
         let host = runtime::HostFacts {
             qemu: &qemu,
             kvm: kvm.as_ref().map(|_| ()).map_err(String::as_str),
@@ -563,8 +567,7 @@ impl Agent {
             vhost_net: hypervisor::tap::vhost_net_available(),
             cpus: hypervisor::pinning::host_cpu_count(),
             confine: self.cfg.confinement == Confinement::Strict,
-            // The runtime brings its own.
-            qemu_user: None,
+            qemu_user,
         };
         Ok(runtime::adopt_on_host(foreign, host)?)
     }
