@@ -1,11 +1,12 @@
 //! Agent settings.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use std::collections::HashSet;
 use std::ops::RangeInclusive;
 
+pub use hypervisor::host_files::AllowedRoots;
 use hypervisor::identity::QemuUser;
 use hypervisor::lifecycle::{LaunchConfig, StopTimeouts};
 use hypervisor::migration::MigrationParameters;
@@ -145,61 +146,6 @@ pub enum Confinement {
     Strict,
     /// None of it, for debugging.
     Off,
-}
-
-/// Directories the host files of requests must lie in; none allows any.
-#[derive(Debug, Clone, Default)]
-pub struct AllowedRoots {
-    given: Vec<PathBuf>,
-    /// The same with symlinks resolved, for checking where a path leads.
-    resolved: Vec<PathBuf>,
-}
-
-impl AllowedRoots {
-    /// Roots that must be absolute, existing directories.
-    pub fn new(given: Vec<PathBuf>) -> Result<Self, String> {
-        let mut resolved = Vec::with_capacity(given.len());
-        for root in &given {
-            hypervisor::spec::check_absolute_path("allowed root", root)
-                .map_err(|e| e.to_string())?;
-            let real = std::fs::canonicalize(root)
-                .map_err(|e| format!("allowed root {}: {e}", root.display()))?;
-            if !real.is_dir() {
-                return Err(format!(
-                    "allowed root {} is not a directory",
-                    root.display()
-                ));
-            }
-            resolved.push(real);
-        }
-        Ok(Self { given, resolved })
-    }
-
-    /// The roots as configured.
-    pub fn given(&self) -> &[PathBuf] {
-        &self.given
-    }
-
-    /// Checks `path` as given and where its symlinks lead; a file that
-    /// doesn't exist yet (a save) is judged by its directory.
-    pub fn check(&self, what: &str, path: &Path) -> Result<(), hypervisor::spec::SpecError> {
-        use hypervisor::spec::check_under_roots;
-        check_under_roots(what, path, &self.given)?;
-        if self.given.is_empty() {
-            return Ok(());
-        }
-        let real = std::fs::canonicalize(path).or_else(|e| {
-            let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
-                return Err(e);
-            };
-            std::fs::canonicalize(dir).map(|d| d.join(file))
-        });
-        match real {
-            Ok(real) => check_under_roots(what, &real, &self.resolved),
-            // Nothing there to lead elsewhere; the caller reports it missing.
-            Err(_) => Ok(()),
-        }
-    }
 }
 
 /// A moment at which the agent can be told to stop making progress, so a

@@ -71,8 +71,12 @@ fn check_addition(
 
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
 /// before anything changes.
-fn open_image(instance: &str, disk: &DiskSpec) -> Result<File, AgentError> {
-    hypervisor::host_files::open_disk_image(disk).map_err(|e| match e {
+fn open_image(
+    instance: &str,
+    disk: &DiskSpec,
+    roots: &hypervisor::host_files::AllowedRoots,
+) -> Result<File, AgentError> {
+    hypervisor::host_files::open_disk_image(disk, roots).map_err(|e| match e {
         HostFileError::Disk { disk, path, reason } => AgentError::DiskUnusable {
             instance: instance.to_owned(),
             disk,
@@ -200,7 +204,7 @@ impl Agent {
         self.config()
             .allowed_roots
             .check(&format!("disk {:?}", disk.name), &disk.path)?;
-        let image = open_image(name, &disk)?;
+        let image = open_image(name, &disk, &self.config().allowed_roots)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let used: Vec<u8> = record.runtime.used_slots().collect();

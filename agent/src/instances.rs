@@ -757,18 +757,50 @@ impl Agent {
     }
 
     /// Checks the host files a spec points QEMU at: inside the allowed
-    /// roots, and the disk images present.
-    fn check_host_files(&self, spec: &InstanceSpec) -> Result<(), AgentError> {
+    /// roots, the disk images present, and each of a kind QEMU can use (a
+    /// FIFO would hold the launch that opens it). Only a first check, for
+    /// a clear error: the launch opens each file beneath its root.
+    pub(crate) fn check_host_files(&self, spec: &InstanceSpec) -> Result<(), AgentError> {
+        use std::os::unix::fs::FileTypeExt;
         for (what, path) in spec.host_paths() {
             self.cfg.allowed_roots.check(&what, path)?;
         }
         for disk in &spec.disks {
-            if !disk.path.exists() {
+            let Ok(meta) = std::fs::metadata(&disk.path) else {
                 return Err(AgentError::DiskMissing {
                     instance: spec.name.clone(),
                     disk: disk.name.clone(),
                     path: disk.path.display().to_string(),
                 });
+            };
+            if !(meta.is_file() || meta.file_type().is_block_device()) {
+                return Err(AgentError::DiskUnusable {
+                    instance: spec.name.clone(),
+                    disk: disk.name.clone(),
+                    path: disk.path.display().to_string(),
+                    reason: "not a regular file or block device".into(),
+                });
+            }
+        }
+        if let hypervisor::spec::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+            for (what, path) in
+                std::iter::once(("kernel", kernel)).chain(initrd.iter().map(|i| ("initrd", i)))
+            {
+                match std::fs::metadata(path) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(_) => {
+                        return Err(AgentError::BadRequest(format!(
+                            "{what} {} is not a regular file",
+                            path.display()
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(AgentError::BadRequest(format!(
+                            "{what} {}: {e}",
+                            path.display()
+                        )));
+                    }
+                }
             }
         }
         Ok(())
@@ -901,6 +933,7 @@ impl Agent {
         }
         let run_dir = self.cfg.run_dir(&inst.name);
         let mut launch = self.cfg.launch.clone();
+        launch.allowed_roots = self.cfg.allowed_roots.clone();
         if runtime.chroot {
             launch.option_rom_dirs = self.qemu_info().await?.data_dirs.clone();
         }
@@ -1152,6 +1185,9 @@ impl Agent {
                 // so spec changes since the start stay out until a hard reboot.
                 let (record, _) = self.record(name).await?;
                 record.runtime.validate()?;
+                // Before the guest goes: an image that now leads outside
+                // the allowed roots must not cost it its run.
+                self.check_host_files(&record.runtime.to_spec())?;
                 self.stop_locked(&inst, false, self.cfg.stop).await?;
                 self.relaunch(&inst, record).await?;
                 tracing::info!(instance = %name, "instance soft-rebooted");

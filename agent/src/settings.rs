@@ -836,8 +836,10 @@ mod tests {
         // Root's group, and uid 0 itself, exist on every host.
         let err = parse_str("[qemu_user]\nuid_pool = \"1-1\"\n")
             .unwrap()
-            .resolve();
-        let message = format!("{}", err.err().expect("uid 1 is an account on Debian"));
+            .resolve()
+            .map(|_| ())
+            .expect_err("uid 1 is an account on Debian");
+        let message = err.to_string();
         assert!(
             message.contains("choose a range no account uses"),
             "{message}"

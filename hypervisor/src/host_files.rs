@@ -5,10 +5,14 @@
 //! through an fd set (`/dev/fdset/N`), and boot files and RAM files
 //! through `/proc/self/fd/N`, which skips the directories on the way.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, fchown};
+use std::os::unix::fs::{FileTypeExt, fchown};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use crate::identity::{Ownership, QemuUser};
 use crate::spec::DiskSpec;
@@ -47,40 +51,162 @@ pub enum HostFileError {
     },
 }
 
+/// Directories the host files of requests must lie in; none allows any.
+///
+/// A path is checked where it is given ([`check`](Self::check), for a clear
+/// error before anything starts), and then opened beneath its root
+/// ([`open`](Self::open)) with `openat2(RESOLVE_BENEATH)`, so a symlink
+/// swapped in between the two can't lead the open elsewhere.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedRoots {
+    given: Vec<PathBuf>,
+    /// The same with symlinks resolved, for paths given through them.
+    resolved: Vec<PathBuf>,
+}
+
+impl AllowedRoots {
+    /// Roots that must be absolute, existing directories.
+    pub fn new(given: Vec<PathBuf>) -> Result<Self, String> {
+        let mut resolved = Vec::with_capacity(given.len());
+        for root in &given {
+            crate::spec::check_absolute_path("allowed root", root).map_err(|e| e.to_string())?;
+            let real = std::fs::canonicalize(root)
+                .map_err(|e| format!("allowed root {}: {e}", root.display()))?;
+            if !real.is_dir() {
+                return Err(format!(
+                    "allowed root {} is not a directory",
+                    root.display()
+                ));
+            }
+            resolved.push(real);
+        }
+        Ok(Self { given, resolved })
+    }
+
+    /// The roots as configured.
+    pub fn given(&self) -> &[PathBuf] {
+        &self.given
+    }
+
+    /// Checks `path` as given and where its symlinks lead; a file that
+    /// doesn't exist yet (a save) is judged by its directory.
+    pub fn check(&self, what: &str, path: &Path) -> Result<(), crate::spec::SpecError> {
+        use crate::spec::check_under_roots;
+        check_under_roots(what, path, &self.given)?;
+        if self.given.is_empty() {
+            return Ok(());
+        }
+        let real = std::fs::canonicalize(path).or_else(|e| {
+            let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+                return Err(e);
+            };
+            std::fs::canonicalize(dir).map(|d| d.join(file))
+        });
+        match real {
+            Ok(real) => check_under_roots(what, &real, &self.resolved),
+            // Nothing there to lead elsewhere; the caller reports it missing.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Opens `path` with `flags` (and `mode`, for a file it creates),
+    /// never resolving anything outside the allowed root it lies under: a
+    /// symlink that leads out, `..` past the root and `/proc` magic links
+    /// all fail. Without roots, a plain open. Always `O_CLOEXEC`, and
+    /// `O_NONBLOCK`, so a FIFO can't hold the caller; the callers check
+    /// the type of what they got and [`blocking`] it.
+    pub fn open(&self, path: &Path, flags: OFlag, mode: Mode) -> io::Result<File> {
+        let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+        if self.given.is_empty() {
+            return Ok(nix::fcntl::open(path, flags, mode)?.into());
+        }
+        let Some((root, inner)) = self
+            .given
+            .iter()
+            .chain(&self.resolved)
+            .find_map(|root| Some((root, path.strip_prefix(root).ok()?)))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "not under an allowed root",
+            ));
+        };
+        let root = nix::fcntl::open(
+            root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let inner = if inner.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            inner
+        };
+        let how = OpenHow::new()
+            .flags(flags)
+            .mode(mode)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match nix::fcntl::openat2(&root, inner, how) {
+            Ok(fd) => Ok(fd.into()),
+            Err(nix::errno::Errno::EXDEV) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "it leads outside the allowed roots (through a symlink or ..)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Makes an fd that [`AllowedRoots::open`] opened non-blocking block
+/// again, once its type is known, for QEMU's sake.
+pub fn blocking(file: &File) -> io::Result<()> {
+    let flags = OFlag::from_bits_truncate(nix::fcntl::fcntl(file, FcntlArg::F_GETFL)?);
+    nix::fcntl::fcntl(file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 /// Opens a disk image the way QEMU will use it: read-only or read-write as
-/// the disk asks. A regular file or a block device, nothing else.
-pub fn open_disk_image(disk: &DiskSpec) -> Result<File, HostFileError> {
+/// the disk asks, beneath the allowed roots. A regular file or a block
+/// device, nothing else.
+pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<File, HostFileError> {
     let unusable = |reason: String| HostFileError::Disk {
         disk: disk.name.clone(),
         path: disk.path.clone(),
         reason,
     };
-    let meta = std::fs::metadata(&disk.path).map_err(|e| unusable(e.to_string()))?;
+    let access = if disk.read_only {
+        OFlag::O_RDONLY
+    } else {
+        OFlag::O_RDWR
+    };
+    let file = roots
+        .open(&disk.path, access, Mode::empty())
+        .map_err(|e| unusable(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
     if !(meta.is_file() || meta.file_type().is_block_device()) {
         return Err(unusable("not a regular file or block device".into()));
     }
-    OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&disk.path)
-        .map_err(|e| unusable(e.to_string()))
+    blocking(&file).map_err(|e| unusable(e.to_string()))?;
+    Ok(file)
 }
 
-/// Opens a kernel or initrd for QEMU to read through `/proc/self/fd/N`.
-/// The directories on the way don't matter, but reopening a file checks
-/// its own mode, so under `user` the file itself must be readable.
+/// Opens a kernel or initrd for QEMU to read through `/proc/self/fd/N`,
+/// beneath the allowed roots. The directories on the way don't matter,
+/// but reopening a file checks its own mode, so under `user` the file
+/// itself must be readable.
 pub fn open_boot_file(
     what: &'static str,
     path: &Path,
     user: Option<QemuUser>,
+    roots: &AllowedRoots,
 ) -> Result<File, HostFileError> {
     let unreadable = |reason: String| HostFileError::Boot {
         what,
         path: path.to_owned(),
         reason,
     };
-    let file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
+    let file = roots
+        .open(path, OFlag::O_RDONLY, Mode::empty())
+        .map_err(|e| unreadable(e.to_string()))?;
     let meta = file.metadata().map_err(|e| unreadable(e.to_string()))?;
     if !meta.is_file() {
         return Err(unreadable("not a regular file".into()));
@@ -95,42 +221,59 @@ pub fn open_boot_file(
             )));
         }
     }
+    blocking(&file).map_err(|e| unreadable(e.to_string()))?;
     Ok(file)
 }
 
 /// Makes the file guest RAM lives in, owned by `user`, for QEMU to open
-/// through `/proc/self/fd/N`. A directory (a tmpfs or hugetlbfs mount)
-/// gets a new file that is unlinked at once, as QEMU itself would do; a
-/// file path is created when missing and handed to `user` either way,
-/// since QEMU maps it read-write.
+/// through `/proc/self/fd/N`, beneath the allowed roots. A directory (a
+/// tmpfs or hugetlbfs mount) gets a new file that is unlinked at once, as
+/// QEMU itself would do; a file path is created when missing and handed
+/// to `user` either way, since QEMU maps it read-write.
 pub fn open_memory_file(
     path: &Path,
     user: QemuUser,
     instance: &str,
+    roots: &AllowedRoots,
 ) -> Result<File, HostFileError> {
     let failed = |source: io::Error| HostFileError::Memory {
         path: path.to_owned(),
         source,
     };
-    let mut options = OpenOptions::new();
-    options
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+    let read_write = OFlag::O_RDWR | OFlag::O_NOFOLLOW;
+    let private = Mode::from_bits_truncate(0o600);
     let file = if path.is_dir() {
-        let name = path.join(format!(".kvm-agent-{instance}.ram"));
+        let dir = roots
+            .open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+            .map_err(failed)?;
+        let name = format!(".kvm-agent-{instance}.ram");
         // Left over only by an agent that died in the moment between
         // creating it and unlinking it.
-        match std::fs::remove_file(&name) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(failed(e)),
+        match unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Err(e) if e != nix::errno::Errno::ENOENT => return Err(failed(e.into())),
             _ => {}
         }
-        let file = options.create_new(true).open(&name).map_err(failed)?;
-        std::fs::remove_file(&name).map_err(failed)?;
-        file
+        let fd = nix::fcntl::openat(
+            &dir,
+            name.as_str(),
+            read_write | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            private,
+        )
+        .map_err(|e| failed(e.into()))?;
+        unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir).map_err(|e| failed(e.into()))?;
+        File::from(fd)
     } else {
-        options.create(true).open(path).map_err(failed)?
+        let file = roots
+            .open(path, read_write | OFlag::O_CREAT, private)
+            .map_err(failed)?;
+        if !file.metadata().map_err(failed)?.is_file() {
+            return Err(failed(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or a directory",
+            )));
+        }
+        blocking(&file).map_err(failed)?;
+        file
     };
     fchown(&file, Some(user.uid), Some(user.gid)).map_err(failed)?;
     Ok(file)

@@ -6,7 +6,7 @@
 //! `quit`, then SIGKILL, each with its own timeout.
 
 use crate::cgroup::CgroupLayout;
-use crate::host_files::{self, HostFileError};
+use crate::host_files::{self, AllowedRoots, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::pinning::{PinError, pin_vcpus};
 use crate::runtime::ResolvedAccelerator;
@@ -64,6 +64,9 @@ pub struct LaunchConfig {
     /// Where the QEMU binary finds its option ROMs (`-L help`), for a
     /// chroot to hold them.
     pub option_rom_dirs: Vec<PathBuf>,
+    /// Where disk images, boot files and RAM files may be opened; checked
+    /// again at every launch, since a path may lead elsewhere by then.
+    pub allowed_roots: AllowedRoots,
 }
 
 impl Default for LaunchConfig {
@@ -76,6 +79,7 @@ impl Default for LaunchConfig {
             log_keep: 3,
             cgroups: None,
             option_rom_dirs: Vec::new(),
+            allowed_roots: AllowedRoots::default(),
         }
     }
 }
@@ -310,14 +314,19 @@ fn open_resources(
     let disks = rt
         .disks
         .iter()
-        .map(|d| host_files::open_disk_image(&d.spec))
+        .map(|d| host_files::open_disk_image(&d.spec, &cfg.allowed_roots))
         .collect::<Result<Vec<_>, _>>()?;
     let (kernel, initrd) = match &rt.boot {
         Boot::Kernel { kernel, initrd, .. } => (
-            Some(host_files::open_boot_file("kernel", kernel, rt.qemu_user)?),
+            Some(host_files::open_boot_file(
+                "kernel",
+                kernel,
+                rt.qemu_user,
+                &cfg.allowed_roots,
+            )?),
             initrd
                 .as_deref()
-                .map(|i| host_files::open_boot_file("initrd", i, rt.qemu_user))
+                .map(|i| host_files::open_boot_file("initrd", i, rt.qemu_user, &cfg.allowed_roots))
                 .transpose()?,
         ),
         Boot::Disk => (None, None),
@@ -325,9 +334,9 @@ fn open_resources(
     // Without a user of its own, QEMU opens (and creates) its RAM file
     // itself, as root.
     let memory = match (&rt.memory_backing, rt.qemu_user) {
-        (MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path }, Some(user)) => {
-            Some(host_files::open_memory_file(path, user, &rt.name)?)
-        }
+        (MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path }, Some(user)) => Some(
+            host_files::open_memory_file(path, user, &rt.name, &cfg.allowed_roots)?,
+        ),
         _ => None,
     };
     Ok(ExecutionResources {

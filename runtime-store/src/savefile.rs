@@ -390,7 +390,13 @@ impl<T: DeserializeOwned> SaveFile<T> {
     /// Opens a save file and checks its header and that the trailer fits
     /// the file's size. Reads nothing of the stream yet.
     pub fn open(path: &Path) -> Result<SaveFile<T>, SaveFileError> {
-        let mut file = File::open(path).map_err(io_error("open", path))?;
+        let file = File::open(path).map_err(io_error("open", path))?;
+        Self::from_file(file, path)
+    }
+
+    /// Checks a save file the caller opened itself (`path` names it in
+    /// errors), the way [`open`](Self::open) does.
+    pub fn from_file(mut file: File, path: &Path) -> Result<SaveFile<T>, SaveFileError> {
         let size = file.metadata().map_err(io_error("stat", path))?.len();
         let (header, stream_start) =
             decode_header(&mut io::BufReader::new(&mut file)).map_err(|e| with_path(e, path))?;

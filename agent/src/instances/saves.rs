@@ -66,6 +66,17 @@ fn absolute(path: &str) -> Result<PathBuf, AgentError> {
     Ok(path)
 }
 
+/// Whether `path`, or where its symlinks lead, lies in `state_dir`. A
+/// file that doesn't exist yet is judged by its directory.
+fn inside_state_dir(path: &Path, state_dir: &Path) -> bool {
+    let real = std::fs::canonicalize(path).or_else(|e| match (path.parent(), path.file_name()) {
+        (Some(dir), Some(file)) => std::fs::canonicalize(dir).map(|d| d.join(file)),
+        _ => Err(e),
+    });
+    let real_state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    path.starts_with(state_dir) || real.is_ok_and(|real| real.starts_with(&real_state))
+}
+
 /// Waits for QEMU's side of a save or restore to end.
 async fn wait_stream_end(qmp: &QmpClient) -> Result<qemu_migration::MigrationStatus, QmpError> {
     loop {
@@ -78,12 +89,57 @@ async fn wait_stream_end(qmp: &QmpClient) -> Result<qemu_migration::MigrationSta
 }
 
 impl Agent {
+    /// Checks the path of a save file: absolute, under the allowed roots,
+    /// and outside the agent's own state, where a file would pass for one
+    /// of its records.
+    fn save_file_path(&self, path: &str) -> Result<PathBuf, AgentError> {
+        let path = absolute(path)?;
+        self.cfg.allowed_roots.check("save file", &path)?;
+        if inside_state_dir(&path, &self.cfg.state_dir) {
+            return Err(AgentError::BadRequest(format!(
+                "save file {} lies in the agent's state directory {}; choose a path outside it",
+                path.display(),
+                self.cfg.state_dir.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    /// Opens a save file to restore beneath the allowed roots: a regular
+    /// file, never a FIFO or a device that would hold the call.
+    fn open_save_file(&self, path: &Path) -> Result<File, AgentError> {
+        use nix::fcntl::OFlag;
+        let unusable = |reason: String| {
+            AgentError::BadRequest(format!("save file {}: {reason}", path.display()))
+        };
+        let file = self
+            .cfg
+            .allowed_roots
+            .open(path, OFlag::O_RDONLY, nix::sys::stat::Mode::empty())
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => AgentError::SaveFile {
+                    path: path.to_owned(),
+                    source: SaveFileError::Io {
+                        op: "open",
+                        path: path.to_owned(),
+                        source: e,
+                    },
+                },
+                _ => unusable(e.to_string()),
+            })?;
+        let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(unusable("not a regular file".into()));
+        }
+        hypervisor::host_files::blocking(&file).map_err(|e| unusable(e.to_string()))?;
+        Ok(file)
+    }
+
     /// Saves a running or paused guest's state to a new file at `path`,
     /// then ends its QEMU. On any failure the file is gone and the guest
     /// runs (or stays paused) as before.
     pub async fn save(self: &Arc<Self>, name: &str, path: &str) -> Result<SaveOutcome, AgentError> {
-        let path = absolute(path)?;
-        self.cfg.allowed_roots.check("save file", &path)?;
+        let path = self.save_file_path(path)?;
         let started = Instant::now();
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await?;
@@ -225,12 +281,12 @@ impl Agent {
         path: &str,
         paused: bool,
     ) -> Result<(InstanceView, Duration), AgentError> {
-        let path = absolute(path)?;
-        self.cfg.allowed_roots.check("save file", &path)?;
+        let path = self.save_file_path(path)?;
         let started = Instant::now();
+        let opened = self.open_save_file(&path)?;
         let file = {
             let source = path.clone();
-            tokio::task::spawn_blocking(move || SaveFile::<Runtime>::open(&source))
+            tokio::task::spawn_blocking(move || SaveFile::<Runtime>::from_file(opened, &source))
                 .await
                 .map_err(|e| AgentError::Internal(e.to_string()))?
                 .map_err(save_error(&path))?
