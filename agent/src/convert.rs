@@ -265,40 +265,40 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
 }
 
 /// The wire form of an event.
-pub fn event_to_proto(event: Event) -> pb::Event {
+pub fn event_to_proto(event: &Event) -> pb::Event {
     let mut wire = pb::Event {
         sequence: event.sequence,
         unix_millis: event.unix_millis,
-        instance: event.instance,
+        instance: event.instance.clone(),
         ..Default::default()
     };
-    match event.kind {
+    match &event.kind {
         EventKind::State {
             state,
             detail,
             guest_initiated,
         } => {
             wire.kind = pb::EventKind::StateChanged as i32;
-            wire.state = state_to_proto(state) as i32;
-            wire.state_detail = detail;
-            wire.guest_initiated = guest_initiated;
+            wire.state = state_to_proto(*state) as i32;
+            wire.state_detail = detail.clone();
+            wire.guest_initiated = *guest_initiated;
         }
         EventKind::DeviceAdded { device, slot } => {
             wire.kind = pb::EventKind::DeviceAdded as i32;
-            wire.device = device;
-            wire.pci_slot = slot.into();
+            wire.device = device.clone();
+            wire.pci_slot = (*slot).into();
         }
         EventKind::DeviceRemoved { device } => {
             wire.kind = pb::EventKind::DeviceRemoved as i32;
-            wire.device = device;
+            wire.device = device.clone();
         }
         EventKind::Rebooted {
             how,
             guest_initiated,
         } => {
             wire.kind = pb::EventKind::Rebooted as i32;
-            wire.reboot = how.to_owned();
-            wire.guest_initiated = guest_initiated;
+            wire.reboot = (*how).to_owned();
+            wire.guest_initiated = *guest_initiated;
         }
         EventKind::MigrationProgress(report) => {
             wire.kind = pb::EventKind::MigrationProgress as i32;

@@ -153,6 +153,9 @@ pub enum AgentError {
         /// The uuid offered.
         offered: String,
     },
+    /// A migration's target is the agent the instance already runs on.
+    #[error("instance {0:?} already runs on this node; a migration's target must be another node")]
+    MigrationToItself(String),
     /// The other agent of a migration refused or couldn't be reached.
     #[error("target agent {target}: {message}")]
     Peer {
@@ -388,6 +391,9 @@ impl AgentError {
                     "check the path and its permissions",
                 ),
             },
+            AgentError::MigrationToItself(_) => {
+                (Code::FailedPrecondition, "name another node as the target")
+            }
             AgentError::UuidMismatch { .. } => (
                 Code::FailedPrecondition,
                 "remove or rename the other instance first",
@@ -415,10 +421,29 @@ impl AgentError {
     }
 }
 
+/// The longest error message sent back to a caller. Messages echo names
+/// and paths from the request; a huge one must not come back whole, nor
+/// grow past what a client accepts in its trailers.
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
+/// `text` cut to at most `max` bytes, on a character boundary, with a mark
+/// where it was cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end]).into()
+}
+
 impl From<AgentError> for Status {
     fn from(err: AgentError) -> Status {
         let (code, hint) = err.code_and_hint();
-        Status::new(code, format!("{} ({hint})", chain(&err)))
+        let message = format!("{} ({hint})", chain(&err));
+        Status::new(code, bounded(&message, MAX_STATUS_MESSAGE))
     }
 }
 
@@ -432,6 +457,17 @@ mod tests {
 
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("vcpus 0"));
+    }
+
+    #[test]
+    fn a_huge_name_is_not_echoed_in_full() {
+        let status = Status::from(AgentError::NotFound("x".repeat(1 << 20)));
+
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE);
+        assert!(status.message().ends_with("..."));
+        assert_eq!(bounded("é".repeat(10).as_str(), 6), "é...");
+        assert_eq!(bounded("short", 6), "short");
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! resume after the last event it saw.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
 use crate::instances::{MigrationReport, State};
 
@@ -61,28 +61,63 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-/// A watcher asked for events the buffer no longer has.
+/// Watchers that may follow the events at once. Each costs a task and a
+/// place in the channel's accounting, so their number is bounded.
+pub const MAX_WATCHERS: usize = 256;
+
+/// Why a watch can't start.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "events after {asked} are no longer kept (the oldest kept is {oldest}); re-read the state with ListInstances, then watch from there"
-)]
-pub struct TooOld {
-    /// The sequence asked for.
-    pub asked: u64,
-    /// The oldest sequence still kept.
-    pub oldest: u64,
+pub enum WatchError {
+    /// The buffer no longer has the events asked for.
+    #[error(
+        "events after {asked} are no longer kept (the oldest kept is {oldest}); re-read the state with ListInstances, then watch from there"
+    )]
+    TooOld {
+        /// The sequence asked for.
+        asked: u64,
+        /// The oldest sequence still kept.
+        oldest: u64,
+    },
+    /// The sequence asked for hasn't been given out yet: the watcher's
+    /// numbers come from an agent that has since restarted.
+    #[error(
+        "there is no event {asked} yet (the newest is {newest}); the agent may have restarted: re-read the state with ListInstances, then watch from there"
+    )]
+    Ahead {
+        /// The sequence asked for.
+        asked: u64,
+        /// The newest sequence given out.
+        newest: u64,
+    },
+    /// Too many watchers already.
+    #[error("{MAX_WATCHERS} watchers are following the events already; close one first")]
+    TooManyWatchers,
 }
 
 struct Buffer {
     next: u64,
-    kept: VecDeque<Event>,
+    kept: VecDeque<Arc<Event>>,
 }
 
 /// Publishes events to live watchers and keeps the last ones for resumes.
+/// Watchers share the kept events rather than copy them.
 pub struct EventBus {
     buffer: Mutex<Buffer>,
     capacity: usize,
-    live: broadcast::Sender<Event>,
+    live: broadcast::Sender<Arc<Event>>,
+    watchers: Arc<Semaphore>,
+}
+
+/// A watcher's view of the events: the kept ones it asked for, then what
+/// comes next. Holds the watcher's place until dropped.
+#[derive(Debug)]
+pub struct Watch {
+    /// Kept events after the sequence asked for, oldest first.
+    pub backlog: Vec<Arc<Event>>,
+    /// What comes next, with no gap and no repeat after the backlog.
+    pub live: broadcast::Receiver<Arc<Event>>,
+    /// The watcher's place among [`MAX_WATCHERS`].
+    pub permit: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -104,6 +139,7 @@ impl EventBus {
             }),
             capacity,
             live: broadcast::channel(capacity).0,
+            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
         }
     }
 
@@ -117,12 +153,12 @@ impl EventBus {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let mut buffer = self.lock();
-        let event = Event {
+        let event = Arc::new(Event {
             sequence: buffer.next,
             unix_millis,
             instance: instance.to_owned(),
             kind,
-        };
+        });
         buffer.next += 1;
         if buffer.kept.len() == self.capacity {
             buffer.kept.pop_front();
@@ -130,26 +166,40 @@ impl EventBus {
         buffer.kept.push_back(event.clone());
         // Sent under the lock, so the order on the channel is the order of
         // the sequence numbers. No watcher is fine.
-        let _ = self.live.send(event.clone());
-        tracing::debug!(sequence = event.sequence, instance, "event");
-        event.sequence
+        let sequence = event.sequence;
+        let _ = self.live.send(event);
+        tracing::debug!(sequence, instance, "event");
+        sequence
     }
 
     /// The kept events after `after` (none for `None`: only new ones), and
     /// a receiver for what comes next, with no gap and no repeat between
     /// them.
-    pub fn watch(
-        &self,
-        after: Option<u64>,
-    ) -> Result<(Vec<Event>, broadcast::Receiver<Event>), TooOld> {
+    pub fn watch(&self, after: Option<u64>) -> Result<Watch, WatchError> {
+        let permit = self
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WatchError::TooManyWatchers)?;
         let buffer = self.lock();
-        let receiver = self.live.subscribe();
+        let live = self.live.subscribe();
         let Some(after) = after else {
-            return Ok((Vec::new(), receiver));
+            return Ok(Watch {
+                backlog: Vec::new(),
+                live,
+                permit,
+            });
         };
+        let newest = buffer.next - 1;
+        if after > newest {
+            return Err(WatchError::Ahead {
+                asked: after,
+                newest,
+            });
+        }
         let oldest = buffer.kept.front().map_or(buffer.next, |e| e.sequence);
-        if after + 1 < oldest {
-            return Err(TooOld {
+        if after < oldest.saturating_sub(1) {
+            return Err(WatchError::TooOld {
                 asked: after,
                 oldest,
             });
@@ -160,7 +210,11 @@ impl EventBus {
             .filter(|e| e.sequence > after)
             .cloned()
             .collect();
-        Ok((backlog, receiver))
+        Ok(Watch {
+            backlog,
+            live,
+            permit,
+        })
     }
 }
 
@@ -191,12 +245,13 @@ mod tests {
             bus.publish("a", state(State::Running));
         }
 
-        let (backlog, _) = bus.watch(Some(3)).unwrap();
+        let watch = bus.watch(Some(3)).unwrap();
 
         assert_eq!(
-            backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            watch.backlog.iter().map(|e| e.sequence).collect::<Vec<_>>(),
             vec![4, 5]
         );
+        assert!(bus.watch(Some(5)).unwrap().backlog.is_empty());
     }
 
     #[test]
@@ -208,23 +263,61 @@ mod tests {
 
         assert_eq!(
             bus.watch(Some(1)).unwrap_err(),
-            TooOld {
+            WatchError::TooOld {
                 asked: 1,
                 oldest: 4
             }
         );
-        assert_eq!(bus.watch(Some(3)).unwrap().0.len(), 3);
+        assert_eq!(bus.watch(Some(3)).unwrap().backlog.len(), 3);
+        assert_eq!(
+            bus.watch(Some(0)).map(|_| ()).unwrap_err(),
+            WatchError::TooOld {
+                asked: 0,
+                oldest: 4
+            }
+        );
+    }
+
+    #[test]
+    fn a_sequence_not_given_out_yet_is_refused_even_the_largest() {
+        let bus = EventBus::new(3);
+        bus.publish("a", state(State::Running));
+
+        for asked in [2, u64::MAX] {
+            assert_eq!(
+                bus.watch(Some(asked)).unwrap_err(),
+                WatchError::Ahead { asked, newest: 1 }
+            );
+        }
+        assert!(
+            EventBus::new(3).watch(Some(0)).is_ok(),
+            "nothing yet, nothing missed"
+        );
+    }
+
+    #[test]
+    fn watchers_share_the_kept_events_and_are_bounded() {
+        let bus = EventBus::new(4);
+        bus.publish("a", state(State::Running));
+        let watches: Vec<Watch> = (0..MAX_WATCHERS)
+            .map(|_| bus.watch(Some(0)).unwrap())
+            .collect();
+
+        assert!(Arc::ptr_eq(&watches[0].backlog[0], &watches[1].backlog[0]));
+        assert_eq!(bus.watch(None).unwrap_err(), WatchError::TooManyWatchers);
+        drop(watches);
+        assert!(bus.watch(None).is_ok());
     }
 
     #[test]
     fn live_watch_sees_only_new_events() {
         let bus = EventBus::new(8);
         bus.publish("a", state(State::Running));
-        let (backlog, mut rx) = bus.watch(None).unwrap();
+        let mut watch = bus.watch(None).unwrap();
 
         bus.publish("a", state(State::Stopped));
 
-        assert!(backlog.is_empty());
-        assert_eq!(rx.try_recv().unwrap().sequence, 2);
+        assert!(watch.backlog.is_empty());
+        assert_eq!(watch.live.try_recv().unwrap().sequence, 2);
     }
 }

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
-use crate::events::{Event, EventBus, EventKind, TooOld};
+use crate::events::{EventBus, EventKind, Watch, WatchError};
 
 mod memory;
 mod migration;
@@ -189,6 +189,9 @@ pub struct Instance {
     name: String,
     /// Shared so recovery can hold it from registration until done.
     ops: Arc<tokio::sync::Mutex<()>>,
+    /// How many forced stops wait for `ops`. A graceful stop that holds
+    /// it gives way to them, the way `virsh destroy` ends a `shutdown`.
+    forced_stops: tokio::sync::watch::Sender<u32>,
     status: Mutex<Status>,
     events: Arc<EventBus>,
 }
@@ -233,6 +236,7 @@ impl Instance {
             name: name.to_owned(),
             events,
             ops: Arc::new(tokio::sync::Mutex::new(())),
+            forced_stops: tokio::sync::watch::Sender::new(0),
             status: Mutex::new(Status {
                 state,
                 detail,
@@ -485,10 +489,7 @@ impl Agent {
 
     /// Events after `after` (only new ones for `None`) and a receiver for
     /// the ones to come.
-    pub fn watch_events(
-        &self,
-        after: Option<u64>,
-    ) -> Result<(Vec<Event>, broadcast::Receiver<Event>), TooOld> {
+    pub fn watch_events(&self, after: Option<u64>) -> Result<Watch, WatchError> {
         self.events.watch(after)
     }
 
@@ -506,6 +507,14 @@ impl Agent {
     }
 
     pub(crate) fn instance(&self, name: &str) -> Result<Arc<Instance>, AgentError> {
+        if name.len() > hypervisor::spec::MAX_INSTANCE_NAME {
+            // Never a known name; and not worth echoing back in full.
+            return Err(AgentError::BadRequest(format!(
+                "an instance name is at most {} bytes; this one is {}",
+                hypervisor::spec::MAX_INSTANCE_NAME,
+                name.len()
+            )));
+        }
         self.registry()
             .get(name)
             .cloned()
@@ -1070,10 +1079,22 @@ impl Agent {
         let paused = matches!(lock(&inst.status).state, State::Paused | State::Incoming);
         process.stop_requested.store(true, Ordering::SeqCst);
         inst.set_state(State::Stopping, "");
-        let result = if paused && !force {
-            lifecycle::quit(Some(&process.qmp), &process.pidfd, timeouts).await
-        } else {
-            lifecycle::stop(Some(&process.qmp), &process.pidfd, timeouts, force).await
+        let graceful = async {
+            if paused && !force {
+                lifecycle::quit(Some(&process.qmp), &process.pidfd, timeouts).await
+            } else {
+                lifecycle::stop(Some(&process.qmp), &process.pidfd, timeouts, force).await
+            }
+        };
+        let mut forced_stops = inst.forced_stops.subscribe();
+        let result = tokio::select! {
+            result = graceful => result,
+            // A forced stop waiting behind this one: kill now, rather
+            // than make it wait out the guest.
+            _ = async { drop(forced_stops.wait_for(|waiting| *waiting > 0).await) }, if !force => {
+                tracing::info!(instance = %inst.name, "a forced stop preempts the graceful one");
+                lifecycle::stop(None, &process.pidfd, timeouts, true).await
+            }
         };
         let method = match result {
             Ok(m) => m,
@@ -1111,7 +1132,14 @@ impl Agent {
         powerdown_timeout: Option<Duration>,
     ) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await?;
+        let _op = if force {
+            inst.forced_stops.send_modify(|waiting| *waiting += 1);
+            let locked = inst.lock_ops().await;
+            inst.forced_stops.send_modify(|waiting| *waiting -= 1);
+            locked?
+        } else {
+            inst.lock_ops().await?
+        };
         if inst.is_incoming() {
             // Nothing of the guest ran here yet; stopping means dropping it.
             self.abort_incoming(&inst).await;

@@ -11,13 +11,15 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use hypervisor::migration::UNCAPPED_BANDWIDTH;
+
 use crate::convert::{
     disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
     stop_method_to_proto, view_to_proto,
 };
 use crate::devices::ChangedDevice;
 use crate::error::AgentError;
-use crate::events::Event;
+use crate::events::{Event, WatchError};
 use crate::instances::InstanceView;
 use crate::instances::{Agent, MigrateOptions, RebootMode};
 use std::pin::Pin;
@@ -29,6 +31,25 @@ use tokio_stream::{Stream, StreamExt};
 
 /// How long a waiting SetMemory waits when the caller doesn't say.
 const DEFAULT_SET_MEMORY_WAIT: Duration = Duration::from_secs(30);
+/// The longest wait a caller may ask for (a guest's powerdown, a balloon
+/// reaching its target). Longer ones would let a call hold an instance
+/// for days.
+pub const MAX_CALLER_WAIT: Duration = Duration::from_secs(3600);
+/// The longest pause QEMU accepts as a migration's downtime limit.
+pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(2000);
+
+/// A wait the caller asked for, in milliseconds: `None` for 0 (the
+/// default), refused past [`MAX_CALLER_WAIT`].
+fn caller_wait(field: &str, ms: u64) -> Result<Option<Duration>, AgentError> {
+    let wait = Duration::from_millis(ms);
+    if wait > MAX_CALLER_WAIT {
+        return Err(AgentError::BadRequest(format!(
+            "{field} is {ms} ms; the most is {} ms",
+            MAX_CALLER_WAIT.as_millis()
+        )));
+    }
+    Ok((ms > 0).then_some(wait))
+}
 
 /// `kvmagent.v1.NodeAgent` on top of an [`Agent`].
 #[derive(Debug, Clone)]
@@ -51,14 +72,29 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Se
 /// The stream MigrateInstance returns.
 pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
 
-fn migrate_options_from_proto(options: pb::MigrationOptions) -> MigrateOptions {
-    MigrateOptions {
+/// A migration's options, checked against what QEMU accepts before it
+/// sees them.
+fn migrate_options_from_proto(options: pb::MigrationOptions) -> Result<MigrateOptions, AgentError> {
+    let downtime_limit = Duration::from_millis(options.downtime_limit_ms.into());
+    if downtime_limit > MAX_DOWNTIME_LIMIT {
+        return Err(AgentError::BadRequest(format!(
+            "downtime_limit_ms is {}; QEMU takes at most {} ms",
+            options.downtime_limit_ms,
+            MAX_DOWNTIME_LIMIT.as_millis()
+        )));
+    }
+    if options.max_bandwidth > UNCAPPED_BANDWIDTH {
+        return Err(AgentError::BadRequest(format!(
+            "max_bandwidth is {} bytes/s; the most is {UNCAPPED_BANDWIDTH}, and 0 means uncapped",
+            options.max_bandwidth
+        )));
+    }
+    Ok(MigrateOptions {
         offline: options.offline,
         max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
-        downtime_limit: (options.downtime_limit_ms > 0)
-            .then(|| Duration::from_millis(options.downtime_limit_ms.into())),
+        downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
         auto_converge: options.auto_converge,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -133,8 +169,7 @@ impl NodeAgent for NodeAgentService {
         let req = req.into_inner();
         let agent = self.agent.clone();
         traced("stop", req.name.clone(), id, async move {
-            let powerdown = (req.powerdown_timeout_ms > 0)
-                .then(|| Duration::from_millis(req.powerdown_timeout_ms.into()));
+            let powerdown = caller_wait("powerdown_timeout_ms", req.powerdown_timeout_ms.into())?;
             let (view, method) = agent.stop(&req.name, req.force, powerdown).await?;
             Ok(pb::StopInstanceResponse {
                 instance: Some(view_to_proto(view)),
@@ -193,10 +228,8 @@ impl NodeAgent for NodeAgentService {
         let agent = self.agent.clone();
         let name = req.name.clone();
         traced("set_memory", name.clone(), id, async move {
-            let wait = req.wait.then(|| match req.timeout_ms {
-                0 => DEFAULT_SET_MEMORY_WAIT,
-                ms => Duration::from_millis(ms),
-            });
+            let asked = caller_wait("timeout_ms", req.timeout_ms)?;
+            let wait = req.wait.then(|| asked.unwrap_or(DEFAULT_SET_MEMORY_WAIT));
             let report = agent.set_memory(&name, req.memory_mib, wait).await?;
             Ok(pb::SetMemoryResponse {
                 target_mib: report.target_mib,
@@ -275,7 +308,7 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<ProgressStream> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        let options = migrate_options_from_proto(req.options.unwrap_or_default());
+        let options = migrate_options_from_proto(req.options.unwrap_or_default())?;
         let (progress_tx, mut progress_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::channel(64);
         let agent = self.agent.clone();
@@ -358,18 +391,27 @@ impl NodeAgent for NodeAgentService {
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {
         let req = req.into_inner();
-        let (backlog, live) = self
+        let watch = self
             .agent
             .watch_events(req.after_sequence)
-            .map_err(|e| Status::out_of_range(e.to_string()))?;
+            .map_err(|e| match e {
+                WatchError::TooManyWatchers => Status::resource_exhausted(e.to_string()),
+                WatchError::TooOld { .. } | WatchError::Ahead { .. } => {
+                    Status::out_of_range(e.to_string())
+                }
+            })?;
         let filter = req.instance;
         let wanted = move |e: &Event| filter.is_empty() || e.instance == filter;
-        let backlog = backlog
+        let backlog = watch
+            .backlog
             .into_iter()
-            .filter(wanted.clone())
-            .map(|e| Ok(event_to_proto(e)));
-        let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(e) if wanted(&e) => Some(Ok(event_to_proto(e))),
+            .filter({
+                let wanted = wanted.clone();
+                move |e| wanted(e)
+            })
+            .map(|e| Ok(event_to_proto(&e)));
+        let live = BroadcastStream::new(watch.live).filter_map(move |item| match item {
+            Ok(e) if wanted(&e) => Some(Ok(event_to_proto(&e))),
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::resource_exhausted(format!(
                 "this watcher fell {missed} events behind; resume after the last sequence number it saw"
@@ -378,9 +420,12 @@ impl NodeAgent for NodeAgentService {
         // A lagging watcher gets one error and the stream ends, so it
         // resumes instead of silently missing events.
         let mut failed = false;
+        let permit = watch.permit;
         let stream = tokio_stream::iter(backlog)
             .chain(live)
             .map_while(move |item| {
+                // The watcher's place goes with its stream.
+                let _place = &permit;
                 if failed {
                     return None;
                 }
@@ -499,8 +544,10 @@ async fn traced<T: Send + 'static>(
     work: impl Future<Output = Result<T, AgentError>> + Send + 'static,
 ) -> Reply<T> {
     let header = MetadataValue::try_from(request_id.as_str()).ok();
-    let span =
-        tracing::info_span!("op", op, instance = instance.as_str(), request_id = %request_id);
+    // Names are checked later, inside the operation: the log gets what
+    // the caller sent, but never more than a name's worth of it.
+    let logged_name = crate::error::bounded(&instance, 2 * hypervisor::spec::MAX_INSTANCE_NAME);
+    let span = tracing::info_span!("op", op, instance = %logged_name, request_id = %request_id);
     // A task of its own: a caller that goes away, or whose deadline
     // passes, ends its wait, not the operation halfway through a QMP
     // sequence or a stop escalation. One still waiting for the instance
@@ -517,7 +564,11 @@ async fn traced<T: Send + 'static>(
             let elapsed_ms = seconds * 1000.0;
             match &result {
                 Ok(_) => tracing::info!(elapsed_ms, "operation done"),
-                Err(e) => tracing::error!(elapsed_ms, error = %e, "operation failed"),
+                Err(e) => {
+                    let error = e.to_string();
+                    let error = crate::error::bounded(&error, crate::error::MAX_STATUS_MESSAGE);
+                    tracing::error!(elapsed_ms, %error, "operation failed");
+                }
             }
             result
         }

@@ -61,9 +61,10 @@ pub fn serve(addr: SocketAddr, agent: Arc<Agent>) -> Result<(), MetricsError> {
     tracing::info!(%addr, "serving metrics");
     count_instances(&agent);
     tokio::spawn(async move {
-        let Ok((_, mut events)) = agent.watch_events(None) else {
+        let Ok(watch) = agent.watch_events(None) else {
             return;
         };
+        let (mut events, _place) = (watch.live, watch.permit);
         loop {
             match events.recv().await {
                 Ok(e) if matches!(e.kind, EventKind::State { .. }) => count_instances(&agent),

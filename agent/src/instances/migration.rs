@@ -521,6 +521,13 @@ impl Agent {
         let runtime = self.adopt_runtime(&foreign).await?;
         self.check_host_files(&runtime.to_spec())?;
         let inst = self.register_incoming(&runtime)?;
+        // Before the lock: a source migrating this instance to its own
+        // agent holds that lock until this call returns.
+        if let (Some(_), Some(record)) = inst.process_and_record()
+            && record.runtime.uuid == runtime.uuid
+        {
+            return Err(AgentError::MigrationToItself(inst.name.clone()));
+        }
         let _op = self.lock_incoming(&inst).await?;
         let previous = self.check_incoming(&inst, &runtime)?;
         let (_, process) = self
