@@ -99,11 +99,15 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
                 .tls_config(tls.server_config())
                 .context("setting up TLS")?;
         }
+        // The health service too, so that clients that find services by
+        // reflection (grpcurl, grpcui) see it.
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         Ok(server
             .add_service(health.clone())

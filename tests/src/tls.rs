@@ -158,3 +158,72 @@ pub async fn agent_on_loopback_tcp(ca: &TestCa) -> (crate::TestAgent, u16) {
     options.args.extend(node.args());
     (crate::TestAgent::start_with(options).await, port)
 }
+
+/// How a TLS server answered a client's handshake and first bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    /// It let the client in and answered with HTTP/2 frames.
+    Admitted,
+    /// It sent this TLS alert.
+    Alert(rustls::AlertDescription),
+    /// The client gave up on the server, or something else went wrong.
+    Failed(String),
+}
+
+/// Shakes hands with the TLS server on `127.0.0.1:port` as a client that
+/// trusts `ca_pem` and shows `identity` (certificate and key files), if
+/// any, then sends the HTTP/2 preface and reads the answer. With TLS 1.3
+/// the server judges the client's certificate after the client's side of
+/// the handshake is done, so its verdict arrives as an alert on that read.
+pub async fn handshake(port: u16, ca_pem: &str, identity: Option<&TlsPaths>) -> Handshake {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(paths) => {
+            let chain = CertificateDer::pem_file_iter(&paths.cert)
+                .expect("certificate PEM")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("certificate");
+            let key = PrivateKeyDer::from_pem_file(&paths.key).expect("key PEM");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client identity")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let outcome = async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let name = ServerName::try_from("localhost").expect("server name");
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        tls.flush().await?;
+        let mut first = [0u8; 9];
+        tls.read_exact(&mut first).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), outcome).await {
+        Ok(Ok(())) => Handshake::Admitted,
+        Ok(Err(e)) => match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => Handshake::Alert(*alert),
+            _ => Handshake::Failed(e.to_string()),
+        },
+        Err(_) => Handshake::Failed("no answer within 5 s".into()),
+    }
+}

@@ -176,6 +176,41 @@ async fn health_service_reports_the_node_agent_serving() {
 }
 
 #[tokio::test]
+async fn reflection_lists_the_health_service_and_a_log_file_has_no_colour_codes() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let agent = TestAgent::start().await;
+    let mut client = ServerReflectionClient::new(agent.channel().await);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let reply = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("one reply");
+
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list: {reply:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    assert!(names.contains(&"kvmagent.v1.NodeAgent"), "{names:?}");
+    // The fixture sends the agent's stderr to a file.
+    let log = agent.log();
+    assert!(log.contains("serving"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+}
+
+#[tokio::test]
 async fn cli_hot_adds_and_lists_devices_as_json() {
     let agent = TestAgent::start().await;
     agent.start_spec(agent.spec("devs", 64)).await;

@@ -202,5 +202,12 @@ async fn resuming_from_events_no_longer_kept_is_out_of_range() {
         "{}",
         too_old.message()
     );
-    assert!(kept.is_ok());
+    // The three kept events, from the oldest, without a gap.
+    let mut kept = kept.expect("events after 1 are kept");
+    let seen = collect_until(&mut kept, |e| e.sequence == 4).await;
+    assert_eq!(
+        seen.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_eq!(seen[2].state, pb::InstanceState::Stopped as i32);
 }

@@ -532,13 +532,12 @@ impl Drop for Hosts {
 
 #[tokio::test]
 async fn a_guest_moves_between_two_hosts_over_their_own_network() {
-    let hosts = match Hosts::create() {
-        Ok(h) => h,
-        Err(why) => {
-            println!("SKIPPED: network namespaces can't be made here: {why}");
-            return;
-        }
-    };
+    let hosts = Hosts::create().unwrap_or_else(|why| {
+        panic!(
+            "this test needs two network namespaces joined by a veth pair (root, iproute2), \
+             and they can't be made here: {why}"
+        )
+    });
     let source = TestAgent::start_with(hosts.agent_options(0)).await;
     let target = TestAgent::start_with(hosts.agent_options(1)).await;
     let spec = source.spec("traveller", 128);

@@ -14,6 +14,14 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
     let agent = TestAgent::start().await;
     let mut client = agent.client().await;
     let slow = agent.start_spec(agent.spec("slow", 64)).await;
+    let mut events = client
+        .watch_events(pb::WatchEventsRequest {
+            instance: "slow".into(),
+            after_sequence: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     // The guest has no OS, so this stop would wait out a 30 s powerdown.
     let mut stopper = agent.client().await;
     let long_stop = tokio::spawn(async move {
@@ -25,7 +33,16 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
             })
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // From here the stop holds the instance.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.message().await.unwrap() {
+            if event.state == pb::InstanceState::Stopping as i32 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the stop begins");
 
     let mut get_times = Vec::new();
     let mut info = None;

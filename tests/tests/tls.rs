@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use kvm_agent_tests::tls::{TestCa, agent_on_loopback_tcp, tls_client};
+use kvm_agent_tests::tls::{Handshake, TestCa, agent_on_loopback_tcp, handshake, tls_client};
 use kvm_agent_tests::*;
 use serde_json::Value;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -46,12 +46,45 @@ async fn only_certificates_of_the_cluster_ca_get_in() {
         ("no certificate", anonymous),
         ("a certificate of another CA", foreign_certificate),
         ("an expired certificate", expired),
-        ("plain text", plain_text),
-        ("a client trusting another CA", other_trust),
     ] {
-        let error = outcome.err().unwrap_or_else(|| panic!("{who} got in"));
-        println!("{who}: {error}");
+        outcome.err().unwrap_or_else(|| panic!("{who} got in"));
     }
+    // What the agent said to each, at the TLS layer.
+    for (who, identity, alert) in [
+        (
+            "no certificate",
+            None,
+            rustls::AlertDescription::CertificateRequired,
+        ),
+        (
+            "a certificate of another CA",
+            Some(&stranger),
+            rustls::AlertDescription::UnknownCA,
+        ),
+        (
+            "an expired certificate",
+            Some(&ca.issue_expired("former", &[])),
+            rustls::AlertDescription::CertificateExpired,
+        ),
+    ] {
+        assert_eq!(
+            handshake(port, ca.pem(), identity).await,
+            Handshake::Alert(alert),
+            "{who}"
+        );
+    }
+    assert_eq!(
+        handshake(port, ca.pem(), Some(&operator)).await,
+        Handshake::Admitted,
+        "the probe lets a member in"
+    );
+    let plain = plain_text.err().unwrap_or_default();
+    assert!(plain.contains("protocol error"), "plain text: {plain}");
+    let distrust = other_trust.err().unwrap_or_default();
+    assert!(
+        distrust.contains("UnknownIssuer"),
+        "a client trusting another CA refuses the agent's certificate: {distrust}"
+    );
     // The agent keeps serving its own socket and its cluster.
     agent
         .client()
