@@ -2,12 +2,11 @@
 //! done the way a competent direct driver would (the monitor socket passed
 //! as a listening fd, one connection kept open).
 
-use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use hypervisor::tap::Tap;
 
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use sendfd::SendWithFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
@@ -155,26 +154,15 @@ impl RawQemu {
             None => self.writer.write_all(line.as_bytes()).await?,
             Some(fd) => {
                 let stream: &UnixStream = self.writer.as_ref();
-                loop {
+                let sent = loop {
                     stream.writable().await?;
-                    let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                        let fds = [fd.as_raw_fd()];
-                        sendmsg::<()>(
-                            stream.as_raw_fd(),
-                            &[IoSlice::new(line.as_bytes())],
-                            &[ControlMessage::ScmRights(&fds)],
-                            MsgFlags::empty(),
-                            None,
-                        )
-                        .map_err(std::io::Error::from)
-                    });
-                    match sent {
-                        Ok(n) if n == line.len() => break,
-                        Ok(n) => bail!("short sendmsg ({n} of {} bytes)", line.len()),
+                    match stream.send_with_fd(line.as_bytes(), &[fd.as_raw_fd()]) {
+                        Ok(n) => break n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(e.into()),
                     }
-                }
+                };
+                self.writer.write_all(&line.as_bytes()[sent..]).await?;
             }
         }
         let reply = self.reply().await?;

@@ -454,21 +454,19 @@ impl Qmp {
     /// Hands QEMU `fd` under `name` (`getfd`, with the fd attached to the
     /// message), as the agent hands it taps and images.
     pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use sendfd::SendWithFd;
         use std::os::fd::AsRawFd;
         let msg = format!(
             "{}\n",
             json!({ "execute": "getfd", "arguments": { "fdname": name } })
         );
-        let fds = [fd.as_raw_fd()];
-        sendmsg::<()>(
-            self.writer.as_raw_fd(),
-            &[std::io::IoSlice::new(msg.as_bytes())],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("send getfd with its fd");
+        let sent = self
+            .writer
+            .send_with_fd(msg.as_bytes(), &[fd.as_raw_fd()])
+            .expect("send getfd with its fd");
+        self.writer
+            .write_all(&msg.as_bytes()[sent..])
+            .expect("send the rest of getfd");
         loop {
             let v = self.line();
             if v.get("return").is_some() {
