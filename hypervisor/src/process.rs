@@ -4,12 +4,15 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
@@ -47,9 +50,7 @@ pub fn read_own_file(path: &Path) -> Option<String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .ok()?;
-    // SAFETY: geteuid(2) has no failure mode and touches no memory.
-    let agent = unsafe { libc::geteuid() };
-    if file.metadata().ok()?.uid() != agent {
+    if file.metadata().ok()?.uid() != rustix::process::geteuid().as_raw() {
         tracing::warn!(path = %path.display(), "ignoring a file the agent didn't write");
         return None;
     }
@@ -313,14 +314,11 @@ pub struct PidFd {
 impl PidFd {
     /// Opens a pidfd for `pid`. Must be called inside a tokio runtime.
     pub fn open(pid: u32) -> io::Result<PidFd> {
-        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd
-        // or -1; it touches no memory of ours.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the syscall returned a new fd that nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        let target = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let owned = pidfd_open(target, PidfdFlags::empty())?;
         // SAFETY: `OwnedFd` always returns the fd it owns, and the AsyncFd
         // owns the `OwnedFd` for its whole life, so the fd stays open and the
         // same.
@@ -344,38 +342,19 @@ impl PidFd {
 
     /// True if the process has already exited.
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-        rc > 0
+        let mut fds = [PollFd::new(self.fd.get_ref(), PollFlags::IN)];
+        poll(&mut fds, Some(&Timespec::default())).is_ok_and(|ready| ready > 0)
     }
 
     /// Sends a signal through the pidfd, so it can't hit a reused pid.
     pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
-        // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number,
-        // a null siginfo and no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.get_ref().as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
+        let signal = Signal::from_named_raw(signal)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        match pidfd_send_signal(self.fd.get_ref(), signal) {
             // Already gone: the signal's purpose is served.
-            if err.raw_os_error() == Some(libc::ESRCH) {
-                return Ok(());
-            }
-            return Err(err);
+            Err(Errno::SRCH) => Ok(()),
+            other => other.map_err(io::Error::from),
         }
-        Ok(())
     }
 }
 

@@ -1181,29 +1181,18 @@ mod tests {
     fn recv_line_with_fds(
         sock: &std::os::unix::net::UnixStream,
     ) -> (String, Vec<std::os::fd::OwnedFd>) {
-        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-        use std::os::fd::FromRawFd;
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
         let mut line = Vec::new();
         let mut fds = Vec::new();
         while !line.ends_with(b"\n") {
             let mut chunk = [0u8; 64 * 1024];
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
             let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
-            let msg = recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::empty(),
-            )
-            .unwrap();
-            for c in msg.cmsgs().unwrap() {
-                if let ControlMessageOwned::ScmRights(received) = c {
-                    // SAFETY: the kernel just installed these fds for us.
-                    fds.extend(
-                        received
-                            .into_iter()
-                            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
-                    );
+            let msg = recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC).unwrap();
+            for c in cmsg.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = c {
+                    fds.extend(received);
                 }
             }
             let n = msg.bytes;
