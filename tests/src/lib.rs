@@ -570,36 +570,10 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Opens a new tap interface `name`. It is not persistent: it goes away
-/// with the last fd on it.
-pub fn open_tap(name: &str) -> std::os::fd::OwnedFd {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .expect("open /dev/net/tun");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on this
-    // stack frame for the whole call.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&tun), TUNSETIFF, &mut req) };
-    assert!(
-        rc == 0,
-        "TUNSETIFF {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    tun.into()
+/// Opens a new tap interface `name` the way the agent opens one. It is
+/// not persistent: it goes away with the last fd on it.
+pub fn open_tap(name: &str) -> hypervisor::tap::Tap {
+    hypervisor::tap::Tap::create(name, 1).unwrap_or_else(|e| panic!("tap {name}: {e}"))
 }
 
 /// The files `pid` holds open, by the paths their fds lead to.
