@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use hypervisor::tap::Tap;
 
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::unistd::setsid;
 use sendfd::SendWithFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -104,13 +106,15 @@ impl RawQemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls on an integer between fork and exec.
+        // SAFETY: between fork and exec the closure makes two system calls,
+        // on the listener's fd, which stays open until `spawn` returns.
         unsafe {
             cmd.pre_exec(move || {
-                libc::setsid();
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                let _ = setsid();
+                fcntl(
+                    BorrowedFd::borrow_raw(fd),
+                    FcntlArg::F_SETFD(FdFlag::empty()),
+                )?;
                 Ok(())
             });
         }

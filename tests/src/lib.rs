@@ -344,8 +344,7 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill_agent();
         for pid in self.live_qemus() {
-            // SAFETY: kill(2) with a pid we just found and a constant signal.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            send_signal(pid, libc::SIGKILL);
         }
         for hierarchy in ["", "memory", "cpu"] {
             let parent = Path::new("/sys/fs/cgroup")
@@ -411,10 +410,11 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Sends `signal` to `pid` (a process the test started).
+/// Sends `signal` to `pid` (a process the test started). One that is
+/// already gone is no error: the signal was to end it anyway.
 pub fn send_signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
+    let signal = nix::sys::signal::Signal::try_from(signal).expect("a known signal");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
 /// A minimal, independent QMP client used to check what QEMU really has.
