@@ -2,12 +2,13 @@
 //! done the way a competent direct driver would (the monitor socket passed
 //! as a listening fd, one connection kept open).
 
-use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use hypervisor::tap::Tap;
 
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::unistd::setsid;
+use sendfd::SendWithFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
@@ -105,13 +106,15 @@ impl RawQemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls on an integer between fork and exec.
+        // SAFETY: between fork and exec the closure makes two system calls,
+        // on the listener's fd, which stays open until `spawn` returns.
         unsafe {
             cmd.pre_exec(move || {
-                libc::setsid();
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                let _ = setsid();
+                fcntl(
+                    BorrowedFd::borrow_raw(fd),
+                    FcntlArg::F_SETFD(FdFlag::empty()),
+                )?;
                 Ok(())
             });
         }
@@ -155,26 +158,15 @@ impl RawQemu {
             None => self.writer.write_all(line.as_bytes()).await?,
             Some(fd) => {
                 let stream: &UnixStream = self.writer.as_ref();
-                loop {
+                let sent = loop {
                     stream.writable().await?;
-                    let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                        let fds = [fd.as_raw_fd()];
-                        sendmsg::<()>(
-                            stream.as_raw_fd(),
-                            &[IoSlice::new(line.as_bytes())],
-                            &[ControlMessage::ScmRights(&fds)],
-                            MsgFlags::empty(),
-                            None,
-                        )
-                        .map_err(std::io::Error::from)
-                    });
-                    match sent {
-                        Ok(n) if n == line.len() => break,
-                        Ok(n) => bail!("short sendmsg ({n} of {} bytes)", line.len()),
+                    match stream.send_with_fd(line.as_bytes(), &[fd.as_raw_fd()]) {
+                        Ok(n) => break n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(e.into()),
                     }
-                }
+                };
+                self.writer.write_all(&line.as_bytes()[sent..]).await?;
             }
         }
         let reply = self.reply().await?;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kvm_agent_proto::v1 as pb;
+use nix::unistd::{SysconfVar, sysconf};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
@@ -254,8 +255,11 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads a system setting.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+    // It can't fail on Linux, where it is USER_HZ, 100.
+    sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |ticks| ticks as f64)
 }
 
 /// The process's open fds once the readers' connections have closed: the

@@ -11,6 +11,7 @@ use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::pinning::{PinError, pin_vcpus};
 use crate::runtime::ResolvedAccelerator;
 use crate::spec::{Boot, MemoryBacking};
+use rustix::process::{getegid, geteuid};
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -257,8 +258,7 @@ pub fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), La
         .map_err(run_dir_error(run_dir))?;
     // Back to the agent's user when QEMU no longer has one of its own.
     let (uid, gid) = owner.map_or_else(
-        // SAFETY: geteuid(2) and getegid(2) can't fail and touch no memory.
-        || unsafe { (libc::geteuid(), libc::getegid()) },
+        || (geteuid().as_raw(), getegid().as_raw()),
         |u| (u.uid, u.gid),
     );
     std::os::unix::fs::chown(run_dir, Some(uid), Some(gid)).map_err(run_dir_error(run_dir))?;

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use nix::unistd::{SysconfVar, sysconf};
 use serde::{Deserialize, Serialize};
 
 use crate::qmp::{QmpClient, QmpError};
@@ -235,9 +236,12 @@ impl CpuPinning {
 /// The host's CPU count as the kernel configured it, which bounds the
 /// CPU numbers a mask may name (not this process's own affinity).
 pub fn host_cpu_count() -> u32 {
-    // SAFETY: sysconf reads a system constant and has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-    u32::try_from(n).ok().filter(|n| *n > 0).unwrap_or(1)
+    sysconf(SysconfVar::_NPROCESSORS_CONF)
+        .ok()
+        .flatten()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
 }
 
 /// Why pinning a running QEMU failed.

@@ -4,12 +4,19 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid, setsid, write};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+use rustix::thread::{set_keep_capabilities, set_no_new_privs};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
@@ -47,9 +54,7 @@ pub fn read_own_file(path: &Path) -> Option<String> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .ok()?;
-    // SAFETY: geteuid(2) has no failure mode and touches no memory.
-    let agent = unsafe { libc::geteuid() };
-    if file.metadata().ok()?.uid() != agent {
+    if file.metadata().ok()?.uid() != rustix::process::geteuid().as_raw() {
         tracing::warn!(path = %path.display(), "ignoring a file the agent didn't write");
         return None;
     }
@@ -122,66 +127,22 @@ pub struct Credentials {
     pub keep_chroot: bool,
 }
 
-/// `CAP_SYS_CHROOT` from linux/capability.h.
-const CAP_SYS_CHROOT: u32 = 18;
-/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two halves.
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-/// `struct __user_cap_header_struct`.
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-/// `struct __user_cap_data_struct`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// Leaves the calling process with `CAP_SYS_CHROOT` alone in its
-/// permitted, effective, inheritable and ambient sets, so that it alone
-/// survives exec. Async-signal-safe: two system calls on stack memory.
-///
-/// # Safety
-/// Only to be called between fork and exec.
-unsafe fn keep_only_chroot_capability() -> io::Result<()> {
-    let header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let chroot = 1 << CAP_SYS_CHROOT;
-    let data = [
-        CapData {
-            effective: chroot,
-            permitted: chroot,
-            inheritable: chroot,
-        },
-        CapData {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset(2) reads the header and two data structs, which live
-    // on this stack frame for the whole call.
-    let set = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-    // SAFETY: prctl(2) with integer arguments only.
-    let ambient = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_RAISE,
-            libc::c_ulong::from(CAP_SYS_CHROOT),
-            0,
-            0,
-        )
-    };
-    if set < 0 || ambient < 0 {
-        return Err(io::Error::last_os_error());
+/// Leaves the calling process with `keep` (`CAP_SYS_CHROOT` alone) in its
+/// effective, permitted, inheritable and ambient sets, so that it alone
+/// survives exec. Made for the time between fork and exec: `keep` is built
+/// before the fork, and the calls are capget, capset and prctl on stack
+/// memory. `caps` allocates only to describe a failure, as a string;
+/// glibc keeps malloc usable in a forked child, and the errno that std
+/// reports to the parent is read back right after.
+fn keep_only_capabilities(keep: &CapsHashSet) -> io::Result<()> {
+    let failed = |_| io::Error::last_os_error();
+    // Effective first: at every step it must stay within permitted, and
+    // inheritable may only name permitted capabilities.
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        caps::set(None, set, keep).map_err(failed)?;
+    }
+    for &capability in keep {
+        caps::raise(None, CapSet::Ambient, capability).map_err(failed)?;
     }
     Ok(())
 }
@@ -215,7 +176,14 @@ pub fn spawn_detached(
     let stderr = log.try_clone()?;
     let inherit = inherit.to_vec();
     let no_new_privs = confinement.no_new_privs;
-    let credentials = confinement.credentials.clone();
+    // Everything the child needs is built here, before the fork.
+    let credentials = confinement.credentials.as_ref().map(|c| {
+        let groups: Vec<Gid> = c.groups.iter().copied().map(Gid::from_raw).collect();
+        let keep: Option<CapsHashSet> = c
+            .keep_chroot
+            .then(|| [Capability::CAP_SYS_CHROOT].into_iter().collect());
+        (Uid::from_raw(c.uid), Gid::from_raw(c.gid), groups, keep)
+    });
     let cgroup_procs = confinement.cgroup_procs.clone();
     let mut command = Command::new(binary);
     command
@@ -223,47 +191,44 @@ pub fn spawn_detached(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(stderr);
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (setsid, fcntl, setgroups, setresgid,
-    // setresuid, prctl, capset) on plain integers, the stack and memory
-    // allocated before the fork; it allocates nothing and touches no locks.
+    // SAFETY: the closure runs between fork and exec. It makes system calls
+    // (setsid, write, fcntl, setgroups, setresgid, setresuid, prctl,
+    // capget, capset) on plain integers, the stack and memory allocated
+    // before the fork, and takes no locks; only a failing capability call
+    // allocates (see `keep_only_capabilities`). The raw fds it borrows are
+    // the caller's, open until `spawn` returns; a wrong one only fails the
+    // call with EBADF.
     unsafe {
         command.pre_exec(move || {
             // Its own session: QEMU outlives the agent and no terminal
             // signal aimed at the agent reaches it.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            setsid()?;
             // "0" is the writer itself.
             for &fd in &cgroup_procs {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
+                write(BorrowedFd::borrow_raw(fd), b"0")?;
             }
             for &fd in &inherit {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                fcntl(
+                    BorrowedFd::borrow_raw(fd),
+                    FcntlArg::F_SETFD(FdFlag::empty()),
+                )?;
             }
-            if let Some(c) = &credentials {
+            if let Some((uid, gid, groups, keep)) = &credentials {
                 // Capabilities survive the change of uid only if asked.
-                if c.keep_chroot && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 {
-                    return Err(io::Error::last_os_error());
+                if keep.is_some() {
+                    set_keep_capabilities(true)?;
                 }
                 // Groups first: once the uid is gone, so is the right to
                 // change them.
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
-                    || libc::setresgid(c.gid, c.gid, c.gid) < 0
-                    || libc::setresuid(c.uid, c.uid, c.uid) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                if c.keep_chroot {
-                    keep_only_chroot_capability()?;
+                setgroups(groups)?;
+                setresgid(*gid, *gid, *gid)?;
+                setresuid(*uid, *uid, *uid)?;
+                if let Some(keep) = keep {
+                    keep_only_capabilities(keep)?;
                 }
             }
-            if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(io::Error::last_os_error());
+            if no_new_privs {
+                set_no_new_privs(true)?;
             }
             Ok(())
         });
@@ -313,14 +278,11 @@ pub struct PidFd {
 impl PidFd {
     /// Opens a pidfd for `pid`. Must be called inside a tokio runtime.
     pub fn open(pid: u32) -> io::Result<PidFd> {
-        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd
-        // or -1; it touches no memory of ours.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the syscall returned a new fd that nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        let target = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let owned = pidfd_open(target, PidfdFlags::empty())?;
         // SAFETY: `OwnedFd` always returns the fd it owns, and the AsyncFd
         // owns the `OwnedFd` for its whole life, so the fd stays open and the
         // same.
@@ -344,38 +306,19 @@ impl PidFd {
 
     /// True if the process has already exited.
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-        rc > 0
+        let mut fds = [PollFd::new(self.fd.get_ref(), PollFlags::IN)];
+        poll(&mut fds, Some(&Timespec::default())).is_ok_and(|ready| ready > 0)
     }
 
     /// Sends a signal through the pidfd, so it can't hit a reused pid.
     pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
-        // SAFETY: pidfd_send_signal(2) with a valid pidfd, a signal number,
-        // a null siginfo and no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.get_ref().as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
+        let signal = Signal::from_named_raw(signal)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        match pidfd_send_signal(self.fd.get_ref(), signal) {
             // Already gone: the signal's purpose is served.
-            if err.raw_os_error() == Some(libc::ESRCH) {
-                return Ok(());
-            }
-            return Err(err);
+            Err(Errno::SRCH) => Ok(()),
+            other => other.map_err(io::Error::from),
         }
-        Ok(())
     }
 }
 
@@ -440,5 +383,67 @@ mod tests {
             .unwrap();
         assert!(pidfd.has_exited());
         child.wait().unwrap();
+    }
+
+    /// Runs `cat /proc/self/status` as nobody under `keep_chroot` and
+    /// returns its status lines. Needs root, as the agent does.
+    fn confined_status(keep_chroot: bool) -> String {
+        let may = |c| caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false);
+        assert!(
+            may(caps::Capability::CAP_SETUID) && may(caps::Capability::CAP_SYS_CHROOT),
+            "this test drops privileges the way the agent does, so it runs as root \
+             (CAP_SETUID and CAP_SYS_CHROOT); run the suite with scripts/test as root"
+        );
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let confinement = SpawnConfinement {
+            no_new_privs: true,
+            credentials: Some(Credentials {
+                uid: 65534,
+                gid: 65534,
+                groups: Vec::new(),
+                keep_chroot,
+            }),
+            cgroup_procs: Vec::new(),
+        };
+        let mut child = spawn_detached(
+            Path::new("/bin/cat"),
+            &["/proc/self/status"],
+            &[],
+            log.reopen().unwrap(),
+            &confinement,
+        )
+        .unwrap();
+        assert!(child.wait().unwrap().success());
+        fs::read_to_string(log.path()).unwrap()
+    }
+
+    fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+    }
+
+    #[test]
+    fn a_confined_child_keeps_cap_sys_chroot_alone() {
+        let status = confined_status(true);
+
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(status_field(&status, set), "0000000000040000", "{set}");
+        }
+        assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
+        assert_eq!(status_field(&status, "Gid"), "65534\t65534\t65534\t65534");
+        assert_eq!(status_field(&status, "Groups"), "");
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    }
+
+    #[test]
+    fn a_confined_child_without_chroot_keeps_no_capability() {
+        let status = confined_status(false);
+
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(status_field(&status, set), "0000000000000000", "{set}");
+        }
     }
 }

@@ -13,7 +13,6 @@
 //! subscription across the rebuild.
 
 use std::collections::{HashMap, HashSet};
-use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -22,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use sendfd::SendWithFd;
 use serde_json::{Value, json};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -652,6 +651,11 @@ impl<'a> Command<'a> {
 }
 
 /// Writes one command line, with an fd attached when given.
+///
+/// The fd rides on the first chunk of the line, so QEMU has it by the time
+/// it parses the command. `sendfd` sends without `MSG_NOSIGNAL`: a QEMU
+/// that hung up gives `EPIPE`, not a signal, because Rust programs ignore
+/// `SIGPIPE`, as the plain writes already rely on.
 async fn write_line(
     writer: &mut OwnedWriteHalf,
     line: &[u8],
@@ -663,26 +667,13 @@ async fn write_line(
     let stream: &UnixStream = writer.as_ref();
     let sent = loop {
         stream.writable().await?;
-        let attempt = stream.try_io(Interest::WRITABLE, || {
-            let iov = [IoSlice::new(line)];
-            let fds = [fd.as_raw_fd()];
-            let cmsg = [ControlMessage::ScmRights(&fds)];
-            sendmsg::<()>(
-                stream.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            )
-            .map_err(std::io::Error::from)
-        });
-        match attempt {
+        match stream.send_with_fd(line, &[fd.as_raw_fd()]) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     };
-    // The fd went with the first byte; the rest of a long line follows.
+    // The fd went with the first chunk; the rest of a long line follows.
     writer.write_all(&line[sent..]).await
 }
 
@@ -1185,43 +1176,38 @@ mod tests {
     }
 
     /// Reads one line from a blocking socket, collecting any fds that came
-    /// with it.
+    /// with it. The client sends its next line only after a reply, so a
+    /// read never takes bytes of the line after.
     fn recv_line_with_fds(
         sock: &std::os::unix::net::UnixStream,
     ) -> (String, Vec<std::os::fd::OwnedFd>) {
-        use nix::sys::socket::{ControlMessageOwned, recvmsg};
-        use std::os::fd::FromRawFd;
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
         let mut line = Vec::new();
         let mut fds = Vec::new();
         while !line.ends_with(b"\n") {
-            let mut byte = [0u8; 1];
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-            let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-            let msg = recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::empty(),
-            )
-            .unwrap();
-            for c in msg.cmsgs().unwrap() {
-                if let ControlMessageOwned::ScmRights(received) = c {
-                    // SAFETY: the kernel just installed these fds for us.
-                    fds.extend(
-                        received
-                            .into_iter()
-                            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
-                    );
+            let mut chunk = [0u8; 64 * 1024];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+            let msg = recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC).unwrap();
+            for c in cmsg.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = c {
+                    fds.extend(received);
                 }
             }
-            assert_eq!(msg.bytes, 1, "peer closed");
-            line.push(byte[0]);
+            let n = msg.bytes;
+            assert!(n > 0, "peer closed");
+            line.extend_from_slice(&chunk[..n]);
         }
         (String::from_utf8(line).unwrap(), fds)
     }
 
-    #[tokio::test]
-    async fn getfd_sends_the_fd_with_the_command() {
+    /// Hands `getfd` with a file to a fake QEMU; returns the request it
+    /// read, the fds that came with it, and the file.
+    async fn getfd_through_a_fake_qemu(
+        name: &str,
+        config: QmpConfig,
+    ) -> (Value, Vec<std::os::fd::OwnedFd>, std::fs::File) {
         let (client_end, server) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer = std::thread::spawn(move || {
             let mut out = server.try_clone().unwrap();
@@ -1242,23 +1228,60 @@ mod tests {
             }
         });
         client_end.set_nonblocking(true).unwrap();
-        let client = QmpClient::handshake(UnixStream::from_std(client_end).unwrap(), config())
+        let client = QmpClient::handshake(UnixStream::from_std(client_end).unwrap(), config)
             .await
             .unwrap();
         let file = tempfile::tempfile().unwrap();
 
         client
-            .getfd("net0", std::os::fd::AsFd::as_fd(&file))
+            .getfd(name, std::os::fd::AsFd::as_fd(&file))
             .await
             .unwrap();
 
         let (req, fds) = peer.join().unwrap();
+        (req, fds, file)
+    }
+
+    fn same_file(a: &impl AsRawFd, b: &impl AsRawFd) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |fd: i32| {
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
+        };
+        ino(a.as_raw_fd()) == ino(b.as_raw_fd())
+    }
+
+    #[tokio::test]
+    async fn getfd_sends_the_fd_with_the_command() {
+        let (req, fds, file) = getfd_through_a_fake_qemu("net0", config()).await;
+
         assert_eq!(req["arguments"]["fdname"], "net0");
         assert_eq!(fds.len(), 1, "exactly one fd must cross with the command");
-        let ours = std::fs::metadata(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
-        let theirs = std::fs::metadata(format!("/proc/self/fd/{}", fds[0].as_raw_fd())).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(ours.ino(), theirs.ino(), "the received fd is the same file");
+        assert!(
+            same_file(&file, &fds[0]),
+            "the received fd is the same file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_socket_buffer_keeps_its_fd() {
+        // Far over a Unix socket's send buffer, so the first send is partial
+        // and the rest of the line follows without the fd.
+        let name = "n".repeat(4 * 1024 * 1024);
+        let config = QmpConfig {
+            command_timeout: Duration::from_secs(10),
+            ..config()
+        };
+
+        let (req, fds, file) = getfd_through_a_fake_qemu(&name, config).await;
+
+        assert_eq!(req["arguments"]["fdname"].as_str(), Some(name.as_str()));
+        assert_eq!(fds.len(), 1, "the fd crosses once, with the first chunk");
+        assert!(
+            same_file(&file, &fds[0]),
+            "the received fd is the same file"
+        );
     }
 
     #[tokio::test]

@@ -5,8 +5,10 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 const TUN_DEVICE: &str = "/dev/net/tun";
 /// `_IOW('T', 202, int)`.
@@ -78,26 +80,20 @@ pub fn open_vhost_net() -> Result<std::fs::File, TapError> {
         .map_err(TapError::OpenVhost)
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-union IfreqData {
-    flags: libc::c_short,
-    ifindex: libc::c_int,
-    _size: [u8; 24],
-}
-
-/// `struct ifreq` of `<net/if.h>`.
+/// `struct ifreq` of `<net/if.h>`: a name, then a 24-byte union of which
+/// these requests use only the leading `short` flags or `int` ifindex,
+/// kept as bytes so that reading them back needs no union access.
 #[repr(C)]
 struct Ifreq {
     name: [u8; IFNAMSIZ],
-    data: IfreqData,
+    data: [u8; 24],
 }
 
 impl Ifreq {
     fn new(name: &str) -> Self {
         let mut req = Ifreq {
             name: [0; IFNAMSIZ],
-            data: IfreqData { _size: [0; 24] },
+            data: [0; 24],
         };
         let len = name.len().min(IFNAMSIZ - 1);
         req.name[..len].copy_from_slice(&name.as_bytes()[..len]);
@@ -108,9 +104,22 @@ impl Ifreq {
         let end = self.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
         String::from_utf8_lossy(&self.name[..end]).into_owned()
     }
+
+    fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_flags(&mut self, flags: libc::c_short) {
+        self.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
+    fn set_ifindex(&mut self, index: libc::c_int) {
+        self.data[..4].copy_from_slice(&index.to_ne_bytes());
+    }
 }
 
-/// Runs one ioctl that takes a `struct ifreq`.
+/// Runs one ioctl that takes a `struct ifreq`. No crate offers these
+/// requests safely, so this is the one unsafe call of the module.
 fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::c_ulong, req: &mut Ifreq) -> io::Result<()> {
     // SAFETY: `req` is a valid, exclusively borrowed `struct ifreq` of the
     // kernel's layout for the whole call, and every request passed here
@@ -125,13 +134,12 @@ fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::c_ulong, req: &mut Ifreq) -> i
 
 /// An AF_INET datagram socket, the handle interface ioctls are made on.
 fn control_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 /// An open tap interface with one fd per queue. Dropping it closes the
@@ -152,7 +160,7 @@ fn open_queue(name: &str, flags: libc::c_short) -> Result<(OwnedFd, String), Tap
         .map_err(TapError::OpenTun)?;
     let fd = OwnedFd::from(file);
     let mut req = Ifreq::new(name);
-    req.data.flags = flags;
+    req.set_flags(flags);
     ifreq_ioctl(fd.as_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Create {
         template: name.to_owned(),
         source,
@@ -197,9 +205,7 @@ impl Tap {
         let sock = control_socket().map_err(err)?;
         let mut req = Ifreq::new(&self.name);
         ifreq_ioctl(sock.as_fd(), SIOCGIFFLAGS, &mut req).map_err(err)?;
-        // SAFETY: SIOCGIFFLAGS filled the `flags` member of the union.
-        let flags = unsafe { req.data.flags };
-        req.data.flags = flags | libc::IFF_UP as libc::c_short;
+        req.set_flags(req.flags() | libc::IFF_UP as libc::c_short);
         ifreq_ioctl(sock.as_fd(), SIOCSIFFLAGS, &mut req).map_err(err)
     }
 
@@ -215,7 +221,7 @@ impl Tap {
         let index = nix::net::if_::if_nametoindex(self.name.as_str()).map_err(|e| err(e.into()))?;
         let sock = control_socket().map_err(err)?;
         let mut req = Ifreq::new(bridge);
-        req.data.ifindex = index as libc::c_int;
+        req.set_ifindex(index as libc::c_int);
         ifreq_ioctl(sock.as_fd(), SIOCBRADDIF, &mut req).map_err(err)
     }
 }
@@ -230,9 +236,52 @@ mod tests {
     }
 
     #[test]
+    fn ifreq_data_starts_with_the_flags_or_the_ifindex() {
+        let mut req = Ifreq::new("tap0");
+        req.set_ifindex(0x0102_0304);
+        assert_eq!(req.data[..4], 0x0102_0304_i32.to_ne_bytes());
+
+        req.set_flags(libc::IFF_UP as libc::c_short);
+        assert_eq!(req.flags(), libc::IFF_UP as libc::c_short);
+        assert_eq!(req.data[..2], (libc::IFF_UP as libc::c_short).to_ne_bytes());
+    }
+
+    #[test]
     fn ifreq_name_is_truncated_and_terminated() {
         let req = Ifreq::new("a-very-long-interface-name");
 
         assert_eq!(req.name(), "a-very-long-int");
+    }
+
+    /// Where the process may create interfaces: a real tap, checked from
+    /// sysfs, gone again when dropped.
+    #[test]
+    fn a_multiqueue_tap_is_up_with_vnet_headers_and_no_packet_info() {
+        let may = caps::has_cap(
+            None,
+            caps::CapSet::Effective,
+            caps::Capability::CAP_NET_ADMIN,
+        );
+        assert!(
+            may.unwrap_or(false) && std::path::Path::new(TUN_DEVICE).exists(),
+            "this test makes a real tap, so it needs CAP_NET_ADMIN and {TUN_DEVICE}; \
+             run the suite with scripts/test as root"
+        );
+        let tap = Tap::create("kvtest%d", 2).unwrap();
+        let sysfs = |file: &str| {
+            std::fs::read_to_string(format!("/sys/class/net/{}/{file}", tap.name())).unwrap()
+        };
+        let hex = |text: String| i64::from_str_radix(text.trim().trim_start_matches("0x"), 16);
+
+        tap.set_up().unwrap();
+
+        assert!(tap.name().starts_with("kvtest"), "{}", tap.name());
+        assert_eq!(tap.queue_fds().count(), 2);
+        let wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
+        assert_eq!(hex(sysfs("tun_flags")), Ok(i64::from(wanted)));
+        assert_ne!(hex(sysfs("flags")).unwrap() & i64::from(libc::IFF_UP), 0);
+        let name = tap.name().to_owned();
+        drop(tap);
+        assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
     }
 }

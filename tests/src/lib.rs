@@ -344,8 +344,7 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill_agent();
         for pid in self.live_qemus() {
-            // SAFETY: kill(2) with a pid we just found and a constant signal.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            send_signal(pid, libc::SIGKILL);
         }
         for hierarchy in ["", "memory", "cpu"] {
             let parent = Path::new("/sys/fs/cgroup")
@@ -411,10 +410,11 @@ pub fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Sends `signal` to `pid` (a process the test started).
+/// Sends `signal` to `pid` (a process the test started). One that is
+/// already gone is no error: the signal was to end it anyway.
 pub fn send_signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
+    let signal = nix::sys::signal::Signal::try_from(signal).expect("a known signal");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
 /// A minimal, independent QMP client used to check what QEMU really has.
@@ -454,21 +454,19 @@ impl Qmp {
     /// Hands QEMU `fd` under `name` (`getfd`, with the fd attached to the
     /// message), as the agent hands it taps and images.
     pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use sendfd::SendWithFd;
         use std::os::fd::AsRawFd;
         let msg = format!(
             "{}\n",
             json!({ "execute": "getfd", "arguments": { "fdname": name } })
         );
-        let fds = [fd.as_raw_fd()];
-        sendmsg::<()>(
-            self.writer.as_raw_fd(),
-            &[std::io::IoSlice::new(msg.as_bytes())],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("send getfd with its fd");
+        let sent = self
+            .writer
+            .send_with_fd(msg.as_bytes(), &[fd.as_raw_fd()])
+            .expect("send getfd with its fd");
+        self.writer
+            .write_all(&msg.as_bytes()[sent..])
+            .expect("send the rest of getfd");
         loop {
             let v = self.line();
             if v.get("return").is_some() {
@@ -572,36 +570,10 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Opens a new tap interface `name`. It is not persistent: it goes away
-/// with the last fd on it.
-pub fn open_tap(name: &str) -> std::os::fd::OwnedFd {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .expect("open /dev/net/tun");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on this
-    // stack frame for the whole call.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&tun), TUNSETIFF, &mut req) };
-    assert!(
-        rc == 0,
-        "TUNSETIFF {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    tun.into()
+/// Opens a new tap interface `name` the way the agent opens one. It is
+/// not persistent: it goes away with the last fd on it.
+pub fn open_tap(name: &str) -> hypervisor::tap::Tap {
+    hypervisor::tap::Tap::create(name, 1).unwrap_or_else(|e| panic!("tap {name}: {e}"))
 }
 
 /// The files `pid` holds open, by the paths their fds lead to.

@@ -150,8 +150,7 @@ async fn a_killed_qemu_gives_a_crashed_event() {
     let info = agent.start_spec(agent.spec("doomed", 64)).await;
     let mut stream = watch(&agent, "doomed", None).await.unwrap();
 
-    // SAFETY: kill(2) on the QEMU this test started.
-    unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGKILL) };
+    send_signal(info.pid, libc::SIGKILL);
     let seen = collect_until(&mut stream, |e| {
         e.kind == pb::EventKind::StateChanged as i32
     })

@@ -199,8 +199,7 @@ async fn stop_kills_a_qemu_that_answers_nothing() {
     let agent = TestAgent::start_with(options).await;
     let info = agent.start_spec(agent.spec("hung", 64)).await;
     // A stopped process answers neither powerdown nor quit, but SIGKILL ends it.
-    // SAFETY: kill(2) on the QEMU this test started.
-    unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGSTOP) };
+    send_signal(info.pid, libc::SIGSTOP);
     let began = Instant::now();
 
     let reply = stop(&agent, "hung", false).await;
@@ -253,8 +252,7 @@ async fn killed_qemu_is_reported_crashed_with_its_log_tail() {
     )
     .unwrap();
 
-    // SAFETY: kill(2) on the QEMU this test started.
-    unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGKILL) };
+    send_signal(info.pid, libc::SIGKILL);
     let crashed = wait_for(Duration::from_secs(2), async || {
         let i = agent.instance("victim").await;
         (i.state == pb::InstanceState::Crashed as i32).then_some(i)
@@ -311,8 +309,7 @@ async fn a_pidfile_naming_another_process_is_not_taken_as_running() {
     // by an unrelated process before the agent comes back.
     agent.kill_agent();
     for pid in agent.live_qemus() {
-        // SAFETY: kill(2) on the QEMU this test started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        send_signal(pid, libc::SIGKILL);
     }
     let mut stranger = std::process::Command::new("sleep")
         .arg("60")

@@ -375,8 +375,11 @@ async fn a_source_qemu_killed_mid_migration_is_reported_crashed_and_the_target_d
     let mut migration = Migration::start(&source, "lost1", &target, crawl()).await;
     migration.wait_sending().await;
 
-    // SAFETY: kill(2) with the pid of the source's QEMU and a constant signal.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the source's QEMU");
     let (_, outcome) = migration.outcome().await;
 
     assert!(outcome.is_err());

@@ -209,7 +209,8 @@ async fn a_killed_agent_is_replaced_by_one_that_reconciles_every_instance() {
     let tap = format!("kr{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let netdev = format!("net-{}", &nic_uuid.simple().to_string()[..12]);
     let mut qmp = operator_qmp(&agent, "two");
-    qmp.pass_fd("halfadded", std::os::fd::AsFd::as_fd(&open_tap(&tap)));
+    // The test's own fd on the tap closes at the end of the statement.
+    qmp.pass_fd("halfadded", open_tap(&tap).queue_fds().next().unwrap());
     qmp.execute(
         "netdev_add",
         json!({"type": "tap", "id": netdev, "fd": "halfadded"}),

@@ -287,8 +287,7 @@ async fn sigterm_stops_the_agent_and_leaves_instances_running() {
     let info = agent.start_spec(agent.spec("stays", 64)).await;
     let agent_pid = agent.agent_pid().expect("agent runs");
 
-    // SAFETY: kill(2) on the agent this test started.
-    unsafe { libc::kill(agent_pid as libc::pid_t, libc::SIGTERM) };
+    send_signal(agent_pid, libc::SIGTERM);
     let exited = wait_for(Duration::from_secs(10), async || {
         (!process_alive(agent_pid)).then_some(())
     })
