@@ -198,6 +198,7 @@ pub fn state_to_proto(state: State) -> pb::InstanceState {
         State::Migrating => pb::InstanceState::Migrating,
         State::Saved => pb::InstanceState::Saved,
         State::Incoming => pb::InstanceState::Incoming,
+        State::Quarantined => pb::InstanceState::Quarantined,
     }
 }
 

@@ -153,6 +153,16 @@ pub enum AgentError {
         /// The uuid offered.
         offered: String,
     },
+    /// A QEMU of that name runs without a readable record.
+    #[error(
+        "a QEMU of instance {name:?} (pid {pid}) runs here without a readable record, maybe on the same disks"
+    )]
+    Quarantined {
+        /// Instance name.
+        name: String,
+        /// That QEMU.
+        pid: u32,
+    },
     /// A migration's target is the agent the instance already runs on.
     #[error("instance {0:?} already runs on this node; a migration's target must be another node")]
     MigrationToItself(String),
@@ -391,6 +401,10 @@ impl AgentError {
                     "check the path and its permissions",
                 ),
             },
+            AgentError::Quarantined { .. } => (
+                Code::FailedPrecondition,
+                "stop that QEMU with `kvm-agent instance stop NAME --force` first",
+            ),
             AgentError::MigrationToItself(_) => {
                 (Code::FailedPrecondition, "name another node as the target")
             }

@@ -92,6 +92,9 @@ pub enum State {
     Saved,
     /// Waiting for its state from a migration or a restore.
     Incoming,
+    /// Its record was unreadable and set aside, but its QEMU still runs.
+    /// It blocks its name until an operator stops that QEMU.
+    Quarantined,
 }
 
 impl State {
@@ -181,6 +184,8 @@ struct Status {
     incoming: Option<migration::Incoming>,
     /// Set while recovery after an agent restart works on the instance.
     reconciling: bool,
+    /// The pid of a QEMU that runs without a readable record.
+    quarantined_pid: Option<u32>,
 }
 
 /// One instance: an operation lock and a status.
@@ -245,6 +250,7 @@ impl Instance {
                 outgoing: None,
                 incoming: None,
                 reconciling: false,
+                quarantined_pid: None,
             }),
         })
     }
@@ -255,7 +261,7 @@ impl Instance {
             name: self.name.clone(),
             state: st.state,
             detail: st.detail.clone(),
-            pid: st.process.as_ref().map(|p| p.pid),
+            pid: st.process.as_ref().map(|p| p.pid).or(st.quarantined_pid),
             uptime: st
                 .process
                 .as_ref()
@@ -882,6 +888,14 @@ impl Agent {
                 pid,
             });
         }
+        // A QEMU of that name under another uuid: one whose record was
+        // set aside, say. Its disks may be these.
+        if let Some(pid) = self.live_qemu_by_name(&spec.name) {
+            return Err(AgentError::Quarantined {
+                name: inst.name.clone(),
+                pid,
+            });
+        }
         self.check_host_files(spec)?;
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let picking = self.qemu_user_pick.lock().await;
@@ -1023,6 +1037,20 @@ impl Agent {
                 RecordedState::StoppedByGuest,
                 "the guest powered itself off".to_owned(),
             )
+        } else if lifecycle::oom_kills(&run_dir) > 0 {
+            let limit = lock(&inst.status)
+                .record
+                .as_ref()
+                .and_then(|r| r.runtime.cgroup)
+                .map_or_else(String::new, |c| format!(" of {} MiB", c.memory_limit_mib));
+            (
+                State::Crashed,
+                RecordedState::Crashed,
+                format!(
+                    "QEMU was killed by the kernel's OOM killer ({exit_status}): its cgroup's memory \
+                     limit{limit} was reached; start it with less memory, or find what grew in QEMU"
+                ),
+            )
         } else {
             let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
             (
@@ -1140,6 +1168,10 @@ impl Agent {
         } else {
             inst.lock_ops().await?
         };
+        if lock(&inst.status).state == State::Quarantined {
+            let method = self.stop_quarantined(&inst).await?;
+            return Ok((inst.view(), method));
+        }
         if inst.is_incoming() {
             // Nothing of the guest ran here yet; stopping means dropping it.
             self.abort_incoming(&inst).await;
@@ -1301,6 +1333,9 @@ impl Agent {
         };
         for e in errors {
             tracing::error!(error = %e, "instance record unusable");
+            if let StoreError::Corrupt { name, .. } = &e {
+                self.register_quarantined(name, &e);
+            }
         }
         let mut tasks = tokio::task::JoinSet::new();
         for rec in records {
@@ -1319,6 +1354,65 @@ impl Agent {
                 );
             }
         })
+    }
+
+    /// Keeps an instance whose record was set aside in sight while its
+    /// QEMU still runs, so its name can't start a second QEMU on the same
+    /// disks. Without a live QEMU there is nothing to keep.
+    fn register_quarantined(&self, name: &str, why: &StoreError) {
+        if !hypervisor::spec::is_safe_identifier(name, hypervisor::spec::MAX_INSTANCE_NAME) {
+            return;
+        }
+        let Some(pid) = self.live_qemu_by_name(name) else {
+            return;
+        };
+        let detail = format!(
+            "{why}; its QEMU (pid {pid}) still runs: stop it with `kvm-agent instance stop {name} --force` \
+             before the name can be used again"
+        );
+        tracing::error!(instance = %name, pid, "QEMU runs without a readable record; quarantined");
+        let inst = Instance::new(name, None, State::Quarantined, detail, self.events.clone());
+        lock(&inst.status).quarantined_pid = Some(pid);
+        self.registry_mut().insert(name.to_owned(), inst);
+    }
+
+    /// The pid in an instance's run directory, if that process is alive
+    /// and is a QEMU of that name, whatever its uuid.
+    fn live_qemu_by_name(&self, name: &str) -> Option<u32> {
+        let pid = process::read_pidfile(&self.cfg.run_dir(name).join(files::PIDFILE))?;
+        process::runs_instance_named(pid, name).then_some(pid)
+    }
+
+    /// Ends the QEMU of a quarantined instance and forgets the instance:
+    /// with its record gone, nothing about that QEMU can be trusted to
+    /// ask it to stop, so it is killed.
+    async fn stop_quarantined(&self, inst: &Instance) -> Result<Option<StopMethod>, AgentError> {
+        let pid = lock(&inst.status).quarantined_pid;
+        let method = match pid.map(PidFd::open) {
+            Some(Ok(pidfd))
+                if process::runs_instance_named(pid.unwrap_or_default(), &inst.name) =>
+            {
+                Some(
+                    lifecycle::stop(None, &pidfd, self.cfg.stop, true)
+                        .await
+                        .map_err(|source| AgentError::Stop {
+                            instance: inst.name.clone(),
+                            source,
+                        })?,
+                )
+            }
+            _ => None,
+        };
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
+        {
+            let mut st = lock(&inst.status);
+            st.quarantined_pid = None;
+            st.state = State::Stopped;
+            st.detail = "its QEMU, left without a record, was stopped".into();
+        }
+        self.forget_if_unrecorded(inst);
+        tracing::info!(instance = %inst.name, "quarantined instance stopped");
+        Ok(method)
     }
 
     /// Registers a recorded instance; returns the recovery work it needs.

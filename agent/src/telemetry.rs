@@ -11,7 +11,7 @@ use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::instances::{Agent, State};
 
-const STATES: [(State, &str); 9] = [
+const STATES: [(State, &str); 10] = [
     (State::Stopped, "stopped"),
     (State::Starting, "starting"),
     (State::Running, "running"),
@@ -21,6 +21,7 @@ const STATES: [(State, &str); 9] = [
     (State::Migrating, "migrating"),
     (State::Saved, "saved"),
     (State::Incoming, "incoming"),
+    (State::Quarantined, "quarantined"),
 ];
 
 /// Why the metrics endpoint couldn't start.

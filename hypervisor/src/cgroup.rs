@@ -202,6 +202,26 @@ impl CgroupLayout {
     }
 }
 
+/// How many times the kernel's OOM killer struck in the cgroup
+/// directories `dirs`: `memory.events` on cgroup v2, `memory.oom_control`
+/// on the v1 memory hierarchy; both count `oom_kill`. Read before the
+/// directories go.
+pub fn oom_kills(dirs: &[PathBuf]) -> u64 {
+    dirs.iter()
+        .flat_map(|dir| ["memory.events", "memory.oom_control"].map(|f| dir.join(f)))
+        .filter_map(|file| fs::read_to_string(file).ok())
+        .filter_map(|text| parse_oom_kills(&text))
+        .sum()
+}
+
+/// The `oom_kill` count of a `memory.events` or `memory.oom_control`
+/// text. Pure.
+pub fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// Removes cgroup directories once their processes are gone; the kernel
 /// may take a moment after the exit to let go.
 pub fn remove(dirs: &[PathBuf]) {
@@ -220,6 +240,15 @@ pub fn remove(dirs: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_either_hierarchy() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n";
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(parse_oom_kills(v2), Some(1));
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\n"), None);
+    }
 
     #[test]
     fn headroom_is_at_least_the_minimum_and_grows_with_the_guest() {

@@ -266,6 +266,15 @@ pub fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), La
     Ok(())
 }
 
+/// How many times the OOM killer struck in the cgroups of the QEMU whose
+/// run directory is `run_dir`; call it before [`remove_run_files`].
+pub fn oom_kills(run_dir: &Path) -> u64 {
+    process::read_own_file(&run_dir.join(files::CGROUPS)).map_or(0, |list| {
+        let dirs: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
+        crate::cgroup::oom_kills(&dirs)
+    })
+}
+
 /// Removes the sockets and the pidfile of a run directory, keeping the log.
 pub fn remove_run_files(run_dir: &Path) {
     for name in [

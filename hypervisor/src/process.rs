@@ -85,6 +85,21 @@ pub fn runs_instance(pid: u32, uuid: Uuid) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_has_uuid(&c, uuid))
 }
 
+/// True when the arguments carry `-name guest=<name>,…`, as every QEMU
+/// the agent starts does. Pure.
+pub fn cmdline_has_name(cmdline: &[u8], name: &str) -> bool {
+    let wanted = format!("guest={name},");
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"-name" && w[1].starts_with(wanted.as_bytes()))
+}
+
+/// True when `pid` is alive and is a QEMU of the instance called `name`,
+/// whatever its uuid.
+pub fn runs_instance_named(pid: u32, name: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_has_name(&c, name))
+}
+
 /// The pid in `pidfile` if that process is the instance's QEMU.
 pub fn live_instance_pid(pidfile: &Path, uuid: Uuid) -> Option<u32> {
     read_pidfile(pidfile).filter(|&pid| runs_instance(pid, uuid))

@@ -476,6 +476,13 @@ impl Qmp {
         }
     }
 
+    /// Sends a command without waiting for its reply, for one that QEMU
+    /// may not live to answer.
+    pub fn send(&mut self, command: &str, arguments: Value) {
+        let msg = json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{msg}").unwrap_or_else(|e| panic!("write QMP {command}: {e}"));
+    }
+
     /// Runs a command and returns its `return`; panics on an error reply.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
         let msg = json!({ "execute": command, "arguments": arguments });

@@ -161,6 +161,45 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
 }
 
 #[tokio::test]
+async fn a_qemu_killed_by_its_cgroups_memory_limit_is_reported_as_such() {
+    let agent = TestAgent::start().await;
+    let info = agent.start_spec(agent.spec("hungry", 64)).await;
+    let (dir, limit) = memory_cgroup(info.pid);
+    let usage_file = if dir.join("memory.current").exists() {
+        "memory.current"
+    } else {
+        "memory.usage_in_bytes"
+    };
+    let usage: u64 = std::fs::read_to_string(dir.join(usage_file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Room for QEMU as it is, not for 512 MiB more.
+    std::fs::write(&limit, (usage + (32 << 20)).to_string()).unwrap();
+    let mut qmp = operator_qmp(&agent, "hungry");
+
+    qmp.send(
+        "object-add",
+        json!({ "qom-type": "memory-backend-ram", "id": "ballast", "size": 512u64 << 20, "prealloc": true }),
+    );
+
+    let crashed = wait_for(std::time::Duration::from_secs(30), async || {
+        let now = agent.instance("hungry").await;
+        (now.state == pb::InstanceState::Crashed as i32).then_some(now)
+    })
+    .await
+    .expect("QEMU is killed over its limit");
+    assert!(
+        crashed.state_detail.contains("OOM killer")
+            && crashed.state_detail.contains("memory limit of 576 MiB"),
+        "{}",
+        crashed.state_detail
+    );
+    assert!(!process_alive(info.pid));
+}
+
+#[tokio::test]
 async fn with_confinement_off_qemu_runs_unboxed_and_the_agent_warns() {
     let mut options = AgentOptions::default();
     options.args.extend(["--confinement".into(), "off".into()]);

@@ -360,3 +360,66 @@ async fn the_agent_answers_while_an_instance_is_still_being_reconciled() {
     assert_eq!(adopted.state(), pb::InstanceState::Running);
     assert_eq!(adopted.pid, frozen.pid);
 }
+
+#[tokio::test]
+async fn a_running_instance_whose_record_is_unreadable_stays_in_sight_and_blocks_its_name() {
+    let mut agent = TestAgent::start().await;
+    let first = agent.start_spec(agent.spec("orphan", 64)).await;
+    agent.kill_agent();
+    // One flipped byte: the record fails its checksum at the next start.
+    let record = agent.record_path("orphan");
+    let mut bytes = std::fs::read(&record).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&record, bytes).unwrap();
+    agent.restart().await;
+
+    let seen = agent.instance("orphan").await;
+    assert_eq!(seen.state, pb::InstanceState::Quarantined as i32);
+    assert_eq!(seen.pid, first.pid);
+    assert!(seen.state_detail.contains("stop"), "{}", seen.state_detail);
+    let listed = agent
+        .client()
+        .await
+        .list_instances(pb::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.instances.iter().any(|i| i.name == "orphan"));
+
+    // Its name can't start a second QEMU on the same disks.
+    let second = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(agent.spec("orphan", 64)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), tonic::Code::FailedPrecondition, "{second:?}");
+    assert!(
+        second.message().contains(&first.pid.to_string()),
+        "{}",
+        second.message()
+    );
+    assert!(process_alive(first.pid));
+
+    // Stopping it resolves it: the QEMU goes, and the name is free.
+    agent
+        .client()
+        .await
+        .stop_instance(pb::StopInstanceRequest {
+            name: "orphan".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), async || {
+        (!process_alive(first.pid)).then_some(())
+    })
+    .await
+    .expect("the quarantined QEMU is gone");
+    let again = agent.start_spec(agent.spec("orphan", 64)).await;
+    assert_ne!(again.pid, first.pid);
+}
