@@ -154,6 +154,12 @@ pub enum Confinement {
 pub enum FaultPoint {
     /// A hot-add has journaled its intent and QEMU is not yet touched.
     HotplugBeforeQemu,
+    /// A migration's stream is complete and the target not yet told to
+    /// take the instance.
+    MigrationBeforeFinalize,
+    /// The target has taken the instance and the source's QEMU still
+    /// runs, paused.
+    MigrationAfterFinalize,
 }
 
 impl std::str::FromStr for FaultPoint {
@@ -162,8 +168,11 @@ impl std::str::FromStr for FaultPoint {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "hotplug-before-qemu" => Ok(FaultPoint::HotplugBeforeQemu),
+            "migration-before-finalize" => Ok(FaultPoint::MigrationBeforeFinalize),
+            "migration-after-finalize" => Ok(FaultPoint::MigrationAfterFinalize),
             other => Err(format!(
-                "unknown fault point {other:?}; the only one is hotplug-before-qemu"
+                "unknown fault point {other:?}; there are hotplug-before-qemu, \
+                 migration-before-finalize and migration-after-finalize"
             )),
         }
     }

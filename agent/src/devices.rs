@@ -331,7 +331,7 @@ impl Agent {
 
     /// Stops here for good when told to, so a test can kill the agent at
     /// this point.
-    async fn reach(&self, point: FaultPoint) {
+    pub(crate) async fn reach(&self, point: FaultPoint) {
         if self.config().fault_point == Some(point) {
             tracing::warn!(?point, "stopped at a fault point");
             std::future::pending::<()>().await;

@@ -69,6 +69,22 @@ pub struct InstanceRecord {
     /// Why it is in that state.
     #[serde(default)]
     pub detail: String,
+    /// A migration away from this node under way: set before the target
+    /// is asked to take the instance, cleared once the migration ends
+    /// either way, so an agent that restarts in between knows to settle
+    /// it with the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<OutgoingMigration>,
+}
+
+/// A migration a source started, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingMigration {
+    /// The target agent, as the caller named it.
+    pub target: String,
+    /// Whether the guest ran before the migration, to resume it if it
+    /// stays here.
+    pub was_running: bool,
 }
 
 /// An instance's state as callers see it.
@@ -912,6 +928,7 @@ impl Agent {
             runtime,
             state: RecordedState::Running,
             detail: String::new(),
+            outgoing: None,
         };
         self.save_record(&inst.name, &record).await?;
         lock(&inst.status).record = Some(record.clone());
@@ -1278,6 +1295,7 @@ impl Agent {
                     runtime,
                     state: RecordedState::Running,
                     detail: String::new(),
+                    outgoing: None,
                 };
                 self.save_record(name, &record).await?;
                 lock(&inst.status).record = Some(record.clone());
@@ -1482,11 +1500,21 @@ impl Agent {
             Ok((process, events)) => {
                 tracing::info!(instance = %name, pid, "adopted running instance");
                 // A guest paused before the restart stays paused.
-                let state = match hypervisor::migration::guest_running(&process.qmp).await {
+                let mut state = match hypervisor::migration::guest_running(&process.qmp).await {
                     Ok(false) => State::Paused,
                     _ => State::Running,
                 };
+                let mut detail = String::new();
+                if let Some(outgoing) = &record.outgoing {
+                    match self.settle_outgoing(inst, &process, outgoing).await {
+                        Some(settled) => (state, detail) = settled,
+                        None => return,
+                    }
+                }
                 self.supervise(inst, process, events, state);
+                if !detail.is_empty() {
+                    inst.set_state(state, detail);
+                }
                 if let Err(e) = self.reconcile_devices(inst).await {
                     tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
                 }

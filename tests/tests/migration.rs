@@ -775,3 +775,128 @@ async fn a_finalize_left_unanswered_keeps_the_guest_paused_on_both_sides() {
     assert!(left.is_some(), "only the target's QEMU is left");
     assert_ne!(after.pid, pid);
 }
+
+/// Where a source agent is killed during a migration.
+#[derive(Debug, Clone, Copy)]
+enum SourceDeath {
+    /// While QEMU streams the guest's memory.
+    Streaming,
+    /// Once the stream is complete, before the target is told to take
+    /// the instance.
+    BeforeFinalize,
+    /// Once the target has taken the instance, before the source's QEMU
+    /// has gone.
+    AfterFinalize,
+}
+
+/// Kills the source agent at `death` during a migration, restarts it,
+/// and returns the node that runs the guest afterwards, after checking
+/// that it runs there alone.
+async fn kill_the_source_during_a_migration(death: SourceDeath, name: &str) -> &'static str {
+    let mut options = AgentOptions::default();
+    let fault = match death {
+        SourceDeath::Streaming => None,
+        SourceDeath::BeforeFinalize => Some("migration-before-finalize"),
+        SourceDeath::AfterFinalize => Some("migration-after-finalize"),
+    };
+    if let Some(point) = fault {
+        options.args.extend(["--fault-point".into(), point.into()]);
+    }
+    let mut source = TestAgent::start_with(options).await;
+    let target = TestAgent::start().await;
+    let (uuid, source_pid) = quick_guest(&source, &target, name).await;
+    let bandwidth = match death {
+        // Mostly zero pages: at 16 KiB/s they still take a while.
+        SourceDeath::Streaming => 16 << 10,
+        _ => 0,
+    };
+    let mut migration = Migration::start(
+        &source,
+        name,
+        &target,
+        pb::MigrationOptions {
+            max_bandwidth: bandwidth,
+            ..Default::default()
+        },
+    )
+    .await;
+    match death {
+        SourceDeath::Streaming => migration.wait_sending().await,
+        _ => {
+            let reached = wait_for(Duration::from_secs(30), async || {
+                source
+                    .log()
+                    .contains("stopped at a fault point")
+                    .then_some(())
+            })
+            .await;
+            assert!(reached.is_some(), "{death:?}: {}", source.log());
+        }
+    }
+
+    source.kill_agent();
+    let _ = migration.outcome().await;
+    source.restart().await;
+
+    let on_source = source
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await
+        .ok()
+        .map(|r| r.into_inner());
+    let on_target = target
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await
+        .ok()
+        .map(|r| r.into_inner());
+    let (node, owner, info) = match (on_source, on_target) {
+        (Some(info), None) => ("source", &source, info),
+        (None, Some(info)) => ("target", &target, info),
+        (s, t) => panic!("{death:?}: the instance is on source {s:?} and target {t:?}"),
+    };
+    assert_eq!(
+        state(&info),
+        pb::InstanceState::Running,
+        "{death:?} {node}: {info:?}"
+    );
+    assert!(
+        guest_running(owner, name),
+        "{death:?}: the guest runs on the {node}"
+    );
+    let alone = wait_for(Duration::from_secs(10), async || {
+        (qemu_pids_with_uuids(&[uuid].into()) == vec![info.pid]).then_some(())
+    })
+    .await;
+    assert!(
+        alone.is_some(),
+        "{death:?}: QEMUs {:?}, the {node}'s is {}",
+        qemu_pids_with_uuids(&[uuid].into()),
+        info.pid
+    );
+    if node == "source" {
+        assert_eq!(info.pid, source_pid, "{death:?}: the same QEMU runs on");
+    }
+    node
+}
+
+#[tokio::test]
+async fn a_source_agent_killed_at_any_point_of_a_migration_leaves_the_guest_running_once() {
+    assert_eq!(
+        kill_the_source_during_a_migration(SourceDeath::Streaming, "settle1").await,
+        "source",
+        "a stream cut short stays with the source"
+    );
+    assert_eq!(
+        kill_the_source_during_a_migration(SourceDeath::BeforeFinalize, "settle2").await,
+        "source",
+        "a target that never took it drops its copy"
+    );
+    assert_eq!(
+        kill_the_source_during_a_migration(SourceDeath::AfterFinalize, "settle3").await,
+        "target",
+        "a target that took it keeps it"
+    );
+}

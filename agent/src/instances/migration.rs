@@ -8,7 +8,7 @@
 //! answered: the source then keeps its QEMU paused and says so, because
 //! resuming could run the guest twice. ARCHITECTURE.md draws the states.
 
-use crate::config::Confinement;
+use crate::config::{Confinement, FaultPoint};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -24,7 +24,10 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use super::{Agent, Instance, InstanceRecord, InstanceView, Process, RecordedState, State, lock};
+use super::{
+    Agent, Instance, InstanceRecord, InstanceView, OutgoingMigration, Process, RecordedState,
+    State, lock,
+};
 use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::peer::{self, AgentAddress, ConnectError};
@@ -136,6 +139,16 @@ impl Reporter<'_> {
     }
 }
 
+/// Whether a target's answer shows the instance `uuid` as its own: only a
+/// finalized copy runs (or is paused) there. An incoming one, or one
+/// whose QEMU died with the stream, never ran the guest.
+fn took_over(info: &pb::InstanceInfo, uuid: &str) -> bool {
+    info.uuid == uuid
+        && [pb::InstanceState::Running, pb::InstanceState::Paused]
+            .map(|s| s as i32)
+            .contains(&info.state)
+}
+
 /// Why the target refused or failed, told apart by whether it answered.
 fn peer_error(target: &AgentAddress, what: &str, status: tonic::Status) -> AgentError {
     AgentError::Peer {
@@ -220,6 +233,11 @@ impl Agent {
         match result {
             Ok(report) => Ok(report),
             Err((e, keep_paused)) => {
+                // The migration is over unless the target may have taken
+                // the instance; then the mark stays for the next look.
+                if !keep_paused {
+                    self.clear_outgoing(&inst).await;
+                }
                 // A QEMU that died meanwhile is the supervisor's to report.
                 if !process.pidfd.has_exited() {
                     let state = if keep_paused { State::Paused } else { before };
@@ -228,6 +246,139 @@ impl Agent {
                 tracing::warn!(instance = %name, %target, error = %e, "migration failed");
                 Err(e)
             }
+        }
+    }
+
+    /// Drops the mark of a migration that ended with the instance here.
+    async fn clear_outgoing(&self, inst: &Instance) {
+        let record = {
+            let mut st = lock(&inst.status);
+            let Some(record) = st.record.as_mut().filter(|r| r.outgoing.is_some()) else {
+                return;
+            };
+            record.outgoing = None;
+            record.clone()
+        };
+        if let Err(e) = self.save_record(&inst.name, &record).await {
+            tracing::error!(instance = %inst.name, error = %e, "can't record the end of a migration");
+        }
+    }
+
+    /// Settles a migration this node was the source of when the agent
+    /// stopped, with the target, so that the guest runs on exactly one
+    /// node: if the target took the instance, this QEMU goes; if it
+    /// didn't, its copy is dropped and the guest runs on here; if the
+    /// target can't be asked, the guest stays paused here and the state
+    /// says why. `process` is the adopted QEMU; returns the state the
+    /// instance is left in and why, `None` once it has gone to the target.
+    pub(super) async fn settle_outgoing(
+        &self,
+        inst: &Arc<Instance>,
+        process: &Arc<Process>,
+        outgoing: &OutgoingMigration,
+    ) -> Option<(State, String)> {
+        let qmp = &process.qmp;
+        let name = &inst.name;
+        let Ok(target) = AgentAddress::parse(&outgoing.target) else {
+            let detail = format!(
+                "a migration to {:?} was under way, and that address can't be parsed",
+                outgoing.target
+            );
+            tracing::error!(instance = %name, "{detail}");
+            return Some((State::Paused, detail));
+        };
+        // A stream still flowing goes no further: the outcome is decided
+        // here, not by whichever side finishes first.
+        if let Ok(status) = qemu_migration::query(qmp).await
+            && !status.phase.is_final()
+            && status.phase != qemu_migration::MigrationPhase::None
+        {
+            let _ = qemu_migration::cancel(qmp).await;
+            for _ in 0..100 {
+                match qemu_migration::query(qmp).await {
+                    Ok(s) if !s.phase.is_final() => {
+                        tokio::time::sleep(POLL_INTERVAL).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let owner = self.incoming_state_on(&target, &inst.name).await;
+        let uuid = lock(&inst.status)
+            .record
+            .as_ref()
+            .map(|r| r.runtime.uuid.to_string());
+        match owner {
+            Ok(Some(info)) if uuid.is_some_and(|u| took_over(&info, &u)) => {
+                tracing::info!(instance = %name, %target, "the target took the instance before the agent stopped; ending the source's QEMU");
+                process.stop_requested.store(true, Ordering::SeqCst);
+                if let Err(e) = lifecycle::quit(Some(qmp), &process.pidfd, self.cfg.stop).await {
+                    tracing::error!(instance = %name, error = %e, "can't end the source QEMU after a migration");
+                }
+                process.reap();
+                let run_dir = self.cfg.run_dir(name);
+                lifecycle::remove_run_files(&run_dir);
+                if let Err(e) = self.remove_record(name).await {
+                    tracing::error!(instance = %name, error = %e, "can't remove the record of a migrated instance");
+                }
+                {
+                    let mut st = lock(&inst.status);
+                    st.process = None;
+                    st.record = None;
+                }
+                self.registry_mut().remove(name);
+                let _ = std::fs::remove_dir_all(&run_dir);
+                None
+            }
+            Ok(_) => {
+                tracing::info!(instance = %name, %target, "the target never took the instance; it runs on here");
+                self.cancel_on_target(&target, name).await;
+                if outgoing.was_running
+                    && let Err(e) = qemu_migration::resume(qmp).await
+                {
+                    tracing::error!(instance = %name, error = %e, "can't resume after settling a migration");
+                }
+                self.clear_outgoing(inst).await;
+                let state = if outgoing.was_running {
+                    State::Running
+                } else {
+                    State::Paused
+                };
+                Some((
+                    state,
+                    format!("a migration to {target} was cancelled when the agent restarted"),
+                ))
+            }
+            Err(e) => {
+                let detail = format!(
+                    "a migration to {target} was under way when the agent stopped, and the target \
+                     can't be asked whether it took the instance ({e}); the guest stays paused here: \
+                     resume it only if {target} doesn't run it"
+                );
+                tracing::error!(instance = %name, "{detail}");
+                Some((State::Paused, detail))
+            }
+        }
+    }
+
+    /// What the agent at `target` says of `name`: `None` when it has no
+    /// such instance.
+    async fn incoming_state_on(
+        &self,
+        target: &AgentAddress,
+        name: &str,
+    ) -> Result<Option<pb::InstanceInfo>, AgentError> {
+        let mut peer = self
+            .connect_peer(target)
+            .await
+            .map_err(|e| unreachable(target, e))?;
+        match peer
+            .get_instance(pb::GetInstanceRequest { name: name.into() })
+            .await
+        {
+            Ok(info) => Ok(Some(info.into_inner())),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(peer_error(target, "can't ask the target", s)),
         }
     }
 
@@ -256,6 +407,18 @@ impl Agent {
         reporter.report(ReportPhase::Preparing, None);
         let runtime_json = serde_json::to_string(&record.runtime)
             .map_err(|e| (AgentError::Internal(e.to_string()), false))?;
+        // From here a target may hold a copy: an agent that restarts
+        // before the end must settle it with the target.
+        let marked = InstanceRecord {
+            outgoing: Some(OutgoingMigration {
+                target: target.to_string(),
+                was_running,
+            }),
+            ..record.clone()
+        };
+        self.write_record(inst, &marked)
+            .await
+            .map_err(|e| (e, false))?;
         let mut peer = self
             .connect_peer(target)
             .await
@@ -304,6 +467,7 @@ impl Agent {
         };
 
         reporter.report(ReportPhase::Finalizing, Some(status.clone()));
+        self.reach(FaultPoint::MigrationBeforeFinalize).await;
         match self
             .finalize_on_target(target, &record.runtime, was_running)
             .await
@@ -319,6 +483,7 @@ impl Agent {
             FinalizeOutcome::Unknown(e) => return Err((e, true)),
         }
 
+        self.reach(FaultPoint::MigrationAfterFinalize).await;
         // The target owns the instance: this node lets go of it.
         process.stop_requested.store(true, Ordering::SeqCst);
         if let Err(e) = lifecycle::quit(Some(qmp), &process.pidfd, self.cfg.stop).await {
@@ -479,10 +644,7 @@ impl Agent {
                 .await
             {
                 Ok(info) => {
-                    let info = info.into_inner();
-                    let owned = info.uuid == runtime.uuid.to_string()
-                        && info.state != pb::InstanceState::Incoming as i32;
-                    return if owned {
+                    return if took_over(&info.into_inner(), &runtime.uuid.to_string()) {
                         FinalizeOutcome::Taken
                     } else {
                         FinalizeOutcome::Refused(peer_error(
@@ -592,6 +754,7 @@ impl Agent {
             runtime,
             state: RecordedState::Incoming,
             detail: detail.clone(),
+            outgoing: None,
         };
         let launched = match self.write_record(inst, &record).await {
             Ok(()) => {
