@@ -273,6 +273,10 @@ struct ServeArgs {
     /// Events kept for watchers that resume [default: 4096].
     #[arg(long, env = "KVM_AGENT_EVENT_BUFFER")]
     event_buffer: Option<NonZeroUsize>,
+    /// Connections served at once on each listener; more are closed at
+    /// once [default: 1024].
+    #[arg(long, env = "KVM_AGENT_MAX_CONNECTIONS")]
+    max_connections: Option<NonZeroUsize>,
     /// Timeout of one QMP command [default: 10000].
     #[arg(long, env = "KVM_AGENT_QMP_TIMEOUT_MS")]
     qmp_timeout_ms: Option<NonZeroU64>,
@@ -339,6 +343,7 @@ impl ServeArgs {
             confinement: self.confinement,
             metrics_listen: self.metrics_listen,
             event_buffer: self.event_buffer,
+            max_connections: self.max_connections,
             tls: settings::TlsSection {
                 cert: tls.tls_cert.clone(),
                 key: tls.tls_key.clone(),
@@ -1375,6 +1380,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         listen,
         tls,
         metrics_listen,
+        max_connections,
         ..
     } = settings;
     let tls = tls.as_ref().map(TlsMaterial::load).transpose()?;
@@ -1383,6 +1389,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         socket,
         tcp: listen,
         tls,
+        max_connections,
     };
     listeners.check().map_err(anyhow::Error::msg)?;
     let agent = Agent::open(agent).context("opening the state directory")?;

@@ -5,16 +5,22 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use kvm_agent_proto::v1::FILE_DESCRIPTOR_SET;
 use kvm_agent_proto::v1::node_agent_server::NodeAgentServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Connected, Router};
 
 use crate::instances::Agent;
 use crate::service::NodeAgentService;
@@ -23,6 +29,91 @@ use crate::tls::TlsMaterial;
 /// The largest request the agent reads. The biggest real one, a peer's
 /// runtime in AcceptMigration, is a few KiB; anything near this is hostile.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Connections each listener serves at once unless configured otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How often a connection that sent nothing is pinged; one that doesn't
+/// answer within [`KEEPALIVE_TIMEOUT`] is closed, so a peer that vanished
+/// doesn't hold its place for good.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_INTERVAL`].
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An accepted connection that holds one of its listener's places while
+/// it is open.
+struct Limited<IO> {
+    io: IO,
+    _place: OwnedSemaphorePermit,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: Connected> Connected for Limited<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// The connections of `incoming`, at most `max` open at once: one more is
+/// closed as soon as it is accepted, rather than left to wait unseen in
+/// the kernel's backlog.
+fn limited<IO>(
+    incoming: impl Stream<Item = std::io::Result<IO>>,
+    max: usize,
+    listener: &'static str,
+) -> impl Stream<Item = std::io::Result<Limited<IO>>> {
+    let places = Arc::new(Semaphore::new(max));
+    let refused = AtomicU64::new(0);
+    incoming.filter_map(move |accepted| {
+        let io = match accepted {
+            Ok(io) => io,
+            Err(e) => return Some(Err(e)),
+        };
+        match places.clone().try_acquire_owned() {
+            Ok(place) => Some(Ok(Limited { io, _place: place })),
+            Err(_) => {
+                // Once, then every thousandth: a flood mustn't flood the log.
+                let count = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if count == 1 || count.is_multiple_of(1000) {
+                    tracing::warn!(
+                        listener,
+                        max,
+                        refused = count,
+                        "too many connections; closing new ones"
+                    );
+                }
+                None
+            }
+        }
+    })
+}
 
 /// Where the API is served.
 #[derive(Debug, Clone)]
@@ -33,6 +124,8 @@ pub struct Listeners {
     pub tcp: Option<SocketAddr>,
     /// Mutual TLS on the TCP address.
     pub tls: Option<TlsMaterial>,
+    /// Connections served at once, on each listener.
+    pub max_connections: usize,
 }
 
 impl Listeners {
@@ -93,7 +186,9 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
         .set_serving::<NodeAgentServer<NodeAgentService>>()
         .await;
     let router = |tls: Option<&TlsMaterial>| -> anyhow::Result<Router> {
-        let mut server = Server::builder();
+        let mut server = Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         if let Some(tls) = tls {
             server = server
                 .tls_config(tls.server_config())
@@ -134,10 +229,12 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
                 .with_context(|| format!("binding {addr}"))?;
             let tls = listeners.tls.as_ref();
             tracing::info!(%addr, tls = tls.is_some(), "serving");
-            Some(
-                router(tls)?
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown()),
-            )
+            let incoming = limited(
+                TcpListenerStream::new(listener),
+                listeners.max_connections,
+                "tcp",
+            );
+            Some(router(tls)?.serve_with_incoming_shutdown(incoming, shutdown()))
         }
         None => None,
     };
@@ -153,8 +250,12 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %path.display(), "serving");
-    let unix =
-        router(None)?.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown());
+    let incoming = limited(
+        UnixListenerStream::new(listener),
+        listeners.max_connections,
+        "unix",
+    );
+    let unix = router(None)?.serve_with_incoming_shutdown(incoming, shutdown());
 
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -188,6 +289,7 @@ mod tests {
             socket: "/run/kvm-agent.sock".into(),
             tcp: Some(tcp.parse().unwrap()),
             tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         };
         assert!(listeners("127.0.0.1:7000").check().is_ok());
         assert!(listeners("[::1]:7000").check().is_ok());

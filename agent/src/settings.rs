@@ -121,6 +121,8 @@ layer! {
         metrics_listen: SocketAddr,
         /// Events kept for watchers that resume.
         event_buffer: NonZeroUsize,
+        /// Connections served at once, on each listener.
+        max_connections: NonZeroUsize,
     }
     sections {
         /// Mutual TLS of the TCP listener and of calls to other agents.
@@ -559,6 +561,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The Prometheus endpoint, if on.
     pub metrics_listen: Option<SocketAddr>,
+    /// Connections served at once, on each listener.
+    pub max_connections: usize,
 }
 
 fn millis(value: Option<NonZeroU64>, default: Duration) -> Duration {
@@ -689,6 +693,9 @@ impl FileConfig {
             tls,
             log_format: self.log_format.unwrap_or_default(),
             metrics_listen: self.metrics_listen,
+            max_connections: self
+                .max_connections
+                .map_or(crate::server::DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get),
         })
     }
 }
@@ -716,6 +723,7 @@ impl Settings {
             confinement: Some(agent.confinement),
             metrics_listen: self.metrics_listen,
             event_buffer: NonZeroUsize::new(agent.event_buffer),
+            max_connections: NonZeroUsize::new(self.max_connections),
             tls: TlsSection {
                 cert: self.tls.as_ref().map(|t| t.cert.clone()),
                 key: self.tls.as_ref().map(|t| t.key.clone()),

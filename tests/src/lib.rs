@@ -243,6 +243,11 @@ impl TestAgent {
 
     /// A gRPC channel on the agent's socket.
     pub async fn channel(&self) -> Channel {
+        self.try_channel().await.expect("connect to agent")
+    }
+
+    /// A gRPC channel on the agent's socket, or why it can't be had.
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
         let socket = self.socket();
         Endpoint::try_from("http://localhost")
             .expect("endpoint")
@@ -255,7 +260,6 @@ impl TestAgent {
                 }
             }))
             .await
-            .expect("connect to agent")
     }
 
     /// A NodeAgent client on the agent's socket.

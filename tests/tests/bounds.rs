@@ -200,3 +200,60 @@ async fn huge_names_and_resume_points_get_short_clear_errors() {
         agent.log().len()
     );
 }
+
+/// Opens `held` connections to `socket` and one more; returns whether the
+/// one more was closed by the agent while every held one stayed open.
+fn one_past_the_limit_is_closed(socket: &std::path::Path, held: usize) -> bool {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let open: Vec<UnixStream> = (0..held)
+        .map(|_| UnixStream::connect(socket).unwrap())
+        .collect();
+    let mut extra = UnixStream::connect(socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let closed = matches!(extra.read(&mut [0u8; 64]), Ok(0));
+    let all_held_open = open.iter().all(|mut c| {
+        c.set_nonblocking(true).unwrap();
+        matches!(c.read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    });
+    closed && all_held_open
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_and_the_rest_still_served() {
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--max-connections".into(), "4".into()]);
+    let agent = TestAgent::start_with(options).await;
+    let socket = agent.socket();
+
+    // A connection of the fixture's own may still be on its way out.
+    let limited = wait_for(Duration::from_secs(10), async || {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || one_past_the_limit_is_closed(&socket, 4))
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+
+    assert!(limited.is_some(), "{}", agent.log());
+    assert!(
+        agent.log().contains("too many connections"),
+        "{}",
+        agent.log()
+    );
+    // Once the held ones are gone, the agent serves new callers again.
+    let served = wait_for(Duration::from_secs(10), async || {
+        let channel = agent.try_channel().await.ok()?;
+        pb::node_agent_client::NodeAgentClient::new(channel)
+            .get_node_info(pb::GetNodeInfoRequest {})
+            .await
+            .ok()
+    })
+    .await;
+    assert!(served.is_some(), "{}", agent.log());
+}
