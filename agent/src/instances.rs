@@ -1511,6 +1511,9 @@ impl Agent {
                         None => return,
                     }
                 }
+                // An agent that died during a launch or a disk hot-add may
+                // have left an image's fd in a set.
+                hypervisor::migration::release_fdsets(&process.qmp).await;
                 self.supervise(inst, process, events, state);
                 if !detail.is_empty() {
                     inst.set_state(state, detail);

@@ -275,8 +275,10 @@ pub fn oom_kills(run_dir: &Path) -> u64 {
     })
 }
 
-/// Removes the sockets and the pidfile of a run directory, keeping the log.
+/// Removes the sockets, the pidfile and the chroot of a run directory,
+/// keeping the log.
 pub fn remove_run_files(run_dir: &Path) {
+    let _ = fs::remove_dir_all(run_dir.join(files::CHROOT));
     for name in [
         files::QMP,
         files::SERIAL,
@@ -475,12 +477,22 @@ async fn launch_in(
         .custom_flags(libc::O_NOFOLLOW)
         .open(log_path)
         .map_err(run_dir_error(log_path))?;
+    let pidfile_path = run_dir.join(files::PIDFILE);
+    let pidfile = process::create_own_file(&pidfile_path).map_err(run_dir_error(&pidfile_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child = process::spawn_detached(&rt.qemu.binary, &args, &inherit, log, &confinement)
-        .map_err(|source| LaunchError::Spawn {
-            binary: rt.qemu.binary.clone(),
-            source,
-        })?;
+    let mut child = process::spawn_detached(
+        &rt.qemu.binary,
+        &args,
+        &inherit,
+        log,
+        Some(&pidfile),
+        &confinement,
+    )
+    .map_err(|source| LaunchError::Spawn {
+        binary: rt.qemu.binary.clone(),
+        source,
+    })?;
+    drop(pidfile);
     drop(cgroups);
     let pid = child.id();
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
@@ -498,13 +510,6 @@ async fn launch_in(
             });
         }
     };
-    if let Err(source) = process::write_pidfile(&run_dir.join(files::PIDFILE), pid) {
-        kill_and_reap(&mut child);
-        return Err(LaunchError::RunDir {
-            path: run_dir.join(files::PIDFILE),
-            source,
-        });
-    }
 
     let qmp_path = run_dir.join(files::QMP);
     let connect = QmpClient::connect(&qmp_path, cfg.qmp);
@@ -515,11 +520,13 @@ async fn launch_in(
     };
     match qmp {
         Ok(qmp) => {
-            release_disk_fdsets(rt, &qmp).await;
             if let Err(e) = pin_and_continue(rt, &qmp, mode).await {
                 kill_and_reap(&mut child);
                 return Err(e);
             }
+            // After `cont`: QEMU closes a removed fd only while the guest
+            // runs. An incoming QEMU's go when it is resumed.
+            release_disk_fdsets(rt, &qmp).await;
             Ok(Launched {
                 pid,
                 pidfd,

@@ -229,7 +229,8 @@ pub async fn pause(qmp: &QmpClient) -> Result<(), QmpError> {
     qmp.execute("stop", None).await.map(drop)
 }
 
-/// Resumes the guest's vCPUs (also after a completed or failed migration).
+/// Resumes the guest's vCPUs (also after a completed or failed migration),
+/// then lets go of the fds left in QEMU's fd sets.
 pub async fn resume(qmp: &QmpClient) -> Result<(), QmpError> {
     // A stream that has just completed leaves QEMU in `finish-migrate`
     // until its main loop sets `postmigrate`, which would stop a guest
@@ -238,7 +239,43 @@ pub async fn resume(qmp: &QmpClient) -> Result<(), QmpError> {
     while run_state(qmp).await? == "finish-migrate" && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(SETTLE_POLL).await;
     }
-    qmp.execute("cont", None).await.map(drop)
+    qmp.execute("cont", None).await?;
+    release_fdsets(qmp).await;
+    Ok(())
+}
+
+/// Removes every fd still listed in QEMU's fd sets. The agent leaves none
+/// there on purpose once an operation is over: block nodes hold dups of
+/// their images. But QEMU closes a removed fd only while the guest runs,
+/// so the boot disks' fds of a QEMU that started paused (an incoming one,
+/// a pinned one) stay until they are removed again with the guest running.
+/// Best effort: a leftover fd costs QEMU an fd, not the operation.
+pub async fn release_fdsets(qmp: &QmpClient) {
+    let Ok(sets) = qmp.execute("query-fdsets", None).await else {
+        return;
+    };
+    let removals: Vec<crate::qmp::Command<'_>> = sets
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|set| {
+            let id = set["fdset-id"].clone();
+            set["fds"].as_array().into_iter().flatten().map(move |fd| {
+                crate::qmp::Command::new(
+                    "remove-fd",
+                    serde_json::json!({ "fdset-id": id, "fd": fd["fd"] }),
+                )
+            })
+        })
+        .collect();
+    if removals.is_empty() {
+        return;
+    }
+    for result in qmp.pipeline(removals).await {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "remove-fd after resuming failed");
+        }
+    }
 }
 
 /// How long [`resume`] waits for QEMU to finish a completed stream.

@@ -21,28 +21,41 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
 
-/// Writes a pidfile atomically (temp file, rename).
-pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
-    let temp = path.with_extension("tmp");
-    write_own_file(&temp, &format!("{pid}\n"))?;
-    fs::rename(&temp, path)
-}
-
 /// Writes a file into a run directory, which may belong to QEMU's user,
 /// so nothing there is followed: whatever is at `path` is removed (a
 /// symlink itself, not its target) and the file is created anew, mode
 /// 0600.
 pub fn write_own_file(path: &Path, contents: &str) -> io::Result<()> {
+    create_own_file(path)?.write_all(contents.as_bytes())
+}
+
+/// Creates a file the way [`write_own_file`] does, empty, for writing.
+pub fn create_own_file(path: &Path) -> io::Result<File> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let mut file = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())
+        .open(path)
+}
+
+/// `n` in decimal with a newline, as a pidfile holds it, in `buf`.
+/// Allocates nothing, for use between fork and exec. Pure.
+fn pid_line(n: u32, buf: &mut [u8; 11]) -> &[u8] {
+    let mut at = buf.len() - 1;
+    buf[at] = b'\n';
+    let mut n = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
 }
 
 /// Reads a file the agent wrote into a run directory, if it is still the
@@ -186,10 +199,12 @@ pub fn spawn_detached(
     args: &[impl AsRef<OsStr>],
     inherit: &[RawFd],
     log: File,
+    pidfile: Option<&File>,
     confinement: &SpawnConfinement,
 ) -> io::Result<Child> {
     let stderr = log.try_clone()?;
     let inherit = inherit.to_vec();
+    let pidfile = pidfile.map(std::os::fd::AsRawFd::as_raw_fd);
     let no_new_privs = confinement.no_new_privs;
     // Everything the child needs is built here, before the fork.
     let credentials = confinement.credentials.as_ref().map(|c| {
@@ -218,6 +233,13 @@ pub fn spawn_detached(
             // Its own session: QEMU outlives the agent and no terminal
             // signal aimed at the agent reaches it.
             setsid()?;
+            // Written by the child, so that no QEMU ever runs without its
+            // pidfile, even when the agent dies right after the fork.
+            if let Some(fd) = pidfile {
+                let mut line = [0u8; 11];
+                let pid = nix::unistd::getpid().as_raw().unsigned_abs();
+                write(BorrowedFd::borrow_raw(fd), pid_line(pid, &mut line))?;
+            }
             // "0" is the writer itself.
             for &fd in &cgroup_procs {
                 write(BorrowedFd::borrow_raw(fd), b"0")?;
@@ -340,6 +362,14 @@ impl PidFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid_lines_are_decimal_with_a_newline() {
+        let mut buf = [0u8; 11];
+        assert_eq!(pid_line(0, &mut buf), b"0\n");
+        assert_eq!(pid_line(4194304, &mut buf), b"4194304\n");
+        assert_eq!(pid_line(u32::MAX, &mut buf), b"4294967295\n");
+    }
     use std::time::Duration;
 
     #[test]
@@ -425,6 +455,7 @@ mod tests {
             &["/proc/self/status"],
             &[],
             log.reopen().unwrap(),
+            None,
             &confinement,
         )
         .unwrap();

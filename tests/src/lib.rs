@@ -296,6 +296,11 @@ impl TestAgent {
         path
     }
 
+    /// The `serve` arguments the next (re)start uses.
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.options.args
+    }
+
     /// Kills the agent with SIGKILL; its instances keep running.
     pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.child.take() {
