@@ -453,6 +453,12 @@ enum InstanceCommand {
         /// Instance name.
         name: String,
     },
+    /// Take a quarantined instance's QEMU back, once QEMU shows it is the
+    /// runtime of the record that was set aside.
+    Adopt {
+        /// Instance name.
+        name: String,
+    },
     /// Move a running guest's memory with its balloon, up to the memory it
     /// was started with; waits until the guest has got there.
     SetMemory {
@@ -978,6 +984,14 @@ async fn instance(
             show(
                 &client
                     .resume_instance(pb::ResumeInstanceRequest { name })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        InstanceCommand::Adopt { name } => {
+            show(
+                &client
+                    .adopt_instance(pb::AdoptInstanceRequest { name })
                     .await?
                     .into_inner(),
             );

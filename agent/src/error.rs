@@ -163,6 +163,14 @@ pub enum AgentError {
         /// That QEMU.
         pid: u32,
     },
+    /// A quarantined instance can't be adopted as it is.
+    #[error("instance {instance:?} can't be adopted: {reason}")]
+    AdoptionRefused {
+        /// Instance name.
+        instance: String,
+        /// What didn't match.
+        reason: String,
+    },
     /// A migration's target is the agent the instance already runs on.
     #[error("instance {0:?} already runs on this node; a migration's target must be another node")]
     MigrationToItself(String),
@@ -404,6 +412,10 @@ impl AgentError {
             AgentError::Quarantined { .. } => (
                 Code::FailedPrecondition,
                 "stop that QEMU with `kvm-agent instance stop NAME --force` first",
+            ),
+            AgentError::AdoptionRefused { .. } => (
+                Code::FailedPrecondition,
+                "its QEMU is left as it is; stop it with `kvm-agent instance stop NAME --force`",
             ),
             AgentError::MigrationToItself(_) => {
                 (Code::FailedPrecondition, "name another node as the target")

@@ -32,6 +32,7 @@ use crate::events::{EventBus, EventKind, Watch, WatchError};
 
 mod memory;
 mod migration;
+mod quarantine;
 mod saves;
 
 pub use memory::MemoryReport;
@@ -1351,8 +1352,13 @@ impl Agent {
         };
         for e in errors {
             tracing::error!(error = %e, "instance record unusable");
-            if let StoreError::Corrupt { name, .. } = &e {
-                self.register_quarantined(name, &e);
+        }
+        // Set aside now or by an agent before: either way, a QEMU of that
+        // name that still runs must stay in sight.
+        let recorded: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        for name in self.store.quarantined_names() {
+            if !recorded.contains(name.as_str()) {
+                self.register_quarantined(&name);
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -1372,65 +1378,6 @@ impl Agent {
                 );
             }
         })
-    }
-
-    /// Keeps an instance whose record was set aside in sight while its
-    /// QEMU still runs, so its name can't start a second QEMU on the same
-    /// disks. Without a live QEMU there is nothing to keep.
-    fn register_quarantined(&self, name: &str, why: &StoreError) {
-        if !hypervisor::spec::is_safe_identifier(name, hypervisor::spec::MAX_INSTANCE_NAME) {
-            return;
-        }
-        let Some(pid) = self.live_qemu_by_name(name) else {
-            return;
-        };
-        let detail = format!(
-            "{why}; its QEMU (pid {pid}) still runs: stop it with `kvm-agent instance stop {name} --force` \
-             before the name can be used again"
-        );
-        tracing::error!(instance = %name, pid, "QEMU runs without a readable record; quarantined");
-        let inst = Instance::new(name, None, State::Quarantined, detail, self.events.clone());
-        lock(&inst.status).quarantined_pid = Some(pid);
-        self.registry_mut().insert(name.to_owned(), inst);
-    }
-
-    /// The pid in an instance's run directory, if that process is alive
-    /// and is a QEMU of that name, whatever its uuid.
-    fn live_qemu_by_name(&self, name: &str) -> Option<u32> {
-        let pid = process::read_pidfile(&self.cfg.run_dir(name).join(files::PIDFILE))?;
-        process::runs_instance_named(pid, name).then_some(pid)
-    }
-
-    /// Ends the QEMU of a quarantined instance and forgets the instance:
-    /// with its record gone, nothing about that QEMU can be trusted to
-    /// ask it to stop, so it is killed.
-    async fn stop_quarantined(&self, inst: &Instance) -> Result<Option<StopMethod>, AgentError> {
-        let pid = lock(&inst.status).quarantined_pid;
-        let method = match pid.map(PidFd::open) {
-            Some(Ok(pidfd))
-                if process::runs_instance_named(pid.unwrap_or_default(), &inst.name) =>
-            {
-                Some(
-                    lifecycle::stop(None, &pidfd, self.cfg.stop, true)
-                        .await
-                        .map_err(|source| AgentError::Stop {
-                            instance: inst.name.clone(),
-                            source,
-                        })?,
-                )
-            }
-            _ => None,
-        };
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
-        {
-            let mut st = lock(&inst.status);
-            st.quarantined_pid = None;
-            st.state = State::Stopped;
-            st.detail = "its QEMU, left without a record, was stopped".into();
-        }
-        self.forget_if_unrecorded(inst);
-        tracing::info!(instance = %inst.name, "quarantined instance stopped");
-        Ok(method)
     }
 
     /// Registers a recorded instance; returns the recovery work it needs.
@@ -1496,7 +1443,7 @@ impl Agent {
             }
             return;
         };
-        match self.adopt(pid, &run_dir).await {
+        match self.adopt(pid, &run_dir, &record.runtime).await {
             Ok((process, events)) => {
                 tracing::info!(instance = %name, pid, "adopted running instance");
                 // A guest paused before the restart stays paused.
@@ -1521,6 +1468,11 @@ impl Agent {
                 if let Err(e) = self.reconcile_devices(inst).await {
                     tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
                 }
+                // A hot-add finished from the journal has a tap too.
+                if let (Some(process), Some(record)) = inst.process_and_record() {
+                    let taps = nic_taps(&process.qmp, process.pid, &record.runtime).await;
+                    *lock(&process.taps) = taps;
+                }
             }
             Err(e) => {
                 let detail =
@@ -1535,12 +1487,14 @@ impl Agent {
         &self,
         pid: u32,
         run_dir: &Path,
+        runtime: &Runtime,
     ) -> Result<(Arc<Process>, broadcast::Receiver<QmpEvent>), String> {
         let pidfd = PidFd::open(pid).map_err(|e| e.to_string())?;
         let qmp = QmpClient::connect(&run_dir.join(files::QMP), self.cfg.launch.qmp)
             .await
             .map_err(|e| e.to_string())?;
         let events = qmp.subscribe();
+        let taps = nic_taps(&qmp, pid, runtime).await;
         let started_at = std::fs::metadata(run_dir.join(files::PIDFILE))
             .and_then(|m| m.modified())
             .unwrap_or_else(|_| SystemTime::now());
@@ -1549,7 +1503,7 @@ impl Agent {
                 pid,
                 pidfd: Arc::new(pidfd),
                 qmp,
-                taps: Mutex::new(process::tap_names(pid)),
+                taps: Mutex::new(taps),
                 child: Mutex::new(None),
                 stop_requested: AtomicBool::new(false),
                 started_at,
@@ -1557,6 +1511,34 @@ impl Agent {
             events,
         ))
     }
+}
+
+/// The taps of a running QEMU in the runtime's NIC order, found through
+/// the fd each netdev uses: fd order alone isn't NIC order once NICs were
+/// hot-added into fd numbers freed before. Falls back to fd order when
+/// QEMU won't say.
+async fn nic_taps(qmp: &QmpClient, pid: u32, runtime: &Runtime) -> Vec<String> {
+    let info = qmp
+        .execute(
+            "human-monitor-command",
+            Some(serde_json::json!({ "command-line": "info network" })),
+        )
+        .await;
+    let Some(fds) = info
+        .ok()
+        .and_then(|text| text.as_str().map(process::netdev_tap_fds))
+    else {
+        return process::tap_names(pid);
+    };
+    runtime
+        .nics
+        .iter()
+        .map(|nic| {
+            fds.get(&hypervisor::argv::netdev_id(nic.spec.uuid))
+                .and_then(|&fd| process::tap_name_of_fd(pid, fd))
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// What a recorded state means for an instance whose QEMU isn't running.

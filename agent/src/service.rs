@@ -266,6 +266,19 @@ impl NodeAgent for NodeAgentService {
         .await
     }
 
+    async fn adopt_instance(
+        &self,
+        req: Request<pb::AdoptInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        let id = request_id(req.metadata());
+        let name = req.into_inner().name;
+        let agent = self.agent.clone();
+        traced("adopt", name.clone(), id, async move {
+            Ok(view_to_proto(agent.adopt_quarantined(&name).await?))
+        })
+        .await
+    }
+
     async fn save_instance(
         &self,
         req: Request<pb::SaveInstanceRequest>,

@@ -99,6 +99,45 @@ pub struct MachineFds {
     pub memory: Option<RawFd>,
 }
 
+/// Whether a QEMU command line (`/proc/<pid>/cmdline`, binary first) starts
+/// with the machine part of `rt`, as a launch renders it. Fd numbers are
+/// not compared: they depend on the launch, not on the runtime. Pure.
+pub fn machine_part_matches(rt: &Runtime, cmdline: &[String]) -> bool {
+    let kernel_boot = matches!(rt.boot, Boot::Kernel { .. });
+    let file_backed = rt.memory_backing != MemoryBacking::Anonymous;
+    // The fds a launch gives: boot files always, a RAM file to a QEMU with
+    // a user of its own.
+    let fds = MachineFds {
+        kernel: kernel_boot.then_some(0),
+        initrd: match &rt.boot {
+            Boot::Kernel { initrd, .. } => initrd.as_ref().map(|_| 0),
+            Boot::Disk => None,
+        },
+        memory: (file_backed && rt.qemu_user.is_some()).then_some(0),
+    };
+    let expected = render_machine(rt, &fds);
+    let Some(actual) = cmdline.get(1..=expected.len()) else {
+        return false;
+    };
+    expected
+        .iter()
+        .zip(actual)
+        .all(|(e, a)| without_fd_numbers(e) == without_fd_numbers(a))
+}
+
+/// `arg` with the number of every `/proc/self/fd/N` left out.
+fn without_fd_numbers(arg: &str) -> String {
+    const FD_PATH: &str = "/proc/self/fd/";
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(at) = rest.find(FD_PATH) {
+        out.push_str(&rest[..at + FD_PATH.len()]);
+        rest = rest[at + FD_PATH.len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The machine part with each file that has an fd named as
 /// `/proc/self/fd/N`, which QEMU opens without walking the directories of
 /// the file's real path.
@@ -455,6 +494,34 @@ mod tests {
             chroot: None,
             incoming: false,
         }
+    }
+
+    #[test]
+    fn a_launched_command_line_matches_its_runtime_whatever_the_fd_numbers() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.boot = Boot::Kernel {
+            kernel: "/srv/boot/vmlinuz".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let mut launched = fds();
+        launched.machine.kernel = Some(17);
+        let cmdline: Vec<String> = std::iter::once("qemu-system-x86_64".to_owned())
+            .chain(render_execution(&rt, &launched))
+            .collect();
+
+        assert!(machine_part_matches(&rt, &cmdline));
+
+        let mut more_memory = rt.clone();
+        more_memory.memory_mib += 1;
+        assert!(!machine_part_matches(&more_memory, &cmdline));
+        assert!(!machine_part_matches(&rt, &cmdline[..3]));
+        assert_eq!(
+            without_fd_numbers("file=/proc/self/fd/12,x=/proc/self/fd/3"),
+            "file=/proc/self/fd/,x=/proc/self/fd/"
+        );
     }
 
     #[test]

@@ -141,6 +141,32 @@ pub fn tap_names(pid: u32) -> Vec<String> {
     names
 }
 
+/// The tap interface behind fd `fd` of process `pid`, from the `iff:`
+/// line the kernel shows in its fdinfo.
+pub fn tap_name_of_fd(pid: u32, fd: u32) -> Option<String> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("iff:"))
+        .map(|name| name.trim().to_owned())
+}
+
+/// The fd of each tap netdev's first queue, by netdev id, from the text of
+/// QEMU's `info network` (lines like ` \ net-…: index=0,type=tap,fd=11`).
+/// QEMU has no QMP command that says which fd a netdev uses. Pure.
+pub fn netdev_tap_fds(info_network: &str) -> std::collections::BTreeMap<String, u32> {
+    info_network
+        .lines()
+        .filter_map(|line| {
+            let (id, options) = line.trim_start_matches([' ', '\\']).split_once(": ")?;
+            let mut fields = options.trim().split(',');
+            let first_queue = fields.clone().any(|f| f == "index=0");
+            let tap = fields.clone().any(|f| f == "type=tap");
+            let fd = fields.find_map(|f| f.strip_prefix("fd="))?.parse().ok()?;
+            (first_queue && tap).then(|| (id.to_owned(), fd))
+        })
+        .collect()
+}
+
 /// Who a spawned process becomes before exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -383,6 +409,26 @@ mod tests {
         assert!(!cmdline_has_uuid(elsewhere.as_bytes(), id));
         assert!(!cmdline_has_uuid(other.as_bytes(), id));
         assert!(!cmdline_has_uuid(b"", id));
+    }
+
+    #[test]
+    fn info_network_gives_each_tap_netdevs_first_fd() {
+        let text = "nic-a: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\r\n \\ net-a: index=0,type=tap,fd=11\r\nnic-b: index=0,type=nic\r\n \\ net-b: index=0,type=tap,fd=19\r\nnic-b: index=1,type=nic,\r\n \\ net-b: index=1,type=tap,fd=20\r\n";
+
+        let fds = netdev_tap_fds(text);
+
+        assert_eq!(fds.len(), 2, "{fds:?}");
+        assert_eq!(fds["net-a"], 11);
+        assert_eq!(fds["net-b"], 19);
+    }
+
+    #[test]
+    fn a_name_is_the_guest_option_of_the_name_flag_in_full() {
+        let line = "qemu\0-name\0guest=web1,debug-threads=on\0-uuid\0x\0";
+
+        assert!(cmdline_has_name(line.as_bytes(), "web1"));
+        assert!(!cmdline_has_name(line.as_bytes(), "web"));
+        assert!(!cmdline_has_name(b"qemu\0-uuid\0guest=web1,\0", "web1"));
     }
 
     #[test]

@@ -220,6 +220,52 @@ impl RecordStore {
         }
     }
 
+    /// The names of the records that were set aside, sorted, each once.
+    pub fn quarantined_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.quarantine)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let file = e.file_name().into_string().ok()?;
+                        let (stem, _) = file.rsplit_once(RECORD_SUFFIX)?;
+                        check_name(stem).ok()?;
+                        Some(stem.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// What is left of the newest record of `name` that was set aside:
+    /// its payload, read without the checksum that failed, with the path
+    /// of the file. Only for a caller that checks the value against
+    /// something else it trusts.
+    pub fn salvage<T: DeserializeOwned>(&self, name: &str) -> Result<(PathBuf, T), String> {
+        check_name(name).map_err(|e| e.to_string())?;
+        let prefix = format!("{name}{RECORD_SUFFIX}.");
+        let newest = fs::read_dir(&self.quarantine)
+            .map_err(|e| format!("can't list {}: {e}", self.quarantine.display()))?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let file = e.file_name().into_string().ok()?;
+                let stamp: u64 = file.strip_prefix(&prefix)?.parse().ok()?;
+                Some((stamp, e.path()))
+            })
+            .max()
+            .map(|(_, path)| path)
+            .ok_or_else(|| format!("no record of {name:?} was set aside"))?;
+        let bytes = fs::read(&newest).map_err(|e| format!("{}: {e}", newest.display()))?;
+        let envelope: EnvelopeIn = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a record envelope: {e}", newest.display()))?;
+        let value = serde_json::from_str(envelope.payload.get())
+            .map_err(|e| format!("{}: {e}", newest.display()))?;
+        Ok((newest, value))
+    }
+
     /// Loads every record. Unreadable ones are quarantined and returned as
     /// errors beside the good ones, so one bad file never hides the others.
     pub fn load_all<T: DeserializeOwned>(&self) -> (Vec<Record<T>>, Vec<StoreError>) {
@@ -540,6 +586,27 @@ mod tests {
             fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn a_record_set_aside_for_its_checksum_can_be_salvaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("x", &sample(7)).unwrap();
+        let path = store.path_of("x").unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let digest = text.find("\"sha256\": \"").unwrap() + 11;
+        let mut bytes = text.into_bytes();
+        bytes[digest] = if bytes[digest] == b'0' { b'1' } else { b'0' };
+        fs::write(&path, bytes).unwrap();
+        assert!(store.load::<Sample>("x").is_err());
+
+        let (from, salvaged) = store.salvage::<Sample>("x").unwrap();
+
+        assert_eq!(salvaged, sample(7));
+        assert!(from.starts_with(dir.path().join("quarantine")));
+        assert_eq!(store.quarantined_names(), ["x"]);
+        assert!(store.salvage::<Sample>("y").is_err());
     }
 
     #[test]

@@ -182,7 +182,12 @@ impl TestAgent {
 
     /// The agent's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Where the agent's log goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
     }
 
     /// The state directory.

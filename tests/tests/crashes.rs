@@ -58,6 +58,8 @@ impl Rng {
 struct Journal {
     seed: u64,
     lines: Vec<String>,
+    /// The agents' logs, whose ends a failure shows.
+    logs: Vec<PathBuf>,
 }
 
 impl Journal {
@@ -66,11 +68,23 @@ impl Journal {
     }
 
     fn fail(&self, why: String) -> ! {
+        let tails: Vec<String> = self
+            .logs
+            .iter()
+            .enumerate()
+            .map(|(node, path)| {
+                let log = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                format!("node {node}'s log ends with:\n{tail}")
+            })
+            .collect();
         panic!(
-            "invariant broken with seed {} (replay: KVM_AGENT_CRASH_SEED={}): {why}\noperations:\n{}",
+            "invariant broken with seed {} (replay: KVM_AGENT_CRASH_SEED={}): {why}\noperations:\n{}\n{}",
             self.seed,
             self.seed,
-            self.lines.join("\n")
+            self.lines.join("\n"),
+            tails.join("\n")
         );
     }
 }
@@ -384,7 +398,12 @@ impl World {
             }
         }
         // A set the agent released shows no fds; its block node may still
-        // hold the dup it made, which keeps the set listed.
+        // hold the dup it made, which keeps the set listed. QEMU closes a
+        // released fd only while the guest runs (the agent releases them
+        // again when it resumes one), so a paused guest may still show it.
+        if qmp.execute("query-status", json!({}))["running"] != json!(true) {
+            return;
+        }
         let fdsets = qmp.execute("query-fdsets", json!({}));
         let unreleased = fdsets
             .as_array()
@@ -392,8 +411,9 @@ impl World {
             .iter()
             .any(|set| set["fds"].as_array().is_some_and(|fds| !fds.is_empty()));
         if unreleased {
+            let status = qmp.execute("query-status", json!({}));
             journal.fail(format!(
-                "node {node}, {}: fds left in sets: {fdsets}",
+                "node {node}, {}: fds left in sets: {fdsets} (QEMU {status})",
                 info.name
             ));
         }
@@ -589,11 +609,12 @@ async fn run(seed: u64, ops: usize) {
         "crash harness: seed {seed} (replay with KVM_AGENT_CRASH_SEED={seed}), {ops} operations"
     );
     let mut rng = Rng(seed);
+    let mut world = World::new().await;
     let mut journal = Journal {
         seed,
         lines: Vec::new(),
+        logs: world.agents.iter().map(TestAgent::log_path).collect(),
     };
-    let mut world = World::new().await;
     let started = Instant::now();
     let mut kills = 0;
     for i in 0..ops {

@@ -423,3 +423,96 @@ async fn a_running_instance_whose_record_is_unreadable_stays_in_sight_and_blocks
     let again = agent.start_spec(agent.spec("orphan", 64)).await;
     assert_ne!(again.pid, first.pid);
 }
+
+/// Rewrites the record of `name` with `edit`, keeping its stored checksum,
+/// which then fails.
+fn tamper_with_record(agent: &TestAgent, name: &str, edit: impl FnOnce(&mut Value)) {
+    let path = agent.record_path(name);
+    let mut envelope: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut envelope);
+    std::fs::write(&path, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn a_quarantined_instance_is_adopted_only_when_qemu_shows_its_runtime() {
+    let mut agent = TestAgent::start().await;
+    let mut spec = agent.spec("intact", 64);
+    spec.disks = vec![disk("root", &agent.raw_image("intact.raw", 4))];
+    spec.nics = vec![nic("eth0", "52:54:00:ad:00:01")];
+    let intact = agent.start_spec(spec).await;
+    add_nic(&agent, "intact", "eth1", "52:54:00:ad:00:02").await;
+    let devices = agent.instance("intact").await.devices;
+    let altered = agent.start_spec(agent.spec("altered", 64)).await;
+    agent.kill_agent();
+    // One record loses only its checksum; the other says more memory
+    // than its QEMU has.
+    tamper_with_record(&agent, "intact", |envelope| {
+        let digest = envelope["sha256"].as_str().unwrap().to_owned();
+        let flipped = if digest.starts_with('0') { "1" } else { "0" };
+        envelope["sha256"] = json!(format!("{flipped}{}", &digest[1..]));
+    });
+    tamper_with_record(&agent, "altered", |envelope| {
+        envelope["payload"]["runtime"]["memory_mib"] = json!(96);
+        let argv = envelope["payload"]["runtime"]["argv"]
+            .as_array_mut()
+            .unwrap();
+        for arg in argv.iter_mut() {
+            if arg == "size=64M" {
+                *arg = json!("size=96M");
+            }
+        }
+    });
+    agent.restart().await;
+    for name in ["intact", "altered"] {
+        assert_eq!(
+            agent.instance(name).await.state,
+            pb::InstanceState::Quarantined as i32,
+            "{name}"
+        );
+    }
+    let mut client = agent.client().await;
+
+    let adopted = client
+        .adopt_instance(pb::AdoptInstanceRequest {
+            name: "intact".into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}\n{}", agent.log()))
+        .into_inner();
+    let refused = client
+        .adopt_instance(pb::AdoptInstanceRequest {
+            name: "altered".into(),
+        })
+        .await
+        .unwrap_err();
+
+    assert_eq!(adopted.state, pb::InstanceState::Running as i32);
+    assert_eq!(adopted.pid, intact.pid, "the same QEMU, never restarted");
+    assert_eq!(adopted.devices, devices, "the hot-added NIC too");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("command line"),
+        "{}",
+        refused.message()
+    );
+    let still = agent.instance("altered").await;
+    assert_eq!(still.state, pb::InstanceState::Quarantined as i32);
+    assert!(
+        process_alive(altered.pid),
+        "a refused adoption leaves QEMU alone"
+    );
+    // The adopted record is whole again: the next agent loads it. The
+    // other one stays in sight, its record still set aside.
+    agent.restart().await;
+    assert_eq!(
+        agent.instance("intact").await.state,
+        pb::InstanceState::Running as i32
+    );
+    let still = agent.instance("altered").await;
+    assert_eq!(still.state, pb::InstanceState::Quarantined as i32);
+    assert_eq!(still.pid, altered.pid);
+}
