@@ -1407,19 +1407,39 @@ impl Agent {
         lock(&inst.status).reconciling = running;
         // Taken before anyone can see the instance, so no call slips in
         // ahead of its reconciliation.
-        let op = running.then(|| {
-            inst.ops
-                .clone()
-                .try_lock_owned()
-                .expect("a new instance's lock is free")
-        });
+        let op = inst
+            .ops
+            .clone()
+            .try_lock_owned()
+            .expect("a new instance's lock is free");
         self.registry_mut().insert(name, inst.clone());
-        let op = op?;
         Some(Box::pin(async move {
-            agent.reconcile(&inst, &record).await;
+            if running {
+                agent.reconcile(&inst, &record).await;
+            } else {
+                agent.finish_resting(&inst, &record).await;
+            }
             lock(&inst.status).reconciling = false;
             drop(op);
         }))
+    }
+
+    /// Tidies up after an instance recorded as not running: a stop is
+    /// recorded while QEMU is killed, so an agent that died in between
+    /// leaves that QEMU, or its cgroups and chroot, behind.
+    async fn finish_resting(&self, inst: &Instance, record: &InstanceRecord) {
+        let run_dir = self.cfg.run_dir(&inst.name);
+        if let Some(pid) =
+            process::live_instance_pid(&run_dir.join(files::PIDFILE), record.runtime.uuid)
+            && let Ok(pidfd) = PidFd::open(pid)
+        {
+            tracing::warn!(instance = %inst.name, pid, "finishing a stop the agent died in");
+            if let Err(e) = lifecycle::stop(None, &pidfd, self.cfg.stop, true).await {
+                tracing::error!(instance = %inst.name, pid, error = %e, "can't end a QEMU recorded as stopped");
+                return;
+            }
+        }
+        lifecycle::remove_run_files(&run_dir);
     }
 
     /// Finds a recorded-running instance's QEMU and adopts it, or records
