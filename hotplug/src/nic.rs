@@ -229,20 +229,24 @@ mod tests {
         assert_eq!(multi["vhost"], true);
     }
 
-    #[test]
-    fn device_is_placed_at_its_slot_on_pci0() {
-        let nic = RuntimeNic {
+    fn sample_nic(model: NicModel) -> RuntimeNic {
+        RuntimeNic {
             spec: NicSpec {
                 name: "eth1".into(),
                 uuid: hypervisor::runtime::Uuid::from_u128(0xabc),
                 mac: "52:54:00:00:00:09".parse::<MacAddr>().unwrap(),
-                model: NicModel::Virtio,
+                model,
                 bridge: None,
                 vhost: false,
                 queues: 1,
             },
             slot: 7,
-        };
+        }
+    }
+
+    #[test]
+    fn device_is_placed_at_its_slot_on_pci0() {
+        let nic = sample_nic(NicModel::Virtio);
 
         let args = device_arguments(&nic, false);
 
@@ -255,20 +259,7 @@ mod tests {
 
     #[test]
     fn a_chrooted_qemu_finds_the_rom_in_its_root() {
-        let nic = RuntimeNic {
-            spec: NicSpec {
-                name: "eth1".into(),
-                uuid: hypervisor::runtime::Uuid::from_u128(0xabc),
-                mac: "52:54:00:00:00:09".parse::<MacAddr>().unwrap(),
-                model: NicModel::E1000,
-                bridge: None,
-                vhost: false,
-                queues: 1,
-            },
-            slot: 7,
-        };
-
-        let args = device_arguments(&nic, true);
+        let args = device_arguments(&sample_nic(NicModel::E1000), true);
 
         assert_eq!(args["romfile"], "/efi-e1000.rom");
     }

@@ -838,20 +838,16 @@ async fn kill_the_source_during_a_migration(death: SourceDeath, name: &str) -> &
     let _ = migration.outcome().await;
     source.restart().await;
 
-    let on_source = source
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest { name: name.into() })
-        .await
-        .ok()
-        .map(|r| r.into_inner());
-    let on_target = target
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest { name: name.into() })
-        .await
-        .ok()
-        .map(|r| r.into_inner());
+    let found = async |agent: &TestAgent| {
+        agent
+            .client()
+            .await
+            .get_instance(pb::GetInstanceRequest { name: name.into() })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    };
+    let (on_source, on_target) = (found(&source).await, found(&target).await);
     let (node, owner, info) = match (on_source, on_target) {
         (Some(info), None) => ("source", &source, info),
         (None, Some(info)) => ("target", &target, info),
