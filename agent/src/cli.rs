@@ -427,9 +427,11 @@ enum InstanceCommand {
         /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
         #[arg(long, value_enum, default_value = "soft")]
         mode: RebootModeArg,
-        /// The spec for a hard reboot.
-        #[command(flatten)]
-        spec: Option<SpecArgs>,
+        #[command(
+            flatten,
+            next_help_heading = "The spec a hard reboot applies (--mode hard only)"
+        )]
+        spec: SpecOptions,
     },
     /// Show one instance.
     Info {
@@ -487,6 +489,13 @@ struct SpecArgs {
     /// Instance name.
     #[arg(long = "name", id = "instance_name")]
     name: String,
+    #[command(flatten)]
+    options: SpecOptions,
+}
+
+/// An instance spec but its name, which a reboot takes as its argument.
+#[derive(Debug, Args, Clone, PartialEq)]
+struct SpecOptions {
     /// Instance uuid (default: kept from the record, or new).
     #[arg(long)]
     uuid: Option<String>,
@@ -570,6 +579,24 @@ fn split_options(s: &str) -> Vec<(String, String)> {
 
 impl SpecArgs {
     fn to_proto(&self) -> anyhow::Result<pb::InstanceSpec> {
+        self.options.to_proto(&self.name)
+    }
+}
+
+/// The spec options as they are when none is given.
+#[derive(Debug, Parser)]
+struct UnsetSpecOptions {
+    #[command(flatten)]
+    options: SpecOptions,
+}
+
+impl SpecOptions {
+    /// Whether any option was given, as far as values show.
+    fn any_given(&self) -> bool {
+        UnsetSpecOptions::try_parse_from(["kvm-agent"]).is_ok_and(|unset| unset.options != *self)
+    }
+
+    fn to_proto(&self, name: &str) -> anyhow::Result<pb::InstanceSpec> {
         let disks = self
             .disk
             .iter()
@@ -646,7 +673,7 @@ impl SpecArgs {
             pb::Accelerator::from_str_name(&format!("ACCELERATOR_{}", self.accel.to_uppercase()))
                 .with_context(|| format!("unknown accelerator {:?}", self.accel))?;
         Ok(pb::InstanceSpec {
-            name: self.name.clone(),
+            name: name.to_owned(),
             uuid: self.uuid.clone().unwrap_or_default(),
             memory_mib: self.memory,
             vcpus: self.vcpus,
@@ -921,7 +948,13 @@ async fn instance(
                 RebootModeArg::Hard => pb::RebootMode::Hard,
                 RebootModeArg::Reset => pb::RebootMode::Reset,
             };
-            let spec = spec.map(|s| s.to_proto()).transpose()?;
+            let spec = match mode {
+                pb::RebootMode::Hard => Some(spec.to_proto(&name)?),
+                _ if spec.any_given() => {
+                    anyhow::bail!("spec options apply to a hard reboot only; add --mode hard")
+                }
+                _ => None,
+            };
             show(
                 &client
                     .reboot_instance(pb::RebootInstanceRequest {

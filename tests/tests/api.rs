@@ -121,8 +121,30 @@ async fn cli_starts_and_stops_an_instance() {
         "--nic",
         "mac=52:54:00:00:50:02",
     ]);
+    // As the README's quick start has it: the name as the argument.
+    let soft = cli(&["instance", "reboot", "cli1", "--mode", "soft"]);
+    let misplaced = cli(&["instance", "reboot", "cli1", "--memory", "96"]);
+    let hard = cli(&[
+        "instance", "reboot", "cli1", "--mode", "hard", "--memory", "96",
+    ]);
     let stopped = cli(&["instance", "stop", "cli1", "--force"]);
     let missing = cli(&["instance", "info", "nope"]);
+
+    for (what, out) in [("soft", &soft), ("hard", &hard)] {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!misplaced.status.success());
+    assert!(
+        String::from_utf8_lossy(&misplaced.stderr).contains("--mode hard"),
+        "{}",
+        String::from_utf8_lossy(&misplaced.stderr)
+    );
+    let rebooted: Value = serde_json::from_slice(&hard.stdout).unwrap();
+    assert_eq!(rebooted["memory_mib"], 96, "{rebooted}");
 
     assert!(
         started.status.success(),
