@@ -1441,7 +1441,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     listeners.check().map_err(anyhow::Error::msg)?;
     let agent = Agent::open(agent).context("opening the state directory")?;
     if let Some(addr) = metrics_listen {
-        crate::telemetry::serve(addr, agent.clone())?;
+        let watch = agent
+            .watch_events(None)
+            .map_err(|e| anyhow::anyhow!("can't follow the events for metrics: {e}"))?;
+        let counted = agent.clone();
+        crate::telemetry::serve(addr, watch, move || {
+            counted.list().into_iter().map(|v| v.state).collect()
+        })?;
     }
     server::serve(agent, listeners).await
 }

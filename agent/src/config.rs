@@ -24,6 +24,8 @@ pub const DEFAULT_QEMU_USER: &str = "nobody";
 /// otherwise. Above 65535, where distributions allocate no accounts, and
 /// below 100000, where `/etc/subuid` ranges start by default.
 pub const DEFAULT_UID_POOL: RangeInclusive<u32> = 70000..=70999;
+/// Events kept for watchers that resume.
+pub const DEFAULT_EVENT_BUFFER: usize = 4096;
 /// Name of the agent's unix socket inside the state directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -216,7 +218,7 @@ impl AgentConfig {
             stop: StopTimeouts::default(),
             reset_timeout: Duration::from_secs(5),
             unplug_timeout: Duration::from_secs(10),
-            event_buffer: crate::events::DEFAULT_EVENT_BUFFER,
+            event_buffer: DEFAULT_EVENT_BUFFER,
             exit_drain_timeout: Duration::from_millis(500),
             migration: MigrationConfig::default(),
             fault_point: None,

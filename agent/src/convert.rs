@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::error::AgentError;
 use crate::events::{Event, EventKind};
-use crate::instances::{InstanceView, State};
+use crate::instances::InstanceView;
+use crate::model::{MigrationReport, ReportPhase, State};
 use hypervisor::argv;
 use hypervisor::lifecycle::StopMethod;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
@@ -303,10 +304,33 @@ pub fn event_to_proto(event: &Event) -> pb::Event {
         }
         EventKind::MigrationProgress(report) => {
             wire.kind = pb::EventKind::MigrationProgress as i32;
-            wire.migration = Some(report.to_proto());
+            wire.migration = Some(report_to_proto(report));
         }
     }
     wire
+}
+
+/// A migration's progress as the API shows it.
+pub fn report_to_proto(report: &MigrationReport) -> pb::MigrationProgress {
+    let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis() as u64);
+    let status = report.status.as_ref();
+    pb::MigrationProgress {
+        phase: match report.phase {
+            ReportPhase::Preparing => pb::MigrationPhase::Preparing,
+            ReportPhase::Active => pb::MigrationPhase::Active,
+            ReportPhase::Finalizing => pb::MigrationPhase::Finalizing,
+            ReportPhase::Completed => pb::MigrationPhase::Completed,
+        } as i32,
+        qemu_status: status.map(|s| s.status.clone()).unwrap_or_default(),
+        transferred_bytes: status.map_or(0, |s| s.transferred_bytes),
+        remaining_bytes: status.map_or(0, |s| s.remaining_bytes),
+        total_bytes: status.map_or(0, |s| s.total_bytes),
+        dirty_rate_bytes_per_second: status.map_or(0, |s| s.dirty_rate_bytes_per_second),
+        expected_downtime_ms: ms(status.and_then(|s| s.expected_downtime)),
+        downtime_ms: ms(status.and_then(|s| s.downtime)),
+        elapsed_ms: report.elapsed.as_millis() as u64,
+        address: report.address.clone(),
+    }
 }
 
 /// The wire form of a stop method.

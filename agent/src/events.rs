@@ -8,10 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
-use crate::instances::{MigrationReport, State};
-
-/// Events kept for watchers that resume.
-pub const DEFAULT_EVENT_BUFFER: usize = 4096;
+use crate::model::{MigrationReport, State};
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]

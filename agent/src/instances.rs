@@ -37,7 +37,8 @@ mod saves;
 
 pub use memory::MemoryReport;
 
-pub use migration::{MigrateOptions, MigrationReport, ReportPhase};
+pub use crate::model::{MigrationReport, ReportPhase, State};
+pub use migration::MigrateOptions;
 pub use saves::SaveOutcome;
 
 /// What the record says about an instance, beside its runtime.
@@ -86,39 +87,6 @@ pub struct OutgoingMigration {
     /// Whether the guest ran before the migration, to resume it if it
     /// stays here.
     pub was_running: bool,
-}
-
-/// An instance's state as callers see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Not running.
-    Stopped,
-    /// Being started.
-    Starting,
-    /// QEMU runs.
-    Running,
-    /// Being stopped.
-    Stopping,
-    /// QEMU exited without being asked to.
-    Crashed,
-    /// QEMU runs with the guest's vCPUs stopped.
-    Paused,
-    /// Being migrated away or saved.
-    Migrating,
-    /// Saved to a file; QEMU is gone.
-    Saved,
-    /// Waiting for its state from a migration or a restore.
-    Incoming,
-    /// Its record was unreadable and set aside, but its QEMU still runs.
-    /// It blocks its name until an operator stops that QEMU.
-    Quarantined,
-}
-
-impl State {
-    /// Whether QEMU runs in this state, so the guest's state can be read.
-    pub fn has_qemu(self) -> bool {
-        matches!(self, State::Running | State::Paused | State::Migrating)
-    }
 }
 
 /// A read-only copy of an instance's status.

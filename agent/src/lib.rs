@@ -12,6 +12,7 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod instances;
+pub mod model;
 pub mod peer;
 pub mod server;
 pub mod service;

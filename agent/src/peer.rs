@@ -11,6 +11,17 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::tls::TlsMaterial;
 
+/// The metadata key that carries an operation's request id, both ways.
+/// An agent's service puts it on every answer, so its presence tells an
+/// answer of the other agent from a connection that broke.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Whether `status` is an answer of the other agent's service, rather
+/// than a failure of the connection to it.
+pub fn answered_by_agent(status: &tonic::Status) -> bool {
+    status.metadata().get(REQUEST_ID_HEADER).is_some()
+}
+
 /// Where an agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {

@@ -14,8 +14,8 @@ use tracing::Instrument;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 
 use crate::convert::{
-    disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, spec_from_proto,
-    stop_method_to_proto, view_to_proto,
+    disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, report_to_proto,
+    spec_from_proto, stop_method_to_proto, view_to_proto,
 };
 use crate::devices::ChangedDevice;
 use crate::error::AgentError;
@@ -339,12 +339,12 @@ impl NodeAgent for NodeAgentService {
                 tokio::select! {
                     result = &mut work => break result,
                     Some(report) = progress_rx.recv() => {
-                        let _ = out_tx.try_send(Ok(report.to_proto()));
+                        let _ = out_tx.try_send(Ok(report_to_proto(&report)));
                     }
                 }
             };
             while let Ok(report) = progress_rx.try_recv() {
-                let _ = out_tx.try_send(Ok(report.to_proto()));
+                let _ = out_tx.try_send(Ok(report_to_proto(&report)));
             }
             if let Err(status) = result {
                 let _ = out_tx.send(Err(status)).await;
@@ -528,8 +528,7 @@ impl NodeAgent for NodeAgentService {
     }
 }
 
-/// The metadata key that carries an operation's request id, both ways.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+use crate::peer::REQUEST_ID_HEADER;
 
 /// The caller's request id when it sent a sane one, a new one otherwise.
 fn request_id(metadata: &MetadataMap) -> String {

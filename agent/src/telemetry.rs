@@ -2,27 +2,14 @@
 //! instances by state. Off unless `serve --metrics-listen` is given.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use hypervisor::qmp::QmpError;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::instances::{Agent, State};
-
-const STATES: [(State, &str); 10] = [
-    (State::Stopped, "stopped"),
-    (State::Starting, "starting"),
-    (State::Running, "running"),
-    (State::Stopping, "stopping"),
-    (State::Crashed, "crashed"),
-    (State::Paused, "paused"),
-    (State::Migrating, "migrating"),
-    (State::Saved, "saved"),
-    (State::Incoming, "incoming"),
-    (State::Quarantined, "quarantined"),
-];
+use crate::events::Watch;
+use crate::model::State;
 
 /// Why the metrics endpoint couldn't start.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +39,31 @@ pub fn check_address(addr: SocketAddr) -> Result<(), MetricsError> {
     }
 }
 
-/// Starts the endpoint and keeps the instance gauges current.
-pub fn serve(addr: SocketAddr, agent: Arc<Agent>) -> Result<(), MetricsError> {
+/// Starts the endpoint and keeps the instance gauges current: `states`
+/// gives every instance's state, asked again on each state event `watch`
+/// brings.
+pub fn serve(
+    addr: SocketAddr,
+    watch: Watch,
+    states: impl Fn() -> Vec<State> + Send + 'static,
+) -> Result<(), MetricsError> {
     check_address(addr)?;
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
         .map_err(|source| MetricsError::Exporter { addr, source })?;
     tracing::info!(%addr, "serving metrics");
-    count_instances(&agent);
+    count_instances(&states());
     tokio::spawn(async move {
-        let Ok(watch) = agent.watch_events(None) else {
-            return;
-        };
         let (mut events, _place) = (watch.live, watch.permit);
         loop {
             match events.recv().await {
-                Ok(e) if matches!(e.kind, EventKind::State { .. }) => count_instances(&agent),
+                Ok(e) if matches!(e.kind, EventKind::State { .. }) => count_instances(&states()),
                 Ok(_) => {}
                 // Missed events only mean a recount.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => count_instances(&agent),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    count_instances(&states())
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
@@ -79,11 +71,10 @@ pub fn serve(addr: SocketAddr, agent: Arc<Agent>) -> Result<(), MetricsError> {
     Ok(())
 }
 
-fn count_instances(agent: &Agent) {
-    let views = agent.list();
-    for (state, label) in STATES {
-        let n = views.iter().filter(|v| v.state == state).count();
-        metrics::gauge!("kvm_agent_instances", "state" => label).set(n as f64);
+fn count_instances(states: &[State]) {
+    for state in State::ALL {
+        let n = states.iter().filter(|&&s| s == state).count();
+        metrics::gauge!("kvm_agent_instances", "state" => state.name()).set(n as f64);
     }
 }
 

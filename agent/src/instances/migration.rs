@@ -30,6 +30,7 @@ use super::{
 };
 use crate::error::AgentError;
 use crate::events::EventKind;
+use crate::model::{MigrationReport, ReportPhase};
 use crate::peer::{self, AgentAddress, ConnectError};
 
 /// How often a migration's progress is read.
@@ -63,57 +64,6 @@ pub struct MigrateOptions {
     pub downtime_limit: Option<Duration>,
     /// Overrides the agent's default for auto-converge.
     pub auto_converge: Option<bool>,
-}
-
-/// How far a migration has come.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportPhase {
-    /// The target is starting its QEMU.
-    Preparing,
-    /// Memory is being sent.
-    Active,
-    /// The stream is complete; the target is taking over.
-    Finalizing,
-    /// The target owns the instance.
-    Completed,
-}
-
-/// One progress report of a migration, save or restore.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MigrationReport {
-    /// The phase.
-    pub phase: ReportPhase,
-    /// QEMU's figures, once it sends.
-    pub status: Option<MigrationStatus>,
-    /// Where the stream goes.
-    pub address: String,
-    /// Since the operation began.
-    pub elapsed: Duration,
-}
-
-impl MigrationReport {
-    /// As the API shows it.
-    pub fn to_proto(&self) -> pb::MigrationProgress {
-        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
-        let status = self.status.as_ref();
-        pb::MigrationProgress {
-            phase: match self.phase {
-                ReportPhase::Preparing => pb::MigrationPhase::Preparing,
-                ReportPhase::Active => pb::MigrationPhase::Active,
-                ReportPhase::Finalizing => pb::MigrationPhase::Finalizing,
-                ReportPhase::Completed => pb::MigrationPhase::Completed,
-            } as i32,
-            qemu_status: status.map(|s| s.status.clone()).unwrap_or_default(),
-            transferred_bytes: status.map_or(0, |s| s.transferred_bytes),
-            remaining_bytes: status.map_or(0, |s| s.remaining_bytes),
-            total_bytes: status.map_or(0, |s| s.total_bytes),
-            dirty_rate_bytes_per_second: status.map_or(0, |s| s.dirty_rate_bytes_per_second),
-            expected_downtime_ms: ms(status.and_then(|s| s.expected_downtime)),
-            downtime_ms: ms(status.and_then(|s| s.downtime)),
-            elapsed_ms: self.elapsed.as_millis() as u64,
-            address: self.address.clone(),
-        }
-    }
 }
 
 /// Publishes reports as events and to the caller's stream. A slow caller
@@ -620,11 +570,7 @@ impl Agent {
         // An answer from the target's service (it tags every answer with a
         // request id) is definite; a broken connection leaves it open
         // whether the target took over.
-        if status
-            .metadata()
-            .get(crate::service::REQUEST_ID_HEADER)
-            .is_some()
-        {
+        if peer::answered_by_agent(&status) {
             return FinalizeOutcome::Refused(peer_error(
                 target,
                 "the target could not finalize",
