@@ -478,7 +478,7 @@ fn is_disk_id(id: &str) -> bool {
 }
 
 /// Whether a QEMU id is one the agent gives its devices.
-fn is_agent_device_id(id: &str) -> bool {
+pub(crate) fn is_agent_device_id(id: &str) -> bool {
     is_disk_id(id) || id.starts_with(NIC_ID_PREFIX)
 }
 

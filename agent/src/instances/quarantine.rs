@@ -3,6 +3,7 @@
 //! the same disks, until an operator stops that QEMU or adopts it again
 //! from what is left of the record, checked against what QEMU reports.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use hypervisor::argv::{disk_device_id, nic_device_id};
@@ -51,20 +52,18 @@ impl Agent {
         &self,
         inst: &Instance,
     ) -> Result<Option<StopMethod>, AgentError> {
-        let pid = lock(&inst.status).quarantined_pid;
+        let pid = lock(&inst.status)
+            .quarantined_pid
+            .filter(|&pid| process::runs_instance_named(pid, &inst.name));
         let method = match pid.map(PidFd::open) {
-            Some(Ok(pidfd))
-                if process::runs_instance_named(pid.unwrap_or_default(), &inst.name) =>
-            {
-                Some(
-                    lifecycle::stop(None, &pidfd, self.cfg.stop, true)
-                        .await
-                        .map_err(|source| AgentError::Stop {
-                            instance: inst.name.clone(),
-                            source,
-                        })?,
-                )
-            }
+            Some(Ok(pidfd)) => Some(
+                lifecycle::stop(None, &pidfd, self.cfg.stop, true)
+                    .await
+                    .map_err(|source| AgentError::Stop {
+                        instance: inst.name.clone(),
+                        source,
+                    })?,
+            ),
             _ => None,
         };
         lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
@@ -166,24 +165,16 @@ impl Agent {
 async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     let failed = |e: hypervisor::qmp::QmpError| format!("QEMU didn't answer: {e}");
     let pci = qmp.execute("query-pci", None).await.map_err(failed)?;
-    let present: std::collections::BTreeSet<(String, u64)> = pci[0]["devices"]
-        .as_array()
+    let present: BTreeSet<(String, u8)> = hotplug::slots::bus0_devices(&pci)
         .into_iter()
-        .flatten()
-        .filter_map(|d| Some((d["qdev_id"].as_str()?.to_owned(), d["slot"].as_u64()?)))
-        .filter(|(id, _)| {
-            id.starts_with(argv::DISK_ID_PREFIX) || id.starts_with(argv::NIC_ID_PREFIX)
-        })
+        .filter(|(_, id)| crate::devices::is_agent_device_id(id))
+        .map(|(slot, id)| (id, slot))
         .collect();
-    let expected: std::collections::BTreeSet<(String, u64)> = rt
+    let expected: BTreeSet<(String, u8)> = rt
         .disks
         .iter()
-        .map(|d| (disk_device_id(d.spec.uuid), u64::from(d.slot)))
-        .chain(
-            rt.nics
-                .iter()
-                .map(|n| (nic_device_id(n.spec.uuid), u64::from(n.slot))),
-        )
+        .map(|d| (disk_device_id(d.spec.uuid), d.slot))
+        .chain(rt.nics.iter().map(|n| (nic_device_id(n.spec.uuid), n.slot)))
         .collect();
     if present != expected {
         return Err(format!(
@@ -208,11 +199,7 @@ async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     }
     let blocks = qmp.execute("query-block", None).await.map_err(failed)?;
     for disk in &rt.disks {
-        let id = disk_device_id(disk.spec.uuid);
-        let attached = blocks.as_array().into_iter().flatten().any(|b| {
-            b["qdev"].as_str().is_some_and(|q| q.contains(id.as_str())) && !b["inserted"].is_null()
-        });
-        if !attached {
+        if !hotplug::disk::block_attached(&blocks, &disk_device_id(disk.spec.uuid)) {
             return Err(format!("disk {:?} has no image in QEMU", disk.spec.name));
         }
     }
