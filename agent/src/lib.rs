@@ -8,7 +8,6 @@
 pub mod cli;
 pub mod config;
 pub mod convert;
-pub mod devices;
 pub mod error;
 pub mod events;
 pub mod instances;

@@ -1,10 +1,15 @@
 //! The nouns the agent's operations and its API share: an instance's
-//! state and a migration's progress. They depend on neither the
-//! operations nor the wire.
+//! state, its record and the views of it, and the options and reports of
+//! operations. They depend on neither the operations nor the wire.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::migration::MigrationStatus;
+use hypervisor::probe::QemuInfo;
+use hypervisor::{InstanceSpec, Runtime};
+use serde::{Deserialize, Serialize};
 
 /// An instance's state as callers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,4 +98,143 @@ pub struct MigrationReport {
     pub address: String,
     /// Since the operation began.
     pub elapsed: Duration,
+}
+
+/// What the record says about an instance, beside its runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedState {
+    /// Should be running.
+    Running,
+    /// Stopped on request.
+    Stopped,
+    /// The guest powered itself off.
+    StoppedByGuest,
+    /// QEMU exited unasked.
+    Crashed,
+    /// Saved to a file (the detail says where); QEMU is gone.
+    Saved,
+    /// A QEMU waits for the instance's state from a migration or a
+    /// restore. Until that is finalized the instance isn't this node's, so
+    /// a restarted agent kills such a QEMU and drops the record.
+    Incoming,
+}
+
+/// The durable record of an instance: its runtime and how it last ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The runtime to replay.
+    pub runtime: Runtime,
+    /// Last known state.
+    pub state: RecordedState,
+    /// Why it is in that state.
+    #[serde(default)]
+    pub detail: String,
+    /// A migration away from this node under way: set before the target
+    /// is asked to take the instance, cleared once the migration ends
+    /// either way, so an agent that restarts in between knows to settle
+    /// it with the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<OutgoingMigration>,
+}
+
+/// A migration a source started, as its record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingMigration {
+    /// The target agent, as the caller named it.
+    pub target: String,
+    /// Whether the guest ran before the migration, to resume it if it
+    /// stays here.
+    pub was_running: bool,
+}
+
+/// A read-only copy of an instance's status.
+#[derive(Debug, Clone)]
+pub struct InstanceView {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: State,
+    /// Why it is in that state.
+    pub detail: String,
+    /// QEMU's pid while running.
+    pub pid: Option<u32>,
+    /// Time since QEMU started.
+    pub uptime: Option<Duration>,
+    /// The runtime in the record.
+    pub runtime: Option<Runtime>,
+    /// Host tap names by NIC order, while running.
+    pub taps: Vec<String>,
+    /// Set after an agent restart until the instance's QEMU has been found
+    /// and its devices compared; operations on it wait until then.
+    pub reconciling: bool,
+}
+
+/// How a reboot is done.
+#[derive(Debug, Clone)]
+pub enum RebootMode {
+    /// Stop, then replay the saved runtime.
+    Soft,
+    /// Stop, then start from a runtime generated from this spec.
+    Hard(Box<InstanceSpec>),
+    /// `system_reset` in the same QEMU.
+    Reset,
+}
+
+/// Facts about the node.
+#[derive(Debug)]
+pub struct NodeFacts {
+    /// Host name.
+    pub hostname: String,
+    /// QEMU binary as configured.
+    pub qemu_binary: PathBuf,
+    /// Probe result.
+    pub qemu: Result<Arc<QemuInfo>, String>,
+    /// KVM usability.
+    pub kvm: Result<(), String>,
+    /// MemTotal in MiB.
+    pub memory_total_mib: u64,
+    /// MemAvailable in MiB.
+    pub memory_available_mib: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Instances with a record.
+    pub instance_count: u32,
+}
+
+/// Per-call settings of a migration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrateOptions {
+    /// Pause the guest before sending anything.
+    pub offline: bool,
+    /// Overrides the agent's default parameters.
+    pub max_bandwidth: Option<u64>,
+    /// Overrides the agent's default downtime limit.
+    pub downtime_limit: Option<Duration>,
+    /// Overrides the agent's default for auto-converge.
+    pub auto_converge: Option<bool>,
+}
+
+/// What a save came to.
+#[derive(Debug, Clone)]
+pub struct SaveOutcome {
+    /// The instance afterwards.
+    pub view: InstanceView,
+    /// Size of the file.
+    pub file_bytes: u64,
+    /// Whether the guest ran when it was saved.
+    pub was_running: bool,
+    /// How long the save took.
+    pub duration: Duration,
+}
+
+/// Where a guest's memory stands after SetMemory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// The target now set.
+    pub target_mib: u64,
+    /// What the guest has.
+    pub actual_mib: u64,
+    /// The runtime's memory.
+    pub maximum_mib: u64,
 }

@@ -17,9 +17,9 @@ use crate::convert::{
     disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, report_to_proto,
     spec_from_proto, stop_method_to_proto, view_to_proto,
 };
-use crate::devices::ChangedDevice;
 use crate::error::AgentError;
 use crate::events::{Event, WatchError};
+use crate::instances::ChangedDevice;
 use crate::instances::InstanceView;
 use crate::instances::{Agent, MigrateOptions, RebootMode};
 use std::pin::Pin;

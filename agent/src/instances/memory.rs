@@ -7,20 +7,10 @@ use hypervisor::qmp::QmpError;
 
 use super::{Agent, State, lock};
 use crate::error::AgentError;
+use crate::model::MemoryReport;
 
 /// How often a waiting SetMemory reads the guest's memory.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Where a guest's memory stands after SetMemory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryReport {
-    /// The target now set.
-    pub target_mib: u64,
-    /// What the guest has.
-    pub actual_mib: u64,
-    /// The runtime's memory.
-    pub maximum_mib: u64,
-}
 
 /// Checks a target against the runtime's memory. Pure.
 pub fn check_target(target_mib: u64, maximum_mib: u64) -> Result<(), AgentError> {

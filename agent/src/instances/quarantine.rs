@@ -167,7 +167,7 @@ async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     let pci = qmp.execute("query-pci", None).await.map_err(failed)?;
     let present: BTreeSet<(String, u8)> = hotplug::slots::bus0_devices(&pci)
         .into_iter()
-        .filter(|(_, id)| crate::devices::is_agent_device_id(id))
+        .filter(|(_, id)| super::hotplug::is_agent_device_id(id))
         .map(|(slot, id)| (id, slot))
         .collect();
     let expected: BTreeSet<(String, u8)> = rt

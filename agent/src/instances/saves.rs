@@ -21,24 +21,12 @@ use runtime_store::savefile::{SaveFile, SaveFileError, SaveHeader, SaveWriter};
 
 use super::{Agent, Instance, InstanceView, Process, RecordedState, State, lock};
 use crate::error::AgentError;
+use crate::model::SaveOutcome;
 
 /// How often a save or restore checks on QEMU.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// A pipe this large lets QEMU and the agent's copy overlap.
 const PIPE_SIZE: i32 = 1 << 20;
-
-/// What a save came to.
-#[derive(Debug, Clone)]
-pub struct SaveOutcome {
-    /// The instance afterwards.
-    pub view: InstanceView,
-    /// Size of the file.
-    pub file_bytes: u64,
-    /// Whether the guest ran when it was saved.
-    pub was_running: bool,
-    /// How long the save took.
-    pub duration: Duration,
-}
 
 fn save_error(path: &Path) -> impl FnOnce(SaveFileError) -> AgentError + '_ {
     move |source| AgentError::SaveFile {

@@ -21,10 +21,10 @@ use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device
 use hypervisor::qmp::QmpClient;
 use runtime_store::Intent;
 
+use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::instances::{Agent, Instance, InstanceRecord, InstanceView, Process};
 
 /// A hotplug operation recorded before QEMU is touched, so an agent that
 /// dies midway can tell at restart what may have happened.

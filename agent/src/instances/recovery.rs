@@ -1,0 +1,256 @@
+//! After an agent restart: registering every recorded instance, then
+//! finding the QEMUs that kept running and reconciling with them.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hypervisor::Runtime;
+use hypervisor::lifecycle::{self, files};
+use hypervisor::process::{self, PidFd};
+use hypervisor::qmp::{QmpClient, QmpEvent};
+use tokio::sync::broadcast;
+
+use super::{Agent, Instance, Process, lock};
+use crate::model::{InstanceRecord, RecordedState, State};
+
+impl Agent {
+    /// Loads every record and registers its instance, so that calls can
+    /// name it at once, then starts reconciling in the background: finding
+    /// the QEMUs that kept running while the agent was away, in parallel.
+    /// An instance whose record says running is marked reconciling, and its
+    /// operations wait, until its QEMU is adopted or found gone. The
+    /// returned task ends when all are done.
+    pub async fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let began = std::time::Instant::now();
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load_all::<InstanceRecord>()).await;
+        let (records, errors) = match loaded {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "can't load instance records");
+                return tokio::spawn(async {});
+            }
+        };
+        for e in errors {
+            tracing::error!(error = %e, "instance record unusable");
+        }
+        // Set aside now or by an agent before: either way, a QEMU of that
+        // name that still runs must stay in sight.
+        let recorded: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        for name in self.store.quarantined_names() {
+            if !recorded.contains(name.as_str()) {
+                self.register_quarantined(&name);
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for rec in records {
+            if let Some(work) = self.register_recorded(rec.name, rec.value) {
+                tasks.spawn(work);
+            }
+        }
+        let count = tasks.len();
+        tokio::spawn(async move {
+            while tasks.join_next().await.is_some() {}
+            if count > 0 {
+                tracing::info!(
+                    instances = count,
+                    elapsed_ms = began.elapsed().as_millis() as u64,
+                    "reconciliation done"
+                );
+            }
+        })
+    }
+
+    /// Registers a recorded instance; returns the recovery work it needs.
+    fn register_recorded(
+        self: &Arc<Self>,
+        name: String,
+        record: InstanceRecord,
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+        let agent = self.clone();
+        if record.state == RecordedState::Incoming {
+            return Some(Box::pin(async move {
+                agent.drop_unfinished_incoming(&name, &record).await
+            }));
+        }
+        let (state, detail) = match record.state {
+            RecordedState::Running => (State::Running, String::new()),
+            other => (resting_state(other), record.detail.clone()),
+        };
+        let inst = Instance::new(
+            &name,
+            Some(record.clone()),
+            state,
+            detail,
+            self.events.clone(),
+        );
+        let running = record.state == RecordedState::Running;
+        lock(&inst.status).reconciling = running;
+        // Taken before anyone can see the instance, so no call slips in
+        // ahead of its reconciliation.
+        let op = inst
+            .ops
+            .clone()
+            .try_lock_owned()
+            .expect("a new instance's lock is free");
+        self.registry_mut().insert(name, inst.clone());
+        Some(Box::pin(async move {
+            if running {
+                agent.reconcile(&inst, &record).await;
+            } else {
+                agent.finish_resting(&inst, &record).await;
+            }
+            lock(&inst.status).reconciling = false;
+            drop(op);
+        }))
+    }
+
+    /// Tidies up after an instance recorded as not running: a stop is
+    /// recorded while QEMU is killed, so an agent that died in between
+    /// leaves that QEMU, or its cgroups and chroot, behind.
+    async fn finish_resting(&self, inst: &Instance, record: &InstanceRecord) {
+        let run_dir = self.cfg.run_dir(&inst.name);
+        if let Some(pid) =
+            process::live_instance_pid(&run_dir.join(files::PIDFILE), record.runtime.uuid)
+            && let Ok(pidfd) = PidFd::open(pid)
+        {
+            tracing::warn!(instance = %inst.name, pid, "finishing a stop the agent died in");
+            if let Err(e) = lifecycle::stop(None, &pidfd, self.cfg.stop, true).await {
+                tracing::error!(instance = %inst.name, pid, error = %e, "can't end a QEMU recorded as stopped");
+                return;
+            }
+        }
+        lifecycle::remove_run_files(&run_dir);
+    }
+
+    /// Finds a recorded-running instance's QEMU and adopts it, or records
+    /// that it died while the agent was away. The caller holds the
+    /// operation lock.
+    async fn reconcile(self: &Arc<Self>, inst: &Arc<Instance>, record: &InstanceRecord) {
+        let name = &inst.name;
+        let run_dir = self.cfg.run_dir(name);
+        let Some(pid) =
+            process::live_instance_pid(&run_dir.join(files::PIDFILE), record.runtime.uuid)
+        else {
+            let detail = "QEMU exited while the agent was not running".to_owned();
+            tracing::warn!(instance = %name, "{detail}");
+            lifecycle::remove_run_files(&run_dir);
+            inst.set_state(State::Crashed, detail.clone());
+            if let Err(e) = self
+                .persist_state(inst, RecordedState::Crashed, &detail)
+                .await
+            {
+                tracing::error!(instance = %name, error = %e, "can't record the crash");
+            }
+            return;
+        };
+        match self.adopt(pid, &run_dir, &record.runtime).await {
+            Ok((process, events)) => {
+                tracing::info!(instance = %name, pid, "adopted running instance");
+                // A guest paused before the restart stays paused.
+                let mut state = match hypervisor::migration::guest_running(&process.qmp).await {
+                    Ok(false) => State::Paused,
+                    _ => State::Running,
+                };
+                let mut detail = String::new();
+                if let Some(outgoing) = &record.outgoing {
+                    match self.settle_outgoing(inst, &process, outgoing).await {
+                        Some(settled) => (state, detail) = settled,
+                        None => return,
+                    }
+                }
+                // An agent that died during a launch or a disk hot-add may
+                // have left an image's fd in a set.
+                hypervisor::migration::release_fdsets(&process.qmp).await;
+                self.supervise(inst, process, events, state);
+                if !detail.is_empty() {
+                    inst.set_state(state, detail);
+                }
+                if let Err(e) = self.reconcile_devices(inst).await {
+                    tracing::error!(instance = %name, error = %e, "can't compare the runtime's devices with QEMU's");
+                }
+                // A hot-add finished from the journal has a tap too.
+                if let (Some(process), Some(record)) = inst.process_and_record() {
+                    let taps = nic_taps(&process.qmp, process.pid, &record.runtime).await;
+                    *lock(&process.taps) = taps;
+                }
+            }
+            Err(e) => {
+                let detail =
+                    format!("QEMU (pid {pid}) runs but can't be reached: {e}; stop it by hand");
+                tracing::error!(instance = %name, pid, error = %e, "can't adopt running instance");
+                inst.set_state(State::Crashed, detail);
+            }
+        }
+    }
+
+    pub(super) async fn adopt(
+        &self,
+        pid: u32,
+        run_dir: &Path,
+        runtime: &Runtime,
+    ) -> Result<(Arc<Process>, broadcast::Receiver<QmpEvent>), String> {
+        let pidfd = PidFd::open(pid).map_err(|e| e.to_string())?;
+        let qmp = QmpClient::connect(&run_dir.join(files::QMP), self.cfg.launch.qmp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = qmp.subscribe();
+        let taps = nic_taps(&qmp, pid, runtime).await;
+        let started_at = std::fs::metadata(run_dir.join(files::PIDFILE))
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| SystemTime::now());
+        Ok((
+            Arc::new(Process::new(
+                pid,
+                Arc::new(pidfd),
+                qmp,
+                taps,
+                None,
+                started_at,
+            )),
+            events,
+        ))
+    }
+}
+
+/// The taps of a running QEMU in the runtime's NIC order, found through
+/// the fd each netdev uses: fd order alone isn't NIC order once NICs were
+/// hot-added into fd numbers freed before. Falls back to fd order when
+/// QEMU won't say.
+async fn nic_taps(qmp: &QmpClient, pid: u32, runtime: &Runtime) -> Vec<String> {
+    let info = qmp
+        .execute(
+            "human-monitor-command",
+            Some(serde_json::json!({ "command-line": "info network" })),
+        )
+        .await;
+    let Some(fds) = info
+        .ok()
+        .and_then(|text| text.as_str().map(process::netdev_tap_fds))
+    else {
+        return process::tap_names(pid);
+    };
+    runtime
+        .nics
+        .iter()
+        .map(|nic| {
+            fds.get(&hypervisor::argv::netdev_id(nic.spec.uuid))
+                .and_then(|&fd| process::tap_name_of_fd(pid, fd))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// What a recorded state means for an instance whose QEMU isn't running.
+pub(super) fn resting_state(recorded: RecordedState) -> State {
+    match recorded {
+        RecordedState::Crashed => State::Crashed,
+        RecordedState::Saved => State::Saved,
+        RecordedState::Incoming => State::Incoming,
+        RecordedState::Running | RecordedState::Stopped | RecordedState::StoppedByGuest => {
+            State::Stopped
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Watching a running QEMU: its exit (asked for, a guest's poweroff or a
+//! crash) and the resets its guest does by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hypervisor::lifecycle::{self, files};
+use hypervisor::process::{self};
+use hypervisor::qmp::QmpEvent;
+use tokio::sync::broadcast;
+
+use super::{Agent, Instance, Process, lock};
+use crate::events::EventKind;
+use crate::model::{RecordedState, State};
+
+impl Agent {
+    /// Installs a process as the instance's and watches for its exit.
+    pub(super) fn supervise(
+        self: &Arc<Self>,
+        inst: &Arc<Instance>,
+        process: Arc<Process>,
+        events: broadcast::Receiver<QmpEvent>,
+        state: State,
+    ) {
+        let detail = {
+            let mut st = lock(&inst.status);
+            st.process = Some(process.clone());
+            st.state = state;
+            if state != State::Incoming {
+                st.detail.clear();
+            }
+            st.detail.clone()
+        };
+        inst.announce_state(state, detail, false);
+        tokio::spawn(watch_guest_resets(inst.clone(), process.qmp.subscribe()));
+        tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
+    }
+
+    async fn watch_exit(
+        self: Arc<Self>,
+        inst: Arc<Instance>,
+        process: Arc<Process>,
+        mut events: broadcast::Receiver<QmpEvent>,
+    ) {
+        process.pidfd.exited().await;
+        let exit_status = process
+            .reap()
+            .unwrap_or_else(|| "exit status unknown".into());
+        if process.stop_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        // QEMU announces a guest's own power-off with SHUTDOWN guest=true
+        // before exiting; let the reader deliver it before deciding.
+        let _ = tokio::time::timeout(self.cfg.exit_drain_timeout, process.qmp.closed()).await;
+        let mut guest_shutdown = false;
+        while let Ok(event) = events.try_recv() {
+            if event.name == "SHUTDOWN"
+                && event.data.get("guest").and_then(|g| g.as_bool()) == Some(true)
+            {
+                guest_shutdown = true;
+            }
+        }
+        let run_dir = self.cfg.run_dir(&inst.name);
+        let (state, recorded, detail) = if guest_shutdown {
+            (
+                State::Stopped,
+                RecordedState::StoppedByGuest,
+                "the guest powered itself off".to_owned(),
+            )
+        } else if lifecycle::oom_kills(&run_dir) > 0 {
+            let limit = lock(&inst.status)
+                .record
+                .as_ref()
+                .and_then(|r| r.runtime.cgroup)
+                .map_or_else(String::new, |c| format!(" of {} MiB", c.memory_limit_mib));
+            (
+                State::Crashed,
+                RecordedState::Crashed,
+                format!(
+                    "QEMU was killed by the kernel's OOM killer ({exit_status}): its cgroup's memory \
+                     limit{limit} was reached; start it with less memory, or find what grew in QEMU"
+                ),
+            )
+        } else {
+            let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
+            (
+                State::Crashed,
+                RecordedState::Crashed,
+                format!("QEMU exited unexpectedly ({exit_status}); its log ends with:\n{tail}"),
+            )
+        };
+        {
+            let mut st = lock(&inst.status);
+            if !st
+                .process
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &process))
+            {
+                return;
+            }
+            st.process = None;
+            st.state = state;
+            st.detail = detail.clone();
+        }
+        inst.announce_state(state, detail.clone(), guest_shutdown);
+        lifecycle::remove_run_files(&run_dir);
+        if guest_shutdown {
+            tracing::info!(instance = %inst.name, "guest powered off");
+        } else {
+            tracing::warn!(instance = %inst.name, pid = process.pid, %exit_status, "QEMU crashed");
+        }
+        // Persist under the operation lock so this write can't interleave
+        // with an operation's own, unless an operation already moved on.
+        // An incoming instance isn't this node's: whoever finalizes or
+        // cancels it decides what its record becomes.
+        let _op = inst.ops.lock().await;
+        if inst.process().is_none()
+            && !inst.is_incoming()
+            && lock(&inst.status).state == state
+            && let Err(e) = self.persist_state(&inst, recorded, &detail).await
+        {
+            tracing::error!(instance = %inst.name, error = %e, "can't record the instance's exit");
+        }
+    }
+}
+
+/// Publishes the resets a guest does by itself (QEMU's RESET with
+/// `guest: true`); the same QEMU keeps running. Ends with the connection.
+async fn watch_guest_resets(inst: Arc<Instance>, mut events: broadcast::Receiver<QmpEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(e)
+                if e.name == "RESET"
+                    && e.data.get("guest").and_then(|g| g.as_bool()) == Some(true) =>
+            {
+                tracing::info!(instance = %inst.name, "guest rebooted itself");
+                inst.announce(EventKind::Rebooted {
+                    how: "guest",
+                    guest_initiated: true,
+                });
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
