@@ -203,6 +203,14 @@ pub fn state_to_proto(state: State) -> pb::InstanceState {
     }
 }
 
+/// An instance's state from its wire form; `None` for a value this
+/// agent doesn't know (a newer peer's).
+pub fn state_from_proto(state: i32) -> Option<State> {
+    State::ALL
+        .into_iter()
+        .find(|s| state_to_proto(*s) as i32 == state)
+}
+
 /// The wire form of an instance view.
 pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
     let mut info = pb::InstanceInfo {

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tokio::net::UnixStream;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::convert;
+use crate::model::State;
 use crate::tls::TlsMaterial;
 
 /// The metadata key that carries an operation's request id, both ways.
@@ -140,6 +144,91 @@ pub async fn connect(
         }
     };
     Ok(NodeAgentClient::new(channel))
+}
+
+/// What another agent says of one of its instances.
+#[derive(Debug, Clone)]
+pub struct PeerInstance {
+    /// The instance's uuid there.
+    pub uuid: String,
+    /// Its state there; `None` when the peer names a state this agent
+    /// doesn't know.
+    pub state: Option<State>,
+    /// Why it is in that state.
+    pub detail: String,
+}
+
+/// The agent a migration goes to, as its source calls it: the target's
+/// calls in the agent's own terms, so the operations don't handle wire
+/// messages.
+#[derive(Debug, Clone)]
+pub struct TargetAgent {
+    client: NodeAgentClient<Channel>,
+}
+
+impl TargetAgent {
+    /// Connects now; see [`connect`].
+    pub async fn connect(
+        address: &AgentAddress,
+        timeout: Option<Duration>,
+        tls: Option<&TlsMaterial>,
+    ) -> Result<Self, ConnectError> {
+        let client = connect(address, timeout, tls).await?;
+        Ok(Self { client })
+    }
+
+    /// The target's view of `name`; `None` when it has no such instance.
+    pub async fn instance(&mut self, name: &str) -> Result<Option<PeerInstance>, tonic::Status> {
+        let request = pb::GetInstanceRequest { name: name.into() };
+        match self.client.get_instance(request).await {
+            Ok(info) => {
+                let info = info.into_inner();
+                Ok(Some(PeerInstance {
+                    uuid: info.uuid,
+                    state: convert::state_from_proto(info.state),
+                    detail: info.state_detail,
+                }))
+            }
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Asks the target to wait for `runtime_json`'s guest; returns the
+    /// address its QEMU listens on.
+    pub async fn accept_migration(
+        &mut self,
+        runtime_json: String,
+        source: String,
+    ) -> Result<String, tonic::Status> {
+        let request = pb::AcceptMigrationRequest {
+            runtime_json,
+            source,
+        };
+        let answer = self.client.accept_migration(request).await?;
+        Ok(answer.into_inner().address)
+    }
+
+    /// Hands the instance over: the target owns it once this succeeds.
+    pub async fn finalize_migration(
+        &mut self,
+        name: &str,
+        uuid: &str,
+        resume: bool,
+    ) -> Result<(), tonic::Status> {
+        let request = pb::FinalizeMigrationRequest {
+            name: name.into(),
+            uuid: uuid.into(),
+            resume,
+        };
+        self.client.finalize_migration(request).await.map(drop)
+    }
+
+    /// Tells the target to drop its incoming copy of `name`.
+    pub async fn cancel_migration(&mut self, name: &str) -> Result<(), tonic::Status> {
+        let request = pb::CancelMigrationRequest { name: name.into() };
+        self.client.cancel_migration(request).await.map(drop)
+    }
 }
 
 #[cfg(test)]

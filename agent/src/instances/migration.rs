@@ -1,4 +1,4 @@
-//! Live migration, agent to agent.
+//! Live migration, agent to agent: the source's side.
 //!
 //! Ownership moves at one point only: when the target persists the
 //! instance's record in FinalizeMigration. Before that the source owns the
@@ -7,28 +7,25 @@
 //! source can't tell is a FinalizeMigration that was delivered but never
 //! answered: the source then keeps its QEMU paused and says so, because
 //! resuming could run the guest twice. ARCHITECTURE.md draws the states.
+//! The target's side is in `incoming`.
 
-use crate::config::FaultPoint;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
-use hypervisor::lifecycle::{self};
+use hypervisor::lifecycle;
 use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationStatus};
-use hypervisor::qmp::QmpError;
-use kvm_agent_proto::v1 as pb;
-use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use tokio::sync::mpsc;
+use hypervisor::qmp::{QmpClient, QmpError};
+use tokio::sync::{Notify, mpsc};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use super::{Agent, Instance, InstanceRecord, OutgoingMigration, Process, State, lock};
+use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::model::MigrateOptions;
-use crate::model::{MigrationReport, ReportPhase};
-use crate::peer::{self, AgentAddress, ConnectError};
+use crate::model::{MigrateOptions, MigrationReport, ReportPhase};
+use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, TargetAgent};
 
 /// How often a migration's progress is read.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -48,26 +45,68 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     fn report(&self, phase: ReportPhase, status: Option<MigrationStatus>) {
-        let report = MigrationReport {
+        let report = self.current(phase, status);
+        self.inst
+            .announce(EventKind::MigrationProgress(report.clone()));
+        let _ = self.sink.try_send(report);
+    }
+
+    fn current(&self, phase: ReportPhase, status: Option<MigrationStatus>) -> MigrationReport {
+        MigrationReport {
             phase,
             status,
             address: self.address.clone(),
             elapsed: self.started.elapsed(),
-        };
-        self.inst
-            .announce(EventKind::MigrationProgress(report.clone()));
-        let _ = self.sink.try_send(report);
+        }
+    }
+}
+
+/// One migration away from this node, for as long as the source holds
+/// the instance's operation lock.
+struct Outgoing<'a> {
+    inst: &'a Arc<Instance>,
+    process: &'a Arc<Process>,
+    record: &'a InstanceRecord,
+    target: AgentAddress,
+    options: MigrateOptions,
+    cancel: Arc<Notify>,
+    reporter: Reporter<'a>,
+}
+
+impl Outgoing<'_> {
+    fn qmp(&self) -> &QmpClient {
+        &self.process.qmp
+    }
+
+    fn qmp_error(&self) -> impl Fn(QmpError) -> AgentError + '_ {
+        |source| AgentError::Qmp {
+            instance: self.inst.name.clone(),
+            source,
+        }
+    }
+}
+
+/// Why a migration failed, and whether the target may have taken the
+/// instance: then the guest must stay paused here.
+struct Failure {
+    error: AgentError,
+    maybe_taken: bool,
+}
+
+impl From<AgentError> for Failure {
+    fn from(error: AgentError) -> Self {
+        Self {
+            error,
+            maybe_taken: false,
+        }
     }
 }
 
 /// Whether a target's answer shows the instance `uuid` as its own: only a
 /// finalized copy runs (or is paused) there. An incoming one, or one
 /// whose QEMU died with the stream, never ran the guest.
-fn took_over(info: &pb::InstanceInfo, uuid: &str) -> bool {
-    info.uuid == uuid
-        && [pb::InstanceState::Running, pb::InstanceState::Paused]
-            .map(|s| s as i32)
-            .contains(&info.state)
+fn took_over(info: &PeerInstance, uuid: &str) -> bool {
+    info.uuid == uuid && matches!(info.state, Some(State::Running | State::Paused))
 }
 
 /// Why the target refused or failed, told apart by whether it answered.
@@ -88,12 +127,9 @@ fn unreachable(target: &AgentAddress, e: ConnectError) -> AgentError {
 }
 
 impl Agent {
-    async fn connect_peer(
-        &self,
-        target: &AgentAddress,
-    ) -> Result<NodeAgentClient<Channel>, ConnectError> {
+    async fn connect_peer(&self, target: &AgentAddress) -> Result<TargetAgent, ConnectError> {
         let migration = &self.cfg.migration;
-        peer::connect(
+        TargetAgent::connect(
             target,
             Some(migration.peer_timeout),
             migration.peer_tls.as_ref(),
@@ -130,44 +166,41 @@ impl Agent {
         if !matches!(before, State::Running | State::Paused) {
             return Err(AgentError::NotRunning(name.to_owned()));
         }
-        let cancel = Arc::new(tokio::sync::Notify::new());
+        let cancel = Arc::new(Notify::new());
         lock(&inst.status).outgoing = Some(cancel.clone());
         inst.set_state(State::Migrating, format!("migrating to {target}"));
-        let mut reporter = Reporter {
+        let mut outgoing = Outgoing {
             inst: &inst,
-            sink: progress,
-            started: Instant::now(),
-            address: String::new(),
+            process: &process,
+            record: &record,
+            target: target.clone(),
+            options,
+            cancel,
+            reporter: Reporter {
+                inst: &inst,
+                sink: progress,
+                started: Instant::now(),
+                address: String::new(),
+            },
         };
-        let result = self
-            .migrate_locked(
-                &inst,
-                &process,
-                &record,
-                &target,
-                options,
-                &cancel,
-                &mut reporter,
-            )
-            .await;
+        let result = self.migrate_locked(&mut outgoing).await;
         lock(&inst.status).outgoing = None;
-        match result {
-            Ok(report) => Ok(report),
-            Err((e, keep_paused)) => {
-                // The migration is over unless the target may have taken
-                // the instance; then the mark stays for the next look.
-                if !keep_paused {
-                    self.clear_outgoing(&inst).await;
-                }
-                // A QEMU that died meanwhile is the supervisor's to report.
-                if !process.pidfd.has_exited() {
-                    let state = if keep_paused { State::Paused } else { before };
-                    inst.set_state(state, format!("migration to {target} failed: {e}"));
-                }
-                tracing::warn!(instance = %name, %target, error = %e, "migration failed");
-                Err(e)
-            }
+        let Failure { error, maybe_taken } = match result {
+            Ok(report) => return Ok(report),
+            Err(failure) => failure,
+        };
+        // The migration is over unless the target may have taken the
+        // instance; then the mark stays for the next look.
+        if !maybe_taken {
+            self.clear_outgoing(&inst).await;
         }
+        // A QEMU that died meanwhile is the supervisor's to report.
+        if !process.pidfd.has_exited() {
+            let state = if maybe_taken { State::Paused } else { before };
+            inst.set_state(state, format!("migration to {target} failed: {error}"));
+        }
+        tracing::warn!(instance = %name, %target, %error, "migration failed");
+        Err(error)
     }
 
     /// Drops the mark of a migration that ended with the instance here.
@@ -185,6 +218,29 @@ impl Agent {
         }
     }
 
+    /// Lets go of an instance the target owns now: quits this QEMU and
+    /// forgets the instance here.
+    async fn release_to_target(&self, inst: &Instance, process: &Process) {
+        let name = &inst.name;
+        process.stop_requested.store(true, Ordering::SeqCst);
+        if let Err(e) = lifecycle::quit(Some(&process.qmp), &process.pidfd, self.cfg.stop).await {
+            tracing::error!(instance = %name, error = %e, "can't end the source QEMU after a migration");
+        }
+        process.reap();
+        let run_dir = self.cfg.run_dir(name);
+        lifecycle::remove_run_files(&run_dir);
+        if let Err(e) = self.remove_record(name).await {
+            tracing::error!(instance = %name, error = %e, "can't remove the record of a migrated instance");
+        }
+        {
+            let mut st = lock(&inst.status);
+            st.process = None;
+            st.record = None;
+        }
+        self.registry_mut().remove(name);
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+
     /// Settles a migration this node was the source of when the agent
     /// stopped, with the target, so that the guest runs on exactly one
     /// node: if the target took the instance, this QEMU goes; if it
@@ -198,7 +254,6 @@ impl Agent {
         process: &Arc<Process>,
         outgoing: &OutgoingMigration,
     ) -> Option<(State, String)> {
-        let qmp = &process.qmp;
         let name = &inst.name;
         let Ok(target) = AgentAddress::parse(&outgoing.target) else {
             let detail = format!(
@@ -210,21 +265,8 @@ impl Agent {
         };
         // A stream still flowing goes no further: the outcome is decided
         // here, not by whichever side finishes first.
-        if let Ok(status) = qemu_migration::query(qmp).await
-            && !status.phase.is_final()
-            && status.phase != qemu_migration::MigrationPhase::None
-        {
-            let _ = qemu_migration::cancel(qmp).await;
-            for _ in 0..100 {
-                match qemu_migration::query(qmp).await {
-                    Ok(s) if !s.phase.is_final() => {
-                        tokio::time::sleep(POLL_INTERVAL).await;
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let owner = self.incoming_state_on(&target, &inst.name).await;
+        stop_stream(&process.qmp).await;
+        let owner = self.instance_on(&target, name).await;
         let uuid = lock(&inst.status)
             .record
             .as_ref()
@@ -232,30 +274,14 @@ impl Agent {
         match owner {
             Ok(Some(info)) if uuid.is_some_and(|u| took_over(&info, &u)) => {
                 tracing::info!(instance = %name, %target, "the target took the instance before the agent stopped; ending the source's QEMU");
-                process.stop_requested.store(true, Ordering::SeqCst);
-                if let Err(e) = lifecycle::quit(Some(qmp), &process.pidfd, self.cfg.stop).await {
-                    tracing::error!(instance = %name, error = %e, "can't end the source QEMU after a migration");
-                }
-                process.reap();
-                let run_dir = self.cfg.run_dir(name);
-                lifecycle::remove_run_files(&run_dir);
-                if let Err(e) = self.remove_record(name).await {
-                    tracing::error!(instance = %name, error = %e, "can't remove the record of a migrated instance");
-                }
-                {
-                    let mut st = lock(&inst.status);
-                    st.process = None;
-                    st.record = None;
-                }
-                self.registry_mut().remove(name);
-                let _ = std::fs::remove_dir_all(&run_dir);
+                self.release_to_target(inst, process).await;
                 None
             }
             Ok(_) => {
                 tracing::info!(instance = %name, %target, "the target never took the instance; it runs on here");
                 self.cancel_on_target(&target, name).await;
                 if outgoing.was_running
-                    && let Err(e) = qemu_migration::resume(qmp).await
+                    && let Err(e) = qemu_migration::resume(&process.qmp).await
                 {
                     tracing::error!(instance = %name, error = %e, "can't resume after settling a migration");
                 }
@@ -284,189 +310,134 @@ impl Agent {
 
     /// What the agent at `target` says of `name`: `None` when it has no
     /// such instance.
-    async fn incoming_state_on(
+    async fn instance_on(
         &self,
         target: &AgentAddress,
         name: &str,
-    ) -> Result<Option<pb::InstanceInfo>, AgentError> {
+    ) -> Result<Option<PeerInstance>, AgentError> {
         let mut peer = self
             .connect_peer(target)
             .await
             .map_err(|e| unreachable(target, e))?;
-        match peer
-            .get_instance(pb::GetInstanceRequest { name: name.into() })
+        peer.instance(name)
             .await
-        {
-            Ok(info) => Ok(Some(info.into_inner())),
-            Err(s) if s.code() == Code::NotFound => Ok(None),
-            Err(s) => Err(peer_error(target, "can't ask the target", s)),
-        }
+            .map_err(|s| peer_error(target, "can't ask the target", s))
     }
 
-    /// The source's side. An error comes with whether the guest must stay
-    /// paused (the target may have taken over).
-    #[allow(clippy::too_many_arguments)]
-    async fn migrate_locked(
-        &self,
-        inst: &Arc<Instance>,
-        process: &Arc<Process>,
-        record: &InstanceRecord,
-        target: &AgentAddress,
-        options: MigrateOptions,
-        cancel: &tokio::sync::Notify,
-        reporter: &mut Reporter<'_>,
-    ) -> Result<MigrationReport, (AgentError, bool)> {
-        let qmp = &process.qmp;
-        let name = inst.name.clone();
-        let qmp_error = |source: QmpError| AgentError::Qmp {
-            instance: name.clone(),
-            source,
-        };
-        let was_running = qemu_migration::guest_running(qmp)
+    /// The source's side, in order: the target prepares, the state
+    /// streams, the target takes over, this node lets go.
+    async fn migrate_locked(&self, m: &mut Outgoing<'_>) -> Result<MigrationReport, Failure> {
+        let was_running = qemu_migration::guest_running(m.qmp())
             .await
-            .map_err(|e| (qmp_error(e), false))?;
-        reporter.report(ReportPhase::Preparing, None);
-        let runtime_json = serde_json::to_string(&record.runtime)
-            .map_err(|e| (AgentError::Internal(e.to_string()), false))?;
-        // From here a target may hold a copy: an agent that restarts
-        // before the end must settle it with the target.
-        let marked = InstanceRecord {
-            outgoing: Some(OutgoingMigration {
-                target: target.to_string(),
-                was_running,
-            }),
-            ..record.clone()
-        };
-        self.write_record(inst, &marked)
-            .await
-            .map_err(|e| (e, false))?;
-        let mut peer = self
-            .connect_peer(target)
-            .await
-            .map_err(|e| (unreachable(target, e), false))?;
-        let source = crate::instances::hostname();
-        let address = peer
-            .accept_migration(pb::AcceptMigrationRequest {
-                runtime_json,
-                source,
-            })
-            .await
-            .map_err(|s| {
-                (
-                    peer_error(target, "the target refused the migration", s),
-                    false,
-                )
-            })?
-            .into_inner()
-            .address;
-        reporter.address = address.clone();
-        tracing::info!(instance = %inst.name, %target, %address, "target ready; sending the guest's state");
-
-        let sent = self
-            .send_state(
-                qmp,
-                (&mut peer, target),
-                &address,
-                options,
-                was_running,
-                cancel,
-                reporter,
-            )
-            .await;
-        let status = match sent {
+            .map_err(m.qmp_error())?;
+        let mut peer = self.prepare_target(m, was_running).await?;
+        let status = match self.send_state(m, &mut peer, was_running).await {
             Ok(status) => status,
             Err(e) => {
-                self.cancel_on_target(target, &inst.name).await;
-                if !process.pidfd.has_exited()
-                    && was_running
-                    && let Err(resume) = qemu_migration::resume(qmp).await
-                {
-                    tracing::error!(instance = %inst.name, error = %resume, "can't resume after a failed migration");
-                }
-                return Err((e, false));
+                self.stay_here(m, was_running).await;
+                return Err(e.into());
             }
         };
 
-        reporter.report(ReportPhase::Finalizing, Some(status.clone()));
+        m.reporter
+            .report(ReportPhase::Finalizing, Some(status.clone()));
         self.reach(FaultPoint::MigrationBeforeFinalize).await;
         match self
-            .finalize_on_target(target, &record.runtime, was_running)
+            .finalize_on_target(&m.target, &m.record.runtime, was_running)
             .await
         {
             FinalizeOutcome::Taken => {}
             FinalizeOutcome::Refused(e) => {
-                self.cancel_on_target(target, &inst.name).await;
-                if was_running && let Err(resume) = qemu_migration::resume(qmp).await {
-                    tracing::error!(instance = %inst.name, error = %resume, "can't resume after a refused finalize");
-                }
-                return Err((e, false));
+                self.stay_here(m, was_running).await;
+                return Err(e.into());
             }
-            FinalizeOutcome::Unknown(e) => return Err((e, true)),
+            FinalizeOutcome::Unknown(error) => {
+                return Err(Failure {
+                    error,
+                    maybe_taken: true,
+                });
+            }
         }
 
         self.reach(FaultPoint::MigrationAfterFinalize).await;
-        // The target owns the instance: this node lets go of it.
-        process.stop_requested.store(true, Ordering::SeqCst);
-        if let Err(e) = lifecycle::quit(Some(qmp), &process.pidfd, self.cfg.stop).await {
-            tracing::error!(instance = %inst.name, error = %e, "can't end the source QEMU after a migration");
-        }
-        process.reap();
-        let run_dir = self.cfg.run_dir(&inst.name);
-        lifecycle::remove_run_files(&run_dir);
-        if let Err(e) = self.remove_record(&inst.name).await {
-            tracing::error!(instance = %inst.name, error = %e, "can't remove the record of a migrated instance");
-        }
-        {
-            let mut st = lock(&inst.status);
-            st.process = None;
-            st.record = None;
-        }
-        self.registry_mut().remove(&inst.name);
-        let _ = std::fs::remove_dir_all(&run_dir);
-        inst.set_state(State::Stopped, format!("migrated to {target}"));
-        tracing::info!(instance = %inst.name, %target, "migration completed");
+        self.release_to_target(m.inst, m.process).await;
+        m.inst
+            .set_state(State::Stopped, format!("migrated to {}", m.target));
+        tracing::info!(instance = %m.inst.name, target = %m.target, "migration completed");
         crate::telemetry::record_migrated_bytes(status.transferred_bytes);
-        reporter.report(ReportPhase::Completed, Some(status.clone()));
-        Ok(MigrationReport {
-            phase: ReportPhase::Completed,
-            status: Some(status),
-            address: reporter.address.clone(),
-            elapsed: reporter.started.elapsed(),
-        })
+        m.reporter
+            .report(ReportPhase::Completed, Some(status.clone()));
+        Ok(m.reporter.current(ReportPhase::Completed, Some(status)))
     }
 
-    /// Runs QEMU's migration to `address` until it completes.
-    #[allow(clippy::too_many_arguments)]
+    /// Marks the record (from here a target may hold a copy, and an agent
+    /// that restarts before the end must settle it with the target), then
+    /// has the target start a QEMU that waits for the state.
+    async fn prepare_target(
+        &self,
+        m: &mut Outgoing<'_>,
+        was_running: bool,
+    ) -> Result<TargetAgent, AgentError> {
+        m.reporter.report(ReportPhase::Preparing, None);
+        let runtime_json = serde_json::to_string(&m.record.runtime)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let marked = InstanceRecord {
+            outgoing: Some(OutgoingMigration {
+                target: m.target.to_string(),
+                was_running,
+            }),
+            ..m.record.clone()
+        };
+        self.write_record(m.inst, &marked).await?;
+        let mut peer = self
+            .connect_peer(&m.target)
+            .await
+            .map_err(|e| unreachable(&m.target, e))?;
+        let address = peer
+            .accept_migration(runtime_json, super::hostname())
+            .await
+            .map_err(|s| peer_error(&m.target, "the target refused the migration", s))?;
+        m.reporter.address = address;
+        tracing::info!(instance = %m.inst.name, target = %m.target, address = %m.reporter.address, "target ready; sending the guest's state");
+        Ok(peer)
+    }
+
+    /// After a failure the target can't have taken: drops its copy and
+    /// runs the guest on here.
+    async fn stay_here(&self, m: &Outgoing<'_>, was_running: bool) {
+        self.cancel_on_target(&m.target, &m.inst.name).await;
+        if !m.process.pidfd.has_exited()
+            && was_running
+            && let Err(e) = qemu_migration::resume(m.qmp()).await
+        {
+            tracing::error!(instance = %m.inst.name, error = %e, "can't resume after a failed migration");
+        }
+    }
+
+    /// Runs QEMU's migration to the target's address until it completes.
     async fn send_state(
         &self,
-        qmp: &hypervisor::qmp::QmpClient,
-        (peer, target): (&mut NodeAgentClient<Channel>, &AgentAddress),
-        address: &str,
-        options: MigrateOptions,
+        m: &Outgoing<'_>,
+        peer: &mut TargetAgent,
         was_running: bool,
-        cancel: &tokio::sync::Notify,
-        reporter: &Reporter<'_>,
     ) -> Result<MigrationStatus, AgentError> {
-        let name = reporter.inst.name.clone();
-        let qmp_error = |source: QmpError| AgentError::Qmp {
-            instance: name.clone(),
-            source,
-        };
-        qemu_migration::configure(qmp, &self.migration_parameters(&options))
+        let (qmp, name) = (m.qmp(), &m.inst.name);
+        let qmp_error = m.qmp_error();
+        qemu_migration::configure(qmp, &self.migration_parameters(&m.options))
             .await
-            .map_err(qmp_error)?;
-        if options.offline && was_running {
-            qemu_migration::pause(qmp).await.map_err(qmp_error)?;
+            .map_err(&qmp_error)?;
+        if m.options.offline && was_running {
+            qemu_migration::pause(qmp).await.map_err(&qmp_error)?;
         }
-        qemu_migration::start_outgoing(qmp, address)
+        qemu_migration::start_outgoing(qmp, &m.reporter.address)
             .await
-            .map_err(qmp_error)?;
+            .map_err(&qmp_error)?;
         let mut cancelled = false;
         let mut abort: Option<AgentError> = None;
         let mut next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
         loop {
-            let status = qemu_migration::query(qmp).await.map_err(qmp_error)?;
-            reporter.report(ReportPhase::Active, Some(status.clone()));
+            let status = qemu_migration::query(qmp).await.map_err(&qmp_error)?;
+            m.reporter.report(ReportPhase::Active, Some(status.clone()));
             match status.phase {
                 qemu_migration::MigrationPhase::Completed => return Ok(status),
                 qemu_migration::MigrationPhase::Failed => {
@@ -484,18 +455,18 @@ impl Agent {
             // rather than finish a stream nobody will take over.
             if !cancelled && Instant::now() >= next_target_check {
                 next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
-                if let Some(problem) = check_target(peer, target, &name).await {
-                    tracing::warn!(instance = %name, %target, error = %problem, "cancelling the migration");
-                    qemu_migration::cancel(qmp).await.map_err(qmp_error)?;
+                if let Some(problem) = check_target(peer, &m.target, name).await {
+                    tracing::warn!(instance = %name, target = %m.target, error = %problem, "cancelling the migration");
+                    qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
                     abort = Some(problem);
                     cancelled = true;
                 }
             }
             tokio::select! {
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
-                () = cancel.notified(), if !cancelled => {
+                () = m.cancel.notified(), if !cancelled => {
                     tracing::info!(instance = %name, "cancelling the migration");
-                    qemu_migration::cancel(qmp).await.map_err(qmp_error)?;
+                    qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
                     cancelled = true;
                 }
             }
@@ -504,11 +475,7 @@ impl Agent {
 
     async fn cancel_on_target(&self, target: &AgentAddress, name: &str) {
         let result = match self.connect_peer(target).await {
-            Ok(mut peer) => peer
-                .cancel_migration(pb::CancelMigrationRequest { name: name.into() })
-                .await
-                .map(drop)
-                .map_err(|s| s.to_string()),
+            Ok(mut peer) => peer.cancel_migration(name).await.map_err(|s| s.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = result {
@@ -529,13 +496,9 @@ impl Agent {
             Ok(p) => p,
             Err(e) => return FinalizeOutcome::Refused(unreachable(target, e)),
         };
-        let request = pb::FinalizeMigrationRequest {
-            name: runtime.name.clone(),
-            uuid: runtime.uuid.to_string(),
-            resume,
-        };
-        let status = match peer.finalize_migration(request).await {
-            Ok(_) => return FinalizeOutcome::Taken,
+        let uuid = runtime.uuid.to_string();
+        let status = match peer.finalize_migration(&runtime.name, &uuid, resume).await {
+            Ok(()) => return FinalizeOutcome::Taken,
             Err(status) => status,
         };
         // An answer from the target's service (it tags every answer with a
@@ -554,24 +517,9 @@ impl Agent {
             let Ok(mut peer) = self.connect_peer(target).await else {
                 continue;
             };
-            match peer
-                .get_instance(pb::GetInstanceRequest {
-                    name: runtime.name.clone(),
-                })
-                .await
-            {
-                Ok(info) => {
-                    return if took_over(&info.into_inner(), &runtime.uuid.to_string()) {
-                        FinalizeOutcome::Taken
-                    } else {
-                        FinalizeOutcome::Refused(peer_error(
-                            target,
-                            "the target did not finalize",
-                            status,
-                        ))
-                    };
-                }
-                Err(s) if s.code() == Code::NotFound => {
+            match peer.instance(&runtime.name).await {
+                Ok(Some(info)) if took_over(&info, &uuid) => return FinalizeOutcome::Taken,
+                Ok(_) => {
                     return FinalizeOutcome::Refused(peer_error(
                         target,
                         "the target did not finalize",
@@ -589,13 +537,30 @@ impl Agent {
     }
 }
 
+/// Cancels a stream that is still flowing and waits, briefly, for QEMU to
+/// say it has ended.
+async fn stop_stream(qmp: &QmpClient) {
+    let Ok(status) = qemu_migration::query(qmp).await else {
+        return;
+    };
+    if status.phase.is_final() || status.phase == qemu_migration::MigrationPhase::None {
+        return;
+    }
+    let _ = qemu_migration::cancel(qmp).await;
+    for _ in 0..100 {
+        match qemu_migration::query(qmp).await {
+            Ok(s) if !s.phase.is_final() => tokio::time::sleep(POLL_INTERVAL).await,
+            _ => break,
+        }
+    }
+}
+
 /// Whether the target still waits for the instance; `Some` says why not.
 async fn check_target(
-    peer: &mut NodeAgentClient<Channel>,
+    peer: &mut TargetAgent,
     target: &AgentAddress,
     name: &str,
 ) -> Option<AgentError> {
-    let request = pb::GetInstanceRequest { name: name.into() };
     let gone = |message: String| {
         Some(AgentError::Peer {
             target: target.to_string(),
@@ -603,15 +568,13 @@ async fn check_target(
             code: Code::Unavailable,
         })
     };
-    match tokio::time::timeout(TARGET_CHECK_TIMEOUT, peer.get_instance(request)).await {
-        Ok(Ok(info)) if info.get_ref().state == pb::InstanceState::Incoming as i32 => None,
-        Ok(Ok(info)) => gone(format!(
+    match tokio::time::timeout(TARGET_CHECK_TIMEOUT, peer.instance(name)).await {
+        Ok(Ok(Some(info))) if info.state == Some(State::Incoming) => None,
+        Ok(Ok(Some(info))) => gone(format!(
             "the target's instance is no longer incoming ({})",
-            info.get_ref().state_detail
+            info.detail
         )),
-        Ok(Err(status)) if status.code() == Code::NotFound => {
-            gone("the target dropped the incoming instance".into())
-        }
+        Ok(Ok(None)) => gone("the target dropped the incoming instance".into()),
         Ok(Err(status)) => gone(format!(
             "the target agent went away during the migration: {}",
             status.message()
