@@ -1,10 +1,9 @@
 //! Agent settings.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use std::collections::HashSet;
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
 
 pub use hypervisor::host_files::AllowedRoots;
 use hypervisor::identity::QemuUser;

@@ -2,7 +2,13 @@
 //! domain types. Pure.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use hotplug::support::Support;
+use hypervisor::argv;
+use hypervisor::lifecycle::StopMethod;
+use hypervisor::migration::UNCAPPED_BANDWIDTH;
+use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, MemoryBacking,
     NicModel, NicSpec, SpecError,
@@ -12,11 +18,11 @@ use uuid::Uuid;
 
 use crate::error::AgentError;
 use crate::events::{Event, EventKind};
-use crate::instances::InstanceView;
-use crate::model::{MigrationReport, ReportPhase, State};
-use hypervisor::argv;
-use hypervisor::lifecycle::StopMethod;
-use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
+use crate::instances::ChangedDevice;
+use crate::model::{
+    InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts, RebootMode,
+    ReportPhase, SaveOutcome, State,
+};
 
 /// Default machine type when the request leaves it empty.
 pub const DEFAULT_MACHINE_TYPE: &str = "pc";
@@ -111,30 +117,8 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         .iter()
         .map(nic_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
-    let boot = match p.boot {
-        Some(b) if !b.kernel.is_empty() => Boot::Kernel {
-            kernel: PathBuf::from(b.kernel),
-            initrd: non_empty(&b.initrd),
-            cmdline: b.cmdline,
-        },
-        Some(b) if !b.initrd.is_empty() || !b.cmdline.is_empty() => {
-            return Err(AgentError::BadRequest(
-                "boot: an initrd or kernel command line needs a kernel".into(),
-            ));
-        }
-        _ => Boot::Disk,
-    };
-    let accelerator = match pb::Accelerator::try_from(p.accelerator) {
-        Ok(pb::Accelerator::Unspecified | pb::Accelerator::Auto) => Accelerator::Auto,
-        Ok(pb::Accelerator::Kvm) => Accelerator::Kvm,
-        Ok(pb::Accelerator::Tcg) => Accelerator::Tcg,
-        Err(_) => {
-            return Err(AgentError::BadRequest(format!(
-                "unknown accelerator {}",
-                p.accelerator
-            )));
-        }
-    };
+    let boot = boot_from_proto(p.boot)?;
+    let accelerator = accelerator_from_proto(p.accelerator)?;
     let cpu_pinning = match p.cpu_mask.as_str() {
         "" => None,
         mask => Some(mask.parse().map_err(SpecError::from)?),
@@ -162,29 +146,58 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         } else {
             p.cpu_model
         },
-        memory_backing: match p.memory {
-            None => MemoryBacking::Anonymous,
-            Some(m) if m.hugepages => MemoryBacking::HugePages {
-                path: if m.file.is_empty() {
-                    DEFAULT_HUGEPAGES_MOUNT.into()
-                } else {
-                    m.file.into()
-                },
-            },
-            Some(m) if m.file.is_empty() => {
-                return Err(SpecError::Path {
-                    what: "memory backing".into(),
-                    path: PathBuf::new(),
-                    reason: "it is empty; give a file or directory, or leave memory unset",
-                }
-                .into());
-            }
-            Some(m) => MemoryBacking::File {
-                path: m.file.into(),
-                share: m.share,
-            },
-        },
+        memory_backing: memory_backing_from_proto(p.memory)?,
     })
+}
+
+fn boot_from_proto(boot: Option<pb::BootSpec>) -> Result<Boot, AgentError> {
+    match boot {
+        Some(b) if !b.kernel.is_empty() => Ok(Boot::Kernel {
+            kernel: PathBuf::from(b.kernel),
+            initrd: non_empty(&b.initrd),
+            cmdline: b.cmdline,
+        }),
+        Some(b) if !b.initrd.is_empty() || !b.cmdline.is_empty() => Err(AgentError::BadRequest(
+            "boot: an initrd or kernel command line needs a kernel".into(),
+        )),
+        _ => Ok(Boot::Disk),
+    }
+}
+
+fn accelerator_from_proto(accelerator: i32) -> Result<Accelerator, AgentError> {
+    match pb::Accelerator::try_from(accelerator) {
+        Ok(pb::Accelerator::Unspecified | pb::Accelerator::Auto) => Ok(Accelerator::Auto),
+        Ok(pb::Accelerator::Kvm) => Ok(Accelerator::Kvm),
+        Ok(pb::Accelerator::Tcg) => Ok(Accelerator::Tcg),
+        Err(_) => Err(AgentError::BadRequest(format!(
+            "unknown accelerator {accelerator}"
+        ))),
+    }
+}
+
+fn memory_backing_from_proto(
+    memory: Option<pb::MemoryBacking>,
+) -> Result<MemoryBacking, AgentError> {
+    match memory {
+        None => Ok(MemoryBacking::Anonymous),
+        Some(m) if m.hugepages => Ok(MemoryBacking::HugePages {
+            path: if m.file.is_empty() {
+                DEFAULT_HUGEPAGES_MOUNT.into()
+            } else {
+                m.file.into()
+            },
+        }),
+        Some(m) if m.file.is_empty() => Err(SpecError::Path {
+            what: "memory backing".into(),
+            path: PathBuf::new(),
+            reason: "it is empty; give a file or directory, or leave memory unset",
+        }
+        .into()),
+        Some(m) => Ok(MemoryBacking::File {
+            path: m.file.into(),
+            share: m.share,
+        }),
+    }
 }
 
 /// The wire form of an instance's state.
@@ -348,6 +361,136 @@ pub fn stop_method_to_proto(method: Option<StopMethod>) -> pb::StopMethod {
         Some(StopMethod::Powerdown) => pb::StopMethod::Powerdown,
         Some(StopMethod::Quit) => pb::StopMethod::Quit,
         Some(StopMethod::Kill) => pb::StopMethod::Kill,
+    }
+}
+
+/// The longest pause QEMU accepts as a migration's downtime limit.
+pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(2000);
+
+/// A migration's options, checked against what QEMU accepts before it
+/// sees them.
+pub fn migrate_options_from_proto(
+    options: pb::MigrationOptions,
+) -> Result<MigrateOptions, AgentError> {
+    let downtime_limit = Duration::from_millis(options.downtime_limit_ms.into());
+    if downtime_limit > MAX_DOWNTIME_LIMIT {
+        return Err(AgentError::BadRequest(format!(
+            "downtime_limit_ms is {}; QEMU takes at most {} ms",
+            options.downtime_limit_ms,
+            MAX_DOWNTIME_LIMIT.as_millis()
+        )));
+    }
+    if options.max_bandwidth > UNCAPPED_BANDWIDTH {
+        return Err(AgentError::BadRequest(format!(
+            "max_bandwidth is {} bytes/s; the most is {UNCAPPED_BANDWIDTH}, and 0 means uncapped",
+            options.max_bandwidth
+        )));
+    }
+    Ok(MigrateOptions {
+        offline: options.offline,
+        max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
+        downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
+        auto_converge: options.auto_converge,
+    })
+}
+
+/// A reboot's mode; a hard reboot needs the spec it starts from.
+pub fn reboot_mode_from_proto(
+    mode: i32,
+    spec: Option<pb::InstanceSpec>,
+) -> Result<RebootMode, AgentError> {
+    match pb::RebootMode::try_from(mode) {
+        Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => Ok(RebootMode::Soft),
+        Ok(pb::RebootMode::Reset) => Ok(RebootMode::Reset),
+        Ok(pb::RebootMode::Hard) => {
+            let spec =
+                spec.ok_or_else(|| AgentError::BadRequest("a hard reboot needs a spec".into()))?;
+            Ok(RebootMode::Hard(Box::new(spec_from_proto(spec)?)))
+        }
+        Err(_) => Err(AgentError::BadRequest(format!(
+            "unknown reboot mode {mode}"
+        ))),
+    }
+}
+
+/// The wire form of the node's facts.
+pub fn node_info_to_proto(facts: NodeFacts) -> pb::NodeInfo {
+    let (qemu_path, qemu_version, qemu_error) = match &facts.qemu {
+        Ok(info) => (
+            info.binary.display().to_string(),
+            info.version_text.clone(),
+            String::new(),
+        ),
+        Err(e) => (
+            facts.qemu_binary.display().to_string(),
+            String::new(),
+            e.clone(),
+        ),
+    };
+    pb::NodeInfo {
+        hostname: facts.hostname,
+        qemu_path,
+        qemu_version,
+        qemu_error,
+        kvm_available: facts.kvm.is_ok(),
+        kvm_detail: facts
+            .kvm
+            .err()
+            .unwrap_or_else(|| "/dev/kvm opens read-write".into()),
+        memory_total_mib: facts.memory_total_mib,
+        memory_available_mib: facts.memory_available_mib,
+        cpus: facts.cpus,
+        instance_count: facts.instance_count,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// The wire form of where a guest's memory stands.
+pub fn memory_report_to_proto(report: MemoryReport) -> pb::SetMemoryResponse {
+    pb::SetMemoryResponse {
+        target_mib: report.target_mib,
+        actual_mib: report.actual_mib,
+        maximum_mib: report.maximum_mib,
+    }
+}
+
+/// The wire form of a finished save.
+pub fn save_outcome_to_proto(saved: SaveOutcome) -> pb::SaveInstanceResponse {
+    pb::SaveInstanceResponse {
+        instance: Some(view_to_proto(saved.view)),
+        file_bytes: saved.file_bytes,
+        was_running: saved.was_running,
+        duration_ms: saved.duration.as_millis() as u64,
+    }
+}
+
+/// The wire form of what an instance's QEMU can hotplug.
+pub fn support_to_proto(support: &Support) -> pb::HotplugSupportResponse {
+    let capability = |r: &Result<(), String>| {
+        Some(pb::Capability {
+            supported: r.is_ok(),
+            reason: r.clone().err().unwrap_or_default(),
+        })
+    };
+    pb::HotplugSupportResponse {
+        nic: capability(&support.nic),
+        disk: capability(&support.disk),
+        remove: capability(&support.remove),
+        vhost: capability(&support.vhost),
+    }
+}
+
+/// The wire form of a hot-added or removed device and the instance after.
+pub fn device_change_to_proto(
+    (view, changed): (InstanceView, ChangedDevice),
+) -> pb::DeviceChangeResponse {
+    let device = match &changed {
+        ChangedDevice::Nic(nic, tap) => nic_to_proto(nic, tap),
+        ChangedDevice::Disk(disk) => disk_to_proto(disk),
+    };
+    pb::DeviceChangeResponse {
+        instance: Some(view_to_proto(view)),
+        device: Some(device),
     }
 }
 

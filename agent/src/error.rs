@@ -10,6 +10,8 @@ use runtime_store::StoreError;
 use runtime_store::savefile::SaveFileError;
 use tonic::{Code, Status};
 
+use crate::events::WatchError;
+
 /// Everything an agent operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -261,6 +263,8 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
 }
 
 impl AgentError {
+    // Long: one arm per error; the whole table in one place is what lets
+    // a reader check every code against every other.
     /// The gRPC code of this error, and a hint at what to do next.
     fn code_and_hint(&self) -> (Code, &'static str) {
         match self {
@@ -463,6 +467,16 @@ pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
         end -= 1;
     }
     format!("{}...", &text[..end]).into()
+}
+
+impl From<WatchError> for Status {
+    fn from(err: WatchError) -> Status {
+        let code = match err {
+            WatchError::TooManyWatchers | WatchError::Lagged { .. } => Code::ResourceExhausted,
+            WatchError::TooOld { .. } | WatchError::Ahead { .. } => Code::OutOfRange,
+        };
+        Status::new(code, err.to_string())
+    }
 }
 
 impl From<AgentError> for Status {

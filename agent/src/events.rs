@@ -62,7 +62,7 @@ pub struct Event {
 /// place in the channel's accounting, so their number is bounded.
 pub const MAX_WATCHERS: usize = 256;
 
-/// Why a watch can't start.
+/// Why a watch can't start, or can't go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
     /// The buffer no longer has the events asked for.
@@ -89,6 +89,14 @@ pub enum WatchError {
     /// Too many watchers already.
     #[error("{MAX_WATCHERS} watchers are following the events already; close one first")]
     TooManyWatchers,
+    /// A watcher read too slowly and missed events.
+    #[error(
+        "this watcher fell {missed} events behind; resume after the last sequence number it saw"
+    )]
+    Lagged {
+        /// How many events it missed.
+        missed: u64,
+    },
 }
 
 struct Buffer {

@@ -5,7 +5,6 @@
 //! reboot, and a status that readers copy without waiting behind an
 //! operation (the lock on it is never held across an await).
 
-use crate::config::Confinement;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +20,7 @@ use hypervisor::qmp::QmpClient;
 use runtime_store::{IntentJournal, RecordStore, StoreError};
 
 use crate::config::AgentConfig;
+use crate::config::Confinement;
 use crate::error::AgentError;
 use crate::events::{EventBus, EventKind, Watch, WatchError};
 

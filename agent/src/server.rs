@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
 use tonic::transport::server::{Connected, Router};
+use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::instances::Agent;
 use crate::service::NodeAgentService;
@@ -174,6 +175,54 @@ async fn shutdown_signal() {
     tracing::info!("shutting down; instances keep running");
 }
 
+/// The agent's gRPC service with health and reflection, on TLS when given.
+fn router(
+    agent: &Arc<Agent>,
+    health: &HealthServer<impl Health>,
+    tls: Option<&TlsMaterial>,
+) -> anyhow::Result<Router> {
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls.server_config())
+            .context("setting up TLS")?;
+    }
+    // The health service too, so that clients that find services by
+    // reflection (grpcurl, grpcui) see it.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(server
+        .add_service(health.clone())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            NodeAgentServer::new(NodeAgentService::new(agent.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        ))
+}
+
+/// Binds the local socket, owner-only.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    // A socket left by an agent that died; nothing listens on it.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 /// Recovers instances, then serves until SIGTERM or SIGINT.
 pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()> {
     listeners.check().map_err(anyhow::Error::msg)?;
@@ -185,34 +234,7 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
     health_reporter
         .set_serving::<NodeAgentServer<NodeAgentService>>()
         .await;
-    let router = |tls: Option<&TlsMaterial>| -> anyhow::Result<Router> {
-        let mut server = Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-        if let Some(tls) = tls {
-            server = server
-                .tls_config(tls.server_config())
-                .context("setting up TLS")?;
-        }
-        // The health service too, so that clients that find services by
-        // reflection (grpcurl, grpcui) see it.
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-        Ok(server
-            .add_service(health.clone())
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(
-                NodeAgentServer::new(NodeAgentService::new(agent.clone()))
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
-            ))
-    };
+    let router = |tls| router(&agent, &health, tls);
 
     let (stop, stopped) = watch::channel(());
     let shutdown = move || {
@@ -240,15 +262,7 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners) -> anyhow::Result<()
     };
 
     let path = &listeners.socket;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    // A socket left by an agent that died; nothing listens on it.
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_socket(path)?;
     tracing::info!(socket = %path.display(), "serving");
     let incoming = limited(
         UnixListenerStream::new(listener),

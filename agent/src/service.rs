@@ -1,33 +1,30 @@
 //! The gRPC service: each handler converts the request, calls the agent and
 //! converts the answer. No lifecycle logic lives here.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_server::NodeAgent;
-use std::time::Instant;
-use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
-
-use hypervisor::migration::UNCAPPED_BANDWIDTH;
-
-use crate::convert::{
-    disk_from_proto, disk_to_proto, event_to_proto, nic_from_proto, nic_to_proto, report_to_proto,
-    spec_from_proto, stop_method_to_proto, view_to_proto,
-};
-use crate::error::AgentError;
-use crate::events::{Event, WatchError};
-use crate::instances::ChangedDevice;
-use crate::instances::InstanceView;
-use crate::instances::{Agent, MigrateOptions, RebootMode};
-use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::convert::{
+    self, disk_from_proto, event_to_proto, nic_from_proto, report_to_proto, spec_from_proto,
+    stop_method_to_proto, view_to_proto,
+};
+use crate::error::AgentError;
+use crate::events::{Event, WatchError};
+use crate::instances::Agent;
+use crate::peer::REQUEST_ID_HEADER;
 
 /// How long a waiting SetMemory waits when the caller doesn't say.
 const DEFAULT_SET_MEMORY_WAIT: Duration = Duration::from_secs(30);
@@ -35,8 +32,6 @@ const DEFAULT_SET_MEMORY_WAIT: Duration = Duration::from_secs(30);
 /// reaching its target). Longer ones would let a call hold an instance
 /// for days.
 pub const MAX_CALLER_WAIT: Duration = Duration::from_secs(3600);
-/// The longest pause QEMU accepts as a migration's downtime limit.
-pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(2000);
 
 /// A wait the caller asked for, in milliseconds: `None` for 0 (the
 /// default), refused past [`MAX_CALLER_WAIT`].
@@ -72,63 +67,24 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Se
 /// The stream MigrateInstance returns.
 pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationProgress, Status>> + Send>>;
 
-/// A migration's options, checked against what QEMU accepts before it
-/// sees them.
-fn migrate_options_from_proto(options: pb::MigrationOptions) -> Result<MigrateOptions, AgentError> {
-    let downtime_limit = Duration::from_millis(options.downtime_limit_ms.into());
-    if downtime_limit > MAX_DOWNTIME_LIMIT {
-        return Err(AgentError::BadRequest(format!(
-            "downtime_limit_ms is {}; QEMU takes at most {} ms",
-            options.downtime_limit_ms,
-            MAX_DOWNTIME_LIMIT.as_millis()
-        )));
-    }
-    if options.max_bandwidth > UNCAPPED_BANDWIDTH {
-        return Err(AgentError::BadRequest(format!(
-            "max_bandwidth is {} bytes/s; the most is {UNCAPPED_BANDWIDTH}, and 0 means uncapped",
-            options.max_bandwidth
-        )));
-    }
-    Ok(MigrateOptions {
-        offline: options.offline,
-        max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
-        downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
-        auto_converge: options.auto_converge,
-    })
+/// The preamble every operation handler shares: the request id, the
+/// request's message, and a handle on the agent, then `body` as a traced
+/// operation named `op` on the instance `name`.
+macro_rules! operation {
+    ($service:ident, $request:ident, $op:literal, $name:expr, |$agent:ident| $body:block) => {{
+        let id = request_id($request.metadata());
+        let $request = $request.into_inner();
+        let name: String = $name;
+        let $agent = $service.agent.clone();
+        traced($op, name, id, async move $body).await
+    }};
 }
 
 #[tonic::async_trait]
 impl NodeAgent for NodeAgentService {
     async fn get_node_info(&self, _: Request<pb::GetNodeInfoRequest>) -> Reply<pb::NodeInfo> {
         let facts = self.agent.node_facts().await;
-        let (qemu_path, qemu_version, qemu_error) = match &facts.qemu {
-            Ok(info) => (
-                info.binary.display().to_string(),
-                info.version_text.clone(),
-                String::new(),
-            ),
-            Err(e) => (
-                facts.qemu_binary.display().to_string(),
-                String::new(),
-                e.clone(),
-            ),
-        };
-        Ok(Response::new(pb::NodeInfo {
-            hostname: facts.hostname,
-            qemu_path,
-            qemu_version,
-            qemu_error,
-            kvm_available: facts.kvm.is_ok(),
-            kvm_detail: facts
-                .kvm
-                .err()
-                .unwrap_or_else(|| "/dev/kvm opens read-write".into()),
-            memory_total_mib: facts.memory_total_mib,
-            memory_available_mib: facts.memory_available_mib,
-            cpus: facts.cpus,
-            instance_count: facts.instance_count,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-        }))
+        Ok(Response::new(convert::node_info_to_proto(facts)))
     }
 
     async fn list_instances(
@@ -150,25 +106,26 @@ impl NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::StartInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let spec = req.into_inner().spec;
-        let name = spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-        let agent = self.agent.clone();
-        traced("start", name.clone(), id, async move {
-            let spec = spec.ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
-            Ok(view_to_proto(agent.start(spec_from_proto(spec)?).await?))
-        })
-        .await
+        let name = |spec: &Option<pb::InstanceSpec>| spec.as_ref().map(|s| s.name.clone());
+        operation!(
+            self,
+            req,
+            "start",
+            name(&req.spec).unwrap_or_default(),
+            |agent| {
+                let spec = req
+                    .spec
+                    .ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
+                Ok(view_to_proto(agent.start(spec_from_proto(spec)?).await?))
+            }
+        )
     }
 
     async fn stop_instance(
         &self,
         req: Request<pb::StopInstanceRequest>,
     ) -> Reply<pb::StopInstanceResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("stop", req.name.clone(), id, async move {
+        operation!(self, req, "stop", req.name.clone(), |agent| {
             let powerdown = caller_wait("powerdown_timeout_ms", req.powerdown_timeout_ms.into())?;
             let (view, method) = agent.stop(&req.name, req.force, powerdown).await?;
             Ok(pb::StopInstanceResponse {
@@ -176,36 +133,16 @@ impl NodeAgent for NodeAgentService {
                 method: stop_method_to_proto(method) as i32,
             })
         })
-        .await
     }
 
     async fn reboot_instance(
         &self,
         req: Request<pb::RebootInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("reboot", req.name.clone(), id, async move {
-            let mode = match pb::RebootMode::try_from(req.mode) {
-                Ok(pb::RebootMode::Unspecified | pb::RebootMode::Soft) => RebootMode::Soft,
-                Ok(pb::RebootMode::Reset) => RebootMode::Reset,
-                Ok(pb::RebootMode::Hard) => {
-                    let spec = req.spec.ok_or_else(|| {
-                        AgentError::BadRequest("a hard reboot needs a spec".into())
-                    })?;
-                    RebootMode::Hard(Box::new(spec_from_proto(spec)?))
-                }
-                Err(_) => {
-                    return Err(AgentError::BadRequest(format!(
-                        "unknown reboot mode {}",
-                        req.mode
-                    )));
-                }
-            };
+        operation!(self, req, "reboot", req.name.clone(), |agent| {
+            let mode = convert::reboot_mode_from_proto(req.mode, req.spec)?;
             Ok(view_to_proto(agent.reboot(&req.name, mode).await?))
         })
-        .await
     }
 
     async fn get_console_info(
@@ -223,96 +160,62 @@ impl NodeAgent for NodeAgentService {
     type MigrateInstanceStream = ProgressStream;
 
     async fn set_memory(&self, req: Request<pb::SetMemoryRequest>) -> Reply<pb::SetMemoryResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        let name = req.name.clone();
-        traced("set_memory", name.clone(), id, async move {
+        operation!(self, req, "set_memory", req.name.clone(), |agent| {
             let asked = caller_wait("timeout_ms", req.timeout_ms)?;
             let wait = req.wait.then(|| asked.unwrap_or(DEFAULT_SET_MEMORY_WAIT));
-            let report = agent.set_memory(&name, req.memory_mib, wait).await?;
-            Ok(pb::SetMemoryResponse {
-                target_mib: report.target_mib,
-                actual_mib: report.actual_mib,
-                maximum_mib: report.maximum_mib,
-            })
+            let report = agent.set_memory(&req.name, req.memory_mib, wait).await?;
+            Ok(convert::memory_report_to_proto(report))
         })
-        .await
     }
 
     async fn pause_instance(
         &self,
         req: Request<pb::PauseInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let name = req.into_inner().name;
-        let agent = self.agent.clone();
-        traced("pause", name.clone(), id, async move {
-            Ok(view_to_proto(agent.pause(&name).await?))
+        operation!(self, req, "pause", req.name.clone(), |agent| {
+            Ok(view_to_proto(agent.pause(&req.name).await?))
         })
-        .await
     }
 
     async fn resume_instance(
         &self,
         req: Request<pb::ResumeInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let name = req.into_inner().name;
-        let agent = self.agent.clone();
-        traced("resume", name.clone(), id, async move {
-            Ok(view_to_proto(agent.resume(&name).await?))
+        operation!(self, req, "resume", req.name.clone(), |agent| {
+            Ok(view_to_proto(agent.resume(&req.name).await?))
         })
-        .await
     }
 
     async fn adopt_instance(
         &self,
         req: Request<pb::AdoptInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let name = req.into_inner().name;
-        let agent = self.agent.clone();
-        traced("adopt", name.clone(), id, async move {
-            Ok(view_to_proto(agent.adopt_quarantined(&name).await?))
+        operation!(self, req, "adopt", req.name.clone(), |agent| {
+            Ok(view_to_proto(agent.adopt_quarantined(&req.name).await?))
         })
-        .await
     }
 
     async fn save_instance(
         &self,
         req: Request<pb::SaveInstanceRequest>,
     ) -> Reply<pb::SaveInstanceResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("save", req.name.clone(), id, async move {
+        operation!(self, req, "save", req.name.clone(), |agent| {
             let saved = agent.save(&req.name, &req.path).await?;
-            Ok(pb::SaveInstanceResponse {
-                instance: Some(view_to_proto(saved.view)),
-                file_bytes: saved.file_bytes,
-                was_running: saved.was_running,
-                duration_ms: saved.duration.as_millis() as u64,
-            })
+            Ok(convert::save_outcome_to_proto(saved))
         })
-        .await
     }
 
     async fn restore_instance(
         &self,
         req: Request<pb::RestoreInstanceRequest>,
     ) -> Reply<pb::RestoreInstanceResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("restore", String::new(), id, async move {
+        operation!(self, req, "restore", String::new(), |agent| {
             let (view, duration) = agent.restore(&req.path, req.paused).await?;
             Ok(pb::RestoreInstanceResponse {
                 instance: Some(view_to_proto(view)),
                 duration_ms: duration.as_millis() as u64,
             })
         })
-        .await
     }
 
     async fn migrate_instance(
@@ -321,7 +224,7 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<ProgressStream> {
         let id = request_id(req.metadata());
         let req = req.into_inner();
-        let options = migrate_options_from_proto(req.options.unwrap_or_default())?;
+        let options = convert::migrate_options_from_proto(req.options.unwrap_or_default())?;
         let (progress_tx, mut progress_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::channel(64);
         let agent = self.agent.clone();
@@ -357,62 +260,41 @@ impl NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::AcceptMigrationRequest>,
     ) -> Reply<pb::AcceptMigrationResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("accept_migration", String::new(), id, async move {
+        operation!(self, req, "accept_migration", String::new(), |agent| {
             let address = agent
                 .accept_migration(&req.runtime_json, &req.source)
                 .await?;
             Ok(pb::AcceptMigrationResponse { address })
         })
-        .await
     }
 
     async fn finalize_migration(
         &self,
         req: Request<pb::FinalizeMigrationRequest>,
     ) -> Reply<pb::InstanceInfo> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("finalize_migration", req.name.clone(), id, async move {
-            Ok(view_to_proto(
-                agent
-                    .finalize_migration(&req.name, &req.uuid, req.resume)
-                    .await?,
-            ))
+        operation!(self, req, "finalize_migration", req.name.clone(), |agent| {
+            let view = agent
+                .finalize_migration(&req.name, &req.uuid, req.resume)
+                .await?;
+            Ok(view_to_proto(view))
         })
-        .await
     }
 
     async fn cancel_migration(
         &self,
         req: Request<pb::CancelMigrationRequest>,
     ) -> Reply<pb::CancelMigrationResponse> {
-        let id = request_id(req.metadata());
-        let name = req.into_inner().name;
-        let agent = self.agent.clone();
-        traced("cancel_migration", name.clone(), id, async move {
-            let cancelled = agent.cancel_migration(&name).await?;
+        operation!(self, req, "cancel_migration", req.name.clone(), |agent| {
+            let cancelled = agent.cancel_migration(&req.name).await?;
             Ok(pb::CancelMigrationResponse {
                 cancelled: cancelled.into(),
             })
         })
-        .await
     }
 
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {
         let req = req.into_inner();
-        let watch = self
-            .agent
-            .watch_events(req.after_sequence)
-            .map_err(|e| match e {
-                WatchError::TooManyWatchers => Status::resource_exhausted(e.to_string()),
-                WatchError::TooOld { .. } | WatchError::Ahead { .. } => {
-                    Status::out_of_range(e.to_string())
-                }
-            })?;
+        let watch = self.agent.watch_events(req.after_sequence)?;
         let filter = req.instance;
         let wanted = move |e: &Event| filter.is_empty() || e.instance == filter;
         let backlog = watch
@@ -426,9 +308,9 @@ impl NodeAgent for NodeAgentService {
         let live = BroadcastStream::new(watch.live).filter_map(move |item| match item {
             Ok(e) if wanted(&e) => Some(Ok(event_to_proto(&e))),
             Ok(_) => None,
-            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::resource_exhausted(format!(
-                "this watcher fell {missed} events behind; resume after the last sequence number it saw"
-            )))),
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                Some(Err(Status::from(WatchError::Lagged { missed })))
+            }
         });
         // A lagging watcher gets one error and the stream ends, so it
         // resumes instead of silently missing events.
@@ -453,65 +335,39 @@ impl NodeAgent for NodeAgentService {
         req: Request<pb::HotplugSupportRequest>,
     ) -> Reply<pb::HotplugSupportResponse> {
         let support = self.agent.hotplug_support(&req.into_inner().name)?;
-        let capability = |r: &Result<(), String>| {
-            Some(pb::Capability {
-                supported: r.is_ok(),
-                reason: r.clone().err().unwrap_or_default(),
-            })
-        };
-        Ok(Response::new(pb::HotplugSupportResponse {
-            nic: capability(&support.nic),
-            disk: capability(&support.disk),
-            remove: capability(&support.remove),
-            vhost: capability(&support.vhost),
-        }))
+        Ok(Response::new(convert::support_to_proto(&support)))
     }
 
     async fn add_nic(&self, req: Request<pb::AddNicRequest>) -> Reply<pb::DeviceChangeResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("add-nic", req.name.clone(), id, async move {
+        operation!(self, req, "add-nic", req.name.clone(), |agent| {
             let nic = req
                 .nic
                 .as_ref()
                 .ok_or_else(|| AgentError::BadRequest("nic is required".into()))?;
-            Ok(device_change(
-                agent.add_nic(&req.name, nic_from_proto(nic)?).await?,
-            ))
+            let changed = agent.add_nic(&req.name, nic_from_proto(nic)?).await?;
+            Ok(convert::device_change_to_proto(changed))
         })
-        .await
     }
 
     async fn add_disk(&self, req: Request<pb::AddDiskRequest>) -> Reply<pb::DeviceChangeResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("add-disk", req.name.clone(), id, async move {
+        operation!(self, req, "add-disk", req.name.clone(), |agent| {
             let disk = req
                 .disk
                 .as_ref()
                 .ok_or_else(|| AgentError::BadRequest("disk is required".into()))?;
-            Ok(device_change(
-                agent.add_disk(&req.name, disk_from_proto(disk)?).await?,
-            ))
+            let changed = agent.add_disk(&req.name, disk_from_proto(disk)?).await?;
+            Ok(convert::device_change_to_proto(changed))
         })
-        .await
     }
 
     async fn remove_device(
         &self,
         req: Request<pb::RemoveDeviceRequest>,
     ) -> Reply<pb::DeviceChangeResponse> {
-        let id = request_id(req.metadata());
-        let req = req.into_inner();
-        let agent = self.agent.clone();
-        traced("remove-device", req.name.clone(), id, async move {
-            Ok(device_change(
-                agent.remove_device(&req.name, &req.device).await?,
-            ))
+        operation!(self, req, "remove-device", req.name.clone(), |agent| {
+            let changed = agent.remove_device(&req.name, &req.device).await?;
+            Ok(convert::device_change_to_proto(changed))
         })
-        .await
     }
 
     async fn get_runtime(
@@ -527,8 +383,6 @@ impl NodeAgent for NodeAgentService {
         }))
     }
 }
-
-use crate::peer::REQUEST_ID_HEADER;
 
 /// The caller's request id when it sent a sane one, a new one otherwise.
 fn request_id(metadata: &MetadataMap) -> String {
@@ -607,16 +461,5 @@ async fn traced<T: Send + 'static>(
             }
             Err(status)
         }
-    }
-}
-
-fn device_change((view, changed): (InstanceView, ChangedDevice)) -> pb::DeviceChangeResponse {
-    let device = match &changed {
-        ChangedDevice::Nic(nic, tap) => nic_to_proto(nic, tap),
-        ChangedDevice::Disk(disk) => disk_to_proto(disk),
-    };
-    pb::DeviceChangeResponse {
-        instance: Some(view_to_proto(view)),
-        device: Some(device),
     }
 }

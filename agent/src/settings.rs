@@ -11,6 +11,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hypervisor::identity::QemuUser;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -18,7 +19,6 @@ use crate::config::{
     QemuUsers, SOCKET_NAME,
 };
 use crate::tls::TlsFiles;
-use hypervisor::identity::QemuUser;
 
 /// Where `serve` looks for its config file when not told otherwise. A
 /// missing file there means "all defaults"; a missing file that was named
@@ -573,6 +573,14 @@ fn as_millis(duration: Duration) -> Option<NonZeroU64> {
     NonZeroU64::new(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
 
+fn allowed_roots(roots: Vec<AbsolutePath>) -> Result<AllowedRoots, ConfigError> {
+    let roots = roots.into_iter().map(PathBuf::from).collect();
+    AllowedRoots::new(roots).map_err(|message| ConfigError::Invalid {
+        key: "allowed_roots",
+        message,
+    })
+}
+
 impl FileConfig {
     /// Fills in the defaults and checks what no single value can show.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
@@ -583,16 +591,7 @@ impl FileConfig {
         if let Some(binary) = self.qemu_binary {
             agent.qemu_binary = binary;
         }
-        let roots = self
-            .allowed_roots
-            .unwrap_or_default()
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        agent.allowed_roots = AllowedRoots::new(roots).map_err(|message| ConfigError::Invalid {
-            key: "allowed_roots",
-            message,
-        })?;
+        agent.allowed_roots = allowed_roots(self.allowed_roots.unwrap_or_default())?;
         if let Some(n) = self.event_buffer {
             agent.event_buffer = n.get();
         }
@@ -603,31 +602,7 @@ impl FileConfig {
         if let Some(parent) = self.cgroups.parent {
             agent.cgroup_parent = parent.0;
         }
-        // A user named without a pool is the operator's choice of one
-        // user for all; otherwise each instance gets a uid of its own.
-        let pool = match (&self.qemu_user.user, self.qemu_user.uid_pool) {
-            (_, Some(pool)) => Some(pool.0),
-            (Some(_), None) => None,
-            (None, None) => Some(DEFAULT_UID_POOL),
-        };
-        if let Some(pool) = &pool {
-            unused_by_accounts(pool).map_err(|message| ConfigError::Invalid {
-                key: "qemu_user.uid_pool",
-                message,
-            })?;
-        }
-        let user = self
-            .qemu_user
-            .user
-            .unwrap_or_else(|| UserName(DEFAULT_QEMU_USER.into()));
-        agent.qemu_users = QemuUsers {
-            fixed: user.resolve().map_err(|message| ConfigError::Invalid {
-                key: "qemu_user.user",
-                message,
-            })?,
-            name: user.0,
-            pool,
-        };
+        agent.qemu_users = self.qemu_user.resolve()?;
 
         let launch = &mut agent.launch;
         launch.qmp.command_timeout = millis(self.qmp.timeout_ms, launch.qmp.command_timeout);
@@ -659,18 +634,7 @@ impl FileConfig {
         }
         migration.peer_timeout = millis(self.migration.peer_timeout_ms, migration.peer_timeout);
 
-        let tls = match (self.tls.cert, self.tls.key, self.tls.ca) {
-            (None, None, None) => None,
-            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
-            _ => {
-                return Err(ConfigError::Invalid {
-                    key: "tls",
-                    message:
-                        "mutual TLS needs all of cert, key and ca (--tls-cert, --tls-key, --tls-ca)"
-                            .into(),
-                });
-            }
-        };
+        let tls = self.tls.resolve()?;
         let listen = self.listen.map(|l| l.0);
         crate::server::check_tcp_exposure(listen, tls.is_some()).map_err(|message| {
             ConfigError::Invalid {
@@ -697,6 +661,51 @@ impl FileConfig {
                 .max_connections
                 .map_or(crate::server::DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get),
         })
+    }
+}
+
+impl QemuUserSection {
+    /// A user named without a pool is the operator's choice of one user
+    /// for all; otherwise each instance gets a uid of its own.
+    fn resolve(self) -> Result<QemuUsers, ConfigError> {
+        let pool = match (&self.user, self.uid_pool) {
+            (_, Some(pool)) => Some(pool.0),
+            (Some(_), None) => None,
+            (None, None) => Some(DEFAULT_UID_POOL),
+        };
+        if let Some(pool) = &pool {
+            unused_by_accounts(pool).map_err(|message| ConfigError::Invalid {
+                key: "qemu_user.uid_pool",
+                message,
+            })?;
+        }
+        let user = self
+            .user
+            .unwrap_or_else(|| UserName(DEFAULT_QEMU_USER.into()));
+        Ok(QemuUsers {
+            fixed: user.resolve().map_err(|message| ConfigError::Invalid {
+                key: "qemu_user.user",
+                message,
+            })?,
+            name: user.0,
+            pool,
+        })
+    }
+}
+
+impl TlsSection {
+    /// All three files, or none.
+    fn resolve(self) -> Result<Option<TlsFiles>, ConfigError> {
+        match (self.cert, self.key, self.ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
+            _ => Err(ConfigError::Invalid {
+                key: "tls",
+                message:
+                    "mutual TLS needs all of cert, key and ca (--tls-cert, --tls-key, --tls-ca)"
+                        .into(),
+            }),
+        }
     }
 }
 

@@ -3,23 +3,21 @@
 //! record, lets the `hotplug` crate change QEMU, and writes the new layout
 //! back so that reboot and migration keep it.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
 use hotplug::remove::Device;
 use hotplug::support::Support;
 use hypervisor::InstanceSpec;
+use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device_id};
 use hypervisor::host_files::HostFileError;
+use hypervisor::qmp::QmpClient;
 use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskSpec, NicSpec};
+use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-use std::collections::HashMap;
-
-use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device_id};
-use hypervisor::qmp::QmpClient;
-use runtime_store::Intent;
 
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use hypervisor::Runtime;
 use hypervisor::lifecycle::{self, LaunchMode, files};
 use hypervisor::migration::{self as qemu_migration};
-use hypervisor::process::{self};
+use hypervisor::process;
 use hypervisor::qmp::QmpError;
-use hypervisor::runtime::{self};
+use hypervisor::runtime;
 
 use super::{Agent, Instance, Process, lock};
 use crate::config::Confinement;

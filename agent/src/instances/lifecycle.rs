@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use hypervisor::identity::QemuUser;
 use hypervisor::lifecycle::{self, LaunchMode, StopMethod, StopTimeouts, files};
-use hypervisor::probe::{self};
-use hypervisor::process::{self};
+use hypervisor::probe;
+use hypervisor::process;
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
 use uuid::Uuid;

@@ -1,11 +1,12 @@
 //! Watching a running QEMU: its exit (asked for, a guest's poweroff or a
 //! crash) and the resets its guest does by itself.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hypervisor::lifecycle::{self, files};
-use hypervisor::process::{self};
+use hypervisor::process;
 use hypervisor::qmp::QmpEvent;
 use tokio::sync::broadcast;
 
@@ -61,34 +62,7 @@ impl Agent {
             }
         }
         let run_dir = self.cfg.run_dir(&inst.name);
-        let (state, recorded, detail) = if guest_shutdown {
-            (
-                State::Stopped,
-                RecordedState::StoppedByGuest,
-                "the guest powered itself off".to_owned(),
-            )
-        } else if lifecycle::oom_kills(&run_dir) > 0 {
-            let limit = lock(&inst.status)
-                .record
-                .as_ref()
-                .and_then(|r| r.runtime.cgroup)
-                .map_or_else(String::new, |c| format!(" of {} MiB", c.memory_limit_mib));
-            (
-                State::Crashed,
-                RecordedState::Crashed,
-                format!(
-                    "QEMU was killed by the kernel's OOM killer ({exit_status}): its cgroup's memory \
-                     limit{limit} was reached; start it with less memory, or find what grew in QEMU"
-                ),
-            )
-        } else {
-            let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
-            (
-                State::Crashed,
-                RecordedState::Crashed,
-                format!("QEMU exited unexpectedly ({exit_status}); its log ends with:\n{tail}"),
-            )
-        };
+        let (state, recorded, detail) = why_it_ended(&inst, &run_dir, guest_shutdown, &exit_status);
         {
             let mut st = lock(&inst.status);
             if !st
@@ -121,6 +95,44 @@ impl Agent {
         {
             tracing::error!(instance = %inst.name, error = %e, "can't record the instance's exit");
         }
+    }
+}
+
+/// What a QEMU exit that nobody asked for means: the guest powered off,
+/// the kernel killed it for memory, or it crashed (its log's end says how).
+fn why_it_ended(
+    inst: &Instance,
+    run_dir: &Path,
+    guest_shutdown: bool,
+    exit_status: &str,
+) -> (State, RecordedState, String) {
+    if guest_shutdown {
+        (
+            State::Stopped,
+            RecordedState::StoppedByGuest,
+            "the guest powered itself off".to_owned(),
+        )
+    } else if lifecycle::oom_kills(run_dir) > 0 {
+        let limit = lock(&inst.status)
+            .record
+            .as_ref()
+            .and_then(|r| r.runtime.cgroup)
+            .map_or_else(String::new, |c| format!(" of {} MiB", c.memory_limit_mib));
+        (
+            State::Crashed,
+            RecordedState::Crashed,
+            format!(
+                "QEMU was killed by the kernel's OOM killer ({exit_status}): its cgroup's memory \
+                 limit{limit} was reached; start it with less memory, or find what grew in QEMU"
+            ),
+        )
+    } else {
+        let tail = process::log_tail(&run_dir.join(files::LOG), lifecycle::LOG_TAIL_BYTES);
+        (
+            State::Crashed,
+            RecordedState::Crashed,
+            format!("QEMU exited unexpectedly ({exit_status}); its log ends with:\n{tail}"),
+        )
     }
 }
 
