@@ -18,10 +18,9 @@ use uuid::Uuid;
 
 use crate::error::AgentError;
 use crate::events::{Event, EventKind};
-use crate::instances::ChangedDevice;
 use crate::model::{
-    InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts, RebootMode,
-    ReportPhase, SaveOutcome, State,
+    ChangedDevice, InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts,
+    RebootMode, ReportPhase, SaveOutcome, State,
 };
 
 /// Default machine type when the request leaves it empty.

@@ -35,12 +35,12 @@ mod recovery;
 mod saves;
 mod supervision;
 
-pub use hotplug::{ChangedDevice, HotplugIntent};
+pub use hotplug::HotplugIntent;
 pub use lifecycle::stop_method_text;
 
 pub use crate::model::{
-    InstanceRecord, InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts,
-    OutgoingMigration, RebootMode, RecordedState, ReportPhase, SaveOutcome, State,
+    ChangedDevice, InstanceRecord, InstanceView, MemoryReport, MigrateOptions, MigrationReport,
+    NodeFacts, OutgoingMigration, RebootMode, RecordedState, ReportPhase, SaveOutcome, State,
 };
 
 /// A running QEMU that the agent supervises.

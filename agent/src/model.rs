@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hypervisor::migration::MigrationStatus;
 use hypervisor::probe::QemuInfo;
+use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::{InstanceSpec, Runtime};
 use serde::{Deserialize, Serialize};
 
@@ -237,4 +238,13 @@ pub struct MemoryReport {
     pub actual_mib: u64,
     /// The runtime's memory.
     pub maximum_mib: u64,
+}
+
+/// A device a hotplug operation added or removed, for the reply.
+#[derive(Debug)]
+pub enum ChangedDevice {
+    /// A NIC, with its tap while running.
+    Nic(RuntimeNic, String),
+    /// A disk.
+    Disk(RuntimeDisk),
 }

@@ -23,6 +23,7 @@ use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
+use crate::model::ChangedDevice;
 
 /// A hotplug operation recorded before QEMU is touched, so an agent that
 /// dies midway can tell at restart what may have happened.
@@ -45,15 +46,6 @@ pub enum HotplugIntent {
         /// Device name.
         device: String,
     },
-}
-
-/// What changed, for the reply.
-#[derive(Debug)]
-pub enum ChangedDevice {
-    /// A NIC, with its tap while running.
-    Nic(RuntimeNic, String),
-    /// A disk.
-    Disk(RuntimeDisk),
 }
 
 /// Checks a device against the instance: its spec with the device added
