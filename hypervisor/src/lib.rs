@@ -5,7 +5,8 @@
 //! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
 //! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
 //! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
-//! (vCPU masks, parsed purely and applied to QEMU's threads), [`balloon`]
+//! (vCPU masks, parsed purely), [`affinity`] (masks applied to QEMU's
+//! vCPU threads), [`balloon`]
 //! (the guest's memory target), [`migration`] (QEMU's side of migration,
 //! save and restore), [`cgroup`], [`identity`] (the user a confined QEMU
 //! runs as, and its access to `/dev/kvm`, decided purely) and
@@ -13,6 +14,7 @@
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
 
+pub mod affinity;
 pub mod argv;
 pub mod balloon;
 pub mod cgroup;

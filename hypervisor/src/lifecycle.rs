@@ -8,7 +8,7 @@
 use crate::cgroup::CgroupLayout;
 use crate::host_files::{self, AllowedRoots, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
-use crate::pinning::{PinError, pin_vcpus};
+use crate::affinity::{PinError, pin_vcpus};
 use crate::runtime::ResolvedAccelerator;
 use crate::spec::{Boot, MemoryBacking};
 use rustix::process::{getegid, geteuid};
