@@ -12,7 +12,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use crate::Runtime;
-use crate::probe::QemuVersion;
+use crate::qemu_info::QemuVersion;
 use crate::runtime::{RuntimeDisk, RuntimeNic};
 use crate::spec::{Boot, DiskCache, DiskFormat, MemoryBacking, NicModel};
 

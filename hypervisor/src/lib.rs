@@ -2,8 +2,9 @@
 //! runtime into a running QEMU, and speaks QMP to it.
 //!
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime) and
-//! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
-//! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
+//! [`argv`] (runtime → command line), with [`qemu_info`] (what a QEMU binary
+//! is) as data. The I/O shell around it is [`probe`] (runs the binary to
+//! find that out), [`tap`], [`process`] (spawn, pidfile,
 //! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
 //! (vCPU masks, parsed purely), [`affinity`] (masks applied to QEMU's
 //! vCPU threads), [`balloon`]
@@ -25,6 +26,7 @@ pub mod migration;
 pub mod pinning;
 pub mod probe;
 pub mod process;
+pub mod qemu_info;
 pub mod qmp;
 pub mod runtime;
 pub mod spec;

@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::probe::QemuVersion;
+use crate::qemu_info::QemuVersion;
 
 /// Timeouts and bounds of a QMP connection.
 #[derive(Debug, Clone, Copy)]

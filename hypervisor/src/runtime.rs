@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use uuid::Uuid;
 
 use crate::argv;
-use crate::probe::{QemuInfo, QemuVersion};
+use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
 
 /// Version of the runtime layout. A runtime with another version is refused.
@@ -539,7 +539,7 @@ impl Runtime {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::probe::{MachineType, QemuVersion};
+    use crate::qemu_info::{MachineType, QemuVersion};
     use crate::spec::tests::sample_spec;
     use crate::spec::{DiskCache, DiskFormat, NicModel};
 
