@@ -5,10 +5,10 @@
 //! watching for an early exit. Stop escalates: ACPI powerdown, then QMP
 //! `quit`, then SIGKILL, each with its own timeout.
 
+use crate::affinity::{PinError, pin_vcpus};
 use crate::cgroup::CgroupLayout;
 use crate::host_files::{self, AllowedRoots, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
-use crate::affinity::{PinError, pin_vcpus};
 use crate::runtime::ResolvedAccelerator;
 use crate::spec::{Boot, MemoryBacking};
 use rustix::process::{getegid, geteuid};
@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Runtime;
-use crate::argv::{self, ExecutionFds, MachineFds};
 use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
+use crate::runtime::argv::{self, ExecutionFds, MachineFds};
 use crate::tap::{self, Tap, TapError};
 
 /// File names inside an instance's run directory.

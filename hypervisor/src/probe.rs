@@ -137,7 +137,7 @@ pub fn parse_data_dirs(output: &str) -> Vec<PathBuf> {
 /// `-sandbox` (QEMU without seccomp) or sub-option fails this.
 async fn takes_sandbox(binary: &Path) -> bool {
     tokio::process::Command::new(binary)
-        .args(["-sandbox", crate::argv::SANDBOX, "-version"])
+        .args(["-sandbox", crate::runtime::argv::SANDBOX, "-version"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 pub use uuid::Uuid;
 
-use crate::argv;
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
+
+// The command line is a function of the runtime: a runtime stores its
+// machine part and is checked against it.
+pub mod argv;
 
 /// Version of the runtime layout. A runtime with another version is refused.
 pub const RUNTIME_FORMAT_VERSION: u32 = 1;
