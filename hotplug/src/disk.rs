@@ -135,9 +135,10 @@ pub fn block_attached(blocks: &Value, id: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hypervisor::runtime::Uuid;
     use hypervisor::spec::{DiskCache, DiskSpec};
+
+    use super::*;
 
     fn disk(read_only: bool, cache: DiskCache) -> RuntimeDisk {
         RuntimeDisk {

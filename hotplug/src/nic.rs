@@ -1,11 +1,10 @@
 //! NIC hot-add: tap (and vhost) fds through `getfd`, `netdev_add`,
 //! `device_add` at an explicit slot, then a check in `query-pci`.
 
+use std::fs::File;
 use std::os::fd::AsFd;
 
 use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id, nic_device_id};
-use std::fs::File;
-
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::{NicModel, NicSpec};
@@ -176,8 +175,9 @@ pub fn netdev_arguments(netdev: &str, tap_names: &[String], vhost_names: &[Strin
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hypervisor::spec::MacAddr;
+
+    use super::*;
 
     #[test]
     fn netdev_takes_one_named_fd_per_queue() {

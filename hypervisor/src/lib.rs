@@ -32,10 +32,8 @@ pub mod spec;
 pub mod tap;
 
 pub use runtime::Runtime;
-pub use spec::InstanceSpec;
-
-// Other crates name devices and options through the command line's module.
 pub use runtime::argv;
+pub use spec::InstanceSpec;
 
 /// Settings of the fuzzing properties: `default` cases, or as many as
 /// `KVM_AGENT_FUZZ_CASES` asks for in a longer run.

@@ -5,13 +5,6 @@
 //! watching for an early exit. Stop escalates: ACPI powerdown, then QMP
 //! `quit`, then SIGKILL, each with its own timeout.
 
-use crate::affinity::{PinError, pin_vcpus};
-use crate::cgroup::{CgroupLayout, PreparedCgroups};
-use crate::host_files::{self, AllowedRoots, HostFileError};
-use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
-use crate::runtime::ResolvedAccelerator;
-use crate::spec::{Boot, MemoryBacking};
-use rustix::process::{getegid, geteuid};
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -21,10 +14,18 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::process::{getegid, geteuid};
+
 use crate::Runtime;
+use crate::affinity::{PinError, pin_vcpus};
+use crate::cgroup::{CgroupLayout, PreparedCgroups};
+use crate::host_files::{self, AllowedRoots, HostFileError};
+use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
+use crate::runtime::ResolvedAccelerator;
 use crate::runtime::argv::{self, ExecutionFds, MachineFds};
+use crate::spec::{Boot, MemoryBacking};
 use crate::tap::{self, Tap, TapError};
 
 /// File names inside an instance's run directory.

@@ -244,8 +244,9 @@ pub fn host_cpu_count() -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use serde_json::json;
+
+    use super::*;
 
     fn list(cpus: &[u32]) -> CpuList {
         CpuList(cpus.iter().copied().collect())

@@ -840,8 +840,9 @@ async fn read_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use super::*;
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
 
@@ -1347,8 +1348,9 @@ mod tests {
 /// typed error, never a panic. `KVM_AGENT_FUZZ_CASES` sets the case count.
 #[cfg(test)]
 mod fuzz {
-    use super::*;
     use proptest::prelude::*;
+
+    use super::*;
 
     fn config() -> ProptestConfig {
         crate::fuzz_config(4000)

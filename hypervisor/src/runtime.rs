@@ -5,15 +5,15 @@
 //! restore. Generation is pure: the caller passes in what it learned about
 //! the host ([`QemuInfo`], whether KVM opens).
 
-use crate::cgroup::CgroupLimits;
-use crate::identity::QemuUser;
-use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 pub use uuid::Uuid;
 
+use crate::cgroup::CgroupLimits;
+use crate::identity::QemuUser;
+use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
 
@@ -1032,8 +1032,9 @@ pub(crate) mod tests {
     }
 
     mod properties {
-        use super::*;
         use proptest::prelude::*;
+
+        use super::*;
 
         fn path_strategy() -> impl Strategy<Value = String> {
             // Printable ASCII with spaces and quotes, as path components;
@@ -1105,9 +1106,10 @@ pub(crate) mod tests {
     /// validation accepts renders to a command line without smuggled
     /// options.
     mod fuzz {
-        use super::*;
         use proptest::prelude::*;
         use serde_json::Value;
+
+        use super::*;
 
         /// Values an attacker or a bug would put in a field.
         fn hostile() -> impl Strategy<Value = Value> {

@@ -453,11 +453,12 @@ pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::runtime::generate;
     use crate::runtime::tests::{host, qemu_7_2};
     use crate::spec::tests::sample_spec;
-    use proptest::prelude::*;
 
     /// Splits QEMU `key=value,...` syntax the way QEMU does (`,,` is a comma).
     fn split_keyval(s: &str) -> Vec<(String, String)> {
