@@ -139,6 +139,7 @@ mod tests {
     use hypervisor::spec::{DiskCache, DiskSpec};
 
     use super::*;
+    use crate::pipeline::tests::{executed, fake_qemu};
 
     fn disk(read_only: bool, cache: DiskCache) -> RuntimeDisk {
         RuntimeDisk {
@@ -171,6 +172,65 @@ mod tests {
 
         assert_eq!(args["driver"], "qcow2");
         assert_eq!(args["file"], disk_file_node(d.spec.uuid));
+    }
+
+    #[tokio::test]
+    async fn a_refused_device_takes_back_both_nodes_after_releasing_the_set() {
+        let (qmp, seen) = fake_qemu(&["device_add"]).await;
+        let d = disk(false, DiskCache::None);
+
+        let result = attach(&qmp, &d, 4).await;
+
+        assert!(
+            matches!(
+                result,
+                Err(HotplugError::Qmp {
+                    step: "device_add",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        let requests = seen.lock().unwrap().clone();
+        let names: Vec<&str> = requests.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blockdev-add",
+                "blockdev-add",
+                "device_add",
+                "query-pci",
+                "query-block",
+                "remove-fd",
+                "blockdev-del",
+                "blockdev-del"
+            ]
+        );
+        assert_eq!(requests[5].1, json!({ "fdset-id": 4 }));
+        assert_eq!(requests[6].1["node-name"], disk_format_node(d.spec.uuid));
+        assert_eq!(requests[7].1["node-name"], disk_file_node(d.spec.uuid));
+    }
+
+    #[tokio::test]
+    async fn a_refused_file_node_leaves_nothing_to_take_back() {
+        let (qmp, seen) = fake_qemu(&["blockdev-add"]).await;
+
+        let result = attach(&qmp, &disk(true, DiskCache::None), 4).await;
+
+        assert!(
+            matches!(
+                result,
+                Err(HotplugError::Qmp {
+                    step: "blockdev-add (file)",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(
+            executed(&seen).last().map(String::as_str),
+            Some("remove-fd")
+        );
     }
 
     #[test]

@@ -152,7 +152,7 @@ pub(crate) async fn undo(qmp: &QmpClient, command: &str, arguments: Value) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -164,13 +164,31 @@ mod tests {
     use super::*;
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
-    const COMMANDS: [&str; 8] = [
-        "step-a", "step-b", "step-c", "step-d", "undo-a", "undo-b", "undo-c", "cleanup",
+    const COMMANDS: [&str; 16] = [
+        "step-a",
+        "step-b",
+        "step-c",
+        "step-d",
+        "undo-a",
+        "undo-b",
+        "undo-c",
+        "cleanup",
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+        "query-pci",
+        "query-block",
+        "add-fd",
+        "remove-fd",
     ];
 
-    /// A QMP peer that fails the commands named in `failing` and records
-    /// every command after the handshake, in the order it arrived.
-    async fn fake_qemu(failing: &'static [&'static str]) -> (QmpClient, Arc<Mutex<Vec<String>>>) {
+    /// What a fake QEMU was asked, `execute` and `arguments`, in order.
+    pub(crate) type Requests = Arc<Mutex<Vec<(String, Value)>>>;
+
+    /// A QMP peer that fails the commands named in `failing`, answers the
+    /// others with `{}` and records every command after the handshake.
+    pub(crate) async fn fake_qemu(failing: &'static [&'static str]) -> (QmpClient, Requests) {
         let (client, server) = UnixStream::pair().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -194,13 +212,15 @@ mod tests {
                             COMMANDS.iter().map(|c| json!({ "name": c })).collect();
                         json!({ "return": list, "id": id })
                     }
-                    _ if failing.contains(&name.as_str()) => {
-                        log.lock().unwrap().push(name);
-                        json!({ "error": { "class": "GenericError", "desc": "no" }, "id": id })
-                    }
                     _ => {
-                        log.lock().unwrap().push(name);
-                        json!({ "return": {}, "id": id })
+                        let failed = failing.contains(&name.as_str());
+                        let arguments = request["arguments"].clone();
+                        log.lock().unwrap().push((name, arguments));
+                        if failed {
+                            json!({ "error": { "class": "GenericError", "desc": "no" }, "id": id })
+                        } else {
+                            json!({ "return": {}, "id": id })
+                        }
                     }
                 };
                 if write
@@ -218,6 +238,15 @@ mod tests {
             max_line_bytes: 4096,
         };
         (QmpClient::handshake(client, config).await.unwrap(), seen)
+    }
+
+    /// The commands a fake QEMU ran since last asked.
+    pub(crate) fn executed(seen: &Requests) -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .drain(..)
+            .map(|(name, _)| name)
+            .collect()
     }
 
     fn undo_by(command: &'static str) -> Vec<(&'static str, Value)> {
@@ -260,7 +289,7 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(
-            *seen.lock().unwrap(),
+            executed(&seen),
             [
                 "step-a", "step-b", "step-c", "step-d", "cleanup", "undo-b", "undo-a"
             ]
@@ -282,17 +311,14 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(
-            seen.lock().unwrap().drain(..).collect::<Vec<_>>(),
+            executed(&seen),
             [
                 "step-a", "step-b", "step-c", "step-d", "undo-c", "undo-b", "undo-a"
             ]
         );
 
         run(&qmp, steps(), None, |_| Ok(())).await.unwrap();
-        assert_eq!(
-            *seen.lock().unwrap(),
-            ["step-a", "step-b", "step-c", "step-d"]
-        );
+        assert_eq!(executed(&seen), ["step-a", "step-b", "step-c", "step-d"]);
     }
 
     #[test]
