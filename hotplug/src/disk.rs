@@ -6,12 +6,13 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use hypervisor::argv::{PCI_BUS, cache_flags, disk_device_id, disk_file_node, disk_format_node};
-use hypervisor::qmp::{Command, QmpClient, QmpError};
+use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeDisk;
 use hypervisor::spec::DiskFormat;
 use serde_json::{Value, json};
 
-use crate::{HotplugError, slots, undo};
+use crate::pipeline::{self, Step, Undo};
+use crate::{HotplugError, slots};
 
 /// `blockdev-add` arguments of the file node. Pure.
 pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64) -> Value {
@@ -70,110 +71,56 @@ pub async fn pass_image(qmp: &QmpClient, image: &File) -> Result<u64, HotplugErr
 
 /// Releases an fdset whose disk was never attached.
 pub async fn release_image(qmp: &QmpClient, fdset: u64) {
-    undo(qmp, "remove-fd", json!({ "fdset-id": fdset })).await;
+    pipeline::undo(qmp, "remove-fd", json!({ "fdset-id": fdset })).await;
 }
 
 /// Attaches `disk` from the image in `fdset`, then releases the fdset.
 pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(), HotplugError> {
-    let commands = vec![
-        Command::new("blockdev-add", file_node_arguments(disk, fdset)),
-        Command::new("blockdev-add", format_node_arguments(disk)),
-        Command::new("device_add", device_arguments(disk)),
-        Command::bare("query-pci"),
-        Command::bare("query-block"),
-        // The nodes hold their own dup of the fd, so the set can go now,
-        // whatever happened before it.
-        Command::new("remove-fd", json!({ "fdset-id": fdset })),
-    ];
-    let mut results = qmp.pipeline(commands).await.into_iter();
-    let mut next = || {
-        results
-            .next()
-            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
-    };
-    let (file_added, format_added, device_added) = (next(), next(), next());
-    let (pci, blocks, fdset_removed) = (next(), next(), next());
-    if let Err(e) = fdset_removed {
-        // It costs one fd in QEMU, not the operation.
-        tracing::warn!(fdset, error = %e, "remove-fd failed after disk hot-add");
-    }
-
     let id = disk_device_id(disk.spec.uuid);
-    let failure = match (file_added, format_added, device_added) {
-        (Ok(_), Ok(_), Ok(_)) => match (pci, blocks) {
-            (Ok(pci), Ok(blocks)) => {
-                let at_slot = slots::bus0_devices(&pci)
+    let delete_node =
+        |node: String| Undo::IfDone(vec![("blockdev-del", json!({ "node-name": node }))]);
+    let steps = vec![
+        Step::new(
+            "blockdev-add (file)",
+            Command::new("blockdev-add", file_node_arguments(disk, fdset)),
+            delete_node(disk_file_node(disk.spec.uuid)),
+        ),
+        Step::new(
+            "blockdev-add (format)",
+            Command::new("blockdev-add", format_node_arguments(disk)),
+            delete_node(disk_format_node(disk.spec.uuid)),
+        ),
+        Step::new(
+            "device_add",
+            Command::new("device_add", device_arguments(disk)),
+            Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
+        ),
+        Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
+        Step::new("query-block", Command::bare("query-block"), Undo::Nothing),
+    ];
+    // The nodes hold their own dup of the fd, so the set can go now,
+    // whatever happened before it.
+    let release = Command::new("remove-fd", json!({ "fdset-id": fdset }));
+    pipeline::run(qmp, steps, Some(release), |replies| {
+        let attached = match replies {
+            [.., pci, blocks] => {
+                slots::bus0_devices(pci)
                     .iter()
-                    .any(|(s, q)| *s == disk.slot && *q == id);
-                if at_slot && block_attached(&blocks, &id) {
-                    return Ok(());
-                }
-                (
-                    3,
-                    HotplugError::Verify {
-                        id: id.clone(),
-                        slot: disk.slot,
-                    },
-                )
+                    .any(|(s, q)| *s == disk.slot && *q == id)
+                    && block_attached(blocks, &id)
             }
-            (Err(source), _) => (
-                3,
-                HotplugError::Qmp {
-                    step: "query-pci",
-                    source,
-                },
-            ),
-            (_, Err(source)) => (
-                3,
-                HotplugError::Qmp {
-                    step: "query-block",
-                    source,
-                },
-            ),
-        },
-        (Err(source), ..) => (
-            0,
-            HotplugError::Qmp {
-                step: "blockdev-add (file)",
-                source,
-            },
-        ),
-        (_, Err(source), _) => (
-            1,
-            HotplugError::Qmp {
-                step: "blockdev-add (format)",
-                source,
-            },
-        ),
-        (_, _, Err(source)) => (
-            2,
-            HotplugError::Qmp {
-                step: "device_add",
-                source,
-            },
-        ),
-    };
-    let (reached, error) = failure;
-    if reached >= 3 {
-        undo(qmp, "device_del", json!({ "id": id })).await;
-    }
-    if reached >= 2 {
-        undo(
-            qmp,
-            "blockdev-del",
-            json!({ "node-name": disk_format_node(disk.spec.uuid) }),
-        )
-        .await;
-    }
-    if reached >= 1 {
-        undo(
-            qmp,
-            "blockdev-del",
-            json!({ "node-name": disk_file_node(disk.spec.uuid) }),
-        )
-        .await;
-    }
-    Err(error)
+            _ => false,
+        };
+        if attached {
+            Ok(())
+        } else {
+            Err(HotplugError::Verify {
+                id: id.clone(),
+                slot: disk.slot,
+            })
+        }
+    })
+    .await
 }
 
 /// Whether `query-block` shows a block device attached to device `id`.
@@ -188,9 +135,11 @@ pub fn block_attached(blocks: &Value, id: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hypervisor::runtime::Uuid;
     use hypervisor::spec::{DiskCache, DiskSpec};
+
+    use super::*;
+    use crate::pipeline::tests::{executed, fake_qemu};
 
     fn disk(read_only: bool, cache: DiskCache) -> RuntimeDisk {
         RuntimeDisk {
@@ -223,6 +172,65 @@ mod tests {
 
         assert_eq!(args["driver"], "qcow2");
         assert_eq!(args["file"], disk_file_node(d.spec.uuid));
+    }
+
+    #[tokio::test]
+    async fn a_refused_device_takes_back_both_nodes_after_releasing_the_set() {
+        let (qmp, seen) = fake_qemu(&["device_add"]).await;
+        let d = disk(false, DiskCache::None);
+
+        let result = attach(&qmp, &d, 4).await;
+
+        assert!(
+            matches!(
+                result,
+                Err(HotplugError::Qmp {
+                    step: "device_add",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        let requests = seen.lock().unwrap().clone();
+        let names: Vec<&str> = requests.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blockdev-add",
+                "blockdev-add",
+                "device_add",
+                "query-pci",
+                "query-block",
+                "remove-fd",
+                "blockdev-del",
+                "blockdev-del"
+            ]
+        );
+        assert_eq!(requests[5].1, json!({ "fdset-id": 4 }));
+        assert_eq!(requests[6].1["node-name"], disk_format_node(d.spec.uuid));
+        assert_eq!(requests[7].1["node-name"], disk_file_node(d.spec.uuid));
+    }
+
+    #[tokio::test]
+    async fn a_refused_file_node_leaves_nothing_to_take_back() {
+        let (qmp, seen) = fake_qemu(&["blockdev-add"]).await;
+
+        let result = attach(&qmp, &disk(true, DiskCache::None), 4).await;
+
+        assert!(
+            matches!(
+                result,
+                Err(HotplugError::Qmp {
+                    step: "blockdev-add (file)",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(
+            executed(&seen).last().map(String::as_str),
+            Some("remove-fd")
+        );
     }
 
     #[test]

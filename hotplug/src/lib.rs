@@ -2,22 +2,23 @@
 //!
 //! [`slots`] finds a free PCI slot (pure); [`support`] says what the
 //! instance's QEMU and the node can do; [`nic`], [`disk`] and [`remove`] run
-//! the QMP sequences, each undoing its earlier steps when a later one fails.
-//! Keeping the runtime in step is the caller's job: these functions change
+//! the QMP sequences. A hot-add is a list of steps, each with what takes it
+//! back, which one runner sends and, when a step fails, takes back in
+//! reverse. Keeping the runtime in step is the caller's job: these functions change
 //! QEMU only.
 #![deny(missing_docs)]
 
 pub mod disk;
 pub mod nic;
+mod pipeline;
 pub mod remove;
 pub mod slots;
 pub mod support;
 
 use std::time::Duration;
 
-use hypervisor::qmp::{QmpClient, QmpError};
+use hypervisor::qmp::QmpError;
 use hypervisor::tap::TapError;
-use serde_json::Value;
 
 pub use slots::{SlotError, SlotMap};
 
@@ -65,13 +66,5 @@ pub enum HotplugError {
 impl HotplugError {
     fn qmp(step: &'static str) -> impl FnOnce(QmpError) -> HotplugError {
         move |source| HotplugError::Qmp { step, source }
-    }
-}
-
-/// Runs a rollback step; a failure there is logged, never raised, so the
-/// original error reaches the caller.
-async fn undo(qmp: &QmpClient, command: &str, arguments: Value) {
-    if let Err(e) = qmp.execute(command, Some(arguments.clone())).await {
-        tracing::warn!(command, %arguments, error = %e, "rollback step failed");
     }
 }

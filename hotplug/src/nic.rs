@@ -1,18 +1,18 @@
 //! NIC hot-add: tap (and vhost) fds through `getfd`, `netdev_add`,
 //! `device_add` at an explicit slot, then a check in `query-pci`.
 
+use std::fs::File;
 use std::os::fd::AsFd;
 
 use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id, nic_device_id};
-use std::fs::File;
-
-use hypervisor::qmp::{Command, QmpClient, QmpError};
+use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::{NicModel, NicSpec};
 use hypervisor::tap::{self, Tap};
 use serde_json::{Value, json};
 
-use crate::{HotplugError, slots, undo};
+use crate::pipeline::{self, Step, Undo};
+use crate::{HotplugError, slots};
 
 /// What a successful NIC hot-add leaves on the host.
 #[derive(Debug)]
@@ -94,100 +94,62 @@ pub async fn attach(
     let vhost_names: Vec<String> = (0..prepared.vhost.len())
         .map(|q| format!("{netdev}-vhost{q}"))
         .collect();
-    let mut commands: Vec<Command<'_>> = tap_names
-        .iter()
-        .zip(prepared.tap.queue_fds())
-        .chain(
-            vhost_names
-                .iter()
-                .zip(prepared.vhost.iter().map(AsFd::as_fd)),
-        )
-        .map(|(name, fd)| Command::new("getfd", json!({ "fdname": name })).with_fd(fd))
-        .collect();
-    let fd_count = commands.len();
-    commands.push(Command::new(
-        "netdev_add",
-        netdev_arguments(&netdev, &tap_names, &vhost_names),
-    ));
-    commands.push(Command::new("device_add", device_arguments(nic, chrooted)));
-    commands.push(Command::bare("query-pci"));
-
-    let mut results = qmp.pipeline(commands).await.into_iter();
-    let mut next = || {
-        results
-            .next()
-            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
-    };
-    let fds_passed: Result<Vec<Value>, QmpError> = (0..fd_count).map(|_| next()).collect();
-    let netdev_added = next();
-    let device_added = next();
-    let pci = next();
-
+    let fds = tap_names.iter().zip(prepared.tap.queue_fds()).chain(
+        vhost_names
+            .iter()
+            .zip(prepared.vhost.iter().map(AsFd::as_fd)),
+    );
     let id = nic_device_id(nic.spec.uuid);
-    let failure = match (fds_passed, netdev_added, device_added) {
-        (Ok(_), Ok(_), Ok(_)) => match pci {
-            Ok(pci)
-                if slots::bus0_devices(&pci)
+    let steps = vec![
+        Step {
+            name: "getfd",
+            commands: fds
+                .map(|(name, fd)| Command::new("getfd", json!({ "fdname": name })).with_fd(fd))
+                .collect(),
+            // Closing a name that never arrived fails harmlessly.
+            undo: Undo::Always(
+                tap_names
                     .iter()
-                    .any(|(s, q)| *s == nic.slot && *q == id) =>
-            {
-                None
-            }
-            Ok(_) => Some((
-                3,
-                HotplugError::Verify {
-                    id: id.clone(),
-                    slot: nic.slot,
-                },
-            )),
-            Err(source) => Some((
-                3,
-                HotplugError::Qmp {
-                    step: "query-pci",
-                    source,
-                },
-            )),
+                    .chain(&vhost_names)
+                    .map(|name| ("closefd", json!({ "fdname": name })))
+                    .collect(),
+            ),
         },
-        (Err(source), ..) => Some((
-            0,
-            HotplugError::Qmp {
-                step: "getfd",
-                source,
-            },
-        )),
-        (_, Err(source), _) => Some((
-            1,
-            HotplugError::Qmp {
-                step: "netdev_add",
-                source,
-            },
-        )),
-        (_, _, Err(source)) => Some((
-            2,
-            HotplugError::Qmp {
-                step: "device_add",
-                source,
-            },
-        )),
-    };
-    let Some((reached, error)) = failure else {
-        return Ok(AddedNic {
-            tap: prepared.tap.name().to_owned(),
+        Step::new(
+            "netdev_add",
+            Command::new(
+                "netdev_add",
+                netdev_arguments(&netdev, &tap_names, &vhost_names),
+            ),
+            // It takes the named fds, so deleting it closes them too.
+            Undo::TakesOver(vec![("netdev_del", json!({ "id": netdev }))]),
+        ),
+        Step::new(
+            "device_add",
+            Command::new("device_add", device_arguments(nic, chrooted)),
+            Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
+        ),
+        Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
+    ];
+    pipeline::run(qmp, steps, None, |replies| {
+        let at_slot = replies.last().is_some_and(|pci| {
+            slots::bus0_devices(pci)
+                .iter()
+                .any(|(s, q)| *s == nic.slot && *q == id)
         });
-    };
-    // Undo in reverse. netdev_add takes the named fds, so they only need
-    // closing when it never ran; closing a name that is gone fails harmlessly.
-    if reached >= 3 {
-        undo(qmp, "device_del", json!({ "id": id })).await;
-    }
-    if reached >= 2 {
-        undo(qmp, "netdev_del", json!({ "id": netdev })).await;
-    } else {
-        for name in tap_names.iter().chain(&vhost_names) {
-            undo(qmp, "closefd", json!({ "fdname": name })).await;
+        if at_slot {
+            Ok(())
+        } else {
+            Err(HotplugError::Verify {
+                id: id.clone(),
+                slot: nic.slot,
+            })
         }
-    }
-    Err(error)
+    })
+    .await?;
+    Ok(AddedNic {
+        tap: prepared.tap.name().to_owned(),
+    })
 }
 
 /// The `netdev_add` arguments for named tap (and vhost) fds. Pure.
@@ -213,8 +175,9 @@ pub fn netdev_arguments(netdev: &str, tap_names: &[String], vhost_names: &[Strin
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hypervisor::spec::MacAddr;
+
+    use super::*;
 
     #[test]
     fn netdev_takes_one_named_fd_per_queue() {

@@ -11,7 +11,8 @@ use hypervisor::runtime::Uuid;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::{HotplugError, undo};
+use crate::HotplugError;
+use crate::pipeline::undo;
 
 /// Which kind of device, by uuid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -137,8 +137,9 @@ pub fn find_free_slot(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use serde_json::json;
+
+    use super::*;
 
     const RESERVED: [u8; 3] = [0, 1, 2];
 

@@ -281,14 +281,14 @@ pub fn open_memory_file(
 
 /// Links the option ROM of every NIC model into the root of `chroot`, so
 /// a NIC can still be hot-added once QEMU has shut itself in (it is then
-/// told the ROM's path, see [`crate::argv::hot_added_romfile`]). The
-/// chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a directory
-/// inside its root would let it chroot again into that directory and walk
-/// out through `..`. A hard link where the filesystem allows, a copy
-/// otherwise.
+/// told the ROM's path, see [`crate::runtime::argv::hot_added_romfile`]).
+/// The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
+/// directory inside its root would let it chroot again into that directory
+/// and walk out through `..`. A hard link where the filesystem allows, a
+/// copy otherwise.
 pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()> {
     for model in [crate::spec::NicModel::Virtio, crate::spec::NicModel::E1000] {
-        let rom = crate::argv::option_rom(model);
+        let rom = crate::runtime::argv::option_rom(model);
         let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
             continue;
         };
@@ -299,9 +299,4 @@ pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()>
         }
     }
     Ok(())
-}
-
-/// The path through which a process reaches its own fd `fd`.
-pub fn proc_fd_path(fd: std::os::fd::RawFd) -> String {
-    format!("/proc/self/fd/{fd}")
 }

@@ -1,19 +1,21 @@
 //! QEMU knowledge for kvm-agent: turns an instance spec into a runtime and a
 //! runtime into a running QEMU, and speaks QMP to it.
 //!
-//! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime) and
-//! [`argv`] (runtime → command line). The I/O shell around it is [`probe`]
-//! (what the QEMU binary offers), [`tap`], [`process`] (spawn, pidfile,
-//! liveness, pidfd), [`qmp`], [`lifecycle`] (launch and stop), [`pinning`]
-//! (vCPU masks, parsed purely and applied to QEMU's threads), [`balloon`]
-//! (the guest's memory target), [`migration`] (QEMU's side of migration,
-//! save and restore), [`cgroup`], [`identity`] (the user a confined QEMU
-//! runs as, and its access to `/dev/kvm`, decided purely) and
+//! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime,
+//! with [`runtime::argv`] rendering it as a command line, re-exported as
+//! [`argv`]), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
+//! (what a QEMU binary is) and [`identity`] (the user a confined QEMU runs
+//! as, and its access to `/dev/kvm`, decided purely). The I/O shell around it is [`probe`]
+//! (runs the binary to fill in a [`qemu_info::QemuInfo`]), [`tap`],
+//! [`process`] (spawn, pidfile, liveness, pidfd), [`qmp`], [`lifecycle`]
+//! (launch and stop), [`affinity`] (pinning applied to QEMU's vCPU
+//! threads), [`balloon`] (the guest's memory target), [`migration`]
+//! (QEMU's side of migration, save and restore), [`cgroup`] and
 //! [`host_files`] (disks, boot and RAM files, opened for QEMU).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
 
-pub mod argv;
+pub mod affinity;
 pub mod balloon;
 pub mod cgroup;
 pub mod host_files;
@@ -23,12 +25,14 @@ pub mod migration;
 pub mod pinning;
 pub mod probe;
 pub mod process;
+pub mod qemu_info;
 pub mod qmp;
 pub mod runtime;
 pub mod spec;
 pub mod tap;
 
 pub use runtime::Runtime;
+pub use runtime::argv;
 pub use spec::InstanceSpec;
 
 /// Settings of the fuzzing properties: `default` cases, or as many as

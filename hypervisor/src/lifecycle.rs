@@ -5,13 +5,6 @@
 //! watching for an early exit. Stop escalates: ACPI powerdown, then QMP
 //! `quit`, then SIGKILL, each with its own timeout.
 
-use crate::cgroup::CgroupLayout;
-use crate::host_files::{self, AllowedRoots, HostFileError};
-use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
-use crate::pinning::{PinError, pin_vcpus};
-use crate::runtime::ResolvedAccelerator;
-use crate::spec::{Boot, MemoryBacking};
-use rustix::process::{getegid, geteuid};
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -21,10 +14,18 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::process::{getegid, geteuid};
+
 use crate::Runtime;
-use crate::argv::{self, ExecutionFds, MachineFds};
+use crate::affinity::{PinError, pin_vcpus};
+use crate::cgroup::{CgroupLayout, PreparedCgroups};
+use crate::host_files::{self, AllowedRoots, HostFileError};
+use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
+use crate::runtime::ResolvedAccelerator;
+use crate::runtime::argv::{self, ExecutionFds, MachineFds};
+use crate::spec::{Boot, MemoryBacking};
 use crate::tap::{self, Tap, TapError};
 
 /// File names inside an instance's run directory.
@@ -444,55 +445,13 @@ async fn launch_in(
     confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
     let resources = open_resources(rt, run_dir, cfg)?;
-    let cgroups = match (&cfg.cgroups, &rt.cgroup) {
-        (Some(layout), Some(limits)) => {
-            let prepared = layout
-                .prepare(&rt.name, limits)
-                .map_err(LaunchError::Cgroup)?;
-            // Listed before QEMU exists, so a failed launch removes them.
-            let list: String = prepared
-                .dirs
-                .iter()
-                .map(|d| format!("{}\n", d.display()))
-                .collect();
-            process::write_own_file(&run_dir.join(files::CGROUPS), &list)
-                .map_err(LaunchError::Cgroup)?;
-            Some(prepared)
-        }
-        _ => None,
-    };
+    let cgroups = prepare_cgroups(rt, run_dir, cfg)?;
     let confinement = SpawnConfinement {
         cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
         ..confinement.clone()
     };
     let fds = resources.fds(mode == LaunchMode::Incoming);
-    let args = argv::render_execution(rt, &fds);
-    let inherit = inherited(&fds);
-
-    let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
-    // The directory may be QEMU's: never follow a link planted there.
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(log_path)
-        .map_err(run_dir_error(log_path))?;
-    let pidfile_path = run_dir.join(files::PIDFILE);
-    let pidfile = process::create_own_file(&pidfile_path).map_err(run_dir_error(&pidfile_path))?;
-    tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
-    let mut child = process::spawn_detached(
-        &rt.qemu.binary,
-        &args,
-        &inherit,
-        log,
-        Some(&pidfile),
-        &confinement,
-    )
-    .map_err(|source| LaunchError::Spawn {
-        binary: rt.qemu.binary.clone(),
-        source,
-    })?;
-    drop(pidfile);
+    let mut child = spawn_qemu(rt, &fds, run_dir, log_path, cfg, &confinement)?;
     drop(cgroups);
     let pid = child.id();
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
@@ -535,27 +494,94 @@ async fn launch_in(
                 taps,
             })
         }
-        Err(qmp_error) => {
-            // Distinguish "QEMU died" (show why) from "QMP is broken". A
-            // hang-up may come a moment before the exit; silence doesn't.
-            let grace = match qmp_error {
-                QmpError::NoGreeting(_) => Duration::ZERO,
-                _ => Duration::from_secs(2),
-            };
-            let exited = tokio::time::timeout(grace, pidfd.exited()).await.is_ok();
-            if exited {
-                let status = child
-                    .wait()
-                    .map_or_else(|e| e.to_string(), |s| s.to_string());
-                Err(LaunchError::ExitedEarly {
-                    status,
-                    log_tail: process::log_tail(log_path, LOG_TAIL_BYTES),
-                })
-            } else {
-                kill_and_reap(&mut child);
-                Err(LaunchError::Qmp(qmp_error))
-            }
+        Err(qmp_error) => Err(qmp_failure(qmp_error, &mut child, &pidfd, log_path).await),
+    }
+}
+
+/// Starts QEMU on `fds`, its output appended to the log (rotated first)
+/// and its pid written to the pidfile.
+fn spawn_qemu(
+    rt: &Runtime,
+    fds: &ExecutionFds,
+    run_dir: &Path,
+    log_path: &Path,
+    cfg: &LaunchConfig,
+    confinement: &SpawnConfinement,
+) -> Result<Child, LaunchError> {
+    let args = argv::render_execution(rt, fds);
+    let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
+    // The directory may be QEMU's: never follow a link planted there.
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log_path)
+        .map_err(run_dir_error(log_path))?;
+    let pidfile_path = run_dir.join(files::PIDFILE);
+    let pidfile = process::create_own_file(&pidfile_path).map_err(run_dir_error(&pidfile_path))?;
+    tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
+    process::spawn_detached(
+        &rt.qemu.binary,
+        &args,
+        &inherited(fds),
+        log,
+        Some(&pidfile),
+        confinement,
+    )
+    .map_err(|source| LaunchError::Spawn {
+        binary: rt.qemu.binary.clone(),
+        source,
+    })
+}
+
+/// The cgroups of a confined QEMU, made and listed in the run directory
+/// before QEMU exists, so a failed launch removes them. `None` where the
+/// node has no cgroup layout or the runtime no limits.
+fn prepare_cgroups(
+    rt: &Runtime,
+    run_dir: &Path,
+    cfg: &LaunchConfig,
+) -> Result<Option<PreparedCgroups>, LaunchError> {
+    let (Some(layout), Some(limits)) = (&cfg.cgroups, &rt.cgroup) else {
+        return Ok(None);
+    };
+    let prepared = layout
+        .prepare(&rt.name, limits)
+        .map_err(LaunchError::Cgroup)?;
+    let list: String = prepared
+        .dirs
+        .iter()
+        .map(|d| format!("{}\n", d.display()))
+        .collect();
+    process::write_own_file(&run_dir.join(files::CGROUPS), &list).map_err(LaunchError::Cgroup)?;
+    Ok(Some(prepared))
+}
+
+/// Why QMP didn't come up: "QEMU died" (with why) or "QMP is broken", in
+/// which case QEMU is killed. A hang-up may come a moment before the
+/// exit; silence doesn't.
+async fn qmp_failure(
+    qmp_error: QmpError,
+    child: &mut Child,
+    pidfd: &PidFd,
+    log_path: &Path,
+) -> LaunchError {
+    let grace = match qmp_error {
+        QmpError::NoGreeting(_) => Duration::ZERO,
+        _ => Duration::from_secs(2),
+    };
+    let exited = tokio::time::timeout(grace, pidfd.exited()).await.is_ok();
+    if exited {
+        let status = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        LaunchError::ExitedEarly {
+            status,
+            log_tail: process::log_tail(log_path, LOG_TAIL_BYTES),
         }
+    } else {
+        kill_and_reap(child);
+        LaunchError::Qmp(qmp_error)
     }
 }
 

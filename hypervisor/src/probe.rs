@@ -7,60 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use serde::{Deserialize, Serialize};
-
-/// A QEMU version triple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct QemuVersion {
-    /// Major.
-    pub major: u32,
-    /// Minor.
-    pub minor: u32,
-    /// Micro.
-    pub micro: u32,
-}
-
-impl std::fmt::Display for QemuVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
-    }
-}
-
-/// One line of `-machine help`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MachineType {
-    /// Name, e.g. `pc-i440fx-7.2` or `pc`.
-    pub name: String,
-    /// For an alias such as `pc`, the versioned type it stands for.
-    pub alias_of: Option<String>,
-}
-
-/// Facts about one QEMU binary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuInfo {
-    /// The binary as resolved.
-    pub binary: PathBuf,
-    /// Its version.
-    pub version: QemuVersion,
-    /// The first line of `-version`.
-    pub version_text: String,
-    /// Every machine type.
-    pub machines: Vec<MachineType>,
-    /// Whether it was built with seccomp and takes [`crate::argv::SANDBOX`].
-    pub sandbox: bool,
-    /// Where it looks for firmware and option ROMs (`-L help`), as it
-    /// prints them.
-    pub data_dirs: Vec<PathBuf>,
-}
-
-impl QemuInfo {
-    /// Resolves a machine type or alias to its versioned name, so a guest's
-    /// ABI stays fixed across QEMU upgrades and migrations.
-    pub fn resolve_machine(&self, requested: &str) -> Option<String> {
-        let m = self.machines.iter().find(|m| m.name == requested)?;
-        Some(m.alias_of.clone().unwrap_or_else(|| m.name.clone()))
-    }
-}
+// What a probe finds, so its callers need only this module.
+pub use crate::qemu_info::{MachineType, QemuInfo, QemuVersion};
 
 /// Why a QEMU binary couldn't be probed.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +137,7 @@ pub fn parse_data_dirs(output: &str) -> Vec<PathBuf> {
 /// `-sandbox` (QEMU without seccomp) or sub-option fails this.
 async fn takes_sandbox(binary: &Path) -> bool {
     tokio::process::Command::new(binary)
-        .args(["-sandbox", crate::argv::SANDBOX, "-version"])
+        .args(["-sandbox", crate::runtime::argv::SANDBOX, "-version"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::probe::QemuVersion;
+use crate::qemu_info::QemuVersion;
 
 /// Timeouts and bounds of a QMP connection.
 #[derive(Debug, Clone, Copy)]
@@ -520,30 +520,11 @@ impl QmpClient {
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Vec<Result<Value, QmpError>> {
-        let mut ids = Vec::with_capacity(commands.len());
-        let mut receivers = Vec::with_capacity(commands.len());
-        let mut lines = Vec::with_capacity(commands.len());
-        for command in &commands {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut message = json!({ "execute": command.name, "id": id });
-            if let Some(arguments) = &command.arguments {
-                message["arguments"] = arguments.clone();
-            }
-            let mut line = message.to_string();
-            line.push('\n');
-            let (tx, rx) = oneshot::channel();
-            lock(&connection.shared.pending).insert(id, tx);
-            ids.push(id);
-            receivers.push(rx);
-            lines.push(line);
-        }
+        let (ids, receivers, lines) = self.register(connection, &commands);
         // Checked after registering, so a reader that ends meanwhile
         // fails these commands instead of leaving them to time out.
         if let Some(reason) = connection.closed_reason() {
-            let mut pending = lock(&connection.shared.pending);
-            for id in &ids {
-                pending.remove(id);
-            }
+            forget(connection, &ids);
             return commands
                 .iter()
                 .map(|_| {
@@ -572,12 +553,7 @@ impl QmpClient {
             Ok::<(), std::io::Error>(())
         })
         .await;
-        {
-            let mut pending = lock(&connection.shared.pending);
-            for id in &ids {
-                pending.remove(id);
-            }
-        }
+        forget(connection, &ids);
         let write_error = match outcome {
             Ok(Err(e)) => Some(e.to_string()),
             _ => None,
@@ -589,28 +565,78 @@ impl QmpClient {
             };
             connection.drop_with(reason);
         }
-        results
-            .into_iter()
-            .zip(&commands)
-            .map(|(result, command)| match result {
-                None => Err(match &write_error {
-                    Some(e) => QmpError::Disconnected {
-                        reason: Some(e.clone()),
-                    },
-                    None => QmpError::Timeout {
-                        command: command.name.to_owned(),
-                        after: timeout,
-                    },
-                }),
-                Some(Err(QmpError::Qemu { class, desc, .. })) => Err(QmpError::Qemu {
-                    command: command.name.to_owned(),
-                    class,
-                    desc,
-                }),
-                Some(other) => other,
-            })
-            .collect()
+        outcomes(results, &commands, write_error, timeout)
     }
+
+    /// Gives each command an id and a place for its reply, and renders its
+    /// line: ids, reply receivers and lines, in command order.
+    fn register(&self, connection: &Connection, commands: &[Command<'_>]) -> Registered {
+        let mut ids = Vec::with_capacity(commands.len());
+        let mut receivers = Vec::with_capacity(commands.len());
+        let mut lines = Vec::with_capacity(commands.len());
+        for command in commands {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut message = json!({ "execute": command.name, "id": id });
+            if let Some(arguments) = &command.arguments {
+                message["arguments"] = arguments.clone();
+            }
+            let mut line = message.to_string();
+            line.push('\n');
+            let (tx, rx) = oneshot::channel();
+            lock(&connection.shared.pending).insert(id, tx);
+            ids.push(id);
+            receivers.push(rx);
+            lines.push(line);
+        }
+        (ids, receivers, lines)
+    }
+}
+
+/// What [`QmpClient::register`] hands back.
+type Registered = (
+    Vec<u64>,
+    Vec<oneshot::Receiver<Result<Value, QmpError>>>,
+    Vec<String>,
+);
+
+/// Stops waiting for the replies of `ids`, whatever became of them.
+fn forget(connection: &Connection, ids: &[u64]) {
+    let mut pending = lock(&connection.shared.pending);
+    for id in ids {
+        pending.remove(id);
+    }
+}
+
+/// Each command's result: its reply with QEMU's errors named after the
+/// command, or for a command left unanswered, the write error or a
+/// timeout.
+fn outcomes(
+    results: Vec<Option<Result<Value, QmpError>>>,
+    commands: &[Command<'_>],
+    write_error: Option<String>,
+    timeout: Duration,
+) -> Vec<Result<Value, QmpError>> {
+    results
+        .into_iter()
+        .zip(commands)
+        .map(|(result, command)| match result {
+            None => Err(match &write_error {
+                Some(e) => QmpError::Disconnected {
+                    reason: Some(e.clone()),
+                },
+                None => QmpError::Timeout {
+                    command: command.name.to_owned(),
+                    after: timeout,
+                },
+            }),
+            Some(Err(QmpError::Qemu { class, desc, .. })) => Err(QmpError::Qemu {
+                command: command.name.to_owned(),
+                class,
+                desc,
+            }),
+            Some(other) => other,
+        })
+        .collect()
 }
 
 /// One command of a [`QmpClient::pipeline`].
@@ -814,8 +840,9 @@ async fn read_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use super::*;
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
 
@@ -1321,8 +1348,9 @@ mod tests {
 /// typed error, never a panic. `KVM_AGENT_FUZZ_CASES` sets the case count.
 #[cfg(test)]
 mod fuzz {
-    use super::*;
     use proptest::prelude::*;
+
+    use super::*;
 
     fn config() -> ProptestConfig {
         crate::fuzz_config(4000)

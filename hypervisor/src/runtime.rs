@@ -5,18 +5,21 @@
 //! restore. Generation is pure: the caller passes in what it learned about
 //! the host ([`QemuInfo`], whether KVM opens).
 
-use crate::cgroup::CgroupLimits;
-use crate::identity::QemuUser;
-use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 pub use uuid::Uuid;
 
-use crate::argv;
-use crate::probe::{QemuInfo, QemuVersion};
+use crate::cgroup::CgroupLimits;
+use crate::identity::QemuUser;
+use crate::pinning::{CpuPinning, PinningError};
+use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
+
+// The command line is a function of the runtime: a runtime stores its
+// machine part and is checked against it.
+pub mod argv;
 
 /// Version of the runtime layout. A runtime with another version is refused.
 pub const RUNTIME_FORMAT_VERSION: u32 = 1;
@@ -262,65 +265,15 @@ pub fn generate(
 ) -> Result<Runtime, RuntimeError> {
     spec.validate()?;
     check_socket_paths(host.run_dir)?;
-    let machine_type = host
-        .qemu
-        .resolve_machine(&spec.machine_type)
-        .ok_or_else(|| RuntimeError::UnknownMachineType {
-            requested: spec.machine_type.clone(),
-            offered: host
-                .qemu
-                .machines
-                .iter()
-                .filter(|m| m.alias_of.is_some())
-                .map(|m| m.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-    let accelerator = match (spec.accelerator, host.kvm) {
-        (Accelerator::Kvm, Ok(())) | (Accelerator::Auto, Ok(())) => ResolvedAccelerator::Kvm,
-        (Accelerator::Kvm, Err(why)) => return Err(RuntimeError::KvmUnavailable(why.to_owned())),
-        (Accelerator::Auto, Err(_)) | (Accelerator::Tcg, _) => ResolvedAccelerator::Tcg,
-    };
-
+    let machine_type = resolve_machine_type(&spec.machine_type, host.qemu)?;
+    let accelerator = resolve_accelerator(spec.accelerator, host.kvm)?;
     if let Some(nic) = spec.nics.iter().find(|n| n.vhost && !host.vhost_net) {
         return Err(RuntimeError::VhostUnavailable(nic.name.clone()));
     }
     if let Some(pinning) = &spec.cpu_pinning {
         pinning.check_host(host.cpus)?;
     }
-    let mut free = free_slots();
-    let device_count = spec.disks.len() + spec.nics.len();
-    let total = free.len();
-    let no_slot = || RuntimeError::NoFreeSlot {
-        instance: spec.name.clone(),
-        used: device_count,
-        total,
-    };
-    let disks = spec
-        .disks
-        .iter()
-        .map(|d| {
-            Ok(RuntimeDisk {
-                spec: d.clone(),
-                slot: free.next().ok_or_else(no_slot)?,
-            })
-        })
-        .collect::<Result<Vec<_>, RuntimeError>>()?;
-    let nics = spec
-        .nics
-        .iter()
-        .map(|n| {
-            Ok(RuntimeNic {
-                spec: n.clone(),
-                slot: free.next().ok_or_else(no_slot)?,
-            })
-        })
-        .collect::<Result<Vec<_>, RuntimeError>>()?;
-    let balloon_slot = free.next().ok_or(RuntimeError::NoFreeSlot {
-        instance: spec.name.clone(),
-        used: device_count + 1,
-        total,
-    })?;
+    let (disks, nics, balloon_slot) = place_devices(spec)?;
 
     let mut runtime = Runtime {
         format_version: RUNTIME_FORMAT_VERSION,
@@ -357,6 +310,70 @@ pub fn generate(
     };
     runtime.argv = argv::render_base(&runtime);
     Ok(runtime)
+}
+
+/// The versioned machine type `requested` names on this QEMU; an alias
+/// resolves to the type it stands for.
+fn resolve_machine_type(requested: &str, qemu: &QemuInfo) -> Result<String, RuntimeError> {
+    qemu.resolve_machine(requested)
+        .ok_or_else(|| RuntimeError::UnknownMachineType {
+            requested: requested.to_owned(),
+            offered: qemu
+                .machines
+                .iter()
+                .filter(|m| m.alias_of.is_some())
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// The accelerator asked for, with `auto` decided by whether KVM opens.
+fn resolve_accelerator(
+    asked: Accelerator,
+    kvm: Result<(), &str>,
+) -> Result<ResolvedAccelerator, RuntimeError> {
+    Ok(match (asked, kvm) {
+        (Accelerator::Kvm, Ok(())) | (Accelerator::Auto, Ok(())) => ResolvedAccelerator::Kvm,
+        (Accelerator::Kvm, Err(why)) => return Err(RuntimeError::KvmUnavailable(why.to_owned())),
+        (Accelerator::Auto, Err(_)) | (Accelerator::Tcg, _) => ResolvedAccelerator::Tcg,
+    })
+}
+
+/// Slots for the disks, then the NICs, then the balloon, lowest first.
+fn place_devices(
+    spec: &InstanceSpec,
+) -> Result<(Vec<RuntimeDisk>, Vec<RuntimeNic>, u8), RuntimeError> {
+    let mut free = free_slots();
+    let device_count = spec.disks.len() + spec.nics.len();
+    let total = free.len();
+    let no_slot = |used| RuntimeError::NoFreeSlot {
+        instance: spec.name.clone(),
+        used,
+        total,
+    };
+    let disks = spec
+        .disks
+        .iter()
+        .map(|d| {
+            Ok(RuntimeDisk {
+                spec: d.clone(),
+                slot: free.next().ok_or_else(|| no_slot(device_count))?,
+            })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let nics = spec
+        .nics
+        .iter()
+        .map(|n| {
+            Ok(RuntimeNic {
+                spec: n.clone(),
+                slot: free.next().ok_or_else(|| no_slot(device_count))?,
+            })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let balloon_slot = free.next().ok_or_else(|| no_slot(device_count + 1))?;
+    Ok((disks, nics, balloon_slot))
 }
 
 /// Makes a runtime that was generated elsewhere (by a migration peer, or
@@ -539,7 +556,7 @@ impl Runtime {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::probe::{MachineType, QemuVersion};
+    use crate::qemu_info::{MachineType, QemuVersion};
     use crate::spec::tests::sample_spec;
     use crate::spec::{DiskCache, DiskFormat, NicModel};
 
@@ -1015,8 +1032,9 @@ pub(crate) mod tests {
     }
 
     mod properties {
-        use super::*;
         use proptest::prelude::*;
+
+        use super::*;
 
         fn path_strategy() -> impl Strategy<Value = String> {
             // Printable ASCII with spaces and quotes, as path components;
@@ -1088,9 +1106,10 @@ pub(crate) mod tests {
     /// validation accepts renders to a command line without smuggled
     /// options.
     mod fuzz {
-        use super::*;
         use proptest::prelude::*;
         use serde_json::Value;
+
+        use super::*;
 
         /// Values an attacker or a bug would put in a field.
         fn hostile() -> impl Strategy<Value = Value> {

@@ -3,7 +3,6 @@
 //! Validation is pure and total: every field is checked before anything is
 //! created, so a bad request leaves no runtime, process or tap behind.
 
-use crate::pinning::{CpuPinning, PinningError};
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -11,6 +10,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::pinning::{CpuPinning, PinningError};
 
 /// Smallest memory size accepted, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 16;

@@ -15,8 +15,6 @@ mod fuzz;
 pub mod journal;
 pub mod savefile;
 
-pub use journal::{Intent, IntentJournal};
-
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -29,6 +27,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+
+pub use journal::{Intent, IntentJournal};
 
 /// Written into every envelope so a stray JSON file is never taken for a record.
 const ENVELOPE_FORMAT: &str = "kvm-agent-record";

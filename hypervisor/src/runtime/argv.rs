@@ -5,15 +5,14 @@
 //! replaced by fds, and adds what only exists at execution: disks and NICs
 //! with their explicit `bus=pci.0,addr=`, tap, image and socket fds.
 
-use crate::pinning::CpuPinning;
 use std::os::fd::RawFd;
 use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::Runtime;
-use crate::probe::QemuVersion;
-use crate::runtime::{RuntimeDisk, RuntimeNic};
+use super::{Runtime, RuntimeDisk, RuntimeNic};
+use crate::pinning::CpuPinning;
+use crate::qemu_info::QemuVersion;
 use crate::spec::{Boot, DiskCache, DiskFormat, MemoryBacking, NicModel};
 
 /// The PCI bus every device is placed on.
@@ -138,12 +137,17 @@ fn without_fd_numbers(arg: &str) -> String {
     out
 }
 
+/// The path through which a process reaches its own fd `fd`.
+pub fn proc_fd_path(fd: RawFd) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
 /// The machine part with each file that has an fd named as
 /// `/proc/self/fd/N`, which QEMU opens without walking the directories of
 /// the file's real path.
 fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     let host_file = |fd: Option<RawFd>, path: &Path| match fd {
-        Some(fd) => crate::host_files::proc_fd_path(fd),
+        Some(fd) => proc_fd_path(fd),
         None => path.to_string_lossy().into_owned(),
     };
     let mut argv: Vec<String> = vec![
@@ -319,7 +323,7 @@ pub const RUN_WITH_CHROOT_SINCE: QemuVersion = QemuVersion {
 /// directory is reached through `/proc/self/fd/N`, which doesn't depend on
 /// QEMU's user seeing the directories above it.
 pub fn chroot_option(version: QemuVersion, dir: RawFd) -> [String; 2] {
-    let dir = crate::host_files::proc_fd_path(dir);
+    let dir = proc_fd_path(dir);
     if version >= RUN_WITH_CHROOT_SINCE {
         ["-run-with".into(), format!("chroot={}", escape(&dir))]
     } else {
@@ -449,11 +453,12 @@ pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::runtime::generate;
     use crate::runtime::tests::{host, qemu_7_2};
     use crate::spec::tests::sample_spec;
-    use proptest::prelude::*;
 
     /// Splits QEMU `key=value,...` syntax the way QEMU does (`,,` is a comma).
     fn split_keyval(s: &str) -> Vec<(String, String)> {

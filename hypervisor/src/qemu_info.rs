@@ -1,0 +1,62 @@
+//! What a QEMU binary is: its version, machine types and what it takes.
+//! Data only; the `probe` module finds it out by running the binary, and a
+//! runtime, its command line and QMP's greeting use it without I/O.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A QEMU version triple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QemuVersion {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Micro.
+    pub micro: u32,
+}
+
+impl fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// One line of `-machine help`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineType {
+    /// Name, e.g. `pc-i440fx-7.2` or `pc`.
+    pub name: String,
+    /// For an alias such as `pc`, the versioned type it stands for.
+    pub alias_of: Option<String>,
+}
+
+/// Facts about one QEMU binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuInfo {
+    /// The binary as resolved.
+    pub binary: PathBuf,
+    /// Its version.
+    pub version: QemuVersion,
+    /// The first line of `-version`.
+    pub version_text: String,
+    /// Every machine type.
+    pub machines: Vec<MachineType>,
+    /// Whether it was built with seccomp and takes the `-sandbox` options
+    /// runtimes give it (`argv::SANDBOX`).
+    pub sandbox: bool,
+    /// Where it looks for firmware and option ROMs (`-L help`), as it
+    /// prints them.
+    pub data_dirs: Vec<PathBuf>,
+}
+
+impl QemuInfo {
+    /// Resolves a machine type or alias to its versioned name, so a guest's
+    /// ABI stays fixed across QEMU upgrades and migrations.
+    pub fn resolve_machine(&self, requested: &str) -> Option<String> {
+        let m = self.machines.iter().find(|m| m.name == requested)?;
+        Some(m.alias_of.clone().unwrap_or_else(|| m.name.clone()))
+    }
+}
