@@ -4,6 +4,7 @@
 //! absolute times on shared machines drift from run to run.
 
 mod load;
+mod operations;
 mod plot;
 mod raw;
 mod removal;
@@ -18,10 +19,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use raw::machine_args;
 use serde::Serialize;
 use tonic::transport::Channel;
-
-use raw::{RawQemu, machine_args};
 
 /// Benchmark the agent against raw QEMU.
 #[derive(Debug, Parser)]
@@ -249,154 +249,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let raw_dir = work.path().join("raw");
     std::fs::create_dir_all(&raw_dir)?;
     let s = spec("bench", &uuid);
-
-    let mut start = Samples::default();
-    let mut stop_force = Samples::default();
-    let mut stop_quit = Samples::default();
-    let mut soft = Samples::default();
-    let mut reset = Samples::default();
-    let mut rtt = Samples::default();
-    let mut nic_add = Samples::default();
-    let mut disk_add = Samples::default();
-    let agent_image = work.path().join("agent-disk.img");
-    let raw_image = work.path().join("raw-disk.img");
-    for image in [&agent_image, &raw_image] {
+    let mut setup = operations::Setup {
+        client: &mut client,
+        spec: &s,
+        raw_dir: &raw_dir,
+        raw_args: &raw_args,
+        agent_image: work.path().join("agent-disk.img"),
+        raw_image: work.path().join("raw-disk.img"),
+        rtt_calls,
+    };
+    for image in [&setup.agent_image, &setup.raw_image] {
         std::fs::File::create(image)?.set_len(16 << 20)?;
     }
-
-    for round in 0..rounds {
-        eprintln!("round {}/{rounds}", round + 1);
-        // start → QMP ready, then force stop
-        let (t, _) = timed(agent_start(&mut client, &s)).await?;
-        start.agent.push(t);
-        let (t, _) = timed(agent_stop(&mut client, "bench", true)).await?;
-        stop_force.agent.push(t);
-        let (t, q) = timed(RawQemu::start(&raw_dir, &raw_args)).await?;
-        start.raw.push(t);
-        let (t, _) = timed(q.kill()).await?;
-        stop_force.raw.push(t);
-
-        // graceful stop (powerdown, wait, quit)
-        agent_start(&mut client, &s).await?;
-        let (t, _) = timed(agent_stop(&mut client, "bench", false)).await?;
-        stop_quit.agent.push(t);
-        let q = RawQemu::start(&raw_dir, &raw_args).await?;
-        let (t, _) = timed(q.stop_graceful(POWERDOWN_WAIT)).await?;
-        stop_quit.raw.push(t);
-
-        // soft reboot, reset and round trips on a running instance
-        agent_start(&mut client, &s).await?;
-        let (t, _) = timed(async {
-            client
-                .reboot_instance(pb::RebootInstanceRequest {
-                    name: "bench".into(),
-                    mode: pb::RebootMode::Soft as i32,
-                    spec: None,
-                })
-                .await?;
-            Ok(())
-        })
-        .await?;
-        soft.agent.push(t);
-        let (t, _) = timed(async {
-            client
-                .reboot_instance(pb::RebootInstanceRequest {
-                    name: "bench".into(),
-                    mode: pb::RebootMode::Reset as i32,
-                    spec: None,
-                })
-                .await?;
-            Ok(())
-        })
-        .await?;
-        reset.agent.push(t);
-        let t0 = Instant::now();
-        for _ in 0..rtt_calls {
-            client
-                .get_instance(pb::GetInstanceRequest {
-                    name: "bench".into(),
-                })
-                .await?;
-        }
-        rtt.agent.push(t0.elapsed() / rtt_calls);
-        agent_stop(&mut client, "bench", true).await?;
-
-        let q = RawQemu::start(&raw_dir, &raw_args).await?;
-        let (t, mut q) = timed(async {
-            q.stop_graceful(POWERDOWN_WAIT).await?;
-            RawQemu::start(&raw_dir, &raw_args).await
-        })
-        .await?;
-        soft.raw.push(t);
-        let (t, _) = timed(q.execute_until_event("system_reset", "RESET")).await?;
-        reset.raw.push(t);
-        let t0 = Instant::now();
-        for _ in 0..rtt_calls {
-            q.execute("query-status").await?;
-        }
-        rtt.raw.push(t0.elapsed() / rtt_calls);
-        q.kill().await?;
-
-        // hot-add of a NIC and a disk into a running instance, once its
-        // firmware has settled (right after start QEMU is busy with it)
-        agent_start(&mut client, &s).await?;
-        tokio::time::sleep(SETTLE).await;
-        let nic = pb::NicSpec {
-            name: "hp-nic".into(),
-            mac: "52:54:00:98:00:01".into(),
-            ..Default::default()
-        };
-        let (t, _) = timed(async {
-            Ok(client
-                .add_nic(pb::AddNicRequest {
-                    name: "bench".into(),
-                    nic: Some(nic),
-                })
-                .await?)
-        })
-        .await?;
-        nic_add.agent.push(t);
-        let disk = pb::DiskSpec {
-            name: "hp-disk".into(),
-            path: agent_image.display().to_string(),
-            cache: pb::DiskCache::Writeback as i32,
-            ..Default::default()
-        };
-        let (t, _) = timed(async {
-            Ok(client
-                .add_disk(pb::AddDiskRequest {
-                    name: "bench".into(),
-                    disk: Some(disk),
-                })
-                .await?)
-        })
-        .await?;
-        disk_add.agent.push(t);
-        // The next start regenerates the runtime from the spec, which has
-        // no devices, so hotplugged ones don't pile up across rounds.
-        agent_stop(&mut client, "bench", true).await?;
-
-        let mut q = RawQemu::start(&raw_dir, &raw_args).await?;
-        tokio::time::sleep(SETTLE).await;
-        // Slot 3 holds the balloon, as in the agent's instance.
-        let (t, tap) = timed(q.add_nic(round as u32, 4)).await?;
-        nic_add.raw.push(t);
-        let (t, _) = timed(q.add_disk(round as u32, 5, &raw_image)).await?;
-        disk_add.raw.push(t);
-        q.kill().await?;
-        drop(tap);
-    }
-
-    let mut rows = vec![
-        start.row("start → QMP ready", 1.10),
-        stop_force.row("stop (force)", 1.10),
-        stop_quit.row("stop (powerdown, quit)", 1.10),
-        soft.row("soft reboot", 1.10),
-        reset.row("reset (system_reset → RESET)", 1.10),
-        rtt.row("GetInstance vs query-status round trip", f64::NAN),
-        nic_add.row("NIC hot-add", 1.10),
-        disk_add.row("disk hot-add", 1.10),
-    ];
+    let mut rows = operations::Operations::measure(&mut setup, rounds)
+        .await?
+        .rows();
     let guest = removal::Guest::locate(args.guest.as_deref())?;
     let removal_rounds = if args.quick { 3 } else { 10 };
     let removals = removal::measure(
@@ -412,26 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(agent);
     let transfer_rounds = if args.quick { 3 } else { 5 };
     rows.extend(transfer::measure(&binary, work.path(), accel, transfer_rounds).await?);
-    let load_time = Duration::from_secs(if args.quick { 3 } else { 10 });
-    eprintln!("read load: {LOAD_CLIENTS} clients, {LOAD_INSTANCES} instances");
-    let load = load::measure(
-        &binary,
-        work.path(),
-        LOAD_INSTANCES,
-        LOAD_CLIENTS,
-        load_time,
-    )
-    .await?;
-    let (levels, read_time, settle): (&[usize], _, _) = if args.quick {
-        (&[5, 10], Duration::from_secs(2), Duration::from_secs(3))
-    } else {
-        (
-            &[10, 50, 100],
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-    };
-    let scale = scale::measure(&binary, work.path(), levels, read_time, settle).await?;
+    let (load, scale) = load_and_scale(&binary, work.path(), args.quick).await?;
     write_report(
         &args.out,
         &node,
@@ -443,6 +291,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             scale,
         },
     )
+}
+
+/// The read load and the scale sweep, each on agents of their own.
+async fn load_and_scale(
+    binary: &Path,
+    work: &Path,
+    quick: bool,
+) -> anyhow::Result<(load::LoadReport, Vec<scale::Level>)> {
+    let load_time = Duration::from_secs(if quick { 3 } else { 10 });
+    eprintln!("read load: {LOAD_CLIENTS} clients, {LOAD_INSTANCES} instances");
+    let load = load::measure(binary, work, LOAD_INSTANCES, LOAD_CLIENTS, load_time).await?;
+    let (levels, read_time, settle): (&[usize], _, _) = if quick {
+        (&[5, 10], Duration::from_secs(2), Duration::from_secs(3))
+    } else {
+        (
+            &[10, 50, 100],
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+    };
+    let scale = scale::measure(binary, work, levels, read_time, settle).await?;
+    Ok((load, scale))
 }
 
 /// The read load test: this many concurrent clients against this many
@@ -712,64 +582,7 @@ fn goals_section(md: &mut String, results: &Results) {
         yes_no(missed.is_empty())
     ));
     if let Some(top) = results.scale.last() {
-        let n = top.instances;
-        let paced = "paced";
-        let saturated = "back to back";
-        let checks = [
-            (
-                "GetInstance p50 < 1 ms",
-                paced,
-                top.get_instance_paced.p50_ms,
-                1.0,
-            ),
-            (
-                "GetInstance p99 < 5 ms",
-                paced,
-                top.get_instance_paced.p99_ms,
-                5.0,
-            ),
-            (
-                "ListInstances p99 < 10 ms",
-                paced,
-                top.list_instances_paced.p99_ms,
-                10.0,
-            ),
-            (
-                "GetInstance p50 < 1 ms",
-                saturated,
-                top.get_instance.p50_ms,
-                1.0,
-            ),
-            (
-                "GetInstance p99 < 5 ms",
-                saturated,
-                top.get_instance.p99_ms,
-                5.0,
-            ),
-            (
-                "ListInstances p99 < 10 ms",
-                saturated,
-                top.list_instances.p99_ms,
-                10.0,
-            ),
-        ];
-        for (goal, load, value, limit) in checks {
-            md.push_str(&format!(
-                "| {goal} at {n} instances, {} clients {load} | {value:.2} ms | {} |\n",
-                scale::SCALE_CLIENTS,
-                yes_no(value < limit)
-            ));
-        }
-        md.push_str(&format!(
-            "| agent peak RSS < 64 MiB at {n} instances | {:.2} MiB | {} |\n",
-            top.agent_peak_rss_mib,
-            yes_no(top.agent_peak_rss_mib < 64.0)
-        ));
-        md.push_str(&format!(
-            "| all {n} adopted < 2 s after kill -9 | {:.2} ms | {} |\n",
-            top.reconcile_ms,
-            yes_no(top.reconcile_ms < 2000.0)
-        ));
+        scale_goals(md, top);
     }
     let growths: Vec<(&str, bool)> = FIGURES
         .iter()
@@ -787,6 +600,69 @@ fn goals_section(md: &mut String, results: &Results) {
             format!("; faster: {}", faster.join(", "))
         },
         yes_no(faster.is_empty())
+    ));
+}
+
+/// The read-latency, memory and adoption goals at the sweep's largest
+/// level.
+fn scale_goals(md: &mut String, top: &scale::Level) {
+    let n = top.instances;
+    let paced = "paced";
+    let saturated = "back to back";
+    let checks = [
+        (
+            "GetInstance p50 < 1 ms",
+            paced,
+            top.get_instance_paced.p50_ms,
+            1.0,
+        ),
+        (
+            "GetInstance p99 < 5 ms",
+            paced,
+            top.get_instance_paced.p99_ms,
+            5.0,
+        ),
+        (
+            "ListInstances p99 < 10 ms",
+            paced,
+            top.list_instances_paced.p99_ms,
+            10.0,
+        ),
+        (
+            "GetInstance p50 < 1 ms",
+            saturated,
+            top.get_instance.p50_ms,
+            1.0,
+        ),
+        (
+            "GetInstance p99 < 5 ms",
+            saturated,
+            top.get_instance.p99_ms,
+            5.0,
+        ),
+        (
+            "ListInstances p99 < 10 ms",
+            saturated,
+            top.list_instances.p99_ms,
+            10.0,
+        ),
+    ];
+    for (goal, load, value, limit) in checks {
+        md.push_str(&format!(
+            "| {goal} at {n} instances, {} clients {load} | {value:.2} ms | {} |\n",
+            scale::SCALE_CLIENTS,
+            yes_no(value < limit)
+        ));
+    }
+    md.push_str(&format!(
+        "| agent peak RSS < 64 MiB at {n} instances | {:.2} MiB | {} |\n",
+        top.agent_peak_rss_mib,
+        yes_no(top.agent_peak_rss_mib < 64.0)
+    ));
+    md.push_str(&format!(
+        "| all {n} adopted < 2 s after kill -9 | {:.2} ms | {} |\n",
+        top.reconcile_ms,
+        yes_no(top.reconcile_ms < 2000.0)
     ));
 }
 

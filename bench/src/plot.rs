@@ -20,6 +20,8 @@ const COLOURS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];
 
+// Long: one SVG document, written in drawing order around two coordinate
+// mappings that every part shares.
 /// The chart as an SVG document.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
     let all = || series.iter().flat_map(|s| s.points.iter());

@@ -3,18 +3,16 @@
 //! as a listening fd, one connection kept open).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-
-use hypervisor::tap::Tap;
-
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::unistd::setsid;
-use sendfd::SendWithFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use hypervisor::tap::Tap;
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::unistd::setsid;
+use sendfd::SendWithFd;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;

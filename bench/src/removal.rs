@@ -85,6 +85,20 @@ pub async fn measure(
         std::fs::File::create(image)?.set_len(16 << 20)?;
     }
 
+    samples.agent = through_agent(client, run_dir, guest, &agent_image, rounds).await?;
+    samples.raw = raw(work, guest, &raw_image, rounds).await?;
+    Ok(samples)
+}
+
+/// Removals through the agent, from the test guest it runs.
+async fn through_agent(
+    client: &mut NodeAgentClient<Channel>,
+    run_dir: &Path,
+    guest: &Guest,
+    image: &Path,
+    rounds: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::new();
     let name = "removal";
     client
         .start_instance(pb::StartInstanceRequest {
@@ -112,7 +126,7 @@ pub async fn measure(
                 name: name.into(),
                 disk: Some(pb::DiskSpec {
                     name: "rm-disk".into(),
-                    path: agent_image.display().to_string(),
+                    path: image.display().to_string(),
                     cache: pb::DiskCache::Writeback as i32,
                     ..Default::default()
                 }),
@@ -126,7 +140,7 @@ pub async fn measure(
                 device: "rm-disk".into(),
             })
             .await?;
-        samples.agent.push(began.elapsed());
+        samples.push(began.elapsed());
     }
     client
         .stop_instance(pb::StopInstanceRequest {
@@ -136,6 +150,17 @@ pub async fn measure(
         })
         .await?;
 
+    Ok(samples)
+}
+
+/// Removals from the same guest in a QEMU driven directly.
+async fn raw(
+    work: &Path,
+    guest: &Guest,
+    image: &Path,
+    rounds: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::new();
     let raw_dir = work.join("removal-raw");
     std::fs::create_dir_all(&raw_dir)?;
     let serial = raw_dir.join("serial.sock");
@@ -164,11 +189,11 @@ pub async fn measure(
     wait_ready(&serial).await?;
     for round in 0..rounds {
         eprintln!("device removal (raw) {}/{rounds}", round + 1);
-        q.add_disk(round as u32, 4, &raw_image).await?;
+        q.add_disk(round as u32, 4, image).await?;
         tokio::time::sleep(SETTLE).await;
         let began = Instant::now();
         q.remove_disk(round as u32).await?;
-        samples.raw.push(began.elapsed());
+        samples.push(began.elapsed());
     }
     q.kill().await?;
     Ok(samples)

@@ -136,6 +136,32 @@ pub async fn measure(
     rounds: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let mut agents = Agents::start(binary, work).await?;
+    let mut rows = save_and_restore(&mut agents, accel, rounds).await?;
+    for (mib, label, downtime_label) in [
+        (
+            256,
+            "migrate 256 MiB random RAM (total)",
+            "migrate 256 MiB: downtime",
+        ),
+        (
+            1024,
+            "migrate 1 GiB random RAM (total)",
+            "migrate 1 GiB: downtime",
+        ),
+    ] {
+        let [total, downtime] = migrations(&mut agents, accel, rounds, mib).await?;
+        rows.push(total.row(label, 1.10));
+        rows.push(downtime.row(downtime_label, f64::NAN));
+    }
+    Ok(rows)
+}
+
+/// Save to a file and restore from it, through the agent and raw.
+async fn save_and_restore(
+    agents: &mut Agents,
+    accel: &str,
+    rounds: usize,
+) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let (mut save, mut restore) = (Samples::default(), Samples::default());
     let ram = agents.work.join("ram-256");
@@ -206,60 +232,60 @@ pub async fn measure(
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
 
-    for (mib, label, downtime_label) in [
-        (
-            256,
-            "migrate 256 MiB random RAM (total)",
-            "migrate 256 MiB: downtime",
-        ),
-        (
-            1024,
-            "migrate 1 GiB random RAM (total)",
-            "migrate 1 GiB: downtime",
-        ),
-    ] {
-        let ram = agents.work.join(format!("ram-{mib}"));
-        random_file(&ram, mib)?;
-        let raw_ram = agents.work.join(format!("raw-ram-{mib}"));
-        random_file(&raw_ram, mib)?;
-        let raw_args = machine_args_with(
-            "raw",
-            &uuid::Uuid::new_v4().to_string(),
-            accel,
-            mib,
-            Some(&raw_ram),
-        );
-        let (mut total, mut downtime) = (Samples::default(), Samples::default());
-        let name = format!("mover{mib}");
-        agents.clients[0]
-            .start_instance(pb::StartInstanceRequest {
-                spec: Some(spec(&name, mib, &ram)),
-            })
-            .await?;
-        for round in 0..rounds {
-            eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
-            // There and back: the instance alternates between the agents.
-            let (from, to) = (round % 2, 1 - round % 2);
-            let target = agents.sockets[to].clone();
-            let (t, d) = agent_migrate(&mut agents.clients[from], &name, &target).await?;
-            total.agent.push(t);
-            downtime.agent.push(d);
-            let (t, d) = raw_migrate((&raw_a, &raw_b), &raw_args).await?;
-            total.raw.push(t);
-            downtime.raw.push(d);
-        }
-        let holder = rounds % 2;
-        agents.clients[holder]
-            .stop_instance(pb::StopInstanceRequest {
-                name: name.clone(),
-                force: true,
-                ..Default::default()
-            })
-            .await?;
-        rows.push(total.row(label, 1.10));
-        rows.push(downtime.row(downtime_label, f64::NAN));
-        std::fs::remove_file(&ram)?;
-        std::fs::remove_file(&raw_ram)?;
-    }
     Ok(rows)
+}
+
+/// Migrations of `mib` of random RAM there and back between the two
+/// agents, beside the same between two raw QEMUs: total times, then
+/// downtimes.
+async fn migrations(
+    agents: &mut Agents,
+    accel: &str,
+    rounds: usize,
+    mib: u64,
+) -> anyhow::Result<[Samples; 2]> {
+    let (raw_a, raw_b) = (agents.work.join("raw-a"), agents.work.join("raw-b"));
+    std::fs::create_dir_all(&raw_a)?;
+    std::fs::create_dir_all(&raw_b)?;
+    let ram = agents.work.join(format!("ram-{mib}"));
+    random_file(&ram, mib)?;
+    let raw_ram = agents.work.join(format!("raw-ram-{mib}"));
+    random_file(&raw_ram, mib)?;
+    let raw_args = machine_args_with(
+        "raw",
+        &uuid::Uuid::new_v4().to_string(),
+        accel,
+        mib,
+        Some(&raw_ram),
+    );
+    let (mut total, mut downtime) = (Samples::default(), Samples::default());
+    let name = format!("mover{mib}");
+    agents.clients[0]
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(spec(&name, mib, &ram)),
+        })
+        .await?;
+    for round in 0..rounds {
+        eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
+        // There and back: the instance alternates between the agents.
+        let (from, to) = (round % 2, 1 - round % 2);
+        let target = agents.sockets[to].clone();
+        let (t, d) = agent_migrate(&mut agents.clients[from], &name, &target).await?;
+        total.agent.push(t);
+        downtime.agent.push(d);
+        let (t, d) = raw_migrate((&raw_a, &raw_b), &raw_args).await?;
+        total.raw.push(t);
+        downtime.raw.push(d);
+    }
+    let holder = rounds % 2;
+    agents.clients[holder]
+        .stop_instance(pb::StopInstanceRequest {
+            name: name.clone(),
+            force: true,
+            ..Default::default()
+        })
+        .await?;
+    std::fs::remove_file(&ram)?;
+    std::fs::remove_file(&raw_ram)?;
+    Ok([total, downtime])
 }

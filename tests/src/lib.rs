@@ -468,8 +468,9 @@ impl Qmp {
     /// Hands QEMU `fd` under `name` (`getfd`, with the fd attached to the
     /// message), as the agent hands it taps and images.
     pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
-        use sendfd::SendWithFd;
         use std::os::fd::AsRawFd;
+
+        use sendfd::SendWithFd;
         let msg = format!(
             "{}\n",
             json!({ "execute": "getfd", "arguments": { "fdname": name } })

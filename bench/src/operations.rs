@@ -1,0 +1,180 @@
+//! The operations every round measures on one instance, each through the
+//! agent and then driven raw against QEMU, alternating so both see the
+//! same machine state.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kvm_agent_proto::v1 as pb;
+use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use tonic::transport::Channel;
+
+use crate::raw::RawQemu;
+use crate::{POWERDOWN_WAIT, Row, SETTLE, Samples, agent_start, agent_stop, timed};
+
+/// What the rounds run against: the agent's instance and the raw QEMU's
+/// command line, each with a disk image to hot-add.
+pub struct Setup<'a> {
+    pub client: &'a mut NodeAgentClient<Channel>,
+    pub spec: &'a pb::InstanceSpec,
+    pub raw_dir: &'a Path,
+    pub raw_args: &'a [String],
+    pub agent_image: PathBuf,
+    pub raw_image: PathBuf,
+    /// Round trips timed per round.
+    pub rtt_calls: u32,
+}
+
+/// The samples of every operation, agent beside raw.
+#[derive(Default)]
+pub struct Operations {
+    start: Samples,
+    stop_force: Samples,
+    stop_quit: Samples,
+    soft: Samples,
+    reset: Samples,
+    rtt: Samples,
+    nic_add: Samples,
+    disk_add: Samples,
+}
+
+impl Operations {
+    /// Runs `rounds` rounds of every operation.
+    pub async fn measure(setup: &mut Setup<'_>, rounds: usize) -> anyhow::Result<Self> {
+        let mut ops = Self::default();
+        for round in 0..rounds {
+            eprintln!("round {}/{rounds}", round + 1);
+            ops.starts_and_stops(setup).await?;
+            ops.reboots_and_round_trips(setup).await?;
+            ops.hot_adds(setup, round as u32).await?;
+        }
+        Ok(ops)
+    }
+
+    /// Start → QMP ready, then a forced and a graceful (powerdown, wait,
+    /// quit) stop.
+    async fn starts_and_stops(&mut self, s: &mut Setup<'_>) -> anyhow::Result<()> {
+        let (t, _) = timed(agent_start(s.client, s.spec)).await?;
+        self.start.agent.push(t);
+        let (t, _) = timed(agent_stop(s.client, "bench", true)).await?;
+        self.stop_force.agent.push(t);
+        let (t, q) = timed(RawQemu::start(s.raw_dir, s.raw_args)).await?;
+        self.start.raw.push(t);
+        let (t, _) = timed(q.kill()).await?;
+        self.stop_force.raw.push(t);
+
+        agent_start(s.client, s.spec).await?;
+        let (t, _) = timed(agent_stop(s.client, "bench", false)).await?;
+        self.stop_quit.agent.push(t);
+        let q = RawQemu::start(s.raw_dir, s.raw_args).await?;
+        let (t, _) = timed(q.stop_graceful(POWERDOWN_WAIT)).await?;
+        self.stop_quit.raw.push(t);
+        Ok(())
+    }
+
+    /// Soft reboot, reset and round trips on a running instance.
+    async fn reboots_and_round_trips(&mut self, s: &mut Setup<'_>) -> anyhow::Result<()> {
+        agent_start(s.client, s.spec).await?;
+        let (t, _) = timed(reboot(s.client, pb::RebootMode::Soft)).await?;
+        self.soft.agent.push(t);
+        let (t, _) = timed(reboot(s.client, pb::RebootMode::Reset)).await?;
+        self.reset.agent.push(t);
+        let t0 = Instant::now();
+        for _ in 0..s.rtt_calls {
+            s.client
+                .get_instance(pb::GetInstanceRequest {
+                    name: "bench".into(),
+                })
+                .await?;
+        }
+        self.rtt.agent.push(t0.elapsed() / s.rtt_calls);
+        agent_stop(s.client, "bench", true).await?;
+
+        let q = RawQemu::start(s.raw_dir, s.raw_args).await?;
+        let (t, mut q) = timed(async {
+            q.stop_graceful(POWERDOWN_WAIT).await?;
+            RawQemu::start(s.raw_dir, s.raw_args).await
+        })
+        .await?;
+        self.soft.raw.push(t);
+        let (t, _) = timed(q.execute_until_event("system_reset", "RESET")).await?;
+        self.reset.raw.push(t);
+        let t0 = Instant::now();
+        for _ in 0..s.rtt_calls {
+            q.execute("query-status").await?;
+        }
+        self.rtt.raw.push(t0.elapsed() / s.rtt_calls);
+        q.kill().await?;
+        Ok(())
+    }
+
+    /// Hot-add of a NIC and a disk into a running instance, once its
+    /// firmware has settled (right after start QEMU is busy with it).
+    async fn hot_adds(&mut self, s: &mut Setup<'_>, round: u32) -> anyhow::Result<()> {
+        agent_start(s.client, s.spec).await?;
+        tokio::time::sleep(SETTLE).await;
+        let nic = pb::NicSpec {
+            name: "hp-nic".into(),
+            mac: "52:54:00:98:00:01".into(),
+            ..Default::default()
+        };
+        let request = pb::AddNicRequest {
+            name: "bench".into(),
+            nic: Some(nic),
+        };
+        let (t, _) = timed(async { Ok(s.client.add_nic(request).await?) }).await?;
+        self.nic_add.agent.push(t);
+        let disk = pb::DiskSpec {
+            name: "hp-disk".into(),
+            path: s.agent_image.display().to_string(),
+            cache: pb::DiskCache::Writeback as i32,
+            ..Default::default()
+        };
+        let request = pb::AddDiskRequest {
+            name: "bench".into(),
+            disk: Some(disk),
+        };
+        let (t, _) = timed(async { Ok(s.client.add_disk(request).await?) }).await?;
+        self.disk_add.agent.push(t);
+        // The next start regenerates the runtime from the spec, which has
+        // no devices, so hotplugged ones don't pile up across rounds.
+        agent_stop(s.client, "bench", true).await?;
+
+        let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
+        tokio::time::sleep(SETTLE).await;
+        // Slot 3 holds the balloon, as in the agent's instance.
+        let (t, tap) = timed(q.add_nic(round, 4)).await?;
+        self.nic_add.raw.push(t);
+        let (t, _) = timed(q.add_disk(round, 5, &s.raw_image)).await?;
+        self.disk_add.raw.push(t);
+        q.kill().await?;
+        drop(tap);
+        Ok(())
+    }
+
+    /// The report's rows, with each operation's goal.
+    pub fn rows(self) -> Vec<Row> {
+        vec![
+            self.start.row("start → QMP ready", 1.10),
+            self.stop_force.row("stop (force)", 1.10),
+            self.stop_quit.row("stop (powerdown, quit)", 1.10),
+            self.soft.row("soft reboot", 1.10),
+            self.reset.row("reset (system_reset → RESET)", 1.10),
+            self.rtt
+                .row("GetInstance vs query-status round trip", f64::NAN),
+            self.nic_add.row("NIC hot-add", 1.10),
+            self.disk_add.row("disk hot-add", 1.10),
+        ]
+    }
+}
+
+async fn reboot(client: &mut NodeAgentClient<Channel>, mode: pb::RebootMode) -> anyhow::Result<()> {
+    client
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "bench".into(),
+            mode: mode as i32,
+            spec: None,
+        })
+        .await?;
+    Ok(())
+}
