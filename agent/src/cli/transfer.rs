@@ -1,5 +1,6 @@
-//! `kvm-agent migrate`, `save` and `restore`: long operations, shown with a
-//! progress bar on a terminal and as plain or JSON lines otherwise.
+//! `kvm-agent migrate`, `cancel-migration`, `save` and `restore`: moving
+//! a guest to another node or to a file. The long ones show a progress bar
+//! on a terminal and plain or JSON lines otherwise.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::{instance_json, print_instance};
+use super::enum_label;
+use super::instance::{instance_json, print_instance};
 
 /// `kvm-agent migrate`.
 #[derive(Debug, Args)]
@@ -37,6 +39,29 @@ pub(super) struct MigrateArgs {
     no_auto_converge: bool,
 }
 
+#[derive(Debug, Args)]
+pub(super) struct CancelArgs {
+    /// Instance name.
+    name: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct SaveArgs {
+    /// Instance name.
+    name: String,
+    /// Absolute path of the file to create (must not exist).
+    path: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RestoreArgs {
+    /// Absolute path of the save file.
+    path: String,
+    /// Stay paused until `kvm-agent instance resume`.
+    #[arg(long)]
+    paused: bool,
+}
+
 /// Reads `1048576`, `512K`, `100M` or `2G`.
 fn parse_size(text: &str) -> Result<u64, String> {
     let (digits, shift) = match text.char_indices().last() {
@@ -58,7 +83,7 @@ fn mib(bytes: u64) -> f64 {
 
 fn phase_name(phase: i32) -> String {
     let name = pb::MigrationPhase::try_from(phase).ok();
-    super::enum_label(name.map(|p| p.as_str_name()), "MIGRATION_PHASE_", phase)
+    enum_label(name.map(|p| p.as_str_name()), "MIGRATION_PHASE_", phase)
 }
 
 pub(super) fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
@@ -175,6 +200,25 @@ pub(super) async fn migrate(
     Ok(())
 }
 
+/// Runs `kvm-agent cancel-migration`.
+pub(super) async fn cancel(
+    mut client: NodeAgentClient<Channel>,
+    CancelArgs { name }: CancelArgs,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let cancelled = client
+        .cancel_migration(pb::CancelMigrationRequest { name: name.clone() })
+        .await?
+        .into_inner()
+        .cancelled;
+    if json_out {
+        println!("{}", json!({ "name": name, "cancelled": cancelled }));
+    } else {
+        println!("{name}: {cancelled} migration cancelled");
+    }
+    Ok(())
+}
+
 /// Shows a spinner on a terminal while `work` runs.
 async fn with_spinner<T>(message: String, json_out: bool, work: impl Future<Output = T>) -> T {
     if json_out || !std::io::stderr().is_terminal() {
@@ -190,8 +234,7 @@ async fn with_spinner<T>(message: String, json_out: bool, work: impl Future<Outp
 /// Runs `kvm-agent save`.
 pub(super) async fn save(
     mut client: NodeAgentClient<Channel>,
-    name: String,
-    path: String,
+    SaveArgs { name, path }: SaveArgs,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let request = pb::SaveInstanceRequest {
@@ -228,8 +271,7 @@ pub(super) async fn save(
 /// Runs `kvm-agent restore`.
 pub(super) async fn restore(
     mut client: NodeAgentClient<Channel>,
-    path: String,
-    paused: bool,
+    RestoreArgs { path, paused }: RestoreArgs,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let request = pb::RestoreInstanceRequest {
