@@ -5,8 +5,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::json;
 use tonic::transport::Channel;
+
+use super::Printer;
+use super::wire::to_json;
 
 #[derive(Debug, Args)]
 pub(super) struct ConsoleArgs {
@@ -21,17 +23,15 @@ const CONSOLE_ESCAPE: u8 = 0x1d;
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
     ConsoleArgs { name }: ConsoleArgs,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let info = client
         .get_console_info(pb::GetConsoleInfoRequest { name: name.clone() })
         .await?
         .into_inner();
-    if json_out {
-        println!(
-            "{}",
-            json!({ "serial_socket": info.serial_socket, "vnc_address": info.vnc_address })
-        );
+    if out.json {
+        // Where the console is, for a script that attaches by itself.
+        println!("{}", to_json(&info));
         return Ok(());
     }
     if info.serial_socket.is_empty() {

@@ -5,8 +5,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::{Value, json};
 use tonic::transport::Channel;
+
+use super::Printer;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeviceCommand {
@@ -72,20 +73,6 @@ pub(super) enum DeviceCommand {
     },
 }
 
-pub(super) fn device_json(d: &pb::DeviceInfo) -> Value {
-    json!({
-        "kind": pb::DeviceKind::try_from(d.kind)
-            .map(|k| k.as_str_name().trim_start_matches("DEVICE_KIND_").to_lowercase())
-            .unwrap_or_default(),
-        "name": d.name,
-        "uuid": d.uuid,
-        "pci_slot": d.pci_slot,
-        "qemu_id": d.qemu_id,
-        "detail": d.detail,
-        "tap": d.tap,
-    })
-}
-
 pub(super) fn print_device(d: &pb::DeviceInfo) {
     let kind = if d.kind == pb::DeviceKind::Nic as i32 {
         "nic "
@@ -124,7 +111,7 @@ fn enum_value(
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
     command: DeviceCommand,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let changed = match command {
         DeviceCommand::AddNic {
@@ -148,13 +135,11 @@ pub(super) async fn run(
                 queues,
                 ..Default::default()
             };
-            client
-                .add_nic(pb::AddNicRequest {
-                    name: instance,
-                    nic: Some(nic),
-                })
-                .await?
-                .into_inner()
+            let request = pb::AddNicRequest {
+                name: instance,
+                nic: Some(nic),
+            };
+            client.add_nic(request).await?
         }
         DeviceCommand::AddDisk {
             instance,
@@ -176,81 +161,54 @@ pub(super) async fn run(
                 read_only,
                 ..Default::default()
             };
-            client
-                .add_disk(pb::AddDiskRequest {
-                    name: instance,
-                    disk: Some(disk),
-                })
-                .await?
-                .into_inner()
+            let request = pb::AddDiskRequest {
+                name: instance,
+                disk: Some(disk),
+            };
+            client.add_disk(request).await?
         }
-        DeviceCommand::Remove { instance, device } => client
-            .remove_device(pb::RemoveDeviceRequest {
+        DeviceCommand::Remove { instance, device } => {
+            let request = pb::RemoveDeviceRequest {
                 name: instance,
                 device,
-            })
-            .await?
-            .into_inner(),
+            };
+            client.remove_device(request).await?
+        }
         DeviceCommand::List { instance } => {
-            let info = client
-                .get_instance(pb::GetInstanceRequest { name: instance })
-                .await?
-                .into_inner();
-            if json_out {
-                println!(
-                    "{}",
-                    Value::Array(info.devices.iter().map(device_json).collect())
-                );
-            } else {
-                info.devices.iter().for_each(print_device);
-            }
+            let request = pb::GetInstanceRequest { name: instance };
+            let info = client.get_instance(request).await?.into_inner();
+            out.show_all(&info.devices, |devices| {
+                devices.iter().for_each(print_device);
+            });
             return Ok(());
         }
         DeviceCommand::Support { instance } => {
-            let s = client
-                .hotplug_support(pb::HotplugSupportRequest { name: instance })
-                .await?
-                .into_inner();
-            let rows = [
-                ("nic", s.nic),
-                ("disk", s.disk),
-                ("remove", s.remove),
-                ("vhost", s.vhost),
-            ];
-            if json_out {
-                let map: serde_json::Map<String, Value> = rows
-                    .iter()
-                    .map(|(k, c)| {
-                        let c = c.clone().unwrap_or_default();
-                        (
-                            (*k).to_owned(),
-                            json!({ "supported": c.supported, "reason": c.reason }),
-                        )
-                    })
-                    .collect();
-                println!("{}", Value::Object(map));
-            } else {
-                for (k, c) in rows {
-                    let c = c.unwrap_or_default();
-                    println!(
-                        "{k:<7} {}{}",
-                        if c.supported { "yes" } else { "no" },
-                        if c.reason.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({})", c.reason)
-                        }
-                    );
-                }
-            }
+            let request = pb::HotplugSupportRequest { name: instance };
+            let support = client.hotplug_support(request).await?.into_inner();
+            out.show(&support, print_support);
             return Ok(());
         }
     };
-    let device = changed.device.unwrap_or_default();
-    if json_out {
-        println!("{}", device_json(&device));
-    } else {
-        print_device(&device);
-    }
+    let device = changed.into_inner().device.unwrap_or_default();
+    out.show(&device, print_device);
     Ok(())
+}
+
+fn print_support(support: &pb::HotplugSupportResponse) {
+    let rows = [
+        ("nic", &support.nic),
+        ("disk", &support.disk),
+        ("remove", &support.remove),
+        ("vhost", &support.vhost),
+    ];
+    for (what, capability) in rows {
+        let c = capability.clone().unwrap_or_default();
+        let answer = if c.supported { "yes" } else { "no" };
+        let reason = if c.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.reason)
+        };
+        println!("{what:<7} {answer}{reason}");
+    }
 }

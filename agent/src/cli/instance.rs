@@ -3,12 +3,12 @@
 use clap::{Subcommand, ValueEnum};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use super::device::{device_json, print_device};
+use super::Printer;
+use super::device::print_device;
 use super::spec::{SpecArgs, SpecOptions};
-use super::state_name;
+use super::wire::{enum_type, label, state_label};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum InstanceCommand {
@@ -95,28 +95,8 @@ fn shown_state(i: &pb::InstanceInfo) -> String {
     if i.reconciling {
         "reconciling".into()
     } else {
-        state_name(i.state)
+        state_label(i.state)
     }
-}
-
-pub(super) fn instance_json(i: &pb::InstanceInfo) -> Value {
-    json!({
-        "name": i.name,
-        "uuid": i.uuid,
-        "state": state_name(i.state),
-        "reconciling": i.reconciling,
-        "state_detail": i.state_detail,
-        "pid": i.pid,
-        "uptime_seconds": i.uptime_seconds,
-        "memory_mib": i.memory_mib,
-        "vcpus": i.vcpus,
-        "runtime_generation": i.runtime_generation,
-        "machine_type": i.machine_type,
-        "accelerator": i.accelerator,
-        "qemu_version": i.qemu_version,
-        "cpu_mask": i.cpu_mask,
-        "devices": i.devices.iter().map(device_json).collect::<Vec<_>>(),
-    })
 }
 
 pub(super) fn print_instance(i: &pb::InstanceInfo) {
@@ -148,140 +128,61 @@ pub(super) fn print_instance(i: &pb::InstanceInfo) {
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
     command: InstanceCommand,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
-    let show = |i: &pb::InstanceInfo| {
-        if json_out {
-            println!("{}", instance_json(i));
-        } else {
-            print_instance(i);
-        }
-    };
-    match command {
+    let instance = match command {
         InstanceCommand::Start(spec) => {
-            let spec = spec.to_proto()?;
-            show(
-                &client
-                    .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-                    .await?
-                    .into_inner(),
-            );
+            let spec = Some(spec.to_proto()?);
+            client
+                .start_instance(pb::StartInstanceRequest { spec })
+                .await?
         }
         InstanceCommand::Stop {
             name,
             force,
             powerdown_timeout_ms,
         } => {
-            let r = client
-                .stop_instance(pb::StopInstanceRequest {
-                    name,
-                    force,
-                    powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0),
-                })
-                .await?
-                .into_inner();
-            let method = pb::StopMethod::try_from(r.method)
-                .map(|m| {
-                    m.as_str_name()
-                        .trim_start_matches("STOP_METHOD_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default();
-            if json_out {
-                println!(
-                    "{}",
-                    json!({ "method": method, "instance": r.instance.as_ref().map(instance_json) })
-                );
-            } else {
-                println!("stopped ({method})");
-            }
+            let request = pb::StopInstanceRequest {
+                name,
+                force,
+                powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0),
+            };
+            let stopped = client.stop_instance(request).await?.into_inner();
+            out.show(&stopped, |r| {
+                println!("stopped ({})", label(&enum_type("StopMethod"), r.method));
+            });
+            return Ok(());
         }
         InstanceCommand::Reboot { name, mode, spec } => {
-            let mode = match mode {
-                RebootModeArg::Soft => pb::RebootMode::Soft,
-                RebootModeArg::Hard => pb::RebootMode::Hard,
-                RebootModeArg::Reset => pb::RebootMode::Reset,
-            };
-            let spec = match mode {
-                pb::RebootMode::Hard => Some(spec.to_proto(&name)?),
-                _ if spec.any_given() => {
-                    anyhow::bail!("spec options apply to a hard reboot only; add --mode hard")
-                }
-                _ => None,
-            };
-            show(
-                &client
-                    .reboot_instance(pb::RebootInstanceRequest {
-                        name,
-                        mode: mode as i32,
-                        spec,
-                    })
-                    .await?
-                    .into_inner(),
-            );
+            client.reboot_instance(reboot(name, mode, &spec)?).await?
         }
-        InstanceCommand::Info { name } => show(
-            &client
-                .get_instance(pb::GetInstanceRequest { name })
-                .await?
-                .into_inner(),
-        ),
+        InstanceCommand::Info { name } => {
+            client.get_instance(pb::GetInstanceRequest { name }).await?
+        }
         InstanceCommand::List => {
-            let list = client
-                .list_instances(pb::ListInstancesRequest {})
-                .await?
-                .into_inner()
-                .instances;
-            if json_out {
-                println!("{}", Value::Array(list.iter().map(instance_json).collect()));
-            } else {
-                println!(
-                    "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
-                    "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN"
-                );
-                for i in &list {
-                    println!(
-                        "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
-                        i.name,
-                        shown_state(i),
-                        i.pid,
-                        i.memory_mib,
-                        i.vcpus,
-                        i.runtime_generation
-                    );
-                }
-            }
+            let list = client.list_instances(pb::ListInstancesRequest {}).await?;
+            out.show_all(&list.into_inner().instances, print_table);
+            return Ok(());
         }
         InstanceCommand::Runtime { name } => {
-            let r = client
-                .get_runtime(pb::GetRuntimeRequest { name })
-                .await?
-                .into_inner();
-            println!("{}", r.runtime_json);
+            let r = client.get_runtime(pb::GetRuntimeRequest { name }).await?;
+            println!("{}", r.into_inner().runtime_json);
+            return Ok(());
         }
         InstanceCommand::Pause { name } => {
-            show(
-                &client
-                    .pause_instance(pb::PauseInstanceRequest { name })
-                    .await?
-                    .into_inner(),
-            );
+            client
+                .pause_instance(pb::PauseInstanceRequest { name })
+                .await?
         }
         InstanceCommand::Resume { name } => {
-            show(
-                &client
-                    .resume_instance(pb::ResumeInstanceRequest { name })
-                    .await?
-                    .into_inner(),
-            );
+            client
+                .resume_instance(pb::ResumeInstanceRequest { name })
+                .await?
         }
         InstanceCommand::Adopt { name } => {
-            show(
-                &client
-                    .adopt_instance(pb::AdoptInstanceRequest { name })
-                    .await?
-                    .into_inner(),
-            );
+            client
+                .adopt_instance(pb::AdoptInstanceRequest { name })
+                .await?
         }
         InstanceCommand::SetMemory {
             name,
@@ -289,30 +190,65 @@ pub(super) async fn run(
             no_wait,
             timeout_ms,
         } => {
-            let r = client
-                .set_memory(pb::SetMemoryRequest {
-                    name: name.clone(),
-                    memory_mib,
-                    wait: !no_wait,
-                    timeout_ms,
-                })
-                .await?
-                .into_inner();
-            if json_out {
-                println!(
-                    "{}",
-                    json!({
-                        "name": name, "target_mib": r.target_mib,
-                        "actual_mib": r.actual_mib, "maximum_mib": r.maximum_mib,
-                    })
-                );
-            } else {
+            let request = pb::SetMemoryRequest {
+                name: name.clone(),
+                memory_mib,
+                wait: !no_wait,
+                timeout_ms,
+            };
+            let r = client.set_memory(request).await?.into_inner();
+            out.show_named(&name, &r, |r| {
                 println!(
                     "{name}: {} MiB of {} MiB (target {} MiB)",
                     r.actual_mib, r.maximum_mib, r.target_mib
                 );
-            }
+            });
+            return Ok(());
         }
-    }
+    };
+    out.show(&instance.into_inner(), print_instance);
     Ok(())
+}
+
+/// The request of `instance reboot`: spec options only with `--mode hard`.
+fn reboot(
+    name: String,
+    mode: RebootModeArg,
+    spec: &SpecOptions,
+) -> anyhow::Result<pb::RebootInstanceRequest> {
+    let mode = match mode {
+        RebootModeArg::Soft => pb::RebootMode::Soft,
+        RebootModeArg::Hard => pb::RebootMode::Hard,
+        RebootModeArg::Reset => pb::RebootMode::Reset,
+    };
+    let spec = match mode {
+        pb::RebootMode::Hard => Some(spec.to_proto(&name)?),
+        _ if spec.any_given() => {
+            anyhow::bail!("spec options apply to a hard reboot only; add --mode hard")
+        }
+        _ => None,
+    };
+    Ok(pb::RebootInstanceRequest {
+        name,
+        mode: mode as i32,
+        spec,
+    })
+}
+
+fn print_table(list: &[pb::InstanceInfo]) {
+    println!(
+        "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
+        "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN"
+    );
+    for i in list {
+        println!(
+            "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
+            i.name,
+            shown_state(i),
+            i.pid,
+            i.memory_mib,
+            i.vcpus,
+            i.runtime_generation
+        );
+    }
 }

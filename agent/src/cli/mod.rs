@@ -9,11 +9,13 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
+use serde_json::Value;
 use tonic::transport::Channel;
 
 use crate::config::{DEFAULT_STATE_DIR, SOCKET_NAME};
 use crate::peer::AgentAddress;
 use crate::tls::{TlsFiles, TlsMaterial};
+use wire::ApiMessage;
 
 mod console;
 mod device;
@@ -23,6 +25,7 @@ mod node;
 mod serve;
 mod spec;
 mod transfer;
+mod wire;
 
 /// kvm-agent: a node agent for QEMU/KVM clusters.
 #[derive(Debug, Parser)]
@@ -142,21 +145,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         output,
         command,
     } = cli;
-    let json_out = matches!(output, Output::Json);
+    let out = Printer {
+        json: matches!(output, Output::Json),
+    };
     let connect = async || connect_agent(agent.as_ref(), socket.as_ref(), &tls).await;
     match command {
         Command::Completions { shell } => completions(shell),
         Command::Serve(args) => serve::serve(args.settings(socket.as_ref(), &tls)?).await,
-        Command::Config { command } => serve::config(command, socket.as_ref(), &tls, json_out),
-        Command::Node { command } => node::run(connect().await?, command, json_out).await,
-        Command::Instance { command } => instance::run(connect().await?, command, json_out).await,
-        Command::Device { command } => device::run(connect().await?, command, json_out).await,
-        Command::Console(args) => console::run(connect().await?, args, json_out).await,
-        Command::Events(args) => events::run(connect().await?, args, json_out).await,
-        Command::Migrate(args) => transfer::migrate(connect().await?, args, json_out).await,
-        Command::CancelMigration(args) => transfer::cancel(connect().await?, args, json_out).await,
-        Command::Save(args) => transfer::save(connect().await?, args, json_out).await,
-        Command::Restore(args) => transfer::restore(connect().await?, args, json_out).await,
+        Command::Config { command } => serve::config(command, socket.as_ref(), &tls, out),
+        Command::Node { command } => node::run(connect().await?, command, out).await,
+        Command::Instance { command } => instance::run(connect().await?, command, out).await,
+        Command::Device { command } => device::run(connect().await?, command, out).await,
+        Command::Console(args) => console::run(connect().await?, args, out).await,
+        Command::Events(args) => events::run(connect().await?, args, out).await,
+        Command::Migrate(args) => transfer::migrate(connect().await?, args, out).await,
+        Command::CancelMigration(args) => transfer::cancel(connect().await?, args, out).await,
+        Command::Save(args) => transfer::save(connect().await?, args, out).await,
+        Command::Restore(args) => transfer::restore(connect().await?, args, out).await,
     }
 }
 
@@ -200,17 +205,44 @@ fn print_to_pipe(bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
-/// A wire enum value as people read it: `INSTANCE_STATE_RUNNING` → `running`.
-fn enum_label(name: Option<&str>, prefix: &str, value: i32) -> String {
-    name.map_or_else(
-        || value.to_string(),
-        |n| n.trim_start_matches(prefix).to_lowercase(),
-    )
+/// How client commands print the agent's answers.
+#[derive(Debug, Clone, Copy)]
+struct Printer {
+    /// One line of JSON per answer, made from the answer's proto fields.
+    json: bool,
 }
 
-fn state_name(state: i32) -> String {
-    let name = kvm_agent_proto::v1::InstanceState::try_from(state).ok();
-    enum_label(name.map(|s| s.as_str_name()), "INSTANCE_STATE_", state)
+impl Printer {
+    /// Prints one answer: as JSON, or as `human` writes it.
+    fn show<M: ApiMessage>(self, message: &M, human: impl FnOnce(&M)) {
+        if self.json {
+            println!("{}", wire::to_json(message));
+        } else {
+            human(message);
+        }
+    }
+
+    /// Prints a list of answers: a JSON array, or as `human` writes it.
+    fn show_all<M: ApiMessage>(self, messages: &[M], human: impl FnOnce(&[M])) {
+        if self.json {
+            let array = messages.iter().map(wire::to_json).collect();
+            println!("{}", Value::Array(array));
+        } else {
+            human(messages);
+        }
+    }
+
+    /// Like `show`, for an answer that doesn't say which instance it is
+    /// about: its JSON gets the instance's name.
+    fn show_named<M: ApiMessage>(self, name: &str, message: &M, human: impl FnOnce(&M)) {
+        if self.json {
+            let mut json = wire::to_json(message);
+            json["name"] = Value::from(name);
+            println!("{json}");
+        } else {
+            human(message);
+        }
+    }
 }
 
 #[cfg(test)]

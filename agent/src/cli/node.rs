@@ -3,8 +3,9 @@
 use clap::Subcommand;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::json;
 use tonic::transport::Channel;
+
+use super::Printer;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum NodeCommand {
@@ -16,24 +17,14 @@ pub(super) enum NodeCommand {
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
     command: NodeCommand,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let NodeCommand::Info = command;
-    let n = client
+    let node = client
         .get_node_info(pb::GetNodeInfoRequest {})
         .await?
         .into_inner();
-    if json_out {
-        println!(
-            "{}",
-            json!({
-                "hostname": n.hostname, "qemu_path": n.qemu_path, "qemu_version": n.qemu_version,
-                "qemu_error": n.qemu_error, "kvm_available": n.kvm_available, "kvm_detail": n.kvm_detail,
-                "memory_total_mib": n.memory_total_mib, "memory_available_mib": n.memory_available_mib,
-                "cpus": n.cpus, "instance_count": n.instance_count, "agent_version": n.agent_version,
-            })
-        );
-    } else {
+    out.show(&node, |n| {
         println!("hostname:   {}", n.hostname);
         println!(
             "qemu:       {} {}{}",
@@ -46,6 +37,6 @@ pub(super) async fn run(
         );
         println!("cpus:       {}", n.cpus);
         println!("instances:  {}", n.instance_count);
-    }
+    });
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::{TlsArgs, print_to_pipe};
+use super::{Printer, TlsArgs, print_to_pipe};
 use crate::instances::Agent;
 use crate::server::{self, Listeners};
 use crate::settings::{self, FileConfig, LogFormat, Settings};
@@ -252,11 +252,11 @@ pub(super) fn config(
     command: ConfigCommand,
     socket: Option<&PathBuf>,
     tls: &TlsArgs,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let ConfigCommand::Check(args) = command;
     let effective = args.settings(socket, tls)?.effective();
-    let text = if json_out {
+    let text = if out.json {
         serde_json::to_string_pretty(&effective)? + "\n"
     } else {
         toml::to_string(&effective)?
