@@ -1,59 +1,20 @@
 //! `kvm-agent device`: hot-add, remove and list the devices of running
 //! instances.
 
-use anyhow::Context;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
 use super::Printer;
+use super::options::EnumParser;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum DeviceCommand {
     /// Hot-add a NIC.
-    AddNic {
-        /// Instance name.
-        instance: String,
-        /// Guest MAC.
-        #[arg(long)]
-        mac: String,
-        /// Device name (default: nic-<first 8 of a new uuid>).
-        #[arg(long)]
-        name: Option<String>,
-        /// virtio or e1000.
-        #[arg(long, default_value = "virtio")]
-        model: String,
-        /// Bridge to attach the tap to.
-        #[arg(long)]
-        bridge: Option<String>,
-        /// In-kernel vhost-net.
-        #[arg(long)]
-        vhost: bool,
-        /// Queue pairs (multiqueue when more than 1).
-        #[arg(long, default_value_t = 1)]
-        queues: u32,
-    },
+    AddNic(AddNicArgs),
     /// Hot-add a disk.
-    AddDisk {
-        /// Instance name.
-        instance: String,
-        /// Absolute path of the image.
-        #[arg(long)]
-        path: String,
-        /// Device name (default: disk-<first 8 of a new uuid>).
-        #[arg(long)]
-        name: Option<String>,
-        /// raw or qcow2.
-        #[arg(long, default_value = "raw")]
-        format: String,
-        /// Attach read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// none, writeback, writethrough, directsync or unsafe.
-        #[arg(long, default_value = "none")]
-        cache: String,
-    },
+    AddDisk(AddDiskArgs),
     /// Hot-remove a device (the guest must release it).
     Remove {
         /// Instance name.
@@ -71,6 +32,86 @@ pub(super) enum DeviceCommand {
         /// Instance name.
         instance: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AddNicArgs {
+    /// Instance name.
+    instance: String,
+    /// Guest MAC.
+    #[arg(long)]
+    mac: String,
+    /// Device name (default: nic-<first 8 of a new uuid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// NIC model.
+    #[arg(long, default_value = "virtio", value_parser = EnumParser::new("NicModel", "NIC model"))]
+    model: i32,
+    /// Bridge to attach the tap to.
+    #[arg(long)]
+    bridge: Option<String>,
+    /// In-kernel vhost-net.
+    #[arg(long)]
+    vhost: bool,
+    /// Queue pairs (multiqueue when more than 1).
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+}
+
+impl AddNicArgs {
+    fn request(self) -> pb::AddNicRequest {
+        let nic = pb::NicSpec {
+            name: self.name.unwrap_or_else(|| default_device_name("nic")),
+            mac: self.mac,
+            model: self.model,
+            bridge: self.bridge.unwrap_or_default(),
+            vhost: self.vhost,
+            queues: self.queues,
+            ..Default::default()
+        };
+        pb::AddNicRequest {
+            name: self.instance,
+            nic: Some(nic),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AddDiskArgs {
+    /// Instance name.
+    instance: String,
+    /// Absolute path of the image.
+    #[arg(long)]
+    path: String,
+    /// Device name (default: disk-<first 8 of a new uuid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Image format.
+    #[arg(long, default_value = "raw", value_parser = EnumParser::new("DiskFormat", "disk format"))]
+    format: i32,
+    /// Attach read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Host cache mode.
+    #[arg(long, default_value = "none", value_parser = EnumParser::new("DiskCache", "cache mode"))]
+    cache: i32,
+}
+
+impl AddDiskArgs {
+    fn request(self) -> pb::AddDiskRequest {
+        let disk = pb::DiskSpec {
+            name: self.name.unwrap_or_else(|| default_device_name("disk")),
+            path: self.path,
+            format: self.format,
+            cache: self.cache,
+            read_only: self.read_only,
+            ..Default::default()
+        };
+        pb::AddDiskRequest {
+            name: self.instance,
+            disk: Some(disk),
+        }
+    }
 }
 
 pub(super) fn print_device(d: &pb::DeviceInfo) {
@@ -97,16 +138,6 @@ fn default_device_name(prefix: &str) -> String {
     )
 }
 
-fn enum_value(
-    what: &str,
-    prefix: &str,
-    value: &str,
-    parse: impl Fn(&str) -> Option<i32>,
-) -> anyhow::Result<i32> {
-    parse(&format!("{prefix}{}", value.to_uppercase()))
-        .with_context(|| format!("unknown {what} {value:?}"))
-}
-
 /// Runs `kvm-agent device`.
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
@@ -114,59 +145,8 @@ pub(super) async fn run(
     out: Printer,
 ) -> anyhow::Result<()> {
     let changed = match command {
-        DeviceCommand::AddNic {
-            instance,
-            mac,
-            name,
-            model,
-            bridge,
-            vhost,
-            queues,
-        } => {
-            let model = enum_value("NIC model", "NIC_MODEL_", &model, |s| {
-                pb::NicModel::from_str_name(s).map(|m| m as i32)
-            })?;
-            let nic = pb::NicSpec {
-                name: name.unwrap_or_else(|| default_device_name("nic")),
-                mac,
-                model,
-                bridge: bridge.unwrap_or_default(),
-                vhost,
-                queues,
-                ..Default::default()
-            };
-            let request = pb::AddNicRequest {
-                name: instance,
-                nic: Some(nic),
-            };
-            client.add_nic(request).await?
-        }
-        DeviceCommand::AddDisk {
-            instance,
-            path,
-            name,
-            format,
-            read_only,
-            cache,
-        } => {
-            let disk = pb::DiskSpec {
-                name: name.unwrap_or_else(|| default_device_name("disk")),
-                path,
-                format: enum_value("disk format", "DISK_FORMAT_", &format, |s| {
-                    pb::DiskFormat::from_str_name(s).map(|f| f as i32)
-                })?,
-                cache: enum_value("cache mode", "DISK_CACHE_", &cache, |s| {
-                    pb::DiskCache::from_str_name(s).map(|c| c as i32)
-                })?,
-                read_only,
-                ..Default::default()
-            };
-            let request = pb::AddDiskRequest {
-                name: instance,
-                disk: Some(disk),
-            };
-            client.add_disk(request).await?
-        }
+        DeviceCommand::AddNic(args) => client.add_nic(args.request()).await?,
+        DeviceCommand::AddDisk(args) => client.add_disk(args.request()).await?,
         DeviceCommand::Remove { instance, device } => {
             let request = pb::RemoveDeviceRequest {
                 name: instance,

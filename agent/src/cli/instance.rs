@@ -1,12 +1,13 @@
 //! `kvm-agent instance`: start, stop, reboot, show and list instances.
 
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
 use super::Printer;
 use super::device::print_device;
+use super::options::EnumParser;
 use super::spec::{SpecArgs, SpecOptions};
 use super::wire::{enum_type, label, state_label};
 
@@ -30,8 +31,8 @@ pub(super) enum InstanceCommand {
         /// Instance name.
         name: String,
         /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
-        #[arg(long, value_enum, default_value = "soft")]
-        mode: RebootModeArg,
+        #[arg(long, default_value = "soft", value_parser = EnumParser::new("RebootMode", "reboot mode"))]
+        mode: i32,
         #[command(
             flatten,
             next_help_heading = "The spec a hard reboot applies (--mode hard only)"
@@ -82,13 +83,6 @@ pub(super) enum InstanceCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(super) enum RebootModeArg {
-    Soft,
-    Hard,
-    Reset,
-}
-
 /// The state, or `reconciling` while the agent, just restarted, has only
 /// the record's word for it.
 fn shown_state(i: &pb::InstanceInfo) -> String {
@@ -132,7 +126,7 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let instance = match command {
         InstanceCommand::Start(spec) => {
-            let spec = Some(spec.to_proto()?);
+            let spec = Some(spec.to_proto());
             client
                 .start_instance(pb::StartInstanceRequest { spec })
                 .await?
@@ -213,26 +207,17 @@ pub(super) async fn run(
 /// The request of `instance reboot`: spec options only with `--mode hard`.
 fn reboot(
     name: String,
-    mode: RebootModeArg,
+    mode: i32,
     spec: &SpecOptions,
 ) -> anyhow::Result<pb::RebootInstanceRequest> {
-    let mode = match mode {
-        RebootModeArg::Soft => pb::RebootMode::Soft,
-        RebootModeArg::Hard => pb::RebootMode::Hard,
-        RebootModeArg::Reset => pb::RebootMode::Reset,
+    let spec = if mode == pb::RebootMode::Hard as i32 {
+        Some(spec.to_proto(&name))
+    } else if spec.any_given() {
+        anyhow::bail!("spec options apply to a hard reboot only; add --mode hard")
+    } else {
+        None
     };
-    let spec = match mode {
-        pb::RebootMode::Hard => Some(spec.to_proto(&name)?),
-        _ if spec.any_given() => {
-            anyhow::bail!("spec options apply to a hard reboot only; add --mode hard")
-        }
-        _ => None,
-    };
-    Ok(pb::RebootInstanceRequest {
-        name,
-        mode: mode as i32,
-        spec,
-    })
+    Ok(pb::RebootInstanceRequest { name, mode, spec })
 }
 
 fn print_table(list: &[pb::InstanceInfo]) {

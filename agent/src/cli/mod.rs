@@ -22,6 +22,7 @@ mod device;
 mod events;
 mod instance;
 mod node;
+mod options;
 mod serve;
 mod spec;
 mod transfer;

@@ -1,9 +1,10 @@
 //! The instance spec as flags: `instance start`, and `instance reboot
 //! --mode hard`.
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser};
 use kvm_agent_proto::v1 as pb;
+
+use super::options::{EnumParser, OptionList};
 
 #[derive(Debug, Args, Clone)]
 pub(super) struct SpecArgs {
@@ -27,11 +28,11 @@ pub(super) struct SpecOptions {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...]; repeat for more.
-    #[arg(long)]
-    disk: Vec<String>,
-    /// A NIC: mac=M[,name=N][,model=virtio|e1000][,bridge=B]; repeat for more.
-    #[arg(long)]
-    nic: Vec<String>,
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<pb::DiskSpec>,
+    /// A NIC: mac=M[,name=N][,model=virtio|e1000][,bridge=B][,queues=Q][,vhost]; repeat for more.
+    #[arg(long, value_parser = parse_nic)]
+    nic: Vec<pb::NicSpec>,
     /// Kernel for direct boot.
     #[arg(long)]
     kernel: Option<String>,
@@ -44,9 +45,9 @@ pub(super) struct SpecOptions {
     /// Machine type.
     #[arg(long, default_value = "pc")]
     machine: String,
-    /// auto, kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    accel: String,
+    /// Accelerator (auto: KVM when /dev/kvm can be opened, TCG otherwise).
+    #[arg(long, default_value = "auto", value_parser = EnumParser::new("Accelerator", "accelerator"))]
+    accel: i32,
     /// Pin vCPU threads to host CPUs: one list for all vCPUs ("0-1") or
     /// one per vCPU, separated by ':' ("1:0").
     #[arg(long)]
@@ -74,32 +75,56 @@ pub(super) struct SpecOptions {
     hugepages: bool,
 }
 
-/// Splits `key=value,...`, where `,,` stands for a comma.
-fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut items = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            (',', Some(',')) => {
-                chars.next();
-                items.last_mut().into_iter().for_each(|i| i.push(','));
-            }
-            (',', _) => items.push(String::new()),
-            _ => items.last_mut().into_iter().for_each(|i| i.push(c)),
+/// Reads `--disk`.
+fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
+    let keys = ["path", "name", "uuid", "format", "ro", "readonly", "cache"];
+    let options = OptionList::parse("disk", &keys, text)?;
+    let format = EnumParser::new("DiskFormat", "disk format");
+    let cache = EnumParser::new("DiskCache", "cache mode");
+    Ok(pb::DiskSpec {
+        name: options.value("name")?.unwrap_or_default(),
+        uuid: options.value("uuid")?.unwrap_or_default(),
+        path: options.value("path")?.unwrap_or_default(),
+        format: options.parsed("format", |v| format.parse(v))?.unwrap_or(0),
+        read_only: options.flag("ro")? || options.flag("readonly")?,
+        cache: options.parsed("cache", |v| cache.parse(v))?.unwrap_or(0),
+    })
+}
+
+/// Reads `--nic`.
+fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
+    let keys = ["mac", "name", "uuid", "bridge", "queues", "vhost", "model"];
+    let options = OptionList::parse("NIC", &keys, text)?;
+    let model = EnumParser::new("NicModel", "NIC model");
+    let count = |v: &str| v.parse().map_err(|_| format!("{v:?} is not a count"));
+    Ok(pb::NicSpec {
+        name: options.value("name")?.unwrap_or_default(),
+        uuid: options.value("uuid")?.unwrap_or_default(),
+        mac: options.value("mac")?.unwrap_or_default(),
+        model: options.parsed("model", |v| model.parse(v))?.unwrap_or(0),
+        bridge: options.value("bridge")?.unwrap_or_default(),
+        vhost: options.flag("vhost")?,
+        queues: options.parsed("queues", count)?.unwrap_or(0),
+    })
+}
+
+/// Names the devices given without a name by their place: disk0, nic1...
+fn named<T>(devices: &[T], prefix: &str, name: impl Fn(&mut T) -> &mut String) -> Vec<T>
+where
+    T: Clone,
+{
+    let mut devices = devices.to_vec();
+    for (i, device) in devices.iter_mut().enumerate() {
+        let name = name(device);
+        if name.is_empty() {
+            *name = format!("{prefix}{i}");
         }
     }
-    items
-        .into_iter()
-        .filter(|i| !i.is_empty())
-        .map(|i| match i.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (i, String::new()),
-        })
-        .collect()
+    devices
 }
 
 impl SpecArgs {
-    pub(super) fn to_proto(&self) -> anyhow::Result<pb::InstanceSpec> {
+    pub(super) fn to_proto(&self) -> pb::InstanceSpec {
         self.options.to_proto(&self.name)
     }
 }
@@ -117,96 +142,21 @@ impl SpecOptions {
         UnsetSpecOptions::try_parse_from(["kvm-agent"]).is_ok_and(|unset| unset.options != *self)
     }
 
-    pub(super) fn to_proto(&self, name: &str) -> anyhow::Result<pb::InstanceSpec> {
-        let disks = self
-            .disk
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                let mut disk = pb::DiskSpec {
-                    name: format!("disk{i}"),
-                    ..Default::default()
-                };
-                for (k, v) in split_options(text) {
-                    match k.as_str() {
-                        "path" => disk.path = v,
-                        "name" => disk.name = v,
-                        "uuid" => disk.uuid = v,
-                        "ro" | "readonly" => disk.read_only = true,
-                        "format" => {
-                            disk.format = pb::DiskFormat::from_str_name(&format!(
-                                "DISK_FORMAT_{}",
-                                v.to_uppercase()
-                            ))
-                            .with_context(|| format!("unknown disk format {v:?}"))?
-                                as i32
-                        }
-                        "cache" => {
-                            disk.cache = pb::DiskCache::from_str_name(&format!(
-                                "DISK_CACHE_{}",
-                                v.to_uppercase()
-                            ))
-                            .with_context(|| format!("unknown cache mode {v:?}"))?
-                                as i32
-                        }
-                        _ => bail!("unknown disk option {k:?}"),
-                    }
-                }
-                Ok(disk)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let nics = self
-            .nic
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                let mut nic = pb::NicSpec {
-                    name: format!("nic{i}"),
-                    ..Default::default()
-                };
-                for (k, v) in split_options(text) {
-                    match k.as_str() {
-                        "mac" => nic.mac = v,
-                        "name" => nic.name = v,
-                        "uuid" => nic.uuid = v,
-                        "bridge" => nic.bridge = v,
-                        "queues" => {
-                            nic.queues = v
-                                .parse()
-                                .with_context(|| format!("bad queue count {v:?}"))?
-                        }
-                        "vhost" => nic.vhost = true,
-                        "model" => {
-                            nic.model = pb::NicModel::from_str_name(&format!(
-                                "NIC_MODEL_{}",
-                                v.to_uppercase()
-                            ))
-                            .with_context(|| format!("unknown NIC model {v:?}"))?
-                                as i32
-                        }
-                        _ => bail!("unknown NIC option {k:?}"),
-                    }
-                }
-                Ok(nic)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let accelerator =
-            pb::Accelerator::from_str_name(&format!("ACCELERATOR_{}", self.accel.to_uppercase()))
-                .with_context(|| format!("unknown accelerator {:?}", self.accel))?;
-        Ok(pb::InstanceSpec {
+    pub(super) fn to_proto(&self, name: &str) -> pb::InstanceSpec {
+        pb::InstanceSpec {
             name: name.to_owned(),
             uuid: self.uuid.clone().unwrap_or_default(),
             memory_mib: self.memory,
             vcpus: self.vcpus,
-            disks,
-            nics,
+            disks: named(&self.disk, "disk", |d| &mut d.name),
+            nics: named(&self.nic, "nic", |n| &mut n.name),
             boot: Some(pb::BootSpec {
                 kernel: self.kernel.clone().unwrap_or_default(),
                 initrd: self.initrd.clone().unwrap_or_default(),
                 cmdline: self.append.clone().unwrap_or_default(),
             }),
             machine_type: self.machine.clone(),
-            accelerator: accelerator as i32,
+            accelerator: self.accel,
             serial_console: self.serial,
             vnc: self.vnc.map(|display| pb::VncSpec { display }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
@@ -217,7 +167,7 @@ impl SpecOptions {
                 share: self.memory_share,
                 hugepages: self.hugepages,
             }),
-        })
+        }
     }
 }
 
@@ -226,13 +176,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disk_option_with_doubled_comma_keeps_the_comma() {
+    fn devices_read_every_key_and_get_a_name_by_their_place() {
+        let options = UnsetSpecOptions::try_parse_from([
+            "kvm-agent",
+            "--disk",
+            "path=/srv/a,,b.img,format=QCOW2,ro,cache=writeback",
+            "--disk",
+            "path=/srv/c.img,name=data,readonly=off",
+            "--nic",
+            "mac=52:54:00:00:00:01,model=e1000,bridge=br0,queues=2,vhost",
+        ])
+        .unwrap()
+        .options;
+        let spec = options.to_proto("web");
+        let root = &spec.disks[0];
+        assert_eq!(root.name, "disk0");
+        assert_eq!(root.path, "/srv/a,b.img");
+        assert_eq!(root.format, pb::DiskFormat::Qcow2 as i32);
+        assert_eq!(root.cache, pb::DiskCache::Writeback as i32);
+        assert!(root.read_only);
+        assert_eq!(spec.disks[1].name, "data");
+        assert!(!spec.disks[1].read_only);
+        let nic = &spec.nics[0];
+        assert_eq!(nic.name, "nic0");
+        assert_eq!(nic.model, pb::NicModel::E1000 as i32);
         assert_eq!(
-            split_options("path=/srv/a,,b.img,ro"),
-            vec![
-                ("path".into(), "/srv/a,b.img".into()),
-                ("ro".into(), String::new())
-            ]
+            (nic.bridge.as_str(), nic.queues, nic.vhost),
+            ("br0", 2, true)
+        );
+        assert_eq!(spec.accelerator, pb::Accelerator::Auto as i32);
+    }
+
+    #[test]
+    fn a_bad_device_option_names_the_flag_and_the_choices() {
+        let error = UnsetSpecOptions::try_parse_from(["kvm-agent", "--nic", "mac=m,model=rtl"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--nic"), "{error}");
+        assert!(
+            error.contains("unknown NIC model \"rtl\"; use virtio or e1000"),
+            "{error}"
         );
     }
 }

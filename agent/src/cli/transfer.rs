@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use super::Printer;
 use super::instance::print_instance;
+use super::options::parse_size;
 use super::wire::{enum_type, label};
 
 /// `kvm-agent migrate`.
@@ -60,21 +61,6 @@ pub(super) struct RestoreArgs {
     /// Stay paused until `kvm-agent instance resume`.
     #[arg(long)]
     paused: bool,
-}
-
-/// Reads `1048576`, `512K`, `100M` or `2G`.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 10),
-        Some((i, 'M' | 'm')) => (&text[..i], 20),
-        Some((i, 'G' | 'g')) => (&text[..i], 30),
-        _ => (text, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("{text:?} is not a size like 1048576, 512K, 100M or 2G"))
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -268,16 +254,6 @@ pub(super) async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_are_read() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512K"), Ok(512 << 10));
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("fast").is_err());
-        assert!(parse_size("99999999999G").is_err());
-    }
 
     #[test]
     fn a_progress_line_says_what_a_person_wants() {
