@@ -141,11 +141,7 @@ pub(super) async fn run(
                 force,
                 powerdown_timeout_ms: powerdown_timeout_ms.unwrap_or(0),
             };
-            let stopped = client.stop_instance(request).await?.into_inner();
-            out.show(&stopped, |r| {
-                println!("stopped ({})", label(&enum_type("StopMethod"), r.method));
-            });
-            return Ok(());
+            return stop(&mut client, request, out).await;
         }
         InstanceCommand::Reboot { name, mode, spec } => {
             client.reboot_instance(reboot(name, mode, &spec)?).await?
@@ -185,22 +181,43 @@ pub(super) async fn run(
             timeout_ms,
         } => {
             let request = pb::SetMemoryRequest {
-                name: name.clone(),
+                name,
                 memory_mib,
                 wait: !no_wait,
                 timeout_ms,
             };
-            let r = client.set_memory(request).await?.into_inner();
-            out.show_named(&name, &r, |r| {
-                println!(
-                    "{name}: {} MiB of {} MiB (target {} MiB)",
-                    r.actual_mib, r.maximum_mib, r.target_mib
-                );
-            });
-            return Ok(());
+            return set_memory(&mut client, request, out).await;
         }
     };
     out.show(&instance.into_inner(), print_instance);
+    Ok(())
+}
+
+async fn stop(
+    client: &mut NodeAgentClient<Channel>,
+    request: pb::StopInstanceRequest,
+    out: Printer,
+) -> anyhow::Result<()> {
+    let stopped = client.stop_instance(request).await?.into_inner();
+    out.show(&stopped, |r| {
+        println!("stopped ({})", label(&enum_type("StopMethod"), r.method));
+    });
+    Ok(())
+}
+
+async fn set_memory(
+    client: &mut NodeAgentClient<Channel>,
+    request: pb::SetMemoryRequest,
+    out: Printer,
+) -> anyhow::Result<()> {
+    let name = request.name.clone();
+    let r = client.set_memory(request).await?.into_inner();
+    out.show_named(&name, &r, |r| {
+        println!(
+            "{name}: {} MiB of {} MiB (target {} MiB)",
+            r.actual_mib, r.maximum_mib, r.target_mib
+        );
+    });
     Ok(())
 }
 
