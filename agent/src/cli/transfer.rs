@@ -1,5 +1,6 @@
-//! `kvm-agent migrate`, `save` and `restore`: long operations, shown with a
-//! progress bar on a terminal and as plain or JSON lines otherwise.
+//! `kvm-agent migrate`, `cancel-migration`, `save` and `restore`: moving
+//! a guest to another node or to a file. The long ones show a progress bar
+//! on a terminal and plain or JSON lines otherwise.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -9,11 +10,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::json;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::{instance_json, print_instance};
+use super::Printer;
+use super::instance::print_instance;
+use super::options::parse_size;
+use super::wire::{enum_type, label};
 
 /// `kvm-agent migrate`.
 #[derive(Debug, Args)]
@@ -37,19 +40,27 @@ pub(super) struct MigrateArgs {
     no_auto_converge: bool,
 }
 
-/// Reads `1048576`, `512K`, `100M` or `2G`.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 10),
-        Some((i, 'M' | 'm')) => (&text[..i], 20),
-        Some((i, 'G' | 'g')) => (&text[..i], 30),
-        _ => (text, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("{text:?} is not a size like 1048576, 512K, 100M or 2G"))
+#[derive(Debug, Args)]
+pub(super) struct CancelArgs {
+    /// Instance name.
+    name: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct SaveArgs {
+    /// Instance name.
+    name: String,
+    /// Absolute path of the file to create (must not exist).
+    path: String,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RestoreArgs {
+    /// Absolute path of the save file.
+    path: String,
+    /// Stay paused until `kvm-agent instance resume`.
+    #[arg(long)]
+    paused: bool,
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -57,23 +68,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn phase_name(phase: i32) -> String {
-    let name = pb::MigrationPhase::try_from(phase).ok();
-    super::enum_label(name.map(|p| p.as_str_name()), "MIGRATION_PHASE_", phase)
-}
-
-pub(super) fn progress_json(p: &pb::MigrationProgress) -> serde_json::Value {
-    json!({
-        "phase": phase_name(p.phase),
-        "qemu_status": p.qemu_status,
-        "transferred_bytes": p.transferred_bytes,
-        "remaining_bytes": p.remaining_bytes,
-        "total_bytes": p.total_bytes,
-        "dirty_rate_bytes_per_second": p.dirty_rate_bytes_per_second,
-        "expected_downtime_ms": p.expected_downtime_ms,
-        "downtime_ms": p.downtime_ms,
-        "elapsed_ms": p.elapsed_ms,
-        "address": p.address,
-    })
+    label(&enum_type("MigrationPhase"), phase)
 }
 
 pub(super) fn progress_line(p: &pb::MigrationProgress) -> String {
@@ -109,7 +104,7 @@ pub(super) fn progress_line(p: &pb::MigrationProgress) -> String {
 pub(super) async fn migrate(
     mut client: NodeAgentClient<Channel>,
     args: MigrateArgs,
-    json_out: bool,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let request = pb::MigrateInstanceRequest {
         name: args.name.clone(),
@@ -122,17 +117,7 @@ pub(super) async fn migrate(
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();
-    let bar = (!json_out && std::io::stdout().is_terminal()).then(|| {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:12} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {elapsed})",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    });
+    let bar = (!out.json && std::io::stdout().is_terminal()).then(progress_bar);
     let mut last = None;
     while let Some(item) = stream.next().await {
         let progress = match item {
@@ -150,8 +135,7 @@ pub(super) async fn migrate(
                 bar.set_position(progress.transferred_bytes);
                 bar.set_message(phase_name(progress.phase));
             }
-            None if json_out => println!("{}", progress_json(&progress)),
-            None => println!("{}", progress_line(&progress)),
+            None => out.show(&progress, |p| println!("{}", progress_line(p))),
         }
         last = Some(progress);
     }
@@ -163,7 +147,7 @@ pub(super) async fn migrate(
         .context(
             "the migration stream ended without an outcome; check the instance on both nodes",
         )?;
-    if !json_out {
+    if !out.json {
         println!(
             "{} migrated to {} in {:.1} s (downtime {} ms)",
             args.name,
@@ -175,9 +159,35 @@ pub(super) async fn migrate(
     Ok(())
 }
 
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:12} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {elapsed})",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Runs `kvm-agent cancel-migration`.
+pub(super) async fn cancel(
+    mut client: NodeAgentClient<Channel>,
+    CancelArgs { name }: CancelArgs,
+    out: Printer,
+) -> anyhow::Result<()> {
+    let request = pb::CancelMigrationRequest { name: name.clone() };
+    let cancelled = client.cancel_migration(request).await?.into_inner();
+    out.show_named(&name, &cancelled, |c| {
+        println!("{name}: {} migration cancelled", c.cancelled);
+    });
+    Ok(())
+}
+
 /// Shows a spinner on a terminal while `work` runs.
-async fn with_spinner<T>(message: String, json_out: bool, work: impl Future<Output = T>) -> T {
-    if json_out || !std::io::stderr().is_terminal() {
+async fn with_spinner<T>(message: String, out: Printer, work: impl Future<Output = T>) -> T {
+    if out.json || !std::io::stderr().is_terminal() {
         return work.await;
     }
     let spinner = ProgressBar::new_spinner().with_message(message);
@@ -190,9 +200,8 @@ async fn with_spinner<T>(message: String, json_out: bool, work: impl Future<Outp
 /// Runs `kvm-agent save`.
 pub(super) async fn save(
     mut client: NodeAgentClient<Channel>,
-    name: String,
-    path: String,
-    json_out: bool,
+    SaveArgs { name, path }: SaveArgs,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let request = pb::SaveInstanceRequest {
         name: name.clone(),
@@ -200,37 +209,26 @@ pub(super) async fn save(
     };
     let saved = with_spinner(
         format!("saving {name} to {path}"),
-        json_out,
+        out,
         client.save_instance(request),
     )
     .await?
     .into_inner();
-    if json_out {
-        println!(
-            "{}",
-            json!({
-                "instance": saved.instance.as_ref().map(instance_json),
-                "file_bytes": saved.file_bytes,
-                "was_running": saved.was_running,
-                "duration_ms": saved.duration_ms,
-            })
-        );
-    } else {
+    out.show(&saved, |saved| {
         println!(
             "{name} saved to {path}: {:.1} MiB in {:.2} s",
             mib(saved.file_bytes),
             saved.duration_ms as f64 / 1000.0
         );
-    }
+    });
     Ok(())
 }
 
 /// Runs `kvm-agent restore`.
 pub(super) async fn restore(
     mut client: NodeAgentClient<Channel>,
-    path: String,
-    paused: bool,
-    json_out: bool,
+    RestoreArgs { path, paused }: RestoreArgs,
+    out: Printer,
 ) -> anyhow::Result<()> {
     let request = pb::RestoreInstanceRequest {
         path: path.clone(),
@@ -238,40 +236,24 @@ pub(super) async fn restore(
     };
     let restored = with_spinner(
         format!("restoring from {path}"),
-        json_out,
+        out,
         client.restore_instance(request),
     )
     .await?
     .into_inner();
-    let instance = restored.instance.unwrap_or_default();
-    if json_out {
-        println!(
-            "{}",
-            json!({ "instance": instance_json(&instance), "duration_ms": restored.duration_ms })
-        );
-    } else {
+    out.show(&restored, |restored| {
         println!(
             "restored from {path} in {:.2} s",
             restored.duration_ms as f64 / 1000.0
         );
-        print_instance(&instance);
-    }
+        print_instance(&restored.instance.clone().unwrap_or_default());
+    });
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_are_read() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("512K"), Ok(512 << 10));
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("fast").is_err());
-        assert!(parse_size("99999999999G").is_err());
-    }
 
     #[test]
     fn a_progress_line_says_what_a_person_wants() {

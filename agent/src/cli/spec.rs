@@ -1,0 +1,221 @@
+//! The instance spec as flags: `instance start`, and `instance reboot
+//! --mode hard`.
+
+use clap::{Args, Parser};
+use kvm_agent_proto::v1 as pb;
+
+use super::options::{EnumParser, OptionList};
+
+#[derive(Debug, Args, Clone)]
+pub(super) struct SpecArgs {
+    /// Instance name.
+    #[arg(long = "name", id = "instance_name")]
+    name: String,
+    #[command(flatten)]
+    options: SpecOptions,
+}
+
+/// An instance spec but its name, which a reboot takes as its argument.
+#[derive(Debug, Args, Clone, PartialEq)]
+pub(super) struct SpecOptions {
+    /// Instance uuid (default: kept from the record, or new).
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...]; repeat for more.
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<pb::DiskSpec>,
+    /// A NIC: mac=M[,name=N][,model=virtio|e1000][,bridge=B][,queues=Q][,vhost]; repeat for more.
+    #[arg(long, value_parser = parse_nic)]
+    nic: Vec<pb::NicSpec>,
+    /// Kernel for direct boot.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initrd for direct boot.
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Kernel command line.
+    #[arg(long)]
+    append: Option<String>,
+    /// Machine type.
+    #[arg(long, default_value = "pc")]
+    machine: String,
+    /// Accelerator (auto: KVM when /dev/kvm can be opened, TCG otherwise).
+    #[arg(long, default_value = "auto", value_parser = EnumParser::new("Accelerator", "accelerator"))]
+    accel: i32,
+    /// Pin vCPU threads to host CPUs: one list for all vCPUs ("0-1") or
+    /// one per vCPU, separated by ':' ("1:0").
+    #[arg(long)]
+    cpu_mask: Option<String>,
+    /// Share of CPU time against other instances (cgroup cpu.weight, 1-10000).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Serial console on a unix socket.
+    #[arg(long)]
+    serial: bool,
+    /// VNC display on 127.0.0.1.
+    #[arg(long)]
+    vnc: Option<u32>,
+    /// CPU model.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Back guest RAM with this file, or a file in this directory.
+    #[arg(long)]
+    memory_file: Option<String>,
+    /// Map --memory-file shared.
+    #[arg(long, requires = "memory_file")]
+    memory_share: bool,
+    /// Take guest RAM from huge pages (from --memory-file's hugetlbfs mount, default /dev/hugepages).
+    #[arg(long)]
+    hugepages: bool,
+}
+
+/// Reads `--disk`.
+fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
+    let keys = ["path", "name", "uuid", "format", "ro", "readonly", "cache"];
+    let options = OptionList::parse("disk", &keys, text)?;
+    let format = EnumParser::new("DiskFormat", "disk format");
+    let cache = EnumParser::new("DiskCache", "cache mode");
+    Ok(pb::DiskSpec {
+        name: options.value("name")?.unwrap_or_default(),
+        uuid: options.value("uuid")?.unwrap_or_default(),
+        path: options.value("path")?.unwrap_or_default(),
+        format: options.parsed("format", |v| format.parse(v))?.unwrap_or(0),
+        read_only: options.flag("ro")? || options.flag("readonly")?,
+        cache: options.parsed("cache", |v| cache.parse(v))?.unwrap_or(0),
+    })
+}
+
+/// Reads `--nic`.
+fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
+    let keys = ["mac", "name", "uuid", "bridge", "queues", "vhost", "model"];
+    let options = OptionList::parse("NIC", &keys, text)?;
+    let model = EnumParser::new("NicModel", "NIC model");
+    let count = |v: &str| v.parse().map_err(|_| format!("{v:?} is not a count"));
+    Ok(pb::NicSpec {
+        name: options.value("name")?.unwrap_or_default(),
+        uuid: options.value("uuid")?.unwrap_or_default(),
+        mac: options.value("mac")?.unwrap_or_default(),
+        model: options.parsed("model", |v| model.parse(v))?.unwrap_or(0),
+        bridge: options.value("bridge")?.unwrap_or_default(),
+        vhost: options.flag("vhost")?,
+        queues: options.parsed("queues", count)?.unwrap_or(0),
+    })
+}
+
+/// Names the devices given without a name by their place: disk0, nic1...
+fn named<T>(devices: &[T], prefix: &str, name: impl Fn(&mut T) -> &mut String) -> Vec<T>
+where
+    T: Clone,
+{
+    let mut devices = devices.to_vec();
+    for (i, device) in devices.iter_mut().enumerate() {
+        let name = name(device);
+        if name.is_empty() {
+            *name = format!("{prefix}{i}");
+        }
+    }
+    devices
+}
+
+impl SpecArgs {
+    pub(super) fn to_proto(&self) -> pb::InstanceSpec {
+        self.options.to_proto(&self.name)
+    }
+}
+
+/// The spec options as they are when none is given.
+#[derive(Debug, Parser)]
+struct UnsetSpecOptions {
+    #[command(flatten)]
+    options: SpecOptions,
+}
+
+impl SpecOptions {
+    /// Whether any option was given, as far as values show.
+    pub(super) fn any_given(&self) -> bool {
+        UnsetSpecOptions::try_parse_from(["kvm-agent"]).is_ok_and(|unset| unset.options != *self)
+    }
+
+    pub(super) fn to_proto(&self, name: &str) -> pb::InstanceSpec {
+        pb::InstanceSpec {
+            name: name.to_owned(),
+            uuid: self.uuid.clone().unwrap_or_default(),
+            memory_mib: self.memory,
+            vcpus: self.vcpus,
+            disks: named(&self.disk, "disk", |d| &mut d.name),
+            nics: named(&self.nic, "nic", |n| &mut n.name),
+            boot: Some(pb::BootSpec {
+                kernel: self.kernel.clone().unwrap_or_default(),
+                initrd: self.initrd.clone().unwrap_or_default(),
+                cmdline: self.append.clone().unwrap_or_default(),
+            }),
+            machine_type: self.machine.clone(),
+            accelerator: self.accel,
+            serial_console: self.serial,
+            vnc: self.vnc.map(|display| pb::VncSpec { display }),
+            cpu_model: self.cpu.clone().unwrap_or_default(),
+            cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
+            cpu_weight: self.cpu_weight.unwrap_or_default(),
+            memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
+                file: self.memory_file.clone().unwrap_or_default(),
+                share: self.memory_share,
+                hugepages: self.hugepages,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_read_every_key_and_get_a_name_by_their_place() {
+        let options = UnsetSpecOptions::try_parse_from([
+            "kvm-agent",
+            "--disk",
+            "path=/srv/a,,b.img,format=QCOW2,ro,cache=writeback",
+            "--disk",
+            "path=/srv/c.img,name=data,readonly=off",
+            "--nic",
+            "mac=52:54:00:00:00:01,model=e1000,bridge=br0,queues=2,vhost",
+        ])
+        .unwrap()
+        .options;
+        let spec = options.to_proto("web");
+        let root = &spec.disks[0];
+        assert_eq!(root.name, "disk0");
+        assert_eq!(root.path, "/srv/a,b.img");
+        assert_eq!(root.format, pb::DiskFormat::Qcow2 as i32);
+        assert_eq!(root.cache, pb::DiskCache::Writeback as i32);
+        assert!(root.read_only);
+        assert_eq!(spec.disks[1].name, "data");
+        assert!(!spec.disks[1].read_only);
+        let nic = &spec.nics[0];
+        assert_eq!(nic.name, "nic0");
+        assert_eq!(nic.model, pb::NicModel::E1000 as i32);
+        assert_eq!(
+            (nic.bridge.as_str(), nic.queues, nic.vhost),
+            ("br0", 2, true)
+        );
+        assert_eq!(spec.accelerator, pb::Accelerator::Auto as i32);
+    }
+
+    #[test]
+    fn a_bad_device_option_names_the_flag_and_the_choices() {
+        let error = UnsetSpecOptions::try_parse_from(["kvm-agent", "--nic", "mac=m,model=rtl"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--nic"), "{error}");
+        assert!(
+            error.contains("unknown NIC model \"rtl\"; use virtio or e1000"),
+            "{error}"
+        );
+    }
+}
