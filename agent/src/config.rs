@@ -1,4 +1,6 @@
-//! Agent settings.
+//! What the agent runs with: the resolved configuration its operations
+//! read (directories, QEMU, confinement, timeouts, migration). The
+//! `settings` module builds it from the file, the environment and flags.
 
 use std::collections::HashSet;
 use std::ops::RangeInclusive;

@@ -19,9 +19,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use raw::machine_args;
 use serde::Serialize;
 use tonic::transport::Channel;
+
+use crate::raw::machine_args;
 
 /// Benchmark the agent against raw QEMU.
 #[derive(Debug, Parser)]

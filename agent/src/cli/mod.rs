@@ -12,10 +12,10 @@ use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
+use self::wire::ApiMessage;
 use crate::config::{DEFAULT_STATE_DIR, SOCKET_NAME};
 use crate::peer::AgentAddress;
 use crate::tls::{TlsFiles, TlsMaterial};
-use wire::ApiMessage;
 
 mod console;
 mod device;
