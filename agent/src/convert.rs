@@ -232,6 +232,7 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         pid: view.pid.unwrap_or(0),
         uptime_seconds: view.uptime.map_or(0, |d| d.as_secs()),
         reconciling: view.reconciling,
+        balloon_mib: view.balloon_mib.unwrap_or(0),
         ..Default::default()
     };
     let Some(rt) = view.runtime else {
@@ -325,6 +326,10 @@ pub fn event_to_proto(event: &Event) -> pb::Event {
         EventKind::MigrationProgress(report) => {
             wire.kind = pb::EventKind::MigrationProgress as i32;
             wire.migration = Some(report_to_proto(report));
+        }
+        EventKind::Deleted { detail } => {
+            wire.kind = pb::EventKind::Deleted as i32;
+            wire.state_detail = detail.clone();
         }
     }
     wire

@@ -35,6 +35,17 @@ pub enum AgentError {
     /// An operation that needs a running instance.
     #[error("instance {0:?} is not running")]
     NotRunning(String),
+    /// Delete or rename of an instance that isn't stopped.
+    #[error("instance {name:?} {why}")]
+    NotStopped {
+        /// Instance name.
+        name: String,
+        /// What it is doing instead.
+        why: String,
+    },
+    /// A rename to a name another instance has.
+    #[error("an instance named {0:?} exists already")]
+    NameTaken(String),
     /// Every uid of the QEMU user pool is held by a running instance.
     #[error(
         "instance {instance:?}: every uid of the QEMU user pool {first}-{last} is held by a running instance"
@@ -279,6 +290,14 @@ impl AgentError {
                 (Code::AlreadyExists, "stop it first, or reboot it")
             }
             AgentError::NotRunning(_) => (Code::FailedPrecondition, "start it first"),
+            AgentError::NotStopped { .. } => (
+                Code::FailedPrecondition,
+                "only a stopped instance can be deleted or renamed: stop it first",
+            ),
+            AgentError::NameTaken(_) => (
+                Code::AlreadyExists,
+                "pick another name, or delete that instance first",
+            ),
             AgentError::QemuUsersExhausted { .. } => (
                 Code::ResourceExhausted,
                 "stop an instance, or widen qemu_user.uid_pool",

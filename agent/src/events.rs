@@ -43,6 +43,11 @@ pub enum EventKind {
     },
     /// A migration moved on.
     MigrationProgress(MigrationReport),
+    /// The agent forgot the instance.
+    Deleted {
+        /// Why: deleted, or renamed to another name.
+        detail: String,
+    },
 }
 
 /// One event.

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
@@ -56,6 +56,9 @@ pub(crate) struct Process {
     /// Set before the agent stops QEMU, so its exit isn't taken for a crash.
     stop_requested: AtomicBool,
     started_at: SystemTime,
+    /// The guest's memory in MiB as the balloon last reported it; 0 until
+    /// QEMU has said.
+    balloon_mib: AtomicU64,
 }
 
 impl Process {
@@ -77,6 +80,25 @@ impl Process {
             child: Mutex::new(child),
             stop_requested: AtomicBool::new(false),
             started_at,
+            balloon_mib: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the guest's memory as the balloon reported it.
+    pub(crate) fn set_balloon_mib(&self, mib: u64) {
+        self.balloon_mib.store(mib, Ordering::Relaxed);
+    }
+
+    fn balloon_mib(&self) -> Option<u64> {
+        Some(self.balloon_mib.load(Ordering::Relaxed)).filter(|&mib| mib > 0)
+    }
+
+    /// Asks QEMU how much memory the guest has, for a guest that came from
+    /// elsewhere (adopted, migrated in, restored) and may have given some
+    /// back before. A QEMU without a balloon leaves it unknown.
+    pub(crate) async fn read_balloon(&self) {
+        if let Ok(mib) = hypervisor::balloon::actual_mib(&self.qmp).await {
+            self.set_balloon_mib(mib);
         }
     }
 
@@ -211,6 +233,7 @@ impl Instance {
                 .map(|p| lock(&p.taps).clone())
                 .unwrap_or_default(),
             reconciling: st.reconciling,
+            balloon_mib: st.process.as_ref().and_then(|p| p.balloon_mib()),
         }
     }
 

@@ -169,6 +169,9 @@ pub struct InstanceView {
     /// Set after an agent restart until the instance's QEMU has been found
     /// and its devices compared; operations on it wait until then.
     pub reconciling: bool,
+    /// The guest's memory as its balloon driver last reported it, while
+    /// QEMU runs and once QEMU has said.
+    pub balloon_mib: Option<u64>,
 }
 
 /// How a reboot is done.

@@ -370,6 +370,25 @@ impl NodeAgent for NodeAgentService {
         })
     }
 
+    async fn delete_instance(
+        &self,
+        req: Request<pb::DeleteInstanceRequest>,
+    ) -> Reply<pb::DeleteInstanceResponse> {
+        operation!(self, req, "delete", req.name.clone(), |agent| {
+            agent.delete(&req.name).await?;
+            Ok(pb::DeleteInstanceResponse {})
+        })
+    }
+
+    async fn rename_instance(
+        &self,
+        req: Request<pb::RenameInstanceRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        operation!(self, req, "rename", req.name.clone(), |agent| {
+            Ok(view_to_proto(agent.rename(&req.name, &req.new_name).await?))
+        })
+    }
+
     async fn get_runtime(
         &self,
         req: Request<pb::GetRuntimeRequest>,

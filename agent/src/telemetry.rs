@@ -58,7 +58,9 @@ pub fn serve(
         let (mut events, _place) = (watch.live, watch.permit);
         loop {
             match events.recv().await {
-                Ok(e) if matches!(e.kind, EventKind::State { .. }) => count_instances(&states()),
+                Ok(e) if matches!(e.kind, EventKind::State { .. } | EventKind::Deleted { .. }) => {
+                    count_instances(&states())
+                }
                 Ok(_) => {}
                 // Missed events only mean a recount.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {

@@ -53,6 +53,7 @@ fn label(e: &pb::Event) -> String {
         pb::EventKind::DeviceRemoved => format!("removed {}", e.device),
         pb::EventKind::Rebooted => format!("rebooted {}", e.reboot),
         pb::EventKind::MigrationProgress => "migration".into(),
+        pb::EventKind::Deleted => format!("deleted ({})", e.state_detail),
         pb::EventKind::Unspecified => "?".into(),
     }
 }

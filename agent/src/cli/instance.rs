@@ -67,6 +67,18 @@ pub(super) enum InstanceCommand {
         /// Instance name.
         name: String,
     },
+    /// Forget a stopped instance: its record and run directory.
+    Delete {
+        /// Instance name.
+        name: String,
+    },
+    /// Give a stopped instance a new name; its uuid, devices and slots stay.
+    Rename {
+        /// Instance name.
+        name: String,
+        /// The name it takes.
+        new_name: String,
+    },
     /// Move a running guest's memory with its balloon, up to the memory it
     /// was started with; waits until the guest has got there.
     SetMemory {
@@ -104,6 +116,9 @@ pub(super) fn print_instance(i: &pb::InstanceInfo) {
         println!("pid:         {}  (up {}s)", i.pid, i.uptime_seconds);
     }
     println!("memory:      {} MiB, {} vcpus", i.memory_mib, i.vcpus);
+    if i.balloon_mib != 0 && i.balloon_mib != i.memory_mib {
+        println!("balloon:     the guest has {} MiB now", i.balloon_mib);
+    }
     if !i.cpu_mask.is_empty() {
         println!("cpu mask:    {}", i.cpu_mask);
     }
@@ -172,6 +187,18 @@ pub(super) async fn run(
         InstanceCommand::Adopt { name } => {
             client
                 .adopt_instance(pb::AdoptInstanceRequest { name })
+                .await?
+        }
+        InstanceCommand::Delete { name } => {
+            let deleted = client
+                .delete_instance(pb::DeleteInstanceRequest { name: name.clone() })
+                .await?;
+            out.show_named(&name, &deleted.into_inner(), |_| println!("deleted {name}"));
+            return Ok(());
+        }
+        InstanceCommand::Rename { name, new_name } => {
+            client
+                .rename_instance(pb::RenameInstanceRequest { name, new_name })
                 .await?
         }
         InstanceCommand::SetMemory {

@@ -37,6 +37,7 @@ macro_rules! api_messages {
 api_messages!(
     CancelMigrationResponse,
     ConsoleInfo,
+    DeleteInstanceResponse,
     DeviceInfo,
     Event,
     HotplugSupportResponse,

@@ -334,6 +334,7 @@ impl Agent {
         record.state = RecordedState::Running;
         record.detail = String::new();
         self.write_record(&inst, &record).await?;
+        process.read_balloon().await;
         if let Some(port) = lock(&inst.status).incoming.take().map(|i| i.port) {
             lock(&self.incoming_ports).remove(&port);
         }

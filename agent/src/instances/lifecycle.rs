@@ -336,6 +336,11 @@ impl Agent {
             Some(launched.child),
             SystemTime::now(),
         ));
+        // A booting guest starts with all its memory; an incoming one has
+        // what its source had, read once its state is here.
+        if mode == LaunchMode::Boot && runtime.balloon_slot.is_some() {
+            process.set_balloon_mib(runtime.memory_mib);
+        }
         let state = match mode {
             LaunchMode::Boot => State::Running,
             LaunchMode::Incoming => State::Incoming,

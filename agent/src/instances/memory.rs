@@ -64,6 +64,7 @@ impl Agent {
             let actual_mib = balloon::actual_mib(process.qmp())
                 .await
                 .map_err(qmp_error)?;
+            process.set_balloon_mib(actual_mib);
             let report = MemoryReport {
                 target_mib,
                 actual_mib,

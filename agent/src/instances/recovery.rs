@@ -201,17 +201,16 @@ impl Agent {
         let started_at = std::fs::metadata(run_dir.join(files::PIDFILE))
             .and_then(|m| m.modified())
             .unwrap_or_else(|_| SystemTime::now());
-        Ok((
-            Arc::new(Process::new(
-                pid,
-                Arc::new(pidfd),
-                qmp,
-                taps,
-                None,
-                started_at,
-            )),
-            events,
-        ))
+        let process = Arc::new(Process::new(
+            pid,
+            Arc::new(pidfd),
+            qmp,
+            taps,
+            None,
+            started_at,
+        ));
+        process.read_balloon().await;
+        Ok((process, events))
     }
 }
 

@@ -310,6 +310,7 @@ impl Agent {
         record.state = RecordedState::Running;
         record.detail = String::new();
         self.write_record(&inst, &record).await?;
+        process.read_balloon().await;
         let state = if resume {
             qemu_migration::resume(&process.qmp)
                 .await

@@ -33,7 +33,11 @@ impl Agent {
             st.detail.clone()
         };
         inst.announce_state(state, detail, false);
-        tokio::spawn(watch_guest_resets(inst.clone(), process.qmp.subscribe()));
+        tokio::spawn(watch_guest(
+            inst.clone(),
+            process.clone(),
+            process.qmp.subscribe(),
+        ));
         tokio::spawn(self.clone().watch_exit(inst.clone(), process, events));
     }
 
@@ -136,9 +140,15 @@ fn why_it_ended(
     }
 }
 
-/// Publishes the resets a guest does by itself (QEMU's RESET with
-/// `guest: true`); the same QEMU keeps running. Ends with the connection.
-async fn watch_guest_resets(inst: Arc<Instance>, mut events: broadcast::Receiver<QmpEvent>) {
+/// Follows what a guest does by itself while the same QEMU keeps running:
+/// the resets it does (QEMU's RESET with `guest: true`), published as
+/// events, and the memory its balloon driver gives back or takes
+/// (BALLOON_CHANGE), kept for GetInstance. Ends with the connection.
+async fn watch_guest(
+    inst: Arc<Instance>,
+    process: Arc<Process>,
+    mut events: broadcast::Receiver<QmpEvent>,
+) {
     loop {
         match events.recv().await {
             Ok(e)
@@ -150,6 +160,11 @@ async fn watch_guest_resets(inst: Arc<Instance>, mut events: broadcast::Receiver
                     how: "guest",
                     guest_initiated: true,
                 });
+            }
+            Ok(e) if e.name == "BALLOON_CHANGE" => {
+                if let Some(actual) = e.data.get("actual").and_then(|a| a.as_u64()) {
+                    process.set_balloon_mib(actual >> 20);
+                }
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,

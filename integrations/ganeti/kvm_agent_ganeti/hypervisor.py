@@ -19,6 +19,7 @@ Settings come from the environment of the node daemon:
 """
 
 import json
+import logging
 import os
 
 from ganeti import constants, errors, objects
@@ -344,8 +345,16 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         return [self._info_tuple(i) for i in self._running()]
 
     def GetNodeInfo(self, hvparams=None):
+        # The node's memory and CPUs come from /proc: an agent that is down
+        # must not hide them, or Ganeti takes the whole node for down.
+        # Verify names the agent instead; only the QEMU version is missing.
         result = self.GetLinuxNodeInfo()
-        node = self._call("get_node_info", pb.GetNodeInfoRequest(), "node info")
+        try:
+            node = self._call("get_node_info", pb.GetNodeInfoRequest(), "node info",
+                              timeout=10)
+        except errors.HypervisorError as e:
+            logging.warning("no QEMU version for this node: %s", e)
+            return result
         result[constants.HV_NODEINFO_KEY_VERSION] = qemu_version(node.qemu_version)
         return result
 
