@@ -33,6 +33,13 @@ pub(super) enum InstanceCommand {
         /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
         #[arg(long, default_value = "soft", value_parser = EnumParser::new("RebootMode", "reboot mode"))]
         mode: i32,
+        /// soft and hard: end QEMU at once instead of asking the guest to
+        /// power down.
+        #[arg(long)]
+        force: bool,
+        /// soft and hard: override the powerdown timeout.
+        #[arg(long)]
+        powerdown_timeout_ms: Option<u32>,
         #[command(
             flatten,
             next_help_heading = "The spec a hard reboot applies (--mode hard only)"
@@ -143,8 +150,17 @@ pub(super) async fn run(
             };
             return stop(&mut client, request, out).await;
         }
-        InstanceCommand::Reboot { name, mode, spec } => {
-            client.reboot_instance(reboot(name, mode, &spec)?).await?
+        InstanceCommand::Reboot {
+            name,
+            mode,
+            force,
+            powerdown_timeout_ms,
+            spec,
+        } => {
+            let stop = (force, powerdown_timeout_ms.unwrap_or(0));
+            client
+                .reboot_instance(reboot(name, mode, stop, &spec)?)
+                .await?
         }
         InstanceCommand::Info { name } => {
             client.get_instance(pb::GetInstanceRequest { name }).await?
@@ -221,10 +237,12 @@ async fn set_memory(
     Ok(())
 }
 
-/// The request of `instance reboot`: spec options only with `--mode hard`.
+/// The request of `instance reboot`: spec options only with `--mode hard`;
+/// `stop` is `--force` and `--powerdown-timeout-ms`.
 fn reboot(
     name: String,
     mode: i32,
+    (force, powerdown_timeout_ms): (bool, u32),
     spec: &SpecOptions,
 ) -> anyhow::Result<pb::RebootInstanceRequest> {
     let spec = if mode == pb::RebootMode::Hard as i32 {
@@ -234,7 +252,13 @@ fn reboot(
     } else {
         None
     };
-    Ok(pb::RebootInstanceRequest { name, mode, spec })
+    Ok(pb::RebootInstanceRequest {
+        name,
+        mode,
+        spec,
+        powerdown_timeout_ms,
+        force,
+    })
 }
 
 fn print_table(list: &[pb::InstanceInfo]) {
