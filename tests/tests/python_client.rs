@@ -13,7 +13,7 @@ use kvm_agent_tests::tls::{TestCa, agent_on_loopback_tcp};
 use kvm_agent_tests::*;
 
 /// The Python tests in clients/python/tests.
-const PYTHON_TESTS: usize = 21;
+const PYTHON_TESTS: usize = 22;
 
 async fn python_client_tests(python_var: &str, script_flag: &str) {
     let python = prepared_path(python_var, &format!("python-env {script_flag}"));

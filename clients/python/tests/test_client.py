@@ -11,6 +11,7 @@ import os
 import unittest
 
 import grpc
+import grpc.aio
 
 import kvm_agent_client as kac
 from kvm_agent_client import pb
@@ -179,6 +180,21 @@ class Streams(unittest.TestCase):
         with kac.Client.unix(SOCKET) as client:
             with self.assertRaises(kac.OutOfRange):
                 list(client.watch_events(after_sequence=2**63, timeout=10))
+
+
+class AsyncClient(unittest.IsolatedAsyncioTestCase):
+    async def test_typed_errors_and_a_quiet_local_cancel(self):
+        from kvm_agent_client.aio import AsyncClient
+
+        async with AsyncClient.unix(SOCKET) as client:
+            with self.assertRaises(kac.NotFound) as missing:
+                await client.get_instance(name="nowhere", timeout=10)
+            self.assertIsInstance(missing.exception, grpc.RpcError)
+            self.assertIsInstance(missing.exception.__cause__, grpc.aio.AioRpcError)
+            events = client.watch_events(timeout=30)
+            self.assertTrue(events.cancel())
+            self.assertEqual([e async for e in events], [])
+            self.assertEqual(await events.code(), grpc.StatusCode.CANCELLED)
 
 
 class Lifecycle(unittest.TestCase):
