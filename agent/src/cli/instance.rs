@@ -1,6 +1,6 @@
 //! `kvm-agent instance`: start, stop, reboot, show and list instances.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
@@ -33,13 +33,8 @@ pub(super) enum InstanceCommand {
         /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
         #[arg(long, default_value = "soft", value_parser = EnumParser::new("RebootMode", "reboot mode"))]
         mode: i32,
-        /// soft and hard: end QEMU at once instead of asking the guest to
-        /// power down.
-        #[arg(long)]
-        force: bool,
-        /// soft and hard: override the powerdown timeout.
-        #[arg(long)]
-        powerdown_timeout_ms: Option<u32>,
+        #[command(flatten)]
+        stop: RebootStop,
         #[command(
             flatten,
             next_help_heading = "The spec a hard reboot applies (--mode hard only)"
@@ -153,14 +148,11 @@ pub(super) async fn run(
         InstanceCommand::Reboot {
             name,
             mode,
-            force,
-            powerdown_timeout_ms,
+            stop,
             spec,
         } => {
-            let stop = (force, powerdown_timeout_ms.unwrap_or(0));
-            client
-                .reboot_instance(reboot(name, mode, stop, &spec)?)
-                .await?
+            let request = reboot(name, mode, &stop, &spec)?;
+            client.reboot_instance(request).await?
         }
         InstanceCommand::Info { name } => {
             client.get_instance(pb::GetInstanceRequest { name }).await?
@@ -237,12 +229,23 @@ async fn set_memory(
     Ok(())
 }
 
-/// The request of `instance reboot`: spec options only with `--mode hard`;
-/// `stop` is `--force` and `--powerdown-timeout-ms`.
+/// How `instance reboot` stops the guest (soft and hard reboots).
+#[derive(Debug, Args)]
+pub(super) struct RebootStop {
+    /// soft and hard: end QEMU at once instead of asking the guest to
+    /// power down.
+    #[arg(long)]
+    force: bool,
+    /// soft and hard: override the powerdown timeout.
+    #[arg(long)]
+    powerdown_timeout_ms: Option<u32>,
+}
+
+/// The request of `instance reboot`: spec options only with `--mode hard`.
 fn reboot(
     name: String,
     mode: i32,
-    (force, powerdown_timeout_ms): (bool, u32),
+    stop: &RebootStop,
     spec: &SpecOptions,
 ) -> anyhow::Result<pb::RebootInstanceRequest> {
     let spec = if mode == pb::RebootMode::Hard as i32 {
@@ -256,8 +259,8 @@ fn reboot(
         name,
         mode,
         spec,
-        powerdown_timeout_ms,
-        force,
+        powerdown_timeout_ms: stop.powerdown_timeout_ms.unwrap_or(0),
+        force: stop.force,
     })
 }
 
