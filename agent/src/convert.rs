@@ -103,19 +103,48 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
     })
 }
 
+/// The name of a device the caller left unnamed: `{prefix}N`, the lowest
+/// N no device in `taken` has.
+pub fn free_device_name<'a>(prefix: &str, taken: impl Iterator<Item = &'a str> + Clone) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|name| !taken.clone().any(|t| t == name))
+        .expect("an unbounded range has a free name")
+}
+
+/// Names the spec's unnamed devices, in order: a name follows from the
+/// device's place, so a hard reboot with the same spec keeps it.
+fn name_unnamed_devices(disks: &mut [DiskSpec], nics: &mut [NicSpec]) {
+    for i in 0..disks.len() {
+        if disks[i].name.is_empty() {
+            let taken = disks.iter().map(|d| d.name.as_str());
+            let taken = taken.chain(nics.iter().map(|n| n.name.as_str()));
+            disks[i].name = free_device_name("disk", taken);
+        }
+    }
+    for i in 0..nics.len() {
+        if nics[i].name.is_empty() {
+            let taken = disks.iter().map(|d| d.name.as_str());
+            let taken = taken.chain(nics.iter().map(|n| n.name.as_str()));
+            nics[i].name = free_device_name("nic", taken);
+        }
+    }
+}
+
 /// Converts a wire spec. Missing uuids stay nil: the agent fills them in
 /// from the instance's record, or with fresh ones.
 pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> {
-    let disks = p
+    let mut disks = p
         .disks
         .iter()
         .map(disk_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
-    let nics = p
+    let mut nics = p
         .nics
         .iter()
         .map(nic_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
+    name_unnamed_devices(&mut disks, &mut nics);
     let boot = boot_from_proto(p.boot)?;
     let accelerator = accelerator_from_proto(p.accelerator)?;
     let cpu_pinning = match p.cpu_mask.as_str() {
@@ -128,7 +157,8 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,
-        vcpus: p.vcpus,
+        // A first script leaves it out; one vCPU is what it means.
+        vcpus: p.vcpus.max(1),
         disks,
         nics,
         boot,
@@ -525,6 +555,29 @@ mod tests {
         assert_eq!(spec.accelerator, Accelerator::Auto);
         assert_eq!(spec.boot, Boot::Disk);
         assert!(spec.uuid.is_nil());
+    }
+
+    #[test]
+    fn vcpus_and_device_names_default() {
+        let mut w = wire();
+        w.vcpus = 0;
+        w.nics[0].name = String::new();
+        w.nics.push(pb::NicSpec {
+            name: "nic0".into(),
+            mac: "52:54:00:00:00:02".into(),
+            ..Default::default()
+        });
+        w.disks = vec![pb::DiskSpec {
+            path: "/img".into(),
+            ..Default::default()
+        }];
+
+        let spec = spec_from_proto(w).unwrap();
+
+        assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.disks[0].name, "disk0");
+        assert_eq!(spec.nics[0].name, "nic1");
+        assert_eq!(spec.nics[1].name, "nic0");
     }
 
     #[test]

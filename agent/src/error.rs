@@ -276,16 +276,15 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
 impl AgentError {
     // Long: one arm per error; the whole table in one place is what lets
     // a reader check every code against every other.
-    /// The gRPC code of this error, and a hint at what to do next.
+    /// The gRPC code of this error, and a hint at what to do next. Hints
+    /// are for any API caller, so they name API methods, not commands;
+    /// the command line adds its own (`cli::hint`).
     fn code_and_hint(&self) -> (Code, &'static str) {
         match self {
             AgentError::Spec(_) | AgentError::BadRequest(_) => {
                 (Code::InvalidArgument, "fix the request and retry")
             }
-            AgentError::NotFound(_) => (
-                Code::NotFound,
-                "list instances with `kvm-agent instance list`",
-            ),
+            AgentError::NotFound(_) => (Code::NotFound, "ListInstances shows those there are"),
             AgentError::AlreadyRunning { .. } => {
                 (Code::AlreadyExists, "stop it first, or reboot it")
             }
@@ -318,7 +317,7 @@ impl AgentError {
                 (Code::InvalidArgument, "create the image or fix the path")
             }
             AgentError::DeviceNotFound { .. } => {
-                (Code::NotFound, "list devices with `kvm-agent device list`")
+                (Code::NotFound, "GetInstance shows the instance's devices")
             }
             AgentError::Hotplug { source, .. } => match source {
                 HotplugError::Unsupported(_) => {
@@ -434,11 +433,11 @@ impl AgentError {
             },
             AgentError::Quarantined { .. } => (
                 Code::FailedPrecondition,
-                "stop that QEMU with `kvm-agent instance stop NAME --force` first",
+                "stop that QEMU first, with a forced StopInstance",
             ),
             AgentError::AdoptionRefused { .. } => (
                 Code::FailedPrecondition,
-                "its QEMU is left as it is; stop it with `kvm-agent instance stop NAME --force`",
+                "its QEMU is left as it is; a forced StopInstance ends it",
             ),
             AgentError::MigrationToItself(_) => {
                 (Code::FailedPrecondition, "name another node as the target")

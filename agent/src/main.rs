@@ -9,7 +9,12 @@ async fn main() {
         // A refusal from the agent reads as its code and message, not as
         // the Debug form of a gRPC status.
         match e.downcast_ref::<tonic::Status>() {
-            Some(status) => eprintln!("kvm-agent: {:?}: {}", status.code(), status.message()),
+            Some(status) => {
+                eprintln!("kvm-agent: {:?}: {}", status.code(), status.message());
+                if let Some(hint) = kvm_agent::cli::hint(status) {
+                    eprintln!("kvm-agent: {hint}");
+                }
+            }
             None => eprintln!("kvm-agent: {e:#}"),
         }
         std::process::exit(1);

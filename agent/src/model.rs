@@ -185,6 +185,15 @@ pub enum RebootMode {
     Reset,
 }
 
+/// How a soft or hard reboot stops the guest, as a stop would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebootStop {
+    /// Skip the powerdown: end QEMU at once.
+    pub force: bool,
+    /// The powerdown timeout instead of the agent's.
+    pub powerdown_timeout: Option<std::time::Duration>,
+}
+
 /// Facts about the node.
 #[derive(Debug)]
 pub struct NodeFacts {

@@ -24,6 +24,7 @@ use crate::convert::{
 use crate::error::AgentError;
 use crate::events::{Event, WatchError};
 use crate::instances::Agent;
+use crate::model::RebootStop;
 use crate::peer::REQUEST_ID_HEADER;
 
 /// How long a waiting SetMemory waits when the caller doesn't say.
@@ -140,8 +141,15 @@ impl NodeAgent for NodeAgentService {
         req: Request<pb::RebootInstanceRequest>,
     ) -> Reply<pb::InstanceInfo> {
         operation!(self, req, "reboot", req.name.clone(), |agent| {
+            let stop = RebootStop {
+                force: req.force,
+                powerdown_timeout: caller_wait(
+                    "powerdown_timeout_ms",
+                    req.powerdown_timeout_ms.into(),
+                )?,
+            };
             let mode = convert::reboot_mode_from_proto(req.mode, req.spec)?;
-            Ok(view_to_proto(agent.reboot(&req.name, mode).await?))
+            Ok(view_to_proto(agent.reboot(&req.name, mode, stop).await?))
         })
     }
 
@@ -295,7 +303,7 @@ impl NodeAgent for NodeAgentService {
     async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Reply<EventStream> {
         let req = req.into_inner();
         let watch = self.agent.watch_events(req.after_sequence)?;
-        let filter = req.instance;
+        let filter = req.name;
         let wanted = move |e: &Event| filter.is_empty() || e.instance == filter;
         let backlog = watch
             .backlog

@@ -174,6 +174,7 @@ async fn reboot(client: &mut NodeAgentClient<Channel>, mode: pb::RebootMode) -> 
             name: "bench".into(),
             mode: mode as i32,
             spec: None,
+            ..Default::default()
         })
         .await?;
     Ok(())

@@ -796,9 +796,9 @@ pub fn prepared_path(var: &str, script: &str) -> PathBuf {
     path
 }
 
-/// Runs the Python unittest files in `dir` with `env`, and asserts that
-/// exactly `expected` tests ran, none skipped, all passed. `logs` adds the
-/// agents' logs to a failure.
+/// Runs the Python unittest files in `dir` with `env` in the Python of
+/// `KVM_AGENT_PYTHON`, and asserts that exactly `expected` tests ran,
+/// none skipped, all passed. `logs` adds the agents' logs to a failure.
 pub async fn run_python_tests(
     dir: &Path,
     env: &[(&str, std::ffi::OsString)],
@@ -806,6 +806,17 @@ pub async fn run_python_tests(
     logs: impl Fn() -> String,
 ) {
     let python = prepared_path("KVM_AGENT_PYTHON", "python-env");
+    run_python_tests_with(&python, dir, env, expected, logs).await;
+}
+
+/// [`run_python_tests`] in the Python `python`.
+pub async fn run_python_tests_with(
+    python: &Path,
+    dir: &Path,
+    env: &[(&str, std::ffi::OsString)],
+    expected: usize,
+    logs: impl Fn() -> String,
+) {
     let out = tokio::process::Command::new(python)
         .args(["-m", "unittest", "discover", "-v", "-s"])
         .arg(dir)
@@ -816,8 +827,9 @@ pub async fn run_python_tests(
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "Python tests in {} failed:\n{report}\n{}",
+        "Python tests in {} failed with {}:\n{report}\n{}",
         dir.display(),
+        python.display(),
         logs()
     );
     assert!(

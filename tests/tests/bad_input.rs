@@ -177,7 +177,6 @@ async fn invalid_specs_are_invalid_argument_and_create_nothing() {
                 ..base()
             },
         ),
-        ("zero vcpus", pb::InstanceSpec { vcpus: 0, ..base() }),
         (
             "absurd vcpus",
             pb::InstanceSpec {

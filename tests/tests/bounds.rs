@@ -183,7 +183,7 @@ async fn huge_names_and_resume_points_get_short_clear_errors() {
     }
     let ahead = client
         .watch_events(pb::WatchEventsRequest {
-            instance: String::new(),
+            name: String::new(),
             after_sequence: Some(u64::MAX),
         })
         .await

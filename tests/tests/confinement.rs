@@ -649,6 +649,7 @@ async fn pool_uids_are_one_per_instance_and_kept_across_restart_and_reboot() {
                 name: name.into(),
                 mode: pb::RebootMode::Soft as i32,
                 spec: None,
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|s| panic!("soft reboot of {name}: {s:?}"));

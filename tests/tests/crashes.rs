@@ -542,6 +542,7 @@ impl Op {
                     name,
                     mode: mode as i32,
                     spec,
+                    ..Default::default()
                 })
                 .await
                 .map(drop),

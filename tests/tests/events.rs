@@ -36,7 +36,7 @@ async fn watch(
         .client()
         .await
         .watch_events(pb::WatchEventsRequest {
-            instance: instance.into(),
+            name: instance.into(),
             after_sequence: after,
         })
         .await
@@ -90,6 +90,7 @@ async fn a_watcher_sees_a_lifecycle_in_order_and_a_resume_gets_exactly_the_rest(
             name: "watched".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -161,7 +161,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_crashed() {
         .client()
         .await
         .watch_events(pb::WatchEventsRequest {
-            instance: "selfoff".into(),
+            name: "selfoff".into(),
             after_sequence: None,
         })
         .await
@@ -237,7 +237,7 @@ async fn a_guest_that_reboots_itself_keeps_its_qemu() {
         .client()
         .await
         .watch_events(pb::WatchEventsRequest {
-            instance: "selfreboot".into(),
+            name: "selfreboot".into(),
             after_sequence: None,
         })
         .await

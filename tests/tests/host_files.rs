@@ -162,6 +162,7 @@ async fn a_soft_reboot_refuses_an_image_that_now_leads_outside_the_roots() {
             name: "moved".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -61,6 +61,7 @@ async fn soft_reboot_keeps_hotplugged_devices_at_their_slots() {
             name: "grow".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -124,6 +124,7 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
             name: "seed".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: Some(bigger.clone()),
+            ..Default::default()
         })
         .await
         .expect("soft reboot")
@@ -143,6 +144,7 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
             name: "seed".into(),
             mode: pb::RebootMode::Hard as i32,
             spec: Some(bigger),
+            ..Default::default()
         })
         .await
         .expect("hard reboot")
@@ -382,6 +384,7 @@ async fn reset_keeps_the_same_qemu() {
             name: "resettable".into(),
             mode: pb::RebootMode::Reset as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .expect("reset")
@@ -404,6 +407,7 @@ async fn soft_reboot_of_a_stopped_instance_is_failed_precondition() {
             name: "idle".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -451,6 +455,7 @@ async fn pinned_vcpus_keep_their_cpus_across_a_soft_reboot() {
             name: "pinned".into(),
             mode: pb::RebootMode::Soft as i32,
             spec: None,
+            ..Default::default()
         })
         .await
         .expect("soft reboot")

@@ -579,7 +579,7 @@ async fn an_offline_migration_pauses_first_and_resumes_on_the_target() {
         .client()
         .await
         .watch_events(pb::WatchEventsRequest {
-            instance: "offline1".into(),
+            name: "offline1".into(),
             after_sequence: Some(0),
         })
         .await

@@ -16,7 +16,7 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
     let slow = agent.start_spec(agent.spec("slow", 64)).await;
     let mut events = client
         .watch_events(pb::WatchEventsRequest {
-            instance: "slow".into(),
+            name: "slow".into(),
             after_sequence: None,
         })
         .await

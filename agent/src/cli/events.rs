@@ -26,7 +26,7 @@ pub(super) async fn run(
     out: Printer,
 ) -> anyhow::Result<()> {
     let request = pb::WatchEventsRequest {
-        instance: instance.unwrap_or_default(),
+        name: instance.unwrap_or_default(),
         after_sequence: after,
     };
     let mut stream = client.watch_events(request).await?.into_inner();

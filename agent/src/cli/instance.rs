@@ -1,6 +1,6 @@
 //! `kvm-agent instance`: start, stop, reboot, show and list instances.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
@@ -33,6 +33,8 @@ pub(super) enum InstanceCommand {
         /// soft replays the saved runtime, hard applies the spec, reset is system_reset.
         #[arg(long, default_value = "soft", value_parser = EnumParser::new("RebootMode", "reboot mode"))]
         mode: i32,
+        #[command(flatten)]
+        stop: RebootStop,
         #[command(
             flatten,
             next_help_heading = "The spec a hard reboot applies (--mode hard only)"
@@ -158,8 +160,14 @@ pub(super) async fn run(
             };
             return stop(&mut client, request, out).await;
         }
-        InstanceCommand::Reboot { name, mode, spec } => {
-            client.reboot_instance(reboot(name, mode, &spec)?).await?
+        InstanceCommand::Reboot {
+            name,
+            mode,
+            stop,
+            spec,
+        } => {
+            let request = reboot(name, mode, &stop, &spec)?;
+            client.reboot_instance(request).await?
         }
         InstanceCommand::Info { name } => {
             client.get_instance(pb::GetInstanceRequest { name }).await?
@@ -248,10 +256,23 @@ async fn set_memory(
     Ok(())
 }
 
+/// How `instance reboot` stops the guest (soft and hard reboots).
+#[derive(Debug, Args)]
+pub(super) struct RebootStop {
+    /// soft and hard: end QEMU at once instead of asking the guest to
+    /// power down.
+    #[arg(long)]
+    force: bool,
+    /// soft and hard: override the powerdown timeout.
+    #[arg(long)]
+    powerdown_timeout_ms: Option<u32>,
+}
+
 /// The request of `instance reboot`: spec options only with `--mode hard`.
 fn reboot(
     name: String,
     mode: i32,
+    stop: &RebootStop,
     spec: &SpecOptions,
 ) -> anyhow::Result<pb::RebootInstanceRequest> {
     let spec = if mode == pb::RebootMode::Hard as i32 {
@@ -261,7 +282,13 @@ fn reboot(
     } else {
         None
     };
-    Ok(pb::RebootInstanceRequest { name, mode, spec })
+    Ok(pb::RebootInstanceRequest {
+        name,
+        mode,
+        spec,
+        powerdown_timeout_ms: stop.powerdown_timeout_ms.unwrap_or(0),
+        force: stop.force,
+    })
 }
 
 fn print_table(list: &[pb::InstanceInfo]) {

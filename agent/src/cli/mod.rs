@@ -166,6 +166,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// What to do next at the command line, for a refusal whose own hint
+/// names API methods: the command that does it.
+pub fn hint(status: &tonic::Status) -> Option<&'static str> {
+    let message = status.message();
+    let hints = [
+        (
+            tonic::Code::NotFound,
+            "has no device",
+            "`kvm-agent device list INSTANCE` lists its devices",
+        ),
+        (
+            tonic::Code::NotFound,
+            "not found",
+            "`kvm-agent instance list` lists the instances",
+        ),
+        (
+            tonic::Code::FailedPrecondition,
+            "forced StopInstance",
+            "`kvm-agent instance stop NAME --force` is the forced stop",
+        ),
+    ];
+    hints
+        .into_iter()
+        .find(|(code, phrase, _)| status.code() == *code && message.contains(phrase))
+        .map(|(_, _, hint)| hint)
+}
+
 /// Connects to the agent client commands call: `--agent`, or else the
 /// local socket.
 async fn connect_agent(
@@ -249,6 +276,20 @@ impl Printer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_get_the_command_that_helps() {
+        let missing = tonic::Status::not_found(
+            "instance \"web1\" not found (ListInstances shows those there are)",
+        );
+        let other = tonic::Status::invalid_argument("vcpus 100000 is out of range");
+
+        assert_eq!(
+            hint(&missing),
+            Some("`kvm-agent instance list` lists the instances")
+        );
+        assert_eq!(hint(&other), None);
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;
+use crate::convert::free_device_name;
 use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::model::ChangedDevice;
@@ -57,6 +58,13 @@ fn check_addition(
     let mut candidate = record.runtime.to_spec();
     add(&mut candidate);
     Ok(candidate.validate()?)
+}
+
+/// The names of the instance's devices, for naming an unnamed one.
+fn device_names(record: &InstanceRecord) -> impl Iterator<Item = &str> + Clone {
+    let runtime = &record.runtime;
+    let disks = runtime.disks.iter().map(|d| d.spec.name.as_str());
+    disks.chain(runtime.nics.iter().map(|n| n.spec.name.as_str()))
 }
 
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
@@ -134,6 +142,9 @@ impl Agent {
         if nic.uuid.is_nil() {
             nic.uuid = Uuid::new_v4();
         }
+        if nic.name.is_empty() {
+            nic.name = free_device_name("nic", device_names(&record));
+        }
         check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
         let support = hotplug::support::check(process.qmp());
         Self::require(name, &support.nic)?;
@@ -189,6 +200,9 @@ impl Agent {
         let (process, record) = Self::running(&inst)?;
         if disk.uuid.is_nil() {
             disk.uuid = Uuid::new_v4();
+        }
+        if disk.name.is_empty() {
+            disk.name = free_device_name("disk", device_names(&record));
         }
         check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
         self.config()

@@ -18,7 +18,7 @@ use super::{Agent, Instance, Process, lock};
 use crate::config::Confinement;
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::model::{InstanceRecord, InstanceView, RebootMode, RecordedState, State};
+use crate::model::{InstanceRecord, InstanceView, RebootMode, RebootStop, RecordedState, State};
 
 impl Agent {
     /// Gives the spec's missing uuids: the instance's and its devices' from
@@ -350,6 +350,15 @@ impl Agent {
     }
 
     /// Stops QEMU if it runs. The caller holds the operation lock.
+    /// The agent's stop timeouts, with the caller's powerdown timeout.
+    fn stop_timeouts(&self, powerdown: Option<Duration>) -> StopTimeouts {
+        let mut timeouts = self.cfg.stop;
+        if let Some(t) = powerdown {
+            timeouts.powerdown = t;
+        }
+        timeouts
+    }
+
     async fn stop_locked(
         &self,
         inst: &Instance,
@@ -433,10 +442,7 @@ impl Agent {
             self.abort_incoming(&inst).await;
             return Ok((inst.view(), Some(StopMethod::Kill)));
         }
-        let mut timeouts = self.cfg.stop;
-        if let Some(t) = powerdown_timeout {
-            timeouts.powerdown = t;
-        }
+        let timeouts = self.stop_timeouts(powerdown_timeout);
         if force && inst.process().is_some() {
             // A forced stop can only end one way, so the record can say so
             // while QEMU is being killed rather than after.
@@ -476,9 +482,11 @@ impl Agent {
         self: &Arc<Self>,
         name: &str,
         mode: RebootMode,
+        stop: RebootStop,
     ) -> Result<InstanceView, AgentError> {
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await?;
+        let timeouts = self.stop_timeouts(stop.powerdown_timeout);
         let Some(process) = inst.process() else {
             return Err(AgentError::NotRunning(name.to_owned()));
         };
@@ -504,7 +512,7 @@ impl Agent {
                 // Before the guest goes: an image that now leads outside
                 // the allowed roots must not cost it its run.
                 self.check_host_files(&record.runtime.to_spec())?;
-                self.stop_locked(&inst, false, self.cfg.stop).await?;
+                self.stop_locked(&inst, stop.force, timeouts).await?;
                 self.relaunch(&inst, record).await?;
                 tracing::info!(instance = %name, "instance soft-rebooted");
                 inst.announce(EventKind::Rebooted {
@@ -529,7 +537,7 @@ impl Agent {
                 // Generate before stopping: a spec that can't run must not
                 // cost the running instance.
                 let runtime = self.generate(&spec, generation, previous_runtime).await?;
-                self.stop_locked(&inst, false, self.cfg.stop).await?;
+                self.stop_locked(&inst, stop.force, timeouts).await?;
                 let record = InstanceRecord {
                     runtime,
                     state: RecordedState::Running,
