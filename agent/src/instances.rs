@@ -517,8 +517,10 @@ impl Agent {
         name: &str,
     ) -> Result<(Option<PathBuf>, Option<String>), AgentError> {
         let view = self.get(name)?;
+        // A paused guest's QEMU runs, and so do its consoles: attaching is
+        // how an operator watches a guest started paused begin.
         let runtime = match (view.state, view.runtime) {
-            (State::Running, Some(rt)) => rt,
+            (State::Running | State::Paused, Some(rt)) => rt,
             _ => return Err(AgentError::NotRunning(name.to_owned())),
         };
         let serial = runtime

@@ -34,6 +34,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
             ("KVM_AGENT_TEST_INITRD", image.initrd.clone().into()),
             ("KVM_AGENT_TEST_SCRATCH", source.scratch().into()),
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
+            ("KVM_AGENT_TEST_BINARY", agent_binary().into()),
         ],
         8,
         || {

@@ -371,6 +371,13 @@ async fn set_memory_moves_the_balloon_and_never_past_the_runtime_memory() {
         (128, 128, 256)
     );
     assert_eq!(query_balloon_mib(), 128);
+    // GetInstance says what the guest has now; QEMU reports balloon
+    // changes at most once a second.
+    let reported = wait_for(Duration::from_secs(5), async || {
+        Some(agent.instance("balloon1").await.balloon_mib).filter(|&mib| mib == 128)
+    })
+    .await;
+    assert_eq!(reported, Some(128), "GetInstance's balloon_mib");
     let (console, after) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
     assert!(
         mem_total_kib(&after) + 100 * 1024 <= mem_total_kib(&before),
@@ -391,6 +398,7 @@ async fn set_memory_moves_the_balloon_and_never_past_the_runtime_memory() {
     let raised = set_memory(256).await.expect("back to 256 MiB").into_inner();
     assert_eq!(raised.actual_mib, 256);
     assert_eq!(query_balloon_mib(), 256);
+    assert_eq!(agent.instance("balloon1").await.balloon_mib, 256);
     let (_, restored) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
     assert_eq!(mem_total_kib(&restored), mem_total_kib(&before));
 }

@@ -255,6 +255,60 @@ async fn instance(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
         .into_inner()
 }
 
+/// Whether `agent` has no instance by that name.
+async fn gone_from(agent: &TestAgent, name: &str) -> bool {
+    let found = agent
+        .client()
+        .await
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await;
+    found.is_err_and(|status| status.code() == tonic::Code::NotFound)
+}
+
+/// Runs one example of the other blocks, with what it needs from the
+/// agents before and what it did to them after.
+async fn run_example(
+    readme: &mut Readme,
+    command: &str,
+    agent: &TestAgent,
+    target: &TestAgent,
+    data_image: &Path,
+) {
+    if command.contains(" device remove ") {
+        let disk = instance(agent, "demo")
+            .await
+            .devices
+            .into_iter()
+            .find(|d| d.detail == data_image.display().to_string())
+            .expect("the disk the README's add-disk added");
+        readme
+            .substitutions
+            .push(("<device-name>".into(), disk.name.clone()));
+    }
+    readme.check(command);
+    if command.contains(" migrate demo --to unix:") {
+        // The target owns it now. Whether it runs there depends on the
+        // guest: with no OS, a KVM that can't run firmware stops it.
+        let moved = instance(target, "demo").await;
+        let owned = [pb::InstanceState::Running, pb::InstanceState::Paused].map(|s| s as i32);
+        assert!(owned.contains(&moved.state), "{moved:?}");
+        assert!(
+            gone_from(agent, "demo").await,
+            "the source still has demo after the migration"
+        );
+    }
+    if command.contains(" instance rename demo demo-old") {
+        assert!(gone_from(agent, "demo").await, "demo kept its old name");
+        assert_eq!(instance(agent, "demo-old").await.name, "demo-old");
+    }
+    if command.contains(" instance delete demo-old") {
+        assert!(
+            gone_from(agent, "demo-old").await,
+            "demo-old is still there"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_examples_run_as_written() {
     let blocks = readme_blocks();
@@ -263,15 +317,14 @@ async fn readme_examples_run_as_written() {
         .find(|b| b.iter().any(|c| c.contains(" instance start ")))
         .expect("README.md has a quick start that starts an instance")
         .clone();
-    let examples: Vec<String> = blocks
+    let examples: Vec<Vec<String>> = blocks
         .iter()
         .filter(|b| **b != quick_start)
-        .flatten()
-        .filter(|c| is_cli_example(c))
-        .cloned()
+        .map(|b| b.iter().filter(|c| is_cli_example(c)).cloned().collect())
+        .filter(|b: &Vec<String>| !b.is_empty())
         .collect();
     assert!(
-        examples.len() >= 15,
+        examples.iter().flatten().count() >= 15,
         "expected the README's CLI examples, found {examples:?}"
     );
 
@@ -322,40 +375,22 @@ async fn readme_examples_run_as_written() {
     let demo = instance(&agent, "demo").await;
     assert_eq!(demo.state, pb::InstanceState::Stopped as i32, "{demo:?}");
 
-    // The other examples act on a running demo, as the README's text
-    // says; start it the quick start's way.
-    readme.check(start);
-    for command in &examples {
-        if command.contains(" device remove ") {
-            let disk = instance(&agent, "demo")
-                .await
-                .devices
-                .into_iter()
-                .find(|d| d.detail == data_image.display().to_string())
-                .expect("the disk the README's add-disk added");
-            readme
-                .substitutions
-                .push(("<device-name>".into(), disk.name.clone()));
+    // Each other block acts on a running demo, as the README's text says;
+    // where an earlier block stopped, moved or deleted it, it is started
+    // again the quick start's way first.
+    for block in &examples {
+        let here = agent
+            .client()
+            .await
+            .get_instance(pb::GetInstanceRequest {
+                name: "demo".into(),
+            })
+            .await;
+        if !here.is_ok_and(|i| i.get_ref().state == pb::InstanceState::Running as i32) {
+            readme.check(start);
         }
-        readme.check(command);
-        if command.contains(" migrate demo --to unix:") {
-            // The target owns it now. Whether it runs there depends on the
-            // guest: with no OS, a KVM that can't run firmware stops it.
-            let moved = instance(&target, "demo").await;
-            let owned = [pb::InstanceState::Running, pb::InstanceState::Paused].map(|s| s as i32);
-            assert!(owned.contains(&moved.state), "{moved:?}");
-            let gone = agent
-                .client()
-                .await
-                .get_instance(pb::GetInstanceRequest {
-                    name: "demo".into(),
-                })
-                .await;
-            assert_eq!(
-                gone.map(|_| ()).unwrap_err().code(),
-                tonic::Code::NotFound,
-                "the source still has demo after the migration"
-            );
+        for command in block {
+            run_example(&mut readme, command, &agent, &target, &data_image).await;
         }
     }
     let completion = std::fs::read_to_string(scratch.join("completion.bash")).unwrap_or_default();

@@ -14,6 +14,10 @@ use super::wire::to_json;
 pub(super) struct ConsoleArgs {
     /// Instance name.
     name: String,
+    /// Resume a paused guest once attached, so a guest started paused
+    /// runs with someone watching its first lines.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// The byte that detaches from a console: Ctrl-], as telnet and virsh use.
@@ -22,7 +26,7 @@ const CONSOLE_ESCAPE: u8 = 0x1d;
 /// Runs `kvm-agent console`.
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
-    ConsoleArgs { name }: ConsoleArgs,
+    ConsoleArgs { name, resume }: ConsoleArgs,
     out: Printer,
 ) -> anyhow::Result<()> {
     let info = client
@@ -45,8 +49,26 @@ pub(super) async fn run(
             )
         })?;
     eprintln!("attached to the serial console of {name}; press Ctrl-] to detach\r");
+    if resume {
+        resume_if_paused(&mut client, &name).await?;
+    }
     tokio::task::spawn_blocking(move || relay_console(socket)).await??;
     eprintln!("\r\ndetached from {name}");
+    Ok(())
+}
+
+/// Lets a paused guest run; a guest in any other state is left alone.
+async fn resume_if_paused(client: &mut NodeAgentClient<Channel>, name: &str) -> anyhow::Result<()> {
+    let info = client
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
+        .await?
+        .into_inner();
+    if info.state == pb::InstanceState::Paused as i32 {
+        client
+            .resume_instance(pb::ResumeInstanceRequest { name: name.into() })
+            .await?;
+        eprintln!("resumed {name}, which was paused\r");
+    }
     Ok(())
 }
 

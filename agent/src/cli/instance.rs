@@ -136,6 +136,7 @@ pub(super) fn print_instance(i: &pb::InstanceInfo) {
 }
 
 /// Runs `kvm-agent instance`.
+// Long: one arm per subcommand, a dispatch table that reads best whole.
 pub(super) async fn run(
     mut client: NodeAgentClient<Channel>,
     command: InstanceCommand,
@@ -197,13 +198,7 @@ pub(super) async fn run(
                 .adopt_instance(pb::AdoptInstanceRequest { name })
                 .await?
         }
-        InstanceCommand::Delete { name } => {
-            let deleted = client
-                .delete_instance(pb::DeleteInstanceRequest { name: name.clone() })
-                .await?;
-            out.show_named(&name, &deleted.into_inner(), |_| println!("deleted {name}"));
-            return Ok(());
-        }
+        InstanceCommand::Delete { name } => return delete(&mut client, name, out).await,
         InstanceCommand::Rename { name, new_name } => {
             client
                 .rename_instance(pb::RenameInstanceRequest { name, new_name })
@@ -237,6 +232,17 @@ async fn stop(
     out.show(&stopped, |r| {
         println!("stopped ({})", label(&enum_type("StopMethod"), r.method));
     });
+    Ok(())
+}
+
+async fn delete(
+    client: &mut NodeAgentClient<Channel>,
+    name: String,
+    out: Printer,
+) -> anyhow::Result<()> {
+    let request = pb::DeleteInstanceRequest { name: name.clone() };
+    let deleted = client.delete_instance(request).await?.into_inner();
+    out.show_named(&name, &deleted, |_| println!("deleted {name}"));
     Ok(())
 }
 

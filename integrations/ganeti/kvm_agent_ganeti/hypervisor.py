@@ -306,15 +306,30 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 raise agent_error("stopping %s" % name, e)
 
     def CleanupInstance(self, instance_name):
+        # Ganeti calls this after every shutdown, as its KVM driver removes
+        # its runtime file here: the agent forgets the stopped instance, so
+        # remove, rename and failover leave no record behind.
         info = self._find(instance_name)
-        if info is not None and info.pid:
+        if info is None:
+            return
+        if info.pid:
             raise errors.HypervisorError("Cannot cleanup a live instance")
+        with kac.Client.unix(self._socket) as client:
+            try:
+                client.delete_instance(pb.DeleteInstanceRequest(name=instance_name),
+                                       timeout=30)
+            except kac.NotFound:
+                pass
+            except kac.AgentError as e:
+                raise agent_error("forgetting %s" % instance_name, e)
 
     def RebootInstance(self, instance):
-        # A soft reboot: a fresh QEMU from the saved runtime, as Ganeti's KVM
-        # driver does it.
+        # A soft reboot: a fresh QEMU from the saved runtime. Ganeti's KVM
+        # driver sends the powerdown and kills at once, without waiting for
+        # the guest, and so does this.
         self._call("reboot_instance",
-                   pb.RebootInstanceRequest(name=instance.name, mode=pb.REBOOT_MODE_SOFT),
+                   pb.RebootInstanceRequest(name=instance.name, mode=pb.REBOOT_MODE_SOFT,
+                                            force=True),
                    "rebooting %s" % instance.name)
 
     def _running(self):
@@ -332,8 +347,10 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
     def _info_tuple(info):
         state = (hv_base.HvInstanceState.RUNNING if info.pid
                  else hv_base.HvInstanceState.SHUTDOWN)
-        return (info.name, info.pid, info.memory_mib, info.vcpus, state,
-                info.uptime_seconds)
+        # What the guest has now, as Ganeti's KVM driver reports it after a
+        # balloon change, not the memory it was started with.
+        memory = info.balloon_mib or info.memory_mib
+        return (info.name, info.pid, memory, info.vcpus, state, info.uptime_seconds)
 
     def GetInstanceInfo(self, instance_name, hvparams=None):
         info = self._find(instance_name)
@@ -367,7 +384,9 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 instance=instance.name, kind=constants.CONS_SSH,
                 host=primary_node.name, port=ndparams.get(constants.ND_SSH_PORT),
                 user=constants.SSH_CONSOLE_USER,
-                command=["kvm-agent", "console", instance.name])
+                # --resume: a guest started paused runs once someone is
+                # watching, as with Ganeti's own console wrapper.
+                command=["kvm-agent", "console", "--resume", instance.name])
         if hvparams[constants.HV_VNC_BIND_ADDRESS] and \
             instance.network_port > constants.VNC_BASE_PORT:
             return objects.InstanceConsole(

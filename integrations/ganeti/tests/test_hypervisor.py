@@ -8,13 +8,15 @@ agents and passes, in the environment: KVM_AGENT_TEST_SOCKET and
 KVM_AGENT_TEST_STATE_DIR (the source), KVM_AGENT_TEST_TARGET_SOCKET and
 KVM_AGENT_TEST_TARGET_STATE_DIR, KVM_AGENT_TEST_KERNEL and
 KVM_AGENT_TEST_INITRD (the test guest), KVM_AGENT_TEST_SCRATCH (a directory
-for disk images) and KVM_AGENT_TEST_UUIDS (instance uuids to use, which the
-suite cleans up after).
+for disk images), KVM_AGENT_TEST_UUIDS (instance uuids to use, which the
+suite cleans up after) and KVM_AGENT_TEST_BINARY (the kvm-agent binary, for
+the console command Ganeti runs).
 """
 
 import json
 import os
 import socket
+import subprocess
 import time
 import unittest
 import uuid as uuidlib
@@ -219,6 +221,12 @@ class LifecycleAndHotplug(unittest.TestCase):
         while qmp.execute("query-balloon")["actual"] >> 20 != 200:
             self.assertLess(time.monotonic(), deadline, "the balloon never reached 200 MiB")
             time.sleep(0.2)
+        # Ganeti sees what the guest has now (QEMU reports balloon changes
+        # at most once a second).
+        while hv.GetInstanceInfo(inst.name)[2] != 200:
+            self.assertLess(time.monotonic(), deadline,
+                            "the class never reported 200 MiB: %r" % (hv.GetInstanceInfo(inst.name),))
+            time.sleep(0.2)
         qmp.close()
 
         with self.assertRaises(errors.HypervisorError):
@@ -230,6 +238,10 @@ class LifecycleAndHotplug(unittest.TestCase):
         self.assertNotIn(inst.name, hv.ListInstances())
         hv.CleanupInstance(inst.name)
         self.assertFalse(os.path.exists(os.path.join(state_dir, "run", inst.name, "qmp.sock")))
+        # Cleanup follows every shutdown: the agent forgets the instance, so
+        # a removed or renamed one leaves nothing behind.
+        self.assertIsNone(agent_has(SOURCE, inst.name))
+        hv.CleanupInstance(inst.name)  # again: nothing to forget
 
 
 def hv_running(state):
@@ -264,7 +276,18 @@ class NodeConsoleAndReboot(unittest.TestCase):
             objects.NodeGroup(name="default", ndparams={}), inst.hvparams, inst.beparams)
         self.assertEqual(console.kind, constants.CONS_SSH)
         self.assertEqual(console.host, "node1.example.com")
-        self.assertEqual(console.command, ["kvm-agent", "console", inst.name])
+        self.assertEqual(console.command, ["kvm-agent", "console", "--resume", inst.name])
+
+        # Started paused, it runs once someone attaches to its console, as
+        # with Ganeti's own console wrapper.
+        hv.StopInstance(inst, force=True)
+        hv.StartInstance(inst, [], True)
+        self.assertEqual(agent_has(SOURCE, inst.name).state, pb.INSTANCE_STATE_PAUSED)
+        command = [ENV["KVM_AGENT_TEST_BINARY"]] + console.command[1:]
+        attached = subprocess.run(command, input=b"\x1d", capture_output=True, timeout=60,
+                                  env=dict(os.environ, KVM_AGENT_SOCKET=SOURCE))
+        self.assertEqual(attached.returncode, 0, attached.stderr)
+        self.assertEqual(agent_has(SOURCE, inst.name).state, pb.INSTANCE_STATE_RUNNING)
         hv.StopInstance(inst, force=True)
         self.assertIsNone(hv.GetInstanceInfo(inst.name))
 
