@@ -5,6 +5,7 @@
 //! This is the only crate that knows about gRPC.
 #![deny(missing_docs)]
 
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod convert;

@@ -242,6 +242,8 @@ fn substitutions(
             "/etc/kvm-agent/config.toml".into(),
             in_scratch("config.toml"),
         ),
+        // The certificates go to a directory of this test's.
+        ("--dir .".into(), format!("--dir {}", in_scratch("tls"))),
     ]
 }
 

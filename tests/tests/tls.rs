@@ -217,3 +217,99 @@ async fn another_local_user_cannot_open_the_socket() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Permission denied"), "{stderr}");
 }
+
+/// Runs `kvm-agent tls ...` and returns its output.
+fn tls_command(args: &[&str]) -> std::process::Output {
+    Command::new(agent_binary())
+        .arg("tls")
+        .args(args)
+        .output()
+        .expect("run kvm-agent tls")
+}
+
+#[tokio::test]
+async fn the_agents_own_ca_and_certificates_carry_mutual_tls() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    let d = tls_dir.to_str().unwrap();
+    for args in [
+        vec!["init-ca", "--dir", d, "--name", "test cluster"],
+        vec![
+            "issue",
+            "node1",
+            "--dir",
+            d,
+            "--ip",
+            "127.0.0.1",
+            "--dns",
+            "localhost",
+        ],
+        vec!["issue", "operator", "--dir", d],
+    ] {
+        let made = tls_command(&args);
+        assert!(
+            made.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    for key in ["ca-key.pem", "node1-key.pem", "operator-key.pem"] {
+        let mode = std::fs::metadata(tls_dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    // Nothing is ever overwritten.
+    let ca_before = std::fs::read(tls_dir.join("ca.pem")).unwrap();
+    let again = tls_command(&["init-ca", "--dir", d]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    assert_eq!(std::fs::read(tls_dir.join("ca.pem")).unwrap(), ca_before);
+
+    // A node serves with its files, and an operator's certificate gets in.
+    let port = free_port();
+    let mut options = AgentOptions::default();
+    options.args.extend([
+        "--listen".into(),
+        format!("tcp://127.0.0.1:{port}"),
+        "--tls-cert".into(),
+        format!("{d}/node1.pem"),
+        "--tls-key".into(),
+        format!("{d}/node1-key.pem"),
+        "--tls-ca".into(),
+        format!("{d}/ca.pem"),
+    ]);
+    let _agent = TestAgent::start_with(options).await;
+    let operator = |ca_dir: &str, name: &str| {
+        Command::new(agent_binary())
+            .args(["--agent", &format!("https://127.0.0.1:{port}")])
+            .args(["--tls-cert", &format!("{ca_dir}/{name}.pem")])
+            .args(["--tls-key", &format!("{ca_dir}/{name}-key.pem")])
+            .args(["--tls-ca", &format!("{d}/ca.pem")])
+            .args(["node", "info", "--output", "json"])
+            .output()
+            .unwrap()
+    };
+    let admitted = operator(d, "operator");
+    assert!(
+        admitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
+    let info: Value = serde_json::from_slice(&admitted.stdout).unwrap();
+    assert!(info["qemu_version"].as_str().unwrap().contains("QEMU"));
+
+    // A certificate of another CA made the same way does not.
+    let other = dir.path().join("other");
+    let o = other.to_str().unwrap();
+    assert!(tls_command(&["init-ca", "--dir", o]).status.success());
+    assert!(
+        tls_command(&["issue", "operator", "--dir", o])
+            .status
+            .success()
+    );
+    let refused = operator(o, "operator");
+    assert!(!refused.status.success());
+}

@@ -17,6 +17,7 @@ use crate::config::{DEFAULT_STATE_DIR, SOCKET_NAME};
 use crate::peer::AgentAddress;
 use crate::tls::{TlsFiles, TlsMaterial};
 
+mod certificates;
 mod console;
 mod device;
 mod events;
@@ -129,6 +130,11 @@ enum Command {
     Restore(transfer::RestoreArgs),
     /// Follow the agent's events (one line each; JSON lines with --output json).
     Events(events::EventsArgs),
+    /// Make the cluster's CA and the certificates it signs.
+    Tls {
+        #[command(subcommand)]
+        command: certificates::TlsCommand,
+    },
     /// Print a completion script, e.g. `kvm-agent completions bash >
     /// /etc/bash_completion.d/kvm-agent`.
     Completions {
@@ -152,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let connect = async || connect_agent(agent.as_ref(), socket.as_ref(), &tls).await;
     match command {
         Command::Completions { shell } => completions(shell),
+        Command::Tls { command } => certificates::run(command),
         Command::Serve(args) => serve::serve(args.settings(socket.as_ref(), &tls)?).await,
         Command::Config { command } => serve::config(command, socket.as_ref(), &tls, out),
         Command::Node { command } => node::run(connect().await?, command, out).await,
