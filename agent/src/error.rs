@@ -43,6 +43,17 @@ pub enum AgentError {
         /// What it is doing instead.
         why: String,
     },
+    /// A running NIC's tap couldn't move to the bridge asked for; it stays
+    /// where it was.
+    #[error("instance {instance:?}: NIC {device:?} stays where it was")]
+    Bridge {
+        /// Instance name.
+        instance: String,
+        /// The NIC.
+        device: String,
+        /// Why.
+        source: hypervisor::tap::TapError,
+    },
     /// A rename to a name another instance has.
     #[error("an instance named {0:?} exists already")]
     NameTaken(String),
@@ -292,6 +303,10 @@ impl AgentError {
             AgentError::NotStopped { .. } => (
                 Code::FailedPrecondition,
                 "only a stopped instance can be deleted or renamed: stop it first",
+            ),
+            AgentError::Bridge { .. } => (
+                Code::FailedPrecondition,
+                "create the bridge first, or name one that exists",
             ),
             AgentError::NameTaken(_) => (
                 Code::AlreadyExists,

@@ -107,6 +107,11 @@ impl Process {
         &self.qmp
     }
 
+    /// The host tap of the NIC at `index` in the runtime.
+    pub(crate) fn tap(&self, index: usize) -> String {
+        lock(&self.taps).get(index).cloned().unwrap_or_default()
+    }
+
     /// Records the tap of a hot-added NIC (the last one).
     pub(crate) fn push_tap(&self, tap: String) {
         lock(&self.taps).push(tap);

@@ -397,6 +397,17 @@ impl NodeAgent for NodeAgentService {
         })
     }
 
+    async fn set_nic_bridge(
+        &self,
+        req: Request<pb::SetNicBridgeRequest>,
+    ) -> Reply<pb::DeviceChangeResponse> {
+        operation!(self, req, "set-nic-bridge", req.name.clone(), |agent| {
+            let bridge = Some(req.bridge).filter(|b| !b.is_empty());
+            let changed = agent.set_nic_bridge(&req.name, &req.device, bridge).await?;
+            Ok(convert::device_change_to_proto(changed))
+        })
+    }
+
     async fn get_runtime(
         &self,
         req: Request<pb::GetRuntimeRequest>,

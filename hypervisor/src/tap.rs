@@ -20,6 +20,7 @@ const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const SIOCBRDELIF: libc::c_ulong = 0x89a3;
 const IFNAMSIZ: usize = 16;
 
 /// Why a tap couldn't be set up.
@@ -50,7 +51,7 @@ pub enum TapError {
         source: io::Error,
     },
     /// The bridge doesn't exist or refused the port.
-    #[error("can't attach tap {tap} to bridge {bridge} (does the bridge exist?)")]
+    #[error("tap {tap} can't join or leave bridge {bridge} (does the bridge exist?)")]
     Bridge {
         /// Tap name.
         tap: String,
@@ -211,19 +212,44 @@ impl Tap {
 
     /// Adds the tap as a port of `bridge`.
     pub fn attach_to_bridge(&self, bridge: &str) -> Result<(), TapError> {
-        let err = |source| TapError::Bridge {
-            tap: self.name.clone(),
-            bridge: bridge.to_owned(),
-            source,
-        };
-        // The request names the bridge and carries the index of the port.
-        nix::net::if_::if_nametoindex(bridge).map_err(|e| err(e.into()))?;
-        let index = nix::net::if_::if_nametoindex(self.name.as_str()).map_err(|e| err(e.into()))?;
-        let sock = control_socket().map_err(err)?;
-        let mut req = Ifreq::new(bridge);
-        req.set_ifindex(index as libc::c_int);
-        ifreq_ioctl(sock.as_fd(), SIOCBRADDIF, &mut req).map_err(err)
+        bridge_port(SIOCBRADDIF, &self.name, bridge)
     }
+}
+
+/// Moves a tap that QEMU holds from one bridge to another (`None`: no
+/// bridge). The guest's link stays up; only where its frames go changes.
+/// If joining `to` fails, the tap goes back to `from`.
+pub fn move_to_bridge(tap: &str, from: Option<&str>, to: Option<&str>) -> Result<(), TapError> {
+    if from == to {
+        return Ok(());
+    }
+    if let Some(from) = from {
+        bridge_port(SIOCBRDELIF, tap, from)?;
+    }
+    let Some(to) = to else {
+        return Ok(());
+    };
+    bridge_port(SIOCBRADDIF, tap, to).inspect_err(|_| {
+        if let Some(from) = from {
+            let _ = bridge_port(SIOCBRADDIF, tap, from);
+        }
+    })
+}
+
+/// Adds (SIOCBRADDIF) or removes (SIOCBRDELIF) `tap` as a port of `bridge`.
+fn bridge_port(request: libc::c_ulong, tap: &str, bridge: &str) -> Result<(), TapError> {
+    let err = |source| TapError::Bridge {
+        tap: tap.to_owned(),
+        bridge: bridge.to_owned(),
+        source,
+    };
+    // The request names the bridge and carries the index of the port.
+    nix::net::if_::if_nametoindex(bridge).map_err(|e| err(e.into()))?;
+    let index = nix::net::if_::if_nametoindex(tap).map_err(|e| err(e.into()))?;
+    let sock = control_socket().map_err(err)?;
+    let mut req = Ifreq::new(bridge);
+    req.set_ifindex(index as libc::c_int);
+    ifreq_ioctl(sock.as_fd(), request, &mut req).map_err(err)
 }
 
 #[cfg(test)]

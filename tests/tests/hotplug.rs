@@ -437,3 +437,82 @@ async fn support_reports_each_capability_with_reasons() {
         assert!(vhost.reason.contains("/dev/vhost-net"), "{}", vhost.reason);
     }
 }
+
+/// The bridge a tap is a port of, if any.
+fn master_of(tap: &str) -> Option<String> {
+    std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+fn nic_tap(info: &pb::InstanceInfo) -> String {
+    info.devices
+        .iter()
+        .find(|d| d.kind == pb::DeviceKind::Nic as i32)
+        .expect("a NIC")
+        .tap
+        .clone()
+}
+
+#[tokio::test]
+async fn a_running_nic_moves_between_bridges_and_keeps_the_new_one() {
+    let agent = TestAgent::start().await;
+    let (first, second) = (Bridge::create(), Bridge::create());
+    let mut spec = agent.spec("mover", 64);
+    spec.nics = vec![pb::NicSpec {
+        bridge: first.name.clone(),
+        ..nic("eth0", "52:54:00:00:41:01")
+    }];
+    let started = agent.start_spec(spec).await;
+    let tap = nic_tap(&started);
+    assert_eq!(master_of(&tap), Some(first.name.clone()));
+    let set_bridge = async |device: &str, bridge: &str| {
+        agent
+            .client()
+            .await
+            .set_nic_bridge(pb::SetNicBridgeRequest {
+                name: "mover".into(),
+                device: device.into(),
+                bridge: bridge.into(),
+            })
+            .await
+    };
+
+    let moved = set_bridge("eth0", &second.name).await.unwrap().into_inner();
+    assert_eq!(master_of(&tap), Some(second.name.clone()));
+    assert_eq!(moved.device.unwrap().tap, tap);
+    let runtime = agent.runtime_json("mover").await;
+    assert_eq!(runtime["nics"][0]["bridge"], second.name.as_str());
+
+    // A bridge that doesn't exist changes nothing.
+    let missing = set_bridge("eth0", "kbmissing0").await.unwrap_err();
+    assert_eq!(missing.code(), Code::FailedPrecondition, "{missing:?}");
+    assert_eq!(master_of(&tap), Some(second.name.clone()));
+    assert_eq!(
+        agent.runtime_json("mover").await["nics"][0]["bridge"],
+        second.name.as_str()
+    );
+    let unknown = set_bridge("eth9", &first.name).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    // A soft reboot attaches the new tap where the runtime says.
+    let rebooted = agent
+        .client()
+        .await
+        .reboot_instance(pb::RebootInstanceRequest {
+            name: "mover".into(),
+            mode: pb::RebootMode::Soft as i32,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let new_tap = nic_tap(&rebooted);
+    assert_eq!(master_of(&new_tap), Some(second.name.clone()));
+
+    // No bridge at all.
+    set_bridge("eth0", "").await.unwrap();
+    assert_eq!(master_of(&new_tap), None);
+    assert!(agent.runtime_json("mover").await["nics"][0]["bridge"].is_null());
+}

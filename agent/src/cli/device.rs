@@ -22,6 +22,16 @@ pub(super) enum DeviceCommand {
         /// Device name.
         device: String,
     },
+    /// Move a running NIC's tap to another bridge; the guest's link stays up.
+    SetBridge {
+        /// Instance name.
+        instance: String,
+        /// The NIC's device name.
+        device: String,
+        /// The bridge to join; leave it out for none.
+        #[arg(long)]
+        bridge: Option<String>,
+    },
     /// List an instance's devices.
     List {
         /// Instance name.
@@ -153,6 +163,18 @@ pub(super) async fn run(
                 device,
             };
             client.remove_device(request).await?
+        }
+        DeviceCommand::SetBridge {
+            instance,
+            device,
+            bridge,
+        } => {
+            let request = pb::SetNicBridgeRequest {
+                name: instance,
+                device,
+                bridge: bridge.unwrap_or_default(),
+            };
+            client.set_nic_bridge(request).await?
         }
         DeviceCommand::List { instance } => {
             let request = pb::GetInstanceRequest { name: instance };

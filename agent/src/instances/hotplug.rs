@@ -189,6 +189,49 @@ impl Agent {
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
     }
 
+    /// SetNicBridge: moves a running NIC's tap to `bridge` (or out of any)
+    /// and records it in the runtime. The tap moves first, and back if the
+    /// record can't be written.
+    pub async fn set_nic_bridge(
+        &self,
+        name: &str,
+        device: &str,
+        bridge: Option<String>,
+    ) -> Result<(InstanceView, ChangedDevice), AgentError> {
+        let inst = self.instance(name)?;
+        let _op = inst.lock_ops().await?;
+        let (process, record) = Self::running(&inst)?;
+        let index = record
+            .runtime
+            .nics
+            .iter()
+            .position(|n| n.spec.name == device)
+            .ok_or_else(|| AgentError::DeviceNotFound {
+                instance: name.to_owned(),
+                device: device.to_owned(),
+            })?;
+        let mut updated = record.clone();
+        updated.runtime.nics[index].spec.bridge = bridge.clone();
+        updated.runtime.to_spec().validate()?;
+        let from = record.runtime.nics[index].spec.bridge.clone();
+        let tap = process.tap(index);
+        let moved = |from: Option<&str>, to: Option<&str>| {
+            hypervisor::tap::move_to_bridge(&tap, from, to).map_err(|source| AgentError::Bridge {
+                instance: name.to_owned(),
+                device: device.to_owned(),
+                source,
+            })
+        };
+        moved(from.as_deref(), bridge.as_deref())?;
+        if let Err(e) = self.write_record(&inst, &updated).await {
+            let _ = moved(bridge.as_deref(), from.as_deref());
+            return Err(e);
+        }
+        tracing::info!(instance = %name, nic = %device, %tap, from = ?from, to = ?bridge, "NIC moved to another bridge");
+        let nic = updated.runtime.nics[index].clone();
+        Ok((inst.view(), ChangedDevice::Nic(nic, tap)))
+    }
+
     /// Hot-adds a disk.
     pub async fn add_disk(
         &self,

@@ -521,8 +521,10 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             raise errors.HotplugError("Instance is probably down")
 
     def VerifyHotplugSupport(self, instance, action, dev_type):
-        if action == constants.HOTPLUG_ACTION_MODIFY:
-            raise errors.HotplugError("Hot-modifying devices is not supported with kvm-agent")
+        if action == constants.HOTPLUG_ACTION_MODIFY and \
+            dev_type != constants.HOTPLUG_TARGET_NIC:
+            raise errors.HotplugError("Hot-modifying a %s is not supported with kvm-agent" %
+                                      dev_type)
         if dev_type not in (constants.HOTPLUG_TARGET_NIC, constants.HOTPLUG_TARGET_DISK):
             raise errors.HotplugError("Hotplug is not supported for %s" % dev_type)
         support = self._call("hotplug_support",
@@ -569,4 +571,25 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         return self._hvinfo(reply.device)
 
     def HotModDevice(self, instance, dev_type, device, extra, seq):
-        raise errors.HotplugError("Hot-modifying devices is not supported with kvm-agent")
+        if dev_type != constants.HOTPLUG_TARGET_NIC:
+            raise errors.HotplugError("Hot-modifying a %s is not supported with kvm-agent" %
+                                      dev_type)
+        info = self._find(instance.name)
+        current = [d for d in (info.devices if info is not None and info.pid else [])
+                   if d.uuid == device.uuid and d.kind == pb.DEVICE_KIND_NIC]
+        if not current:
+            raise errors.HotplugError("%s has no running NIC with uuid %s" %
+                                      (instance.name, device.uuid))
+        wanted = nic_spec(device, instance.hvparams)
+        if current[0].detail.lower() != wanted.mac.lower():
+            # A new MAC is a new device to the guest, as with Ganeti's KVM
+            # driver: the old one goes (the guest must release it), the new
+            # one comes.
+            self.HotDelDevice(instance, dev_type, device, extra, seq)
+            return self.HotAddDevice(instance, dev_type, device, extra, seq)
+        # A new link moves the tap to that bridge; the guest sees nothing.
+        reply = self._call("set_nic_bridge", pb.SetNicBridgeRequest(
+            name=instance.name, device=current[0].name, bridge=wanted.bridge),
+                           "moving %s of %s to bridge %r" %
+                           (current[0].name, instance.name, wanted.bridge))
+        return self._hvinfo(reply.device)

@@ -191,9 +191,11 @@ class LifecycleAndHotplug(unittest.TestCase):
         for dev_type in (constants.HOTPLUG_TARGET_NIC, constants.HOTPLUG_TARGET_DISK):
             hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_ADD, dev_type)
             hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_REMOVE, dev_type)
+        hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_MODIFY,
+                                constants.HOTPLUG_TARGET_NIC)
         with self.assertRaises(errors.HotplugError):
             hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_MODIFY,
-                                    constants.HOTPLUG_TARGET_NIC)
+                                    constants.HOTPLUG_TARGET_DISK)
 
         used_before = set(qmp.pci().values())
         hot_nic = nic("52:54:00:6a:00:02")
@@ -208,6 +210,22 @@ class LifecycleAndHotplug(unittest.TestCase):
             self.assertEqual(hex(pci[info["id"]]), info["addr"])
             self.assertNotIn(pci[info["id"]], used_before, "a free slot")
         self.assertTrue(qmp.has_block_device(disk_info["id"]))
+
+        # A NIC's new link moves its tap to that bridge, in the same slot.
+        bridge = "kbg%s" % uuidlib.uuid4().hex[:8]
+        subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+        try:
+            relinked = objects.NIC(mac=hot_nic.mac, uuid=hot_nic.uuid, name=None,
+                                   nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                                              constants.NIC_LINK: bridge})
+            self.assertEqual(hv.HotModDevice(inst, constants.HOTPLUG_TARGET_NIC, relinked,
+                                             None, 1), nic_info)
+            tap = [d.tap for d in agent_has(SOURCE, inst.name).devices
+                   if d.uuid == hot_nic.uuid][0]
+            master = os.readlink("/sys/class/net/%s/master" % tap)
+            self.assertEqual(os.path.basename(master), bridge)
+        finally:
+            subprocess.run(["ip", "link", "del", bridge], check=False)
 
         hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, data, None, 1)
         hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_NIC, hot_nic, None, 1)
