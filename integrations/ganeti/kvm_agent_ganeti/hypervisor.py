@@ -6,14 +6,17 @@ the same node: the instance's spec is built from Ganeti's objects and KVM
 hvparams, and the agent generates the runtime, runs QEMU, hotplugs devices
 and migrates to the target node's agent.
 
-Settings come from the environment of the node daemon:
+Settings come from ``/etc/kvm-agent/ganeti.toml`` (or the file that
+``KVM_AGENT_GANETI_CONFIG`` names), with the node daemon's environment
+over it, since Ganeti's daemons may start from an init script that passes
+them no environment of the operator's:
 
-``KVM_AGENT_SOCKET``
+``socket`` / ``KVM_AGENT_SOCKET``
     The local agent's socket (default ``/var/lib/kvm-agent/agent.sock``).
-``KVM_AGENT_PEER``
+``peer`` / ``KVM_AGENT_PEER``
     How to reach the target node's agent for a migration, with ``{target}``
     standing for the address Ganeti gives (default ``https://{target}:7070``).
-``KVM_AGENT_GANETI_STATE``
+``state_dir`` / ``KVM_AGENT_GANETI_STATE``
     Where migration outcomes are kept between Ganeti's calls (default
     ``/run/kvm-agent-ganeti``).
 """
@@ -21,6 +24,7 @@ Settings come from the environment of the node daemon:
 import json
 import logging
 import os
+import tomllib
 
 from ganeti import constants, errors, objects
 from ganeti.hypervisor import hv_base
@@ -31,6 +35,38 @@ from kvm_agent_client import pb
 
 DEFAULT_PEER = "https://{target}:7070"
 DEFAULT_STATE_DIR = "/run/kvm-agent-ganeti"
+DEFAULT_CONFIG = "/etc/kvm-agent/ganeti.toml"
+# Each setting's key in the file, and its variable in the environment.
+SETTINGS = {
+    "socket": "KVM_AGENT_SOCKET",
+    "peer": "KVM_AGENT_PEER",
+    "state_dir": "KVM_AGENT_GANETI_STATE",
+}
+
+
+def load_settings(path=None):
+    """The class's settings: the file's, then the environment's over them.
+    A missing file is no settings; a file with an unknown key or a value
+    that isn't a string is an error that names it."""
+    path = path or os.environ.get("KVM_AGENT_GANETI_CONFIG", DEFAULT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except FileNotFoundError:
+        settings = {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise errors.HypervisorError("kvm-agent: can't read %s: %s" % (path, e))
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise errors.HypervisorError("kvm-agent: %s: unknown keys %s; the keys are %s" %
+                                     (path, ", ".join(unknown), ", ".join(sorted(SETTINGS))))
+    for key, value in settings.items():
+        if not isinstance(value, str):
+            raise errors.HypervisorError("kvm-agent: %s: %s must be a string" % (path, key))
+    for key, variable in SETTINGS.items():
+        if os.environ.get(variable):
+            settings[key] = os.environ[variable]
+    return settings
 
 # hvparams this class turns into the agent's spec (or call options).
 TRANSLATED = frozenset([
@@ -232,10 +268,10 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     def __init__(self, socket=None, peer=None, state_dir=None):
         super().__init__()
-        self._socket = socket or os.environ.get("KVM_AGENT_SOCKET", kac.DEFAULT_SOCKET)
-        self._peer = peer or os.environ.get("KVM_AGENT_PEER", DEFAULT_PEER)
-        self._state_dir = state_dir or os.environ.get("KVM_AGENT_GANETI_STATE",
-                                                       DEFAULT_STATE_DIR)
+        settings = load_settings()
+        self._socket = socket or settings.get("socket", kac.DEFAULT_SOCKET)
+        self._peer = peer or settings.get("peer", DEFAULT_PEER)
+        self._state_dir = state_dir or settings.get("state_dir", DEFAULT_STATE_DIR)
 
     def _call(self, method, request, what, timeout=120):
         with kac.Client.unix(self._socket) as client:

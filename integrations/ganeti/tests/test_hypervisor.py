@@ -321,6 +321,60 @@ class Registration(unittest.TestCase):
         self.assertIsInstance(hypervisor.GetHypervisor(constants.HT_KVM), KvmAgentHypervisor)
 
 
+class DivertedRegistry(unittest.TestCase):
+    def test_the_diverted_registry_runs_ganetis_own_then_registers_the_class(self):
+        """The switch-over as README.md does it, on a copy of Ganeti's
+        package: its hypervisor/__init__.py diverted to .distrib, and
+        hypervisor_init.py in its place, imported by a fresh Python."""
+        import shutil
+        import sys
+        import tempfile
+        import ganeti
+
+        hook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "hypervisor_init.py")
+        with tempfile.TemporaryDirectory() as root:
+            shutil.copytree(os.path.dirname(ganeti.__file__), os.path.join(root, "ganeti"))
+            init = os.path.join(root, "ganeti", "hypervisor", "__init__.py")
+            os.rename(init, init + ".distrib")
+            shutil.copy(hook, init)
+            probe = ("from ganeti import constants, hypervisor\n"
+                     "print(hypervisor.GetHypervisorClass(constants.HT_KVM).__name__)\n"
+                     "print(hypervisor.GetHypervisorClass(constants.HT_FAKE).__name__)\n")
+            path = os.pathsep.join([root] + os.environ.get("PYTHONPATH", "").split(os.pathsep))
+            ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=path), timeout=60)
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        # Ganeti's own registry is there, with kvm replaced.
+        self.assertEqual(ran.stdout.split(), ["KvmAgentHypervisor", "FakeHypervisor"])
+
+
+class Settings(unittest.TestCase):
+    def test_settings_come_from_the_file_with_the_environment_over_it(self):
+        path = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "ganeti.toml")
+        with open(path, "w") as f:
+            f.write('socket = "%s"\npeer = "https://{target}:7171"\n' % SOURCE)
+        saved = {k: os.environ.pop(k, None) for k in ("KVM_AGENT_GANETI_CONFIG",
+                                                        "KVM_AGENT_SOCKET", "KVM_AGENT_PEER")}
+        try:
+            os.environ["KVM_AGENT_GANETI_CONFIG"] = path
+            hv = KvmAgentHypervisor()
+            self.assertIsNone(hv.Verify(), "reaches the agent the file names")
+            self.assertEqual(hv._peer, "https://{target}:7171")
+            os.environ["KVM_AGENT_PEER"] = "https://{target}:7272"
+            self.assertEqual(KvmAgentHypervisor()._peer, "https://{target}:7272")
+            with open(path, "a") as f:
+                f.write('sokcet = "/typo"\n')
+            with self.assertRaises(errors.HypervisorError) as refused:
+                KvmAgentHypervisor()
+            self.assertIn("sokcet", str(refused.exception))
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key, None)
+                if value is not None:
+                    os.environ[key] = value
+
+
 class UnsupportedParameters(unittest.TestCase):
     def test_an_unsupported_value_is_named_and_nothing_starts(self):
         hv = KvmAgentHypervisor(socket=SOURCE)
