@@ -56,6 +56,11 @@ async fn lookup(agent: &TestAgent, name: &str) -> Result<pb::InstanceInfo, tonic
         .map(|r| r.into_inner())
 }
 
+fn device_uuid(info: &pb::InstanceInfo, kind: pb::DeviceKind) -> String {
+    let device = info.devices.iter().find(|d| d.kind == kind as i32);
+    device.expect("the device").uuid.clone()
+}
+
 fn slots(info: &pb::InstanceInfo) -> Vec<(String, u32)> {
     let mut slots: Vec<_> = info
         .devices
@@ -121,23 +126,11 @@ async fn a_stopped_instance_is_renamed_with_its_devices_then_deleted_for_good() 
     let mut again = agent.spec("after", 64);
     again.uuid = started.uuid.clone();
     again.disks = vec![pb::DiskSpec {
-        uuid: started
-            .devices
-            .iter()
-            .find(|d| d.kind == pb::DeviceKind::Disk as i32)
-            .unwrap()
-            .uuid
-            .clone(),
+        uuid: device_uuid(&started, pb::DeviceKind::Disk),
         ..disk("data", &data)
     }];
     again.nics = vec![pb::NicSpec {
-        uuid: started
-            .devices
-            .iter()
-            .find(|d| d.kind == pb::DeviceKind::Nic as i32)
-            .unwrap()
-            .uuid
-            .clone(),
+        uuid: device_uuid(&started, pb::DeviceKind::Nic),
         ..nic("eth0", "52:54:00:00:31:01")
     }];
     let running = agent.start_spec(again).await;
