@@ -19,9 +19,13 @@ _ORIGINAL = __file__ + ".distrib"
 with open(_ORIGINAL) as _source:
     exec(compile(_source.read(), _ORIGINAL, "exec"))
 
-_KVM_AGENT_PYTHON = os.environ.get("KVM_AGENT_PYTHONPATH", "/usr/local/lib/kvm-agent/python")
-if os.path.isdir(_KVM_AGENT_PYTHON) and _KVM_AGENT_PYTHON not in sys.path:
-    sys.path.insert(0, _KVM_AGENT_PYTHON)
+# The package's directory, or a hand-made one (README.md's step 2).
+for _path in [os.environ.get("KVM_AGENT_PYTHONPATH", ""), "/usr/lib/kvm-agent/python",
+              "/usr/local/lib/kvm-agent/python"]:
+    if _path and os.path.isdir(_path):
+        if _path not in sys.path:
+            sys.path.insert(0, _path)
+        break
 
 import kvm_agent_ganeti  # noqa: E402  (after Ganeti's module, which it extends)
 
