@@ -57,8 +57,13 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
     assert_eq!(names, OPERATIONS);
     for row in rows {
         let ratio = row["ratio_p50"].as_f64();
+        // QEMU reports downtime in whole milliseconds, and a guest that
+        // dirtied nothing since the last pass (an idle one without an OS)
+        // can switch over in less than one: 0 ms is a measurement there.
+        let downtime = row["operation"].as_str().unwrap().contains("downtime");
+        let least = if downtime { 0.0 } else { f64::MIN_POSITIVE };
         assert!(
-            ratio.is_some_and(|r| r.is_finite() && r > 0.0),
+            ratio.is_some_and(|r| r.is_finite() && r >= least),
             "{}: ratio {:?}",
             row["operation"],
             row["ratio_p50"]
