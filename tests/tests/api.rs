@@ -451,6 +451,29 @@ async fn metrics_are_valid_prometheus_text_and_move_with_operations() {
     );
 }
 
+#[tokio::test]
+async fn cli_output_into_a_pipe_nobody_reads_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let agent = TestAgent::start().await;
+    agent.start_spec(agent.spec("piped", 64)).await;
+    // As `kvm-agent instance info piped | head -1`, with `head` gone before
+    // the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(agent_binary())
+        .args(["--socket", agent.socket().to_str().unwrap()])
+        .args(["instance", "info", "piped"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "no panic, no message: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn cli_prints_completions_that_bash_loads() {
     let script = Command::new(agent_binary())

@@ -143,6 +143,13 @@ enum Command {
     },
 }
 
+impl Cli {
+    /// Whether this runs the agent itself rather than a client command.
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
+}
+
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
