@@ -38,9 +38,9 @@ impl Agent {
         }
         // Set aside now or by an agent before: either way, a QEMU of that
         // name that still runs must stay in sight.
-        let recorded: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        let recorded: HashSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for name in self.store.quarantined_names() {
-            if !recorded.contains(name.as_str()) {
+            if !recorded.contains(&name) {
                 self.register_quarantined(&name);
             }
         }
@@ -50,6 +50,7 @@ impl Agent {
                 tasks.spawn(work);
             }
         }
+        self.remove_orphaned_run_dirs(&recorded);
         let count = tasks.len();
         tokio::spawn(async move {
             while tasks.join_next().await.is_some() {}
@@ -61,6 +62,33 @@ impl Agent {
                 );
             }
         })
+    }
+
+    /// Removes run directories no instance has: an agent killed while it
+    /// let go of one (after its record went, before its directory did)
+    /// leaves one behind. One whose pidfile names a live QEMU of that name
+    /// stays; that QEMU isn't the agent's to clean up after.
+    fn remove_orphaned_run_dirs(&self, recorded: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("run")) else {
+            return;
+        };
+        let registry = self.registry();
+        for entry in entries.flatten() {
+            let (path, Ok(name)) = (entry.path(), entry.file_name().into_string()) else {
+                continue;
+            };
+            if recorded.contains(&name) || registry.contains_key(&name) || !path.is_dir() {
+                continue;
+            }
+            if process::read_pidfile(&path.join(files::PIDFILE))
+                .is_some_and(|pid| process::runs_instance_named(pid, &name))
+            {
+                continue;
+            }
+            tracing::info!(instance = %name, "removing a run directory no instance has");
+            lifecycle::remove_run_files(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 
     /// Registers a recorded instance; returns the recovery work it needs.
