@@ -529,7 +529,12 @@ async fn a_run_directory_left_without_its_instance_is_removed_at_restart() {
     // One whose pidfile names a live process of that name stays: that
     // QEMU isn't the agent's to clean up after.
     let mut keeper_process = std::process::Command::new("sh")
-        .args(["-c", "sleep 60; true", "-name", "guest=keeper,debug-threads=on"])
+        .args([
+            "-c",
+            "sleep 60; true",
+            "-name",
+            "guest=keeper,debug-threads=on",
+        ])
         .spawn()
         .unwrap();
     let keeper = agent.run_dir("keeper");
@@ -539,7 +544,10 @@ async fn a_run_directory_left_without_its_instance_is_removed_at_restart() {
     agent.restart().await;
     agent.wait_reconciled(Duration::from_secs(20)).await;
 
-    assert!(!orphan.exists(), "the orphaned run directory is still there");
+    assert!(
+        !orphan.exists(),
+        "the orphaned run directory is still there"
+    );
     assert!(keeper.exists(), "a live QEMU's run directory was removed");
     let _ = keeper_process.kill();
     let _ = keeper_process.wait();

@@ -20,8 +20,9 @@ impl Agent {
     /// name it at once, then starts reconciling in the background: finding
     /// the QEMUs that kept running while the agent was away, in parallel.
     /// An instance whose record says running is marked reconciling, and its
-    /// operations wait, until its QEMU is adopted or found gone. The
-    /// returned task ends when all are done.
+    /// operations wait, until its QEMU is adopted or found gone. Unfinished
+    /// incoming instances and orphaned run directories are cleared before
+    /// this returns. The returned task ends when all are done.
     pub async fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let began = std::time::Instant::now();
         let store = self.store.clone();
@@ -43,6 +44,15 @@ impl Agent {
             if !recorded.contains(&name) {
                 self.register_quarantined(&name);
             }
+        }
+        // An unfinished incoming instance was never this node's. Its QEMU,
+        // paused and waiting, goes before the agent answers, so that no
+        // caller ever sees a second QEMU of a guest that runs elsewhere.
+        let (incoming, records): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| r.value.state == RecordedState::Incoming);
+        for rec in incoming {
+            self.drop_unfinished_incoming(&rec.name, &rec.value).await;
         }
         let mut tasks = tokio::task::JoinSet::new();
         for rec in records {
@@ -98,11 +108,6 @@ impl Agent {
         record: InstanceRecord,
     ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
         let agent = self.clone();
-        if record.state == RecordedState::Incoming {
-            return Some(Box::pin(async move {
-                agent.drop_unfinished_incoming(&name, &record).await
-            }));
-        }
         let (state, detail) = match record.state {
             RecordedState::Running => (State::Running, String::new()),
             other => (resting_state(other), record.detail.clone()),
