@@ -516,3 +516,39 @@ async fn a_quarantined_instance_is_adopted_only_when_qemu_shows_its_runtime() {
     assert_eq!(still.state, pb::InstanceState::Quarantined as i32);
     assert_eq!(still.pid, altered.pid);
 }
+
+#[tokio::test]
+async fn a_run_directory_left_without_its_instance_is_removed_at_restart() {
+    let mut agent = TestAgent::start().await;
+    // What an agent killed between removing a migrated instance's record
+    // and its run directory leaves: the directory, a stale pidfile.
+    let orphan = agent.run_dir("gone");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("pid"), "999999\n").unwrap();
+    std::fs::write(orphan.join("qemu.log"), "old log\n").unwrap();
+    // One whose pidfile names a live process of that name stays: that
+    // QEMU isn't the agent's to clean up after.
+    let mut keeper_process = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "sleep 60; true",
+            "-name",
+            "guest=keeper,debug-threads=on",
+        ])
+        .spawn()
+        .unwrap();
+    let keeper = agent.run_dir("keeper");
+    std::fs::create_dir_all(&keeper).unwrap();
+    std::fs::write(keeper.join("pid"), format!("{}\n", keeper_process.id())).unwrap();
+
+    agent.restart().await;
+    agent.wait_reconciled(Duration::from_secs(20)).await;
+
+    assert!(
+        !orphan.exists(),
+        "the orphaned run directory is still there"
+    );
+    assert!(keeper.exists(), "a live QEMU's run directory was removed");
+    let _ = keeper_process.kill();
+    let _ = keeper_process.wait();
+}

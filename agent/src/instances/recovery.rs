@@ -20,8 +20,9 @@ impl Agent {
     /// name it at once, then starts reconciling in the background: finding
     /// the QEMUs that kept running while the agent was away, in parallel.
     /// An instance whose record says running is marked reconciling, and its
-    /// operations wait, until its QEMU is adopted or found gone. The
-    /// returned task ends when all are done.
+    /// operations wait, until its QEMU is adopted or found gone. Unfinished
+    /// incoming instances and orphaned run directories are cleared before
+    /// this returns. The returned task ends when all are done.
     pub async fn recover(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let began = std::time::Instant::now();
         let store = self.store.clone();
@@ -38,11 +39,20 @@ impl Agent {
         }
         // Set aside now or by an agent before: either way, a QEMU of that
         // name that still runs must stay in sight.
-        let recorded: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        let recorded: HashSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for name in self.store.quarantined_names() {
-            if !recorded.contains(name.as_str()) {
+            if !recorded.contains(&name) {
                 self.register_quarantined(&name);
             }
+        }
+        // An unfinished incoming instance was never this node's. Its QEMU,
+        // paused and waiting, goes before the agent answers, so that no
+        // caller ever sees a second QEMU of a guest that runs elsewhere.
+        let (incoming, records): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| r.value.state == RecordedState::Incoming);
+        for rec in incoming {
+            self.drop_unfinished_incoming(&rec.name, &rec.value).await;
         }
         let mut tasks = tokio::task::JoinSet::new();
         for rec in records {
@@ -50,6 +60,7 @@ impl Agent {
                 tasks.spawn(work);
             }
         }
+        self.remove_orphaned_run_dirs(&recorded);
         let count = tasks.len();
         tokio::spawn(async move {
             while tasks.join_next().await.is_some() {}
@@ -63,6 +74,33 @@ impl Agent {
         })
     }
 
+    /// Removes run directories no instance has: an agent killed while it
+    /// let go of one (after its record went, before its directory did)
+    /// leaves one behind. One whose pidfile names a live QEMU of that name
+    /// stays; that QEMU isn't the agent's to clean up after.
+    fn remove_orphaned_run_dirs(&self, recorded: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("run")) else {
+            return;
+        };
+        let registry = self.registry();
+        for entry in entries.flatten() {
+            let (path, Ok(name)) = (entry.path(), entry.file_name().into_string()) else {
+                continue;
+            };
+            if recorded.contains(&name) || registry.contains_key(&name) || !path.is_dir() {
+                continue;
+            }
+            if process::read_pidfile(&path.join(files::PIDFILE))
+                .is_some_and(|pid| process::runs_instance_named(pid, &name))
+            {
+                continue;
+            }
+            tracing::info!(instance = %name, "removing a run directory no instance has");
+            lifecycle::remove_run_files(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+
     /// Registers a recorded instance; returns the recovery work it needs.
     fn register_recorded(
         self: &Arc<Self>,
@@ -70,11 +108,6 @@ impl Agent {
         record: InstanceRecord,
     ) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
         let agent = self.clone();
-        if record.state == RecordedState::Incoming {
-            return Some(Box::pin(async move {
-                agent.drop_unfinished_incoming(&name, &record).await
-            }));
-        }
         let (state, detail) = match record.state {
             RecordedState::Running => (State::Running, String::new()),
             other => (resting_state(other), record.detail.clone()),
