@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -139,6 +140,17 @@ impl PreparedCgroups {
 }
 
 impl CgroupLayout {
+    /// The directories [`CgroupLayout::prepare`] makes for `instance`.
+    pub fn instance_dirs(&self, instance: &str) -> Vec<PathBuf> {
+        match self {
+            CgroupLayout::V2 { parent } => vec![parent.join(instance)],
+            CgroupLayout::V1 { memory, cpu } => std::iter::once(memory)
+                .chain(cpu)
+                .map(|dir| dir.join(instance))
+                .collect(),
+        }
+    }
+
     /// Creates an instance's cgroups and sets their limits, ready for its
     /// QEMU to enter. On failure nothing made is left behind.
     pub fn prepare(&self, instance: &str, limits: &CgroupLimits) -> io::Result<PreparedCgroups> {
@@ -148,8 +160,11 @@ impl CgroupLayout {
         };
         let result = self.prepare_into(instance, limits, &mut prepared);
         if let Err(e) = result {
+            // No process entered them yet, so they are empty.
             drop(prepared.procs);
-            remove(&prepared.dirs);
+            for dir in &prepared.dirs {
+                let _ = fs::remove_dir(dir);
+            }
             return Err(e);
         }
         Ok(prepared)
@@ -222,14 +237,24 @@ pub fn parse_oom_kills(text: &str) -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-/// Removes cgroup directories once their processes are gone; the kernel
-/// may take a moment after the exit to let go.
-pub fn remove(dirs: &[PathBuf]) {
+/// How long [`remove`] waits for a cgroup to empty. A QEMU that outlived
+/// its agent is reaped by init, which may take seconds, and its cgroup
+/// stays busy until then.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Removes cgroup directories once their processes are gone. The kernel
+/// keeps a cgroup busy until its last process is reaped, not only exited.
+pub async fn remove(dirs: &[PathBuf]) {
+    let deadline = tokio::time::Instant::now() + REMOVE_PATIENCE;
     for dir in dirs {
-        for _ in 0..50 {
+        loop {
             match fs::remove_dir(dir) {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(cgroup = %dir.display(), "cgroup still busy; leaving it");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 _ => break,
             }
@@ -240,6 +265,28 @@ pub fn remove(dirs: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_dirs_name_one_directory_per_hierarchy() {
+        let v2 = CgroupLayout::V2 {
+            parent: "/sys/fs/cgroup/kvm-agent".into(),
+        };
+        assert_eq!(
+            v2.instance_dirs("web"),
+            [PathBuf::from("/sys/fs/cgroup/kvm-agent/web")]
+        );
+        let v1 = CgroupLayout::V1 {
+            memory: "/sys/fs/cgroup/memory/kvm-agent".into(),
+            cpu: Some("/sys/fs/cgroup/cpu/kvm-agent".into()),
+        };
+        assert_eq!(
+            v1.instance_dirs("web"),
+            [
+                PathBuf::from("/sys/fs/cgroup/memory/kvm-agent/web"),
+                PathBuf::from("/sys/fs/cgroup/cpu/kvm-agent/web"),
+            ]
+        );
+    }
 
     #[test]
     fn oom_kills_are_read_from_either_hierarchy() {

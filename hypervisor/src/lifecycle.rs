@@ -249,7 +249,7 @@ fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError + '_
 
 /// Creates the run directory (mode 0700, owned by QEMU's user when it has
 /// one) and clears stale sockets in it.
-pub fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), LaunchError> {
+pub async fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), LaunchError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -263,7 +263,7 @@ pub fn prepare_run_dir(run_dir: &Path, owner: Option<QemuUser>) -> Result<(), La
         |u| (u.uid, u.gid),
     );
     std::os::unix::fs::chown(run_dir, Some(uid), Some(gid)).map_err(run_dir_error(run_dir))?;
-    remove_run_files(run_dir);
+    remove_run_files(run_dir).await;
     Ok(())
 }
 
@@ -278,7 +278,7 @@ pub fn oom_kills(run_dir: &Path) -> u64 {
 
 /// Removes the sockets, the pidfile and the chroot of a run directory,
 /// keeping the log.
-pub fn remove_run_files(run_dir: &Path) {
+pub async fn remove_run_files(run_dir: &Path) {
     let _ = fs::remove_dir_all(run_dir.join(files::CHROOT));
     for name in [
         files::QMP,
@@ -291,7 +291,7 @@ pub fn remove_run_files(run_dir: &Path) {
     let cgroups = run_dir.join(files::CGROUPS);
     if let Some(list) = process::read_own_file(&cgroups) {
         let dirs: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
-        crate::cgroup::remove(&dirs);
+        crate::cgroup::remove(&dirs).await;
         let _ = fs::remove_file(cgroups);
     }
 }
@@ -422,7 +422,7 @@ pub async fn launch(
         return Err(LaunchError::QemuMissing(rt.qemu.binary.clone()));
     }
     let credentials = credentials(rt)?;
-    prepare_run_dir(run_dir, rt.qemu_user)?;
+    prepare_run_dir(run_dir, rt.qemu_user).await?;
     let log_path = run_dir.join(files::LOG);
     let confinement = SpawnConfinement {
         no_new_privs: rt.confined(),
@@ -431,7 +431,7 @@ pub async fn launch(
     };
     let result = launch_in(rt, run_dir, &log_path, cfg, mode, &confinement).await;
     if result.is_err() {
-        remove_run_files(run_dir);
+        remove_run_files(run_dir).await;
     }
     result
 }
@@ -534,9 +534,10 @@ fn spawn_qemu(
     })
 }
 
-/// The cgroups of a confined QEMU, made and listed in the run directory
-/// before QEMU exists, so a failed launch removes them. `None` where the
-/// node has no cgroup layout or the runtime no limits.
+/// The cgroups of a confined QEMU, listed in the run directory and then
+/// made, before QEMU exists: whatever stops the agent on the way, the
+/// list names every directory there is to remove. `None` where the node
+/// has no cgroup layout or the runtime no limits.
 fn prepare_cgroups(
     rt: &Runtime,
     run_dir: &Path,
@@ -545,15 +546,15 @@ fn prepare_cgroups(
     let (Some(layout), Some(limits)) = (&cfg.cgroups, &rt.cgroup) else {
         return Ok(None);
     };
-    let prepared = layout
-        .prepare(&rt.name, limits)
-        .map_err(LaunchError::Cgroup)?;
-    let list: String = prepared
-        .dirs
+    let list: String = layout
+        .instance_dirs(&rt.name)
         .iter()
         .map(|d| format!("{}\n", d.display()))
         .collect();
     process::write_own_file(&run_dir.join(files::CGROUPS), &list).map_err(LaunchError::Cgroup)?;
+    let prepared = layout
+        .prepare(&rt.name, limits)
+        .map_err(LaunchError::Cgroup)?;
     Ok(Some(prepared))
 }
 

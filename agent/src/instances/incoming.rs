@@ -250,7 +250,7 @@ impl Agent {
             tracing::error!(instance = %inst.name, error = %e, "can't kill the incoming QEMU");
         }
         process.reap();
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
         lock(&inst.status).process = None;
     }
 
@@ -424,7 +424,7 @@ impl Agent {
             tracing::error!(instance = %name, pid, error = %e, "can't kill an unfinished incoming QEMU");
             return;
         }
-        lifecycle::remove_run_files(&run_dir);
+        lifecycle::remove_run_files(&run_dir).await;
         let _ = std::fs::remove_dir_all(&run_dir);
         if let Err(e) = self.remove_record(name).await {
             tracing::error!(instance = %name, error = %e, "can't remove the record of an unfinished incoming instance");

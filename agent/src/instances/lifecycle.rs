@@ -401,7 +401,7 @@ impl Agent {
             }
         };
         process.reap();
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
         {
             let mut st = lock(&inst.status);
             st.process = None;

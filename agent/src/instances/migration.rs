@@ -227,8 +227,14 @@ impl Agent {
             tracing::error!(instance = %name, error = %e, "can't end the source QEMU after a migration");
         }
         process.reap();
+        self.forget_migrated(inst).await;
+    }
+
+    /// Forgets an instance the target owns, once its QEMU here is gone.
+    async fn forget_migrated(&self, inst: &Instance) {
+        let name = &inst.name;
         let run_dir = self.cfg.run_dir(name);
-        lifecycle::remove_run_files(&run_dir);
+        lifecycle::remove_run_files(&run_dir).await;
         if let Err(e) = self.remove_record(name).await {
             tracing::error!(instance = %name, error = %e, "can't remove the record of a migrated instance");
         }
@@ -239,6 +245,32 @@ impl Agent {
         }
         self.registry_mut().remove(name);
         let _ = std::fs::remove_dir_all(&run_dir);
+    }
+
+    /// Settles a migration this node was the source of when the agent
+    /// stopped, for a source QEMU found gone: an agent killed while it
+    /// let go of the instance ends it before forgetting it. True if the
+    /// target runs the guest and this node forgot it.
+    pub(super) async fn settle_outgoing_without_qemu(
+        &self,
+        inst: &Instance,
+        outgoing: &OutgoingMigration,
+    ) -> bool {
+        let Ok(target) = AgentAddress::parse(&outgoing.target) else {
+            return false;
+        };
+        let uuid = lock(&inst.status)
+            .record
+            .as_ref()
+            .map(|r| r.runtime.uuid.to_string());
+        match self.instance_on(&target, &inst.name).await {
+            Ok(Some(info)) if uuid.is_some_and(|u| took_over(&info, &u)) => {
+                tracing::info!(instance = %inst.name, %target, "the target took the instance before the agent stopped");
+                self.forget_migrated(inst).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Settles a migration this node was the source of when the agent

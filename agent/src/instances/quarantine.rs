@@ -66,7 +66,7 @@ impl Agent {
             ),
             _ => None,
         };
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name));
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
         {
             let mut st = lock(&inst.status);
             st.quarantined_pid = None;

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use hypervisor::Runtime;
 use hypervisor::lifecycle::{self, files};
@@ -60,7 +60,7 @@ impl Agent {
                 tasks.spawn(work);
             }
         }
-        self.remove_orphaned_run_dirs(&recorded);
+        self.remove_orphaned_run_dirs(&recorded).await;
         let count = tasks.len();
         tokio::spawn(async move {
             while tasks.join_next().await.is_some() {}
@@ -78,25 +78,27 @@ impl Agent {
     /// let go of one (after its record went, before its directory did)
     /// leaves one behind. One whose pidfile names a live QEMU of that name
     /// stays; that QEMU isn't the agent's to clean up after.
-    fn remove_orphaned_run_dirs(&self, recorded: &HashSet<String>) {
+    async fn remove_orphaned_run_dirs(&self, recorded: &HashSet<String>) {
         let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("run")) else {
             return;
         };
-        let registry = self.registry();
-        for entry in entries.flatten() {
-            let (path, Ok(name)) = (entry.path(), entry.file_name().into_string()) else {
-                continue;
-            };
-            if recorded.contains(&name) || registry.contains_key(&name) || !path.is_dir() {
-                continue;
-            }
-            if process::read_pidfile(&path.join(files::PIDFILE))
-                .is_some_and(|pid| process::runs_instance_named(pid, &name))
-            {
-                continue;
-            }
+        let orphans: Vec<(String, std::path::PathBuf)> = {
+            let registry = self.registry();
+            entries
+                .flatten()
+                .filter_map(|entry| Some((entry.file_name().into_string().ok()?, entry.path())))
+                .filter(|(name, path)| {
+                    !recorded.contains(name) && !registry.contains_key(name) && path.is_dir()
+                })
+                .filter(|(name, path)| {
+                    !process::read_pidfile(&path.join(files::PIDFILE))
+                        .is_some_and(|pid| process::runs_instance_named(pid, name))
+                })
+                .collect()
+        };
+        for (name, path) in orphans {
             tracing::info!(instance = %name, "removing a run directory no instance has");
-            lifecycle::remove_run_files(&path);
+            lifecycle::remove_run_files(&path).await;
             let _ = std::fs::remove_dir_all(&path);
         }
     }
@@ -155,7 +157,7 @@ impl Agent {
                 return;
             }
         }
-        lifecycle::remove_run_files(&run_dir);
+        lifecycle::remove_run_files(&run_dir).await;
     }
 
     /// Finds a recorded-running instance's QEMU and adopts it, or records
@@ -164,19 +166,9 @@ impl Agent {
     async fn reconcile(self: &Arc<Self>, inst: &Arc<Instance>, record: &InstanceRecord) {
         let name = &inst.name;
         let run_dir = self.cfg.run_dir(name);
-        let Some(pid) =
-            process::live_instance_pid(&run_dir.join(files::PIDFILE), record.runtime.uuid)
-        else {
-            let detail = "QEMU exited while the agent was not running".to_owned();
-            tracing::warn!(instance = %name, "{detail}");
-            lifecycle::remove_run_files(&run_dir);
-            inst.set_state(State::Crashed, detail.clone());
-            if let Err(e) = self
-                .persist_state(inst, RecordedState::Crashed, &detail)
-                .await
-            {
-                tracing::error!(instance = %name, error = %e, "can't record the crash");
-            }
+        let pidfile = run_dir.join(files::PIDFILE);
+        let Some(pid) = process::live_instance_pid(&pidfile, record.runtime.uuid) else {
+            self.record_gone_while_away(inst, record).await;
             return;
         };
         match self.adopt(pid, &run_dir, &record.runtime).await {
@@ -210,12 +202,38 @@ impl Agent {
                     *lock(&process.taps) = taps;
                 }
             }
+            // It was on its way out: an agent killed just after it ended
+            // QEMU, or a guest that shut down.
+            Err(_) if exits_soon(pid).await => {
+                self.record_gone_while_away(inst, record).await;
+            }
             Err(e) => {
                 let detail =
                     format!("QEMU (pid {pid}) runs but can't be reached: {e}; stop it by hand");
                 tracing::error!(instance = %name, pid, error = %e, "can't adopt running instance");
                 inst.set_state(State::Crashed, detail);
             }
+        }
+    }
+
+    /// Records that a recorded-running instance's QEMU is gone; one that
+    /// was migrating away may run on the target now, and is forgotten here
+    /// if it does.
+    async fn record_gone_while_away(&self, inst: &Instance, record: &InstanceRecord) {
+        if let Some(outgoing) = &record.outgoing
+            && self.settle_outgoing_without_qemu(inst, outgoing).await
+        {
+            return;
+        }
+        let detail = "QEMU exited while the agent was not running".to_owned();
+        tracing::warn!(instance = %inst.name, "{detail}");
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
+        inst.set_state(State::Crashed, detail.clone());
+        if let Err(e) = self
+            .persist_state(inst, RecordedState::Crashed, &detail)
+            .await
+        {
+            tracing::error!(instance = %inst.name, error = %e, "can't record the crash");
         }
     }
 
@@ -284,5 +302,16 @@ pub(super) fn resting_state(recorded: RecordedState) -> State {
         RecordedState::Running | RecordedState::Stopped | RecordedState::StoppedByGuest => {
             State::Stopped
         }
+    }
+}
+
+/// True if the process `pid` is gone, or goes within a second: QEMU
+/// refuses QMP connections while it exits.
+async fn exits_soon(pid: u32) -> bool {
+    match PidFd::open(pid) {
+        Ok(pidfd) => tokio::time::timeout(Duration::from_secs(1), pidfd.exited())
+            .await
+            .is_ok(),
+        Err(_) => true,
     }
 }

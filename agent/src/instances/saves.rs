@@ -181,7 +181,7 @@ impl Agent {
             tracing::error!(instance = %name, error = %e, "can't end QEMU after a save");
         }
         process.reap();
-        lifecycle::remove_run_files(&self.cfg.run_dir(name));
+        lifecycle::remove_run_files(&self.cfg.run_dir(name)).await;
         let detail = format!("saved to {}", path.display());
         record.state = RecordedState::Saved;
         record.detail = detail.clone();

@@ -81,7 +81,7 @@ impl Agent {
             st.detail = detail.clone();
         }
         inst.announce_state(state, detail.clone(), guest_shutdown);
-        lifecycle::remove_run_files(&run_dir);
+        lifecycle::remove_run_files(&run_dir).await;
         if guest_shutdown {
             tracing::info!(instance = %inst.name, "guest powered off");
         } else {
