@@ -144,6 +144,13 @@ impl TestAgent {
             .arg("--operator-qmp")
             .arg("--tap-template")
             .arg(format!("{}%d", self.tap_prefix));
+        // An empty config file of its own: a node's /etc/kvm-agent/config.toml
+        // (the package installs one) must not change what a test runs.
+        if !self.options.args.iter().any(|a| a == "--config") {
+            let config = self.dir.path().join("config.toml");
+            std::fs::write(&config, "").expect("write an empty config");
+            cmd.arg("--config").arg(config);
+        }
         // A cgroup parent of its own, so parallel tests' instances of the
         // same name don't share a cgroup.
         if !self.options.args.iter().any(|a| a == "--cgroup-parent") {
