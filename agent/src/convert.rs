@@ -11,7 +11,7 @@ use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, MemoryBacking,
-    NicModel, NicSpec, SpecError,
+    NicModel, NicSpec, SpecError, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -100,7 +100,29 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
         bridge: (!n.bridge.is_empty()).then(|| n.bridge.clone()),
         vhost: n.vhost,
         queues: n.queues.max(1),
+        vlan: n.vlan.as_ref().map(vlan_from_proto).transpose()?,
     })
+}
+
+/// Converts wire VLANs; an id that doesn't fit is refused here, the rest
+/// of the checks are the spec's.
+fn vlan_from_proto(v: &pb::VlanSpec) -> Result<Vlan, AgentError> {
+    let id = |id: u32| {
+        u16::try_from(id)
+            .map_err(|_| AgentError::BadRequest(format!("VLAN id {id} is outside 1-4094")))
+    };
+    Ok(Vlan {
+        untagged: (v.untagged != 0).then(|| id(v.untagged)).transpose()?,
+        tagged: v.tagged.iter().map(|&t| id(t)).collect::<Result<_, _>>()?,
+    })
+}
+
+/// The wire form of a NIC's VLANs.
+pub fn vlan_to_proto(v: &Vlan) -> pb::VlanSpec {
+    pb::VlanSpec {
+        untagged: v.untagged.map_or(0, u32::from),
+        tagged: v.tagged.iter().map(|&t| u32::from(t)).collect(),
+    }
 }
 
 /// The name of a device the caller left unnamed: `{prefix}N`, the lowest
@@ -301,6 +323,7 @@ pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
         qemu_id: argv::disk_device_id(d.spec.uuid),
         detail: d.spec.path.display().to_string(),
         tap: String::new(),
+        ..Default::default()
     }
 }
 
@@ -314,6 +337,8 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
         qemu_id: argv::nic_device_id(n.spec.uuid),
         detail: n.spec.mac.to_string(),
         tap: tap.to_owned(),
+        bridge: n.spec.bridge.clone().unwrap_or_default(),
+        vlan: n.spec.vlan.as_ref().map(vlan_to_proto),
     }
 }
 

@@ -304,6 +304,10 @@ impl AgentError {
                 Code::FailedPrecondition,
                 "only a stopped instance can be deleted or renamed: stop it first",
             ),
+            AgentError::Bridge {
+                source: hypervisor::tap::TapError::Vlan(_),
+                ..
+            } => (Code::FailedPrecondition, "name a bridge that filters VLANs"),
             AgentError::Bridge { .. } => (
                 Code::FailedPrecondition,
                 "create the bridge first, or name one that exists",

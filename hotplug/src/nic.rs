@@ -67,7 +67,7 @@ pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, Hotplug
     let tap = Tap::create(tap_template, nic.queues)?;
     tap.set_up()?;
     if let Some(bridge) = &nic.bridge {
-        tap.attach_to_bridge(bridge)?;
+        tap.join_bridge(bridge, nic.vlan.as_ref())?;
     }
     let vhost_queues = if nic.vhost { nic.queues } else { 0 };
     let vhost = (0..vhost_queues)
@@ -202,6 +202,7 @@ mod tests {
                 bridge: None,
                 vhost: false,
                 queues: 1,
+                vlan: None,
             },
             slot: 7,
         }

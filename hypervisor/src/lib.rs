@@ -17,6 +17,7 @@
 
 pub mod affinity;
 pub mod balloon;
+pub mod bridge_vlan;
 pub mod cgroup;
 pub mod host_files;
 pub mod identity;

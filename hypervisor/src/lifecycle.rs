@@ -310,7 +310,7 @@ fn open_resources(
         let tap = Tap::create(&cfg.tap_template, nic.spec.queues)?;
         tap.set_up()?;
         if let Some(bridge) = &nic.spec.bridge {
-            tap.attach_to_bridge(bridge)?;
+            tap.join_bridge(bridge, nic.spec.vlan.as_ref())?;
         }
         tracing::debug!(instance = %rt.name, nic = %nic.spec.name, tap = tap.name(), "tap ready");
         taps.push(tap);

@@ -719,6 +719,7 @@ pub(crate) mod tests {
             bridge: None,
             vhost: false,
             queues: 1,
+            vlan: None,
         }
     }
 

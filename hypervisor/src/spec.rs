@@ -184,6 +184,93 @@ pub struct NicSpec {
     /// Queue pairs; more than one makes a multiqueue tap and virtio device.
     #[serde(default = "one_queue")]
     pub queues: u32,
+    /// The VLANs of the tap's bridge port; the bridge must filter VLANs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<Vlan>,
+}
+
+/// The VLANs a NIC's bridge port carries: one untagged (the port's PVID,
+/// what the guest sends and receives without a tag) and any number of
+/// tagged ones. Nothing else reaches the guest, not even the bridge's
+/// default VLAN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Vlan {
+    /// The access VLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub untagged: Option<u16>,
+    /// Trunked VLANs, in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tagged: Vec<u16>,
+}
+
+/// The highest VLAN id; 0 and 4095 are reserved.
+pub const MAX_VLAN_ID: u16 = 4094;
+
+impl Vlan {
+    /// Every id, the untagged one first.
+    pub fn ids(&self) -> impl Iterator<Item = u16> + '_ {
+        self.untagged.iter().chain(&self.tagged).copied()
+    }
+
+    /// Checks ids are in 1-4094, none repeats, and there is at least one.
+    pub fn check(&self) -> Result<(), String> {
+        if self.untagged.is_none() && self.tagged.is_empty() {
+            return Err("no VLAN id".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for id in self.ids() {
+            if !(1..=MAX_VLAN_ID).contains(&id) {
+                return Err(format!("VLAN id {id} is outside 1-{MAX_VLAN_ID}"));
+            }
+            if !seen.insert(id) {
+                return Err(format!("VLAN id {id} is given twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ganeti's `vlan` syntax: `.100` (untagged), `:100:200` (tagged), or
+/// `.100:200:300` (100 untagged, the rest tagged). A bare `100` is taken as
+/// `.100`, as Ganeti's KVM driver does.
+impl std::str::FromStr for Vlan {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let id = |part: &str| {
+            part.parse::<u16>()
+                .map_err(|_| format!("{part:?} is not a VLAN id in {text:?}"))
+        };
+        let (untagged, trunk) = match text.strip_prefix(':') {
+            Some(trunk) => (None, Some(trunk)),
+            None => {
+                let text = text.strip_prefix('.').unwrap_or(text);
+                let (first, rest) = text
+                    .split_once(':')
+                    .map_or((text, None), |(f, r)| (f, Some(r)));
+                (Some(id(first)?), rest)
+            }
+        };
+        let tagged = trunk
+            .map(|t| t.split(':').map(id).collect::<Result<Vec<_>, _>>())
+            .transpose()?
+            .unwrap_or_default();
+        let vlan = Vlan { untagged, tagged };
+        vlan.check().map_err(|e| format!("{e} in {text:?}"))?;
+        Ok(vlan)
+    }
+}
+
+impl std::fmt::Display for Vlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(id) = self.untagged {
+            write!(f, ".{id}")?;
+        }
+        for id in &self.tagged {
+            write!(f, ":{id}")?;
+        }
+        Ok(())
+    }
 }
 
 fn one_queue() -> u32 {
@@ -375,6 +462,14 @@ pub enum SpecError {
         nic: String,
         /// As given.
         bridge: String,
+    },
+    /// Bad VLANs, or VLANs without a bridge.
+    #[error("NIC {nic:?}: {message}")]
+    Vlan {
+        /// NIC name.
+        nic: String,
+        /// What is wrong.
+        message: String,
     },
     /// Bad kernel command line.
     #[error("kernel command line is invalid: {0}")]
@@ -614,6 +709,18 @@ pub fn check_nic(nic: &NicSpec) -> Result<(), SpecError> {
             bridge: bridge.clone(),
         });
     }
+    if let Some(vlan) = &nic.vlan {
+        let vlan_error = |message| SpecError::Vlan {
+            nic: nic.name.clone(),
+            message,
+        };
+        if nic.bridge.is_none() {
+            return Err(vlan_error(
+                "VLANs need a bridge that filters them; name one".into(),
+            ));
+        }
+        vlan.check().map_err(vlan_error)?;
+    }
     Ok(())
 }
 
@@ -643,6 +750,7 @@ pub(crate) mod tests {
                 bridge: Some("br0".into()),
                 vhost: false,
                 queues: 1,
+                vlan: None,
             }],
             boot: Boot::Disk,
             machine_type: "pc".into(),
@@ -865,6 +973,50 @@ pub(crate) mod tests {
             Err(SpecError::Queues { queues: 2, .. })
         ));
         assert_eq!(four.validate(), Ok(()));
+    }
+
+    #[test]
+    fn vlans_are_read_in_ganetis_syntax_and_written_back_the_same() {
+        for (text, untagged, tagged) in [
+            (".100", Some(100), vec![]),
+            (":100:200", None, vec![100, 200]),
+            (".100:200:300", Some(100), vec![200, 300]),
+        ] {
+            let vlan: Vlan = text.parse().unwrap();
+            assert_eq!(vlan, Vlan { untagged, tagged }, "{text}");
+            assert_eq!(vlan.to_string(), text);
+        }
+        assert_eq!("100".parse::<Vlan>().unwrap().to_string(), ".100");
+        for bad in [
+            ":",
+            "",
+            ".0",
+            ".4095",
+            ":100:100",
+            ".x",
+            ".100::200",
+            ":70000",
+        ] {
+            assert!(bad.parse::<Vlan>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn vlans_need_a_bridge_and_good_ids() {
+        let mut spec = sample_spec();
+        spec.nics[0].vlan = Some(".100:200".parse().unwrap());
+        assert!(spec.validate().is_ok());
+        spec.nics[0].vlan = Some(Vlan {
+            untagged: Some(7),
+            tagged: vec![7],
+        });
+        assert!(matches!(spec.validate(), Err(SpecError::Vlan { .. })));
+        spec.nics[0].vlan = Some(Vlan::default());
+        assert!(matches!(spec.validate(), Err(SpecError::Vlan { .. })));
+        spec.nics[0].vlan = Some(".100".parse().unwrap());
+        spec.nics[0].bridge = None;
+        let err = spec.validate().unwrap_err();
+        assert!(err.to_string().contains("need a bridge"), "{err}");
     }
 
     #[test]

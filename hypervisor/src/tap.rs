@@ -10,6 +10,9 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
+use crate::bridge_vlan;
+use crate::spec::Vlan;
+
 const TUN_DEVICE: &str = "/dev/net/tun";
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -50,6 +53,9 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// The port's VLANs couldn't be set.
+    #[error(transparent)]
+    Vlan(Box<bridge_vlan::VlanError>),
     /// The bridge doesn't exist or refused the port.
     #[error("tap {tap} can't join or leave bridge {bridge} (does the bridge exist?)")]
     Bridge {
@@ -116,6 +122,12 @@ impl Ifreq {
 
     fn set_ifindex(&mut self, index: libc::c_int) {
         self.data[..4].copy_from_slice(&index.to_ne_bytes());
+    }
+}
+
+impl From<bridge_vlan::VlanError> for TapError {
+    fn from(e: bridge_vlan::VlanError) -> Self {
+        TapError::Vlan(Box::new(e))
     }
 }
 
@@ -210,18 +222,39 @@ impl Tap {
         ifreq_ioctl(sock.as_fd(), SIOCSIFFLAGS, &mut req).map_err(err)
     }
 
-    /// Adds the tap as a port of `bridge`.
-    pub fn attach_to_bridge(&self, bridge: &str) -> Result<(), TapError> {
-        bridge_port(SIOCBRADDIF, &self.name, bridge)
+    /// Adds the tap as a port of `bridge`, carrying the VLANs `vlan` (the
+    /// bridge's default when `None`).
+    pub fn join_bridge(&self, bridge: &str, vlan: Option<&Vlan>) -> Result<(), TapError> {
+        bridge_port(SIOCBRADDIF, &self.name, bridge)?;
+        if let Some(vlan) = vlan {
+            bridge_vlan::apply(&self.name, bridge, vlan)?;
+        }
+        Ok(())
     }
 }
 
 /// Moves a tap that QEMU holds from one bridge to another (`None`: no
-/// bridge). The guest's link stays up; only where its frames go changes.
-/// If joining `to` fails, the tap goes back to `from`.
-pub fn move_to_bridge(tap: &str, from: Option<&str>, to: Option<&str>) -> Result<(), TapError> {
+/// bridge), carrying the VLANs `vlan` there. The guest's link stays up;
+/// only where its frames go changes. If joining `to` fails, the tap goes
+/// back to `from`, with its VLANs.
+pub fn move_to_bridge(
+    tap: &str,
+    from: Option<&str>,
+    to: Option<&str>,
+    vlan: Option<&Vlan>,
+) -> Result<(), TapError> {
     if from == to {
         return Ok(());
+    }
+    // A bridge that can't carry the VLANs is refused before the tap moves.
+    if let (Some(to), Some(_)) = (to, vlan)
+        && !bridge_vlan::filters_vlans(to)
+    {
+        return Err(bridge_vlan::VlanError::FilteringOff {
+            tap: tap.to_owned(),
+            bridge: to.to_owned(),
+        }
+        .into());
     }
     if let Some(from) = from {
         bridge_port(SIOCBRDELIF, tap, from)?;
@@ -229,9 +262,17 @@ pub fn move_to_bridge(tap: &str, from: Option<&str>, to: Option<&str>) -> Result
     let Some(to) = to else {
         return Ok(());
     };
-    bridge_port(SIOCBRADDIF, tap, to).inspect_err(|_| {
+    let joined = bridge_port(SIOCBRADDIF, tap, to).and_then(|()| match vlan {
+        Some(vlan) => Ok(bridge_vlan::apply(tap, to, vlan)?),
+        None => Ok(()),
+    });
+    joined.inspect_err(|_| {
+        let _ = bridge_port(SIOCBRDELIF, tap, to);
         if let Some(from) = from {
             let _ = bridge_port(SIOCBRADDIF, tap, from);
+            if let Some(vlan) = vlan {
+                let _ = bridge_vlan::apply(tap, from, vlan);
+            }
         }
     })
 }

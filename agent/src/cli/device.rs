@@ -66,6 +66,11 @@ pub(super) struct AddNicArgs {
     /// Queue pairs (multiqueue when more than 1).
     #[arg(long, default_value_t = 1)]
     queues: u32,
+    /// The VLANs of the tap's bridge port, in Ganeti's syntax: `.100`
+    /// (untagged), `:100:200` (tagged), `.100:200` (both). The bridge must
+    /// filter VLANs.
+    #[arg(long, value_parser = super::spec::parse_vlan)]
+    vlan: Option<pb::VlanSpec>,
 }
 
 impl AddNicArgs {
@@ -77,6 +82,7 @@ impl AddNicArgs {
             bridge: self.bridge.unwrap_or_default(),
             vhost: self.vhost,
             queues: self.queues,
+            vlan: self.vlan,
             ..Default::default()
         };
         pb::AddNicRequest {

@@ -93,7 +93,9 @@ fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
 
 /// Reads `--nic`.
 fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
-    let keys = ["mac", "name", "uuid", "bridge", "queues", "vhost", "model"];
+    let keys = [
+        "mac", "name", "uuid", "bridge", "queues", "vhost", "model", "vlan",
+    ];
     let options = OptionList::parse("NIC", &keys, text)?;
     let model = EnumParser::new("NicModel", "NIC model");
     let count = |v: &str| v.parse().map_err(|_| format!("{v:?} is not a count"));
@@ -105,7 +107,14 @@ fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
         bridge: options.value("bridge")?.unwrap_or_default(),
         vhost: options.flag("vhost")?,
         queues: options.parsed("queues", count)?.unwrap_or(0),
+        vlan: options.parsed("vlan", parse_vlan)?,
     })
+}
+
+/// VLANs in Ganeti's syntax: `.100`, `:100:200` or `.100:200`.
+pub(super) fn parse_vlan(text: &str) -> Result<pb::VlanSpec, String> {
+    text.parse::<hypervisor::spec::Vlan>()
+        .map(|v| crate::convert::vlan_to_proto(&v))
 }
 
 /// Names the devices given without a name by their place: disk0, nic1...
@@ -184,7 +193,7 @@ mod tests {
             "--disk",
             "path=/srv/c.img,name=data,readonly=off",
             "--nic",
-            "mac=52:54:00:00:00:01,model=e1000,bridge=br0,queues=2,vhost",
+            "mac=52:54:00:00:00:01,model=e1000,bridge=br0,queues=2,vhost,vlan=.100:200",
         ])
         .unwrap()
         .options;
@@ -204,6 +213,8 @@ mod tests {
             (nic.bridge.as_str(), nic.queues, nic.vhost),
             ("br0", 2, true)
         );
+        let vlan = nic.vlan.as_ref().unwrap();
+        assert_eq!((vlan.untagged, vlan.tagged.as_slice()), (100, &[200][..]));
         assert_eq!(spec.accelerator, pb::Accelerator::Auto as i32);
     }
 

@@ -215,11 +215,14 @@ impl Agent {
         updated.runtime.to_spec().validate()?;
         let from = record.runtime.nics[index].spec.bridge.clone();
         let tap = process.tap(index);
+        let vlan = record.runtime.nics[index].spec.vlan.clone();
         let moved = |from: Option<&str>, to: Option<&str>| {
-            hypervisor::tap::move_to_bridge(&tap, from, to).map_err(|source| AgentError::Bridge {
-                instance: name.to_owned(),
-                device: device.to_owned(),
-                source,
+            hypervisor::tap::move_to_bridge(&tap, from, to, vlan.as_ref()).map_err(|source| {
+                AgentError::Bridge {
+                    instance: name.to_owned(),
+                    device: device.to_owned(),
+                    source,
+                }
             })
         };
         moved(from.as_deref(), bridge.as_deref())?;

@@ -184,7 +184,7 @@ def nic_spec(nic, hvparams):
         raise unsupported("nicparams mode", mode,
                           "NICs are bridged (the agent attaches the tap to nicparams link)")
     queues = int(hvparams.get(constants.HV_VIRTIO_NET_QUEUES, 1) or 1)
-    return pb.NicSpec(
+    spec = pb.NicSpec(
         name=device_name("nic", nic),
         uuid=nic.uuid,
         mac=nic.mac,
@@ -193,6 +193,34 @@ def nic_spec(nic, hvparams):
         vhost=bool(hvparams.get(constants.HV_VHOST_NET)),
         queues=queues,
     )
+    vlan = nic.nicparams.get(constants.NIC_VLAN, "") or ""
+    if vlan:
+        spec.vlan.CopyFrom(vlan_spec(vlan))
+    return spec
+
+
+def vlan_spec(text):
+    """Ganeti's `vlan` nicparam as the agent's VlanSpec: `.100` (or `100`)
+    untagged, `:100:200` tagged, `.100:200:300` both. The agent checks the
+    ids; a bridge that doesn't filter VLANs is refused there, so a NIC
+    meant for a VLAN never lands on the bridge untagged."""
+    untagged, trunk = 0, text
+    if not text.startswith(":"):
+        first, _, trunk = text.lstrip(".").partition(":")
+        untagged = vlan_id(first, text)
+    elif text == ":":
+        raise errors.HypervisorError("nicparams vlan %r names no VLAN" % text)
+    else:
+        trunk = text[1:]
+    tagged = [vlan_id(part, text) for part in trunk.split(":")] if trunk else []
+    return pb.VlanSpec(untagged=untagged, tagged=tagged)
+
+
+def vlan_id(part, text):
+    if not part.isdigit():
+        raise errors.HypervisorError(
+            "nicparams vlan %r: %r is not a VLAN id" % (text, part))
+    return int(part)
 
 
 def disk_spec(disk, link_name, hvparams):

@@ -393,6 +393,39 @@ class UnsupportedParameters(unittest.TestCase):
             self.assertIsNone(agent_has(SOURCE, inst.name), "no instance was made")
             self.assertNotIn(inst.name, hv.ListInstances())
 
+    def test_a_nic_meant_for_a_vlan_never_lands_on_a_bridge_untagged(self):
+        # Ganeti's vlan nicparam on a bridge that doesn't filter VLANs: the
+        # tap would carry every VLAN, so nothing starts.
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        plain = "kbp%s" % uuidlib.uuid4().hex[:8]
+        subprocess.run(["ip", "link", "add", plain, "type", "bridge"], check=True)
+        try:
+            untagged = nic("52:54:00:6a:00:32")
+            untagged.nicparams[constants.NIC_LINK] = plain
+            untagged.nicparams[constants.NIC_VLAN] = ".100"
+            inst = instance("novlan.example.com", UUIDS[2], hvparams(), memory=64,
+                            nics=[untagged])
+            with self.assertRaises(errors.HypervisorError) as refused:
+                hv.StartInstance(inst, [], False)
+            self.assertIn("vlan_filtering", str(refused.exception))
+            info = agent_has(SOURCE, inst.name)
+            self.assertTrue(info is None or info.pid == 0, "no QEMU runs")
+            self.assertEqual(os.listdir("/sys/class/net/%s/brif" % plain), [])
+            hv.CleanupInstance(inst.name)
+        finally:
+            subprocess.run(["ip", "link", "del", plain], check=False)
+
+    def test_ganetis_vlan_syntax_is_read_as_ganeti_writes_it(self):
+        from kvm_agent_ganeti.hypervisor import vlan_spec
+        for text, untagged, tagged in [(".100", 100, []), ("100", 100, []),
+                                       (":100:200", 0, [100, 200]),
+                                       (".100:200:300", 100, [200, 300])]:
+            spec = vlan_spec(text)
+            self.assertEqual((spec.untagged, list(spec.tagged)), (untagged, tagged), text)
+        for bad in [":", ".x", ":100:y", ".100::200"]:
+            with self.assertRaises(errors.HypervisorError):
+                vlan_spec(bad)
+
     def test_ganetis_security_settings_are_the_agents(self):
         # A cluster asking for a uid pool and a chroot gets the agent's box:
         # QEMU runs unprivileged whatever these say.
