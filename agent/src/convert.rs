@@ -10,8 +10,8 @@ use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
-    Accelerator, Boot, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr, MemoryBacking,
-    NicModel, NicSpec, SpecError, Vlan,
+    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr,
+    MemoryBacking, NicModel, NicSpec, SpecError, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -90,6 +90,12 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
         model: match pb::NicModel::try_from(n.model) {
             Ok(pb::NicModel::Unspecified | pb::NicModel::Virtio) => NicModel::Virtio,
             Ok(pb::NicModel::E1000) => NicModel::E1000,
+            Ok(pb::NicModel::Rtl8139) => NicModel::Rtl8139,
+            Ok(pb::NicModel::Ne2kPci) => NicModel::Ne2kPci,
+            Ok(pb::NicModel::I82551) => NicModel::I82551,
+            Ok(pb::NicModel::I82557b) => NicModel::I82557b,
+            Ok(pb::NicModel::I82559er) => NicModel::I82559er,
+            Ok(pb::NicModel::Pcnet) => NicModel::Pcnet,
             Err(_) => {
                 return Err(AgentError::BadRequest(format!(
                     "NIC {:?}: unknown model {}",
@@ -176,6 +182,12 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
     Ok(InstanceSpec {
         cpu_pinning,
         cpu_weight: (p.cpu_weight != 0).then_some(p.cpu_weight),
+        cpu_topology: p.cpu_topology.map(|t| CpuTopology {
+            sockets: t.sockets,
+            cores: t.cores,
+            threads: t.threads,
+        }),
+        rtc_localtime: p.rtc_localtime,
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id, nic_device_id};
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
-use hypervisor::spec::{NicModel, NicSpec};
+use hypervisor::spec::NicSpec;
 use hypervisor::tap::{self, Tap};
 use serde_json::{Value, json};
 
@@ -24,10 +24,7 @@ pub struct AddedNic {
 /// The `device_add` arguments of a NIC, for a QEMU that is `chrooted` or
 /// not. Pure.
 pub fn device_arguments(nic: &RuntimeNic, chrooted: bool) -> Value {
-    let driver = match nic.spec.model {
-        NicModel::Virtio => "virtio-net-pci",
-        NicModel::E1000 => "e1000",
-    };
+    let driver = nic.spec.model.qemu_device();
     let mut args = json!({
         "driver": driver,
         "id": nic_device_id(nic.spec.uuid),
@@ -175,7 +172,7 @@ pub fn netdev_arguments(netdev: &str, tap_names: &[String], vhost_names: &[Strin
 
 #[cfg(test)]
 mod tests {
-    use hypervisor::spec::MacAddr;
+    use hypervisor::spec::{MacAddr, NicModel};
 
     use super::*;
 

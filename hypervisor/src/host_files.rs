@@ -287,8 +287,11 @@ pub fn open_memory_file(
 /// and walk out through `..`. A hard link where the filesystem allows, a
 /// copy otherwise.
 pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()> {
-    for model in [crate::spec::NicModel::Virtio, crate::spec::NicModel::E1000] {
-        let rom = crate::runtime::argv::option_rom(model);
+    let roms: std::collections::BTreeSet<&str> = crate::spec::NicModel::ALL
+        .into_iter()
+        .map(crate::runtime::argv::option_rom)
+        .collect();
+    for rom in roms {
         let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
             continue;
         };

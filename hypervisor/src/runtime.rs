@@ -15,7 +15,9 @@ use crate::cgroup::CgroupLimits;
 use crate::identity::QemuUser;
 use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
-use crate::spec::{Accelerator, Boot, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError};
+use crate::spec::{
+    Accelerator, Boot, CpuTopology, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError,
+};
 
 // The command line is a function of the runtime: a runtime stores its
 // machine part and is checked against it.
@@ -120,6 +122,12 @@ pub struct Runtime {
     /// Host CPUs each vCPU thread may run on, applied at every launch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_pinning: Option<CpuPinning>,
+    /// How the guest sees its vCPUs grouped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_topology: Option<CpuTopology>,
+    /// The real-time clock in the node's local time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rtc_localtime: bool,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
@@ -294,6 +302,8 @@ pub fn generate(
         vnc_display: spec.vnc_display,
         memory_backing: spec.memory_backing.clone(),
         cpu_pinning: spec.cpu_pinning.clone(),
+        cpu_topology: spec.cpu_topology,
+        rtc_localtime: spec.rtc_localtime,
         disks,
         nics,
         balloon_slot: Some(balloon_slot),
@@ -489,6 +499,8 @@ impl Runtime {
             memory_backing: self.memory_backing.clone(),
             cpu_pinning: self.cpu_pinning.clone(),
             cpu_weight: self.cgroup.map(|c| c.cpu_weight),
+            cpu_topology: self.cpu_topology,
+            rtc_localtime: self.rtc_localtime,
         }
     }
 

@@ -75,7 +75,7 @@ pub enum DiskCache {
     Unsafe,
 }
 
-/// Emulated NIC model.
+/// Emulated NIC model: every PCI one Ganeti's KVM driver offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum NicModel {
@@ -84,6 +84,47 @@ pub enum NicModel {
     Virtio,
     /// Intel e1000.
     E1000,
+    /// Realtek RTL8139.
+    Rtl8139,
+    /// NE2000 on PCI.
+    #[serde(rename = "ne2k_pci")]
+    Ne2kPci,
+    /// Intel i82551 (eepro100).
+    I82551,
+    /// Intel i82557B (eepro100).
+    I82557b,
+    /// Intel i82559ER (eepro100).
+    I82559er,
+    /// AMD PCnet.
+    Pcnet,
+}
+
+impl NicModel {
+    /// Every model.
+    pub const ALL: [NicModel; 8] = [
+        NicModel::Virtio,
+        NicModel::E1000,
+        NicModel::Rtl8139,
+        NicModel::Ne2kPci,
+        NicModel::I82551,
+        NicModel::I82557b,
+        NicModel::I82559er,
+        NicModel::Pcnet,
+    ];
+
+    /// QEMU's device for the model.
+    pub fn qemu_device(self) -> &'static str {
+        match self {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+            NicModel::Rtl8139 => "rtl8139",
+            NicModel::Ne2kPci => "ne2k_pci",
+            NicModel::I82551 => "i82551",
+            NicModel::I82557b => "i82557b",
+            NicModel::I82559er => "i82559er",
+            NicModel::Pcnet => "pcnet",
+        }
+    }
 }
 
 /// A unicast Ethernet address.
@@ -355,6 +396,76 @@ pub struct InstanceSpec {
     /// 1-10000); unset is the default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u32>,
+    /// How the guest sees its vCPUs grouped; unset is QEMU's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_topology: Option<CpuTopology>,
+    /// The real-time clock in the node's local time instead of UTC.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rtc_localtime: bool,
+}
+
+/// Sockets, cores per socket and threads per core; 0 leaves one to QEMU,
+/// which derives it from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CpuTopology {
+    /// Sockets.
+    #[serde(default)]
+    pub sockets: u32,
+    /// Cores per socket.
+    #[serde(default)]
+    pub cores: u32,
+    /// Threads per core.
+    #[serde(default)]
+    pub threads: u32,
+}
+
+impl CpuTopology {
+    /// Checks the topology can hold `vcpus`: the parts given divide it,
+    /// and all three, when given, multiply to it.
+    pub fn check(&self, vcpus: u32) -> Result<(), SpecError> {
+        let given = [self.sockets, self.cores, self.threads];
+        let product = given
+            .iter()
+            .filter(|&&n| n != 0)
+            .try_fold(1u32, |p, &n| p.checked_mul(n));
+        let fits = match product {
+            Some(p) if given.contains(&0) => vcpus.is_multiple_of(p),
+            Some(p) => p == vcpus,
+            None => false,
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(SpecError::CpuTopology {
+                topology: *self,
+                vcpus,
+            })
+        }
+    }
+
+    /// QEMU's `-smp` suffix: `,sockets=S,cores=C,threads=T` for the parts
+    /// given.
+    pub fn smp_suffix(&self) -> String {
+        [
+            ("sockets", self.sockets),
+            ("cores", self.cores),
+            ("threads", self.threads),
+        ]
+        .iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(name, n)| format!(",{name}={n}"))
+        .collect()
+    }
+}
+
+impl std::fmt::Display for CpuTopology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sockets, {} cores, {} threads",
+            self.sockets, self.cores, self.threads
+        )
+    }
 }
 
 /// Why a spec was refused. Each message names the field and the rule.
@@ -380,6 +491,16 @@ pub enum SpecError {
     /// vCPUs out of bounds.
     #[error("vcpus {0} is out of range: use 1..={MAX_VCPUS}")]
     Vcpus(u32),
+    /// A CPU topology that can't hold the vCPUs.
+    #[error(
+        "cpu topology ({topology}) doesn't fit {vcpus} vCPUs: the parts given must divide it, and all three must multiply to it (0 leaves a part to QEMU)"
+    )]
+    CpuTopology {
+        /// As given.
+        topology: CpuTopology,
+        /// The spec's vCPUs.
+        vcpus: u32,
+    },
     /// Bad device name.
     #[error(
         "device name {0:?} is invalid: use 1-{MAX_DEVICE_NAME} letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -574,6 +695,9 @@ impl InstanceSpec {
         if let Some(pinning) = &self.cpu_pinning {
             pinning.check_vcpus(self.vcpus)?;
         }
+        if let Some(topology) = &self.cpu_topology {
+            topology.check(self.vcpus)?;
+        }
         if let Some(weight) = self
             .cpu_weight
             .filter(|w| !crate::cgroup::CPU_WEIGHTS.contains(w))
@@ -761,6 +885,8 @@ pub(crate) mod tests {
             memory_backing: MemoryBacking::Anonymous,
             cpu_pinning: None,
             cpu_weight: None,
+            cpu_topology: None,
+            rtc_localtime: false,
         }
     }
 
@@ -1017,6 +1143,41 @@ pub(crate) mod tests {
         spec.nics[0].bridge = None;
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("need a bridge"), "{err}");
+    }
+
+    #[test]
+    fn a_cpu_topology_must_hold_the_vcpus() {
+        let topology = |sockets, cores, threads| CpuTopology {
+            sockets,
+            cores,
+            threads,
+        };
+        for (t, vcpus) in [
+            (topology(1, 2, 2), 4),
+            (topology(0, 2, 0), 4),
+            (topology(0, 0, 2), 6),
+            (topology(2, 0, 0), 2),
+            (topology(0, 0, 0), 3),
+        ] {
+            assert_eq!(t.check(vcpus), Ok(()), "{t} for {vcpus}");
+        }
+        for (t, vcpus) in [
+            (topology(1, 2, 2), 2),
+            (topology(0, 4, 0), 6),
+            (topology(3, 0, 1), 4),
+            (topology(u32::MAX, u32::MAX, 2), 4),
+        ] {
+            assert!(t.check(vcpus).is_err(), "{t} for {vcpus}");
+        }
+        assert_eq!(topology(1, 2, 0).smp_suffix(), ",sockets=1,cores=2");
+        assert_eq!(topology(0, 0, 0).smp_suffix(), "");
+        let mut spec = sample_spec();
+        spec.vcpus = 4;
+        spec.cpu_topology = Some(topology(2, 3, 1));
+        assert!(matches!(
+            spec.validate(),
+            Err(SpecError::CpuTopology { vcpus: 4, .. })
+        ));
     }
 
     #[test]

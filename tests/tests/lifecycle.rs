@@ -499,3 +499,134 @@ async fn a_mask_that_does_not_fit_is_refused_before_qemu_starts() {
     }
     assert!(agent.live_qemus().is_empty());
 }
+
+#[tokio::test]
+async fn the_guest_sees_the_cpu_topology_asked_for_and_a_local_time_clock() {
+    let agent = TestAgent::start().await;
+    let mut spec = agent.spec("shaped", 64);
+    spec.vcpus = 4;
+    spec.cpu_topology = Some(pb::CpuTopology {
+        sockets: 1,
+        cores: 2,
+        threads: 2,
+    });
+    spec.rtc_localtime = true;
+    let info = agent.start_spec(spec).await;
+
+    let cpus = operator_qmp(&agent, "shaped").execute("query-cpus-fast", json!({}));
+    let mut places: Vec<(u64, u64, u64)> = cpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|cpu| {
+            let at = |key: &str| {
+                cpu["props"][key]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{cpu}"))
+            };
+            (at("socket-id"), at("core-id"), at("thread-id"))
+        })
+        .collect();
+    places.sort();
+    assert_eq!(places, [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", info.pid)).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == [&b"-rtc"[..], &b"base=localtime"[..]]),
+        "{:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
+
+    // A topology that can't hold the vCPUs is the request's fault.
+    let mut bad = agent.spec("misshaped", 64);
+    bad.vcpus = 3;
+    bad.cpu_topology = Some(pb::CpuTopology {
+        sockets: 0,
+        cores: 2,
+        threads: 0,
+    });
+    let refused = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(bad) })
+        .await
+        .expect_err("2 cores per socket can't hold 3 vCPUs");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("cpu topology"), "{refused:?}");
+}
+
+#[tokio::test]
+async fn every_nic_model_sits_on_pci_with_its_mac_cold_and_hot() {
+    let agent = TestAgent::start().await;
+    let models = [
+        pb::NicModel::Virtio,
+        pb::NicModel::E1000,
+        pb::NicModel::Rtl8139,
+        pb::NicModel::Ne2kPci,
+        pb::NicModel::I82551,
+        pb::NicModel::I82557b,
+        pb::NicModel::I82559er,
+    ];
+    let expected_type = |model: pb::NicModel| match model {
+        pb::NicModel::Virtio | pb::NicModel::Unspecified => "virtio-net-pci",
+        pb::NicModel::E1000 => "e1000",
+        pb::NicModel::Rtl8139 => "rtl8139",
+        pb::NicModel::Ne2kPci => "ne2k_pci",
+        pb::NicModel::I82551 => "i82551",
+        pb::NicModel::I82557b => "i82557b",
+        pb::NicModel::I82559er => "i82559er",
+        pb::NicModel::Pcnet => "pcnet",
+    };
+    let mut spec = agent.spec("models", 64);
+    spec.nics = models
+        .iter()
+        .enumerate()
+        .map(|(i, &model)| pb::NicSpec {
+            model: model as i32,
+            ..nic(&format!("eth{i}"), &format!("52:54:00:8a:00:{i:02x}"))
+        })
+        .collect();
+    agent.start_spec(spec).await;
+    // One hot-added, into a chrooted QEMU that finds its ROM in the chroot.
+    agent
+        .add_nic(
+            "models",
+            pb::NicSpec {
+                model: pb::NicModel::Pcnet as i32,
+                ..nic("eth7", "52:54:00:8a:00:07")
+            },
+        )
+        .await
+        .unwrap_or_else(|s| panic!("hot-add a pcnet NIC: {s:?}\n{}", agent.log()));
+
+    let info = agent.instance("models").await;
+    let mut qmp = operator_qmp(&agent, "models");
+    let on_pci: std::collections::HashMap<String, u64> = qmp
+        .pci_devices()
+        .into_iter()
+        .map(|(slot, id, _)| (id, slot))
+        .collect();
+    let all = models.iter().copied().chain([pb::NicModel::Pcnet]);
+    for (i, model) in all.enumerate() {
+        let device = info
+            .devices
+            .iter()
+            .find(|d| d.name == format!("eth{i}"))
+            .unwrap();
+        assert_eq!(
+            on_pci.get(&device.qemu_id),
+            Some(&u64::from(device.pci_slot)),
+            "{model:?} at its slot"
+        );
+        let path = format!("/machine/peripheral/{}", device.qemu_id);
+        let get = |qmp: &mut Qmp, property: &str| {
+            qmp.execute("qom-get", json!({"path": path, "property": property}))
+        };
+        assert_eq!(get(&mut qmp, "type"), json!(expected_type(model)));
+        assert_eq!(
+            get(&mut qmp, "mac"),
+            json!(format!("52:54:00:8a:00:{i:02x}"))
+        );
+    }
+}

@@ -30,7 +30,7 @@ pub(super) struct SpecOptions {
     /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...]; repeat for more.
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<pb::DiskSpec>,
-    /// A NIC: mac=M[,name=N][,model=virtio|e1000][,bridge=B][,queues=Q][,vhost]; repeat for more.
+    /// A NIC: mac=M[,name=N][,model=virtio|e1000|rtl8139|...][,bridge=B][,vlan=.100:200][,queues=Q][,vhost]; repeat for more.
     #[arg(long, value_parser = parse_nic)]
     nic: Vec<pb::NicSpec>,
     /// Kernel for direct boot.
@@ -55,6 +55,13 @@ pub(super) struct SpecOptions {
     /// Share of CPU time against other instances (cgroup cpu.weight, 1-10000).
     #[arg(long)]
     cpu_weight: Option<u32>,
+    /// How the guest sees its vCPUs grouped: sockets=S,cores=C,threads=T
+    /// (any of them; QEMU derives the rest).
+    #[arg(long, value_parser = parse_topology)]
+    cpu_topology: Option<pb::CpuTopology>,
+    /// The guest's real-time clock in the node's local time, not UTC.
+    #[arg(long)]
+    localtime: bool,
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
@@ -108,6 +115,17 @@ fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
         vhost: options.flag("vhost")?,
         queues: options.parsed("queues", count)?.unwrap_or(0),
         vlan: options.parsed("vlan", parse_vlan)?,
+    })
+}
+
+/// A CPU topology: sockets=S,cores=C,threads=T, any of them.
+fn parse_topology(text: &str) -> Result<pb::CpuTopology, String> {
+    let options = OptionList::parse("CPU topology", &["sockets", "cores", "threads"], text)?;
+    let count = |v: &str| v.parse().map_err(|_| format!("{v:?} is not a count"));
+    Ok(pb::CpuTopology {
+        sockets: options.parsed("sockets", count)?.unwrap_or(0),
+        cores: options.parsed("cores", count)?.unwrap_or(0),
+        threads: options.parsed("threads", count)?.unwrap_or(0),
     })
 }
 
@@ -171,6 +189,8 @@ impl SpecOptions {
             cpu_model: self.cpu.clone().unwrap_or_default(),
             cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
             cpu_weight: self.cpu_weight.unwrap_or_default(),
+            cpu_topology: self.cpu_topology,
+            rtc_localtime: self.localtime,
             memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
                 file: self.memory_file.clone().unwrap_or_default(),
                 share: self.memory_share,
@@ -194,6 +214,9 @@ mod tests {
             "path=/srv/c.img,name=data,readonly=off",
             "--nic",
             "mac=52:54:00:00:00:01,model=e1000,bridge=br0,queues=2,vhost,vlan=.100:200",
+            "--cpu-topology",
+            "cores=2,threads=2",
+            "--localtime",
         ])
         .unwrap()
         .options;
@@ -213,6 +236,12 @@ mod tests {
             (nic.bridge.as_str(), nic.queues, nic.vhost),
             ("br0", 2, true)
         );
+        let topology = spec.cpu_topology.unwrap();
+        assert_eq!(
+            (topology.sockets, topology.cores, topology.threads),
+            (0, 2, 2)
+        );
+        assert!(spec.rtc_localtime);
         let vlan = nic.vlan.as_ref().unwrap();
         assert_eq!((vlan.untagged, vlan.tagged.as_slice()), (100, &[200][..]));
         assert_eq!(spec.accelerator, pb::Accelerator::Auto as i32);
@@ -225,7 +254,7 @@ mod tests {
             .to_string();
         assert!(error.contains("--nic"), "{error}");
         assert!(
-            error.contains("unknown NIC model \"rtl\"; use virtio or e1000"),
+            error.contains("unknown NIC model \"rtl\"; use virtio, e1000, rtl8139, ne2k_pci,"),
             "{error}"
         );
     }

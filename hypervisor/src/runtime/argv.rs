@@ -171,12 +171,19 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         "-m".into(),
         format!("size={}M", rt.memory_mib),
         "-smp".into(),
-        rt.vcpus.to_string(),
+        format!(
+            "{}{}",
+            rt.vcpus,
+            rt.cpu_topology.map(|t| t.smp_suffix()).unwrap_or_default()
+        ),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-msg".into(),
         "timestamp=on".into(),
     ];
+    if rt.rtc_localtime {
+        argv.extend(["-rtc".into(), "base=localtime".into()]);
+    }
     if rt.sandbox {
         argv.extend(["-sandbox".into(), SANDBOX.into()]);
     }
@@ -384,9 +391,14 @@ pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: boo
 /// The option ROM QEMU loads for a NIC model's device, at start and at
 /// hot-add.
 pub fn option_rom(model: NicModel) -> &'static str {
+    // QEMU's own defaults: EFI ROMs where it has them.
     match model {
         NicModel::Virtio => "efi-virtio.rom",
         NicModel::E1000 => "efi-e1000.rom",
+        NicModel::Rtl8139 => "efi-rtl8139.rom",
+        NicModel::Pcnet => "efi-pcnet.rom",
+        NicModel::Ne2kPci => "pxe-ne2k_pci.rom",
+        NicModel::I82551 | NicModel::I82557b | NicModel::I82559er => "pxe-eepro100.rom",
     }
 }
 
@@ -417,10 +429,7 @@ pub fn msix_vectors(queues: u32) -> u32 {
 /// refuses both.
 pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [String; 4] {
     let n = &nic.spec;
-    let model = match n.model {
-        NicModel::Virtio => "virtio-net-pci",
-        NicModel::E1000 => "e1000",
-    };
+    let model = n.model.qemu_device();
     let netdev = netdev_id(n.uuid);
     [
         "-netdev".into(),
@@ -637,6 +646,37 @@ mod tests {
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn topology_and_local_time_are_on_the_command_line_only_when_asked() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.vcpus = 4;
+        let plain = generate(&spec, host(&qemu), 1).unwrap();
+        let after = |argv: &[String], flag: &str| {
+            let at = argv.iter().position(|a| a == flag)?;
+            argv.get(at + 1).cloned()
+        };
+        assert_eq!(after(&plain.argv, "-smp").as_deref(), Some("4"));
+        assert_eq!(after(&plain.argv, "-rtc"), None);
+        spec.cpu_topology = Some(crate::spec::CpuTopology {
+            sockets: 1,
+            cores: 2,
+            threads: 2,
+        });
+        spec.rtc_localtime = true;
+        let shaped = generate(&spec, host(&qemu), 1).unwrap();
+        assert_eq!(
+            after(&shaped.argv, "-smp").as_deref(),
+            Some("4,sockets=1,cores=2,threads=2")
+        );
+        assert_eq!(
+            after(&shaped.argv, "-rtc").as_deref(),
+            Some("base=localtime")
+        );
+        assert_eq!(shaped.to_spec().cpu_topology, spec.cpu_topology);
+        assert!(shaped.to_spec().rtc_localtime);
     }
 
     #[test]

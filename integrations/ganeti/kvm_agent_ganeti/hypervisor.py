@@ -72,7 +72,10 @@ def load_settings(path=None):
 TRANSLATED = frozenset([
     constants.HV_ACPI,
     constants.HV_BOOT_ORDER,
+    constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
+    constants.HV_CPU_SOCKETS,
+    constants.HV_CPU_THREADS,
     constants.HV_CPU_TYPE,
     constants.HV_DISK_CACHE,
     constants.HV_DISK_TYPE,
@@ -85,6 +88,7 @@ TRANSLATED = frozenset([
     constants.HV_NIC_TYPE,
     constants.HV_ROOT_PATH,
     constants.HV_SERIAL_CONSOLE,
+    constants.HV_USE_LOCALTIME,
     constants.HV_VHOST_NET,
     constants.HV_VIRTIO_NET_QUEUES,
     constants.HV_VNC_BIND_ADDRESS,
@@ -111,6 +115,12 @@ AGENT_DECIDES = {
 NIC_MODELS = {
     constants.HT_NIC_PARAVIRTUAL: pb.NIC_MODEL_VIRTIO,
     constants.HT_NIC_E1000: pb.NIC_MODEL_E1000,
+    constants.HT_NIC_RTL8139: pb.NIC_MODEL_RTL8139,
+    constants.HT_NIC_NE2K_PCI: pb.NIC_MODEL_NE2K_PCI,
+    constants.HT_NIC_I82551: pb.NIC_MODEL_I82551,
+    constants.HT_NIC_I85557B: pb.NIC_MODEL_I82557B,
+    constants.HT_NIC_I8259ER: pb.NIC_MODEL_I82559ER,
+    constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
 }
 
 DISK_CACHES = {
@@ -156,7 +166,7 @@ def check_supported(hvparams):
                           "disks are virtio-blk (paravirtual)")
     if hvparams.get(constants.HV_NIC_TYPE) not in NIC_MODELS:
         raise unsupported(constants.HV_NIC_TYPE, hvparams.get(constants.HV_NIC_TYPE),
-                          "NICs are paravirtual or e1000")
+                          "NICs sit on PCI; ne2k_isa has no PCI slot to keep")
     if hvparams.get(constants.HV_DISK_CACHE) not in DISK_CACHES:
         raise unsupported(constants.HV_DISK_CACHE, hvparams.get(constants.HV_DISK_CACHE),
                           "use default, none, writeback or writethrough")
@@ -251,7 +261,15 @@ def instance_spec(instance, block_devices):
         cpu_model=hvp.get(constants.HV_CPU_TYPE, "") or "",
         cpu_mask="" if hvp[constants.HV_CPU_MASK] == constants.CPU_PINNING_ALL
         else hvp[constants.HV_CPU_MASK],
+        rtc_localtime=bool(hvp.get(constants.HV_USE_LOCALTIME)),
     )
+    # 0 is Ganeti's "not set", as it is the agent's.
+    topology = [int(hvp.get(p) or 0) for p in (constants.HV_CPU_SOCKETS,
+                                               constants.HV_CPU_CORES,
+                                               constants.HV_CPU_THREADS)]
+    if any(topology):
+        spec.cpu_topology.CopyFrom(pb.CpuTopology(sockets=topology[0], cores=topology[1],
+                                                  threads=topology[2]))
     kernel = hvp.get(constants.HV_KERNEL_PATH)
     if kernel:
         cmdline = hvp.get(constants.HV_KERNEL_ARGS, "") or ""

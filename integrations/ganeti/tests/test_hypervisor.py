@@ -415,6 +415,19 @@ class UnsupportedParameters(unittest.TestCase):
         finally:
             subprocess.run(["ip", "link", "del", plain], check=False)
 
+    def test_cpu_topology_and_local_time_reach_the_spec(self):
+        from kvm_agent_ganeti.hypervisor import instance_spec
+        hvp = hvparams(**{constants.HV_CPU_CORES: 2, constants.HV_CPU_THREADS: 2,
+                          constants.HV_USE_LOCALTIME: True})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
+        spec = instance_spec(instance("shaped.example.com", UUIDS[1], hvp), [])
+        topology = spec.cpu_topology
+        self.assertEqual((topology.sockets, topology.cores, topology.threads), (0, 2, 2))
+        self.assertTrue(spec.rtc_localtime)
+        plain = instance_spec(instance("plain.example.com", UUIDS[1], hvparams()), [])
+        self.assertFalse(plain.HasField("cpu_topology"))
+        self.assertFalse(plain.rtc_localtime)
+
     def test_ganetis_vlan_syntax_is_read_as_ganeti_writes_it(self):
         from kvm_agent_ganeti.hypervisor import vlan_spec
         for text, untagged, tagged in [(".100", 100, []), ("100", 100, []),
