@@ -187,23 +187,8 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     if rt.sandbox {
         argv.extend(["-sandbox".into(), SANDBOX.into()]);
     }
-    let backend = |path: &Path, share: bool, prealloc: bool| {
-        format!(
-            "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={},prealloc={}",
-            rt.memory_mib,
-            escape(&host_file(fds.memory, path)),
-            on_off(share),
-            on_off(prealloc)
-        )
-    };
-    match &rt.memory_backing {
-        MemoryBacking::Anonymous => {}
-        MemoryBacking::File { path, share } => {
-            argv.extend(["-object".into(), backend(path, *share, false)]);
-        }
-        MemoryBacking::HugePages { path } => {
-            argv.extend(["-object".into(), backend(path, false, true)]);
-        }
+    if let Some(backend) = memory_backend(rt, fds.memory.map(proc_fd_path)) {
+        argv.extend(["-object".into(), backend]);
     }
     match rt.vnc_display {
         Some(display) => argv.extend([
@@ -228,6 +213,24 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         argv.extend(["-append".into(), cmdline.clone()]);
     }
     argv
+}
+
+/// The `memory-backend-file` object of a file-backed guest's RAM, with
+/// `reached_as` the path QEMU opens the file by when it isn't its own.
+fn memory_backend(rt: &Runtime, reached_as: Option<String>) -> Option<String> {
+    let (path, share, prealloc) = match &rt.memory_backing {
+        MemoryBacking::Anonymous => return None,
+        MemoryBacking::File { path, share } => (path, *share, false),
+        MemoryBacking::HugePages { path } => (path, false, true),
+    };
+    let path = reached_as.unwrap_or_else(|| path.to_string_lossy().into_owned());
+    Some(format!(
+        "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},share={},prealloc={}",
+        rt.memory_mib,
+        escape(&path),
+        on_off(share),
+        on_off(prealloc)
+    ))
 }
 
 /// The fds and sockets that exist only at execution.
