@@ -279,24 +279,32 @@ pub fn open_memory_file(
     Ok(file)
 }
 
-/// Links the option ROM of every NIC model into the root of `chroot`, so
-/// a NIC can still be hot-added once QEMU has shut itself in (it is then
-/// told the ROM's path, see [`crate::runtime::argv::hot_added_romfile`]).
-/// The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
+/// Links the option ROMs of the NIC models `models` into the root of
+/// `chroot`, so a NIC can still be hot-added once QEMU has shut itself in
+/// (it is then told the ROM's path, see
+/// [`crate::runtime::argv::hot_added_romfile`]). A ROM already there is
+/// kept. The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
 /// directory inside its root would let it chroot again into that directory
 /// and walk out through `..`. A hard link where the filesystem allows, a
 /// copy otherwise.
-pub fn stage_option_roms(chroot: &Path, data_dirs: &[PathBuf]) -> io::Result<()> {
-    let roms: std::collections::BTreeSet<&str> = crate::spec::NicModel::ALL
+pub fn stage_option_roms(
+    chroot: &Path,
+    data_dirs: &[PathBuf],
+    models: impl IntoIterator<Item = crate::spec::NicModel>,
+) -> io::Result<()> {
+    let roms: std::collections::BTreeSet<&str> = models
         .into_iter()
         .map(crate::runtime::argv::option_rom)
         .collect();
     for rom in roms {
+        let target = chroot.join(rom);
         let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
             continue;
         };
+        if target.exists() {
+            continue;
+        }
         let source = std::fs::canonicalize(dir.join(rom))?;
-        let target = chroot.join(rom);
         if std::fs::hard_link(&source, &target).is_err() {
             std::fs::copy(&source, &target)?;
         }

@@ -25,7 +25,7 @@ use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::runtime::ResolvedAccelerator;
 use crate::runtime::argv::{self, ExecutionFds, MachineFds};
-use crate::spec::{Boot, MemoryBacking};
+use crate::spec::{Boot, MemoryBacking, NicModel};
 use crate::tap::{self, Tap, TapError};
 
 /// File names inside an instance's run directory.
@@ -367,7 +367,12 @@ fn open_resources(
         chroot: if rt.chroot {
             let root = run_dir.join(files::CHROOT);
             let dir = empty_dir(&root)?;
-            host_files::stage_option_roms(&root, &cfg.option_rom_dirs)
+            // The usual models, and the runtime's own; any other is
+            // staged when a NIC of it is hot-added.
+            let models = [NicModel::Virtio, NicModel::E1000]
+                .into_iter()
+                .chain(rt.nics.iter().map(|n| n.spec.model));
+            host_files::stage_option_roms(&root, &cfg.option_rom_dirs, models)
                 .map_err(run_dir_error(&root))?;
             Some(dir)
         } else {

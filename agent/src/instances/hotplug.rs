@@ -12,9 +12,10 @@ use hotplug::support::Support;
 use hypervisor::InstanceSpec;
 use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device_id};
 use hypervisor::host_files::HostFileError;
+use hypervisor::lifecycle::files;
 use hypervisor::qmp::QmpClient;
 use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
-use hypervisor::spec::{DiskSpec, NicSpec};
+use hypervisor::spec::{DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -151,6 +152,9 @@ impl Agent {
         if nic.vhost && support.vhost.is_err() {
             return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
         }
+        if record.runtime.chroot {
+            self.stage_option_rom(name, nic.model).await;
+        }
         // The tap and the slot look-up don't depend on each other: the
         // tap is made while QEMU answers query-pci. Both are quick, so the
         // tap's ioctls run here rather than on the blocking pool, whose
@@ -187,6 +191,21 @@ impl Agent {
         });
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
+    }
+
+    /// Puts the option ROM of `model` in a chrooted QEMU's root, where a
+    /// hot-added NIC of that model finds it. Without it QEMU refuses the
+    /// device and says which file it missed.
+    async fn stage_option_rom(&self, name: &str, model: NicModel) {
+        let root = self.cfg.run_dir(name).join(files::CHROOT);
+        let staged = match self.qemu_info().await {
+            Ok(info) => hypervisor::host_files::stage_option_roms(&root, &info.data_dirs, [model])
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = staged {
+            tracing::warn!(instance = %name, ?model, error = %e, "can't stage the NIC's option ROM");
+        }
     }
 
     /// SetNicBridge: moves a running NIC's tap to `bridge` (or out of any)
