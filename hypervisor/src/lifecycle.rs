@@ -365,16 +365,7 @@ fn open_resources(
             None
         },
         chroot: if rt.chroot {
-            let root = run_dir.join(files::CHROOT);
-            let dir = empty_dir(&root)?;
-            // The usual models, and the runtime's own; any other is
-            // staged when a NIC of it is hot-added.
-            let models = [NicModel::Virtio, NicModel::E1000]
-                .into_iter()
-                .chain(rt.nics.iter().map(|n| n.spec.model));
-            host_files::stage_option_roms(&root, &cfg.option_rom_dirs, models)
-                .map_err(run_dir_error(&root))?;
-            Some(dir)
+            Some(prepare_chroot(rt, run_dir, cfg)?)
         } else {
             None
         },
@@ -389,6 +380,20 @@ fn open_resources(
 /// Makes `path` a new empty directory that only root may change, and
 /// opens it. Whatever was there goes first: the run directory may be
 /// QEMU's, and what QEMU left there is not to be trusted.
+/// A chrooted QEMU's empty root, with the option ROMs of the usual NIC
+/// models and the runtime's own; any other is staged when a NIC of it is
+/// hot-added.
+fn prepare_chroot(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<File, LaunchError> {
+    let root = run_dir.join(files::CHROOT);
+    let dir = empty_dir(&root)?;
+    let models = [NicModel::Virtio, NicModel::E1000]
+        .into_iter()
+        .chain(rt.nics.iter().map(|n| n.spec.model));
+    host_files::stage_option_roms(&root, &cfg.option_rom_dirs, models)
+        .map_err(run_dir_error(&root))?;
+    Ok(dir)
+}
+
 fn empty_dir(path: &Path) -> Result<File, LaunchError> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
