@@ -110,6 +110,18 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
     })
 }
 
+/// A VNC listen address: an IP address, or empty for the default.
+fn vnc_address_from_proto(address: &str) -> Result<Option<std::net::IpAddr>, AgentError> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    address.parse().map(Some).map_err(|_| {
+        AgentError::BadRequest(format!(
+            "VNC address {address:?} is not an IP address (e.g. 0.0.0.0, or empty for 127.0.0.1)"
+        ))
+    })
+}
+
 /// Converts wire VLANs; an id that doesn't fit is refused here, the rest
 /// of the checks are the spec's.
 fn vlan_from_proto(v: &pb::VlanSpec) -> Result<Vlan, AgentError> {
@@ -175,6 +187,10 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
     name_unnamed_devices(&mut disks, &mut nics);
     let boot = boot_from_proto(p.boot)?;
     let accelerator = accelerator_from_proto(p.accelerator)?;
+    let (vnc_display, vnc_address) = match &p.vnc {
+        None => (None, None),
+        Some(vnc) => (Some(vnc.display), vnc_address_from_proto(&vnc.address)?),
+    };
     let cpu_pinning = match p.cpu_mask.as_str() {
         "" => None,
         mask => Some(mask.parse().map_err(SpecError::from)?),
@@ -203,7 +219,8 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         },
         accelerator,
         serial_console: p.serial_console,
-        vnc_display: p.vnc.map(|v| v.display),
+        vnc_display,
+        vnc_address,
         cpu_model: if p.cpu_model.is_empty() {
             DEFAULT_CPU_MODEL.into()
         } else {

@@ -533,7 +533,7 @@ impl Agent {
             .then(|| self.cfg.run_dir(name).join(files::SERIAL));
         let vnc = runtime
             .vnc_display
-            .map(|d| format!("127.0.0.1:{}", 5900 + d));
+            .map(|d| vnc_endpoint(runtime.vnc_address, d));
         Ok((serial, vnc))
     }
 }
@@ -551,4 +551,23 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Where a caller reaches VNC display `display` listening on `address`:
+/// the address itself, or the node's own name when it listens on every
+/// address (the caller may be another node, such as Ganeti's master).
+fn vnc_endpoint(address: Option<std::net::IpAddr>, display: u32) -> String {
+    let port = 5900 + display;
+    match address {
+        Some(a) if a.is_unspecified() => {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into());
+            format!("{host}:{port}")
+        }
+        Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        Some(std::net::IpAddr::V4(v4)) => format!("{v4}:{port}"),
+        None => format!("127.0.0.1:{port}"),
+    }
 }

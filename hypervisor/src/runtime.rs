@@ -115,6 +115,9 @@ pub struct Runtime {
     pub serial_console: bool,
     /// VNC display on loopback.
     pub vnc_display: Option<u32>,
+    /// The address VNC listens on; unset is 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_address: Option<std::net::IpAddr>,
     /// Where guest RAM comes from; records from before it existed have
     /// anonymous memory.
     #[serde(default)]
@@ -300,6 +303,7 @@ pub fn generate(
         boot: spec.boot.clone(),
         serial_console: spec.serial_console,
         vnc_display: spec.vnc_display,
+        vnc_address: spec.vnc_address,
         memory_backing: spec.memory_backing.clone(),
         cpu_pinning: spec.cpu_pinning.clone(),
         cpu_topology: spec.cpu_topology,
@@ -495,6 +499,7 @@ impl Runtime {
             },
             serial_console: self.serial_console,
             vnc_display: self.vnc_display,
+            vnc_address: self.vnc_address,
             cpu_model: self.cpu_model.clone(),
             memory_backing: self.memory_backing.clone(),
             cpu_pinning: self.cpu_pinning.clone(),

@@ -27,8 +27,9 @@ pub const MAX_DEVICE_NAME: usize = 32;
 pub const MAX_PATH: usize = 4096;
 /// Longest kernel command line accepted.
 pub const MAX_CMDLINE: usize = 4096;
-/// Highest VNC display number (port 5900 + display).
-pub const MAX_VNC_DISPLAY: u32 = 99;
+/// Highest VNC display number: port 5900 + display, and ports end at 65535.
+/// Ganeti hands out ports from 11000 up, displays from 5100.
+pub const MAX_VNC_DISPLAY: u32 = 65535 - 5900;
 /// Most queue pairs a NIC may have.
 pub const MAX_NIC_QUEUES: u32 = 16;
 /// Longest Linux interface name (IFNAMSIZ - 1).
@@ -385,6 +386,9 @@ pub struct InstanceSpec {
     pub serial_console: bool,
     /// VNC display on loopback.
     pub vnc_display: Option<u32>,
+    /// The address VNC listens on; unset is 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_address: Option<std::net::IpAddr>,
     /// CPU model.
     pub cpu_model: String,
     /// Where guest RAM comes from.
@@ -606,6 +610,9 @@ pub enum SpecError {
     /// VNC display out of range.
     #[error("VNC display {0} is out of range: use 0..={MAX_VNC_DISPLAY}")]
     VncDisplay(u32),
+    /// A VNC address with no display to serve.
+    #[error("a VNC address needs a VNC display")]
+    VncAddressWithoutDisplay,
 }
 
 /// True for `[A-Za-z0-9][A-Za-z0-9_.-]*` of at most `max` bytes.
@@ -715,6 +722,9 @@ impl InstanceSpec {
         {
             return Err(SpecError::VncDisplay(d));
         }
+        if self.vnc_address.is_some() && self.vnc_display.is_none() {
+            return Err(SpecError::VncAddressWithoutDisplay);
+        }
         self.validate_boot()?;
         match &self.memory_backing {
             MemoryBacking::Anonymous => {}
@@ -722,7 +732,12 @@ impl InstanceSpec {
                 check_absolute_path("memory backing", path)?;
             }
         }
+        self.validate_devices()
+    }
 
+    /// Checks the disks and NICs: names, uuids and MACs unique, paths
+    /// absolute, each NIC sound.
+    fn validate_devices(&self) -> Result<(), SpecError> {
         let mut names = HashSet::new();
         let mut uuids = HashSet::new();
         let mut device_ids = self
@@ -881,6 +896,7 @@ pub(crate) mod tests {
             accelerator: Accelerator::Auto,
             serial_console: true,
             vnc_display: None,
+            vnc_address: None,
             cpu_model: "qemu64".into(),
             memory_backing: MemoryBacking::Anonymous,
             cpu_pinning: None,

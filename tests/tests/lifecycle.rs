@@ -630,3 +630,74 @@ async fn every_nic_model_sits_on_pci_with_its_mac_cold_and_hot() {
         );
     }
 }
+
+/// The server's greeting of a VNC display on `port`, from `host`.
+fn rfb_greeting(host: &str, port: u16) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect((host, port))
+        .unwrap_or_else(|e| panic!("connect to VNC on {host}:{port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 12];
+    stream.read_exact(&mut greeting).expect("RFB greeting");
+    String::from_utf8_lossy(&greeting).into_owned()
+}
+
+#[tokio::test]
+async fn vnc_serves_any_display_on_the_address_asked_for() {
+    let agent = TestAgent::start().await;
+    // Displays far above 99, as Ganeti's ports from 11000 give them.
+    let everywhere = free_port();
+    let mut spec = agent.spec("seen", 64);
+    spec.vnc = Some(pb::VncSpec {
+        display: u32::from(everywhere) - 5900,
+        address: "0.0.0.0".into(),
+    });
+    agent.start_spec(spec).await;
+    // Reached through an address of the node that isn't loopback.
+    let node_address = nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        .find(|ip| !ip.is_loopback())
+        .expect("an IPv4 address besides loopback")
+        .to_string();
+    assert_eq!(rfb_greeting(&node_address, everywhere), "RFB 003.008\n");
+    let console = agent
+        .client()
+        .await
+        .get_console_info(pb::GetConsoleInfoRequest {
+            name: "seen".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert_eq!(console.vnc_address, format!("{host}:{everywhere}"));
+
+    let loopback = free_port();
+    let mut spec = agent.spec("local", 64);
+    spec.vnc = Some(pb::VncSpec {
+        display: u32::from(loopback) - 5900,
+        address: String::new(),
+    });
+    agent.start_spec(spec).await;
+    assert_eq!(rfb_greeting("127.0.0.1", loopback), "RFB 003.008\n");
+    assert!(
+        std::net::TcpStream::connect((node_address.as_str(), loopback)).is_err(),
+        "loopback only by default"
+    );
+
+    let mut bad = agent.spec("unseen", 64);
+    bad.vnc = Some(pb::VncSpec {
+        display: 1,
+        address: "eth0".into(),
+    });
+    let refused = agent
+        .client()
+        .await
+        .start_instance(pb::StartInstanceRequest { spec: Some(bad) })
+        .await
+        .expect_err("an interface name isn't an address");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+}

@@ -65,9 +65,12 @@ pub(super) struct SpecOptions {
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
-    /// VNC display on 127.0.0.1.
+    /// VNC display (port 5900 + display).
     #[arg(long)]
     vnc: Option<u32>,
+    /// The IP address VNC listens on [default: 127.0.0.1].
+    #[arg(long, requires = "vnc")]
+    vnc_address: Option<String>,
     /// CPU model.
     #[arg(long)]
     cpu: Option<String>,
@@ -185,7 +188,10 @@ impl SpecOptions {
             machine_type: self.machine.clone(),
             accelerator: self.accel,
             serial_console: self.serial,
-            vnc: self.vnc.map(|display| pb::VncSpec { display }),
+            vnc: self.vnc.map(|display| pb::VncSpec {
+                display,
+                address: self.vnc_address.clone().unwrap_or_default(),
+            }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
             cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
             cpu_weight: self.cpu_weight.unwrap_or_default(),

@@ -193,7 +193,7 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     match rt.vnc_display {
         Some(display) => argv.extend([
             "-vnc".into(),
-            format!("127.0.0.1:{display}"),
+            vnc_listen(rt.vnc_address, display),
             "-device".into(),
             format!("VGA,bus={PCI_BUS},addr=0x2"),
         ]),
@@ -213,6 +213,15 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         argv.extend(["-append".into(), cmdline.clone()]);
     }
     argv
+}
+
+/// QEMU's `-vnc` address and display: `127.0.0.1:5`, `0.0.0.0:5100`, or
+/// `[::]:5100` (brackets around an IPv6 address, as QEMU parses it).
+pub fn vnc_listen(address: Option<std::net::IpAddr>, display: u32) -> String {
+    match address.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)) {
+        std::net::IpAddr::V4(v4) => format!("{v4}:{display}"),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:{display}"),
+    }
 }
 
 /// The `memory-backend-file` object of a file-backed guest's RAM, with
@@ -649,6 +658,16 @@ mod tests {
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn vnc_listens_on_loopback_unless_told_and_brackets_ipv6() {
+        assert_eq!(vnc_listen(None, 5), "127.0.0.1:5");
+        assert_eq!(
+            vnc_listen(Some("0.0.0.0".parse().unwrap()), 5100),
+            "0.0.0.0:5100"
+        );
+        assert_eq!(vnc_listen(Some("::".parse().unwrap()), 5100), "[::]:5100");
     }
 
     #[test]

@@ -21,6 +21,7 @@ them no environment of the operator's:
     ``/run/kvm-agent-ganeti``).
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -173,10 +174,23 @@ def check_supported(hvparams):
     if hvparams.get(constants.HV_KVM_FLAG, "") not in ACCELERATORS:
         raise unsupported(constants.HV_KVM_FLAG, hvparams.get(constants.HV_KVM_FLAG),
                           "use enabled, disabled or leave it empty")
-    vnc = hvparams.get(constants.HV_VNC_BIND_ADDRESS, "")
-    if vnc not in ("", "127.0.0.1", "localhost"):
+    vnc = hvparams.get(constants.HV_VNC_BIND_ADDRESS, "") or ""
+    if vnc_address(vnc) is None:
         raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
-                          "the agent serves VNC on 127.0.0.1 only")
+                          "name an IP address (0.0.0.0 for every address); "
+                          "an interface's name isn't resolved")
+
+
+def vnc_address(value):
+    """The agent's VNC address for Ganeti's vnc_bind_address: "" (the
+    agent's 127.0.0.1) for loopback, the address itself for an IP address,
+    None for anything else."""
+    if value in ("", "localhost", "127.0.0.1"):
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def device_name(kind, device):
@@ -283,7 +297,8 @@ def instance_spec(instance, block_devices):
     if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(
-            display=instance.network_port - constants.VNC_BASE_PORT))
+            display=instance.network_port - constants.VNC_BASE_PORT,
+            address=vnc_address(hvp[constants.HV_VNC_BIND_ADDRESS])))
     if hvp.get(constants.HV_MEM_PATH):
         spec.memory.CopyFrom(pb.MemoryBacking(file=hvp[constants.HV_MEM_PATH]))
     return spec
@@ -471,9 +486,13 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 command=["kvm-agent", "console", "--resume", instance.name])
         if hvparams[constants.HV_VNC_BIND_ADDRESS] and \
             instance.network_port > constants.VNC_BASE_PORT:
+            # The master asks: an address of every interface means the node.
+            address = vnc_address(hvparams[constants.HV_VNC_BIND_ADDRESS]) or "127.0.0.1"
+            if ipaddress.ip_address(address).is_unspecified:
+                address = primary_node.name
             return objects.InstanceConsole(
                 instance=instance.name, kind=constants.CONS_VNC,
-                host="127.0.0.1", port=instance.network_port,
+                host=address, port=instance.network_port,
                 display=instance.network_port - constants.VNC_BASE_PORT)
         return objects.InstanceConsole(instance=instance.name,
                                        kind=constants.CONS_MESSAGE,

@@ -428,6 +428,20 @@ class UnsupportedParameters(unittest.TestCase):
         self.assertFalse(plain.HasField("cpu_topology"))
         self.assertFalse(plain.rtc_localtime)
 
+    def test_vnc_on_ganetis_port_and_any_address(self):
+        # Ganeti hands out ports from 11000: display 5100 and up.
+        from kvm_agent_ganeti.hypervisor import instance_spec
+        hvp = hvparams(**{constants.HV_VNC_BIND_ADDRESS: "0.0.0.0"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
+        inst = instance("seen.example.com", UUIDS[1], hvp)
+        inst.network_port = 11000
+        spec = instance_spec(inst, [])
+        self.assertEqual((spec.vnc.display, spec.vnc.address), (5100, "0.0.0.0"))
+        hvp = hvparams(**{constants.HV_VNC_BIND_ADDRESS: "eth-does-not-resolve"})
+        with self.assertRaises(errors.HypervisorError) as refused:
+            KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
+        self.assertIn(constants.HV_VNC_BIND_ADDRESS, str(refused.exception))
+
     def test_ganetis_vlan_syntax_is_read_as_ganeti_writes_it(self):
         from kvm_agent_ganeti.hypervisor import vlan_spec
         for text, untagged, tagged in [(".100", 100, []), ("100", 100, []),
