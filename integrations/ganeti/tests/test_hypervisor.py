@@ -442,6 +442,15 @@ class UnsupportedParameters(unittest.TestCase):
             KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
         self.assertIn(constants.HV_VNC_BIND_ADDRESS, str(refused.exception))
 
+    def test_migration_versions_and_powercycle_are_ganetis_kvm_drivers(self):
+        self.assertTrue(KvmAgentHypervisor.VersionsSafeForMigration([7, 2, 22], [10, 0, 2]))
+        self.assertTrue(KvmAgentHypervisor.VersionsSafeForMigration([7, 2, 22], [7, 2, 19]))
+        # The real one reboots the node; what matters is that it is asked.
+        from unittest import mock
+        with mock.patch.object(KvmAgentHypervisor, "LinuxPowercycle") as powercycle:
+            KvmAgentHypervisor.PowercycleNode(hvparams={})
+        powercycle.assert_called_once_with()
+
     def test_ganetis_vlan_syntax_is_read_as_ganeti_writes_it(self):
         from kvm_agent_ganeti.hypervisor import vlan_spec
         for text, untagged, tagged in [(".100", 100, []), ("100", 100, []),
