@@ -10,8 +10,8 @@ use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
-    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MacAddr,
-    MemoryBacking, NicModel, NicSpec, SpecError, Vlan,
+    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MAX_VLAN_ID,
+    MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -127,7 +127,7 @@ fn vnc_address_from_proto(address: &str) -> Result<Option<std::net::IpAddr>, Age
 fn vlan_from_proto(v: &pb::VlanSpec) -> Result<Vlan, AgentError> {
     let id = |id: u32| {
         u16::try_from(id)
-            .map_err(|_| AgentError::BadRequest(format!("VLAN id {id} is outside 1-4094")))
+            .map_err(|_| AgentError::BadRequest(format!("VLAN id {id} is outside 1-{MAX_VLAN_ID}")))
     };
     Ok(Vlan {
         untagged: (v.untagged != 0).then(|| id(v.untagged)).transpose()?,

@@ -557,17 +557,15 @@ fn unix_now() -> u64 {
 /// the address itself, or the node's own name when it listens on every
 /// address (the caller may be another node, such as Ganeti's master).
 fn vnc_endpoint(address: Option<std::net::IpAddr>, display: u32) -> String {
-    let port = 5900 + display;
-    match address {
-        Some(a) if a.is_unspecified() => {
-            let host = nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "localhost".into());
-            format!("{host}:{port}")
-        }
-        Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
-        Some(std::net::IpAddr::V4(v4)) => format!("{v4}:{port}"),
-        None => format!("127.0.0.1:{port}"),
+    let ip = address.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    // Validation keeps the port within 16 bits.
+    let port = u16::try_from(5900 + display).unwrap_or(u16::MAX);
+    if ip.is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        return format!("{host}:{port}");
     }
+    std::net::SocketAddr::new(ip, port).to_string()
 }

@@ -298,12 +298,12 @@ pub fn stage_option_roms(
         .collect();
     for rom in roms {
         let target = chroot.join(rom);
-        let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
-            continue;
-        };
         if target.exists() {
             continue;
         }
+        let Some(dir) = data_dirs.iter().find(|d| d.join(rom).is_file()) else {
+            continue;
+        };
         let source = std::fs::canonicalize(dir.join(rom))?;
         if std::fs::hard_link(&source, &target).is_err() {
             std::fs::copy(&source, &target)?;
