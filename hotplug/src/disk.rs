@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, cache_flags, disk_device_id, disk_file_node, disk_format_node};
+use hypervisor::argv::{PCI_BUS, cache_flags, disk_file_node, disk_format_node};
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeDisk;
 use hypervisor::spec::DiskFormat;
@@ -45,7 +45,7 @@ pub fn device_arguments(disk: &RuntimeDisk) -> Value {
     let (_, _, write_cache) = cache_flags(disk.spec.cache);
     json!({
         "driver": "virtio-blk-pci",
-        "id": disk_device_id(disk.spec.uuid),
+        "id": disk.device_id(),
         "drive": disk_format_node(disk.spec.uuid),
         "bus": PCI_BUS,
         "addr": format!("{:#x}", disk.slot),
@@ -76,7 +76,7 @@ pub async fn release_image(qmp: &QmpClient, fdset: u64) {
 
 /// Attaches `disk` from the image in `fdset`, then releases the fdset.
 pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(), HotplugError> {
-    let id = disk_device_id(disk.spec.uuid);
+    let id = disk.device_id();
     let delete_node =
         |node: String| Undo::IfDone(vec![("blockdev-del", json!({ "node-name": node }))]);
     let steps = vec![
@@ -142,8 +142,8 @@ mod tests {
     use crate::pipeline::tests::{executed, fake_qemu};
 
     fn disk(read_only: bool, cache: DiskCache) -> RuntimeDisk {
-        RuntimeDisk {
-            spec: DiskSpec {
+        RuntimeDisk::new(
+            DiskSpec {
                 name: "data".into(),
                 uuid: Uuid::from_u128(0xd1),
                 path: "/srv/data.img".into(),
@@ -151,8 +151,8 @@ mod tests {
                 read_only,
                 cache,
             },
-            slot: 9,
-        }
+            9,
+        )
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id, nic_device_id};
+use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors};
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::NicSpec;
@@ -27,8 +27,8 @@ pub fn device_arguments(nic: &RuntimeNic, chrooted: bool) -> Value {
     let driver = nic.spec.model.qemu_device();
     let mut args = json!({
         "driver": driver,
-        "id": nic_device_id(nic.spec.uuid),
-        "netdev": netdev_id(nic.spec.uuid),
+        "id": nic.device_id(),
+        "netdev": nic.netdev_id(),
         "mac": nic.spec.mac.to_string(),
         "bus": PCI_BUS,
         "addr": format!("{:#x}", nic.slot),
@@ -84,7 +84,7 @@ pub async fn attach(
     nic: &RuntimeNic,
     chrooted: bool,
 ) -> Result<AddedNic, HotplugError> {
-    let netdev = netdev_id(nic.spec.uuid);
+    let netdev = nic.netdev_id();
     let tap_names: Vec<String> = (0..prepared.tap.queue_fds().count())
         .map(|q| format!("{netdev}-q{q}"))
         .collect();
@@ -96,7 +96,7 @@ pub async fn attach(
             .iter()
             .zip(prepared.vhost.iter().map(AsFd::as_fd)),
     );
-    let id = nic_device_id(nic.spec.uuid);
+    let id = nic.device_id();
     let steps = vec![
         Step {
             name: "getfd",
@@ -190,8 +190,8 @@ mod tests {
     }
 
     fn sample_nic(model: NicModel) -> RuntimeNic {
-        RuntimeNic {
-            spec: NicSpec {
+        RuntimeNic::new(
+            NicSpec {
                 name: "eth1".into(),
                 uuid: hypervisor::runtime::Uuid::from_u128(0xabc),
                 mac: "52:54:00:00:00:09".parse::<MacAddr>().unwrap(),
@@ -201,8 +201,8 @@ mod tests {
                 queues: 1,
                 vlan: None,
             },
-            slot: 7,
-        }
+            7,
+        )
     }
 
     #[test]
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(args["addr"], "0x7");
         assert_eq!(args["bus"], "pci.0");
         assert_eq!(args["mac"], "52:54:00:00:00:09");
-        assert_eq!(args["netdev"], netdev_id(nic.spec.uuid));
+        assert_eq!(args["netdev"], nic.netdev_id());
         assert!(args.get("romfile").is_none(), "{args}");
     }
 

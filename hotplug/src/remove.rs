@@ -3,32 +3,55 @@
 
 use std::time::Duration;
 
-use hypervisor::argv::{
-    disk_device_id, disk_file_node, disk_format_node, netdev_id, nic_device_id,
-};
+use hypervisor::argv::{disk_file_node, disk_format_node};
 use hypervisor::qmp::{QmpClient, QmpError};
-use hypervisor::runtime::Uuid;
+use hypervisor::runtime::{RuntimeDisk, RuntimeNic, Uuid};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::HotplugError;
 use crate::pipeline::undo;
 
-/// Which kind of device, by uuid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A device to remove, by its QEMU ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
     /// A NIC and its netdev.
-    Nic(Uuid),
-    /// A disk and its block nodes.
-    Disk(Uuid),
+    Nic {
+        /// Device id.
+        id: String,
+        /// Netdev id.
+        netdev: String,
+    },
+    /// A disk and its block nodes, named after its uuid.
+    Disk {
+        /// Device id.
+        id: String,
+        /// The disk's uuid.
+        uuid: Uuid,
+    },
 }
 
 impl Device {
+    /// A runtime's NIC.
+    pub fn nic(nic: &RuntimeNic) -> Self {
+        Device::Nic {
+            id: nic.device_id(),
+            netdev: nic.netdev_id(),
+        }
+    }
+
+    /// A runtime's disk.
+    pub fn disk(disk: &RuntimeDisk) -> Self {
+        Device::Disk {
+            id: disk.device_id(),
+            uuid: disk.spec.uuid,
+        }
+    }
+
     /// The QEMU device id.
-    pub fn id(&self) -> String {
+    pub fn id(&self) -> &str {
         match self {
-            Device::Nic(u) => nic_device_id(*u),
-            Device::Disk(u) => disk_device_id(*u),
+            Device::Nic { id, .. } | Device::Disk { id, .. } => id,
         }
     }
 }
@@ -45,7 +68,7 @@ pub async fn remove(
     device: Device,
     timeout: Duration,
 ) -> Result<(), HotplugError> {
-    let id = device.id();
+    let id = device.id().to_owned();
     // Subscribe first: the event may come before device_del's reply.
     let mut events = qmp.subscribe();
     qmp.execute("device_del", Some(json!({ "id": id })))
@@ -84,18 +107,21 @@ pub async fn remove(
 /// never made it.
 pub async fn delete_backend(qmp: &QmpClient, device: Device) {
     match device {
-        Device::Nic(u) => undo(qmp, "netdev_del", json!({ "id": netdev_id(u) })).await,
-        Device::Disk(u) => {
+        Device::Nic { netdev, .. } => undo(qmp, "netdev_del", json!({ "id": netdev })).await,
+        // A disk QEMU had before the agent adopted it has a drive of its
+        // own instead, which QEMU deletes with the device; these then
+        // fail, harmlessly.
+        Device::Disk { uuid, .. } => {
             undo(
                 qmp,
                 "blockdev-del",
-                json!({ "node-name": disk_format_node(u) }),
+                json!({ "node-name": disk_format_node(uuid) }),
             )
             .await;
             undo(
                 qmp,
                 "blockdev-del",
-                json!({ "node-name": disk_file_node(u) }),
+                json!({ "node-name": disk_file_node(uuid) }),
             )
             .await;
         }

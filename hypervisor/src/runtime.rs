@@ -22,6 +22,9 @@ use crate::spec::{
 // The command line is a function of the runtime: a runtime stores its
 // machine part and is checked against it.
 pub mod argv;
+pub mod inherited;
+
+pub use inherited::InheritedMachine;
 
 /// Version of the runtime layout. A runtime with another version is refused.
 pub const RUNTIME_FORMAT_VERSION: u32 = 1;
@@ -64,6 +67,28 @@ pub struct RuntimeDisk {
     pub spec: DiskSpec,
     /// Slot on pci.0.
     pub slot: u8,
+    /// Its QEMU id where that isn't made from its uuid: a disk of a QEMU
+    /// the agent adopted keeps the id it had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_id: Option<String>,
+}
+
+impl RuntimeDisk {
+    /// A disk at a slot, with the id the agent gives it.
+    pub fn new(spec: DiskSpec, slot: u8) -> Self {
+        RuntimeDisk {
+            spec,
+            slot,
+            qemu_id: None,
+        }
+    }
+
+    /// Its QEMU device id.
+    pub fn device_id(&self) -> String {
+        self.qemu_id
+            .clone()
+            .unwrap_or_else(|| argv::disk_device_id(self.spec.uuid))
+    }
 }
 
 /// A NIC with its place on the bus.
@@ -74,6 +99,35 @@ pub struct RuntimeNic {
     pub spec: NicSpec,
     /// Slot on pci.0.
     pub slot: u8,
+    /// Its QEMU device and netdev id where that isn't made from its uuid:
+    /// a NIC of a QEMU the agent adopted keeps the id it had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_id: Option<String>,
+}
+
+impl RuntimeNic {
+    /// A NIC at a slot, with the ids the agent gives it.
+    pub fn new(spec: NicSpec, slot: u8) -> Self {
+        RuntimeNic {
+            spec,
+            slot,
+            qemu_id: None,
+        }
+    }
+
+    /// Its QEMU device id.
+    pub fn device_id(&self) -> String {
+        self.qemu_id
+            .clone()
+            .unwrap_or_else(|| argv::nic_device_id(self.spec.uuid))
+    }
+
+    /// Its QEMU netdev id.
+    pub fn netdev_id(&self) -> String {
+        self.qemu_id
+            .clone()
+            .unwrap_or_else(|| argv::netdev_id(self.spec.uuid))
+    }
 }
 
 /// The QEMU a runtime was generated for.
@@ -158,6 +212,10 @@ pub struct Runtime {
     /// Comes with a QEMU user: a root QEMU could leave a chroot at will.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub chroot: bool,
+    /// The hardware of a QEMU the agent adopted beyond what a spec
+    /// describes; runtimes the agent generated have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inherited: Option<InheritedMachine>,
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
@@ -245,6 +303,21 @@ pub enum RuntimeError {
     /// A chroot for a QEMU that would run as root.
     #[error("a runtime that runs QEMU in a chroot must also give it a user of its own")]
     ChrootWithoutUser,
+    /// Hardware kept from an adopted QEMU that the agent won't replay.
+    #[error("the runtime's inherited machine is refused: {0}")]
+    Inherited(#[from] inherited::InheritedError),
+    /// A kept device id that isn't a plain id of its kind, or is used twice.
+    #[error(
+        "device {device:?} has QEMU id {id:?}, which isn't a plain {prefix}… id or is used twice"
+    )]
+    BadDeviceId {
+        /// Device name.
+        device: String,
+        /// The id.
+        id: String,
+        /// The prefix ids of its kind have.
+        prefix: &'static str,
+    },
 }
 
 /// What runtime generation needs to know about the host, decided by the caller.
@@ -320,6 +393,7 @@ pub fn generate(
         }),
         qemu_user: host.qemu_user.filter(|_| host.confine),
         chroot: host.confine && host.qemu_user.is_some(),
+        inherited: None,
         argv: Vec::new(),
     };
     runtime.argv = argv::render_base(&runtime);
@@ -370,20 +444,16 @@ fn place_devices(
         .disks
         .iter()
         .map(|d| {
-            Ok(RuntimeDisk {
-                spec: d.clone(),
-                slot: free.next().ok_or_else(|| no_slot(device_count))?,
-            })
+            let slot = free.next().ok_or_else(|| no_slot(device_count))?;
+            Ok(RuntimeDisk::new(d.clone(), slot))
         })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let nics = spec
         .nics
         .iter()
         .map(|n| {
-            Ok(RuntimeNic {
-                spec: n.clone(),
-                slot: free.next().ok_or_else(|| no_slot(device_count))?,
-            })
+            let slot = free.next().ok_or_else(|| no_slot(device_count))?;
+            Ok(RuntimeNic::new(n.clone(), slot))
         })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let balloon_slot = free.next().ok_or_else(|| no_slot(device_count + 1))?;
@@ -515,6 +585,15 @@ impl Runtime {
         self.sandbox || self.cgroup.is_some() || self.qemu_user.is_some()
     }
 
+    /// Slots on pci.0 that are never given to a hot-added device.
+    pub fn reserved_slots(&self) -> Vec<u8> {
+        let mut slots = RESERVED_PCI_SLOTS.to_vec();
+        if let Some(inherited) = &self.inherited {
+            slots.extend(&inherited.reserved_slots);
+        }
+        slots
+    }
+
     /// Every PCI slot the runtime's devices hold, the balloon's included.
     pub fn used_slots(&self) -> impl Iterator<Item = u8> + '_ {
         self.disks
@@ -563,12 +642,53 @@ impl Runtime {
         if self.chroot && self.qemu_user.is_none() {
             return Err(RuntimeError::ChrootWithoutUser);
         }
+        if let Some(inherited) = &self.inherited {
+            inherited.validate()?;
+        }
+        self.check_device_ids()?;
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
         }
         Ok(())
     }
 }
+
+impl Runtime {
+    /// Kept device ids must look like the agent's own (so recovery and
+    /// hotplug know them) and be unique. Pure.
+    fn check_device_ids(&self) -> Result<(), RuntimeError> {
+        let mut seen = HashSet::new();
+        let kept = self
+            .disks
+            .iter()
+            .map(|d| (&d.spec.name, d.qemu_id.as_ref(), argv::DISK_ID_PREFIX))
+            .chain(
+                self.nics
+                    .iter()
+                    .map(|n| (&n.spec.name, n.qemu_id.as_ref(), argv::NIC_ID_PREFIX)),
+            );
+        for (device, id, prefix) in kept {
+            let Some(id) = id else { continue };
+            // QEMU's ids: a letter first, then letters, digits, '-', '.', '_'.
+            let plain = id.starts_with(prefix)
+                && id.len() <= MAX_QEMU_ID
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+            if !plain || !seen.insert(id) {
+                return Err(RuntimeError::BadDeviceId {
+                    device: device.clone(),
+                    id: id.clone(),
+                    prefix,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest kept device id; block node names are limited to 31 bytes.
+const MAX_QEMU_ID: usize = 31;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -970,6 +1090,38 @@ pub(crate) mod tests {
             adopt_on_host(&rt, host(&no_seccomp)),
             Err(RuntimeError::SandboxUnavailable)
         );
+    }
+
+    #[test]
+    fn inherited_hardware_and_kept_ids_are_checked_like_the_rest() {
+        let qemu = qemu_7_2();
+        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        rt.inherited = Some(InheritedMachine {
+            origin: "ganeti-kvm".into(),
+            options: vec!["-usb".into(), "-net".into(), "none".into()],
+            reserved_slots: (0..12).collect(),
+        });
+        rt.nics[0].qemu_id = Some("nic-5c1b2f0e-8a31-4f5e".into());
+        rt.argv = argv::render_base(&rt);
+        assert_eq!(rt.validate(), Ok(()));
+        assert!(rt.reserved_slots().contains(&11));
+        assert!(!rt.argv.iter().any(|a| a == "-nodefaults"));
+
+        let mut smuggled = rt.clone();
+        smuggled.inherited.as_mut().unwrap().options =
+            vec!["-chardev".into(), "file,path=/etc/shadow,id=x".into()];
+        smuggled.argv = argv::render_base(&smuggled);
+        assert!(matches!(
+            smuggled.validate(),
+            Err(RuntimeError::Inherited(_))
+        ));
+
+        let mut bad_id = rt.clone();
+        bad_id.nics[0].qemu_id = Some("disk-of-a-nic".into());
+        assert!(matches!(
+            bad_id.validate(),
+            Err(RuntimeError::BadDeviceId { .. })
+        ));
     }
 
     #[test]

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use hotplug::remove::Device;
 use hotplug::support::Support;
 use hypervisor::InstanceSpec;
-use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, nic_device_id};
+use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, netdev_id, nic_device_id};
 use hypervisor::host_files::HostFileError;
 use hypervisor::lifecycle::files;
 use hypervisor::qmp::QmpClient;
-use hypervisor::runtime::{RESERVED_PCI_SLOTS, RuntimeDisk, RuntimeError, RuntimeNic};
+use hypervisor::runtime::{Runtime, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
@@ -113,7 +113,7 @@ impl Agent {
         &self,
         inst: &Instance,
         process: &Process,
-        used: &[u8],
+        runtime: &Runtime,
     ) -> Result<u8, AgentError> {
         let pci = process
             .qmp()
@@ -123,12 +123,11 @@ impl Agent {
                 instance: inst.name().to_owned(),
                 source,
             })?;
-        hotplug::slots::find_free_slot(&pci, used.iter().copied(), &RESERVED_PCI_SLOTS).map_err(
-            |e| AgentError::Hotplug {
+        hotplug::slots::find_free_slot(&pci, runtime.used_slots(), &runtime.reserved_slots())
+            .map_err(|e| AgentError::Hotplug {
                 instance: inst.name().to_owned(),
                 source: e.into(),
-            },
-        )
+            })
     }
 
     /// Hot-adds a NIC.
@@ -160,8 +159,7 @@ impl Agent {
         // tap's ioctls run here rather than on the blocking pool, whose
         // hand-offs cost more than they save.
         self.journal(&inst, HotplugIntent::AddNic { nic: nic.clone() })?;
-        let used: Vec<u8> = record.runtime.used_slots().collect();
-        let slot_lookup = self.free_slot(&inst, &process, &used);
+        let slot_lookup = self.free_slot(&inst, &process, &record.runtime);
         let template = &self.config().launch.tap_template;
         let (slot, prepared) =
             tokio::join!(slot_lookup, async { hotplug::nic::prepare(&nic, template) });
@@ -178,7 +176,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let runtime_nic = RuntimeNic { spec: nic, slot };
+        let runtime_nic = RuntimeNic::new(nic, slot);
         let mut updated = record.clone();
         updated.runtime.nics.push(runtime_nic.clone());
         let attach =
@@ -276,10 +274,9 @@ impl Agent {
         let image = open_image(name, &disk, &self.config().allowed_roots)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
-        let used: Vec<u8> = record.runtime.used_slots().collect();
         // add-fd needs no slot: both questions go to QEMU at once.
         let (slot, fdset) = tokio::join!(
-            self.free_slot(&inst, &process, &used),
+            self.free_slot(&inst, &process, &record.runtime),
             hotplug::disk::pass_image(process.qmp(), &image)
         );
         let fdset = fdset.map_err(|source| AgentError::Hotplug {
@@ -301,7 +298,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let runtime_disk = RuntimeDisk { spec: disk, slot };
+        let runtime_disk = RuntimeDisk::new(disk, slot);
         let mut updated = record.clone();
         updated.runtime.disks.push(runtime_disk.clone());
         let attach = hotplug::disk::attach(process.qmp(), &runtime_disk, fdset);
@@ -335,8 +332,8 @@ impl Agent {
             .iter()
             .position(|d| d.spec.name == device);
         let target = match (nic_index, disk_index) {
-            (Some(i), _) => Device::Nic(record.runtime.nics[i].spec.uuid),
-            (None, Some(i)) => Device::Disk(record.runtime.disks[i].spec.uuid),
+            (Some(i), _) => Device::nic(&record.runtime.nics[i]),
+            (None, Some(i)) => Device::disk(&record.runtime.disks[i]),
             (None, None) => {
                 return Err(AgentError::DeviceNotFound {
                     instance: name.to_owned(),
@@ -353,7 +350,8 @@ impl Agent {
             },
         )?;
         let removed =
-            hotplug::remove::remove(process.qmp(), target, self.config().unplug_timeout).await;
+            hotplug::remove::remove(process.qmp(), target.clone(), self.config().unplug_timeout)
+                .await;
         if let Err(source) = removed {
             // The device may still be in QEMU; the runtime keeps it, which
             // is what QEMU has until the guest lets go.
@@ -364,7 +362,7 @@ impl Agent {
             });
         }
         let changed = match (target, nic_index, disk_index) {
-            (Device::Nic(_), Some(i), _) => {
+            (Device::Nic { .. }, Some(i), _) => {
                 let tap = process.remove_tap(i);
                 ChangedDevice::Nic(record.runtime.nics.remove(i), tap)
             }
@@ -526,12 +524,12 @@ fn runtime_device_ids(record: &InstanceRecord) -> impl Iterator<Item = (String, 
         .runtime
         .nics
         .iter()
-        .map(|n| (n.spec.name.clone(), nic_device_id(n.spec.uuid)));
+        .map(|n| (n.spec.name.clone(), n.device_id()));
     let disks = record
         .runtime
         .disks
         .iter()
-        .map(|d| (d.spec.name.clone(), disk_device_id(d.spec.uuid)));
+        .map(|d| (d.spec.name.clone(), d.device_id()));
     nics.chain(disks)
 }
 
@@ -562,12 +560,18 @@ async fn settle_intent(
     let runtime = &mut record.runtime;
     let (device, id, recorded) = match &intent {
         HotplugIntent::AddNic { nic } => (
-            Device::Nic(nic.uuid),
+            Device::Nic {
+                id: nic_device_id(nic.uuid),
+                netdev: netdev_id(nic.uuid),
+            },
             nic_device_id(nic.uuid),
             runtime.nics.iter().position(|n| n.spec.uuid == nic.uuid),
         ),
         HotplugIntent::AddDisk { disk } => (
-            Device::Disk(disk.uuid),
+            Device::Disk {
+                id: disk_device_id(disk.uuid),
+                uuid: disk.uuid,
+            },
             disk_device_id(disk.uuid),
             runtime.disks.iter().position(|d| d.spec.uuid == disk.uuid),
         ),
@@ -575,13 +579,10 @@ async fn settle_intent(
             let nic = runtime.nics.iter().position(|n| &n.spec.name == device);
             let disk = runtime.disks.iter().position(|d| &d.spec.name == device);
             let (target, id) = match (nic, disk) {
-                (Some(i), _) => (
-                    Device::Nic(runtime.nics[i].spec.uuid),
-                    nic_device_id(runtime.nics[i].spec.uuid),
-                ),
+                (Some(i), _) => (Device::nic(&runtime.nics[i]), runtime.nics[i].device_id()),
                 (None, Some(i)) => (
-                    Device::Disk(runtime.disks[i].spec.uuid),
-                    disk_device_id(runtime.disks[i].spec.uuid),
+                    Device::disk(&runtime.disks[i]),
+                    runtime.disks[i].device_id(),
                 ),
                 (None, None) => return false,
             };
@@ -603,20 +604,20 @@ async fn settle_intent(
         (Some(&slot), None) => {
             tracing::info!(%id, slot, "finishing a hot-add QEMU completed");
             match intent {
-                HotplugIntent::AddNic { nic } => runtime.nics.push(RuntimeNic { spec: nic, slot }),
-                HotplugIntent::AddDisk { disk } => {
-                    runtime.disks.push(RuntimeDisk { spec: disk, slot })
-                }
+                HotplugIntent::AddNic { nic } => runtime.nics.push(RuntimeNic::new(nic, slot)),
+                HotplugIntent::AddDisk { disk } => runtime.disks.push(RuntimeDisk::new(disk, slot)),
                 HotplugIntent::Remove { .. } => {}
             }
             true
         }
         (None, Some(index)) => {
             tracing::info!(%id, "rolling back a hot-add QEMU never completed");
+            let is_nic = matches!(device, Device::Nic { .. });
             hotplug::remove::delete_backend(qmp, device).await;
-            match device {
-                Device::Nic(_) => drop(runtime.nics.remove(index)),
-                Device::Disk(_) => drop(runtime.disks.remove(index)),
+            if is_nic {
+                drop(runtime.nics.remove(index));
+            } else {
+                drop(runtime.disks.remove(index));
             }
             true
         }

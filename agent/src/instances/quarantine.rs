@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use hypervisor::argv::{disk_device_id, nic_device_id};
 use hypervisor::lifecycle::{self, StopMethod, files};
 use hypervisor::process::{self, PidFd};
 use hypervisor::qmp::QmpClient;
@@ -162,7 +161,7 @@ impl Agent {
 
 /// Whether QEMU has exactly the runtime's NICs and disks: each at its
 /// slot, NICs with their MACs, disks with an image; and no other.
-async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
+pub(super) async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     let failed = |e: hypervisor::qmp::QmpError| format!("QEMU didn't answer: {e}");
     let pci = qmp.execute("query-pci", None).await.map_err(failed)?;
     let present: BTreeSet<(String, u8)> = hotplug::slots::bus0_devices(&pci)
@@ -173,8 +172,8 @@ async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     let expected: BTreeSet<(String, u8)> = rt
         .disks
         .iter()
-        .map(|d| (disk_device_id(d.spec.uuid), d.slot))
-        .chain(rt.nics.iter().map(|n| (nic_device_id(n.spec.uuid), n.slot)))
+        .map(|d| (d.device_id(), d.slot))
+        .chain(rt.nics.iter().map(|n| (n.device_id(), n.slot)))
         .collect();
     if present != expected {
         return Err(format!(
@@ -182,7 +181,7 @@ async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
         ));
     }
     for nic in &rt.nics {
-        let id = nic_device_id(nic.spec.uuid);
+        let id = nic.device_id();
         let mac = qmp
             .execute(
                 "qom-get",
@@ -199,7 +198,7 @@ async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), String> {
     }
     let blocks = qmp.execute("query-block", None).await.map_err(failed)?;
     for disk in &rt.disks {
-        if !hotplug::disk::block_attached(&blocks, &disk_device_id(disk.spec.uuid)) {
+        if !hotplug::disk::block_attached(&blocks, &disk.device_id()) {
             return Err(format!("disk {:?} has no image in QEMU", disk.spec.name));
         }
     }

@@ -176,11 +176,16 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
             rt.vcpus,
             rt.cpu_topology.map(|t| t.smp_suffix()).unwrap_or_default()
         ),
-        "-nodefaults".into(),
+    ];
+    // An adopted QEMU's guest has QEMU's default devices; they stay.
+    if rt.inherited.is_none() {
+        argv.push("-nodefaults".into());
+    }
+    argv.extend([
         "-no-user-config".into(),
         "-msg".into(),
         "timestamp=on".into(),
-    ];
+    ]);
     if rt.rtc_localtime {
         argv.extend(["-rtc".into(), "base=localtime".into()]);
     }
@@ -191,12 +196,13 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         argv.extend(["-object".into(), backend]);
     }
     match rt.vnc_display {
-        Some(display) => argv.extend([
-            "-vnc".into(),
-            vnc_listen(rt.vnc_address, display),
-            "-device".into(),
-            format!("VGA,bus={PCI_BUS},addr=0x2"),
-        ]),
+        Some(display) => {
+            argv.extend(["-vnc".into(), vnc_listen(rt.vnc_address, display)]);
+            // QEMU's default display adapter is already there otherwise.
+            if rt.inherited.is_none() {
+                argv.extend(["-device".into(), format!("VGA,bus={PCI_BUS},addr=0x2")]);
+            }
+        }
         None => argv.extend(["-display".into(), "none".into()]),
     }
     if let Boot::Kernel {
@@ -211,6 +217,9 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
             argv.extend(["-initrd".into(), host_file(fds.initrd, initrd)]);
         }
         argv.extend(["-append".into(), cmdline.clone()]);
+    }
+    if let Some(inherited) = &rt.inherited {
+        argv.extend(inherited.options.iter().cloned());
     }
     argv
 }
@@ -280,7 +289,8 @@ pub fn disk_fdset(index: usize) -> u64 {
 pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     let mut argv = render_machine(rt, &fds.machine);
     for (index, (disk, &image)) in rt.disks.iter().zip(&fds.disks).enumerate() {
-        let boot_first = index == 0 && rt.boot == Boot::Disk;
+        // An adopted machine boots the way its own options say (`-boot`).
+        let boot_first = index == 0 && rt.boot == Boot::Disk && rt.inherited.is_none();
         argv.extend(render_disk(disk, image, disk_fdset(index), boot_first));
     }
     for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
@@ -393,7 +403,7 @@ pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: boo
         "-device".into(),
         format!(
             "virtio-blk-pci,id={},drive={format_node},bus={PCI_BUS},addr={:#x},write-cache={}{boot}",
-            disk_device_id(d.uuid),
+            disk.device_id(),
             disk.slot,
             on_off(write_cache)
         ),
@@ -442,7 +452,7 @@ pub fn msix_vectors(queues: u32) -> u32 {
 pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [String; 4] {
     let n = &nic.spec;
     let model = n.model.qemu_device();
-    let netdev = netdev_id(n.uuid);
+    let netdev = nic.netdev_id();
     [
         "-netdev".into(),
         {
@@ -460,7 +470,7 @@ pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [
         "-device".into(),
         format!(
             "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}{}",
-            nic_device_id(n.uuid),
+            nic.device_id(),
             n.mac,
             nic.slot,
             if n.queues > 1 {
