@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hotplug::support::Support;
-use hypervisor::argv;
 use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
@@ -20,7 +19,7 @@ use crate::error::AgentError;
 use crate::events::{Event, EventKind};
 use crate::model::{
     ChangedDevice, InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts,
-    RebootMode, ReportPhase, SaveOutcome, State,
+    RebootMode, ReportPhase, SaveOutcome, State, Takeover, TakeoverOutcome,
 };
 
 /// Default machine type when the request leaves it empty.
@@ -314,6 +313,7 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         uptime_seconds: view.uptime.map_or(0, |d| d.as_secs()),
         reconciling: view.reconciling,
         balloon_mib: view.balloon_mib.unwrap_or(0),
+        unconfined: view.unconfined.unwrap_or_default(),
         ..Default::default()
     };
     let Some(rt) = view.runtime else {
@@ -342,6 +342,48 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
     info
 }
 
+/// The wire form of what taking over Ganeti's instances came to.
+pub fn takeovers_to_proto(takeovers: Vec<Takeover>) -> pb::AdoptGanetiInstancesResponse {
+    use pb::GanetiAdoptionOutcome as Outcome;
+    let instances = takeovers
+        .into_iter()
+        .map(|t| {
+            let mut adoption = pb::GanetiAdoption {
+                name: t.name.clone(),
+                pid: t.pid.unwrap_or(0),
+                ..Default::default()
+            };
+            let (outcome, instance) = match t.outcome {
+                TakeoverOutcome::Adopted(view) => (Outcome::Adopted, Some(view_to_proto(*view))),
+                TakeoverOutcome::WouldAdopt(runtime) => {
+                    let view = InstanceView {
+                        name: t.name,
+                        state: State::Running,
+                        detail: String::new(),
+                        pid: t.pid,
+                        uptime: None,
+                        runtime: Some(*runtime),
+                        taps: Vec::new(),
+                        reconciling: false,
+                        balloon_mib: None,
+                        unconfined: None,
+                    };
+                    (Outcome::WouldAdopt, Some(view_to_proto(view)))
+                }
+                TakeoverOutcome::AlreadyAdopted => (Outcome::AlreadyAdopted, None),
+                TakeoverOutcome::Refused(reason) => {
+                    adoption.reason = reason;
+                    (Outcome::Refused, None)
+                }
+            };
+            adoption.outcome = outcome as i32;
+            adoption.instance = instance;
+            adoption
+        })
+        .collect();
+    pb::AdoptGanetiInstancesResponse { instances }
+}
+
 /// The wire form of a disk and its slot.
 pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
     pb::DeviceInfo {
@@ -349,7 +391,7 @@ pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
         name: d.spec.name.clone(),
         uuid: d.spec.uuid.to_string(),
         pci_slot: u32::from(d.slot),
-        qemu_id: argv::disk_device_id(d.spec.uuid),
+        qemu_id: d.device_id(),
         detail: d.spec.path.display().to_string(),
         tap: String::new(),
         ..Default::default()
@@ -363,7 +405,7 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
         name: n.spec.name.clone(),
         uuid: n.spec.uuid.to_string(),
         pci_slot: u32::from(n.slot),
-        qemu_id: argv::nic_device_id(n.spec.uuid),
+        qemu_id: n.device_id(),
         detail: n.spec.mac.to_string(),
         tap: tap.to_owned(),
         bridge: n.spec.bridge.clone().unwrap_or_default(),

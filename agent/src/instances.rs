@@ -34,6 +34,7 @@ mod records;
 mod recovery;
 mod saves;
 mod supervision;
+mod takeover;
 
 pub use hotplug::HotplugIntent;
 pub use lifecycle::stop_method_text;
@@ -41,6 +42,7 @@ pub use lifecycle::stop_method_text;
 pub use crate::model::{
     ChangedDevice, InstanceRecord, InstanceView, MemoryReport, MigrateOptions, MigrationReport,
     NodeFacts, OutgoingMigration, RebootMode, RecordedState, ReportPhase, SaveOutcome, State,
+    Takeover, TakeoverOutcome,
 };
 
 /// A running QEMU that the agent supervises.
@@ -59,6 +61,9 @@ pub(crate) struct Process {
     /// The guest's memory in MiB as the balloon last reported it; 0 until
     /// QEMU has said.
     balloon_mib: AtomicU64,
+    /// Why this QEMU runs outside the confinement its runtime gives it: one
+    /// the agent adopted from another manager, until its next launch.
+    unconfined: Option<String>,
 }
 
 impl Process {
@@ -81,6 +86,7 @@ impl Process {
             stop_requested: AtomicBool::new(false),
             started_at,
             balloon_mib: AtomicU64::new(0),
+            unconfined: None,
         }
     }
 
@@ -239,6 +245,7 @@ impl Instance {
                 .unwrap_or_default(),
             reconciling: st.reconciling,
             balloon_mib: st.process.as_ref().and_then(|p| p.balloon_mib()),
+            unconfined: st.process.as_ref().and_then(|p| p.unconfined.clone()),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod ganeti;
 pub mod instances;
 pub mod model;
 pub mod peer;

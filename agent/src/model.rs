@@ -172,6 +172,9 @@ pub struct InstanceView {
     /// The guest's memory as its balloon driver last reported it, while
     /// QEMU runs and once QEMU has said.
     pub balloon_mib: Option<u64>,
+    /// Why QEMU runs outside the confinement its runtime gives it (an
+    /// adopted QEMU until its next launch); `None` when it doesn't.
+    pub unconfined: Option<String>,
 }
 
 /// How a reboot is done.
@@ -259,4 +262,28 @@ pub enum ChangedDevice {
     Nic(RuntimeNic, String),
     /// A disk.
     Disk(RuntimeDisk),
+}
+
+/// What taking over one instance came to.
+#[derive(Debug)]
+pub enum TakeoverOutcome {
+    /// The agent runs it now.
+    Adopted(Box<InstanceView>),
+    /// A dry run found nothing against it.
+    WouldAdopt(Box<Runtime>),
+    /// The agent already ran this QEMU.
+    AlreadyAdopted,
+    /// Left as it is, for this reason.
+    Refused(String),
+}
+
+/// One instance found in Ganeti's files.
+#[derive(Debug)]
+pub struct Takeover {
+    /// Instance name.
+    pub name: String,
+    /// Its QEMU's pid, once known.
+    pub pid: Option<u32>,
+    /// What became of it.
+    pub outcome: TakeoverOutcome,
 }

@@ -203,6 +203,23 @@ impl NodeAgent for NodeAgentService {
         })
     }
 
+    async fn adopt_ganeti_instances(
+        &self,
+        req: Request<pb::AdoptGanetiInstancesRequest>,
+    ) -> Reply<pb::AdoptGanetiInstancesResponse> {
+        operation!(self, req, "adopt-ganeti", req.name.clone(), |agent| {
+            let dir = match req.ganeti_dir.as_str() {
+                "" => crate::ganeti::DEFAULT_DIR,
+                dir => dir,
+            };
+            let only = Some(req.name.as_str()).filter(|n| !n.is_empty());
+            let takeovers = agent
+                .adopt_ganeti(std::path::Path::new(dir), only, req.dry_run)
+                .await?;
+            Ok(convert::takeovers_to_proto(takeovers))
+        })
+    }
+
     async fn save_instance(
         &self,
         req: Request<pb::SaveInstanceRequest>,

@@ -1,5 +1,6 @@
-//! Prometheus metrics: operation counts and latencies, QMP failures, and
-//! instances by state. Off unless `serve --metrics-listen` is given.
+//! Prometheus metrics: operation counts and latencies, QMP failures,
+//! instances by state, and instances whose QEMU runs unconfined. Off
+//! unless `serve --metrics-listen` is given.
 
 use std::net::SocketAddr;
 
@@ -39,13 +40,21 @@ pub fn check_address(addr: SocketAddr) -> Result<(), MetricsError> {
     }
 }
 
+/// What the instance gauges count of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Its state.
+    pub state: State,
+    /// Whether its QEMU runs outside the confinement its runtime gives it.
+    pub unconfined: bool,
+}
+
 /// Starts the endpoint and keeps the instance gauges current: `states`
-/// gives every instance's state, asked again on each state event `watch`
-/// brings.
+/// gives every instance, asked again on each state event `watch` brings.
 pub fn serve(
     addr: SocketAddr,
     watch: Watch,
-    states: impl Fn() -> Vec<State> + Send + 'static,
+    states: impl Fn() -> Vec<Counted> + Send + 'static,
 ) -> Result<(), MetricsError> {
     check_address(addr)?;
     PrometheusBuilder::new()
@@ -73,11 +82,13 @@ pub fn serve(
     Ok(())
 }
 
-fn count_instances(states: &[State]) {
+fn count_instances(instances: &[Counted]) {
     for state in State::ALL {
-        let n = states.iter().filter(|&&s| s == state).count();
+        let n = instances.iter().filter(|i| i.state == state).count();
         metrics::gauge!("kvm_agent_instances", "state" => state.name()).set(n as f64);
     }
+    let unconfined = instances.iter().filter(|i| i.unconfined).count();
+    metrics::gauge!("kvm_agent_unconfined_instances").set(unconfined as f64);
 }
 
 /// Records how one operation went.

@@ -114,6 +114,9 @@ pub(super) fn print_instance(i: &pb::InstanceInfo) {
     if !i.state_detail.is_empty() {
         println!("detail:      {}", i.state_detail);
     }
+    if !i.unconfined.is_empty() {
+        println!("unconfined:  {}", i.unconfined);
+    }
     if i.pid != 0 {
         println!("pid:         {}  (up {}s)", i.pid, i.uptime_seconds);
     }
@@ -299,18 +302,23 @@ fn reboot(
 
 fn print_table(list: &[pb::InstanceInfo]) {
     println!(
-        "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
+        "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}  NOTE",
         "NAME", "STATE", "PID", "MEM_MIB", "VCPUS", "GEN"
     );
     for i in list {
         println!(
-            "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}",
+            "{:<20} {:<11} {:>8} {:>8} {:>5} {:>4}  {}",
             i.name,
             shown_state(i),
             i.pid,
             i.memory_mib,
             i.vcpus,
-            i.runtime_generation
+            i.runtime_generation,
+            if i.unconfined.is_empty() {
+                ""
+            } else {
+                "unconfined"
+            }
         );
     }
 }

@@ -21,6 +21,7 @@ mod certificates;
 mod console;
 mod device;
 mod events;
+mod ganeti;
 mod instance;
 mod node;
 mod options;
@@ -130,6 +131,9 @@ enum Command {
     Restore(transfer::RestoreArgs),
     /// Follow the agent's events (one line each; JSON lines with --output json).
     Events(events::EventsArgs),
+    /// Take over, while they run, the QEMUs that Ganeti's own KVM driver
+    /// started on this node.
+    AdoptGaneti(ganeti::AdoptGanetiArgs),
     /// Make the cluster's CA and the certificates it signs.
     Tls {
         #[command(subcommand)]
@@ -177,6 +181,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CancelMigration(args) => transfer::cancel(connect().await?, args, out).await,
         Command::Save(args) => transfer::save(connect().await?, args, out).await,
         Command::Restore(args) => transfer::restore(connect().await?, args, out).await,
+        Command::AdoptGaneti(args) => ganeti::run(connect().await?, args, out).await,
     }
 }
 

@@ -40,6 +40,7 @@ api_messages!(
     DeleteInstanceResponse,
     DeviceInfo,
     Event,
+    GanetiAdoption,
     HotplugSupportResponse,
     InstanceInfo,
     MigrationProgress,
@@ -172,6 +173,7 @@ mod tests {
         check::<pb::ConsoleInfo>();
         check::<pb::DeviceInfo>();
         check::<pb::Event>();
+        check::<pb::GanetiAdoption>();
         check::<pb::HotplugSupportResponse>();
         check::<pb::InstanceInfo>();
         check::<pb::MigrationProgress>();

@@ -252,16 +252,30 @@ impl Agent {
         let started_at = std::fs::metadata(run_dir.join(files::PIDFILE))
             .and_then(|m| m.modified())
             .unwrap_or_else(|_| SystemTime::now());
-        let process = Arc::new(Process::new(
-            pid,
-            Arc::new(pidfd),
-            qmp,
-            taps,
-            None,
-            started_at,
-        ));
+        let mut process = Process::new(pid, Arc::new(pidfd), qmp, taps, None, started_at);
+        process.unconfined = self.confinement_gaps(pid, runtime);
+        let process = Arc::new(process);
         process.read_balloon().await;
         Ok((process, events))
+    }
+
+    /// Why the running QEMU `pid` lacks confinement its runtime gives it:
+    /// one the agent adopted rather than started runs as its first manager
+    /// started it until the agent launches it again.
+    fn confinement_gaps(&self, pid: u32, runtime: &Runtime) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let in_own_cgroup = self.cfg.launch.cgroups.as_ref().map(|layout| {
+            let dirs = layout.instance_dirs(&runtime.name);
+            cgroups
+                .lines()
+                .filter_map(|line| line.splitn(3, ':').nth(2))
+                .any(|path| {
+                    let path = path.trim_start_matches('/');
+                    !path.is_empty() && dirs.iter().any(|d| d.ends_with(path))
+                })
+        });
+        confinement_gaps(&status, in_own_cgroup, runtime)
     }
 }
 
@@ -286,11 +300,51 @@ async fn nic_taps(qmp: &QmpClient, pid: u32, runtime: &Runtime) -> Vec<String> {
         .nics
         .iter()
         .map(|nic| {
-            fds.get(&hypervisor::argv::netdev_id(nic.spec.uuid))
+            fds.get(&nic.netdev_id())
                 .and_then(|&fd| process::tap_name_of_fd(pid, fd))
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// What a QEMU with this `/proc/<pid>/status` lacks of the confinement
+/// its runtime gives it, said for people; `None` when nothing. Pure.
+/// `in_own_cgroup` is `None` on a node that gives instances no cgroups.
+pub(super) fn confinement_gaps(
+    status: &str,
+    in_own_cgroup: Option<bool>,
+    runtime: &Runtime,
+) -> Option<String> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    let mut gaps = Vec::new();
+    if let Some(user) = runtime.qemu_user
+        && field("Uid:") != Some(user.uid)
+    {
+        gaps.push(format!(
+            "runs as uid {} rather than {}",
+            field("Uid:").map_or("?".into(), |u| u.to_string()),
+            user.uid
+        ));
+    }
+    // Seccomp mode 2 is a filter, which is what -sandbox installs.
+    if runtime.sandbox && field("Seccomp:") != Some(2) {
+        gaps.push("has no seccomp sandbox".to_owned());
+    }
+    if runtime.cgroup.is_some() && in_own_cgroup == Some(false) {
+        gaps.push("is outside its cgroup".to_owned());
+    }
+    (!gaps.is_empty()).then(|| {
+        format!(
+            "QEMU {}; it is confined at its next soft reboot",
+            gaps.join(", ")
+        )
+    })
 }
 
 /// What a recorded state means for an instance whose QEMU isn't running.
