@@ -327,12 +327,15 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
     # Ganeti's own KVM parameters and their checks.
     PARAMETERS = KVMHypervisor.PARAMETERS
 
-    def __init__(self, socket=None, peer=None, state_dir=None):
+    def __init__(self, socket=None, peer=None, state_dir=None, hv_kvm=KVMHypervisor):
         super().__init__()
         settings = load_settings()
         self._socket = socket or settings.get("socket", kac.DEFAULT_SOCKET)
         self._peer = peer or settings.get("peer", DEFAULT_PEER)
         self._state_dir = state_dir or settings.get("state_dir", DEFAULT_STATE_DIR)
+        # Ganeti's own KVM driver, for the QEMUs it started before this
+        # class took its place.
+        self._hv_kvm = hv_kvm
 
     def _call(self, method, request, what, timeout=120):
         with kac.Client.unix(self._socket) as client:
@@ -368,6 +371,15 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
     # -------------------------------------------------------------- lifecycle
 
     def StartInstance(self, instance, block_devices, startup_paused):
+        left = {}
+        if self._find(instance.name) is None:
+            left = self._left_to_hv_kvm(set(), only=instance.name)
+        if instance.name in left:
+            # A second QEMU on the same disks must never start.
+            raise errors.HypervisorError(
+                "%s still runs under Ganeti's KVM driver (pid %d), which the agent "
+                "didn't take over; see the node daemon's log for why" %
+                (instance.name, left[instance.name]))
         spec = instance_spec(instance, block_devices)
         self._call("start_instance", pb.StartInstanceRequest(spec=spec),
                    "starting %s" % instance.name)
@@ -385,6 +397,13 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             raise errors.HypervisorError("Cannot shutdown cleanly by name only")
         name = name or instance.name
         info = self._find(name)
+        if info is None:
+            if name in self._left_to_hv_kvm(set(), only=name):
+                # One the agent couldn't take over: its own driver stops it.
+                self._hv_kvm().StopInstance(instance, force=force, retry=retry, name=name,
+                                            timeout=timeout)
+                return
+            info = self._find(name)
         if info is None or not info.pid:
             return
         acpi = instance is not None and instance.hvparams[constants.HV_ACPI]
@@ -406,6 +425,11 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         # Ganeti calls this after every shutdown, as its KVM driver removes
         # its runtime file here: the agent forgets the stopped instance, so
         # remove, rename and failover leave no record behind.
+        # What Ganeti's KVM driver left of an instance the agent took over
+        # (or that driver stopped) goes, as that driver removes it.
+        if os.path.exists(os.path.join(self._hv_kvm._ROOT_DIR, "conf",
+                                       instance_name + ".runtime")):
+            self._hv_kvm().CleanupInstance(instance_name)
         info = self._find(instance_name)
         if info is None:
             return
@@ -429,16 +453,74 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                                             force=True),
                    "rebooting %s" % instance.name)
 
-    def _running(self):
+    # ------------------------------------- instances of Ganeti's KVM driver
+
+    def _hv_kvm_running(self):
+        """The instances whose QEMU Ganeti's own KVM driver started and that
+        still run: {name: pid}."""
+        conf = os.path.join(self._hv_kvm._ROOT_DIR, "conf")
+        try:
+            files = os.listdir(conf)
+        except FileNotFoundError:
+            return {}
+        running = {}
+        for entry in files:
+            if entry.endswith(".runtime"):
+                name = entry[:-len(".runtime")]
+                _, pid, alive = self._hv_kvm._InstancePidAlive(name)
+                if alive:
+                    running[name] = pid
+        return running
+
+    def _take_over(self, names):
+        """Has the agent take over these instances of Ganeti's KVM driver.
+        One it refuses stays with that driver, which this class then asks
+        about it, so Ganeti never takes it for down."""
+        for name in sorted(names):
+            answer = self._call(
+                "adopt_ganeti_instances",
+                pb.AdoptGanetiInstancesRequest(ganeti_dir=self._hv_kvm._ROOT_DIR, name=name),
+                "taking over %s from Ganeti's KVM driver" % name)
+            for adoption in answer.instances:
+                if adoption.outcome == pb.GANETI_ADOPTION_OUTCOME_REFUSED:
+                    logging.warning("kvm-agent: %s stays with Ganeti's KVM driver: %s",
+                                    adoption.name, adoption.reason)
+                else:
+                    logging.info("kvm-agent: took over %s (pid %d) from Ganeti's KVM driver",
+                                 adoption.name, adoption.pid)
+
+    def _left_to_hv_kvm(self, known, only=None):
+        """Instances Ganeti's KVM driver still runs once the agent took over
+        those it could (all but `known`, the agent's; or only `only`):
+        {name: pid}."""
+        waiting = {n: p for n, p in self._hv_kvm_running().items()
+                   if n not in known and only in (None, n)}
+        if not waiting:
+            return {}
+        self._take_over(waiting)
+        return {n: p for n, p in waiting.items() if self._find(n) is None}
+
+    def _agent_instances(self):
         with kac.Client.unix(self._socket) as client:
             try:
-                listed = client.list_instances(pb.ListInstancesRequest(), timeout=30)
+                return client.list_instances(pb.ListInstancesRequest(), timeout=30).instances
             except kac.AgentError as e:
                 raise agent_error("listing instances", e)
-        return [i for i in listed.instances if i.pid]
+
+    def _running(self):
+        """(the agent's running instances, {name: pid} of those Ganeti's KVM
+        driver still runs)."""
+        listed = self._agent_instances()
+        known = {i.name for i in listed}
+        left = {}
+        if any(name not in known for name in self._hv_kvm_running()):
+            left = self._left_to_hv_kvm(known)
+            listed = self._agent_instances()
+        return [i for i in listed if i.pid], left
 
     def ListInstances(self, hvparams=None):
-        return [i.name for i in self._running()]
+        agents, left = self._running()
+        return [i.name for i in agents] + sorted(left)
 
     @staticmethod
     def _info_tuple(info):
@@ -451,12 +533,19 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     def GetInstanceInfo(self, instance_name, hvparams=None):
         info = self._find(instance_name)
+        if info is None:
+            if instance_name in self._left_to_hv_kvm(set(), only=instance_name):
+                return self._hv_kvm().GetInstanceInfo(instance_name)
+            info = self._find(instance_name)
         if info is None or not info.pid:
             return None
         return self._info_tuple(info)
 
     def GetAllInstancesInfo(self, hvparams=None):
-        return [self._info_tuple(i) for i in self._running()]
+        agents, left = self._running()
+        hv_kvm = self._hv_kvm() if left else None
+        others = [hv_kvm.GetInstanceInfo(name) for name in sorted(left)]
+        return [self._info_tuple(i) for i in agents] + [o for o in others if o]
 
     def GetNodeInfo(self, hvparams=None):
         # The node's memory and CPUs come from /proc: an agent that is down

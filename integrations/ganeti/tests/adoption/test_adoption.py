@@ -18,11 +18,12 @@ import unittest
 import urllib.request
 import uuid as uuidlib
 
-from ganeti import constants, objects, pathutils
+from ganeti import constants, errors, objects, pathutils
 from ganeti.hypervisor import hv_kvm
 
 import kvm_agent_client as kac
 from kvm_agent_client import pb
+from kvm_agent_ganeti import KvmAgentHypervisor
 
 ENV = os.environ
 SOURCE = ENV["KVM_AGENT_TEST_SOCKET"]
@@ -73,7 +74,7 @@ def hv_kvm_params():
     return hvp
 
 
-def ganeti_instance(name, uuid, mac):
+def ganeti_instance(name, uuid, mac, **hvparams):
     nic = objects.NIC(mac=mac, uuid=str(uuidlib.uuid4()), name=None,
                       nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
                                  constants.NIC_LINK: BRIDGE, constants.NIC_VLAN: ""})
@@ -83,7 +84,8 @@ def ganeti_instance(name, uuid, mac):
     disk = objects.Disk(dev_type=constants.DT_PLAIN, size=8, mode=constants.DISK_RDWR,
                         uuid=str(uuidlib.uuid4()), name=None, params={})
     inst = objects.Instance(
-        name=name, uuid=uuid, hypervisor=constants.HT_KVM, hvparams=hv_kvm_params(),
+        name=name, uuid=uuid, hypervisor=constants.HT_KVM,
+        hvparams=dict(hv_kvm_params(), **hvparams),
         beparams={constants.BE_MAXMEM: 128, constants.BE_MINMEM: 128,
                   constants.BE_VCPUS: 1},
         nics=[nic], disks=[disk], network_port=0, os="debootstrap")
@@ -175,8 +177,8 @@ class Adoption(unittest.TestCase):
             except (OSError, ValueError):
                 pass
 
-    def start_under_ganeti(self, name, uuid, mac):
-        inst, block_devices = ganeti_instance(name, uuid, mac)
+    def start_under_ganeti(self, name, uuid, mac, **hvparams):
+        inst, block_devices = ganeti_instance(name, uuid, mac, **hvparams)
         ScratchKvm().StartInstance(inst, block_devices, False)
         self.started.append(name)
         with open(os.path.join(GANETI_DIR, "pid", name)) as f:
@@ -252,6 +254,45 @@ class Adoption(unittest.TestCase):
                                       "serial.sock")
         self.assertEqual(pci_functions(target_console), with_new)
         agent(TARGET, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
+
+    def test_the_class_sees_every_instance_through_the_switch(self):
+        switched, kept = "switched.example.com", "kept.example.com"
+        switched_inst, switched_pid = self.start_under_ganeti(
+            switched, UUIDS[2], "52:54:00:6b:00:04")
+        # A guest that must stop when it reboots: the agent can't do that
+        # yet, so this one stays with Ganeti's driver.
+        kept_inst, kept_pid = self.start_under_ganeti(
+            kept, UUIDS[3], "52:54:00:6b:00:05",
+            **{constants.HV_REBOOT_BEHAVIOR: constants.INSTANCE_REBOOT_EXIT})
+        self.assertEqual(sorted(ScratchKvm().ListInstances()), [kept, switched])
+
+        # The node's kvm class is now the agent's: its first listing takes
+        # over what it can and still lists every instance, once.
+        hv = KvmAgentHypervisor(socket=SOURCE, state_dir=os.path.join(SCRATCH, "class"),
+                                hv_kvm=ScratchKvm)
+        self.assertEqual(sorted(hv.ListInstances()), [kept, switched])
+        self.assertEqual(agent_has(SOURCE, switched).pid, switched_pid)
+        self.assertIsNone(agent_has(SOURCE, kept))
+        self.assertEqual(sorted(hv.ListInstances()), [kept, switched])
+        infos = {info[0]: info[1] for info in hv.GetAllInstancesInfo()}
+        self.assertEqual(infos, {switched: switched_pid, kept: kept_pid})
+        self.assertEqual(hv.GetInstanceInfo(kept)[1], kept_pid)
+
+        # Never a second QEMU on the same disks.
+        with self.assertRaises(errors.HypervisorError) as refusal:
+            hv.StartInstance(kept_inst, [], False)
+        self.assertIn("Ganeti's KVM driver", str(refusal.exception))
+
+        # Each stops through whoever runs it, and Ganeti's files go.
+        hv.StopInstance(kept_inst, force=True)
+        self.assertTrue(exits(kept_pid))
+        hv.StopInstance(switched_inst, force=True)
+        self.assertTrue(exits(switched_pid))
+        for name in (kept, switched):
+            hv.CleanupInstance(name)
+            self.assertFalse(os.path.exists(os.path.join(GANETI_DIR, "conf", name + ".runtime")))
+        self.assertIsNone(agent_has(SOURCE, switched))
+        self.assertEqual(hv.ListInstances(), [])
 
     def test_what_cant_be_taken_over_is_left_alone(self):
         name = "refused.example.com"
