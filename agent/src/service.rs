@@ -220,6 +220,30 @@ impl NodeAgent for NodeAgentService {
         })
     }
 
+    async fn accept_ganeti_migration(
+        &self,
+        req: Request<pb::AcceptGanetiMigrationRequest>,
+    ) -> Reply<pb::AcceptMigrationResponse> {
+        operation!(
+            self,
+            req,
+            "accept-ganeti-migration",
+            req.name.clone(),
+            |agent| {
+                let port = u16::try_from(req.port)
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| {
+                        AgentError::BadRequest(format!("port {} is not a TCP port", req.port))
+                    })?;
+                let address = agent
+                    .accept_ganeti_migration(&req.name, &req.ganeti_runtime, &req.host, port)
+                    .await?;
+                Ok(pb::AcceptMigrationResponse { address })
+            }
+        )
+    }
+
     async fn save_instance(
         &self,
         req: Request<pb::SaveInstanceRequest>,

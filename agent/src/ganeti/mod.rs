@@ -2,6 +2,7 @@
 //! agent can take over the QEMUs it started without stopping them. Pure.
 
 pub mod command_line;
+pub mod execution;
 pub mod runtime_file;
 
 pub use command_line::{LiveFacts, translate};

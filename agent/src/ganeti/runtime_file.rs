@@ -53,6 +53,8 @@ pub struct GanetiDisk {
     pub name: Option<String>,
     /// `rw` or `ro`.
     pub mode: String,
+    /// Ganeti's disk template of the disk, e.g. `plain` or `drbd`.
+    pub dev_type: String,
     /// The path QEMU opened: the block device link Ganeti made.
     pub link: String,
     /// Where it sits.
@@ -121,6 +123,16 @@ impl GanetiRuntime {
             hvparams,
             disks,
         })
+    }
+
+    /// A hypervisor parameter as text ("" when unset).
+    pub fn param(&self, key: &str) -> String {
+        match self.hvparams.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        }
     }
 
     /// Slots on pci.0 that Ganeti keeps for QEMU's own devices.
@@ -197,6 +209,7 @@ fn read_disk(entry: &Value, index: usize, disk_type: &str) -> Result<GanetiDisk,
         uuid,
         name: field(disk, "name").map(str::to_owned),
         mode: field(disk, "mode").unwrap_or("rw").to_owned(),
+        dev_type: field(disk, "dev_type").unwrap_or_default().to_owned(),
         link: link.to_owned(),
         hvinfo: hvinfo(disk, "disk", uuid, &disk_device(disk_type), &what)?,
     })

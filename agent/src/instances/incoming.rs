@@ -23,6 +23,15 @@ use crate::model::{InstanceRecord, InstanceView, RecordedState, State};
 /// is complete.
 const FINALIZE_WAIT: Duration = Duration::from_secs(30);
 
+/// An address as QEMU's `tcp:` URIs want it: IPv6 in brackets.
+fn uri_host(address: &str) -> String {
+    if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_owned()
+    }
+}
+
 /// An unfinished migration into this node.
 #[derive(Debug, Clone)]
 pub(crate) struct Incoming {
@@ -31,6 +40,21 @@ pub(crate) struct Incoming {
     /// What the record was before (an old stopped record of the same
     /// instance), to put back if the migration doesn't finish.
     previous: Option<InstanceRecord>,
+}
+
+/// Where an incoming QEMU listens for the stream.
+#[derive(Debug, Clone)]
+pub(super) enum Listen {
+    /// A port of the agent's migration range, on its migration address.
+    Range,
+    /// Where the sender will send: Ganeti's KVM driver sends to its own
+    /// migration port on the address Ganeti gives.
+    At {
+        /// Address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
 impl Agent {
@@ -43,7 +67,18 @@ impl Agent {
     ) -> Result<String, AgentError> {
         let foreign: Runtime = serde_json::from_str(runtime_json)
             .map_err(|e| AgentError::BadRequest(format!("the runtime is not valid: {e}")))?;
-        let runtime = self.adopt_runtime(&foreign).await?;
+        self.accept_runtime(&foreign, source, Listen::Range).await
+    }
+
+    /// Starts a QEMU from a runtime made elsewhere, waiting for the stream
+    /// where `listen` says, and returns that address.
+    pub(super) async fn accept_runtime(
+        self: &Arc<Self>,
+        foreign: &Runtime,
+        source: &str,
+        listen: Listen,
+    ) -> Result<String, AgentError> {
+        let runtime = self.adopt_runtime(foreign).await?;
         self.check_host_files(&runtime.to_spec())?;
         let inst = self.register_incoming(&runtime)?;
         // Before the lock: a source migrating this instance to its own
@@ -58,10 +93,10 @@ impl Agent {
         let (_, process) = self
             .launch_incoming(&inst, runtime, format!("incoming from {source}"), &previous)
             .await?;
-        match self.listen_for_migration(&inst, &process).await {
-            Ok(port) => {
+        match self.listen_for_migration(&inst, &process, &listen).await {
+            Ok((host, port)) => {
                 lock(&inst.status).incoming = Some(Incoming { port, previous });
-                let address = format!("tcp:{}:{port}", self.migration_host());
+                let address = format!("tcp:{host}:{port}");
                 tracing::info!(instance = %inst.name, %source, %address, "waiting for an incoming migration");
                 Ok(address)
             }
@@ -75,12 +110,7 @@ impl Agent {
 
     /// The migration address as QEMU's `tcp:` URIs want it.
     fn migration_host(&self) -> String {
-        let address = &self.cfg.migration.address;
-        if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.clone()
-        }
+        uri_host(&self.cfg.migration.address)
     }
 
     /// Makes a runtime from another node (or a save file) runnable here.
@@ -212,17 +242,35 @@ impl Agent {
         Ok(previous.filter(|p| p.state != RecordedState::Incoming))
     }
 
+    /// Has the incoming QEMU listen; returns the host and port it listens
+    /// on, the host as QEMU's URIs write it.
     async fn listen_for_migration(
         &self,
         inst: &Instance,
         process: &Process,
+        listen: &Listen,
+    ) -> Result<(String, u16), AgentError> {
+        let (host, ports) = match listen {
+            Listen::Range => (self.migration_host(), self.cfg.migration.ports.clone()),
+            Listen::At { host, port } => (uri_host(host), *port..=*port),
+        };
+        self.listen_on(inst, process, &host, ports)
+            .await
+            .map(|port| (host, port))
+    }
+
+    async fn listen_on(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        host: &str,
+        ports: std::ops::RangeInclusive<u16>,
     ) -> Result<u16, AgentError> {
-        let ports = self.cfg.migration.ports.clone();
         for port in ports.clone() {
             if !lock(&self.incoming_ports).insert(port) {
                 continue;
             }
-            let uri = format!("tcp:{}:{port}", self.migration_host());
+            let uri = format!("tcp:{host}:{port}");
             match qemu_migration::start_incoming(&process.qmp, &uri).await {
                 Ok(()) => return Ok(port),
                 Err(QmpError::Qemu { ref desc, .. }) if desc.contains("in use") => {

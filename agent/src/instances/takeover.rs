@@ -14,6 +14,7 @@ use hypervisor::qmp::QmpClient;
 use hypervisor::runtime::{QemuIdentity, ResolvedAccelerator};
 use serde_json::json;
 
+use super::incoming::Listen;
 use super::{Agent, Instance, InstanceRecord, InstanceView, RecordedState, State, lock};
 use crate::error::AgentError;
 use crate::ganeti::{self, GanetiRuntime, LiveFacts};
@@ -104,6 +105,47 @@ impl Agent {
             .await
             .map_err(refuse)?;
         Ok((pid, TakeoverOutcome::Adopted(Box::new(view))))
+    }
+
+    /// The target's side of a migration from a node still on Ganeti's KVM
+    /// driver: a QEMU from the runtime file that driver sent, with the
+    /// same hardware, waiting for the stream on `host:port` (where that
+    /// driver sends, its migration port). FinalizeMigration ends it.
+    pub async fn accept_ganeti_migration(
+        self: &Arc<Self>,
+        name: &str,
+        runtime_file: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<String, AgentError> {
+        let refuse = |reason: String| AgentError::AdoptionRefused {
+            instance: name.to_owned(),
+            reason,
+        };
+        let ganeti = GanetiRuntime::parse(runtime_file)
+            .map_err(|e| refuse(format!("the runtime Ganeti sent: {e}")))?;
+        let qemu = self.qemu_info().await?;
+        let asked = ganeti::execution::machine(&ganeti)
+            .ok_or_else(|| refuse("the runtime Ganeti sent names no machine".into()))?;
+        let machine_type = qemu
+            .resolve_machine(asked)
+            .ok_or_else(|| refuse(format!("this node's QEMU has no machine type {asked}")))?;
+        let live = LiveFacts {
+            machine_type,
+            accelerator: ganeti::execution::accelerator(&ganeti),
+            qemu: QemuIdentity {
+                binary: qemu.binary.clone(),
+                version: qemu.version,
+            },
+        };
+        let cmdline = ganeti::execution::command_line(&ganeti);
+        let runtime = ganeti::translate(name, &ganeti, &cmdline, &live).map_err(refuse)?;
+        let listen = Listen::At {
+            host: host.to_owned(),
+            port,
+        };
+        self.accept_runtime(&runtime, "Ganeti's KVM driver", listen)
+            .await
     }
 
     /// What QEMU says about itself that its command line may not: the

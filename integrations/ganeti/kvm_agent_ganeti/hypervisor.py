@@ -304,6 +304,15 @@ def instance_spec(instance, block_devices):
     return spec
 
 
+def from_hv_kvm(migration_info):
+    """Whether a migration's info is what Ganeti's own KVM driver sends (its
+    runtime file, a JSON list) rather than this class's (an object)."""
+    try:
+        return isinstance(json.loads(migration_info), list)
+    except (TypeError, ValueError):
+        return False
+
+
 def qemu_version(text):
     """(major, minor, micro) from "QEMU emulator version 7.2.22 (...)"."""
     words = text.split()
@@ -621,13 +630,22 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         return json.dumps({"uuid": instance.uuid, "generation": runtime.generation})
 
     def AcceptInstance(self, instance, info, target):
-        # The source's agent prepares this node's agent itself when it
-        # migrates; here, only check that nothing is in the way.
         existing = self._find(instance.name)
         if existing is not None and existing.pid:
             raise errors.HypervisorError(
                 "instance %s already runs on this node's agent (pid %d)" %
                 (instance.name, existing.pid))
+        if from_hv_kvm(info):
+            # A source still on Ganeti's own KVM driver sends its runtime
+            # file, then the stream to our migration port: a QEMU with the
+            # same hardware must wait there.
+            request = pb.AcceptGanetiMigrationRequest(
+                name=instance.name, ganeti_runtime=info, host=target,
+                port=int(instance.hvparams[constants.HV_MIGRATION_PORT]))
+            self._call("accept_ganeti_migration", request,
+                       "accepting %s from Ganeti's KVM driver" % instance.name)
+        # Otherwise the source's agent prepares this node's agent itself
+        # when it migrates; there was only the check above to make.
 
     def MigrateInstance(self, cluster_name, instance, target, live):
         hvp = instance.hvparams
@@ -682,6 +700,12 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     def FinalizeMigrationDst(self, instance, info, success):
         if success:
+            if from_hv_kvm(info):
+                # Nobody but this class tells the agent the stream is in.
+                self._call("finalize_migration",
+                           pb.FinalizeMigrationRequest(name=instance.name, uuid=instance.uuid,
+                                                       resume=True),
+                           "finishing the migration of %s" % instance.name)
             info = self._find(instance.name)
             if info is None or not info.pid:
                 raise errors.HypervisorError(

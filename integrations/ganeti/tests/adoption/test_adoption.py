@@ -294,6 +294,42 @@ class Adoption(unittest.TestCase):
         self.assertIsNone(agent_has(SOURCE, switched))
         self.assertEqual(hv.ListInstances(), [])
 
+    def test_a_node_still_on_ganetis_driver_migrates_to_the_agent(self):
+        name = "rolling.example.com"
+        port = free_port()
+        inst, pid = self.start_under_ganeti(name, UUIDS[4], "52:54:00:6b:00:06",
+                                            **{constants.HV_MIGRATION_PORT: port})
+        ganeti_console = os.path.join(GANETI_DIR, "ctrl", name + ".serial")
+        guest_run(ganeti_console, "echo rolled-marker > /marker")
+        before = pci_functions(ganeti_console)
+        source = ScratchKvm()
+        target = KvmAgentHypervisor(socket=TARGET, state_dir=os.path.join(SCRATCH, "class-t"),
+                                    hv_kvm=ScratchKvm)
+
+        # Ganeti's order: the target accepts, the source's own driver sends,
+        # Ganeti polls the source, then finalizes both sides.
+        info = source.MigrationInfo(inst)
+        target.AcceptInstance(inst, info, "127.0.0.1")
+        self.assertEqual(agent_has(TARGET, name).state, pb.INSTANCE_STATE_INCOMING)
+        source.MigrateInstance("cluster.example.com", inst, "127.0.0.1", True)
+        deadline = time.monotonic() + 120
+        while source.GetMigrationStatus(inst).status == constants.HV_MIGRATION_ACTIVE:
+            self.assertLess(time.monotonic(), deadline, "the migration never ended")
+            time.sleep(0.2)
+        status = source.GetMigrationStatus(inst)
+        self.assertEqual(status.status, constants.HV_MIGRATION_COMPLETED)
+        target.FinalizeMigrationDst(inst, info, True)
+        source.FinalizeMigrationSource(inst, True, True)
+
+        self.assertTrue(exits(pid), "the source's QEMU ended")
+        moved = agent_has(TARGET, name)
+        self.assertEqual(moved.state, pb.INSTANCE_STATE_RUNNING)
+        self.assertEqual(target.ListInstances(), [name])
+        console = os.path.join(ENV["KVM_AGENT_TEST_TARGET_STATE_DIR"], "run", name, "serial.sock")
+        self.assertIn("rolled-marker", guest_run(console, "cat /marker"))
+        self.assertEqual(pci_functions(console), before)
+        target.StopInstance(inst, force=True)
+
     def test_what_cant_be_taken_over_is_left_alone(self):
         name = "refused.example.com"
         inst, pid = self.start_under_ganeti(name, UUIDS[1], "52:54:00:6b:00:03")
@@ -341,6 +377,12 @@ class Adoption(unittest.TestCase):
         self.assertEqual(taken.outcome, Outcome.GANETI_ADOPTION_OUTCOME_ADOPTED, taken.reason)
         agent(SOURCE, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
         self.assertTrue(exits(pid), "the agent stops a QEMU it took over")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def unconfined_count():
