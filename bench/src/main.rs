@@ -9,6 +9,7 @@ mod plot;
 mod raw;
 mod removal;
 mod scale;
+mod takeover;
 mod transfer;
 
 use std::path::{Path, PathBuf};
@@ -280,6 +281,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(agent);
     let transfer_rounds = if args.quick { 3 } else { 5 };
     rows.extend(transfer::measure(&binary, work.path(), accel, transfer_rounds).await?);
+    let (takeover_rows, takeover_pauses) =
+        takeover::measure(&binary, work.path(), rounds.min(10)).await?;
+    rows.extend(takeover_rows);
     let (load, scale) = load_and_scale(&binary, work.path(), args.quick).await?;
     write_report(
         &args.out,
@@ -288,6 +292,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rounds,
         &Results {
             operations: rows,
+            takeover_pauses,
             load,
             scale,
         },
@@ -325,6 +330,9 @@ const LOAD_INSTANCES: usize = 20;
 #[derive(Debug, Serialize)]
 struct Results {
     operations: Vec<Row>,
+    /// Guests stopped while the agent took their QEMU over from Ganeti's
+    /// KVM driver (the goal is none).
+    takeover_pauses: takeover::Pauses,
     load: load::LoadReport,
     scale: Vec<scale::Level>,
 }
@@ -465,6 +473,12 @@ fn write_report(
         node.qemu_version
     ));
     operations_table(&mut md, &results.operations);
+    md.push_str(&format!(
+        "\nTaking over a QEMU that Ganeti's own KVM driver started (daemonized with its command line, pidfile, monitors and runtime file) is measured against what a direct driver does at least to take one over: check the pid's command line, connect QMP, ask `query-status` and `query-pci`. The {} at once are one AdoptGanetiInstances call against that done for each in turn. A second monitor on each QEMU watched {} takeovers of one: the guest stopped {} times (goal: never).\n",
+        takeover::NODE_INSTANCES,
+        results.takeover_pauses.watched,
+        results.takeover_pauses.stops
+    ));
     load_section(&mut md, &results.load);
     scale_section(&mut md, &results.scale);
     goals_section(&mut md, results);

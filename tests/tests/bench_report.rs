@@ -8,7 +8,7 @@ use kvm_agent_tests::guest::guest_image;
 use kvm_agent_tests::{agent_binary, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 15] = [
+const OPERATIONS: [&str; 17] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
@@ -24,6 +24,8 @@ const OPERATIONS: [&str; 15] = [
     "migrate 256 MiB: downtime",
     "migrate 1 GiB random RAM (total)",
     "migrate 1 GiB: downtime",
+    "take over one hv_kvm QEMU",
+    "take over 20 hv_kvm QEMUs at once",
 ];
 
 #[test]
@@ -73,6 +75,11 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
             assert!(row[side]["n"].as_u64().unwrap() > 0, "{row}");
         }
     }
+
+    // Taking a QEMU over from Ganeti's driver never stops its guest.
+    let pauses = &report["takeover_pauses"];
+    assert!(pauses["watched"].as_u64().unwrap() > 0, "{pauses}");
+    assert_eq!(pauses["stops"], 0, "{pauses}");
 
     let load = &report["load"];
     assert_eq!(load["clients"], 200);

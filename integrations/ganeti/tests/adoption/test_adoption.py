@@ -233,6 +233,17 @@ class Adoption(unittest.TestCase):
             self.assertNotIn(slot, hv_slots.values())
         with_new = sorted(before + ["0000:00:%02x.0" % s for s in new_slots.values()])
 
+        # Ganeti's own disk leaves as the agent's do, its drive with it.
+        image = os.path.join(SCRATCH, name + ".disk0")
+        self.assertIn(image, open_files(pid))
+        ganeti_disk = next(d for d in info.devices
+                           if d.kind == pb.DEVICE_KIND_DISK and d.qemu_id in hv_slots)
+        agent(SOURCE, "remove_device", pb.RemoveDeviceRequest(name=name, device=ganeti_disk.name))
+        gone = "0000:00:%02x.0" % ganeti_disk.pci_slot
+        with_new.remove(gone)
+        self.assertNotIn(gone, pci_functions(console))
+        self.assertNotIn(image, open_files(pid), "QEMU closed the image")
+
         # A soft reboot: a QEMU the agent starts, confined, with the same hardware.
         info = agent(SOURCE, "reboot_instance", pb.RebootInstanceRequest(
             name=name, mode=pb.REBOOT_MODE_SOFT, force=True))
@@ -252,6 +263,12 @@ class Adoption(unittest.TestCase):
                          {d.qemu_id: d.pci_slot for d in info.devices})
         target_console = os.path.join(ENV["KVM_AGENT_TEST_TARGET_STATE_DIR"], "run", name,
                                       "serial.sock")
+        self.assertEqual(pci_functions(target_console), with_new)
+
+        # A save and a restore too.
+        saved = os.path.join(SCRATCH, name + ".save")
+        agent(TARGET, "save_instance", pb.SaveInstanceRequest(name=name, path=saved))
+        agent(TARGET, "restore_instance", pb.RestoreInstanceRequest(path=saved))
         self.assertEqual(pci_functions(target_console), with_new)
         agent(TARGET, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
 
@@ -377,6 +394,16 @@ class Adoption(unittest.TestCase):
         self.assertEqual(taken.outcome, Outcome.GANETI_ADOPTION_OUTCOME_ADOPTED, taken.reason)
         agent(SOURCE, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
         self.assertTrue(exits(pid), "the agent stops a QEMU it took over")
+
+
+def open_files(pid):
+    files = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            files.add(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+    return files
 
 
 def free_port():
