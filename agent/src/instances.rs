@@ -24,6 +24,7 @@ use crate::config::Confinement;
 use crate::error::AgentError;
 use crate::events::{EventBus, EventKind, Watch, WatchError};
 
+mod handback;
 mod hotplug;
 mod incoming;
 mod lifecycle;
@@ -106,6 +107,12 @@ impl Process {
         if let Ok(mib) = hypervisor::balloon::actual_mib(&self.qmp).await {
             self.set_balloon_mib(mib);
         }
+    }
+
+    /// Whether this QEMU runs in the chroot `runtime` gives it: not one
+    /// the agent adopted from another manager, which started it without.
+    pub(crate) fn chrooted(&self, runtime: &hypervisor::Runtime) -> bool {
+        runtime.chroot && self.unconfined.is_none()
     }
 
     /// The QMP connection.

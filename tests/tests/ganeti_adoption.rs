@@ -19,7 +19,7 @@ async fn instances_of_ganetis_kvm_driver_are_taken_over_while_they_run() {
     .await;
     let target = TestAgent::start().await;
     let bridge = Bridge::create();
-    let uuids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
+    let uuids: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
     for uuid in &uuids {
         source.track(*uuid);
         target.track(*uuid);
@@ -44,7 +44,7 @@ async fn instances_of_ganetis_kvm_driver_are_taken_over_while_they_run() {
             ("KVM_AGENT_TEST_METRICS", metrics.into()),
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
         ],
-        4,
+        5,
         || {
             format!(
                 "source agent log:\n{}\ntarget agent log:\n{}",

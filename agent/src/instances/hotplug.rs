@@ -151,7 +151,8 @@ impl Agent {
         if nic.vhost && support.vhost.is_err() {
             return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
         }
-        if record.runtime.chroot {
+        let chrooted = process.chrooted(&record.runtime);
+        if chrooted {
             self.stage_option_rom(name, nic.model).await;
         }
         // The tap and the slot look-up don't depend on each other: the
@@ -179,8 +180,7 @@ impl Agent {
         let runtime_nic = RuntimeNic::new(nic, slot);
         let mut updated = record.clone();
         updated.runtime.nics.push(runtime_nic.clone());
-        let attach =
-            hotplug::nic::attach(process.qmp(), prepared, &runtime_nic, record.runtime.chroot);
+        let attach = hotplug::nic::attach(process.qmp(), prepared, &runtime_nic, chrooted);
         let added = self.apply(&inst, &record, &updated, attach).await?;
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {

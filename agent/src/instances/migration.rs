@@ -28,7 +28,7 @@ use crate::model::{MigrateOptions, MigrationReport, ReportPhase};
 use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, TargetAgent};
 
 /// How often a migration's progress is read.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the source checks that the target agent still waits.
 const TARGET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long that check may take.
@@ -36,22 +36,26 @@ const TARGET_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes reports as events and to the caller's stream. A slow caller
 /// misses intermediate reports, never the outcome.
-struct Reporter<'a> {
-    inst: &'a Instance,
-    sink: mpsc::Sender<MigrationReport>,
-    started: Instant,
-    address: String,
+pub(super) struct Reporter<'a> {
+    pub(super) inst: &'a Instance,
+    pub(super) sink: mpsc::Sender<MigrationReport>,
+    pub(super) started: Instant,
+    pub(super) address: String,
 }
 
 impl Reporter<'_> {
-    fn report(&self, phase: ReportPhase, status: Option<MigrationStatus>) {
+    pub(super) fn report(&self, phase: ReportPhase, status: Option<MigrationStatus>) {
         let report = self.current(phase, status);
         self.inst
             .announce(EventKind::MigrationProgress(report.clone()));
         let _ = self.sink.try_send(report);
     }
 
-    fn current(&self, phase: ReportPhase, status: Option<MigrationStatus>) -> MigrationReport {
+    pub(super) fn current(
+        &self,
+        phase: ReportPhase,
+        status: Option<MigrationStatus>,
+    ) -> MigrationReport {
         MigrationReport {
             phase,
             status,
@@ -137,7 +141,7 @@ impl Agent {
         .await
     }
 
-    fn migration_parameters(&self, options: &MigrateOptions) -> MigrationParameters {
+    pub(super) fn migration_parameters(&self, options: &MigrateOptions) -> MigrationParameters {
         let defaults = self.cfg.migration.parameters;
         MigrationParameters {
             max_bandwidth: options.max_bandwidth.unwrap_or(defaults.max_bandwidth),
@@ -146,8 +150,9 @@ impl Agent {
         }
     }
 
-    /// Moves a running instance to the agent at `target`, reporting
-    /// progress into `progress`. Ok means the target owns it now.
+    /// Moves a running instance to the agent at `target` (or to a QEMU
+    /// that waits at `tcp:HOST:PORT`), reporting progress into `progress`.
+    /// Ok means the target owns it now.
     pub async fn migrate(
         self: &Arc<Self>,
         name: &str,
@@ -155,6 +160,9 @@ impl Agent {
         options: MigrateOptions,
         progress: mpsc::Sender<MigrationReport>,
     ) -> Result<MigrationReport, AgentError> {
+        if target.starts_with(super::handback::QEMU_TARGET) {
+            return self.migrate_to_qemu(name, target, options, progress).await;
+        }
         let target = AgentAddress::parse(target).map_err(AgentError::BadRequest)?;
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await?;
@@ -204,7 +212,7 @@ impl Agent {
     }
 
     /// Drops the mark of a migration that ended with the instance here.
-    async fn clear_outgoing(&self, inst: &Instance) {
+    pub(super) async fn clear_outgoing(&self, inst: &Instance) {
         let record = {
             let mut st = lock(&inst.status);
             let Some(record) = st.record.as_mut().filter(|r| r.outgoing.is_some()) else {
@@ -220,7 +228,7 @@ impl Agent {
 
     /// Lets go of an instance the target owns now: quits this QEMU and
     /// forgets the instance here.
-    async fn release_to_target(&self, inst: &Instance, process: &Process) {
+    pub(super) async fn release_to_target(&self, inst: &Instance, process: &Process) {
         let name = &inst.name;
         process.stop_requested.store(true, Ordering::SeqCst);
         if let Err(e) = lifecycle::quit(Some(&process.qmp), &process.pidfd, self.cfg.stop).await {
@@ -287,6 +295,9 @@ impl Agent {
         outgoing: &OutgoingMigration,
     ) -> Option<(State, String)> {
         let name = &inst.name;
+        if outgoing.target.starts_with(super::handback::QEMU_TARGET) {
+            return self.settle_handback(inst, process, outgoing).await;
+        }
         let Ok(target) = AgentAddress::parse(&outgoing.target) else {
             let detail = format!(
                 "a migration to {:?} was under way, and that address can't be parsed",
@@ -571,7 +582,7 @@ impl Agent {
 
 /// Cancels a stream that is still flowing and waits, briefly, for QEMU to
 /// say it has ended.
-async fn stop_stream(qmp: &QmpClient) {
+pub(super) async fn stop_stream(qmp: &QmpClient) {
     let Ok(status) = qemu_migration::query(qmp).await else {
         return;
     };

@@ -304,13 +304,85 @@ def instance_spec(instance, block_devices):
     return spec
 
 
+# The key of this class's own part of a migration's info.
+AGENT_INFO = "kvm_agent"
+# QEMU's device for each model of the agent's runtime.
+NIC_DEVICES = {"virtio": "virtio-net-pci"}
+
+
 def from_hv_kvm(migration_info):
-    """Whether a migration's info is what Ganeti's own KVM driver sends (its
-    runtime file, a JSON list) rather than this class's (an object)."""
+    """Whether a migration's info comes from Ganeti's own KVM driver: its
+    runtime file, a JSON list, without this class's part at the end."""
     try:
-        return isinstance(json.loads(migration_info), list)
+        info = json.loads(migration_info)
     except (TypeError, ValueError):
         return False
+    return isinstance(info, list) and not (
+        len(info) > 4 and isinstance(info[4], dict) and AGENT_INFO in info[4])
+
+
+def uri_host(address):
+    return "[%s]" % address if ":" in address else address
+
+
+def qemu_id(device, prefix):
+    """The QEMU id of a device of the agent's runtime."""
+    return device.get("qemu_id") or prefix + device["uuid"].replace("-", "")[:12]
+
+
+def hv_kvm_runtime(runtime, instance, hv_kvm):
+    """What Ganeti's own KVM driver keeps in its runtime file for the
+    machine the agent runs: [kvm_cmd, nics, hvparams, disks], so that driver
+    can start a QEMU that takes this one's state (a migration to a node
+    switched back to it). kvm_cmd is the agent's machine with that driver's
+    monitor, pidfile and console; the devices keep their slots. Pure."""
+    name = instance.name
+    argv = runtime["argv"]
+    cmd = [instance.hvparams[constants.HV_KVM_PATH]]
+    skip = 0
+    for option in argv:
+        if skip:
+            skip -= 1
+        elif option == "-name":
+            # That driver finds its QEMU by a plain -name.
+            cmd += ["-name", name]
+            skip = 1
+        elif option == "-sandbox":
+            # It daemonizes QEMU, which the sandbox forbids.
+            skip = 1
+        elif option.startswith("size=") and cmd[-1] == "-m":
+            # It reads the memory back as a number of MiB.
+            cmd.append(option[len("size="):].rstrip("M"))
+        else:
+            cmd.append(option)
+    if runtime.get("balloon_slot") is not None:
+        cmd += ["-device", "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=%#x" %
+                runtime["balloon_slot"]]
+    cmd += ["-pidfile", hv_kvm._InstancePidFile(name), "-daemonize",
+            "-monitor", "unix:%s,server,nowait" % hv_kvm._InstanceMonitor(name)]
+    if runtime.get("serial_console"):
+        cmd += ["-serial", "unix:%s,server,nowait" % hv_kvm._InstanceSerial(name)]
+    ganeti_nics = {nic.uuid: nic for nic in instance.nics}
+    nics = []
+    for nic in runtime["nics"]:
+        known = ganeti_nics.get(nic["uuid"])
+        entry = known.ToDict() if known else {
+            "mac": nic["mac"], "uuid": nic["uuid"],
+            "nicparams": {constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                          constants.NIC_LINK: nic.get("bridge") or ""}}
+        entry["hvinfo"] = {"driver": NIC_DEVICES.get(nic["model"], nic["model"]),
+                           "id": qemu_id(nic, "nic-"), "bus": "pci.0",
+                           "addr": hex(nic["slot"])}
+        nics.append(entry)
+    disks = []
+    for disk in runtime["disks"]:
+        entry = {"uuid": disk["uuid"], "dev_type": constants.DT_PLAIN, "params": {},
+                 "mode": constants.DISK_RDONLY if disk.get("read_only") else constants.DISK_RDWR,
+                 "size": 0,
+                 "hvinfo": {"driver": "virtio-blk-pci", "id": qemu_id(disk, "disk-"),
+                            "bus": "pci.0", "addr": hex(disk["slot"])}}
+        disks.append([entry, disk["path"], None])
+    return [cmd, nics, instance.hvparams, disks]
 
 
 def qemu_version(text):
@@ -625,9 +697,15 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         os.replace(path + ".tmp", path)
 
     def MigrationInfo(self, instance):
-        runtime = self._call("get_runtime", pb.GetRuntimeRequest(name=instance.name),
-                             "runtime of %s" % instance.name)
-        return json.dumps({"uuid": instance.uuid, "generation": runtime.generation})
+        # The target may be a node switched back to Ganeti's own KVM
+        # driver: it gets a runtime file that driver can start the same
+        # machine from. An agent's class finds its own part at the end.
+        answer = self._call("get_runtime", pb.GetRuntimeRequest(name=instance.name),
+                            "runtime of %s" % instance.name)
+        runtime = json.loads(answer.runtime_json)
+        return json.dumps(hv_kvm_runtime(runtime, instance, self._hv_kvm) +
+                          [{AGENT_INFO: {"uuid": instance.uuid,
+                                         "generation": answer.generation}}])
 
     def AcceptInstance(self, instance, info, target):
         existing = self._find(instance.name)
@@ -655,8 +733,24 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             downtime_limit_ms=int(hvp[constants.HV_MIGRATION_DOWNTIME]))
         request = pb.MigrateInstanceRequest(
             name=instance.name, target=self._peer.format(target=target), options=options)
+        try:
+            self._migrate(request)
+        except kac.Unavailable:
+            # No agent there: a node switched back to Ganeti's own KVM
+            # driver, whose QEMU waits on the instance's migration port
+            # (nothing listens there otherwise, and the stream fails).
+            logging.info("kvm-agent: no agent on %s; migrating %s to the QEMU on its "
+                         "migration port", target, instance.name)
+            request.target = "tcp:%s:%d" % (uri_host(target),
+                                           int(hvp[constants.HV_MIGRATION_PORT]))
+            self._migrate(request)
+
+    def _migrate(self, request):
+        """Runs a migration to the end, keeping its outcome for
+        GetMigrationStatus. An unreachable target agent is raised as such,
+        before anything was sent."""
         status = {"status": constants.HV_MIGRATION_ACTIVE}
-        self._record_migration(instance.name, status)
+        self._record_migration(request.name, status)
         try:
             with kac.Client.unix(self._socket) as client:
                 for progress in client.migrate_instance(request, timeout=3600):
@@ -667,11 +761,13 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                         status["status"] = constants.HV_MIGRATION_COMPLETED
             if status["status"] != constants.HV_MIGRATION_COMPLETED:
                 status["status"] = constants.HV_MIGRATION_FAILED
+        except kac.Unavailable:
+            raise
         except kac.AgentError as e:
             status = {"status": constants.HV_MIGRATION_FAILED, "error": str(e)}
-            self._record_migration(instance.name, status)
-            raise agent_error("migrating %s to %s" % (instance.name, target), e)
-        self._record_migration(instance.name, status)
+            self._record_migration(request.name, status)
+            raise agent_error("migrating %s to %s" % (request.name, request.target), e)
+        self._record_migration(request.name, status)
 
     @staticmethod
     def VersionsSafeForMigration(src, target):

@@ -244,25 +244,29 @@ class Adoption(unittest.TestCase):
         self.assertNotIn(gone, pci_functions(console))
         self.assertNotIn(image, open_files(pid), "QEMU closed the image")
 
-        # A soft reboot: a QEMU the agent starts, confined, with the same hardware.
-        info = agent(SOURCE, "reboot_instance", pb.RebootInstanceRequest(
-            name=name, mode=pb.REBOOT_MODE_SOFT, force=True))
-        self.assertNotEqual(info.pid, pid)
-        self.assertEqual(info.unconfined, "")
-        self.assertEqual(unconfined_count(), 0)
-        self.assertEqual(pci_functions(console), with_new)
-
-        # And a migration to a second agent keeps it.
+        # A migration from the QEMU Ganeti started to one the second agent
+        # starts, confined: the guest sees the same hardware there.
         with kac.Client.unix(SOURCE) as client:
             for _ in client.migrate_instance(pb.MigrateInstanceRequest(
                     name=name, target="unix:" + TARGET), timeout=300):
                 pass
+        self.assertTrue(exits(pid), "the QEMU Ganeti started ended")
+        self.assertEqual(unconfined_count(), 0)
         moved = agent_has(TARGET, name)
         self.assertEqual(moved.state, pb.INSTANCE_STATE_RUNNING)
+        self.assertEqual(moved.unconfined, "")
         self.assertEqual({d.qemu_id: d.pci_slot for d in moved.devices},
-                         {d.qemu_id: d.pci_slot for d in info.devices})
+                         {d.qemu_id: d.pci_slot for d in info.devices
+                          if d.name != ganeti_disk.name})
         target_console = os.path.join(ENV["KVM_AGENT_TEST_TARGET_STATE_DIR"], "run", name,
                                       "serial.sock")
+        self.assertIn("adopted-marker", guest_run(target_console, "cat /marker"))
+        self.assertEqual(pci_functions(target_console), with_new)
+
+        # A soft reboot replays it: a new QEMU, the same hardware.
+        rebooted = agent(TARGET, "reboot_instance", pb.RebootInstanceRequest(
+            name=name, mode=pb.REBOOT_MODE_SOFT, force=True))
+        self.assertNotEqual(rebooted.pid, moved.pid)
         self.assertEqual(pci_functions(target_console), with_new)
 
         # A save and a restore too.
@@ -347,6 +351,40 @@ class Adoption(unittest.TestCase):
         self.assertEqual(pci_functions(console), before)
         target.StopInstance(inst, force=True)
 
+    def test_an_instance_goes_back_to_a_node_on_ganetis_driver(self):
+        name = "handback.example.com"
+        port = free_port()
+        inst, block_devices = ganeti_instance(name, UUIDS[5], "52:54:00:6b:00:07",
+                                              **{constants.HV_MIGRATION_PORT: port})
+        # The target node has no agent (it was switched back).
+        source = KvmAgentHypervisor(
+            socket=SOURCE, peer="unix:" + os.path.join(SCRATCH, "no-agent-{target}.sock"),
+            state_dir=os.path.join(SCRATCH, "class-s"), hv_kvm=ScratchKvm)
+        source.StartInstance(inst, block_devices, False)
+        self.started.append(name)
+        console = os.path.join(ENV["KVM_AGENT_TEST_STATE_DIR"], "run", name, "serial.sock")
+        guest_run(console, "echo handed-back > /marker")
+        before = pci_functions(console)
+        target = ScratchKvm()
+
+        info = source.MigrationInfo(inst)
+        target.AcceptInstance(inst, info, "127.0.0.1")
+        source.MigrateInstance("cluster.example.com", inst, "127.0.0.1", True)
+        self.assertEqual(source.GetMigrationStatus(inst).status,
+                         constants.HV_MIGRATION_COMPLETED)
+        target.FinalizeMigrationDst(inst, info, True)
+        source.FinalizeMigrationSource(inst, True, True)
+
+        self.assertIsNone(agent_has(SOURCE, name), "the agent let go")
+        self.assertIn(name, target.ListInstances())
+        ganeti_console = os.path.join(GANETI_DIR, "ctrl", name + ".serial")
+        self.assertIn("handed-back", guest_run(ganeti_console, "cat /marker"))
+        self.assertEqual(pci_functions(ganeti_console), before)
+        with open(os.path.join(GANETI_DIR, "pid", name)) as f:
+            pid = int(f.read())
+        target.StopInstance(inst, force=True)
+        self.assertTrue(exits(pid))
+
     def test_what_cant_be_taken_over_is_left_alone(self):
         name = "refused.example.com"
         inst, pid = self.start_under_ganeti(name, UUIDS[1], "52:54:00:6b:00:03")
@@ -392,8 +430,15 @@ class Adoption(unittest.TestCase):
         # With its files right again, it is taken over.
         taken = adopt(name)[name]
         self.assertEqual(taken.outcome, Outcome.GANETI_ADOPTION_OUTCOME_ADOPTED, taken.reason)
+        self.assertNotEqual(taken.instance.unconfined, "")
+        # Its next soft reboot confines it.
+        rebooted = agent(SOURCE, "reboot_instance", pb.RebootInstanceRequest(
+            name=name, mode=pb.REBOOT_MODE_SOFT, force=True))
+        self.assertTrue(exits(pid), "the agent ends a QEMU it took over")
+        self.assertNotEqual(rebooted.pid, pid)
+        self.assertEqual(rebooted.unconfined, "")
+        self.assertEqual(unconfined_count(), 0)
         agent(SOURCE, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
-        self.assertTrue(exits(pid), "the agent stops a QEMU it took over")
 
 
 def open_files(pid):
