@@ -208,6 +208,9 @@ class Adoption(unittest.TestCase):
         self.assertIn("soft reboot", info.unconfined)
         self.assertEqual(unconfined_count(), 1)
         self.assertEqual({d.qemu_id: d.pci_slot for d in info.devices}, hv_slots)
+        with open(os.path.join(GANETI_DIR, "nic", name, "0")) as f:
+            self.assertEqual([d.tap for d in info.devices if d.kind == pb.DEVICE_KIND_NIC],
+                             [f.read()], "its tap is found")
         # Taking over again changes nothing.
         again = adopt(name)[name]
         self.assertEqual(again.outcome, Outcome.GANETI_ADOPTION_OUTCOME_ALREADY_ADOPTED)
@@ -488,5 +491,18 @@ def agent_has(socket_path, name):
         return None
 
 
+def start_for_the_suite(name, uuid, mac):
+    """Starts an instance under Ganeti's driver and prints its QEMU's pid,
+    for the part of the suite that restarts an agent."""
+    inst, block_devices = ganeti_instance(name, uuid, mac)
+    ScratchKvm().StartInstance(inst, block_devices, False)
+    with open(os.path.join(GANETI_DIR, "pid", name)) as f:
+        print(int(f.read()))
+
+
 if __name__ == "__main__":
-    unittest.main()
+    import sys
+    if sys.argv[1:2] == ["start"]:
+        start_for_the_suite(*sys.argv[2:5])
+    else:
+        unittest.main()
