@@ -195,6 +195,15 @@ pub enum AgentError {
         /// What didn't match.
         reason: String,
     },
+    /// A migration from Ganeti's KVM driver whose machine the agent can't
+    /// launch with the same hardware.
+    #[error("instance {instance:?} can't come from Ganeti's KVM driver: {reason}")]
+    GanetiMigrationRefused {
+        /// Instance name.
+        instance: String,
+        /// What can't be reproduced.
+        reason: String,
+    },
     /// A migration's target is the agent the instance already runs on.
     #[error("instance {0:?} already runs on this node; a migration's target must be another node")]
     MigrationToItself(String),
@@ -457,6 +466,10 @@ impl AgentError {
             AgentError::AdoptionRefused { .. } => (
                 Code::FailedPrecondition,
                 "its QEMU is left as it is; a forced StopInstance ends it",
+            ),
+            AgentError::GanetiMigrationRefused { .. } => (
+                Code::FailedPrecondition,
+                "nothing was started; the instance runs on at its source, and can move to a node still on Ganeti's KVM driver",
             ),
             AgentError::MigrationToItself(_) => {
                 (Code::FailedPrecondition, "name another node as the target")

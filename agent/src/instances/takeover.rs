@@ -118,7 +118,7 @@ impl Agent {
         host: &str,
         port: u16,
     ) -> Result<String, AgentError> {
-        let refuse = |reason: String| AgentError::AdoptionRefused {
+        let refuse = |reason: String| AgentError::GanetiMigrationRefused {
             instance: name.to_owned(),
             reason,
         };

@@ -536,21 +536,23 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     # ------------------------------------- instances of Ganeti's KVM driver
 
-    def _hv_kvm_running(self):
-        """The instances whose QEMU Ganeti's own KVM driver started and that
-        still run: {name: pid}."""
+    def _hv_kvm_running(self, only=None):
+        """The instances (all, or only `only`) whose QEMU Ganeti's own KVM
+        driver started and that still run: {name: pid}."""
         conf = os.path.join(self._hv_kvm._ROOT_DIR, "conf")
         try:
-            files = os.listdir(conf)
+            names = [only] if only else [entry[:-len(".runtime")]
+                                         for entry in os.listdir(conf)
+                                         if entry.endswith(".runtime")]
         except FileNotFoundError:
             return {}
         running = {}
-        for entry in files:
-            if entry.endswith(".runtime"):
-                name = entry[:-len(".runtime")]
-                _, pid, alive = self._hv_kvm._InstancePidAlive(name)
-                if alive:
-                    running[name] = pid
+        for name in names:
+            if not os.path.exists(os.path.join(conf, name + ".runtime")):
+                continue
+            _, pid, alive = self._hv_kvm._InstancePidAlive(name)
+            if alive:
+                running[name] = pid
         return running
 
     def _take_over(self, names):
@@ -574,8 +576,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         """Instances Ganeti's KVM driver still runs once the agent took over
         those it could (all but `known`, the agent's; or only `only`):
         {name: pid}."""
-        waiting = {n: p for n, p in self._hv_kvm_running().items()
-                   if n not in known and only in (None, n)}
+        waiting = {n: p for n, p in self._hv_kvm_running(only).items() if n not in known}
         if not waiting:
             return {}
         self._take_over(waiting)
