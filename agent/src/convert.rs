@@ -203,6 +203,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             threads: t.threads,
         }),
         rtc_localtime: p.rtc_localtime,
+        exit_on_reboot: p.exit_on_reboot,
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,

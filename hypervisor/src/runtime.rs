@@ -185,6 +185,9 @@ pub struct Runtime {
     /// The real-time clock in the node's local time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rtc_localtime: bool,
+    /// A guest reboot ends QEMU, and the instance stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit_on_reboot: bool,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
@@ -381,6 +384,7 @@ pub fn generate(
         cpu_pinning: spec.cpu_pinning.clone(),
         cpu_topology: spec.cpu_topology,
         rtc_localtime: spec.rtc_localtime,
+        exit_on_reboot: spec.exit_on_reboot,
         disks,
         nics,
         balloon_slot: Some(balloon_slot),
@@ -576,6 +580,7 @@ impl Runtime {
             cpu_weight: self.cgroup.map(|c| c.cpu_weight),
             cpu_topology: self.cpu_topology,
             rtc_localtime: self.rtc_localtime,
+            exit_on_reboot: self.exit_on_reboot,
         }
     }
 

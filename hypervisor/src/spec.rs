@@ -406,6 +406,10 @@ pub struct InstanceSpec {
     /// The real-time clock in the node's local time instead of UTC.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rtc_localtime: bool,
+    /// A guest reboot ends QEMU (`-no-reboot`), so the instance stops
+    /// instead of rebooting, as Ganeti's `reboot_behavior=exit`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit_on_reboot: bool,
 }
 
 /// Sockets, cores per socket and threads per core; 0 leaves one to QEMU,
@@ -903,6 +907,7 @@ pub(crate) mod tests {
             cpu_weight: None,
             cpu_topology: None,
             rtc_localtime: false,
+            exit_on_reboot: false,
         }
     }
 

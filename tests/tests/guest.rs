@@ -10,8 +10,17 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_SEES_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn start_guest(agent: &TestAgent, name: &str) -> (pb::InstanceInfo, GuestConsole) {
+    start_guest_with(agent, name, |_| {}).await
+}
+
+async fn start_guest_with(
+    agent: &TestAgent,
+    name: &str,
+    edit: impl FnOnce(&mut pb::InstanceSpec),
+) -> (pb::InstanceInfo, GuestConsole) {
     let mut spec = agent.spec(name, 256);
     boot_guest(&mut spec);
+    edit(&mut spec);
     let info = agent
         .client()
         .await
@@ -268,6 +277,29 @@ async fn a_guest_that_reboots_itself_keeps_its_qemu() {
         .into_inner();
     assert_eq!(now.state, pb::InstanceState::Running as i32);
     assert_eq!(now.pid, info.pid, "the same QEMU keeps running");
+}
+
+#[tokio::test]
+async fn a_guest_that_reboots_stops_an_instance_that_exits_on_reboot() {
+    let agent = TestAgent::start().await;
+    let (info, console) =
+        start_guest_with(&agent, "rebootexit", |spec| spec.exit_on_reboot = true).await;
+
+    let (_console, _) = in_guest(console, |c| {
+        c.run("uname -s");
+        c.send("reboot -f");
+    })
+    .await;
+    let stopped = wait_for(Duration::from_secs(30), async || {
+        let now = agent.instance("rebootexit").await;
+        (now.state == pb::InstanceState::Stopped as i32).then_some(now)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the instance never stopped:\n{}", agent.log()));
+
+    assert!(stopped.state_detail.contains("rebooted"), "{stopped:?}");
+    assert_eq!(stopped.pid, 0);
+    assert!(!process_alive(info.pid), "its QEMU ended");
 }
 
 #[tokio::test]

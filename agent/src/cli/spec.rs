@@ -62,6 +62,9 @@ pub(super) struct SpecOptions {
     /// The guest's real-time clock in the node's local time, not UTC.
     #[arg(long)]
     localtime: bool,
+    /// Stop the instance when its guest reboots, instead of rebooting it.
+    #[arg(long)]
+    exit_on_reboot: bool,
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
@@ -197,6 +200,7 @@ impl SpecOptions {
             cpu_weight: self.cpu_weight.unwrap_or_default(),
             cpu_topology: self.cpu_topology,
             rtc_localtime: self.localtime,
+            exit_on_reboot: self.exit_on_reboot,
             memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
                 file: self.memory_file.clone().unwrap_or_default(),
                 share: self.memory_share,

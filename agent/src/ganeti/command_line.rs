@@ -66,6 +66,7 @@ struct Parsed {
     initrd: Option<PathBuf>,
     append: Option<String>,
     rtc_localtime: bool,
+    exit_on_reboot: bool,
     vnc: Option<(IpAddr, u32)>,
     serial_console: bool,
     kept: Vec<String>,
@@ -148,11 +149,7 @@ impl Parsed {
             "-netdev" => self.netdev(&value()?)?,
             "-drive" => self.drive(&value()?)?,
             "-device" => self.device(value()?, ganeti)?,
-            "-no-reboot" => {
-                return Err(
-                    "reboot_behavior=exit (-no-reboot) is not supported by the agent yet".into(),
-                );
-            }
+            "-no-reboot" => self.exit_on_reboot = true,
             other if InheritedMachine::keeps(other) => {
                 let kept = InheritedMachine::takes_value(other)
                     .then(&mut value)
@@ -316,6 +313,7 @@ impl Parsed {
             cpu_pinning: None,
             cpu_topology,
             rtc_localtime: self.rtc_localtime,
+            exit_on_reboot: self.exit_on_reboot,
             disks,
             nics,
             balloon_slot: None,
@@ -674,8 +672,6 @@ mod tests {
         let refusal = |cmdline: &[String], ganeti: &GanetiRuntime| {
             translate("web1", ganeti, cmdline, &live()).unwrap_err()
         };
-        let reboot_exits = with(&cmdline, &["-no-reboot"]);
-        assert!(refusal(&reboot_exits, &ganeti()).contains("-no-reboot"));
         let spice = with(&cmdline, &["-spice", "addr=0.0.0.0,port=5900"]);
         assert!(refusal(&spice, &ganeti()).contains("-spice"));
         let guest_agent = with(
@@ -693,6 +689,14 @@ mod tests {
         let mut elsewhere = ganeti();
         elsewhere.disks[0].link = "/dev/other".into();
         assert!(refusal(&cmdline, &elsewhere).contains("not /dev/other"));
+    }
+
+    #[test]
+    fn a_guest_that_stops_on_reboot_keeps_doing_so() {
+        let cmdline = with(&ganeti_cmdline(), &["-no-reboot"]);
+        let rt = translate("web1", &ganeti(), &cmdline, &live()).unwrap();
+        assert!(rt.exit_on_reboot);
+        assert!(rt.argv.iter().any(|a| a == "-no-reboot"));
     }
 
     #[test]

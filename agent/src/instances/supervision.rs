@@ -57,16 +57,18 @@ impl Agent {
         // QEMU announces a guest's own power-off with SHUTDOWN guest=true
         // before exiting; let the reader deliver it before deciding.
         let _ = tokio::time::timeout(self.cfg.exit_drain_timeout, process.qmp.closed()).await;
-        let mut guest_shutdown = false;
+        let mut guest_shutdown = None;
         while let Ok(event) = events.try_recv() {
             if event.name == "SHUTDOWN"
                 && event.data.get("guest").and_then(|g| g.as_bool()) == Some(true)
             {
-                guest_shutdown = true;
+                guest_shutdown = Some(event.data["reason"].as_str().unwrap_or_default().to_owned());
             }
         }
         let run_dir = self.cfg.run_dir(&inst.name);
-        let (state, recorded, detail) = why_it_ended(&inst, &run_dir, guest_shutdown, &exit_status);
+        let (state, recorded, detail) =
+            why_it_ended(&inst, &run_dir, guest_shutdown.as_deref(), &exit_status);
+        let guest_shutdown = guest_shutdown.is_some();
         {
             let mut st = lock(&inst.status);
             if !st
@@ -102,19 +104,26 @@ impl Agent {
     }
 }
 
-/// What a QEMU exit that nobody asked for means: the guest powered off,
-/// the kernel killed it for memory, or it crashed (its log's end says how).
+/// What a QEMU exit that nobody asked for means: the guest powered off
+/// (or rebooted, where a reboot ends QEMU), the kernel killed it for
+/// memory, or it crashed (its log's end says how). `guest_shutdown` is
+/// the reason of the guest's SHUTDOWN event, if there was one.
 fn why_it_ended(
     inst: &Instance,
     run_dir: &Path,
-    guest_shutdown: bool,
+    guest_shutdown: Option<&str>,
     exit_status: &str,
 ) -> (State, RecordedState, String) {
-    if guest_shutdown {
+    if let Some(reason) = guest_shutdown {
+        let detail = match reason {
+            // QEMU's reason for a reboot under -no-reboot.
+            "guest-reset" => "the guest rebooted, and the instance stops when its guest reboots",
+            _ => "the guest powered itself off",
+        };
         (
             State::Stopped,
             RecordedState::StoppedByGuest,
-            "the guest powered itself off".to_owned(),
+            detail.to_owned(),
         )
     } else if lifecycle::oom_kills(run_dir) > 0 {
         let limit = lock(&inst.status)

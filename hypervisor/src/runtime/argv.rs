@@ -189,6 +189,9 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     if rt.rtc_localtime {
         argv.extend(["-rtc".into(), "base=localtime".into()]);
     }
+    if rt.exit_on_reboot {
+        argv.push("-no-reboot".into());
+    }
     if rt.sandbox {
         argv.extend(["-sandbox".into(), SANDBOX.into()]);
     }
@@ -681,7 +684,7 @@ mod tests {
     }
 
     #[test]
-    fn topology_and_local_time_are_on_the_command_line_only_when_asked() {
+    fn topology_local_time_and_reboot_exit_are_on_the_command_line_only_when_asked() {
         let qemu = qemu_7_2();
         let mut spec = sample_spec();
         spec.vcpus = 4;
@@ -692,13 +695,17 @@ mod tests {
         };
         assert_eq!(after(&plain.argv, "-smp").as_deref(), Some("4"));
         assert_eq!(after(&plain.argv, "-rtc"), None);
+        assert!(!plain.argv.iter().any(|a| a == "-no-reboot"));
         spec.cpu_topology = Some(crate::spec::CpuTopology {
             sockets: 1,
             cores: 2,
             threads: 2,
         });
         spec.rtc_localtime = true;
+        spec.exit_on_reboot = true;
         let shaped = generate(&spec, host(&qemu), 1).unwrap();
+        assert!(shaped.argv.iter().any(|a| a == "-no-reboot"));
+        assert!(shaped.to_spec().exit_on_reboot);
         assert_eq!(
             after(&shaped.argv, "-smp").as_deref(),
             Some("4,sockets=1,cores=2,threads=2")

@@ -90,6 +90,7 @@ TRANSLATED = frozenset([
     constants.HV_ROOT_PATH,
     constants.HV_SERIAL_CONSOLE,
     constants.HV_USE_LOCALTIME,
+    constants.HV_REBOOT_BEHAVIOR,
     constants.HV_VHOST_NET,
     constants.HV_VIRTIO_NET_QUEUES,
     constants.HV_VNC_BIND_ADDRESS,
@@ -276,6 +277,8 @@ def instance_spec(instance, block_devices):
         cpu_mask="" if hvp[constants.HV_CPU_MASK] == constants.CPU_PINNING_ALL
         else hvp[constants.HV_CPU_MASK],
         rtc_localtime=bool(hvp.get(constants.HV_USE_LOCALTIME)),
+        exit_on_reboot=(hvp.get(constants.HV_REBOOT_BEHAVIOR) ==
+                        constants.INSTANCE_REBOOT_EXIT),
     )
     # 0 is Ganeti's "not set", as it is the agent's.
     topology = [int(hvp.get(p) or 0) for p in (constants.HV_CPU_SOCKETS,

@@ -415,18 +415,21 @@ class UnsupportedParameters(unittest.TestCase):
         finally:
             subprocess.run(["ip", "link", "del", plain], check=False)
 
-    def test_cpu_topology_and_local_time_reach_the_spec(self):
+    def test_cpu_topology_local_time_and_reboot_behavior_reach_the_spec(self):
         from kvm_agent_ganeti.hypervisor import instance_spec
         hvp = hvparams(**{constants.HV_CPU_CORES: 2, constants.HV_CPU_THREADS: 2,
-                          constants.HV_USE_LOCALTIME: True})
+                          constants.HV_USE_LOCALTIME: True,
+                          constants.HV_REBOOT_BEHAVIOR: constants.INSTANCE_REBOOT_EXIT})
         KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
         spec = instance_spec(instance("shaped.example.com", UUIDS[1], hvp), [])
         topology = spec.cpu_topology
         self.assertEqual((topology.sockets, topology.cores, topology.threads), (0, 2, 2))
         self.assertTrue(spec.rtc_localtime)
+        self.assertTrue(spec.exit_on_reboot)
         plain = instance_spec(instance("plain.example.com", UUIDS[1], hvparams()), [])
         self.assertFalse(plain.HasField("cpu_topology"))
         self.assertFalse(plain.rtc_localtime)
+        self.assertFalse(plain.exit_on_reboot)
 
     def test_vnc_on_ganetis_port_and_any_address(self):
         # Ganeti hands out ports from 11000: display 5100 and up.
