@@ -546,7 +546,7 @@ fn vnc(value: &str) -> Result<Option<(IpAddr, u32)>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use hypervisor::argv::{ExecutionFds, render_execution};
     use hypervisor::qemu_info::QemuVersion;
 
@@ -556,7 +556,7 @@ mod tests {
     const UUID: &str = "0d6e5a3c-4c9b-4b8e-9f6a-1c2d3e4f5a6b";
 
     /// The command line Ganeti 3.0's driver runs for [`sample`].
-    fn ganeti_cmdline() -> Vec<String> {
+    pub(crate) fn ganeti_cmdline() -> Vec<String> {
         let ctrl = "/var/run/ganeti/kvm-hypervisor/ctrl/web1";
         let nic = "nic-5c1b2f0e-8a31-4f5e";
         let disk = "disk-932df160-7a22-4067";
@@ -581,7 +581,7 @@ mod tests {
         .to_vec()
     }
 
-    fn live() -> LiveFacts {
+    pub(crate) fn live() -> LiveFacts {
         LiveFacts {
             machine_type: "pc-i440fx-7.2".into(),
             accelerator: ResolvedAccelerator::Tcg,
@@ -596,7 +596,7 @@ mod tests {
         }
     }
 
-    fn ganeti() -> GanetiRuntime {
+    pub(crate) fn ganeti() -> GanetiRuntime {
         GanetiRuntime::parse(&sample().to_string()).unwrap()
     }
 

@@ -369,3 +369,42 @@ async fn exits_soon(pid: u32) -> bool {
         Err(_) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hypervisor::cgroup::CgroupLimits;
+    use hypervisor::identity::QemuUser;
+
+    use super::*;
+    use crate::ganeti::command_line::tests::{ganeti, ganeti_cmdline, live};
+
+    fn confined_runtime() -> Runtime {
+        let mut rt =
+            crate::ganeti::translate("web1", &ganeti(), &ganeti_cmdline(), &live()).unwrap();
+        rt.sandbox = true;
+        rt.qemu_user = Some(QemuUser {
+            uid: 70001,
+            gid: 70001,
+        });
+        rt.cgroup = Some(CgroupLimits::for_guest(rt.memory_mib, 100));
+        rt
+    }
+
+    #[test]
+    fn a_qemu_started_by_another_manager_is_said_to_lack_each_part() {
+        let ganetis = "Name:\tqemu\nUid:\t0\t0\t0\t0\nSeccomp:\t0\n";
+        let gaps = confinement_gaps(ganetis, Some(false), &confined_runtime()).unwrap();
+        assert!(gaps.contains("runs as uid 0 rather than 70001"), "{gaps}");
+        assert!(gaps.contains("no seccomp sandbox"), "{gaps}");
+        assert!(gaps.contains("outside its cgroup"), "{gaps}");
+        assert!(gaps.contains("next soft reboot"), "{gaps}");
+    }
+
+    #[test]
+    fn a_qemu_the_agent_started_lacks_nothing() {
+        let own = "Uid:\t70001\t70001\t70001\t70001\nSeccomp:\t2\n";
+        assert_eq!(confinement_gaps(own, Some(true), &confined_runtime()), None);
+        // A node that gives no cgroups can't be said to miss one.
+        assert_eq!(confinement_gaps(own, None, &confined_runtime()), None);
+    }
+}
