@@ -146,10 +146,6 @@ pub fn proc_fd_path(fd: RawFd) -> String {
 /// `/proc/self/fd/N`, which QEMU opens without walking the directories of
 /// the file's real path.
 fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
-    let host_file = |fd: Option<RawFd>, path: &Path| match fd {
-        Some(fd) => proc_fd_path(fd),
-        None => path.to_string_lossy().into_owned(),
-    };
     let mut argv: Vec<String> = vec![
         "-name".into(),
         format!("guest={},debug-threads=on", escape(&rt.name)),
@@ -208,6 +204,21 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         }
         None => argv.extend(["-display".into(), "none".into()]),
     }
+    argv.extend(render_boot(rt, fds));
+    if let Some(inherited) = &rt.inherited {
+        argv.extend(inherited.options.iter().cloned());
+    }
+    argv
+}
+
+/// `-kernel`, `-initrd` and `-append` of a direct kernel boot, the files
+/// named by fd where they have one.
+fn render_boot(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
+    let host_file = |fd: Option<RawFd>, path: &Path| match fd {
+        Some(fd) => proc_fd_path(fd),
+        None => path.to_string_lossy().into_owned(),
+    };
+    let mut argv = Vec::new();
     if let Boot::Kernel {
         kernel,
         initrd,
@@ -220,9 +231,6 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
             argv.extend(["-initrd".into(), host_file(fds.initrd, initrd)]);
         }
         argv.extend(["-append".into(), cmdline.clone()]);
-    }
-    if let Some(inherited) = &rt.inherited {
-        argv.extend(inherited.options.iter().cloned());
     }
     argv
 }
