@@ -9,8 +9,8 @@ use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
-    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, InstanceSpec, MAX_VLAN_ID,
-    MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, Vlan,
+    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, DisplayAdapter, InstanceSpec,
+    MAX_VLAN_ID, MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, UsbPointer, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -186,9 +186,13 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
     name_unnamed_devices(&mut disks, &mut nics);
     let boot = boot_from_proto(p.boot)?;
     let accelerator = accelerator_from_proto(p.accelerator)?;
-    let (vnc_display, vnc_address) = match &p.vnc {
-        None => (None, None),
-        Some(vnc) => (Some(vnc.display), vnc_address_from_proto(&vnc.address)?),
+    let (vnc_display, vnc_address, vnc_keymap) = match &p.vnc {
+        None => (None, None, None),
+        Some(vnc) => (
+            Some(vnc.display),
+            vnc_address_from_proto(&vnc.address)?,
+            Some(vnc.keymap.clone()).filter(|k| !k.is_empty()),
+        ),
     };
     let cpu_pinning = match p.cpu_mask.as_str() {
         "" => None,
@@ -204,6 +208,9 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         }),
         rtc_localtime: p.rtc_localtime,
         exit_on_reboot: p.exit_on_reboot,
+        vnc_keymap,
+        usb_pointer: usb_pointer_from_proto(p.usb_pointer)?,
+        display_adapter: display_adapter_from_proto(p.display_adapter)?,
         name: p.name,
         uuid: parse_uuid("instance", &p.uuid)?,
         memory_mib: p.memory_mib,
@@ -242,6 +249,34 @@ fn boot_from_proto(boot: Option<pb::BootSpec>) -> Result<Boot, AgentError> {
         )),
         _ => Ok(Boot::Disk),
     }
+}
+
+fn usb_pointer_from_proto(pointer: i32) -> Result<Option<UsbPointer>, AgentError> {
+    match pb::UsbPointer::try_from(pointer) {
+        Ok(pb::UsbPointer::Unspecified) => Ok(None),
+        Ok(pb::UsbPointer::Tablet) => Ok(Some(UsbPointer::Tablet)),
+        Ok(pb::UsbPointer::Mouse) => Ok(Some(UsbPointer::Mouse)),
+        Err(_) => Err(AgentError::BadRequest(format!(
+            "unknown USB pointer {pointer}"
+        ))),
+    }
+}
+
+fn display_adapter_from_proto(adapter: i32) -> Result<Option<DisplayAdapter>, AgentError> {
+    Ok(Some(match pb::DisplayAdapter::try_from(adapter) {
+        Ok(pb::DisplayAdapter::Unspecified) => return Ok(None),
+        Ok(pb::DisplayAdapter::Std) => DisplayAdapter::Std,
+        Ok(pb::DisplayAdapter::Cirrus) => DisplayAdapter::Cirrus,
+        Ok(pb::DisplayAdapter::Vmware) => DisplayAdapter::Vmware,
+        Ok(pb::DisplayAdapter::Qxl) => DisplayAdapter::Qxl,
+        Ok(pb::DisplayAdapter::Virtio) => DisplayAdapter::Virtio,
+        Ok(pb::DisplayAdapter::None) => DisplayAdapter::None,
+        Err(_) => {
+            return Err(AgentError::BadRequest(format!(
+                "unknown display adapter {adapter}"
+            )));
+        }
+    }))
 }
 
 fn accelerator_from_proto(accelerator: i32) -> Result<Accelerator, AgentError> {

@@ -16,7 +16,8 @@ use crate::identity::QemuUser;
 use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
-    Accelerator, Boot, CpuTopology, DiskSpec, InstanceSpec, MemoryBacking, NicSpec, SpecError,
+    Accelerator, Boot, CpuTopology, DiskSpec, DisplayAdapter, InstanceSpec, MemoryBacking, NicSpec,
+    SpecError, UsbPointer,
 };
 
 // The command line is a function of the runtime: a runtime stores its
@@ -188,6 +189,15 @@ pub struct Runtime {
     /// A guest reboot ends QEMU, and the instance stops.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exit_on_reboot: bool,
+    /// The keymap VNC assumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_keymap: Option<String>,
+    /// A pointing device on USB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb_pointer: Option<UsbPointer>,
+    /// The display adapter in slot 2, where asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_adapter: Option<DisplayAdapter>,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
     /// NICs with their slots.
@@ -385,6 +395,9 @@ pub fn generate(
         cpu_topology: spec.cpu_topology,
         rtc_localtime: spec.rtc_localtime,
         exit_on_reboot: spec.exit_on_reboot,
+        vnc_keymap: spec.vnc_keymap.clone(),
+        usb_pointer: spec.usb_pointer,
+        display_adapter: spec.display_adapter,
         disks,
         nics,
         balloon_slot: Some(balloon_slot),
@@ -581,6 +594,9 @@ impl Runtime {
             cpu_topology: self.cpu_topology,
             rtc_localtime: self.rtc_localtime,
             exit_on_reboot: self.exit_on_reboot,
+            vnc_keymap: self.vnc_keymap.clone(),
+            usb_pointer: self.usb_pointer,
+            display_adapter: self.display_adapter,
         }
     }
 

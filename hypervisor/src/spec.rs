@@ -410,6 +410,74 @@ pub struct InstanceSpec {
     /// instead of rebooting, as Ganeti's `reboot_behavior=exit`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exit_on_reboot: bool,
+    /// The keymap VNC assumes (`-k`); unset is QEMU's (en-us).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_keymap: Option<String>,
+    /// A pointing device on USB, with the USB controller it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb_pointer: Option<UsbPointer>,
+    /// The display adapter; unset is the standard VGA with VNC, and none
+    /// without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_adapter: Option<DisplayAdapter>,
+}
+
+/// A pointing device on USB, for VNC consoles: a tablet's absolute
+/// coordinates keep the guest's pointer where the viewer's is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsbPointer {
+    /// `usb-tablet`.
+    Tablet,
+    /// `usb-mouse`.
+    Mouse,
+}
+
+impl UsbPointer {
+    /// QEMU's device.
+    pub fn qemu_device(self) -> &'static str {
+        match self {
+            UsbPointer::Tablet => "usb-tablet",
+            UsbPointer::Mouse => "usb-mouse",
+        }
+    }
+}
+
+/// The display adapter, in slot 2 (reserved for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisplayAdapter {
+    /// QEMU's standard VGA.
+    Std,
+    /// Cirrus Logic GD5446.
+    Cirrus,
+    /// VMware SVGA.
+    Vmware,
+    /// QXL.
+    Qxl,
+    /// virtio-gpu with VGA compatibility.
+    Virtio,
+    /// No display adapter at all.
+    None,
+}
+
+impl DisplayAdapter {
+    /// QEMU's device; `None` for no adapter.
+    pub fn qemu_device(self) -> Option<&'static str> {
+        match self {
+            DisplayAdapter::Std => Some("VGA"),
+            DisplayAdapter::Cirrus => Some("cirrus-vga"),
+            DisplayAdapter::Vmware => Some("vmware-svga"),
+            DisplayAdapter::Qxl => Some("qxl-vga"),
+            DisplayAdapter::Virtio => Some("virtio-vga"),
+            DisplayAdapter::None => None,
+        }
+    }
+}
+
+/// A VNC keymap name such as `en-us` or `de`.
+pub fn is_keymap(value: &str) -> bool {
+    (2..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
 }
 
 /// Sockets, cores per socket and threads per core; 0 leaves one to QEMU,
@@ -617,6 +685,11 @@ pub enum SpecError {
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
+    /// A keymap that isn't a keymap's name, or one without VNC.
+    #[error(
+        "VNC keymap {0:?} is not a keymap's name (like en-us or de), or there is no VNC display"
+    )]
+    VncKeymap(String),
 }
 
 /// True for `[A-Za-z0-9][A-Za-z0-9_.-]*` of at most `max` bytes.
@@ -728,6 +801,11 @@ impl InstanceSpec {
         }
         if self.vnc_address.is_some() && self.vnc_display.is_none() {
             return Err(SpecError::VncAddressWithoutDisplay);
+        }
+        if let Some(keymap) = &self.vnc_keymap
+            && (!is_keymap(keymap) || self.vnc_display.is_none())
+        {
+            return Err(SpecError::VncKeymap(keymap.clone()));
         }
         self.validate_boot()?;
         match &self.memory_backing {
@@ -908,6 +986,9 @@ pub(crate) mod tests {
             cpu_topology: None,
             rtc_localtime: false,
             exit_on_reboot: false,
+            vnc_keymap: None,
+            usb_pointer: None,
+            display_adapter: None,
         }
     }
 

@@ -653,8 +653,41 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
     spec.vnc = Some(pb::VncSpec {
         display: u32::from(everywhere) - 5900,
         address: "0.0.0.0".into(),
+        keymap: "de".into(),
     });
-    agent.start_spec(spec).await;
+    spec.usb_pointer = pb::UsbPointer::Tablet as i32;
+    spec.display_adapter = pb::DisplayAdapter::Cirrus as i32;
+    let seen = agent.start_spec(spec).await;
+    // The adapter in its slot, the USB controller beside the PIIX3, a
+    // tablet on it, and the keymap in use.
+    let mut qmp = operator_qmp(&agent, "seen");
+    let devices = qmp.pci_devices();
+    assert!(
+        devices.contains(&(2, String::new(), "VGA controller".into())),
+        "{devices:?}"
+    );
+    assert!(
+        devices
+            .iter()
+            .any(|(slot, _, class)| *slot == 1 && class == "USB controller"),
+        "{devices:?}"
+    );
+    let pci = qmp.execute("query-pci", json!({}));
+    let adapter = pci[0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["slot"] == 2)
+        .unwrap();
+    assert_eq!(adapter["id"]["vendor"], 0x1013, "Cirrus Logic: {adapter}");
+    let mice = qmp.execute("query-mice", json!({}));
+    assert!(mice.to_string().contains("QEMU HID Tablet"), "{mice}");
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", seen.pid)).unwrap();
+    assert!(cmdline.contains("-k\0de\0"), "{cmdline:?}");
+    assert!(
+        cmdline.contains("cirrus-vga,bus=pci.0,addr=0x2"),
+        "{cmdline:?}"
+    );
     // Reached through an address of the node that isn't loopback.
     let node_address = nix::ifaddrs::getifaddrs()
         .unwrap()
@@ -679,7 +712,7 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
     let mut spec = agent.spec("local", 64);
     spec.vnc = Some(pb::VncSpec {
         display: u32::from(loopback) - 5900,
-        address: String::new(),
+        ..Default::default()
     });
     agent.start_spec(spec).await;
     assert_eq!(rfb_greeting("127.0.0.1", loopback), "RFB 003.008\n");
@@ -692,6 +725,7 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
     bad.vnc = Some(pb::VncSpec {
         display: 1,
         address: "eth0".into(),
+        ..Default::default()
     });
     let refused = agent
         .client()

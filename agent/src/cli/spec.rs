@@ -65,6 +65,15 @@ pub(super) struct SpecOptions {
     /// Stop the instance when its guest reboots, instead of rebooting it.
     #[arg(long)]
     exit_on_reboot: bool,
+    /// The keymap VNC assumes, e.g. de or en-gb.
+    #[arg(long, requires = "vnc")]
+    vnc_keymap: Option<String>,
+    /// A pointing device on USB: tablet or mouse.
+    #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("UsbPointer", "USB pointer"))]
+    usb_pointer: i32,
+    /// The display adapter: std, cirrus, vmware, qxl, virtio or none.
+    #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("DisplayAdapter", "display adapter"))]
+    display_adapter: i32,
     /// Serial console on a unix socket.
     #[arg(long)]
     serial: bool,
@@ -194,6 +203,7 @@ impl SpecOptions {
             vnc: self.vnc.map(|display| pb::VncSpec {
                 display,
                 address: self.vnc_address.clone().unwrap_or_default(),
+                keymap: self.vnc_keymap.clone().unwrap_or_default(),
             }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
             cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
@@ -201,6 +211,8 @@ impl SpecOptions {
             cpu_topology: self.cpu_topology,
             rtc_localtime: self.localtime,
             exit_on_reboot: self.exit_on_reboot,
+            usb_pointer: self.usb_pointer,
+            display_adapter: self.display_adapter,
             memory: (self.memory_file.is_some() || self.hugepages).then(|| pb::MemoryBacking {
                 file: self.memory_file.clone().unwrap_or_default(),
                 share: self.memory_share,

@@ -74,7 +74,7 @@ struct Parsed {
     netdevs: HashMap<String, (u32, bool)>,
     /// By drive id: the image and its cache mode.
     drives: HashMap<String, (String, DiskCache)>,
-    /// NIC devices: hvinfo id, MAC, queues asked for by `vectors`.
+    /// NIC devices: hvinfo id, MAC, and the MSI-X `vectors` asked for.
     nic_devices: Vec<(String, String, Option<u32>)>,
     disk_devices: Vec<String>,
 }
@@ -314,6 +314,11 @@ impl Parsed {
             cpu_topology,
             rtc_localtime: self.rtc_localtime,
             exit_on_reboot: self.exit_on_reboot,
+            // QEMU's own defaults and Ganeti's -k, -usb and -vga stay as
+            // inherited options.
+            vnc_keymap: None,
+            usb_pointer: None,
+            display_adapter: None,
             disks,
             nics,
             balloon_slot: None,

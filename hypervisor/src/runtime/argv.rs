@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Runtime, RuntimeDisk, RuntimeNic};
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
-use crate::spec::{Boot, DiskCache, DiskFormat, MemoryBacking, NicModel};
+use crate::spec::{Boot, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel};
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -197,16 +197,40 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     match rt.vnc_display {
         Some(display) => {
             argv.extend(["-vnc".into(), vnc_listen(rt.vnc_address, display)]);
-            // QEMU's default display adapter is already there otherwise.
-            if rt.inherited.is_none() {
-                argv.extend(["-device".into(), format!("VGA,bus={PCI_BUS},addr=0x2")]);
+            if let Some(keymap) = &rt.vnc_keymap {
+                argv.extend(["-k".into(), keymap.clone()]);
             }
         }
         None => argv.extend(["-display".into(), "none".into()]),
     }
+    argv.extend(render_console_devices(rt));
     argv.extend(render_boot(rt, fds));
     if let Some(inherited) = &rt.inherited {
         argv.extend(inherited.options.iter().cloned());
+    }
+    argv
+}
+
+/// The display adapter in slot 2 and the USB pointer. Without an adapter
+/// asked for, VNC gets the standard VGA; a machine adopted from another
+/// manager keeps the one QEMU gave it by default.
+fn render_console_devices(rt: &Runtime) -> Vec<String> {
+    let mut argv = Vec::new();
+    let adapter = rt
+        .display_adapter
+        .or(rt.vnc_display.map(|_| DisplayAdapter::Std));
+    if let Some(device) = adapter.and_then(DisplayAdapter::qemu_device)
+        && rt.inherited.is_none()
+    {
+        argv.extend(["-device".into(), format!("{device},bus={PCI_BUS},addr=0x2")]);
+    }
+    if let Some(pointer) = rt.usb_pointer {
+        // The USB controller is the PIIX3's own function, in slot 1.
+        argv.extend([
+            "-usb".into(),
+            "-device".into(),
+            pointer.qemu_device().into(),
+        ]);
     }
     argv
 }
@@ -773,6 +797,40 @@ mod tests {
         );
         let plain = render_base(&generate(&sample_spec(), host(&qemu), 1).unwrap()).join(" ");
         assert!(!plain.contains("memory-backend"), "{plain}");
+    }
+
+    #[test]
+    fn console_devices_are_the_adapter_in_slot_2_and_a_usb_pointer() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.vnc_display = None;
+        let headless = generate(&spec, host(&qemu), 1).unwrap().argv.join(" ");
+        assert!(!headless.contains("addr=0x2"), "{headless}");
+        assert!(!headless.contains("-usb"), "{headless}");
+
+        spec.vnc_display = Some(5);
+        spec.vnc_keymap = Some("de".into());
+        let vnc = generate(&spec, host(&qemu), 1).unwrap().argv.join(" ");
+        assert!(
+            vnc.contains("-k de -device VGA,bus=pci.0,addr=0x2"),
+            "{vnc}"
+        );
+
+        spec.display_adapter = Some(DisplayAdapter::Cirrus);
+        spec.usb_pointer = Some(crate::spec::UsbPointer::Tablet);
+        let shaped = generate(&spec, host(&qemu), 1).unwrap();
+        let argv = shaped.argv.join(" ");
+        assert!(
+            argv.contains("-device cirrus-vga,bus=pci.0,addr=0x2 -usb -device usb-tablet"),
+            "{argv}"
+        );
+        assert_eq!(shaped.to_spec().display_adapter, spec.display_adapter);
+
+        spec.display_adapter = Some(DisplayAdapter::None);
+        let blind = generate(&spec, host(&qemu), 1).unwrap().argv.join(" ");
+        assert!(!blind.contains("addr=0x2"), "{blind}");
+        spec.vnc_display = None;
+        assert!(spec.validate().is_err(), "a keymap needs VNC");
     }
 
     #[test]

@@ -69,15 +69,10 @@ fn allowed(option: &str) -> Option<Kept> {
             !v.is_empty() && v.len() <= 4 && v.bytes().all(|b| b"acdn".contains(&b))
         }),
         "-net" | "-serial" => Kept::Value(|v| v == "none"),
-        "-k" => Kept::Value(is_keymap),
+        "-k" => Kept::Value(crate::spec::is_keymap),
         "-device" => Kept::Value(is_balloon),
         _ => return None,
     })
-}
-
-/// A keymap name such as `en-us` or `de`.
-fn is_keymap(value: &str) -> bool {
-    (2..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
 }
 
 /// The virtio balloon as Ganeti places it (QEMU picks the slot), or with

@@ -91,6 +91,9 @@ TRANSLATED = frozenset([
     constants.HV_SERIAL_CONSOLE,
     constants.HV_USE_LOCALTIME,
     constants.HV_REBOOT_BEHAVIOR,
+    constants.HV_KEYMAP,
+    constants.HV_USB_MOUSE,
+    constants.HV_VGA,
     constants.HV_VHOST_NET,
     constants.HV_VIRTIO_NET_QUEUES,
     constants.HV_VNC_BIND_ADDRESS,
@@ -123,6 +126,22 @@ NIC_MODELS = {
     constants.HT_NIC_I85557B: pb.NIC_MODEL_I82557B,
     constants.HT_NIC_I8259ER: pb.NIC_MODEL_I82559ER,
     constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
+}
+
+USB_POINTERS = {
+    "": pb.USB_POINTER_UNSPECIFIED,
+    constants.HT_MOUSE_TABLET: pb.USB_POINTER_TABLET,
+    constants.HT_MOUSE_MOUSE: pb.USB_POINTER_MOUSE,
+}
+
+# Ganeti's vga values (QEMU's -vga names) as the agent's adapters.
+DISPLAY_ADAPTERS = {
+    "std": pb.DISPLAY_ADAPTER_STD,
+    "cirrus": pb.DISPLAY_ADAPTER_CIRRUS,
+    "vmware": pb.DISPLAY_ADAPTER_VMWARE,
+    "qxl": pb.DISPLAY_ADAPTER_QXL,
+    "virtio": pb.DISPLAY_ADAPTER_VIRTIO,
+    "none": pb.DISPLAY_ADAPTER_NONE,
 }
 
 DISK_CACHES = {
@@ -175,6 +194,9 @@ def check_supported(hvparams):
     if hvparams.get(constants.HV_KVM_FLAG, "") not in ACCELERATORS:
         raise unsupported(constants.HV_KVM_FLAG, hvparams.get(constants.HV_KVM_FLAG),
                           "use enabled, disabled or leave it empty")
+    vga = hvparams.get(constants.HV_VGA) or "std"
+    if vga not in DISPLAY_ADAPTERS:
+        raise unsupported(constants.HV_VGA, vga, "use %s" % ", ".join(sorted(DISPLAY_ADAPTERS)))
     vnc = hvparams.get(constants.HV_VNC_BIND_ADDRESS, "") or ""
     if vnc_address(vnc) is None:
         raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
@@ -301,7 +323,14 @@ def instance_spec(instance, block_devices):
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(
             display=instance.network_port - constants.VNC_BASE_PORT,
-            address=vnc_address(hvp[constants.HV_VNC_BIND_ADDRESS])))
+            address=vnc_address(hvp[constants.HV_VNC_BIND_ADDRESS]),
+            keymap=hvp.get(constants.HV_KEYMAP) or ""))
+    # As Ganeti's KVM driver: the mouse asked for, or a tablet for VNC.
+    pointer = hvp.get(constants.HV_USB_MOUSE) or \
+        (constants.HT_MOUSE_TABLET if hvp.get(constants.HV_VNC_BIND_ADDRESS) else "")
+    spec.usb_pointer = USB_POINTERS[pointer]
+    # Its guests have QEMU's default VGA unless vga names another.
+    spec.display_adapter = DISPLAY_ADAPTERS[hvp.get(constants.HV_VGA) or "std"]
     if hvp.get(constants.HV_MEM_PATH):
         spec.memory.CopyFrom(pb.MemoryBacking(file=hvp[constants.HV_MEM_PATH]))
     return spec

@@ -379,8 +379,8 @@ class UnsupportedParameters(unittest.TestCase):
     def test_an_unsupported_value_is_named_and_nothing_starts(self):
         hv = KvmAgentHypervisor(socket=SOURCE)
         for param, value in [(constants.HV_SOUNDHW, "hda"),
-                             (constants.HV_USB_MOUSE, "tablet"),
-                             (constants.HV_KEYMAP, "de"),
+                             (constants.HV_USB_DEVICES, "mouse"),
+                             (constants.HV_KVM_EXTRA, "-device virtio-rng-pci"),
                              (constants.HV_DISK_TYPE, constants.HT_DISK_IDE)]:
             hvp = hvparams(**{param: value})
             with self.assertRaises(errors.HypervisorError) as refused:
@@ -415,7 +415,7 @@ class UnsupportedParameters(unittest.TestCase):
         finally:
             subprocess.run(["ip", "link", "del", plain], check=False)
 
-    def test_cpu_topology_local_time_and_reboot_behavior_reach_the_spec(self):
+    def test_machine_and_console_parameters_reach_the_spec(self):
         from kvm_agent_ganeti.hypervisor import instance_spec
         hvp = hvparams(**{constants.HV_CPU_CORES: 2, constants.HV_CPU_THREADS: 2,
                           constants.HV_USE_LOCALTIME: True,
@@ -430,6 +430,17 @@ class UnsupportedParameters(unittest.TestCase):
         self.assertFalse(plain.HasField("cpu_topology"))
         self.assertFalse(plain.rtc_localtime)
         self.assertFalse(plain.exit_on_reboot)
+        # Ganeti's driver gives every guest QEMU's VGA, and VNC a tablet.
+        self.assertEqual(plain.display_adapter, pb.DISPLAY_ADAPTER_STD)
+        self.assertEqual(plain.usb_pointer, pb.USB_POINTER_UNSPECIFIED)
+        console = hvparams(**{constants.HV_VNC_BIND_ADDRESS: "0.0.0.0",
+                              constants.HV_KEYMAP: "de", constants.HV_VGA: "cirrus"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(console)
+        vnc = instance("console.example.com", UUIDS[1], console)
+        vnc.network_port = 11005
+        spec = instance_spec(vnc, [])
+        self.assertEqual((spec.vnc.keymap, spec.usb_pointer, spec.display_adapter),
+                         ("de", pb.USB_POINTER_TABLET, pb.DISPLAY_ADAPTER_CIRRUS))
 
     def test_vnc_on_ganetis_port_and_any_address(self):
         # Ganeti hands out ports from 11000: display 5100 and up.
