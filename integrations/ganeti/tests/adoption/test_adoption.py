@@ -391,6 +391,7 @@ class Adoption(unittest.TestCase):
     def test_what_cant_be_taken_over_is_left_alone(self):
         name = "refused.example.com"
         inst, pid = self.start_under_ganeti(name, UUIDS[1], "52:54:00:6b:00:03")
+        before = pci_functions(os.path.join(GANETI_DIR, "ctrl", name + ".serial"))
         conf = os.path.join(GANETI_DIR, "conf", name + ".runtime")
         pidfile = os.path.join(GANETI_DIR, "pid", name)
         with open(conf) as f:
@@ -441,6 +442,8 @@ class Adoption(unittest.TestCase):
         self.assertNotEqual(rebooted.pid, pid)
         self.assertEqual(rebooted.unconfined, "")
         self.assertEqual(unconfined_count(), 0)
+        console = os.path.join(ENV["KVM_AGENT_TEST_STATE_DIR"], "run", name, "serial.sock")
+        self.assertEqual(pci_functions(console), before, "the same hardware, confined")
         agent(SOURCE, "stop_instance", pb.StopInstanceRequest(name=name, force=True))
 
 
