@@ -350,6 +350,7 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         reconciling: view.reconciling,
         balloon_mib: view.balloon_mib.unwrap_or(0),
         unconfined: view.unconfined.unwrap_or_default(),
+        stopped_by_guest: view.stopped_by_guest,
         ..Default::default()
     };
     let Some(rt) = view.runtime else {
@@ -403,6 +404,7 @@ pub fn takeovers_to_proto(takeovers: Vec<Takeover>) -> pb::AdoptGanetiInstancesR
                         reconciling: false,
                         balloon_mib: None,
                         unconfined: None,
+                        stopped_by_guest: false,
                     };
                     (Outcome::WouldAdopt, Some(view_to_proto(view)))
                 }

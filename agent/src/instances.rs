@@ -253,6 +253,11 @@ impl Instance {
             reconciling: st.reconciling,
             balloon_mib: st.process.as_ref().and_then(|p| p.balloon_mib()),
             unconfined: st.process.as_ref().and_then(|p| p.unconfined.clone()),
+            stopped_by_guest: st.state == State::Stopped
+                && st
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.state == RecordedState::StoppedByGuest),
         }
     }
 

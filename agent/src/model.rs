@@ -175,6 +175,8 @@ pub struct InstanceView {
     /// Why QEMU runs outside the confinement its runtime gives it (an
     /// adopted QEMU until its next launch); `None` when it doesn't.
     pub unconfined: Option<String>,
+    /// Stopped because its guest powered itself off.
+    pub stopped_by_guest: bool,
 }
 
 /// How a reboot is done.

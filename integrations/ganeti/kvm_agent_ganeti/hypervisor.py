@@ -91,6 +91,7 @@ TRANSLATED = frozenset([
     constants.HV_SERIAL_CONSOLE,
     constants.HV_USE_LOCALTIME,
     constants.HV_REBOOT_BEHAVIOR,
+    constants.HV_KVM_USER_SHUTDOWN,
     constants.HV_KEYMAP,
     constants.HV_USB_MOUSE,
     constants.HV_VGA,
@@ -483,6 +484,37 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     # -------------------------------------------------------------- lifecycle
 
+    # ------------------------------------------------------- user shutdown
+
+    def _user_shutdown_file(self, name):
+        return os.path.join(self._state_dir, "%s.user-shutdown" % name)
+
+    def _note_user_shutdown(self, instance):
+        """Keeps whether the instance has user_shutdown, which Ganeti asks
+        about later without its parameters: a guest that powers itself off
+        is then down by its user's will, and the watcher leaves it."""
+        path = self._user_shutdown_file(instance.name)
+        if instance.hvparams.get(constants.HV_KVM_USER_SHUTDOWN):
+            os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+            with open(path, "w"):
+                pass
+        else:
+            self._forget_user_shutdown(instance.name)
+
+    def _forget_user_shutdown(self, name):
+        try:
+            os.unlink(self._user_shutdown_file(name))
+        except FileNotFoundError:
+            pass
+
+    def _shut_down_by_user(self, info):
+        """Ganeti's info for an instance whose guest powered itself off
+        under user_shutdown, as its KVM driver reports one."""
+        if not info.pid and info.stopped_by_guest and \
+            os.path.exists(self._user_shutdown_file(info.name)):
+            return (info.name, -1, 0, 0, hv_base.HvInstanceState.SHUTDOWN, 0)
+        return None
+
     def StartInstance(self, instance, block_devices, startup_paused):
         left = {}
         if self._find(instance.name) is None:
@@ -494,6 +526,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 "didn't take over; see the node daemon's log for why" %
                 (instance.name, left[instance.name]))
         spec = instance_spec(instance, block_devices)
+        self._note_user_shutdown(instance)
         self._call("start_instance", pb.StartInstanceRequest(spec=spec),
                    "starting %s" % instance.name)
         if startup_paused:
@@ -538,6 +571,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         # Ganeti calls this after every shutdown, as its KVM driver removes
         # its runtime file here: the agent forgets the stopped instance, so
         # remove, rename and failover leave no record behind.
+        self._forget_user_shutdown(instance_name)
         # What Ganeti's KVM driver left of an instance the agent took over
         # (or that driver stopped) goes, as that driver removes it.
         if os.path.exists(os.path.join(self._hv_kvm._ROOT_DIR, "conf",
@@ -651,15 +685,18 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             if instance_name in self._left_to_hv_kvm(set(), only=instance_name):
                 return self._hv_kvm().GetInstanceInfo(instance_name)
             info = self._find(instance_name)
-        if info is None or not info.pid:
+        if info is None:
             return None
+        if not info.pid:
+            return self._shut_down_by_user(info)
         return self._info_tuple(info)
 
     def GetAllInstancesInfo(self, hvparams=None):
         agents, left = self._running()
         hv_kvm = self._hv_kvm() if left else None
         others = [hv_kvm.GetInstanceInfo(name) for name in sorted(left)]
-        return [self._info_tuple(i) for i in agents] + [o for o in others if o]
+        down = [self._shut_down_by_user(i) for i in self._agent_instances() if not i.pid]
+        return [self._info_tuple(i) for i in agents] + [o for o in others + down if o]
 
     def GetNodeInfo(self, hvparams=None):
         # The node's memory and CPUs come from /proc: an agent that is down
@@ -829,6 +866,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
 
     def FinalizeMigrationDst(self, instance, info, success):
         if success:
+            self._note_user_shutdown(instance)
             if from_hv_kvm(info):
                 # Nobody but this class tells the agent the stream is in.
                 self._call("finalize_migration",

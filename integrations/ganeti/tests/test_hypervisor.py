@@ -22,6 +22,7 @@ import unittest
 import uuid as uuidlib
 
 from ganeti import constants, errors, objects
+from ganeti.hypervisor import hv_base
 
 import kvm_agent_client as kac
 from kvm_agent_client import pb
@@ -308,6 +309,60 @@ class NodeConsoleAndReboot(unittest.TestCase):
         self.assertEqual(agent_has(SOURCE, inst.name).state, pb.INSTANCE_STATE_RUNNING)
         hv.StopInstance(inst, force=True)
         self.assertIsNone(hv.GetInstanceInfo(inst.name))
+
+
+class UserShutdown(unittest.TestCase):
+    def power_off(self, hv, inst):
+        """Starts the test guest and has it power itself off."""
+        hv.StartInstance(inst, [], False)
+        state_dir = ENV["KVM_AGENT_TEST_STATE_DIR"]
+        wait_for_guest(state_dir, inst.name)
+        console = socket.socket(socket.AF_UNIX)
+        console.connect(os.path.join(state_dir, "run", inst.name, "serial.sock"))
+        console.settimeout(2)
+        # Enter until the shell answers, so the command isn't typed into a
+        # console nobody reads yet.
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"/ # " not in seen:
+            self.assertLess(time.monotonic(), deadline, "no shell: %r" % seen[-300:])
+            console.sendall(b"\n")
+            try:
+                seen += console.recv(4096)
+            except socket.timeout:
+                pass
+        # Connected until the end: QEMU drops what it hasn't read yet
+        # when the console goes.
+        console.sendall(b"poweroff -f\n")
+        deadline = time.monotonic() + 60
+        while agent_has(SOURCE, inst.name).pid:
+            self.assertLess(time.monotonic(), deadline, "the guest never powered off")
+            time.sleep(0.2)
+        console.close()
+
+    def test_a_guest_powered_off_under_user_shutdown_is_down_by_its_users_will(self):
+        hv = KvmAgentHypervisor(socket=SOURCE,
+                                state_dir=os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "us"))
+        hvp = guest_hvparams()
+        hvp[constants.HV_KVM_USER_SHUTDOWN] = True
+        KvmAgentHypervisor.CheckParameterSyntax(hvp)
+        inst = instance("poweroff.example.com", UUIDS[5], hvp, memory=128)
+        self.power_off(hv, inst)
+        # As Ganeti's KVM driver reports it: down, by its user.
+        info = hv.GetInstanceInfo(inst.name)
+        self.assertEqual(info[1:], (-1, 0, 0, hv_base.HvInstanceState.SHUTDOWN, 0))
+        self.assertIn(info, hv.GetAllInstancesInfo())
+        self.assertNotIn(inst.name, hv.ListInstances())
+        hv.CleanupInstance(inst.name)
+        self.assertIsNone(hv.GetInstanceInfo(inst.name))
+
+        # Without user_shutdown the same power-off is an instance that is
+        # down, which Ganeti's watcher starts again.
+        inst.hvparams[constants.HV_KVM_USER_SHUTDOWN] = False
+        self.power_off(hv, inst)
+        self.assertIsNone(hv.GetInstanceInfo(inst.name))
+        self.assertNotIn(inst.name, [i[0] for i in hv.GetAllInstancesInfo()])
+        hv.CleanupInstance(inst.name)
 
 
 class Registration(unittest.TestCase):
