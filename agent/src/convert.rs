@@ -9,8 +9,9 @@ use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
-    Accelerator, Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, DisplayAdapter, InstanceSpec,
-    MAX_VLAN_ID, MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, UsbPointer, Vlan,
+    Accelerator, Boot, CpuTopology, DiskAio, DiskCache, DiskFormat, DiskSpec, DisplayAdapter,
+    InstanceSpec, MAX_VLAN_ID, MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, UsbPointer,
+    Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -58,6 +59,18 @@ pub fn disk_from_proto(d: &pb::DiskSpec) -> Result<DiskSpec, AgentError> {
             }
         },
         read_only: d.read_only,
+        aio: match pb::DiskAio::try_from(d.aio) {
+            Ok(pb::DiskAio::Unspecified | pb::DiskAio::Threads) => DiskAio::Threads,
+            Ok(pb::DiskAio::Native) => DiskAio::Native,
+            Ok(pb::DiskAio::IoUring) => DiskAio::IoUring,
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "disk {:?}: unknown AIO {}",
+                    d.name, d.aio
+                )));
+            }
+        },
+        discard: d.discard,
         cache: match pb::DiskCache::try_from(d.cache) {
             Ok(pb::DiskCache::Unspecified | pb::DiskCache::None) => DiskCache::None,
             Ok(pb::DiskCache::Writeback) => DiskCache::Writeback,

@@ -17,13 +17,18 @@ use crate::{HotplugError, slots};
 /// `blockdev-add` arguments of the file node. Pure.
 pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64) -> Value {
     let (direct, no_flush, _) = cache_flags(disk.spec.cache);
-    json!({
+    let mut args = json!({
         "driver": "file",
         "node-name": disk_file_node(disk.spec.uuid),
         "filename": format!("/dev/fdset/{fdset_id}"),
         "read-only": disk.spec.read_only,
         "cache": { "direct": direct, "no-flush": no_flush },
-    })
+        "aio": disk.spec.aio.as_str(),
+    });
+    if disk.spec.discard {
+        args["discard"] = json!("unmap");
+    }
+    args
 }
 
 /// `blockdev-add` arguments of the format node. Pure.
@@ -32,12 +37,16 @@ pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
         DiskFormat::Raw => "raw",
         DiskFormat::Qcow2 => "qcow2",
     };
-    json!({
+    let mut args = json!({
         "driver": driver,
         "node-name": disk_format_node(disk.spec.uuid),
         "file": disk_file_node(disk.spec.uuid),
         "read-only": disk.spec.read_only,
-    })
+    });
+    if disk.spec.discard {
+        args["discard"] = json!("unmap");
+    }
+    args
 }
 
 /// `device_add` arguments. Pure.
@@ -136,7 +145,7 @@ pub fn block_attached(blocks: &Value, id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use hypervisor::runtime::Uuid;
-    use hypervisor::spec::{DiskCache, DiskSpec};
+    use hypervisor::spec::{DiskAio, DiskCache, DiskSpec};
 
     use super::*;
     use crate::pipeline::tests::{executed, fake_qemu};
@@ -150,9 +159,23 @@ mod tests {
                 format: DiskFormat::Qcow2,
                 read_only,
                 cache,
+                aio: DiskAio::Threads,
+                discard: false,
             },
             9,
         )
+    }
+
+    #[test]
+    fn native_aio_and_discard_reach_both_block_nodes() {
+        let mut d = disk(false, DiskCache::None);
+        assert_eq!(file_node_arguments(&d, 4)["aio"], "threads");
+        assert!(file_node_arguments(&d, 4).get("discard").is_none());
+        d.spec.aio = DiskAio::Native;
+        d.spec.discard = true;
+        assert_eq!(file_node_arguments(&d, 4)["aio"], "native");
+        assert_eq!(file_node_arguments(&d, 4)["discard"], "unmap");
+        assert_eq!(format_node_arguments(&d)["discard"], "unmap");
     }
 
     #[test]

@@ -859,6 +859,8 @@ pub(crate) mod tests {
 
     fn disk(n: u128) -> DiskSpec {
         DiskSpec {
+            aio: Default::default(),
+            discard: false,
             name: format!("d{n}"),
             uuid: Uuid::from_u128(0xd000 + n),
             path: format!("/srv/d{n}.img").into(),

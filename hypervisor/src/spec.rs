@@ -205,6 +205,41 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// Host cache mode.
     pub cache: DiskCache,
+    /// How QEMU submits the disk's I/O.
+    #[serde(default, skip_serializing_if = "DiskAio::is_threads")]
+    pub aio: DiskAio,
+    /// The guest's discards free the image's blocks (`discard=unmap`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discard: bool,
+}
+
+/// How QEMU submits a disk's I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskAio {
+    /// A pool of threads: QEMU's default.
+    #[default]
+    Threads,
+    /// Linux native AIO; needs the host cache bypassed.
+    Native,
+    /// io_uring.
+    IoUring,
+}
+
+impl DiskAio {
+    /// QEMU's name of it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskAio::Threads => "threads",
+            DiskAio::Native => "native",
+            DiskAio::IoUring => "io_uring",
+        }
+    }
+
+    /// Whether it is QEMU's default.
+    pub fn is_threads(&self) -> bool {
+        *self == DiskAio::Threads
+    }
 }
 
 /// A NIC as the spec asks for it.
@@ -685,6 +720,9 @@ pub enum SpecError {
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
+    /// Native AIO on a disk that goes through the host's page cache.
+    #[error("disk {0:?}: native AIO needs the host cache bypassed; use cache none or directsync")]
+    NativeAioCache(String),
     /// A keymap that isn't a keymap's name, or one without VNC.
     #[error(
         "VNC keymap {0:?} is not a keymap's name (like en-us or de), or there is no VNC display"
@@ -845,6 +883,11 @@ impl InstanceSpec {
 
         for disk in &self.disks {
             check_absolute_path(&format!("disk {:?}", disk.name), &disk.path)?;
+            if disk.aio == DiskAio::Native
+                && !matches!(disk.cache, DiskCache::None | DiskCache::Directsync)
+            {
+                return Err(SpecError::NativeAioCache(disk.name.clone()));
+            }
         }
         let mut macs = HashSet::new();
         for nic in &self.nics {
@@ -956,6 +999,8 @@ pub(crate) mod tests {
             memory_mib: 128,
             vcpus: 1,
             disks: vec![DiskSpec {
+                aio: DiskAio::Threads,
+                discard: false,
                 name: "root".into(),
                 uuid: Uuid::from_u128(0xd15c_0000_0000_0000_0000_0000_0000_0001),
                 path: "/srv/images/web1.img".into(),

@@ -516,3 +516,40 @@ async fn a_running_nic_moves_between_bridges_and_keeps_the_new_one() {
     assert_eq!(master_of(&new_tap), None);
     assert!(agent.runtime_json("mover").await["nics"][0]["bridge"].is_null());
 }
+
+#[tokio::test]
+async fn disks_take_native_aio_and_discard_at_start_and_at_hot_add() {
+    let agent = TestAgent::start().await;
+    let direct = |name: &str| pb::DiskSpec {
+        cache: pb::DiskCache::None as i32,
+        aio: pb::DiskAio::Native as i32,
+        discard: true,
+        ..disk(name, &agent.raw_image(&format!("{name}.img"), 8))
+    };
+    let mut spec = agent.spec("aio", 64);
+    spec.disks.push(direct("root"));
+    let info = agent.start_spec(spec).await;
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", info.pid)).unwrap();
+    assert!(
+        cmdline.contains("cache.direct=on,cache.no-flush=off,aio=native,discard=unmap"),
+        "{cmdline:?}"
+    );
+    assert!(
+        cmdline.contains("read-only=off,discard=unmap"),
+        "{cmdline:?}"
+    );
+
+    agent.add_disk("aio", direct("data")).await.unwrap();
+    let runtime = agent.runtime_json("aio").await;
+    assert_eq!(runtime["disks"][1]["aio"], "native");
+    assert_eq!(runtime["disks"][1]["discard"], true);
+
+    // Native AIO through the host's cache is refused before QEMU sees it.
+    let cached = pb::DiskSpec {
+        cache: pb::DiskCache::Writeback as i32,
+        ..direct("cached")
+    };
+    let refused = agent.add_disk("aio", cached).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("native AIO"), "{refused:?}");
+}

@@ -111,6 +111,12 @@ pub(super) struct AddDiskArgs {
     /// Host cache mode.
     #[arg(long, default_value = "none", value_parser = EnumParser::new("DiskCache", "cache mode"))]
     cache: i32,
+    /// How QEMU submits the disk's I/O: threads, native or io_uring.
+    #[arg(long, default_value = "threads", value_parser = EnumParser::new("DiskAio", "AIO"))]
+    aio: i32,
+    /// Let the guest's discards free the image's blocks.
+    #[arg(long)]
+    discard: bool,
 }
 
 impl AddDiskArgs {
@@ -121,6 +127,8 @@ impl AddDiskArgs {
             format: self.format,
             cache: self.cache,
             read_only: self.read_only,
+            aio: self.aio,
+            discard: self.discard,
             ..Default::default()
         };
         pb::AddDiskRequest {

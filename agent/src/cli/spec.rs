@@ -99,10 +99,13 @@ pub(super) struct SpecOptions {
 
 /// Reads `--disk`.
 fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
-    let keys = ["path", "name", "uuid", "format", "ro", "readonly", "cache"];
+    let keys = [
+        "path", "name", "uuid", "format", "ro", "readonly", "cache", "aio", "discard",
+    ];
     let options = OptionList::parse("disk", &keys, text)?;
     let format = EnumParser::new("DiskFormat", "disk format");
     let cache = EnumParser::new("DiskCache", "cache mode");
+    let aio = EnumParser::new("DiskAio", "AIO");
     Ok(pb::DiskSpec {
         name: options.value("name")?.unwrap_or_default(),
         uuid: options.value("uuid")?.unwrap_or_default(),
@@ -110,6 +113,8 @@ fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
         format: options.parsed("format", |v| format.parse(v))?.unwrap_or(0),
         read_only: options.flag("ro")? || options.flag("readonly")?,
         cache: options.parsed("cache", |v| cache.parse(v))?.unwrap_or(0),
+        aio: options.parsed("aio", |v| aio.parse(v))?.unwrap_or(0),
+        discard: options.flag("discard")?,
     })
 }
 

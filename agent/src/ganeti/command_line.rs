@@ -19,7 +19,9 @@ use hypervisor::runtime::{
     InheritedMachine, QemuIdentity, RUNTIME_FORMAT_VERSION, ResolvedAccelerator, RuntimeDisk,
     RuntimeNic, inherited,
 };
-use hypervisor::spec::{Boot, CpuTopology, DiskCache, DiskFormat, DiskSpec, NicModel, NicSpec};
+use hypervisor::spec::{
+    Boot, CpuTopology, DiskAio, DiskCache, DiskFormat, DiskSpec, NicModel, NicSpec,
+};
 use uuid::Uuid;
 
 use super::runtime_file::{GanetiDisk, GanetiNic, GanetiRuntime, HvInfo};
@@ -72,11 +74,20 @@ struct Parsed {
     kept: Vec<String>,
     /// By netdev id: tap queues and whether vhost is on.
     netdevs: HashMap<String, (u32, bool)>,
-    /// By drive id: the image and its cache mode.
-    drives: HashMap<String, (String, DiskCache)>,
+    /// By drive id.
+    drives: HashMap<String, Drive>,
     /// NIC devices: hvinfo id, MAC, and the MSI-X `vectors` asked for.
     nic_devices: Vec<(String, String, Option<u32>)>,
     disk_devices: Vec<String>,
+}
+
+/// A `-drive` of Ganeti's driver: the image and how QEMU opens it.
+#[derive(Debug)]
+struct Drive {
+    file: String,
+    cache: DiskCache,
+    aio: DiskAio,
+    discard: bool,
 }
 
 /// `key=value` pairs of a QEMU option value after its first part.
@@ -195,13 +206,17 @@ impl Parsed {
     }
 
     fn drive(&mut self, value: &str) -> Result<(), String> {
-        let (mut id, mut file, mut cache) = (None, None, DiskCache::Writeback);
+        let (mut id, mut file) = (None, None);
+        let (mut cache, mut aio, mut discard) = (DiskCache::Writeback, DiskAio::Threads, false);
         for (key, v) in properties(value) {
             match (key, v) {
                 ("id", v) => id = Some(v.to_owned()),
                 ("file", v) => file = Some(v.to_owned()),
-                ("format", "raw") | ("if", "none") | ("aio", "threads" | "native") => {}
-                ("auto-read-only", "off") | ("discard", "ignore") => {}
+                ("format", "raw") | ("if", "none") | ("auto-read-only", "off") => {}
+                ("aio", "threads") | ("discard", "ignore") => {}
+                ("aio", "native") => aio = DiskAio::Native,
+                ("aio", "io_uring") => aio = DiskAio::IoUring,
+                ("discard", "unmap") => discard = true,
                 ("cache", v) => cache = disk_cache(v)?,
                 _ => {
                     return Err(format!(
@@ -212,7 +227,13 @@ impl Parsed {
         }
         match (id, file) {
             (Some(id), Some(file)) => {
-                self.drives.insert(id, (file, cache));
+                let drive = Drive {
+                    file,
+                    cache,
+                    aio,
+                    discard,
+                };
+                self.drives.insert(id, drive);
                 Ok(())
             }
             _ => Err(format!("-drive {value} has no id or no file")),
@@ -386,18 +407,18 @@ impl Parsed {
             .disks
             .iter()
             .map(|disk| {
-                let (file, cache) = self
+                let drive = self
                     .drives
                     .get(&disk.hvinfo.id)
                     .ok_or_else(|| format!("disk {} has no drive", disk.hvinfo.id))?;
-                if *file != disk.link {
+                if drive.file != disk.link {
                     return Err(format!(
-                        "disk {} opened {file}, not {} as the runtime file says",
-                        disk.hvinfo.id, disk.link
+                        "disk {} opened {}, not {} as the runtime file says",
+                        disk.hvinfo.id, drive.file, disk.link
                     ));
                 }
                 Ok(RuntimeDisk {
-                    spec: disk_spec(disk, *cache)?,
+                    spec: disk_spec(disk, drive)?,
                     slot: disk.hvinfo.slot,
                     qemu_id: Some(disk.hvinfo.id.clone()),
                 })
@@ -454,7 +475,7 @@ fn nic_spec(nic: &GanetiNic, mac: &str, queues: u32, vhost: bool) -> Result<NicS
     })
 }
 
-fn disk_spec(disk: &GanetiDisk, cache: DiskCache) -> Result<DiskSpec, String> {
+fn disk_spec(disk: &GanetiDisk, drive: &Drive) -> Result<DiskSpec, String> {
     if disk.mode != "rw" {
         return Err(format!(
             "disk {} is read-only, which Ganeti's KVM driver never starts",
@@ -467,7 +488,9 @@ fn disk_spec(disk: &GanetiDisk, cache: DiskCache) -> Result<DiskSpec, String> {
         path: PathBuf::from(&disk.link),
         format: DiskFormat::Raw,
         read_only: false,
-        cache,
+        cache: drive.cache,
+        aio: drive.aio,
+        discard: drive.discard,
     })
 }
 

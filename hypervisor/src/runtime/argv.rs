@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Runtime, RuntimeDisk, RuntimeNic};
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
-use crate::spec::{Boot, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel};
+use crate::spec::{Boot, DiskAio, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel};
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -420,19 +420,26 @@ pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: boo
     let file_node = disk_file_node(d.uuid);
     let format_node = disk_format_node(d.uuid);
     let boot = if boot_first { ",bootindex=1" } else { "" };
+    // Options QEMU's defaults cover are left out, so a disk without them
+    // renders as it always has.
+    let aio = match d.aio {
+        DiskAio::Threads => String::new(),
+        other => format!(",aio={}", other.as_str()),
+    };
+    let discard = if d.discard { ",discard=unmap" } else { "" };
     [
         "-add-fd".into(),
         format!("fd={image},set={fdset}"),
         "-blockdev".into(),
         format!(
-            "driver=file,node-name={file_node},filename=/dev/fdset/{fdset},read-only={},cache.direct={},cache.no-flush={}",
+            "driver=file,node-name={file_node},filename=/dev/fdset/{fdset},read-only={},cache.direct={},cache.no-flush={}{aio}{discard}",
             on_off(d.read_only),
             on_off(direct),
             on_off(no_flush)
         ),
         "-blockdev".into(),
         format!(
-            "driver={format},node-name={format_node},file={file_node},read-only={}",
+            "driver={format},node-name={format_node},file={file_node},read-only={}{discard}",
             on_off(d.read_only)
         ),
         "-device".into(),

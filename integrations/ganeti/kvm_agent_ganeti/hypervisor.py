@@ -92,6 +92,8 @@ TRANSLATED = frozenset([
     constants.HV_USE_LOCALTIME,
     constants.HV_REBOOT_BEHAVIOR,
     constants.HV_KVM_USER_SHUTDOWN,
+    constants.HV_KVM_DISK_AIO,
+    constants.HV_DISK_DISCARD,
     constants.HV_KEYMAP,
     constants.HV_USB_MOUSE,
     constants.HV_VGA,
@@ -127,6 +129,12 @@ NIC_MODELS = {
     constants.HT_NIC_I85557B: pb.NIC_MODEL_I82557B,
     constants.HT_NIC_I8259ER: pb.NIC_MODEL_I82559ER,
     constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
+}
+
+# Ganeti 3.0 offers threads and native.
+DISK_AIOS = {
+    constants.HT_KVM_AIO_THREADS: pb.DISK_AIO_THREADS,
+    constants.HT_KVM_AIO_NATIVE: pb.DISK_AIO_NATIVE,
 }
 
 USB_POINTERS = {
@@ -272,6 +280,8 @@ def vlan_id(part, text):
 
 
 def disk_spec(disk, link_name, hvparams):
+    # Ganeti's own checks allow native AIO with cache none only.
+    aio = DISK_AIOS[hvparams.get(constants.HV_KVM_DISK_AIO) or constants.HT_KVM_AIO_THREADS]
     return pb.DiskSpec(
         name=device_name("disk", disk),
         uuid=disk.uuid,
@@ -279,6 +289,8 @@ def disk_spec(disk, link_name, hvparams):
         format=pb.DISK_FORMAT_RAW,
         read_only=disk.mode == constants.DISK_RDONLY,
         cache=DISK_CACHES[hvparams[constants.HV_DISK_CACHE]],
+        aio=aio,
+        discard=hvparams.get(constants.HV_DISK_DISCARD) == constants.HT_DISCARD_UNMAP,
     )
 
 

@@ -497,6 +497,16 @@ class UnsupportedParameters(unittest.TestCase):
         self.assertEqual((spec.vnc.keymap, spec.usb_pointer, spec.display_adapter),
                          ("de", pb.USB_POINTER_TABLET, pb.DISPLAY_ADAPTER_CIRRUS))
 
+        from kvm_agent_ganeti.hypervisor import disk_spec
+        disk, path = disk_image("aio.img")
+        io = hvparams(**{constants.HV_KVM_DISK_AIO: constants.HT_KVM_AIO_NATIVE,
+                         constants.HV_DISK_DISCARD: constants.HT_DISCARD_UNMAP,
+                         constants.HV_DISK_CACHE: constants.HT_CACHE_NONE})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(io)
+        spec = disk_spec(disk, path, io)
+        self.assertEqual((spec.aio, spec.discard, spec.cache),
+                         (pb.DISK_AIO_NATIVE, True, pb.DISK_CACHE_NONE))
+
     def test_vnc_on_ganetis_port_and_any_address(self):
         # Ganeti hands out ports from 11000: display 5100 and up.
         from kvm_agent_ganeti.hypervisor import instance_spec
