@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors};
+use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id};
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::NicSpec;
@@ -41,6 +41,29 @@ pub fn device_arguments(nic: &RuntimeNic, chrooted: bool) -> Value {
         args["vectors"] = json!(msix_vectors(nic.spec.queues));
     }
     args
+}
+
+/// The names a NIC's tap fds (one per queue) and vhost fds are passed to
+/// QEMU under, by `getfd`. Pure.
+fn passed_fd_names(netdev: &str, taps: usize, vhosts: usize) -> (Vec<String>, Vec<String>) {
+    (
+        (0..taps).map(|q| format!("{netdev}-q{q}")).collect(),
+        (0..vhosts).map(|q| format!("{netdev}-vhost{q}")).collect(),
+    )
+}
+
+/// Closes the fds a hot-add of `nic` passed to QEMU and no netdev took.
+/// An agent killed between `getfd` and `netdev_add` leaves them open in
+/// QEMU, and its tap with them; names never passed fail harmlessly.
+pub async fn close_passed_fds(qmp: &QmpClient, nic: &NicSpec) {
+    let queues = nic.queues.max(1) as usize;
+    let vhosts = if nic.vhost { queues } else { 0 };
+    let (taps, vhost) = passed_fd_names(&netdev_id(nic.uuid), queues, vhosts);
+    for name in taps.iter().chain(&vhost) {
+        if qmp.closefd(name).await.is_ok() {
+            tracing::info!(fd = %name, "closed an fd a cut-short hot-add left in QEMU");
+        }
+    }
 }
 
 /// A NIC's host side, ready to hand to QEMU.
@@ -85,12 +108,11 @@ pub async fn attach(
     chrooted: bool,
 ) -> Result<AddedNic, HotplugError> {
     let netdev = nic.netdev_id();
-    let tap_names: Vec<String> = (0..prepared.tap.queue_fds().count())
-        .map(|q| format!("{netdev}-q{q}"))
-        .collect();
-    let vhost_names: Vec<String> = (0..prepared.vhost.len())
-        .map(|q| format!("{netdev}-vhost{q}"))
-        .collect();
+    let (tap_names, vhost_names) = passed_fd_names(
+        &netdev,
+        prepared.tap.queue_fds().count(),
+        prepared.vhost.len(),
+    );
     let fds = tap_names.iter().zip(prepared.tap.queue_fds()).chain(
         vhost_names
             .iter()

@@ -72,26 +72,51 @@ async fn instances_of_ganetis_kvm_driver_are_taken_over_while_they_run() {
         .trim()
         .parse()
         .unwrap();
-    let adopted = source
+    // Taken over by hand, as the switch-over procedure does: a dry run
+    // first, which changes nothing.
+    let ganeti_dir = source.scratch().join("kvm-hypervisor");
+    let adopt_ganeti = |extra: &[&str]| {
+        std::process::Command::new(agent_binary())
+            .args([
+                "--socket",
+                source.socket().to_str().unwrap(),
+                "adopt-ganeti",
+            ])
+            .args(["--ganeti-dir", ganeti_dir.to_str().unwrap(), name])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let dry = adopt_ganeti(&["--dry-run"]);
+    let printed = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        printed.contains(&format!("{name} (pid {pid}): would adopt")),
+        "{printed}"
+    );
+    let unknown = source
         .client()
         .await
-        .adopt_ganeti_instances(pb::AdoptGanetiInstancesRequest {
-            ganeti_dir: source
-                .scratch()
-                .join("kvm-hypervisor")
-                .display()
-                .to_string(),
-            name: name.into(),
-            dry_run: false,
-        })
+        .get_instance(pb::GetInstanceRequest { name: name.into() })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap_err();
     assert_eq!(
-        adopted.instances[0].outcome,
-        pb::GanetiAdoptionOutcome::Adopted as i32,
-        "{adopted:?}"
+        unknown.code(),
+        tonic::Code::NotFound,
+        "a dry run takes nothing"
     );
+    let adopted = adopt_ganeti(&[]);
+    let printed = String::from_utf8_lossy(&adopted.stdout);
+    assert!(adopted.status.success(), "{printed}");
+    assert!(
+        printed.contains(&format!("{name} (pid {pid}): adopted")),
+        "{printed}"
+    );
+    assert!(printed.contains("unconfined:"), "{printed}");
     source.restart().await;
     source.wait_reconciled(Duration::from_secs(30)).await;
     let info = source.instance(name).await;

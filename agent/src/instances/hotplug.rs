@@ -600,6 +600,11 @@ async fn settle_intent(
             return true;
         }
     };
+    // A tap whose fd reached QEMU but no netdev is held open there.
+    let passed_nic = match &intent {
+        HotplugIntent::AddNic { nic } => Some(nic.clone()),
+        _ => None,
+    };
     match (in_qemu.get(&id), recorded) {
         (Some(&slot), None) => {
             tracing::info!(%id, slot, "finishing a hot-add QEMU completed");
@@ -614,6 +619,9 @@ async fn settle_intent(
             tracing::info!(%id, "rolling back a hot-add QEMU never completed");
             let is_nic = matches!(device, Device::Nic { .. });
             hotplug::remove::delete_backend(qmp, device).await;
+            if let Some(nic) = &passed_nic {
+                hotplug::nic::close_passed_fds(qmp, nic).await;
+            }
             if is_nic {
                 drop(runtime.nics.remove(index));
             } else {
@@ -624,6 +632,9 @@ async fn settle_intent(
         (None, None) => {
             tracing::info!(%id, "rolling back a hot-add QEMU never completed");
             hotplug::remove::delete_backend(qmp, device).await;
+            if let Some(nic) = &passed_nic {
+                hotplug::nic::close_passed_fds(qmp, nic).await;
+            }
             false
         }
         (Some(_), Some(_)) => false,
