@@ -549,6 +549,16 @@ pub(crate) fn is_agent_device_id(id: &str) -> bool {
     is_disk_id(id) || id.starts_with(NIC_ID_PREFIX)
 }
 
+/// Takes back what an unfinished hot-add left in QEMU: the device's
+/// backend, and for a NIC the fds it passed, which QEMU holds open (and
+/// the tap with them) when no netdev took them.
+async fn roll_back(qmp: &QmpClient, device: Device, nic: Option<&NicSpec>) {
+    hotplug::remove::delete_backend(qmp, device).await;
+    if let Some(nic) = nic {
+        hotplug::nic::close_passed_fds(qmp, nic).await;
+    }
+}
+
 /// Applies what QEMU shows to an unfinished hotplug. Returns whether the
 /// record changed.
 async fn settle_intent(
@@ -558,13 +568,12 @@ async fn settle_intent(
     intent: HotplugIntent,
 ) -> bool {
     let runtime = &mut record.runtime;
-    let (device, id, recorded) = match &intent {
+    let (device, recorded) = match &intent {
         HotplugIntent::AddNic { nic } => (
             Device::Nic {
                 id: nic_device_id(nic.uuid),
                 netdev: netdev_id(nic.uuid),
             },
-            nic_device_id(nic.uuid),
             runtime.nics.iter().position(|n| n.spec.uuid == nic.uuid),
         ),
         HotplugIntent::AddDisk { disk } => (
@@ -572,7 +581,6 @@ async fn settle_intent(
                 id: disk_device_id(disk.uuid),
                 uuid: disk.uuid,
             },
-            disk_device_id(disk.uuid),
             runtime.disks.iter().position(|d| d.spec.uuid == disk.uuid),
         ),
         HotplugIntent::Remove { device } => {
@@ -600,7 +608,7 @@ async fn settle_intent(
             return true;
         }
     };
-    // A tap whose fd reached QEMU but no netdev is held open there.
+    let id = device.id().to_owned();
     let passed_nic = match &intent {
         HotplugIntent::AddNic { nic } => Some(nic.clone()),
         _ => None,
@@ -615,27 +623,16 @@ async fn settle_intent(
             }
             true
         }
-        (None, Some(index)) => {
+        (None, recorded) => {
             tracing::info!(%id, "rolling back a hot-add QEMU never completed");
             let is_nic = matches!(device, Device::Nic { .. });
-            hotplug::remove::delete_backend(qmp, device).await;
-            if let Some(nic) = &passed_nic {
-                hotplug::nic::close_passed_fds(qmp, nic).await;
-            }
-            if is_nic {
-                drop(runtime.nics.remove(index));
-            } else {
-                drop(runtime.disks.remove(index));
+            roll_back(qmp, device, passed_nic.as_ref()).await;
+            match recorded {
+                Some(index) if is_nic => drop(runtime.nics.remove(index)),
+                Some(index) => drop(runtime.disks.remove(index)),
+                None => return false,
             }
             true
-        }
-        (None, None) => {
-            tracing::info!(%id, "rolling back a hot-add QEMU never completed");
-            hotplug::remove::delete_backend(qmp, device).await;
-            if let Some(nic) = &passed_nic {
-                hotplug::nic::close_passed_fds(qmp, nic).await;
-            }
-            false
         }
         (Some(_), Some(_)) => false,
     }
