@@ -178,20 +178,6 @@ impl Agent {
             self.release_to_target(inst, process).await;
             return None;
         }
-        if outgoing.was_running
-            && let Err(e) = qemu_migration::resume(&process.qmp).await
-        {
-            tracing::error!(instance = %name, error = %e, "can't resume after settling a migration");
-        }
-        self.clear_outgoing(inst).await;
-        let state = if outgoing.was_running {
-            State::Running
-        } else {
-            State::Paused
-        };
-        Some((
-            state,
-            format!("a migration to {target} was cancelled when the agent restarted"),
-        ))
+        Some(self.stay_after_restart(inst, process, outgoing).await)
     }
 }

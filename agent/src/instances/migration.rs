@@ -323,21 +323,7 @@ impl Agent {
             Ok(_) => {
                 tracing::info!(instance = %name, %target, "the target never took the instance; it runs on here");
                 self.cancel_on_target(&target, name).await;
-                if outgoing.was_running
-                    && let Err(e) = qemu_migration::resume(&process.qmp).await
-                {
-                    tracing::error!(instance = %name, error = %e, "can't resume after settling a migration");
-                }
-                self.clear_outgoing(inst).await;
-                let state = if outgoing.was_running {
-                    State::Running
-                } else {
-                    State::Paused
-                };
-                Some((
-                    state,
-                    format!("a migration to {target} was cancelled when the agent restarted"),
-                ))
+                Some(self.stay_after_restart(inst, process, outgoing).await)
             }
             Err(e) => {
                 let detail = format!(
@@ -349,6 +335,33 @@ impl Agent {
                 Some((State::Paused, detail))
             }
         }
+    }
+
+    /// Keeps a guest whose migration an agent restart cut short on this
+    /// node: resumed if it ran before, the mark dropped. Returns the state
+    /// it is left in and why.
+    pub(super) async fn stay_after_restart(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        outgoing: &OutgoingMigration,
+    ) -> (State, String) {
+        if outgoing.was_running
+            && let Err(e) = qemu_migration::resume(&process.qmp).await
+        {
+            tracing::error!(instance = %inst.name, error = %e, "can't resume after settling a migration");
+        }
+        self.clear_outgoing(inst).await;
+        let state = if outgoing.was_running {
+            State::Running
+        } else {
+            State::Paused
+        };
+        let detail = format!(
+            "a migration to {} was cancelled when the agent restarted",
+            outgoing.target
+        );
+        (state, detail)
     }
 
     /// What the agent at `target` says of `name`: `None` when it has no
