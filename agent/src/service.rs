@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use hypervisor::lifecycle::LaunchMode;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_server::NodeAgent;
 use tokio::sync::mpsc;
@@ -117,7 +118,13 @@ impl NodeAgent for NodeAgentService {
                 let spec = req
                     .spec
                     .ok_or_else(|| AgentError::BadRequest("spec is required".into()))?;
-                Ok(view_to_proto(agent.start(spec_from_proto(spec)?).await?))
+                let mode = match req.paused {
+                    true => LaunchMode::BootPaused,
+                    false => LaunchMode::Boot,
+                };
+                Ok(view_to_proto(
+                    agent.start(spec_from_proto(spec)?, mode).await?,
+                ))
             }
         )
     }

@@ -92,6 +92,7 @@ pub async fn start_instances(
                             accelerator: pb::Accelerator::Tcg as i32,
                             ..s
                         }),
+                        paused: false,
                     })
                     .await
             });

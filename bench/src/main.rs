@@ -214,6 +214,7 @@ async fn agent_start(
     Ok(client
         .start_instance(pb::StartInstanceRequest {
             spec: Some(spec.clone()),
+            paused: false,
         })
         .await?
         .into_inner()

@@ -116,6 +116,7 @@ async fn through_agent(
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await?;
     wait_ready(&run_dir.join(name).join("serial.sock")).await?;

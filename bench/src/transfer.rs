@@ -186,6 +186,7 @@ async fn save_and_restore(
         client
             .start_instance(pb::StartInstanceRequest {
                 spec: Some(s.clone()),
+                paused: false,
             })
             .await?;
         let t = Instant::now();
@@ -263,6 +264,7 @@ async fn migrations(
     agents.clients[0]
         .start_instance(pb::StartInstanceRequest {
             spec: Some(spec(&name, mib, &ram)),
+            paused: false,
         })
         .await?;
     for round in 0..rounds {

@@ -28,6 +28,8 @@ use crate::runtime::argv::{self, ExecutionFds, MachineFds};
 use crate::spec::{Boot, MemoryBacking, NicModel};
 use crate::tap::{self, Tap, TapError};
 
+pub use crate::runtime::argv::LaunchMode;
+
 /// File names inside an instance's run directory.
 pub mod files {
     /// The agent's QMP socket.
@@ -175,7 +177,7 @@ struct ExecutionResources {
 }
 
 impl ExecutionResources {
-    fn fds(&self, incoming: bool) -> ExecutionFds {
+    fn fds(&self, mode: LaunchMode) -> ExecutionFds {
         let raw = |file: &Option<File>| file.as_ref().map(AsRawFd::as_raw_fd);
         ExecutionFds {
             qmp: self.qmp.as_raw_fd(),
@@ -198,7 +200,7 @@ impl ExecutionResources {
             },
             operator_qmp: self.operator_qmp.as_ref().map(AsRawFd::as_raw_fd),
             chroot: raw(&self.chroot),
-            incoming,
+            mode,
         }
     }
 }
@@ -412,15 +414,6 @@ fn empty_dir(path: &Path) -> Result<File, LaunchError> {
         .map_err(run_dir_error(path))
 }
 
-/// How a launched guest begins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LaunchMode {
-    /// Boot it.
-    Boot,
-    /// Wait, paused, for its state from a migration or a save file.
-    Incoming,
-}
-
 /// Launches QEMU for `rt` and waits until its QMP monitor is ready.
 pub async fn launch(
     rt: &Runtime,
@@ -460,7 +453,7 @@ async fn launch_in(
         cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
         ..confinement.clone()
     };
-    let fds = resources.fds(mode == LaunchMode::Incoming);
+    let fds = resources.fds(mode);
     let mut child = spawn_qemu(rt, &fds, run_dir, log_path, cfg, &confinement)?;
     drop(cgroups);
     let pid = child.id();
@@ -621,7 +614,8 @@ async fn release_disk_fdsets(rt: &Runtime, qmp: &QmpClient) {
 
 /// Pins the vCPUs of a QEMU that [`argv::render_execution`] started
 /// paused for it, then lets a booting guest run. An incoming guest stays
-/// paused: its migration or restore decides when it runs.
+/// paused (its migration or restore decides when it runs), and so does
+/// one started paused.
 async fn pin_and_continue(
     rt: &Runtime,
     qmp: &QmpClient,

@@ -654,6 +654,14 @@ pub fn nic(name: &str, mac: &str) -> pb::NicSpec {
     }
 }
 
+/// A StartInstance request that boots the guest running.
+pub fn start_request(spec: pb::InstanceSpec) -> pb::StartInstanceRequest {
+    pb::StartInstanceRequest {
+        spec: Some(spec),
+        paused: false,
+    }
+}
+
 /// A disk spec with the writeback cache: test images live on whatever
 /// filesystem the temp dir is on, which may not do O_DIRECT.
 pub fn disk(name: &str, path: &Path) -> pb::DiskSpec {
@@ -670,7 +678,7 @@ impl TestAgent {
     pub async fn start_spec(&self, spec: pb::InstanceSpec) -> pb::InstanceInfo {
         self.client()
             .await
-            .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+            .start_instance(start_request(spec))
             .await
             .unwrap_or_else(|s| panic!("start failed: {s:?}\nagent log:\n{}", self.log()))
             .into_inner()

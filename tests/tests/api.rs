@@ -313,17 +313,13 @@ async fn json_logs_carry_the_request_id_the_caller_received() {
     let reply = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("logged", 64)),
-        })
+        .start_instance(start_request(agent.spec("logged", 64)))
         .await
         .unwrap();
     let refused = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("bad/name", 64)),
-        })
+        .start_instance(start_request(agent.spec("bad/name", 64)))
         .await
         .unwrap_err();
 

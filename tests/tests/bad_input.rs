@@ -9,7 +9,7 @@ async fn start_err(agent: &TestAgent, spec: pb::InstanceSpec) -> tonic::Status {
     agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await
         .expect_err("start must fail")
 }

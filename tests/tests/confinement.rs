@@ -662,9 +662,7 @@ async fn pool_uids_are_one_per_instance_and_kept_across_restart_and_reboot() {
     let refused = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("fourth", 64)),
-        })
+        .start_instance(start_request(agent.spec("fourth", 64)))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");

@@ -525,10 +525,7 @@ impl Op {
     ) -> Result<(), tonic::Status> {
         let name = name.to_owned();
         match self {
-            Op::Start(spec) => client
-                .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
-                .await
-                .map(drop),
+            Op::Start(spec) => client.start_instance(start_request(spec)).await.map(drop),
             Op::Stop(force) => client
                 .stop_instance(pb::StopInstanceRequest {
                     name,

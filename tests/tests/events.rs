@@ -69,9 +69,7 @@ async fn a_watcher_sees_a_lifecycle_in_order_and_a_resume_gets_exactly_the_rest(
     let mut client = agent.client().await;
 
     client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("watched", 64)),
-        })
+        .start_instance(start_request(agent.spec("watched", 64)))
         .await
         .unwrap();
     client
@@ -178,9 +176,7 @@ async fn resuming_from_events_no_longer_kept_is_out_of_range() {
     let agent = TestAgent::start_with(options).await;
     let mut client = agent.client().await;
     client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("brief", 64)),
-        })
+        .start_instance(start_request(agent.spec("brief", 64)))
         .await
         .unwrap();
     client

@@ -24,7 +24,7 @@ async fn start_guest_with(
     let info = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await
         .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
         .into_inner();

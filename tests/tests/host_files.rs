@@ -97,7 +97,7 @@ async fn a_path_swapped_to_a_symlink_during_starts_never_hands_qemu_an_outside_f
         let reply = agent
             .client()
             .await
-            .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+            .start_instance(start_request(spec))
             .await;
         match reply {
             Ok(info) => {
@@ -244,7 +244,7 @@ async fn a_fifo_as_kernel_initrd_or_save_file_is_refused_at_once() {
     for spec in [as_kernel, as_initrd] {
         refusals.push(
             client
-                .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+                .start_instance(start_request(spec))
                 .await
                 .unwrap_err(),
         );

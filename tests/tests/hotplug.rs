@@ -11,9 +11,7 @@ async fn start(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
     agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec(name, 64)),
-        })
+        .start_instance(start_request(agent.spec(name, 64)))
         .await
         .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
         .into_inner()

@@ -291,7 +291,7 @@ async fn starting_a_running_instance_is_already_exists_and_harmless() {
     let err = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await
         .unwrap_err();
 
@@ -370,6 +370,43 @@ async fn agent_restart_adopts_running_instances() {
         pb::StopMethod::Quit as i32
     );
     assert!(!process_alive(before.pid));
+}
+
+#[tokio::test]
+async fn a_paused_start_runs_no_guest_instruction_until_resumed() {
+    let mut agent = TestAgent::start().await;
+    let mut request = start_request(agent.spec("held", 64));
+    request.paused = true;
+    let started = agent
+        .client()
+        .await
+        .start_instance(request)
+        .await
+        .expect("paused start")
+        .into_inner();
+    assert_eq!(started.state, pb::InstanceState::Paused as i32);
+    // "prelaunch" is QEMU's word for a guest that never ran; one paused
+    // after it ran would be "paused".
+    let status = |agent: &TestAgent| operator_qmp(agent, "held").execute("query-status", json!({}));
+    assert_eq!(status(&agent)["status"], "prelaunch");
+
+    agent.restart().await;
+    assert_eq!(
+        agent.instance("held").await.state,
+        pb::InstanceState::Paused as i32
+    );
+    let resumed = agent
+        .client()
+        .await
+        .resume_instance(pb::ResumeInstanceRequest {
+            name: "held".into(),
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    assert_eq!(resumed.state, pb::InstanceState::Running as i32);
+    assert_eq!(status(&agent)["status"], "running");
+    assert_eq!(resumed.pid, started.pid);
 }
 
 #[tokio::test]
@@ -483,7 +520,7 @@ async fn a_mask_that_does_not_fit_is_refused_before_qemu_starts() {
         spec.cpu_mask = mask.into();
         let status = client()
             .await
-            .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+            .start_instance(start_request(spec))
             .await
             .expect_err(mask);
         assert_eq!(
@@ -549,7 +586,7 @@ async fn the_guest_sees_the_cpu_topology_asked_for_and_a_local_time_clock() {
     let refused = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(bad) })
+        .start_instance(start_request(bad))
         .await
         .expect_err("2 cores per socket can't hold 3 vCPUs");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
@@ -730,7 +767,7 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
     let refused = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(bad) })
+        .start_instance(start_request(bad))
         .await
         .expect_err("an interface name isn't an address");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");

@@ -55,7 +55,7 @@ async fn a_node_without_free_huge_pages_refuses_a_hugepage_guest_clearly() {
     let result = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await;
 
     if free >= 32 {

@@ -168,7 +168,7 @@ async fn the_package_holds_a_working_agent_init_script_and_client() {
     };
 
     let qemu = client
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await
         .expect("start through the packaged agent")
         .into_inner()

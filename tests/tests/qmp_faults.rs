@@ -83,9 +83,7 @@ async fn each_qmp_fault_is_a_clear_status_in_time_and_the_connection_is_rebuilt(
     let agent = fault_agent().await;
     let mut client = agent.client().await;
     client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("real", 64)),
-        })
+        .start_instance(start_request(agent.spec("real", 64)))
         .await
         .expect("a real QEMU starts through the stand-in");
     let (stop_reading, reader) = keep_reading(&agent, "real").await;
@@ -93,9 +91,7 @@ async fn each_qmp_fault_is_a_clear_status_in_time_and_the_connection_is_rebuilt(
     // A QEMU that never greets fails its start, and nothing stays behind.
     let began = Instant::now();
     let err = client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("qmp-fault-no-greeting", 64)),
-        })
+        .start_instance(start_request(agent.spec("qmp-fault-no-greeting", 64)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -126,9 +122,7 @@ async fn each_qmp_fault_is_a_clear_status_in_time_and_the_connection_is_rebuilt(
     for (fault, expected) in faults {
         let name = format!("qmp-fault-{fault}");
         client
-            .start_instance(pb::StartInstanceRequest {
-                spec: Some(agent.spec(&name, 64)),
-            })
+            .start_instance(start_request(agent.spec(&name, 64)))
             .await
             .unwrap_or_else(|e| panic!("{name} starts: {e}"));
 

@@ -391,9 +391,7 @@ async fn a_running_instance_whose_record_is_unreadable_stays_in_sight_and_blocks
     let second = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("orphan", 64)),
-        })
+        .start_instance(start_request(agent.spec("orphan", 64)))
         .await
         .unwrap_err();
     assert_eq!(second.code(), tonic::Code::FailedPrecondition, "{second:?}");

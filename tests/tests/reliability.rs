@@ -71,9 +71,7 @@ async fn reads_and_other_instances_do_not_wait_behind_a_long_stop() {
     let other_reads = began.elapsed();
     let began = Instant::now();
     client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("other", 64)),
-        })
+        .start_instance(start_request(agent.spec("other", 64)))
         .await
         .unwrap();
     let other_start = began.elapsed();
@@ -253,7 +251,7 @@ async fn ten_instances_started_at_once_all_run() {
         let spec = agent.spec(&format!("crowd{i}"), 64);
         starts.spawn(async move {
             client
-                .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+                .start_instance(start_request(spec))
                 .await
                 .map(|r| r.into_inner())
         });
@@ -415,9 +413,7 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
     .await;
     let mut client = agent.client().await;
     client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("kept", 64)),
-        })
+        .start_instance(start_request(agent.spec("kept", 64)))
         .await
         .unwrap();
     client
@@ -432,15 +428,11 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
     disk_full.fill();
 
     let full = client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("kept", 64)),
-        })
+        .start_instance(start_request(agent.spec("kept", 64)))
         .await
         .unwrap_err();
     let fresh = client
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(agent.spec("new", 64)),
-        })
+        .start_instance(start_request(agent.spec("new", 64)))
         .await
         .unwrap_err();
 

@@ -31,7 +31,7 @@ async fn a_vlan_on_a_bridge_that_doesnt_filter_is_refused_and_leaves_no_tap() {
     let refused = agent
         .client()
         .await
-        .start_instance(pb::StartInstanceRequest { spec: Some(spec) })
+        .start_instance(start_request(spec))
         .await
         .expect_err("no untagged tap on a bridge that carries every VLAN");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");

@@ -14,7 +14,13 @@ use super::wire::{enum_type, label, state_label};
 #[derive(Debug, Subcommand)]
 pub(super) enum InstanceCommand {
     /// Start an instance from a spec given by flags.
-    Start(SpecArgs),
+    Start {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Start with the vCPUs stopped, until `instance resume`.
+        #[arg(long)]
+        paused: bool,
+    },
     /// Stop an instance.
     Stop {
         /// Instance name.
@@ -146,10 +152,10 @@ pub(super) async fn run(
     out: Printer,
 ) -> anyhow::Result<()> {
     let instance = match command {
-        InstanceCommand::Start(spec) => {
+        InstanceCommand::Start { spec, paused } => {
             let spec = Some(spec.to_proto());
             client
-                .start_instance(pb::StartInstanceRequest { spec })
+                .start_instance(pb::StartInstanceRequest { spec, paused })
                 .await?
         }
         InstanceCommand::Stop {

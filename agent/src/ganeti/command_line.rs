@@ -674,7 +674,7 @@ pub(crate) mod tests {
             machine: Default::default(),
             operator_qmp: None,
             chroot: None,
-            incoming: false,
+            mode: Default::default(),
         };
         let argv = render_execution(&rt, &fds).join(" ");
 

@@ -181,10 +181,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts an instance from a spec.
+    /// Starts an instance from a spec, its guest running or, with
+    /// [`LaunchMode::BootPaused`], stopped before its first instruction.
     pub async fn start(
         self: &Arc<Self>,
         mut spec: InstanceSpec,
+        mode: LaunchMode,
     ) -> Result<InstanceView, AgentError> {
         // Validate the name before it is used as a registry key or a path.
         if !hypervisor::spec::is_safe_identifier(&spec.name, hypervisor::spec::MAX_INSTANCE_NAME) {
@@ -209,7 +211,7 @@ impl Agent {
         };
         let op = inst.lock_ops().await;
         let result = match &op {
-            Ok(_) => self.start_locked(&inst, &mut spec).await,
+            Ok(_) => self.start_locked(&inst, &mut spec, mode).await,
             Err(_) => Err(AgentError::CallerGone),
         };
         if result.is_err() && fresh {
@@ -231,6 +233,7 @@ impl Agent {
         self: &Arc<Self>,
         inst: &Arc<Instance>,
         spec: &mut InstanceSpec,
+        mode: LaunchMode,
     ) -> Result<(), AgentError> {
         let previous = lock(&inst.status).record.clone();
         Self::fill_identity(spec, previous.as_ref().map(|r| &r.runtime));
@@ -279,7 +282,7 @@ impl Agent {
         inst.set_state(State::Starting, "");
         drop(picking);
 
-        if let Err(e) = self.launch(inst, &record.runtime, LaunchMode::Boot).await {
+        if let Err(e) = self.launch(inst, &record.runtime, mode).await {
             // Leave things as they were before the call.
             match previous {
                 Some(prev) => {
@@ -338,11 +341,12 @@ impl Agent {
         ));
         // A booting guest starts with all its memory; an incoming one has
         // what its source had, read once its state is here.
-        if mode == LaunchMode::Boot && runtime.balloon_slot.is_some() {
+        if mode != LaunchMode::Incoming && runtime.balloon_slot.is_some() {
             process.set_balloon_mib(runtime.memory_mib);
         }
         let state = match mode {
             LaunchMode::Boot => State::Running,
+            LaunchMode::BootPaused => State::Paused,
             LaunchMode::Incoming => State::Incoming,
         };
         self.supervise(inst, process.clone(), events, state);

@@ -308,9 +308,22 @@ pub struct ExecutionFds {
     /// The empty directory QEMU shuts itself into, when the runtime has a
     /// chroot.
     pub chroot: Option<RawFd>,
-    /// Start with the vCPUs stopped, waiting for the guest's state to
-    /// arrive (`-S -incoming defer`), for a migration or a restore.
-    pub incoming: bool,
+    /// How the guest begins.
+    pub mode: LaunchMode,
+}
+
+/// How a launched guest begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LaunchMode {
+    /// Boot it.
+    #[default]
+    Boot,
+    /// Boot it with its vCPUs stopped (`-S`): the guest runs no
+    /// instruction until someone resumes it.
+    BootPaused,
+    /// Wait, paused, for its state from a migration or a save file
+    /// (`-S -incoming defer`).
+    Incoming,
 }
 
 /// The fd set that carries the image of the disk at `index` in the
@@ -363,13 +376,15 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     if let Some(fd) = fds.chroot {
         argv.extend(chroot_option(rt.qemu.version, fd));
     }
-    if fds.incoming {
+    if fds.mode == LaunchMode::Incoming {
         // -S as well, so the guest only runs once the agent says so, not
         // as soon as the stream is complete.
         argv.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-    } else if rt.cpu_pinning.as_ref().is_some_and(CpuPinning::restricts) {
-        // Paused until the vCPU threads are pinned, so the guest never
-        // runs where it must not.
+    } else if fds.mode == LaunchMode::BootPaused
+        || rt.cpu_pinning.as_ref().is_some_and(CpuPinning::restricts)
+    {
+        // A pinned guest waits until its vCPU threads are pinned, so it
+        // never runs where it must not.
         argv.push("-S".into());
     }
     argv
@@ -570,7 +585,7 @@ mod tests {
             machine: MachineFds::default(),
             operator_qmp: None,
             chroot: None,
-            incoming: false,
+            mode: LaunchMode::Boot,
         }
     }
 
@@ -705,11 +720,26 @@ mod tests {
         let incoming = render_execution(
             &rt,
             &ExecutionFds {
-                incoming: true,
+                mode: LaunchMode::Incoming,
                 ..fds()
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn a_paused_boot_stops_the_vcpus_before_the_first_instruction() {
+        let qemu = qemu_7_2();
+        let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        let paused = render_execution(
+            &rt,
+            &ExecutionFds {
+                mode: LaunchMode::BootPaused,
+                ..fds()
+            },
+        );
+        assert_eq!(paused.iter().filter(|a| *a == "-S").count(), 1);
+        assert!(!paused.iter().any(|a| a == "-incoming"));
     }
 
     #[test]

@@ -539,11 +539,11 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 (instance.name, left[instance.name]))
         spec = instance_spec(instance, block_devices)
         self._note_user_shutdown(instance)
-        self._call("start_instance", pb.StartInstanceRequest(spec=spec),
+        # Paused as Ganeti's KVM driver does it (-S): not one instruction
+        # of the guest runs before someone resumes it.
+        self._call("start_instance",
+                   pb.StartInstanceRequest(spec=spec, paused=bool(startup_paused)),
                    "starting %s" % instance.name)
-        if startup_paused:
-            self._call("pause_instance", pb.PauseInstanceRequest(name=instance.name),
-                       "pausing %s" % instance.name)
 
     def StopInstance(self, instance, force=False, retry=False, name=None,
                      timeout=None):

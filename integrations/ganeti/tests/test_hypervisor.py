@@ -302,6 +302,11 @@ class NodeConsoleAndReboot(unittest.TestCase):
         hv.StopInstance(inst, force=True)
         hv.StartInstance(inst, [], True)
         self.assertEqual(agent_has(SOURCE, inst.name).state, pb.INSTANCE_STATE_PAUSED)
+        # "prelaunch", not "paused": the guest never ran (-S), as with
+        # Ganeti's KVM driver.
+        qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
+        self.assertEqual(qmp.execute("query-status")["status"], "prelaunch")
+        qmp.close()
         command = [ENV["KVM_AGENT_TEST_BINARY"]] + console.command[1:]
         attached = subprocess.run(command, input=b"\x1d", capture_output=True, timeout=60,
                                   env=dict(os.environ, KVM_AGENT_SOCKET=SOURCE))
