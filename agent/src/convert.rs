@@ -10,8 +10,8 @@ use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, CpuTopology, DiskAio, DiskCache, DiskFormat, DiskSpec, DisplayAdapter,
-    InstanceSpec, MAX_VLAN_ID, MacAddr, MemoryBacking, NicModel, NicSpec, SpecError, UsbPointer,
-    Vlan,
+    InstanceSpec, MAX_VLAN_ID, MacAddr, MediaDrive, MediaKind, MemoryBacking, NicModel, NicSpec,
+    SpecError, UsbPointer, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -197,6 +197,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         .map(nic_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
     name_unnamed_devices(&mut disks, &mut nics);
+    let media = media_from_proto(&p.media, &disks, &nics)?;
     let boot = boot_from_proto(p.boot)?;
     let accelerator = accelerator_from_proto(p.accelerator)?;
     let (vnc_display, vnc_address, vnc_keymap) = match &p.vnc {
@@ -247,21 +248,80 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             p.cpu_model
         },
         memory_backing: memory_backing_from_proto(p.memory)?,
+        media,
     })
 }
 
+/// The drives of a wire spec, each unnamed one named after its kind and
+/// the lowest number no device has.
+fn media_from_proto(
+    drives: &[pb::MediaDriveSpec],
+    disks: &[DiskSpec],
+    nics: &[NicSpec],
+) -> Result<Vec<MediaDrive>, AgentError> {
+    let mut media: Vec<MediaDrive> = Vec::with_capacity(drives.len());
+    for drive in drives {
+        let kind = match pb::MediaKind::try_from(drive.kind) {
+            Ok(pb::MediaKind::Cdrom) => MediaKind::Cdrom,
+            Ok(pb::MediaKind::Floppy) => MediaKind::Floppy,
+            _ => {
+                return Err(AgentError::BadRequest(format!(
+                    "drive {:?}: kind must be cdrom or floppy",
+                    drive.name
+                )));
+            }
+        };
+        media.push(MediaDrive {
+            name: drive.name.clone(),
+            kind,
+            image: non_empty(&drive.image),
+        });
+    }
+    for i in 0..media.len() {
+        if media[i].name.is_empty() {
+            let taken = disks.iter().map(|d| d.name.as_str());
+            let taken = taken
+                .chain(nics.iter().map(|n| n.name.as_str()))
+                .chain(media.iter().map(|d| d.name.as_str()));
+            let prefix = match media[i].kind {
+                MediaKind::Cdrom => "cdrom",
+                MediaKind::Floppy => "floppy",
+            };
+            media[i].name = free_device_name(prefix, taken);
+        }
+    }
+    Ok(media)
+}
+
 fn boot_from_proto(boot: Option<pb::BootSpec>) -> Result<Boot, AgentError> {
-    match boot {
-        Some(b) if !b.kernel.is_empty() => Ok(Boot::Kernel {
+    let Some(b) = boot else {
+        return Ok(Boot::Disk);
+    };
+    let device = pb::BootDevice::try_from(b.device)
+        .map_err(|_| AgentError::BadRequest(format!("boot: unknown device {}", b.device)))?;
+    if !b.kernel.is_empty() {
+        if !matches!(device, pb::BootDevice::Unspecified) {
+            return Err(AgentError::BadRequest(
+                "boot: a kernel boot boots no device; leave device unset".into(),
+            ));
+        }
+        return Ok(Boot::Kernel {
             kernel: PathBuf::from(b.kernel),
             initrd: non_empty(&b.initrd),
             cmdline: b.cmdline,
-        }),
-        Some(b) if !b.initrd.is_empty() || !b.cmdline.is_empty() => Err(AgentError::BadRequest(
-            "boot: an initrd or kernel command line needs a kernel".into(),
-        )),
-        _ => Ok(Boot::Disk),
+        });
     }
+    if !b.initrd.is_empty() || !b.cmdline.is_empty() {
+        return Err(AgentError::BadRequest(
+            "boot: an initrd or kernel command line needs a kernel".into(),
+        ));
+    }
+    Ok(match device {
+        pb::BootDevice::Unspecified | pb::BootDevice::Disk => Boot::Disk,
+        pb::BootDevice::Cdrom => Boot::Cdrom,
+        pb::BootDevice::Floppy => Boot::Floppy,
+        pb::BootDevice::Network => Boot::Network,
+    })
 }
 
 fn usb_pointer_from_proto(pointer: i32) -> Result<Option<UsbPointer>, AgentError> {
@@ -388,8 +448,27 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         .chain(rt.nics.iter().enumerate().map(|(i, n)| {
             nic_to_proto(n, view.taps.get(i).map(String::as_str).unwrap_or_default())
         }))
+        .chain(rt.media.iter().map(media_to_proto))
         .collect();
     info
+}
+
+/// The wire form of a CD-ROM or floppy drive and its medium.
+pub fn media_to_proto(d: &MediaDrive) -> pb::DeviceInfo {
+    pb::DeviceInfo {
+        kind: match d.kind {
+            MediaKind::Cdrom => pb::DeviceKind::Cdrom,
+            MediaKind::Floppy => pb::DeviceKind::Floppy,
+        } as i32,
+        name: d.name.clone(),
+        qemu_id: d.device_id(),
+        detail: d
+            .image
+            .as_ref()
+            .map(|i| i.display().to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 /// The wire form of what taking over Ganeti's instances came to.
@@ -749,6 +828,45 @@ mod tests {
         };
 
         assert!(matches!(spec_from_proto(w), Err(AgentError::BadRequest(_))));
+    }
+
+    #[test]
+    fn a_boot_device_comes_without_a_kernel_and_drives_are_named_by_kind() {
+        let cdrom = pb::MediaDriveSpec {
+            kind: pb::MediaKind::Cdrom as i32,
+            image: "/srv/iso/install.iso".into(),
+            ..Default::default()
+        };
+        let floppy = pb::MediaDriveSpec {
+            kind: pb::MediaKind::Floppy as i32,
+            ..Default::default()
+        };
+        let w = pb::InstanceSpec {
+            boot: Some(pb::BootSpec {
+                device: pb::BootDevice::Cdrom as i32,
+                ..Default::default()
+            }),
+            media: vec![cdrom.clone(), floppy, cdrom],
+            ..wire()
+        };
+        let spec = spec_from_proto(w.clone()).unwrap();
+        assert_eq!(spec.boot, Boot::Cdrom);
+        let names: Vec<&str> = spec.media.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["cdrom0", "floppy0", "cdrom1"]);
+        assert_eq!(spec.media[1].image, None);
+
+        let mut both = w.clone();
+        both.boot.as_mut().unwrap().kernel = "/boot/vmlinuz".into();
+        assert!(matches!(
+            spec_from_proto(both),
+            Err(AgentError::BadRequest(_))
+        ));
+        let mut kindless = w;
+        kindless.media[0].kind = 0;
+        assert!(matches!(
+            spec_from_proto(kindless),
+            Err(AgentError::BadRequest(_))
+        ));
     }
 
     #[test]

@@ -371,7 +371,9 @@ impl AgentError {
                 HotplugError::Qmp { .. } => {
                     (Code::Unavailable, "retry; the agent reconnects to QEMU")
                 }
-                HotplugError::Verify { .. } => (Code::Internal, "see the agent's log"),
+                HotplugError::Verify { .. } | HotplugError::MediumNotInserted { .. } => {
+                    (Code::Internal, "see the agent's log")
+                }
             },
             AgentError::Runtime(e) => match e {
                 RuntimeError::NoFreeSlot { .. } => {

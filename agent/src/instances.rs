@@ -28,6 +28,7 @@ mod handback;
 mod hotplug;
 mod incoming;
 mod lifecycle;
+mod media;
 mod memory;
 mod migration;
 mod quarantine;

@@ -1,6 +1,7 @@
 //! The gRPC service: each handler converts the request, calls the agent and
 //! converts the answer. No lifecycle logic lives here.
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -453,6 +454,17 @@ impl NodeAgent for NodeAgentService {
             let bridge = Some(req.bridge).filter(|b| !b.is_empty());
             let changed = agent.set_nic_bridge(&req.name, &req.device, bridge).await?;
             Ok(convert::device_change_to_proto(changed))
+        })
+    }
+
+    async fn change_medium(
+        &self,
+        req: Request<pb::ChangeMediumRequest>,
+    ) -> Reply<pb::InstanceInfo> {
+        operation!(self, req, "change-medium", req.name.clone(), |agent| {
+            let image = Some(req.image).filter(|i| !i.is_empty()).map(PathBuf::from);
+            let view = agent.change_medium(&req.name, &req.drive, image).await?;
+            Ok(view_to_proto(view))
         })
     }
 

@@ -113,6 +113,7 @@ async fn through_agent(
                     kernel: guest.kernel.display().to_string(),
                     initrd: guest.initrd.display().to_string(),
                     cmdline: CMDLINE.into(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),

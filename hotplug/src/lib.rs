@@ -1,14 +1,16 @@
-//! Hot-adding and removing NICs and disks of a running QEMU over QMP.
+//! Hot-adding and removing NICs and disks of a running QEMU over QMP, and
+//! changing the media of its CD-ROM and floppy drives.
 //!
 //! [`slots`] finds a free PCI slot (pure); [`support`] says what the
-//! instance's QEMU and the node can do; [`nic`], [`disk`] and [`remove`] run
-//! the QMP sequences. A hot-add is a list of steps, each with what takes it
+//! instance's QEMU and the node can do; [`nic`], [`disk`], [`remove`] and
+//! [`medium`] run the QMP sequences. A hot-add is a list of steps, each with what takes it
 //! back, which one runner sends and, when a step fails, takes back in
 //! reverse. Keeping the runtime in step is the caller's job: these functions change
 //! QEMU only.
 #![deny(missing_docs)]
 
 pub mod disk;
+pub mod medium;
 pub mod nic;
 mod pipeline;
 pub mod remove;
@@ -50,6 +52,12 @@ pub enum HotplugError {
         id: String,
         /// Expected slot.
         slot: u8,
+    },
+    /// QEMU took the new medium but doesn't show it in the drive.
+    #[error("drive {id} doesn't hold the new medium after blockdev-change-medium")]
+    MediumNotInserted {
+        /// QEMU device id of the drive.
+        id: String,
     },
     /// The guest didn't release the device.
     #[error(

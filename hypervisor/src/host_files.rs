@@ -15,7 +15,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use crate::identity::{Ownership, QemuUser};
-use crate::spec::DiskSpec;
+use crate::spec::{DiskSpec, MediaDrive};
 
 /// Why a host file can't be handed to QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,16 @@ pub enum HostFileError {
         /// `kernel` or `initrd`.
         what: &'static str,
         /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CD-ROM or floppy image can't be read.
+    #[error("{drive} medium {}: {reason}", path.display())]
+    Medium {
+        /// The drive, e.g. `CD-ROM "install"`.
+        drive: String,
+        /// The image.
         path: PathBuf,
         /// What is wrong.
         reason: String,
@@ -180,6 +190,29 @@ pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<File, Ho
     };
     let file = roots
         .open(&disk.path, access, Mode::empty())
+        .map_err(|e| unusable(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(unusable("not a regular file or block device".into()));
+    }
+    blocking(&file).map_err(|e| unusable(e.to_string()))?;
+    Ok(file)
+}
+
+/// Opens the medium of a CD-ROM or floppy drive, read-only, beneath the
+/// allowed roots: an image file or a block device.
+pub fn open_medium(
+    drive: &MediaDrive,
+    path: &Path,
+    roots: &AllowedRoots,
+) -> Result<File, HostFileError> {
+    let unusable = |reason: String| HostFileError::Medium {
+        drive: drive.what(),
+        path: path.to_owned(),
+        reason,
+    };
+    let file = roots
+        .open(path, OFlag::O_RDONLY, Mode::empty())
         .map_err(|e| unusable(e.to_string()))?;
     let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
     if !(meta.is_file() || meta.file_type().is_block_device()) {

@@ -3,7 +3,7 @@
 //!
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime,
 //! with [`runtime::argv`] rendering it as a command line, re-exported as
-//! [`argv`]), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
+//! [`argv`]), [`media`] (CD-ROM and floppy drives), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
 //! (what a QEMU binary is) and [`identity`] (the user a confined QEMU runs
 //! as, and its access to `/dev/kvm`, decided purely). The I/O shell around it is [`probe`]
 //! (runs the binary to fill in a [`qemu_info::QemuInfo`]), [`tap`],
@@ -22,6 +22,7 @@ pub mod cgroup;
 pub mod host_files;
 pub mod identity;
 pub mod lifecycle;
+pub mod media;
 pub mod migration;
 pub mod pinning;
 pub mod probe;

@@ -170,6 +170,7 @@ struct ExecutionResources {
     taps: Vec<Tap>,
     vhost: Vec<Vec<File>>,
     disks: Vec<File>,
+    media: Vec<Option<File>>,
     kernel: Option<File>,
     initrd: Option<File>,
     memory: Option<File>,
@@ -193,6 +194,7 @@ impl ExecutionResources {
                 .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
                 .collect(),
             disks: self.disks.iter().map(AsRawFd::as_raw_fd).collect(),
+            media: self.media.iter().map(raw).collect(),
             machine: MachineFds {
                 kernel: raw(&self.kernel),
                 initrd: raw(&self.initrd),
@@ -214,6 +216,7 @@ fn inherited(fds: &ExecutionFds) -> Vec<std::os::fd::RawFd> {
         .chain(fds.taps.iter().flatten().copied())
         .chain(fds.vhost.iter().flatten().copied())
         .chain(fds.disks.iter().copied())
+        .chain(fds.media.iter().flatten().copied())
         .chain(machine.into_iter().flatten())
         .chain(fds.chroot)
         .collect()
@@ -302,6 +305,19 @@ fn listen(path: &Path) -> Result<UnixListener, LaunchError> {
     UnixListener::bind(path).map_err(run_dir_error(path))
 }
 
+/// The medium of each drive, opened; none for an empty drive.
+fn open_media(rt: &Runtime, cfg: &LaunchConfig) -> Result<Vec<Option<File>>, HostFileError> {
+    rt.media
+        .iter()
+        .map(|d| {
+            d.image
+                .as_deref()
+                .map(|image| host_files::open_medium(d, image, &cfg.allowed_roots))
+                .transpose()
+        })
+        .collect()
+}
+
 fn open_resources(
     rt: &Runtime,
     run_dir: &Path,
@@ -343,8 +359,9 @@ fn open_resources(
                 .map(|i| host_files::open_boot_file("initrd", i, rt.qemu_user, &cfg.allowed_roots))
                 .transpose()?,
         ),
-        Boot::Disk => (None, None),
+        _ => (None, None),
     };
+    let media = open_media(rt, cfg)?;
     // Without a user of its own, QEMU opens (and creates) its RAM file
     // itself, as root.
     let memory = match (&rt.memory_backing, rt.qemu_user) {
@@ -373,6 +390,7 @@ fn open_resources(
         },
         taps,
         disks,
+        media,
         kernel,
         initrd,
         memory,
@@ -589,16 +607,18 @@ async fn qmp_failure(
     }
 }
 
-/// Drops the fd sets the boot disks came in. Their block nodes hold dups
-/// of the fds, so only the sets' own copies close, and a disk removed
-/// later releases its image completely.
+/// Drops the fd sets the boot disks and media came in. Their block nodes
+/// hold dups of the fds, so only the sets' own copies close, and a disk
+/// removed or a medium changed later releases its image completely.
 async fn release_disk_fdsets(rt: &Runtime, qmp: &QmpClient) {
+    let media = (0..rt.media.len())
+        .filter(|&index| rt.media[index].image.is_some())
+        .map(|index| argv::media_fdset(rt, index));
     let commands = (0..rt.disks.len())
-        .map(|index| {
-            crate::qmp::Command::new(
-                "remove-fd",
-                serde_json::json!({ "fdset-id": argv::disk_fdset(index) }),
-            )
+        .map(argv::disk_fdset)
+        .chain(media)
+        .map(|fdset| {
+            crate::qmp::Command::new("remove-fd", serde_json::json!({ "fdset-id": fdset }))
         })
         .collect::<Vec<_>>();
     if commands.is_empty() {

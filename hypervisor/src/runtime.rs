@@ -16,8 +16,8 @@ use crate::identity::QemuUser;
 use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
-    Accelerator, Boot, CpuTopology, DiskSpec, DisplayAdapter, InstanceSpec, MemoryBacking, NicSpec,
-    SpecError, UsbPointer,
+    Accelerator, Boot, CpuTopology, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
+    MemoryBacking, NicSpec, SpecError, UsbPointer,
 };
 
 // The command line is a function of the runtime: a runtime stores its
@@ -200,6 +200,9 @@ pub struct Runtime {
     pub display_adapter: Option<DisplayAdapter>,
     /// Disks with their slots.
     pub disks: Vec<RuntimeDisk>,
+    /// CD-ROM and floppy drives, with the medium each holds now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<MediaDrive>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
     /// Slot of the virtio memory balloon, which lets the guest's memory be
@@ -399,6 +402,7 @@ pub fn generate(
         usb_pointer: spec.usb_pointer,
         display_adapter: spec.display_adapter,
         disks,
+        media: spec.media.clone(),
         nics,
         balloon_slot: Some(balloon_slot),
         sandbox: host.confine && host.qemu.sandbox,
@@ -597,6 +601,7 @@ impl Runtime {
             vnc_keymap: self.vnc_keymap.clone(),
             usb_pointer: self.usb_pointer,
             display_adapter: self.display_adapter,
+            media: self.media.clone(),
         }
     }
 

@@ -11,6 +11,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::media::MediaError;
+pub use crate::media::{MediaDrive, MediaKind};
 use crate::pinning::{CpuPinning, PinningError};
 
 /// Smallest memory size accepted, in MiB.
@@ -361,6 +363,13 @@ pub enum Boot {
     /// From the first disk.
     #[default]
     Disk,
+    /// From the first CD-ROM, then the first disk: once the CD-ROM holds
+    /// no bootable medium, the guest boots from its disk.
+    Cdrom,
+    /// From the floppy, then the first disk.
+    Floppy,
+    /// From the first NIC's option ROM (PXE), then the first disk.
+    Network,
     /// Direct kernel boot.
     Kernel {
         /// Kernel image.
@@ -370,6 +379,17 @@ pub enum Boot {
         /// Kernel command line.
         cmdline: String,
     },
+}
+
+impl Boot {
+    /// The kind of drive the guest boots from, if it boots from one.
+    pub fn media_kind(&self) -> Option<MediaKind> {
+        match self {
+            Boot::Cdrom => Some(MediaKind::Cdrom),
+            Boot::Floppy => Some(MediaKind::Floppy),
+            _ => None,
+        }
+    }
 }
 
 /// Where guest RAM comes from.
@@ -455,6 +475,9 @@ pub struct InstanceSpec {
     /// without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_adapter: Option<DisplayAdapter>,
+    /// CD-ROM and floppy drives, with their media.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<MediaDrive>,
 }
 
 /// A pointing device on USB, for VNC consoles: a tablet's absolute
@@ -717,6 +740,10 @@ pub enum SpecError {
     /// VNC display out of range.
     #[error("VNC display {0} is out of range: use 0..={MAX_VNC_DISPLAY}")]
     VncDisplay(u32),
+    /// CD-ROM or floppy drives the machine can't hold, or a boot device
+    /// the instance lacks.
+    #[error(transparent)]
+    Media(#[from] MediaError),
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
@@ -846,6 +873,10 @@ impl InstanceSpec {
             return Err(SpecError::VncKeymap(keymap.clone()));
         }
         self.validate_boot()?;
+        crate::media::check(&self.media, self.boot.media_kind())?;
+        if self.boot == Boot::Network && self.nics.is_empty() {
+            return Err(MediaError::NoBootNic.into());
+        }
         match &self.memory_backing {
             MemoryBacking::Anonymous => {}
             MemoryBacking::File { path, .. } | MemoryBacking::HugePages { path } => {
@@ -889,6 +920,17 @@ impl InstanceSpec {
                 return Err(SpecError::NativeAioCache(disk.name.clone()));
             }
         }
+        for drive in &self.media {
+            if !is_safe_identifier(&drive.name, MAX_DEVICE_NAME) {
+                return Err(SpecError::DeviceName(drive.name.clone()));
+            }
+            if !names.insert(drive.name.as_str()) {
+                return Err(SpecError::DuplicateDeviceName(drive.name.clone()));
+            }
+            if let Some(image) = &drive.image {
+                check_absolute_path(&drive.what(), image)?;
+            }
+        }
         let mut macs = HashSet::new();
         for nic in &self.nics {
             check_nic(nic)?;
@@ -906,6 +948,11 @@ impl InstanceSpec {
             .disks
             .iter()
             .map(|d| (format!("disk {:?}", d.name), d.path.as_path()))
+            .chain(
+                self.media
+                    .iter()
+                    .filter_map(|d| Some((d.what(), d.image.as_deref()?))),
+            )
             .collect();
         if let Boot::Kernel { kernel, initrd, .. } = &self.boot {
             paths.push(("kernel".into(), kernel));
@@ -1034,7 +1081,36 @@ pub(crate) mod tests {
             vnc_keymap: None,
             usb_pointer: None,
             display_adapter: None,
+            media: vec![],
         }
+    }
+
+    #[test]
+    fn drives_are_checked_like_the_other_devices() {
+        let cdrom = |name: &str, image: &str| MediaDrive {
+            name: name.into(),
+            kind: MediaKind::Cdrom,
+            image: Some(image.into()),
+        };
+        let mut spec = sample_spec();
+        spec.media = vec![cdrom("install", "/srv/iso/debian.iso")];
+        spec.boot = Boot::Cdrom;
+        assert!(spec.validate().is_ok());
+        spec.media = vec![cdrom("install", "debian.iso")];
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("CD-ROM \"install\" path"), "{err}");
+        spec.media = vec![cdrom("root", "/srv/iso/debian.iso")];
+        assert_eq!(
+            spec.validate(),
+            Err(SpecError::DuplicateDeviceName("root".into()))
+        );
+        spec.media.clear();
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("no CD-ROM drive"), "{err}");
+        spec.boot = Boot::Network;
+        spec.nics.clear();
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("no NIC"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub struct GuestImage {
     pub kernel: PathBuf,
     /// The initramfs.
     pub initrd: PathBuf,
+    /// A CD-ROM image that boots the same guest (isolinux); its
+    /// `medium.txt` says `KVM-AGENT-MEDIUM boot`.
+    pub boot_iso: PathBuf,
+    /// A CD-ROM image with only a `medium.txt` that says
+    /// `KVM-AGENT-MEDIUM data`.
+    pub data_iso: PathBuf,
 }
 
 /// Builds (or finds in the cache) the test guest. Panics with the build
@@ -43,6 +49,8 @@ pub fn guest_image() -> &'static GuestImage {
         GuestImage {
             kernel: dir.join("vmlinuz"),
             initrd: dir.join("initrd.gz"),
+            boot_iso: dir.join("boot.iso"),
+            data_iso: dir.join("data.iso"),
         }
     })
 }
@@ -56,6 +64,7 @@ pub fn boot_guest(spec: &mut pb::InstanceSpec) {
         kernel: image.kernel.display().to_string(),
         initrd: image.initrd.display().to_string(),
         cmdline: "console=ttyS0 quiet panic=-1".into(),
+        ..Default::default()
     });
     spec.serial_console = true;
     spec.accelerator = pb::Accelerator::Tcg as i32;

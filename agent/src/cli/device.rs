@@ -1,5 +1,5 @@
 //! `kvm-agent device`: hot-add, remove and list the devices of running
-//! instances.
+//! instances, and change the media of their drives.
 
 use clap::{Args, Subcommand};
 use kvm_agent_proto::v1 as pb;
@@ -31,6 +31,15 @@ pub(super) enum DeviceCommand {
         /// The bridge to join; leave it out for none.
         #[arg(long)]
         bridge: Option<String>,
+    },
+    /// Put another image into a CD-ROM or floppy drive, or eject its medium.
+    ChangeMedium {
+        /// Instance name.
+        instance: String,
+        /// The drive's device name.
+        drive: String,
+        /// The new image; leave it out to eject.
+        image: Option<String>,
     },
     /// List an instance's devices.
     List {
@@ -139,20 +148,27 @@ impl AddDiskArgs {
 }
 
 pub(super) fn print_device(d: &pb::DeviceInfo) {
-    let kind = if d.kind == pb::DeviceKind::Nic as i32 {
-        "nic "
-    } else {
-        "disk"
+    let kind = match pb::DeviceKind::try_from(d.kind) {
+        Ok(pb::DeviceKind::Nic) => "nic ",
+        Ok(pb::DeviceKind::Cdrom) => "cdrom",
+        Ok(pb::DeviceKind::Floppy) => "floppy",
+        _ => "disk",
     };
     let tap = if d.tap.is_empty() {
         String::new()
     } else {
         format!(" tap={}", d.tap)
     };
-    println!(
-        "{kind} {:<12} slot {:#04x}  {}{tap}",
-        d.name, d.pci_slot, d.detail
-    );
+    let place =
+        match d.kind == pb::DeviceKind::Cdrom as i32 || d.kind == pb::DeviceKind::Floppy as i32 {
+            true => "no slot".to_owned(),
+            false => format!("slot {:#04x}", d.pci_slot),
+        };
+    let detail = match d.detail.as_str() {
+        "" => "(empty)",
+        detail => detail,
+    };
+    println!("{kind} {:<12} {place}  {detail}{tap}", d.name);
 }
 
 fn default_device_name(prefix: &str) -> String {
@@ -189,6 +205,21 @@ pub(super) async fn run(
                 bridge: bridge.unwrap_or_default(),
             };
             client.set_nic_bridge(request).await?
+        }
+        DeviceCommand::ChangeMedium {
+            instance,
+            drive,
+            image,
+        } => {
+            let request = pb::ChangeMediumRequest {
+                name: instance,
+                drive: drive.clone(),
+                image: image.unwrap_or_default(),
+            };
+            let info = client.change_medium(request).await?.into_inner();
+            let device = info.devices.into_iter().find(|d| d.name == drive);
+            out.show(&device.unwrap_or_default(), print_device);
+            return Ok(());
         }
         DeviceCommand::List { instance } => {
             let request = pb::GetInstanceRequest { name: instance };

@@ -95,6 +95,43 @@ pub(super) struct SpecOptions {
     /// Take guest RAM from huge pages (from --memory-file's hugetlbfs mount, default /dev/hugepages).
     #[arg(long)]
     hugepages: bool,
+    /// A CD-ROM drive: [image=]PATH[,name=N], or name=N alone for an empty drive; repeat for a second.
+    #[arg(long, value_parser = parse_cdrom)]
+    cdrom: Vec<pb::MediaDriveSpec>,
+    /// A floppy drive: [image=]PATH[,name=N].
+    #[arg(long, value_parser = parse_floppy)]
+    floppy: Option<pb::MediaDriveSpec>,
+    /// Without --kernel, what the firmware boots first: disk, cdrom, floppy or network.
+    #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("BootDevice", "boot device"))]
+    boot: i32,
+}
+
+/// Reads `--cdrom`.
+fn parse_cdrom(text: &str) -> Result<pb::MediaDriveSpec, String> {
+    parse_drive("CD-ROM", pb::MediaKind::Cdrom, text)
+}
+
+/// Reads `--floppy`.
+fn parse_floppy(text: &str) -> Result<pb::MediaDriveSpec, String> {
+    parse_drive("floppy", pb::MediaKind::Floppy, text)
+}
+
+/// A drive: a bare path is its image.
+fn parse_drive(
+    what: &'static str,
+    kind: pb::MediaKind,
+    text: &str,
+) -> Result<pb::MediaDriveSpec, String> {
+    let text = match text.starts_with('/') {
+        true => format!("image={text}"),
+        false => text.to_owned(),
+    };
+    let options = OptionList::parse(what, &["image", "name"], &text)?;
+    Ok(pb::MediaDriveSpec {
+        name: options.value("name")?.unwrap_or_default(),
+        kind: kind as i32,
+        image: options.value("image")?.unwrap_or_default(),
+    })
 }
 
 /// Reads `--disk`.
@@ -201,6 +238,7 @@ impl SpecOptions {
                 kernel: self.kernel.clone().unwrap_or_default(),
                 initrd: self.initrd.clone().unwrap_or_default(),
                 cmdline: self.append.clone().unwrap_or_default(),
+                device: self.boot,
             }),
             machine_type: self.machine.clone(),
             accelerator: self.accel,
@@ -223,6 +261,7 @@ impl SpecOptions {
                 share: self.memory_share,
                 hugepages: self.hugepages,
             }),
+            media: self.cdrom.iter().chain(&self.floppy).cloned().collect(),
         }
     }
 }
@@ -230,6 +269,39 @@ impl SpecOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drives_take_a_bare_path_as_their_image() {
+        let options = UnsetSpecOptions::try_parse_from([
+            "kvm-agent",
+            "--cdrom",
+            "/srv/iso/install.iso,name=install",
+            "--cdrom",
+            "name=spare",
+            "--floppy",
+            "/srv/img/drivers.img",
+            "--boot",
+            "cdrom",
+        ])
+        .unwrap()
+        .options;
+        let spec = options.to_proto("web");
+        let drives: Vec<(&str, i32, &str)> = spec
+            .media
+            .iter()
+            .map(|d| (d.name.as_str(), d.kind, d.image.as_str()))
+            .collect();
+        let (cdrom, floppy) = (pb::MediaKind::Cdrom as i32, pb::MediaKind::Floppy as i32);
+        assert_eq!(
+            drives,
+            [
+                ("install", cdrom, "/srv/iso/install.iso"),
+                ("spare", cdrom, ""),
+                ("", floppy, "/srv/img/drivers.img"),
+            ]
+        );
+        assert_eq!(spec.boot.unwrap().device, pb::BootDevice::Cdrom as i32);
+    }
 
     #[test]
     fn devices_read_every_key_and_get_a_name_by_their_place() {

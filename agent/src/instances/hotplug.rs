@@ -87,7 +87,7 @@ fn open_image(
 }
 
 impl Agent {
-    fn running(inst: &Instance) -> Result<(Arc<Process>, InstanceRecord), AgentError> {
+    pub(super) fn running(inst: &Instance) -> Result<(Arc<Process>, InstanceRecord), AgentError> {
         let (process, record) = inst.process_and_record();
         match (process, record) {
             (Some(p), Some(r)) => Ok((p, r)),

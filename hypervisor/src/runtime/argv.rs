@@ -11,6 +11,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::{Runtime, RuntimeDisk, RuntimeNic};
+use crate::media;
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
 use crate::spec::{Boot, DiskAio, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel};
@@ -110,7 +111,7 @@ pub fn machine_part_matches(rt: &Runtime, cmdline: &[String]) -> bool {
         kernel: kernel_boot.then_some(0),
         initrd: match &rt.boot {
             Boot::Kernel { initrd, .. } => initrd.as_ref().map(|_| 0),
-            Boot::Disk => None,
+            _ => None,
         },
         memory: (file_backed && rt.qemu_user.is_some()).then_some(0),
     };
@@ -300,6 +301,9 @@ pub struct ExecutionFds {
     pub vhost: Vec<Vec<RawFd>>,
     /// Per disk in runtime order, its open image.
     pub disks: Vec<RawFd>,
+    /// Per CD-ROM or floppy drive in runtime order, its open medium; none
+    /// for an empty drive.
+    pub media: Vec<Option<RawFd>>,
     /// The boot and RAM files, opened.
     pub machine: MachineFds,
     /// Listening socket of an extra QMP monitor for operators, when
@@ -332,18 +336,46 @@ pub fn disk_fdset(index: usize) -> u64 {
     index as u64 + 1
 }
 
+/// The fd set that carries the medium of the drive at `index` in the
+/// runtime at launch: the next after the disks'.
+pub fn media_fdset(rt: &Runtime, index: usize) -> u64 {
+    disk_fdset(rt.disks.len() + index)
+}
+
+/// Where the first disk comes in the boot order, if anywhere: first when
+/// the guest boots from disk, right after the device it boots from
+/// otherwise, so a guest whose CD-ROM holds no bootable medium boots from
+/// its disk. An adopted machine boots the way its own options say
+/// (`-boot`).
+fn first_disk_boot_index(rt: &Runtime) -> Option<u32> {
+    match rt.boot {
+        _ if rt.inherited.is_some() => None,
+        Boot::Disk => Some(1),
+        Boot::Cdrom | Boot::Floppy | Boot::Network => Some(2),
+        Boot::Kernel { .. } => None,
+    }
+}
+
 /// The full command line: the machine with its files as fds, disks, NICs
 /// and the execution fds.
 pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     let mut argv = render_machine(rt, &fds.machine);
     for (index, (disk, &image)) in rt.disks.iter().zip(&fds.disks).enumerate() {
-        // An adopted machine boots the way its own options say (`-boot`).
-        let boot_first = index == 0 && rt.boot == Boot::Disk && rt.inherited.is_none();
-        argv.extend(render_disk(disk, image, disk_fdset(index), boot_first));
+        let boot_index = first_disk_boot_index(rt).filter(|_| index == 0);
+        argv.extend(render_disk(disk, image, disk_fdset(index), boot_index));
+    }
+    for (index, image) in fds.media.iter().enumerate() {
+        let image = image.map(|fd| (fd, media_fdset(rt, index)));
+        let boot_index = media::boot_index(&rt.media, index, rt.boot.media_kind());
+        argv.extend(media::render(&rt.media, index, image, boot_index));
     }
     for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
         let vhost = fds.vhost.get(index).map(Vec::as_slice).unwrap_or_default();
-        argv.extend(render_nic(nic, taps, vhost));
+        let mut nic_args = render_nic(nic, taps, vhost);
+        if index == 0 && rt.boot == Boot::Network {
+            nic_args[3].push_str(",bootindex=1");
+        }
+        argv.extend(nic_args);
     }
     if let Some(slot) = rt.balloon_slot {
         argv.extend([
@@ -425,7 +457,12 @@ pub fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
 
 /// `-add-fd` of the open image into `fdset`, `-blockdev` (file on
 /// `/dev/fdset/N`), `-blockdev` (format) and `-device` for one disk.
-pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: bool) -> [String; 8] {
+pub fn render_disk(
+    disk: &RuntimeDisk,
+    image: RawFd,
+    fdset: u64,
+    boot_index: Option<u32>,
+) -> [String; 8] {
     let d = &disk.spec;
     let (direct, no_flush, write_cache) = cache_flags(d.cache);
     let format = match d.format {
@@ -434,7 +471,9 @@ pub fn render_disk(disk: &RuntimeDisk, image: RawFd, fdset: u64, boot_first: boo
     };
     let file_node = disk_file_node(d.uuid);
     let format_node = disk_format_node(d.uuid);
-    let boot = if boot_first { ",bootindex=1" } else { "" };
+    let boot = boot_index
+        .map(|order| format!(",bootindex={order}"))
+        .unwrap_or_default();
     // Options QEMU's defaults cover are left out, so a disk without them
     // renders as it always has.
     let aio = match d.aio {
@@ -582,6 +621,7 @@ mod tests {
             taps: vec![vec![5]],
             vhost: vec![vec![]],
             disks: vec![6],
+            media: vec![],
             machine: MachineFds::default(),
             operator_qmp: None,
             chroot: None,
@@ -725,6 +765,65 @@ mod tests {
             },
         );
         assert!(incoming.ends_with(&["-S".into(), "-incoming".into(), "defer".into()]));
+    }
+
+    #[test]
+    fn a_cdrom_boot_puts_the_cdrom_first_and_the_disk_right_after() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.boot = Boot::Cdrom;
+        spec.media = vec![
+            crate::spec::MediaDrive {
+                name: "install".into(),
+                kind: crate::spec::MediaKind::Cdrom,
+                image: Some("/srv/iso/install.iso".into()),
+            },
+            crate::spec::MediaDrive {
+                name: "spare".into(),
+                kind: crate::spec::MediaKind::Cdrom,
+                image: None,
+            },
+        ];
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let argv = render_execution(
+            &rt,
+            &ExecutionFds {
+                media: vec![Some(9), None],
+                ..fds()
+            },
+        )
+        .join(" ");
+        // The disk's image is set 1; the medium takes the next.
+        assert!(argv.contains("-add-fd fd=9,set=2 "), "{argv}");
+        assert!(
+            argv.contains("ide-cd,id=media-install,bus=ide.1,unit=0,drive=media0,bootindex=1"),
+            "{argv}"
+        );
+        assert!(
+            argv.contains("ide-cd,id=media-spare,bus=ide.1,unit=1 "),
+            "{argv}"
+        );
+        assert!(argv.contains(",bootindex=2"), "{argv}");
+        assert!(!argv.contains("-boot "), "{argv}");
+    }
+
+    #[test]
+    fn a_network_boot_puts_the_first_nic_first() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.boot = Boot::Network;
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let argv = render_execution(&rt, &fds());
+        let nic = argv
+            .iter()
+            .find(|a| a.starts_with("virtio-net-pci,"))
+            .unwrap();
+        assert!(nic.ends_with(",bootindex=1"), "{nic}");
+        let disk = argv
+            .iter()
+            .find(|a| a.starts_with("virtio-blk-pci,"))
+            .unwrap();
+        assert!(disk.ends_with(",bootindex=2"), "{disk}");
     }
 
     #[test]
@@ -955,7 +1054,7 @@ mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, false);
+        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None);
 
         let kv = split_keyval(&file);
         assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
@@ -996,7 +1095,7 @@ mod tests {
             let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
             rt.disks[0].spec.read_only = read_only;
 
-            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot);
+            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1));
 
             prop_assert_eq!(add_fd, format!("fd={fd},set={set}"));
             let kv = split_keyval(&file);
