@@ -12,7 +12,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
     let ganeti = prepared_path("KVM_AGENT_GANETI", "ganeti-env");
     let source = TestAgent::start().await;
     let target = TestAgent::start().await;
-    let uuids: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
+    let uuids: Vec<uuid::Uuid> = (0..7).map(|_| uuid::Uuid::new_v4()).collect();
     for uuid in &uuids {
         source.track(*uuid);
         target.track(*uuid);
@@ -32,11 +32,12 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
             ("KVM_AGENT_TEST_TARGET_STATE_DIR", target.state_dir().into()),
             ("KVM_AGENT_TEST_KERNEL", image.kernel.clone().into()),
             ("KVM_AGENT_TEST_INITRD", image.initrd.clone().into()),
+            ("KVM_AGENT_TEST_BOOT_ISO", image.boot_iso.clone().into()),
             ("KVM_AGENT_TEST_SCRATCH", source.scratch().into()),
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
             ("KVM_AGENT_TEST_BINARY", agent_binary().into()),
         ],
-        16,
+        17,
         || {
             format!(
                 "source agent log:\n{}\ntarget agent log:\n{}",

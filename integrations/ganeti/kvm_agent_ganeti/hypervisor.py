@@ -73,6 +73,9 @@ def load_settings(path=None):
 TRANSLATED = frozenset([
     constants.HV_ACPI,
     constants.HV_BOOT_ORDER,
+    constants.HV_CDROM_IMAGE_PATH,
+    constants.HV_KVM_CDROM2_IMAGE_PATH,
+    constants.HV_KVM_FLOPPY_IMAGE_PATH,
     constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
     constants.HV_CPU_SOCKETS,
@@ -118,7 +121,24 @@ AGENT_DECIDES = {
     constants.HV_SECURITY_MODEL: "the agent's confinement and [qemu_user] settings",
     constants.HV_SECURITY_DOMAIN: "the agent's [qemu_user] user",
     constants.HV_KVM_USE_CHROOT: "the agent chroots every confined QEMU",
+    # A tray to open is what lets a medium change while the guest runs.
+    constants.HV_KVM_CDROM_DISK_TYPE: "CD-ROMs are IDE drives, whose media can change",
 }
+
+# Ganeti's boot_order as the device the agent's guest boots from.
+BOOT_DEVICES = {
+    constants.HT_BO_DISK: pb.BOOT_DEVICE_DISK,
+    constants.HT_BO_CDROM: pb.BOOT_DEVICE_CDROM,
+    constants.HT_BO_FLOPPY: pb.BOOT_DEVICE_FLOPPY,
+    constants.HT_BO_NETWORK: pb.BOOT_DEVICE_NETWORK,
+}
+
+# Each image hvparam, its drive's name and kind.
+DRIVES = [
+    (constants.HV_CDROM_IMAGE_PATH, "cdrom", pb.MEDIA_KIND_CDROM),
+    (constants.HV_KVM_CDROM2_IMAGE_PATH, "cdrom2", pb.MEDIA_KIND_CDROM),
+    (constants.HV_KVM_FLOPPY_IMAGE_PATH, "floppy", pb.MEDIA_KIND_FLOPPY),
+]
 
 NIC_MODELS = {
     constants.HT_NIC_PARAVIRTUAL: pb.NIC_MODEL_VIRTIO,
@@ -186,11 +206,11 @@ def check_supported(hvparams):
         if param in defaults and value != defaults[param]:
             raise unsupported(param, value,
                               "only the default %r is" % (defaults[param],))
-    if hvparams.get(constants.HV_BOOT_ORDER, constants.HT_BO_DISK) != \
-        constants.HT_BO_DISK:
-        raise unsupported(constants.HV_BOOT_ORDER,
-                          hvparams[constants.HV_BOOT_ORDER],
-                          "instances boot from their first disk or a kernel")
+    for param, _, _ in DRIVES:
+        if "://" in (hvparams.get(param) or ""):
+            raise unsupported(param, hvparams[param],
+                              "the agent opens every image itself and hands QEMU the file; "
+                              "download the image to the node and name its path")
     if hvparams.get(constants.HV_DISK_TYPE) != constants.HT_DISK_PARAVIRTUAL:
         raise unsupported(constants.HV_DISK_TYPE, hvparams.get(constants.HV_DISK_TYPE),
                           "disks are virtio-blk (paravirtual)")
@@ -294,6 +314,29 @@ def disk_spec(disk, link_name, hvparams):
     )
 
 
+def media_specs(hvparams):
+    """The agent's drives for Ganeti's image hvparams, in Ganeti's order:
+    a drive for each image given."""
+    return [pb.MediaDriveSpec(name=name, kind=kind, image=hvparams[param])
+            for param, name, kind in DRIVES if hvparams.get(param)]
+
+
+def boot_spec(hvp):
+    """Ganeti's kernel or boot_order as the agent's BootSpec. As Ganeti's
+    KVM driver does, a kernel wins over boot_order."""
+    kernel = hvp.get(constants.HV_KERNEL_PATH)
+    if not kernel:
+        return pb.BootSpec(device=BOOT_DEVICES[hvp.get(constants.HV_BOOT_ORDER) or
+                                               constants.HT_BO_DISK])
+    cmdline = hvp.get(constants.HV_KERNEL_ARGS, "") or ""
+    if hvp.get(constants.HV_ROOT_PATH):
+        cmdline = "root=%s %s" % (hvp[constants.HV_ROOT_PATH], cmdline)
+    if hvp[constants.HV_SERIAL_CONSOLE]:
+        cmdline = "console=ttyS0 %s" % cmdline
+    return pb.BootSpec(kernel=kernel, initrd=hvp.get(constants.HV_INITRD_PATH) or "",
+                       cmdline=cmdline.strip())
+
+
 def instance_spec(instance, block_devices):
     """The agent's spec for a Ganeti instance and its block devices. Pure."""
     hvp = instance.hvparams
@@ -322,16 +365,8 @@ def instance_spec(instance, block_devices):
     if any(topology):
         spec.cpu_topology.CopyFrom(pb.CpuTopology(sockets=topology[0], cores=topology[1],
                                                   threads=topology[2]))
-    kernel = hvp.get(constants.HV_KERNEL_PATH)
-    if kernel:
-        cmdline = hvp.get(constants.HV_KERNEL_ARGS, "") or ""
-        if hvp.get(constants.HV_ROOT_PATH):
-            cmdline = "root=%s %s" % (hvp[constants.HV_ROOT_PATH], cmdline)
-        if hvp[constants.HV_SERIAL_CONSOLE]:
-            cmdline = "console=ttyS0 %s" % cmdline
-        spec.boot.CopyFrom(pb.BootSpec(kernel=kernel,
-                                       initrd=hvp.get(constants.HV_INITRD_PATH) or "",
-                                       cmdline=cmdline.strip()))
+    spec.boot.CopyFrom(boot_spec(hvp))
+    spec.media.extend(media_specs(hvp))
     if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(
@@ -407,6 +442,7 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
             "-monitor", "unix:%s,server,nowait" % hv_kvm._InstanceMonitor(name)]
     if runtime.get("serial_console"):
         cmd += ["-serial", "unix:%s,server,nowait" % hv_kvm._InstanceSerial(name)]
+    cmd += media_drives(runtime.get("media", []))
     ganeti_nics = {nic.uuid: nic for nic in instance.nics}
     nics = []
     for nic in runtime["nics"]:
@@ -428,6 +464,23 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
                             "bus": "pci.0", "addr": hex(disk["slot"])}}
         disks.append([entry, disk["path"], None])
     return [cmd, nics, instance.hvparams, disks]
+
+
+def media_drives(media):
+    """-drive options for the agent's CD-ROM and floppy drives, at the same
+    places: CD-ROMs on the secondary IDE channel (indexes 2 and 3), the
+    floppy as drive A."""
+    options = []
+    cdroms = 0
+    for drive in media:
+        image = drive.get("image")
+        medium = "file=%s,format=raw,readonly=on," % image if image else ""
+        if drive["kind"] == "cdrom":
+            options += ["-drive", "%smedia=cdrom,if=ide,index=%d" % (medium, 2 + cdroms)]
+            cdroms += 1
+        else:
+            options += ["-drive", "%sif=floppy,index=0" % medium]
+    return options
 
 
 def qemu_version(text):

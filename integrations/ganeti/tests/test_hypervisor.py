@@ -7,7 +7,8 @@ Run by the end-to-end suite (tests/tests/ganeti.rs), which starts the
 agents and passes, in the environment: KVM_AGENT_TEST_SOCKET and
 KVM_AGENT_TEST_STATE_DIR (the source), KVM_AGENT_TEST_TARGET_SOCKET and
 KVM_AGENT_TEST_TARGET_STATE_DIR, KVM_AGENT_TEST_KERNEL and
-KVM_AGENT_TEST_INITRD (the test guest), KVM_AGENT_TEST_SCRATCH (a directory
+KVM_AGENT_TEST_INITRD (the test guest), KVM_AGENT_TEST_BOOT_ISO (a CD-ROM
+that boots it), KVM_AGENT_TEST_SCRATCH (a directory
 for disk images), KVM_AGENT_TEST_UUIDS (instance uuids to use, which the
 suite cleans up after) and KVM_AGENT_TEST_BINARY (the kvm-agent binary, for
 the console command Ganeti runs).
@@ -569,6 +570,43 @@ class UnsupportedParameters(unittest.TestCase):
         with self.assertRaises(errors.HypervisorError) as refused:
             KvmAgentHypervisor.CheckParameterSyntax(hvp)
         self.assertIn(constants.HV_CPU_MASK, str(refused.exception))
+
+
+class InstallFromCdrom(unittest.TestCase):
+    def test_boot_order_cdrom_boots_the_image_and_keeps_the_floppy(self):
+        hv = KvmAgentHypervisor(socket=SOURCE)
+        floppy = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "drivers.img")
+        with open(floppy, "wb") as f:
+            f.truncate(1440 << 10)
+        hvp = hvparams(**{constants.HV_BOOT_ORDER: constants.HT_BO_CDROM,
+                          constants.HV_CDROM_IMAGE_PATH: ENV["KVM_AGENT_TEST_BOOT_ISO"],
+                          constants.HV_KVM_FLOPPY_IMAGE_PATH: floppy,
+                          constants.HV_KVM_CDROM_DISK_TYPE: constants.HT_DISK_PARAVIRTUAL,
+                          constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED})
+        hv.CheckParameterSyntax(hvp)
+        hv.ValidateParameters(hvp)
+        inst = instance("installer.example.com", UUIDS[6], hvp, memory=128)
+        hv.StartInstance(inst, [], False)
+        try:
+            # No kernel: the guest's shell comes from the CD-ROM's isolinux.
+            wait_for_guest(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name, timeout=180)
+            qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
+            media = {b["qdev"]: b.get("inserted", {}).get("file")
+                     for b in qmp.execute("query-block") if b["qdev"].startswith("media-")}
+            qmp.close()
+            self.assertEqual(sorted(media), ["media-cdrom", "media-floppy"])
+            self.assertTrue(all(media.values()), media)
+            devices = {d.name: d.detail for d in agent_has(SOURCE, inst.name).devices}
+            self.assertEqual(devices, {"cdrom": ENV["KVM_AGENT_TEST_BOOT_ISO"],
+                                       "floppy": floppy})
+        finally:
+            hv.StopInstance(inst, force=True)
+
+        # The agent opens every image itself: a URL has nothing to open.
+        url = hvparams(**{constants.HV_CDROM_IMAGE_PATH: "http://mirror.example/x.iso"})
+        with self.assertRaises(errors.HypervisorError) as refused:
+            hv.CheckParameterSyntax(url)
+        self.assertIn(constants.HV_CDROM_IMAGE_PATH, str(refused.exception))
 
 
 class Migration(unittest.TestCase):
