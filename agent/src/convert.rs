@@ -11,7 +11,7 @@ use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, CpuTopology, DiskAio, DiskCache, DiskFormat, DiskSpec, DisplayAdapter,
     InstanceSpec, MAX_VLAN_ID, MacAddr, MediaDrive, MediaKind, MemoryBacking, NicModel, NicSpec,
-    SpecError, UsbPointer, Vlan,
+    SoundCard, SpecError, UsbDevice, UsbPointer, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -249,7 +249,44 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         },
         memory_backing: memory_backing_from_proto(p.memory)?,
         media,
+        usb_devices: p
+            .usb_devices
+            .iter()
+            .map(|&d| usb_device_from_proto(d))
+            .collect::<Result<_, _>>()?,
+        sound_card: sound_card_from_proto(p.sound_card)?,
     })
+}
+
+fn usb_device_from_proto(device: i32) -> Result<UsbDevice, AgentError> {
+    match pb::UsbDevice::try_from(device) {
+        Ok(pb::UsbDevice::Keyboard) => Ok(UsbDevice::Keyboard),
+        Ok(pb::UsbDevice::Mouse) => Ok(UsbDevice::Mouse),
+        Ok(pb::UsbDevice::Tablet) => Ok(UsbDevice::Tablet),
+        Ok(pb::UsbDevice::WacomTablet) => Ok(UsbDevice::WacomTablet),
+        _ => Err(AgentError::BadRequest(format!(
+            "usb_devices: {device} is not a USB device; use keyboard, mouse, tablet or wacom-tablet"
+        ))),
+    }
+}
+
+fn sound_card_from_proto(card: i32) -> Result<Option<SoundCard>, AgentError> {
+    Ok(Some(match pb::SoundCard::try_from(card) {
+        Ok(pb::SoundCard::Unspecified) => return Ok(None),
+        Ok(pb::SoundCard::Hda) => SoundCard::Hda,
+        Ok(pb::SoundCard::Ac97) => SoundCard::Ac97,
+        Ok(pb::SoundCard::Es1370) => SoundCard::Es1370,
+        Ok(pb::SoundCard::Sb16) => SoundCard::Sb16,
+        Ok(pb::SoundCard::Adlib) => SoundCard::Adlib,
+        Ok(pb::SoundCard::Gus) => SoundCard::Gus,
+        Ok(pb::SoundCard::Cs4231a) => SoundCard::Cs4231a,
+        Ok(pb::SoundCard::Pcspk) => SoundCard::Pcspk,
+        Err(_) => {
+            return Err(AgentError::BadRequest(format!(
+                "sound_card: {card} is not a sound card"
+            )));
+        }
+    }))
 }
 
 /// The drives of a wire spec, each unnamed one named after its kind and

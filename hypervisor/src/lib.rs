@@ -3,7 +3,8 @@
 //!
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime,
 //! with [`runtime::argv`] rendering it as a command line, re-exported as
-//! [`argv`]), [`media`] (CD-ROM and floppy drives), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
+//! [`argv`]), [`media`] (CD-ROM and floppy drives), [`peripherals`]
+//! (display adapter, USB input devices, sound card), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
 //! (what a QEMU binary is) and [`identity`] (the user a confined QEMU runs
 //! as, and its access to `/dev/kvm`, decided purely). The I/O shell around it is [`probe`]
 //! (runs the binary to fill in a [`qemu_info::QemuInfo`]), [`tap`],
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod media;
 pub mod migration;
+pub mod peripherals;
 pub mod pinning;
 pub mod probe;
 pub mod process;

@@ -17,7 +17,7 @@ use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
     Accelerator, Boot, CpuTopology, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
-    MemoryBacking, NicSpec, SpecError, UsbPointer,
+    MemoryBacking, NicSpec, SoundCard, SpecError, UsbDevice, UsbPointer,
 };
 
 // The command line is a function of the runtime: a runtime stores its
@@ -203,6 +203,13 @@ pub struct Runtime {
     /// CD-ROM and floppy drives, with the medium each holds now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<MediaDrive>,
+    /// USB input devices beside the pointer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usb_devices: Vec<UsbDevice>,
+    /// A sound card, and its slot when it sits on PCI: given out after
+    /// the balloon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<RuntimeSound>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
     /// Slot of the virtio memory balloon, which lets the guest's memory be
@@ -235,6 +242,16 @@ pub struct Runtime {
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
+}
+
+/// A sound card of a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeSound {
+    /// The card.
+    pub card: SoundCard,
+    /// Its PCI slot; none for a card that isn't on PCI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 /// Why a runtime couldn't be generated or was refused.
@@ -373,7 +390,7 @@ pub fn generate(
     if let Some(pinning) = &spec.cpu_pinning {
         pinning.check_host(host.cpus)?;
     }
-    let (disks, nics, balloon_slot) = place_devices(spec)?;
+    let (disks, nics, balloon_slot, sound_slot) = place_devices(spec)?;
 
     let mut runtime = Runtime {
         format_version: RUNTIME_FORMAT_VERSION,
@@ -403,6 +420,11 @@ pub fn generate(
         display_adapter: spec.display_adapter,
         disks,
         media: spec.media.clone(),
+        usb_devices: spec.usb_devices.clone(),
+        sound: spec.sound_card.map(|card| RuntimeSound {
+            card,
+            slot: sound_slot,
+        }),
         nics,
         balloon_slot: Some(balloon_slot),
         sandbox: host.confine && host.qemu.sandbox,
@@ -449,12 +471,15 @@ fn resolve_accelerator(
     })
 }
 
-/// Slots for the disks, then the NICs, then the balloon, lowest first.
-fn place_devices(
-    spec: &InstanceSpec,
-) -> Result<(Vec<RuntimeDisk>, Vec<RuntimeNic>, u8), RuntimeError> {
+/// The devices of a spec with their slots.
+type PlacedDevices = (Vec<RuntimeDisk>, Vec<RuntimeNic>, u8, Option<u8>);
+
+/// Slots for the disks, then the NICs, then the balloon, then a sound card
+/// on PCI, lowest first.
+fn place_devices(spec: &InstanceSpec) -> Result<PlacedDevices, RuntimeError> {
     let mut free = free_slots();
-    let device_count = spec.disks.len() + spec.nics.len();
+    let sound = spec.sound_card.filter(|c| c.on_pci()).map_or(0, |_| 1);
+    let device_count = spec.disks.len() + spec.nics.len() + sound;
     let total = free.len();
     let no_slot = |used| RuntimeError::NoFreeSlot {
         instance: spec.name.clone(),
@@ -478,7 +503,11 @@ fn place_devices(
         })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let balloon_slot = free.next().ok_or_else(|| no_slot(device_count + 1))?;
-    Ok((disks, nics, balloon_slot))
+    let sound_slot = match sound {
+        0 => None,
+        _ => Some(free.next().ok_or_else(|| no_slot(device_count + 1))?),
+    };
+    Ok((disks, nics, balloon_slot, sound_slot))
 }
 
 /// Makes a runtime that was generated elsewhere (by a migration peer, or
@@ -602,6 +631,8 @@ impl Runtime {
             usb_pointer: self.usb_pointer,
             display_adapter: self.display_adapter,
             media: self.media.clone(),
+            usb_devices: self.usb_devices.clone(),
+            sound_card: self.sound.map(|s| s.card),
         }
     }
 
@@ -627,6 +658,7 @@ impl Runtime {
             .map(|d| d.slot)
             .chain(self.nics.iter().map(|n| n.slot))
             .chain(self.balloon_slot)
+            .chain(self.sound.and_then(|s| s.slot))
     }
 
     /// Validates a runtime that arrived from elsewhere (a peer, a save file,
@@ -645,7 +677,12 @@ impl Runtime {
             .iter()
             .map(|d| (d.spec.name.as_str(), d.slot))
             .chain(self.nics.iter().map(|n| (n.spec.name.as_str(), n.slot)))
-            .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)));
+            .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)))
+            .chain(
+                self.sound
+                    .and_then(|s| s.slot)
+                    .map(|slot| ("sound card", slot)),
+            );
         for (name, slot) in named_slots {
             if slot > MAX_PCI_SLOT || RESERVED_PCI_SLOTS.contains(&slot) || !seen.insert(slot) {
                 return Err(RuntimeError::BadSlot {

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::media::MediaError;
 pub use crate::media::{MediaDrive, MediaKind};
+pub use crate::peripherals::{DisplayAdapter, SoundCard, UsbDevice, UsbPointer};
 use crate::pinning::{CpuPinning, PinningError};
 
 /// Smallest memory size accepted, in MiB.
@@ -478,59 +479,12 @@ pub struct InstanceSpec {
     /// CD-ROM and floppy drives, with their media.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<MediaDrive>,
-}
-
-/// A pointing device on USB, for VNC consoles: a tablet's absolute
-/// coordinates keep the guest's pointer where the viewer's is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UsbPointer {
-    /// `usb-tablet`.
-    Tablet,
-    /// `usb-mouse`.
-    Mouse,
-}
-
-impl UsbPointer {
-    /// QEMU's device.
-    pub fn qemu_device(self) -> &'static str {
-        match self {
-            UsbPointer::Tablet => "usb-tablet",
-            UsbPointer::Mouse => "usb-mouse",
-        }
-    }
-}
-
-/// The display adapter, in slot 2 (reserved for it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DisplayAdapter {
-    /// QEMU's standard VGA.
-    Std,
-    /// Cirrus Logic GD5446.
-    Cirrus,
-    /// VMware SVGA.
-    Vmware,
-    /// QXL.
-    Qxl,
-    /// virtio-gpu with VGA compatibility.
-    Virtio,
-    /// No display adapter at all.
-    None,
-}
-
-impl DisplayAdapter {
-    /// QEMU's device; `None` for no adapter.
-    pub fn qemu_device(self) -> Option<&'static str> {
-        match self {
-            DisplayAdapter::Std => Some("VGA"),
-            DisplayAdapter::Cirrus => Some("cirrus-vga"),
-            DisplayAdapter::Vmware => Some("vmware-svga"),
-            DisplayAdapter::Qxl => Some("qxl-vga"),
-            DisplayAdapter::Virtio => Some("virtio-vga"),
-            DisplayAdapter::None => None,
-        }
-    }
+    /// USB input devices beside the pointer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usb_devices: Vec<UsbDevice>,
+    /// A sound card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound_card: Option<SoundCard>,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -1082,6 +1036,8 @@ pub(crate) mod tests {
             usb_pointer: None,
             display_adapter: None,
             media: vec![],
+            usb_devices: vec![],
+            sound_card: None,
         }
     }
 

@@ -693,6 +693,11 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
         keymap: "de".into(),
     });
     spec.usb_pointer = pb::UsbPointer::Tablet as i32;
+    spec.usb_devices = vec![
+        pb::UsbDevice::Keyboard as i32,
+        pb::UsbDevice::WacomTablet as i32,
+    ];
+    spec.sound_card = pb::SoundCard::Hda as i32;
     spec.display_adapter = pb::DisplayAdapter::Cirrus as i32;
     let seen = agent.start_spec(spec).await;
     // The adapter in its slot, the USB controller beside the PIIX3, a
@@ -719,6 +724,26 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
     assert_eq!(adapter["id"]["vendor"], 0x1013, "Cirrus Logic: {adapter}");
     let mice = qmp.execute("query-mice", json!({}));
     assert!(mice.to_string().contains("QEMU HID Tablet"), "{mice}");
+    // The sound card after the balloon, and the devices without an id.
+    assert!(
+        devices.contains(&(4, "sound0".into(), "Audio controller".into())),
+        "{devices:?}"
+    );
+    let anonymous: Vec<String> = qmp
+        .execute("qom-list", json!({"path": "/machine/peripheral-anon"}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str().filter(|n| n.starts_with("device[")))
+        .map(|name| {
+            let path = format!("/machine/peripheral-anon/{name}");
+            let kind = qmp.execute("qom-get", json!({"path": path, "property": "type"}));
+            kind.as_str().unwrap().to_owned()
+        })
+        .collect();
+    for kind in ["usb-kbd", "usb-wacom-tablet", "hda-duplex"] {
+        assert!(anonymous.iter().any(|k| k == kind), "{anonymous:?}");
+    }
     let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", seen.pid)).unwrap();
     assert!(cmdline.contains("-k\0de\0"), "{cmdline:?}");
     assert!(

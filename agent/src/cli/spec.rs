@@ -101,6 +101,12 @@ pub(super) struct SpecOptions {
     /// A floppy drive: [image=]PATH[,name=N].
     #[arg(long, value_parser = parse_floppy)]
     floppy: Option<pb::MediaDriveSpec>,
+    /// A USB input device beside the pointer: keyboard, mouse, tablet or wacom-tablet; repeat for more.
+    #[arg(long, value_parser = EnumParser::new("UsbDevice", "USB device"))]
+    usb_device: Vec<i32>,
+    /// A sound card: hda, ac97, es1370, sb16, adlib, gus, cs4231a or pcspk.
+    #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("SoundCard", "sound card"))]
+    sound_card: i32,
     /// Without --kernel, what the firmware boots first: disk, cdrom, floppy or network.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("BootDevice", "boot device"))]
     boot: i32,
@@ -262,6 +268,8 @@ impl SpecOptions {
                 hugepages: self.hugepages,
             }),
             media: self.cdrom.iter().chain(&self.floppy).cloned().collect(),
+            usb_devices: self.usb_device.clone(),
+            sound_card: self.sound_card,
         }
     }
 }

@@ -341,6 +341,8 @@ impl Parsed {
             usb_pointer: None,
             display_adapter: None,
             media: vec![],
+            usb_devices: vec![],
+            sound: None,
             disks,
             nics,
             balloon_slot: None,

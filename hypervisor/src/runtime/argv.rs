@@ -14,7 +14,9 @@ use super::{Runtime, RuntimeDisk, RuntimeNic};
 use crate::media;
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
-use crate::spec::{Boot, DiskAio, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel};
+use crate::spec::{
+    Boot, DiskAio, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel, UsbPointer,
+};
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -212,9 +214,9 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     argv
 }
 
-/// The display adapter in slot 2 and the USB pointer. Without an adapter
-/// asked for, VNC gets the standard VGA; a machine adopted from another
-/// manager keeps the one QEMU gave it by default.
+/// The display adapter in slot 2, the USB devices and the sound card.
+/// Without an adapter asked for, VNC gets the standard VGA; a machine
+/// adopted from another manager keeps the one QEMU gave it by default.
 fn render_console_devices(rt: &Runtime) -> Vec<String> {
     let mut argv = Vec::new();
     let adapter = rt
@@ -225,13 +227,20 @@ fn render_console_devices(rt: &Runtime) -> Vec<String> {
     {
         argv.extend(["-device".into(), format!("{device},bus={PCI_BUS},addr=0x2")]);
     }
-    if let Some(pointer) = rt.usb_pointer {
-        // The USB controller is the PIIX3's own function, in slot 1.
-        argv.extend([
-            "-usb".into(),
-            "-device".into(),
-            pointer.qemu_device().into(),
-        ]);
+    let usb_devices = rt
+        .usb_pointer
+        .map(UsbPointer::qemu_device)
+        .into_iter()
+        .chain(rt.usb_devices.iter().map(|d| d.qemu_device()));
+    for (index, device) in usb_devices.enumerate() {
+        if index == 0 {
+            // The USB controller is the PIIX3's own function, in slot 1.
+            argv.push("-usb".into());
+        }
+        argv.extend(["-device".into(), device.into()]);
+    }
+    if let Some(sound) = rt.sound {
+        argv.extend(sound.card.render(PCI_BUS, sound.slot));
     }
     argv
 }
@@ -805,6 +814,29 @@ mod tests {
         );
         assert!(argv.contains(",bootindex=2"), "{argv}");
         assert!(!argv.contains("-boot "), "{argv}");
+    }
+
+    #[test]
+    fn usb_devices_share_one_controller_and_a_pci_sound_card_its_slot() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.usb_pointer = Some(UsbPointer::Tablet);
+        spec.usb_devices = vec![crate::spec::UsbDevice::Keyboard];
+        spec.sound_card = Some(crate::spec::SoundCard::Ac97);
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        // After the disk (3), the NIC (4) and the balloon (5).
+        assert_eq!(rt.sound.and_then(|s| s.slot), Some(6));
+        let argv = render_base(&rt).join(" ");
+        assert_eq!(argv.matches("-usb ").count(), 1, "{argv}");
+        assert!(
+            argv.contains("-usb -device usb-tablet -device usb-kbd"),
+            "{argv}"
+        );
+        assert!(
+            argv.contains("AC97,id=sound0,audiodev=audio0,bus=pci.0,addr=0x6"),
+            "{argv}"
+        );
+        assert!(rt.validate().is_ok());
     }
 
     #[test]

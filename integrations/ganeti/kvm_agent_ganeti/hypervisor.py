@@ -76,6 +76,8 @@ TRANSLATED = frozenset([
     constants.HV_CDROM_IMAGE_PATH,
     constants.HV_KVM_CDROM2_IMAGE_PATH,
     constants.HV_KVM_FLOPPY_IMAGE_PATH,
+    constants.HV_SOUNDHW,
+    constants.HV_USB_DEVICES,
     constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
     constants.HV_CPU_SOCKETS,
@@ -123,6 +125,27 @@ AGENT_DECIDES = {
     constants.HV_KVM_USE_CHROOT: "the agent chroots every confined QEMU",
     # A tray to open is what lets a medium change while the guest runs.
     constants.HV_KVM_CDROM_DISK_TYPE: "CD-ROMs are IDE drives, whose media can change",
+}
+
+# Ganeti's soundhw (QEMU's old -soundhw names) as the agent's cards.
+SOUND_CARDS = {
+    "": pb.SOUND_CARD_UNSPECIFIED,
+    "hda": pb.SOUND_CARD_HDA,
+    "ac97": pb.SOUND_CARD_AC97,
+    "es1370": pb.SOUND_CARD_ES1370,
+    "sb16": pb.SOUND_CARD_SB16,
+    "adlib": pb.SOUND_CARD_ADLIB,
+    "gus": pb.SOUND_CARD_GUS,
+    "cs4231a": pb.SOUND_CARD_CS4231A,
+    "pcspk": pb.SOUND_CARD_PCSPK,
+}
+
+# Ganeti's usb_devices (QEMU's -usbdevice names) the agent gives a guest.
+USB_DEVICES = {
+    "keyboard": pb.USB_DEVICE_KEYBOARD,
+    "mouse": pb.USB_DEVICE_MOUSE,
+    "tablet": pb.USB_DEVICE_TABLET,
+    "wacom-tablet": pb.USB_DEVICE_WACOM_TABLET,
 }
 
 # Ganeti's boot_order as the device the agent's guest boots from.
@@ -223,6 +246,15 @@ def check_supported(hvparams):
     if hvparams.get(constants.HV_KVM_FLAG, "") not in ACCELERATORS:
         raise unsupported(constants.HV_KVM_FLAG, hvparams.get(constants.HV_KVM_FLAG),
                           "use enabled, disabled or leave it empty")
+    sound = hvparams.get(constants.HV_SOUNDHW) or ""
+    if sound not in SOUND_CARDS:
+        raise unsupported(constants.HV_SOUNDHW, sound,
+                          "name one card: %s" % ", ".join(sorted(c for c in SOUND_CARDS if c)))
+    for device in usb_device_names(hvparams):
+        if device not in USB_DEVICES:
+            raise unsupported(constants.HV_USB_DEVICES, hvparams[constants.HV_USB_DEVICES],
+                              "%r isn't a device QEMU emulates on its own; use %s" %
+                              (device, ", ".join(sorted(USB_DEVICES))))
     vga = hvparams.get(constants.HV_VGA) or "std"
     if vga not in DISPLAY_ADAPTERS:
         raise unsupported(constants.HV_VGA, vga, "use %s" % ", ".join(sorted(DISPLAY_ADAPTERS)))
@@ -231,6 +263,11 @@ def check_supported(hvparams):
         raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
                           "name an IP address (0.0.0.0 for every address); "
                           "an interface's name isn't resolved")
+
+
+def usb_device_names(hvparams):
+    return [d.strip() for d in (hvparams.get(constants.HV_USB_DEVICES) or "").split(",")
+            if d.strip()]
 
 
 def vnc_address(value):
@@ -367,6 +404,8 @@ def instance_spec(instance, block_devices):
                                                   threads=topology[2]))
     spec.boot.CopyFrom(boot_spec(hvp))
     spec.media.extend(media_specs(hvp))
+    spec.usb_devices.extend(USB_DEVICES[d] for d in usb_device_names(hvp))
+    spec.sound_card = SOUND_CARDS[hvp.get(constants.HV_SOUNDHW) or ""]
     if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(

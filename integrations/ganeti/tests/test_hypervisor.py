@@ -439,8 +439,8 @@ class Settings(unittest.TestCase):
 class UnsupportedParameters(unittest.TestCase):
     def test_an_unsupported_value_is_named_and_nothing_starts(self):
         hv = KvmAgentHypervisor(socket=SOURCE)
-        for param, value in [(constants.HV_SOUNDHW, "hda"),
-                             (constants.HV_USB_DEVICES, "mouse"),
+        for param, value in [(constants.HV_SOUNDHW, "all"),
+                             (constants.HV_USB_DEVICES, "mouse,braille"),
                              (constants.HV_KVM_EXTRA, "-device virtio-rng-pci"),
                              (constants.HV_DISK_TYPE, constants.HT_DISK_IDE)]:
             hvp = hvparams(**{param: value})
@@ -502,6 +502,13 @@ class UnsupportedParameters(unittest.TestCase):
         spec = instance_spec(vnc, [])
         self.assertEqual((spec.vnc.keymap, spec.usb_pointer, spec.display_adapter),
                          ("de", pb.USB_POINTER_TABLET, pb.DISPLAY_ADAPTER_CIRRUS))
+        devices = hvparams(**{constants.HV_SOUNDHW: "hda",
+                              constants.HV_USB_DEVICES: "keyboard, wacom-tablet"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(devices)
+        spec = instance_spec(instance("devices.example.com", UUIDS[1], devices), [])
+        self.assertEqual(spec.sound_card, pb.SOUND_CARD_HDA)
+        self.assertEqual(list(spec.usb_devices),
+                         [pb.USB_DEVICE_KEYBOARD, pb.USB_DEVICE_WACOM_TABLET])
 
         from kvm_agent_ganeti.hypervisor import disk_spec
         disk, path = disk_image("aio.img")
