@@ -255,6 +255,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             .map(|&d| usb_device_from_proto(d))
             .collect::<Result<_, _>>()?,
         sound_card: sound_card_from_proto(p.sound_card)?,
+        guest_agent: p.guest_agent,
     })
 }
 

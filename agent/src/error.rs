@@ -1,6 +1,7 @@
 //! The agent's error type and its one mapping to gRPC status codes.
 
 use hotplug::HotplugError;
+use hypervisor::guest_agent::GuestAgentError;
 use hypervisor::lifecycle::{LaunchError, StopError};
 use hypervisor::probe::ProbeError;
 use hypervisor::qmp::QmpError;
@@ -119,6 +120,15 @@ pub enum AgentError {
         /// What went wrong.
         #[source]
         source: HotplugError,
+    },
+    /// The guest agent in an instance's guest didn't do what was asked.
+    #[error("instance {instance:?}: {source}")]
+    GuestAgent {
+        /// Instance name.
+        instance: String,
+        /// What went wrong.
+        #[source]
+        source: GuestAgentError,
     },
     /// Runtime generation refused the spec or a stored runtime.
     #[error(transparent)]
@@ -321,6 +331,22 @@ impl AgentError {
                 Code::FailedPrecondition,
                 "create the bridge first, or name one that exists",
             ),
+            AgentError::GuestAgent { source, .. } => match source {
+                GuestAgentError::NoChannel => (
+                    Code::FailedPrecondition,
+                    "start the instance with guest_agent set",
+                ),
+                GuestAgentError::Timeout { .. } => (
+                    Code::DeadlineExceeded,
+                    "run qemu-guest-agent in the guest, or wait longer",
+                ),
+                GuestAgentError::Refused { .. } => {
+                    (Code::FailedPrecondition, "see the guest agent's own log")
+                }
+                GuestAgentError::Connect(_) | GuestAgentError::Channel { .. } => {
+                    (Code::Unavailable, "retry")
+                }
+            },
             AgentError::NameTaken(_) => (
                 Code::AlreadyExists,
                 "pick another name, or delete that instance first",

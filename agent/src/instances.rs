@@ -24,6 +24,7 @@ use crate::config::Confinement;
 use crate::error::AgentError;
 use crate::events::{EventBus, EventKind, Watch, WatchError};
 
+mod guest_agent;
 mod handback;
 mod hotplug;
 mod incoming;
@@ -38,6 +39,7 @@ mod saves;
 mod supervision;
 mod takeover;
 
+pub use guest_agent::GuestAgentCall;
 pub use hotplug::HotplugIntent;
 pub use lifecycle::stop_method_text;
 

@@ -25,7 +25,7 @@ use crate::convert::{
 };
 use crate::error::AgentError;
 use crate::events::{Event, WatchError};
-use crate::instances::Agent;
+use crate::instances::{Agent, GuestAgentCall};
 use crate::model::RebootStop;
 use crate::peer::REQUEST_ID_HEADER;
 
@@ -81,6 +81,24 @@ macro_rules! operation {
         let $agent = $service.agent.clone();
         traced($op, name, id, async move $body).await
     }};
+}
+
+impl NodeAgentService {
+    /// The three guest agent calls, which differ only in what they ask.
+    async fn guest_agent(
+        &self,
+        req: Request<pb::GuestAgentRequest>,
+        call: GuestAgentCall,
+    ) -> Reply<pb::GuestAgentResponse> {
+        operation!(self, req, "guest-agent", req.name.clone(), |agent| {
+            let timeout = match req.timeout_ms {
+                0 => call.default_timeout(),
+                ms => Duration::from_millis(ms.into()),
+            };
+            let filesystems = agent.guest_agent(&req.name, call, timeout).await?;
+            Ok(pb::GuestAgentResponse { filesystems })
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -466,6 +484,27 @@ impl NodeAgent for NodeAgentService {
             let view = agent.change_medium(&req.name, &req.drive, image).await?;
             Ok(view_to_proto(view))
         })
+    }
+
+    async fn ping_guest_agent(
+        &self,
+        req: Request<pb::GuestAgentRequest>,
+    ) -> Reply<pb::GuestAgentResponse> {
+        self.guest_agent(req, GuestAgentCall::Ping).await
+    }
+
+    async fn freeze_guest_filesystems(
+        &self,
+        req: Request<pb::GuestAgentRequest>,
+    ) -> Reply<pb::GuestAgentResponse> {
+        self.guest_agent(req, GuestAgentCall::Freeze).await
+    }
+
+    async fn thaw_guest_filesystems(
+        &self,
+        req: Request<pb::GuestAgentRequest>,
+    ) -> Reply<pb::GuestAgentResponse> {
+        self.guest_agent(req, GuestAgentCall::Thaw).await
     }
 
     async fn get_runtime(

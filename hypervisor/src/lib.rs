@@ -11,7 +11,8 @@
 //! [`process`] (spawn, pidfile, liveness, pidfd), [`qmp`], [`lifecycle`]
 //! (launch and stop), [`affinity`] (pinning applied to QEMU's vCPU
 //! threads), [`balloon`] (the guest's memory target), [`migration`]
-//! (QEMU's side of migration, save and restore), [`cgroup`] and
+//! (QEMU's side of migration, save and restore), [`guest_agent`] (the
+//! QEMU guest agent inside a guest), [`cgroup`] and
 //! [`host_files`] (disks, boot and RAM files, opened for QEMU).
 //! Nothing here knows about gRPC or about how records are stored.
 #![deny(missing_docs)]
@@ -20,6 +21,7 @@ pub mod affinity;
 pub mod balloon;
 pub mod bridge_vlan;
 pub mod cgroup;
+pub mod guest_agent;
 pub mod host_files;
 pub mod identity;
 pub mod lifecycle;

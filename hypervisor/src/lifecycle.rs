@@ -38,6 +38,8 @@ pub mod files {
     pub const SERIAL: &str = "serial.sock";
     /// The operators' QMP socket (when enabled).
     pub const OPERATOR_QMP: &str = "qmp-operator.sock";
+    /// The guest agent's channel (when the runtime has one).
+    pub const GUEST_AGENT: &str = "qga.sock";
     /// QEMU's pid.
     pub const PIDFILE: &str = "pid";
     /// QEMU's stdout and stderr.
@@ -166,6 +168,7 @@ pub struct Launched {
 struct ExecutionResources {
     qmp: UnixListener,
     serial: Option<UnixListener>,
+    guest_agent: Option<UnixListener>,
     operator_qmp: Option<UnixListener>,
     taps: Vec<Tap>,
     vhost: Vec<Vec<File>>,
@@ -183,6 +186,7 @@ impl ExecutionResources {
         ExecutionFds {
             qmp: self.qmp.as_raw_fd(),
             serial: self.serial.as_ref().map(AsRawFd::as_raw_fd),
+            guest_agent: self.guest_agent.as_ref().map(AsRawFd::as_raw_fd),
             taps: self
                 .taps
                 .iter()
@@ -212,6 +216,7 @@ fn inherited(fds: &ExecutionFds) -> Vec<std::os::fd::RawFd> {
     let machine = [fds.machine.kernel, fds.machine.initrd, fds.machine.memory];
     std::iter::once(fds.qmp)
         .chain(fds.serial)
+        .chain(fds.guest_agent)
         .chain(fds.operator_qmp)
         .chain(fds.taps.iter().flatten().copied())
         .chain(fds.vhost.iter().flatten().copied())
@@ -289,6 +294,7 @@ pub async fn remove_run_files(run_dir: &Path) {
         files::QMP,
         files::SERIAL,
         files::OPERATOR_QMP,
+        files::GUEST_AGENT,
         files::PIDFILE,
     ] {
         let _ = fs::remove_file(run_dir.join(name));
@@ -303,6 +309,11 @@ pub async fn remove_run_files(run_dir: &Path) {
 
 fn listen(path: &Path) -> Result<UnixListener, LaunchError> {
     UnixListener::bind(path).map_err(run_dir_error(path))
+}
+
+/// A listening socket at `path` when it is `wanted`.
+fn listen_if(wanted: bool, path: &Path) -> Result<Option<UnixListener>, LaunchError> {
+    wanted.then(|| listen(path)).transpose()
 }
 
 /// The medium of each drive, opened; none for an empty drive.
@@ -373,16 +384,12 @@ fn open_resources(
     Ok(ExecutionResources {
         vhost,
         qmp: listen(&run_dir.join(files::QMP))?,
-        serial: if rt.serial_console {
-            Some(listen(&run_dir.join(files::SERIAL))?)
-        } else {
-            None
-        },
-        operator_qmp: if cfg.operator_qmp {
-            Some(listen(&run_dir.join(files::OPERATOR_QMP))?)
-        } else {
-            None
-        },
+        serial: listen_if(rt.serial_console, &run_dir.join(files::SERIAL))?,
+        guest_agent: listen_if(
+            rt.guest_agent_slot.is_some(),
+            &run_dir.join(files::GUEST_AGENT),
+        )?,
+        operator_qmp: listen_if(cfg.operator_qmp, &run_dir.join(files::OPERATOR_QMP))?,
         chroot: if rt.chroot {
             Some(prepare_chroot(rt, run_dir, cfg)?)
         } else {

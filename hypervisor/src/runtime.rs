@@ -38,7 +38,7 @@ pub const RESERVED_PCI_SLOTS: [u8; 3] = [0, 1, 2];
 /// The kernel's limit for a unix socket path (sun_path is 108 bytes with NUL).
 pub const MAX_UNIX_SOCKET_PATH: usize = 107;
 /// Sockets created in the run directory; their paths must fit `sun_path`.
-pub const RUN_DIR_SOCKETS: [&str; 3] = ["qmp.sock", "serial.sock", "qmp-operator.sock"];
+pub const RUN_DIR_SOCKETS: [&str; 4] = ["qmp.sock", "serial.sock", "qmp-operator.sock", "qga.sock"];
 
 /// The accelerator once `auto` is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +210,10 @@ pub struct Runtime {
     /// the balloon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sound: Option<RuntimeSound>,
+    /// Slot of the virtio-serial controller of the guest agent's channel,
+    /// given out after the sound card's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent_slot: Option<u8>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
     /// Slot of the virtio memory balloon, which lets the guest's memory be
@@ -390,7 +394,7 @@ pub fn generate(
     if let Some(pinning) = &spec.cpu_pinning {
         pinning.check_host(host.cpus)?;
     }
-    let (disks, nics, balloon_slot, sound_slot) = place_devices(spec)?;
+    let placed = place_devices(spec)?;
 
     let mut runtime = Runtime {
         format_version: RUNTIME_FORMAT_VERSION,
@@ -418,15 +422,16 @@ pub fn generate(
         vnc_keymap: spec.vnc_keymap.clone(),
         usb_pointer: spec.usb_pointer,
         display_adapter: spec.display_adapter,
-        disks,
         media: spec.media.clone(),
         usb_devices: spec.usb_devices.clone(),
         sound: spec.sound_card.map(|card| RuntimeSound {
             card,
-            slot: sound_slot,
+            slot: placed.sound,
         }),
-        nics,
-        balloon_slot: Some(balloon_slot),
+        guest_agent_slot: placed.guest_agent,
+        disks: placed.disks,
+        nics: placed.nics,
+        balloon_slot: Some(placed.balloon),
         sandbox: host.confine && host.qemu.sandbox,
         cgroup: host.confine.then(|| {
             CgroupLimits::for_guest(
@@ -472,42 +477,52 @@ fn resolve_accelerator(
 }
 
 /// The devices of a spec with their slots.
-type PlacedDevices = (Vec<RuntimeDisk>, Vec<RuntimeNic>, u8, Option<u8>);
+struct PlacedDevices {
+    disks: Vec<RuntimeDisk>,
+    nics: Vec<RuntimeNic>,
+    balloon: u8,
+    sound: Option<u8>,
+    guest_agent: Option<u8>,
+}
 
 /// Slots for the disks, then the NICs, then the balloon, then a sound card
-/// on PCI, lowest first.
+/// on PCI and the guest agent's channel, lowest first.
 fn place_devices(spec: &InstanceSpec) -> Result<PlacedDevices, RuntimeError> {
     let mut free = free_slots();
-    let sound = spec.sound_card.filter(|c| c.on_pci()).map_or(0, |_| 1);
-    let device_count = spec.disks.len() + spec.nics.len() + sound;
+    let sound = spec.sound_card.is_some_and(|c| c.on_pci());
+    let device_count =
+        spec.disks.len() + spec.nics.len() + 1 + usize::from(sound) + usize::from(spec.guest_agent);
     let total = free.len();
-    let no_slot = |used| RuntimeError::NoFreeSlot {
+    let no_slot = || RuntimeError::NoFreeSlot {
         instance: spec.name.clone(),
-        used,
+        used: device_count,
         total,
     };
+    let mut next = || free.next().ok_or_else(no_slot);
     let disks = spec
         .disks
         .iter()
-        .map(|d| {
-            let slot = free.next().ok_or_else(|| no_slot(device_count))?;
-            Ok(RuntimeDisk::new(d.clone(), slot))
-        })
+        .map(|d| Ok(RuntimeDisk::new(d.clone(), next()?)))
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let nics = spec
         .nics
         .iter()
-        .map(|n| {
-            let slot = free.next().ok_or_else(|| no_slot(device_count))?;
-            Ok(RuntimeNic::new(n.clone(), slot))
-        })
+        .map(|n| Ok(RuntimeNic::new(n.clone(), next()?)))
         .collect::<Result<Vec<_>, RuntimeError>>()?;
-    let balloon_slot = free.next().ok_or_else(|| no_slot(device_count + 1))?;
-    let sound_slot = match sound {
-        0 => None,
-        _ => Some(free.next().ok_or_else(|| no_slot(device_count + 1))?),
+    let balloon = next()?;
+    let sound = if sound { Some(next()?) } else { None };
+    let guest_agent = if spec.guest_agent {
+        Some(next()?)
+    } else {
+        None
     };
-    Ok((disks, nics, balloon_slot, sound_slot))
+    Ok(PlacedDevices {
+        disks,
+        nics,
+        balloon,
+        sound,
+        guest_agent,
+    })
 }
 
 /// Makes a runtime that was generated elsewhere (by a migration peer, or
@@ -633,6 +648,7 @@ impl Runtime {
             media: self.media.clone(),
             usb_devices: self.usb_devices.clone(),
             sound_card: self.sound.map(|s| s.card),
+            guest_agent: self.guest_agent_slot.is_some(),
         }
     }
 
@@ -659,6 +675,7 @@ impl Runtime {
             .chain(self.nics.iter().map(|n| n.slot))
             .chain(self.balloon_slot)
             .chain(self.sound.and_then(|s| s.slot))
+            .chain(self.guest_agent_slot)
     }
 
     /// Validates a runtime that arrived from elsewhere (a peer, a save file,

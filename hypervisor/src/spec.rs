@@ -485,6 +485,9 @@ pub struct InstanceSpec {
     /// A sound card.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sound_card: Option<SoundCard>,
+    /// A virtio-serial channel for the QEMU guest agent in the guest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -1038,6 +1041,7 @@ pub(crate) mod tests {
             media: vec![],
             usb_devices: vec![],
             sound_card: None,
+            guest_agent: false,
         }
     }
 

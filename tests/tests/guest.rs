@@ -434,3 +434,103 @@ async fn set_memory_moves_the_balloon_and_never_past_the_runtime_memory() {
     let (_, restored) = in_guest(console, |c| c.run("grep MemTotal /proc/meminfo")).await;
     assert_eq!(mem_total_kib(&restored), mem_total_kib(&before));
 }
+
+async fn ask_guest_agent(
+    agent: &TestAgent,
+    name: &str,
+    call: &str,
+    timeout_ms: u32,
+) -> Result<u32, tonic::Status> {
+    let mut client = agent.client().await;
+    let request = pb::GuestAgentRequest {
+        name: name.into(),
+        timeout_ms,
+    };
+    let answer = match call {
+        "ping" => client.ping_guest_agent(request).await,
+        "freeze" => client.freeze_guest_filesystems(request).await,
+        _ => client.thaw_guest_filesystems(request).await,
+    };
+    answer.map(|a| a.into_inner().filesystems)
+}
+
+#[tokio::test]
+async fn the_guest_agent_answers_and_freezes_a_mounted_filesystem() {
+    let agent = TestAgent::start().await;
+    let image = agent.raw_image("data.img", 16);
+    let (_, console) = start_guest_with(&agent, "agented", |spec| {
+        spec.guest_agent = true;
+        spec.disks = vec![disk("data", &image)];
+    })
+    .await;
+    // The channel's controller has a slot of its own, after the balloon.
+    let runtime = agent.runtime_json("agented").await;
+    let channel_slot = runtime["guest_agent_slot"].as_u64().unwrap();
+    assert_eq!(runtime["balloon_slot"].as_u64(), Some(channel_slot - 1));
+    let devices = operator_qmp(&agent, "agented").pci_devices();
+    assert!(
+        devices
+            .iter()
+            .any(|(slot, id, _)| *slot == channel_slot && id == "qga-serial"),
+        "{devices:?}"
+    );
+
+    // qemu-ga starts as the guest comes up.
+    let answered = wait_for(GUEST_SEES_TIMEOUT, async || {
+        ask_guest_agent(&agent, "agented", "ping", 2000).await.ok()
+    })
+    .await;
+    assert_eq!(answered, Some(0), "the guest agent never answered");
+    let (_console, mounted) = in_guest(console, |c| {
+        c.run(
+            "mke2fs -q /dev/vda && mkdir -p /data && mount -t ext4 /dev/vda /data && echo mounted",
+        )
+    })
+    .await;
+    assert!(mounted.ends_with("mounted"), "{mounted}");
+    for call in ["freeze", "thaw"] {
+        let filesystems = ask_guest_agent(&agent, "agented", call, 0).await;
+        assert_eq!(filesystems.expect(call), 1, "{call}");
+    }
+
+    // A hot-added NIC goes past the channel's controller.
+    let added = agent
+        .client()
+        .await
+        .add_nic(pb::AddNicRequest {
+            name: "agented".into(),
+            nic: Some(nic("eth9", "52:54:00:00:61:01")),
+        })
+        .await
+        .expect("hot-add")
+        .into_inner();
+    let slot = u64::from(added.device.unwrap().pci_slot);
+    assert!(
+        slot > channel_slot,
+        "slot {slot} vs the channel's {channel_slot}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_channel_or_a_guest_the_guest_agent_calls_say_why() {
+    let agent = TestAgent::start().await;
+    agent.start_spec(agent.spec("plain", 64)).await;
+    let refused = ask_guest_agent(&agent, "plain", "ping", 0)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("guest_agent"), "{refused:?}");
+    // A channel, but no guest OS to run qemu-ga.
+    let mut spec = agent.spec("silent", 64);
+    spec.guest_agent = true;
+    agent.start_spec(spec).await;
+    let silent = ask_guest_agent(&agent, "silent", "freeze", 300)
+        .await
+        .unwrap_err();
+    assert_eq!(silent.code(), tonic::Code::DeadlineExceeded, "{silent:?}");
+    assert!(silent.message().contains("qemu-guest-agent"), "{silent:?}");
+}

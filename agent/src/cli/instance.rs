@@ -69,6 +69,17 @@ pub(super) enum InstanceCommand {
         /// Instance name.
         name: String,
     },
+    /// Ask the QEMU guest agent in a guest: ping, freeze or thaw its filesystems.
+    GuestAgent {
+        /// ping, freeze or thaw.
+        #[arg(value_parser = ["ping", "freeze", "thaw"])]
+        call: String,
+        /// Instance name.
+        name: String,
+        /// How long to wait for the guest, in milliseconds (default: 5 s for a ping, 60 s otherwise).
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u32,
+    },
     /// Take a quarantined instance's QEMU back, once QEMU shows it is the
     /// runtime of the record that was set aside.
     Adopt {
@@ -212,6 +223,24 @@ pub(super) async fn run(
             client
                 .rename_instance(pb::RenameInstanceRequest { name, new_name })
                 .await?
+        }
+        InstanceCommand::GuestAgent {
+            call,
+            name,
+            timeout_ms,
+        } => {
+            let request = pb::GuestAgentRequest { name, timeout_ms };
+            let answer = match call.as_str() {
+                "ping" => client.ping_guest_agent(request).await?,
+                "freeze" => client.freeze_guest_filesystems(request).await?,
+                _ => client.thaw_guest_filesystems(request).await?,
+            };
+            out.show(&answer.into_inner(), |a| match call.as_str() {
+                "ping" => println!("the guest agent answers"),
+                "freeze" => println!("{} filesystems frozen", a.filesystems),
+                _ => println!("{} filesystems thawed", a.filesystems),
+            });
+            return Ok(());
         }
         InstanceCommand::SetMemory {
             name,

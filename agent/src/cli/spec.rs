@@ -107,6 +107,9 @@ pub(super) struct SpecOptions {
     /// A sound card: hda, ac97, es1370, sb16, adlib, gus, cs4231a or pcspk.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("SoundCard", "sound card"))]
     sound_card: i32,
+    /// A channel for the QEMU guest agent in the guest (`instance guest-agent`).
+    #[arg(long)]
+    guest_agent: bool,
     /// Without --kernel, what the firmware boots first: disk, cdrom, floppy or network.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("BootDevice", "boot device"))]
     boot: i32,
@@ -270,6 +273,7 @@ impl SpecOptions {
             media: self.cdrom.iter().chain(&self.floppy).cloned().collect(),
             usb_devices: self.usb_device.clone(),
             sound_card: self.sound_card,
+            guest_agent: self.guest_agent,
         }
     }
 }

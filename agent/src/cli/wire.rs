@@ -41,6 +41,7 @@ api_messages!(
     DeviceInfo,
     Event,
     GanetiAdoption,
+    GuestAgentResponse,
     HotplugSupportResponse,
     InstanceInfo,
     MigrationProgress,

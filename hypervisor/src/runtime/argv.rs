@@ -26,6 +26,10 @@ pub const QMP_CHARDEV: &str = "qmp";
 pub const OPERATOR_QMP_CHARDEV: &str = "qmp-operator";
 /// Chardev id of the serial console.
 pub const SERIAL_CHARDEV: &str = "serial0";
+/// QEMU id of the guest agent channel's chardev.
+const GUEST_AGENT_CHARDEV: &str = "qga0";
+/// QEMU id of the guest agent channel's virtio-serial controller.
+const GUEST_AGENT_SERIAL: &str = "qga-serial";
 
 /// Escapes a value for QEMU's `key=value,...` syntax, where a literal comma
 /// is written twice. Without this a path like `/a,file=/etc/shadow` would
@@ -303,6 +307,9 @@ pub struct ExecutionFds {
     pub qmp: RawFd,
     /// Listening socket of the serial console, when the runtime has one.
     pub serial: Option<RawFd>,
+    /// Listening socket of the guest agent's channel, when the runtime has
+    /// one.
+    pub guest_agent: Option<RawFd>,
     /// Per NIC in runtime order, one tap fd per queue.
     pub taps: Vec<Vec<RawFd>>,
     /// Per NIC in runtime order, one vhost-net fd per queue (empty
@@ -414,6 +421,9 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
             format!("chardev:{SERIAL_CHARDEV}"),
         ]);
     }
+    if let (Some(slot), Some(fd)) = (rt.guest_agent_slot, fds.guest_agent) {
+        argv.extend(render_guest_agent(slot, fd));
+    }
     if let Some(fd) = fds.chroot {
         argv.extend(chroot_option(rt.qemu.version, fd));
     }
@@ -429,6 +439,24 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
         argv.push("-S".into());
     }
     argv
+}
+
+/// The port name qemu-ga looks for.
+pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
+/// The guest agent's channel: its virtio-serial controller in `slot`, and
+/// the port, on the listening socket `socket`.
+fn render_guest_agent(slot: u8, socket: RawFd) -> [String; 6] {
+    [
+        "-chardev".into(),
+        format!("socket,id={GUEST_AGENT_CHARDEV},fd={socket},server=on,wait=off"),
+        "-device".into(),
+        format!("virtio-serial-pci,id={GUEST_AGENT_SERIAL},bus={PCI_BUS},addr={slot:#x}"),
+        "-device".into(),
+        format!(
+            "virtserialport,bus={GUEST_AGENT_SERIAL}.0,chardev={GUEST_AGENT_CHARDEV},name={GUEST_AGENT_PORT}"
+        ),
+    ]
 }
 
 /// The first QEMU with `-run-with chroot=`, which replaces `-chroot`.
@@ -631,6 +659,7 @@ mod tests {
             vhost: vec![vec![]],
             disks: vec![6],
             media: vec![],
+            guest_agent: None,
             machine: MachineFds::default(),
             operator_qmp: None,
             chroot: None,

@@ -78,6 +78,7 @@ TRANSLATED = frozenset([
     constants.HV_KVM_FLOPPY_IMAGE_PATH,
     constants.HV_SOUNDHW,
     constants.HV_USB_DEVICES,
+    constants.HV_USE_GUEST_AGENT,
     constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
     constants.HV_CPU_SOCKETS,
@@ -406,6 +407,7 @@ def instance_spec(instance, block_devices):
     spec.media.extend(media_specs(hvp))
     spec.usb_devices.extend(USB_DEVICES[d] for d in usb_device_names(hvp))
     spec.sound_card = SOUND_CARDS[hvp.get(constants.HV_SOUNDHW) or ""]
+    spec.guest_agent = bool(hvp.get(constants.HV_USE_GUEST_AGENT))
     if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(
@@ -482,6 +484,14 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
     if runtime.get("serial_console"):
         cmd += ["-serial", "unix:%s,server,nowait" % hv_kvm._InstanceSerial(name)]
     cmd += media_drives(runtime.get("media", []))
+    if runtime.get("guest_agent_slot") is not None:
+        # The channel where the agent's was, on that driver's socket.
+        cmd += ["-chardev", "socket,path=%s,server,nowait,id=qga0" %
+                hv_kvm._InstanceQemuGuestAgentMonitor(name),
+                "-device", "virtio-serial-pci,id=qga-serial,bus=pci.0,addr=%#x" %
+                runtime["guest_agent_slot"],
+                "-device", "virtserialport,bus=qga-serial.0,chardev=qga0,"
+                "name=org.qemu.guest_agent.0"]
     ganeti_nics = {nic.uuid: nic for nic in instance.nics}
     nics = []
     for nic in runtime["nics"]:

@@ -503,10 +503,13 @@ class UnsupportedParameters(unittest.TestCase):
         self.assertEqual((spec.vnc.keymap, spec.usb_pointer, spec.display_adapter),
                          ("de", pb.USB_POINTER_TABLET, pb.DISPLAY_ADAPTER_CIRRUS))
         devices = hvparams(**{constants.HV_SOUNDHW: "hda",
-                              constants.HV_USB_DEVICES: "keyboard, wacom-tablet"})
+                              constants.HV_USB_DEVICES: "keyboard, wacom-tablet",
+                              constants.HV_USE_GUEST_AGENT: True})
         KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(devices)
         spec = instance_spec(instance("devices.example.com", UUIDS[1], devices), [])
         self.assertEqual(spec.sound_card, pb.SOUND_CARD_HDA)
+        self.assertTrue(spec.guest_agent)
+        self.assertFalse(plain.guest_agent)
         self.assertEqual(list(spec.usb_devices),
                          [pb.USB_DEVICE_KEYBOARD, pb.USB_DEVICE_WACOM_TABLET])
 
