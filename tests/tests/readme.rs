@@ -225,9 +225,14 @@ fn substitutions(
 ) -> Vec<(String, String)> {
     let binary = agent_binary().display().to_string();
     let in_scratch = |name: &str| scratch.join(name).display().to_string();
+    let guest = kvm_agent_tests::guest::guest_image();
+    let iso = |path: &Path| path.display().to_string();
     vec![
         ("target/release/kvm-agent".into(), binary),
         ("/srv/img/data.img".into(), data_image.display().to_string()),
+        ("/srv/img/installer.img".into(), in_scratch("installer.img")),
+        ("/srv/iso/debian.iso".into(), iso(&guest.boot_iso)),
+        ("/srv/iso/drivers.iso".into(), iso(&guest.data_iso)),
         ("/srv/saves/demo.save".into(), in_scratch("demo.save")),
         ("--bridge br0".into(), format!("--bridge {}", bridge.name)),
         (
@@ -339,6 +344,7 @@ async fn readme_examples_run_as_written() {
     let bridge = Bridge::create();
     let scratch = agent.scratch();
     let data_image = agent.raw_image("data", 16);
+    agent.raw_image("installer.img", 16);
     let mut readme = Readme {
         substitutions: substitutions(&scratch, &bridge, &target, &data_image),
         env: vec![

@@ -165,8 +165,9 @@ pid_netns_inode() { stat -L -c %i "/proc/$1/ns/net" 2>/dev/null || echo none; }
 
 # Checks that NAME runs on node N and only there: in the agent, as a QEMU
 # in that node's network namespace, in QMP, and in Ganeti. Sets qemu_pid.
+# WANT is the agent's state, QEMU_WANT QEMU's own (WANT by default).
 expect_running_on() {
-  local name=$1 n=$2 want=${3:-running} other rec
+  local name=$1 n=$2 want=${3:-running} qemu_want=${4:-${3:-running}} other rec
   other=$((3 - n))
   rec=$(record "$n" "$name")
   [ "$rec" != null ] || fail "the agent on node$n has no record of $name"
@@ -178,7 +179,7 @@ expect_running_on() {
   expect "$name's QEMU (pid $qemu_pid) is in node$n's network namespace" \
     "$(pid_netns_inode "$qemu_pid")" "$(netns_inode "${ns[$n]}")"
   expect "QEMU's own status of $name (query-status)" \
-    "$(qmp "$n" "$name" query-status | jq_py "j['status']")" "$want"
+    "$(qmp "$n" "$name" query-status | jq_py "j['status']")" "$qemu_want"
   expect "no QEMU for $name in node$other's agent" \
     "$(record "$other" "$name" | jq_py "0 if j is None else j['pid']")" 0
   expect "Ganeti's view of $name (status, oper_state, pnode)" \
@@ -817,7 +818,8 @@ gnt gnt-instance stop --timeout=5 "$inst"
 expect_no_record "$inst"
 expect "Ganeti's status" "$(gnt_field "$inst" status,oper_state)" "ADMIN_down N"
 gnt gnt-instance start --paused "$inst"
-expect_running_on "$inst" 1 paused
+# prelaunch: the guest hasn't run an instruction yet (-S).
+expect_running_on "$inst" 1 paused prelaunch
 expect "the guest's shell once the console is attached" \
   "$(console "$inst" 'echo PROBE-$((6*7))' 'PROBE-(42)' 120)" 42
 expect_running_on "$inst" 1
