@@ -256,6 +256,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             .collect::<Result<_, _>>()?,
         sound_card: sound_card_from_proto(p.sound_card)?,
         guest_agent: p.guest_agent,
+        hotplug_ports: p.hotplug_ports,
     })
 }
 

@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, cache_flags, disk_file_node, disk_format_node};
+use hypervisor::argv::{cache_flags, disk_file_node, disk_format_node};
+use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeDisk;
 use hypervisor::spec::DiskFormat;
@@ -50,14 +51,15 @@ pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
 }
 
 /// `device_add` arguments. Pure.
-pub fn device_arguments(disk: &RuntimeDisk) -> Value {
+pub fn device_arguments(disk: &RuntimeDisk, layout: PciLayout) -> Value {
     let (_, _, write_cache) = cache_flags(disk.spec.cache);
+    let (bus, addr) = layout.place(disk.slot);
     json!({
         "driver": "virtio-blk-pci",
         "id": disk.device_id(),
         "drive": disk_format_node(disk.spec.uuid),
-        "bus": PCI_BUS,
-        "addr": format!("{:#x}", disk.slot),
+        "bus": bus,
+        "addr": format!("{addr:#x}"),
         "write-cache": if write_cache { "on" } else { "off" },
     })
 }
@@ -66,8 +68,13 @@ pub fn device_arguments(disk: &RuntimeDisk) -> Value {
 /// read-write, as the disk asks). After `add-fd`, the block nodes, the
 /// device, the checks and `remove-fd` go out as one pipeline. On failure
 /// every step that succeeded is undone.
-pub async fn add(qmp: &QmpClient, disk: &RuntimeDisk, image: &File) -> Result<(), HotplugError> {
-    attach(qmp, disk, pass_image(qmp, image).await?).await
+pub async fn add(
+    qmp: &QmpClient,
+    disk: &RuntimeDisk,
+    image: &File,
+    layout: PciLayout,
+) -> Result<(), HotplugError> {
+    attach(qmp, disk, pass_image(qmp, image).await?, layout).await
 }
 
 /// Hands QEMU the image fd in a new fdset (`add-fd`). It doesn't depend on
@@ -84,7 +91,12 @@ pub async fn release_image(qmp: &QmpClient, fdset: u64) {
 }
 
 /// Attaches `disk` from the image in `fdset`, then releases the fdset.
-pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(), HotplugError> {
+pub async fn attach(
+    qmp: &QmpClient,
+    disk: &RuntimeDisk,
+    fdset: u64,
+    layout: PciLayout,
+) -> Result<(), HotplugError> {
     let id = disk.device_id();
     let delete_node =
         |node: String| Undo::IfDone(vec![("blockdev-del", json!({ "node-name": node }))]);
@@ -101,7 +113,7 @@ pub async fn attach(qmp: &QmpClient, disk: &RuntimeDisk, fdset: u64) -> Result<(
         ),
         Step::new(
             "device_add",
-            Command::new("device_add", device_arguments(disk)),
+            Command::new("device_add", device_arguments(disk, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
         Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
@@ -202,7 +214,7 @@ mod tests {
         let (qmp, seen) = fake_qemu(&["device_add"]).await;
         let d = disk(false, DiskCache::None);
 
-        let result = attach(&qmp, &d, 4).await;
+        let result = attach(&qmp, &d, 4, PciLayout::RootBus).await;
 
         assert!(
             matches!(
@@ -238,7 +250,7 @@ mod tests {
     async fn a_refused_file_node_leaves_nothing_to_take_back() {
         let (qmp, seen) = fake_qemu(&["blockdev-add"]).await;
 
-        let result = attach(&qmp, &disk(true, DiskCache::None), 4).await;
+        let result = attach(&qmp, &disk(true, DiskCache::None), 4, PciLayout::RootBus).await;
 
         assert!(
             matches!(
@@ -258,7 +270,7 @@ mod tests {
 
     #[test]
     fn writethrough_turns_the_device_write_cache_off() {
-        let args = device_arguments(&disk(false, DiskCache::Writethrough));
+        let args = device_arguments(&disk(false, DiskCache::Writethrough), PciLayout::RootBus);
 
         assert_eq!(args["write-cache"], "off");
         assert_eq!(args["addr"], "0x9");

@@ -4,7 +4,8 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{PCI_BUS, hot_added_romfile, msix_vectors, netdev_id};
+use hypervisor::argv::{hot_added_romfile, msix_vectors, netdev_id};
+use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::NicSpec;
@@ -23,15 +24,16 @@ pub struct AddedNic {
 
 /// The `device_add` arguments of a NIC, for a QEMU that is `chrooted` or
 /// not. Pure.
-pub fn device_arguments(nic: &RuntimeNic, chrooted: bool) -> Value {
+pub fn device_arguments(nic: &RuntimeNic, chrooted: bool, layout: PciLayout) -> Value {
+    let (bus, addr) = layout.place(nic.slot);
     let driver = nic.spec.model.qemu_device();
     let mut args = json!({
         "driver": driver,
         "id": nic.device_id(),
         "netdev": nic.netdev_id(),
         "mac": nic.spec.mac.to_string(),
-        "bus": PCI_BUS,
-        "addr": format!("{:#x}", nic.slot),
+        "bus": bus,
+        "addr": format!("{addr:#x}"),
     });
     if let Some(rom) = hot_added_romfile(nic.spec.model, chrooted) {
         args["romfile"] = json!(rom);
@@ -106,6 +108,7 @@ pub async fn attach(
     prepared: PreparedNic,
     nic: &RuntimeNic,
     chrooted: bool,
+    layout: PciLayout,
 ) -> Result<AddedNic, HotplugError> {
     let netdev = nic.netdev_id();
     let (tap_names, vhost_names) = passed_fd_names(
@@ -145,7 +148,7 @@ pub async fn attach(
         ),
         Step::new(
             "device_add",
-            Command::new("device_add", device_arguments(nic, chrooted)),
+            Command::new("device_add", device_arguments(nic, chrooted, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
         Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
@@ -231,7 +234,7 @@ mod tests {
     fn device_is_placed_at_its_slot_on_pci0() {
         let nic = sample_nic(NicModel::Virtio);
 
-        let args = device_arguments(&nic, false);
+        let args = device_arguments(&nic, false, PciLayout::RootBus);
 
         assert_eq!(args["addr"], "0x7");
         assert_eq!(args["bus"], "pci.0");
@@ -242,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_chrooted_qemu_finds_the_rom_in_its_root() {
-        let args = device_arguments(&sample_nic(NicModel::E1000), true);
+        let args = device_arguments(&sample_nic(NicModel::E1000), true, PciLayout::RootBus);
 
         assert_eq!(args["romfile"], "/efi-e1000.rom");
     }

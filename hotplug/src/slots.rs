@@ -5,6 +5,7 @@
 //! and the machine doesn't reserve it.
 
 use bitvec::prelude::*;
+use hypervisor::pcie::ROOT_PORT_PREFIX;
 use serde_json::Value;
 
 /// Slots on one PCI bus.
@@ -25,7 +26,9 @@ pub enum SlotState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotError {
     /// Every slot is taken.
-    #[error("no free PCI slot on pci.0 ({used} of {usable} usable slots in use)")]
+    #[error(
+        "no free PCI slot ({used} of {usable} usable slots in use; on q35, slots of root ports)"
+    )]
     NoFreeSlot {
         /// Allocated slots.
         used: usize,
@@ -98,25 +101,44 @@ impl SlotMap {
     }
 }
 
-/// `(slot, qdev_id)` of every device on bus 0 in a `query-pci` reply.
+/// `(slot, qdev_id)` of every device on bus 0 in a `query-pci` reply. A
+/// q35's root ports stand for the device behind each: the port itself is
+/// left out and its device is given the port's slot. The devices behind a
+/// port show only once the guest's firmware has numbered the buses.
 pub fn bus0_devices(query_pci: &Value) -> Vec<(u8, String)> {
-    query_pci
-        .as_array()
-        .into_iter()
-        .flatten()
+    let slot_and_id = |d: &Value| {
+        let slot = u8::try_from(d.get("slot")?.as_u64()?).ok()?;
+        let id = d.get("qdev_id").and_then(Value::as_str).unwrap_or_default();
+        Some((slot, id.to_owned()))
+    };
+    let devices = |bus: &Value| -> Vec<Value> {
+        bus.get("devices")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut found = Vec::new();
+    let root = query_pci.as_array().into_iter().flatten();
+    for device in root
         .filter(|bus| bus.get("bus").and_then(Value::as_u64) == Some(0))
-        .flat_map(|bus| {
-            bus.get("devices")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-        })
-        .filter_map(|d| {
-            let slot = u8::try_from(d.get("slot")?.as_u64()?).ok()?;
-            let id = d.get("qdev_id").and_then(Value::as_str).unwrap_or_default();
-            Some((slot, id.to_owned()))
-        })
-        .collect()
+        .flat_map(devices)
+    {
+        let Some((slot, id)) = slot_and_id(&device) else {
+            continue;
+        };
+        if !id.starts_with(ROOT_PORT_PREFIX) {
+            found.push((slot, id));
+            continue;
+        }
+        let behind = device.get("pci_bridge").map(devices).unwrap_or_default();
+        found.extend(
+            behind
+                .iter()
+                .filter_map(slot_and_id)
+                .map(|(_, id)| (slot, id)),
+        );
+    }
+    found
 }
 
 /// Finds a free slot from the three sources. Pure.
@@ -145,6 +167,22 @@ mod tests {
 
     fn pci(slots: &[(u64, &str)]) -> Value {
         json!([{ "bus": 0, "devices": slots.iter().map(|(s, id)| json!({"slot": s, "function": 0, "qdev_id": id})).collect::<Vec<_>>() }])
+    }
+
+    #[test]
+    fn a_device_behind_a_root_port_has_the_ports_slot() {
+        let reply = json!([{ "bus": 0, "devices": [
+            {"slot": 3, "qdev_id": "root-port-3", "pci_bridge": {"devices": [{"slot": 0, "qdev_id": "nic-a"}]}},
+            {"slot": 4, "qdev_id": "root-port-4", "pci_bridge": {"devices": []}},
+            {"slot": 31, "qdev_id": ""},
+        ]}]);
+        assert_eq!(
+            bus0_devices(&reply),
+            [(3, "nic-a".to_owned()), (31, String::new())]
+        );
+        // Only the ports' slots are free for a hot-add, and 3 is taken.
+        let reserved: Vec<u8> = (0..32).filter(|s| ![3, 4].contains(s)).collect();
+        assert_eq!(find_free_slot(&reply, [], &reserved), Ok(4));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime,
 //! with [`runtime::argv`] rendering it as a command line, re-exported as
-//! [`argv`]), [`media`] (CD-ROM and floppy drives), [`peripherals`]
+//! [`argv`]), [`media`] (CD-ROM and floppy drives), [`pcie`] (where a
+//! device sits on PCI: the root bus, or a q35's root ports), [`peripherals`]
 //! (display adapter, USB input devices, sound card), [`pinning`] (vCPU masks, parsed and checked), [`qemu_info`]
 //! (what a QEMU binary is) and [`identity`] (the user a confined QEMU runs
 //! as, and its access to `/dev/kvm`, decided purely). The I/O shell around it is [`probe`]
@@ -27,6 +28,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod media;
 pub mod migration;
+pub mod pcie;
 pub mod peripherals;
 pub mod pinning;
 pub mod probe;

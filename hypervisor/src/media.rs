@@ -13,6 +13,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pcie::PciLayout;
+
 /// How many CD-ROMs an instance can have: the secondary IDE channel's
 /// master and slave.
 pub const MAX_CDROMS: usize = 2;
@@ -141,21 +143,30 @@ pub fn render(
     index: usize,
     image: Option<(RawFd, u64)>,
     boot_index: Option<u32>,
+    layout: PciLayout,
 ) -> Vec<String> {
     let drive = &drives[index];
     let mut argv = Vec::new();
-    let mut device = match drive.kind {
-        MediaKind::Cdrom => {
-            let unit = drives[..index]
-                .iter()
-                .filter(|d| d.kind == MediaKind::Cdrom)
-                .count();
-            format!(
-                "ide-cd,id={},bus={CDROM_BUS},unit={unit}",
-                drive.device_id()
-            )
+    let nth = drives[..index]
+        .iter()
+        .filter(|d| d.kind == drive.kind)
+        .count();
+    let id = drive.device_id();
+    let mut device = match (drive.kind, layout) {
+        (MediaKind::Cdrom, PciLayout::RootBus) => {
+            format!("ide-cd,id={id},bus={CDROM_BUS},unit={nth}")
         }
-        MediaKind::Floppy => format!("floppy,id={},unit=0", drive.device_id()),
+        // The ICH9's AHCI has a bus of one unit per port; the first two
+        // are left to disks, as the PIIX's primary channel is.
+        (MediaKind::Cdrom, PciLayout::RootPorts) => {
+            format!("ide-cd,id={id},bus=ide.{},unit=0", 2 + nth)
+        }
+        (MediaKind::Floppy, PciLayout::RootBus) => format!("floppy,id={id},unit=0"),
+        // A q35 has no floppy controller of its own.
+        (MediaKind::Floppy, PciLayout::RootPorts) => {
+            argv.extend(["-device".into(), "isa-fdc,id=fdc0".into()]);
+            format!("floppy,id={id},unit=0")
+        }
     };
     if let Some((fd, fdset)) = image {
         let node = launch_node(index);
@@ -200,7 +211,7 @@ mod tests {
     fn cdroms_take_the_secondary_channel_in_order_and_an_empty_drive_has_no_node() {
         let drives = sample();
         assert_eq!(
-            render(&drives, 0, Some((7, 3)), Some(1)),
+            render(&drives, 0, Some((7, 3)), Some(1), PciLayout::RootBus),
             [
                 "-add-fd",
                 "fd=7,set=3",
@@ -211,11 +222,13 @@ mod tests {
             ]
         );
         assert_eq!(
-            render(&drives, 2, None, None),
+            render(&drives, 2, None, None, PciLayout::RootBus),
             ["-device", "ide-cd,id=media-tools,bus=ide.1,unit=1"]
         );
         assert_eq!(
-            render(&drives, 1, Some((8, 4)), None).last().unwrap(),
+            render(&drives, 1, Some((8, 4)), None, PciLayout::RootBus)
+                .last()
+                .unwrap(),
             "floppy,id=media-drivers,unit=0,drive=media1"
         );
     }

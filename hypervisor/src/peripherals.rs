@@ -116,12 +116,10 @@ impl SoundCard {
         matches!(self, SoundCard::Hda | SoundCard::Ac97 | SoundCard::Es1370)
     }
 
-    /// The options that give the guest the card: `slot` is its PCI slot
-    /// on `bus`, for a card on PCI. Pure.
-    pub fn render(self, bus: &str, slot: Option<u8>) -> Vec<String> {
-        let at = slot
-            .map(|slot| format!(",bus={bus},addr={slot:#x}"))
-            .unwrap_or_default();
+    /// The options that give the guest the card: `pci_at` is its
+    /// `bus=...,addr=...`, for a card on PCI. Pure.
+    pub fn render(self, pci_at: Option<&str>) -> Vec<String> {
+        let at = pci_at.map(|at| format!(",{at}")).unwrap_or_default();
         let audio = format!("audiodev={AUDIO_BACKEND_ID}");
         let mut argv = vec!["-audiodev".into(), format!("none,id={AUDIO_BACKEND_ID}")];
         let devices: Vec<String> = match self {
@@ -157,7 +155,7 @@ mod tests {
     #[test]
     fn a_pci_card_takes_its_slot_and_an_isa_card_none() {
         assert_eq!(
-            SoundCard::Hda.render("pci.0", Some(7)),
+            SoundCard::Hda.render(Some("bus=pci.0,addr=0x7")),
             [
                 "-audiodev",
                 "none,id=audio0",
@@ -168,11 +166,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            SoundCard::Sb16.render("pci.0", None)[3],
+            SoundCard::Sb16.render(None)[3],
             "sb16,id=sound0,audiodev=audio0"
         );
         assert_eq!(
-            SoundCard::Pcspk.render("pci.0", None)[2..],
+            SoundCard::Pcspk.render(None)[2..],
             ["-machine", "pcspk-audiodev=audio0"]
         );
         assert!(SoundCard::Es1370.on_pci() && !SoundCard::Gus.on_pci());

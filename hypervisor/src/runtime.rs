@@ -13,6 +13,7 @@ pub use uuid::Uuid;
 
 use crate::cgroup::CgroupLimits;
 use crate::identity::QemuUser;
+use crate::pcie::{self, PciLayout};
 use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
@@ -214,6 +215,11 @@ pub struct Runtime {
     /// given out after the sound card's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent_slot: Option<u8>,
+    /// On q35, the slots of `pcie.0` whose root ports the devices sit
+    /// behind, one each, and the spare ones hot-adds take; empty on
+    /// i440fx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pcie_root_ports: Vec<u8>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
     /// Slot of the virtio memory balloon, which lets the guest's memory be
@@ -278,9 +284,7 @@ pub enum RuntimeError {
     )]
     KvmUnavailable(String),
     /// More devices than slots.
-    #[error(
-        "instance {instance:?}: no free PCI slot on pci.0 ({used} of {total} usable slots needed)"
-    )]
+    #[error("instance {instance:?}: no free PCI slot ({used} of {total} usable slots needed)")]
     NoFreeSlot {
         /// Instance name.
         instance: String,
@@ -310,6 +314,10 @@ pub enum RuntimeError {
         /// Its slot.
         slot: u8,
     },
+    /// A q35 runtime whose devices don't each have a root port, or root
+    /// ports on a machine without PCIe.
+    #[error("runtime root ports are inconsistent: {0}")]
+    RootPorts(String),
     /// A foreign runtime's argv doesn't match its structured part.
     #[error("runtime argv does not match its structured part; refusing to execute foreign options")]
     ArgvMismatch,
@@ -394,7 +402,8 @@ pub fn generate(
     if let Some(pinning) = &spec.cpu_pinning {
         pinning.check_host(host.cpus)?;
     }
-    let placed = place_devices(spec)?;
+    let layout = PciLayout::of(&machine_type);
+    let placed = place_devices(spec, layout)?;
 
     let mut runtime = Runtime {
         format_version: RUNTIME_FORMAT_VERSION,
@@ -429,6 +438,7 @@ pub fn generate(
             slot: placed.sound,
         }),
         guest_agent_slot: placed.guest_agent,
+        pcie_root_ports: placed.root_ports,
         disks: placed.disks,
         nics: placed.nics,
         balloon_slot: Some(placed.balloon),
@@ -483,15 +493,32 @@ struct PlacedDevices {
     balloon: u8,
     sound: Option<u8>,
     guest_agent: Option<u8>,
+    root_ports: Vec<u8>,
 }
 
 /// Slots for the disks, then the NICs, then the balloon, then a sound card
-/// on PCI and the guest agent's channel, lowest first.
-fn place_devices(spec: &InstanceSpec) -> Result<PlacedDevices, RuntimeError> {
-    let mut free = free_slots();
+/// on PCI and the guest agent's channel, lowest first; on q35, the root
+/// ports of those slots and then the spare ones.
+fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices, RuntimeError> {
+    let last = match layout {
+        PciLayout::RootBus => MAX_PCI_SLOT,
+        PciLayout::RootPorts => pcie::MAX_ROOT_PORT_SLOT,
+    };
+    let mut free = free_slots()
+        .filter(|&s| s <= last)
+        .collect::<Vec<_>>()
+        .into_iter();
     let sound = spec.sound_card.is_some_and(|c| c.on_pci());
-    let device_count =
-        spec.disks.len() + spec.nics.len() + 1 + usize::from(sound) + usize::from(spec.guest_agent);
+    let spare = match layout {
+        PciLayout::RootBus => 0,
+        PciLayout::RootPorts => spec.hotplug_ports.unwrap_or(pcie::DEFAULT_HOTPLUG_PORTS) as usize,
+    };
+    let device_count = spec.disks.len()
+        + spec.nics.len()
+        + 1
+        + usize::from(sound)
+        + usize::from(spec.guest_agent)
+        + spare;
     let total = free.len();
     let no_slot = || RuntimeError::NoFreeSlot {
         instance: spec.name.clone(),
@@ -516,12 +543,22 @@ fn place_devices(spec: &InstanceSpec) -> Result<PlacedDevices, RuntimeError> {
     } else {
         None
     };
+    let mut root_ports = Vec::new();
+    if layout == PciLayout::RootPorts {
+        root_ports.extend(disks.iter().map(|d| d.slot));
+        root_ports.extend(nics.iter().map(|n| n.slot));
+        root_ports.extend([Some(balloon), sound, guest_agent].into_iter().flatten());
+        for _ in 0..spare {
+            root_ports.push(next()?);
+        }
+    }
     Ok(PlacedDevices {
         disks,
         nics,
         balloon,
         sound,
         guest_agent,
+        root_ports,
     })
 }
 
@@ -649,7 +686,15 @@ impl Runtime {
             usb_devices: self.usb_devices.clone(),
             sound_card: self.sound.map(|s| s.card),
             guest_agent: self.guest_agent_slot.is_some(),
+            // The ports stay: what a hot-add took is one spare fewer.
+            hotplug_ports: (!self.pcie_root_ports.is_empty())
+                .then(|| (self.pcie_root_ports.len() - self.used_slots().count()) as u32),
         }
+    }
+
+    /// How the runtime's devices sit on PCI.
+    pub fn pci_layout(&self) -> PciLayout {
+        PciLayout::of(&self.machine_type)
     }
 
     /// Whether QEMU runs confined: sandboxed, in a cgroup of its own or as
@@ -660,6 +705,12 @@ impl Runtime {
 
     /// Slots on pci.0 that are never given to a hot-added device.
     pub fn reserved_slots(&self) -> Vec<u8> {
+        if self.pci_layout() == PciLayout::RootPorts {
+            // Only a root port's slot has room for a hot-added device.
+            return (0..=MAX_PCI_SLOT)
+                .filter(|s| !self.pcie_root_ports.contains(s))
+                .collect();
+        }
         let mut slots = RESERVED_PCI_SLOTS.to_vec();
         if let Some(inherited) = &self.inherited {
             slots.extend(&inherited.reserved_slots);
@@ -726,6 +777,7 @@ impl Runtime {
             inherited.validate()?;
         }
         self.check_device_ids()?;
+        self.check_root_ports()?;
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
         }
@@ -734,6 +786,30 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// On q35, every device has a root port of its own among the runtime's,
+    /// each in a slot a port may take; elsewhere there are none. Pure.
+    fn check_root_ports(&self) -> Result<(), RuntimeError> {
+        let ports = &self.pcie_root_ports;
+        let refuse = |why: &str| Err(RuntimeError::RootPorts(why.to_owned()));
+        if self.pci_layout() == PciLayout::RootBus {
+            return match ports.is_empty() {
+                true => Ok(()),
+                false => refuse("this machine type has no PCIe root ports"),
+            };
+        }
+        let mut seen = HashSet::new();
+        let placeable = |s: &u8| {
+            !RESERVED_PCI_SLOTS.contains(s) && *s <= pcie::MAX_ROOT_PORT_SLOT && seen.insert(*s)
+        };
+        if !ports.iter().all(placeable) {
+            return refuse("a port is in a reserved slot, out of range or twice");
+        }
+        if let Some(slot) = self.used_slots().find(|s| !ports.contains(s)) {
+            return refuse(&format!("slot {slot} has a device but no root port"));
+        }
+        Ok(())
+    }
+
     /// Kept device ids must look like the agent's own (so recovery and
     /// hotplug know them) and be unique. Pure.
     fn check_device_ids(&self) -> Result<(), RuntimeError> {
@@ -774,6 +850,7 @@ const MAX_QEMU_ID: usize = 31;
 pub(crate) mod tests {
     use super::*;
     use crate::qemu_info::{MachineType, QemuVersion};
+    use crate::runtime::argv::render_base;
     use crate::spec::tests::sample_spec;
     use crate::spec::{DiskCache, DiskFormat, NicModel};
 
@@ -1052,6 +1129,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_q35_gives_every_device_a_root_port_and_keeps_spare_ones() {
+        let qemu = qemu_7_2();
+        let spec = InstanceSpec {
+            machine_type: "q35".into(),
+            hotplug_ports: Some(2),
+            ..sample_spec()
+        };
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        // The disk, the NIC and the balloon, then two spare ports.
+        assert_eq!(rt.pcie_root_ports, [3, 4, 5, 6, 7]);
+        assert_eq!(rt.reserved_slots().len(), 32 - 5);
+        assert_eq!(rt.to_spec().hotplug_ports, Some(2));
+        assert_eq!(rt.validate(), Ok(()));
+        let argv = render_base(&rt).join(" ");
+        assert!(
+            argv.contains("pcie-root-port,id=root-port-7,bus=pcie.0,chassis=7,slot=7,addr=0x7"),
+            "{argv}"
+        );
+        let mut portless = rt.clone();
+        portless.pcie_root_ports.retain(|&s| s != 4);
+        portless.argv = render_base(&portless);
+        assert!(matches!(
+            portless.validate(),
+            Err(RuntimeError::RootPorts(_))
+        ));
+        let pc = InstanceSpec {
+            hotplug_ports: Some(2),
+            ..sample_spec()
+        };
+        assert!(matches!(
+            generate(&pc, host(&qemu), 1),
+            Err(RuntimeError::Spec(SpecError::HotplugPorts(2)))
+        ));
+    }
+
+    #[test]
     fn too_many_devices_is_no_free_slot() {
         let qemu = qemu_7_2();
         let mut spec = sample_spec();
@@ -1063,8 +1176,9 @@ pub(crate) mod tests {
         assert!(
             matches!(
                 err,
+                // The balloon needs one too.
                 RuntimeError::NoFreeSlot {
-                    used: 30,
+                    used: 31,
                     total: 29,
                     ..
                 }

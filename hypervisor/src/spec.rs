@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::media::MediaError;
 pub use crate::media::{MediaDrive, MediaKind};
+use crate::pcie::{MAX_HOTPLUG_PORTS, is_q35};
 pub use crate::peripherals::{DisplayAdapter, SoundCard, UsbDevice, UsbPointer};
 use crate::pinning::{CpuPinning, PinningError};
 
@@ -488,6 +489,9 @@ pub struct InstanceSpec {
     /// A virtio-serial channel for the QEMU guest agent in the guest.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guest_agent: bool,
+    /// On q35, the spare root ports hot-adds take; unset is the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_ports: Option<u32>,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -701,6 +705,11 @@ pub enum SpecError {
     /// the instance lacks.
     #[error(transparent)]
     Media(#[from] MediaError),
+    /// Spare root ports on a machine without them, or too many.
+    #[error(
+        "{0} hotplug ports asked for: spare root ports are for q35 machines, at most {MAX_HOTPLUG_PORTS}"
+    )]
+    HotplugPorts(u32),
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
@@ -828,6 +837,11 @@ impl InstanceSpec {
             && (!is_keymap(keymap) || self.vnc_display.is_none())
         {
             return Err(SpecError::VncKeymap(keymap.clone()));
+        }
+        if let Some(ports) = self.hotplug_ports
+            && (ports > MAX_HOTPLUG_PORTS || !is_q35(&self.machine_type))
+        {
+            return Err(SpecError::HotplugPorts(ports));
         }
         self.validate_boot()?;
         crate::media::check(&self.media, self.boot.media_kind())?;
@@ -1042,6 +1056,7 @@ pub(crate) mod tests {
             usb_devices: vec![],
             sound_card: None,
             guest_agent: false,
+            hotplug_ports: None,
         }
     }
 

@@ -107,6 +107,9 @@ pub(super) struct SpecOptions {
     /// A sound card: hda, ac97, es1370, sb16, adlib, gus, cs4231a or pcspk.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("SoundCard", "sound card"))]
     sound_card: i32,
+    /// On q35, the spare PCIe root ports that hot-adds take [default: 4].
+    #[arg(long)]
+    hotplug_ports: Option<u32>,
     /// A channel for the QEMU guest agent in the guest (`instance guest-agent`).
     #[arg(long)]
     guest_agent: bool,
@@ -274,6 +277,7 @@ impl SpecOptions {
             usb_devices: self.usb_device.clone(),
             sound_card: self.sound_card,
             guest_agent: self.guest_agent,
+            hotplug_ports: self.hotplug_ports,
         }
     }
 }

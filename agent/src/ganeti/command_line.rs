@@ -344,6 +344,7 @@ impl Parsed {
             usb_devices: vec![],
             sound: None,
             guest_agent_slot: None,
+            pcie_root_ports: vec![],
             disks,
             nics,
             balloon_slot: None,

@@ -180,7 +180,13 @@ impl Agent {
         let runtime_nic = RuntimeNic::new(nic, slot);
         let mut updated = record.clone();
         updated.runtime.nics.push(runtime_nic.clone());
-        let attach = hotplug::nic::attach(process.qmp(), prepared, &runtime_nic, chrooted);
+        let attach = hotplug::nic::attach(
+            process.qmp(),
+            prepared,
+            &runtime_nic,
+            chrooted,
+            record.runtime.pci_layout(),
+        );
         let added = self.apply(&inst, &record, &updated, attach).await?;
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {
@@ -301,7 +307,12 @@ impl Agent {
         let runtime_disk = RuntimeDisk::new(disk, slot);
         let mut updated = record.clone();
         updated.runtime.disks.push(runtime_disk.clone());
-        let attach = hotplug::disk::attach(process.qmp(), &runtime_disk, fdset);
+        let attach = hotplug::disk::attach(
+            process.qmp(),
+            &runtime_disk,
+            fdset,
+            record.runtime.pci_layout(),
+        );
         self.apply(&inst, &record, &updated, attach).await?;
         drop(image);
         inst.announce(EventKind::DeviceAdded {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{Runtime, RuntimeDisk, RuntimeNic};
 use crate::media;
+use crate::pcie::{self, PciLayout};
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
 use crate::spec::{
@@ -20,6 +21,12 @@ use crate::spec::{
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
+
+/// `bus=...,addr=...` of the device that has `slot`.
+pub fn pci_at(layout: PciLayout, slot: u8) -> String {
+    let (bus, addr) = layout.place(slot);
+    format!("bus={bus},addr={addr:#x}")
+}
 /// QMP chardev id of the agent's monitor.
 pub const QMP_CHARDEV: &str = "qmp";
 /// QMP chardev id of the operator's monitor.
@@ -210,6 +217,7 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
         }
         None => argv.extend(["-display".into(), "none".into()]),
     }
+    argv.extend(pcie::render_root_ports(&rt.pcie_root_ports));
     argv.extend(render_console_devices(rt));
     argv.extend(render_boot(rt, fds));
     if let Some(inherited) = &rt.inherited {
@@ -229,7 +237,8 @@ fn render_console_devices(rt: &Runtime) -> Vec<String> {
     if let Some(device) = adapter.and_then(DisplayAdapter::qemu_device)
         && rt.inherited.is_none()
     {
-        argv.extend(["-device".into(), format!("{device},bus={PCI_BUS},addr=0x2")]);
+        let bus = rt.pci_layout().root_bus();
+        argv.extend(["-device".into(), format!("{device},bus={bus},addr=0x2")]);
     }
     let usb_devices = rt
         .usb_pointer
@@ -244,7 +253,8 @@ fn render_console_devices(rt: &Runtime) -> Vec<String> {
         argv.extend(["-device".into(), device.into()]);
     }
     if let Some(sound) = rt.sound {
-        argv.extend(sound.card.render(PCI_BUS, sound.slot));
+        let at = sound.slot.map(|slot| pci_at(rt.pci_layout(), slot));
+        argv.extend(sound.card.render(at.as_deref()));
     }
     argv
 }
@@ -376,18 +386,25 @@ fn first_disk_boot_index(rt: &Runtime) -> Option<u32> {
 /// and the execution fds.
 pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     let mut argv = render_machine(rt, &fds.machine);
+    let layout = rt.pci_layout();
     for (index, (disk, &image)) in rt.disks.iter().zip(&fds.disks).enumerate() {
         let boot_index = first_disk_boot_index(rt).filter(|_| index == 0);
-        argv.extend(render_disk(disk, image, disk_fdset(index), boot_index));
+        argv.extend(render_disk(
+            disk,
+            image,
+            disk_fdset(index),
+            boot_index,
+            layout,
+        ));
     }
     for (index, image) in fds.media.iter().enumerate() {
         let image = image.map(|fd| (fd, media_fdset(rt, index)));
         let boot_index = media::boot_index(&rt.media, index, rt.boot.media_kind());
-        argv.extend(media::render(&rt.media, index, image, boot_index));
+        argv.extend(media::render(&rt.media, index, image, boot_index, layout));
     }
     for (index, (nic, taps)) in rt.nics.iter().zip(&fds.taps).enumerate() {
         let vhost = fds.vhost.get(index).map(Vec::as_slice).unwrap_or_default();
-        let mut nic_args = render_nic(nic, taps, vhost);
+        let mut nic_args = render_nic(nic, taps, vhost, layout);
         if index == 0 && rt.boot == Boot::Network {
             nic_args[3].push_str(",bootindex=1");
         }
@@ -396,7 +413,10 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     if let Some(slot) = rt.balloon_slot {
         argv.extend([
             "-device".into(),
-            format!("virtio-balloon-pci,id={BALLOON_ID},bus={PCI_BUS},addr={slot:#x}"),
+            format!(
+                "virtio-balloon-pci,id={BALLOON_ID},{}",
+                pci_at(layout, slot)
+            ),
         ]);
     }
     argv.extend([
@@ -422,7 +442,7 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
         ]);
     }
     if let (Some(slot), Some(fd)) = (rt.guest_agent_slot, fds.guest_agent) {
-        argv.extend(render_guest_agent(slot, fd));
+        argv.extend(render_guest_agent(&pci_at(layout, slot), fd));
     }
     if let Some(fd) = fds.chroot {
         argv.extend(chroot_option(rt.qemu.version, fd));
@@ -444,14 +464,14 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
 /// The port name qemu-ga looks for.
 pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
-/// The guest agent's channel: its virtio-serial controller in `slot`, and
-/// the port, on the listening socket `socket`.
-fn render_guest_agent(slot: u8, socket: RawFd) -> [String; 6] {
+/// The guest agent's channel: its virtio-serial controller `at` its PCI
+/// place, and the port, on the listening socket `socket`.
+fn render_guest_agent(at: &str, socket: RawFd) -> [String; 6] {
     [
         "-chardev".into(),
         format!("socket,id={GUEST_AGENT_CHARDEV},fd={socket},server=on,wait=off"),
         "-device".into(),
-        format!("virtio-serial-pci,id={GUEST_AGENT_SERIAL},bus={PCI_BUS},addr={slot:#x}"),
+        format!("virtio-serial-pci,id={GUEST_AGENT_SERIAL},{at}"),
         "-device".into(),
         format!(
             "virtserialport,bus={GUEST_AGENT_SERIAL}.0,chardev={GUEST_AGENT_CHARDEV},name={GUEST_AGENT_PORT}"
@@ -499,6 +519,7 @@ pub fn render_disk(
     image: RawFd,
     fdset: u64,
     boot_index: Option<u32>,
+    layout: PciLayout,
 ) -> [String; 8] {
     let d = &disk.spec;
     let (direct, no_flush, write_cache) = cache_flags(d.cache);
@@ -535,9 +556,9 @@ pub fn render_disk(
         ),
         "-device".into(),
         format!(
-            "virtio-blk-pci,id={},drive={format_node},bus={PCI_BUS},addr={:#x},write-cache={}{boot}",
+            "virtio-blk-pci,id={},drive={format_node},{},write-cache={}{boot}",
             disk.device_id(),
-            disk.slot,
+            pci_at(layout, disk.slot),
             on_off(write_cache)
         ),
     ]
@@ -582,7 +603,12 @@ pub fn msix_vectors(queues: u32) -> u32 {
 /// `-netdev` and `-device` for one NIC on inherited tap fds (one per
 /// queue) and vhost fds. No `vnet_hdr=`: QEMU reads it from the fd and
 /// refuses both.
-pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [String; 4] {
+pub fn render_nic(
+    nic: &RuntimeNic,
+    tap_fds: &[RawFd],
+    vhost_fds: &[RawFd],
+    layout: PciLayout,
+) -> [String; 4] {
     let n = &nic.spec;
     let model = n.model.qemu_device();
     let netdev = nic.netdev_id();
@@ -602,10 +628,10 @@ pub fn render_nic(nic: &RuntimeNic, tap_fds: &[RawFd], vhost_fds: &[RawFd]) -> [
         },
         "-device".into(),
         format!(
-            "{model},id={},netdev={netdev},mac={},bus={PCI_BUS},addr={:#x}{}",
+            "{model},id={},netdev={netdev},mac={},{}{}",
             nic.device_id(),
             n.mac,
-            nic.slot,
+            pci_at(layout, nic.slot),
             if n.queues > 1 {
                 format!(",mq=on,vectors={}", msix_vectors(n.queues))
             } else {
@@ -1091,7 +1117,8 @@ mod tests {
         spec.nics[0].vhost = true;
         let rt = generate(&spec, host(&qemu), 1).unwrap();
 
-        let [_, netdev, _, device] = render_nic(&rt.nics[0], &[10, 11], &[12, 13]);
+        let [_, netdev, _, device] =
+            render_nic(&rt.nics[0], &[10, 11], &[12, 13], PciLayout::RootBus);
 
         assert!(
             netdev.ends_with(",fds=10:11,vhost=on,vhostfds=12:13"),
@@ -1115,7 +1142,7 @@ mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None);
+        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None, PciLayout::RootBus);
 
         let kv = split_keyval(&file);
         assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
@@ -1156,7 +1183,7 @@ mod tests {
             let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
             rt.disks[0].spec.read_only = read_only;
 
-            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1));
+            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1), PciLayout::RootBus);
 
             prop_assert_eq!(add_fd, format!("fd={fd},set={set}"));
             let kv = split_keyval(&file);
