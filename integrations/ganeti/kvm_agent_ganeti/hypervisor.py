@@ -476,9 +476,12 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
             cmd.append(option[len("size="):].rstrip("M"))
         else:
             cmd.append(option)
+    def place(slot):
+        return pci_place(runtime, slot)
+
     if runtime.get("balloon_slot") is not None:
-        cmd += ["-device", "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=%#x" %
-                runtime["balloon_slot"]]
+        cmd += ["-device", "virtio-balloon-pci,id=balloon0,bus=%s,addr=%#x" %
+                place(runtime["balloon_slot"])]
     cmd += ["-pidfile", hv_kvm._InstancePidFile(name), "-daemonize",
             "-monitor", "unix:%s,server,nowait" % hv_kvm._InstanceMonitor(name)]
     if runtime.get("serial_console"):
@@ -488,8 +491,8 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
         # The channel where the agent's was, on that driver's socket.
         cmd += ["-chardev", "socket,path=%s,server,nowait,id=qga0" %
                 hv_kvm._InstanceQemuGuestAgentMonitor(name),
-                "-device", "virtio-serial-pci,id=qga-serial,bus=pci.0,addr=%#x" %
-                runtime["guest_agent_slot"],
+                "-device", "virtio-serial-pci,id=qga-serial,bus=%s,addr=%#x" %
+                place(runtime["guest_agent_slot"]),
                 "-device", "virtserialport,bus=qga-serial.0,chardev=qga0,"
                 "name=org.qemu.guest_agent.0"]
     ganeti_nics = {nic.uuid: nic for nic in instance.nics}
@@ -500,19 +503,28 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
             "mac": nic["mac"], "uuid": nic["uuid"],
             "nicparams": {constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
                           constants.NIC_LINK: nic.get("bridge") or ""}}
+        bus, addr = place(nic["slot"])
         entry["hvinfo"] = {"driver": NIC_DEVICES.get(nic["model"], nic["model"]),
-                           "id": qemu_id(nic, "nic-"), "bus": "pci.0",
-                           "addr": hex(nic["slot"])}
+                           "id": qemu_id(nic, "nic-"), "bus": bus, "addr": hex(addr)}
         nics.append(entry)
     disks = []
     for disk in runtime["disks"]:
+        bus, addr = place(disk["slot"])
         entry = {"uuid": disk["uuid"], "dev_type": constants.DT_PLAIN, "params": {},
                  "mode": constants.DISK_RDONLY if disk.get("read_only") else constants.DISK_RDWR,
                  "size": 0,
                  "hvinfo": {"driver": "virtio-blk-pci", "id": qemu_id(disk, "disk-"),
-                            "bus": "pci.0", "addr": hex(disk["slot"])}}
+                            "bus": bus, "addr": hex(addr)}}
         disks.append([entry, disk["path"], None])
     return [cmd, nics, instance.hvparams, disks]
+
+
+def pci_place(runtime, slot):
+    """(bus, address) of the agent's device in `slot`: on pci.0, or on a
+    q35 alone behind the root port in that slot, as the agent puts it."""
+    if runtime.get("pcie_root_ports"):
+        return ("root-port-%d" % slot, 0)
+    return ("pci.0", slot)
 
 
 def media_drives(media):
