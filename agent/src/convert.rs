@@ -257,6 +257,10 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         sound_card: sound_card_from_proto(p.sound_card)?,
         guest_agent: p.guest_agent,
         hotplug_ports: p.hotplug_ports,
+        first_device_slot: match p.first_device_slot {
+            0 => None,
+            slot => Some(u8::try_from(slot).unwrap_or(u8::MAX)),
+        },
     })
 }
 

@@ -220,6 +220,10 @@ pub struct Runtime {
     /// i440fx.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pcie_root_ports: Vec<u8>,
+    /// The slot disks and NICs start from, cold or hot-added; unset is
+    /// right after the reserved ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_device_slot: Option<u8>,
     /// NICs with their slots.
     pub nics: Vec<RuntimeNic>,
     /// Slot of the virtio memory balloon, which lets the guest's memory be
@@ -439,6 +443,7 @@ pub fn generate(
         }),
         guest_agent_slot: placed.guest_agent,
         pcie_root_ports: placed.root_ports,
+        first_device_slot: spec.first_device_slot,
         disks: placed.disks,
         nics: placed.nics,
         balloon_slot: Some(placed.balloon),
@@ -504,10 +509,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         PciLayout::RootBus => MAX_PCI_SLOT,
         PciLayout::RootPorts => pcie::MAX_ROOT_PORT_SLOT,
     };
-    let mut free = free_slots()
-        .filter(|&s| s <= last)
-        .collect::<Vec<_>>()
-        .into_iter();
+    let mut free: Vec<u8> = free_slots().filter(|&s| s <= last).collect();
     let sound = spec.sound_card.is_some_and(|c| c.on_pci());
     let spare = match layout {
         PciLayout::RootBus => 0,
@@ -520,26 +522,33 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         + usize::from(spec.guest_agent)
         + spare;
     let total = free.len();
-    let no_slot = || RuntimeError::NoFreeSlot {
-        instance: spec.name.clone(),
-        used: device_count,
-        total,
+    let first = spec.first_device_slot.unwrap_or(0);
+    // The lowest free slot from `from` on.
+    let mut take = |from: u8| {
+        let at = free.iter().position(|&s| s >= from);
+        at.map(|at| free.remove(at))
+            .ok_or_else(|| RuntimeError::NoFreeSlot {
+                instance: spec.name.clone(),
+                used: device_count,
+                total,
+            })
     };
-    let mut next = || free.next().ok_or_else(no_slot);
     let disks = spec
         .disks
         .iter()
-        .map(|d| Ok(RuntimeDisk::new(d.clone(), next()?)))
+        .map(|d| Ok(RuntimeDisk::new(d.clone(), take(first)?)))
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let nics = spec
         .nics
         .iter()
-        .map(|n| Ok(RuntimeNic::new(n.clone(), next()?)))
+        .map(|n| Ok(RuntimeNic::new(n.clone(), take(first)?)))
         .collect::<Result<Vec<_>, RuntimeError>>()?;
-    let balloon = next()?;
-    let sound = if sound { Some(next()?) } else { None };
+    // The machine's own devices take the lowest free slots, below the
+    // first device slot where there is one.
+    let balloon = take(0)?;
+    let sound = if sound { Some(take(0)?) } else { None };
     let guest_agent = if spec.guest_agent {
-        Some(next()?)
+        Some(take(0)?)
     } else {
         None
     };
@@ -549,7 +558,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         root_ports.extend(nics.iter().map(|n| n.slot));
         root_ports.extend([Some(balloon), sound, guest_agent].into_iter().flatten());
         for _ in 0..spare {
-            root_ports.push(next()?);
+            root_ports.push(take(first)?);
         }
     }
     Ok(PlacedDevices {
@@ -687,6 +696,7 @@ impl Runtime {
             sound_card: self.sound.map(|s| s.card),
             guest_agent: self.guest_agent_slot.is_some(),
             // The ports stay: what a hot-add took is one spare fewer.
+            first_device_slot: self.first_device_slot,
             hotplug_ports: (!self.pcie_root_ports.is_empty())
                 .then(|| (self.pcie_root_ports.len() - self.used_slots().count()) as u32),
         }
@@ -712,6 +722,8 @@ impl Runtime {
                 .collect();
         }
         let mut slots = RESERVED_PCI_SLOTS.to_vec();
+        // Below the first device slot, only the machine's own devices.
+        slots.extend(3..self.first_device_slot.unwrap_or(0));
         if let Some(inherited) = &self.inherited {
             slots.extend(&inherited.reserved_slots);
         }
@@ -1162,6 +1174,29 @@ pub(crate) mod tests {
             generate(&pc, host(&qemu), 1),
             Err(RuntimeError::Spec(SpecError::HotplugPorts(2)))
         ));
+    }
+
+    #[test]
+    fn disks_and_nics_start_at_the_first_device_slot_as_ganeti_places_them() {
+        let qemu = qemu_7_2();
+        let spec = InstanceSpec {
+            first_device_slot: Some(12),
+            guest_agent: true,
+            ..sample_spec()
+        };
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        assert_eq!((rt.disks[0].slot, rt.nics[0].slot), (12, 13));
+        // The machine's own devices take the lowest free slots.
+        assert_eq!((rt.balloon_slot, rt.guest_agent_slot), (Some(3), Some(4)));
+        // A hot-add goes past them too.
+        assert!((0..12).all(|s| rt.reserved_slots().contains(&s)));
+        assert_eq!(rt.to_spec().first_device_slot, Some(12));
+        assert_eq!(rt.validate(), Ok(()));
+        let before = InstanceSpec {
+            first_device_slot: Some(2),
+            ..sample_spec()
+        };
+        assert!(generate(&before, host(&qemu), 1).is_err());
     }
 
     #[test]

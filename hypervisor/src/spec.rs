@@ -492,6 +492,11 @@ pub struct InstanceSpec {
     /// On q35, the spare root ports hot-adds take; unset is the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hotplug_ports: Option<u32>,
+    /// The slot disks and NICs start from, cold or hot-added; the slots
+    /// below it are left to the machine's own devices (Ganeti's
+    /// `kvm_pci_reservations`). Unset: right after the reserved slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_device_slot: Option<u8>,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -710,6 +715,9 @@ pub enum SpecError {
         "{0} hotplug ports asked for: spare root ports are for q35 machines, at most {MAX_HOTPLUG_PORTS}"
     )]
     HotplugPorts(u32),
+    /// A first device slot in the reserved ones, or past the bus.
+    #[error("first device slot {0} is out of range: use 3..=31")]
+    FirstDeviceSlot(u8),
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
@@ -842,6 +850,11 @@ impl InstanceSpec {
             && (ports > MAX_HOTPLUG_PORTS || !is_q35(&self.machine_type))
         {
             return Err(SpecError::HotplugPorts(ports));
+        }
+        if let Some(slot) = self.first_device_slot
+            && !(3..=31).contains(&slot)
+        {
+            return Err(SpecError::FirstDeviceSlot(slot));
         }
         self.validate_boot()?;
         crate::media::check(&self.media, self.boot.media_kind())?;
@@ -1057,6 +1070,7 @@ pub(crate) mod tests {
             sound_card: None,
             guest_agent: false,
             hotplug_ports: None,
+            first_device_slot: None,
         }
     }
 

@@ -107,6 +107,9 @@ pub(super) struct SpecOptions {
     /// A sound card: hda, ac97, es1370, sb16, adlib, gus, cs4231a or pcspk.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("SoundCard", "sound card"))]
     sound_card: i32,
+    /// The PCI slot disks and NICs start from (Ganeti's kvm_pci_reservations).
+    #[arg(long)]
+    first_device_slot: Option<u32>,
     /// On q35, the spare PCIe root ports that hot-adds take [default: 4].
     #[arg(long)]
     hotplug_ports: Option<u32>,
@@ -278,6 +281,7 @@ impl SpecOptions {
             sound_card: self.sound_card,
             guest_agent: self.guest_agent,
             hotplug_ports: self.hotplug_ports,
+            first_device_slot: self.first_device_slot.unwrap_or_default(),
         }
     }
 }

@@ -345,6 +345,7 @@ impl Parsed {
             sound: None,
             guest_agent_slot: None,
             pcie_root_ports: vec![],
+            first_device_slot: None,
             disks,
             nics,
             balloon_slot: None,

@@ -79,6 +79,7 @@ TRANSLATED = frozenset([
     constants.HV_SOUNDHW,
     constants.HV_USB_DEVICES,
     constants.HV_USE_GUEST_AGENT,
+    constants.HV_KVM_PCI_RESERVATIONS,
     constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
     constants.HV_CPU_SOCKETS,
@@ -118,7 +119,6 @@ AGENT_DECIDES = {
     constants.HV_MIGRATION_PORT: "the agent's migration.ports setting",
     constants.HV_SERIAL_SPEED: "the serial console is a socket, without a line speed",
     constants.HV_VNET_HDR: "the agent always opens taps with vnet_hdr",
-    constants.HV_KVM_PCI_RESERVATIONS: "the agent reserves slots 0-2 and hands out the rest",
     # Every QEMU of a confined agent runs unprivileged and chrooted: as the
     # agent's [qemu_user] user, or with a uid of its own from its uid_pool.
     constants.HV_SECURITY_MODEL: "the agent's confinement and [qemu_user] settings",
@@ -247,6 +247,10 @@ def check_supported(hvparams):
     if hvparams.get(constants.HV_KVM_FLAG, "") not in ACCELERATORS:
         raise unsupported(constants.HV_KVM_FLAG, hvparams.get(constants.HV_KVM_FLAG),
                           "use enabled, disabled or leave it empty")
+    if int(hvparams.get(constants.HV_KVM_PCI_RESERVATIONS) or 0) > 31:
+        raise unsupported(constants.HV_KVM_PCI_RESERVATIONS,
+                          hvparams[constants.HV_KVM_PCI_RESERVATIONS],
+                          "leave at least slot 31 to disks and NICs")
     sound = hvparams.get(constants.HV_SOUNDHW) or ""
     if sound not in SOUND_CARDS:
         raise unsupported(constants.HV_SOUNDHW, sound,
@@ -408,6 +412,10 @@ def instance_spec(instance, block_devices):
     spec.usb_devices.extend(USB_DEVICES[d] for d in usb_device_names(hvp))
     spec.sound_card = SOUND_CARDS[hvp.get(constants.HV_SOUNDHW) or ""]
     spec.guest_agent = bool(hvp.get(constants.HV_USE_GUEST_AGENT))
+    # Disks and NICs where Ganeti's driver puts them: from the first slot
+    # past its reservations, so a guest moved over keeps its interface names.
+    reservations = int(hvp.get(constants.HV_KVM_PCI_RESERVATIONS) or 0)
+    spec.first_device_slot = reservations if reservations > 3 else 0
     if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
         instance.network_port > constants.VNC_BASE_PORT:
         spec.vnc.CopyFrom(pb.VncSpec(

@@ -187,6 +187,10 @@ class LifecycleAndHotplug(unittest.TestCase):
         pci = qmp.pci()
         for device in devices:
             self.assertEqual(pci.get(device.qemu_id), device.pci_slot, device)
+        # Where Ganeti's own driver puts them, past kvm_pci_reservations
+        # (12): the disk first, then the NIC.
+        self.assertEqual([(d.kind, d.pci_slot) for d in devices],
+                         [(pb.DEVICE_KIND_DISK, 12), (pb.DEVICE_KIND_NIC, 13)])
         wait_for_guest(state_dir, inst.name)
 
         hv.HotplugSupported(inst)
