@@ -689,13 +689,25 @@ pub fn migrate_options_from_proto(
             options.max_bandwidth
         )));
     }
+    if options.xbzrle_cache_bytes != 0
+        && !(MIN_XBZRLE_CACHE..=UNCAPPED_BANDWIDTH).contains(&options.xbzrle_cache_bytes)
+    {
+        return Err(AgentError::BadRequest(format!(
+            "xbzrle_cache_bytes is {}; use {MIN_XBZRLE_CACHE} (a page) up to {UNCAPPED_BANDWIDTH}, or 0 for no XBZRLE",
+            options.xbzrle_cache_bytes
+        )));
+    }
     Ok(MigrateOptions {
         offline: options.offline,
         max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
         downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
         auto_converge: options.auto_converge,
+        xbzrle_cache: (options.xbzrle_cache_bytes > 0).then_some(options.xbzrle_cache_bytes),
     })
 }
+
+/// The smallest XBZRLE cache QEMU takes: one page.
+const MIN_XBZRLE_CACHE: u64 = 4096;
 
 /// A reboot's mode; a hard reboot needs the spec it starts from.
 pub fn reboot_mode_from_proto(

@@ -231,6 +231,8 @@ pub struct MigrateOptions {
     pub downtime_limit: Option<Duration>,
     /// Overrides the agent's default for auto-converge.
     pub auto_converge: Option<bool>,
+    /// XBZRLE with a cache of this many bytes; none sends pages whole.
+    pub xbzrle_cache: Option<u64>,
 }
 
 /// What a save came to.

@@ -29,6 +29,9 @@ pub struct MigrationParameters {
     /// Throttle the guest's vCPUs when it dirties memory faster than the
     /// link can carry it.
     pub auto_converge: bool,
+    /// Send pages that changed since they were sent as XBZRLE deltas
+    /// against a cache of this many bytes; `None` sends them whole.
+    pub xbzrle_cache: Option<u64>,
 }
 
 impl Default for MigrationParameters {
@@ -37,6 +40,7 @@ impl Default for MigrationParameters {
             max_bandwidth: UNCAPPED_BANDWIDTH,
             downtime_limit: Duration::from_millis(300),
             auto_converge: true,
+            xbzrle_cache: None,
         }
     }
 }
@@ -156,19 +160,21 @@ pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<
         Some(json!({ "capabilities": [
             { "capability": "events", "state": true },
             { "capability": "auto-converge", "state": params.auto_converge },
+            { "capability": "xbzrle", "state": params.xbzrle_cache.is_some() },
         ]})),
     )
     .await?;
     let downtime_ms = u64::try_from(params.downtime_limit.as_millis()).unwrap_or(u64::MAX);
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({
-            "max-bandwidth": params.max_bandwidth,
-            "downtime-limit": downtime_ms,
-        })),
-    )
-    .await
-    .map(drop)
+    let mut parameters = json!({
+        "max-bandwidth": params.max_bandwidth,
+        "downtime-limit": downtime_ms,
+    });
+    if let Some(cache) = params.xbzrle_cache {
+        parameters["xbzrle-cache-size"] = json!(cache);
+    }
+    qmp.execute("migrate-set-parameters", Some(parameters))
+        .await
+        .map(drop)
 }
 
 /// Starts sending the guest's state to `uri` (`tcp:HOST:PORT` or `fd:NAME`).

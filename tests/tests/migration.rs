@@ -301,12 +301,35 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
     let uuid = start_guest(&source, "cancel1", None).await;
     target.track(uuid);
     let pid = source.instance("cancel1").await.pid;
-    let mut migration = Migration::start(&source, "cancel1", &target, crawl()).await;
+    // With XBZRLE, as Ganeti's migration_caps can ask.
+    let options = pb::MigrationOptions {
+        xbzrle_cache_bytes: 8 << 20,
+        ..crawl()
+    };
+    let mut migration = Migration::start(&source, "cancel1", &target, options).await;
     migration.wait_sending().await;
     assert_eq!(
         state(&target.instance("cancel1").await),
         pb::InstanceState::Incoming
     );
+    let mut qmp = operator_qmp(&source, "cancel1");
+    let capabilities = qmp.execute("query-migrate-capabilities", serde_json::json!({}));
+    let xbzrle = capabilities
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["capability"] == "xbzrle");
+    assert_eq!(xbzrle.unwrap()["state"], true, "{capabilities}");
+    let parameters = qmp.execute("query-migrate-parameters", serde_json::json!({}));
+    assert_eq!(parameters["xbzrle-cache-size"], 8 << 20, "{parameters}");
+    let progress = qmp.execute("query-migrate", serde_json::json!({}));
+    assert_eq!(
+        progress["xbzrle-cache"]["cache-size"],
+        8 << 20,
+        "{progress}"
+    );
+    // The operators' monitor serves one client at a time.
+    drop(qmp);
 
     let cancelled = source
         .client()

@@ -38,6 +38,9 @@ pub(super) struct MigrateArgs {
     /// Don't throttle a guest that dirties memory faster than it can be sent.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Send changed pages as XBZRLE deltas against a cache of this size on the source (e.g. 64M).
+    #[arg(long, value_parser = parse_size)]
+    xbzrle_cache: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +117,7 @@ pub(super) async fn migrate(
             max_bandwidth: args.max_bandwidth.unwrap_or(0),
             downtime_limit_ms: args.downtime_limit_ms.unwrap_or(0),
             auto_converge: args.no_auto_converge.then_some(false),
+            xbzrle_cache_bytes: args.xbzrle_cache.unwrap_or(0),
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();

@@ -147,6 +147,7 @@ impl Agent {
             max_bandwidth: options.max_bandwidth.unwrap_or(defaults.max_bandwidth),
             downtime_limit: options.downtime_limit.unwrap_or(defaults.downtime_limit),
             auto_converge: options.auto_converge.unwrap_or(defaults.auto_converge),
+            xbzrle_cache: options.xbzrle_cache,
         }
     }
 

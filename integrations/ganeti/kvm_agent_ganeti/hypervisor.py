@@ -80,6 +80,7 @@ TRANSLATED = frozenset([
     constants.HV_USB_DEVICES,
     constants.HV_USE_GUEST_AGENT,
     constants.HV_KVM_PCI_RESERVATIONS,
+    constants.HV_KVM_MIGRATION_CAPS,
     constants.HV_CPU_CORES,
     constants.HV_CPU_MASK,
     constants.HV_CPU_SOCKETS,
@@ -148,6 +149,12 @@ USB_DEVICES = {
     "tablet": pb.USB_DEVICE_TABLET,
     "wacom-tablet": pb.USB_DEVICE_WACOM_TABLET,
 }
+
+# The QEMU migration capabilities of Ganeti's migration_caps the agent's
+# migration takes.
+MIGRATION_CAPS = frozenset(["xbzrle", "auto-converge"])
+# QEMU's own XBZRLE cache size, which Ganeti's driver leaves as it is.
+XBZRLE_CACHE_BYTES = 64 << 20
 
 # Ganeti's boot_order as the device the agent's guest boots from.
 BOOT_DEVICES = {
@@ -251,6 +258,11 @@ def check_supported(hvparams):
         raise unsupported(constants.HV_KVM_PCI_RESERVATIONS,
                           hvparams[constants.HV_KVM_PCI_RESERVATIONS],
                           "leave at least slot 31 to disks and NICs")
+    for cap in migration_caps(hvparams):
+        if cap not in MIGRATION_CAPS:
+            raise unsupported(constants.HV_KVM_MIGRATION_CAPS, hvparams[constants.HV_KVM_MIGRATION_CAPS],
+                              "%r isn't among the capabilities the agent's migration takes (%s)" %
+                              (cap, ", ".join(sorted(MIGRATION_CAPS))))
     sound = hvparams.get(constants.HV_SOUNDHW) or ""
     if sound not in SOUND_CARDS:
         raise unsupported(constants.HV_SOUNDHW, sound,
@@ -268,6 +280,26 @@ def check_supported(hvparams):
         raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
                           "name an IP address (0.0.0.0 for every address); "
                           "an interface's name isn't resolved")
+
+
+def migration_caps(hvparams):
+    """Ganeti's migration_caps, a list joined with ':'."""
+    return [c for c in (hvparams.get(constants.HV_KVM_MIGRATION_CAPS) or "").split(":") if c]
+
+
+def migration_options(hvparams, live):
+    """The agent's options for a migration with Ganeti's hvparams. Pure."""
+    options = pb.MigrationOptions(
+        offline=not live,
+        max_bandwidth=int(hvparams[constants.HV_MIGRATION_BANDWIDTH]) << 20,
+        downtime_limit_ms=int(hvparams[constants.HV_MIGRATION_DOWNTIME]))
+    caps = migration_caps(hvparams)
+    if caps:
+        # Given, they are all the capabilities, as with Ganeti's driver.
+        options.auto_converge = "auto-converge" in caps
+        if "xbzrle" in caps:
+            options.xbzrle_cache_bytes = XBZRLE_CACHE_BYTES
+    return options
 
 
 def usb_device_names(hvparams):
@@ -930,11 +962,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         # when it migrates; there was only the check above to make.
 
     def MigrateInstance(self, cluster_name, instance, target, live):
-        hvp = instance.hvparams
-        options = pb.MigrationOptions(
-            offline=not live,
-            max_bandwidth=int(hvp[constants.HV_MIGRATION_BANDWIDTH]) << 20,
-            downtime_limit_ms=int(hvp[constants.HV_MIGRATION_DOWNTIME]))
+        options = migration_options(instance.hvparams, live)
         request = pb.MigrateInstanceRequest(
             name=instance.name, target=self._peer.format(target=target), options=options)
         try:
@@ -945,8 +973,8 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             # (nothing listens there otherwise, and the stream fails).
             logging.info("kvm-agent: no agent on %s; migrating %s to the QEMU on its "
                          "migration port", target, instance.name)
-            request.target = "tcp:%s:%d" % (uri_host(target),
-                                           int(hvp[constants.HV_MIGRATION_PORT]))
+            port = int(instance.hvparams[constants.HV_MIGRATION_PORT])
+            request.target = "tcp:%s:%d" % (uri_host(target), port)
             self._migrate(request)
 
     def _migrate(self, request):

@@ -541,6 +541,21 @@ class UnsupportedParameters(unittest.TestCase):
             KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(hvp)
         self.assertIn(constants.HV_VNC_BIND_ADDRESS, str(refused.exception))
 
+    def test_migration_caps_reach_the_migration(self):
+        from kvm_agent_ganeti.hypervisor import migration_options
+        caps = hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "xbzrle:auto-converge"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(caps)
+        options = migration_options(caps, live=True)
+        self.assertEqual((options.xbzrle_cache_bytes, options.auto_converge), (64 << 20, True))
+        # Given, they are all: no auto-converge unless named.
+        only = migration_options(hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "xbzrle"}), True)
+        self.assertFalse(only.auto_converge)
+        self.assertFalse(migration_options(hvparams(), True).HasField("auto_converge"))
+        with self.assertRaises(errors.HypervisorError) as refused:
+            KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(
+                hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "postcopy-ram"}))
+        self.assertIn("postcopy-ram", str(refused.exception))
+
     def test_migration_versions_and_powercycle_are_ganetis_kvm_drivers(self):
         self.assertTrue(KvmAgentHypervisor.VersionsSafeForMigration([7, 2, 22], [10, 0, 2]))
         self.assertTrue(KvmAgentHypervisor.VersionsSafeForMigration([7, 2, 22], [7, 2, 19]))
