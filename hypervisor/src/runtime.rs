@@ -560,6 +560,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         for _ in 0..spare {
             root_ports.push(take(first)?);
         }
+        root_ports.sort_unstable();
     }
     Ok(PlacedDevices {
         disks,
@@ -695,10 +696,12 @@ impl Runtime {
             usb_devices: self.usb_devices.clone(),
             sound_card: self.sound.map(|s| s.card),
             guest_agent: self.guest_agent_slot.is_some(),
-            // The ports stay: what a hot-add took is one spare fewer.
             first_device_slot: self.first_device_slot,
-            hotplug_ports: (!self.pcie_root_ports.is_empty())
-                .then(|| (self.pcie_root_ports.len() - self.used_slots().count()) as u32),
+            // The ports stay: what a hot-add took is one spare fewer.
+            hotplug_ports: (!self.pcie_root_ports.is_empty()).then(|| {
+                let used = self.used_slots().count();
+                u32::try_from(self.pcie_root_ports.len().saturating_sub(used)).unwrap_or(u32::MAX)
+            }),
         }
     }
 
