@@ -37,7 +37,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
             ("KVM_AGENT_TEST_BINARY", agent_binary().into()),
         ],
-        18,
+        19,
         || {
             format!(
                 "source agent log:\n{}\ntarget agent log:\n{}",
