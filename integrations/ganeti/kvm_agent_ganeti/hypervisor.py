@@ -21,6 +21,7 @@ them no environment of the operator's:
     ``/run/kvm-agent-ganeti``).
 """
 
+import functools
 import ipaddress
 import json
 import logging
@@ -260,7 +261,8 @@ def check_supported(hvparams):
                           "leave at least slot 31 to disks and NICs")
     for cap in migration_caps(hvparams):
         if cap not in MIGRATION_CAPS:
-            raise unsupported(constants.HV_KVM_MIGRATION_CAPS, hvparams[constants.HV_KVM_MIGRATION_CAPS],
+            raise unsupported(constants.HV_KVM_MIGRATION_CAPS,
+                              hvparams[constants.HV_KVM_MIGRATION_CAPS],
                               "%r isn't among the capabilities the agent's migration takes (%s)" %
                               (cap, ", ".join(sorted(MIGRATION_CAPS))))
     sound = hvparams.get(constants.HV_SOUNDHW) or ""
@@ -516,9 +518,7 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
             cmd.append(option[len("size="):].rstrip("M"))
         else:
             cmd.append(option)
-    def place(slot):
-        return pci_place(runtime, slot)
-
+    place = functools.partial(pci_place, runtime)
     if runtime.get("balloon_slot") is not None:
         cmd += ["-device", "virtio-balloon-pci,id=balloon0,bus=%s,addr=%#x" %
                 place(runtime["balloon_slot"])]
