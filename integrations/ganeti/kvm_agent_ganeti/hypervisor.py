@@ -1095,8 +1095,15 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             raise errors.HotplugError(capability.reason)
 
     @staticmethod
-    def _hvinfo(device):
-        return {"id": device.qemu_id, "bus": "pci.0", "addr": hex(device.pci_slot)}
+    def _hvinfo(reply):
+        """Ganeti's hvinfo of the device a hotplug call changed: where the
+        agent put it, behind its root port on a q35."""
+        device = reply.device
+        if reply.instance.machine_type.startswith("pc-q35-"):
+            bus, addr = "root-port-%d" % device.pci_slot, 0
+        else:
+            bus, addr = "pci.0", device.pci_slot
+        return {"id": device.qemu_id, "bus": bus, "addr": hex(addr)}
 
     def HotAddDevice(self, instance, dev_type, device, extra, seq):
         if dev_type == constants.HOTPLUG_TARGET_NIC:
@@ -1110,7 +1117,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                                "hot-adding a disk to %s" % instance.name)
         else:
             raise errors.HotplugError("Hotplug is not supported for %s" % dev_type)
-        return self._hvinfo(reply.device)
+        return self._hvinfo(reply)
 
     def HotDelDevice(self, instance, dev_type, device, extra, seq):
         info = self._find(instance.name)
@@ -1125,7 +1132,7 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         reply = self._call("remove_device", pb.RemoveDeviceRequest(
             name=instance.name, device=found[0].name),
                            "removing %s from %s" % (found[0].name, instance.name))
-        return self._hvinfo(reply.device)
+        return self._hvinfo(reply)
 
     def HotModDevice(self, instance, dev_type, device, extra, seq):
         if dev_type != constants.HOTPLUG_TARGET_NIC:
@@ -1149,4 +1156,4 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             name=instance.name, device=current[0].name, bridge=wanted.bridge),
                            "moving %s of %s to bridge %r" %
                            (current[0].name, instance.name, wanted.bridge))
-        return self._hvinfo(reply.device)
+        return self._hvinfo(reply)
