@@ -9,9 +9,9 @@ use hypervisor::lifecycle::StopMethod;
 use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
-    Accelerator, Boot, CpuTopology, DiskAio, DiskCache, DiskFormat, DiskSpec, DisplayAdapter,
-    InstanceSpec, MAX_VLAN_ID, MacAddr, MediaDrive, MediaKind, MemoryBacking, NicModel, NicSpec,
-    SoundCard, SpecError, UsbDevice, UsbPointer, Vlan,
+    Accelerator, Boot, CpuTopology, DiskAio, DiskBus, DiskCache, DiskFormat, DiskSpec,
+    DisplayAdapter, InstanceSpec, MAX_VLAN_ID, MacAddr, MediaDrive, MediaKind, MemoryBacking,
+    NicModel, NicSpec, SoundCard, SpecError, UsbDevice, UsbPointer, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -71,6 +71,16 @@ pub fn disk_from_proto(d: &pb::DiskSpec) -> Result<DiskSpec, AgentError> {
             }
         },
         discard: d.discard,
+        bus: match pb::DiskBus::try_from(d.bus) {
+            Ok(pb::DiskBus::Unspecified | pb::DiskBus::Virtio) => DiskBus::Virtio,
+            Ok(pb::DiskBus::Ide) => DiskBus::Ide,
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "disk {:?}: unknown bus {}",
+                    d.name, d.bus
+                )));
+            }
+        },
         cache: match pb::DiskCache::try_from(d.cache) {
             Ok(pb::DiskCache::Unspecified | pb::DiskCache::None) => DiskCache::None,
             Ok(pb::DiskCache::Writeback) => DiskCache::Writeback,
@@ -563,7 +573,7 @@ pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
         kind: pb::DeviceKind::Disk as i32,
         name: d.spec.name.clone(),
         uuid: d.spec.uuid.to_string(),
-        pci_slot: u32::from(d.slot),
+        pci_slot: d.slot.map_or(0, u32::from),
         qemu_id: d.device_id(),
         detail: d.spec.path.display().to_string(),
         tap: String::new(),

@@ -50,10 +50,10 @@ pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
     args
 }
 
-/// `device_add` arguments. Pure.
-pub fn device_arguments(disk: &RuntimeDisk, layout: PciLayout) -> Value {
+/// `device_add` arguments of a virtio disk in `slot`. Pure.
+pub fn device_arguments(disk: &RuntimeDisk, slot: u8, layout: PciLayout) -> Value {
     let (_, _, write_cache) = cache_flags(disk.spec.cache);
-    let (bus, addr) = layout.place(disk.slot);
+    let (bus, addr) = layout.place(slot);
     json!({
         "driver": "virtio-blk-pci",
         "id": disk.device_id(),
@@ -97,6 +97,11 @@ pub async fn attach(
     fdset: u64,
     layout: PciLayout,
 ) -> Result<(), HotplugError> {
+    let Some(slot) = disk.slot else {
+        return Err(HotplugError::Unsupported(
+            "IDE can't take a disk while the guest runs; hot-add it on virtio".into(),
+        ));
+    };
     let id = disk.device_id();
     let delete_node =
         |node: String| Undo::IfDone(vec![("blockdev-del", json!({ "node-name": node }))]);
@@ -113,7 +118,7 @@ pub async fn attach(
         ),
         Step::new(
             "device_add",
-            Command::new("device_add", device_arguments(disk, layout)),
+            Command::new("device_add", device_arguments(disk, slot, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
         Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
@@ -127,7 +132,7 @@ pub async fn attach(
             [.., pci, blocks] => {
                 slots::bus0_devices(pci)
                     .iter()
-                    .any(|(s, q)| *s == disk.slot && *q == id)
+                    .any(|(s, q)| *s == slot && *q == id)
                     && block_attached(blocks, &id)
             }
             _ => false,
@@ -137,7 +142,7 @@ pub async fn attach(
         } else {
             Err(HotplugError::Verify {
                 id: id.clone(),
-                slot: disk.slot,
+                slot,
             })
         }
     })
@@ -173,8 +178,9 @@ mod tests {
                 cache,
                 aio: DiskAio::Threads,
                 discard: false,
+                bus: Default::default(),
             },
-            9,
+            Some(9),
         )
     }
 
@@ -270,7 +276,7 @@ mod tests {
 
     #[test]
     fn writethrough_turns_the_device_write_cache_off() {
-        let args = device_arguments(&disk(false, DiskCache::Writethrough), PciLayout::RootBus);
+        let args = device_arguments(&disk(false, DiskCache::Writethrough), 9, PciLayout::RootBus);
 
         assert_eq!(args["write-cache"], "off");
         assert_eq!(args["addr"], "0x9");

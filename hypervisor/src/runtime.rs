@@ -17,7 +17,7 @@ use crate::pcie::{self, PciLayout};
 use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
-    Accelerator, Boot, CpuTopology, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
+    Accelerator, Boot, CpuTopology, DiskBus, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
     MemoryBacking, NicSpec, SoundCard, SpecError, UsbDevice, UsbPointer,
 };
 
@@ -67,8 +67,10 @@ pub struct RuntimeDisk {
     /// The disk as asked for.
     #[serde(flatten)]
     pub spec: DiskSpec,
-    /// Slot on pci.0.
-    pub slot: u8,
+    /// Its PCI slot; none for a disk on IDE, whose place follows from its
+    /// order among the IDE disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
     /// Its QEMU id where that isn't made from its uuid: a disk of a QEMU
     /// the agent adopted keeps the id it had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,8 +78,8 @@ pub struct RuntimeDisk {
 }
 
 impl RuntimeDisk {
-    /// A disk at a slot, with the id the agent gives it.
-    pub fn new(spec: DiskSpec, slot: u8) -> Self {
+    /// A disk at a slot (none on IDE), with the id the agent gives it.
+    pub fn new(spec: DiskSpec, slot: Option<u8>) -> Self {
         RuntimeDisk {
             spec,
             slot,
@@ -536,7 +538,13 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
     let disks = spec
         .disks
         .iter()
-        .map(|d| Ok(RuntimeDisk::new(d.clone(), take(first)?)))
+        .map(|d| {
+            let slot = match d.bus {
+                DiskBus::Virtio => Some(take(first)?),
+                DiskBus::Ide => None,
+            };
+            Ok(RuntimeDisk::new(d.clone(), slot))
+        })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     let nics = spec
         .nics
@@ -554,7 +562,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
     };
     let mut root_ports = Vec::new();
     if layout == PciLayout::RootPorts {
-        root_ports.extend(disks.iter().map(|d| d.slot));
+        root_ports.extend(disks.iter().filter_map(|d| d.slot));
         root_ports.extend(nics.iter().map(|n| n.slot));
         root_ports.extend([Some(balloon), sound, guest_agent].into_iter().flatten());
         for _ in 0..spare {
@@ -737,7 +745,7 @@ impl Runtime {
     pub fn used_slots(&self) -> impl Iterator<Item = u8> + '_ {
         self.disks
             .iter()
-            .map(|d| d.slot)
+            .filter_map(|d| d.slot)
             .chain(self.nics.iter().map(|n| n.slot))
             .chain(self.balloon_slot)
             .chain(self.sound.and_then(|s| s.slot))
@@ -758,7 +766,7 @@ impl Runtime {
         let named_slots = self
             .disks
             .iter()
-            .map(|d| (d.spec.name.as_str(), d.slot))
+            .filter_map(|d| Some((d.spec.name.as_str(), d.slot?)))
             .chain(self.nics.iter().map(|n| (n.spec.name.as_str(), n.slot)))
             .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)))
             .chain(
@@ -1018,6 +1026,7 @@ pub(crate) mod tests {
             format: DiskFormat::Raw,
             read_only: false,
             cache: DiskCache::None,
+            bus: Default::default(),
         }
     }
 
@@ -1069,7 +1078,7 @@ pub(crate) mod tests {
 
         assert_eq!(
             rt.disks.iter().map(|d| d.slot).collect::<Vec<_>>(),
-            vec![3, 4]
+            vec![Some(3), Some(4)]
         );
         assert_eq!(rt.nics[0].slot, 5);
         assert_eq!(rt.balloon_slot, Some(6), "the balloon comes last");
@@ -1188,7 +1197,7 @@ pub(crate) mod tests {
             ..sample_spec()
         };
         let rt = generate(&spec, host(&qemu), 1).unwrap();
-        assert_eq!((rt.disks[0].slot, rt.nics[0].slot), (12, 13));
+        assert_eq!((rt.disks[0].slot, rt.nics[0].slot), (Some(12), 13));
         // The machine's own devices take the lowest free slots.
         assert_eq!((rt.balloon_slot, rt.guest_agent_slot), (Some(3), Some(4)));
         // A hot-add goes past them too.
@@ -1265,9 +1274,9 @@ pub(crate) mod tests {
     fn foreign_runtime_with_reserved_or_shared_slot_is_refused() {
         let qemu = qemu_7_2();
         let mut reserved = generate(&sample_spec(), host(&qemu), 1).unwrap();
-        reserved.disks[0].slot = 1;
+        reserved.disks[0].slot = Some(1);
         let mut shared = generate(&sample_spec(), host(&qemu), 1).unwrap();
-        shared.nics[0].slot = shared.disks[0].slot;
+        shared.nics[0].slot = shared.disks[0].slot.unwrap();
 
         assert!(matches!(
             reserved.validate(),

@@ -215,7 +215,33 @@ pub struct DiskSpec {
     /// The guest's discards free the image's blocks (`discard=unmap`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub discard: bool,
+    /// The bus the guest sees the disk on.
+    #[serde(default, skip_serializing_if = "DiskBus::is_virtio")]
+    pub bus: DiskBus,
 }
+
+/// The bus a disk sits on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// virtio-blk, in a PCI slot of its own; hot-pluggable.
+    #[default]
+    Virtio,
+    /// An IDE hard disk on the primary channel, for guests without virtio
+    /// drivers; two at most, and never hot-plugged.
+    Ide,
+}
+
+impl DiskBus {
+    /// Whether it is virtio, the default.
+    pub fn is_virtio(&self) -> bool {
+        *self == DiskBus::Virtio
+    }
+}
+
+/// How many IDE disks an instance can have: the primary channel's master
+/// and slave (the secondary is the CD-ROMs').
+pub const MAX_IDE_DISKS: usize = 2;
 
 /// How QEMU submits a disk's I/O.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -715,6 +741,9 @@ pub enum SpecError {
         "{0} hotplug ports asked for: spare root ports are for q35 machines, at most {MAX_HOTPLUG_PORTS}"
     )]
     HotplugPorts(u32),
+    /// More IDE disks than the primary channel holds.
+    #[error("{0} IDE disks asked for; an instance can have at most {MAX_IDE_DISKS}")]
+    IdeDisks(usize),
     /// A first device slot in the reserved ones, or past the bus.
     #[error("first device slot {0} is out of range: use 3..=31")]
     FirstDeviceSlot(u8),
@@ -896,6 +925,10 @@ impl InstanceSpec {
             Ok(())
         })?;
 
+        let ide = self.disks.iter().filter(|d| d.bus == DiskBus::Ide).count();
+        if ide > MAX_IDE_DISKS {
+            return Err(SpecError::IdeDisks(ide));
+        }
         for disk in &self.disks {
             check_absolute_path(&format!("disk {:?}", disk.name), &disk.path)?;
             if disk.aio == DiskAio::Native
@@ -1032,6 +1065,7 @@ pub(crate) mod tests {
             disks: vec![DiskSpec {
                 aio: DiskAio::Threads,
                 discard: false,
+                bus: DiskBus::Virtio,
                 name: "root".into(),
                 uuid: Uuid::from_u128(0xd15c_0000_0000_0000_0000_0000_0000_0001),
                 path: "/srv/images/web1.img".into(),

@@ -534,3 +534,66 @@ async fn without_a_channel_or_a_guest_the_guest_agent_calls_say_why() {
     assert_eq!(silent.code(), tonic::Code::DeadlineExceeded, "{silent:?}");
     assert!(silent.message().contains("qemu-guest-agent"), "{silent:?}");
 }
+
+#[tokio::test]
+async fn a_guest_without_virtio_reads_its_ide_disk_which_never_hotplugs() {
+    let agent = TestAgent::start().await;
+    let pattern = format!("KVMAGENT-IDE-{}", uuid::Uuid::new_v4().simple());
+    let image = agent.raw_image("ide.img", 8);
+    std::fs::write(&image, format!("{pattern}\n")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let (info, console) = start_guest_with(&agent, "legacy", |spec| {
+        let mut legacy = disk("legacy", &image);
+        legacy.bus = pb::DiskBus::Ide as i32;
+        spec.disks = vec![legacy];
+    })
+    .await;
+    // On IDE, not on PCI.
+    assert_eq!(info.devices[0].pci_slot, 0);
+    let (_console, seen) = in_guest(console, |c| {
+        c.run_until("head -c 64 /dev/sda", GUEST_SEES_TIMEOUT, |out| {
+            out.contains("KVMAGENT-IDE-")
+        })
+    })
+    .await;
+    assert!(seen.contains(&pattern), "{seen}");
+    let path = format!("/machine/peripheral/{}", info.devices[0].qemu_id);
+    let kind = operator_qmp(&agent, "legacy").execute(
+        "qom-get",
+        serde_json::json!({"path": path, "property": "type"}),
+    );
+    assert_eq!(kind, "ide-hd");
+
+    let mut client = agent.client().await;
+    let mut more = disk("more", &agent.raw_image("more.img", 8));
+    more.bus = pb::DiskBus::Ide as i32;
+    let refused = client
+        .add_disk(pb::AddDiskRequest {
+            name: "legacy".into(),
+            disk: Some(more),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let refused = client
+        .remove_device(pb::RemoveDeviceRequest {
+            name: "legacy".into(),
+            device: "legacy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+}

@@ -27,7 +27,7 @@ pub(super) struct SpecOptions {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...]; repeat for more.
+    /// A disk: path=P[,name=N][,format=raw|qcow2][,ro][,cache=none|writeback|...][,bus=virtio|ide]; repeat for more.
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<pb::DiskSpec>,
     /// A NIC: mac=M[,name=N][,model=virtio|e1000|rtl8139|...][,bridge=B][,vlan=.100:200][,queues=Q][,vhost]; repeat for more.
@@ -152,12 +152,13 @@ fn parse_drive(
 /// Reads `--disk`.
 fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
     let keys = [
-        "path", "name", "uuid", "format", "ro", "readonly", "cache", "aio", "discard",
+        "path", "name", "uuid", "format", "ro", "readonly", "cache", "aio", "discard", "bus",
     ];
     let options = OptionList::parse("disk", &keys, text)?;
     let format = EnumParser::new("DiskFormat", "disk format");
     let cache = EnumParser::new("DiskCache", "cache mode");
     let aio = EnumParser::new("DiskAio", "AIO");
+    let bus = EnumParser::new("DiskBus", "disk bus");
     Ok(pb::DiskSpec {
         name: options.value("name")?.unwrap_or_default(),
         uuid: options.value("uuid")?.unwrap_or_default(),
@@ -167,6 +168,7 @@ fn parse_disk(text: &str) -> Result<pb::DiskSpec, String> {
         cache: options.parsed("cache", |v| cache.parse(v))?.unwrap_or(0),
         aio: options.parsed("aio", |v| aio.parse(v))?.unwrap_or(0),
         discard: options.flag("discard")?,
+        bus: options.parsed("bus", |v| bus.parse(v))?.unwrap_or(0),
     })
 }
 

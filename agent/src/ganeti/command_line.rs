@@ -425,7 +425,7 @@ impl Parsed {
                 }
                 Ok(RuntimeDisk {
                     spec: disk_spec(disk, drive)?,
-                    slot: disk.hvinfo.slot,
+                    slot: Some(disk.hvinfo.slot),
                     qemu_id: Some(disk.hvinfo.id.clone()),
                 })
             })
@@ -497,6 +497,7 @@ fn disk_spec(disk: &GanetiDisk, drive: &Drive) -> Result<DiskSpec, String> {
         cache: drive.cache,
         aio: drive.aio,
         discard: drive.discard,
+        bus: Default::default(),
     })
 }
 
@@ -662,7 +663,7 @@ pub(crate) mod tests {
             (rt.nics[0].slot, rt.nics[0].spec.bridge.as_deref()),
             (13, Some("br0"))
         );
-        assert_eq!(rt.disks[0].slot, 12);
+        assert_eq!(rt.disks[0].slot, Some(12));
         assert_eq!(rt.disks[0].spec.cache, DiskCache::Writeback);
         assert_eq!(rt.balloon_slot, None);
         assert_eq!(rt.validate(), Ok(()));

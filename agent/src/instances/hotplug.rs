@@ -15,7 +15,7 @@ use hypervisor::host_files::HostFileError;
 use hypervisor::lifecycle::files;
 use hypervisor::qmp::QmpClient;
 use hypervisor::runtime::{Runtime, RuntimeDisk, RuntimeError, RuntimeNic};
-use hypervisor::spec::{DiskSpec, NicModel, NicSpec};
+use hypervisor::spec::{DiskBus, DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -66,6 +66,16 @@ fn device_names(record: &InstanceRecord) -> impl Iterator<Item = &str> + Clone {
     let runtime = &record.runtime;
     let disks = runtime.disks.iter().map(|d| d.spec.name.as_str());
     disks.chain(runtime.nics.iter().map(|n| n.spec.name.as_str()))
+}
+
+/// The refusal of a hot-add or hot-remove on IDE, which has no hotplug.
+fn ide_is_cold(instance: &str) -> AgentError {
+    AgentError::Hotplug {
+        instance: instance.to_owned(),
+        source: hotplug::HotplugError::Unsupported(
+            "IDE disks come and go only with a stop and start; hot-plug disks on virtio".into(),
+        ),
+    }
 }
 
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
@@ -267,6 +277,9 @@ impl Agent {
         let inst = self.instance(name)?;
         let _op = inst.lock_ops().await?;
         let (process, record) = Self::running(&inst)?;
+        if disk.bus == DiskBus::Ide {
+            return Err(ide_is_cold(name));
+        }
         if disk.uuid.is_nil() {
             disk.uuid = Uuid::new_v4();
         }
@@ -304,7 +317,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let runtime_disk = RuntimeDisk::new(disk, slot);
+        let runtime_disk = RuntimeDisk::new(disk, Some(slot));
         let mut updated = record.clone();
         updated.runtime.disks.push(runtime_disk.clone());
         let attach = hotplug::disk::attach(
@@ -317,9 +330,9 @@ impl Agent {
         drop(image);
         inst.announce(EventKind::DeviceAdded {
             device: runtime_disk.spec.name.clone(),
-            slot: runtime_disk.slot,
+            slot,
         });
-        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = runtime_disk.slot, "disk added");
+        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot, "disk added");
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
     }
 
@@ -344,6 +357,9 @@ impl Agent {
             .position(|d| d.spec.name == device);
         let target = match (nic_index, disk_index) {
             (Some(i), _) => Device::nic(&record.runtime.nics[i]),
+            (None, Some(i)) if record.runtime.disks[i].slot.is_none() => {
+                return Err(ide_is_cold(name));
+            }
             (None, Some(i)) => Device::disk(&record.runtime.disks[i]),
             (None, None) => {
                 return Err(AgentError::DeviceNotFound {
@@ -629,7 +645,9 @@ async fn settle_intent(
             tracing::info!(%id, slot, "finishing a hot-add QEMU completed");
             match intent {
                 HotplugIntent::AddNic { nic } => runtime.nics.push(RuntimeNic::new(nic, slot)),
-                HotplugIntent::AddDisk { disk } => runtime.disks.push(RuntimeDisk::new(disk, slot)),
+                HotplugIntent::AddDisk { disk } => {
+                    runtime.disks.push(RuntimeDisk::new(disk, Some(slot)));
+                }
                 HotplugIntent::Remove { .. } => {}
             }
             true

@@ -172,7 +172,7 @@ pub(super) async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), S
     let expected: BTreeSet<(String, u8)> = rt
         .disks
         .iter()
-        .map(|d| (d.device_id(), d.slot))
+        .filter_map(|d| Some((d.device_id(), d.slot?)))
         .chain(rt.nics.iter().map(|n| (n.device_id(), n.slot)))
         .collect();
     if present != expected {

@@ -387,16 +387,7 @@ fn first_disk_boot_index(rt: &Runtime) -> Option<u32> {
 pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     let mut argv = render_machine(rt, &fds.machine);
     let layout = rt.pci_layout();
-    for (index, (disk, &image)) in rt.disks.iter().zip(&fds.disks).enumerate() {
-        let boot_index = first_disk_boot_index(rt).filter(|_| index == 0);
-        argv.extend(render_disk(
-            disk,
-            image,
-            disk_fdset(index),
-            boot_index,
-            layout,
-        ));
-    }
+    argv.extend(render_disks(rt, &fds.disks));
     for (index, image) in fds.media.iter().enumerate() {
         let image = image.map(|fd| (fd, media_fdset(rt, index)));
         let boot_index = media::boot_index(&rt.media, index, rt.boot.media_kind());
@@ -461,6 +452,27 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     argv
 }
 
+/// Every disk on its image fd: in its slot, or in order on IDE.
+fn render_disks(rt: &Runtime, images: &[RawFd]) -> Vec<String> {
+    let mut argv = Vec::new();
+    for (index, (disk, &image)) in rt.disks.iter().zip(images).enumerate() {
+        let boot_index = first_disk_boot_index(rt).filter(|_| index == 0);
+        let ide_index = rt.disks[..index]
+            .iter()
+            .filter(|d| d.slot.is_none())
+            .count();
+        argv.extend(render_disk(
+            disk,
+            image,
+            disk_fdset(index),
+            boot_index,
+            rt.pci_layout(),
+            ide_index,
+        ));
+    }
+    argv
+}
+
 /// The port name qemu-ga looks for.
 pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
 
@@ -520,6 +532,7 @@ pub fn render_disk(
     fdset: u64,
     boot_index: Option<u32>,
     layout: PciLayout,
+    ide_index: usize,
 ) -> [String; 8] {
     let d = &disk.spec;
     let (direct, no_flush, write_cache) = cache_flags(d.cache);
@@ -556,12 +569,33 @@ pub fn render_disk(
         ),
         "-device".into(),
         format!(
-            "virtio-blk-pci,id={},drive={format_node},{},write-cache={}{boot}",
+            "{},id={},drive={format_node},{},write-cache={}{boot}",
+            disk_driver(disk),
             disk.device_id(),
-            pci_at(layout, disk.slot),
+            disk_at(disk, layout, ide_index),
             on_off(write_cache)
         ),
     ]
+}
+
+/// QEMU's device of a disk.
+pub fn disk_driver(disk: &RuntimeDisk) -> &'static str {
+    match disk.slot {
+        Some(_) => "virtio-blk-pci",
+        None => "ide-hd",
+    }
+}
+
+/// Where a disk's device sits: its PCI slot, or, for the disk that is
+/// `ide_index`th among the IDE disks, its place on the primary IDE
+/// channel (a q35's AHCI has one unit per bus, and the first two buses
+/// are the disks').
+fn disk_at(disk: &RuntimeDisk, layout: PciLayout, ide_index: usize) -> String {
+    match (disk.slot, layout) {
+        (Some(slot), _) => pci_at(layout, slot),
+        (None, PciLayout::RootBus) => format!("bus=ide.0,unit={ide_index}"),
+        (None, PciLayout::RootPorts) => format!("bus=ide.{ide_index},unit=0"),
+    }
 }
 
 /// The option ROM QEMU loads for a NIC model's device, at start and at
@@ -895,6 +929,23 @@ mod tests {
     }
 
     #[test]
+    fn an_ide_disk_takes_no_slot_and_sits_on_the_primary_channel() {
+        let qemu = qemu_7_2();
+        for (machine, at) in [("pc", "bus=ide.0,unit=0"), ("q35", "bus=ide.0,unit=0")] {
+            let mut spec = sample_spec();
+            spec.machine_type = machine.into();
+            spec.disks[0].bus = crate::spec::DiskBus::Ide;
+            let rt = generate(&spec, host(&qemu), 1).unwrap();
+            assert_eq!(rt.disks[0].slot, None);
+            // The NIC takes the first slot.
+            assert_eq!(rt.nics[0].slot, 3);
+            let argv = render_execution(&rt, &fds()).join(" ");
+            let device = format!("ide-hd,id={},drive=", rt.disks[0].device_id());
+            assert!(argv.contains(&device) && argv.contains(at), "{argv}");
+        }
+    }
+
+    #[test]
     fn a_network_boot_puts_the_first_nic_first() {
         let qemu = qemu_7_2();
         let mut spec = sample_spec();
@@ -1142,7 +1193,7 @@ mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None, PciLayout::RootBus);
+        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None, PciLayout::RootBus, 0);
 
         let kv = split_keyval(&file);
         assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
@@ -1183,7 +1234,7 @@ mod tests {
             let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
             rt.disks[0].spec.read_only = read_only;
 
-            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1), PciLayout::RootBus);
+            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1), PciLayout::RootBus, 0);
 
             prop_assert_eq!(add_fd, format!("fd={fd},set={set}"));
             let kv = split_keyval(&file);

@@ -183,6 +183,12 @@ NIC_MODELS = {
     constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
 }
 
+# Ganeti's disk_type as the agent's disk bus.
+DISK_BUSES = {
+    constants.HT_DISK_PARAVIRTUAL: pb.DISK_BUS_VIRTIO,
+    constants.HT_DISK_IDE: pb.DISK_BUS_IDE,
+}
+
 # Ganeti 3.0 offers threads and native.
 DISK_AIOS = {
     constants.HT_KVM_AIO_THREADS: pb.DISK_AIO_THREADS,
@@ -243,9 +249,9 @@ def check_supported(hvparams):
             raise unsupported(param, hvparams[param],
                               "the agent opens every image itself and hands QEMU the file; "
                               "download the image to the node and name its path")
-    if hvparams.get(constants.HV_DISK_TYPE) != constants.HT_DISK_PARAVIRTUAL:
+    if hvparams.get(constants.HV_DISK_TYPE) not in DISK_BUSES:
         raise unsupported(constants.HV_DISK_TYPE, hvparams.get(constants.HV_DISK_TYPE),
-                          "disks are virtio-blk (paravirtual)")
+                          "disks are paravirtual (virtio-blk) or ide")
     if hvparams.get(constants.HV_NIC_TYPE) not in NIC_MODELS:
         raise unsupported(constants.HV_NIC_TYPE, hvparams.get(constants.HV_NIC_TYPE),
                           "NICs sit on PCI; ne2k_isa has no PCI slot to keep")
@@ -387,6 +393,7 @@ def disk_spec(disk, link_name, hvparams):
         cache=DISK_CACHES[hvparams[constants.HV_DISK_CACHE]],
         aio=aio,
         discard=hvparams.get(constants.HV_DISK_DISCARD) == constants.HT_DISCARD_UNMAP,
+        bus=DISK_BUSES[hvparams[constants.HV_DISK_TYPE]],
     )
 
 
@@ -549,7 +556,9 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
         nics.append(entry)
     disks = []
     for disk in runtime["disks"]:
-        bus, addr = place(disk["slot"])
+        # That driver puts IDE disks (disk_type ide) on the primary
+        # channel in order, as the agent does; their hvinfo isn't read.
+        bus, addr = place(disk["slot"]) if "slot" in disk else ("ide.0", 0)
         entry = {"uuid": disk["uuid"], "dev_type": constants.DT_PLAIN, "params": {},
                  "mode": constants.DISK_RDONLY if disk.get("read_only") else constants.DISK_RDWR,
                  "size": 0,

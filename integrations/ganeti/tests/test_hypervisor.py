@@ -446,7 +446,7 @@ class UnsupportedParameters(unittest.TestCase):
         for param, value in [(constants.HV_SOUNDHW, "all"),
                              (constants.HV_USB_DEVICES, "mouse,braille"),
                              (constants.HV_KVM_EXTRA, "-device virtio-rng-pci"),
-                             (constants.HV_DISK_TYPE, constants.HT_DISK_IDE)]:
+                             (constants.HV_DISK_TYPE, constants.HT_DISK_SCSI_HD)]:
             hvp = hvparams(**{param: value})
             with self.assertRaises(errors.HypervisorError) as refused:
                 hv.CheckParameterSyntax(hvp)
@@ -524,8 +524,11 @@ class UnsupportedParameters(unittest.TestCase):
                          constants.HV_DISK_CACHE: constants.HT_CACHE_NONE})
         KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(io)
         spec = disk_spec(disk, path, io)
-        self.assertEqual((spec.aio, spec.discard, spec.cache),
-                         (pb.DISK_AIO_NATIVE, True, pb.DISK_CACHE_NONE))
+        self.assertEqual((spec.aio, spec.discard, spec.cache, spec.bus),
+                         (pb.DISK_AIO_NATIVE, True, pb.DISK_CACHE_NONE, pb.DISK_BUS_VIRTIO))
+        ide = hvparams(**{constants.HV_DISK_TYPE: constants.HT_DISK_IDE})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(ide)
+        self.assertEqual(disk_spec(disk, path, ide).bus, pb.DISK_BUS_IDE)
 
     def test_vnc_on_ganetis_port_and_any_address(self):
         # Ganeti hands out ports from 11000: display 5100 and up.
@@ -655,7 +658,7 @@ NON_DEFAULT = {
                                 {constants.HV_DISK_CACHE: constants.HT_CACHE_NONE}),
     constants.HV_DISK_CACHE: (constants.HT_CACHE_WBACK, {}),
     constants.HV_DISK_DISCARD: (constants.HT_DISCARD_UNMAP, {}),
-    constants.HV_DISK_TYPE: (constants.HT_DISK_IDE, {}),
+    constants.HV_DISK_TYPE: (constants.HT_DISK_SCSI_HD, {}),
     constants.HV_KVM_FLOPPY_IMAGE_PATH: ("/srv/img/drivers.img", {}),
     constants.HV_INITRD_PATH: ("/boot/initrd.img", {}),
     constants.HV_KERNEL_ARGS: ("quiet", {}),
