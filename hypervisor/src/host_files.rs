@@ -178,24 +178,29 @@ pub fn blocking(file: &File) -> io::Result<()> {
 /// the disk asks, beneath the allowed roots. A regular file or a block
 /// device, nothing else.
 pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<File, HostFileError> {
-    let unusable = |reason: String| HostFileError::Disk {
-        disk: disk.name.clone(),
-        path: disk.path.clone(),
-        reason,
-    };
     let access = if disk.read_only {
         OFlag::O_RDONLY
     } else {
         OFlag::O_RDWR
     };
+    open_image(&disk.path, access, roots).map_err(|reason| HostFileError::Disk {
+        disk: disk.name.clone(),
+        path: disk.path.clone(),
+        reason,
+    })
+}
+
+/// Opens an image beneath the allowed roots with `access`: a regular file
+/// or a block device, nothing else, blocking again for QEMU.
+fn open_image(path: &Path, access: OFlag, roots: &AllowedRoots) -> Result<File, String> {
     let file = roots
-        .open(&disk.path, access, Mode::empty())
-        .map_err(|e| unusable(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
+        .open(path, access, Mode::empty())
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     if !(meta.is_file() || meta.file_type().is_block_device()) {
-        return Err(unusable("not a regular file or block device".into()));
+        return Err("not a regular file or block device".into());
     }
-    blocking(&file).map_err(|e| unusable(e.to_string()))?;
+    blocking(&file).map_err(|e| e.to_string())?;
     Ok(file)
 }
 
@@ -206,20 +211,11 @@ pub fn open_medium(
     path: &Path,
     roots: &AllowedRoots,
 ) -> Result<File, HostFileError> {
-    let unusable = |reason: String| HostFileError::Medium {
+    open_image(path, OFlag::O_RDONLY, roots).map_err(|reason| HostFileError::Medium {
         drive: drive.what(),
         path: path.to_owned(),
         reason,
-    };
-    let file = roots
-        .open(path, OFlag::O_RDONLY, Mode::empty())
-        .map_err(|e| unusable(e.to_string()))?;
-    let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
-    if !(meta.is_file() || meta.file_type().is_block_device()) {
-        return Err(unusable("not a regular file or block device".into()));
-    }
-    blocking(&file).map_err(|e| unusable(e.to_string()))?;
-    Ok(file)
+    })
 }
 
 /// Opens a kernel or initrd for QEMU to read through `/proc/self/fd/N`,

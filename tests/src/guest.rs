@@ -184,6 +184,21 @@ impl GuestConsole {
     }
 }
 
+/// Runs blocking console work off the async runtime, and gives the
+/// console back with what the work returned.
+pub async fn in_guest<T: Send + 'static>(
+    console: GuestConsole,
+    work: impl FnOnce(&mut GuestConsole) -> T + Send + 'static,
+) -> (GuestConsole, T) {
+    tokio::task::spawn_blocking(move || {
+        let mut console = console;
+        let out = work(&mut console);
+        (console, out)
+    })
+    .await
+    .expect("console work panicked")
+}
+
 /// The guest's name for a slot on bus 0 in /sys/bus/pci/devices.
 pub fn pci_address(slot: u32) -> String {
     format!("0000:00:{slot:02x}.0")

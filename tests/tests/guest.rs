@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::guest::{GuestConsole, boot_guest, in_guest, pci_address};
 use kvm_agent_tests::*;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,20 +33,6 @@ async fn start_guest_with(
         .await
         .unwrap();
     (info, console)
-}
-
-/// Runs blocking console work off the async runtime.
-async fn in_guest<T: Send + 'static>(
-    console: GuestConsole,
-    work: impl FnOnce(&mut GuestConsole) -> T + Send + 'static,
-) -> (GuestConsole, T) {
-    tokio::task::spawn_blocking(move || {
-        let mut console = console;
-        let out = work(&mut console);
-        (console, out)
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test]

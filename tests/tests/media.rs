@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, guest_image};
+use kvm_agent_tests::guest::{GuestConsole, guest_image, in_guest};
 use kvm_agent_tests::*;
 use serde_json::json;
 
@@ -183,18 +183,4 @@ async fn a_medium_outside_the_rules_is_refused_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("at most 2"), "{refused:?}");
-}
-
-/// Runs blocking console work off the async runtime.
-async fn in_guest<T: Send + 'static>(
-    console: GuestConsole,
-    work: impl FnOnce(&mut GuestConsole) -> T + Send + 'static,
-) -> (GuestConsole, T) {
-    tokio::task::spawn_blocking(move || {
-        let mut console = console;
-        let out = work(&mut console);
-        (console, out)
-    })
-    .await
-    .unwrap()
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, boot_guest};
+use kvm_agent_tests::guest::{GuestConsole, boot_guest, in_guest};
 use kvm_agent_tests::*;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -39,19 +39,6 @@ fn port_of(devices: &[(u64, String)], id: &str) -> u64 {
         .find(|(_, d)| d == id)
         .unwrap_or_else(|| panic!("{id} is behind no root port: {devices:?}"))
         .0
-}
-
-async fn in_guest<T: Send + 'static>(
-    console: GuestConsole,
-    work: impl FnOnce(&mut GuestConsole) -> T + Send + 'static,
-) -> (GuestConsole, T) {
-    tokio::task::spawn_blocking(move || {
-        let mut console = console;
-        let out = work(&mut console);
-        (console, out)
-    })
-    .await
-    .unwrap()
 }
 
 fn runtime_ports(runtime: &Value) -> Vec<u64> {
