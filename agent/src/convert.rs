@@ -11,7 +11,7 @@ use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, CpuTopology, DiskAio, DiskBus, DiskCache, DiskFormat, DiskSpec,
     DisplayAdapter, InstanceSpec, MAX_VLAN_ID, MacAddr, MediaDrive, MediaKind, MemoryBacking,
-    NicModel, NicSpec, SoundCard, SpecError, UsbDevice, UsbPointer, Vlan,
+    NicModel, NicSpec, ScsiController, SoundCard, SpecError, UsbDevice, UsbPointer, Vlan,
 };
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
@@ -74,6 +74,10 @@ pub fn disk_from_proto(d: &pb::DiskSpec) -> Result<DiskSpec, AgentError> {
         bus: match pb::DiskBus::try_from(d.bus) {
             Ok(pb::DiskBus::Unspecified | pb::DiskBus::Virtio) => DiskBus::Virtio,
             Ok(pb::DiskBus::Ide) => DiskBus::Ide,
+            Ok(pb::DiskBus::ScsiHd) => DiskBus::ScsiHd,
+            Ok(pb::DiskBus::ScsiCd) => DiskBus::ScsiCd,
+            Ok(pb::DiskBus::ScsiBlock) => DiskBus::ScsiBlock,
+            Ok(pb::DiskBus::ScsiGeneric) => DiskBus::ScsiGeneric,
             Err(_) => {
                 return Err(AgentError::BadRequest(format!(
                     "disk {:?}: unknown bus {}",
@@ -271,7 +275,22 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             0 => None,
             slot => Some(u8::try_from(slot).unwrap_or(u8::MAX)),
         },
+        scsi_controller: scsi_controller_from_proto(p.scsi_controller)?,
     })
+}
+
+fn scsi_controller_from_proto(controller: i32) -> Result<Option<ScsiController>, AgentError> {
+    Ok(Some(match pb::ScsiController::try_from(controller) {
+        Ok(pb::ScsiController::Unspecified) => return Ok(None),
+        Ok(pb::ScsiController::VirtioScsi) => ScsiController::VirtioScsi,
+        Ok(pb::ScsiController::Lsi) => ScsiController::Lsi,
+        Ok(pb::ScsiController::Megasas) => ScsiController::Megasas,
+        Err(_) => {
+            return Err(AgentError::BadRequest(format!(
+                "scsi_controller: {controller} is not a SCSI controller; use virtio-scsi, lsi or megasas"
+            )));
+        }
+    }))
 }
 
 fn usb_device_from_proto(device: i32) -> Result<UsbDevice, AgentError> {
@@ -574,6 +593,7 @@ pub fn disk_to_proto(d: &RuntimeDisk) -> pb::DeviceInfo {
         name: d.spec.name.clone(),
         uuid: d.spec.uuid.to_string(),
         pci_slot: d.slot.map_or(0, u32::from),
+        scsi_target: d.scsi_target.map(u32::from),
         qemu_id: d.device_id(),
         detail: d.spec.path.display().to_string(),
         tap: String::new(),
@@ -588,6 +608,7 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
         name: n.spec.name.clone(),
         uuid: n.spec.uuid.to_string(),
         pci_slot: u32::from(n.slot),
+        scsi_target: None,
         qemu_id: n.device_id(),
         detail: n.spec.mac.to_string(),
         tap: tap.to_owned(),
@@ -615,10 +636,15 @@ pub fn event_to_proto(event: &Event) -> pb::Event {
             wire.state_detail = detail.clone();
             wire.guest_initiated = *guest_initiated;
         }
-        EventKind::DeviceAdded { device, slot } => {
+        EventKind::DeviceAdded {
+            device,
+            slot,
+            scsi_target,
+        } => {
             wire.kind = pb::EventKind::DeviceAdded as i32;
             wire.device = device.clone();
-            wire.pci_slot = (*slot).into();
+            wire.pci_slot = slot.map_or(0, u32::from);
+            wire.scsi_target = scsi_target.map(u32::from);
         }
         EventKind::DeviceRemoved { device } => {
             wire.kind = pb::EventKind::DeviceRemoved as i32;

@@ -377,7 +377,9 @@ impl AgentError {
                 HotplugError::Unsupported(_) => {
                     (Code::FailedPrecondition, "this node or QEMU can't do it")
                 }
-                HotplugError::Slot(_) => (Code::ResourceExhausted, "remove a device first"),
+                HotplugError::Slot(_) | HotplugError::NoFreeScsiTarget { .. } => {
+                    (Code::ResourceExhausted, "remove a device first")
+                }
                 HotplugError::Tap(_) => (
                     Code::FailedPrecondition,
                     "fix the network setup on the node",
@@ -397,9 +399,9 @@ impl AgentError {
                 HotplugError::Qmp { .. } => {
                     (Code::Unavailable, "retry; the agent reconnects to QEMU")
                 }
-                HotplugError::Verify { .. } | HotplugError::MediumNotInserted { .. } => {
-                    (Code::Internal, "see the agent's log")
-                }
+                HotplugError::Verify { .. }
+                | HotplugError::VerifyScsi { .. }
+                | HotplugError::MediumNotInserted { .. } => (Code::Internal, "see the agent's log"),
             },
             AgentError::Runtime(e) => match e {
                 RuntimeError::NoFreeSlot { .. } => {

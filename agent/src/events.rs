@@ -26,8 +26,10 @@ pub enum EventKind {
     DeviceAdded {
         /// Device name.
         device: String,
-        /// Its slot on pci.0.
-        slot: u8,
+        /// Its slot on pci.0; none for a disk on SCSI.
+        slot: Option<u8>,
+        /// Its SCSI target, for a disk on SCSI.
+        scsi_target: Option<u8>,
     },
     /// A device was hot-removed.
     DeviceRemoved {

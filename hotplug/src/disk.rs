@@ -1,11 +1,13 @@
 //! Disk hot-add: the image fd through `add-fd`, `blockdev-add` of a file
 //! node on `/dev/fdset/N` and a format node on top, `device_add` at an
-//! explicit slot, `remove-fd`, then checks in `query-pci` and `query-block`.
+//! explicit slot or SCSI target, `remove-fd`, then checks in `query-pci`
+//! (for a slot) and `query-block`.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{cache_flags, disk_file_node, disk_format_node};
+use hypervisor::argv::{cache_flags, disk_driver, disk_file_node, disk_format_node};
+use hypervisor::disk::{ImageKind, SCSI_CONTROLLER_ID};
 use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeDisk;
@@ -16,10 +18,10 @@ use crate::pipeline::{self, Step, Undo};
 use crate::{HotplugError, slots};
 
 /// `blockdev-add` arguments of the file node. Pure.
-pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64) -> Value {
+pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
     let (direct, no_flush, _) = cache_flags(disk.spec.cache);
     let mut args = json!({
-        "driver": "file",
+        "driver": kind.protocol_driver(),
         "node-name": disk_file_node(disk.spec.uuid),
         "filename": format!("/dev/fdset/{fdset_id}"),
         "read-only": disk.spec.read_only,
@@ -50,18 +52,51 @@ pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
     args
 }
 
-/// `device_add` arguments of a virtio disk in `slot`. Pure.
-pub fn device_arguments(disk: &RuntimeDisk, slot: u8, layout: PciLayout) -> Value {
+/// Where a hot-added disk goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskPlace {
+    /// A virtio disk's PCI slot.
+    Slot(u8),
+    /// A SCSI disk's target on the controller.
+    ScsiTarget(u8),
+}
+
+impl DiskPlace {
+    /// The place a runtime's disk records, if it can be hot-plugged there.
+    pub fn of(disk: &RuntimeDisk) -> Option<Self> {
+        match (disk.slot, disk.scsi_target) {
+            (Some(slot), _) => Some(DiskPlace::Slot(slot)),
+            (None, Some(target)) => Some(DiskPlace::ScsiTarget(target)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `device_add` arguments of a disk at `place`. Pure.
+pub fn device_arguments(disk: &RuntimeDisk, place: DiskPlace, layout: PciLayout) -> Value {
     let (_, _, write_cache) = cache_flags(disk.spec.cache);
-    let (bus, addr) = layout.place(slot);
-    json!({
-        "driver": "virtio-blk-pci",
+    let mut args = json!({
+        "driver": disk_driver(disk),
         "id": disk.device_id(),
         "drive": disk_format_node(disk.spec.uuid),
-        "bus": bus,
-        "addr": format!("{addr:#x}"),
-        "write-cache": if write_cache { "on" } else { "off" },
-    })
+    });
+    match place {
+        DiskPlace::Slot(slot) => {
+            let (bus, addr) = layout.place(slot);
+            args["bus"] = json!(bus);
+            args["addr"] = json!(format!("{addr:#x}"));
+        }
+        DiskPlace::ScsiTarget(target) => {
+            args["bus"] = json!(format!("{SCSI_CONTROLLER_ID}.0"));
+            args["channel"] = json!(0);
+            args["scsi-id"] = json!(target);
+            args["lun"] = json!(0);
+        }
+    }
+    if !disk.spec.bus.passes_through() {
+        args["write-cache"] = json!(if write_cache { "on" } else { "off" });
+    }
+    args
 }
 
 /// Hot-adds `disk` from an image the caller opened (read-only or
@@ -72,9 +107,10 @@ pub async fn add(
     qmp: &QmpClient,
     disk: &RuntimeDisk,
     image: &File,
+    kind: ImageKind,
     layout: PciLayout,
 ) -> Result<(), HotplugError> {
-    attach(qmp, disk, pass_image(qmp, image).await?, layout).await
+    attach(qmp, disk, pass_image(qmp, image).await?, kind, layout).await
 }
 
 /// Hands QEMU the image fd in a new fdset (`add-fd`). It doesn't depend on
@@ -95,11 +131,12 @@ pub async fn attach(
     qmp: &QmpClient,
     disk: &RuntimeDisk,
     fdset: u64,
+    kind: ImageKind,
     layout: PciLayout,
 ) -> Result<(), HotplugError> {
-    let Some(slot) = disk.slot else {
+    let Some(place) = DiskPlace::of(disk) else {
         return Err(HotplugError::Unsupported(
-            "IDE can't take a disk while the guest runs; hot-add it on virtio".into(),
+            "IDE can't take a disk while the guest runs; hot-add it on virtio or SCSI".into(),
         ));
     };
     let id = disk.device_id();
@@ -108,7 +145,7 @@ pub async fn attach(
     let steps = vec![
         Step::new(
             "blockdev-add (file)",
-            Command::new("blockdev-add", file_node_arguments(disk, fdset)),
+            Command::new("blockdev-add", file_node_arguments(disk, fdset, kind)),
             delete_node(disk_file_node(disk.spec.uuid)),
         ),
         Step::new(
@@ -118,7 +155,7 @@ pub async fn attach(
         ),
         Step::new(
             "device_add",
-            Command::new("device_add", device_arguments(disk, slot, layout)),
+            Command::new("device_add", device_arguments(disk, place, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
         Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
@@ -128,22 +165,27 @@ pub async fn attach(
     // whatever happened before it.
     let release = Command::new("remove-fd", json!({ "fdset-id": fdset }));
     pipeline::run(qmp, steps, Some(release), |replies| {
-        let attached = match replies {
-            [.., pci, blocks] => {
+        let attached = match (replies, place) {
+            ([.., pci, blocks], DiskPlace::Slot(slot)) => {
                 slots::bus0_devices(pci)
                     .iter()
                     .any(|(s, q)| *s == slot && *q == id)
                     && block_attached(blocks, &id)
             }
+            // A SCSI disk isn't on PCI; its controller is.
+            ([.., blocks], DiskPlace::ScsiTarget(_)) => block_attached(blocks, &id),
             _ => false,
         };
-        if attached {
-            Ok(())
-        } else {
-            Err(HotplugError::Verify {
+        match (attached, place) {
+            (true, _) => Ok(()),
+            (false, DiskPlace::Slot(slot)) => Err(HotplugError::Verify {
                 id: id.clone(),
                 slot,
-            })
+            }),
+            (false, DiskPlace::ScsiTarget(target)) => Err(HotplugError::VerifyScsi {
+                id: id.clone(),
+                target,
+            }),
         }
     })
     .await
@@ -187,22 +229,49 @@ mod tests {
     #[test]
     fn native_aio_and_discard_reach_both_block_nodes() {
         let mut d = disk(false, DiskCache::None);
-        assert_eq!(file_node_arguments(&d, 4)["aio"], "threads");
-        assert!(file_node_arguments(&d, 4).get("discard").is_none());
+        assert_eq!(
+            file_node_arguments(&d, 4, ImageKind::File)["aio"],
+            "threads"
+        );
+        assert!(
+            file_node_arguments(&d, 4, ImageKind::File)
+                .get("discard")
+                .is_none()
+        );
         d.spec.aio = DiskAio::Native;
         d.spec.discard = true;
-        assert_eq!(file_node_arguments(&d, 4)["aio"], "native");
-        assert_eq!(file_node_arguments(&d, 4)["discard"], "unmap");
+        assert_eq!(file_node_arguments(&d, 4, ImageKind::File)["aio"], "native");
+        assert_eq!(
+            file_node_arguments(&d, 4, ImageKind::File)["discard"],
+            "unmap"
+        );
         assert_eq!(format_node_arguments(&d)["discard"], "unmap");
     }
 
     #[test]
     fn file_node_opens_the_fdset_not_the_path() {
-        let args = file_node_arguments(&disk(true, DiskCache::Writeback), 4);
+        let args = file_node_arguments(&disk(true, DiskCache::Writeback), 4, ImageKind::Device);
 
         assert_eq!(args["filename"], "/dev/fdset/4");
+        // A block device: QEMU's file driver takes only regular files.
+        assert_eq!(args["driver"], "host_device");
         assert_eq!(args["read-only"], true);
         assert_eq!(args["cache"]["direct"], false);
+    }
+
+    #[test]
+    fn a_scsi_disk_goes_to_its_target_on_the_controller() {
+        let mut d = disk(false, DiskCache::None);
+        d.spec.bus = hypervisor::spec::DiskBus::ScsiHd;
+        let args = device_arguments(&d, DiskPlace::ScsiTarget(5), PciLayout::RootPorts);
+        assert_eq!(args["driver"], "scsi-hd");
+        assert_eq!(args["bus"], "scsi.0");
+        assert_eq!(args["scsi-id"], 5);
+        assert_eq!(args["lun"], 0);
+        assert!(args.get("addr").is_none());
+        d.spec.bus = hypervisor::spec::DiskBus::ScsiGeneric;
+        let args = device_arguments(&d, DiskPlace::ScsiTarget(5), PciLayout::RootBus);
+        assert!(args.get("write-cache").is_none(), "{args}");
     }
 
     #[test]
@@ -220,7 +289,7 @@ mod tests {
         let (qmp, seen) = fake_qemu(&["device_add"]).await;
         let d = disk(false, DiskCache::None);
 
-        let result = attach(&qmp, &d, 4, PciLayout::RootBus).await;
+        let result = attach(&qmp, &d, 4, ImageKind::File, PciLayout::RootBus).await;
 
         assert!(
             matches!(
@@ -256,7 +325,14 @@ mod tests {
     async fn a_refused_file_node_leaves_nothing_to_take_back() {
         let (qmp, seen) = fake_qemu(&["blockdev-add"]).await;
 
-        let result = attach(&qmp, &disk(true, DiskCache::None), 4, PciLayout::RootBus).await;
+        let result = attach(
+            &qmp,
+            &disk(true, DiskCache::None),
+            4,
+            ImageKind::File,
+            PciLayout::RootBus,
+        )
+        .await;
 
         assert!(
             matches!(
@@ -276,7 +352,11 @@ mod tests {
 
     #[test]
     fn writethrough_turns_the_device_write_cache_off() {
-        let args = device_arguments(&disk(false, DiskCache::Writethrough), 9, PciLayout::RootBus);
+        let args = device_arguments(
+            &disk(false, DiskCache::Writethrough),
+            DiskPlace::Slot(9),
+            PciLayout::RootBus,
+        );
 
         assert_eq!(args["write-cache"], "off");
         assert_eq!(args["addr"], "0x9");

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, fchown};
 use std::path::{Path, PathBuf};
 
@@ -14,8 +15,9 @@ use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
+use crate::disk::ImageKind;
 use crate::identity::{Ownership, QemuUser};
-use crate::spec::{DiskSpec, MediaDrive};
+use crate::spec::{DiskBus, DiskSpec, MediaDrive};
 
 /// Why a host file can't be handed to QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -174,32 +176,84 @@ pub fn blocking(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// A disk image opened for QEMU, and what it is.
+#[derive(Debug)]
+pub struct DiskImage {
+    /// The open image.
+    pub file: File,
+    /// A file or a device.
+    pub kind: ImageKind,
+}
+
 /// Opens a disk image the way QEMU will use it: read-only or read-write as
 /// the disk asks, beneath the allowed roots. A regular file or a block
-/// device, nothing else.
-pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<File, HostFileError> {
+/// device; a disk that passes SCSI commands through needs a SCSI device
+/// (for `scsi-generic`, its character device).
+pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<DiskImage, HostFileError> {
     let access = if disk.read_only {
         OFlag::O_RDONLY
     } else {
         OFlag::O_RDWR
     };
-    open_image(&disk.path, access, roots).map_err(|reason| HostFileError::Disk {
+    let failed = |reason: String| HostFileError::Disk {
         disk: disk.name.clone(),
         path: disk.path.clone(),
         reason,
-    })
+    };
+    let file = open_blocking(&disk.path, access, roots).map_err(failed)?;
+    let file_type = file
+        .metadata()
+        .map_err(|e| failed(e.to_string()))?
+        .file_type();
+    let kind = if file_type.is_file() {
+        ImageKind::File
+    } else if file_type.is_block_device()
+        || (file_type.is_char_device() && disk.bus == DiskBus::ScsiGeneric)
+    {
+        ImageKind::Device
+    } else {
+        return Err(failed("not a regular file or block device".into()));
+    };
+    if let Some(device) = disk.bus.scsi_device().filter(|_| disk.bus.passes_through()) {
+        scsi_generic_version(&file).map_err(|e| {
+            failed(format!(
+                "{device} passes the guest's SCSI commands to the device, so it must be a SCSI device, and this isn't one ({e})"
+            ))
+        })?;
+    }
+    Ok(DiskImage { file, kind })
+}
+
+nix::ioctl_read_bad!(
+    /// `SG_GET_VERSION_NUM`.
+    sg_get_version_num, 0x2282, libc::c_int);
+
+/// The SCSI generic driver's version, which only a SCSI device answers
+/// (`SG_GET_VERSION_NUM`, QEMU's own test).
+fn scsi_generic_version(file: &File) -> nix::Result<libc::c_int> {
+    let mut version = 0;
+    // SAFETY: the fd is open for the call and the ioctl writes one int.
+    unsafe { sg_get_version_num(file.as_raw_fd(), &mut version) }?;
+    Ok(version)
 }
 
 /// Opens an image beneath the allowed roots with `access`: a regular file
 /// or a block device, nothing else, blocking again for QEMU.
 fn open_image(path: &Path, access: OFlag, roots: &AllowedRoots) -> Result<File, String> {
-    let file = roots
-        .open(path, access, Mode::empty())
-        .map_err(|e| e.to_string())?;
+    let file = open_blocking(path, access, roots)?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if !(meta.is_file() || meta.file_type().is_block_device()) {
         return Err("not a regular file or block device".into());
     }
+    Ok(file)
+}
+
+/// Opens `path` beneath the allowed roots with `access`, blocking again
+/// for QEMU.
+fn open_blocking(path: &Path, access: OFlag, roots: &AllowedRoots) -> Result<File, String> {
+    let file = roots
+        .open(path, access, Mode::empty())
+        .map_err(|e| e.to_string())?;
     blocking(&file).map_err(|e| e.to_string())?;
     Ok(file)
 }

@@ -1,7 +1,8 @@
 //! QEMU knowledge for kvm-agent: turns an instance spec into a runtime and a
 //! runtime into a running QEMU, and speaks QMP to it.
 //!
-//! The pure core is [`spec`] (validation), [`runtime`] (spec → runtime,
+//! The pure core is [`spec`] (validation), [`disk`] (disks, their buses
+//! and the SCSI controller), [`runtime`] (spec → runtime,
 //! with [`runtime::argv`] rendering it as a command line, re-exported as
 //! [`argv`]), [`media`] (CD-ROM and floppy drives), [`pcie`] (where a
 //! device sits on PCI: the root bus, or a q35's root ports), [`peripherals`]
@@ -22,6 +23,7 @@ pub mod affinity;
 pub mod balloon;
 pub mod bridge_vlan;
 pub mod cgroup;
+pub mod disk;
 pub mod guest_agent;
 pub mod host_files;
 pub mod identity;

@@ -19,12 +19,12 @@ use rustix::process::{getegid, geteuid};
 use crate::Runtime;
 use crate::affinity::{PinError, pin_vcpus};
 use crate::cgroup::{CgroupLayout, PreparedCgroups};
-use crate::host_files::{self, AllowedRoots, HostFileError};
+use crate::host_files::{self, AllowedRoots, DiskImage, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::process::{self, Credentials, PidFd, SpawnConfinement};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::runtime::ResolvedAccelerator;
-use crate::runtime::argv::{self, ExecutionFds, MachineFds};
+use crate::runtime::argv::{self, ExecutionFds, ImageFd, MachineFds};
 use crate::spec::{Boot, MemoryBacking, NicModel};
 use crate::tap::{self, Tap, TapError};
 
@@ -172,7 +172,7 @@ struct ExecutionResources {
     operator_qmp: Option<UnixListener>,
     taps: Vec<Tap>,
     vhost: Vec<Vec<File>>,
-    disks: Vec<File>,
+    disks: Vec<DiskImage>,
     media: Vec<Option<File>>,
     kernel: Option<File>,
     initrd: Option<File>,
@@ -197,7 +197,14 @@ impl ExecutionResources {
                 .iter()
                 .map(|v| v.iter().map(AsRawFd::as_raw_fd).collect())
                 .collect(),
-            disks: self.disks.iter().map(AsRawFd::as_raw_fd).collect(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| ImageFd {
+                    fd: d.file.as_raw_fd(),
+                    kind: d.kind,
+                })
+                .collect(),
             media: self.media.iter().map(raw).collect(),
             machine: MachineFds {
                 kernel: raw(&self.kernel),
@@ -220,7 +227,7 @@ fn inherited(fds: &ExecutionFds) -> Vec<std::os::fd::RawFd> {
         .chain(fds.operator_qmp)
         .chain(fds.taps.iter().flatten().copied())
         .chain(fds.vhost.iter().flatten().copied())
-        .chain(fds.disks.iter().copied())
+        .chain(fds.disks.iter().map(|d| d.fd))
         .chain(fds.media.iter().flatten().copied())
         .chain(machine.into_iter().flatten())
         .chain(fds.chroot)

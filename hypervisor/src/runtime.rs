@@ -18,7 +18,7 @@ use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
     Accelerator, Boot, CpuTopology, DiskBus, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
-    MemoryBacking, NicSpec, SoundCard, SpecError, UsbDevice, UsbPointer,
+    MemoryBacking, NicSpec, ScsiController, SoundCard, SpecError, UsbDevice, UsbPointer,
 };
 
 // The command line is a function of the runtime: a runtime stores its
@@ -68,9 +68,12 @@ pub struct RuntimeDisk {
     #[serde(flatten)]
     pub spec: DiskSpec,
     /// Its PCI slot; none for a disk on IDE, whose place follows from its
-    /// order among the IDE disks.
+    /// order among the IDE disks, and on SCSI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u8>,
+    /// Its target on the SCSI controller, for a disk on SCSI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scsi_target: Option<u8>,
     /// Its QEMU id where that isn't made from its uuid: a disk of a QEMU
     /// the agent adopted keeps the id it had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,7 +86,16 @@ impl RuntimeDisk {
         RuntimeDisk {
             spec,
             slot,
+            scsi_target: None,
             qemu_id: None,
+        }
+    }
+
+    /// A disk at a target of the SCSI controller.
+    pub fn on_scsi_target(spec: DiskSpec, target: u8) -> Self {
+        RuntimeDisk {
+            scsi_target: Some(target),
+            ..RuntimeDisk::new(spec, None)
         }
     }
 
@@ -234,6 +246,9 @@ pub struct Runtime {
     /// balloon existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_slot: Option<u8>,
+    /// The SCSI controller, where the spec has SCSI disks or asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scsi_controller: Option<RuntimeScsiController>,
     /// QEMU's seccomp sandbox (`-sandbox`), where its binary has one and
     /// the agent confines instances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -258,6 +273,15 @@ pub struct Runtime {
     /// The machine part of QEMU's command line (no devices, no fds); always
     /// equal to [`argv::render_base`] of the fields above.
     pub argv: Vec<String>,
+}
+
+/// The SCSI controller of a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeScsiController {
+    /// The controller.
+    pub model: ScsiController,
+    /// Its PCI slot.
+    pub slot: u8,
 }
 
 /// A sound card of a runtime.
@@ -289,6 +313,9 @@ pub enum RuntimeError {
         "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
     )]
     KvmUnavailable(String),
+    /// A disk without the place its bus gives it, or in another's.
+    #[error("disk {0:?} is not where its bus puts it (a PCI slot, a free SCSI target or neither)")]
+    DiskPlace(String),
     /// More devices than slots.
     #[error("instance {instance:?}: no free PCI slot ({used} of {total} usable slots needed)")]
     NoFreeSlot {
@@ -449,6 +476,7 @@ pub fn generate(
         disks: placed.disks,
         nics: placed.nics,
         balloon_slot: Some(placed.balloon),
+        scsi_controller: placed.scsi_controller,
         sandbox: host.confine && host.qemu.sandbox,
         cgroup: host.confine.then(|| {
             CgroupLimits::for_guest(
@@ -498,75 +526,125 @@ struct PlacedDevices {
     disks: Vec<RuntimeDisk>,
     nics: Vec<RuntimeNic>,
     balloon: u8,
+    scsi_controller: Option<RuntimeScsiController>,
     sound: Option<u8>,
     guest_agent: Option<u8>,
     root_ports: Vec<u8>,
 }
 
-/// Slots for the disks, then the NICs, then the balloon, then a sound card
-/// on PCI and the guest agent's channel, lowest first; on q35, the root
-/// ports of those slots and then the spare ones.
+/// The free PCI slots of a generation, handed out lowest first.
+struct SlotPool<'a> {
+    free: Vec<u8>,
+    total: usize,
+    instance: &'a str,
+    needed: usize,
+}
+
+impl SlotPool<'_> {
+    /// The lowest free slot from `from` on.
+    fn take(&mut self, from: u8) -> Result<u8, RuntimeError> {
+        let at = self.free.iter().position(|&s| s >= from);
+        at.map(|at| self.free.remove(at))
+            .ok_or_else(|| RuntimeError::NoFreeSlot {
+                instance: self.instance.to_owned(),
+                used: self.needed,
+                total: self.total,
+            })
+    }
+
+    /// A slot from `from` on if `wanted`.
+    fn take_if(&mut self, wanted: bool, from: u8) -> Result<Option<u8>, RuntimeError> {
+        wanted.then(|| self.take(from)).transpose()
+    }
+}
+
+/// The disks in order: a slot from `first` on for each on virtio, the next
+/// SCSI target for each on SCSI, nothing on IDE.
+fn place_disks(
+    disks: &[DiskSpec],
+    pool: &mut SlotPool<'_>,
+    first: u8,
+) -> Result<Vec<RuntimeDisk>, RuntimeError> {
+    let mut scsi_targets = 0..;
+    disks
+        .iter()
+        .map(|d| match d.bus {
+            DiskBus::Virtio => Ok(RuntimeDisk::new(d.clone(), Some(pool.take(first)?))),
+            DiskBus::Ide => Ok(RuntimeDisk::new(d.clone(), None)),
+            // The spec's check keeps them within the controller's targets.
+            _ => Ok(RuntimeDisk::on_scsi_target(
+                d.clone(),
+                scsi_targets.next().unwrap_or_default(),
+            )),
+        })
+        .collect()
+}
+
+/// Slots for the disks, then the NICs, then a SCSI controller, the balloon,
+/// a sound card on PCI and the guest agent's channel, lowest first; on q35,
+/// the root ports of those slots and then the spare ones. SCSI disks take
+/// the controller's targets in order.
 fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices, RuntimeError> {
     let last = match layout {
         PciLayout::RootBus => MAX_PCI_SLOT,
         PciLayout::RootPorts => pcie::MAX_ROOT_PORT_SLOT,
     };
-    let mut free: Vec<u8> = free_slots().filter(|&s| s <= last).collect();
     let sound = spec.sound_card.is_some_and(|c| c.on_pci());
     let spare = match layout {
         PciLayout::RootBus => 0,
         PciLayout::RootPorts => spec.hotplug_ports.unwrap_or(pcie::DEFAULT_HOTPLUG_PORTS) as usize,
     };
-    let device_count = spec.disks.len()
-        + spec.nics.len()
-        + 1
-        + usize::from(sound)
-        + usize::from(spec.guest_agent)
-        + spare;
-    let total = free.len();
-    let first = spec.first_device_slot.unwrap_or(0);
-    // The lowest free slot from `from` on.
-    let mut take = |from: u8| {
-        let at = free.iter().position(|&s| s >= from);
-        at.map(|at| free.remove(at))
-            .ok_or_else(|| RuntimeError::NoFreeSlot {
-                instance: spec.name.clone(),
-                used: device_count,
-                total,
-            })
+    let scsi_model = spec.scsi_controller.or_else(|| {
+        spec.disks
+            .iter()
+            .any(|d| d.bus.is_scsi())
+            .then_some(ScsiController::VirtioScsi)
+    });
+    let free: Vec<u8> = free_slots().filter(|&s| s <= last).collect();
+    let mut pool = SlotPool {
+        total: free.len(),
+        free,
+        instance: &spec.name,
+        needed: spec.disks.iter().filter(|d| d.bus.is_virtio()).count()
+            + spec.nics.len()
+            + usize::from(scsi_model.is_some())
+            + 1
+            + usize::from(sound)
+            + usize::from(spec.guest_agent)
+            + spare,
     };
-    let disks = spec
-        .disks
-        .iter()
-        .map(|d| {
-            let slot = match d.bus {
-                DiskBus::Virtio => Some(take(first)?),
-                DiskBus::Ide => None,
-            };
-            Ok(RuntimeDisk::new(d.clone(), slot))
-        })
-        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let first = spec.first_device_slot.unwrap_or(0);
+    let disks = place_disks(&spec.disks, &mut pool, first)?;
     let nics = spec
         .nics
         .iter()
-        .map(|n| Ok(RuntimeNic::new(n.clone(), take(first)?)))
+        .map(|n| Ok(RuntimeNic::new(n.clone(), pool.take(first)?)))
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     // The machine's own devices take the lowest free slots, below the
-    // first device slot where there is one.
-    let balloon = take(0)?;
-    let sound = if sound { Some(take(0)?) } else { None };
-    let guest_agent = if spec.guest_agent {
-        Some(take(0)?)
-    } else {
-        None
+    // first device slot where there is one; the controller first, as in
+    // Ganeti's driver.
+    let scsi_controller = match scsi_model {
+        Some(model) => Some(RuntimeScsiController {
+            model,
+            slot: pool.take(0)?,
+        }),
+        None => None,
     };
+    let balloon = pool.take(0)?;
+    let sound = pool.take_if(sound, 0)?;
+    let guest_agent = pool.take_if(spec.guest_agent, 0)?;
     let mut root_ports = Vec::new();
     if layout == PciLayout::RootPorts {
         root_ports.extend(disks.iter().filter_map(|d| d.slot));
         root_ports.extend(nics.iter().map(|n| n.slot));
-        root_ports.extend([Some(balloon), sound, guest_agent].into_iter().flatten());
+        let controller = scsi_controller.map(|c| c.slot);
+        root_ports.extend(
+            [controller, Some(balloon), sound, guest_agent]
+                .into_iter()
+                .flatten(),
+        );
         for _ in 0..spare {
-            root_ports.push(take(first)?);
+            root_ports.push(pool.take(first)?);
         }
         root_ports.sort_unstable();
     }
@@ -574,6 +652,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         disks,
         nics,
         balloon,
+        scsi_controller,
         sound,
         guest_agent,
         root_ports,
@@ -705,6 +784,7 @@ impl Runtime {
             sound_card: self.sound.map(|s| s.card),
             guest_agent: self.guest_agent_slot.is_some(),
             first_device_slot: self.first_device_slot,
+            scsi_controller: self.scsi_controller.map(|c| c.model),
             // The ports stay: what a hot-add took is one spare fewer.
             hotplug_ports: (!self.pcie_root_ports.is_empty()).then(|| {
                 let used = self.used_slots().count();
@@ -748,6 +828,7 @@ impl Runtime {
             .filter_map(|d| d.slot)
             .chain(self.nics.iter().map(|n| n.slot))
             .chain(self.balloon_slot)
+            .chain(self.scsi_controller.map(|c| c.slot))
             .chain(self.sound.and_then(|s| s.slot))
             .chain(self.guest_agent_slot)
     }
@@ -769,6 +850,7 @@ impl Runtime {
             .filter_map(|d| Some((d.spec.name.as_str(), d.slot?)))
             .chain(self.nics.iter().map(|n| (n.spec.name.as_str(), n.slot)))
             .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)))
+            .chain(self.scsi_controller.map(|c| ("SCSI controller", c.slot)))
             .chain(
                 self.sound
                     .and_then(|s| s.slot)
@@ -800,6 +882,7 @@ impl Runtime {
             inherited.validate()?;
         }
         self.check_device_ids()?;
+        self.check_disk_places()?;
         self.check_root_ports()?;
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
@@ -829,6 +912,27 @@ impl Runtime {
         }
         if let Some(slot) = self.used_slots().find(|s| !ports.contains(s)) {
             return refuse(&format!("slot {slot} has a device but no root port"));
+        }
+        Ok(())
+    }
+
+    /// Each disk sits where its bus says: a slot for virtio, a target of
+    /// the runtime's SCSI controller (each once, within its targets) for
+    /// SCSI, nothing for IDE. Pure.
+    fn check_disk_places(&self) -> Result<(), RuntimeError> {
+        let mut targets = HashSet::new();
+        let controller = self.scsi_controller.map(|c| c.model);
+        for disk in &self.disks {
+            let placed = match (disk.spec.bus, disk.slot, disk.scsi_target) {
+                (DiskBus::Virtio, Some(_), None) | (DiskBus::Ide, None, None) => true,
+                (bus, None, Some(target)) if bus.is_scsi() => {
+                    controller.is_some_and(|c| target < c.max_targets() && targets.insert(target))
+                }
+                _ => false,
+            };
+            if !placed {
+                return Err(RuntimeError::DiskPlace(disk.spec.name.clone()));
+            }
         }
         Ok(())
     }

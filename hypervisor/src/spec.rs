@@ -11,6 +11,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::disk::DiskError;
+pub use crate::disk::{
+    DiskAio, DiskBus, DiskCache, DiskFormat, DiskSpec, MAX_IDE_DISKS, ScsiController,
+};
 use crate::media::MediaError;
 pub use crate::media::{MediaDrive, MediaKind};
 use crate::pcie::{MAX_HOTPLUG_PORTS, is_q35};
@@ -50,34 +54,6 @@ pub enum Accelerator {
     Kvm,
     /// Software emulation.
     Tcg,
-}
-
-/// Disk image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    /// Raw image or block device.
-    #[default]
-    Raw,
-    /// QCOW2 image.
-    Qcow2,
-}
-
-/// Host cache mode of a disk, with QEMU's `cache=` meanings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskCache {
-    /// O_DIRECT, guest flushes honoured.
-    #[default]
-    None,
-    /// Host page cache, guest flushes honoured.
-    Writeback,
-    /// Host page cache, every write flushed.
-    Writethrough,
-    /// O_DIRECT, every write flushed.
-    Directsync,
-    /// Host page cache, flushes ignored.
-    Unsafe,
 }
 
 /// Emulated NIC model: every PCI one Ganeti's KVM driver offers.
@@ -191,84 +167,6 @@ impl<'de> Deserialize<'de> for MacAddr {
         let s = String::deserialize(d)?;
         s.parse()
             .map_err(|()| serde::de::Error::custom(format!("invalid MAC address {s:?}")))
-    }
-}
-
-/// A disk as the spec asks for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskSpec {
-    /// Unique among the instance's devices.
-    pub name: String,
-    /// Stable identity; QEMU ids derive from it.
-    pub uuid: Uuid,
-    /// Absolute path of the image or block device.
-    pub path: PathBuf,
-    /// Image format.
-    pub format: DiskFormat,
-    /// Attach read-only.
-    pub read_only: bool,
-    /// Host cache mode.
-    pub cache: DiskCache,
-    /// How QEMU submits the disk's I/O.
-    #[serde(default, skip_serializing_if = "DiskAio::is_threads")]
-    pub aio: DiskAio,
-    /// The guest's discards free the image's blocks (`discard=unmap`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub discard: bool,
-    /// The bus the guest sees the disk on.
-    #[serde(default, skip_serializing_if = "DiskBus::is_virtio")]
-    pub bus: DiskBus,
-}
-
-/// The bus a disk sits on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskBus {
-    /// virtio-blk, in a PCI slot of its own; hot-pluggable.
-    #[default]
-    Virtio,
-    /// An IDE hard disk on the primary channel, for guests without virtio
-    /// drivers; two at most, and never hot-plugged.
-    Ide,
-}
-
-impl DiskBus {
-    /// Whether it is virtio, the default.
-    pub fn is_virtio(&self) -> bool {
-        *self == DiskBus::Virtio
-    }
-}
-
-/// How many IDE disks an instance can have: the primary channel's master
-/// and slave (the secondary is the CD-ROMs').
-pub const MAX_IDE_DISKS: usize = 2;
-
-/// How QEMU submits a disk's I/O.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskAio {
-    /// A pool of threads: QEMU's default.
-    #[default]
-    Threads,
-    /// Linux native AIO; needs the host cache bypassed.
-    Native,
-    /// io_uring.
-    IoUring,
-}
-
-impl DiskAio {
-    /// QEMU's name of it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskAio::Threads => "threads",
-            DiskAio::Native => "native",
-            DiskAio::IoUring => "io_uring",
-        }
-    }
-
-    /// Whether it is QEMU's default.
-    pub fn is_threads(&self) -> bool {
-        *self == DiskAio::Threads
     }
 }
 
@@ -523,6 +421,10 @@ pub struct InstanceSpec {
     /// `kvm_pci_reservations`). Unset: right after the reserved slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_device_slot: Option<u8>,
+    /// The SCSI controller, present from the start so SCSI disks can be
+    /// hot-added; a SCSI disk implies virtio-scsi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scsi_controller: Option<ScsiController>,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -741,18 +643,15 @@ pub enum SpecError {
         "{0} hotplug ports asked for: spare root ports are for q35 machines, at most {MAX_HOTPLUG_PORTS}"
     )]
     HotplugPorts(u32),
-    /// More IDE disks than the primary channel holds.
-    #[error("{0} IDE disks asked for; an instance can have at most {MAX_IDE_DISKS}")]
-    IdeDisks(usize),
+    /// Disks a bus can't take.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// A first device slot in the reserved ones, or past the bus.
     #[error("first device slot {0} is out of range: use 3..=31")]
     FirstDeviceSlot(u8),
     /// A VNC address with no display to serve.
     #[error("a VNC address needs a VNC display")]
     VncAddressWithoutDisplay,
-    /// Native AIO on a disk that goes through the host's page cache.
-    #[error("disk {0:?}: native AIO needs the host cache bypassed; use cache none or directsync")]
-    NativeAioCache(String),
     /// A keymap that isn't a keymap's name, or one without VNC.
     #[error(
         "VNC keymap {0:?} is not a keymap's name (like en-us or de), or there is no VNC display"
@@ -925,17 +824,9 @@ impl InstanceSpec {
             Ok(())
         })?;
 
-        let ide = self.disks.iter().filter(|d| d.bus == DiskBus::Ide).count();
-        if ide > MAX_IDE_DISKS {
-            return Err(SpecError::IdeDisks(ide));
-        }
+        crate::disk::check_disks(&self.disks, self.scsi_controller.unwrap_or_default())?;
         for disk in &self.disks {
             check_absolute_path(&format!("disk {:?}", disk.name), &disk.path)?;
-            if disk.aio == DiskAio::Native
-                && !matches!(disk.cache, DiskCache::None | DiskCache::Directsync)
-            {
-                return Err(SpecError::NativeAioCache(disk.name.clone()));
-            }
         }
         for drive in &self.media {
             if !is_safe_identifier(&drive.name, MAX_DEVICE_NAME) {
@@ -1105,6 +996,7 @@ pub(crate) mod tests {
             guest_agent: false,
             hotplug_ports: None,
             first_device_slot: None,
+            scsi_controller: None,
         }
     }
 

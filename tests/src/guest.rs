@@ -199,6 +199,27 @@ pub async fn in_guest<T: Send + 'static>(
     .expect("console work panicked")
 }
 
+/// How long the test guest takes to its shell, under TCG.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts the test guest as `name`, its spec changed by `edit`, and waits
+/// for its shell. Panics with the agent's log when the start fails.
+pub async fn start_guest_with(
+    agent: &crate::TestAgent,
+    name: &str,
+    edit: impl FnOnce(&mut pb::InstanceSpec),
+) -> (pb::InstanceInfo, GuestConsole) {
+    let mut spec = agent.spec(name, 256);
+    boot_guest(&mut spec);
+    edit(&mut spec);
+    let info = agent.start_spec(spec).await;
+    let socket = agent.run_dir(name).join("serial.sock");
+    let console = tokio::task::spawn_blocking(move || GuestConsole::connect(&socket, BOOT_TIMEOUT))
+        .await
+        .unwrap();
+    (info, console)
+}
+
 /// The guest's name for a slot on bus 0 in /sys/bus/pci/devices.
 pub fn pci_address(slot: u32) -> String {
     format!("0000:00:{slot:02x}.0")

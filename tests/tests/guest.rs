@@ -3,36 +3,13 @@
 use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, boot_guest, in_guest, pci_address};
+use kvm_agent_tests::guest::{GuestConsole, in_guest, pci_address, start_guest_with};
 use kvm_agent_tests::*;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_SEES_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn start_guest(agent: &TestAgent, name: &str) -> (pb::InstanceInfo, GuestConsole) {
     start_guest_with(agent, name, |_| {}).await
-}
-
-async fn start_guest_with(
-    agent: &TestAgent,
-    name: &str,
-    edit: impl FnOnce(&mut pb::InstanceSpec),
-) -> (pb::InstanceInfo, GuestConsole) {
-    let mut spec = agent.spec(name, 256);
-    boot_guest(&mut spec);
-    edit(&mut spec);
-    let info = agent
-        .client()
-        .await
-        .start_instance(start_request(spec))
-        .await
-        .unwrap_or_else(|s| panic!("start: {s:?}\n{}", agent.log()))
-        .into_inner();
-    let socket = agent.run_dir(name).join("serial.sock");
-    let console = tokio::task::spawn_blocking(move || GuestConsole::connect(&socket, BOOT_TIMEOUT))
-        .await
-        .unwrap();
-    (info, console)
 }
 
 #[tokio::test]

@@ -29,7 +29,9 @@ impl EnumParser {
     }
 
     pub(super) fn parse(&self, text: &str) -> Result<i32, String> {
-        let name = value_prefix(&self.descriptor) + &text.to_uppercase();
+        // Some help texts spell words with '-' (wacom-tablet), as QEMU
+        // does: both spellings are taken.
+        let name = value_prefix(&self.descriptor) + &text.to_uppercase().replace('-', "_");
         match self.descriptor.get_value_by_name(&name) {
             Some(value) => Ok(value.number()),
             None => Err(format!(

@@ -107,6 +107,10 @@ pub(super) struct SpecOptions {
     /// A sound card: hda, ac97, es1370, sb16, adlib, gus, cs4231a or pcspk.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("SoundCard", "sound card"))]
     sound_card: i32,
+    /// The SCSI controller: virtio-scsi, lsi or megasas; a disk on SCSI
+    /// (bus=scsi-hd, scsi-cd, scsi-block, scsi-generic) implies virtio-scsi.
+    #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("ScsiController", "SCSI controller"))]
+    scsi_controller: i32,
     /// The PCI slot disks and NICs start from (Ganeti's kvm_pci_reservations).
     #[arg(long)]
     first_device_slot: Option<u32>,
@@ -284,6 +288,7 @@ impl SpecOptions {
             guest_agent: self.guest_agent,
             hotplug_ports: self.hotplug_ports,
             first_device_slot: self.first_device_slot.unwrap_or_default(),
+            scsi_controller: self.scsi_controller,
         }
     }
 }

@@ -349,6 +349,7 @@ impl Parsed {
             disks,
             nics,
             balloon_slot: None,
+            scsi_controller: None,
             sandbox: false,
             cgroup: None,
             qemu_user: None,
@@ -426,6 +427,7 @@ impl Parsed {
                 Ok(RuntimeDisk {
                     spec: disk_spec(disk, drive)?,
                     slot: Some(disk.hvinfo.slot),
+                    scsi_target: None,
                     qemu_id: Some(disk.hvinfo.id.clone()),
                 })
             })
@@ -677,7 +679,10 @@ pub(crate) mod tests {
             serial: Some(4),
             taps: vec![vec![5]],
             vhost: vec![vec![]],
-            disks: vec![6],
+            disks: vec![hypervisor::argv::ImageFd {
+                fd: 6,
+                kind: hypervisor::disk::ImageKind::File,
+            }],
             media: vec![],
             guest_agent: None,
             machine: Default::default(),

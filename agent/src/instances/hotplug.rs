@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use hotplug::disk::DiskPlace;
 use hotplug::remove::Device;
 use hotplug::support::Support;
 use hypervisor::InstanceSpec;
 use hypervisor::argv::{DISK_ID_PREFIX, NIC_ID_PREFIX, disk_device_id, netdev_id, nic_device_id};
-use hypervisor::host_files::HostFileError;
+use hypervisor::host_files::{DiskImage, HostFileError};
 use hypervisor::lifecycle::files;
 use hypervisor::qmp::QmpClient;
 use hypervisor::runtime::{Runtime, RuntimeDisk, RuntimeError, RuntimeNic};
@@ -78,13 +79,35 @@ fn ide_is_cold(instance: &str) -> AgentError {
     }
 }
 
+/// The lowest free target of the instance's SCSI controller, for a disk
+/// hot-added on SCSI.
+fn free_scsi_target(instance: &str, runtime: &Runtime) -> Result<u8, AgentError> {
+    let refused = |source| AgentError::Hotplug {
+        instance: instance.to_owned(),
+        source,
+    };
+    let Some(controller) = runtime.scsi_controller else {
+        return Err(refused(hotplug::HotplugError::Unsupported(
+            "the instance has no SCSI controller; give it one (scsi_controller) and restart it"
+                .into(),
+        )));
+    };
+    let taken = runtime.disks.iter().filter_map(|d| d.scsi_target);
+    hypervisor::disk::free_scsi_target(taken, controller.model).ok_or_else(|| {
+        refused(hotplug::HotplugError::NoFreeScsiTarget {
+            controller: controller.model.device(),
+            targets: controller.model.max_targets(),
+        })
+    })
+}
+
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
 /// before anything changes.
 fn open_image(
     instance: &str,
     disk: &DiskSpec,
     roots: &hypervisor::host_files::AllowedRoots,
-) -> Result<File, AgentError> {
+) -> Result<DiskImage, AgentError> {
     hypervisor::host_files::open_disk_image(disk, roots).map_err(|e| match e {
         HostFileError::Disk { disk, path, reason } => AgentError::DiskUnusable {
             instance: instance.to_owned(),
@@ -201,7 +224,8 @@ impl Agent {
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {
             device: runtime_nic.spec.name.clone(),
-            slot: runtime_nic.slot,
+            slot: Some(runtime_nic.slot),
+            scsi_target: None,
         });
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
@@ -286,6 +310,10 @@ impl Agent {
         if disk.name.is_empty() {
             disk.name = free_device_name("disk", device_names(&record));
         }
+        let scsi_target = match disk.bus.is_scsi() {
+            true => Some(free_scsi_target(name, &record.runtime)?),
+            false => None,
+        };
         check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
         self.config()
             .allowed_roots
@@ -293,47 +321,69 @@ impl Agent {
         let image = open_image(name, &disk, &self.config().allowed_roots)?;
         Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
-        // add-fd needs no slot: both questions go to QEMU at once.
-        let (slot, fdset) = tokio::join!(
-            self.free_slot(&inst, &process, &record.runtime),
-            hotplug::disk::pass_image(process.qmp(), &image)
-        );
-        let fdset = fdset.map_err(|source| AgentError::Hotplug {
-            instance: name.to_owned(),
-            source,
-        });
-        let failure = match (slot, fdset) {
-            (Ok(slot), Ok(fdset)) => Ok((slot, fdset)),
-            (Err(e), Ok(fdset)) => {
-                hotplug::disk::release_image(process.qmp(), fdset).await;
-                Err(e)
-            }
-            (_, Err(e)) => Err(e),
-        };
-        let (slot, fdset) = match failure {
+        let placed = self
+            .place_disk(&inst, &process, &record.runtime, &image.file, scsi_target)
+            .await;
+        let (place, fdset) = match placed {
             Ok(ready) => ready,
             Err(e) => {
                 self.clear_journal(&inst)?;
                 return Err(e);
             }
         };
-        let runtime_disk = RuntimeDisk::new(disk, Some(slot));
+        let runtime_disk = match place {
+            DiskPlace::Slot(slot) => RuntimeDisk::new(disk, Some(slot)),
+            DiskPlace::ScsiTarget(target) => RuntimeDisk::on_scsi_target(disk, target),
+        };
         let mut updated = record.clone();
         updated.runtime.disks.push(runtime_disk.clone());
         let attach = hotplug::disk::attach(
             process.qmp(),
             &runtime_disk,
             fdset,
+            image.kind,
             record.runtime.pci_layout(),
         );
         self.apply(&inst, &record, &updated, attach).await?;
         drop(image);
         inst.announce(EventKind::DeviceAdded {
             device: runtime_disk.spec.name.clone(),
-            slot,
+            slot: runtime_disk.slot,
+            scsi_target: runtime_disk.scsi_target,
         });
-        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot, "disk added");
+        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, ?place, "disk added");
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
+    }
+
+    /// Hands QEMU the image and finds the disk's place: the SCSI target
+    /// already chosen, or a free PCI slot, looked up while QEMU takes the
+    /// image. Releases the image if there is no slot.
+    async fn place_disk(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        runtime: &Runtime,
+        image: &File,
+        scsi_target: Option<u8>,
+    ) -> Result<(DiskPlace, u64), AgentError> {
+        let passed = |source| AgentError::Hotplug {
+            instance: inst.name().to_owned(),
+            source,
+        };
+        let pass = hotplug::disk::pass_image(process.qmp(), image);
+        if let Some(target) = scsi_target {
+            let fdset = pass.await.map_err(passed)?;
+            return Ok((DiskPlace::ScsiTarget(target), fdset));
+        }
+        let (slot, fdset) = tokio::join!(self.free_slot(inst, process, runtime), pass);
+        match (slot, fdset.map_err(passed)) {
+            (Ok(slot), Ok(fdset)) => Ok((DiskPlace::Slot(slot), fdset)),
+            (Err(e), Ok(fdset)) => {
+                hotplug::disk::release_image(process.qmp(), fdset).await;
+                Err(e)
+            }
+            (_, Err(e)) => Err(e),
+        }
     }
 
     /// Hot-removes a device by name.
@@ -357,7 +407,7 @@ impl Agent {
             .position(|d| d.spec.name == device);
         let target = match (nic_index, disk_index) {
             (Some(i), _) => Device::nic(&record.runtime.nics[i]),
-            (None, Some(i)) if record.runtime.disks[i].slot.is_none() => {
+            (None, Some(i)) if record.runtime.disks[i].spec.bus == DiskBus::Ide => {
                 return Err(ide_is_cold(name));
             }
             (None, Some(i)) => Device::disk(&record.runtime.disks[i]),

@@ -11,12 +11,14 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::{Runtime, RuntimeDisk, RuntimeNic};
+use crate::disk::{ImageKind, SCSI_CONTROLLER_ID};
 use crate::media;
 use crate::pcie::{self, PciLayout};
 use crate::pinning::CpuPinning;
 use crate::qemu_info::QemuVersion;
 use crate::spec::{
-    Boot, DiskAio, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel, UsbPointer,
+    Boot, DiskAio, DiskBus, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel,
+    UsbPointer,
 };
 
 /// The PCI bus every device is placed on.
@@ -326,7 +328,7 @@ pub struct ExecutionFds {
     /// without vhost).
     pub vhost: Vec<Vec<RawFd>>,
     /// Per disk in runtime order, its open image.
-    pub disks: Vec<RawFd>,
+    pub disks: Vec<ImageFd>,
     /// Per CD-ROM or floppy drive in runtime order, its open medium; none
     /// for an empty drive.
     pub media: Vec<Option<RawFd>>,
@@ -340,6 +342,15 @@ pub struct ExecutionFds {
     pub chroot: Option<RawFd>,
     /// How the guest begins.
     pub mode: LaunchMode,
+}
+
+/// A disk's open image, as QEMU inherits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageFd {
+    /// The fd.
+    pub fd: RawFd,
+    /// What it is on the host.
+    pub kind: ImageKind,
 }
 
 /// How a launched guest begins.
@@ -452,14 +463,25 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     argv
 }
 
-/// Every disk on its image fd: in its slot, or in order on IDE.
-fn render_disks(rt: &Runtime, images: &[RawFd]) -> Vec<String> {
+/// The SCSI controller, then every disk on its image fd: in its slot, at
+/// its SCSI target, or in order on IDE.
+fn render_disks(rt: &Runtime, images: &[ImageFd]) -> Vec<String> {
     let mut argv = Vec::new();
+    if let Some(controller) = rt.scsi_controller {
+        argv.extend([
+            "-device".into(),
+            format!(
+                "{},id={SCSI_CONTROLLER_ID},{}",
+                controller.model.device(),
+                pci_at(rt.pci_layout(), controller.slot)
+            ),
+        ]);
+    }
     for (index, (disk, &image)) in rt.disks.iter().zip(images).enumerate() {
         let boot_index = first_disk_boot_index(rt).filter(|_| index == 0);
         let ide_index = rt.disks[..index]
             .iter()
-            .filter(|d| d.slot.is_none())
+            .filter(|d| d.spec.bus == DiskBus::Ide)
             .count();
         argv.extend(render_disk(
             disk,
@@ -528,7 +550,7 @@ pub fn cache_flags(cache: DiskCache) -> (bool, bool, bool) {
 /// `/dev/fdset/N`), `-blockdev` (format) and `-device` for one disk.
 pub fn render_disk(
     disk: &RuntimeDisk,
-    image: RawFd,
+    image: ImageFd,
     fdset: u64,
     boot_index: Option<u32>,
     layout: PciLayout,
@@ -552,12 +574,18 @@ pub fn render_disk(
         other => format!(",aio={}", other.as_str()),
     };
     let discard = if d.discard { ",discard=unmap" } else { "" };
+    // A pass-through device has the guest's cache flags, not QEMU's.
+    let write_cache = match d.bus.passes_through() {
+        true => String::new(),
+        false => format!(",write-cache={}", on_off(write_cache)),
+    };
     [
         "-add-fd".into(),
-        format!("fd={image},set={fdset}"),
+        format!("fd={},set={fdset}", image.fd),
         "-blockdev".into(),
         format!(
-            "driver=file,node-name={file_node},filename=/dev/fdset/{fdset},read-only={},cache.direct={},cache.no-flush={}{aio}{discard}",
+            "driver={},node-name={file_node},filename=/dev/fdset/{fdset},read-only={},cache.direct={},cache.no-flush={}{aio}{discard}",
+            image.kind.protocol_driver(),
             on_off(d.read_only),
             on_off(direct),
             on_off(no_flush)
@@ -569,33 +597,40 @@ pub fn render_disk(
         ),
         "-device".into(),
         format!(
-            "{},id={},drive={format_node},{},write-cache={}{boot}",
+            "{},id={},drive={format_node},{}{write_cache}{boot}",
             disk_driver(disk),
             disk.device_id(),
             disk_at(disk, layout, ide_index),
-            on_off(write_cache)
         ),
     ]
 }
 
 /// QEMU's device of a disk.
 pub fn disk_driver(disk: &RuntimeDisk) -> &'static str {
-    match disk.slot {
-        Some(_) => "virtio-blk-pci",
-        None => "ide-hd",
+    match disk.spec.bus {
+        DiskBus::Virtio => "virtio-blk-pci",
+        DiskBus::Ide => "ide-hd",
+        scsi => scsi.scsi_device().unwrap_or("scsi-hd"),
     }
 }
 
-/// Where a disk's device sits: its PCI slot, or, for the disk that is
-/// `ide_index`th among the IDE disks, its place on the primary IDE
-/// channel (a q35's AHCI has one unit per bus, and the first two buses
-/// are the disks').
+/// Where a disk's device sits: its PCI slot, its SCSI target, or, for the
+/// disk that is `ide_index`th among the IDE disks, its place on the
+/// primary IDE channel (a q35's AHCI has one unit per bus, and the first
+/// two buses are the disks').
 fn disk_at(disk: &RuntimeDisk, layout: PciLayout, ide_index: usize) -> String {
-    match (disk.slot, layout) {
-        (Some(slot), _) => pci_at(layout, slot),
-        (None, PciLayout::RootBus) => format!("bus=ide.0,unit={ide_index}"),
-        (None, PciLayout::RootPorts) => format!("bus=ide.{ide_index},unit=0"),
+    match (disk.slot, disk.scsi_target, layout) {
+        (Some(slot), _, _) => pci_at(layout, slot),
+        (None, Some(target), _) => scsi_at(target),
+        (None, None, PciLayout::RootBus) => format!("bus=ide.0,unit={ide_index}"),
+        (None, None, PciLayout::RootPorts) => format!("bus=ide.{ide_index},unit=0"),
     }
+}
+
+/// A SCSI target on the controller's bus, with one LUN, as Ganeti's driver
+/// places its SCSI disks.
+pub fn scsi_at(target: u8) -> String {
+    format!("bus={SCSI_CONTROLLER_ID}.0,channel=0,scsi-id={target},lun=0")
 }
 
 /// The option ROM QEMU loads for a NIC model's device, at start and at
@@ -680,8 +715,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::runtime::generate;
     use crate::runtime::tests::{host, qemu_7_2};
+    use crate::runtime::{RuntimeError, generate};
     use crate::spec::tests::sample_spec;
 
     /// Splits QEMU `key=value,...` syntax the way QEMU does (`,,` is a comma).
@@ -717,7 +752,10 @@ mod tests {
             serial: Some(4),
             taps: vec![vec![5]],
             vhost: vec![vec![]],
-            disks: vec![6],
+            disks: vec![ImageFd {
+                fd: 6,
+                kind: ImageKind::File,
+            }],
             media: vec![],
             guest_agent: None,
             machine: MachineFds::default(),
@@ -943,6 +981,76 @@ mod tests {
             let device = format!("ide-hd,id={},drive=", rt.disks[0].device_id());
             assert!(argv.contains(&device) && argv.contains(at), "{argv}");
         }
+    }
+
+    #[test]
+    fn scsi_disks_take_targets_on_a_controller_placed_before_the_balloon() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        let mut second = spec.disks[0].clone();
+        second.name = "cd".into();
+        second.uuid = Uuid::from_u128(0xcd);
+        second.bus = DiskBus::ScsiCd;
+        spec.disks[0].bus = DiskBus::ScsiHd;
+        spec.disks.push(second);
+        spec.scsi_controller = Some(crate::spec::ScsiController::Megasas);
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let places: Vec<_> = rt.disks.iter().map(|d| (d.slot, d.scsi_target)).collect();
+        assert_eq!(places, [(None, Some(0)), (None, Some(1))]);
+        // The NIC takes slot 3, the controller 4 and the balloon 5.
+        assert_eq!(rt.scsi_controller.map(|c| c.slot), Some(4));
+        assert_eq!(rt.balloon_slot, Some(5));
+        let images = [6, 7].map(|fd| ImageFd {
+            fd,
+            kind: ImageKind::Device,
+        });
+        let fds = ExecutionFds {
+            disks: images.to_vec(),
+            ..fds()
+        };
+        let argv = render_execution(&rt, &fds).join(" ");
+        assert!(
+            argv.contains("-device megasas,id=scsi,bus=pci.0,addr=0x4 -add-fd fd=6,set=1"),
+            "{argv}"
+        );
+        assert!(argv.contains("driver=host_device,node-name="), "{argv}");
+        let hd = format!(
+            "scsi-hd,id={},drive={},bus=scsi.0,channel=0,scsi-id=0,lun=0,write-cache=on,bootindex=1",
+            rt.disks[0].device_id(),
+            disk_format_node(rt.disks[0].spec.uuid)
+        );
+        assert!(argv.contains(&hd), "{argv}");
+        assert!(argv.contains("scsi-cd,id="), "{argv}");
+        assert!(argv.contains("scsi-id=1,lun=0"), "{argv}");
+        rt.validate().unwrap();
+
+        // A disk on a target twice, or on SCSI with no controller, is
+        // refused.
+        let mut twice = rt.clone();
+        twice.disks[1].scsi_target = Some(0);
+        assert!(matches!(twice.validate(), Err(RuntimeError::DiskPlace(d)) if d == "cd"));
+        let mut bare = rt;
+        bare.scsi_controller = None;
+        assert!(matches!(bare.validate(), Err(RuntimeError::DiskPlace(_))));
+    }
+
+    #[test]
+    fn a_pass_through_disk_leaves_the_cache_flags_to_the_guest() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.disks[0].bus = DiskBus::ScsiBlock;
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        // Implied: virtio-scsi.
+        assert_eq!(
+            rt.scsi_controller.map(|c| c.model),
+            Some(crate::spec::ScsiController::VirtioScsi)
+        );
+        let argv = render_execution(&rt, &fds()).join(" ");
+        assert!(argv.contains("-device virtio-scsi-pci,id=scsi,"), "{argv}");
+        let device = argv
+            .split(" -device ")
+            .find(|d| d.starts_with("scsi-block"));
+        assert!(device.is_some_and(|d| !d.contains("write-cache")), "{argv}");
     }
 
     #[test]
@@ -1193,7 +1301,17 @@ mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let [_, _, _, file, ..] = render_disk(&rt.disks[0], 6, 1, None, PciLayout::RootBus, 0);
+        let [_, _, _, file, ..] = render_disk(
+            &rt.disks[0],
+            ImageFd {
+                fd: 6,
+                kind: ImageKind::File,
+            },
+            1,
+            None,
+            PciLayout::RootBus,
+            0,
+        );
 
         let kv = split_keyval(&file);
         assert!(kv.contains(&("cache.direct".into(), "on".into())), "{file}");
@@ -1234,7 +1352,7 @@ mod tests {
             let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
             rt.disks[0].spec.read_only = read_only;
 
-            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], fd, set, boot.then_some(1), PciLayout::RootBus, 0);
+            let [_, add_fd, _, file, _, format, _, device] = render_disk(&rt.disks[0], ImageFd { fd, kind: ImageKind::File }, set, boot.then_some(1), PciLayout::RootBus, 0);
 
             prop_assert_eq!(add_fd, format!("fd={fd},set={set}"));
             let kv = split_keyval(&file);
