@@ -57,6 +57,9 @@ pub struct AgentConfig {
     /// Directories that disk images, kernels, memory files and save files
     /// must lie in.
     pub allowed_roots: AllowedRoots,
+    /// Extra QEMU options (each with its value) specs may ask for; none by
+    /// default.
+    pub allowed_extra_options: Vec<String>,
     /// Whether QEMUs run confined.
     pub confinement: Confinement,
     /// The cgroup mount.
@@ -224,6 +227,7 @@ impl AgentConfig {
             migration: MigrationConfig::default(),
             fault_point: None,
             allowed_roots: AllowedRoots::default(),
+            allowed_extra_options: Vec::new(),
             confinement: Confinement::Strict,
             cgroup_root: DEFAULT_CGROUP_ROOT.into(),
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),

@@ -16,6 +16,8 @@ use hypervisor::spec::{
 use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
 
+mod displays;
+
 use crate::error::AgentError;
 use crate::events::{Event, EventKind};
 use crate::model::{
@@ -136,18 +138,6 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
     })
 }
 
-/// A VNC listen address: an IP address, or empty for the default.
-fn vnc_address_from_proto(address: &str) -> Result<Option<std::net::IpAddr>, AgentError> {
-    if address.is_empty() {
-        return Ok(None);
-    }
-    address.parse().map(Some).map_err(|_| {
-        AgentError::BadRequest(format!(
-            "VNC address {address:?} is not an IP address (e.g. 0.0.0.0, or empty for 127.0.0.1)"
-        ))
-    })
-}
-
 /// Converts wire VLANs; an id that doesn't fit is refused here, the rest
 /// of the checks are the spec's.
 fn vlan_from_proto(v: &pb::VlanSpec) -> Result<Vlan, AgentError> {
@@ -214,14 +204,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
     let media = media_from_proto(&p.media, &disks, &nics)?;
     let boot = boot_from_proto(p.boot)?;
     let accelerator = accelerator_from_proto(p.accelerator)?;
-    let (vnc_display, vnc_address, vnc_keymap) = match &p.vnc {
-        None => (None, None, None),
-        Some(vnc) => (
-            Some(vnc.display),
-            vnc_address_from_proto(&vnc.address)?,
-            Some(vnc.keymap.clone()).filter(|k| !k.is_empty()),
-        ),
-    };
+    let vnc = displays::vnc_from_proto(p.vnc.as_ref())?;
     let cpu_pinning = match p.cpu_mask.as_str() {
         "" => None,
         mask => Some(mask.parse().map_err(SpecError::from)?),
@@ -236,7 +219,14 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         }),
         rtc_localtime: p.rtc_localtime,
         exit_on_reboot: p.exit_on_reboot,
-        vnc_keymap,
+        vnc_keymap: vnc.keymap,
+        spice: p
+            .spice
+            .as_ref()
+            .map(displays::spice_from_proto)
+            .transpose()?,
+        vnc_password: vnc.password,
+        vnc_tls: vnc.tls,
         usb_pointer: usb_pointer_from_proto(p.usb_pointer)?,
         display_adapter: display_adapter_from_proto(p.display_adapter)?,
         name: p.name,
@@ -254,8 +244,8 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         },
         accelerator,
         serial_console: p.serial_console,
-        vnc_display,
-        vnc_address,
+        vnc_display: vnc.display,
+        vnc_address: vnc.address,
         cpu_model: if p.cpu_model.is_empty() {
             DEFAULT_CPU_MODEL.into()
         } else {
@@ -276,6 +266,7 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
             slot => Some(u8::try_from(slot).unwrap_or(u8::MAX)),
         },
         scsi_controller: scsi_controller_from_proto(p.scsi_controller)?,
+        extra_args: p.extra_args,
     })
 }
 

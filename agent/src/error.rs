@@ -261,6 +261,11 @@ pub enum AgentError {
         /// Last port of the range.
         last: u16,
     },
+    /// A display password for an instance whose display asks for none.
+    #[error(
+        "instance {0:?}: its display asks for no password; start it with one (VncSpec.password or SpiceSpec.password) first"
+    )]
+    NoDisplayPassword(String),
     /// The runtime has no memory balloon.
     #[error(
         "instance {0:?} has no memory balloon: its runtime was made before the agent gave every instance one"
@@ -359,6 +364,10 @@ impl AgentError {
                 Code::FailedPrecondition,
                 "stop the instance that holds the uid, or run this one elsewhere",
             ),
+            AgentError::NoDisplayPassword(_) => (
+                Code::FailedPrecondition,
+                "restart the instance with a display password",
+            ),
             AgentError::NoBalloon(_) => (
                 Code::FailedPrecondition,
                 "restart it (hard reboot, or stop and start) to give it one",
@@ -414,6 +423,10 @@ impl AgentError {
                 RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {
                     (Code::FailedPrecondition, "fix the node setup")
                 }
+                RuntimeError::ExtraArgs(_) => (
+                    Code::FailedPrecondition,
+                    "leave the option out, or have the node's operator allow it",
+                ),
                 _ => (Code::InvalidArgument, "fix the request and retry"),
             },
             AgentError::Probe(_) => (

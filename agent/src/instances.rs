@@ -24,6 +24,7 @@ use crate::config::Confinement;
 use crate::error::AgentError;
 use crate::events::{EventBus, EventKind, Watch, WatchError};
 
+mod console;
 mod guest_agent;
 mod handback;
 mod hotplug;
@@ -180,6 +181,9 @@ pub struct Instance {
     forced_stops: tokio::sync::watch::Sender<u32>,
     status: Mutex<Status>,
     events: Arc<EventBus>,
+    /// The display password last set, given again to each QEMU this
+    /// agent launches for the instance; kept in memory only.
+    display_password: Mutex<Option<console::Secret>>,
 }
 
 tokio::task_local! {
@@ -233,6 +237,7 @@ impl Instance {
                 reconciling: false,
                 quarantined_pid: None,
             }),
+            display_password: Mutex::new(None),
         })
     }
 
@@ -537,12 +542,9 @@ impl Agent {
         Ok(self.instance(name)?.view())
     }
 
-    /// Where the serial console socket and the VNC display of a running
-    /// instance are.
-    pub fn console_info(
-        &self,
-        name: &str,
-    ) -> Result<(Option<PathBuf>, Option<String>), AgentError> {
+    /// Where the serial console socket and the VNC or SPICE display of a
+    /// running instance are.
+    pub fn console_info(&self, name: &str) -> Result<ConsoleEndpoints, AgentError> {
         let view = self.get(name)?;
         // A paused guest's QEMU runs, and so do its consoles: attaching is
         // how an operator watches a guest started paused begin.
@@ -555,9 +557,24 @@ impl Agent {
             .then(|| self.cfg.run_dir(name).join(files::SERIAL));
         let vnc = runtime
             .vnc_display
-            .map(|d| vnc_endpoint(runtime.vnc_address, d));
-        Ok((serial, vnc))
+            .map(|d| display_endpoint(runtime.vnc_address, 5900 + d));
+        let spice = runtime
+            .spice
+            .as_ref()
+            .map(|s| display_endpoint(s.address, u32::from(s.port)));
+        Ok(ConsoleEndpoints { serial, vnc, spice })
     }
+}
+
+/// Where a running instance's consoles are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleEndpoints {
+    /// The serial console's socket on the node.
+    pub serial: Option<PathBuf>,
+    /// `host:port` of VNC.
+    pub vnc: Option<String>,
+    /// `host:port` of SPICE.
+    pub spice: Option<String>,
 }
 
 /// This node's host name.
@@ -575,13 +592,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Where a caller reaches VNC display `display` listening on `address`:
+/// Where a caller reaches a display on `port` listening on `address`:
 /// the address itself, or the node's own name when it listens on every
 /// address (the caller may be another node, such as Ganeti's master).
-fn vnc_endpoint(address: Option<std::net::IpAddr>, display: u32) -> String {
+fn display_endpoint(address: Option<std::net::IpAddr>, port: u32) -> String {
     let ip = address.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
     // Validation keeps the port within 16 bits.
-    let port = u16::try_from(5900 + display).unwrap_or(u16::MAX);
+    let port = u16::try_from(port).unwrap_or(u16::MAX);
     if ip.is_unspecified() {
         let host = nix::unistd::gethostname()
             .ok()

@@ -183,11 +183,31 @@ impl NodeAgent for NodeAgentService {
         &self,
         req: Request<pb::GetConsoleInfoRequest>,
     ) -> Reply<pb::ConsoleInfo> {
-        let (serial, vnc) = self.agent.console_info(&req.into_inner().name)?;
+        let consoles = self.agent.console_info(&req.into_inner().name)?;
         Ok(Response::new(pb::ConsoleInfo {
-            serial_socket: serial.map(|p| p.display().to_string()).unwrap_or_default(),
-            vnc_address: vnc.unwrap_or_default(),
+            serial_socket: consoles
+                .serial
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            vnc_address: consoles.vnc.unwrap_or_default(),
+            spice_address: consoles.spice.unwrap_or_default(),
         }))
+    }
+
+    async fn set_display_password(
+        &self,
+        req: Request<pb::SetDisplayPasswordRequest>,
+    ) -> Reply<pb::SetDisplayPasswordResponse> {
+        operation!(
+            self,
+            req,
+            "set_display_password",
+            req.name.clone(),
+            |agent| {
+                agent.set_display_password(&req.name, &req.password).await?;
+                Ok(pb::SetDisplayPasswordResponse {})
+            }
+        )
     }
 
     type WatchEventsStream = EventStream;

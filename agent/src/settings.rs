@@ -113,6 +113,8 @@ layer! {
         qemu_binary: PathBuf,
         /// Directories host files of requests must lie in.
         allowed_roots: Vec<AbsolutePath>,
+        /// Extra QEMU options specs may carry, each with its value.
+        allowed_extra_options: Vec<String>,
         /// `text` or `json`.
         log_format: LogFormat,
         /// `strict` or `off`.
@@ -592,6 +594,7 @@ impl FileConfig {
             agent.qemu_binary = binary;
         }
         agent.allowed_roots = allowed_roots(self.allowed_roots.unwrap_or_default())?;
+        agent.allowed_extra_options = self.allowed_extra_options.unwrap_or_default();
         if let Some(n) = self.event_buffer {
             agent.event_buffer = n.get();
         }
@@ -728,6 +731,7 @@ impl Settings {
                     .map(AbsolutePath)
                     .collect(),
             ),
+            allowed_extra_options: Some(agent.allowed_extra_options.clone()),
             log_format: Some(self.log_format),
             confinement: Some(agent.confinement),
             metrics_listen: self.metrics_listen,

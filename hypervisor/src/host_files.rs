@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, fchown};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt, fchown};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, OFlag, OpenHow, ResolveFlag};
@@ -18,6 +18,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 use crate::disk::ImageKind;
 use crate::identity::{Ownership, QemuUser};
 use crate::spec::{DiskBus, DiskSpec, MediaDrive};
+use crate::tls_files::TlsFile;
 
 /// Why a host file can't be handed to QEMU.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,16 @@ pub enum HostFileError {
         /// The drive, e.g. `CD-ROM "install"`.
         drive: String,
         /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A display's TLS files can't be handed to QEMU.
+    #[error("{what} {}: {reason}", path.display())]
+    Credentials {
+        /// Whose files, e.g. `VNC x509 file`.
+        what: &'static str,
+        /// The file.
         path: PathBuf,
         /// What is wrong.
         reason: String,
@@ -360,6 +371,62 @@ pub fn open_memory_file(
     };
     fchown(&file, Some(user.uid), Some(user.gid)).map_err(failed)?;
     Ok(file)
+}
+
+/// Copies a display's TLS files (`what`, for errors) into `staged`, a new
+/// directory of `user`'s that only it can read, under the names QEMU
+/// looks for, and opens that directory for QEMU to reach as
+/// `/proc/self/fd/N`: a QEMU of its own user can't read the node's key
+/// where it lies, and must not see anything beside it.
+pub fn stage_credentials(
+    what: &'static str,
+    files: &[TlsFile<'_>],
+    staged: &Path,
+    user: Option<QemuUser>,
+    roots: &AllowedRoots,
+) -> Result<File, HostFileError> {
+    let failed = |path: &Path, reason: String| HostFileError::Credentials {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    let _ = std::fs::remove_dir_all(staged);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(staged)
+        .map_err(|e| failed(staged, e.to_string()))?;
+    let owner = user.map(|u| (u.uid, u.gid));
+    for credential in files {
+        let source = &credential.source;
+        let file = match roots.open(source, OFlag::O_RDONLY, Mode::empty()) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !credential.required => continue,
+            Err(e) => return Err(failed(source, e.to_string())),
+        };
+        blocking(&file).map_err(|e| failed(source, e.to_string()))?;
+        let copy = staged.join(credential.name);
+        let mut target = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&copy)
+            .map_err(|e| failed(&copy, e.to_string()))?;
+        io::copy(&mut &file, &mut target).map_err(|e| failed(source, e.to_string()))?;
+        if let Some((uid, gid)) = owner {
+            fchown(&target, Some(uid), Some(gid)).map_err(|e| failed(&copy, e.to_string()))?;
+        }
+    }
+    let restricted = || -> io::Result<File> {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(staged, Some(uid), Some(gid))?;
+        }
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o500))?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(staged)
+    };
+    restricted().map_err(|e| failed(staged, e.to_string()))
 }
 
 /// Links the option ROMs of the NIC models `models` into the root of

@@ -2,7 +2,10 @@
 //! runtime into a running QEMU, and speaks QMP to it.
 //!
 //! The pure core is [`spec`] (validation), [`disk`] (disks, their buses
-//! and the SCSI controller), [`runtime`] (spec → runtime,
+//! and the SCSI controller), [`extra`] (the extra QEMU options a node
+//! allows), [`vnc`] (how VNC lets viewers in: TLS and a password),
+//! [`spice`] (the SPICE display: TLS, compression, its agent's channel),
+//! [`tls_files`] (the TLS files a display hands QEMU), [`runtime`] (spec → runtime,
 //! with [`runtime::argv`] rendering it as a command line, re-exported as
 //! [`argv`]), [`media`] (CD-ROM and floppy drives), [`pcie`] (where a
 //! device sits on PCI: the root bus, or a q35's root ports), [`peripherals`]
@@ -24,6 +27,7 @@ pub mod balloon;
 pub mod bridge_vlan;
 pub mod cgroup;
 pub mod disk;
+pub mod extra;
 pub mod guest_agent;
 pub mod host_files;
 pub mod identity;
@@ -39,7 +43,10 @@ pub mod qemu_info;
 pub mod qmp;
 pub mod runtime;
 pub mod spec;
+pub mod spice;
 pub mod tap;
+pub mod tls_files;
+pub mod vnc;
 
 pub use runtime::Runtime;
 pub use runtime::argv;

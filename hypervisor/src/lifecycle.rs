@@ -49,6 +49,10 @@ pub mod files {
     pub const CGROUPS: &str = "cgroups";
     /// The empty directory QEMU shuts itself into.
     pub const CHROOT: &str = "root";
+    /// The copy of VNC's x509 files QEMU reads.
+    pub const VNC_X509: &str = "vnc-x509";
+    /// The copy of SPICE's TLS files QEMU reads.
+    pub const SPICE_X509: &str = "spice-x509";
 }
 
 /// Settings of a launch.
@@ -177,6 +181,8 @@ struct ExecutionResources {
     kernel: Option<File>,
     initrd: Option<File>,
     memory: Option<File>,
+    vnc_x509: Option<File>,
+    spice_x509: Option<File>,
     chroot: Option<File>,
 }
 
@@ -210,6 +216,8 @@ impl ExecutionResources {
                 kernel: raw(&self.kernel),
                 initrd: raw(&self.initrd),
                 memory: raw(&self.memory),
+                vnc_x509: raw(&self.vnc_x509),
+                spice_x509: raw(&self.spice_x509),
             },
             operator_qmp: self.operator_qmp.as_ref().map(AsRawFd::as_raw_fd),
             chroot: raw(&self.chroot),
@@ -220,7 +228,13 @@ impl ExecutionResources {
 
 /// Every fd of `fds`, which QEMU must inherit.
 fn inherited(fds: &ExecutionFds) -> Vec<std::os::fd::RawFd> {
-    let machine = [fds.machine.kernel, fds.machine.initrd, fds.machine.memory];
+    let machine = [
+        fds.machine.kernel,
+        fds.machine.initrd,
+        fds.machine.memory,
+        fds.machine.vnc_x509,
+        fds.machine.spice_x509,
+    ];
     std::iter::once(fds.qmp)
         .chain(fds.serial)
         .chain(fds.guest_agent)
@@ -297,6 +311,9 @@ pub fn oom_kills(run_dir: &Path) -> u64 {
 /// keeping the log.
 pub async fn remove_run_files(run_dir: &Path) {
     let _ = fs::remove_dir_all(run_dir.join(files::CHROOT));
+    // Copies of the node's keys.
+    let _ = fs::remove_dir_all(run_dir.join(files::VNC_X509));
+    let _ = fs::remove_dir_all(run_dir.join(files::SPICE_X509));
     for name in [
         files::QMP,
         files::SERIAL,
@@ -388,8 +405,11 @@ fn open_resources(
         ),
         _ => None,
     };
+    let (vnc_x509, spice_x509) = stage_display_credentials(rt, run_dir, cfg)?;
     Ok(ExecutionResources {
         vhost,
+        vnc_x509,
+        spice_x509,
         qmp: listen(&run_dir.join(files::QMP))?,
         serial: listen_if(rt.serial_console, &run_dir.join(files::SERIAL))?,
         guest_agent: listen_if(
@@ -409,6 +429,36 @@ fn open_resources(
         initrd,
         memory,
     })
+}
+
+/// The copies of VNC's and SPICE's TLS files the displays read, each an
+/// open directory.
+fn stage_display_credentials(
+    rt: &Runtime,
+    run_dir: &Path,
+    cfg: &LaunchConfig,
+) -> Result<(Option<File>, Option<File>), HostFileError> {
+    let vnc_x509 = match rt.vnc_tls.as_ref().and_then(|t| t.x509_dir.as_ref()) {
+        Some(dir) => Some(host_files::stage_credentials(
+            "VNC x509 file",
+            &crate::vnc::x509_files(dir),
+            &run_dir.join(files::VNC_X509),
+            rt.qemu_user,
+            &cfg.allowed_roots,
+        )?),
+        None => None,
+    };
+    let spice_x509 = match rt.spice.as_ref().and_then(|s| s.tls.as_ref()) {
+        Some(tls) => Some(host_files::stage_credentials(
+            "SPICE TLS file",
+            &crate::spice::x509_files(tls),
+            &run_dir.join(files::SPICE_X509),
+            rt.qemu_user,
+            &cfg.allowed_roots,
+        )?),
+        None => None,
+    };
+    Ok((vnc_x509, spice_x509))
 }
 
 /// Makes `path` a new empty directory that only root may change, and

@@ -18,7 +18,8 @@ use crate::pinning::{CpuPinning, PinningError};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
     Accelerator, Boot, CpuTopology, DiskBus, DiskSpec, DisplayAdapter, InstanceSpec, MediaDrive,
-    MemoryBacking, NicSpec, ScsiController, SoundCard, SpecError, UsbDevice, UsbPointer,
+    MemoryBacking, NicSpec, ScsiController, SoundCard, SpecError, SpiceSpec, UsbDevice, UsbPointer,
+    VncTls,
 };
 
 // The command line is a function of the runtime: a runtime stores its
@@ -207,6 +208,18 @@ pub struct Runtime {
     /// The keymap VNC assumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_keymap: Option<String>,
+    /// VNC asks for the password set on the running QEMU.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnc_password: bool,
+    /// VNC's TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_tls: Option<VncTls>,
+    /// A SPICE display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spice: Option<SpiceSpec>,
+    /// The slot of the SPICE agent's channel, where SPICE has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spice_agent_slot: Option<u8>,
     /// A pointing device on USB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb_pointer: Option<UsbPointer>,
@@ -249,6 +262,9 @@ pub struct Runtime {
     /// The SCSI controller, where the spec has SCSI disks or asked for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scsi_controller: Option<RuntimeScsiController>,
+    /// Extra QEMU arguments the node allowed, rendered last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
     /// QEMU's seccomp sandbox (`-sandbox`), where its binary has one and
     /// the agent confines instances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -313,6 +329,9 @@ pub enum RuntimeError {
         "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
     )]
     KvmUnavailable(String),
+    /// Extra QEMU options the node doesn't allow.
+    #[error(transparent)]
+    ExtraArgs(crate::extra::ExtraArgsError),
     /// A disk without the place its bus gives it, or in another's.
     #[error("disk {0:?} is not where its bus puts it (a PCI slot, a free SCSI target or neither)")]
     DiskPlace(String),
@@ -417,6 +436,8 @@ pub struct HostFacts<'a> {
     /// Who QEMU runs as when confined; the caller picks it (a fixed user,
     /// or one from a pool).
     pub qemu_user: Option<QemuUser>,
+    /// The extra QEMU options the node allows, each with its value.
+    pub allowed_extra_options: &'a [String],
 }
 
 /// Generates a runtime from a spec. Pure.
@@ -429,6 +450,8 @@ pub fn generate(
     check_socket_paths(host.run_dir)?;
     let machine_type = resolve_machine_type(&spec.machine_type, host.qemu)?;
     let accelerator = resolve_accelerator(spec.accelerator, host.kvm)?;
+    crate::extra::check_allowed(&spec.extra_args, host.allowed_extra_options)
+        .map_err(RuntimeError::ExtraArgs)?;
     if let Some(nic) = spec.nics.iter().find(|n| n.vhost && !host.vhost_net) {
         return Err(RuntimeError::VhostUnavailable(nic.name.clone()));
     }
@@ -462,6 +485,10 @@ pub fn generate(
         rtc_localtime: spec.rtc_localtime,
         exit_on_reboot: spec.exit_on_reboot,
         vnc_keymap: spec.vnc_keymap.clone(),
+        vnc_password: spec.vnc_password,
+        vnc_tls: spec.vnc_tls.clone(),
+        spice: spec.spice.clone(),
+        spice_agent_slot: placed.spice_agent,
         usb_pointer: spec.usb_pointer,
         display_adapter: spec.display_adapter,
         media: spec.media.clone(),
@@ -477,6 +504,7 @@ pub fn generate(
         nics: placed.nics,
         balloon_slot: Some(placed.balloon),
         scsi_controller: placed.scsi_controller,
+        extra_args: spec.extra_args.clone(),
         sandbox: host.confine && host.qemu.sandbox,
         cgroup: host.confine.then(|| {
             CgroupLimits::for_guest(
@@ -529,6 +557,7 @@ struct PlacedDevices {
     scsi_controller: Option<RuntimeScsiController>,
     sound: Option<u8>,
     guest_agent: Option<u8>,
+    spice_agent: Option<u8>,
     root_ports: Vec<u8>,
 }
 
@@ -590,6 +619,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         PciLayout::RootPorts => pcie::MAX_ROOT_PORT_SLOT,
     };
     let sound = spec.sound_card.is_some_and(|c| c.on_pci());
+    let spice_agent = spec.spice.as_ref().is_some_and(|s| s.vdagent);
     let spare = match layout {
         PciLayout::RootBus => 0,
         PciLayout::RootPorts => spec.hotplug_ports.unwrap_or(pcie::DEFAULT_HOTPLUG_PORTS) as usize,
@@ -611,6 +641,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
             + 1
             + usize::from(sound)
             + usize::from(spec.guest_agent)
+            + usize::from(spice_agent)
             + spare,
     };
     let first = spec.first_device_slot.unwrap_or(0);
@@ -633,13 +664,14 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
     let balloon = pool.take(0)?;
     let sound = pool.take_if(sound, 0)?;
     let guest_agent = pool.take_if(spec.guest_agent, 0)?;
+    let spice_agent = pool.take_if(spice_agent, 0)?;
     let mut root_ports = Vec::new();
     if layout == PciLayout::RootPorts {
         root_ports.extend(disks.iter().filter_map(|d| d.slot));
         root_ports.extend(nics.iter().map(|n| n.slot));
         let controller = scsi_controller.map(|c| c.slot);
         root_ports.extend(
-            [controller, Some(balloon), sound, guest_agent]
+            [controller, Some(balloon), sound, guest_agent, spice_agent]
                 .into_iter()
                 .flatten(),
         );
@@ -655,6 +687,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         scsi_controller,
         sound,
         guest_agent,
+        spice_agent,
         root_ports,
     })
 }
@@ -690,6 +723,8 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
     if let (ResolvedAccelerator::Kvm, Err(why)) = (foreign.accelerator, host.kvm) {
         return Err(RuntimeError::KvmUnavailable(why.to_owned()));
     }
+    crate::extra::check_allowed(&foreign.extra_args, host.allowed_extra_options)
+        .map_err(RuntimeError::ExtraArgs)?;
     if let Some(nic) = foreign
         .nics
         .iter()
@@ -777,6 +812,9 @@ impl Runtime {
             rtc_localtime: self.rtc_localtime,
             exit_on_reboot: self.exit_on_reboot,
             vnc_keymap: self.vnc_keymap.clone(),
+            vnc_password: self.vnc_password,
+            vnc_tls: self.vnc_tls.clone(),
+            spice: self.spice.clone(),
             usb_pointer: self.usb_pointer,
             display_adapter: self.display_adapter,
             media: self.media.clone(),
@@ -785,6 +823,7 @@ impl Runtime {
             guest_agent: self.guest_agent_slot.is_some(),
             first_device_slot: self.first_device_slot,
             scsi_controller: self.scsi_controller.map(|c| c.model),
+            extra_args: self.extra_args.clone(),
             // The ports stay: what a hot-add took is one spare fewer.
             hotplug_ports: (!self.pcie_root_ports.is_empty()).then(|| {
                 let used = self.used_slots().count();
@@ -831,6 +870,7 @@ impl Runtime {
             .chain(self.scsi_controller.map(|c| c.slot))
             .chain(self.sound.and_then(|s| s.slot))
             .chain(self.guest_agent_slot)
+            .chain(self.spice_agent_slot)
     }
 
     /// Validates a runtime that arrived from elsewhere (a peer, a save file,
@@ -855,6 +895,14 @@ impl Runtime {
                 self.sound
                     .and_then(|s| s.slot)
                     .map(|slot| ("sound card", slot)),
+            )
+            .chain(
+                self.guest_agent_slot
+                    .map(|slot| ("guest agent channel", slot)),
+            )
+            .chain(
+                self.spice_agent_slot
+                    .map(|slot| ("SPICE agent channel", slot)),
             );
         for (name, slot) in named_slots {
             if slot > MAX_PCI_SLOT || RESERVED_PCI_SLOTS.contains(&slot) || !seen.insert(slot) {
@@ -976,6 +1024,7 @@ const MAX_QEMU_ID: usize = 31;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::extra::ExtraArgsError;
     use crate::qemu_info::{MachineType, QemuVersion};
     use crate::runtime::argv::render_base;
     use crate::spec::tests::sample_spec;
@@ -1013,6 +1062,34 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn extra_arguments_run_last_and_only_where_the_node_allows_them() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.extra_args = vec!["-device".into(), "virtio-rng-pci".into()];
+        let allowed = ["-device virtio-rng-pci".to_owned()];
+        let allowing = HostFacts {
+            allowed_extra_options: &allowed,
+            ..host(&qemu)
+        };
+        assert!(matches!(
+            generate(&spec, host(&qemu), 1),
+            Err(RuntimeError::ExtraArgs(ExtraArgsError::NotAllowed(o))) if o == "-device virtio-rng-pci"
+        ));
+        let rt = generate(&spec, allowing, 1).unwrap();
+        let argv = argv::render_execution(&rt, &argv::tests::fds());
+        assert_eq!(argv[argv.len() - 2..], spec.extra_args[..]);
+        // Not in the machine part the runtime stores.
+        assert!(!rt.argv.contains(&"virtio-rng-pci".to_owned()));
+        assert_eq!(rt.to_spec().extra_args, spec.extra_args);
+        // A migration's target must allow them too.
+        assert!(adopt_on_host(&rt, allowing).is_ok());
+        assert!(matches!(
+            adopt_on_host(&rt, host(&qemu)),
+            Err(RuntimeError::ExtraArgs(_))
+        ));
+    }
+
     pub(crate) fn host(qemu: &QemuInfo) -> HostFacts<'_> {
         HostFacts {
             qemu,
@@ -1025,6 +1102,7 @@ pub(crate) mod tests {
                 uid: 64000,
                 gid: 64000,
             }),
+            allowed_extra_options: &[],
         }
     }
 

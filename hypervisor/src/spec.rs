@@ -20,6 +20,8 @@ pub use crate::media::{MediaDrive, MediaKind};
 use crate::pcie::{MAX_HOTPLUG_PORTS, is_q35};
 pub use crate::peripherals::{DisplayAdapter, SoundCard, UsbDevice, UsbPointer};
 use crate::pinning::{CpuPinning, PinningError};
+pub use crate::spice::{SpiceSpec, SpiceTls};
+pub use crate::vnc::VncTls;
 
 /// Smallest memory size accepted, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -394,6 +396,16 @@ pub struct InstanceSpec {
     /// The keymap VNC assumes (`-k`); unset is QEMU's (en-us).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_keymap: Option<String>,
+    /// VNC asks viewers for the password set on the running instance, and
+    /// lets nobody in before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnc_password: bool,
+    /// VNC speaks TLS (VeNCrypt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_tls: Option<VncTls>,
+    /// A SPICE display, instead of VNC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spice: Option<SpiceSpec>,
     /// A pointing device on USB, with the USB controller it needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usb_pointer: Option<UsbPointer>,
@@ -425,6 +437,10 @@ pub struct InstanceSpec {
     /// hot-added; a SCSI disk implies virtio-scsi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scsi_controller: Option<ScsiController>,
+    /// Extra QEMU arguments, each option followed by its values; only the
+    /// options the node allows run (see [`crate::extra`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
 }
 
 /// A VNC keymap name such as `en-us` or `de`.
@@ -638,6 +654,9 @@ pub enum SpecError {
     /// the instance lacks.
     #[error(transparent)]
     Media(#[from] MediaError),
+    /// Extra arguments that aren't options with their values.
+    #[error(transparent)]
+    ExtraArgs(#[from] crate::extra::ExtraArgsError),
     /// Spare root ports on a machine without them, or too many.
     #[error(
         "{0} hotplug ports asked for: spare root ports are for q35 machines, at most {MAX_HOTPLUG_PORTS}"
@@ -649,8 +668,14 @@ pub enum SpecError {
     /// A first device slot in the reserved ones, or past the bus.
     #[error("first device slot {0} is out of range: use 3..=31")]
     FirstDeviceSlot(u8),
-    /// A VNC address with no display to serve.
-    #[error("a VNC address needs a VNC display")]
+    /// Both VNC and SPICE.
+    #[error("an instance has VNC or SPICE, not both")]
+    VncAndSpice,
+    /// SPICE settings outside their values.
+    #[error(transparent)]
+    Spice(#[from] crate::spice::SpiceError),
+    /// A VNC address, password or TLS with no display to serve.
+    #[error("a VNC address, password or TLS needs a VNC display")]
     VncAddressWithoutDisplay,
     /// A keymap that isn't a keymap's name, or one without VNC.
     #[error(
@@ -761,19 +786,7 @@ impl InstanceSpec {
         if !is_safe_identifier(&self.cpu_model, 64) {
             return Err(SpecError::CpuModel(self.cpu_model.clone()));
         }
-        if let Some(d) = self.vnc_display
-            && d > MAX_VNC_DISPLAY
-        {
-            return Err(SpecError::VncDisplay(d));
-        }
-        if self.vnc_address.is_some() && self.vnc_display.is_none() {
-            return Err(SpecError::VncAddressWithoutDisplay);
-        }
-        if let Some(keymap) = &self.vnc_keymap
-            && (!is_keymap(keymap) || self.vnc_display.is_none())
-        {
-            return Err(SpecError::VncKeymap(keymap.clone()));
-        }
+        self.validate_displays()?;
         if let Some(ports) = self.hotplug_ports
             && (ports > MAX_HOTPLUG_PORTS || !is_q35(&self.machine_type))
         {
@@ -785,6 +798,7 @@ impl InstanceSpec {
             return Err(SpecError::FirstDeviceSlot(slot));
         }
         self.validate_boot()?;
+        crate::extra::options(&self.extra_args)?;
         crate::media::check(&self.media, self.boot.media_kind())?;
         if self.boot == Boot::Network && self.nics.is_empty() {
             return Err(MediaError::NoBootNic.into());
@@ -873,7 +887,49 @@ impl InstanceSpec {
         {
             paths.push(("memory backing".into(), path));
         }
+        if let Some(dir) = self.vnc_tls.as_ref().and_then(|t| t.x509_dir.as_ref()) {
+            paths.push(("VNC x509 directory".into(), dir));
+        }
+        if let Some(tls) = self.spice.as_ref().and_then(|s| s.tls.as_ref()) {
+            for file in [&tls.cert, &tls.key, &tls.ca] {
+                paths.push(("SPICE TLS file".into(), file));
+            }
+        }
         paths
+    }
+
+    /// VNC's display, address, keymap and TLS, or SPICE's settings.
+    fn validate_displays(&self) -> Result<(), SpecError> {
+        if let Some(d) = self.vnc_display
+            && d > MAX_VNC_DISPLAY
+        {
+            return Err(SpecError::VncDisplay(d));
+        }
+        if (self.vnc_address.is_some() || self.vnc_password || self.vnc_tls.is_some())
+            && self.vnc_display.is_none()
+        {
+            return Err(SpecError::VncAddressWithoutDisplay);
+        }
+        if let Some(dir) = self.vnc_tls.as_ref().and_then(|t| t.x509_dir.as_ref()) {
+            check_absolute_path("VNC x509 directory", dir)?;
+        }
+        if let Some(spice) = &self.spice {
+            if self.vnc_display.is_some() {
+                return Err(SpecError::VncAndSpice);
+            }
+            crate::spice::check(spice)?;
+            if let Some(tls) = &spice.tls {
+                for file in [&tls.cert, &tls.key, &tls.ca] {
+                    check_absolute_path("SPICE TLS file", file)?;
+                }
+            }
+        }
+        if let Some(keymap) = &self.vnc_keymap
+            && (!is_keymap(keymap) || self.vnc_display.is_none())
+        {
+            return Err(SpecError::VncKeymap(keymap.clone()));
+        }
+        Ok(())
     }
 
     fn validate_boot(&self) -> Result<(), SpecError> {
@@ -988,6 +1044,9 @@ pub(crate) mod tests {
             rtc_localtime: false,
             exit_on_reboot: false,
             vnc_keymap: None,
+            vnc_password: false,
+            vnc_tls: None,
+            spice: None,
             usb_pointer: None,
             display_adapter: None,
             media: vec![],
@@ -997,6 +1056,7 @@ pub(crate) mod tests {
             hotplug_ports: None,
             first_device_slot: None,
             scsi_controller: None,
+            extra_args: vec![],
         }
     }
 

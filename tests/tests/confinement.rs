@@ -801,3 +801,46 @@ async fn a_sender_cannot_loosen_the_targets_confinement() {
         .expect("the dropped incoming QEMU ends");
     }
 }
+
+#[tokio::test]
+async fn extra_qemu_options_run_only_where_the_node_allows_them() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "allowed_extra_options = [\"-device virtio-rng-pci,id=rng0\"]\n",
+    )
+    .unwrap();
+    let mut options = AgentOptions::default();
+    options
+        .args
+        .extend(["--config".into(), config.path().display().to_string()]);
+    let allowing = TestAgent::start_with(options).await;
+    let refusing = TestAgent::start().await;
+    let extra = ["-device", "virtio-rng-pci,id=rng0"].map(str::to_owned);
+
+    let mut spec = allowing.spec("rng", 64);
+    spec.extra_args = extra.to_vec();
+    allowing.start_spec(spec).await;
+    let pci = operator_qmp(&allowing, "rng").pci_devices();
+    assert!(
+        pci.iter().any(|(_, id, _)| id == "rng0"),
+        "QEMU has the allowed device: {pci:?}"
+    );
+    let runtime = allowing.runtime_json("rng").await;
+    assert_eq!(runtime["extra_args"], json!(extra));
+
+    let mut spec = refusing.spec("rng", 64);
+    spec.extra_args = extra.to_vec();
+    let refused = refusing
+        .client()
+        .await
+        .start_instance(start_request(spec))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("allowed_extra_options"),
+        "{refused:?}"
+    );
+    assert!(refusing.live_qemus().is_empty());
+}

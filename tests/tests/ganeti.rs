@@ -12,7 +12,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
     let ganeti = prepared_path("KVM_AGENT_GANETI", "ganeti-env");
     let source = TestAgent::start().await;
     let target = TestAgent::start().await;
-    let uuids: Vec<uuid::Uuid> = (0..7).map(|_| uuid::Uuid::new_v4()).collect();
+    let uuids: Vec<uuid::Uuid> = (0..8).map(|_| uuid::Uuid::new_v4()).collect();
     for uuid in &uuids {
         source.track(*uuid);
         target.track(*uuid);
@@ -37,7 +37,7 @@ async fn the_ganeti_hypervisor_class_drives_the_agents() {
             ("KVM_AGENT_TEST_UUIDS", uuids.join(",").into()),
             ("KVM_AGENT_TEST_BINARY", agent_binary().into()),
         ],
-        19,
+        23,
         || {
             format!(
                 "source agent log:\n{}\ntarget agent log:\n{}",

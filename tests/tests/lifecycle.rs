@@ -691,6 +691,7 @@ async fn vnc_serves_any_display_on_the_address_asked_for() {
         display: u32::from(everywhere) - 5900,
         address: "0.0.0.0".into(),
         keymap: "de".into(),
+        ..Default::default()
     });
     spec.usb_pointer = pb::UsbPointer::Tablet as i32;
     spec.usb_devices = vec![

@@ -1,5 +1,6 @@
 //! `kvm-agent instance`: start, stop, reboot, show and list instances.
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
@@ -79,6 +80,15 @@ pub(super) enum InstanceCommand {
         /// How long to wait for the guest, in milliseconds (default: 5 s for a ping, 60 s otherwise).
         #[arg(long, default_value_t = 0)]
         timeout_ms: u32,
+    },
+    /// Set the password VNC asks viewers for, read from the first line of a
+    /// file or of standard input.
+    SetDisplayPassword {
+        /// Instance name.
+        name: String,
+        /// The file; standard input when not given.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
     },
     /// Take a quarantined instance's QEMU back, once QEMU shows it is the
     /// runtime of the record that was set aside.
@@ -240,6 +250,22 @@ pub(super) async fn run(
                 "freeze" => println!("{} filesystems frozen", a.filesystems),
                 _ => println!("{} filesystems thawed", a.filesystems),
             });
+            return Ok(());
+        }
+        InstanceCommand::SetDisplayPassword {
+            name,
+            password_file,
+        } => {
+            let text = match &password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                None => std::io::read_to_string(std::io::stdin())?,
+            };
+            let password = text.lines().next().unwrap_or_default().to_owned();
+            let answer = client
+                .set_display_password(pb::SetDisplayPasswordRequest { name, password })
+                .await?;
+            out.show(&answer.into_inner(), |_| println!("VNC password set"));
             return Ok(());
         }
         InstanceCommand::SetMemory {

@@ -111,8 +111,9 @@ enum Command {
     },
     /// Manage instances.
     Instance {
+        // Boxed: a spec's options make it the largest command by far.
         #[command(subcommand)]
-        command: instance::InstanceCommand,
+        command: Box<instance::InstanceCommand>,
     },
     /// Hot-add, remove and list the devices of running instances.
     Device {
@@ -173,7 +174,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::serve(args.settings(socket.as_ref(), &tls)?).await,
         Command::Config { command } => serve::config(command, socket.as_ref(), &tls, out),
         Command::Node { command } => node::run(connect().await?, command, out).await,
-        Command::Instance { command } => instance::run(connect().await?, command, out).await,
+        Command::Instance { command } => instance::run(connect().await?, *command, out).await,
         Command::Device { command } => device::run(connect().await?, command, out).await,
         Command::Console(args) => console::run(connect().await?, args, out).await,
         Command::Events(args) => events::run(connect().await?, args, out).await,

@@ -134,6 +134,8 @@ impl ServeArgs {
                     .map(settings::AbsolutePath)
                     .collect()
             }),
+            // A node's policy: only in its config file.
+            allowed_extra_options: None,
             log_format: self.log_format,
             confinement: self.confinement,
             metrics_listen: self.metrics_listen,

@@ -83,6 +83,33 @@ pub(super) struct SpecOptions {
     /// The IP address VNC listens on [default: 127.0.0.1].
     #[arg(long, requires = "vnc")]
     vnc_address: Option<String>,
+    /// VNC asks viewers for the password `instance set-display-password` sets.
+    #[arg(long, requires = "vnc")]
+    vnc_password: bool,
+    /// VNC speaks TLS: anonymous, or with --vnc-x509-dir.
+    #[arg(long, requires = "vnc")]
+    vnc_tls: bool,
+    /// The node's x509 files for VNC (ca-cert.pem, server-cert.pem, server-key.pem).
+    #[arg(long, requires = "vnc_tls")]
+    vnc_x509_dir: Option<String>,
+    /// VNC viewers must present a certificate the CA signed.
+    #[arg(long, requires = "vnc_x509_dir")]
+    vnc_x509_verify: bool,
+    /// A SPICE display on this TCP port, instead of VNC.
+    #[arg(long, conflicts_with = "vnc")]
+    spice: Option<u16>,
+    /// The IP address SPICE listens on [default: 127.0.0.1].
+    #[arg(long, requires = "spice")]
+    spice_address: Option<String>,
+    /// SPICE asks clients for the password `instance set-display-password` sets.
+    #[arg(long, requires = "spice")]
+    spice_password: bool,
+    /// SPICE only over TLS: cert=FILE,key=FILE,ca=FILE[,ciphers=LIST].
+    #[arg(long, requires = "spice", value_parser = parse_spice_tls)]
+    spice_tls: Option<pb::SpiceTls>,
+    /// The channel of the guest's SPICE agent (mouse, clipboard).
+    #[arg(long, requires = "spice")]
+    spice_vdagent: bool,
     /// CPU model.
     #[arg(long)]
     cpu: Option<String>,
@@ -111,6 +138,10 @@ pub(super) struct SpecOptions {
     /// (bus=scsi-hd, scsi-cd, scsi-block, scsi-generic) implies virtio-scsi.
     #[arg(long, default_value = "unspecified", hide_default_value = true, value_parser = EnumParser::new("ScsiController", "SCSI controller"))]
     scsi_controller: i32,
+    /// Extra QEMU arguments, e.g. "-device virtio-rng-pci"; the node must
+    /// allow each option (allowed_extra_options).
+    #[arg(long, allow_hyphen_values = true)]
+    qemu_extra: Option<String>,
     /// The PCI slot disks and NICs start from (Ganeti's kvm_pci_reservations).
     #[arg(long)]
     first_device_slot: Option<u32>,
@@ -196,6 +227,22 @@ fn parse_nic(text: &str) -> Result<pb::NicSpec, String> {
     })
 }
 
+/// SPICE's TLS files: cert=FILE,key=FILE,ca=FILE[,ciphers=LIST].
+fn parse_spice_tls(text: &str) -> Result<pb::SpiceTls, String> {
+    let options = OptionList::parse("SPICE TLS", &["cert", "key", "ca", "ciphers"], text)?;
+    let file = |key: &str| {
+        options
+            .value(key)?
+            .ok_or_else(|| format!("SPICE TLS needs {key}=FILE"))
+    };
+    Ok(pb::SpiceTls {
+        cert: file("cert")?,
+        key: file("key")?,
+        ca: file("ca")?,
+        ciphers: options.value("ciphers")?.unwrap_or_default(),
+    })
+}
+
 /// A CPU topology: sockets=S,cores=C,threads=T, any of them.
 fn parse_topology(text: &str) -> Result<pb::CpuTopology, String> {
     let options = OptionList::parse("CPU topology", &["sockets", "cores", "threads"], text)?;
@@ -268,6 +315,11 @@ impl SpecOptions {
                 display,
                 address: self.vnc_address.clone().unwrap_or_default(),
                 keymap: self.vnc_keymap.clone().unwrap_or_default(),
+                password: self.vnc_password,
+                tls: self.vnc_tls.then(|| pb::VncTls {
+                    x509_dir: self.vnc_x509_dir.clone().unwrap_or_default(),
+                    verify_client: self.vnc_x509_verify,
+                }),
             }),
             cpu_model: self.cpu.clone().unwrap_or_default(),
             cpu_mask: self.cpu_mask.clone().unwrap_or_default(),
@@ -289,6 +341,20 @@ impl SpecOptions {
             hotplug_ports: self.hotplug_ports,
             first_device_slot: self.first_device_slot.unwrap_or_default(),
             scsi_controller: self.scsi_controller,
+            spice: self.spice.map(|port| pb::SpiceSpec {
+                port: port.into(),
+                address: self.spice_address.clone().unwrap_or_default(),
+                password: self.spice_password,
+                tls: self.spice_tls.clone(),
+                vdagent: self.spice_vdagent,
+                ..Default::default()
+            }),
+            extra_args: self
+                .qemu_extra
+                .iter()
+                .flat_map(|e| e.split_whitespace())
+                .map(str::to_owned)
+                .collect(),
         }
     }
 }

@@ -49,6 +49,7 @@ api_messages!(
     RestoreInstanceResponse,
     SaveInstanceResponse,
     SetMemoryResponse,
+    SetDisplayPasswordResponse,
     StopInstanceResponse,
 );
 

@@ -130,6 +130,7 @@ impl Agent {
             cpus: hypervisor::pinning::host_cpu_count(),
             confine: self.cfg.confinement == Confinement::Strict,
             qemu_user,
+            allowed_extra_options: &self.cfg.allowed_extra_options,
         };
         Ok(runtime::adopt_on_host(foreign, host)?)
     }

@@ -107,6 +107,7 @@ impl Agent {
             cpus: hypervisor::pinning::host_cpu_count(),
             confine,
             qemu_user,
+            allowed_extra_options: &self.cfg.allowed_extra_options,
         };
         Ok(runtime::generate(spec, host, generation)?)
     }
@@ -148,7 +149,9 @@ impl Agent {
                     path: disk.path.display().to_string(),
                 });
             };
-            if !(meta.is_file() || meta.file_type().is_block_device()) {
+            let kind = meta.file_type();
+            let sg = disk.bus == hypervisor::spec::DiskBus::ScsiGeneric && kind.is_char_device();
+            if !(meta.is_file() || kind.is_block_device() || sg) {
                 return Err(AgentError::DiskUnusable {
                     instance: spec.name.clone(),
                     disk: disk.name.clone(),
@@ -350,6 +353,7 @@ impl Agent {
             LaunchMode::Incoming => State::Incoming,
         };
         self.supervise(inst, process.clone(), events, state);
+        Self::give_display_password(inst, &process, runtime).await;
         Ok(process)
     }
 

@@ -20,6 +20,7 @@ use crate::spec::{
     Boot, DiskAio, DiskBus, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel,
     UsbPointer,
 };
+use crate::{spice, vnc};
 
 /// The PCI bus every device is placed on.
 pub const PCI_BUS: &str = "pci.0";
@@ -112,6 +113,10 @@ pub struct MachineFds {
     pub initrd: Option<RawFd>,
     /// The file guest RAM lives in.
     pub memory: Option<RawFd>,
+    /// The agent's copy of VNC's x509 directory.
+    pub vnc_x509: Option<RawFd>,
+    /// The agent's copy of SPICE's TLS files, as an x509 directory.
+    pub spice_x509: Option<RawFd>,
 }
 
 /// Whether a QEMU command line (`/proc/<pid>/cmdline`, binary first) starts
@@ -129,6 +134,12 @@ pub fn machine_part_matches(rt: &Runtime, cmdline: &[String]) -> bool {
             _ => None,
         },
         memory: (file_backed && rt.qemu_user.is_some()).then_some(0),
+        vnc_x509: rt
+            .vnc_tls
+            .as_ref()
+            .and_then(|t| t.x509_dir.as_ref())
+            .map(|_| 0),
+        spice_x509: rt.spice.as_ref().and_then(|s| s.tls.as_ref()).map(|_| 0),
     };
     let expected = render_machine(rt, &fds);
     let Some(actual) = cmdline.get(1..=expected.len()) else {
@@ -210,15 +221,7 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     if let Some(backend) = memory_backend(rt, fds.memory.map(proc_fd_path)) {
         argv.extend(["-object".into(), backend]);
     }
-    match rt.vnc_display {
-        Some(display) => {
-            argv.extend(["-vnc".into(), vnc_listen(rt.vnc_address, display)]);
-            if let Some(keymap) = &rt.vnc_keymap {
-                argv.extend(["-k".into(), keymap.clone()]);
-            }
-        }
-        None => argv.extend(["-display".into(), "none".into()]),
-    }
+    argv.extend(render_displays(rt, fds));
     argv.extend(pcie::render_root_ports(&rt.pcie_root_ports));
     argv.extend(render_console_devices(rt));
     argv.extend(render_boot(rt, fds));
@@ -228,14 +231,52 @@ fn render_machine(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
     argv
 }
 
+/// VNC (with its TLS credentials) or no display, and SPICE with its
+/// agent's channel; the TLS files through the agent's copies where the
+/// launch has them.
+fn render_displays(rt: &Runtime, fds: &MachineFds) -> Vec<String> {
+    let mut argv = Vec::new();
+    match rt.vnc_display {
+        Some(display) => {
+            if let Some(tls) = &rt.vnc_tls {
+                let dir = tls.x509_dir.as_ref().map(|dir| match fds.vnc_x509 {
+                    Some(fd) => proc_fd_path(fd),
+                    None => escape(&dir.display().to_string()),
+                });
+                argv.extend(["-object".into(), vnc::tls_object(tls, dir.as_deref())]);
+            }
+            argv.extend([
+                "-vnc".into(),
+                vnc_listen(rt.vnc_address, display)
+                    + &vnc::vnc_options(rt.vnc_tls.as_ref(), rt.vnc_password),
+            ]);
+            if let Some(keymap) = &rt.vnc_keymap {
+                argv.extend(["-k".into(), keymap.clone()]);
+            }
+        }
+        None => argv.extend(["-display".into(), "none".into()]),
+    }
+    if let Some(spice) = &rt.spice {
+        let x509_dir = fds.spice_x509.map(proc_fd_path);
+        argv.extend([
+            "-spice".into(),
+            spice::spice_option(spice, x509_dir.as_deref()),
+        ]);
+        if let Some(slot) = rt.spice_agent_slot {
+            argv.extend(spice::vdagent_devices(&pci_at(rt.pci_layout(), slot)));
+        }
+    }
+    argv
+}
+
 /// The display adapter in slot 2, the USB devices and the sound card.
-/// Without an adapter asked for, VNC gets the standard VGA; a machine
+/// Without an adapter asked for, VNC and SPICE get the standard VGA; a machine
 /// adopted from another manager keeps the one QEMU gave it by default.
 fn render_console_devices(rt: &Runtime) -> Vec<String> {
     let mut argv = Vec::new();
     let adapter = rt
         .display_adapter
-        .or(rt.vnc_display.map(|_| DisplayAdapter::Std));
+        .or((rt.vnc_display.is_some() || rt.spice.is_some()).then_some(DisplayAdapter::Std));
     if let Some(device) = adapter.and_then(DisplayAdapter::qemu_device)
         && rt.inherited.is_none()
     {
@@ -449,6 +490,8 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
     if let Some(fd) = fds.chroot {
         argv.extend(chroot_option(rt.qemu.version, fd));
     }
+    // Last, so a device among them takes a slot none of the runtime's has.
+    argv.extend(rt.extra_args.iter().cloned());
     if fds.mode == LaunchMode::Incoming {
         // -S as well, so the guest only runs once the agent says so, not
         // as soon as the stream is complete.
@@ -711,7 +754,7 @@ pub fn render_nic(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -746,7 +789,7 @@ mod tests {
             .collect()
     }
 
-    fn fds() -> ExecutionFds {
+    pub(crate) fn fds() -> ExecutionFds {
         ExecutionFds {
             qmp: 3,
             serial: Some(4),
@@ -860,6 +903,8 @@ mod tests {
                     kernel: Some(7),
                     initrd: Some(8),
                     memory: Some(9),
+                    vnc_x509: None,
+                    spice_x509: None,
                 },
                 ..fds()
             },
@@ -1085,6 +1130,40 @@ mod tests {
         );
         assert_eq!(paused.iter().filter(|a| *a == "-S").count(), 1);
         assert!(!paused.iter().any(|a| a == "-incoming"));
+    }
+
+    #[test]
+    fn vnc_tls_reads_the_agents_copy_of_the_x509_files() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.vnc_display = Some(5);
+        spec.vnc_password = true;
+        spec.vnc_tls = Some(crate::vnc::VncTls {
+            x509_dir: Some("/etc/ganeti/vnc-x509".into()),
+            verify_client: false,
+        });
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        let base = rt.argv.join(" ");
+        assert!(
+            base.contains("dir=/etc/ganeti/vnc-x509,verify-peer=off -vnc 127.0.0.1:5,tls-creds=vnctls0,password=on"),
+            "{base}"
+        );
+        let fds = ExecutionFds {
+            machine: MachineFds {
+                vnc_x509: Some(11),
+                ..MachineFds::default()
+            },
+            ..fds()
+        };
+        let execution = render_execution(&rt, &fds);
+        assert!(
+            execution.join(" ").contains("dir=/proc/self/fd/11,"),
+            "{execution:?}"
+        );
+        assert!(machine_part_matches(
+            &rt,
+            &[vec!["qemu".to_owned()], execution].concat()
+        ));
     }
 
     #[test]

@@ -89,6 +89,9 @@ TRANSLATED = frozenset([
     constants.HV_CPU_TYPE,
     constants.HV_DISK_CACHE,
     constants.HV_DISK_TYPE,
+    constants.HV_KVM_SCSI_CONTROLLER_TYPE,
+    # Passed on; the agent runs only the options its node allows.
+    constants.HV_KVM_EXTRA,
     constants.HV_INITRD_PATH,
     constants.HV_KERNEL_ARGS,
     constants.HV_KERNEL_PATH,
@@ -109,6 +112,25 @@ TRANSLATED = frozenset([
     constants.HV_VHOST_NET,
     constants.HV_VIRTIO_NET_QUEUES,
     constants.HV_VNC_BIND_ADDRESS,
+    constants.HV_VNC_TLS,
+    constants.HV_VNC_X509,
+    constants.HV_VNC_X509_VERIFY,
+    # Read by the class at each start and given to the agent, which keeps
+    # it in QEMU and in memory only.
+    constants.HV_VNC_PASSWORD_FILE,
+    # SPICE on the instance's network_port, with the cluster's SPICE
+    # certificate for TLS; an interface name resolves to its address here.
+    constants.HV_KVM_SPICE_BIND,
+    constants.HV_KVM_SPICE_IP_VERSION,
+    constants.HV_KVM_SPICE_PASSWORD_FILE,
+    constants.HV_KVM_SPICE_USE_TLS,
+    constants.HV_KVM_SPICE_TLS_CIPHERS,
+    constants.HV_KVM_SPICE_LOSSLESS_IMG_COMPR,
+    constants.HV_KVM_SPICE_JPEG_IMG_COMPR,
+    constants.HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR,
+    constants.HV_KVM_SPICE_STREAMING_VIDEO_DETECTION,
+    constants.HV_KVM_SPICE_AUDIO_COMPR,
+    constants.HV_KVM_SPICE_USE_VDAGENT,
     constants.HV_MIGRATION_BANDWIDTH,
     constants.HV_MIGRATION_DOWNTIME,
     constants.HV_MIGRATION_MODE,
@@ -183,10 +205,33 @@ NIC_MODELS = {
     constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
 }
 
-# Ganeti's disk_type as the agent's disk bus.
+# Ganeti's disk_type as the agent's disk bus. Its plain `scsi` is QEMU's
+# old `-drive if=scsi`, which current QEMUs refuse on x86 machines; what
+# it gave was an emulated SCSI disk, which scsi-hd is.
 DISK_BUSES = {
     constants.HT_DISK_PARAVIRTUAL: pb.DISK_BUS_VIRTIO,
     constants.HT_DISK_IDE: pb.DISK_BUS_IDE,
+    constants.HT_DISK_SCSI: pb.DISK_BUS_SCSI_HD,
+    constants.HT_DISK_SCSI_HD: pb.DISK_BUS_SCSI_HD,
+    constants.HT_DISK_SCSI_CD: pb.DISK_BUS_SCSI_CD,
+    constants.HT_DISK_SCSI_BLOCK: pb.DISK_BUS_SCSI_BLOCK,
+    constants.HT_DISK_SCSI_GENERIC: pb.DISK_BUS_SCSI_GENERIC,
+}
+
+SCSI_BUSES = {pb.DISK_BUS_SCSI_HD, pb.DISK_BUS_SCSI_CD, pb.DISK_BUS_SCSI_BLOCK,
+              pb.DISK_BUS_SCSI_GENERIC}
+
+SCSI_CONTROLLERS = {
+    constants.HT_SCSI_CONTROLLER_VIRTIO: pb.SCSI_CONTROLLER_VIRTIO_SCSI,
+    constants.HT_SCSI_CONTROLLER_LSI: pb.SCSI_CONTROLLER_LSI,
+    constants.HT_SCSI_CONTROLLER_MEGASAS: pb.SCSI_CONTROLLER_MEGASAS,
+}
+
+# The runtime's controller as QEMU's device.
+SCSI_CONTROLLER_DEVICES = {
+    "virtio_scsi": "virtio-scsi-pci",
+    "lsi": "lsi53c895a",
+    "megasas": "megasas",
 }
 
 # Ganeti 3.0 offers threads and native.
@@ -251,7 +296,9 @@ def check_supported(hvparams):
                               "download the image to the node and name its path")
     if hvparams.get(constants.HV_DISK_TYPE) not in DISK_BUSES:
         raise unsupported(constants.HV_DISK_TYPE, hvparams.get(constants.HV_DISK_TYPE),
-                          "disks are paravirtual (virtio-blk) or ide")
+                          "x86 machines have no SD card or MTD bus, and their pflash "
+                          "holds the firmware, so QEMU refuses such disks; use "
+                          "paravirtual, ide or a SCSI type")
     if hvparams.get(constants.HV_NIC_TYPE) not in NIC_MODELS:
         raise unsupported(constants.HV_NIC_TYPE, hvparams.get(constants.HV_NIC_TYPE),
                           "NICs sit on PCI; ne2k_isa has no PCI slot to keep")
@@ -283,6 +330,10 @@ def check_supported(hvparams):
     vga = hvparams.get(constants.HV_VGA) or "std"
     if vga not in DISPLAY_ADAPTERS:
         raise unsupported(constants.HV_VGA, vga, "use %s" % ", ".join(sorted(DISPLAY_ADAPTERS)))
+    if hvparams.get(constants.HV_VNC_TLS) and hvparams.get(constants.HV_VNC_X509_VERIFY) and \
+        not hvparams.get(constants.HV_VNC_X509):
+        raise unsupported(constants.HV_VNC_X509_VERIFY, True,
+                          "verifying viewers' certificates needs the CA in vnc_x509_path")
     vnc = hvparams.get(constants.HV_VNC_BIND_ADDRESS, "") or ""
     if vnc_address(vnc) is None:
         raise unsupported(constants.HV_VNC_BIND_ADDRESS, vnc,
@@ -397,6 +448,15 @@ def disk_spec(disk, link_name, hvparams):
     )
 
 
+def scsi_controller(hvparams):
+    """The agent's SCSI controller: the one Ganeti names, where its disks
+    are on SCSI, as Ganeti's driver adds it only then."""
+    if DISK_BUSES[hvparams[constants.HV_DISK_TYPE]] not in SCSI_BUSES:
+        return pb.SCSI_CONTROLLER_UNSPECIFIED
+    return SCSI_CONTROLLERS[hvparams.get(constants.HV_KVM_SCSI_CONTROLLER_TYPE) or
+                            constants.HT_SCSI_CONTROLLER_LSI]
+
+
 def media_specs(hvparams):
     """The agent's drives for Ganeti's image hvparams, in Ganeti's order:
     a drive for each image given."""
@@ -418,6 +478,66 @@ def boot_spec(hvp):
         cmdline = "console=ttyS0 %s" % cmdline
     return pb.BootSpec(kernel=kernel, initrd=hvp.get(constants.HV_INITRD_PATH) or "",
                        cmdline=cmdline.strip())
+
+
+def has_vnc(instance):
+    """Whether the instance gets VNC: an address, and a port Ganeti gave
+    it, as Ganeti's driver decides."""
+    return bool(instance.hvparams.get(constants.HV_VNC_BIND_ADDRESS)) and \
+        instance.network_port > constants.VNC_BASE_PORT
+
+
+def display_password_file(instance):
+    """The file of the password the instance's display (VNC or SPICE)
+    asks for, if any."""
+    hvp = instance.hvparams
+    if has_vnc(instance):
+        return hvp.get(constants.HV_VNC_PASSWORD_FILE) or None
+    if hvp.get(constants.HV_KVM_SPICE_BIND):
+        return hvp.get(constants.HV_KVM_SPICE_PASSWORD_FILE) or None
+    return None
+
+
+def spice_address(bind, ip_version):
+    """SPICE's address for Ganeti's spice_bind: an IP address as it is, an
+    interface's address as Ganeti's driver picks it (of the IP version
+    asked for, else IPv4 before IPv6)."""
+    try:
+        return str(ipaddress.ip_address(bind))
+    except ValueError:
+        pass
+    from ganeti import netutils
+    addresses = netutils.GetInterfaceIpAddresses(bind)
+    versions = [ip_version] if ip_version else [constants.IP4_VERSION, constants.IP6_VERSION]
+    for version in versions:
+        if addresses.get(version):
+            return addresses[version][0]
+    raise errors.HypervisorError("SPICE: no IPv%s address on %s" %
+                                 (ip_version or "4 or 6", bind))
+
+
+def spice_spec(instance):
+    """The agent's SpiceSpec for Ganeti's spice_* hvparams, on the
+    instance's network_port."""
+    hvp = instance.hvparams
+    spec = pb.SpiceSpec(
+        port=instance.network_port,
+        address=spice_address(hvp[constants.HV_KVM_SPICE_BIND],
+                              int(hvp.get(constants.HV_KVM_SPICE_IP_VERSION) or 0)),
+        password=bool(display_password_file(instance)),
+        image_compression=hvp.get(constants.HV_KVM_SPICE_LOSSLESS_IMG_COMPR) or "",
+        jpeg_wan_compression=hvp.get(constants.HV_KVM_SPICE_JPEG_IMG_COMPR) or "",
+        zlib_glz_wan_compression=hvp.get(constants.HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR) or "",
+        streaming_video=hvp.get(constants.HV_KVM_SPICE_STREAMING_VIDEO_DETECTION) or "",
+        no_playback_compression=not hvp.get(constants.HV_KVM_SPICE_AUDIO_COMPR, True),
+        vdagent=bool(hvp.get(constants.HV_KVM_SPICE_USE_VDAGENT, True)))
+    if hvp.get(constants.HV_KVM_SPICE_USE_TLS):
+        from ganeti import pathutils
+        spec.tls.CopyFrom(pb.SpiceTls(
+            cert=pathutils.SPICE_CERT_FILE, key=pathutils.SPICE_CERT_FILE,
+            ca=pathutils.SPICE_CACERT_FILE,
+            ciphers=hvp.get(constants.HV_KVM_SPICE_TLS_CIPHERS) or ""))
+    return spec
 
 
 def instance_spec(instance, block_devices):
@@ -453,16 +573,26 @@ def instance_spec(instance, block_devices):
     spec.usb_devices.extend(USB_DEVICES[d] for d in usb_device_names(hvp))
     spec.sound_card = SOUND_CARDS[hvp.get(constants.HV_SOUNDHW) or ""]
     spec.guest_agent = bool(hvp.get(constants.HV_USE_GUEST_AGENT))
+    spec.scsi_controller = scsi_controller(hvp)
+    # Split on spaces, as Ganeti's driver does.
+    spec.extra_args.extend((hvp.get(constants.HV_KVM_EXTRA) or "").split())
     # Disks and NICs where Ganeti's driver puts them: from the first slot
     # past its reservations, so a guest moved over keeps its interface names.
     reservations = int(hvp.get(constants.HV_KVM_PCI_RESERVATIONS) or 0)
     spec.first_device_slot = reservations if reservations > 3 else 0
-    if hvp.get(constants.HV_VNC_BIND_ADDRESS) and \
-        instance.network_port > constants.VNC_BASE_PORT:
+    if has_vnc(instance):
         spec.vnc.CopyFrom(pb.VncSpec(
             display=instance.network_port - constants.VNC_BASE_PORT,
             address=vnc_address(hvp[constants.HV_VNC_BIND_ADDRESS]),
-            keymap=hvp.get(constants.HV_KEYMAP) or ""))
+            keymap=hvp.get(constants.HV_KEYMAP) or "",
+            password=bool(display_password_file(instance))))
+        # As Ganeti's driver: the x509 files only with TLS.
+        if hvp.get(constants.HV_VNC_TLS):
+            spec.vnc.tls.CopyFrom(pb.VncTls(
+                x509_dir=hvp.get(constants.HV_VNC_X509) or "",
+                verify_client=bool(hvp.get(constants.HV_VNC_X509_VERIFY))))
+    elif hvp.get(constants.HV_KVM_SPICE_BIND) and instance.network_port:
+        spec.spice.CopyFrom(spice_spec(instance))
     # As Ganeti's KVM driver: the mouse asked for, or a tablet for VNC.
     pointer = hvp.get(constants.HV_USB_MOUSE) or \
         (constants.HT_MOUSE_TABLET if hvp.get(constants.HV_VNC_BIND_ADDRESS) else "")
@@ -526,6 +656,11 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
         else:
             cmd.append(option)
     place = functools.partial(pci_place, runtime)
+    controller = runtime.get("scsi_controller")
+    if controller:
+        # Ganeti's driver names its controller `scsi` too.
+        cmd += ["-device", "%s,id=scsi,bus=%s,addr=%#x" %
+                ((SCSI_CONTROLLER_DEVICES[controller["model"]],) + place(controller["slot"]))]
     if runtime.get("balloon_slot") is not None:
         cmd += ["-device", "virtio-balloon-pci,id=balloon0,bus=%s,addr=%#x" %
                 place(runtime["balloon_slot"])]
@@ -556,16 +691,26 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
         nics.append(entry)
     disks = []
     for disk in runtime["disks"]:
-        # That driver puts IDE disks (disk_type ide) on the primary
-        # channel in order, as the agent does; their hvinfo isn't read.
-        bus, addr = place(disk["slot"]) if "slot" in disk else ("ide.0", 0)
         entry = {"uuid": disk["uuid"], "dev_type": constants.DT_PLAIN, "params": {},
                  "mode": constants.DISK_RDONLY if disk.get("read_only") else constants.DISK_RDWR,
-                 "size": 0,
-                 "hvinfo": {"driver": "virtio-blk-pci", "id": qemu_id(disk, "disk-"),
-                            "bus": bus, "addr": hex(addr)}}
+                 "size": 0, "hvinfo": disk_hvinfo(disk, place)}
         disks.append([entry, disk["path"], None])
     return [cmd, nics, instance.hvparams, disks]
+
+
+def disk_hvinfo(disk, place):
+    """Ganeti's hvinfo of the agent's disk: at its slot, or at its target
+    on the controller's bus `scsi.0`, as that driver places SCSI disks.
+    That driver puts IDE disks (disk_type ide) on the primary channel in
+    order, as the agent does; their hvinfo isn't read."""
+    hvinfo = {"id": qemu_id(disk, "disk-")}
+    if "scsi_target" in disk:
+        hvinfo.update({"driver": disk["bus"].replace("_", "-"), "bus": "scsi.0",
+                       "channel": 0, "scsi-id": disk["scsi_target"], "lun": 0})
+        return hvinfo
+    bus, addr = place(disk["slot"]) if "slot" in disk else ("ide.0", 0)
+    hvinfo.update({"driver": "virtio-blk-pci", "bus": bus, "addr": hex(addr)})
+    return hvinfo
 
 
 def pci_place(runtime, slot):
@@ -707,6 +852,24 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
         self._call("start_instance",
                    pb.StartInstanceRequest(spec=spec, paused=bool(startup_paused)),
                    "starting %s" % instance.name)
+        self._give_display_password(instance)
+
+    def _give_display_password(self, instance):
+        """Sets the display's password from vnc_password_file or
+        spice_password_file, as Ganeti's driver does after each start: the
+        agent keeps it in memory only."""
+        path = display_password_file(instance)
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                password = f.readline().rstrip("\n")
+        except EnvironmentError as err:
+            raise errors.HypervisorError("Failed to open the display password file %s: %s" %
+                                         (path, err))
+        self._call("set_display_password",
+                   pb.SetDisplayPasswordRequest(name=instance.name, password=password),
+                   "setting the display password of %s" % instance.name)
 
     def StopInstance(self, instance, force=False, retry=False, name=None,
                      timeout=None):
@@ -909,9 +1072,14 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
                 instance=instance.name, kind=constants.CONS_VNC,
                 host=address, port=instance.network_port,
                 display=instance.network_port - constants.VNC_BASE_PORT)
+        if hvparams.get(constants.HV_KVM_SPICE_BIND):
+            # As Ganeti's driver: the bind address as it is given.
+            return objects.InstanceConsole(
+                instance=instance.name, kind=constants.CONS_SPICE,
+                host=hvparams[constants.HV_KVM_SPICE_BIND], port=instance.network_port)
         return objects.InstanceConsole(instance=instance.name,
                                        kind=constants.CONS_MESSAGE,
-                                       message="No serial console or VNC for %s" %
+                                       message="No serial console, VNC or SPICE for %s" %
                                        instance.name)
 
     def Verify(self, hvparams=None):
@@ -1048,6 +1216,8 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
             if info is None or not info.pid:
                 raise errors.HypervisorError(
                     "migration of %s completed, but it isn't running here" % instance.name)
+            # The password doesn't travel with the guest.
+            self._give_display_password(instance)
             return
         # Abort: whatever arrived here must go, the source keeps the guest.
         existing = self._find(instance.name)
@@ -1106,8 +1276,12 @@ class KvmAgentHypervisor(hv_base.BaseHypervisor):
     @staticmethod
     def _hvinfo(reply):
         """Ganeti's hvinfo of the device a hotplug call changed: where the
-        agent put it, behind its root port on a q35."""
+        agent put it, at its SCSI target or in its slot (behind its root
+        port on a q35)."""
         device = reply.device
+        if device.HasField("scsi_target"):
+            return {"id": device.qemu_id, "bus": "scsi.0", "channel": 0,
+                    "scsi-id": device.scsi_target, "lun": 0}
         if reply.instance.machine_type.startswith("pc-q35-"):
             bus, addr = "root-port-%d" % device.pci_slot, 0
         else:
