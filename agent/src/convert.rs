@@ -124,6 +124,7 @@ pub fn nic_from_proto(n: &pb::NicSpec) -> Result<NicSpec, AgentError> {
             Ok(pb::NicModel::I82557b) => NicModel::I82557b,
             Ok(pb::NicModel::I82559er) => NicModel::I82559er,
             Ok(pb::NicModel::Pcnet) => NicModel::Pcnet,
+            Ok(pb::NicModel::Ne2kIsa) => NicModel::Ne2kIsa,
             Err(_) => {
                 return Err(AgentError::BadRequest(format!(
                     "NIC {:?}: unknown model {}",
@@ -598,7 +599,7 @@ pub fn nic_to_proto(n: &RuntimeNic, tap: &str) -> pb::DeviceInfo {
         kind: pb::DeviceKind::Nic as i32,
         name: n.spec.name.clone(),
         uuid: n.spec.uuid.to_string(),
-        pci_slot: u32::from(n.slot),
+        pci_slot: n.slot.map_or(0, u32::from),
         scsi_target: None,
         qemu_id: n.device_id(),
         detail: n.spec.mac.to_string(),

@@ -22,19 +22,29 @@ pub struct AddedNic {
     pub tap: String,
 }
 
+/// The refusal of a hot-add or hot-remove of a NIC on ISA.
+pub fn isa_is_cold() -> HotplugError {
+    HotplugError::Unsupported(
+        "a NIC on ISA (ne2k_isa) comes and goes only with a stop and start; hot-plug a PCI model"
+            .into(),
+    )
+}
+
 /// The `device_add` arguments of a NIC, for a QEMU that is `chrooted` or
 /// not. Pure.
 pub fn device_arguments(nic: &RuntimeNic, chrooted: bool, layout: PciLayout) -> Value {
-    let (bus, addr) = layout.place(nic.slot);
     let driver = nic.spec.model.qemu_device();
     let mut args = json!({
         "driver": driver,
         "id": nic.device_id(),
         "netdev": nic.netdev_id(),
         "mac": nic.spec.mac.to_string(),
-        "bus": bus,
-        "addr": format!("{addr:#x}"),
     });
+    if let Some(slot) = nic.slot {
+        let (bus, addr) = layout.place(slot);
+        args["bus"] = json!(bus);
+        args["addr"] = json!(format!("{addr:#x}"));
+    }
     if let Some(rom) = hot_added_romfile(nic.spec.model, chrooted) {
         args["romfile"] = json!(rom);
     }
@@ -110,6 +120,9 @@ pub async fn attach(
     chrooted: bool,
     layout: PciLayout,
 ) -> Result<AddedNic, HotplugError> {
+    let Some(slot) = nic.slot else {
+        return Err(isa_is_cold());
+    };
     let netdev = nic.netdev_id();
     let (tap_names, vhost_names) = passed_fd_names(
         &netdev,
@@ -157,14 +170,14 @@ pub async fn attach(
         let at_slot = replies.last().is_some_and(|pci| {
             slots::bus0_devices(pci)
                 .iter()
-                .any(|(s, q)| *s == nic.slot && *q == id)
+                .any(|(s, q)| *s == slot && *q == id)
         });
         if at_slot {
             Ok(())
         } else {
             Err(HotplugError::Verify {
                 id: id.clone(),
-                slot: nic.slot,
+                slot,
             })
         }
     })
@@ -226,7 +239,7 @@ mod tests {
                 queues: 1,
                 vlan: None,
             },
-            7,
+            Some(7),
         )
     }
 

@@ -444,7 +444,7 @@ pub fn stage_option_roms(
 ) -> io::Result<()> {
     let roms: std::collections::BTreeSet<&str> = models
         .into_iter()
-        .map(crate::runtime::argv::option_rom)
+        .filter_map(crate::runtime::argv::option_rom)
         .collect();
     for rom in roms {
         let target = chroot.join(rom);

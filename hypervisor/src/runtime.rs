@@ -114,8 +114,9 @@ pub struct RuntimeNic {
     /// The NIC as asked for.
     #[serde(flatten)]
     pub spec: NicSpec,
-    /// Slot on pci.0.
-    pub slot: u8,
+    /// Its PCI slot; none for a NIC on ISA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
     /// Its QEMU device and netdev id where that isn't made from its uuid:
     /// a NIC of a QEMU the agent adopted keeps the id it had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,8 +124,8 @@ pub struct RuntimeNic {
 }
 
 impl RuntimeNic {
-    /// A NIC at a slot, with the ids the agent gives it.
-    pub fn new(spec: NicSpec, slot: u8) -> Self {
+    /// A NIC at a slot (none on ISA), with the ids the agent gives it.
+    pub fn new(spec: NicSpec, slot: Option<u8>) -> Self {
         RuntimeNic {
             spec,
             slot,
@@ -329,6 +330,9 @@ pub enum RuntimeError {
         "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
     )]
     KvmUnavailable(String),
+    /// A NIC on ISA with a slot, or one on PCI without.
+    #[error("NIC {0:?} has a PCI slot on ISA, or none on PCI")]
+    NicPlace(String),
     /// Extra QEMU options the node doesn't allow.
     #[error(transparent)]
     ExtraArgs(crate::extra::ExtraArgsError),
@@ -636,7 +640,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
         free,
         instance: &spec.name,
         needed: spec.disks.iter().filter(|d| d.bus.is_virtio()).count()
-            + spec.nics.len()
+            + spec.nics.iter().filter(|n| !n.model.on_isa()).count()
             + usize::from(scsi_model.is_some())
             + 1
             + usize::from(sound)
@@ -649,18 +653,18 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
     let nics = spec
         .nics
         .iter()
-        .map(|n| Ok(RuntimeNic::new(n.clone(), pool.take(first)?)))
+        .map(|n| {
+            let slot = pool.take_if(!n.model.on_isa(), first)?;
+            Ok(RuntimeNic::new(n.clone(), slot))
+        })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
     // The machine's own devices take the lowest free slots, below the
     // first device slot where there is one; the controller first, as in
     // Ganeti's driver.
-    let scsi_controller = match scsi_model {
-        Some(model) => Some(RuntimeScsiController {
-            model,
-            slot: pool.take(0)?,
-        }),
-        None => None,
-    };
+    let scsi_controller = pool
+        .take_if(scsi_model.is_some(), 0)?
+        .zip(scsi_model)
+        .map(|(slot, model)| RuntimeScsiController { model, slot });
     let balloon = pool.take(0)?;
     let sound = pool.take_if(sound, 0)?;
     let guest_agent = pool.take_if(spec.guest_agent, 0)?;
@@ -668,7 +672,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
     let mut root_ports = Vec::new();
     if layout == PciLayout::RootPorts {
         root_ports.extend(disks.iter().filter_map(|d| d.slot));
-        root_ports.extend(nics.iter().map(|n| n.slot));
+        root_ports.extend(nics.iter().filter_map(|n| n.slot));
         let controller = scsi_controller.map(|c| c.slot);
         root_ports.extend(
             [controller, Some(balloon), sound, guest_agent, spice_agent]
@@ -865,7 +869,7 @@ impl Runtime {
         self.disks
             .iter()
             .filter_map(|d| d.slot)
-            .chain(self.nics.iter().map(|n| n.slot))
+            .chain(self.nics.iter().filter_map(|n| n.slot))
             .chain(self.balloon_slot)
             .chain(self.scsi_controller.map(|c| c.slot))
             .chain(self.sound.and_then(|s| s.slot))
@@ -888,7 +892,11 @@ impl Runtime {
             .disks
             .iter()
             .filter_map(|d| Some((d.spec.name.as_str(), d.slot?)))
-            .chain(self.nics.iter().map(|n| (n.spec.name.as_str(), n.slot)))
+            .chain(
+                self.nics
+                    .iter()
+                    .filter_map(|n| Some((n.spec.name.as_str(), n.slot?))),
+            )
             .chain(self.balloon_slot.map(|slot| ("memory balloon", slot)))
             .chain(self.scsi_controller.map(|c| ("SCSI controller", c.slot)))
             .chain(
@@ -930,7 +938,7 @@ impl Runtime {
             inherited.validate()?;
         }
         self.check_device_ids()?;
-        self.check_disk_places()?;
+        self.check_device_places()?;
         self.check_root_ports()?;
         if self.argv != argv::render_base(self) {
             return Err(RuntimeError::ArgvMismatch);
@@ -966,8 +974,9 @@ impl Runtime {
 
     /// Each disk sits where its bus says: a slot for virtio, a target of
     /// the runtime's SCSI controller (each once, within its targets) for
-    /// SCSI, nothing for IDE. Pure.
-    fn check_disk_places(&self) -> Result<(), RuntimeError> {
+    /// SCSI, nothing for IDE; each NIC in a slot unless it is on ISA.
+    /// Pure.
+    fn check_device_places(&self) -> Result<(), RuntimeError> {
         let mut targets = HashSet::new();
         let controller = self.scsi_controller.map(|c| c.model);
         for disk in &self.disks {
@@ -981,6 +990,13 @@ impl Runtime {
             if !placed {
                 return Err(RuntimeError::DiskPlace(disk.spec.name.clone()));
             }
+        }
+        if let Some(nic) = self
+            .nics
+            .iter()
+            .find(|n| n.slot.is_some() == n.spec.model.on_isa())
+        {
+            return Err(RuntimeError::NicPlace(nic.spec.name.clone()));
         }
         Ok(())
     }
@@ -1262,7 +1278,7 @@ pub(crate) mod tests {
             rt.disks.iter().map(|d| d.slot).collect::<Vec<_>>(),
             vec![Some(3), Some(4)]
         );
-        assert_eq!(rt.nics[0].slot, 5);
+        assert_eq!(rt.nics[0].slot, Some(5));
         assert_eq!(rt.balloon_slot, Some(6), "the balloon comes last");
         assert_eq!(rt.used_slots().collect::<Vec<_>>(), vec![3, 4, 5, 6]);
     }
@@ -1282,7 +1298,7 @@ pub(crate) mod tests {
     fn a_balloon_in_a_used_slot_is_refused() {
         let qemu = qemu_7_2();
         let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-        rt.balloon_slot = Some(rt.nics[0].slot);
+        rt.balloon_slot = rt.nics[0].slot;
         assert!(matches!(rt.validate(), Err(RuntimeError::BadSlot { .. })));
         rt.balloon_slot = Some(1);
         assert!(matches!(rt.validate(), Err(RuntimeError::BadSlot { .. })));
@@ -1379,7 +1395,7 @@ pub(crate) mod tests {
             ..sample_spec()
         };
         let rt = generate(&spec, host(&qemu), 1).unwrap();
-        assert_eq!((rt.disks[0].slot, rt.nics[0].slot), (Some(12), 13));
+        assert_eq!((rt.disks[0].slot, rt.nics[0].slot), (Some(12), Some(13)));
         // The machine's own devices take the lowest free slots.
         assert_eq!((rt.balloon_slot, rt.guest_agent_slot), (Some(3), Some(4)));
         // A hot-add goes past them too.
@@ -1458,7 +1474,7 @@ pub(crate) mod tests {
         let mut reserved = generate(&sample_spec(), host(&qemu), 1).unwrap();
         reserved.disks[0].slot = Some(1);
         let mut shared = generate(&sample_spec(), host(&qemu), 1).unwrap();
-        shared.nics[0].slot = shared.disks[0].slot.unwrap();
+        shared.nics[0].slot = shared.disks[0].slot;
 
         assert!(matches!(
             reserved.validate(),

@@ -58,7 +58,7 @@ pub enum Accelerator {
     Tcg,
 }
 
-/// Emulated NIC model: every PCI one Ganeti's KVM driver offers.
+/// Emulated NIC model: every one Ganeti's KVM driver offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum NicModel {
@@ -80,11 +80,15 @@ pub enum NicModel {
     I82559er,
     /// AMD PCnet.
     Pcnet,
+    /// NE2000 on ISA, at QEMU's I/O port 0x300 and IRQ 9: no PCI slot, so
+    /// one per instance, and never hot-plugged.
+    #[serde(rename = "ne2k_isa")]
+    Ne2kIsa,
 }
 
 impl NicModel {
-    /// Every model.
-    pub const ALL: [NicModel; 8] = [
+    /// Every model on PCI.
+    pub const ON_PCI: [NicModel; 8] = [
         NicModel::Virtio,
         NicModel::E1000,
         NicModel::Rtl8139,
@@ -106,9 +110,19 @@ impl NicModel {
             NicModel::I82557b => "i82557b",
             NicModel::I82559er => "i82559er",
             NicModel::Pcnet => "pcnet",
+            NicModel::Ne2kIsa => "ne2k_isa",
         }
     }
+
+    /// Whether the NIC sits on ISA rather than in a PCI slot.
+    pub fn on_isa(self) -> bool {
+        self == NicModel::Ne2kIsa
+    }
 }
+
+/// How many ISA NICs an instance can have: the one at QEMU's default
+/// I/O port and IRQ.
+pub const MAX_ISA_NICS: usize = 1;
 
 /// A unicast Ethernet address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -668,6 +682,11 @@ pub enum SpecError {
     /// A first device slot in the reserved ones, or past the bus.
     #[error("first device slot {0} is out of range: use 3..=31")]
     FirstDeviceSlot(u8),
+    /// More ISA NICs than ISA has room for.
+    #[error(
+        "{0} ne2k_isa NICs asked for; ISA takes {MAX_ISA_NICS}, at QEMU's I/O port and IRQ; give the others a PCI model"
+    )]
+    IsaNics(usize),
     /// Both VNC and SPICE.
     #[error("an instance has VNC or SPICE, not both")]
     VncAndSpice,
@@ -852,6 +871,10 @@ impl InstanceSpec {
             if let Some(image) = &drive.image {
                 check_absolute_path(&drive.what(), image)?;
             }
+        }
+        let isa = self.nics.iter().filter(|n| n.model.on_isa()).count();
+        if isa > MAX_ISA_NICS {
+            return Err(SpecError::IsaNics(isa));
         }
         let mut macs = HashSet::new();
         for nic in &self.nics {

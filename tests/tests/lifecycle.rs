@@ -614,6 +614,7 @@ async fn every_nic_model_sits_on_pci_with_its_mac_cold_and_hot() {
         pb::NicModel::I82557b => "i82557b",
         pb::NicModel::I82559er => "i82559er",
         pb::NicModel::Pcnet => "pcnet",
+        pb::NicModel::Ne2kIsa => "ne2k_isa",
     };
     let mut spec = agent.spec("models", 64);
     spec.nics = models
@@ -666,6 +667,69 @@ async fn every_nic_model_sits_on_pci_with_its_mac_cold_and_hot() {
             json!(format!("52:54:00:8a:00:{i:02x}"))
         );
     }
+}
+
+#[tokio::test]
+async fn an_isa_nic_has_no_slot_and_never_hotplugs() {
+    let agent = TestAgent::start().await;
+    let isa = |name: &str, mac: &str| pb::NicSpec {
+        model: pb::NicModel::Ne2kIsa as i32,
+        ..nic(name, mac)
+    };
+    let mut spec = agent.spec("legacy", 64);
+    spec.machine_type = "q35".into();
+    spec.nics = vec![
+        isa("eth0", "52:54:00:8a:01:00"),
+        nic("eth1", "52:54:00:8a:01:01"),
+    ];
+    let info = agent.start_spec(spec).await;
+    let device = &info.devices.iter().find(|d| d.name == "eth0").unwrap();
+    assert_eq!(device.pci_slot, 0);
+    let mut qmp = operator_qmp(&agent, "legacy");
+    let path = format!("/machine/peripheral/{}", device.qemu_id);
+    let get = |qmp: &mut Qmp, property: &str| {
+        qmp.execute("qom-get", json!({"path": path, "property": property}))
+    };
+    assert_eq!(get(&mut qmp, "type"), "ne2k_isa");
+    assert_eq!(get(&mut qmp, "mac"), "52:54:00:8a:01:00");
+    // QEMU's own ISA resources, and not on PCI.
+    assert_eq!(get(&mut qmp, "iobase"), 0x300);
+    let on_pci = qmp.pci_devices();
+    assert!(
+        on_pci.iter().all(|(_, id, _)| id != &device.qemu_id),
+        "{on_pci:?}"
+    );
+    drop(qmp);
+
+    let added = agent
+        .add_nic("legacy", isa("eth2", "52:54:00:8a:01:02"))
+        .await
+        .unwrap_err();
+    assert_eq!(added.code(), Code::FailedPrecondition, "{added:?}");
+    let removed = agent
+        .client()
+        .await
+        .remove_device(pb::RemoveDeviceRequest {
+            name: "legacy".into(),
+            device: "eth0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(removed.code(), Code::FailedPrecondition, "{removed:?}");
+    // ISA has room for one.
+    let mut two = agent.spec("crowded", 64);
+    two.nics = vec![
+        isa("eth0", "52:54:00:8a:02:00"),
+        isa("eth1", "52:54:00:8a:02:01"),
+    ];
+    let refused = agent
+        .client()
+        .await
+        .start_instance(start_request(two))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("ne2k_isa"), "{refused:?}");
 }
 
 /// The server's greeting of a VNC display on `port`, from `host`.

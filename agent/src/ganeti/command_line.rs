@@ -400,7 +400,7 @@ impl Parsed {
                 }
                 nic_spec(nic, mac, queues, vhost).map(|spec| RuntimeNic {
                     spec,
-                    slot: nic.hvinfo.slot,
+                    slot: Some(nic.hvinfo.slot),
                     qemu_id: Some(nic.hvinfo.id.clone()),
                 })
             })
@@ -466,7 +466,7 @@ fn nic_spec(nic: &GanetiNic, mac: &str, queues: u32, vhost: bool) -> Result<NicS
             nic.hvinfo.id, nic.vlan
         ));
     }
-    let model = NicModel::ALL
+    let model = NicModel::ON_PCI
         .into_iter()
         .find(|m| m.qemu_device() == nic.hvinfo.driver)
         .ok_or_else(|| format!("NIC model {} is not one the agent knows", nic.hvinfo.driver))?;
@@ -668,7 +668,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             (rt.nics[0].slot, rt.nics[0].spec.bridge.as_deref()),
-            (13, Some("br0"))
+            (Some(13), Some("br0"))
         );
         assert_eq!(rt.disks[0].slot, Some(12));
         assert_eq!(rt.disks[0].spec.cache, DiskCache::Writeback);

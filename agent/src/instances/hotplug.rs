@@ -178,6 +178,12 @@ impl Agent {
         if nic.name.is_empty() {
             nic.name = free_device_name("nic", device_names(&record));
         }
+        if nic.model.on_isa() {
+            return Err(AgentError::Hotplug {
+                instance: name.to_owned(),
+                source: hotplug::nic::isa_is_cold(),
+            });
+        }
         check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
         let support = hotplug::support::check(process.qmp());
         Self::require(name, &support.nic)?;
@@ -210,7 +216,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let runtime_nic = RuntimeNic::new(nic, slot);
+        let runtime_nic = RuntimeNic::new(nic, Some(slot));
         let mut updated = record.clone();
         updated.runtime.nics.push(runtime_nic.clone());
         let attach = hotplug::nic::attach(
@@ -224,7 +230,7 @@ impl Agent {
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {
             device: runtime_nic.spec.name.clone(),
-            slot: Some(runtime_nic.slot),
+            slot: runtime_nic.slot,
             scsi_target: None,
         });
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
@@ -406,6 +412,12 @@ impl Agent {
             .iter()
             .position(|d| d.spec.name == device);
         let target = match (nic_index, disk_index) {
+            (Some(i), _) if record.runtime.nics[i].slot.is_none() => {
+                return Err(AgentError::Hotplug {
+                    instance: name.to_owned(),
+                    source: hotplug::nic::isa_is_cold(),
+                });
+            }
             (Some(i), _) => Device::nic(&record.runtime.nics[i]),
             (None, Some(i)) if record.runtime.disks[i].spec.bus == DiskBus::Ide => {
                 return Err(ide_is_cold(name));
@@ -694,7 +706,9 @@ async fn settle_intent(
         (Some(&slot), None) => {
             tracing::info!(%id, slot, "finishing a hot-add QEMU completed");
             match intent {
-                HotplugIntent::AddNic { nic } => runtime.nics.push(RuntimeNic::new(nic, slot)),
+                HotplugIntent::AddNic { nic } => {
+                    runtime.nics.push(RuntimeNic::new(nic, Some(slot)))
+                }
                 HotplugIntent::AddDisk { disk } => {
                     runtime.disks.push(RuntimeDisk::new(disk, Some(slot)));
                 }

@@ -173,7 +173,11 @@ pub(super) async fn devices_match(rt: &Runtime, qmp: &QmpClient) -> Result<(), S
         .disks
         .iter()
         .filter_map(|d| Some((d.device_id(), d.slot?)))
-        .chain(rt.nics.iter().map(|n| (n.device_id(), n.slot)))
+        .chain(
+            rt.nics
+                .iter()
+                .filter_map(|n| Some((n.device_id(), n.slot?))),
+        )
         .collect();
     if present != expected {
         return Err(format!(

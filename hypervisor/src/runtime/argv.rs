@@ -677,17 +677,18 @@ pub fn scsi_at(target: u8) -> String {
 }
 
 /// The option ROM QEMU loads for a NIC model's device, at start and at
-/// hot-add.
-pub fn option_rom(model: NicModel) -> &'static str {
+/// hot-add; an ISA NIC has none.
+pub fn option_rom(model: NicModel) -> Option<&'static str> {
     // QEMU's own defaults: EFI ROMs where it has them.
-    match model {
+    Some(match model {
         NicModel::Virtio => "efi-virtio.rom",
         NicModel::E1000 => "efi-e1000.rom",
         NicModel::Rtl8139 => "efi-rtl8139.rom",
         NicModel::Pcnet => "efi-pcnet.rom",
         NicModel::Ne2kPci => "pxe-ne2k_pci.rom",
         NicModel::I82551 | NicModel::I82557b | NicModel::I82559er => "pxe-eepro100.rom",
-    }
+        NicModel::Ne2kIsa => return None,
+    })
 }
 
 /// The `romfile` of a hot-added NIC. QEMU looks an option ROM up by name
@@ -695,7 +696,9 @@ pub fn option_rom(model: NicModel) -> &'static str {
 /// is pointed at the copy in its chroot's root instead. Cold-plugged NICs
 /// load their ROMs before QEMU enters the chroot and keep the default.
 pub fn hot_added_romfile(model: NicModel, chrooted: bool) -> Option<String> {
-    chrooted.then(|| format!("/{}", option_rom(model)))
+    option_rom(model)
+        .filter(|_| chrooted)
+        .map(|rom| format!("/{rom}"))
 }
 
 /// Joins fds the way `fds=` and `vhostfds=` want them.
@@ -740,10 +743,12 @@ pub fn render_nic(
         },
         "-device".into(),
         format!(
-            "{model},id={},netdev={netdev},mac={},{}{}",
+            "{model},id={},netdev={netdev},mac={}{}{}",
             nic.device_id(),
             n.mac,
-            pci_at(layout, nic.slot),
+            nic.slot
+                .map(|slot| format!(",{}", pci_at(layout, slot)))
+                .unwrap_or_default(),
             if n.queues > 1 {
                 format!(",mq=on,vectors={}", msix_vectors(n.queues))
             } else {
@@ -1021,7 +1026,7 @@ pub(crate) mod tests {
             let rt = generate(&spec, host(&qemu), 1).unwrap();
             assert_eq!(rt.disks[0].slot, None);
             // The NIC takes the first slot.
-            assert_eq!(rt.nics[0].slot, 3);
+            assert_eq!(rt.nics[0].slot, Some(3));
             let argv = render_execution(&rt, &fds()).join(" ");
             let device = format!("ide-hd,id={},drive=", rt.disks[0].device_id());
             assert!(argv.contains(&device) && argv.contains(at), "{argv}");
@@ -1077,6 +1082,28 @@ pub(crate) mod tests {
         let mut bare = rt;
         bare.scsi_controller = None;
         assert!(matches!(bare.validate(), Err(RuntimeError::DiskPlace(_))));
+    }
+
+    #[test]
+    fn an_isa_nic_takes_no_slot_and_names_no_bus() {
+        let qemu = qemu_7_2();
+        let mut spec = sample_spec();
+        spec.nics[0].model = NicModel::Ne2kIsa;
+        let rt = generate(&spec, host(&qemu), 1).unwrap();
+        assert_eq!(rt.nics[0].slot, None);
+        // The disk takes 3, the balloon the next free one.
+        assert_eq!(rt.balloon_slot, Some(4));
+        let argv = render_execution(&rt, &fds()).join(" ");
+        let device = format!(
+            "ne2k_isa,id={},netdev={},mac={} ",
+            rt.nics[0].device_id(),
+            rt.nics[0].netdev_id(),
+            spec.nics[0].mac
+        );
+        assert!(argv.contains(&device), "{argv}");
+        let mut slotted = rt.clone();
+        slotted.nics[0].slot = Some(9);
+        assert!(matches!(slotted.validate(), Err(RuntimeError::NicPlace(_))));
     }
 
     #[test]

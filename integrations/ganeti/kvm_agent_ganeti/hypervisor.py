@@ -203,6 +203,9 @@ NIC_MODELS = {
     constants.HT_NIC_I85557B: pb.NIC_MODEL_I82557B,
     constants.HT_NIC_I8259ER: pb.NIC_MODEL_I82559ER,
     constants.HT_NIC_PCNET: pb.NIC_MODEL_PCNET,
+    # One per instance, on ISA; Ganeti's own driver puts it on pci.0,
+    # which QEMU refuses.
+    constants.HT_NIC_NE2K_ISA: pb.NIC_MODEL_NE2K_ISA,
 }
 
 # Ganeti's disk_type as the agent's disk bus. Its plain `scsi` is QEMU's
@@ -301,7 +304,7 @@ def check_supported(hvparams):
                           "paravirtual, ide or a SCSI type")
     if hvparams.get(constants.HV_NIC_TYPE) not in NIC_MODELS:
         raise unsupported(constants.HV_NIC_TYPE, hvparams.get(constants.HV_NIC_TYPE),
-                          "NICs sit on PCI; ne2k_isa has no PCI slot to keep")
+                          "use one of %s" % ", ".join(sorted(NIC_MODELS)))
     if hvparams.get(constants.HV_DISK_CACHE) not in DISK_CACHES:
         raise unsupported(constants.HV_DISK_CACHE, hvparams.get(constants.HV_DISK_CACHE),
                           "use default, none, writeback or writethrough")
@@ -685,9 +688,12 @@ def hv_kvm_runtime(runtime, instance, hv_kvm):
             "mac": nic["mac"], "uuid": nic["uuid"],
             "nicparams": {constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
                           constants.NIC_LINK: nic.get("bridge") or ""}}
-        bus, addr = place(nic["slot"])
         entry["hvinfo"] = {"driver": NIC_DEVICES.get(nic["model"], nic["model"]),
-                           "id": qemu_id(nic, "nic-"), "bus": bus, "addr": hex(addr)}
+                           "id": qemu_id(nic, "nic-")}
+        # A NIC on ISA has no slot, and its device takes no bus.
+        if "slot" in nic:
+            bus, addr = place(nic["slot"])
+            entry["hvinfo"].update({"bus": bus, "addr": hex(addr)})
         nics.append(entry)
     disks = []
     for disk in runtime["disks"]:
