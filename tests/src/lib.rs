@@ -457,7 +457,12 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone().expect("clone")),
             writer: stream,
         };
-        let greeting = qmp.line();
+        // An event of the previous client's session can reach a new
+        // client before QEMU has noticed that session end: skip it.
+        let mut greeting = qmp.line();
+        while greeting.get("event").is_some() {
+            greeting = qmp.line();
+        }
         assert!(
             greeting.get("QMP").is_some(),
             "not a QMP greeting: {greeting}"
@@ -682,6 +687,21 @@ impl TestAgent {
             .await
             .unwrap_or_else(|s| panic!("start failed: {s:?}\nagent log:\n{}", self.log()))
             .into_inner()
+    }
+
+    /// Starts an instance that must be refused, and returns the refusal;
+    /// panics if it starts.
+    pub async fn start_refused(&self, spec: pb::InstanceSpec) -> tonic::Status {
+        let name = spec.name.clone();
+        match self
+            .client()
+            .await
+            .start_instance(start_request(spec))
+            .await
+        {
+            Ok(_) => panic!("{name} started, but must have been refused"),
+            Err(status) => status,
+        }
     }
 
     /// GetInstance.

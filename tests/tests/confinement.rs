@@ -831,12 +831,7 @@ async fn extra_qemu_options_run_only_where_the_node_allows_them() {
 
     let mut spec = refusing.spec("rng", 64);
     spec.extra_args = extra.to_vec();
-    let refused = refusing
-        .client()
-        .await
-        .start_instance(start_request(spec))
-        .await
-        .unwrap_err();
+    let refused = refusing.start_refused(spec).await;
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
         refused.message().contains("allowed_extra_options"),

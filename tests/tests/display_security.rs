@@ -254,12 +254,7 @@ async fn vnc_offers_tls_and_a_password_that_only_qemu_keeps() {
             verify_client: false,
         }),
     ));
-    let refused = agent
-        .client()
-        .await
-        .start_instance(start_request(spec))
-        .await
-        .unwrap_err();
+    let refused = agent.start_refused(spec).await;
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("server-key.pem"), "{refused:?}");
 }
@@ -362,12 +357,7 @@ async fn spice_takes_tls_on_its_port_its_settings_and_an_agent_channel() {
         ..Default::default()
     });
     for spec in [both, odd] {
-        let refused = agent
-            .client()
-            .await
-            .start_instance(start_request(spec))
-            .await
-            .unwrap_err();
+        let refused = agent.start_refused(spec).await;
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     }
 }

@@ -722,12 +722,7 @@ async fn an_isa_nic_has_no_slot_and_never_hotplugs() {
         isa("eth0", "52:54:00:8a:02:00"),
         isa("eth1", "52:54:00:8a:02:01"),
     ];
-    let refused = agent
-        .client()
-        .await
-        .start_instance(start_request(two))
-        .await
-        .unwrap_err();
+    let refused = agent.start_refused(two).await;
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("ne2k_isa"), "{refused:?}");
 }

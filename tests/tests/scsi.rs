@@ -144,14 +144,10 @@ async fn virtio_scsi_disks_hot_add_and_remove_beside_a_cdrom_and_a_block_device(
     // Hot-add: the next free target, seen by the guest as the next disk.
     let (hot, hot_pattern) = patterned_image(&agent, "hot");
     let mut client = agent.client().await;
-    let added = client
-        .add_disk(pb::AddDiskRequest {
-            name: "vscsi".into(),
-            disk: Some(on_bus(disk("hot", &hot), pb::DiskBus::ScsiHd)),
-        })
+    let added = agent
+        .add_disk("vscsi", on_bus(disk("hot", &hot), pb::DiskBus::ScsiHd))
         .await
         .unwrap_or_else(|s| panic!("add: {s:?}\n{}", agent.log()))
-        .into_inner()
         .device
         .unwrap();
     assert_eq!((added.pci_slot, added.scsi_target), (0, Some(2)));
@@ -201,12 +197,7 @@ async fn scsi_refusals_say_what_to_do() {
     ] {
         let mut spec = agent.spec(name, 64);
         spec.disks = vec![on_bus(disk("sg", path), pb::DiskBus::ScsiBlock)];
-        let refused = agent
-            .client()
-            .await
-            .start_instance(start_request(spec))
-            .await
-            .unwrap_err();
+        let refused = agent.start_refused(spec).await;
         assert_eq!(
             refused.code(),
             tonic::Code::FailedPrecondition,
@@ -218,23 +209,13 @@ async fn scsi_refusals_say_what_to_do() {
     qcow.format = pb::DiskFormat::Qcow2 as i32;
     let mut spec = agent.spec("qcow", 64);
     spec.disks = vec![qcow];
-    let refused = agent
-        .client()
-        .await
-        .start_instance(start_request(spec))
-        .await
-        .unwrap_err();
+    let refused = agent.start_refused(spec).await;
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 
     // Without a controller from the start, a SCSI disk can't come later.
     agent.start_spec(agent.spec("bare", 64)).await;
     let refused = agent
-        .client()
-        .await
-        .add_disk(pb::AddDiskRequest {
-            name: "bare".into(),
-            disk: Some(on_bus(disk("late", &file), pb::DiskBus::ScsiHd)),
-        })
+        .add_disk("bare", on_bus(disk("late", &file), pb::DiskBus::ScsiHd))
         .await
         .unwrap_err();
     assert_eq!(
@@ -255,12 +236,7 @@ async fn scsi_refusals_say_what_to_do() {
         .collect();
     agent.start_spec(spec).await;
     let refused = agent
-        .client()
-        .await
-        .add_disk(pb::AddDiskRequest {
-            name: "full".into(),
-            disk: Some(on_bus(disk("d7", &file), pb::DiskBus::ScsiHd)),
-        })
+        .add_disk("full", on_bus(disk("d7", &file), pb::DiskBus::ScsiHd))
         .await
         .unwrap_err();
     assert_eq!(

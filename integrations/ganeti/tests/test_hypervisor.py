@@ -107,6 +107,21 @@ def wait_for_guest(state_dir, name, timeout=120):
     console.close()
 
 
+def password_file(name):
+    """A display password file in the scratch directory."""
+    path = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], name)
+    with open(path, "w") as f:
+        f.write("s3cret\n")
+    return path
+
+
+def free_port():
+    """A TCP port nothing listens on now, for an instance's display."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def hvparams(**changes):
     hvp = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
     # A node without a Ganeti kernel: boot from disk unless a test says so.
@@ -596,9 +611,7 @@ class UnsupportedParameters(unittest.TestCase):
             with open(os.path.join(ca, source), "rb") as f, \
                     open(os.path.join(x509, name), "wb") as g:
                 g.write(f.read())
-        password = os.path.join(scratch, "vnc-password")
-        with open(password, "w") as f:
-            f.write("s3cret\n")
+        password = password_file("vnc-password")
         hvp = hvparams(**{constants.HV_VNC_BIND_ADDRESS: "127.0.0.1",
                           constants.HV_VNC_TLS: True, constants.HV_VNC_X509: x509,
                           constants.HV_VNC_X509_VERIFY: True,
@@ -606,9 +619,7 @@ class UnsupportedParameters(unittest.TestCase):
         hv = KvmAgentHypervisor(socket=SOURCE)
         hv.CheckParameterSyntax(hvp)
         inst = instance("vnc.example.com", UUIDS[1], hvp, memory=64)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            inst.network_port = s.getsockname()[1]
+        inst.network_port = free_port()
         # The class gives the agent the password after the start; the agent
         # refuses a password for a VNC that asks for none, so this passing
         # shows it asked for one.
@@ -630,9 +641,7 @@ class UnsupportedParameters(unittest.TestCase):
         self.assertIn(constants.HV_VNC_X509_VERIFY, str(refused.exception))
 
     def test_spice_on_an_interfaces_address_with_a_password(self):
-        password = os.path.join(ENV["KVM_AGENT_TEST_SCRATCH"], "spice-password")
-        with open(password, "w") as f:
-            f.write("s3cret\n")
+        password = password_file("spice-password")
         # An interface's name, resolved to its address as Ganeti's driver
         # does.
         hvp = hvparams(**{constants.HV_KVM_SPICE_BIND: "lo",
@@ -643,9 +652,7 @@ class UnsupportedParameters(unittest.TestCase):
         hv = KvmAgentHypervisor(socket=SOURCE)
         hv.CheckParameterSyntax(hvp)
         inst = instance("spice.example.com", UUIDS[1], hvp, memory=64)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            inst.network_port = s.getsockname()[1]
+        inst.network_port = free_port()
         # The password reaches an agent that refuses one for a display
         # that asks for none: the start passing shows SPICE asks for it.
         hv.StartInstance(inst, [], False)
