@@ -687,6 +687,9 @@ pub enum SpecError {
         "{0} ne2k_isa NICs asked for; ISA takes {MAX_ISA_NICS}, at QEMU's I/O port and IRQ; give the others a PCI model"
     )]
     IsaNics(usize),
+    /// Viewers' certificates to verify, without a CA to verify them by.
+    #[error("verifying VNC viewers' certificates needs the CA: give an x509 directory")]
+    VncVerifyWithoutCa,
     /// Both VNC and SPICE.
     #[error("an instance has VNC or SPICE, not both")]
     VncAndSpice,
@@ -933,8 +936,16 @@ impl InstanceSpec {
         {
             return Err(SpecError::VncAddressWithoutDisplay);
         }
-        if let Some(dir) = self.vnc_tls.as_ref().and_then(|t| t.x509_dir.as_ref()) {
-            check_absolute_path("VNC x509 directory", dir)?;
+        match &self.vnc_tls {
+            Some(VncTls {
+                x509_dir: Some(dir),
+                ..
+            }) => check_absolute_path("VNC x509 directory", dir)?,
+            Some(VncTls {
+                verify_client: true,
+                ..
+            }) => return Err(SpecError::VncVerifyWithoutCa),
+            _ => {}
         }
         if let Some(spice) = &self.spice {
             if self.vnc_display.is_some() {

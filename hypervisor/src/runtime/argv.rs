@@ -1191,6 +1191,18 @@ pub(crate) mod tests {
             &rt,
             &[vec!["qemu".to_owned()], execution].concat()
         ));
+
+        let mut unverifiable = spec.clone();
+        unverifiable.vnc_tls = Some(crate::vnc::VncTls {
+            x509_dir: None,
+            verify_client: true,
+        });
+        assert!(matches!(
+            generate(&unverifiable, host(&qemu), 1),
+            Err(RuntimeError::Spec(
+                crate::spec::SpecError::VncVerifyWithoutCa
+            ))
+        ));
     }
 
     #[test]

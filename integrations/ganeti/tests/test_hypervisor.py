@@ -565,6 +565,11 @@ class UnsupportedParameters(unittest.TestCase):
             scsi = hvparams(**{constants.HV_DISK_TYPE: disk_type})
             KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(scsi)
             self.assertEqual(disk_spec(disk, path, scsi).bus, bus)
+        # Every NIC model of Ganeti's, ne2k_isa on ISA included.
+        from kvm_agent_ganeti.hypervisor import nic_spec
+        isa = hvparams(**{constants.HV_NIC_TYPE: constants.HT_NIC_NE2K_ISA})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(isa)
+        self.assertEqual(nic_spec(nic("52:54:00:6a:00:40"), isa).model, pb.NIC_MODEL_NE2K_ISA)
 
     def test_scsi_disks_sit_on_ganetis_controller_and_hotplug_there(self):
         from kvm_agent_ganeti.hypervisor import instance_spec
