@@ -25,8 +25,8 @@ const TLS_VNC: u32 = 258;
 const X509_VNC: u32 = 261;
 
 /// Connects as a viewer: the RFB 3.8 handshake up to the security types
-/// the server offers, and, when it offers VeNCrypt, the subtypes.
-fn offered_security(port: u16) -> (Vec<u8>, Vec<u32>) {
+/// the server offers, with the connection to go on.
+fn security_types(port: u16) -> (TcpStream, Vec<u8>) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to VNC");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -39,6 +39,14 @@ fn offered_security(port: u16) -> (Vec<u8>, Vec<u32>) {
     stream.read_exact(&mut count).unwrap();
     let mut types = vec![0u8; usize::from(count[0])];
     stream.read_exact(&mut types).unwrap();
+    (stream, types)
+}
+
+/// The security types the server offers and, when it offers VeNCrypt,
+/// the subtypes.
+fn offered_security(port: u16) -> (Vec<u8>, Vec<u32>) {
+    let (mut stream, types) = security_types(port);
+    let mut count = [0u8];
     if !types.contains(&VENCRYPT) {
         return (types, Vec::new());
     }
@@ -65,17 +73,7 @@ fn offered_security(port: u16) -> (Vec<u8>, Vec<u32>) {
 /// byte's bits reversed as VNC does (DES from `openssl`, whose legacy
 /// provider still has it).
 fn vnc_auth_accepts(port: u16, password: &str) -> bool {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to VNC");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut greeting = [0u8; 12];
-    stream.read_exact(&mut greeting).unwrap();
-    stream.write_all(b"RFB 003.008\n").unwrap();
-    let mut count = [0u8];
-    stream.read_exact(&mut count).unwrap();
-    let mut types = vec![0u8; usize::from(count[0])];
-    stream.read_exact(&mut types).unwrap();
+    let (mut stream, types) = security_types(port);
     assert_eq!(types, [VNC_AUTH]);
     stream.write_all(&[VNC_AUTH]).unwrap();
     let mut challenge = [0u8; 16];

@@ -14,6 +14,7 @@ suite cleans up after) and KVM_AGENT_TEST_BINARY (the kvm-agent binary, for
 the console command Ganeti runs).
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -120,6 +121,31 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def started_display(hv, name, hvp):
+    """An instance with a display on a free port, started through the
+    class and stopped after."""
+    hv.CheckParameterSyntax(hvp)
+    inst = instance(name, UUIDS[1], hvp, memory=64)
+    inst.network_port = free_port()
+    hv.StartInstance(inst, [], False)
+    try:
+        yield inst
+    finally:
+        hv.StopInstance(inst, force=True)
+        hv.CleanupInstance(inst.name)
+
+
+def query(inst, command):
+    """What QEMU answers `command` for the instance, on its operator
+    monitor."""
+    qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
+    try:
+        return qmp.execute(command)
+    finally:
+        qmp.close()
 
 
 def hvparams(**changes):
@@ -622,22 +648,13 @@ class UnsupportedParameters(unittest.TestCase):
                           constants.HV_VNC_X509_VERIFY: True,
                           constants.HV_VNC_PASSWORD_FILE: password})
         hv = KvmAgentHypervisor(socket=SOURCE)
-        hv.CheckParameterSyntax(hvp)
-        inst = instance("vnc.example.com", UUIDS[1], hvp, memory=64)
-        inst.network_port = free_port()
         # The class gives the agent the password after the start; the agent
         # refuses a password for a VNC that asks for none, so this passing
         # shows it asked for one.
-        hv.StartInstance(inst, [], False)
-        try:
-            qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
-            vnc = qmp.execute("query-vnc")
-            qmp.close()
+        with started_display(hv, "vnc.example.com", hvp) as inst:
+            vnc = query(inst, "query-vnc")
             self.assertEqual(vnc["auth"], "vencrypt+x509+vnc")
             self.assertEqual(int(vnc["service"]), inst.network_port)
-        finally:
-            hv.StopInstance(inst, force=True)
-            hv.CleanupInstance(inst.name)
         verify_only = hvparams(**{constants.HV_VNC_BIND_ADDRESS: "127.0.0.1",
                                   constants.HV_VNC_TLS: True,
                                   constants.HV_VNC_X509_VERIFY: True})
@@ -654,25 +671,16 @@ class UnsupportedParameters(unittest.TestCase):
                           constants.HV_KVM_SPICE_AUDIO_COMPR: False,
                           constants.HV_KVM_SPICE_PASSWORD_FILE: password,
                           constants.HV_SERIAL_CONSOLE: False})
-        hv = KvmAgentHypervisor(socket=SOURCE)
-        hv.CheckParameterSyntax(hvp)
-        inst = instance("spice.example.com", UUIDS[1], hvp, memory=64)
-        inst.network_port = free_port()
         # The password reaches an agent that refuses one for a display
         # that asks for none: the start passing shows SPICE asks for it.
-        hv.StartInstance(inst, [], False)
-        try:
-            qmp = Qmp(ENV["KVM_AGENT_TEST_STATE_DIR"], inst.name)
-            spice = qmp.execute("query-spice")
-            qmp.close()
+        with started_display(KvmAgentHypervisor(socket=SOURCE), "spice.example.com",
+                             hvp) as inst:
+            spice = query(inst, "query-spice")
             self.assertEqual((spice["enabled"], spice["port"], spice["auth"], spice["host"]),
                              (True, inst.network_port, "spice", "127.0.0.1"))
             console = KvmAgentHypervisor.GetInstanceConsole(inst, None, None, hvp, {})
             self.assertEqual((console.kind, console.host, console.port),
                              (constants.CONS_SPICE, "lo", inst.network_port))
-        finally:
-            hv.StopInstance(inst, force=True)
-            hv.CleanupInstance(inst.name)
 
     def test_vnc_on_ganetis_port_and_any_address(self):
         # Ganeti hands out ports from 11000: display 5100 and up.
