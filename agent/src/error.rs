@@ -420,6 +420,9 @@ impl AgentError {
                     Code::InvalidArgument,
                     "turn vhost off, or load vhost_net on the node",
                 ),
+                RuntimeError::MachineTypeMissing { .. } => {
+                    (Code::FailedPrecondition, "the instance stays where it is")
+                }
                 RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {
                     (Code::FailedPrecondition, "fix the node setup")
                 }
@@ -454,6 +457,10 @@ impl AgentError {
                     "check qemu.log in the instance's run directory",
                 ),
                 LaunchError::Spawn { .. } => (Code::Internal, "check the agent's permissions"),
+                LaunchError::QemuUnreachable { .. } => (
+                    Code::FailedPrecondition,
+                    "install QEMU where its users reach it, or point qemu_binary at such a copy",
+                ),
                 _ => (
                     Code::FailedPrecondition,
                     "fix the cause above and start again",

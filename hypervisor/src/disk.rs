@@ -35,6 +35,14 @@ pub enum DiskCache {
     Unsafe,
 }
 
+impl DiskCache {
+    /// Whether the image is opened with `O_DIRECT`, past the host's page
+    /// cache.
+    pub fn bypasses_host_cache(self) -> bool {
+        matches!(self, DiskCache::None | DiskCache::Directsync)
+    }
+}
+
 /// A disk as the spec asks for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
@@ -243,9 +251,7 @@ pub fn check_disks(disks: &[DiskSpec], controller: ScsiController) -> Result<(),
         });
     }
     for disk in disks {
-        if disk.aio == DiskAio::Native
-            && !matches!(disk.cache, DiskCache::None | DiskCache::Directsync)
-        {
+        if disk.aio == DiskAio::Native && !disk.cache.bypasses_host_cache() {
             return Err(DiskError::NativeAioCache(disk.name.clone()));
         }
         if disk.bus.passes_through() && disk.format != DiskFormat::Raw {

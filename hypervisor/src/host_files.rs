@@ -197,21 +197,33 @@ pub struct DiskImage {
 }
 
 /// Opens a disk image the way QEMU will use it: read-only or read-write as
-/// the disk asks, beneath the allowed roots. A regular file or a block
+/// the disk asks, and with `O_DIRECT` where its cache mode bypasses the
+/// host's page cache (QEMU 9.1 and later only take an fd from a set whose
+/// flags match), beneath the allowed roots. A regular file or a block
 /// device; a disk that passes SCSI commands through needs a SCSI device
 /// (for `scsi-generic`, its character device).
 pub fn open_disk_image(disk: &DiskSpec, roots: &AllowedRoots) -> Result<DiskImage, HostFileError> {
-    let access = if disk.read_only {
+    let mut access = if disk.read_only {
         OFlag::O_RDONLY
     } else {
         OFlag::O_RDWR
     };
+    if disk.cache.bypasses_host_cache() {
+        access |= OFlag::O_DIRECT;
+    }
     let failed = |reason: String| HostFileError::Disk {
         disk: disk.name.clone(),
         path: disk.path.clone(),
         reason,
     };
-    let file = open_blocking(&disk.path, access, roots).map_err(failed)?;
+    let file = open_blocking(&disk.path, access, roots).map_err(|reason| {
+        match access.contains(OFlag::O_DIRECT) && reason.contains("Invalid argument") {
+            true => failed(format!(
+                "{reason}: its file system can't bypass the page cache, as cache none and directsync do; choose writeback or writethrough"
+            )),
+            false => failed(reason),
+        }
+    })?;
     let file_type = file
         .metadata()
         .map_err(|e| failed(e.to_string()))?

@@ -22,6 +22,7 @@ use crate::cgroup::{CgroupLayout, PreparedCgroups};
 use crate::host_files::{self, AllowedRoots, DiskImage, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
 use crate::process::{self, Credentials, PidFd, SpawnConfinement};
+use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::runtime::ResolvedAccelerator;
 use crate::runtime::argv::{self, ExecutionFds, ImageFd, MachineFds};
@@ -71,9 +72,6 @@ pub struct LaunchConfig {
     /// Where instance cgroups go; none when the node has no usable cgroups
     /// or instances aren't confined.
     pub cgroups: Option<CgroupLayout>,
-    /// Where the QEMU binary finds its option ROMs (`-L help`), for a
-    /// chroot to hold them.
-    pub option_rom_dirs: Vec<PathBuf>,
     /// Where disk images, boot files and RAM files may be opened; checked
     /// again at every launch, since a path may lead elsewhere by then.
     pub allowed_roots: AllowedRoots,
@@ -88,7 +86,6 @@ impl Default for LaunchConfig {
             log_max_bytes: 1024 * 1024,
             log_keep: 3,
             cgroups: None,
-            option_rom_dirs: Vec::new(),
             allowed_roots: AllowedRoots::default(),
         }
     }
@@ -103,6 +100,17 @@ pub enum LaunchError {
     /// The QEMU binary is missing.
     #[error("QEMU binary {} not found; install the qemu-system-x86 package or set --qemu-binary", .0.display())]
     QemuMissing(PathBuf),
+    /// The node's QEMU lacks the runtime's machine type, which never
+    /// changes while the instance lives.
+    #[error(
+        "this node's QEMU {version} has no machine type {machine_type}; run the instance on a QEMU that has it, or hard-reboot it onto a machine type this QEMU offers"
+    )]
+    MachineType {
+        /// The runtime's machine type.
+        machine_type: String,
+        /// The node's QEMU version.
+        version: QemuVersion,
+    },
     /// The run directory or a file in it can't be made.
     #[error("can't prepare {}", path.display())]
     RunDir {
@@ -123,6 +131,17 @@ pub enum LaunchError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// QEMU's own user may not execute the binary.
+    #[error(
+        "QEMU's user (uid {uid}) can't execute {}; the binary and every directory above it must be readable and searchable by others",
+        binary.display()
+    )]
+    QemuUnreachable {
+        /// The binary.
+        binary: PathBuf,
+        /// QEMU's uid.
+        uid: u32,
     },
     /// QEMU exited before it was ready.
     #[error("QEMU exited during start-up ({status}); its output ends with:\n{log_tail}")]
@@ -355,6 +374,7 @@ fn open_media(rt: &Runtime, cfg: &LaunchConfig) -> Result<Vec<Option<File>>, Hos
 
 fn open_resources(
     rt: &Runtime,
+    qemu: &QemuInfo,
     run_dir: &Path,
     cfg: &LaunchConfig,
 ) -> Result<ExecutionResources, LaunchError> {
@@ -418,7 +438,7 @@ fn open_resources(
         )?,
         operator_qmp: listen_if(cfg.operator_qmp, &run_dir.join(files::OPERATOR_QMP))?,
         chroot: if rt.chroot {
-            Some(prepare_chroot(rt, run_dir, cfg)?)
+            Some(prepare_chroot(rt, &qemu.data_dirs, run_dir)?)
         } else {
             None
         },
@@ -467,14 +487,17 @@ fn stage_display_credentials(
 /// A chrooted QEMU's empty root, with the option ROMs of the usual NIC
 /// models and the runtime's own; any other is staged when a NIC of it is
 /// hot-added.
-fn prepare_chroot(rt: &Runtime, run_dir: &Path, cfg: &LaunchConfig) -> Result<File, LaunchError> {
+fn prepare_chroot(
+    rt: &Runtime,
+    option_rom_dirs: &[PathBuf],
+    run_dir: &Path,
+) -> Result<File, LaunchError> {
     let root = run_dir.join(files::CHROOT);
     let dir = empty_dir(&root)?;
     let models = [NicModel::Virtio, NicModel::E1000]
         .into_iter()
         .chain(rt.nics.iter().map(|n| n.spec.model));
-    host_files::stage_option_roms(&root, &cfg.option_rom_dirs, models)
-        .map_err(run_dir_error(&root))?;
+    host_files::stage_option_roms(&root, option_rom_dirs, models).map_err(run_dir_error(&root))?;
     Ok(dir)
 }
 
@@ -496,15 +519,23 @@ fn empty_dir(path: &Path) -> Result<File, LaunchError> {
         .map_err(run_dir_error(path))
 }
 
-/// Launches QEMU for `rt` and waits until its QMP monitor is ready.
+/// Launches QEMU for `rt` on `qemu`, the node's binary whatever QEMU the
+/// runtime was made on, and waits until its QMP monitor is ready.
 pub async fn launch(
     rt: &Runtime,
+    qemu: &QemuInfo,
     run_dir: &Path,
     cfg: &LaunchConfig,
     mode: LaunchMode,
 ) -> Result<Launched, LaunchError> {
-    if !rt.qemu.binary.is_file() {
-        return Err(LaunchError::QemuMissing(rt.qemu.binary.clone()));
+    if !qemu.binary.is_file() {
+        return Err(LaunchError::QemuMissing(qemu.binary.clone()));
+    }
+    if !qemu.offers_machine(&rt.machine_type) {
+        return Err(LaunchError::MachineType {
+            machine_type: rt.machine_type.clone(),
+            version: qemu.version,
+        });
     }
     let credentials = credentials(rt)?;
     prepare_run_dir(run_dir, rt.qemu_user).await?;
@@ -514,7 +545,7 @@ pub async fn launch(
         credentials,
         cgroup_procs: Vec::new(),
     };
-    let result = launch_in(rt, run_dir, &log_path, cfg, mode, &confinement).await;
+    let result = launch_in(rt, qemu, run_dir, &log_path, cfg, mode, &confinement).await;
     if result.is_err() {
         remove_run_files(run_dir).await;
     }
@@ -523,20 +554,21 @@ pub async fn launch(
 
 async fn launch_in(
     rt: &Runtime,
+    qemu: &QemuInfo,
     run_dir: &Path,
     log_path: &Path,
     cfg: &LaunchConfig,
     mode: LaunchMode,
     confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
-    let resources = open_resources(rt, run_dir, cfg)?;
+    let resources = open_resources(rt, qemu, run_dir, cfg)?;
     let cgroups = prepare_cgroups(rt, run_dir, cfg)?;
     let confinement = SpawnConfinement {
         cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
         ..confinement.clone()
     };
     let fds = resources.fds(mode);
-    let mut child = spawn_qemu(rt, &fds, run_dir, log_path, cfg, &confinement)?;
+    let mut child = spawn_qemu(rt, qemu, &fds, run_dir, log_path, cfg, &confinement)?;
     drop(cgroups);
     let pid = child.id();
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
@@ -549,7 +581,7 @@ async fn launch_in(
         Err(source) => {
             kill_and_reap(&mut child);
             return Err(LaunchError::Spawn {
-                binary: rt.qemu.binary.clone(),
+                binary: qemu.binary.clone(),
                 source,
             });
         }
@@ -587,13 +619,14 @@ async fn launch_in(
 /// and its pid written to the pidfile.
 fn spawn_qemu(
     rt: &Runtime,
+    qemu: &QemuInfo,
     fds: &ExecutionFds,
     run_dir: &Path,
     log_path: &Path,
     cfg: &LaunchConfig,
     confinement: &SpawnConfinement,
 ) -> Result<Child, LaunchError> {
-    let args = argv::render_execution(rt, fds);
+    let args = argv::render_execution(rt, qemu, fds);
     let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
     // The directory may be QEMU's: never follow a link planted there.
     let log = OpenOptions::new()
@@ -605,17 +638,31 @@ fn spawn_qemu(
     let pidfile_path = run_dir.join(files::PIDFILE);
     let pidfile = process::create_own_file(&pidfile_path).map_err(run_dir_error(&pidfile_path))?;
     tracing::info!(instance = %rt.name, argv = ?args, "starting QEMU");
+    let env: Vec<(&str, &std::ffi::OsStr)> = qemu
+        .module_dir
+        .iter()
+        .map(|dir| ("QEMU_MODULE_DIR", dir.as_os_str()))
+        .collect();
     process::spawn_detached(
-        &rt.qemu.binary,
+        &qemu.binary,
         &args,
+        &env,
         &inherited(fds),
         log,
         Some(&pidfile),
         confinement,
     )
-    .map_err(|source| LaunchError::Spawn {
-        binary: rt.qemu.binary.clone(),
-        source,
+    .map_err(|source| match rt.qemu_user {
+        Some(user) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            LaunchError::QemuUnreachable {
+                binary: qemu.binary.clone(),
+                uid: user.uid,
+            }
+        }
+        _ => LaunchError::Spawn {
+            binary: qemu.binary.clone(),
+            source,
+        },
     })
 }
 

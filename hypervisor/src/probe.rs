@@ -113,14 +113,53 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
             detail: machine_out.chars().take(200).collect(),
         });
     }
+    let mut data_dirs = parse_data_dirs(&data_dirs_out?);
+    let firmware_dir = own_firmware_dir(&binary, &data_dirs);
+    data_dirs.splice(0..0, firmware_dir.clone());
+    let module_dir = firmware_dir.as_deref().and_then(own_module_dir);
     Ok(QemuInfo {
         binary,
         version,
         version_text: version_out.lines().next().unwrap_or_default().to_owned(),
         machines,
         sandbox,
-        data_dirs: parse_data_dirs(&data_dirs_out?),
+        data_dirs,
+        firmware_dir,
+        module_dir,
     })
+}
+
+/// The `share/qemu` of the installation `binary` belongs to
+/// (`<prefix>/bin/qemu-system-x86_64`), where QEMU doesn't search it
+/// already: a distribution's QEMU looks in its configured directory only,
+/// so one unpacked under another prefix would take the system QEMU's
+/// option ROMs, of another version and size.
+fn own_firmware_dir(binary: &Path, searched: &[PathBuf]) -> Option<PathBuf> {
+    let prefix = binary.canonicalize().ok()?.parent()?.parent()?.to_owned();
+    let dir = prefix.join("share/qemu");
+    let same = |d: &PathBuf| d.canonicalize().is_ok_and(|d| d == dir);
+    (dir.is_dir() && !searched.iter().any(same)).then_some(dir)
+}
+
+/// The module directory beside an installation's own `share/qemu`: the
+/// `lib/<multiarch>/qemu` (as distributions lay it out) or `lib/qemu`
+/// that holds shared objects.
+fn own_module_dir(firmware_dir: &Path) -> Option<PathBuf> {
+    let lib = firmware_dir.parent()?.parent()?.join("lib");
+    let multiarch = std::fs::read_dir(&lib)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path().join("qemu"));
+    let holds_modules = |dir: &PathBuf| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "so"))
+        })
+    };
+    multiarch
+        .chain(std::iter::once(lib.join("qemu")))
+        .find(holds_modules)
 }
 
 /// The directories `-L help` lists, one per line. Pure.
@@ -214,6 +253,49 @@ none                 empty machine
     }
 
     #[test]
+    fn a_binary_unpacked_under_a_prefix_of_its_own_uses_that_prefixs_firmware() {
+        let system = tempfile::tempdir().unwrap();
+        let unpacked = tempfile::tempdir().unwrap();
+        for root in [&system, &unpacked] {
+            std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+            std::fs::create_dir_all(root.path().join("usr/share/qemu")).unwrap();
+            std::fs::write(root.path().join("usr/bin/qemu-system-x86_64"), "").unwrap();
+        }
+        let searched = [system.path().join("usr/share/qemu")];
+        let binary = |root: &tempfile::TempDir| root.path().join("usr/bin/qemu-system-x86_64");
+
+        assert_eq!(own_firmware_dir(&binary(&system), &searched), None);
+        let own = unpacked
+            .path()
+            .canonicalize()
+            .unwrap()
+            .join("usr/share/qemu");
+        assert_eq!(
+            own_firmware_dir(&binary(&unpacked), &searched),
+            Some(own.clone())
+        );
+        // A helper's directory is no module directory.
+        std::fs::create_dir_all(unpacked.path().join("usr/lib/qemu")).unwrap();
+        std::fs::write(unpacked.path().join("usr/lib/qemu/qemu-bridge-helper"), "").unwrap();
+        assert_eq!(own_module_dir(&own), None);
+        let modules = unpacked.path().join("usr/lib/x86_64-linux-gnu/qemu");
+        std::fs::create_dir_all(&modules).unwrap();
+        std::fs::write(modules.join("ui-spice-core.so"), "").unwrap();
+        assert_eq!(
+            own_module_dir(&own),
+            Some(
+                own.parent()
+                    .unwrap()
+                    .parent()
+                    .unwrap()
+                    .join("lib/x86_64-linux-gnu/qemu")
+            )
+        );
+        std::fs::remove_dir(unpacked.path().join("usr/share/qemu")).unwrap();
+        assert_eq!(own_firmware_dir(&binary(&unpacked), &searched), None);
+    }
+
+    #[test]
     fn parses_two_part_version() {
         assert_eq!(
             parse_version("QEMU emulator version 8.0"),
@@ -239,6 +321,8 @@ none                 empty machine
             machines: parse_machine_help(MACHINE_HELP),
             sandbox: true,
             data_dirs: Vec::new(),
+            firmware_dir: None,
+            module_dir: None,
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));

@@ -214,15 +214,16 @@ pub struct SpawnConfinement {
     pub cgroup_procs: Vec<RawFd>,
 }
 
-/// Spawns `binary` with `args` in a new session, with stdout and stderr
-/// appended to `log`, and with `inherit` (and only those, besides 0-2)
-/// passed across exec.
+/// Spawns `binary` with `args` and the agent's environment plus `env` in
+/// a new session, with stdout and stderr appended to `log`, and with
+/// `inherit` (and only those, besides 0-2) passed across exec.
 ///
 /// Privileges are dropped here, between fork and exec, rather than by
 /// QEMU's `-runas`: QEMU's sandbox forbids the calls `-runas` makes.
 pub fn spawn_detached(
     binary: &Path,
     args: &[impl AsRef<OsStr>],
+    env: &[(&str, &OsStr)],
     inherit: &[RawFd],
     log: File,
     pidfile: Option<&File>,
@@ -244,6 +245,7 @@ pub fn spawn_detached(
     let mut command = Command::new(binary);
     command
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(stderr);
@@ -499,6 +501,7 @@ mod tests {
         let mut child = spawn_detached(
             Path::new("/bin/cat"),
             &["/proc/self/status"],
+            &[],
             &[],
             log.reopen().unwrap(),
             None,

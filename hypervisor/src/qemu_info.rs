@@ -48,8 +48,16 @@ pub struct QemuInfo {
     /// runtimes give it (`argv::SANDBOX`).
     pub sandbox: bool,
     /// Where it looks for firmware and option ROMs (`-L help`), as it
-    /// prints them.
+    /// prints them, with its own firmware directory first.
     pub data_dirs: Vec<PathBuf>,
+    /// The data directory of the binary's own installation, where QEMU
+    /// wouldn't look by itself (one unpacked beside the system's): given
+    /// with `-L` at every launch, so it never runs on another version's
+    /// option ROMs.
+    pub firmware_dir: Option<PathBuf>,
+    /// The loadable modules (SPICE, OpenGL) of that installation, given
+    /// as `QEMU_MODULE_DIR`: QEMU refuses modules of another build.
+    pub module_dir: Option<PathBuf>,
 }
 
 impl QemuInfo {
@@ -58,5 +66,12 @@ impl QemuInfo {
     pub fn resolve_machine(&self, requested: &str) -> Option<String> {
         let m = self.machines.iter().find(|m| m.name == requested)?;
         Some(m.alias_of.clone().unwrap_or_else(|| m.name.clone()))
+    }
+
+    /// Whether it offers the versioned machine type `machine_type`.
+    pub fn offers_machine(&self, machine_type: &str) -> bool {
+        self.machines
+            .iter()
+            .any(|m| m.name == machine_type && m.alias_of.is_none())
     }
 }

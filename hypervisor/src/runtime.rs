@@ -325,6 +325,19 @@ pub enum RuntimeError {
         /// A short list of what is offered.
         offered: String,
     },
+    /// A runtime made elsewhere has a machine type this node's QEMU lacks:
+    /// QEMU moves guests to its own or a newer version only.
+    #[error(
+        "this node's QEMU {here} has no machine type {machine_type}, which the instance was made with on QEMU {made_on}; QEMU can't move a guest to a version older than its machine type, so choose a node whose QEMU has it"
+    )]
+    MachineTypeMissing {
+        /// The runtime's machine type.
+        machine_type: String,
+        /// The QEMU the runtime was made on.
+        made_on: QemuVersion,
+        /// This node's QEMU.
+        here: QemuVersion,
+    },
     /// KVM was asked for explicitly but can't be used.
     #[error(
         "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
@@ -706,22 +719,11 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
     check_socket_paths(host.run_dir)?;
     // The versioned machine type must exist as such: resolving an alias
     // here would change the guest's ABI under it.
-    if !host
-        .qemu
-        .machines
-        .iter()
-        .any(|m| m.name == foreign.machine_type && m.alias_of.is_none())
-    {
-        return Err(RuntimeError::UnknownMachineType {
-            requested: foreign.machine_type.clone(),
-            offered: host
-                .qemu
-                .machines
-                .iter()
-                .filter(|m| m.alias_of.is_none())
-                .map(|m| m.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+    if !host.qemu.offers_machine(&foreign.machine_type) {
+        return Err(RuntimeError::MachineTypeMissing {
+            machine_type: foreign.machine_type.clone(),
+            made_on: foreign.qemu.version,
+            here: host.qemu.version,
         });
     }
     if let (ResolvedAccelerator::Kvm, Err(why)) = (foreign.accelerator, host.kvm) {
@@ -1057,6 +1059,8 @@ pub(crate) mod tests {
             version_text: "QEMU emulator version 7.2.22".into(),
             sandbox: true,
             data_dirs: Vec::new(),
+            firmware_dir: None,
+            module_dir: None,
             machines: vec![
                 MachineType {
                     name: "pc".into(),
@@ -1093,7 +1097,7 @@ pub(crate) mod tests {
             Err(RuntimeError::ExtraArgs(ExtraArgsError::NotAllowed(o))) if o == "-device virtio-rng-pci"
         ));
         let rt = generate(&spec, allowing, 1).unwrap();
-        let argv = argv::render_execution(&rt, &argv::tests::fds());
+        let argv = argv::render_execution(&rt, &qemu_7_2(), &argv::tests::fds());
         assert_eq!(argv[argv.len() - 2..], spec.extra_args[..]);
         // Not in the machine part the runtime stores.
         assert!(!rt.argv.contains(&"virtio-rng-pci".to_owned()));
@@ -1194,7 +1198,7 @@ pub(crate) mod tests {
             .retain(|m| !m.name.contains("7.2") && m.name != "pc");
         assert!(matches!(
             adopt_on_host(&rt, host(&older)),
-            Err(RuntimeError::UnknownMachineType { .. })
+            Err(RuntimeError::MachineTypeMissing { .. })
         ));
         let mut no_kvm = host(&qemu);
         no_kvm.kvm = Err("no /dev/kvm");

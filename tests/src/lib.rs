@@ -23,8 +23,27 @@ use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint, Uri};
 use uuid::Uuid;
 
-/// The QEMU binary the tests need. Panics with what to install if missing.
+/// Names the QEMU the end-to-end tests run on, when it isn't the system's
+/// `qemu-system-x86_64` (`scripts/test` runs the QEMU-dependent suites
+/// again on a second version).
+pub const TEST_QEMU_ENV: &str = "KVM_AGENT_TEST_QEMU";
+
+/// The QEMU binary the tests run on. Panics with what to install if missing.
 pub fn require_qemu() -> PathBuf {
+    if let Some(chosen) = std::env::var_os(TEST_QEMU_ENV) {
+        let chosen = PathBuf::from(chosen);
+        assert!(
+            chosen.is_file(),
+            "{TEST_QEMU_ENV} names {}, which is not there; scripts/qemu-env unpacks the second QEMU",
+            chosen.display()
+        );
+        return chosen;
+    }
+    system_qemu()
+}
+
+/// The system's `qemu-system-x86_64`, whatever the tests run on.
+pub fn system_qemu() -> PathBuf {
     let found = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
@@ -35,6 +54,31 @@ pub fn require_qemu() -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("qemu-system-x86_64 is not installed; install the qemu-system-x86 package (scripts/test does)")
     })
+}
+
+/// The newer QEMU the cross-version tests run beside the system's, as
+/// `scripts/qemu-env` unpacks it and `scripts/test` names it.
+pub fn newer_qemu() -> PathBuf {
+    let newer = prepared_path("KVM_AGENT_NEWER_QEMU", "qemu-env");
+    let (system, unpacked) = (qemu_version(&system_qemu()), qemu_version(&newer));
+    assert!(
+        unpacked > system,
+        "{} is QEMU {unpacked:?}, not newer than the system's {system:?}",
+        newer.display()
+    );
+    newer
+}
+
+/// A QEMU binary's (major, minor) version, from `-version`.
+pub fn qemu_version(binary: &Path) -> (u32, u32) {
+    let out = Command::new(binary)
+        .arg("-version")
+        .output()
+        .expect("run QEMU");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = hypervisor::probe::parse_version(&text)
+        .unwrap_or_else(|| panic!("{} printed no version: {text}", binary.display()));
+    (version.major, version.minor)
 }
 
 /// The agent binary built next to the test binary.
@@ -87,7 +131,7 @@ impl Default for AgentOptions {
                 "--kill-timeout-ms".into(),
                 "5000".into(),
             ],
-            qemu_binary: None,
+            qemu_binary: std::env::var_os(TEST_QEMU_ENV).map(PathBuf::from),
             state_dir: None,
             wrapper: Vec::new(),
         }
@@ -161,7 +205,9 @@ impl TestAgent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.path().join("agent.log")).expect("agent log"));
-        if let Some(q) = &self.options.qemu_binary {
+        if let Some(q) = &self.options.qemu_binary
+            && !self.options.args.iter().any(|a| a == "--qemu-binary")
+        {
             cmd.arg("--qemu-binary").arg(q);
         }
         self.child = Some(cmd.spawn().expect("spawn kvm-agent"));
@@ -306,6 +352,14 @@ impl TestAgent {
         let f = std::fs::File::create(&path).expect("create image");
         f.set_len(size_mib << 20).expect("size image");
         path
+    }
+
+    /// Runs the agent on `qemu` from its next (re)start on.
+    pub fn set_qemu_binary(&mut self, qemu: &Path) {
+        if let Some(at) = self.options.args.iter().position(|a| a == "--qemu-binary") {
+            self.options.args.drain(at..at + 2);
+        }
+        self.options.qemu_binary = Some(qemu.to_owned());
     }
 
     /// The `serve` arguments the next (re)start uses.

@@ -695,7 +695,17 @@ pub(crate) mod tests {
             chroot: None,
             mode: Default::default(),
         };
-        let argv = render_execution(&rt, &fds).join(" ");
+        let qemu = hypervisor::qemu_info::QemuInfo {
+            binary: live().qemu.binary,
+            version: live().qemu.version,
+            version_text: String::new(),
+            machines: Vec::new(),
+            sandbox: true,
+            data_dirs: Vec::new(),
+            firmware_dir: None,
+            module_dir: None,
+        };
+        let argv = render_execution(&rt, &qemu, &fds).join(" ");
 
         assert!(!argv.contains("-nodefaults"), "{argv}");
         assert!(

@@ -324,10 +324,8 @@ impl Agent {
         let run_dir = self.cfg.run_dir(&inst.name);
         let mut launch = self.cfg.launch.clone();
         launch.allowed_roots = self.cfg.allowed_roots.clone();
-        if runtime.chroot {
-            launch.option_rom_dirs = self.qemu_info().await?.data_dirs.clone();
-        }
-        let launched = lifecycle::launch(runtime, &run_dir, &launch, mode)
+        let qemu = self.qemu_info().await?;
+        let launched = lifecycle::launch(runtime, &qemu, &run_dir, &launch, mode)
             .await
             .map_err(|source| AgentError::Launch {
                 instance: inst.name.clone(),

@@ -15,7 +15,7 @@ use crate::disk::{ImageKind, SCSI_CONTROLLER_ID};
 use crate::media;
 use crate::pcie::{self, PciLayout};
 use crate::pinning::CpuPinning;
-use crate::qemu_info::QemuVersion;
+use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::spec::{
     Boot, DiskAio, DiskBus, DiskCache, DiskFormat, DisplayAdapter, MemoryBacking, NicModel,
     UsbPointer,
@@ -434,10 +434,15 @@ fn first_disk_boot_index(rt: &Runtime) -> Option<u32> {
     }
 }
 
-/// The full command line: the machine with its files as fds, disks, NICs
-/// and the execution fds.
-pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
+/// The full command line for `qemu`, the binary that runs it: the machine
+/// with its files as fds, disks, NICs and the execution fds. What QEMU
+/// versions spell differently is spelled for `qemu`, not for the QEMU the
+/// runtime was made on.
+pub fn render_execution(rt: &Runtime, qemu: &QemuInfo, fds: &ExecutionFds) -> Vec<String> {
     let mut argv = render_machine(rt, &fds.machine);
+    if let Some(dir) = &qemu.firmware_dir {
+        argv.extend(["-L".into(), dir.to_string_lossy().into_owned()]);
+    }
     let layout = rt.pci_layout();
     argv.extend(render_disks(rt, &fds.disks));
     for (index, image) in fds.media.iter().enumerate() {
@@ -488,7 +493,7 @@ pub fn render_execution(rt: &Runtime, fds: &ExecutionFds) -> Vec<String> {
         argv.extend(render_guest_agent(&pci_at(layout, slot), fd));
     }
     if let Some(fd) = fds.chroot {
-        argv.extend(chroot_option(rt.qemu.version, fd));
+        argv.extend(chroot_option(qemu.version, fd));
     }
     // Last, so a device among them takes a slot none of the runtime's has.
     argv.extend(rt.extra_args.iter().cloned());
@@ -826,7 +831,7 @@ pub(crate) mod tests {
         let mut launched = fds();
         launched.machine.kernel = Some(17);
         let cmdline: Vec<String> = std::iter::once("qemu-system-x86_64".to_owned())
-            .chain(render_execution(&rt, &launched))
+            .chain(render_execution(&rt, &qemu_7_2(), &launched))
             .collect();
 
         assert!(machine_part_matches(&rt, &cmdline));
@@ -865,19 +870,48 @@ pub(crate) mod tests {
             ["-run-with", "chroot=/proc/self/fd/9"]
         );
 
-        // The same runtime, executed by a newer QEMU after an upgrade.
-        let qemu = qemu_7_2();
-        let mut rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
+        // A runtime is spelled for the QEMU that executes it, whichever
+        // QEMU it was made on: an upgrade or a migration changes it.
+        let old_qemu = qemu_7_2();
+        let new_qemu = QemuInfo {
+            version: version(10, 0),
+            ..qemu_7_2()
+        };
+        let made_on_old = generate(&sample_spec(), host(&old_qemu), 1).unwrap();
+        let made_on_new = generate(&sample_spec(), host(&new_qemu), 1).unwrap();
         let with_chroot = ExecutionFds {
             chroot: Some(9),
             ..fds()
         };
-        let argv = render_execution(&rt, &with_chroot).join(" ");
-        assert!(argv.contains("-chroot /proc/self/fd/9"), "{argv}");
-        rt.qemu.version = version(9, 2);
-        let argv = render_execution(&rt, &with_chroot).join(" ");
-        assert!(argv.contains("-run-with chroot=/proc/self/fd/9"), "{argv}");
-        assert!(!argv.contains("-chroot"), "{argv}");
+        for rt in [&made_on_old, &made_on_new] {
+            let on_old = render_execution(rt, &old_qemu, &with_chroot).join(" ");
+            assert!(on_old.contains("-chroot /proc/self/fd/9"), "{on_old}");
+            assert!(!on_old.contains("-run-with"), "{on_old}");
+            let on_new = render_execution(rt, &new_qemu, &with_chroot).join(" ");
+            assert!(
+                on_new.contains("-run-with chroot=/proc/self/fd/9"),
+                "{on_new}"
+            );
+            assert!(!on_new.contains("-chroot"), "{on_new}");
+        }
+    }
+
+    #[test]
+    fn a_qemu_with_a_firmware_dir_of_its_own_is_pointed_at_it() {
+        let system = qemu_7_2();
+        let unpacked = QemuInfo {
+            firmware_dir: Some("/opt/qemu-10.0/usr/share/qemu".into()),
+            ..qemu_7_2()
+        };
+        let rt = generate(&sample_spec(), host(&system), 1).unwrap();
+
+        let argv = render_execution(&rt, &unpacked, &fds());
+        let at = argv.iter().position(|a| a == "-L").expect("a -L option");
+        assert_eq!(argv[at + 1], "/opt/qemu-10.0/usr/share/qemu");
+        // After the machine part, which the runtime's own argv is checked
+        // against.
+        assert_eq!(argv[..rt.argv.len()], rt.argv[..]);
+        assert!(!render_execution(&rt, &system, &fds()).contains(&"-L".to_owned()));
     }
 
     #[test]
@@ -903,6 +937,7 @@ pub(crate) mod tests {
 
         let execution = render_execution(
             &rt,
+            &qemu_7_2(),
             &ExecutionFds {
                 machine: MachineFds {
                     kernel: Some(7),
@@ -941,10 +976,11 @@ pub(crate) mod tests {
     fn an_incoming_start_waits_paused_for_the_stream() {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
-        let plain = render_execution(&rt, &fds());
+        let plain = render_execution(&rt, &qemu_7_2(), &fds());
         assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
         let incoming = render_execution(
             &rt,
+            &qemu_7_2(),
             &ExecutionFds {
                 mode: LaunchMode::Incoming,
                 ..fds()
@@ -973,6 +1009,7 @@ pub(crate) mod tests {
         let rt = generate(&spec, host(&qemu), 1).unwrap();
         let argv = render_execution(
             &rt,
+            &qemu_7_2(),
             &ExecutionFds {
                 media: vec![Some(9), None],
                 ..fds()
@@ -1027,7 +1064,7 @@ pub(crate) mod tests {
             assert_eq!(rt.disks[0].slot, None);
             // The NIC takes the first slot.
             assert_eq!(rt.nics[0].slot, Some(3));
-            let argv = render_execution(&rt, &fds()).join(" ");
+            let argv = render_execution(&rt, &qemu_7_2(), &fds()).join(" ");
             let device = format!("ide-hd,id={},drive=", rt.disks[0].device_id());
             assert!(argv.contains(&device) && argv.contains(at), "{argv}");
         }
@@ -1058,7 +1095,7 @@ pub(crate) mod tests {
             disks: images.to_vec(),
             ..fds()
         };
-        let argv = render_execution(&rt, &fds).join(" ");
+        let argv = render_execution(&rt, &qemu_7_2(), &fds).join(" ");
         assert!(
             argv.contains("-device megasas,id=scsi,bus=pci.0,addr=0x4 -add-fd fd=6,set=1"),
             "{argv}"
@@ -1093,7 +1130,7 @@ pub(crate) mod tests {
         assert_eq!(rt.nics[0].slot, None);
         // The disk takes 3, the balloon the next free one.
         assert_eq!(rt.balloon_slot, Some(4));
-        let argv = render_execution(&rt, &fds()).join(" ");
+        let argv = render_execution(&rt, &qemu_7_2(), &fds()).join(" ");
         let device = format!(
             "ne2k_isa,id={},netdev={},mac={} ",
             rt.nics[0].device_id(),
@@ -1117,7 +1154,7 @@ pub(crate) mod tests {
             rt.scsi_controller.map(|c| c.model),
             Some(crate::spec::ScsiController::VirtioScsi)
         );
-        let argv = render_execution(&rt, &fds()).join(" ");
+        let argv = render_execution(&rt, &qemu_7_2(), &fds()).join(" ");
         assert!(argv.contains("-device virtio-scsi-pci,id=scsi,"), "{argv}");
         let device = argv
             .split(" -device ")
@@ -1131,7 +1168,7 @@ pub(crate) mod tests {
         let mut spec = sample_spec();
         spec.boot = Boot::Network;
         let rt = generate(&spec, host(&qemu), 1).unwrap();
-        let argv = render_execution(&rt, &fds());
+        let argv = render_execution(&rt, &qemu_7_2(), &fds());
         let nic = argv
             .iter()
             .find(|a| a.starts_with("virtio-net-pci,"))
@@ -1150,6 +1187,7 @@ pub(crate) mod tests {
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
         let paused = render_execution(
             &rt,
+            &qemu_7_2(),
             &ExecutionFds {
                 mode: LaunchMode::BootPaused,
                 ..fds()
@@ -1182,7 +1220,7 @@ pub(crate) mod tests {
             },
             ..fds()
         };
-        let execution = render_execution(&rt, &fds);
+        let execution = render_execution(&rt, &qemu_7_2(), &fds);
         assert!(
             execution.join(" ").contains("dir=/proc/self/fd/11,"),
             "{execution:?}"
@@ -1258,13 +1296,15 @@ pub(crate) mod tests {
         spec.cpu_pinning = Some("1:0".parse().unwrap());
         let rt = generate(&spec, host(&qemu), 1).unwrap();
         assert_eq!(
-            render_execution(&rt, &fds()).last().map(String::as_str),
+            render_execution(&rt, &qemu_7_2(), &fds())
+                .last()
+                .map(String::as_str),
             Some("-S")
         );
         spec.cpu_pinning = Some("all".parse().unwrap());
         let unrestricted = generate(&spec, host(&qemu), 1).unwrap();
         assert!(
-            !render_execution(&unrestricted, &fds())
+            !render_execution(&unrestricted, &qemu_7_2(), &fds())
                 .iter()
                 .any(|a| a == "-S")
         );
@@ -1356,7 +1396,7 @@ pub(crate) mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let argv = render_execution(&rt, &fds());
+        let argv = render_execution(&rt, &qemu_7_2(), &fds());
 
         let devices: Vec<&String> = argv
             .windows(2)
@@ -1377,7 +1417,7 @@ pub(crate) mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let argv = render_execution(&rt, &fds());
+        let argv = render_execution(&rt, &qemu_7_2(), &fds());
 
         let netdev = argv.iter().find(|a| a.starts_with("tap,")).unwrap();
         assert_eq!(
@@ -1409,7 +1449,7 @@ pub(crate) mod tests {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
 
-        let argv = render_execution(&rt, &fds()).join(" ");
+        let argv = render_execution(&rt, &qemu_7_2(), &fds()).join(" ");
 
         assert!(argv.contains("bootindex=1"), "{argv}");
     }
@@ -1486,7 +1526,7 @@ pub(crate) mod tests {
             let qemu = qemu_7_2();
             let rt = generate(&sample_spec(), host(&qemu), 1).unwrap();
             let fds = ExecutionFds { qmp, taps: vec![vec![tap]], serial: None, ..fds() };
-            prop_assert_eq!(render_execution(&rt, &fds), render_execution(&rt, &fds));
+            prop_assert_eq!(render_execution(&rt, &qemu_7_2(), &fds), render_execution(&rt, &qemu_7_2(), &fds));
         }
     }
 }
