@@ -196,6 +196,10 @@ pub struct MigrationConfig {
     pub parameters: MigrationParameters,
     /// How long a call to the other agent may take.
     pub peer_timeout: Duration,
+    /// The newest protocol spoken to other agents: lower than this
+    /// release's while older agents must still migrate here and from here
+    /// under its rules.
+    pub peer_protocol: u32,
     /// This node's certificate, shown to `https://` targets.
     pub peer_tls: Option<crate::tls::TlsMaterial>,
 }
@@ -207,6 +211,7 @@ impl Default for MigrationConfig {
             ports: 49152..=49215,
             parameters: MigrationParameters::default(),
             peer_timeout: Duration::from_secs(30),
+            peer_protocol: crate::peer::PEER_PROTOCOL,
             peer_tls: None,
         }
     }

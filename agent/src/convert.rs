@@ -785,6 +785,7 @@ pub fn node_info_to_proto(facts: NodeFacts) -> pb::NodeInfo {
         cpus: facts.cpus,
         instance_count: facts.instance_count,
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        peer_protocol: facts.peer_protocol,
     }
 }
 

@@ -22,6 +22,9 @@ pub enum AgentError {
     /// A request field is missing or unusable.
     #[error("{0}")]
     BadRequest(String),
+    /// A peer agent's release is too far from this one's to work with.
+    #[error("{0}")]
+    PeerVersion(String),
     /// No such instance.
     #[error("instance {0:?} not found")]
     NotFound(String),
@@ -319,6 +322,10 @@ impl AgentError {
             AgentError::Spec(_) | AgentError::BadRequest(_) => {
                 (Code::InvalidArgument, "fix the request and retry")
             }
+            AgentError::PeerVersion(_) => (
+                Code::FailedPrecondition,
+                "upgrade the older agent, one release at a time",
+            ),
             AgentError::NotFound(_) => (Code::NotFound, "ListInstances shows those there are"),
             AgentError::AlreadyRunning { .. } => {
                 (Code::AlreadyExists, "stop it first, or reboot it")

@@ -529,6 +529,7 @@ impl Agent {
             memory_available_mib: mem("MemAvailable:"),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             instance_count: self.registry().len() as u32,
+            peer_protocol: self.cfg.migration.peer_protocol,
         }
     }
 

@@ -124,7 +124,9 @@ pub enum RecordedState {
 /// The durable record of an instance: its runtime and how it last ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceRecord {
-    /// The runtime to replay.
+    /// The runtime to replay; one an earlier release wrote is upgraded as
+    /// it is read.
+    #[serde(deserialize_with = "hypervisor::runtime::format::deserialize")]
     pub runtime: Runtime,
     /// Last known state.
     pub state: RecordedState,
@@ -218,6 +220,8 @@ pub struct NodeFacts {
     pub cpus: u32,
     /// Instances with a record.
     pub instance_count: u32,
+    /// The newest protocol the agent speaks to other agents.
+    pub peer_protocol: u32,
 }
 
 /// Per-call settings of a migration.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use hypervisor::Runtime;
+use hypervisor::runtime::format;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tokio::net::UnixStream;
@@ -19,6 +21,51 @@ use crate::tls::TlsMaterial;
 /// An agent's service puts it on every answer, so its presence tells an
 /// answer of the other agent from a connection that broke.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The newest protocol this agent speaks to its peers. Each release
+/// speaks every protocol from [`OLDEST_PEER_PROTOCOL`] on, so that during
+/// a rolling upgrade a node migrates to and from the release before.
+/// Protocol 1 (releases without a version in their calls) sends runtimes
+/// in format 1; protocol 2 in format 2.
+pub const PEER_PROTOCOL: u32 = 2;
+/// The oldest protocol this agent speaks to its peers.
+pub const OLDEST_PEER_PROTOCOL: u32 = 1;
+
+/// A peer's protocol as it states it: unset is protocol 1.
+pub fn stated_protocol(wire: u32) -> u32 {
+    wire.max(1)
+}
+
+/// The protocol to speak with a peer whose newest is `theirs`, this
+/// agent's being `ours`: the lower of the two, which both must speak.
+pub fn negotiate(theirs: u32, ours: u32) -> Result<u32, String> {
+    let agreed = theirs.min(ours);
+    if agreed < OLDEST_PEER_PROTOCOL {
+        return Err(format!(
+            "the other agent speaks peer protocols up to {theirs}, and this one {OLDEST_PEER_PROTOCOL} to {ours}"
+        ));
+    }
+    Ok(agreed)
+}
+
+/// Whether this agent, whose newest is `ours`, speaks `protocol`, as a
+/// source asked for it.
+pub fn check_spoken(protocol: u32, ours: u32) -> Result<(), String> {
+    if (OLDEST_PEER_PROTOCOL..=ours).contains(&protocol) {
+        return Ok(());
+    }
+    Err(format!(
+        "the source agent speaks peer protocol {protocol}, and this one {OLDEST_PEER_PROTOCOL} to {ours}"
+    ))
+}
+
+/// The runtime format a peer protocol carries.
+pub fn runtime_format(protocol: u32) -> u32 {
+    match protocol {
+        1 => 1,
+        _ => 2,
+    }
+}
 
 /// Whether `status` is an answer of the other agent's service, rather
 /// than a failure of the connection to it.
@@ -194,16 +241,31 @@ impl TargetAgent {
         }
     }
 
-    /// Asks the target to wait for `runtime_json`'s guest; returns the
-    /// address its QEMU listens on.
+    /// The peer protocol to speak with the target, from its newest and
+    /// `ours`.
+    pub async fn protocol(&mut self, ours: u32) -> Result<u32, tonic::Status> {
+        let info = self.client.get_node_info(pb::GetNodeInfoRequest {}).await?;
+        negotiate(stated_protocol(info.into_inner().peer_protocol), ours)
+            .map_err(tonic::Status::failed_precondition)
+    }
+
+    /// Asks the target to wait for `runtime`'s guest, sent in the format
+    /// of the protocol both speak (this agent's newest being `ours`);
+    /// returns the address its QEMU listens on.
     pub async fn accept_migration(
         &mut self,
-        runtime_json: String,
+        runtime: &Runtime,
         source: String,
+        ours: u32,
     ) -> Result<String, tonic::Status> {
+        let protocol = self.protocol(ours).await?;
+        let runtime_json = format::write_as(runtime, runtime_format(protocol))
+            .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?
+            .to_string();
         let request = pb::AcceptMigrationRequest {
             runtime_json,
             source,
+            protocol_version: protocol,
         };
         let answer = self.client.accept_migration(request).await?;
         Ok(answer.into_inner().address)
@@ -234,6 +296,32 @@ impl TargetAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_speak_the_lower_of_their_newest_protocols_or_refuse_naming_both() {
+        assert_eq!(negotiate(stated_protocol(0), PEER_PROTOCOL), Ok(1));
+        assert_eq!(stated_protocol(0), 1);
+        assert_eq!(negotiate(PEER_PROTOCOL, PEER_PROTOCOL), Ok(PEER_PROTOCOL));
+        assert_eq!(
+            negotiate(PEER_PROTOCOL + 5, PEER_PROTOCOL),
+            Ok(PEER_PROTOCOL)
+        );
+        assert_eq!(negotiate(PEER_PROTOCOL, 1), Ok(1));
+        assert_eq!(runtime_format(1), 1);
+        assert_eq!(
+            runtime_format(PEER_PROTOCOL),
+            hypervisor::runtime::RUNTIME_FORMAT_VERSION
+        );
+        assert!(check_spoken(1, PEER_PROTOCOL).is_ok());
+        assert!(check_spoken(PEER_PROTOCOL, PEER_PROTOCOL).is_ok());
+        assert!(check_spoken(2, 1).is_err());
+        let refused = check_spoken(PEER_PROTOCOL + 1, PEER_PROTOCOL).unwrap_err();
+        assert!(
+            refused.contains(&format!("protocol {}", PEER_PROTOCOL + 1))
+                && refused.contains(&format!("1 to {PEER_PROTOCOL}")),
+            "{refused}"
+        );
+    }
 
     #[test]
     fn addresses_are_read() {

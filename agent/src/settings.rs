@@ -231,6 +231,8 @@ layer! {
         ports: PortRange,
         /// How long a call to another agent may take.
         peer_timeout_ms: NonZeroU64,
+        /// The newest protocol to speak to other agents.
+        peer_protocol: u32,
     }
 }
 
@@ -583,6 +585,34 @@ fn allowed_roots(roots: Vec<AbsolutePath>) -> Result<AllowedRoots, ConfigError> 
     })
 }
 
+impl MigrationSection {
+    /// Sets what this section sets in `migration`.
+    fn resolve(self, migration: &mut crate::config::MigrationConfig) -> Result<(), ConfigError> {
+        if let Some(address) = self.address {
+            migration.address = address.to_string();
+        }
+        if let Some(ports) = self.ports {
+            migration.ports = ports.0;
+        }
+        migration.peer_timeout = millis(self.peer_timeout_ms, migration.peer_timeout);
+        if let Some(protocol) = self.peer_protocol {
+            let spoken = crate::peer::OLDEST_PEER_PROTOCOL..=crate::peer::PEER_PROTOCOL;
+            if !spoken.contains(&protocol) {
+                return Err(ConfigError::Invalid {
+                    key: "migration.peer_protocol",
+                    message: format!(
+                        "{protocol} is not a protocol this agent speaks ({} to {})",
+                        spoken.start(),
+                        spoken.end()
+                    ),
+                });
+            }
+            migration.peer_protocol = protocol;
+        }
+        Ok(())
+    }
+}
+
 impl FileConfig {
     /// Fills in the defaults and checks what no single value can show.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
@@ -628,14 +658,7 @@ impl FileConfig {
         stop.quit = millis(self.stop.quit_timeout_ms, stop.quit);
         stop.kill = millis(self.stop.kill_timeout_ms, stop.kill);
 
-        let migration = &mut agent.migration;
-        if let Some(address) = self.migration.address {
-            migration.address = address.to_string();
-        }
-        if let Some(ports) = self.migration.ports {
-            migration.ports = ports.0;
-        }
-        migration.peer_timeout = millis(self.migration.peer_timeout_ms, migration.peer_timeout);
+        self.migration.resolve(&mut agent.migration)?;
 
         let tls = self.tls.resolve()?;
         let listen = self.listen.map(|l| l.0);
@@ -772,6 +795,7 @@ impl Settings {
                 address: agent.migration.address.parse().ok(),
                 ports: Some(PortRange(agent.migration.ports.clone())),
                 peer_timeout_ms: as_millis(agent.migration.peer_timeout),
+                peer_protocol: Some(agent.migration.peer_protocol),
             },
         }
     }
@@ -797,6 +821,24 @@ mod tests {
             }) => (line, column, message),
             other => panic!("expected a parse error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_peer_protocol_this_agent_does_not_speak_is_refused() {
+        let older = parse_str("[migration]\npeer_protocol = 1\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(older.agent.migration.peer_protocol, 1);
+        let err = parse_str("[migration]\npeer_protocol = 9\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("migration.peer_protocol") && err.contains("9"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,12 +25,13 @@ use crate::spec::{
 // The command line is a function of the runtime: a runtime stores its
 // machine part and is checked against it.
 pub mod argv;
+pub mod format;
 pub mod inherited;
+
+pub use format::RUNTIME_FORMAT_VERSION;
 
 pub use inherited::InheritedMachine;
 
-/// Version of the runtime layout. A runtime with another version is refused.
-pub const RUNTIME_FORMAT_VERSION: u32 = 1;
 /// Highest slot on pci.0.
 pub const MAX_PCI_SLOT: u8 = 31;
 /// Slots never given to disks or NICs: 0 host bridge, 1 PIIX3 (ISA, IDE,
@@ -148,11 +149,10 @@ impl RuntimeNic {
     }
 }
 
-/// The QEMU a runtime was generated for.
+/// The QEMU a runtime was generated for, or last made runnable for by a
+/// migration or a restore. Each node runs it on its own QEMU binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuIdentity {
-    /// Binary path on the node that generated the runtime.
-    pub binary: PathBuf,
     /// Its version.
     pub version: QemuVersion,
 }
@@ -160,7 +160,8 @@ pub struct QemuIdentity {
 /// A generated runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runtime {
-    /// Layout version, [`RUNTIME_FORMAT_VERSION`].
+    /// Layout version, [`RUNTIME_FORMAT_VERSION`] once read in
+    /// ([`format::read`]).
     pub format_version: u32,
     /// Instance name.
     pub name: String,
@@ -484,7 +485,6 @@ pub fn generate(
         uuid: spec.uuid,
         generation,
         qemu: QemuIdentity {
-            binary: host.qemu.binary.clone(),
             version: host.qemu.version,
         },
         machine_type,
@@ -712,8 +712,7 @@ fn place_devices(spec: &InstanceSpec, layout: PciLayout) -> Result<PlacedDevices
 /// Makes a runtime that was generated elsewhere (by a migration peer, or
 /// into a save file) runnable on this host, without changing anything the
 /// guest can see: it is validated as strictly as a spec, then checked
-/// against this host's QEMU, and only the binary is replaced by the local
-/// one. Pure.
+/// against this host's QEMU, whose version it then names. Pure.
 pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, RuntimeError> {
     foreign.validate()?;
     check_socket_paths(host.run_dir)?;
@@ -746,7 +745,6 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
     }
     let mut local = foreign.clone();
     local.qemu = QemuIdentity {
-        binary: host.qemu.binary.clone(),
         version: host.qemu.version,
     };
     confine_as_host(&mut local, &host);
@@ -1174,13 +1172,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_foreign_runtime_is_adopted_with_the_local_binary_only() {
+    fn a_foreign_runtime_is_adopted_with_the_local_qemu_version_only() {
         let qemu = qemu_7_2();
         let rt = generate(&sample_spec(), host(&qemu), 3).unwrap();
-        let mut other = qemu_7_2();
-        other.binary = "/opt/qemu/bin/qemu-system-x86_64".into();
-        let adopted = adopt_on_host(&rt, host(&other)).unwrap();
-        assert_eq!(adopted.qemu.binary, other.binary);
+        let mut newer = qemu_7_2();
+        newer.version.major = 10;
+        newer.version.minor = 0;
+        let adopted = adopt_on_host(&rt, host(&newer)).unwrap();
+        assert_eq!(adopted.qemu.version, newer.version);
+        assert_eq!(adopted.machine_type, rt.machine_type);
         assert_eq!(adopted.argv, rt.argv);
         assert_eq!(
             (adopted.disks.clone(), adopted.nics.clone()),

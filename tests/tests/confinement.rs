@@ -761,6 +761,7 @@ async fn a_sender_cannot_loosen_the_targets_confinement() {
             .accept_migration(pb::AcceptMigrationRequest {
                 runtime_json: runtime.to_string(),
                 source: "forger".into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|s| panic!("{cgroup}: {s:?}"));

@@ -439,6 +439,7 @@ async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
         .accept_migration(pb::AcceptMigrationRequest {
             runtime_json: runtime.to_string(),
             source: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -446,6 +447,7 @@ async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
         .accept_migration(pb::AcceptMigrationRequest {
             runtime_json: "{\"name\": 1".into(),
             source: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

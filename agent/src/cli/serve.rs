@@ -176,6 +176,7 @@ impl ServeArgs {
                 address: self.migration_address,
                 ports: self.migration_ports.clone(),
                 peer_timeout_ms: self.peer_timeout_ms,
+                peer_protocol: None,
             },
         }
     }

@@ -628,7 +628,6 @@ pub(crate) mod tests {
             machine_type: "pc-i440fx-7.2".into(),
             accelerator: ResolvedAccelerator::Tcg,
             qemu: QemuIdentity {
-                binary: "/usr/bin/qemu-system-x86_64".into(),
                 version: QemuVersion {
                     major: 7,
                     minor: 2,
@@ -696,7 +695,7 @@ pub(crate) mod tests {
             mode: Default::default(),
         };
         let qemu = hypervisor::qemu_info::QemuInfo {
-            binary: live().qemu.binary,
+            binary: "/usr/bin/qemu-system-x86_64".into(),
             version: live().qemu.version,
             version_text: String::new(),
             machines: Vec::new(),

@@ -60,13 +60,27 @@ pub(super) enum Listen {
 impl Agent {
     /// The target's side of AcceptMigration: starts a QEMU from the
     /// source's runtime, waiting for the stream, and returns its address.
+    /// `protocol` is the peer protocol the source speaks, as on the wire.
     pub async fn accept_migration(
         self: &Arc<Self>,
         runtime_json: &str,
         source: &str,
+        protocol: u32,
     ) -> Result<String, AgentError> {
-        let foreign: Runtime = serde_json::from_str(runtime_json)
-            .map_err(|e| AgentError::BadRequest(format!("the runtime is not valid: {e}")))?;
+        crate::peer::check_spoken(
+            crate::peer::stated_protocol(protocol),
+            self.cfg.migration.peer_protocol,
+        )
+        .map_err(AgentError::PeerVersion)?;
+        let format = serde_json::from_str::<serde_json::Value>(runtime_json)
+            .ok()
+            .and_then(|v| runtime::format::stored_version(&v).ok());
+        tracing::info!(%source, protocol = crate::peer::stated_protocol(protocol), runtime_format = ?format, "a peer sends a runtime");
+        let foreign = runtime::format::read_json(runtime_json).map_err(|e| match e {
+            runtime::format::FormatError::TooNew { .. }
+            | runtime::format::FormatError::TooOld { .. } => AgentError::PeerVersion(e.to_string()),
+            _ => AgentError::BadRequest(format!("the runtime is not valid: {e}")),
+        })?;
         self.accept_runtime(&foreign, source, Listen::Range).await
     }
 

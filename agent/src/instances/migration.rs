@@ -436,8 +436,6 @@ impl Agent {
         was_running: bool,
     ) -> Result<TargetAgent, AgentError> {
         m.reporter.report(ReportPhase::Preparing, None);
-        let runtime_json = serde_json::to_string(&m.record.runtime)
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
         let marked = InstanceRecord {
             outgoing: Some(OutgoingMigration {
                 target: m.target.to_string(),
@@ -451,7 +449,11 @@ impl Agent {
             .await
             .map_err(|e| unreachable(&m.target, e))?;
         let address = peer
-            .accept_migration(runtime_json, super::hostname())
+            .accept_migration(
+                &m.record.runtime,
+                super::hostname(),
+                self.cfg.migration.peer_protocol,
+            )
             .await
             .map_err(|s| peer_error(&m.target, "the target refused the migration", s))?;
         m.reporter.address = address;

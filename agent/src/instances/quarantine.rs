@@ -19,15 +19,17 @@ impl Agent {
     /// Keeps an instance whose record was set aside in sight while its
     /// QEMU still runs, so its name can't start a second QEMU on the same
     /// disks. Without a live QEMU there is nothing to keep.
-    pub(super) fn register_quarantined(&self, name: &str) {
+    /// `reason` says why the record was set aside, where this agent did.
+    pub(super) fn register_quarantined(&self, name: &str, reason: Option<&str>) {
         if !hypervisor::spec::is_safe_identifier(name, hypervisor::spec::MAX_INSTANCE_NAME) {
             return;
         }
         let Some(pid) = self.live_qemu_by_name(name) else {
             return;
         };
+        let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
         let detail = format!(
-            "its record was unreadable and was moved to quarantine/ in the state directory, \
+            "its record was unreadable{why} and was moved to quarantine/ in the state directory, \
              but its QEMU (pid {pid}) still runs: adopt it (`kvm-agent instance adopt {name}`) \
              or stop it (`kvm-agent instance stop {name} --force`)"
         );

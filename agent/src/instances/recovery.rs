@@ -34,15 +34,19 @@ impl Agent {
                 return tokio::spawn(async {});
             }
         };
+        let mut reasons = std::collections::HashMap::new();
         for e in errors {
             tracing::error!(error = %e, "instance record unusable");
+            if let runtime_store::StoreError::Corrupt { name, reason, .. } = e {
+                reasons.insert(name, reason);
+            }
         }
         // Set aside now or by an agent before: either way, a QEMU of that
         // name that still runs must stay in sight.
         let recorded: HashSet<String> = records.iter().map(|r| r.name.clone()).collect();
         for name in self.store.quarantined_names() {
             if !recorded.contains(&name) {
-                self.register_quarantined(&name);
+                self.register_quarantined(&name, reasons.get(&name).map(String::as_str));
             }
         }
         // An unfinished incoming instance was never this node's. Its QEMU,

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use hypervisor::Runtime;
 use hypervisor::lifecycle;
 use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationPhase};
 use hypervisor::qmp::{QmpClient, QmpError};
+use hypervisor::runtime::format;
 use runtime_store::savefile::{SaveFile, SaveFileError, SaveHeader, SaveWriter};
 
 use super::{Agent, Instance, InstanceView, Process, RecordedState, State, lock};
@@ -274,12 +274,14 @@ impl Agent {
         let opened = self.open_save_file(&path)?;
         let file = {
             let source = path.clone();
-            tokio::task::spawn_blocking(move || SaveFile::<Runtime>::from_file(opened, &source))
-                .await
-                .map_err(|e| AgentError::Internal(e.to_string()))?
-                .map_err(save_error(&path))?
+            tokio::task::spawn_blocking(move || {
+                SaveFile::<format::Stored>::from_file(opened, &source)
+            })
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(save_error(&path))?
         };
-        let saved = &file.header.runtime;
+        let saved = &file.header.runtime.0;
         if file.header.instance_uuid != saved.uuid.to_string()
             || file.header.instance_name != saved.name
         {
@@ -336,7 +338,7 @@ impl Agent {
         &self,
         inst: &Instance,
         process: &Process,
-        mut file: SaveFile<Runtime>,
+        mut file: SaveFile<format::Stored>,
         path: &Path,
     ) -> Result<(), AgentError> {
         let qmp_error = |source: QmpError| AgentError::Qmp {

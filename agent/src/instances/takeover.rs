@@ -134,7 +134,6 @@ impl Agent {
             machine_type,
             accelerator: ganeti::execution::accelerator(&ganeti),
             qemu: QemuIdentity {
-                binary: qemu.binary.clone(),
                 version: qemu.version,
             },
         };
@@ -177,7 +176,6 @@ impl Agent {
                 ResolvedAccelerator::Tcg
             },
             qemu: QemuIdentity {
-                binary: qemu.binary.clone(),
                 version: qemu.version,
             },
         })
