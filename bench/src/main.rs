@@ -41,6 +41,10 @@ struct Args {
     /// what `scripts/build-test-guest` prints).
     #[arg(long)]
     guest: Option<PathBuf>,
+    /// A QEMU newer than the system's, for the cross-version migration
+    /// (default: what `scripts/qemu-env` prints).
+    #[arg(long)]
+    newer_qemu: Option<PathBuf>,
     /// Measure nothing: draw the charts of this earlier report.json into
     /// the output directory.
     #[arg(long, value_name = "REPORT_JSON")]
@@ -134,9 +138,19 @@ fn cgroup_parent() -> String {
 }
 
 async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess> {
+    start_agent_with(binary, state, &[]).await
+}
+
+/// Starts an agent with `extra` `serve` arguments.
+async fn start_agent_with(
+    binary: &Path,
+    state: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> anyhow::Result<AgentProcess> {
     let cgroup_parent = cgroup_parent();
     let child = Command::new(binary)
         .arg("serve")
+        .args(extra)
         .arg("--state-dir")
         .arg(state)
         .args(["--cgroup-parent", &cgroup_parent])
@@ -281,7 +295,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(client);
     drop(agent);
     let transfer_rounds = if args.quick { 3 } else { 5 };
-    rows.extend(transfer::measure(&binary, work.path(), accel, transfer_rounds).await?);
+    let newer_qemu = args.newer_qemu.as_deref();
+    rows.extend(transfer::measure(&binary, work.path(), newer_qemu, accel, transfer_rounds).await?);
     let (takeover_rows, takeover_pauses) =
         takeover::measure(&binary, work.path(), rounds.min(10)).await?;
     rows.extend(takeover_rows);

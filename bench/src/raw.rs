@@ -92,11 +92,20 @@ pub fn machine_args_with(
 impl RawQemu {
     /// Spawns QEMU and waits until QMP is ready (greeting + capabilities).
     pub async fn start(dir: &Path, args: &[String]) -> anyhow::Result<RawQemu> {
+        Self::start_binary(Path::new("qemu-system-x86_64"), dir, args).await
+    }
+
+    /// [`RawQemu::start`] with another QEMU binary.
+    pub async fn start_binary(
+        binary: &Path,
+        dir: &Path,
+        args: &[String],
+    ) -> anyhow::Result<RawQemu> {
         let sock = dir.join("raw-qmp.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock)?;
         let fd = listener.as_raw_fd();
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(binary);
         cmd.args(args)
             .arg("-chardev")
             .arg(format!("socket,id=qmp,fd={fd},server=on,wait=off"))

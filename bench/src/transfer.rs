@@ -81,11 +81,22 @@ async fn raw_migrate(
     dirs: (&Path, &Path),
     args: &[String],
 ) -> anyhow::Result<(Duration, Duration)> {
+    raw_migrate_to(dirs, args, Path::new("qemu-system-x86_64"), &[]).await
+}
+
+/// [`raw_migrate`] to a target QEMU of `binary`, given `target_args` too.
+async fn raw_migrate_to(
+    dirs: (&Path, &Path),
+    args: &[String],
+    binary: &Path,
+    target_args: &[String],
+) -> anyhow::Result<(Duration, Duration)> {
     let mut source = RawQemu::start(dirs.0, args).await?;
     let started = Instant::now();
     let mut incoming = args.to_vec();
+    incoming.extend(target_args.iter().cloned());
     incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-    let mut target = RawQemu::start(dirs.1, &incoming).await?;
+    let mut target = RawQemu::start_binary(binary, dirs.1, &incoming).await?;
     let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
     target
         .execute_args("migrate-incoming", serde_json::json!({ "uri": uri }), None)
@@ -128,10 +139,12 @@ impl Agents {
     }
 }
 
-/// The rows of this part of the report.
+/// The rows of this part of the report; the cross-version migration's
+/// newer QEMU is `newer_qemu`, or what `scripts/qemu-env` unpacks.
 pub async fn measure(
     binary: &Path,
     work: &Path,
+    newer_qemu: Option<&Path>,
     accel: &str,
     rounds: usize,
 ) -> anyhow::Result<Vec<Row>> {
@@ -153,6 +166,8 @@ pub async fn measure(
         rows.push(total.row(label, 1.10));
         rows.push(downtime.row(downtime_label, f64::NAN));
     }
+    let newer_qemu = locate_newer_qemu(newer_qemu)?;
+    rows.push(cross_version(binary, work, &newer_qemu, accel, rounds).await?);
     Ok(rows)
 }
 
@@ -290,4 +305,90 @@ async fn migrations(
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
     Ok([total, downtime])
+}
+
+/// The newer QEMU: `given`, or what `scripts/qemu-env` unpacks.
+fn locate_newer_qemu(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_owned());
+    }
+    let script = Path::new("scripts/qemu-env");
+    let out = std::process::Command::new(script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} (run the bench from the repository root, or pass --newer-qemu PATH)",
+                script.display()
+            )
+        })?;
+    anyhow::ensure!(out.status.success(), "unpacking the newer QEMU failed");
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Migrations of 256 MiB of random RAM from an agent on the system's QEMU
+/// to one on `newer`, a new instance each round, beside the same between
+/// two raw QEMUs of those versions; the machine type is the older QEMU's.
+async fn cross_version(
+    binary: &Path,
+    work: &Path,
+    newer: &Path,
+    accel: &str,
+    rounds: usize,
+) -> anyhow::Result<Row> {
+    const MIB: u64 = 256;
+    let older = crate::start_agent(binary, &work.join("agent-older")).await?;
+    let newer_agent = crate::start_agent_with(
+        binary,
+        &work.join("agent-newer"),
+        &["--qemu-binary".as_ref(), newer.as_os_str()],
+    )
+    .await?;
+    let mut source = crate::local_client(&older.socket).await?;
+    let mut target = crate::local_client(&newer_agent.socket).await?;
+    let (raw_a, raw_b) = (work.join("raw-a"), work.join("raw-b"));
+    std::fs::create_dir_all(&raw_a)?;
+    std::fs::create_dir_all(&raw_b)?;
+    let (ram, raw_ram) = (work.join("ram-cross"), work.join("raw-ram-cross"));
+    random_file(&ram, MIB)?;
+    random_file(&raw_ram, MIB)?;
+    let raw_args = machine_args_with(
+        "raw",
+        &uuid::Uuid::new_v4().to_string(),
+        accel,
+        MIB,
+        Some(&raw_ram),
+    );
+    // Driven directly, the newer QEMU needs its own firmware named.
+    let firmware = newer
+        .parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("share/qemu"))
+        .context("the newer QEMU's prefix")?;
+    let firmware_args = ["-L".to_owned(), firmware.display().to_string()];
+    let mut total = Samples::default();
+    for round in 0..rounds {
+        eprintln!("cross-version migration round {}/{rounds}", round + 1);
+        let name = format!("upgraded{round}");
+        source
+            .start_instance(pb::StartInstanceRequest {
+                spec: Some(spec(&name, MIB, &ram)),
+                paused: false,
+            })
+            .await?;
+        let (t, _) = agent_migrate(&mut source, &name, &newer_agent.socket).await?;
+        total.agent.push(t);
+        target
+            .stop_instance(pb::StopInstanceRequest {
+                name,
+                force: true,
+                ..Default::default()
+            })
+            .await?;
+        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, newer, &firmware_args).await?;
+        total.raw.push(t);
+    }
+    std::fs::remove_file(&ram)?;
+    std::fs::remove_file(&raw_ram)?;
+    Ok(total.row("migrate 256 MiB random RAM to a newer QEMU (total)", 1.10))
 }

@@ -5,10 +5,10 @@
 use std::process::Command;
 
 use kvm_agent_tests::guest::guest_image;
-use kvm_agent_tests::{agent_binary, require_qemu, workspace_binary};
+use kvm_agent_tests::{agent_binary, newer_qemu, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 17] = [
+const OPERATIONS: [&str; 18] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
@@ -24,6 +24,7 @@ const OPERATIONS: [&str; 17] = [
     "migrate 256 MiB: downtime",
     "migrate 1 GiB random RAM (total)",
     "migrate 1 GiB: downtime",
+    "migrate 256 MiB random RAM to a newer QEMU (total)",
     "take over one hv_kvm QEMU",
     "take over 20 hv_kvm QEMUs at once",
 ];
@@ -40,6 +41,8 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         .arg(agent_binary())
         .arg("--guest")
         .arg(guest_image().kernel.parent().unwrap())
+        .arg("--newer-qemu")
+        .arg(newer_qemu())
         .output()
         .expect("run the benchmark");
     assert!(
