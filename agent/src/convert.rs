@@ -725,14 +725,29 @@ pub fn migrate_options_from_proto(
             options.xbzrle_cache_bytes
         )));
     }
+    let multifd_channels = match options.multifd_channels {
+        0 => None,
+        n @ 1..=MAX_MULTIFD_CHANNELS => Some(n as u8),
+        n => {
+            return Err(AgentError::BadRequest(format!(
+                "multifd_channels is {n}; use 1 to {MAX_MULTIFD_CHANNELS}, or 0 for none"
+            )));
+        }
+    };
     Ok(MigrateOptions {
         offline: options.offline,
         max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
         downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
         auto_converge: options.auto_converge,
         xbzrle_cache: (options.xbzrle_cache_bytes > 0).then_some(options.xbzrle_cache_bytes),
+        multifd_channels,
     })
 }
+
+/// The most multifd connections a migration may ask for: each is a
+/// thread on both sides, and past the cores a node has they only add
+/// overhead.
+const MAX_MULTIFD_CHANNELS: u32 = 64;
 
 /// The smallest XBZRLE cache QEMU takes: one page.
 const MIN_XBZRLE_CACHE: u64 = 4096;

@@ -237,6 +237,8 @@ pub struct MigrateOptions {
     pub auto_converge: Option<bool>,
     /// XBZRLE with a cache of this many bytes; none sends pages whole.
     pub xbzrle_cache: Option<u64>,
+    /// Connections for memory besides the main one (multifd).
+    pub multifd_channels: Option<u8>,
 }
 
 /// What a save came to.

@@ -257,8 +257,14 @@ impl TargetAgent {
         runtime: &Runtime,
         source: String,
         ours: u32,
+        multifd_channels: Option<u8>,
     ) -> Result<String, tonic::Status> {
         let protocol = self.protocol(ours).await?;
+        if multifd_channels.is_some() && protocol < 2 {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the target agent speaks peer protocol {protocol}, which has no multifd channels; migrate without them"
+            )));
+        }
         let runtime_json = format::write_as(runtime, runtime_format(protocol))
             .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?
             .to_string();
@@ -266,6 +272,7 @@ impl TargetAgent {
             runtime_json,
             source,
             protocol_version: protocol,
+            multifd_channels: multifd_channels.map_or(0, u32::from),
         };
         let answer = self.client.accept_migration(request).await?;
         Ok(answer.into_inner().address)

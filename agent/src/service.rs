@@ -357,7 +357,12 @@ impl NodeAgent for NodeAgentService {
     ) -> Reply<pb::AcceptMigrationResponse> {
         operation!(self, req, "accept_migration", String::new(), |agent| {
             let address = agent
-                .accept_migration(&req.runtime_json, &req.source, req.protocol_version)
+                .accept_migration(
+                    &req.runtime_json,
+                    &req.source,
+                    req.protocol_version,
+                    req.multifd_channels,
+                )
                 .await?;
             Ok(pb::AcceptMigrationResponse { address })
         })

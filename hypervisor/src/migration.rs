@@ -32,6 +32,11 @@ pub struct MigrationParameters {
     /// Send pages that changed since they were sent as XBZRLE deltas
     /// against a cache of this many bytes; `None` sends them whole.
     pub xbzrle_cache: Option<u64>,
+    /// Send memory over this many connections besides the main one
+    /// (QEMU's multifd), each with a thread of its own on both sides; the
+    /// target must expect them ([`prepare_incoming`]). `None` sends it
+    /// all over the main one.
+    pub multifd_channels: Option<u8>,
 }
 
 impl Default for MigrationParameters {
@@ -41,6 +46,7 @@ impl Default for MigrationParameters {
             downtime_limit: Duration::from_millis(300),
             auto_converge: true,
             xbzrle_cache: None,
+            multifd_channels: None,
         }
     }
 }
@@ -161,6 +167,7 @@ pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<
             { "capability": "events", "state": true },
             { "capability": "auto-converge", "state": params.auto_converge },
             { "capability": "xbzrle", "state": params.xbzrle_cache.is_some() },
+            { "capability": "multifd", "state": params.multifd_channels.is_some() },
         ]})),
     )
     .await?;
@@ -171,6 +178,9 @@ pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<
     });
     if let Some(cache) = params.xbzrle_cache {
         parameters["xbzrle-cache-size"] = json!(cache);
+    }
+    if let Some(channels) = params.multifd_channels {
+        parameters["multifd-channels"] = json!(channels);
     }
     qmp.execute("migrate-set-parameters", Some(parameters))
         .await
@@ -192,6 +202,23 @@ pub async fn start_outgoing_to_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result
         return Err(e);
     }
     Ok(())
+}
+
+/// Has a QEMU started with `-incoming defer` expect `multifd_channels`
+/// connections besides the main one, as its source will open; before
+/// [`start_incoming`].
+pub async fn prepare_incoming(qmp: &QmpClient, multifd_channels: u8) -> Result<(), QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
+    )
+    .await?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "multifd-channels": multifd_channels })),
+    )
+    .await
+    .map(drop)
 }
 
 /// Makes a QEMU started with `-incoming defer` listen on `uri`.

@@ -780,6 +780,29 @@ impl TestAgent {
         serde_json::from_str(&reply.runtime_json).expect("runtime JSON")
     }
 
+    /// Migrates `name` to `target` with default options, following the
+    /// progress to its end (at most two minutes).
+    pub async fn migrate_to(&self, name: &str, target: &TestAgent) -> Result<(), tonic::Status> {
+        let mut stream = self
+            .client()
+            .await
+            .migrate_instance(pb::MigrateInstanceRequest {
+                name: name.into(),
+                target: target.address(),
+                options: Some(Default::default()),
+            })
+            .await?
+            .into_inner();
+        let ended = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(progress) = tokio_stream::StreamExt::next(&mut stream).await {
+                progress?;
+            }
+            Ok(())
+        })
+        .await;
+        ended.expect("the migration ends within two minutes")
+    }
+
     /// AddNic.
     pub async fn add_nic(
         &self,

@@ -921,3 +921,83 @@ async fn a_source_agent_killed_at_any_point_of_a_migration_leaves_the_guest_runn
         "a target that took it keeps it"
     );
 }
+
+/// Established connections whose local port is `port`: on a host with
+/// both ends, the target's side of each.
+fn connections_to(port: &str) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[tokio::test]
+async fn multifd_channels_carry_the_guest_each_on_a_connection_of_its_own() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let uuid = start_guest(&source, "multi", None).await;
+    target.track(uuid);
+    let marker = format!("MARK-{}", Uuid::new_v4().simple());
+    let socket = source.run_dir("multi").join("serial.sock");
+    let line = marker.clone();
+    tokio::task::spawn_blocking(move || {
+        GuestConsole::attach(&socket, BOOT_TIMEOUT).run(&format!("echo {line} > /tmp/marker"));
+    })
+    .await
+    .unwrap();
+    let options = pb::MigrationOptions {
+        multifd_channels: 4,
+        max_bandwidth: 32 << 20,
+        ..Default::default()
+    };
+
+    let mut migration = Migration::start(&source, "multi", &target, options).await;
+    migration.wait_sending().await;
+    let address = migration
+        .progress
+        .borrow()
+        .as_ref()
+        .unwrap()
+        .address
+        .clone();
+    let port = address.rsplit(':').next().unwrap().to_owned();
+    let mut most = 0;
+    while !migration.outcome.is_finished() {
+        most = most.max(connections_to(&port));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, outcome) = migration.outcome().await;
+
+    outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
+    assert_eq!(most, 5, "the main connection and 4 channels to {address}");
+    let socket = target.run_dir("multi").join("serial.sock");
+    let seen = tokio::task::spawn_blocking(move || {
+        GuestConsole::attach(&socket, BOOT_TIMEOUT).run("cat /tmp/marker")
+    })
+    .await
+    .unwrap();
+    assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
+
+    // A QEMU that another manager started expects no channels.
+    let request = pb::MigrateInstanceRequest {
+        name: "multi".into(),
+        target: "tcp:127.0.0.1:1".into(),
+        options: Some(pb::MigrationOptions {
+            multifd_channels: 2,
+            ..Default::default()
+        }),
+    };
+    let refused = match target.client().await.migrate_instance(request).await {
+        Err(status) => status,
+        Ok(stream) => stream
+            .into_inner()
+            .filter_map(|r| r.err())
+            .next()
+            .await
+            .expect("refused"),
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(guest_running(&target, "multi"));
+}

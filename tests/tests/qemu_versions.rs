@@ -6,16 +6,12 @@
 //! is refused before anything starts.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::guest::{BOOT_TIMEOUT, GuestConsole, in_guest, pci_address, start_guest_with};
 use kvm_agent_tests::*;
-use tokio_stream::StreamExt;
 use tonic::Code;
 use uuid::Uuid;
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A test agent on `qemu`.
 async fn agent_on(qemu: &Path) -> TestAgent {
@@ -51,28 +47,6 @@ fn slots(info: &pb::InstanceInfo) -> Vec<(String, u32)> {
     slots
 }
 
-/// Migrates `name` from `source` to `target` and returns how it ended.
-async fn migrate(source: &TestAgent, name: &str, target: &TestAgent) -> Result<(), tonic::Status> {
-    let mut stream = source
-        .client()
-        .await
-        .migrate_instance(pb::MigrateInstanceRequest {
-            name: name.into(),
-            target: target.address(),
-            options: Some(Default::default()),
-        })
-        .await?
-        .into_inner();
-    let ended = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(progress) = stream.next().await {
-            progress?;
-        }
-        Ok(())
-    })
-    .await;
-    ended.expect("the migration ends within two minutes")
-}
-
 async fn soft_reboot(agent: &TestAgent, name: &str) -> pb::InstanceInfo {
     agent
         .client()
@@ -92,14 +66,13 @@ async fn a_guest_moves_from_the_older_qemu_to_the_newer_with_its_hotplugged_devi
     let (older, newer) = (system_qemu(), newer_qemu());
     let source = agent_on(&older).await;
     let target = agent_on(&newer).await;
-    let mut spec = source.spec("upgraded", 256);
-    boot_guest(&mut spec);
-    spec.disks
-        .push(disk("root", &source.raw_image("root.img", 8)));
-    spec.nics.push(nic("eth0", "52:54:00:00:a0:01"));
-    let uuid: Uuid = spec.uuid.parse().unwrap();
-    target.track(uuid);
-    let started = source.start_spec(spec).await;
+    let root = source.raw_image("root.img", 8);
+    let (started, console) = start_guest_with(&source, "upgraded", |spec| {
+        spec.disks.push(disk("root", &root));
+        spec.nics.push(nic("eth0", "52:54:00:00:a0:01"));
+    })
+    .await;
+    target.track(started.uuid.parse().unwrap());
     let machine = source.runtime_json("upgraded").await["machine_type"].clone();
     assert_eq!(machine, "pc-i440fx-7.2", "the older QEMU's machine type");
     assert_eq!(executable(started.pid), older.canonicalize().unwrap());
@@ -116,17 +89,15 @@ async fn a_guest_moves_from_the_older_qemu_to_the_newer_with_its_hotplugged_devi
         .device
         .unwrap();
     let marker = format!("MARK-{}", Uuid::new_v4().simple());
-    let socket = source.run_dir("upgraded").join("serial.sock");
     let line = marker.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut console = GuestConsole::connect(&socket, BOOT_TIMEOUT);
-        console.run(&format!("echo {line} > /tmp/marker"));
+    in_guest(console, move |c| {
+        c.run(&format!("echo {line} > /tmp/marker"))
     })
-    .await
-    .unwrap();
+    .await;
     let before = source.instance("upgraded").await;
 
-    migrate(&source, "upgraded", &target)
+    source
+        .migrate_to("upgraded", &target)
         .await
         .unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
 
@@ -246,7 +217,8 @@ async fn a_move_to_an_older_qemu_without_the_machine_type_is_refused_before_anyt
         .to_owned();
     assert!(machine.ends_with("-10.0"), "{machine}");
 
-    let refused = migrate(&source, "pinned-new", &target)
+    let refused = source
+        .migrate_to("pinned-new", &target)
         .await
         .expect_err("the older QEMU lacks the machine type");
 

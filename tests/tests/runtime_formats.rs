@@ -11,7 +11,6 @@ use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::*;
 use runtime_store::RecordStore;
 use serde_json::Value;
-use tokio_stream::StreamExt;
 use tonic::Code;
 use uuid::Uuid;
 
@@ -80,26 +79,10 @@ async fn accept(
             runtime_json: runtime.to_string(),
             source: "a peer of an earlier release".into(),
             protocol_version: protocol,
+            multifd_channels: 0,
         })
         .await
         .map(|r| r.into_inner().address)
-}
-
-async fn migrate(source: &TestAgent, name: &str, target: &TestAgent) {
-    let mut stream = source
-        .client()
-        .await
-        .migrate_instance(pb::MigrateInstanceRequest {
-            name: name.into(),
-            target: target.address(),
-            options: Some(Default::default()),
-        })
-        .await
-        .expect("MigrateInstance")
-        .into_inner();
-    while let Some(progress) = stream.next().await {
-        progress.unwrap_or_else(|s| panic!("migration of {name}: {s:?}\n{}", source.log()));
-    }
 }
 
 /// Makes the incoming instance `name` a running instance's record, as an
@@ -170,7 +153,10 @@ async fn runtimes_of_earlier_releases_load_soft_reboot_and_migrate() {
             );
         }
 
-        migrate(&agent, &name, &onward).await;
+        agent
+            .migrate_to(&name, &onward)
+            .await
+            .unwrap_or_else(|s| panic!("{}: {s:?}\n{}", path.display(), agent.log()));
         assert_eq!(slots(&onward.runtime_json(&name).await), expected);
         let present = qemu_slots(&onward, &name);
         assert!(expected.iter().all(|(_, slot)| present.contains(slot)));
@@ -284,13 +270,13 @@ async fn agents_of_adjacent_releases_migrate_both_ways_in_the_older_ones_format(
         assert_eq!(info.peer_protocol, protocol);
     }
 
-    migrate(&newer, "rolling", &older).await;
+    newer.migrate_to("rolling", &older).await.unwrap();
     assert!(
         received_in_format_1(&older),
         "the newer agent sent the older one's format:\n{}",
         older.log()
     );
-    migrate(&older, "rolling", &newer).await;
+    older.migrate_to("rolling", &newer).await.unwrap();
     assert!(
         received_in_format_1(&newer),
         "the older agent spoke its own protocol:\n{}",

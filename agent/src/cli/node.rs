@@ -37,6 +37,10 @@ pub(super) async fn run(
         );
         println!("cpus:       {}", n.cpus);
         println!("instances:  {}", n.instance_count);
+        println!(
+            "agent:      {} (peer protocol {})",
+            n.agent_version, n.peer_protocol
+        );
     });
     Ok(())
 }

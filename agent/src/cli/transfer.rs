@@ -41,6 +41,9 @@ pub(super) struct MigrateArgs {
     /// Send changed pages as XBZRLE deltas against a cache of this size on the source (e.g. 64M).
     #[arg(long, value_parser = parse_size)]
     xbzrle_cache: Option<u64>,
+    /// Send memory over this many connections besides the main one (multifd; the target must be an agent).
+    #[arg(long)]
+    multifd_channels: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +121,7 @@ pub(super) async fn migrate(
             downtime_limit_ms: args.downtime_limit_ms.unwrap_or(0),
             auto_converge: args.no_auto_converge.then_some(false),
             xbzrle_cache_bytes: args.xbzrle_cache.unwrap_or(0),
+            multifd_channels: args.multifd_channels.unwrap_or(0),
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();

@@ -45,8 +45,12 @@ pub(crate) struct Incoming {
 /// Where an incoming QEMU listens for the stream.
 #[derive(Debug, Clone)]
 pub(super) enum Listen {
-    /// A port of the agent's migration range, on its migration address.
-    Range,
+    /// A port of the agent's migration range, on its migration address,
+    /// for an agent's stream, which may come with multifd connections.
+    Range {
+        /// The source's multifd connections besides the main one.
+        multifd_channels: Option<u8>,
+    },
     /// Where the sender will send: Ganeti's KVM driver sends to its own
     /// migration port on the address Ganeti gives.
     At {
@@ -66,6 +70,7 @@ impl Agent {
         runtime_json: &str,
         source: &str,
         protocol: u32,
+        multifd_channels: u32,
     ) -> Result<String, AgentError> {
         crate::peer::check_spoken(
             crate::peer::stated_protocol(protocol),
@@ -81,7 +86,10 @@ impl Agent {
             | runtime::format::FormatError::TooOld { .. } => AgentError::PeerVersion(e.to_string()),
             _ => AgentError::BadRequest(format!("the runtime is not valid: {e}")),
         })?;
-        self.accept_runtime(&foreign, source, Listen::Range).await
+        let listen = Listen::Range {
+            multifd_channels: u8::try_from(multifd_channels).ok().filter(|&n| n > 0),
+        };
+        self.accept_runtime(&foreign, source, listen).await
     }
 
     /// Starts a QEMU from a runtime made elsewhere, waiting for the stream
@@ -266,7 +274,17 @@ impl Agent {
         listen: &Listen,
     ) -> Result<(String, u16), AgentError> {
         let (host, ports) = match listen {
-            Listen::Range => (self.migration_host(), self.cfg.migration.ports.clone()),
+            Listen::Range { multifd_channels } => {
+                if let Some(channels) = *multifd_channels {
+                    qemu_migration::prepare_incoming(&process.qmp, channels)
+                        .await
+                        .map_err(|source| AgentError::Qmp {
+                            instance: inst.name.clone(),
+                            source,
+                        })?;
+                }
+                (self.migration_host(), self.cfg.migration.ports.clone())
+            }
             Listen::At { host, port } => (uri_host(host), *port..=*port),
         };
         self.listen_on(inst, process, &host, ports)

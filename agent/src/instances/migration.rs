@@ -148,6 +148,7 @@ impl Agent {
             downtime_limit: options.downtime_limit.unwrap_or(defaults.downtime_limit),
             auto_converge: options.auto_converge.unwrap_or(defaults.auto_converge),
             xbzrle_cache: options.xbzrle_cache,
+            multifd_channels: options.multifd_channels,
         }
     }
 
@@ -162,6 +163,13 @@ impl Agent {
         progress: mpsc::Sender<MigrationReport>,
     ) -> Result<MigrationReport, AgentError> {
         if target.starts_with(super::handback::QEMU_TARGET) {
+            if options.multifd_channels.is_some() {
+                // That QEMU was started by another manager, which didn't
+                // ask it to expect them.
+                return Err(AgentError::BadRequest(format!(
+                    "multifd channels need an agent on the target; {target} is a QEMU"
+                )));
+            }
             return self.migrate_to_qemu(name, target, options, progress).await;
         }
         let target = AgentAddress::parse(target).map_err(AgentError::BadRequest)?;
@@ -453,6 +461,7 @@ impl Agent {
                 &m.record.runtime,
                 super::hostname(),
                 self.cfg.migration.peer_protocol,
+                m.options.multifd_channels,
             )
             .await
             .map_err(|s| peer_error(&m.target, "the target refused the migration", s))?;

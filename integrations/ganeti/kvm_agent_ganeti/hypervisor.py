@@ -175,9 +175,12 @@ USB_DEVICES = {
 
 # The QEMU migration capabilities of Ganeti's migration_caps the agent's
 # migration takes.
-MIGRATION_CAPS = frozenset(["xbzrle", "auto-converge"])
+MIGRATION_CAPS = frozenset(["xbzrle", "auto-converge", "multifd"])
 # QEMU's own XBZRLE cache size, which Ganeti's driver leaves as it is.
 XBZRLE_CACHE_BYTES = 64 << 20
+# QEMU's own count of multifd channels, which Ganeti's driver leaves as it
+# is.
+MULTIFD_CHANNELS = 2
 
 # Ganeti's boot_order as the device the agent's guest boots from.
 BOOT_DEVICES = {
@@ -361,6 +364,8 @@ def migration_options(hvparams, live):
         options.auto_converge = "auto-converge" in caps
         if "xbzrle" in caps:
             options.xbzrle_cache_bytes = XBZRLE_CACHE_BYTES
+        if "multifd" in caps:
+            options.multifd_channels = MULTIFD_CHANNELS
     return options
 
 

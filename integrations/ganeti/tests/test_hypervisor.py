@@ -706,6 +706,10 @@ class UnsupportedParameters(unittest.TestCase):
         only = migration_options(hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "xbzrle"}), True)
         self.assertFalse(only.auto_converge)
         self.assertFalse(migration_options(hvparams(), True).HasField("auto_converge"))
+        self.assertEqual(only.multifd_channels, 0)
+        multifd = hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "multifd"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(multifd)
+        self.assertEqual(migration_options(multifd, True).multifd_channels, 2)
         with self.assertRaises(errors.HypervisorError) as refused:
             KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(
                 hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "postcopy-ram"}))
