@@ -427,7 +427,7 @@ impl AgentError {
                     Code::InvalidArgument,
                     "turn vhost off, or load vhost_net on the node",
                 ),
-                RuntimeError::MachineTypeMissing { .. } => {
+                RuntimeError::MachineTypeMissing { .. } | RuntimeError::DeviceMissing { .. } => {
                     (Code::FailedPrecondition, "the instance stays where it is")
                 }
                 RuntimeError::KvmUnavailable(_) | RuntimeError::SocketPathTooLong { .. } => {

@@ -117,6 +117,12 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
     let firmware_dir = own_firmware_dir(&binary, &data_dirs);
     data_dirs.splice(0..0, firmware_dir.clone());
     let module_dir = firmware_dir.as_deref().and_then(own_module_dir);
+    // With the modules of its own build: QEMU lists none of another's.
+    let env: Vec<(&str, &std::ffi::OsStr)> = module_dir
+        .iter()
+        .map(|dir| ("QEMU_MODULE_DIR", dir.as_os_str()))
+        .collect();
+    let devices = parse_device_help(&run_with(&binary, &["-device", "help"], &env).await?);
     Ok(QemuInfo {
         binary,
         version,
@@ -126,7 +132,22 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
         data_dirs,
         firmware_dir,
         module_dir,
+        devices: Some(devices),
     })
+}
+
+/// The names and aliases of `-device help`'s lines, such as
+/// `name "lsi53c895a", bus PCI, alias "lsi"`. Pure.
+pub fn parse_device_help(text: &str) -> std::collections::BTreeSet<String> {
+    let quoted = |line: &str, key: &str| {
+        let rest = line.split(&format!("{key} \"")).nth(1)?;
+        Some(rest.split('"').next()?.to_owned())
+    };
+    text.lines()
+        .filter(|l| l.starts_with("name \""))
+        .flat_map(|l| [quoted(l, "name"), quoted(l, "alias")])
+        .flatten()
+        .collect()
 }
 
 /// The `share/qemu` of the installation `binary` belongs to
@@ -186,8 +207,17 @@ async fn takes_sandbox(binary: &Path) -> bool {
 }
 
 async fn run(binary: &Path, args: &[&str]) -> Result<String, ProbeError> {
+    run_with(binary, args, &[]).await
+}
+
+async fn run_with(
+    binary: &Path,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<String, ProbeError> {
     let out = tokio::process::Command::new(binary)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .await
@@ -296,6 +326,13 @@ none                 empty machine
     }
 
     #[test]
+    fn device_help_gives_each_drivers_name_and_alias() {
+        let help = "Controller/Bridge/Hub devices:\nname \"pcie-root-port\", bus PCI, desc \"PCI Express Root Port\"\n\nStorage devices:\nname \"lsi53c895a\", bus PCI, alias \"lsi\"\nname \"scsi-hd\", bus SCSI, desc \"virtual SCSI disk\"\n";
+        let devices: Vec<String> = parse_device_help(help).into_iter().collect();
+        assert_eq!(devices, ["lsi", "lsi53c895a", "pcie-root-port", "scsi-hd"]);
+    }
+
+    #[test]
     fn parses_two_part_version() {
         assert_eq!(
             parse_version("QEMU emulator version 8.0"),
@@ -323,6 +360,7 @@ none                 empty machine
             data_dirs: Vec::new(),
             firmware_dir: None,
             module_dir: None,
+            devices: None,
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));

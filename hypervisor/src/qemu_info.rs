@@ -2,6 +2,7 @@
 //! Data only; the `probe` module finds it out by running the binary, and a
 //! runtime, its command line and QMP's greeting use it without I/O.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -58,6 +59,9 @@ pub struct QemuInfo {
     /// The loadable modules (SPICE, OpenGL) of that installation, given
     /// as `QEMU_MODULE_DIR`: QEMU refuses modules of another build.
     pub module_dir: Option<PathBuf>,
+    /// The device drivers it offers (`-device help`), by name and alias;
+    /// `None` where they weren't asked.
+    pub devices: Option<BTreeSet<String>>,
 }
 
 impl QemuInfo {

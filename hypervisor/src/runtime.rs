@@ -339,6 +339,18 @@ pub enum RuntimeError {
         /// This node's QEMU.
         here: QemuVersion,
     },
+    /// A runtime made elsewhere has a device this node's QEMU lacks.
+    #[error(
+        "this node's QEMU {here} has no device {device}, which the instance has from QEMU {made_on}; choose a node whose QEMU has it"
+    )]
+    DeviceMissing {
+        /// The device driver.
+        device: String,
+        /// The QEMU the runtime was made on.
+        made_on: QemuVersion,
+        /// This node's QEMU.
+        here: QemuVersion,
+    },
     /// KVM was asked for explicitly but can't be used.
     #[error(
         "KVM was requested but is not usable ({0}); fix access to /dev/kvm or ask for accelerator tcg or auto"
@@ -725,6 +737,17 @@ pub fn adopt_on_host(foreign: &Runtime, host: HostFacts<'_>) -> Result<Runtime, 
             here: host.qemu.version,
         });
     }
+    if let Some(offered) = &host.qemu.devices
+        && let Some(device) = argv::device_drivers(foreign, host.qemu)
+            .into_iter()
+            .find(|d| !offered.contains(d))
+    {
+        return Err(RuntimeError::DeviceMissing {
+            device,
+            made_on: foreign.qemu.version,
+            here: host.qemu.version,
+        });
+    }
     if let (ResolvedAccelerator::Kvm, Err(why)) = (foreign.accelerator, host.kvm) {
         return Err(RuntimeError::KvmUnavailable(why.to_owned()));
     }
@@ -1059,6 +1082,7 @@ pub(crate) mod tests {
             data_dirs: Vec::new(),
             firmware_dir: None,
             module_dir: None,
+            devices: None,
             machines: vec![
                 MachineType {
                     name: "pc".into(),
@@ -1200,6 +1224,21 @@ pub(crate) mod tests {
             adopt_on_host(&rt, host(&older)),
             Err(RuntimeError::MachineTypeMissing { .. })
         ));
+        let mut without_virtio_blk = qemu_7_2();
+        let mut devices = argv::device_drivers(&rt, &qemu);
+        assert!(devices.remove("virtio-blk-pci"), "{devices:?}");
+        without_virtio_blk.devices = Some(devices.clone());
+        assert_eq!(
+            adopt_on_host(&rt, host(&without_virtio_blk)),
+            Err(RuntimeError::DeviceMissing {
+                device: "virtio-blk-pci".into(),
+                made_on: rt.qemu.version,
+                here: qemu.version,
+            })
+        );
+        devices.insert("virtio-blk-pci".into());
+        without_virtio_blk.devices = Some(devices);
+        assert!(adopt_on_host(&rt, host(&without_virtio_blk)).is_ok());
         let mut no_kvm = host(&qemu);
         no_kvm.kvm = Err("no /dev/kvm");
         if rt.accelerator == ResolvedAccelerator::Kvm {

@@ -703,6 +703,7 @@ pub(crate) mod tests {
             data_dirs: Vec::new(),
             firmware_dir: None,
             module_dir: None,
+            devices: None,
         };
         let argv = render_execution(&rt, &qemu, &fds).join(" ");
 

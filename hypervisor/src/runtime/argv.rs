@@ -511,6 +511,40 @@ pub fn render_execution(rt: &Runtime, qemu: &QemuInfo, fds: &ExecutionFds) -> Ve
     argv
 }
 
+/// The device drivers a launch of `rt` names with `-device` (on `qemu`,
+/// whose spelling may differ), each once. Pure.
+pub fn device_drivers(rt: &Runtime, qemu: &QemuInfo) -> std::collections::BTreeSet<String> {
+    let fds = ExecutionFds {
+        qmp: 0,
+        serial: rt.serial_console.then_some(0),
+        guest_agent: rt.guest_agent_slot.map(|_| 0),
+        taps: rt
+            .nics
+            .iter()
+            .map(|n| vec![0; n.spec.queues as usize])
+            .collect(),
+        vhost: rt.nics.iter().map(|_| Vec::new()).collect(),
+        disks: rt
+            .disks
+            .iter()
+            .map(|_| ImageFd {
+                fd: 0,
+                kind: ImageKind::File,
+            })
+            .collect(),
+        media: rt.media.iter().map(|_| Some(0)).collect(),
+        machine: MachineFds::default(),
+        operator_qmp: None,
+        chroot: None,
+        mode: LaunchMode::Incoming,
+    };
+    render_execution(rt, qemu, &fds)
+        .windows(2)
+        .filter(|pair| pair[0] == "-device")
+        .filter_map(|pair| pair[1].split(',').next().map(str::to_owned))
+        .collect()
+}
+
 /// The SCSI controller, then every disk on its image fd: in its slot, at
 /// its SCSI target, or in order on IDE.
 fn render_disks(rt: &Runtime, images: &[ImageFd]) -> Vec<String> {
