@@ -77,6 +77,15 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         for side in ["agent", "raw"] {
             assert!(row[side]["n"].as_u64().unwrap() > 0, "{row}");
         }
+        if !downtime {
+            let interval = row["ratio_ci95"].as_array().expect("a 95% interval");
+            let (low, high) = (interval[0].as_f64(), interval[1].as_f64());
+            assert!(
+                low.zip(high)
+                    .is_some_and(|(l, h)| 0.0 < l && l <= h && h.is_finite()),
+                "{row}"
+            );
+        }
     }
 
     // Taking a QEMU over from Ganeti's driver never stops its guest.
