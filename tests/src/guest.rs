@@ -220,6 +220,35 @@ pub async fn start_guest_with(
     (info, console)
 }
 
+/// Writes a fresh marker into the running test guest `name`'s memory (its
+/// /tmp is the initramfs's) and returns it.
+pub async fn leave_marker(agent: &crate::TestAgent, name: &str) -> String {
+    let marker = format!("MARK-{}", uuid::Uuid::new_v4().simple());
+    let socket = agent.run_dir(name).join("serial.sock");
+    let line = marker.clone();
+    tokio::task::spawn_blocking(move || {
+        GuestConsole::attach(&socket, BOOT_TIMEOUT).run(&format!("echo {line} > /tmp/marker"));
+    })
+    .await
+    .unwrap();
+    marker
+}
+
+/// What the test guest `name` says from inside: the marker it holds
+/// ([`leave_marker`]) and the PCI devices it sees.
+pub async fn marker_and_pci_devices(agent: &crate::TestAgent, name: &str) -> (String, String) {
+    let socket = agent.run_dir(name).join("serial.sock");
+    tokio::task::spawn_blocking(move || {
+        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
+        (
+            console.run("cat /tmp/marker"),
+            console.run("ls /sys/bus/pci/devices"),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// The guest's name for a slot on bus 0 in /sys/bus/pci/devices.
 pub fn pci_address(slot: u32) -> String {
     format!("0000:00:{slot:02x}.0")

@@ -5,7 +5,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::guest::{
+    GuestConsole, boot_guest, leave_marker, marker_and_pci_devices, pci_address,
+};
 use kvm_agent_tests::proxy::{ApiProxy, Connection, Then};
 use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
@@ -159,15 +161,7 @@ async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
         .expect("hot-add disk")
         .device
         .unwrap();
-    let marker = format!("MARK-{}", Uuid::new_v4().simple());
-    let socket = source.run_dir("mover").join("serial.sock");
-    let line = marker.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
-        console.run(&format!("echo {line} > /tmp/marker"));
-    })
-    .await
-    .unwrap();
+    let marker = leave_marker(&source, "mover").await;
     let before = source.instance("mover").await;
     let source_taps = source.taps();
     assert_eq!(source_taps.len(), 2, "{source_taps:?}");
@@ -224,20 +218,11 @@ async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
     assert_eq!(after.cpu_mask, last_cpu);
     assert_eq!(vcpu_affinity(&thread_affinities(after.pid), 0), last_cpu);
 
-    let socket = target.run_dir("mover").join("serial.sock");
     let (nic_addr, disk_addr) = (
         pci_address(hot_nic.pci_slot),
         pci_address(hot_disk.pci_slot),
     );
-    let (seen, devices) = tokio::task::spawn_blocking(move || {
-        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
-        (
-            console.run("cat /tmp/marker"),
-            console.run("ls /sys/bus/pci/devices"),
-        )
-    })
-    .await
-    .unwrap();
+    let (seen, devices) = marker_and_pci_devices(&target, "mover").await;
     assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
     assert!(
         devices.contains(&nic_addr) && devices.contains(&disk_addr),
@@ -939,14 +924,7 @@ async fn multifd_channels_carry_the_guest_each_on_a_connection_of_its_own() {
     let target = TestAgent::start().await;
     let uuid = start_guest(&source, "multi", None).await;
     target.track(uuid);
-    let marker = format!("MARK-{}", Uuid::new_v4().simple());
-    let socket = source.run_dir("multi").join("serial.sock");
-    let line = marker.clone();
-    tokio::task::spawn_blocking(move || {
-        GuestConsole::attach(&socket, BOOT_TIMEOUT).run(&format!("echo {line} > /tmp/marker"));
-    })
-    .await
-    .unwrap();
+    let marker = leave_marker(&source, "multi").await;
     let options = pb::MigrationOptions {
         multifd_channels: 4,
         max_bandwidth: 32 << 20,
@@ -972,12 +950,7 @@ async fn multifd_channels_carry_the_guest_each_on_a_connection_of_its_own() {
 
     outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
     assert_eq!(most, 5, "the main connection and 4 channels to {address}");
-    let socket = target.run_dir("multi").join("serial.sock");
-    let seen = tokio::task::spawn_blocking(move || {
-        GuestConsole::attach(&socket, BOOT_TIMEOUT).run("cat /tmp/marker")
-    })
-    .await
-    .unwrap();
+    let (seen, _) = marker_and_pci_devices(&target, "multi").await;
     assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
 
     // A QEMU that another manager started expects no channels.

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use kvm_agent_proto::v1 as pb;
-use kvm_agent_tests::guest::{BOOT_TIMEOUT, GuestConsole, in_guest, pci_address, start_guest_with};
+use kvm_agent_tests::guest::{leave_marker, marker_and_pci_devices, pci_address, start_guest_with};
 use kvm_agent_tests::*;
 use tonic::Code;
 use uuid::Uuid;
@@ -88,12 +88,9 @@ async fn a_guest_moves_from_the_older_qemu_to_the_newer_with_its_hotplugged_devi
         .expect("hot-add disk")
         .device
         .unwrap();
-    let marker = format!("MARK-{}", Uuid::new_v4().simple());
-    let line = marker.clone();
-    in_guest(console, move |c| {
-        c.run(&format!("echo {line} > /tmp/marker"))
-    })
-    .await;
+    // Its shell is up: the console isn't needed any more.
+    drop(console);
+    let marker = leave_marker(&source, "upgraded").await;
     let before = source.instance("upgraded").await;
 
     source
@@ -113,20 +110,11 @@ async fn a_guest_moves_from_the_older_qemu_to_the_newer_with_its_hotplugged_devi
         machine
     );
     assert_eq!(slots(&after), slots(&before));
-    let socket = target.run_dir("upgraded").join("serial.sock");
     let (nic_addr, disk_addr) = (
         pci_address(hot_nic.pci_slot),
         pci_address(hot_disk.pci_slot),
     );
-    let (seen, devices) = tokio::task::spawn_blocking(move || {
-        let mut console = GuestConsole::attach(&socket, BOOT_TIMEOUT);
-        (
-            console.run("cat /tmp/marker"),
-            console.run("ls /sys/bus/pci/devices"),
-        )
-    })
-    .await
-    .unwrap();
+    let (seen, devices) = marker_and_pci_devices(&target, "upgraded").await;
     assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
     assert!(
         devices.contains(&nic_addr) && devices.contains(&disk_addr),

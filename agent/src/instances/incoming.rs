@@ -77,18 +77,25 @@ impl Agent {
             self.cfg.migration.peer_protocol,
         )
         .map_err(AgentError::PeerVersion)?;
-        let format = serde_json::from_str::<serde_json::Value>(runtime_json)
-            .ok()
-            .and_then(|v| runtime::format::stored_version(&v).ok());
+        let stored: serde_json::Value = serde_json::from_str(runtime_json)
+            .map_err(|e| AgentError::BadRequest(format!("the runtime is not valid JSON: {e}")))?;
+        let format = runtime::format::stored_version(&stored).ok();
         tracing::info!(%source, protocol = crate::peer::stated_protocol(protocol), runtime_format = ?format, "a peer sends a runtime");
-        let foreign = runtime::format::read_json(runtime_json).map_err(|e| match e {
+        let foreign = runtime::format::read(stored).map_err(|e| match e {
             runtime::format::FormatError::TooNew { .. }
             | runtime::format::FormatError::TooOld { .. } => AgentError::PeerVersion(e.to_string()),
             _ => AgentError::BadRequest(format!("the runtime is not valid: {e}")),
         })?;
-        let listen = Listen::Range {
-            multifd_channels: u8::try_from(multifd_channels).ok().filter(|&n| n > 0),
+        let multifd_channels = match u8::try_from(multifd_channels) {
+            Ok(0) => None,
+            Ok(channels) => Some(channels),
+            Err(_) => {
+                return Err(AgentError::BadRequest(format!(
+                    "multifd_channels is {multifd_channels}; QEMU takes at most 255"
+                )));
+            }
         };
+        let listen = Listen::Range { multifd_channels };
         self.accept_runtime(&foreign, source, listen).await
     }
 

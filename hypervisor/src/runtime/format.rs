@@ -131,12 +131,6 @@ pub fn read(mut value: Value) -> Result<Runtime, FormatError> {
     })
 }
 
-/// Reads a runtime from JSON text; see [`read`].
-pub fn read_json(text: &str) -> Result<Runtime, FormatError> {
-    let value = serde_json::from_str(text).map_err(|e| FormatError::NotARuntime(e.to_string()))?;
-    read(value)
-}
-
 /// `runtime` in the layout of `version`, for a peer that reads no newer.
 pub fn write_as(runtime: &Runtime, version: u32) -> Result<Value, FormatError> {
     if version > RUNTIME_FORMAT_VERSION {
