@@ -11,6 +11,7 @@ pub use hypervisor::host_files::AllowedRoots;
 use hypervisor::identity::QemuUser;
 use hypervisor::lifecycle::{LaunchConfig, StopTimeouts};
 use hypervisor::migration::MigrationParameters;
+use hypervisor::migration::stream_tls::StreamCredentials;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvm-agent";
@@ -202,6 +203,9 @@ pub struct MigrationConfig {
     pub peer_protocol: u32,
     /// This node's certificate, shown to `https://` targets.
     pub peer_tls: Option<crate::tls::TlsMaterial>,
+    /// What this node's QEMUs encrypt migration streams with: its own
+    /// files, else the node's TLS files.
+    pub stream_tls: Option<StreamCredentials>,
 }
 
 impl Default for MigrationConfig {
@@ -213,6 +217,7 @@ impl Default for MigrationConfig {
             peer_timeout: Duration::from_secs(30),
             peer_protocol: crate::peer::PEER_PROTOCOL,
             peer_tls: None,
+            stream_tls: None,
         }
     }
 }

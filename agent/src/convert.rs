@@ -682,6 +682,7 @@ pub fn report_to_proto(report: &MigrationReport) -> pb::MigrationProgress {
         downtime_ms: ms(status.and_then(|s| s.downtime)),
         elapsed_ms: report.elapsed.as_millis() as u64,
         address: report.address.clone(),
+        encrypted: report.encrypted,
     }
 }
 
@@ -741,6 +742,7 @@ pub fn migrate_options_from_proto(
         auto_converge: options.auto_converge,
         xbzrle_cache: (options.xbzrle_cache_bytes > 0).then_some(options.xbzrle_cache_bytes),
         multifd_channels,
+        unencrypted: options.unencrypted,
     })
 }
 

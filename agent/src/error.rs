@@ -3,6 +3,7 @@
 use hotplug::HotplugError;
 use hypervisor::guest_agent::GuestAgentError;
 use hypervisor::lifecycle::{LaunchError, StopError};
+use hypervisor::migration::stream_tls::StreamTlsError;
 use hypervisor::probe::ProbeError;
 use hypervisor::qmp::QmpError;
 use hypervisor::runtime::RuntimeError;
@@ -237,6 +238,21 @@ pub enum AgentError {
         instance: String,
         /// QEMU's reason.
         reason: String,
+    },
+    /// An encrypted stream was asked of a node without credentials for it.
+    #[error(
+        "this agent has no TLS credentials for migration streams: it was started without [tls] \
+         and without [migration] stream_cert, stream_key and stream_ca"
+    )]
+    NoStreamCredentials,
+    /// A QEMU can't have the migration stream's credentials.
+    #[error("instance {instance:?}: {source}")]
+    StreamTls {
+        /// Instance name.
+        instance: String,
+        /// Why.
+        #[source]
+        source: StreamTlsError,
     },
     /// The migration was cancelled; the instance stays where it was.
     #[error("instance {0:?}: migration cancelled")]
@@ -542,6 +558,14 @@ impl AgentError {
             AgentError::MigrationFailed { .. } => {
                 (Code::Aborted, "the instance stays where it was; retry")
             }
+            AgentError::NoStreamCredentials => (
+                Code::FailedPrecondition,
+                "give the agent its node certificate, or migrate unencrypted",
+            ),
+            AgentError::StreamTls { .. } => (
+                Code::FailedPrecondition,
+                "check the migration stream's certificate, key and CA on this node; nothing was sent",
+            ),
             AgentError::MigrationCancelled(_) => {
                 (Code::Cancelled, "the instance stays on this node")
             }

@@ -97,6 +97,8 @@ pub struct MigrationReport {
     pub status: Option<MigrationStatus>,
     /// Where the stream goes.
     pub address: String,
+    /// Whether the two QEMUs encrypt the stream.
+    pub encrypted: bool,
     /// Since the operation began.
     pub elapsed: Duration,
 }
@@ -239,6 +241,8 @@ pub struct MigrateOptions {
     pub xbzrle_cache: Option<u64>,
     /// Connections for memory besides the main one (multifd).
     pub multifd_channels: Option<u8>,
+    /// Send the stream to another node in the clear.
+    pub unencrypted: bool,
 }
 
 /// What a save came to.

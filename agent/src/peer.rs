@@ -26,8 +26,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// speaks every protocol from [`OLDEST_PEER_PROTOCOL`] on, so that during
 /// a rolling upgrade a node migrates to and from the release before.
 /// Protocol 1 (releases without a version in their calls) sends runtimes
-/// in format 1; protocol 2 in format 2.
-pub const PEER_PROTOCOL: u32 = 2;
+/// in format 1; protocol 2 in format 2. Protocol 3 adds streams the two
+/// QEMUs encrypt.
+pub const PEER_PROTOCOL: u32 = 3;
 /// The oldest protocol this agent speaks to its peers.
 pub const OLDEST_PEER_PROTOCOL: u32 = 1;
 
@@ -73,6 +74,15 @@ pub fn answered_by_agent(status: &tonic::Status) -> bool {
     status.metadata().get(REQUEST_ID_HEADER).is_some()
 }
 
+/// What the target's QEMU must expect of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// Connections for memory besides the main one (multifd).
+    pub multifd_channels: Option<u8>,
+    /// TLS between the two QEMUs.
+    pub encrypted: bool,
+}
+
 /// Where an agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
@@ -105,6 +115,24 @@ impl AgentAddress {
 
     fn wants_tls(&self) -> bool {
         matches!(self, AgentAddress::Tcp(url) if url.starts_with("https://"))
+    }
+
+    /// The host an `https://` agent is reached at, which its certificate
+    /// names: what a stream to it is checked against. An IPv6 address
+    /// comes without its brackets.
+    pub fn tls_host(&self) -> Option<&str> {
+        let AgentAddress::Tcp(url) = self else {
+            return None;
+        };
+        let authority = url.strip_prefix("https://")?.split('/').next()?;
+        match authority.strip_prefix('[') {
+            Some(bracketed) => bracketed.split(']').next(),
+            None => Some(
+                authority
+                    .rsplit_once(':')
+                    .map_or(authority, |(host, _)| host),
+            ),
+        }
     }
 }
 
@@ -250,19 +278,25 @@ impl TargetAgent {
     }
 
     /// Asks the target to wait for `runtime`'s guest, sent in the format
-    /// of the protocol both speak (this agent's newest being `ours`);
-    /// returns the address its QEMU listens on.
+    /// of the protocol both speak (this agent's newest being `ours`), over
+    /// `stream`; returns the address its QEMU listens on.
     pub async fn accept_migration(
         &mut self,
         runtime: &Runtime,
         source: String,
         ours: u32,
-        multifd_channels: Option<u8>,
+        stream: StreamRequest,
     ) -> Result<String, tonic::Status> {
         let protocol = self.protocol(ours).await?;
-        if multifd_channels.is_some() && protocol < 2 {
+        if stream.multifd_channels.is_some() && protocol < 2 {
             return Err(tonic::Status::failed_precondition(format!(
                 "the target agent speaks peer protocol {protocol}, which has no multifd channels; migrate without them"
+            )));
+        }
+        if stream.encrypted && protocol < 3 {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the target agent speaks peer protocol {protocol}, which can't receive an encrypted \
+                 stream; upgrade it, or migrate unencrypted"
             )));
         }
         let runtime_json = format::write_as(runtime, runtime_format(protocol))
@@ -272,7 +306,8 @@ impl TargetAgent {
             runtime_json,
             source,
             protocol_version: protocol,
-            multifd_channels: multifd_channels.map_or(0, u32::from),
+            multifd_channels: stream.multifd_channels.map_or(0, u32::from),
+            encrypted_stream: stream.encrypted,
         };
         let answer = self.client.accept_migration(request).await?;
         Ok(answer.into_inner().address)
@@ -346,6 +381,7 @@ mod tests {
         );
         let tls = AgentAddress::parse("https://node2.example:7070").unwrap();
         assert!(tls.wants_tls());
+        assert_eq!(tls.tls_host(), Some("node2.example"));
         for bad in [
             "",
             "unix:relative",
@@ -356,5 +392,21 @@ mod tests {
         ] {
             assert!(AgentAddress::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_encrypted_stream_is_checked_against_the_host_the_target_is_reached_at() {
+        let host = |url: &str| {
+            AgentAddress::parse(url)
+                .unwrap()
+                .tls_host()
+                .map(str::to_owned)
+        };
+        assert_eq!(host("https://10.0.0.2:7070"), Some("10.0.0.2".into()));
+        assert_eq!(host("https://[fd00::2]:7070/"), Some("fd00::2".into()));
+        assert_eq!(host("https://node2"), Some("node2".into()));
+        // Agents on this machine have no certificate to check.
+        assert_eq!(host("http://127.0.0.1:7070"), None);
+        assert_eq!(host("unix:/run/agent.sock"), None);
     }
 }

@@ -362,6 +362,7 @@ impl NodeAgent for NodeAgentService {
                     &req.source,
                     req.protocol_version,
                     req.multifd_channels,
+                    req.encrypted_stream,
                 )
                 .await?;
             Ok(pb::AcceptMigrationResponse { address })

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hypervisor::identity::QemuUser;
+use hypervisor::migration::stream_tls::StreamCredentials;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -233,6 +234,12 @@ layer! {
         peer_timeout_ms: NonZeroU64,
         /// The newest protocol to speak to other agents.
         peer_protocol: u32,
+        /// The certificate QEMUs show on migration streams.
+        stream_cert: PathBuf,
+        /// Its private key.
+        stream_key: PathBuf,
+        /// The CA the other QEMU's certificate must be signed by.
+        stream_ca: PathBuf,
     }
 }
 
@@ -609,6 +616,19 @@ impl MigrationSection {
             }
             migration.peer_protocol = protocol;
         }
+        migration.stream_tls = match (self.stream_cert, self.stream_key, self.stream_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(StreamCredentials { cert, key, ca }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "migration",
+                    message: "stream TLS needs all of stream_cert, stream_key and stream_ca \
+                              (--migration-stream-cert, --migration-stream-key, \
+                              --migration-stream-ca), or none to use the [tls] files"
+                        .into(),
+                });
+            }
+        };
         Ok(())
     }
 }
@@ -661,6 +681,13 @@ impl FileConfig {
         self.migration.resolve(&mut agent.migration)?;
 
         let tls = self.tls.resolve()?;
+        if agent.migration.stream_tls.is_none() {
+            agent.migration.stream_tls = tls.as_ref().map(|t| StreamCredentials {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                ca: t.ca.clone(),
+            });
+        }
         let listen = self.listen.map(|l| l.0);
         crate::server::check_tcp_exposure(listen, tls.is_some()).map_err(|message| {
             ConfigError::Invalid {
@@ -740,6 +767,7 @@ impl Settings {
     pub fn effective(&self) -> FileConfig {
         let agent = &self.agent;
         let launch = &agent.launch;
+        let stream = agent.migration.stream_tls.as_ref();
         FileConfig {
             state_dir: Some(agent.state_dir.clone()),
             socket: Some(self.socket.clone()),
@@ -796,6 +824,9 @@ impl Settings {
                 ports: Some(PortRange(agent.migration.ports.clone())),
                 peer_timeout_ms: as_millis(agent.migration.peer_timeout),
                 peer_protocol: Some(agent.migration.peer_protocol),
+                stream_cert: stream.map(|s| s.cert.clone()),
+                stream_key: stream.map(|s| s.key.clone()),
+                stream_ca: stream.map(|s| s.ca.clone()),
             },
         }
     }

@@ -407,27 +407,8 @@ pub fn stage_credentials(
         .mode(0o700)
         .create(staged)
         .map_err(|e| failed(staged, e.to_string()))?;
+    copy_credentials(what, files, staged, user, roots)?;
     let owner = user.map(|u| (u.uid, u.gid));
-    for credential in files {
-        let source = &credential.source;
-        let file = match roots.open(source, OFlag::O_RDONLY, Mode::empty()) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !credential.required => continue,
-            Err(e) => return Err(failed(source, e.to_string())),
-        };
-        blocking(&file).map_err(|e| failed(source, e.to_string()))?;
-        let copy = staged.join(credential.name);
-        let mut target = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&copy)
-            .map_err(|e| failed(&copy, e.to_string()))?;
-        io::copy(&mut &file, &mut target).map_err(|e| failed(source, e.to_string()))?;
-        if let Some((uid, gid)) = owner {
-            fchown(&target, Some(uid), Some(gid)).map_err(|e| failed(&copy, e.to_string()))?;
-        }
-    }
     let restricted = || -> io::Result<File> {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(staged, Some(uid), Some(gid))?;
@@ -439,6 +420,57 @@ pub fn stage_credentials(
             .open(staged)
     };
     restricted().map_err(|e| failed(staged, e.to_string()))
+}
+
+/// Copies `files` into the existing directory `into`, each readable by
+/// `user` only (mode 0400, owned by it); a copy never replaces a file.
+/// Returns the copies made, for the caller to remove.
+pub fn copy_credentials(
+    what: &'static str,
+    files: &[TlsFile<'_>],
+    into: &Path,
+    user: Option<QemuUser>,
+    roots: &AllowedRoots,
+) -> Result<Vec<PathBuf>, HostFileError> {
+    let failed = |path: &Path, reason: String| HostFileError::Credentials {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    let mut copies = Vec::with_capacity(files.len());
+    let result = files.iter().try_for_each(|credential| {
+        let source = &credential.source;
+        let file = match roots.open(source, OFlag::O_RDONLY, Mode::empty()) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !credential.required => return Ok(()),
+            Err(e) => return Err(failed(source, e.to_string())),
+        };
+        blocking(&file).map_err(|e| failed(source, e.to_string()))?;
+        let copy = into.join(credential.name);
+        let mut target = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&copy)
+            .map_err(|e| failed(&copy, e.to_string()))?;
+        copies.push(copy.clone());
+        io::copy(&mut &file, &mut target).map_err(|e| failed(source, e.to_string()))?;
+        if let Some(user) = user {
+            fchown(&target, Some(user.uid), Some(user.gid))
+                .map_err(|e| failed(&copy, e.to_string()))?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(copies),
+        Err(e) => {
+            copies
+                .iter()
+                .for_each(|copy| drop(std::fs::remove_file(copy)));
+            Err(e)
+        }
+    }
 }
 
 /// Links the option ROMs of the NIC models `models` into the root of

@@ -3,7 +3,10 @@
 //! `query-migrate`.
 //!
 //! [`MigrationStatus::from_query`] is pure; the rest are thin QMP calls.
-//! Agent-to-agent coordination lives in the agent.
+//! Agent-to-agent coordination lives in the agent; TLS on the stream in
+//! [`stream_tls`].
+
+pub mod stream_tls;
 
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
@@ -159,8 +162,14 @@ impl MigrationStatus {
 }
 
 /// Turns on the capabilities and sets the parameters of an outgoing
-/// migration (or save).
-pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<(), QmpError> {
+/// migration (or save). With `tls_hostname`, the stream is encrypted with
+/// the sender's credentials ([`stream_tls::load`] them first), and the
+/// receiver's certificate must name that host; without, it is plain.
+pub async fn configure(
+    qmp: &QmpClient,
+    params: &MigrationParameters,
+    tls_hostname: Option<&str>,
+) -> Result<(), QmpError> {
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [
@@ -175,6 +184,9 @@ pub async fn configure(qmp: &QmpClient, params: &MigrationParameters) -> Result<
     let mut parameters = json!({
         "max-bandwidth": params.max_bandwidth,
         "downtime-limit": downtime_ms,
+        // Empty turns TLS off, including an earlier migration's.
+        "tls-creds": tls_hostname.map_or("", |_| stream_tls::Endpoint::Sender.object_id()),
+        "tls-hostname": tls_hostname.unwrap_or(""),
     });
     if let Some(cache) = params.xbzrle_cache {
         parameters["xbzrle-cache-size"] = json!(cache);

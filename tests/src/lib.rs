@@ -4,7 +4,9 @@
 //!
 //! Every QEMU a test starts is killed on drop, even when the test panics.
 
+pub mod capture;
 pub mod guest;
+pub mod hosts;
 pub mod proxy;
 pub mod tls;
 

@@ -8,8 +8,8 @@ use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::guest::{
     GuestConsole, boot_guest, leave_marker, marker_and_pci_devices, pci_address,
 };
+use kvm_agent_tests::hosts::Hosts;
 use kvm_agent_tests::proxy::{ApiProxy, Connection, Then};
-use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -453,104 +453,9 @@ async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
     );
 }
 
-/// Two network namespaces joined by a veth pair: two hosts on one machine,
-/// whose agents serve the API with mutual TLS on their own addresses.
-struct Hosts {
-    names: [String; 2],
-    addresses: [String; 2],
-    ca: TestCa,
-}
-
-/// The API port of the agents in [`Hosts`].
-const HOST_API_PORT: u16 = 7070;
-
-impl Hosts {
-    fn create() -> Result<Hosts, String> {
-        let tag = &Uuid::new_v4().simple().to_string()[..6];
-        let octet = 16 + (u8::from_str_radix(&tag[..2], 16).unwrap_or(0) % 200);
-        let hosts = Hosts {
-            names: [format!("ka{tag}a"), format!("ka{tag}b")],
-            addresses: [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")],
-            ca: TestCa::new("cluster"),
-        };
-        let [a, b] = &hosts.names;
-        let (veth_a, veth_b) = (format!("v{tag}a"), format!("v{tag}b"));
-        let cidr = |host: usize| format!("{}/24", hosts.addresses[host]);
-        let (cidr_a, cidr_b) = (cidr(0), cidr(1));
-        let steps: Vec<Vec<&str>> = vec![
-            vec!["netns", "add", a],
-            vec!["netns", "add", b],
-            vec![
-                "link", "add", &veth_a, "netns", a, "type", "veth", "peer", "name", &veth_b,
-                "netns", b,
-            ],
-            vec!["-n", a, "addr", "add", &cidr_a, "dev", &veth_a],
-            vec!["-n", b, "addr", "add", &cidr_b, "dev", &veth_b],
-            vec!["-n", a, "link", "set", &veth_a, "up"],
-            vec!["-n", b, "link", "set", &veth_b, "up"],
-            vec!["-n", a, "link", "set", "lo", "up"],
-            vec!["-n", b, "link", "set", "lo", "up"],
-        ];
-        for args in steps {
-            let out = Command::new("ip")
-                .args(&args)
-                .output()
-                .map_err(|e| format!("ip: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-        }
-        Ok(hosts)
-    }
-
-    fn agent_options(&self, host: usize) -> AgentOptions {
-        let mut options = AgentOptions {
-            wrapper: vec![
-                "ip".into(),
-                "netns".into(),
-                "exec".into(),
-                self.names[host].clone(),
-            ],
-            ..AgentOptions::default()
-        };
-        let address = &self.addresses[host];
-        let node = self.ca.issue(&self.names[host], &[address]);
-        options.args.extend([
-            "--migration-address".into(),
-            address.clone(),
-            "--listen".into(),
-            format!("tcp://{address}:{HOST_API_PORT}"),
-        ]);
-        options.args.extend(node.args());
-        options
-    }
-
-    /// The agent of `host` as the other host reaches it.
-    fn api_url(&self, host: usize) -> String {
-        format!("https://{}:{HOST_API_PORT}", self.addresses[host])
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_guest_moves_between_two_hosts_over_their_own_network() {
-    let hosts = Hosts::create().unwrap_or_else(|why| {
-        panic!(
-            "this test needs two network namespaces joined by a veth pair (root, iproute2), \
-             and they can't be made here: {why}"
-        )
-    });
+    let hosts = Hosts::create_or_explain();
     let source = TestAgent::start_with(hosts.agent_options(0)).await;
     let target = TestAgent::start_with(hosts.agent_options(1)).await;
     let spec = source.spec("traveller", 128);
@@ -567,7 +472,7 @@ async fn a_guest_moves_between_two_hosts_over_their_own_network() {
     outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
     let address = &progress.last().unwrap().address;
     assert!(
-        address.starts_with(&format!("tcp:{}:", hosts.addresses[1])),
+        address.starts_with(&format!("tcp:{}:", hosts.address(1))),
         "the stream goes to the target host's own address: {address}"
     );
     assert!(absent(&source, "traveller").await);

@@ -80,6 +80,7 @@ async fn accept(
             source: "a peer of an earlier release".into(),
             protocol_version: protocol,
             multifd_channels: 0,
+            encrypted_stream: false,
         })
         .await
         .map(|r| r.into_inner().address)
@@ -259,7 +260,7 @@ async fn agents_of_adjacent_releases_migrate_both_ways_in_the_older_ones_format(
     let uuid: Uuid = spec.uuid.parse().unwrap();
     older.track(uuid);
     newer.start_spec(spec).await;
-    for (agent, protocol) in [(&older, 1), (&newer, 2)] {
+    for (agent, protocol) in [(&older, 1), (&newer, 3)] {
         let info = agent
             .client()
             .await

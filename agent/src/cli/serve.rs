@@ -116,6 +116,17 @@ pub(super) struct ServeArgs {
     /// How long a call to another agent (a migration's target) may take [default: 30000].
     #[arg(long, env = "KVM_AGENT_PEER_TIMEOUT_MS")]
     peer_timeout_ms: Option<NonZeroU64>,
+    /// Certificate (PEM) this node's QEMUs show on migration streams
+    /// [default: --tls-cert].
+    #[arg(long, env = "KVM_AGENT_MIGRATION_STREAM_CERT")]
+    migration_stream_cert: Option<PathBuf>,
+    /// Its private key [default: --tls-key].
+    #[arg(long, env = "KVM_AGENT_MIGRATION_STREAM_KEY")]
+    migration_stream_key: Option<PathBuf>,
+    /// The CA (PEM) the other QEMU's certificate must be signed by
+    /// [default: --tls-ca].
+    #[arg(long, env = "KVM_AGENT_MIGRATION_STREAM_CA")]
+    migration_stream_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -177,6 +188,9 @@ impl ServeArgs {
                 ports: self.migration_ports.clone(),
                 peer_timeout_ms: self.peer_timeout_ms,
                 peer_protocol: None,
+                stream_cert: self.migration_stream_cert.clone(),
+                stream_key: self.migration_stream_key.clone(),
+                stream_ca: self.migration_stream_ca.clone(),
             },
         }
     }
@@ -230,6 +244,15 @@ pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
     } = settings;
     let tls = tls.as_ref().map(TlsMaterial::load).transpose()?;
     agent.migration.peer_tls = tls.clone();
+    if let Some(stream) = &agent.migration.stream_tls {
+        // Only checked here: QEMU reads them at each migration.
+        TlsMaterial::load(&crate::tls::TlsFiles {
+            cert: stream.cert.clone(),
+            key: stream.key.clone(),
+            ca: stream.ca.clone(),
+        })
+        .context("the migration stream's TLS files")?;
+    }
     let listeners = Listeners {
         socket,
         tcp: listen,

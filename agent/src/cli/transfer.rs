@@ -44,6 +44,9 @@ pub(super) struct MigrateArgs {
     /// Send memory over this many connections besides the main one (multifd; the target must be an agent).
     #[arg(long)]
     multifd_channels: Option<u32>,
+    /// Send the stream to another node in the clear instead of with TLS between the two QEMUs.
+    #[arg(long)]
+    unencrypted: bool,
 }
 
 #[derive(Debug, Args)]
@@ -102,8 +105,16 @@ pub(super) fn progress_line(p: &pb::MigrationProgress) -> String {
             ));
         }
     }
-    line.push_str(&format!(" ({:.1} s)", p.elapsed_ms as f64 / 1000.0));
+    line.push_str(&format!(
+        " ({:.1} s, {})",
+        p.elapsed_ms as f64 / 1000.0,
+        stream_kind(p)
+    ));
     line
+}
+
+fn stream_kind(p: &pb::MigrationProgress) -> &'static str {
+    if p.encrypted { "encrypted" } else { "plain" }
 }
 
 /// Runs `kvm-agent migrate`.
@@ -122,6 +133,7 @@ pub(super) async fn migrate(
             auto_converge: args.no_auto_converge.then_some(false),
             xbzrle_cache_bytes: args.xbzrle_cache.unwrap_or(0),
             multifd_channels: args.multifd_channels.unwrap_or(0),
+            unencrypted: args.unencrypted,
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();
@@ -157,11 +169,12 @@ pub(super) async fn migrate(
         )?;
     if !out.json {
         println!(
-            "{} migrated to {} in {:.1} s (downtime {} ms)",
+            "{} migrated to {} in {:.1} s (downtime {} ms, {} stream)",
             args.name,
             args.to,
             done.elapsed_ms as f64 / 1000.0,
-            done.downtime_ms
+            done.downtime_ms,
+            stream_kind(&done)
         );
     }
     Ok(())
@@ -278,5 +291,6 @@ mod tests {
         assert!(line.contains("64.0 MiB sent"), "{line}");
         assert!(line.contains("192.0 MiB left of 256 MiB"), "{line}");
         assert!(line.contains("expected downtime 300 ms"), "{line}");
+        assert!(line.ends_with("(1.5 s, plain)"), "{line}");
     }
 }

@@ -49,6 +49,8 @@ impl Agent {
         lock(&inst.status).outgoing = Some(cancel.clone());
         inst.set_state(State::Migrating, format!("migrating to {uri}"));
         let reporter = Reporter {
+            // Another manager's QEMU has no credentials of the cluster's.
+            encrypted: false,
             inst: &inst,
             sink: progress,
             started: Instant::now(),
@@ -119,7 +121,7 @@ impl Agent {
         self.write_record(inst, &marked).await?;
         reporter.report(ReportPhase::Preparing, None);
         let qmp = &process.qmp;
-        qemu_migration::configure(qmp, &self.migration_parameters(options))
+        qemu_migration::configure(qmp, &self.migration_parameters(options), None)
             .await
             .map_err(qmp_error)?;
         if options.offline && was_running {

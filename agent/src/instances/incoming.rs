@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
 use hypervisor::lifecycle::{self, LaunchMode, files};
+use hypervisor::migration::stream_tls::{self, Endpoint};
 use hypervisor::migration::{self as qemu_migration};
 use hypervisor::process;
 use hypervisor::qmp::QmpError;
@@ -46,10 +47,13 @@ pub(crate) struct Incoming {
 #[derive(Debug, Clone)]
 pub(super) enum Listen {
     /// A port of the agent's migration range, on its migration address,
-    /// for an agent's stream, which may come with multifd connections.
+    /// for an agent's stream, which may come with multifd connections and
+    /// be encrypted.
     Range {
         /// The source's multifd connections besides the main one.
         multifd_channels: Option<u8>,
+        /// TLS between the two QEMUs.
+        encrypted: bool,
     },
     /// Where the sender will send: Ganeti's KVM driver sends to its own
     /// migration port on the address Ganeti gives.
@@ -71,6 +75,7 @@ impl Agent {
         source: &str,
         protocol: u32,
         multifd_channels: u32,
+        encrypted: bool,
     ) -> Result<String, AgentError> {
         crate::peer::check_spoken(
             crate::peer::stated_protocol(protocol),
@@ -95,7 +100,10 @@ impl Agent {
                 )));
             }
         };
-        let listen = Listen::Range { multifd_channels };
+        let listen = Listen::Range {
+            multifd_channels,
+            encrypted,
+        };
         self.accept_runtime(&foreign, source, listen).await
     }
 
@@ -119,10 +127,13 @@ impl Agent {
         }
         let _op = self.lock_incoming(&inst).await?;
         let previous = self.check_incoming(&inst, &runtime)?;
-        let (_, process) = self
+        let (record, process) = self
             .launch_incoming(&inst, runtime, format!("incoming from {source}"), &previous)
             .await?;
-        match self.listen_for_migration(&inst, &process, &listen).await {
+        match self
+            .listen_for_migration(&inst, &process, &record.runtime, &listen)
+            .await
+        {
             Ok((host, port)) => {
                 lock(&inst.status).incoming = Some(Incoming { port, previous });
                 let address = format!("tcp:{host}:{port}");
@@ -278,17 +289,29 @@ impl Agent {
         &self,
         inst: &Instance,
         process: &Process,
+        runtime: &Runtime,
         listen: &Listen,
     ) -> Result<(String, u16), AgentError> {
         let (host, ports) = match listen {
-            Listen::Range { multifd_channels } => {
+            Listen::Range {
+                multifd_channels,
+                encrypted,
+            } => {
+                let qmp_error = |source| AgentError::Qmp {
+                    instance: inst.name.clone(),
+                    source,
+                };
+                if *encrypted {
+                    self.load_stream_tls(process, runtime, Endpoint::Receiver)
+                        .await?;
+                    stream_tls::receive_encrypted(&process.qmp)
+                        .await
+                        .map_err(qmp_error)?;
+                }
                 if let Some(channels) = *multifd_channels {
                     qemu_migration::prepare_incoming(&process.qmp, channels)
                         .await
-                        .map_err(|source| AgentError::Qmp {
-                            instance: inst.name.clone(),
-                            source,
-                        })?;
+                        .map_err(qmp_error)?;
                 }
                 (self.migration_host(), self.cfg.migration.ports.clone())
             }
@@ -328,6 +351,34 @@ impl Agent {
         Err(AgentError::NoMigrationPort {
             first: *ports.start(),
             last: *ports.end(),
+        })
+    }
+
+    /// Gives an instance's QEMU this node's credentials for `endpoint` of
+    /// an encrypted stream.
+    pub(super) async fn load_stream_tls(
+        &self,
+        process: &Process,
+        runtime: &Runtime,
+        endpoint: Endpoint,
+    ) -> Result<(), AgentError> {
+        let Some(credentials) = &self.cfg.migration.stream_tls else {
+            return Err(AgentError::NoStreamCredentials);
+        };
+        let run_dir = self.cfg.run_dir(&runtime.name);
+        let chroot = run_dir.join(files::CHROOT);
+        stream_tls::load(
+            &process.qmp,
+            credentials,
+            endpoint,
+            &run_dir,
+            runtime.chroot.then_some(chroot.as_path()),
+            runtime.qemu_user,
+        )
+        .await
+        .map_err(|source| AgentError::StreamTls {
+            instance: runtime.name.clone(),
+            source,
         })
     }
 

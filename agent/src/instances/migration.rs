@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
 use hypervisor::lifecycle;
+use hypervisor::migration::stream_tls::{self, Endpoint};
 use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationStatus};
 use hypervisor::qmp::{QmpClient, QmpError};
 use tokio::sync::{Notify, mpsc};
@@ -25,7 +26,7 @@ use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
 use crate::model::{MigrateOptions, MigrationReport, ReportPhase};
-use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, TargetAgent};
+use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, StreamRequest, TargetAgent};
 
 /// How often a migration's progress is read.
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -41,6 +42,7 @@ pub(super) struct Reporter<'a> {
     pub(super) sink: mpsc::Sender<MigrationReport>,
     pub(super) started: Instant,
     pub(super) address: String,
+    pub(super) encrypted: bool,
 }
 
 impl Reporter<'_> {
@@ -60,6 +62,7 @@ impl Reporter<'_> {
             phase,
             status,
             address: self.address.clone(),
+            encrypted: self.encrypted,
             elapsed: self.started.elapsed(),
         }
     }
@@ -73,6 +76,9 @@ struct Outgoing<'a> {
     record: &'a InstanceRecord,
     target: AgentAddress,
     options: MigrateOptions,
+    /// For an encrypted stream: the name the target's certificate must
+    /// bear.
+    tls_host: Option<String>,
     cancel: Arc<Notify>,
     reporter: Reporter<'a>,
 }
@@ -186,7 +192,13 @@ impl Agent {
         let cancel = Arc::new(Notify::new());
         lock(&inst.status).outgoing = Some(cancel.clone());
         inst.set_state(State::Migrating, format!("migrating to {target}"));
+        // To another node; one on this machine has no cluster identity.
+        let tls_host = target
+            .tls_host()
+            .filter(|_| !options.unencrypted)
+            .map(str::to_owned);
         let mut outgoing = Outgoing {
+            tls_host,
             inst: &inst,
             process: &process,
             record: &record,
@@ -198,14 +210,20 @@ impl Agent {
                 sink: progress,
                 started: Instant::now(),
                 address: String::new(),
+                encrypted: false,
             },
         };
+        outgoing.reporter.encrypted = outgoing.tls_host.is_some();
         let result = self.migrate_locked(&mut outgoing).await;
         lock(&inst.status).outgoing = None;
         let Failure { error, maybe_taken } = match result {
             Ok(report) => return Ok(report),
             Err(failure) => failure,
         };
+        if outgoing.tls_host.is_some() && !process.pidfd.has_exited() {
+            // QEMU keeps the node's key in memory while the object lives.
+            let _ = stream_tls::unload(&process.qmp, Endpoint::Sender).await;
+        }
         // The migration is over unless the target may have taken the
         // instance; then the mark stays for the next look.
         if !maybe_taken {
@@ -444,6 +462,12 @@ impl Agent {
         was_running: bool,
     ) -> Result<TargetAgent, AgentError> {
         m.reporter.report(ReportPhase::Preparing, None);
+        if m.tls_host.is_some() {
+            // Before the target starts anything: a source that can't
+            // encrypt refuses on its own.
+            self.load_stream_tls(m.process, &m.record.runtime, Endpoint::Sender)
+                .await?;
+        }
         let marked = InstanceRecord {
             outgoing: Some(OutgoingMigration {
                 target: m.target.to_string(),
@@ -461,7 +485,10 @@ impl Agent {
                 &m.record.runtime,
                 super::hostname(),
                 self.cfg.migration.peer_protocol,
-                m.options.multifd_channels,
+                StreamRequest {
+                    multifd_channels: m.options.multifd_channels,
+                    encrypted: m.tls_host.is_some(),
+                },
             )
             .await
             .map_err(|s| peer_error(&m.target, "the target refused the migration", s))?;
@@ -491,7 +518,8 @@ impl Agent {
     ) -> Result<MigrationStatus, AgentError> {
         let (qmp, name) = (m.qmp(), &m.inst.name);
         let qmp_error = m.qmp_error();
-        qemu_migration::configure(qmp, &self.migration_parameters(&m.options))
+        let params = self.migration_parameters(&m.options);
+        qemu_migration::configure(qmp, &params, m.tls_host.as_deref())
             .await
             .map_err(&qmp_error)?;
         if m.options.offline && was_running {

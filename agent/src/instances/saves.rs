@@ -223,7 +223,7 @@ impl Agent {
             auto_converge: false,
             ..MigrationParameters::default()
         };
-        qemu_migration::configure(qmp, &params)
+        qemu_migration::configure(qmp, &params, None)
             .await
             .map_err(qmp_error)?;
         let (read, write) = pipe()?;
