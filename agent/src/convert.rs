@@ -683,6 +683,9 @@ pub fn report_to_proto(report: &MigrationReport) -> pb::MigrationProgress {
         elapsed_ms: report.elapsed.as_millis() as u64,
         address: report.address.clone(),
         encrypted: report.encrypted,
+        passes: status.map_or(0, |s| s.passes),
+        throttle_percent: status.map_or(0, |s| u32::from(s.throttle_percent)),
+        postcopy: status.is_some_and(|s| s.postcopy),
     }
 }
 
@@ -743,7 +746,24 @@ pub fn migrate_options_from_proto(
         xbzrle_cache: (options.xbzrle_cache_bytes > 0).then_some(options.xbzrle_cache_bytes),
         multifd_channels,
         unencrypted: options.unencrypted,
+        throttle_initial: percent("throttle_initial_percent", options.throttle_initial_percent)?,
+        throttle_increment: percent(
+            "throttle_increment_percent",
+            options.throttle_increment_percent,
+        )?,
+        stalled_passes: (options.stalled_passes_limit > 0).then_some(options.stalled_passes_limit),
     })
+}
+
+/// A throttle share: 1 to 99 percent, or 0 for QEMU's default.
+fn percent(field: &str, value: u32) -> Result<Option<u8>, AgentError> {
+    match value {
+        0 => Ok(None),
+        1..=99 => Ok(Some(value as u8)),
+        _ => Err(AgentError::BadRequest(format!(
+            "{field} is {value}; use 1 to 99, or 0 for QEMU's default"
+        ))),
+    }
 }
 
 /// The most multifd connections a migration may ask for: each is a

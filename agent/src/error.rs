@@ -254,6 +254,28 @@ pub enum AgentError {
         #[source]
         source: StreamTlsError,
     },
+    /// Precopy stopped converging: the guest dirties memory faster than
+    /// the stream carries it.
+    #[error(
+        "instance {instance:?}: precopy stopped converging after {passes} passes over memory: \
+         {remaining_mib} MiB still to send while the guest dirties {dirty_mib_per_second} MiB/s{}, \
+         with the guest throttled by {throttle_percent}%",
+        bandwidth_mib_per_second.map(|b| format!(" against a cap of {b} MiB/s")).unwrap_or_default()
+    )]
+    MigrationStalled {
+        /// Instance name.
+        instance: String,
+        /// Passes so far.
+        passes: u64,
+        /// Memory left after the last pass.
+        remaining_mib: u64,
+        /// The guest's dirty rate.
+        dirty_mib_per_second: u64,
+        /// The stream's cap, if it had one.
+        bandwidth_mib_per_second: Option<u64>,
+        /// Auto-converge's throttle.
+        throttle_percent: u8,
+    },
     /// The migration was cancelled; the instance stays where it was.
     #[error("instance {0:?}: migration cancelled")]
     MigrationCancelled(String),
@@ -565,6 +587,10 @@ impl AgentError {
             AgentError::StreamTls { .. } => (
                 Code::FailedPrecondition,
                 "check the migration stream's certificate, key and CA on this node; nothing was sent",
+            ),
+            AgentError::MigrationStalled { .. } => (
+                Code::Aborted,
+                "the guest runs on here; migrate with auto-converge, a higher bandwidth, or offline",
             ),
             AgentError::MigrationCancelled(_) => {
                 (Code::Cancelled, "the instance stays on this node")

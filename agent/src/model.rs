@@ -243,6 +243,12 @@ pub struct MigrateOptions {
     pub multifd_channels: Option<u8>,
     /// Send the stream to another node in the clear.
     pub unencrypted: bool,
+    /// Overrides QEMU's first auto-converge throttle, in percent.
+    pub throttle_initial: Option<u8>,
+    /// Overrides QEMU's auto-converge throttle step, in percent.
+    pub throttle_increment: Option<u8>,
+    /// Overrides how many passes without progress make a stall.
+    pub stalled_passes: Option<u32>,
 }
 
 /// What a save came to.

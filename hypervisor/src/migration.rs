@@ -6,6 +6,7 @@
 //! Agent-to-agent coordination lives in the agent; TLS on the stream in
 //! [`stream_tls`].
 
+pub mod convergence;
 pub mod stream_tls;
 
 use std::os::fd::BorrowedFd;
@@ -32,6 +33,10 @@ pub struct MigrationParameters {
     /// Throttle the guest's vCPUs when it dirties memory faster than the
     /// link can carry it.
     pub auto_converge: bool,
+    /// The share of vCPU time auto-converge takes away first, in percent.
+    pub throttle_initial: u8,
+    /// What it adds at each pass that still doesn't converge.
+    pub throttle_increment: u8,
     /// Send pages that changed since they were sent as XBZRLE deltas
     /// against a cache of this many bytes; `None` sends them whole.
     pub xbzrle_cache: Option<u64>,
@@ -48,11 +53,20 @@ impl Default for MigrationParameters {
             max_bandwidth: UNCAPPED_BANDWIDTH,
             downtime_limit: Duration::from_millis(300),
             auto_converge: true,
+            throttle_initial: DEFAULT_THROTTLE_INITIAL,
+            throttle_increment: DEFAULT_THROTTLE_INCREMENT,
             xbzrle_cache: None,
             multifd_channels: None,
         }
     }
 }
+
+/// QEMU's own first throttle, in percent.
+pub const DEFAULT_THROTTLE_INITIAL: u8 = 20;
+/// QEMU's own throttle step, in percent.
+pub const DEFAULT_THROTTLE_INCREMENT: u8 = 10;
+/// The most auto-converge takes (QEMU's `max-cpu-throttle` default).
+pub const MAX_THROTTLE: u8 = 99;
 
 /// Where a migration is, as `query-migrate` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +135,14 @@ pub struct MigrationStatus {
     pub total_time: Option<Duration>,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// Passes over memory so far: QEMU's dirty-bitmap syncs, one at the
+    /// end of each.
+    pub passes: u64,
+    /// How much vCPU time auto-converge takes from the guest, in percent.
+    pub throttle_percent: u8,
+    /// Whether the guest runs on the target already, fetching the pages
+    /// it still lacks (postcopy).
+    pub postcopy: bool,
 }
 
 fn millis(v: &Value, key: &str) -> Option<Duration> {
@@ -145,7 +167,6 @@ impl MigrationStatus {
         };
         MigrationStatus {
             phase: MigrationPhase::parse(&status),
-            status,
             transferred_bytes: ram_u64("transferred"),
             remaining_bytes: ram_u64("remaining"),
             total_bytes: ram_u64("total"),
@@ -157,6 +178,13 @@ impl MigrationStatus {
                 .get("error-desc")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            passes: ram_u64("dirty-sync-count"),
+            throttle_percent: reply
+                .get("cpu-throttle-percentage")
+                .and_then(Value::as_u64)
+                .map_or(0, |p| p.min(100) as u8),
+            postcopy: status.starts_with("postcopy"),
+            status,
         }
     }
 }
@@ -184,6 +212,8 @@ pub async fn configure(
     let mut parameters = json!({
         "max-bandwidth": params.max_bandwidth,
         "downtime-limit": downtime_ms,
+        "cpu-throttle-initial": params.throttle_initial,
+        "cpu-throttle-increment": params.throttle_increment,
         // Empty turns TLS off, including an earlier migration's.
         "tls-creds": tls_hostname.map_or("", |_| stream_tls::Endpoint::Sender.object_id()),
         "tls-hostname": tls_hostname.unwrap_or(""),
@@ -365,7 +395,9 @@ mod tests {
                 "total": 268_435_456u64,
                 "dirty-pages-rate": 1000,
                 "page-size": 4096,
-            }
+                "dirty-sync-count": 4,
+            },
+            "cpu-throttle-percentage": 40,
         });
         let s = MigrationStatus::from_query(&reply);
         assert_eq!(s.phase, MigrationPhase::Active);
@@ -374,6 +406,7 @@ mod tests {
         assert_eq!(s.total_bytes, 268_435_456);
         assert_eq!(s.dirty_rate_bytes_per_second, 4_096_000);
         assert_eq!(s.expected_downtime, Some(Duration::from_millis(300)));
+        assert_eq!((s.passes, s.throttle_percent, s.postcopy), (4, 40, false));
         assert_eq!(s.downtime, None);
         assert!(!s.phase.is_final());
     }
@@ -395,9 +428,8 @@ mod tests {
             MigrationStatus::from_query(&json!({})).phase,
             MigrationPhase::None
         );
-        assert_eq!(
-            MigrationStatus::from_query(&json!({"status": "postcopy-active"})).phase,
-            MigrationPhase::Other
-        );
+        let postcopy = MigrationStatus::from_query(&json!({"status": "postcopy-active"}));
+        assert_eq!(postcopy.phase, MigrationPhase::Other);
+        assert!(postcopy.postcopy);
     }
 }

@@ -785,24 +785,38 @@ impl TestAgent {
     /// Migrates `name` to `target` with default options, following the
     /// progress to its end (at most two minutes).
     pub async fn migrate_to(&self, name: &str, target: &TestAgent) -> Result<(), tonic::Status> {
-        let mut stream = self
-            .client()
+        self.migrate_with(name, target.address(), Default::default())
             .await
-            .migrate_instance(pb::MigrateInstanceRequest {
-                name: name.into(),
-                target: target.address(),
-                options: Some(Default::default()),
-            })
-            .await?
-            .into_inner();
+            .1
+    }
+
+    /// Migrates `name` to the agent at `target` with `options`, following
+    /// the progress to its end (at most two minutes); returns every report
+    /// and the outcome.
+    pub async fn migrate_with(
+        &self,
+        name: &str,
+        target: String,
+        options: pb::MigrationOptions,
+    ) -> (Vec<pb::MigrationProgress>, Result<(), tonic::Status>) {
+        let request = pb::MigrateInstanceRequest {
+            name: name.into(),
+            target,
+            options: Some(options),
+        };
+        let mut stream = match self.client().await.migrate_instance(request).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => return (Vec::new(), Err(status)),
+        };
+        let mut seen = Vec::new();
         let ended = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(progress) = tokio_stream::StreamExt::next(&mut stream).await {
-                progress?;
+                seen.push(progress?);
             }
             Ok(())
         })
         .await;
-        ended.expect("the migration ends within two minutes")
+        (seen, ended.expect("the migration ends within two minutes"))
     }
 
     /// AddNic.

@@ -2,45 +2,14 @@
 //! the nodes' certificates unless the caller asks otherwise, checked by
 //! what crosses the wire, and refused when the two can't trust each other.
 
-use std::time::Duration;
-
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::capture::{Capture, Captured};
 use kvm_agent_tests::guest::{BOOT_TIMEOUT, GuestConsole, in_guest, start_guest_with};
 use kvm_agent_tests::hosts::Hosts;
 use kvm_agent_tests::tls::TestCa;
 use kvm_agent_tests::*;
-use tokio_stream::StreamExt;
 use tonic::Code;
 use uuid::Uuid;
-
-/// Migrates `name` from `source` to the agent at `target`, returning every
-/// progress report and the outcome.
-async fn migrate(
-    source: &TestAgent,
-    name: &str,
-    target: String,
-    options: pb::MigrationOptions,
-) -> (Vec<pb::MigrationProgress>, Result<(), tonic::Status>) {
-    let request = pb::MigrateInstanceRequest {
-        name: name.into(),
-        target,
-        options: Some(options),
-    };
-    let mut stream = match source.client().await.migrate_instance(request).await {
-        Ok(stream) => stream.into_inner(),
-        Err(status) => return (Vec::new(), Err(status)),
-    };
-    let mut seen = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(item) = stream.next().await {
-            seen.push(item?);
-        }
-        Ok(())
-    })
-    .await;
-    (seen, ended.expect("the migration ends within two minutes"))
-}
 
 /// Migrates while capturing every frame in `netns`, and says what the
 /// capture saw of `pattern`.
@@ -53,7 +22,7 @@ async fn migrate_watched(
     pattern: &str,
 ) -> (Vec<pb::MigrationProgress>, Captured) {
     let capture = Capture::start(netns, pattern.as_bytes());
-    let (progress, outcome) = migrate(source, name, target, options).await;
+    let (progress, outcome) = source.migrate_with(name, target, options).await;
     let captured = capture.finish();
     outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
     (progress, captured)
@@ -193,7 +162,9 @@ async fn a_target_that_cant_trust_the_source_or_load_its_credentials_refuses() {
     b.track(spec.uuid.parse().unwrap());
     let pid = a.start_spec(spec).await.pid;
 
-    let (_, distrusted) = migrate(&a, "guarded", hosts.api_url(1), Default::default()).await;
+    let (_, distrusted) = a
+        .migrate_with("guarded", hosts.api_url(1), Default::default())
+        .await;
 
     let refused = distrusted.expect_err("QEMUs of different CAs can't migrate");
     assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
@@ -209,7 +180,9 @@ async fn a_target_that_cant_trust_the_source_or_load_its_credentials_refuses() {
 
     // A certificate the target can't load: refused before anything is sent.
     std::fs::write(&stream.cert, "not a certificate\n").unwrap();
-    let (progress, unloadable) = migrate(&a, "guarded", hosts.api_url(1), Default::default()).await;
+    let (progress, unloadable) = a
+        .migrate_with("guarded", hosts.api_url(1), Default::default())
+        .await;
 
     let refused = unloadable.expect_err("a target without usable credentials refuses");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");

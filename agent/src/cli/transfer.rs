@@ -47,6 +47,15 @@ pub(super) struct MigrateArgs {
     /// Send the stream to another node in the clear instead of with TLS between the two QEMUs.
     #[arg(long)]
     unencrypted: bool,
+    /// The share of vCPU time auto-converge takes from the guest first, in percent [default: 20].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=99))]
+    throttle_initial: Option<u32>,
+    /// What auto-converge adds at each pass that still doesn't converge, in percent [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=99))]
+    throttle_increment: Option<u32>,
+    /// Give up after this many passes over memory in a row without progress (with auto-converge: at its highest throttle) [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    stalled_passes: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -90,11 +99,20 @@ pub(super) fn progress_line(p: &pb::MigrationProgress) -> String {
             mib(p.remaining_bytes),
             mib(p.total_bytes)
         ));
+        if p.passes > 1 {
+            line.push_str(&format!(", pass {}", p.passes));
+        }
         if p.dirty_rate_bytes_per_second > 0 {
             line.push_str(&format!(
                 ", dirtying {:.1} MiB/s",
                 mib(p.dirty_rate_bytes_per_second)
             ));
+        }
+        if p.throttle_percent > 0 {
+            line.push_str(&format!(", throttled {}%", p.throttle_percent));
+        }
+        if p.postcopy {
+            line.push_str(", postcopy");
         }
         if p.downtime_ms > 0 {
             line.push_str(&format!(", downtime {} ms", p.downtime_ms));
@@ -134,6 +152,9 @@ pub(super) async fn migrate(
             xbzrle_cache_bytes: args.xbzrle_cache.unwrap_or(0),
             multifd_channels: args.multifd_channels.unwrap_or(0),
             unencrypted: args.unencrypted,
+            throttle_initial_percent: args.throttle_initial.unwrap_or(0),
+            throttle_increment_percent: args.throttle_increment.unwrap_or(0),
+            stalled_passes_limit: args.stalled_passes.unwrap_or(0),
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();
@@ -286,8 +307,14 @@ mod tests {
             total_bytes: 256 << 20,
             expected_downtime_ms: 300,
             elapsed_ms: 1500,
+            passes: 3,
+            throttle_percent: 40,
             ..Default::default()
         });
+        assert!(
+            line.contains("pass 3") && line.contains("throttled 40%"),
+            "{line}"
+        );
         assert!(line.contains("64.0 MiB sent"), "{line}");
         assert!(line.contains("192.0 MiB left of 256 MiB"), "{line}");
         assert!(line.contains("expected downtime 300 ms"), "{line}");

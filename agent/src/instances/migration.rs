@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
 use hypervisor::lifecycle;
+use hypervisor::migration::convergence::{ConvergenceWatch, DEFAULT_STALLED_PASSES, Stall};
 use hypervisor::migration::stream_tls::{self, Endpoint};
 use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationStatus};
 use hypervisor::qmp::{QmpClient, QmpError};
@@ -153,6 +154,12 @@ impl Agent {
             max_bandwidth: options.max_bandwidth.unwrap_or(defaults.max_bandwidth),
             downtime_limit: options.downtime_limit.unwrap_or(defaults.downtime_limit),
             auto_converge: options.auto_converge.unwrap_or(defaults.auto_converge),
+            throttle_initial: options
+                .throttle_initial
+                .unwrap_or(defaults.throttle_initial),
+            throttle_increment: options
+                .throttle_increment
+                .unwrap_or(defaults.throttle_increment),
             xbzrle_cache: options.xbzrle_cache,
             multifd_channels: options.multifd_channels,
         }
@@ -531,9 +538,20 @@ impl Agent {
         let mut cancelled = false;
         let mut abort: Option<AgentError> = None;
         let mut next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
+        let mut convergence = ConvergenceWatch::new(
+            m.options.stalled_passes.unwrap_or(DEFAULT_STALLED_PASSES),
+            params.auto_converge,
+        );
         loop {
             let status = qemu_migration::query(qmp).await.map_err(&qmp_error)?;
             m.reporter.report(ReportPhase::Active, Some(status.clone()));
+            if let Some(stall) = convergence.observe(&status).filter(|_| !cancelled) {
+                let problem = stalled(name, &params, stall);
+                tracing::warn!(instance = %name, error = %problem, "cancelling the migration");
+                qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
+                abort = Some(problem);
+                cancelled = true;
+            }
             match status.phase {
                 qemu_migration::MigrationPhase::Completed => return Ok(status),
                 qemu_migration::MigrationPhase::Failed => {
@@ -648,6 +666,19 @@ pub(super) async fn stop_stream(qmp: &QmpClient) {
             Ok(s) if !s.phase.is_final() => tokio::time::sleep(POLL_INTERVAL).await,
             _ => break,
         }
+    }
+}
+
+/// The error of a migration whose precopy stopped converging.
+fn stalled(name: &str, params: &MigrationParameters, stall: Stall) -> AgentError {
+    AgentError::MigrationStalled {
+        instance: name.to_owned(),
+        passes: stall.passes,
+        remaining_mib: stall.remaining_bytes >> 20,
+        dirty_mib_per_second: stall.dirty_rate_bytes_per_second >> 20,
+        bandwidth_mib_per_second: (params.max_bandwidth < qemu_migration::UNCAPPED_BANDWIDTH)
+            .then_some(params.max_bandwidth >> 20),
+        throttle_percent: stall.throttle_percent,
     }
 }
 
