@@ -3,6 +3,7 @@
 //! `report.json`. Every goal is a ratio of medians (agent / raw), because
 //! absolute times on shared machines drift from run to run.
 
+mod encryption;
 mod interval;
 mod load;
 mod operations;
@@ -160,6 +161,20 @@ fn cgroup_parent() -> String {
     static AGENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("kvm-agent-bench/{}-{n}", std::process::id())
+}
+
+/// Save, restore and migration, plain and encrypted.
+async fn transfers(
+    binary: &Path,
+    work: &Path,
+    newer_qemu: Option<&Path>,
+    accel: &str,
+    quick: bool,
+) -> anyhow::Result<Vec<Row>> {
+    let rounds = if quick { 3 } else { 5 };
+    let mut rows = transfer::measure(binary, work, newer_qemu, accel, rounds).await?;
+    rows.extend(encryption::measure(binary, work, accel, rounds).await?);
+    Ok(rows)
 }
 
 async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess> {
@@ -320,9 +335,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     rows.push(removals.row("device removal (disk, test guest)", 1.10));
     drop(client);
     drop(agent);
-    let transfer_rounds = if args.quick { 3 } else { 5 };
     let newer_qemu = args.newer_qemu.as_deref();
-    rows.extend(transfer::measure(&binary, work.path(), newer_qemu, accel, transfer_rounds).await?);
+    rows.extend(transfers(&binary, work.path(), newer_qemu, accel, args.quick).await?);
     let (takeover_rows, takeover_pauses) =
         takeover::measure(&binary, work.path(), rounds.min(10)).await?;
     rows.extend(takeover_rows);

@@ -19,7 +19,7 @@ use crate::{Row, Samples, start_agent};
 const RAW_MIGRATION_PORT: u16 = 49400;
 
 /// Fills a file with random bytes, the RAM a guest starts with.
-fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub(crate) fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
     let mut urandom = std::fs::File::open("/dev/urandom")?;
     let mut out = std::fs::File::create(path)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -30,7 +30,7 @@ fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spec(name: &str, memory_mib: u64, ram: &Path) -> pb::InstanceSpec {
+pub(crate) fn spec(name: &str, memory_mib: u64, ram: &Path) -> pb::InstanceSpec {
     pb::InstanceSpec {
         name: name.into(),
         uuid: uuid::Uuid::new_v4().to_string(),

@@ -8,7 +8,7 @@ use kvm_agent_tests::guest::guest_image;
 use kvm_agent_tests::{agent_binary, newer_qemu, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 18] = [
+const OPERATIONS: [&str; 20] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
@@ -25,6 +25,8 @@ const OPERATIONS: [&str; 18] = [
     "migrate 1 GiB random RAM (total)",
     "migrate 1 GiB: downtime",
     "migrate 256 MiB random RAM to a newer QEMU (total)",
+    "migrate 1 GiB random RAM, encrypted (total)",
+    "TLS cost: migrate 1 GiB encrypted ÷ unencrypted, both through the agent",
     "take over one hv_kvm QEMU",
     "take over 20 hv_kvm QEMUs at once",
 ];
