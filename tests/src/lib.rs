@@ -782,6 +782,16 @@ impl TestAgent {
         serde_json::from_str(&reply.runtime_json).expect("runtime JSON")
     }
 
+    /// Whether the agent has no instance `name` at all (NOT_FOUND).
+    pub async fn absent(&self, name: &str) -> bool {
+        let reply = self
+            .client()
+            .await
+            .get_instance(pb::GetInstanceRequest { name: name.into() })
+            .await;
+        matches!(reply, Err(s) if s.code() == tonic::Code::NotFound)
+    }
+
     /// Migrates `name` to `target` with default options, following the
     /// progress to its end (at most two minutes).
     pub async fn migrate_to(&self, name: &str, target: &TestAgent) -> Result<(), tonic::Status> {

@@ -65,14 +65,7 @@ async fn precopy_gives_up_on_a_busy_guest_and_auto_converge_moves_it() {
         state(&source.instance("busy").await),
         pb::InstanceState::Running
     );
-    let absent = target
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest {
-            name: "busy".into(),
-        })
-        .await;
-    assert!(matches!(absent, Err(s) if s.code() == Code::NotFound));
+    assert!(target.absent("busy").await);
 
     // Under TCG a fully throttled guest still dirties a few MiB per pass,
     // so the switch-over may take longer than the default 300 ms.

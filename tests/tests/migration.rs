@@ -103,15 +103,6 @@ fn state(info: &pb::InstanceInfo) -> pb::InstanceState {
     pb::InstanceState::try_from(info.state).unwrap()
 }
 
-async fn absent(agent: &TestAgent, name: &str) -> bool {
-    let reply = agent
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest { name: name.into() })
-        .await;
-    matches!(reply, Err(s) if s.code() == Code::NotFound)
-}
-
 fn crawl() -> pb::MigrationOptions {
     pb::MigrationOptions {
         max_bandwidth: CRAWL,
@@ -185,7 +176,7 @@ async fn a_running_guest_moves_with_its_memory_and_its_hotplugged_devices() {
     );
 
     // The source let go of everything.
-    assert!(absent(&source, "mover").await);
+    assert!(source.absent("mover").await);
     assert!(
         !source.record_path("mover").exists(),
         "no record left on the source"
@@ -275,7 +266,7 @@ async fn a_target_without_the_disk_refuses_and_the_source_keeps_running() {
     assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
     assert_eq!(after.pid, info.pid);
     assert!(guest_running(&source, "stayer"));
-    assert!(absent(&target, "stayer").await);
+    assert!(target.absent("stayer").await);
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![info.pid]);
 }
 
@@ -334,7 +325,7 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
     assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
     assert!(guest_running(&source, "cancel1"));
     let gone = wait_for(Duration::from_secs(10), async || {
-        (absent(&target, "cancel1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
+        (target.absent("cancel1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
             .then_some(())
     })
     .await;
@@ -364,7 +355,7 @@ async fn a_target_agent_killed_mid_migration_leaves_the_source_owner() {
     // The target's QEMU waits, paused, until its agent comes back and
     // drops it: it never ran the guest.
     target.restart().await;
-    assert!(absent(&target, "orphan1").await);
+    assert!(target.absent("orphan1").await);
     assert!(!target.record_path("orphan1").exists());
     let one = wait_for(Duration::from_secs(10), async || {
         (qemu_pids_with_uuids(&[uuid].into()) == vec![pid]).then_some(())
@@ -399,7 +390,7 @@ async fn a_source_qemu_killed_mid_migration_is_reported_crashed_and_the_target_d
     .expect("the source reports the crash");
     assert!(crashed.state_detail.contains("unexpectedly"), "{crashed:?}");
     let gone = wait_for(Duration::from_secs(10), async || {
-        (absent(&target, "lost1").await && qemu_pids_with_uuids(&[uuid].into()).is_empty())
+        (target.absent("lost1").await && qemu_pids_with_uuids(&[uuid].into()).is_empty())
             .then_some(())
     })
     .await;
@@ -444,7 +435,7 @@ async fn a_runtime_with_options_its_fields_dont_explain_is_refused() {
         smuggled.message()
     );
     assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
-    assert!(absent(&target, "smuggler").await);
+    assert!(target.absent("smuggler").await);
     assert!(!target.record_path("smuggler").exists());
     assert_eq!(
         qemu_pids_with_uuids(&[uuid].into()).len(),
@@ -475,7 +466,7 @@ async fn a_guest_moves_between_two_hosts_over_their_own_network() {
         address.starts_with(&format!("tcp:{}:", hosts.address(1))),
         "the stream goes to the target host's own address: {address}"
     );
-    assert!(absent(&source, "traveller").await);
+    assert!(source.absent("traveller").await);
     let after = target.instance("traveller").await;
     assert_eq!(state(&after), pb::InstanceState::Running);
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![after.pid]);
@@ -517,7 +508,7 @@ async fn an_offline_migration_pauses_first_and_resumes_on_the_target() {
         guest_running(&target, "offline1"),
         "the target resumes what ran"
     );
-    assert!(absent(&source, "offline1").await);
+    assert!(source.absent("offline1").await);
     // The source's log of events shows the move.
     let mut saw_progress = false;
     while let Ok(Some(Ok(event))) =
@@ -574,7 +565,7 @@ async fn a_finalize_that_never_reaches_the_target_leaves_the_guest_with_the_sour
     let after = source.instance("lost1").await;
     assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
     assert!(guest_running(&source, "lost1"), "the source resumed it");
-    assert!(absent(&target, "lost1").await, "{}", target.log());
+    assert!(target.absent("lost1").await, "{}", target.log());
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![pid]);
 }
 
@@ -625,7 +616,7 @@ async fn a_finalize_the_target_refuses_leaves_the_guest_with_the_source() {
     let after = source.instance("refused1").await;
     assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
     assert!(guest_running(&source, "refused1"));
-    assert!(absent(&target, "refused1").await);
+    assert!(target.absent("refused1").await);
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![pid]);
 }
 

@@ -28,15 +28,6 @@ async fn migrate_watched(
     (progress, captured)
 }
 
-async fn absent(agent: &TestAgent, name: &str) -> bool {
-    let reply = agent
-        .client()
-        .await
-        .get_instance(pb::GetInstanceRequest { name: name.into() })
-        .await;
-    matches!(reply, Err(s) if s.code() == Code::NotFound)
-}
-
 fn state(info: &pb::InstanceInfo) -> pb::InstanceState {
     pb::InstanceState::try_from(info.state).unwrap()
 }
@@ -135,8 +126,16 @@ async fn an_encrypted_stream_hides_the_guest_memory_a_plain_one_shows() {
         "a plain stream carries the guest's pattern: {clear:?}"
     );
     assert!(progress.iter().all(|p| !p.encrypted), "{progress:?}");
-    assert!(absent(&b, "secret").await);
+    assert!(b.absent("secret").await);
     assert_eq!(first_line_of_secret(&a, "secret").await, pattern);
+}
+
+/// The guest runs on in the same QEMU on `a`, and `b` has no copy.
+async fn still_on_the_source(a: &TestAgent, b: &TestAgent, pid: u32) {
+    let kept = a.instance("guarded").await;
+    assert_eq!(state(&kept), pb::InstanceState::Running, "{kept:?}");
+    assert_eq!(kept.pid, pid);
+    assert!(b.absent("guarded").await);
 }
 
 #[tokio::test]
@@ -173,10 +172,7 @@ async fn a_target_that_cant_trust_the_source_or_load_its_credentials_refuses() {
         "QEMU's reason is passed on: {}",
         refused.message()
     );
-    let kept = a.instance("guarded").await;
-    assert_eq!(state(&kept), pb::InstanceState::Running, "{kept:?}");
-    assert_eq!(kept.pid, pid);
-    assert!(absent(&b, "guarded").await);
+    still_on_the_source(&a, &b, pid).await;
 
     // A certificate the target can't load: refused before anything is sent.
     std::fs::write(&stream.cert, "not a certificate\n").unwrap();
@@ -195,8 +191,5 @@ async fn a_target_that_cant_trust_the_source_or_load_its_credentials_refuses() {
         progress.iter().all(|p| p.transferred_bytes == 0),
         "nothing was sent: {progress:?}"
     );
-    let kept = a.instance("guarded").await;
-    assert_eq!(state(&kept), pb::InstanceState::Running, "{kept:?}");
-    assert_eq!(kept.pid, pid);
-    assert!(absent(&b, "guarded").await);
+    still_on_the_source(&a, &b, pid).await;
 }
