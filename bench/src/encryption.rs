@@ -4,23 +4,19 @@
 //! unencrypted migration: what TLS costs, and what the agent adds to it.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
-use serde_json::json;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::raw::{RawQemu, machine_args_with};
-use crate::transfer::{random_file, spec};
+use crate::raw::machine_args_with;
+use crate::transfer::{RawTls, migrate_through, random_file, raw_migrate_to, spec};
 use crate::{AgentProcess, Row, Samples};
 
 /// The agents' API ports on loopback.
 const API_PORTS: [u16; 2] = [49500, 49501];
-/// Port of the raw migrations.
-const RAW_PORT: u16 = 49401;
 /// Guest RAM moved each round.
 const MIB: u64 = 1024;
 
@@ -92,80 +88,16 @@ async fn agent_migrate(
     port: u16,
     unencrypted: bool,
 ) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let mut stream = source
-        .migrate_instance(pb::MigrateInstanceRequest {
-            name: name.into(),
-            target: format!("https://127.0.0.1:{port}"),
-            options: Some(pb::MigrationOptions {
-                unencrypted,
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner();
-    let mut last = None;
-    while let Some(progress) = stream.next().await {
-        last = Some(progress?);
-    }
-    let last = last.context("no progress")?;
-    anyhow::ensure!(
-        last.phase == pb::MigrationPhase::Completed as i32 && last.encrypted != unencrypted,
-        "migration ended in {last:?}"
-    );
-    Ok(started.elapsed())
-}
-
-/// A direct driver's encrypted migration on loopback: each QEMU gets its
-/// credentials object, then as [`crate::transfer`]'s raw migration.
-async fn raw_migrate(
-    dirs: (&Path, &Path),
-    args: &[String],
-    tls: (&Path, &Path),
-) -> anyhow::Result<Duration> {
-    let mut source = RawQemu::start(dirs.0, args).await?;
-    let started = Instant::now();
-    let mut incoming = args.to_vec();
-    incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-    let mut target = RawQemu::start(dirs.1, &incoming).await?;
-    let creds = |id: &str, endpoint: &str, dir: &Path| {
-        json!({ "qom-type": "tls-creds-x509", "id": id, "endpoint": endpoint,
-                "dir": dir.display().to_string(), "verify-peer": true })
+    let target = format!("https://127.0.0.1:{port}");
+    let options = pb::MigrationOptions {
+        unencrypted,
+        ..Default::default()
     };
-    target
-        .execute_args("object-add", creds("tls-in", "server", tls.1), None)
-        .await?;
-    target
-        .execute_args(
-            "migrate-set-parameters",
-            json!({ "tls-creds": "tls-in" }),
-            None,
-        )
-        .await?;
-    let uri = format!("tcp:127.0.0.1:{RAW_PORT}");
-    target
-        .execute_args("migrate-incoming", json!({ "uri": uri }), None)
-        .await?;
-    source
-        .execute_args("object-add", creds("tls-out", "client", tls.0), None)
-        .await?;
-    source.uncap().await?;
-    source
-        .execute_args(
-            "migrate-set-parameters",
-            json!({ "tls-creds": "tls-out", "tls-hostname": "127.0.0.1" }),
-            None,
-        )
-        .await?;
-    source
-        .execute_args("migrate", json!({ "uri": uri }), None)
-        .await?;
-    source.wait_migration().await?;
-    target.wait_migration().await?;
-    target.execute("cont").await?;
-    source.quit().await?;
-    let total = started.elapsed();
-    target.kill().await?;
+    let (total, last) = migrate_through(source, name, target, Some(options)).await?;
+    anyhow::ensure!(
+        last.encrypted != unencrypted,
+        "the stream was not what was asked: {last:?}"
+    );
     Ok(total)
 }
 
@@ -195,10 +127,15 @@ pub async fn measure(
     rounds: usize,
 ) -> anyhow::Result<Vec<Row>> {
     let credentials = Credentials::make(binary, &work.join("tls"))?;
-    let raw_tls = (
+    let (client, server) = (
         credentials.qemu_dir("client")?,
         credentials.qemu_dir("server")?,
     );
+    let tls = RawTls {
+        client: &client,
+        server: &server,
+    };
+    let qemu = Path::new("qemu-system-x86_64");
     let processes = agents(binary, work, &credentials).await?;
     let mut clients = [
         crate::local_client(&processes[0].socket).await?,
@@ -236,9 +173,8 @@ pub async fn measure(
         against_plain
             .agent
             .push(*against_raw.agent.last().context("a round")?);
-        against_raw
-            .raw
-            .push(raw_migrate((&raw_a, &raw_b), &raw_args, (&raw_tls.0, &raw_tls.1)).await?);
+        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], Some(tls)).await?;
+        against_raw.raw.push(t);
     }
     clients[holder]
         .stop_instance(pb::StopInstanceRequest {

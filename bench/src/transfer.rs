@@ -53,12 +53,25 @@ async fn agent_migrate(
     name: &str,
     target: &Path,
 ) -> anyhow::Result<(Duration, Duration)> {
+    let target = format!("unix:{}", target.display());
+    let (total, last) = migrate_through(source, name, target, None).await?;
+    Ok((total, Duration::from_millis(last.downtime_ms)))
+}
+
+/// Runs a migration to the agent at `target` with `options` until it
+/// completes; returns its total time and last report.
+pub(crate) async fn migrate_through(
+    source: &mut NodeAgentClient<Channel>,
+    name: &str,
+    target: String,
+    options: Option<pb::MigrationOptions>,
+) -> anyhow::Result<(Duration, pb::MigrationProgress)> {
     let started = Instant::now();
     let mut stream = source
         .migrate_instance(pb::MigrateInstanceRequest {
             name: name.into(),
-            target: format!("unix:{}", target.display()),
-            options: None,
+            target,
+            options,
         })
         .await?
         .into_inner();
@@ -72,7 +85,7 @@ async fn agent_migrate(
         last.phase == pb::MigrationPhase::Completed as i32,
         "migration ended in {last:?}"
     );
-    Ok((total, Duration::from_millis(last.downtime_ms)))
+    Ok((total, last))
 }
 
 /// A direct driver's migration on loopback: start the target QEMU, listen,
@@ -81,15 +94,46 @@ async fn raw_migrate(
     dirs: (&Path, &Path),
     args: &[String],
 ) -> anyhow::Result<(Duration, Duration)> {
-    raw_migrate_to(dirs, args, Path::new("qemu-system-x86_64"), &[]).await
+    raw_migrate_to(dirs, args, Path::new("qemu-system-x86_64"), &[], None).await
 }
 
-/// [`raw_migrate`] to a target QEMU of `binary`, given `target_args` too.
-async fn raw_migrate_to(
+/// The x509 directories of an encrypted raw migration, laid out as QEMU's
+/// `tls-creds-x509` reads them.
+#[derive(Clone, Copy)]
+pub(crate) struct RawTls<'a> {
+    /// The source's: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`.
+    pub(crate) client: &'a Path,
+    /// The target's: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    pub(crate) server: &'a Path,
+}
+
+/// Gives a raw QEMU the credentials object `id` for `endpoint` from
+/// `dir`, and has its migrations use it.
+async fn raw_tls(
+    qemu: &mut RawQemu,
+    id: &str,
+    endpoint: &str,
+    dir: &Path,
+    parameters: serde_json::Value,
+) -> anyhow::Result<()> {
+    let object = serde_json::json!({
+        "qom-type": "tls-creds-x509", "id": id, "endpoint": endpoint,
+        "dir": dir.display().to_string(), "verify-peer": true,
+    });
+    qemu.execute_args("object-add", object, None).await?;
+    qemu.execute_args("migrate-set-parameters", parameters, None)
+        .await
+        .map(drop)
+}
+
+/// [`raw_migrate`] to a target QEMU of `binary`, given `target_args` too,
+/// encrypted with `tls` when given.
+pub(crate) async fn raw_migrate_to(
     dirs: (&Path, &Path),
     args: &[String],
     binary: &Path,
     target_args: &[String],
+    tls: Option<RawTls<'_>>,
 ) -> anyhow::Result<(Duration, Duration)> {
     let mut source = RawQemu::start(dirs.0, args).await?;
     let started = Instant::now();
@@ -97,11 +141,19 @@ async fn raw_migrate_to(
     incoming.extend(target_args.iter().cloned());
     incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     let mut target = RawQemu::start_binary(binary, dirs.1, &incoming).await?;
+    if let Some(tls) = tls {
+        let parameters = serde_json::json!({ "tls-creds": "tls-in" });
+        raw_tls(&mut target, "tls-in", "server", tls.server, parameters).await?;
+    }
     let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
     target
         .execute_args("migrate-incoming", serde_json::json!({ "uri": uri }), None)
         .await?;
     source.uncap().await?;
+    if let Some(tls) = tls {
+        let parameters = serde_json::json!({ "tls-creds": "tls-out", "tls-hostname": "127.0.0.1" });
+        raw_tls(&mut source, "tls-out", "client", tls.client, parameters).await?;
+    }
     source
         .execute_args("migrate", serde_json::json!({ "uri": uri }), None)
         .await?;
@@ -385,7 +437,8 @@ async fn cross_version(
                 ..Default::default()
             })
             .await?;
-        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, newer, &firmware_args).await?;
+        let (t, _) =
+            raw_migrate_to((&raw_a, &raw_b), &raw_args, newer, &firmware_args, None).await?;
         total.raw.push(t);
     }
     std::fs::remove_file(&ram)?;
