@@ -11,6 +11,11 @@
 //! [`QmpClient::connect`] rebuilds it on the next command, so one bad moment
 //! doesn't cost the instance its monitor. Event subscribers keep their
 //! subscription across the rebuild.
+//!
+//! Where QEMU offers it, the client enables out-of-band execution: a few
+//! commands (`migrate-recover`) must get through while QEMU's main loop is
+//! blocked, as it is when a guest waits for memory a broken postcopy
+//! stream never brings.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
@@ -151,6 +156,8 @@ struct Connection {
     socket: RawFd,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
+    /// The greeting offered out-of-band execution (enabled in the handshake).
+    out_of_band: bool,
 }
 
 impl Connection {
@@ -176,6 +183,7 @@ impl Connection {
             Some(line) => line.map_err(line_error)?,
         };
         let version = parse_greeting(&greeting)?;
+        let out_of_band = offers_out_of_band(&greeting);
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -188,6 +196,7 @@ impl Connection {
                 socket,
                 shared,
                 reader,
+                out_of_band,
             }),
             version,
         ))
@@ -195,6 +204,14 @@ impl Connection {
 
     fn closed_reason(&self) -> Option<String> {
         self.shared.closed.borrow().clone()
+    }
+
+    /// The handshake's `qmp_capabilities`, enabling what the greeting offered.
+    fn capabilities(&self) -> Command<'static> {
+        match self.out_of_band {
+            true => Command::new("qmp_capabilities", json!({ "enable": ["oob"] })),
+            false => Command::bare("qmp_capabilities"),
+        }
     }
 
     /// Drops the connection: waiting commands fail, and QEMU sees the
@@ -269,11 +286,7 @@ impl QmpClient {
         };
         let timeout = client.config.command_timeout;
         client
-            .exchange(
-                &connection,
-                vec![Command::bare("qmp_capabilities")],
-                timeout,
-            )
+            .exchange(&connection, vec![connection.capabilities()], timeout)
             .await
             .remove(0)?;
         let listed = client
@@ -342,6 +355,26 @@ impl QmpClient {
         self.send(command, arguments, None, timeout).await
     }
 
+    /// Runs a command out of band: QEMU runs it at once, even while its
+    /// main loop is blocked. Only commands QEMU allows out of band
+    /// (`allow-oob`), on a QEMU that offered it.
+    pub async fn execute_out_of_band(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let batch = vec![Command {
+            name: command,
+            arguments,
+            fd: None,
+            out_of_band: true,
+        }];
+        self.send_batch(batch, self.config.command_timeout)
+            .await
+            .pop()
+            .unwrap_or(Err(QmpError::Disconnected { reason: None }))
+    }
+
     /// Runs a command whose fd rides in the same `sendmsg` (SCM_RIGHTS), as
     /// `getfd` and `add-fd` need. QEMU keeps its own copy; the caller's fd
     /// stays the caller's.
@@ -406,6 +439,7 @@ impl QmpClient {
             name: command,
             arguments,
             fd,
+            out_of_band: false,
         }];
         self.send_batch(batch, timeout)
             .await
@@ -439,13 +473,9 @@ impl QmpClient {
             let (connection, _) =
                 Connection::open(stream, &self.config, self.events.clone()).await?;
             let timeout = self.config.command_timeout;
-            self.exchange(
-                &connection,
-                vec![Command::bare("qmp_capabilities")],
-                timeout,
-            )
-            .await
-            .remove(0)?;
+            self.exchange(&connection, vec![connection.capabilities()], timeout)
+                .await
+                .remove(0)?;
             Ok::<_, QmpError>(connection)
         }
         .await;
@@ -520,6 +550,16 @@ impl QmpClient {
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Vec<Result<Value, QmpError>> {
+        if let Some(command) = commands
+            .iter()
+            .find(|c| c.out_of_band && !connection.out_of_band)
+        {
+            let unsupported = format!("{} (out of band)", command.name);
+            return commands
+                .iter()
+                .map(|_| Err(QmpError::Unsupported(unsupported.clone())))
+                .collect();
+        }
         let (ids, receivers, lines) = self.register(connection, &commands);
         // Checked after registering, so a reader that ends meanwhile
         // fails these commands instead of leaving them to time out.
@@ -538,17 +578,33 @@ impl QmpClient {
         let mut results: Vec<Option<Result<Value, QmpError>>> =
             commands.iter().map(|_| None).collect();
         let outcome = tokio::time::timeout_at(deadline, async {
+            let mut receivers = receivers.into_iter();
+            let mut answered = 0;
             {
                 let mut writer = connection.writer.lock().await;
-                for (line, command) in lines.iter().zip(&commands) {
+                for (i, (line, command)) in lines.iter().zip(&commands).enumerate() {
+                    // With out-of-band on, QEMU reads ahead of the commands
+                    // it runs, and an fd that arrives replaces one not yet
+                    // taken: an fd goes only once all before it are answered.
+                    if command.fd.is_some() && connection.out_of_band {
+                        for slot in &mut results[answered..i] {
+                            *slot = Some(reply(receivers.next()).await);
+                        }
+                        answered = i;
+                    }
                     write_line(&mut writer, line.as_bytes(), command.fd).await?;
                 }
+                // Nor may another caller's fd come before the last is taken.
+                let last_fd = commands.iter().rposition(|c| c.fd.is_some());
+                if let Some(last) = last_fd.filter(|_| connection.out_of_band) {
+                    for slot in &mut results[answered..=last] {
+                        *slot = Some(reply(receivers.next()).await);
+                    }
+                    answered = last + 1;
+                }
             }
-            for (slot, rx) in results.iter_mut().zip(receivers) {
-                *slot = Some(
-                    rx.await
-                        .unwrap_or(Err(QmpError::Disconnected { reason: None })),
-                );
+            for slot in &mut results[answered..] {
+                *slot = Some(reply(receivers.next()).await);
             }
             Ok::<(), std::io::Error>(())
         })
@@ -576,7 +632,11 @@ impl QmpClient {
         let mut lines = Vec::with_capacity(commands.len());
         for command in commands {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut message = json!({ "execute": command.name, "id": id });
+            let key = match command.out_of_band {
+                true => "exec-oob",
+                false => "execute",
+            };
+            let mut message = json!({ key: command.name, "id": id });
             if let Some(arguments) = &command.arguments {
                 message["arguments"] = arguments.clone();
             }
@@ -598,6 +658,16 @@ type Registered = (
     Vec<oneshot::Receiver<Result<Value, QmpError>>>,
     Vec<String>,
 );
+
+/// The reply `rx` brings, or a disconnection if it can't come.
+async fn reply(rx: Option<oneshot::Receiver<Result<Value, QmpError>>>) -> Result<Value, QmpError> {
+    match rx {
+        Some(rx) => rx
+            .await
+            .unwrap_or(Err(QmpError::Disconnected { reason: None })),
+        None => Err(QmpError::Disconnected { reason: None }),
+    }
+}
 
 /// Stops waiting for the replies of `ids`, whatever became of them.
 fn forget(connection: &Connection, ids: &[u64]) {
@@ -648,6 +718,8 @@ pub struct Command<'a> {
     pub arguments: Option<Value>,
     /// An fd to send in the same `sendmsg`.
     pub fd: Option<BorrowedFd<'a>>,
+    /// Sent as `exec-oob`, run by QEMU at once.
+    pub out_of_band: bool,
 }
 
 impl<'a> Command<'a> {
@@ -657,6 +729,7 @@ impl<'a> Command<'a> {
             name,
             arguments: Some(arguments),
             fd: None,
+            out_of_band: false,
         }
     }
 
@@ -666,6 +739,7 @@ impl<'a> Command<'a> {
             name,
             arguments: None,
             fd: None,
+            out_of_band: false,
         }
     }
 
@@ -735,6 +809,14 @@ pub fn parse_greeting(line: &str) -> Result<QemuVersion, QmpError> {
             shorten(line)
         ))),
     }
+}
+
+/// Whether a greeting offers out-of-band execution (capability `oob`). Pure.
+pub fn offers_out_of_band(line: &str) -> bool {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.pointer("/QMP/capabilities")?.as_array().cloned())
+        .is_some_and(|caps| caps.iter().any(|c| c == "oob"))
 }
 
 fn shorten(s: &str) -> String {
@@ -869,7 +951,8 @@ mod tests {
         while let Ok(Some(line)) = lines.next_line().await {
             let req: Value = serde_json::from_str(&line).unwrap();
             let id = req["id"].clone();
-            let replies = match req["execute"].as_str().unwrap() {
+            let name = req["execute"].as_str().or(req["exec-oob"].as_str());
+            let replies = match name.unwrap() {
                 "qmp_capabilities" => vec![json!({"return": {}, "id": id}).to_string()],
                 "query-commands" => vec![
                     json!({"return": [{"name": "query-status"}, {"name": "quit"}, {"name": "cont"}], "id": id})
@@ -904,6 +987,33 @@ mod tests {
                 micro: 22
             }
         );
+    }
+
+    #[test]
+    fn out_of_band_is_used_only_where_the_greeting_offers_it() {
+        assert!(offers_out_of_band(GREETING));
+        let without = GREETING.replace(r#"["oob"]"#, "[]");
+        assert!(!offers_out_of_band(&without));
+        assert!(!offers_out_of_band("not json"));
+    }
+
+    #[tokio::test]
+    async fn an_out_of_band_command_goes_as_exec_oob() {
+        let client = connected(|req| {
+            let how = if req.get("exec-oob").is_some() {
+                "oob"
+            } else {
+                "in band"
+            };
+            vec![json!({"return": {"status": how}, "id": req["id"]}).to_string()]
+        })
+        .await;
+
+        let reply = client.execute_out_of_band("cont", None).await.unwrap();
+
+        assert_eq!(reply["status"], "oob");
+        let reply = client.execute("cont", None).await.unwrap();
+        assert_eq!(reply["status"], "in band");
     }
 
     #[test]
