@@ -2,11 +2,9 @@
 //! domain types. Pure.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use hotplug::support::Support;
 use hypervisor::lifecycle::StopMethod;
-use hypervisor::migration::UNCAPPED_BANDWIDTH;
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic};
 use hypervisor::spec::{
     Accelerator, Boot, CpuTopology, DiskAio, DiskBus, DiskCache, DiskFormat, DiskSpec,
@@ -17,12 +15,18 @@ use kvm_agent_proto::v1 as pb;
 use uuid::Uuid;
 
 mod displays;
+mod migration;
+
+pub use migration::{
+    MAX_DOWNTIME_LIMIT, migrate_options_from_proto, report_to_proto, stream_request_from_proto,
+    stream_request_to_proto,
+};
 
 use crate::error::AgentError;
 use crate::events::{Event, EventKind};
 use crate::model::{
-    ChangedDevice, InstanceView, MemoryReport, MigrateOptions, MigrationReport, NodeFacts,
-    RebootMode, ReportPhase, SaveOutcome, State, Takeover, TakeoverOutcome,
+    ChangedDevice, InstanceView, MemoryReport, NodeFacts, RebootMode, SaveOutcome, State, Takeover,
+    TakeoverOutcome,
 };
 
 /// Default machine type when the request leaves it empty.
@@ -210,14 +214,15 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         "" => None,
         mask => Some(mask.parse().map_err(SpecError::from)?),
     };
+    let usb_devices = p
+        .usb_devices
+        .iter()
+        .map(|&d| usb_device_from_proto(d))
+        .collect::<Result<_, _>>()?;
     Ok(InstanceSpec {
         cpu_pinning,
         cpu_weight: (p.cpu_weight != 0).then_some(p.cpu_weight),
-        cpu_topology: p.cpu_topology.map(|t| CpuTopology {
-            sockets: t.sockets,
-            cores: t.cores,
-            threads: t.threads,
-        }),
+        cpu_topology: p.cpu_topology.map(cpu_topology_from_proto),
         rtc_localtime: p.rtc_localtime,
         exit_on_reboot: p.exit_on_reboot,
         vnc_keymap: vnc.keymap,
@@ -254,13 +259,10 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         },
         memory_backing: memory_backing_from_proto(p.memory)?,
         media,
-        usb_devices: p
-            .usb_devices
-            .iter()
-            .map(|&d| usb_device_from_proto(d))
-            .collect::<Result<_, _>>()?,
+        usb_devices,
         sound_card: sound_card_from_proto(p.sound_card)?,
         guest_agent: p.guest_agent,
+        never_lose: p.never_lose,
         hotplug_ports: p.hotplug_ports,
         first_device_slot: match p.first_device_slot {
             0 => None,
@@ -269,6 +271,14 @@ pub fn spec_from_proto(p: pb::InstanceSpec) -> Result<InstanceSpec, AgentError> 
         scsi_controller: scsi_controller_from_proto(p.scsi_controller)?,
         extra_args: p.extra_args,
     })
+}
+
+fn cpu_topology_from_proto(t: pb::CpuTopology) -> CpuTopology {
+    CpuTopology {
+        sockets: t.sockets,
+        cores: t.cores,
+        threads: t.threads,
+    }
 }
 
 fn scsi_controller_from_proto(controller: i32) -> Result<Option<ScsiController>, AgentError> {
@@ -662,33 +672,6 @@ pub fn event_to_proto(event: &Event) -> pb::Event {
     wire
 }
 
-/// A migration's progress as the API shows it.
-pub fn report_to_proto(report: &MigrationReport) -> pb::MigrationProgress {
-    let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis() as u64);
-    let status = report.status.as_ref();
-    pb::MigrationProgress {
-        phase: match report.phase {
-            ReportPhase::Preparing => pb::MigrationPhase::Preparing,
-            ReportPhase::Active => pb::MigrationPhase::Active,
-            ReportPhase::Finalizing => pb::MigrationPhase::Finalizing,
-            ReportPhase::Completed => pb::MigrationPhase::Completed,
-        } as i32,
-        qemu_status: status.map(|s| s.status.clone()).unwrap_or_default(),
-        transferred_bytes: status.map_or(0, |s| s.transferred_bytes),
-        remaining_bytes: status.map_or(0, |s| s.remaining_bytes),
-        total_bytes: status.map_or(0, |s| s.total_bytes),
-        dirty_rate_bytes_per_second: status.map_or(0, |s| s.dirty_rate_bytes_per_second),
-        expected_downtime_ms: ms(status.and_then(|s| s.expected_downtime)),
-        downtime_ms: ms(status.and_then(|s| s.downtime)),
-        elapsed_ms: report.elapsed.as_millis() as u64,
-        address: report.address.clone(),
-        encrypted: report.encrypted,
-        passes: status.map_or(0, |s| s.passes),
-        throttle_percent: status.map_or(0, |s| u32::from(s.throttle_percent)),
-        postcopy: status.is_some_and(|s| s.postcopy),
-    }
-}
-
 /// The wire form of a stop method.
 pub fn stop_method_to_proto(method: Option<StopMethod>) -> pb::StopMethod {
     match method {
@@ -698,81 +681,6 @@ pub fn stop_method_to_proto(method: Option<StopMethod>) -> pb::StopMethod {
         Some(StopMethod::Kill) => pb::StopMethod::Kill,
     }
 }
-
-/// The longest pause QEMU accepts as a migration's downtime limit.
-pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(2000);
-
-/// A migration's options, checked against what QEMU accepts before it
-/// sees them.
-pub fn migrate_options_from_proto(
-    options: pb::MigrationOptions,
-) -> Result<MigrateOptions, AgentError> {
-    let downtime_limit = Duration::from_millis(options.downtime_limit_ms.into());
-    if downtime_limit > MAX_DOWNTIME_LIMIT {
-        return Err(AgentError::BadRequest(format!(
-            "downtime_limit_ms is {}; QEMU takes at most {} ms",
-            options.downtime_limit_ms,
-            MAX_DOWNTIME_LIMIT.as_millis()
-        )));
-    }
-    if options.max_bandwidth > UNCAPPED_BANDWIDTH {
-        return Err(AgentError::BadRequest(format!(
-            "max_bandwidth is {} bytes/s; the most is {UNCAPPED_BANDWIDTH}, and 0 means uncapped",
-            options.max_bandwidth
-        )));
-    }
-    if options.xbzrle_cache_bytes != 0
-        && !(MIN_XBZRLE_CACHE..=UNCAPPED_BANDWIDTH).contains(&options.xbzrle_cache_bytes)
-    {
-        return Err(AgentError::BadRequest(format!(
-            "xbzrle_cache_bytes is {}; use {MIN_XBZRLE_CACHE} (a page) up to {UNCAPPED_BANDWIDTH}, or 0 for no XBZRLE",
-            options.xbzrle_cache_bytes
-        )));
-    }
-    let multifd_channels = match options.multifd_channels {
-        0 => None,
-        n @ 1..=MAX_MULTIFD_CHANNELS => Some(n as u8),
-        n => {
-            return Err(AgentError::BadRequest(format!(
-                "multifd_channels is {n}; use 1 to {MAX_MULTIFD_CHANNELS}, or 0 for none"
-            )));
-        }
-    };
-    Ok(MigrateOptions {
-        offline: options.offline,
-        max_bandwidth: (options.max_bandwidth > 0).then_some(options.max_bandwidth),
-        downtime_limit: (options.downtime_limit_ms > 0).then_some(downtime_limit),
-        auto_converge: options.auto_converge,
-        xbzrle_cache: (options.xbzrle_cache_bytes > 0).then_some(options.xbzrle_cache_bytes),
-        multifd_channels,
-        unencrypted: options.unencrypted,
-        throttle_initial: percent("throttle_initial_percent", options.throttle_initial_percent)?,
-        throttle_increment: percent(
-            "throttle_increment_percent",
-            options.throttle_increment_percent,
-        )?,
-        stalled_passes: (options.stalled_passes_limit > 0).then_some(options.stalled_passes_limit),
-    })
-}
-
-/// A throttle share: 1 to 99 percent, or 0 for QEMU's default.
-fn percent(field: &str, value: u32) -> Result<Option<u8>, AgentError> {
-    match value {
-        0 => Ok(None),
-        1..=99 => Ok(Some(value as u8)),
-        _ => Err(AgentError::BadRequest(format!(
-            "{field} is {value}; use 1 to 99, or 0 for QEMU's default"
-        ))),
-    }
-}
-
-/// The most multifd connections a migration may ask for: each is a
-/// thread on both sides, and past the cores a node has they only add
-/// overhead.
-const MAX_MULTIFD_CHANNELS: u32 = 64;
-
-/// The smallest XBZRLE cache QEMU takes: one page.
-const MIN_XBZRLE_CACHE: u64 = 4096;
 
 /// A reboot's mode; a hard reboot needs the spec it starts from.
 pub fn reboot_mode_from_proto(

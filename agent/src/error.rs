@@ -276,6 +276,31 @@ pub enum AgentError {
         /// Auto-converge's throttle.
         throttle_percent: u8,
     },
+    /// This node can't receive a stream in postcopy.
+    #[error("{0}")]
+    PostcopyUnavailable(String),
+    /// Postcopy was asked of a migration that doesn't allow it.
+    #[error("instance {0:?}: its migration was started without postcopy")]
+    PostcopyNotAllowed(String),
+    /// Postcopy was asked for an instance that must never depend on one
+    /// link.
+    #[error("instance {0:?} is marked never_lose: a broken link in postcopy would lose it")]
+    NeverLose(String),
+    /// A migration in postcopy lost its stream: the guest's memory is
+    /// split between the two nodes.
+    #[error(
+        "instance {instance:?}: postcopy to {target} was interrupted ({reason}); the guest's memory \
+         is split between this node and {target}, and it can't run on either until the stream \
+         resumes"
+    )]
+    PostcopyInterrupted {
+        /// Instance name.
+        instance: String,
+        /// The target agent.
+        target: String,
+        /// What QEMU or the target said.
+        reason: String,
+    },
     /// The migration was cancelled; the instance stays where it was.
     #[error("instance {0:?}: migration cancelled")]
     MigrationCancelled(String),
@@ -591,6 +616,22 @@ impl AgentError {
             AgentError::MigrationStalled { .. } => (
                 Code::Aborted,
                 "the guest runs on here; migrate with auto-converge, a higher bandwidth, or offline",
+            ),
+            AgentError::PostcopyUnavailable(_) => (
+                Code::FailedPrecondition,
+                "migrate without postcopy, or allow it on the target node",
+            ),
+            AgentError::PostcopyNotAllowed(_) => (
+                Code::FailedPrecondition,
+                "start the migration with postcopy allowed",
+            ),
+            AgentError::NeverLose(_) => (
+                Code::FailedPrecondition,
+                "migrate it without postcopy (auto-converge, a higher bandwidth, or offline)",
+            ),
+            AgentError::PostcopyInterrupted { .. } => (
+                Code::DataLoss,
+                "keep both QEMUs: neither may be stopped while the other lacks its memory",
             ),
             AgentError::MigrationCancelled(_) => {
                 (Code::Cancelled, "the instance stays on this node")

@@ -33,6 +33,7 @@ mod lifecycle;
 mod media;
 mod memory;
 mod migration;
+mod postcopy;
 mod quarantine;
 mod records;
 mod recovery;
@@ -162,6 +163,9 @@ struct Status {
     process: Option<Arc<Process>>,
     /// Set while the instance is migrating away; notified to cancel.
     outgoing: Option<Arc<tokio::sync::Notify>>,
+    /// Set while a migration away may switch to postcopy; notified to
+    /// switch now.
+    postcopy_switch: Option<Arc<tokio::sync::Notify>>,
     /// Set while a migration into this node waits to be finalized.
     incoming: Option<incoming::Incoming>,
     /// Set while recovery after an agent restart works on the instance.
@@ -233,6 +237,7 @@ impl Instance {
                 record,
                 process: None,
                 outgoing: None,
+                postcopy_switch: None,
                 incoming: None,
                 reconciling: false,
                 quarantined_pid: None,

@@ -249,6 +249,21 @@ pub struct MigrateOptions {
     pub throttle_increment: Option<u8>,
     /// Overrides how many passes without progress make a stall.
     pub stalled_passes: Option<u32>,
+    /// Switch to postcopy when precopy stalls, or when asked.
+    pub postcopy: bool,
+    /// Overrides how long a broken postcopy stream is retried.
+    pub postcopy_recovery_window: Option<Duration>,
+}
+
+/// What the target's QEMU must expect of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// Connections for memory besides the main one (multifd).
+    pub multifd_channels: Option<u8>,
+    /// TLS between the two QEMUs.
+    pub encrypted: bool,
+    /// The source may switch to postcopy.
+    pub postcopy: bool,
 }
 
 /// What a save came to.

@@ -14,7 +14,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::convert;
-use crate::model::State;
+use crate::model::{State, StreamRequest};
 use crate::tls::TlsMaterial;
 
 /// The metadata key that carries an operation's request id, both ways.
@@ -72,15 +72,6 @@ pub fn runtime_format(protocol: u32) -> u32 {
 /// than a failure of the connection to it.
 pub fn answered_by_agent(status: &tonic::Status) -> bool {
     status.metadata().get(REQUEST_ID_HEADER).is_some()
-}
-
-/// What the target's QEMU must expect of the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamRequest {
-    /// Connections for memory besides the main one (multifd).
-    pub multifd_channels: Option<u8>,
-    /// TLS between the two QEMUs.
-    pub encrypted: bool,
 }
 
 /// Where an agent listens.
@@ -299,16 +290,22 @@ impl TargetAgent {
                  stream; upgrade it, or migrate unencrypted"
             )));
         }
+        if stream.postcopy && protocol < 3 {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the target agent speaks peer protocol {protocol}, which has no postcopy; migrate \
+                 without it"
+            )));
+        }
         let runtime_json = format::write_as(runtime, runtime_format(protocol))
             .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?
             .to_string();
-        let request = pb::AcceptMigrationRequest {
+        let mut request = pb::AcceptMigrationRequest {
             runtime_json,
             source,
             protocol_version: protocol,
-            multifd_channels: stream.multifd_channels.map_or(0, u32::from),
-            encrypted_stream: stream.encrypted,
+            ..Default::default()
         };
+        convert::stream_request_to_proto(stream, &mut request);
         let answer = self.client.accept_migration(request).await?;
         Ok(answer.into_inner().address)
     }
@@ -326,6 +323,14 @@ impl TargetAgent {
             resume,
         };
         self.client.finalize_migration(request).await.map(drop)
+    }
+
+    /// Has the target listen for the rest of `name`'s broken postcopy
+    /// stream; returns where.
+    pub async fn recover_postcopy(&mut self, name: &str) -> Result<String, tonic::Status> {
+        let request = pb::RecoverPostcopyRequest { name: name.into() };
+        let answer = self.client.recover_postcopy(request).await?;
+        Ok(answer.into_inner().address)
     }
 
     /// Tells the target to drop its incoming copy of `name`.

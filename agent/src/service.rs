@@ -361,8 +361,7 @@ impl NodeAgent for NodeAgentService {
                     &req.runtime_json,
                     &req.source,
                     req.protocol_version,
-                    req.multifd_channels,
-                    req.encrypted_stream,
+                    convert::stream_request_from_proto(&req)?,
                 )
                 .await?;
             Ok(pb::AcceptMigrationResponse { address })
@@ -390,6 +389,26 @@ impl NodeAgent for NodeAgentService {
             Ok(pb::CancelMigrationResponse {
                 cancelled: cancelled.into(),
             })
+        })
+    }
+
+    async fn switch_to_postcopy(
+        &self,
+        req: Request<pb::SwitchToPostcopyRequest>,
+    ) -> Reply<pb::SwitchToPostcopyResponse> {
+        operation!(self, req, "switch_to_postcopy", req.name.clone(), |agent| {
+            agent.switch_to_postcopy(&req.name)?;
+            Ok(pb::SwitchToPostcopyResponse {})
+        })
+    }
+
+    async fn recover_postcopy(
+        &self,
+        req: Request<pb::RecoverPostcopyRequest>,
+    ) -> Reply<pb::AcceptMigrationResponse> {
+        operation!(self, req, "recover_postcopy", req.name.clone(), |agent| {
+            let address = agent.recover_postcopy(&req.name).await?;
+            Ok(pb::AcceptMigrationResponse { address })
         })
     }
 

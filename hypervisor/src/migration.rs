@@ -45,6 +45,11 @@ pub struct MigrationParameters {
     /// target must expect them ([`prepare_incoming`]). `None` sends it
     /// all over the main one.
     pub multifd_channels: Option<u8>,
+    /// Let the guest move to the target before all its memory has
+    /// (QEMU's postcopy-ram; the target must allow it too,
+    /// [`prepare_incoming`]); it then runs there and fetches the pages it
+    /// lacks. Only [`start_postcopy`] makes the switch.
+    pub postcopy: bool,
 }
 
 impl Default for MigrationParameters {
@@ -57,6 +62,7 @@ impl Default for MigrationParameters {
             throttle_increment: DEFAULT_THROTTLE_INCREMENT,
             xbzrle_cache: None,
             multifd_channels: None,
+            postcopy: false,
         }
     }
 }
@@ -79,6 +85,11 @@ pub enum MigrationPhase {
     Active,
     /// Copying the last dirty pages and device state with the guest stopped.
     Device,
+    /// The guest runs on the target, which fetches the pages it lacks.
+    Postcopy,
+    /// Postcopy lost its connection: the guest's memory is split between
+    /// the two QEMUs, and neither can run it until the stream resumes.
+    PostcopyPaused,
     /// Done; the stream is complete.
     Completed,
     /// Failed; see the error.
@@ -87,17 +98,22 @@ pub enum MigrationPhase {
     Cancelling,
     /// Cancelled.
     Cancelled,
-    /// Any other state of a newer QEMU (e.g. postcopy), treated as active.
+    /// Any other state of a newer QEMU, treated as active.
     Other,
 }
 
 impl MigrationPhase {
-    fn parse(status: &str) -> Self {
+    /// The phase QEMU names `status` (`query-migrate`, `MIGRATION` events).
+    pub fn from_status(status: &str) -> Self {
         match status {
             "none" => Self::None,
             "setup" => Self::Setup,
             "active" | "pre-switchover" => Self::Active,
             "device" => Self::Device,
+            "postcopy-active" => Self::Postcopy,
+            "postcopy-paused" | "postcopy-recover" | "postcopy-recover-setup" => {
+                Self::PostcopyPaused
+            }
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "cancelling" => Self::Cancelling,
@@ -166,7 +182,7 @@ impl MigrationStatus {
             n => n,
         };
         MigrationStatus {
-            phase: MigrationPhase::parse(&status),
+            phase: MigrationPhase::from_status(&status),
             transferred_bytes: ram_u64("transferred"),
             remaining_bytes: ram_u64("remaining"),
             total_bytes: ram_u64("total"),
@@ -205,12 +221,15 @@ pub async fn configure(
             { "capability": "auto-converge", "state": params.auto_converge },
             { "capability": "xbzrle", "state": params.xbzrle_cache.is_some() },
             { "capability": "multifd", "state": params.multifd_channels.is_some() },
+            { "capability": "postcopy-ram", "state": params.postcopy },
         ]})),
     )
     .await?;
     let downtime_ms = u64::try_from(params.downtime_limit.as_millis()).unwrap_or(u64::MAX);
     let mut parameters = json!({
         "max-bandwidth": params.max_bandwidth,
+        // The same cap after a switch to postcopy; 0 is none.
+        "max-postcopy-bandwidth": if params.max_bandwidth < UNCAPPED_BANDWIDTH { params.max_bandwidth } else { 0 },
         "downtime-limit": downtime_ms,
         "cpu-throttle-initial": params.throttle_initial,
         "cpu-throttle-increment": params.throttle_increment,
@@ -247,25 +266,91 @@ pub async fn start_outgoing_to_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result
 }
 
 /// Has a QEMU started with `-incoming defer` expect `multifd_channels`
-/// connections besides the main one, as its source will open; before
-/// [`start_incoming`].
-pub async fn prepare_incoming(qmp: &QmpClient, multifd_channels: u8) -> Result<(), QmpError> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({ "capabilities": [{ "capability": "multifd", "state": true }] })),
+/// connections besides the main one, as its source will open, and allow
+/// a switch to `postcopy`; before [`start_incoming`].
+pub async fn prepare_incoming(
+    qmp: &QmpClient,
+    multifd_channels: Option<u8>,
+    postcopy: bool,
+) -> Result<(), QmpError> {
+    let mut capabilities = Vec::new();
+    if multifd_channels.is_some() {
+        capabilities.push(json!({ "capability": "multifd", "state": true }));
+    }
+    if postcopy {
+        capabilities.push(json!({ "capability": "postcopy-ram", "state": true }));
+        // Where the stream stands must be known without a query: a QEMU
+        // waiting for pages may not answer one.
+        capabilities.push(json!({ "capability": "events", "state": true }));
+    }
+    if !capabilities.is_empty() {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": capabilities })),
+        )
+        .await?;
+    }
+    if let Some(channels) = multifd_channels {
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "multifd-channels": channels })),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The kernel setting that lets unprivileged processes handle their own
+/// page faults, which a receiving QEMU needs for postcopy.
+pub const UNPRIVILEGED_USERFAULTFD: &str = "/proc/sys/vm/unprivileged_userfaultfd";
+
+/// Why a QEMU can't receive a stream in postcopy, from the kernel's
+/// `vm.unprivileged_userfaultfd` (none if unreadable) and whether the QEMU
+/// runs as a user of its own. Pure.
+pub fn postcopy_blocker(unprivileged_userfaultfd: Option<&str>, own_user: bool) -> Option<String> {
+    if !own_user || unprivileged_userfaultfd.map(str::trim) != Some("0") {
+        return None;
+    }
+    Some(
+        "postcopy needs userfaultfd, which this node's kernel keeps from unprivileged QEMUs; \
+         set vm.unprivileged_userfaultfd = 1 (sysctl) on it"
+            .into(),
     )
-    .await?;
-    qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({ "multifd-channels": multifd_channels })),
-    )
-    .await
-    .map(drop)
+}
+
+/// [`postcopy_blocker`] for this node.
+pub fn postcopy_blocker_here(own_user: bool) -> Option<String> {
+    let setting = std::fs::read_to_string(UNPRIVILEGED_USERFAULTFD).ok();
+    postcopy_blocker(setting.as_deref(), own_user)
+}
+
+/// Switches a migration begun with postcopy allowed to postcopy: the
+/// guest stops here and goes on on the target, which fetches the pages it
+/// still lacks. From here the source can't resume it.
+pub async fn start_postcopy(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute("migrate-start-postcopy", None).await.map(drop)
 }
 
 /// Makes a QEMU started with `-incoming defer` listen on `uri`.
 pub async fn start_incoming(qmp: &QmpClient, uri: &str) -> Result<(), QmpError> {
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await
+        .map(drop)
+}
+
+/// Makes a QEMU whose incoming postcopy stream broke listen on `uri` for
+/// the rest of it ([`resume_outgoing`] on the source). Out of band: such a
+/// QEMU's main loop may be stuck behind a vCPU that waits for a page.
+pub async fn recover_incoming(qmp: &QmpClient, uri: &str) -> Result<(), QmpError> {
+    qmp.execute_out_of_band("migrate-recover", Some(json!({ "uri": uri })))
+        .await
+        .map(drop)
+}
+
+/// Resumes a postcopy stream that broke, sending the rest to `uri`, where
+/// the target listens again ([`recover_incoming`]).
+pub async fn resume_outgoing(qmp: &QmpClient, uri: &str) -> Result<(), QmpError> {
+    qmp.execute("migrate", Some(json!({ "uri": uri, "resume": true })))
         .await
         .map(drop)
 }
@@ -412,6 +497,14 @@ mod tests {
     }
 
     #[test]
+    fn postcopy_is_refused_only_where_an_unprivileged_qemu_cant_have_userfaultfd() {
+        assert!(postcopy_blocker(Some("0\n"), true).is_some());
+        assert_eq!(postcopy_blocker(Some("1\n"), true), None);
+        assert_eq!(postcopy_blocker(Some("0\n"), false), None);
+        assert_eq!(postcopy_blocker(None, true), None);
+    }
+
+    #[test]
     fn a_failure_carries_its_reason_and_nothing_is_made_up() {
         let s = MigrationStatus::from_query(&json!({
             "status": "failed",
@@ -429,7 +522,10 @@ mod tests {
             MigrationPhase::None
         );
         let postcopy = MigrationStatus::from_query(&json!({"status": "postcopy-active"}));
-        assert_eq!(postcopy.phase, MigrationPhase::Other);
+        assert_eq!(postcopy.phase, MigrationPhase::Postcopy);
         assert!(postcopy.postcopy);
+        let paused = MigrationStatus::from_query(&json!({"status": "postcopy-paused"}));
+        assert_eq!(paused.phase, MigrationPhase::PostcopyPaused);
+        assert!(!paused.phase.is_final());
     }
 }

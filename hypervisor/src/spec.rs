@@ -439,6 +439,11 @@ pub struct InstanceSpec {
     /// A virtio-serial channel for the QEMU guest agent in the guest.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guest_agent: bool,
+    /// The guest must never be at the mercy of one link: a migration of it
+    /// may not switch to postcopy, after which a broken connection loses
+    /// it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub never_lose: bool,
     /// On q35, the spare root ports hot-adds take; unset is the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hotplug_ports: Option<u32>,
@@ -1087,6 +1092,7 @@ pub(crate) mod tests {
             usb_devices: vec![],
             sound_card: None,
             guest_agent: false,
+            never_lose: false,
             hotplug_ports: None,
             first_device_slot: None,
             scsi_controller: None,

@@ -12,6 +12,7 @@ use crate::tls::{TestCa, TlsPaths};
 /// The two namespaces, removed on drop.
 pub struct Hosts {
     names: [String; 2],
+    veths: [String; 2],
     addresses: [String; 2],
     ca: TestCa,
 }
@@ -26,11 +27,12 @@ impl Hosts {
         let octet = 16 + (u8::from_str_radix(&tag[..2], 16).unwrap_or(0) % 200);
         let hosts = Hosts {
             names: [format!("ka{tag}a"), format!("ka{tag}b")],
+            veths: [format!("v{tag}a"), format!("v{tag}b")],
             addresses: [format!("10.213.{octet}.1"), format!("10.213.{octet}.2")],
             ca: TestCa::new("cluster"),
         };
         let [a, b] = &hosts.names;
-        let (veth_a, veth_b) = (format!("v{tag}a"), format!("v{tag}b"));
+        let [veth_a, veth_b] = hosts.veths.clone();
         let cidr = |host: usize| format!("{}/24", hosts.addresses[host]);
         let (cidr_a, cidr_b) = (cidr(0), cidr(1));
         let steps: Vec<Vec<&str>> = vec![
@@ -115,6 +117,15 @@ impl Hosts {
         ]);
         options.args.extend(self.node_certificate(host).args());
         options
+    }
+
+    /// Takes the link between the two hosts down.
+    pub fn cut_link(&self) {
+        let status = Command::new("ip")
+            .args(["-n", &self.names[0], "link", "set", &self.veths[0], "down"])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip link set down");
     }
 
     /// The agent of `host` as the other host reaches it.

@@ -614,6 +614,15 @@ pub fn operator_qmp(agent: &TestAgent, name: &str) -> Qmp {
     Qmp::connect(&agent.run_dir(name).join("qmp-operator.sock"))
 }
 
+/// Lets unprivileged QEMUs handle their own page faults, which a QEMU
+/// receiving a migration in postcopy needs (`vm.unprivileged_userfaultfd`).
+pub fn allow_postcopy() {
+    let setting = "/proc/sys/vm/unprivileged_userfaultfd";
+    std::fs::write(setting, "1\n").unwrap_or_else(|e| {
+        panic!("postcopy tests need {setting} set to 1 (root), and it can't be: {e}")
+    });
+}
+
 /// A Linux bridge that exists for the life of the value.
 pub struct Bridge {
     /// Its name.

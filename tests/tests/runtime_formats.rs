@@ -81,6 +81,7 @@ async fn accept(
             protocol_version: protocol,
             multifd_channels: 0,
             encrypted_stream: false,
+            postcopy: false,
         })
         .await
         .map(|r| r.into_inner().address)

@@ -126,6 +126,8 @@ enum Command {
     Migrate(transfer::MigrateArgs),
     /// Cancel an outgoing migration (the instance stays), or drop an incoming one.
     CancelMigration(transfer::CancelArgs),
+    /// Switch an outgoing migration started with --postcopy to postcopy now.
+    SwitchToPostcopy(transfer::SwitchArgs),
     /// Save a guest's state to a new file on the node; its QEMU then ends.
     Save(transfer::SaveArgs),
     /// Start an instance from a save file.
@@ -180,6 +182,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(connect().await?, args, out).await,
         Command::Migrate(args) => transfer::migrate(connect().await?, args, out).await,
         Command::CancelMigration(args) => transfer::cancel(connect().await?, args, out).await,
+        Command::SwitchToPostcopy(args) => {
+            transfer::switch_to_postcopy(connect().await?, args, out).await
+        }
         Command::Save(args) => transfer::save(connect().await?, args, out).await,
         Command::Restore(args) => transfer::restore(connect().await?, args, out).await,
         Command::AdoptGaneti(args) => ganeti::run(connect().await?, args, out).await,

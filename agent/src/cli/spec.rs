@@ -148,6 +148,9 @@ pub(super) struct SpecOptions {
     /// On q35, the spare PCIe root ports that hot-adds take [default: 4].
     #[arg(long)]
     hotplug_ports: Option<u32>,
+    /// Never let a migration of the instance switch to postcopy, where a broken link loses it.
+    #[arg(long)]
+    never_lose: bool,
     /// A channel for the QEMU guest agent in the guest (`instance guest-agent`).
     #[arg(long)]
     guest_agent: bool,
@@ -338,6 +341,7 @@ impl SpecOptions {
             usb_devices: self.usb_device.clone(),
             sound_card: self.sound_card,
             guest_agent: self.guest_agent,
+            never_lose: self.never_lose,
             hotplug_ports: self.hotplug_ports,
             first_device_slot: self.first_device_slot.unwrap_or_default(),
             scsi_controller: self.scsi_controller,

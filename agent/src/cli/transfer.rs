@@ -56,6 +56,15 @@ pub(super) struct MigrateArgs {
     /// Give up after this many passes over memory in a row without progress (with auto-converge: at its highest throttle) [default: 10].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     stalled_passes: Option<u32>,
+    /// Allow postcopy: the guest moves to the target once precopy stalls (or at `switch-to-postcopy`) and fetches the rest of its memory from here; a broken link then loses it.
+    #[arg(long)]
+    postcopy: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct SwitchArgs {
+    /// Instance name.
+    name: String,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +164,8 @@ pub(super) async fn migrate(
             throttle_initial_percent: args.throttle_initial.unwrap_or(0),
             throttle_increment_percent: args.throttle_increment.unwrap_or(0),
             stalled_passes_limit: args.stalled_passes.unwrap_or(0),
+            postcopy: args.postcopy,
+            postcopy_recovery_window_ms: 0,
         }),
     };
     let mut stream = client.migrate_instance(request).await?.into_inner();
@@ -211,6 +222,20 @@ fn progress_bar() -> ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+/// Runs `kvm-agent switch-to-postcopy`.
+pub(super) async fn switch_to_postcopy(
+    mut client: NodeAgentClient<Channel>,
+    SwitchArgs { name }: SwitchArgs,
+    out: Printer,
+) -> anyhow::Result<()> {
+    let request = pb::SwitchToPostcopyRequest { name: name.clone() };
+    let switched = client.switch_to_postcopy(request).await?.into_inner();
+    out.show_named(&name, &switched, |_| {
+        println!("{name}: switching to postcopy");
+    });
+    Ok(())
 }
 
 /// Runs `kvm-agent cancel-migration`.

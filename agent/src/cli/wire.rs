@@ -51,6 +51,7 @@ api_messages!(
     SetMemoryResponse,
     SetDisplayPasswordResponse,
     StopInstanceResponse,
+    SwitchToPostcopyResponse,
 );
 
 /// The message's fields as a JSON object: every field by its proto name,
@@ -172,6 +173,7 @@ mod tests {
             assert!(to_json(&M::default()).is_object(), "{}", M::NAME);
         }
         check::<pb::CancelMigrationResponse>();
+        check::<pb::SwitchToPostcopyResponse>();
         check::<pb::ConsoleInfo>();
         check::<pb::DeviceInfo>();
         check::<pb::Event>();

@@ -344,6 +344,7 @@ impl Parsed {
             usb_devices: vec![],
             sound: None,
             guest_agent_slot: None,
+            never_lose: false,
             pcie_root_ports: vec![],
             first_device_slot: None,
             disks,

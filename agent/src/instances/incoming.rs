@@ -49,12 +49,7 @@ pub(super) enum Listen {
     /// A port of the agent's migration range, on its migration address,
     /// for an agent's stream, which may come with multifd connections and
     /// be encrypted.
-    Range {
-        /// The source's multifd connections besides the main one.
-        multifd_channels: Option<u8>,
-        /// TLS between the two QEMUs.
-        encrypted: bool,
-    },
+    Range(crate::model::StreamRequest),
     /// Where the sender will send: Ganeti's KVM driver sends to its own
     /// migration port on the address Ganeti gives.
     At {
@@ -74,8 +69,7 @@ impl Agent {
         runtime_json: &str,
         source: &str,
         protocol: u32,
-        multifd_channels: u32,
-        encrypted: bool,
+        stream: crate::model::StreamRequest,
     ) -> Result<String, AgentError> {
         crate::peer::check_spoken(
             crate::peer::stated_protocol(protocol),
@@ -91,19 +85,7 @@ impl Agent {
             | runtime::format::FormatError::TooOld { .. } => AgentError::PeerVersion(e.to_string()),
             _ => AgentError::BadRequest(format!("the runtime is not valid: {e}")),
         })?;
-        let multifd_channels = match u8::try_from(multifd_channels) {
-            Ok(0) => None,
-            Ok(channels) => Some(channels),
-            Err(_) => {
-                return Err(AgentError::BadRequest(format!(
-                    "multifd_channels is {multifd_channels}; QEMU takes at most 255"
-                )));
-            }
-        };
-        let listen = Listen::Range {
-            multifd_channels,
-            encrypted,
-        };
+        let listen = Listen::Range(stream);
         self.accept_runtime(&foreign, source, listen).await
     }
 
@@ -149,7 +131,7 @@ impl Agent {
     }
 
     /// The migration address as QEMU's `tcp:` URIs want it.
-    fn migration_host(&self) -> String {
+    pub(super) fn migration_host(&self) -> String {
         uri_host(&self.cfg.migration.address)
     }
 
@@ -293,48 +275,60 @@ impl Agent {
         listen: &Listen,
     ) -> Result<(String, u16), AgentError> {
         let (host, ports) = match listen {
-            Listen::Range {
-                multifd_channels,
-                encrypted,
-            } => {
+            Listen::Range(stream) => {
                 let qmp_error = |source| AgentError::Qmp {
                     instance: inst.name.clone(),
                     source,
                 };
-                if *encrypted {
+                if stream.postcopy
+                    && let Some(why) =
+                        qemu_migration::postcopy_blocker_here(runtime.qemu_user.is_some())
+                {
+                    return Err(AgentError::PostcopyUnavailable(why));
+                }
+                if stream.encrypted {
                     self.load_stream_tls(process, runtime, Endpoint::Receiver)
                         .await?;
                     stream_tls::receive_encrypted(&process.qmp)
                         .await
                         .map_err(qmp_error)?;
                 }
-                if let Some(channels) = *multifd_channels {
-                    qemu_migration::prepare_incoming(&process.qmp, channels)
-                        .await
-                        .map_err(qmp_error)?;
-                }
+                qemu_migration::prepare_incoming(
+                    &process.qmp,
+                    stream.multifd_channels,
+                    stream.postcopy,
+                )
+                .await
+                .map_err(qmp_error)?;
                 (self.migration_host(), self.cfg.migration.ports.clone())
             }
             Listen::At { host, port } => (uri_host(host), *port..=*port),
         };
-        self.listen_on(inst, process, &host, ports)
+        self.listen_on(inst, process, &host, ports, false)
             .await
             .map(|port| (host, port))
     }
 
-    async fn listen_on(
+    /// Has the incoming QEMU listen on a free port of `ports`, for a new
+    /// stream, or with `recover` for the rest of one in postcopy.
+    pub(super) async fn listen_on(
         &self,
         inst: &Instance,
         process: &Process,
         host: &str,
         ports: std::ops::RangeInclusive<u16>,
+        recover: bool,
     ) -> Result<u16, AgentError> {
         for port in ports.clone() {
             if !lock(&self.incoming_ports).insert(port) {
                 continue;
             }
             let uri = format!("tcp:{host}:{port}");
-            match qemu_migration::start_incoming(&process.qmp, &uri).await {
+            let listening = match recover {
+                true => qemu_migration::recover_incoming(&process.qmp, &uri).await,
+                false => qemu_migration::start_incoming(&process.qmp, &uri).await,
+            };
+            match listening {
                 Ok(()) => return Ok(port),
                 Err(QmpError::Qemu { ref desc, .. }) if desc.contains("in use") => {
                     lock(&self.incoming_ports).remove(&port);
@@ -465,10 +459,15 @@ impl Agent {
                 reason: "the incoming QEMU exited before the migration finished".into(),
             });
         };
-        if let Err(e) = self.wait_incoming_complete(&inst, &process).await {
-            self.abort_incoming(&inst).await;
-            return Err(e);
-        }
+        // Before the stream can reach postcopy, so no event of it is missed.
+        let events = process.qmp.subscribe();
+        let postcopy = match self.wait_incoming_complete(&inst, &process).await {
+            Ok(postcopy) => postcopy,
+            Err(e) => {
+                self.abort_incoming(&inst).await;
+                return Err(e);
+            }
+        };
         // The point where the instance becomes this node's.
         record.state = RecordedState::Running;
         record.detail = String::new();
@@ -493,15 +492,21 @@ impl Agent {
             },
         };
         inst.set_state(state, detail);
-        tracing::info!(instance = %name, ?state, "incoming migration finalized");
+        tracing::info!(instance = %name, ?state, postcopy, "incoming migration finalized");
+        if postcopy {
+            tokio::spawn(super::postcopy::watch(inst.clone(), process, events));
+        }
         Ok(inst.view())
     }
 
+    /// Waits until the incoming QEMU has the whole stream, or, in
+    /// postcopy, the guest's devices: true for postcopy, where the rest of
+    /// its memory still comes.
     async fn wait_incoming_complete(
         &self,
         inst: &Instance,
         process: &Process,
-    ) -> Result<(), AgentError> {
+    ) -> Result<bool, AgentError> {
         let deadline = Instant::now() + FINALIZE_WAIT;
         loop {
             let status = qemu_migration::query(&process.qmp)
@@ -511,9 +516,11 @@ impl Agent {
                     source,
                 })?;
             match status.phase {
-                qemu_migration::MigrationPhase::Completed => return Ok(()),
+                qemu_migration::MigrationPhase::Completed => return Ok(false),
+                qemu_migration::MigrationPhase::Postcopy => return Ok(true),
                 qemu_migration::MigrationPhase::Failed
-                | qemu_migration::MigrationPhase::Cancelled => {
+                | qemu_migration::MigrationPhase::Cancelled
+                | qemu_migration::MigrationPhase::PostcopyPaused => {
                     return Err(AgentError::MigrationFailed {
                         instance: inst.name.clone(),
                         reason: status.error.unwrap_or_else(|| {
@@ -549,6 +556,21 @@ impl Agent {
             return Ok("incoming");
         }
         Err(AgentError::NoMigration(name.to_owned()))
+    }
+
+    /// SwitchToPostcopy: has an outgoing migration that allows postcopy
+    /// switch to it now.
+    pub fn switch_to_postcopy(&self, name: &str) -> Result<(), AgentError> {
+        let inst = self.instance(name)?;
+        let st = lock(&inst.status);
+        match (&st.outgoing, &st.postcopy_switch) {
+            (Some(_), Some(switch)) => {
+                switch.notify_one();
+                Ok(())
+            }
+            (Some(_), None) => Err(AgentError::PostcopyNotAllowed(name.to_owned())),
+            (None, _) => Err(AgentError::NoMigration(name.to_owned())),
+        }
     }
 
     /// At startup: an incoming instance that was never finalized isn't

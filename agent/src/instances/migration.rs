@@ -10,14 +10,16 @@
 //! The target's side is in `incoming`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hypervisor::Runtime;
 use hypervisor::lifecycle;
 use hypervisor::migration::convergence::{ConvergenceWatch, DEFAULT_STALLED_PASSES, Stall};
 use hypervisor::migration::stream_tls::{self, Endpoint};
-use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationStatus};
+use hypervisor::migration::{
+    self as qemu_migration, MigrationParameters, MigrationPhase, MigrationStatus,
+};
 use hypervisor::qmp::{QmpClient, QmpError};
 use tokio::sync::{Notify, mpsc};
 use tonic::Code;
@@ -26,11 +28,15 @@ use super::{Agent, Instance, InstanceRecord, OutgoingMigration, Process, State, 
 use crate::config::FaultPoint;
 use crate::error::AgentError;
 use crate::events::EventKind;
-use crate::model::{MigrateOptions, MigrationReport, ReportPhase};
-use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, StreamRequest, TargetAgent};
+use crate::model::{MigrateOptions, MigrationReport, ReportPhase, StreamRequest};
+use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, TargetAgent};
 
 /// How often a migration's progress is read.
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a broken postcopy stream is retried by default.
+const POSTCOPY_RECOVERY_WINDOW: Duration = Duration::from_secs(30);
+/// The pause between two attempts.
+const POSTCOPY_RECOVERY_RETRY: Duration = Duration::from_secs(1);
 /// How often the source checks that the target agent still waits.
 const TARGET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long that check may take.
@@ -80,6 +86,10 @@ struct Outgoing<'a> {
     /// For an encrypted stream: the name the target's certificate must
     /// bear.
     tls_host: Option<String>,
+    /// Set when the migration may switch to postcopy; notified to switch.
+    postcopy_switch: Option<Arc<Notify>>,
+    /// Whether it has: from then on the source can't take the guest back.
+    switched: AtomicBool,
     cancel: Arc<Notify>,
     reporter: Reporter<'a>,
 }
@@ -87,6 +97,22 @@ struct Outgoing<'a> {
 impl Outgoing<'_> {
     fn qmp(&self) -> &QmpClient {
         &self.process.qmp
+    }
+
+    fn switched(&self) -> bool {
+        self.switched.load(Ordering::SeqCst)
+    }
+
+    /// The failure of a migration past the switch to postcopy.
+    fn split(&self, reason: String) -> Failure {
+        Failure {
+            error: AgentError::PostcopyInterrupted {
+                instance: self.inst.name.clone(),
+                target: self.target.to_string(),
+                reason,
+            },
+            maybe_taken: true,
+        }
     }
 
     fn qmp_error(&self) -> impl Fn(QmpError) -> AgentError + '_ {
@@ -162,6 +188,7 @@ impl Agent {
                 .unwrap_or(defaults.throttle_increment),
             xbzrle_cache: options.xbzrle_cache,
             multifd_channels: options.multifd_channels,
+            postcopy: options.postcopy,
         }
     }
 
@@ -176,11 +203,11 @@ impl Agent {
         progress: mpsc::Sender<MigrationReport>,
     ) -> Result<MigrationReport, AgentError> {
         if target.starts_with(super::handback::QEMU_TARGET) {
-            if options.multifd_channels.is_some() {
-                // That QEMU was started by another manager, which didn't
-                // ask it to expect them.
+            // That QEMU was started by another manager, which didn't ask
+            // it to expect channels or allow postcopy.
+            if options.multifd_channels.is_some() || options.postcopy {
                 return Err(AgentError::BadRequest(format!(
-                    "multifd channels need an agent on the target; {target} is a QEMU"
+                    "multifd channels and postcopy need an agent on the target; {target} is a QEMU"
                 )));
             }
             return self.migrate_to_qemu(name, target, options, progress).await;
@@ -196,8 +223,10 @@ impl Agent {
         if !matches!(before, State::Running | State::Paused) {
             return Err(AgentError::NotRunning(name.to_owned()));
         }
-        let cancel = Arc::new(Notify::new());
-        lock(&inst.status).outgoing = Some(cancel.clone());
+        if options.postcopy && record.runtime.never_lose {
+            return Err(AgentError::NeverLose(name.to_owned()));
+        }
+        let (cancel, postcopy_switch) = steer_outgoing(&inst, options.postcopy);
         inst.set_state(State::Migrating, format!("migrating to {target}"));
         // To another node; one on this machine has no cluster identity.
         let tls_host = target
@@ -205,24 +234,25 @@ impl Agent {
             .filter(|_| !options.unencrypted)
             .map(str::to_owned);
         let mut outgoing = Outgoing {
+            reporter: Reporter {
+                inst: &inst,
+                sink: progress,
+                started: Instant::now(),
+                address: String::new(),
+                encrypted: tls_host.is_some(),
+            },
             tls_host,
+            postcopy_switch,
+            switched: AtomicBool::new(false),
             inst: &inst,
             process: &process,
             record: &record,
             target: target.clone(),
             options,
             cancel,
-            reporter: Reporter {
-                inst: &inst,
-                sink: progress,
-                started: Instant::now(),
-                address: String::new(),
-                encrypted: false,
-            },
         };
-        outgoing.reporter.encrypted = outgoing.tls_host.is_some();
         let result = self.migrate_locked(&mut outgoing).await;
-        lock(&inst.status).outgoing = None;
+        steer_outgoing_done(&inst);
         let Failure { error, maybe_taken } = match result {
             Ok(report) => return Ok(report),
             Err(failure) => failure,
@@ -350,6 +380,16 @@ impl Agent {
             .map(|r| r.runtime.uuid.to_string());
         match owner {
             Ok(Some(info)) if uuid.is_some_and(|u| took_over(&info, &u)) => {
+                if in_postcopy(&process.qmp).await {
+                    // Ending this QEMU would lose the memory the target
+                    // still fetches from it.
+                    let detail = format!(
+                        "the guest runs on {target}, which still fetches memory from this QEMU \
+                         (postcopy); it must keep running until the stream completes"
+                    );
+                    tracing::warn!(instance = %name, "{detail}");
+                    return Some((State::Paused, detail));
+                }
                 tracing::info!(instance = %name, %target, "the target took the instance before the agent stopped; ending the source's QEMU");
                 self.release_to_target(inst, process).await;
                 None
@@ -423,6 +463,8 @@ impl Agent {
         let mut peer = self.prepare_target(m, was_running).await?;
         let status = match self.send_state(m, &mut peer, was_running).await {
             Ok(status) => status,
+            // The target has the guest's devices and some of its memory.
+            Err(e) if m.switched() => return Err(m.split(e.to_string())),
             Err(e) => {
                 self.stay_here(m, was_running).await;
                 return Err(e.into());
@@ -437,6 +479,7 @@ impl Agent {
             .await
         {
             FinalizeOutcome::Taken => {}
+            FinalizeOutcome::Refused(e) if m.switched() => return Err(m.split(e.to_string())),
             FinalizeOutcome::Refused(e) => {
                 self.stay_here(m, was_running).await;
                 return Err(e.into());
@@ -450,6 +493,10 @@ impl Agent {
         }
 
         self.reach(FaultPoint::MigrationAfterFinalize).await;
+        let status = match m.switched() {
+            true => self.finish_postcopy(m).await?,
+            false => status,
+        };
         self.release_to_target(m.inst, m.process).await;
         m.inst
             .set_state(State::Stopped, format!("migrated to {}", m.target));
@@ -495,6 +542,7 @@ impl Agent {
                 StreamRequest {
                     multifd_channels: m.options.multifd_channels,
                     encrypted: m.tls_host.is_some(),
+                    postcopy: m.options.postcopy,
                 },
             )
             .await
@@ -535,54 +583,157 @@ impl Agent {
         qemu_migration::start_outgoing(qmp, &m.reporter.address)
             .await
             .map_err(&qmp_error)?;
-        let mut cancelled = false;
-        let mut abort: Option<AgentError> = None;
-        let mut next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
-        let mut convergence = ConvergenceWatch::new(
-            m.options.stalled_passes.unwrap_or(DEFAULT_STALLED_PASSES),
-            params.auto_converge,
-        );
+        let mut watch = Watch {
+            cancelled: false,
+            abort: None,
+            next_target_check: Instant::now() + TARGET_CHECK_INTERVAL,
+            convergence: ConvergenceWatch::new(
+                m.options.stalled_passes.unwrap_or(DEFAULT_STALLED_PASSES),
+                params.auto_converge,
+            ),
+        };
         loop {
             let status = qemu_migration::query(qmp).await.map_err(&qmp_error)?;
             m.reporter.report(ReportPhase::Active, Some(status.clone()));
-            if let Some(stall) = convergence.observe(&status).filter(|_| !cancelled) {
-                let problem = stalled(name, &params, stall);
-                tracing::warn!(instance = %name, error = %problem, "cancelling the migration");
-                qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
-                abort = Some(problem);
-                cancelled = true;
+            let stall = watch.convergence.observe(&status);
+            if let Some(stall) = stall.filter(|_| !watch.cancelled && !m.switched()) {
+                match m.postcopy_switch {
+                    Some(_) => self.start_postcopy(m, "precopy stopped converging").await?,
+                    None => watch.stop(m, stalled(name, &params, stall)).await?,
+                }
             }
             match status.phase {
-                qemu_migration::MigrationPhase::Completed => return Ok(status),
-                qemu_migration::MigrationPhase::Failed => {
+                MigrationPhase::Completed | MigrationPhase::Postcopy => return Ok(status),
+                MigrationPhase::Failed | MigrationPhase::PostcopyPaused => {
                     return Err(AgentError::MigrationFailed {
                         instance: name.clone(),
-                        reason: status.error.unwrap_or_else(|| "QEMU gave no reason".into()),
+                        reason: status.error.unwrap_or(status.status),
                     });
                 }
-                qemu_migration::MigrationPhase::Cancelled => {
-                    return Err(abort.unwrap_or(AgentError::MigrationCancelled(name.clone())));
+                MigrationPhase::Cancelled => {
+                    return Err(watch
+                        .abort
+                        .unwrap_or(AgentError::MigrationCancelled(name.clone())));
                 }
                 _ => {}
             }
             // A target agent that went away can't finalize: stop sending
             // rather than finish a stream nobody will take over.
-            if !cancelled && Instant::now() >= next_target_check {
-                next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
+            if !watch.cancelled && !m.switched() && Instant::now() >= watch.next_target_check {
+                watch.next_target_check = Instant::now() + TARGET_CHECK_INTERVAL;
                 if let Some(problem) = check_target(peer, &m.target, name).await {
-                    tracing::warn!(instance = %name, target = %m.target, error = %problem, "cancelling the migration");
-                    qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
-                    abort = Some(problem);
-                    cancelled = true;
+                    watch.stop(m, problem).await?;
                 }
             }
-            tokio::select! {
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
-                () = m.cancel.notified(), if !cancelled => {
-                    tracing::info!(instance = %name, "cancelling the migration");
-                    qemu_migration::cancel(qmp).await.map_err(&qmp_error)?;
-                    cancelled = true;
+            self.wait_or_steer(m, &mut watch).await?;
+        }
+    }
+
+    /// Waits for the next look at the stream, unless the caller cancels it
+    /// or switches it to postcopy first.
+    async fn wait_or_steer(&self, m: &Outgoing<'_>, watch: &mut Watch) -> Result<(), AgentError> {
+        let switch = m.postcopy_switch.clone();
+        let asked = async move {
+            match switch {
+                Some(switch) => switch.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = m.cancel.notified(), if !watch.cancelled => {
+                if m.switched() {
+                    tracing::warn!(instance = %m.inst.name, "a migration in postcopy can't be cancelled");
+                } else {
+                    tracing::info!(instance = %m.inst.name, "cancelling the migration");
+                    qemu_migration::cancel(m.qmp()).await.map_err(m.qmp_error())?;
+                    watch.cancelled = true;
                 }
+            }
+            () = asked, if !watch.cancelled && !m.switched() => {
+                self.start_postcopy(m, "asked to").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a broken postcopy stream where the target listens again,
+    /// retrying until the migration's recovery window is over.
+    async fn resume_postcopy(&self, m: &Outgoing<'_>) -> Result<(), String> {
+        let window = m
+            .options
+            .postcopy_recovery_window
+            .unwrap_or(POSTCOPY_RECOVERY_WINDOW);
+        let deadline = Instant::now() + window;
+        let mut why = String::from("no attempt");
+        while Instant::now() < deadline {
+            match self.try_resume_postcopy(m).await {
+                Ok(()) => return Ok(()),
+                Err(e) => why = e,
+            }
+            tokio::time::sleep(POSTCOPY_RECOVERY_RETRY).await;
+        }
+        Err(format!("it could not be resumed within {window:?}: {why}"))
+    }
+
+    async fn try_resume_postcopy(&self, m: &Outgoing<'_>) -> Result<(), String> {
+        let mut peer = self
+            .connect_peer(&m.target)
+            .await
+            .map_err(|e| format!("can't reach the target agent: {e}"))?;
+        let address = peer
+            .recover_postcopy(&m.inst.name)
+            .await
+            .map_err(|s| format!("the target can't take the rest: {}", s.message()))?;
+        qemu_migration::resume_outgoing(m.qmp(), &address)
+            .await
+            .map_err(|e| e.to_string())?;
+        for _ in 0..50 {
+            let status = qemu_migration::query(m.qmp())
+                .await
+                .map_err(|e| e.to_string())?;
+            if matches!(
+                status.phase,
+                MigrationPhase::Postcopy | MigrationPhase::Completed
+            ) {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Err(format!("the stream to {address} did not resume"))
+    }
+
+    /// Switches to postcopy: from here the guest goes on on the target.
+    async fn start_postcopy(&self, m: &Outgoing<'_>, why: &str) -> Result<(), AgentError> {
+        tracing::info!(instance = %m.inst.name, target = %m.target, why, "switching to postcopy");
+        qemu_migration::start_postcopy(m.qmp())
+            .await
+            .map_err(m.qmp_error())?;
+        m.switched.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// After the target took over a guest in postcopy: sends the rest of
+    /// its memory, which this QEMU alone holds, until the stream completes.
+    async fn finish_postcopy(&self, m: &Outgoing<'_>) -> Result<MigrationStatus, Failure> {
+        loop {
+            let status = match qemu_migration::query(m.qmp()).await {
+                Ok(status) => status,
+                Err(e) => return Err(m.split(e.to_string())),
+            };
+            m.reporter.report(ReportPhase::Active, Some(status.clone()));
+            match status.phase {
+                MigrationPhase::Completed => return Ok(status),
+                MigrationPhase::Postcopy => tokio::time::sleep(POLL_INTERVAL).await,
+                MigrationPhase::PostcopyPaused => {
+                    let broke = status.error.unwrap_or(status.status);
+                    tracing::warn!(instance = %m.inst.name, target = %m.target, %broke, "the postcopy stream broke; resuming it");
+                    if let Err(why) = self.resume_postcopy(m).await {
+                        return Err(m.split(format!("{broke}; {why}")));
+                    }
+                    tracing::info!(instance = %m.inst.name, target = %m.target, "the postcopy stream resumed");
+                }
+                _ => return Err(m.split(status.error.unwrap_or(status.status))),
             }
         }
     }
@@ -657,7 +808,13 @@ pub(super) async fn stop_stream(qmp: &QmpClient) {
     let Ok(status) = qemu_migration::query(qmp).await else {
         return;
     };
-    if status.phase.is_final() || status.phase == qemu_migration::MigrationPhase::None {
+    // Past the switch to postcopy, cancelling would lose the guest.
+    if status.phase.is_final()
+        || matches!(
+            status.phase,
+            MigrationPhase::None | MigrationPhase::Postcopy | MigrationPhase::PostcopyPaused
+        )
+    {
         return;
     }
     let _ = qemu_migration::cancel(qmp).await;
@@ -666,6 +823,46 @@ pub(super) async fn stop_stream(qmp: &QmpClient) {
             Ok(s) if !s.phase.is_final() => tokio::time::sleep(POLL_INTERVAL).await,
             _ => break,
         }
+    }
+}
+
+/// The handles that cancel an outgoing migration of `inst` and, if it
+/// allows `postcopy`, switch it; kept in its status for other calls.
+fn steer_outgoing(inst: &Instance, postcopy: bool) -> (Arc<Notify>, Option<Arc<Notify>>) {
+    let cancel = Arc::new(Notify::new());
+    let switch = postcopy.then(|| Arc::new(Notify::new()));
+    let mut st = lock(&inst.status);
+    st.outgoing = Some(cancel.clone());
+    st.postcopy_switch = switch.clone();
+    (cancel, switch)
+}
+
+/// Drops the handles of [`steer_outgoing`] once the migration is over.
+fn steer_outgoing_done(inst: &Instance) {
+    let mut st = lock(&inst.status);
+    st.outgoing = None;
+    st.postcopy_switch = None;
+}
+
+/// How a stream being sent is followed.
+struct Watch {
+    cancelled: bool,
+    /// Why the agent cancelled it, if it did.
+    abort: Option<AgentError>,
+    next_target_check: Instant,
+    convergence: ConvergenceWatch,
+}
+
+impl Watch {
+    /// Cancels the stream for `problem`.
+    async fn stop(&mut self, m: &Outgoing<'_>, problem: AgentError) -> Result<(), AgentError> {
+        tracing::warn!(instance = %m.inst.name, target = %m.target, error = %problem, "cancelling the migration");
+        qemu_migration::cancel(m.qmp())
+            .await
+            .map_err(m.qmp_error())?;
+        self.abort = Some(problem);
+        self.cancelled = true;
+        Ok(())
     }
 }
 
@@ -680,6 +877,17 @@ fn stalled(name: &str, params: &MigrationParameters, stall: Stall) -> AgentError
             .then_some(params.max_bandwidth >> 20),
         throttle_percent: stall.throttle_percent,
     }
+}
+
+/// Whether `qmp`'s QEMU is past the switch to postcopy with memory still
+/// to send.
+async fn in_postcopy(qmp: &QmpClient) -> bool {
+    qemu_migration::query(qmp).await.is_ok_and(|s| {
+        matches!(
+            s.phase,
+            MigrationPhase::Postcopy | MigrationPhase::PostcopyPaused
+        )
+    })
 }
 
 /// Whether the target still waits for the instance; `Some` says why not.

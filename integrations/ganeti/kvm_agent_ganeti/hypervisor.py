@@ -175,7 +175,7 @@ USB_DEVICES = {
 
 # The QEMU migration capabilities of Ganeti's migration_caps the agent's
 # migration takes.
-MIGRATION_CAPS = frozenset(["xbzrle", "auto-converge", "multifd"])
+MIGRATION_CAPS = frozenset(["xbzrle", "auto-converge", "multifd", "postcopy-ram"])
 # QEMU's own XBZRLE cache size, which Ganeti's driver leaves as it is.
 XBZRLE_CACHE_BYTES = 64 << 20
 # QEMU's own count of multifd channels, which Ganeti's driver leaves as it
@@ -366,6 +366,8 @@ def migration_options(hvparams, live):
             options.xbzrle_cache_bytes = XBZRLE_CACHE_BYTES
         if "multifd" in caps:
             options.multifd_channels = MULTIFD_CHANNELS
+        # Like Ganeti's driver, switch once precopy stops converging.
+        options.postcopy = "postcopy-ram" in caps
     return options
 
 

@@ -710,10 +710,14 @@ class UnsupportedParameters(unittest.TestCase):
         multifd = hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "multifd"})
         KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(multifd)
         self.assertEqual(migration_options(multifd, True).multifd_channels, 2)
+        self.assertFalse(migration_options(multifd, True).postcopy)
+        postcopy = hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "postcopy-ram:auto-converge"})
+        KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(postcopy)
+        self.assertTrue(migration_options(postcopy, True).postcopy)
         with self.assertRaises(errors.HypervisorError) as refused:
             KvmAgentHypervisor(socket=SOURCE).CheckParameterSyntax(
-                hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "postcopy-ram"}))
-        self.assertIn("postcopy-ram", str(refused.exception))
+                hvparams(**{constants.HV_KVM_MIGRATION_CAPS: "x-colo"}))
+        self.assertIn("x-colo", str(refused.exception))
 
     def test_migration_versions_and_powercycle_are_ganetis_kvm_drivers(self):
         self.assertTrue(KvmAgentHypervisor.VersionsSafeForMigration([7, 2, 22], [10, 0, 2]))
