@@ -33,6 +33,19 @@ fn uri_host(address: &str) -> String {
     }
 }
 
+/// Whether a listener could take `port` on `host` (as [`uri_host`] gives
+/// it) now. QEMU 10 can't try another port after `migrate-incoming`
+/// failed on one taken (its incoming state stays `setup`), so a port
+/// another process holds is skipped before QEMU is asked. A host that is
+/// a name, not an address, is left to QEMU.
+fn port_is_free(host: &str, port: u16) -> bool {
+    let address = host.trim_start_matches('[').trim_end_matches(']');
+    match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::TcpListener::bind((ip, port)).is_ok(),
+        Err(_) => true,
+    }
+}
+
 /// An unfinished migration into this node.
 #[derive(Debug, Clone)]
 pub(crate) struct Incoming {
@@ -323,6 +336,10 @@ impl Agent {
             if !lock(&self.incoming_ports).insert(port) {
                 continue;
             }
+            if !port_is_free(host, port) {
+                lock(&self.incoming_ports).remove(&port);
+                continue;
+            }
             let uri = format!("tcp:{host}:{port}");
             let listening = match recover {
                 true => qemu_migration::recover_incoming(&process.qmp, &uri).await,
@@ -591,5 +608,18 @@ impl Agent {
             tracing::error!(instance = %name, error = %e, "can't remove the record of an unfinished incoming instance");
         }
         tracing::warn!(instance = %name, "dropped an incoming migration or restore that never finished");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_someone_listens_on_is_not_free() {
+        let held = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = held.local_addr().unwrap().port();
+        assert!(!super::port_is_free("127.0.0.1", port));
+        drop(held);
+        assert!(super::port_is_free("127.0.0.1", port));
+        assert!(super::port_is_free("node.example", port));
     }
 }
