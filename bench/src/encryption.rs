@@ -12,7 +12,7 @@ use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
 use crate::raw::machine_args_with;
-use crate::transfer::{RawTls, migrate_through, random_file, raw_migrate_to, spec};
+use crate::transfer::{RawStream, RawTls, migrate_through, random_file, raw_migrate_to, spec};
 use crate::{AgentProcess, Row, Samples};
 
 /// The agents' API ports on loopback.
@@ -173,7 +173,11 @@ pub async fn measure(
         against_plain
             .agent
             .push(*against_raw.agent.last().context("a round")?);
-        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], Some(tls)).await?;
+        let stream = RawStream {
+            tls: Some(tls),
+            ..Default::default()
+        };
+        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], stream).await?;
         against_raw.raw.push(t);
     }
     clients[holder]

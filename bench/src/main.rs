@@ -3,6 +3,7 @@
 //! `report.json`. Every goal is a ratio of medians (agent / raw), because
 //! absolute times on shared machines drift from run to run.
 
+mod busy;
 mod encryption;
 mod interval;
 mod load;
@@ -163,6 +164,24 @@ fn cgroup_parent() -> String {
     format!("kvm-agent-bench/{}-{n}", std::process::id())
 }
 
+/// The rows that need the test guest: a device's removal, and a busy
+/// guest's migrations (on agents of their own).
+async fn guest_rows(
+    client: &mut NodeAgentClient<Channel>,
+    binary: &Path,
+    work: &Path,
+    args: &Args,
+) -> anyhow::Result<Vec<Row>> {
+    let guest = removal::Guest::locate(args.guest.as_deref())?;
+    let removal_rounds = if args.quick { 3 } else { 10 };
+    let run_dir = work.join("state").join("run");
+    let removals = removal::measure(client, &run_dir, work, &guest, removal_rounds).await?;
+    let mut rows = vec![removals.row("device removal (disk, test guest)", 1.10)];
+    let busy_rounds = if args.quick { 1 } else { 3 };
+    rows.extend(busy::measure(binary, work, &guest, busy_rounds).await?);
+    Ok(rows)
+}
+
 /// Save, restore and migration, plain and encrypted.
 async fn transfers(
     binary: &Path,
@@ -285,7 +304,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let rounds = if args.quick { 5 } else { 20 };
     let rtt_calls = if args.quick { 200 } else { 1000 };
-    let binary = match args.agent {
+    let binary = match args.agent.clone() {
         Some(b) => b,
         None => std::env::current_exe()?
             .parent()
@@ -322,17 +341,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = operations::Operations::measure(&mut setup, rounds, most)
         .await?
         .rows();
-    let guest = removal::Guest::locate(args.guest.as_deref())?;
-    let removal_rounds = if args.quick { 3 } else { 10 };
-    let removals = removal::measure(
-        &mut client,
-        &work.path().join("state").join("run"),
-        work.path(),
-        &guest,
-        removal_rounds,
-    )
-    .await?;
-    rows.push(removals.row("device removal (disk, test guest)", 1.10));
+    rows.extend(guest_rows(&mut client, &binary, work.path(), &args).await?);
     drop(client);
     drop(agent);
     let newer_qemu = args.newer_qemu.as_deref();

@@ -19,7 +19,7 @@ use crate::raw::{RawQemu, machine_args};
 /// What the test guest's /init prints on the serial console once its
 /// drivers are loaded.
 const READY_MARKER: &str = "KVM-AGENT-GUEST-READY";
-const GUEST_MEMORY_MIB: u64 = 128;
+pub(crate) const GUEST_MEMORY_MIB: u64 = 128;
 const CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// Time the guest gets to take in a hot-added disk before its removal.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -68,6 +68,28 @@ impl Guest {
         }
         Ok(guest)
     }
+
+    /// How the agent boots it.
+    pub(crate) fn boot(&self) -> pb::BootSpec {
+        pb::BootSpec {
+            kernel: self.kernel.display().to_string(),
+            initrd: self.initrd.display().to_string(),
+            cmdline: CMDLINE.into(),
+            ..Default::default()
+        }
+    }
+
+    /// How a raw QEMU boots it.
+    pub(crate) fn raw_args(&self) -> [String; 6] {
+        [
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-initrd".into(),
+            self.initrd.display().to_string(),
+            "-append".into(),
+            CMDLINE.into(),
+        ]
+    }
 }
 
 /// Measures `rounds` disk removals on each side.
@@ -109,12 +131,7 @@ async fn through_agent(
                 vcpus: 1,
                 accelerator: pb::Accelerator::Tcg as i32,
                 serial_console: true,
-                boot: Some(pb::BootSpec {
-                    kernel: guest.kernel.display().to_string(),
-                    initrd: guest.initrd.display().to_string(),
-                    cmdline: CMDLINE.into(),
-                    ..Default::default()
-                }),
+                boot: Some(guest.boot()),
                 ..Default::default()
             }),
             paused: false,
@@ -172,13 +189,8 @@ async fn raw(
         "tcg",
         GUEST_MEMORY_MIB,
     );
+    args.extend(guest.raw_args());
     args.extend([
-        "-kernel".into(),
-        guest.kernel.display().to_string(),
-        "-initrd".into(),
-        guest.initrd.display().to_string(),
-        "-append".into(),
-        CMDLINE.into(),
         "-chardev".into(),
         format!(
             "socket,id=serial0,path={},server=on,wait=off",
@@ -202,7 +214,7 @@ async fn raw(
 }
 
 /// Reads the serial console until the guest says it is ready.
-async fn wait_ready(socket: &Path) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(socket: &Path) -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(socket)
         .await
         .with_context(|| format!("connecting to {}", socket.display()))?;

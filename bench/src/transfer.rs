@@ -17,6 +17,8 @@ use crate::{Row, Samples, start_agent};
 
 /// Port of the raw migrations; the agents use their own range.
 const RAW_MIGRATION_PORT: u16 = 49400;
+/// The multifd rows' connections besides the main one.
+const MULTIFD_CHANNELS: u8 = 4;
 
 /// Fills a file with random bytes, the RAM a guest starts with.
 pub(crate) fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
@@ -47,14 +49,20 @@ pub(crate) fn spec(name: &str, memory_mib: u64, ram: &Path) -> pb::InstanceSpec 
     }
 }
 
-/// Runs a migration through the agents; returns total time and downtime.
+/// Runs a migration through the agents, over `multifd_channels` more
+/// connections when given; returns total time and downtime.
 async fn agent_migrate(
     source: &mut NodeAgentClient<Channel>,
     name: &str,
     target: &Path,
+    multifd_channels: Option<u8>,
 ) -> anyhow::Result<(Duration, Duration)> {
     let target = format!("unix:{}", target.display());
-    let (total, last) = migrate_through(source, name, target, None).await?;
+    let options = multifd_channels.map(|channels| pb::MigrationOptions {
+        multifd_channels: channels.into(),
+        ..Default::default()
+    });
+    let (total, last) = migrate_through(source, name, target, options).await?;
     Ok((total, Duration::from_millis(last.downtime_ms)))
 }
 
@@ -88,13 +96,13 @@ pub(crate) async fn migrate_through(
     Ok((total, last))
 }
 
-/// A direct driver's migration on loopback: start the target QEMU, listen,
-/// migrate, wait, resume the target, quit the source.
-async fn raw_migrate(
-    dirs: (&Path, &Path),
-    args: &[String],
-) -> anyhow::Result<(Duration, Duration)> {
-    raw_migrate_to(dirs, args, Path::new("qemu-system-x86_64"), &[], None).await
+/// How a raw migration's stream goes: encrypted, over more connections.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct RawStream<'a> {
+    /// Encrypted with these credentials.
+    pub(crate) tls: Option<RawTls<'a>>,
+    /// Memory over this many more connections (multifd), on both QEMUs.
+    pub(crate) multifd_channels: Option<u8>,
 }
 
 /// The x509 directories of an encrypted raw migration, laid out as QEMU's
@@ -126,15 +134,33 @@ async fn raw_tls(
         .map(drop)
 }
 
-/// [`raw_migrate`] to a target QEMU of `binary`, given `target_args` too,
-/// encrypted with `tls` when given.
+/// Has a raw QEMU send or expect memory over `channels` more connections.
+async fn raw_multifd(qemu: &mut RawQemu, channels: u8) -> anyhow::Result<()> {
+    let capabilities = serde_json::json!({
+        "capabilities": [{ "capability": "multifd", "state": true }]
+    });
+    qemu.execute_args("migrate-set-capabilities", capabilities, None)
+        .await?;
+    let parameters = serde_json::json!({ "multifd-channels": channels });
+    qemu.execute_args("migrate-set-parameters", parameters, None)
+        .await
+        .map(drop)
+}
+
+/// A direct driver's migration on loopback: start the target QEMU (of
+/// `binary`, given `target_args` too), listen, migrate with the `stream`
+/// asked for, wait, resume the target, quit the source.
 pub(crate) async fn raw_migrate_to(
     dirs: (&Path, &Path),
     args: &[String],
     binary: &Path,
     target_args: &[String],
-    tls: Option<RawTls<'_>>,
+    stream: RawStream<'_>,
 ) -> anyhow::Result<(Duration, Duration)> {
+    let RawStream {
+        tls,
+        multifd_channels,
+    } = stream;
     let mut source = RawQemu::start(dirs.0, args).await?;
     let started = Instant::now();
     let mut incoming = args.to_vec();
@@ -144,6 +170,10 @@ pub(crate) async fn raw_migrate_to(
     if let Some(tls) = tls {
         let parameters = serde_json::json!({ "tls-creds": "tls-in" });
         raw_tls(&mut target, "tls-in", "server", tls.server, parameters).await?;
+    }
+    if let Some(channels) = multifd_channels {
+        raw_multifd(&mut target, channels).await?;
+        raw_multifd(&mut source, channels).await?;
     }
     let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
     target
@@ -214,10 +244,13 @@ pub async fn measure(
             "migrate 1 GiB: downtime",
         ),
     ] {
-        let [total, downtime] = migrations(&mut agents, accel, rounds, mib).await?;
+        let [total, downtime] = migrations(&mut agents, accel, rounds, mib, None).await?;
         rows.push(total.row(label, 1.10));
         rows.push(downtime.row(downtime_label, f64::NAN));
     }
+    let channels = Some(MULTIFD_CHANNELS);
+    let [total, _] = migrations(&mut agents, accel, rounds, 1024, channels).await?;
+    rows.push(total.row("migrate 1 GiB random RAM, multifd 4 (total)", 1.10));
     let newer_qemu = locate_newer_qemu(newer_qemu)?;
     rows.push(cross_version(binary, work, &newer_qemu, accel, rounds).await?);
     Ok(rows)
@@ -304,13 +337,14 @@ async fn save_and_restore(
 }
 
 /// Migrations of `mib` of random RAM there and back between the two
-/// agents, beside the same between two raw QEMUs: total times, then
-/// downtimes.
+/// agents, beside the same between two raw QEMUs, over `multifd_channels`
+/// more connections when given: total times, then downtimes.
 async fn migrations(
     agents: &mut Agents,
     accel: &str,
     rounds: usize,
     mib: u64,
+    multifd_channels: Option<u8>,
 ) -> anyhow::Result<[Samples; 2]> {
     let (raw_a, raw_b) = (agents.work.join("raw-a"), agents.work.join("raw-b"));
     std::fs::create_dir_all(&raw_a)?;
@@ -327,7 +361,7 @@ async fn migrations(
         Some(&raw_ram),
     );
     let (mut total, mut downtime) = (Samples::default(), Samples::default());
-    let name = format!("mover{mib}");
+    let name = format!("mover{mib}-{}", multifd_channels.unwrap_or(0));
     agents.clients[0]
         .start_instance(pb::StartInstanceRequest {
             spec: Some(spec(&name, mib, &ram)),
@@ -339,10 +373,16 @@ async fn migrations(
         // There and back: the instance alternates between the agents.
         let (from, to) = (round % 2, 1 - round % 2);
         let target = agents.sockets[to].clone();
-        let (t, d) = agent_migrate(&mut agents.clients[from], &name, &target).await?;
+        let (t, d) =
+            agent_migrate(&mut agents.clients[from], &name, &target, multifd_channels).await?;
         total.agent.push(t);
         downtime.agent.push(d);
-        let (t, d) = raw_migrate((&raw_a, &raw_b), &raw_args).await?;
+        let stream = RawStream {
+            multifd_channels,
+            ..Default::default()
+        };
+        let qemu = Path::new("qemu-system-x86_64");
+        let (t, d) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], stream).await?;
         total.raw.push(t);
         downtime.raw.push(d);
     }
@@ -428,7 +468,7 @@ async fn cross_version(
                 paused: false,
             })
             .await?;
-        let (t, _) = agent_migrate(&mut source, &name, &newer_agent.socket).await?;
+        let (t, _) = agent_migrate(&mut source, &name, &newer_agent.socket, None).await?;
         total.agent.push(t);
         target
             .stop_instance(pb::StopInstanceRequest {
@@ -437,8 +477,14 @@ async fn cross_version(
                 ..Default::default()
             })
             .await?;
-        let (t, _) =
-            raw_migrate_to((&raw_a, &raw_b), &raw_args, newer, &firmware_args, None).await?;
+        let (t, _) = raw_migrate_to(
+            (&raw_a, &raw_b),
+            &raw_args,
+            newer,
+            &firmware_args,
+            RawStream::default(),
+        )
+        .await?;
         total.raw.push(t);
     }
     std::fs::remove_file(&ram)?;

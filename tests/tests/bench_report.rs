@@ -8,7 +8,7 @@ use kvm_agent_tests::guest::guest_image;
 use kvm_agent_tests::{agent_binary, newer_qemu, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 20] = [
+const OPERATIONS: [&str; 25] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
@@ -18,12 +18,17 @@ const OPERATIONS: [&str; 20] = [
     "NIC hot-add",
     "disk hot-add",
     "device removal (disk, test guest)",
+    "busy guest, auto-converge (total)",
+    "busy guest, auto-converge: downtime",
+    "busy guest, postcopy after a stall (total)",
+    "busy guest, postcopy: downtime",
     "save 256 MiB random RAM (file fsynced, QEMU quit)",
     "restore 256 MiB random RAM (to running)",
     "migrate 256 MiB random RAM (total)",
     "migrate 256 MiB: downtime",
     "migrate 1 GiB random RAM (total)",
     "migrate 1 GiB: downtime",
+    "migrate 1 GiB random RAM, multifd 4 (total)",
     "migrate 256 MiB random RAM to a newer QEMU (total)",
     "migrate 1 GiB random RAM, encrypted (total)",
     "TLS cost: migrate 1 GiB encrypted ÷ unencrypted, both through the agent",
