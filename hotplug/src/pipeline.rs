@@ -236,6 +236,7 @@ pub(crate) mod tests {
             greeting_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),
             max_line_bytes: 4096,
+            out_of_band: false,
         };
         (QmpClient::handshake(client, config).await.unwrap(), seen)
     }

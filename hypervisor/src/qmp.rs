@@ -12,10 +12,11 @@
 //! doesn't cost the instance its monitor. Event subscribers keep their
 //! subscription across the rebuild.
 //!
-//! Where QEMU offers it, the client enables out-of-band execution: a few
-//! commands (`migrate-recover`) must get through while QEMU's main loop is
-//! blocked, as it is when a guest waits for memory a broken postcopy
-//! stream never brings.
+//! Asked to, and where QEMU offers it, the client enables out-of-band
+//! execution: a few commands (`migrate-recover`) must get through while
+//! QEMU's main loop is blocked, as it is when a guest waits for memory a
+//! broken postcopy stream never brings. It costs fd passing round trips
+//! (see [`QmpClient::pipeline`]), so only QEMUs that may need it ask.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
@@ -46,6 +47,8 @@ pub struct QmpConfig {
     pub command_timeout: Duration,
     /// Longest line accepted from QEMU; a longer one drops the connection.
     pub max_line_bytes: usize,
+    /// Enable out-of-band execution where QEMU offers it.
+    pub out_of_band: bool,
 }
 
 impl Default for QmpConfig {
@@ -54,6 +57,7 @@ impl Default for QmpConfig {
             greeting_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(10),
             max_line_bytes: 1024 * 1024,
+            out_of_band: false,
         }
     }
 }
@@ -183,7 +187,7 @@ impl Connection {
             Some(line) => line.map_err(line_error)?,
         };
         let version = parse_greeting(&greeting)?;
-        let out_of_band = offers_out_of_band(&greeting);
+        let out_of_band = config.out_of_band && offers_out_of_band(&greeting);
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -423,7 +427,8 @@ impl QmpClient {
     /// Sends several commands back to back and then collects their
     /// replies, in order: one round trip instead of one per command. QEMU
     /// runs them in order, so a command that depends on a failed one fails
-    /// too; the caller undoes what succeeded.
+    /// too; the caller undoes what succeeded. With out-of-band on, a
+    /// command with an fd waits for the replies before it instead.
     pub async fn pipeline(&self, commands: Vec<Command<'_>>) -> Vec<Result<Value, QmpError>> {
         self.send_batch(commands, self.config.command_timeout).await
     }
@@ -933,6 +938,7 @@ mod tests {
             greeting_timeout: Duration::from_millis(500),
             command_timeout: Duration::from_millis(500),
             max_line_bytes: 4096,
+            out_of_band: false,
         }
     }
 
@@ -972,9 +978,16 @@ mod tests {
     where
         F: FnMut(Value) -> Vec<String> + Send + 'static,
     {
+        connected_with(config(), script).await
+    }
+
+    async fn connected_with<F>(config: QmpConfig, script: F) -> QmpClient
+    where
+        F: FnMut(Value) -> Vec<String> + Send + 'static,
+    {
         let (client, server) = UnixStream::pair().unwrap();
         tokio::spawn(fake_qemu(server, script));
-        QmpClient::handshake(client, config()).await.unwrap()
+        QmpClient::handshake(client, config).await.unwrap()
     }
 
     #[test]
@@ -997,17 +1010,33 @@ mod tests {
         assert!(!offers_out_of_band("not json"));
     }
 
+    fn answer_how_it_came(req: Value) -> Vec<String> {
+        let how = match req.get("exec-oob") {
+            Some(_) => "oob",
+            None => "in band",
+        };
+        vec![json!({"return": {"status": how}, "id": req["id"]}).to_string()]
+    }
+
+    #[tokio::test]
+    async fn out_of_band_is_off_unless_asked_for() {
+        let client = connected(answer_how_it_came).await;
+
+        let refused = client.execute_out_of_band("cont", None).await;
+
+        assert!(
+            matches!(refused, Err(QmpError::Unsupported(_))),
+            "{refused:?}"
+        );
+    }
+
     #[tokio::test]
     async fn an_out_of_band_command_goes_as_exec_oob() {
-        let client = connected(|req| {
-            let how = if req.get("exec-oob").is_some() {
-                "oob"
-            } else {
-                "in band"
-            };
-            vec![json!({"return": {"status": how}, "id": req["id"]}).to_string()]
-        })
-        .await;
+        let config = QmpConfig {
+            out_of_band: true,
+            ..config()
+        };
+        let client = connected_with(config, answer_how_it_came).await;
 
         let reply = client.execute_out_of_band("cont", None).await.unwrap();
 

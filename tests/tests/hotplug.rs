@@ -125,6 +125,26 @@ async fn multiqueue_nics_get_one_tap_fd_per_queue_at_start_and_at_hot_add() {
         );
     }
     assert_eq!(agent.runtime_json("mq").await["nics"][1]["queues"], 4);
+
+    // A QEMU that came in by migration speaks out-of-band QMP, where each
+    // fd must wait for the one before it to be taken.
+    let target = TestAgent::start().await;
+    target.track(info.uuid.parse().unwrap());
+    agent.migrate_to("mq", &target).await.unwrap();
+    let moved = target
+        .add_nic(
+            "mq",
+            pb::NicSpec {
+                queues: 3,
+                ..nic("eth2", "52:54:00:00:66:03")
+            },
+        )
+        .await
+        .unwrap()
+        .device
+        .unwrap();
+    let pid = target.instance("mq").await.pid;
+    assert_eq!(tap_queue_fds(pid, &moved.tap), 3);
 }
 
 #[tokio::test]
