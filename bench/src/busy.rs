@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::raw::{RawQemu, machine_args};
+use crate::raw::RawQemu;
 use crate::removal::{GUEST_MEMORY_MIB, Guest, wait_ready};
 use crate::{Row, Samples};
 
@@ -148,23 +148,7 @@ async fn through_agents(
 
 /// The raw QEMU's argv in `dir`, with the test guest and its console.
 fn raw_args(dir: &Path, guest: &Guest) -> Vec<String> {
-    let mut args = machine_args(
-        "raw-busy",
-        &uuid::Uuid::new_v4().to_string(),
-        "tcg",
-        GUEST_MEMORY_MIB,
-    );
-    args.extend(guest.raw_args());
-    args.extend([
-        "-chardev".into(),
-        format!(
-            "socket,id=serial0,path={},server=on,wait=off",
-            dir.join("serial.sock").display()
-        ),
-        "-serial".into(),
-        "chardev:serial0".into(),
-    ]);
-    args
+    guest.raw_args("raw-busy", &dir.join("serial.sock"))
 }
 
 /// Sets migration capabilities on a raw QEMU.

@@ -79,16 +79,27 @@ impl Guest {
         }
     }
 
-    /// How a raw QEMU boots it.
-    pub(crate) fn raw_args(&self) -> [String; 6] {
-        [
+    /// The argv of a raw QEMU `name` that boots it, under TCG, with its
+    /// console on the unix socket `serial`.
+    pub(crate) fn raw_args(&self, name: &str, serial: &Path) -> Vec<String> {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let mut args = machine_args(name, &uuid, "tcg", GUEST_MEMORY_MIB);
+        args.extend([
             "-kernel".into(),
             self.kernel.display().to_string(),
             "-initrd".into(),
             self.initrd.display().to_string(),
             "-append".into(),
             CMDLINE.into(),
-        ]
+            "-chardev".into(),
+            format!(
+                "socket,id=serial0,path={},server=on,wait=off",
+                serial.display()
+            ),
+            "-serial".into(),
+            "chardev:serial0".into(),
+        ]);
+        args
     }
 }
 
@@ -183,22 +194,7 @@ async fn raw(
     let raw_dir = work.join("removal-raw");
     std::fs::create_dir_all(&raw_dir)?;
     let serial = raw_dir.join("serial.sock");
-    let mut args = machine_args(
-        "raw-removal",
-        &uuid::Uuid::new_v4().to_string(),
-        "tcg",
-        GUEST_MEMORY_MIB,
-    );
-    args.extend(guest.raw_args());
-    args.extend([
-        "-chardev".into(),
-        format!(
-            "socket,id=serial0,path={},server=on,wait=off",
-            serial.display()
-        ),
-        "-serial".into(),
-        "chardev:serial0".into(),
-    ]);
+    let args = guest.raw_args("raw-removal", &serial);
     let mut q = RawQemu::start(&raw_dir, &args).await?;
     wait_ready(&serial).await?;
     for round in 0..rounds {
