@@ -485,6 +485,11 @@ impl Agent {
                 return Err(e.into());
             }
             FinalizeOutcome::Unknown(error) => {
+                // Past the switch the stream decides what is left to say:
+                // if it breaks for good, the guest is split whoever owns it.
+                if m.switched() {
+                    self.finish_postcopy(m).await?;
+                }
                 return Err(Failure {
                     error,
                     maybe_taken: true,
