@@ -420,7 +420,11 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill_agent();
-        for pid in self.live_qemus() {
+        // Instances a test made through the CLI have uuids it never saw:
+        // their QEMUs are found by the log they write under the state dir.
+        let mut pids = self.live_qemus();
+        pids.extend(pids_logging_under(self.dir.path()));
+        for pid in pids {
             send_signal(pid, libc::SIGKILL);
         }
         for hierarchy in ["", "memory", "cpu"] {
@@ -472,6 +476,20 @@ pub fn qemu_pids_with_uuids(uuids: &HashSet<Uuid>) -> Vec<u32> {
                         .and_then(|s| Uuid::parse_str(s).ok())
                         .is_some_and(|u| uuids.contains(&u))
             })
+        })
+        .collect()
+}
+
+/// The processes whose standard output is a file under `dir`.
+fn pids_logging_under(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|out| out.starts_with(dir))
         })
         .collect()
 }
