@@ -1,11 +1,19 @@
-//! Prometheus metrics: operation counts and latencies, QMP failures,
-//! instances by state, and instances whose QEMU runs unconfined. Off
-//! unless `serve --metrics-listen` is given.
+//! Prometheus metrics: operation counts and latencies, the time each step
+//! of an operation took, QMP failures, instances by state, and instances
+//! whose QEMU runs unconfined. Off unless `serve --metrics-listen` is
+//! given.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use hypervisor::qmp::QmpError;
 use metrics_exporter_prometheus::PrometheusBuilder;
+use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::AgentError;
 use crate::events::EventKind;
@@ -101,6 +109,95 @@ pub fn record_operation(op: &'static str, seconds: f64, error: Option<&AgentErro
     }
 }
 
+/// The histogram of step durations, labelled by operation and step.
+pub const STEP_METRIC: &str = "kvm_agent_step_duration_seconds";
+
+/// Times the `step` spans that the crates open around the parts of an
+/// operation (`tracing::info_span!("step", step = "spawn")`), and records
+/// each in [`STEP_METRIC`] under the enclosing `op` span's operation. A
+/// step inside another is named by both, `launch / spawn`. Steps outside
+/// an operation (supervision, recovery) aren't timed.
+pub struct StepTimer;
+
+/// The name of the operation an `op` span runs.
+struct Operation(String);
+
+/// When a step began, and what it is called.
+struct StepStarted {
+    op: String,
+    step: String,
+    at: Instant,
+}
+
+impl<S> Layer<S> for StepTimer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let kind = attrs.metadata().name();
+        if kind != "op" && kind != "step" {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let mut name = FieldText {
+            field: kind,
+            text: None,
+        };
+        attrs.record(&mut name);
+        let Some(name) = name.text else { return };
+        if kind == "op" {
+            span.extensions_mut().insert(Operation(name));
+            return;
+        }
+        let within = span.scope().skip(1).find_map(|outer| {
+            let extensions = outer.extensions();
+            if let Some(step) = extensions.get::<StepStarted>() {
+                Some((step.op.clone(), format!("{} / {name}", step.step)))
+            } else {
+                extensions
+                    .get::<Operation>()
+                    .map(|op| (op.0.clone(), name.clone()))
+            }
+        });
+        if let Some((op, step)) = within {
+            span.extensions_mut().insert(StepStarted {
+                op,
+                step,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        if let Some(step) = span.extensions().get::<StepStarted>() {
+            let seconds = step.at.elapsed().as_secs_f64();
+            metrics::histogram!(STEP_METRIC, "op" => step.op.clone(), "step" => step.step.clone())
+                .record(seconds);
+        }
+    }
+}
+
+/// Reads one text field of a span.
+struct FieldText<'a> {
+    field: &'a str,
+    text: Option<String>,
+}
+
+impl Visit for FieldText<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == self.field {
+            self.text = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == self.field && self.text.is_none() {
+            self.text = Some(format!("{value:?}"));
+        }
+    }
+}
+
 /// Counts the guest memory a finished migration sent.
 pub fn record_migrated_bytes(bytes: u64) {
     metrics::counter!("kvm_agent_migrated_bytes_total").increment(bytes);
@@ -123,4 +220,91 @@ fn qmp_failure(error: &AgentError) -> Option<&'static str> {
         QmpError::Io(_) | QmpError::Disconnected { .. } => "disconnected",
         QmpError::Protocol(_) => "protocol",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    type Labels = Vec<(String, String)>;
+    type Values = Arc<Mutex<Vec<(Labels, f64)>>>;
+
+    /// Every histogram value recorded, with its labels.
+    #[derive(Default)]
+    struct Recording(Values);
+
+    struct Sink {
+        labels: Labels,
+        into: Values,
+    }
+
+    impl metrics::HistogramFn for Sink {
+        fn record(&self, value: f64) {
+            self.into.lock().unwrap().push((self.labels.clone(), value));
+        }
+    }
+
+    impl metrics::Recorder for Recording {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            assert_eq!(key.name(), STEP_METRIC);
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            Histogram::from_arc(Arc::new(Sink {
+                labels,
+                into: self.0.clone(),
+            }))
+        }
+    }
+
+    #[test]
+    fn steps_are_timed_under_their_operation_and_the_step_they_are_in() {
+        let recording = Recording::default();
+        let subscriber = tracing_subscriber::registry().with(StepTimer);
+        metrics::with_local_recorder(&recording, || {
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::info_span!("op", op = "start").in_scope(|| {
+                    tracing::info_span!("step", step = "launch").in_scope(|| {
+                        tracing::info_span!("step", step = "spawn")
+                            .in_scope(|| std::thread::sleep(Duration::from_millis(2)));
+                    });
+                });
+                // Work nobody asked for isn't an operation's step.
+                tracing::info_span!("step", step = "supervise").in_scope(|| {});
+            });
+        });
+        let recorded = recording.0.lock().unwrap();
+        let labels = |op: &str, step: &str| {
+            vec![
+                ("op".to_owned(), op.to_owned()),
+                ("step".to_owned(), step.to_owned()),
+            ]
+        };
+        let seconds: Vec<f64> = recorded.iter().map(|(_, s)| *s).collect();
+        let names: Vec<_> = recorded.iter().map(|(l, _)| l.clone()).collect();
+        assert_eq!(
+            names,
+            [labels("start", "launch / spawn"), labels("start", "launch")]
+        );
+        assert!(
+            seconds[0] >= 0.002 && seconds[1] >= seconds[0],
+            "{seconds:?}"
+        );
+    }
 }

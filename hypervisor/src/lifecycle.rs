@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::{getegid, geteuid};
+use tracing::{Instrument, info_span};
 
 use crate::Runtime;
 use crate::affinity::{PinError, pin_vcpus};
@@ -378,6 +379,7 @@ fn open_resources(
     run_dir: &Path,
     cfg: &LaunchConfig,
 ) -> Result<ExecutionResources, LaunchError> {
+    let taps_step = info_span!("step", step = "taps").entered();
     let mut taps = Vec::with_capacity(rt.nics.len());
     for nic in &rt.nics {
         let tap = Tap::create(&cfg.tap_template, nic.spec.queues)?;
@@ -388,6 +390,7 @@ fn open_resources(
         tracing::debug!(instance = %rt.name, nic = %nic.spec.name, tap = tap.name(), "tap ready");
         taps.push(tap);
     }
+    drop(taps_step);
     let vhost = rt
         .nics
         .iter()
@@ -438,6 +441,7 @@ fn open_resources(
         )?,
         operator_qmp: listen_if(cfg.operator_qmp, &run_dir.join(files::OPERATOR_QMP))?,
         chroot: if rt.chroot {
+            let _step = info_span!("step", step = "chroot").entered();
             Some(prepare_chroot(rt, &qemu.data_dirs, run_dir)?)
         } else {
             None
@@ -538,7 +542,9 @@ pub async fn launch(
         });
     }
     let credentials = credentials(rt)?;
-    prepare_run_dir(run_dir, rt.qemu_user).await?;
+    prepare_run_dir(run_dir, rt.qemu_user)
+        .instrument(info_span!("step", step = "run directory"))
+        .await?;
     let log_path = run_dir.join(files::LOG);
     let confinement = SpawnConfinement {
         no_new_privs: rt.confined(),
@@ -561,14 +567,17 @@ async fn launch_in(
     mode: LaunchMode,
     confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
-    let resources = open_resources(rt, qemu, run_dir, cfg)?;
-    let cgroups = prepare_cgroups(rt, run_dir, cfg)?;
+    let resources = info_span!("step", step = "host files")
+        .in_scope(|| open_resources(rt, qemu, run_dir, cfg))?;
+    let cgroups =
+        info_span!("step", step = "cgroup").in_scope(|| prepare_cgroups(rt, run_dir, cfg))?;
     let confinement = SpawnConfinement {
         cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
         ..confinement.clone()
     };
     let fds = resources.fds(mode);
-    let mut child = spawn_qemu(rt, qemu, &fds, run_dir, log_path, cfg, &confinement)?;
+    let mut child = info_span!("step", step = "spawn")
+        .in_scope(|| spawn_qemu(rt, qemu, &fds, run_dir, log_path, cfg, &confinement))?;
     drop(cgroups);
     let pid = child.id();
     let taps: Vec<String> = resources.taps.iter().map(|t| t.name().to_owned()).collect();
@@ -588,7 +597,8 @@ async fn launch_in(
     };
 
     let qmp_path = run_dir.join(files::QMP);
-    let connect = QmpClient::connect(&qmp_path, cfg.qmp);
+    let connect = QmpClient::connect(&qmp_path, cfg.qmp)
+        .instrument(info_span!("step", step = "QMP greeting"));
     let qmp = tokio::select! {
         biased;
         result = connect => result,
@@ -596,13 +606,18 @@ async fn launch_in(
     };
     match qmp {
         Ok(qmp) => {
-            if let Err(e) = pin_and_continue(rt, &qmp, mode).await {
+            let continued = pin_and_continue(rt, &qmp, mode)
+                .instrument(info_span!("step", step = "vCPU pinning"))
+                .await;
+            if let Err(e) = continued {
                 kill_and_reap(&mut child);
                 return Err(e);
             }
             // After `cont`: QEMU closes a removed fd only while the guest
             // runs. An incoming QEMU's go when it is resumed.
-            release_disk_fdsets(rt, &qmp).await;
+            release_disk_fdsets(rt, &qmp)
+                .instrument(info_span!("step", step = "fd sets"))
+                .await;
             Ok(Launched {
                 pid,
                 pidfd,

@@ -216,18 +216,29 @@ pub(super) enum ConfigCommand {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     // Colour codes only for a person at a terminal, not in a log file.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
+    };
+    // Steps are timed whatever the log level lets through.
+    let steps =
+        crate::telemetry::StepTimer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && matches!(meta.name(), "op" | "step")
+        }));
+    tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(steps)
+        .init();
 }
 
 /// Runs the agent until it is told to stop.

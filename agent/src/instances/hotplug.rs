@@ -19,6 +19,7 @@ use hypervisor::runtime::{Runtime, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskBus, DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
+use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
@@ -151,6 +152,7 @@ impl Agent {
         let pci = process
             .qmp()
             .execute("query-pci", None)
+            .instrument(info_span!("step", step = "slot look-up"))
             .await
             .map_err(|source| AgentError::Qmp {
                 instance: inst.name().to_owned(),
@@ -184,15 +186,20 @@ impl Agent {
                 source: hotplug::nic::isa_is_cold(),
             });
         }
-        check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
-        let support = hotplug::support::check(process.qmp());
-        Self::require(name, &support.nic)?;
+        let support = info_span!("step", step = "checks").in_scope(|| {
+            check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
+            let support = hotplug::support::check(process.qmp());
+            Self::require(name, &support.nic)?;
+            Ok::<_, AgentError>(support)
+        })?;
         if nic.vhost && support.vhost.is_err() {
             return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
         }
         let chrooted = process.chrooted(&record.runtime);
         if chrooted {
-            self.stage_option_rom(name, nic.model).await;
+            self.stage_option_rom(name, nic.model)
+                .instrument(info_span!("step", step = "option ROM"))
+                .await;
         }
         // The tap and the slot look-up don't depend on each other: the
         // tap is made while QEMU answers query-pci. Both are quick, so the
@@ -201,8 +208,12 @@ impl Agent {
         self.journal(&inst, HotplugIntent::AddNic { nic: nic.clone() })?;
         let slot_lookup = self.free_slot(&inst, &process, &record.runtime);
         let template = &self.config().launch.tap_template;
-        let (slot, prepared) =
-            tokio::join!(slot_lookup, async { hotplug::nic::prepare(&nic, template) });
+        let tap = async {
+            info_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(&nic, template))
+        };
+        let (slot, prepared) = async { tokio::join!(slot_lookup, tap) }
+            .instrument(info_span!("step", step = "slot and tap"))
+            .await;
         let ready = prepared
             .map_err(|source| AgentError::Hotplug {
                 instance: name.to_owned(),
@@ -320,15 +331,20 @@ impl Agent {
             true => Some(free_scsi_target(name, &record.runtime)?),
             false => None,
         };
-        check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
-        self.config()
-            .allowed_roots
-            .check(&format!("disk {:?}", disk.name), &disk.path)?;
-        let image = open_image(name, &disk, &self.config().allowed_roots)?;
-        Self::require(name, &hotplug::support::check(process.qmp()).disk)?;
+        let checks = info_span!("step", step = "checks").in_scope(|| {
+            check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
+            self.config()
+                .allowed_roots
+                .check(&format!("disk {:?}", disk.name), &disk.path)?;
+            Self::require(name, &hotplug::support::check(process.qmp()).disk)
+        });
+        checks?;
+        let image = info_span!("step", step = "image")
+            .in_scope(|| open_image(name, &disk, &self.config().allowed_roots))?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let placed = self
             .place_disk(&inst, &process, &record.runtime, &image.file, scsi_target)
+            .instrument(info_span!("step", step = "slot and add-fd"))
             .await;
         let (place, fdset) = match placed {
             Ok(ready) => ready,
@@ -376,7 +392,8 @@ impl Agent {
             instance: inst.name().to_owned(),
             source,
         };
-        let pass = hotplug::disk::pass_image(process.qmp(), image);
+        let pass = hotplug::disk::pass_image(process.qmp(), image)
+            .instrument(info_span!("step", step = "add-fd"));
         if let Some(target) = scsi_target {
             let fdset = pass.await.map_err(passed)?;
             return Ok((DiskPlace::ScsiTarget(target), fdset));
@@ -470,12 +487,14 @@ impl Agent {
     /// Records the intent before QEMU is touched. It is not synced (see
     /// `runtime_store::journal`), so it is a page-cache write and runs here.
     fn journal(&self, inst: &Instance, intent: HotplugIntent) -> Result<(), AgentError> {
+        let _step = info_span!("step", step = "journal").entered();
         Ok(self.journal_store().record(inst.name(), &intent)?)
     }
 
     /// Clears the intent once the record (or QEMU, after a rollback) says
     /// what happened.
     fn clear_journal(&self, inst: &Instance) -> Result<(), AgentError> {
+        let _step = info_span!("step", step = "journal clear").entered();
         Ok(self.journal_store().clear(inst.name())?)
     }
 
@@ -511,7 +530,17 @@ impl Agent {
             self.reach(FaultPoint::HotplugBeforeQemu).await;
             change.await
         };
-        let (changed, written) = tokio::join!(change, self.write_record(inst, after));
+        // The two steps' spans open inside the one they are part of.
+        let both = async {
+            tokio::join!(
+                change.instrument(info_span!("step", step = "QEMU")),
+                self.write_record(inst, after)
+                    .instrument(info_span!("step", step = "record")),
+            )
+        };
+        let (changed, written) = both
+            .instrument(info_span!("step", step = "QEMU and record"))
+            .await;
         match (changed, written) {
             (Ok(value), Ok(())) => {
                 self.clear_journal(inst)?;

@@ -12,6 +12,7 @@ use hypervisor::probe;
 use hypervisor::process;
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
+use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
 use super::{Agent, Instance, Process, lock};
@@ -239,34 +240,14 @@ impl Agent {
         mode: LaunchMode,
     ) -> Result<(), AgentError> {
         let previous = lock(&inst.status).record.clone();
-        Self::fill_identity(spec, previous.as_ref().map(|r| &r.runtime));
-        spec.validate()?;
-        if let Some(p) = inst.process() {
-            return Err(AgentError::AlreadyRunning {
-                name: inst.name.clone(),
-                pid: p.pid,
-            });
-        }
+        info_span!("step", step = "checks")
+            .in_scope(|| self.check_start(inst, spec, previous.as_ref()))?;
         let run_dir = self.cfg.run_dir(&spec.name);
-        if let Some(pid) = process::live_instance_pid(&run_dir.join(files::PIDFILE), spec.uuid) {
-            return Err(AgentError::AlreadyRunning {
-                name: inst.name.clone(),
-                pid,
-            });
-        }
-        // A QEMU of that name under another uuid: one whose record was
-        // set aside, say. Its disks may be these.
-        if let Some(pid) = self.live_qemu_by_name(&spec.name) {
-            return Err(AgentError::Quarantined {
-                name: inst.name.clone(),
-                pid,
-            });
-        }
-        self.check_host_files(spec)?;
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let picking = self.qemu_user_pick.lock().await;
         let runtime = self
             .generate(spec, generation, previous.as_ref().map(|r| &r.runtime))
+            .instrument(info_span!("step", step = "runtime"))
             .await?;
         if let Some(prev) = &previous
             && prev.runtime.uuid != runtime.uuid
@@ -280,12 +261,18 @@ impl Agent {
             detail: String::new(),
             outgoing: None,
         };
-        self.save_record(&inst.name, &record).await?;
+        self.save_record(&inst.name, &record)
+            .instrument(info_span!("step", step = "record"))
+            .await?;
         lock(&inst.status).record = Some(record.clone());
         inst.set_state(State::Starting, "");
         drop(picking);
 
-        if let Err(e) = self.launch(inst, &record.runtime, mode).await {
+        let launched = self
+            .launch(inst, &record.runtime, mode)
+            .instrument(info_span!("step", step = "launch"))
+            .await;
+        if let Err(e) = launched {
             // Leave things as they were before the call.
             match previous {
                 Some(prev) => {
@@ -303,6 +290,41 @@ impl Agent {
         }
         tracing::info!(instance = %inst.name, generation = record.runtime.generation, "instance started");
         Ok(())
+    }
+
+    /// Fills in the spec's identity from the `previous` record and checks
+    /// that it can start: valid, no QEMU of its own or of its name
+    /// running, host files allowed.
+    fn check_start(
+        &self,
+        inst: &Instance,
+        spec: &mut InstanceSpec,
+        previous: Option<&InstanceRecord>,
+    ) -> Result<(), AgentError> {
+        Self::fill_identity(spec, previous.map(|r| &r.runtime));
+        spec.validate()?;
+        if let Some(p) = inst.process() {
+            return Err(AgentError::AlreadyRunning {
+                name: inst.name.clone(),
+                pid: p.pid,
+            });
+        }
+        let pidfile = self.cfg.run_dir(&spec.name).join(files::PIDFILE);
+        if let Some(pid) = process::live_instance_pid(&pidfile, spec.uuid) {
+            return Err(AgentError::AlreadyRunning {
+                name: inst.name.clone(),
+                pid,
+            });
+        }
+        // A QEMU of that name under another uuid: one whose record was
+        // set aside, say. Its disks may be these.
+        if let Some(pid) = self.live_qemu_by_name(&spec.name) {
+            return Err(AgentError::Quarantined {
+                name: inst.name.clone(),
+                pid,
+            });
+        }
+        self.check_host_files(spec)
     }
 
     /// Launches QEMU for a runtime and starts supervising it.
