@@ -123,14 +123,14 @@ pub fn detect(root: &Path, parent: &str) -> Result<CgroupLayout, CgroupUnavailab
 pub struct PreparedCgroups {
     /// The directories made, for removal once QEMU is gone.
     pub dirs: Vec<PathBuf>,
-    /// Their `cgroup.procs`, open for writing.
+    /// The files a process writes `0` to to enter them, open for writing.
     procs: Vec<fs::File>,
 }
 
 impl PreparedCgroups {
-    /// The `cgroup.procs` fds. A process that writes `0` to each, between
-    /// fork and exec, runs its program inside the cgroups from the first
-    /// instruction.
+    /// The fds of the files to enter through (`cgroup.procs`, or v1's
+    /// `tasks`). A process that writes `0` to each, between fork and exec,
+    /// runs its program inside the cgroups from the first instruction.
     pub fn procs_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.procs
             .iter()
@@ -177,6 +177,15 @@ impl CgroupLayout {
         prepared: &mut PreparedCgroups,
     ) -> io::Result<()> {
         let memory_bytes = limits.memory_limit_mib << 20;
+        // v2 moves a process through `cgroup.procs`. In v1, `tasks` moves
+        // the writing thread alone, which for a child between fork and exec
+        // is the whole process, and skips the lock on every thread group
+        // that `cgroup.procs` takes, whose RCU grace period costs a start
+        // several milliseconds.
+        let entry = match self {
+            CgroupLayout::V2 { .. } => "cgroup.procs",
+            CgroupLayout::V1 { .. } => "tasks",
+        };
         let mut make = |dir: PathBuf, settings: &[(&str, String)]| -> io::Result<()> {
             fs::create_dir_all(&dir)?;
             prepared.dirs.push(dir.clone());
@@ -188,7 +197,7 @@ impl CgroupLayout {
             let procs = fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC)
-                .open(dir.join("cgroup.procs"))?;
+                .open(dir.join(entry))?;
             prepared.procs.push(procs);
             Ok(())
         };

@@ -209,8 +209,9 @@ pub struct SpawnConfinement {
     pub no_new_privs: bool,
     /// Drop to this user; `None` keeps the agent's.
     pub credentials: Option<Credentials>,
-    /// `cgroup.procs` files to enter, while still privileged, so the
-    /// program runs inside its cgroups from the start.
+    /// Cgroup files to write `0` to (`cgroup.procs`, or v1's `tasks`),
+    /// while still privileged, so the program runs inside its cgroups from
+    /// the start.
     pub cgroup_procs: Vec<RawFd>,
 }
 
