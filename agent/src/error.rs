@@ -478,9 +478,7 @@ impl AgentError {
                 HotplugError::Qmp { .. } => {
                     (Code::Unavailable, "retry; the agent reconnects to QEMU")
                 }
-                HotplugError::Verify { .. }
-                | HotplugError::VerifyScsi { .. }
-                | HotplugError::MediumNotInserted { .. } => (Code::Internal, "see the agent's log"),
+                HotplugError::MediumNotInserted { .. } => (Code::Internal, "see the agent's log"),
             },
             AgentError::Runtime(e) => match e {
                 RuntimeError::NoFreeSlot { .. } => {

@@ -295,6 +295,18 @@ impl Instance {
         }
     }
 
+    /// [`Instance::lock_ops`], for a guard an operation can hand to work
+    /// that goes on after its reply.
+    pub(crate) async fn lock_ops_owned(
+        &self,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, AgentError> {
+        tokio::select! {
+            biased;
+            guard = self.ops.clone().lock_owned() => Ok(guard),
+            () = caller_gone() => Err(AgentError::CallerGone),
+        }
+    }
+
     /// The running process (if any) and the record, copied together.
     pub(crate) fn process_and_record(&self) -> (Option<Arc<Process>>, Option<InstanceRecord>) {
         let st = lock(&self.status);

@@ -14,8 +14,8 @@ use hypervisor::runtime::RuntimeDisk;
 use hypervisor::spec::DiskFormat;
 use serde_json::{Value, json};
 
+use crate::HotplugError;
 use crate::pipeline::{self, Step, Undo};
-use crate::{HotplugError, slots};
 
 /// `blockdev-add` arguments of the file node. Pure.
 pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
@@ -158,37 +158,13 @@ pub async fn attach(
             Command::new("device_add", device_arguments(disk, place, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
-        Step::new("query-pci", Command::bare("query-pci"), Undo::Nothing),
-        Step::new("query-block", Command::bare("query-block"), Undo::Nothing),
     ];
     // The nodes hold their own dup of the fd, so the set can go now,
-    // whatever happened before it.
+    // whatever happened before it. `device_add` with an explicit place
+    // and drive realizes the disk there or fails: its success is the
+    // check.
     let release = Command::new("remove-fd", json!({ "fdset-id": fdset }));
-    pipeline::run(qmp, steps, Some(release), |replies| {
-        let attached = match (replies, place) {
-            ([.., pci, blocks], DiskPlace::Slot(slot)) => {
-                slots::bus0_devices(pci)
-                    .iter()
-                    .any(|(s, q)| *s == slot && *q == id)
-                    && block_attached(blocks, &id)
-            }
-            // A SCSI disk isn't on PCI; its controller is.
-            ([.., blocks], DiskPlace::ScsiTarget(_)) => block_attached(blocks, &id),
-            _ => false,
-        };
-        match (attached, place) {
-            (true, _) => Ok(()),
-            (false, DiskPlace::Slot(slot)) => Err(HotplugError::Verify {
-                id: id.clone(),
-                slot,
-            }),
-            (false, DiskPlace::ScsiTarget(target)) => Err(HotplugError::VerifyScsi {
-                id: id.clone(),
-                target,
-            }),
-        }
-    })
-    .await
+    pipeline::run(qmp, steps, Some(release)).await
 }
 
 /// Whether `query-block` shows a block device attached to device `id`.

@@ -45,14 +45,6 @@ pub enum HotplugError {
         #[source]
         source: QmpError,
     },
-    /// QEMU accepted the device but it isn't where it should be.
-    #[error("device {id} is not at slot {slot:#x} after device_add")]
-    Verify {
-        /// QEMU device id.
-        id: String,
-        /// Expected slot.
-        slot: u8,
-    },
     /// Every target of the SCSI controller holds a disk.
     #[error("no free SCSI target: the {controller} controller's {targets} hold disks")]
     NoFreeScsiTarget {
@@ -60,14 +52,6 @@ pub enum HotplugError {
         controller: &'static str,
         /// How many targets it has.
         targets: u8,
-    },
-    /// QEMU accepted a SCSI disk but shows no drive attached to it.
-    #[error("SCSI disk {id} at target {target} has no drive after device_add")]
-    VerifyScsi {
-        /// QEMU device id.
-        id: String,
-        /// Its SCSI target.
-        target: u8,
     },
     /// QEMU took the new medium but doesn't show it in the drive.
     #[error("drive {id} doesn't hold the new medium after blockdev-change-medium")]

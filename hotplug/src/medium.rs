@@ -50,7 +50,7 @@ pub async fn insert(
     ];
     let release = Command::new("remove-fd", json!({ "fdset-id": fdset }));
     let expected = format!("/dev/fdset/{fdset}");
-    pipeline::run(qmp, steps, Some(release), |replies| match replies {
+    pipeline::run_checked(qmp, steps, Some(release), |replies| match replies {
         [_, blocks] if inserted_file(blocks, &id) == Some(expected.as_str()) => Ok(()),
         _ => Err(HotplugError::MediumNotInserted { id: id.clone() }),
     })

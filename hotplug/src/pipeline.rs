@@ -48,11 +48,20 @@ impl<'a> Step<'a> {
 }
 
 /// Sends the commands of `steps`, then `cleanup`, as one pipeline. The
-/// first failed step is the error; when all succeed, `verify` looks at
-/// their replies in order. On either failure the steps are taken back
+/// first failed step is the error, and the steps before it are taken back
 /// (see [`Undo`]) in reverse. `cleanup` goes out whatever happens, and its
 /// failure is only logged.
 pub(crate) async fn run(
+    qmp: &QmpClient,
+    steps: Vec<Step<'_>>,
+    cleanup: Option<Command<'_>>,
+) -> Result<(), HotplugError> {
+    run_checked(qmp, steps, cleanup, |_| Ok(())).await
+}
+
+/// [`run`], and when every step succeeds, `verify` looks at their replies
+/// in order; its error takes every step back.
+pub(crate) async fn run_checked(
     qmp: &QmpClient,
     steps: Vec<Step<'_>>,
     cleanup: Option<Command<'_>>,

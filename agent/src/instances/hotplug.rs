@@ -19,6 +19,7 @@ use hypervisor::runtime::{Runtime, RuntimeDisk, RuntimeError, RuntimeNic};
 use hypervisor::spec::{DiskBus, DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedMutexGuard;
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
@@ -172,7 +173,7 @@ impl Agent {
         mut nic: NicSpec,
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await?;
+        let op = inst.lock_ops_owned().await?;
         let (process, record) = Self::running(&inst)?;
         if nic.uuid.is_nil() {
             nic.uuid = Uuid::new_v4();
@@ -245,6 +246,7 @@ impl Agent {
             scsi_target: None,
         });
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
+        self.clear_journal_after_reply(&inst, op);
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
     }
 
@@ -316,7 +318,7 @@ impl Agent {
         mut disk: DiskSpec,
     ) -> Result<(InstanceView, ChangedDevice), AgentError> {
         let inst = self.instance(name)?;
-        let _op = inst.lock_ops().await?;
+        let op = inst.lock_ops_owned().await?;
         let (process, record) = Self::running(&inst)?;
         if disk.bus == DiskBus::Ide {
             return Err(ide_is_cold(name));
@@ -374,6 +376,7 @@ impl Agent {
             scsi_target: runtime_disk.scsi_target,
         });
         tracing::info!(instance = %name, disk = %runtime_disk.spec.name, ?place, "disk added");
+        self.clear_journal_after_reply(&inst, op);
         Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
     }
 
@@ -498,6 +501,23 @@ impl Agent {
         Ok(self.journal_store().clear(inst.name())?)
     }
 
+    /// Clears the intent of a hot-add that is done, on the blocking pool
+    /// while the reply goes out. The operation's lock goes with it, so the
+    /// instance's next operation finds the journal clear. A clear that
+    /// fails leaves a stale intent, which recovery only checks against
+    /// QEMU.
+    fn clear_journal_after_reply(&self, inst: &Instance, op: OwnedMutexGuard<()>) {
+        let journal = self.journal_store();
+        let name = inst.name().to_owned();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = journal.clear(&name) {
+                tracing::warn!(parent: &span, instance = %name, error = %e, "can't clear the hotplug intent");
+            }
+            drop(op);
+        });
+    }
+
     /// Writes the record with the new layout, then clears the intent.
     async fn commit(&self, inst: &Instance, record: &InstanceRecord) -> Result<(), AgentError> {
         self.write_record(inst, record).await?;
@@ -518,7 +538,8 @@ impl Agent {
     /// intent, journaled before, covers the moment where one is done and
     /// the other isn't. If QEMU refuses, the previous record is written
     /// back; if the record can't be written, the intent stays for the next
-    /// start to reconcile and the error is returned.
+    /// start to reconcile and the error is returned. On success the intent
+    /// stays too, for the caller to clear once it is done with the device.
     async fn apply<T>(
         &self,
         inst: &Instance,
@@ -542,10 +563,8 @@ impl Agent {
             .instrument(info_span!("step", step = "QEMU and record"))
             .await;
         match (changed, written) {
-            (Ok(value), Ok(())) => {
-                self.clear_journal(inst)?;
-                Ok(value)
-            }
+            // The caller clears the intent once it is done with the device.
+            (Ok(value), Ok(())) => Ok(value),
             (Err(source), written) => {
                 if written.is_ok() {
                     self.write_record(inst, before).await?;
