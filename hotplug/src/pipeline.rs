@@ -292,7 +292,7 @@ pub(crate) mod tests {
     async fn a_failed_step_takes_back_the_ones_before_it_in_reverse() {
         let (qmp, seen) = fake_qemu(&["step-c"]).await;
 
-        let result = run(&qmp, steps(), Some(Command::bare("cleanup")), |_| Ok(())).await;
+        let result = run(&qmp, steps(), Some(Command::bare("cleanup"))).await;
 
         assert!(
             matches!(result, Err(HotplugError::Qmp { step: "c", .. })),
@@ -314,7 +314,7 @@ pub(crate) mod tests {
             Err(HotplugError::Unsupported("check".into()))
         };
 
-        let result = run(&qmp, steps(), None, refuse).await;
+        let result = run_checked(&qmp, steps(), None, refuse).await;
 
         assert!(
             matches!(result, Err(HotplugError::Unsupported(_))),
@@ -327,7 +327,7 @@ pub(crate) mod tests {
             ]
         );
 
-        run(&qmp, steps(), None, |_| Ok(())).await.unwrap();
+        run(&qmp, steps(), None).await.unwrap();
         assert_eq!(executed(&seen), ["step-a", "step-b", "step-c", "step-d"]);
     }
 

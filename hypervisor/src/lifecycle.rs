@@ -373,13 +373,8 @@ fn open_media(rt: &Runtime, cfg: &LaunchConfig) -> Result<Vec<Option<File>>, Hos
         .collect()
 }
 
-fn open_resources(
-    rt: &Runtime,
-    qemu: &QemuInfo,
-    run_dir: &Path,
-    cfg: &LaunchConfig,
-) -> Result<ExecutionResources, LaunchError> {
-    let taps_step = info_span!("step", step = "taps").entered();
+/// A tap per NIC, up and on its bridge.
+fn open_taps(rt: &Runtime, cfg: &LaunchConfig) -> Result<Vec<Tap>, TapError> {
     let mut taps = Vec::with_capacity(rt.nics.len());
     for nic in &rt.nics {
         let tap = Tap::create(&cfg.tap_template, nic.spec.queues)?;
@@ -390,7 +385,16 @@ fn open_resources(
         tracing::debug!(instance = %rt.name, nic = %nic.spec.name, tap = tap.name(), "tap ready");
         taps.push(tap);
     }
-    drop(taps_step);
+    Ok(taps)
+}
+
+fn open_resources(
+    rt: &Runtime,
+    qemu: &QemuInfo,
+    run_dir: &Path,
+    cfg: &LaunchConfig,
+) -> Result<ExecutionResources, LaunchError> {
+    let taps = info_span!("step", step = "taps").in_scope(|| open_taps(rt, cfg))?;
     let vhost = rt
         .nics
         .iter()

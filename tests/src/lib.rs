@@ -458,12 +458,7 @@ fn remove_cgroup_tree(dir: &Path) {
 
 /// pids of processes whose command line has `-uuid <one of uuids>`.
 pub fn qemu_pids_with_uuids(uuids: &HashSet<Uuid>) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    all_pids()
         .filter(|pid| {
             let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                 return false;
@@ -482,16 +477,20 @@ pub fn qemu_pids_with_uuids(uuids: &HashSet<Uuid>) -> Vec<u32> {
 
 /// The processes whose standard output is a file under `dir`.
 fn pids_logging_under(dir: &Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    all_pids()
         .filter(|pid| {
             std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|out| out.starts_with(dir))
         })
         .collect()
+}
+
+/// Every process's pid.
+fn all_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
 }
 
 /// True while `pid` exists and is not a zombie.

@@ -187,15 +187,8 @@ impl Agent {
                 source: hotplug::nic::isa_is_cold(),
             });
         }
-        let support = info_span!("step", step = "checks").in_scope(|| {
-            check_addition(&record, |spec| spec.nics.push(nic.clone()))?;
-            let support = hotplug::support::check(process.qmp());
-            Self::require(name, &support.nic)?;
-            Ok::<_, AgentError>(support)
-        })?;
-        if nic.vhost && support.vhost.is_err() {
-            return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
-        }
+        info_span!("step", step = "checks")
+            .in_scope(|| Self::check_nic_addition(name, &record, &process, &nic))?;
         let chrooted = process.chrooted(&record.runtime);
         if chrooted {
             self.stage_option_rom(name, nic.model)
@@ -248,6 +241,23 @@ impl Agent {
         tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
         self.clear_journal_after_reply(&inst, op);
         Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
+    }
+
+    /// Whether `nic` can join the instance: its spec stays valid with it,
+    /// and QEMU can hot-add it (with vhost, if asked).
+    fn check_nic_addition(
+        name: &str,
+        record: &InstanceRecord,
+        process: &Process,
+        nic: &NicSpec,
+    ) -> Result<(), AgentError> {
+        check_addition(record, |spec| spec.nics.push(nic.clone()))?;
+        let support = hotplug::support::check(process.qmp());
+        Self::require(name, &support.nic)?;
+        if nic.vhost && support.vhost.is_err() {
+            return Err(RuntimeError::VhostUnavailable(nic.name.clone()).into());
+        }
+        Ok(())
     }
 
     /// Puts the option ROM of `model` in a chrooted QEMU's root, where a
