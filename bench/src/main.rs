@@ -6,9 +6,11 @@
 mod busy;
 mod encryption;
 mod interval;
+mod libvirt;
 mod load;
 mod operations;
 mod plot;
+mod profile;
 mod raw;
 mod removal;
 mod scale;
@@ -37,6 +39,10 @@ struct Args {
     /// Fewer rounds (a few minutes).
     #[arg(long)]
     quick: bool,
+    /// Other managers to measure in the same rounds: `libvirt` (set up by
+    /// `scripts/libvirt-env`, installed where it is missing).
+    #[arg(long, value_enum)]
+    peers: Vec<Peer>,
     /// The agent binary (default: next to this one).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -52,6 +58,12 @@ struct Args {
     /// the output directory.
     #[arg(long, value_name = "REPORT_JSON")]
     charts_from: Option<PathBuf>,
+}
+
+/// A manager measured beside the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Peer {
+    Libvirt,
 }
 
 /// Powerdown wait used by both sides in graceful stops: the guests here have
@@ -105,6 +117,8 @@ impl Row {
 struct Samples {
     agent: Vec<Duration>,
     raw: Vec<Duration>,
+    /// libvirt's, where it is measured.
+    libvirt: Vec<Duration>,
 }
 
 impl Samples {
@@ -112,6 +126,11 @@ impl Samples {
     fn verdict(&self, goal: f64) -> Option<interval::Verdict> {
         interval::ratio_interval(&millis(&self.agent), &millis(&self.raw))
             .map(|i| interval::verdict(i, goal))
+    }
+
+    /// The row with libvirt beside the agent, if it was measured.
+    fn libvirt_row(&self, operation: &'static str) -> Option<libvirt::PeerRow> {
+        libvirt::PeerRow::new(operation, &self.agent, &self.raw, &self.libvirt)
     }
 
     fn row(mut self, operation: &'static str, goal: f64) -> Row {
@@ -188,12 +207,14 @@ async fn transfers(
     work: &Path,
     newer_qemu: Option<&Path>,
     accel: &str,
-    quick: bool,
-) -> anyhow::Result<Vec<Row>> {
-    let rounds = if quick { 3 } else { 5 };
-    let mut rows = transfer::measure(binary, work, newer_qemu, accel, rounds).await?;
+    args: &Args,
+    libvirt: Option<&mut libvirt::Libvirt>,
+) -> anyhow::Result<(Vec<Row>, Vec<libvirt::PeerRow>)> {
+    let rounds = if args.quick { 3 } else { 5 };
+    let (mut rows, peer_rows) =
+        transfer::measure(binary, work, newer_qemu, accel, rounds, libvirt).await?;
     rows.extend(encryption::measure(binary, work, accel, rounds).await?);
-    Ok(rows)
+    Ok((rows, peer_rows))
 }
 
 async fn start_agent(binary: &Path, state: &Path) -> anyhow::Result<AgentProcess> {
@@ -235,6 +256,37 @@ async fn start_agent_with(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     bail!("the agent did not come up")
+}
+
+/// Draws the charts of an earlier `report.json` into `out`.
+fn redraw_charts(report: &Path, out: &Path) -> anyhow::Result<()> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    let levels: Vec<scale::Level> = serde_json::from_value(json["scale"].clone())
+        .with_context(|| format!("{} has no scale section", report.display()))?;
+    std::fs::create_dir_all(out)?;
+    write_plots(out, &levels)
+}
+
+/// libvirt, when `--peers` asks for it.
+async fn libvirt_peer(
+    args: &Args,
+    work: &Path,
+    accel: &str,
+) -> anyhow::Result<Option<libvirt::Libvirt>> {
+    if !args.peers.contains(&Peer::Libvirt) {
+        return Ok(None);
+    }
+    // libvirt's QEMUs run as a user of their own and open the disk images
+    // themselves.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o711))?;
+    Ok(Some(libvirt::Libvirt::start(accel).await?))
+}
+
+/// A loopback address with a port nobody listens on now.
+fn free_loopback_address() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
 }
 
 /// A client on an agent's unix socket.
@@ -296,23 +348,21 @@ async fn agent_start(
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(report) = &args.charts_from {
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
-        let levels: Vec<scale::Level> = serde_json::from_value(json["scale"].clone())
-            .with_context(|| format!("{} has no scale section", report.display()))?;
-        std::fs::create_dir_all(&args.out)?;
-        return write_plots(&args.out, &levels);
+        return redraw_charts(report, &args.out);
     }
-    let rounds = if args.quick { 5 } else { 20 };
-    let rtt_calls = if args.quick { 200 } else { 1000 };
+    let (rounds, rtt_calls) = if args.quick { (5, 200) } else { (20, 1000) };
     let binary = match args.agent.clone() {
         Some(b) => b,
-        None => std::env::current_exe()?
-            .parent()
-            .context("bench binary directory")?
-            .join("kvm-agent"),
+        None => std::env::current_exe()?.with_file_name("kvm-agent"),
     };
     let work = tempfile::Builder::new().prefix("kab").tempdir()?;
-    let agent = start_agent(&binary, &work.path().join("state")).await?;
+    let metrics = free_loopback_address()?;
+    let agent = start_agent_with(
+        &binary,
+        &work.path().join("state"),
+        &[std::ffi::OsStr::new(&format!("--metrics-listen={metrics}"))],
+    )
+    .await?;
     let mut client = local_client(&agent.socket).await?;
     let node = client
         .get_node_info(pb::GetNodeInfoRequest {})
@@ -320,11 +370,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .into_inner();
     let accel = if node.kvm_available { "kvm" } else { "tcg" };
     let uuid = uuid::Uuid::new_v4().to_string();
-    let raw_uuid = uuid::Uuid::new_v4().to_string();
-    let raw_args = machine_args("raw", &raw_uuid, accel, MEMORY_MIB);
+    let raw_args = machine_args("raw", &uuid::Uuid::new_v4().to_string(), accel, MEMORY_MIB);
     let raw_dir = work.path().join("raw");
     std::fs::create_dir_all(&raw_dir)?;
     let s = spec("bench", &uuid);
+    let mut libvirt = libvirt_peer(&args, work.path(), accel).await?;
     let mut setup = operations::Setup {
         client: &mut client,
         spec: &s,
@@ -332,20 +382,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raw_args: &raw_args,
         agent_image: work.path().join("agent-disk.img"),
         raw_image: work.path().join("raw-disk.img"),
+        libvirt_image: work.path().join("libvirt-disk.img"),
         rtt_calls,
+        metrics,
+        libvirt: libvirt.as_mut(),
     };
-    for image in [&setup.agent_image, &setup.raw_image] {
-        std::fs::File::create(image)?.set_len(16 << 20)?;
-    }
     let most = if args.quick { rounds } else { 2 * rounds };
-    let mut rows = operations::Operations::measure(&mut setup, rounds, most)
-        .await?
-        .rows();
+    let operations = operations::Operations::measure(&mut setup, rounds, most).await?;
+    let (profiles, mut peer_rows) = (operations.profiles(), operations.libvirt_rows());
+    let mut rows = operations.rows();
     rows.extend(guest_rows(&mut client, &binary, work.path(), &args).await?);
     drop(client);
     drop(agent);
     let newer_qemu = args.newer_qemu.as_deref();
-    rows.extend(transfers(&binary, work.path(), newer_qemu, accel, args.quick).await?);
+    let (transfer_rows, transfer_peer_rows) = transfers(
+        &binary,
+        work.path(),
+        newer_qemu,
+        accel,
+        &args,
+        libvirt.as_mut(),
+    )
+    .await?;
+    rows.extend(transfer_rows);
+    peer_rows.extend(transfer_peer_rows);
+    drop(libvirt);
     let (takeover_rows, takeover_pauses) =
         takeover::measure(&binary, work.path(), rounds.min(10)).await?;
     rows.extend(takeover_rows);
@@ -357,6 +418,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rounds,
         &Results {
             operations: rows,
+            profiles,
+            libvirt: peer_rows,
             takeover_pauses,
             load,
             scale,
@@ -395,6 +458,10 @@ const LOAD_INSTANCES: usize = 20;
 #[derive(Debug, Serialize)]
 struct Results {
     operations: Vec<Row>,
+    /// Where the time of a start and of the hot-adds goes.
+    profiles: Vec<profile::Profile>,
+    /// libvirt beside the agent, where it was measured.
+    libvirt: Vec<libvirt::PeerRow>,
     /// Guests stopped while the agent took their QEMU over from Ganeti's
     /// KVM driver (the goal is none).
     takeover_pauses: takeover::Pauses,
@@ -544,6 +611,8 @@ fn write_report(
         results.takeover_pauses.watched,
         results.takeover_pauses.stops
     ));
+    profile::section(&mut md, &results.profiles);
+    libvirt::section(&mut md, &results.libvirt);
     load_section(&mut md, &results.load);
     scale_section(&mut md, &results.scale);
     goals_section(&mut md, results);

@@ -2,15 +2,18 @@
 //! agent and then driven raw against QEMU, alternating so both see the
 //! same machine state.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
+use crate::libvirt::{Libvirt, PeerRow};
+use crate::profile::{self, DISK_STEPS, NIC_STEPS, Profile, RawSteps, START_STEPS, StepSums};
 use crate::raw::RawQemu;
-use crate::{POWERDOWN_WAIT, Row, SETTLE, Samples, agent_start, agent_stop, timed};
+use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, SETTLE, Samples, agent_start, agent_stop, timed};
 
 /// The goal of every row with one: agent/raw at the median.
 const GOAL: f64 = 1.10;
@@ -24,8 +27,13 @@ pub struct Setup<'a> {
     pub raw_args: &'a [String],
     pub agent_image: PathBuf,
     pub raw_image: PathBuf,
+    pub libvirt_image: PathBuf,
     /// Round trips timed per round.
     pub rtt_calls: u32,
+    /// The agent's metrics endpoint, where its step timings are.
+    pub metrics: SocketAddr,
+    /// libvirt, when it is measured too.
+    pub libvirt: Option<&'a mut Libvirt>,
 }
 
 /// The samples of every operation, agent beside raw.
@@ -39,6 +47,11 @@ pub struct Operations {
     rtt: Samples,
     nic_add: Samples,
     disk_add: Samples,
+    /// The agent's step timings before the rounds and after.
+    agent_steps: (StepSums, StepSums),
+    raw_start: RawSteps,
+    raw_nic: RawSteps,
+    raw_disk: RawSteps,
 }
 
 impl Operations {
@@ -49,7 +62,11 @@ impl Operations {
         rounds: usize,
         most: usize,
     ) -> anyhow::Result<Self> {
+        for image in [&setup.agent_image, &setup.raw_image, &setup.libvirt_image] {
+            std::fs::File::create(image)?.set_len(16 << 20)?;
+        }
         let mut ops = Self::default();
+        ops.agent_steps.0 = profile::scrape(setup.metrics).await?;
         let mut round = 0;
         while round < rounds || (round < most && ops.undecided()) {
             round += 1;
@@ -63,6 +80,7 @@ impl Operations {
             ops.reboots_and_round_trips(setup).await?;
             ops.hot_adds(setup, round as u32).await?;
         }
+        ops.agent_steps.1 = profile::scrape(setup.metrics).await?;
         Ok(ops)
     }
 
@@ -88,8 +106,9 @@ impl Operations {
         self.start.agent.push(t);
         let (t, _) = timed(agent_stop(s.client, "bench", true)).await?;
         self.stop_force.agent.push(t);
-        let (t, q) = timed(RawQemu::start(s.raw_dir, s.raw_args)).await?;
+        let (t, mut q) = timed(RawQemu::start(s.raw_dir, s.raw_args)).await?;
         self.start.raw.push(t);
+        self.raw_start.add(q.take_steps());
         let (t, _) = timed(q.kill()).await?;
         self.stop_force.raw.push(t);
 
@@ -99,6 +118,14 @@ impl Operations {
         let q = RawQemu::start(s.raw_dir, s.raw_args).await?;
         let (t, _) = timed(q.stop_graceful(POWERDOWN_WAIT)).await?;
         self.stop_quit.raw.push(t);
+
+        if let Some(libvirt) = s.libvirt.as_deref_mut() {
+            let t = libvirt
+                .start_domain("bench-libvirt", MEMORY_MIB, None)
+                .await?;
+            self.start.libvirt.push(t);
+            libvirt.destroy("bench-libvirt").await?;
+        }
         Ok(())
     }
 
@@ -171,15 +198,81 @@ impl Operations {
         agent_stop(s.client, "bench", true).await?;
 
         let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
+        self.raw_start.add(q.take_steps());
         tokio::time::sleep(SETTLE).await;
         // Slot 3 holds the balloon, as in the agent's instance.
         let (t, tap) = timed(q.add_nic(round, 4)).await?;
         self.nic_add.raw.push(t);
+        self.raw_nic.add(q.take_steps());
         let (t, _) = timed(q.add_disk(round, 5, &s.raw_image)).await?;
         self.disk_add.raw.push(t);
+        self.raw_disk.add(q.take_steps());
         q.kill().await?;
         drop(tap);
+
+        if let Some(libvirt) = s.libvirt.as_deref_mut() {
+            libvirt
+                .start_domain("bench-libvirt", MEMORY_MIB, None)
+                .await?;
+            tokio::time::sleep(SETTLE).await;
+            let t = libvirt.add_nic("bench-libvirt", round, 4).await?;
+            self.nic_add.libvirt.push(t);
+            let t = libvirt
+                .add_disk("bench-libvirt", round, 5, &s.libvirt_image)
+                .await?;
+            self.disk_add.libvirt.push(t);
+            libvirt.destroy("bench-libvirt").await?;
+        }
         Ok(())
+    }
+
+    /// Where the time of a start and of each hot-add went, on both sides.
+    pub fn profiles(&self) -> Vec<Profile> {
+        let (before, after) = &self.agent_steps;
+        [
+            (
+                "start → QMP ready",
+                "start",
+                START_STEPS,
+                &self.start,
+                &self.raw_start,
+            ),
+            (
+                "NIC hot-add",
+                "add-nic",
+                NIC_STEPS,
+                &self.nic_add,
+                &self.raw_nic,
+            ),
+            (
+                "disk hot-add",
+                "add-disk",
+                DISK_STEPS,
+                &self.disk_add,
+                &self.raw_disk,
+            ),
+        ]
+        .into_iter()
+        .map(|(operation, op, order, samples, raw)| Profile {
+            operation,
+            agent: profile::agent_steps(before, after, op, order),
+            agent_total_ms: mean_ms(&samples.agent),
+            raw: raw.means(),
+            raw_total_ms: mean_ms(&samples.raw),
+        })
+        .collect()
+    }
+
+    /// The rows with libvirt beside the agent, when it was measured.
+    pub fn libvirt_rows(&self) -> Vec<PeerRow> {
+        [
+            ("start → running", &self.start),
+            ("NIC hot-add", &self.nic_add),
+            ("disk hot-add", &self.disk_add),
+        ]
+        .into_iter()
+        .filter_map(|(operation, samples)| samples.libvirt_row(operation))
+        .collect()
     }
 
     /// The report's rows, with each operation's goal.
@@ -196,6 +289,11 @@ impl Operations {
             self.disk_add.row("disk hot-add", GOAL),
         ]
     }
+}
+
+fn mean_ms(samples: &[Duration]) -> f64 {
+    let total: Duration = samples.iter().sum();
+    total.as_secs_f64() * 1000.0 / samples.len().max(1) as f64
 }
 
 async fn reboot(client: &mut NodeAgentClient<Channel>, mode: pb::RebootMode) -> anyhow::Result<()> {

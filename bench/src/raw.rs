@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hypervisor::tap::Tap;
@@ -25,6 +25,8 @@ pub struct RawQemu {
     reader: tokio::io::Lines<BufReader<OwnedReadHalf>>,
     writer: OwnedWriteHalf,
     next_id: u64,
+    /// How long each step took, QMP commands by name, until taken.
+    steps: Vec<(String, Duration)>,
 }
 
 /// The machine part of the argv, the same options the agent renders:
@@ -125,21 +127,31 @@ impl RawQemu {
                 Ok(())
             });
         }
+        let spawned = Instant::now();
         let child = cmd.spawn().context("spawn qemu")?;
         drop(listener);
+        let spawn = spawned.elapsed();
+        let greeted = Instant::now();
         let (read, writer) = UnixStream::connect(&sock).await?.into_split();
         let mut raw = RawQemu {
             child,
             reader: BufReader::new(read).lines(),
             writer,
             next_id: 0,
+            steps: vec![("spawn".into(), spawn)],
         };
         let greeting = raw.reader.next_line().await?.context("no greeting")?;
         if !greeting.contains("\"QMP\"") {
             bail!("unexpected greeting {greeting}");
         }
+        raw.steps.push(("QMP greeting".into(), greeted.elapsed()));
         raw.execute("qmp_capabilities").await?;
         Ok(raw)
+    }
+
+    /// The steps timed since the last call, in order.
+    pub fn take_steps(&mut self) -> Vec<(String, Duration)> {
+        std::mem::take(&mut self.steps)
     }
 
     /// Runs a command and waits for its reply, skipping events.
@@ -155,6 +167,7 @@ impl RawQemu {
         arguments: Value,
         fd: Option<BorrowedFd<'_>>,
     ) -> anyhow::Result<Value> {
+        let started = Instant::now();
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": self.next_id });
         if !arguments.is_null() {
@@ -180,6 +193,7 @@ impl RawQemu {
         if let Some(e) = reply.get("error") {
             bail!("{command} failed: {e}");
         }
+        self.steps.push((command.to_owned(), started.elapsed()));
         Ok(reply)
     }
 
@@ -212,8 +226,10 @@ impl RawQemu {
     /// Hot-adds a NIC the way a direct driver would: tap, getfd,
     /// netdev_add, query-pci (to pick the slot), device_add.
     pub async fn add_nic(&mut self, index: u32, slot: u8) -> anyhow::Result<Tap> {
+        let started = Instant::now();
         let tap = Tap::create("kbraw%d", 1)?;
         tap.set_up()?;
+        self.steps.push(("tap".into(), started.elapsed()));
         let netdev = format!("rawnet{index}");
         self.execute_args("getfd", json!({ "fdname": netdev }), tap.queue_fds().next())
             .await?;
@@ -235,10 +251,12 @@ impl RawQemu {
     /// Hot-adds a raw disk: open, add-fd, two blockdev-adds, query-pci,
     /// device_add, remove-fd.
     pub async fn add_disk(&mut self, index: u32, slot: u8, path: &Path) -> anyhow::Result<()> {
+        let started = Instant::now();
         let image = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)?;
+        self.steps.push(("open".into(), started.elapsed()));
         let reply = self
             .execute_args("add-fd", Value::Null, Some(image.as_fd()))
             .await?;

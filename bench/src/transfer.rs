@@ -12,6 +12,7 @@ use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use crate::libvirt::{Libvirt, PeerRow};
 use crate::raw::{RawQemu, machine_args_with};
 use crate::{Row, Samples, start_agent};
 
@@ -229,9 +230,10 @@ pub async fn measure(
     newer_qemu: Option<&Path>,
     accel: &str,
     rounds: usize,
-) -> anyhow::Result<Vec<Row>> {
+    libvirt: Option<&mut Libvirt>,
+) -> anyhow::Result<(Vec<Row>, Vec<PeerRow>)> {
     let mut agents = Agents::start(binary, work).await?;
-    let mut rows = save_and_restore(&mut agents, accel, rounds).await?;
+    let (mut rows, peer_rows) = save_and_restore(&mut agents, accel, rounds, libvirt).await?;
     for (mib, label, downtime_label) in [
         (
             256,
@@ -253,15 +255,17 @@ pub async fn measure(
     rows.push(total.row("migrate 1 GiB random RAM, multifd 4 (total)", 1.10));
     let newer_qemu = locate_newer_qemu(newer_qemu)?;
     rows.push(cross_version(binary, work, &newer_qemu, accel, rounds).await?);
-    Ok(rows)
+    Ok((rows, peer_rows))
 }
 
-/// Save to a file and restore from it, through the agent and raw.
+/// Save to a file and restore from it, through the agent and raw, and
+/// through libvirt when it is measured.
 async fn save_and_restore(
     agents: &mut Agents,
     accel: &str,
     rounds: usize,
-) -> anyhow::Result<Vec<Row>> {
+    mut libvirt: Option<&mut Libvirt>,
+) -> anyhow::Result<(Vec<Row>, Vec<PeerRow>)> {
     let mut rows = Vec::new();
     let (mut save, mut restore) = (Samples::default(), Samples::default());
     let ram = agents.work.join("ram-256");
@@ -275,65 +279,122 @@ async fn save_and_restore(
         256,
         Some(&raw_ram),
     );
-    let (raw_a, raw_b) = (agents.work.join("raw-a"), agents.work.join("raw-b"));
+    let raw_a = agents.work.join("raw-a");
     std::fs::create_dir_all(&raw_a)?;
-    std::fs::create_dir_all(&raw_b)?;
+    // Loaded above the first MiB, where the firmware's holes end.
+    let libvirt_ram = agents.work.join("libvirt-ram-255");
+    if libvirt.is_some() {
+        random_file(&libvirt_ram, 255)?;
+    }
     let s = spec("saved", 256, &ram);
     for round in 0..rounds {
         eprintln!("save/restore round {}/{rounds}", round + 1);
         let file = agents.work.join(format!("agent-{round}.save"));
-        let client = &mut agents.clients[0];
-        client
-            .start_instance(pb::StartInstanceRequest {
-                spec: Some(s.clone()),
-                paused: false,
-            })
-            .await?;
-        let t = Instant::now();
-        client
-            .save_instance(pb::SaveInstanceRequest {
-                name: "saved".into(),
-                path: file.display().to_string(),
-            })
-            .await?;
-        save.agent.push(t.elapsed());
-        let t = Instant::now();
-        client
-            .restore_instance(pb::RestoreInstanceRequest {
-                path: file.display().to_string(),
-                paused: false,
-            })
-            .await?;
-        restore.agent.push(t.elapsed());
-        client
-            .stop_instance(pb::StopInstanceRequest {
-                name: "saved".into(),
-                force: true,
-                ..Default::default()
-            })
-            .await?;
-        std::fs::remove_file(&file)?;
+        let (t_save, t_restore) = agent_save_and_restore(&mut agents.clients[0], &s, &file).await?;
+        save.agent.push(t_save);
+        restore.agent.push(t_restore);
 
         let file = agents.work.join(format!("raw-{round}.save"));
-        let q = RawQemu::start(&raw_a, &raw_args).await?;
-        let t = Instant::now();
-        q.save_to(&file).await?;
-        save.raw.push(t.elapsed());
-        let mut incoming = raw_args.clone();
-        incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-        let t = Instant::now();
-        let mut q = RawQemu::start(&raw_a, &incoming).await?;
-        q.restore_from(&file).await?;
-        restore.raw.push(t.elapsed());
-        q.kill().await?;
-        std::fs::remove_file(&file)?;
+        let (t_save, t_restore) = raw_save_and_restore(&raw_a, &raw_args, &file).await?;
+        save.raw.push(t_save);
+        restore.raw.push(t_restore);
+
+        if let Some(libvirt) = libvirt.as_deref_mut() {
+            let file = agents.work.join(format!("libvirt-{round}.save"));
+            let (t_save, t_restore) =
+                libvirt_save_and_restore(libvirt, &libvirt_ram, &file).await?;
+            save.libvirt.push(t_save);
+            restore.libvirt.push(t_restore);
+        }
     }
+    let peer_rows = [
+        save.libvirt_row("save 256 MiB random RAM"),
+        restore.libvirt_row("restore 256 MiB random RAM (to running)"),
+    ];
     rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", 1.10));
     rows.push(restore.row("restore 256 MiB random RAM (to running)", 1.10));
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
+    let _ = std::fs::remove_file(&libvirt_ram);
+    Ok((rows, peer_rows.into_iter().flatten().collect()))
+}
 
-    Ok(rows)
+/// The agent starts `spec`, saves it to `file` and restores it.
+async fn agent_save_and_restore(
+    client: &mut NodeAgentClient<Channel>,
+    spec: &pb::InstanceSpec,
+    file: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    client
+        .start_instance(pb::StartInstanceRequest {
+            spec: Some(spec.clone()),
+            paused: false,
+        })
+        .await?;
+    let t = Instant::now();
+    client
+        .save_instance(pb::SaveInstanceRequest {
+            name: spec.name.clone(),
+            path: file.display().to_string(),
+        })
+        .await?;
+    let saved = t.elapsed();
+    let t = Instant::now();
+    client
+        .restore_instance(pb::RestoreInstanceRequest {
+            path: file.display().to_string(),
+            paused: false,
+        })
+        .await?;
+    let restored = t.elapsed();
+    client
+        .stop_instance(pb::StopInstanceRequest {
+            name: spec.name.clone(),
+            force: true,
+            ..Default::default()
+        })
+        .await?;
+    std::fs::remove_file(file)?;
+    Ok((saved, restored))
+}
+
+/// Raw QEMU saves to `file` and restores from it, into a QEMU started
+/// with `-incoming defer`.
+async fn raw_save_and_restore(
+    dir: &Path,
+    args: &[String],
+    file: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    let q = RawQemu::start(dir, args).await?;
+    let t = Instant::now();
+    q.save_to(file).await?;
+    let saved = t.elapsed();
+    let mut incoming = args.to_vec();
+    incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    let t = Instant::now();
+    let mut q = RawQemu::start(dir, &incoming).await?;
+    q.restore_from(file).await?;
+    let restored = t.elapsed();
+    q.kill().await?;
+    std::fs::remove_file(file)?;
+    Ok((saved, restored))
+}
+
+/// libvirt saves a domain whose RAM holds `ram`'s random bytes to `file`,
+/// and restores it.
+async fn libvirt_save_and_restore(
+    libvirt: &mut Libvirt,
+    ram: &Path,
+    file: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    libvirt
+        .start_domain("saved-libvirt", 256, Some(ram))
+        .await?;
+    let saved = libvirt.save("saved-libvirt", file).await?;
+    let restored = libvirt.restore(file).await?;
+    libvirt.destroy("saved-libvirt").await?;
+    std::fs::remove_file(file)?;
+    Ok((saved, restored))
 }
 
 /// Migrations of `mib` of random RAM there and back between the two

@@ -36,6 +36,57 @@ const OPERATIONS: [&str; 25] = [
     "take over 20 hv_kvm QEMUs at once",
 ];
 
+/// The steps the agent times in each profiled operation, by the
+/// operation's row: the names the report's profile shows.
+const PROFILED: [(&str, &[&str]); 3] = [
+    (
+        "start → QMP ready",
+        &[
+            "checks",
+            "runtime",
+            "record",
+            "launch",
+            "launch / run directory",
+            "launch / host files",
+            "launch / host files / taps",
+            "launch / host files / chroot",
+            "launch / cgroup",
+            "launch / spawn",
+            "launch / QMP greeting",
+            "launch / vCPU pinning",
+            "launch / fd sets",
+        ],
+    ),
+    (
+        "NIC hot-add",
+        &[
+            "checks",
+            "option ROM",
+            "journal",
+            "slot and tap",
+            "slot and tap / slot look-up",
+            "slot and tap / tap",
+            "QEMU and record",
+            "QEMU and record / QEMU",
+            "QEMU and record / record",
+        ],
+    ),
+    (
+        "disk hot-add",
+        &[
+            "checks",
+            "image",
+            "journal",
+            "slot and add-fd",
+            "slot and add-fd / slot look-up",
+            "slot and add-fd / add-fd",
+            "QEMU and record",
+            "QEMU and record / QEMU",
+            "QEMU and record / record",
+        ],
+    ),
+];
+
 #[test]
 fn the_quick_benchmark_reports_every_row_with_a_ratio() {
     require_qemu();
@@ -94,6 +145,8 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
             );
         }
     }
+
+    check_profiles(&report["profiles"]);
 
     // Taking a QEMU over from Ganeti's driver never stops its guest.
     let pauses = &report["takeover_pauses"];
@@ -161,7 +214,43 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         );
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-    for section in ["## Read load", "## Scale", "## Goals"] {
+    for section in [
+        "## Where the time goes",
+        "## Read load",
+        "## Scale",
+        "## Goals",
+    ] {
         assert!(md.contains(section), "report.md lacks {section}");
+    }
+}
+
+/// Every profiled operation has each of the agent's steps, in order, and
+/// the raw driver's, each with a mean time from every run.
+fn check_profiles(profiles: &Value) {
+    let profiles = profiles.as_array().expect("profiles");
+    let operations: Vec<&str> = profiles
+        .iter()
+        .map(|p| p["operation"].as_str().unwrap())
+        .collect();
+    assert_eq!(operations, PROFILED.map(|(operation, _)| operation));
+    let timed = |step: &Value| {
+        step["mean_ms"]
+            .as_f64()
+            .is_some_and(|m| m.is_finite() && m >= 0.0)
+            && step["count"].as_u64().is_some_and(|n| n > 0)
+    };
+    for (profile, (_, steps)) in profiles.iter().zip(PROFILED) {
+        let agent = profile["agent"].as_array().unwrap();
+        let names: Vec<&str> = agent.iter().map(|s| s["step"].as_str().unwrap()).collect();
+        assert_eq!(names, steps, "{profile}");
+        assert!(agent.iter().all(timed), "{profile}");
+        let raw = profile["raw"].as_array().unwrap();
+        assert!(!raw.is_empty() && raw.iter().all(timed), "{profile}");
+        for total in ["agent_total_ms", "raw_total_ms"] {
+            assert!(
+                profile[total].as_f64().is_some_and(|t| t > 0.0),
+                "{profile}"
+            );
+        }
     }
 }
