@@ -113,7 +113,8 @@ pub fn record_operation(op: &'static str, seconds: f64, error: Option<&AgentErro
 pub const STEP_METRIC: &str = "kvm_agent_step_duration_seconds";
 
 /// Times the `step` spans that the crates open around the parts of an
-/// operation (`tracing::info_span!("step", step = "spawn")`), and records
+/// operation (`tracing::debug_span!("step", step = "spawn")`: at debug
+/// level, so an info log's lines keep the operation's span), and records
 /// each in [`STEP_METRIC`] under the enclosing `op` span's operation. A
 /// step inside another is named by both, `launch / spawn`. Steps outside
 /// an operation (supervision, recovery) aren't timed.
@@ -280,13 +281,13 @@ mod tests {
         metrics::with_local_recorder(&recording, || {
             tracing::subscriber::with_default(subscriber, || {
                 tracing::info_span!("op", op = "start").in_scope(|| {
-                    tracing::info_span!("step", step = "launch").in_scope(|| {
-                        tracing::info_span!("step", step = "spawn")
+                    tracing::debug_span!("step", step = "launch").in_scope(|| {
+                        tracing::debug_span!("step", step = "spawn")
                             .in_scope(|| std::thread::sleep(Duration::from_millis(2)));
                     });
                 });
                 // Work nobody asked for isn't an operation's step.
-                tracing::info_span!("step", step = "supervise").in_scope(|| {});
+                tracing::debug_span!("step", step = "supervise").in_scope(|| {});
             });
         });
         let recorded = recording.0.lock().unwrap();

@@ -285,16 +285,14 @@ mod tests {
                 "blockdev-add",
                 "blockdev-add",
                 "device_add",
-                "query-pci",
-                "query-block",
                 "remove-fd",
                 "blockdev-del",
                 "blockdev-del"
             ]
         );
-        assert_eq!(requests[5].1, json!({ "fdset-id": 4 }));
-        assert_eq!(requests[6].1["node-name"], disk_format_node(d.spec.uuid));
-        assert_eq!(requests[7].1["node-name"], disk_file_node(d.spec.uuid));
+        assert_eq!(requests[3].1, json!({ "fdset-id": 4 }));
+        assert_eq!(requests[4].1["node-name"], disk_format_node(d.spec.uuid));
+        assert_eq!(requests[5].1["node-name"], disk_file_node(d.spec.uuid));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::{getegid, geteuid};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span};
 
 use crate::Runtime;
 use crate::affinity::{PinError, pin_vcpus};
@@ -394,7 +394,7 @@ fn open_resources(
     run_dir: &Path,
     cfg: &LaunchConfig,
 ) -> Result<ExecutionResources, LaunchError> {
-    let taps = info_span!("step", step = "taps").in_scope(|| open_taps(rt, cfg))?;
+    let taps = debug_span!("step", step = "taps").in_scope(|| open_taps(rt, cfg))?;
     let vhost = rt
         .nics
         .iter()
@@ -445,7 +445,7 @@ fn open_resources(
         )?,
         operator_qmp: listen_if(cfg.operator_qmp, &run_dir.join(files::OPERATOR_QMP))?,
         chroot: if rt.chroot {
-            let _step = info_span!("step", step = "chroot").entered();
+            let _step = debug_span!("step", step = "chroot").entered();
             Some(prepare_chroot(rt, &qemu.data_dirs, run_dir)?)
         } else {
             None
@@ -547,7 +547,7 @@ pub async fn launch(
     }
     let credentials = credentials(rt)?;
     prepare_run_dir(run_dir, rt.qemu_user)
-        .instrument(info_span!("step", step = "run directory"))
+        .instrument(debug_span!("step", step = "run directory"))
         .await?;
     let log_path = run_dir.join(files::LOG);
     let confinement = SpawnConfinement {
@@ -571,16 +571,16 @@ async fn launch_in(
     mode: LaunchMode,
     confinement: &SpawnConfinement,
 ) -> Result<Launched, LaunchError> {
-    let resources = info_span!("step", step = "host files")
+    let resources = debug_span!("step", step = "host files")
         .in_scope(|| open_resources(rt, qemu, run_dir, cfg))?;
     let cgroups =
-        info_span!("step", step = "cgroup").in_scope(|| prepare_cgroups(rt, run_dir, cfg))?;
+        debug_span!("step", step = "cgroup").in_scope(|| prepare_cgroups(rt, run_dir, cfg))?;
     let confinement = SpawnConfinement {
         cgroup_procs: cgroups.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
         ..confinement.clone()
     };
     let fds = resources.fds(mode);
-    let mut child = info_span!("step", step = "spawn")
+    let mut child = debug_span!("step", step = "spawn")
         .in_scope(|| spawn_qemu(rt, qemu, &fds, run_dir, log_path, cfg, &confinement))?;
     drop(cgroups);
     let pid = child.id();
@@ -602,7 +602,7 @@ async fn launch_in(
 
     let qmp_path = run_dir.join(files::QMP);
     let connect = QmpClient::connect(&qmp_path, cfg.qmp)
-        .instrument(info_span!("step", step = "QMP greeting"));
+        .instrument(debug_span!("step", step = "QMP greeting"));
     let qmp = tokio::select! {
         biased;
         result = connect => result,
@@ -611,7 +611,7 @@ async fn launch_in(
     match qmp {
         Ok(qmp) => {
             let continued = pin_and_continue(rt, &qmp, mode)
-                .instrument(info_span!("step", step = "vCPU pinning"))
+                .instrument(debug_span!("step", step = "vCPU pinning"))
                 .await;
             if let Err(e) = continued {
                 kill_and_reap(&mut child);
@@ -620,7 +620,7 @@ async fn launch_in(
             // After `cont`: QEMU closes a removed fd only while the guest
             // runs. An incoming QEMU's go when it is resumed.
             release_disk_fdsets(rt, &qmp)
-                .instrument(info_span!("step", step = "fd sets"))
+                .instrument(debug_span!("step", step = "fd sets"))
                 .await;
             Ok(Launched {
                 pid,

@@ -20,7 +20,7 @@ use hypervisor::spec::{DiskBus, DiskSpec, NicModel, NicSpec};
 use runtime_store::Intent;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedMutexGuard;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span};
 use uuid::Uuid;
 
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
@@ -153,7 +153,7 @@ impl Agent {
         let pci = process
             .qmp()
             .execute("query-pci", None)
-            .instrument(info_span!("step", step = "slot look-up"))
+            .instrument(debug_span!("step", step = "slot look-up"))
             .await
             .map_err(|source| AgentError::Qmp {
                 instance: inst.name().to_owned(),
@@ -187,12 +187,12 @@ impl Agent {
                 source: hotplug::nic::isa_is_cold(),
             });
         }
-        info_span!("step", step = "checks")
+        debug_span!("step", step = "checks")
             .in_scope(|| Self::check_nic_addition(name, &record, &process, &nic))?;
         let chrooted = process.chrooted(&record.runtime);
         if chrooted {
             self.stage_option_rom(name, nic.model)
-                .instrument(info_span!("step", step = "option ROM"))
+                .instrument(debug_span!("step", step = "option ROM"))
                 .await;
         }
         // The tap and the slot look-up don't depend on each other: the
@@ -203,10 +203,10 @@ impl Agent {
         let slot_lookup = self.free_slot(&inst, &process, &record.runtime);
         let template = &self.config().launch.tap_template;
         let tap = async {
-            info_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(&nic, template))
+            debug_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(&nic, template))
         };
         let (slot, prepared) = async { tokio::join!(slot_lookup, tap) }
-            .instrument(info_span!("step", step = "slot and tap"))
+            .instrument(debug_span!("step", step = "slot and tap"))
             .await;
         let ready = prepared
             .map_err(|source| AgentError::Hotplug {
@@ -343,7 +343,7 @@ impl Agent {
             true => Some(free_scsi_target(name, &record.runtime)?),
             false => None,
         };
-        let checks = info_span!("step", step = "checks").in_scope(|| {
+        let checks = debug_span!("step", step = "checks").in_scope(|| {
             check_addition(&record, |spec| spec.disks.push(disk.clone()))?;
             self.config()
                 .allowed_roots
@@ -351,12 +351,12 @@ impl Agent {
             Self::require(name, &hotplug::support::check(process.qmp()).disk)
         });
         checks?;
-        let image = info_span!("step", step = "image")
+        let image = debug_span!("step", step = "image")
             .in_scope(|| open_image(name, &disk, &self.config().allowed_roots))?;
         self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let placed = self
             .place_disk(&inst, &process, &record.runtime, &image.file, scsi_target)
-            .instrument(info_span!("step", step = "slot and add-fd"))
+            .instrument(debug_span!("step", step = "slot and add-fd"))
             .await;
         let (place, fdset) = match placed {
             Ok(ready) => ready,
@@ -406,7 +406,7 @@ impl Agent {
             source,
         };
         let pass = hotplug::disk::pass_image(process.qmp(), image)
-            .instrument(info_span!("step", step = "add-fd"));
+            .instrument(debug_span!("step", step = "add-fd"));
         if let Some(target) = scsi_target {
             let fdset = pass.await.map_err(passed)?;
             return Ok((DiskPlace::ScsiTarget(target), fdset));
@@ -500,14 +500,14 @@ impl Agent {
     /// Records the intent before QEMU is touched. It is not synced (see
     /// `runtime_store::journal`), so it is a page-cache write and runs here.
     fn journal(&self, inst: &Instance, intent: HotplugIntent) -> Result<(), AgentError> {
-        let _step = info_span!("step", step = "journal").entered();
+        let _step = debug_span!("step", step = "journal").entered();
         Ok(self.journal_store().record(inst.name(), &intent)?)
     }
 
     /// Clears the intent once the record (or QEMU, after a rollback) says
     /// what happened.
     fn clear_journal(&self, inst: &Instance) -> Result<(), AgentError> {
-        let _step = info_span!("step", step = "journal clear").entered();
+        let _step = debug_span!("step", step = "journal clear").entered();
         Ok(self.journal_store().clear(inst.name())?)
     }
 
@@ -564,13 +564,13 @@ impl Agent {
         // The two steps' spans open inside the one they are part of.
         let both = async {
             tokio::join!(
-                change.instrument(info_span!("step", step = "QEMU")),
+                change.instrument(debug_span!("step", step = "QEMU")),
                 self.write_record(inst, after)
-                    .instrument(info_span!("step", step = "record")),
+                    .instrument(debug_span!("step", step = "record")),
             )
         };
         let (changed, written) = both
-            .instrument(info_span!("step", step = "QEMU and record"))
+            .instrument(debug_span!("step", step = "QEMU and record"))
             .await;
         match (changed, written) {
             // The caller clears the intent once it is done with the device.

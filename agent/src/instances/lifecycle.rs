@@ -12,7 +12,7 @@ use hypervisor::probe;
 use hypervisor::process;
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span};
 use uuid::Uuid;
 
 use super::{Agent, Instance, Process, lock};
@@ -240,14 +240,14 @@ impl Agent {
         mode: LaunchMode,
     ) -> Result<(), AgentError> {
         let previous = lock(&inst.status).record.clone();
-        info_span!("step", step = "checks")
+        debug_span!("step", step = "checks")
             .in_scope(|| self.check_start(inst, spec, previous.as_ref()))?;
         let run_dir = self.cfg.run_dir(&spec.name);
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let picking = self.qemu_user_pick.lock().await;
         let runtime = self
             .generate(spec, generation, previous.as_ref().map(|r| &r.runtime))
-            .instrument(info_span!("step", step = "runtime"))
+            .instrument(debug_span!("step", step = "runtime"))
             .await?;
         if let Some(prev) = &previous
             && prev.runtime.uuid != runtime.uuid
@@ -262,7 +262,7 @@ impl Agent {
             outgoing: None,
         };
         self.save_record(&inst.name, &record)
-            .instrument(info_span!("step", step = "record"))
+            .instrument(debug_span!("step", step = "record"))
             .await?;
         lock(&inst.status).record = Some(record.clone());
         inst.set_state(State::Starting, "");
@@ -270,7 +270,7 @@ impl Agent {
 
         let launched = self
             .launch(inst, &record.runtime, mode)
-            .instrument(info_span!("step", step = "launch"))
+            .instrument(debug_span!("step", step = "launch"))
             .await;
         if let Err(e) = launched {
             // Leave things as they were before the call.
