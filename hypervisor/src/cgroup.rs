@@ -257,7 +257,11 @@ pub async fn remove(dirs: &[PathBuf]) {
     let deadline = tokio::time::Instant::now() + REMOVE_PATIENCE;
     for dir in dirs {
         loop {
-            match fs::remove_dir(dir) {
+            let attempt = dir.clone();
+            let removed = tokio::task::spawn_blocking(move || fs::remove_dir(attempt))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match removed {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     if tokio::time::Instant::now() >= deadline {
                         tracing::warn!(cgroup = %dir.display(), "cgroup still busy; leaving it");

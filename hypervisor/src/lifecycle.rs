@@ -328,8 +328,22 @@ pub fn oom_kills(run_dir: &Path) -> u64 {
 }
 
 /// Removes the sockets, the pidfile and the chroot of a run directory,
-/// keeping the log.
+/// keeping the log. The removals run on the blocking pool: when many
+/// instances stop at once, they would otherwise hold up every other task.
 pub async fn remove_run_files(run_dir: &Path) {
+    let files = run_dir.to_owned();
+    let cgroups = tokio::task::spawn_blocking(move || remove_files_of_run(&files))
+        .await
+        .unwrap_or_default();
+    if !cgroups.is_empty() {
+        crate::cgroup::remove(&cgroups).await;
+        let _ = fs::remove_file(run_dir.join(files::CGROUPS));
+    }
+}
+
+/// [`remove_run_files`] but for the cgroups in the run's list, which it
+/// returns (with the list): the kernel may keep them busy a while longer.
+fn remove_files_of_run(run_dir: &Path) -> Vec<PathBuf> {
     let _ = fs::remove_dir_all(run_dir.join(files::CHROOT));
     // Copies of the node's keys.
     let _ = fs::remove_dir_all(run_dir.join(files::VNC_X509));
@@ -343,12 +357,14 @@ pub async fn remove_run_files(run_dir: &Path) {
     ] {
         let _ = fs::remove_file(run_dir.join(name));
     }
-    let cgroups = run_dir.join(files::CGROUPS);
-    if let Some(list) = process::read_own_file(&cgroups) {
-        let dirs: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
-        crate::cgroup::remove(&dirs).await;
-        let _ = fs::remove_file(cgroups);
+    let list = run_dir.join(files::CGROUPS);
+    let cgroups: Vec<PathBuf> = process::read_own_file(&list)
+        .map(|dirs| dirs.lines().map(PathBuf::from).collect())
+        .unwrap_or_default();
+    if cgroups.is_empty() {
+        let _ = fs::remove_file(list);
     }
+    cgroups
 }
 
 fn listen(path: &Path) -> Result<UnixListener, LaunchError> {

@@ -412,7 +412,7 @@ impl Agent {
         };
         let mut forced_stops = inst.forced_stops.subscribe();
         let result = tokio::select! {
-            result = graceful => result,
+            result = graceful.instrument(debug_span!("step", step = "QEMU")) => result,
             // A forced stop waiting behind this one: kill now, rather
             // than make it wait out the guest.
             _ = async { drop(forced_stops.wait_for(|waiting| *waiting > 0).await) }, if !force => {
@@ -431,8 +431,10 @@ impl Agent {
                 });
             }
         };
-        process.reap();
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
+        debug_span!("step", step = "reap").in_scope(|| process.reap());
+        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name))
+            .instrument(debug_span!("step", step = "run files"))
+            .await;
         {
             let mut st = lock(&inst.status);
             st.process = None;
@@ -481,6 +483,7 @@ impl Agent {
             let (stopped, persisted) = tokio::join!(
                 self.stop_locked(&inst, true, timeouts),
                 self.persist_state(&inst, RecordedState::Stopped, &detail)
+                    .instrument(debug_span!("step", step = "record"))
             );
             return match stopped {
                 Ok(method) => {
@@ -503,6 +506,7 @@ impl Agent {
                 RecordedState::Stopped,
                 &format!("stopped by {}", stop_method_text(method)),
             )
+            .instrument(debug_span!("step", step = "record"))
             .await?;
         }
         Ok((inst.view(), method))
