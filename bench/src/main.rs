@@ -709,6 +709,7 @@ fn scale_section(md: &mut String, levels: &[scale::Level]) {
         }
     }
     md.push_str("\n![paced read latency against instance count](scale-latency-paced.svg)\n\n![back-to-back read latency against instance count](scale-latency-saturated.svg)\n\n![start time against instance count](scale-start.svg)\n\n![stop and adoption time against instance count](scale-stop-adopt.svg)\n");
+    scale::stop_section(md, levels);
 }
 
 fn goals_section(md: &mut String, results: &Results) {

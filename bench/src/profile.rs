@@ -57,8 +57,12 @@ pub const DISK_STEPS: &[&str] = &[
     "QEMU and record / record",
 ];
 
+/// The agent's steps of a stop: QEMU's end, then its files; the record
+/// of a forced stop is written beside QEMU's end.
+pub const STOP_STEPS: &[&str] = &["QEMU", "reap", "run files", "record"];
+
 /// One step's mean over the rounds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Step {
     pub step: String,
     pub mean_ms: f64,

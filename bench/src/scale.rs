@@ -13,8 +13,9 @@ use nix::unistd::{SysconfVar, sysconf};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
+use crate::profile::{self, STOP_STEPS};
 use crate::raw::{RawQemu, machine_args};
-use crate::{local_client, start_agent};
+use crate::{free_loopback_address, local_client, start_agent, start_agent_with};
 
 /// Instances started at once, on both sides.
 pub const START_BATCH: usize = 10;
@@ -77,6 +78,19 @@ pub struct Level {
     pub reconcile_ms: f64,
     /// Force-stopping all instances at once.
     pub stop_all: Pair,
+    /// Where the time of each of those stops went.
+    #[serde(default)]
+    pub stop_each: StopProfile,
+}
+
+/// One forced stop among all at once: the agent's steps, as its metrics
+/// endpoint timed them, the whole call as its client timed it, and the raw
+/// driver's SIGKILL until the QEMU is reaped.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StopProfile {
+    pub agent_steps: Vec<profile::Step>,
+    pub agent_call_ms: f64,
+    pub raw_kill_ms: f64,
 }
 
 /// Runs every level in turn.
@@ -110,7 +124,7 @@ async fn level(
     let raw = raw_start_all(&raw_dir, instances).await?;
     let raw_start = began.elapsed();
     let began = Instant::now();
-    raw_kill_all(raw).await?;
+    let raw_kills = raw_kill_all(raw).await?;
     let raw_stop = began.elapsed();
 
     let state = work.join(format!("scale-state-{instances}"));
@@ -140,15 +154,24 @@ async fn level(
     agent.child.kill()?;
     agent.child.wait()?;
     drop(agent);
+    let metrics = free_loopback_address()?;
+    let metrics_arg = std::ffi::OsString::from(format!("--metrics-listen={metrics}"));
     let began = Instant::now();
-    let agent = start_agent(binary, &state).await?;
+    let agent = start_agent_with(binary, &state, &[&metrics_arg]).await?;
     let restart_first_answer = began.elapsed();
     wait_adopted(&agent.socket, instances).await?;
     let reconcile = began.elapsed();
 
+    let steps_before = profile::scrape(metrics).await?;
     let began = Instant::now();
-    agent_stop_all(&agent.socket, &names).await?;
+    let agent_calls = agent_stop_all(&agent.socket, &names).await?;
     let agent_stop = began.elapsed();
+    let steps_after = profile::scrape(metrics).await?;
+    let stop_each = StopProfile {
+        agent_steps: profile::agent_steps(&steps_before, &steps_after, "stop", STOP_STEPS),
+        agent_call_ms: mean_ms(&agent_calls),
+        raw_kill_ms: mean_ms(&raw_kills),
+    };
     drop(agent);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&raw_dir);
@@ -168,7 +191,12 @@ async fn level(
         restart_first_answer_ms: ms(restart_first_answer),
         reconcile_ms: ms(reconcile),
         stop_all: Pair::new(agent_stop, raw_stop),
+        stop_each,
     })
+}
+
+fn mean_ms(times: &[Duration]) -> f64 {
+    ms(times.iter().sum::<Duration>()) / times.len().max(1) as f64
 }
 
 /// Starts `count` raw QEMUs with the argv the agent renders for the same
@@ -196,24 +224,31 @@ async fn raw_start_all(dir: &Path, count: usize) -> anyhow::Result<Vec<RawQemu>>
     Ok(running)
 }
 
-async fn raw_kill_all(running: Vec<RawQemu>) -> anyhow::Result<()> {
+/// Kills every QEMU at once; returns how long each took to be reaped.
+async fn raw_kill_all(running: Vec<RawQemu>) -> anyhow::Result<Vec<Duration>> {
     let mut kills = tokio::task::JoinSet::new();
     for q in running {
-        kills.spawn(q.kill());
+        kills.spawn(async move {
+            let began = Instant::now();
+            q.kill().await.map(|()| began.elapsed())
+        });
     }
+    let mut times = Vec::new();
     while let Some(done) = kills.join_next().await {
-        done??;
+        times.push(done??);
     }
-    Ok(())
+    Ok(times)
 }
 
-async fn agent_stop_all(socket: &Path, names: &[String]) -> anyhow::Result<()> {
+/// Force-stops every instance at once; returns how long each call took.
+async fn agent_stop_all(socket: &Path, names: &[String]) -> anyhow::Result<Vec<Duration>> {
     let client = local_client(socket).await?;
     let mut stops = tokio::task::JoinSet::new();
     for name in names {
         let mut client = client.clone();
         let name = name.clone();
         stops.spawn(async move {
+            let began = Instant::now();
             client
                 .stop_instance(pb::StopInstanceRequest {
                     name,
@@ -221,12 +256,47 @@ async fn agent_stop_all(socket: &Path, names: &[String]) -> anyhow::Result<()> {
                     powerdown_timeout_ms: 0,
                 })
                 .await
+                .map(|_| began.elapsed())
         });
     }
+    let mut times = Vec::new();
     while let Some(done) = stops.join_next().await {
-        done?.context("stopping an instance")?;
+        times.push(done?.context("stopping an instance")?);
     }
-    Ok(())
+    Ok(times)
+}
+
+/// The table of where each forced stop's time went, level by level.
+pub fn stop_section(md: &mut String, levels: &[Level]) {
+    md.push_str("\n### One stop among all at once\n\nMean time in ms of one forced stop while all the level's instances stop at once: the agent's steps from its metrics endpoint (the record is written beside QEMU's end), the whole StopInstance call as its client timed it, and the raw driver's SIGKILL until the QEMU is reaped.\n\n| step |");
+    for l in levels {
+        md.push_str(&format!(" {} |", l.instances));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(levels.len()));
+    md.push('\n');
+    let mut row = |label: &str, value: &dyn Fn(&Level) -> Option<f64>| {
+        md.push_str(&format!("| {label} |"));
+        for l in levels {
+            match value(l) {
+                Some(v) => md.push_str(&format!(" {v:.2} |")),
+                None => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    };
+    for step in STOP_STEPS {
+        row(&format!("agent: {step}"), &|l: &Level| {
+            let found = l.stop_each.agent_steps.iter().find(|s| s.step == *step);
+            found.map(|s| s.mean_ms)
+        });
+    }
+    row("agent: **whole call**", &|l: &Level| {
+        Some(l.stop_each.agent_call_ms)
+    });
+    row("raw: **SIGKILL to reaped**", &|l: &Level| {
+        Some(l.stop_each.raw_kill_ms)
+    });
 }
 
 /// The pids of the agent's QEMUs.

@@ -198,6 +198,7 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         ] {
             assert!(positive(&level[field]), "{field}: {level}");
         }
+        check_stop_profile(level);
     }
     // Each chart has a point per level for each of its series.
     for (chart, series) in [
@@ -218,6 +219,7 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
         "## Where the time goes",
         "## Read load",
         "## Scale",
+        "### One stop among all at once",
         "## Goals",
     ] {
         assert!(md.contains(section), "report.md lacks {section}");
@@ -252,5 +254,28 @@ fn check_profiles(profiles: &Value) {
                 "{profile}"
             );
         }
+    }
+}
+
+/// Each of a level's forced stops has the agent's steps, each timed once
+/// per instance, beside the call and the raw kill.
+fn check_stop_profile(level: &Value) {
+    let each = &level["stop_each"];
+    let instances = level["instances"].as_u64().unwrap();
+    let steps = each["agent_steps"].as_array().expect("agent_steps");
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(names, ["QEMU", "reap", "run files", "record"], "{each}");
+    for step in steps {
+        assert_eq!(step["count"].as_u64(), Some(instances), "{each}");
+        assert!(
+            step["mean_ms"].as_f64().is_some_and(f64::is_finite),
+            "{each}"
+        );
+    }
+    for field in ["agent_call_ms", "raw_kill_ms"] {
+        assert!(
+            each[field].as_f64().is_some_and(|t| t > 0.0),
+            "{field}: {each}"
+        );
     }
 }
