@@ -40,6 +40,8 @@ looking the domain up are not. Requests:
         definition, minus it, goes to restoreFlags, so that QEMU does not
         read the file again only for the stream to overwrite it. Reading
         that definition from the file is not timed.
+    {"op": "state", "name": N, "calls": C}
+        dom.state() C times in a row; the reply's time is one call's mean.
     {"op": "destroy", "name": N}
         destroy, then undefine. A domain that is not running, or not
         defined, is no error.
@@ -254,6 +256,19 @@ def op_restore(conn: libvirt.virConnect, _accel: str, req: Request) -> float:
     return timed(lambda: conn.restoreFlags(path, xml, 0))
 
 
+def op_state(conn: libvirt.virConnect, _accel: str, req: Request) -> float:
+    dom = conn.lookupByName(req["name"])
+    calls = int(req["calls"])
+    if calls < 1:
+        raise RequestError(f"calls is {calls}; make it at least 1")
+
+    def read_state() -> None:
+        for _ in range(calls):
+            dom.state()
+
+    return timed(read_state) / calls
+
+
 def op_destroy(conn: libvirt.virConnect, _accel: str, req: Request) -> float:
     try:
         dom = conn.lookupByName(req["name"])
@@ -273,6 +288,7 @@ OPERATIONS: Dict[str, Callable[[libvirt.virConnect, str, Request], float]] = {
     "start": op_start,
     "add_nic": op_add_nic,
     "add_disk": op_add_disk,
+    "state": op_state,
     "save": op_save,
     "restore": op_restore,
     "destroy": op_destroy,

@@ -123,6 +123,13 @@ impl Libvirt {
         self.call(json!({ "op": "restore", "path": path })).await
     }
 
+    /// Reads a running domain's state `calls` times in a row; returns one
+    /// read's mean.
+    pub async fn state_reads(&mut self, name: &str, calls: u32) -> anyhow::Result<Duration> {
+        self.call(json!({ "op": "state", "name": name, "calls": calls }))
+            .await
+    }
+
     /// Ends and forgets a domain.
     pub async fn destroy(&mut self, name: &str) -> anyhow::Result<()> {
         self.call(json!({ "op": "destroy", "name": name }))

@@ -162,6 +162,14 @@ impl Operations {
         }
         self.rtt.raw.push(t0.elapsed() / s.rtt_calls);
         q.kill().await?;
+        if let Some(libvirt) = s.libvirt.as_deref_mut() {
+            libvirt
+                .start_domain("bench-libvirt", MEMORY_MIB, None)
+                .await?;
+            let t = libvirt.state_reads("bench-libvirt", s.rtt_calls).await?;
+            self.rtt.libvirt.push(t);
+            libvirt.destroy("bench-libvirt").await?;
+        }
         Ok(())
     }
 
@@ -267,6 +275,10 @@ impl Operations {
     pub fn libvirt_rows(&self) -> Vec<PeerRow> {
         [
             ("start → running", &self.start),
+            (
+                "state read (GetInstance, query-status, dom.state())",
+                &self.rtt,
+            ),
             ("NIC hot-add", &self.nic_add),
             ("disk hot-add", &self.disk_add),
         ]
