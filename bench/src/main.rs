@@ -187,18 +187,20 @@ fn cgroup_parent() -> String {
 /// guest's migrations (on agents of their own).
 async fn guest_rows(
     client: &mut NodeAgentClient<Channel>,
+    metrics: std::net::SocketAddr,
     binary: &Path,
     work: &Path,
     args: &Args,
-) -> anyhow::Result<Vec<Row>> {
+) -> anyhow::Result<(Vec<Row>, profile::Profile)> {
     let guest = removal::Guest::locate(args.guest.as_deref())?;
     let removal_rounds = if args.quick { 3 } else { 10 };
     let run_dir = work.join("state").join("run");
-    let removals = removal::measure(client, &run_dir, work, &guest, removal_rounds).await?;
-    let mut rows = vec![removals.row("device removal (disk, test guest)", 1.10)];
+    let (removals, removal_profile) =
+        removal::measure(client, metrics, &run_dir, work, &guest, removal_rounds).await?;
+    let mut rows = vec![removals.row(removal::ROW, 1.10)];
     let busy_rounds = if args.quick { 1 } else { 3 };
     rows.extend(busy::measure(binary, work, &guest, busy_rounds).await?);
-    Ok(rows)
+    Ok((rows, removal_profile))
 }
 
 /// Save, restore and migration, plain and encrypted.
@@ -283,6 +285,17 @@ async fn libvirt_peer(
     Ok(Some(libvirt::Libvirt::start(accel).await?))
 }
 
+/// Starts an agent that serves its metrics, for the step profiles; returns
+/// it with the metrics' address.
+async fn start_profiled_agent(
+    binary: &Path,
+    state: &Path,
+) -> anyhow::Result<(AgentProcess, std::net::SocketAddr)> {
+    let metrics = free_loopback_address()?;
+    let listen = std::ffi::OsString::from(format!("--metrics-listen={metrics}"));
+    Ok((start_agent_with(binary, state, &[&listen]).await?, metrics))
+}
+
 /// A loopback address with a port nobody listens on now.
 fn free_loopback_address() -> anyhow::Result<std::net::SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -356,13 +369,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("kvm-agent"),
     };
     let work = tempfile::Builder::new().prefix("kab").tempdir()?;
-    let metrics = free_loopback_address()?;
-    let agent = start_agent_with(
-        &binary,
-        &work.path().join("state"),
-        &[std::ffi::OsStr::new(&format!("--metrics-listen={metrics}"))],
-    )
-    .await?;
+    let (agent, metrics) = start_profiled_agent(&binary, &work.path().join("state")).await?;
     let mut client = local_client(&agent.socket).await?;
     let node = client
         .get_node_info(pb::GetNodeInfoRequest {})
@@ -389,9 +396,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let most = if args.quick { rounds } else { 2 * rounds };
     let operations = operations::Operations::measure(&mut setup, rounds, most).await?;
-    let (profiles, mut peer_rows) = (operations.profiles(), operations.libvirt_rows());
+    let (mut profiles, mut peer_rows) = (operations.profiles(), operations.libvirt_rows());
     let mut rows = operations.rows();
-    rows.extend(guest_rows(&mut client, &binary, work.path(), &args).await?);
+    let (removal_rows, removal_profile) =
+        guest_rows(&mut client, metrics, &binary, work.path(), &args).await?;
+    rows.extend(removal_rows);
+    profiles.push(removal_profile);
     drop(client);
     drop(agent);
     let newer_qemu = args.newer_qemu.as_deref();

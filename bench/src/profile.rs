@@ -57,6 +57,17 @@ pub const DISK_STEPS: &[&str] = &[
     "QEMU and record / record",
 ];
 
+/// The agent's steps of a device's removal: `device_del`'s reply, then the
+/// guest's release (DEVICE_DELETED), the backend, the record.
+pub const REMOVAL_STEPS: &[&str] = &[
+    "journal",
+    "device_del",
+    "guest release",
+    "backend",
+    "record",
+    "record / journal clear",
+];
+
 /// The agent's steps of a stop: QEMU's end, then its files; the record
 /// of a forced stop is written beside QEMU's end.
 pub const STOP_STEPS: &[&str] = &["QEMU", "reap", "run files", "record"];
@@ -242,7 +253,7 @@ impl RawSteps {
 /// The report's section: one table per operation.
 pub fn section(md: &mut String, profiles: &[Profile]) {
     md.push_str("\n## Where the time goes\n\n");
-    md.push_str("Mean time of each step in ms, over every start and hot-add of the operation rounds above: the agent's from its own `step` spans (its metrics endpoint's `kvm_agent_step_duration_seconds`), the raw driver's from timing its own steps, in the same run. A step inside another is named after both and is part of its time; the two inside `slot and …` and `QEMU and record` run at once. \"Outside the steps\" is the whole operation, as the client timed it, less its top-level steps: for the agent, gRPC, locks and bookkeeping.\n");
+    md.push_str("Mean time of each step in ms, over every start, hot-add and device removal of the rounds above: the agent's from its own `step` spans (its metrics endpoint's `kvm_agent_step_duration_seconds`), the raw driver's from timing its own steps, in the same run. A step inside another is named after both and is part of its time; the two inside `slot and …` and `QEMU and record` run at once. \"Outside the steps\" is the whole operation, as the client timed it, less its top-level steps: for the agent, gRPC, locks and bookkeeping.\n");
     for profile in profiles {
         md.push_str(&format!(
             "\n### {}\n\n| side | step | mean (ms) | runs |\n|---|---|---|---|\n",

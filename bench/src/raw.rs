@@ -294,6 +294,7 @@ impl RawQemu {
             "{}\n",
             json!({ "execute": "device_del", "arguments": { "id": id }, "id": self.next_id })
         );
+        let started = Instant::now();
         self.writer.write_all(line.as_bytes()).await?;
         // The event may come before or after the reply.
         let (mut replied, mut deleted) = (false, false);
@@ -309,6 +310,8 @@ impl RawQemu {
             deleted |= v.get("event").and_then(Value::as_str) == Some("DEVICE_DELETED")
                 && v["data"]["device"].as_str() == Some(id.as_str());
         }
+        self.steps
+            .push(("device_del and release".into(), started.elapsed()));
         for node in [format!("rawfmt{index}"), format!("rawfile{index}")] {
             self.execute_args("blockdev-del", json!({ "node-name": node }), None)
                 .await?;

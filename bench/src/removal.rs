@@ -3,6 +3,7 @@
 //! through the agent and once raw. Each round hot-adds a disk, lets the
 //! guest take it in, and times its removal up to the deleted backend.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use tokio::net::UnixStream;
 use tonic::transport::Channel;
 
 use crate::Samples;
+use crate::profile::{self, Profile, REMOVAL_STEPS, RawSteps};
 use crate::raw::{RawQemu, machine_args};
 
 /// What the test guest's /init prints on the serial console once its
@@ -103,14 +105,19 @@ impl Guest {
     }
 }
 
-/// Measures `rounds` disk removals on each side.
+/// The report's row of a removal.
+pub const ROW: &str = "device removal (disk, test guest)";
+
+/// Measures `rounds` disk removals on each side, with where their time
+/// went: the agent's steps from its metrics endpoint at `metrics`.
 pub async fn measure(
     client: &mut NodeAgentClient<Channel>,
+    metrics: SocketAddr,
     run_dir: &Path,
     work: &Path,
     guest: &Guest,
     rounds: usize,
-) -> anyhow::Result<Samples> {
+) -> anyhow::Result<(Samples, Profile)> {
     let mut samples = Samples::default();
     let agent_image = work.join("removal-agent.img");
     let raw_image = work.join("removal-raw.img");
@@ -118,9 +125,24 @@ pub async fn measure(
         std::fs::File::create(image)?.set_len(16 << 20)?;
     }
 
+    let before = profile::scrape(metrics).await?;
     samples.agent = through_agent(client, run_dir, guest, &agent_image, rounds).await?;
-    samples.raw = raw(work, guest, &raw_image, rounds).await?;
-    Ok(samples)
+    let after = profile::scrape(metrics).await?;
+    let (raw_samples, raw_steps) = raw(work, guest, &raw_image, rounds).await?;
+    samples.raw = raw_samples;
+    let profile = Profile {
+        operation: ROW,
+        agent: profile::agent_steps(&before, &after, "remove-device", REMOVAL_STEPS),
+        agent_total_ms: mean_ms(&samples.agent),
+        raw: raw_steps.means(),
+        raw_total_ms: mean_ms(&samples.raw),
+    };
+    Ok((samples, profile))
+}
+
+fn mean_ms(samples: &[Duration]) -> f64 {
+    let total: Duration = samples.iter().sum();
+    total.as_secs_f64() * 1000.0 / samples.len().max(1) as f64
 }
 
 /// Removals through the agent, from the test guest it runs.
@@ -183,14 +205,16 @@ async fn through_agent(
     Ok(samples)
 }
 
-/// Removals from the same guest in a QEMU driven directly.
+/// Removals from the same guest in a QEMU driven directly, with the
+/// steps of each.
 async fn raw(
     work: &Path,
     guest: &Guest,
     image: &Path,
     rounds: usize,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<Duration>, RawSteps)> {
     let mut samples = Vec::new();
+    let mut steps = RawSteps::default();
     let raw_dir = work.join("removal-raw");
     std::fs::create_dir_all(&raw_dir)?;
     let serial = raw_dir.join("serial.sock");
@@ -201,12 +225,14 @@ async fn raw(
         eprintln!("device removal (raw) {}/{rounds}", round + 1);
         q.add_disk(round as u32, 4, image).await?;
         tokio::time::sleep(SETTLE).await;
+        q.take_steps();
         let began = Instant::now();
         q.remove_disk(round as u32).await?;
         samples.push(began.elapsed());
+        steps.add(q.take_steps());
     }
     q.kill().await?;
-    Ok(samples)
+    Ok((samples, steps))
 }
 
 /// Reads the serial console until the guest says it is ready.

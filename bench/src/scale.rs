@@ -4,6 +4,7 @@
 //! open fds are taken, the agent is killed with SIGKILL and restarted to
 //! time its reconciliation, and all instances are stopped at once.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
 use crate::profile::{self, STOP_STEPS};
 use crate::raw::{RawQemu, machine_args};
-use crate::{free_loopback_address, local_client, start_agent, start_agent_with};
+use crate::{local_client, start_agent, start_profiled_agent};
 
 /// Instances started at once, on both sides.
 pub const START_BATCH: usize = 10;
@@ -154,24 +155,14 @@ async fn level(
     agent.child.kill()?;
     agent.child.wait()?;
     drop(agent);
-    let metrics = free_loopback_address()?;
-    let metrics_arg = std::ffi::OsString::from(format!("--metrics-listen={metrics}"));
     let began = Instant::now();
-    let agent = start_agent_with(binary, &state, &[&metrics_arg]).await?;
+    let (agent, metrics) = start_profiled_agent(binary, &state).await?;
     let restart_first_answer = began.elapsed();
     wait_adopted(&agent.socket, instances).await?;
     let reconcile = began.elapsed();
 
-    let steps_before = profile::scrape(metrics).await?;
-    let began = Instant::now();
-    let agent_calls = agent_stop_all(&agent.socket, &names).await?;
-    let agent_stop = began.elapsed();
-    let steps_after = profile::scrape(metrics).await?;
-    let stop_each = StopProfile {
-        agent_steps: profile::agent_steps(&steps_before, &steps_after, "stop", STOP_STEPS),
-        agent_call_ms: mean_ms(&agent_calls),
-        raw_kill_ms: mean_ms(&raw_kills),
-    };
+    let (agent_stop, stop_each) =
+        stop_all_profiled(&agent.socket, metrics, &names, &raw_kills).await?;
     drop(agent);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&raw_dir);
@@ -193,6 +184,28 @@ async fn level(
         stop_all: Pair::new(agent_stop, raw_stop),
         stop_each,
     })
+}
+
+/// Force-stops every instance at once through the agent on `socket`,
+/// whose metrics are at `metrics`; returns the whole time and where each
+/// stop's time went, beside the raw kills'.
+async fn stop_all_profiled(
+    socket: &Path,
+    metrics: SocketAddr,
+    names: &[String],
+    raw_kills: &[Duration],
+) -> anyhow::Result<(Duration, StopProfile)> {
+    let before = profile::scrape(metrics).await?;
+    let began = Instant::now();
+    let calls = agent_stop_all(socket, names).await?;
+    let whole = began.elapsed();
+    let after = profile::scrape(metrics).await?;
+    let each = StopProfile {
+        agent_steps: profile::agent_steps(&before, &after, "stop", STOP_STEPS),
+        agent_call_ms: mean_ms(&calls),
+        raw_kill_ms: mean_ms(raw_kills),
+    };
+    Ok((whole, each))
 }
 
 fn mean_ms(times: &[Duration]) -> f64 {

@@ -8,6 +8,7 @@ use hypervisor::qmp::{QmpClient, QmpError};
 use hypervisor::runtime::{RuntimeDisk, RuntimeNic, Uuid};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tracing::{Instrument, debug_span};
 
 use crate::HotplugError;
 use crate::pipeline::undo;
@@ -72,6 +73,7 @@ pub async fn remove(
     // Subscribe first: the event may come before device_del's reply.
     let mut events = qmp.subscribe();
     qmp.execute("device_del", Some(json!({ "id": id })))
+        .instrument(debug_span!("step", step = "device_del"))
         .await
         .map_err(HotplugError::qmp("device_del"))?;
     let released = tokio::time::timeout(timeout, async {
@@ -83,6 +85,7 @@ pub async fn remove(
             }
         }
     })
+    .instrument(debug_span!("step", step = "guest release"))
     .await;
     match released {
         Err(_) => {
@@ -98,7 +101,9 @@ pub async fn remove(
     }
     // The device is gone; a backend that can't be deleted only leaks inside
     // QEMU, so it is logged rather than failing the removal.
-    delete_backend(qmp, device).await;
+    delete_backend(qmp, device)
+        .instrument(debug_span!("step", step = "backend"))
+        .await;
     Ok(())
 }
 

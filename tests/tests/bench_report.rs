@@ -38,7 +38,7 @@ const OPERATIONS: [&str; 25] = [
 
 /// The steps the agent times in each profiled operation, by the
 /// operation's row: the names the report's profile shows.
-const PROFILED: [(&str, &[&str]); 3] = [
+const PROFILED: [(&str, &[&str]); 4] = [
     (
         "start → QMP ready",
         &[
@@ -83,6 +83,17 @@ const PROFILED: [(&str, &[&str]); 3] = [
             "QEMU and record",
             "QEMU and record / QEMU",
             "QEMU and record / record",
+        ],
+    ),
+    (
+        "device removal (disk, test guest)",
+        &[
+            "journal",
+            "device_del",
+            "guest release",
+            "backend",
+            "record",
+            "record / journal clear",
         ],
     ),
 ];

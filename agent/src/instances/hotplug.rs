@@ -489,7 +489,9 @@ impl Agent {
             // `target` was built from one of the two indexes.
             _ => return Err(AgentError::Internal("device index lost".into())),
         };
-        self.commit(&inst, &record).await?;
+        self.commit(&inst, &record)
+            .instrument(debug_span!("step", step = "record"))
+            .await?;
         tracing::info!(instance = %name, device, "device removed");
         inst.announce(EventKind::DeviceRemoved {
             device: device.to_owned(),
