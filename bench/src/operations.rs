@@ -4,14 +4,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
 use crate::libvirt::{Libvirt, PeerRow};
-use crate::profile::{self, DISK_STEPS, NIC_STEPS, Profile, RawSteps, START_STEPS, StepSums};
+use crate::profile::{
+    self, DISK_STEPS, NIC_STEPS, Profile, RawSteps, START_STEPS, StepSums, mean_ms,
+};
 use crate::raw::RawQemu;
 use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, SETTLE, Samples, agent_start, agent_stop, timed};
 
@@ -301,11 +303,6 @@ impl Operations {
             self.disk_add.row("disk hot-add", GOAL),
         ]
     }
-}
-
-fn mean_ms(samples: &[Duration]) -> f64 {
-    let total: Duration = samples.iter().sum();
-    total.as_secs_f64() * 1000.0 / samples.len().max(1) as f64
 }
 
 async fn reboot(client: &mut NodeAgentClient<Channel>, mode: pb::RebootMode) -> anyhow::Result<()> {

@@ -72,6 +72,12 @@ pub const REMOVAL_STEPS: &[&str] = &[
 /// of a forced stop is written beside QEMU's end.
 pub const STOP_STEPS: &[&str] = &["QEMU", "reap", "run files", "record"];
 
+/// The mean of `samples` in ms (0 for none).
+pub fn mean_ms(samples: &[Duration]) -> f64 {
+    let total: Duration = samples.iter().sum();
+    total.as_secs_f64() * 1000.0 / samples.len().max(1) as f64
+}
+
 /// One step's mean over the rounds.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Step {

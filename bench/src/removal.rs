@@ -15,7 +15,7 @@ use tokio::net::UnixStream;
 use tonic::transport::Channel;
 
 use crate::Samples;
-use crate::profile::{self, Profile, REMOVAL_STEPS, RawSteps};
+use crate::profile::{self, Profile, REMOVAL_STEPS, RawSteps, mean_ms};
 use crate::raw::{RawQemu, machine_args};
 
 /// What the test guest's /init prints on the serial console once its
@@ -138,11 +138,6 @@ pub async fn measure(
         raw_total_ms: mean_ms(&samples.raw),
     };
     Ok((samples, profile))
-}
-
-fn mean_ms(samples: &[Duration]) -> f64 {
-    let total: Duration = samples.iter().sum();
-    total.as_secs_f64() * 1000.0 / samples.len().max(1) as f64
 }
 
 /// Removals through the agent, from the test guest it runs.

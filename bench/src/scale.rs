@@ -14,7 +14,7 @@ use nix::unistd::{SysconfVar, sysconf};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
-use crate::profile::{self, STOP_STEPS};
+use crate::profile::{self, STOP_STEPS, mean_ms};
 use crate::raw::{RawQemu, machine_args};
 use crate::{local_client, start_agent, start_profiled_agent};
 
@@ -206,10 +206,6 @@ async fn stop_all_profiled(
         raw_kill_ms: mean_ms(raw_kills),
     };
     Ok((whole, each))
-}
-
-fn mean_ms(times: &[Duration]) -> f64 {
-    ms(times.iter().sum::<Duration>()) / times.len().max(1) as f64
 }
 
 /// Starts `count` raw QEMUs with the argv the agent renders for the same
