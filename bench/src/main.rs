@@ -198,8 +198,7 @@ async fn guest_rows(
     let (removals, removal_profile) =
         removal::measure(client, metrics, &run_dir, work, &guest, removal_rounds).await?;
     let mut rows = vec![removals.row(removal::ROW, 1.10)];
-    let busy_rounds = if args.quick { 1 } else { 3 };
-    rows.extend(busy::measure(binary, work, &guest, busy_rounds).await?);
+    rows.extend(busy::measure(binary, work, &guest, args.quick).await?);
     Ok((rows, removal_profile))
 }
 
@@ -212,7 +211,7 @@ async fn transfers(
     args: &Args,
     libvirt: Option<&mut libvirt::Libvirt>,
 ) -> anyhow::Result<(Vec<Row>, Vec<libvirt::PeerRow>)> {
-    let rounds = if args.quick { 3 } else { 5 };
+    let rounds = if args.quick { 2 } else { 5 };
     let (mut rows, peer_rows) =
         transfer::measure(binary, work, newer_qemu, accel, rounds, libvirt).await?;
     rows.extend(encryption::measure(binary, work, accel, rounds).await?);
