@@ -14,8 +14,6 @@ use tokio::task::JoinHandle;
 pub enum Connection {
     /// Passes bytes both ways.
     Forward,
-    /// Closes it before reading anything.
-    Close,
     /// Keeps it open, reads nothing and never answers.
     Hold,
     /// Says it arrived, then waits until `open` fires before forwarding.
@@ -66,7 +64,6 @@ impl ApiProxy {
                     Connection::Forward => {
                         tokio::spawn(forward(client, target.clone()));
                     }
-                    Connection::Close => drop(client),
                     Connection::Hold => held.push(client),
                     Connection::Gate { arrived, open } => {
                         let _ = arrived.send(());

@@ -545,10 +545,13 @@ async fn a_finalize_that_never_reaches_the_target_leaves_the_guest_with_the_sour
     let target = TestAgent::start().await;
     let (uuid, pid) = quick_guest(&source, &target, "lost1").await;
     // The first connection carries AcceptMigration and the liveness
-    // checks; the second, FinalizeMigration, is cut before it is read.
+    // checks; the second, FinalizeMigration, is held unread until the
+    // source gives up on it. (Closed instead, it could be noticed dead
+    // before the request went out, and the client would send it on a
+    // fresh connection.)
     let proxy = ApiProxy::start(
         &target.socket(),
-        vec![Connection::Forward, Connection::Close],
+        vec![Connection::Forward, Connection::Hold],
         Then::Forward,
     );
 
