@@ -30,10 +30,16 @@ impl fmt::Display for QemuUser {
     }
 }
 
-/// The processes of the host by their real and effective uids, from
-/// `/proc/<pid>/status` (a process that changed its uid is not dumpable,
-/// so the owner of its `/proc` directory is root, not its uid). A process
-/// that exits during the scan is skipped.
+/// The processes of the host by their uids. Kernel threads are left out,
+/// as is a process that exits during the scan.
+///
+/// A start scans the host, so this stays cheap: the owner of a
+/// `/proc/<pid>` directory is the process's effective uid, which costs a
+/// `stat`, where generating its `status` costs tens of microseconds. Only
+/// a process running as root is read from `status`, for a real uid that
+/// may be another's (a set-user-ID program that user started). A process
+/// whose real uid differs from an effective uid other than root is listed
+/// under the effective one alone.
 pub fn processes_by_uid() -> std::collections::HashMap<u32, Vec<u32>> {
     let mut by_uid = std::collections::HashMap::<u32, Vec<u32>>::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -43,14 +49,37 @@ pub fn processes_by_uid() -> std::collections::HashMap<u32, Vec<u32>> {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+        let Ok(meta) = entry.metadata() else {
             continue;
         };
-        for uid in status_uids(&status) {
+        let uids = match meta.uid() {
+            0 => root_owned_process_uids(&entry.path()),
+            owner => vec![owner],
+        };
+        for uid in uids {
             by_uid.entry(uid).or_default().push(pid);
         }
     }
     by_uid
+}
+
+/// The real and effective uid of a process running as root, whose `/proc`
+/// directory is `dir`; none for a kernel thread (or a zombie).
+fn root_owned_process_uids(dir: &Path) -> Vec<u32> {
+    use std::io::Read;
+    // Only a process with memory has an executable; a host has many kernel
+    // threads, and this is cheaper than their `status`.
+    if std::fs::read_link(dir.join("exe")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Vec::new();
+    }
+    // The uids come early in the text: one read is enough.
+    let mut head = [0u8; 4096];
+    let Ok(len) = std::fs::File::open(dir.join("status")).and_then(|mut f| f.read(&mut head))
+    else {
+        return Vec::new();
+    };
+    status_uids(&String::from_utf8_lossy(&head[..len]))
 }
 
 /// The real and effective uid of a `/proc/<pid>/status` text. Pure.
@@ -147,6 +176,90 @@ mod tests {
             "Name:\tqemu\nUmask:\t0022\nUid:\t70001\t70002\t70003\t70004\nGid:\t5\t5\t5\t5\n";
         assert_eq!(status_uids(status), [70001, 70002]);
         assert_eq!(status_uids("Name:\tgone\n"), Vec::<u32>::new());
+    }
+
+    /// Pids of the kernel's own threads, from the `PF_KTHREAD` flag in
+    /// `/proc/<pid>/stat`.
+    fn kernel_threads() -> Vec<u32> {
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        let flags = |stat: &str| -> Option<u64> {
+            // The fields after the parenthesised name; flags is the 9th
+            // field, the 7th after the name.
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(6)?
+                .parse()
+                .ok()
+        };
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| flags(&s))
+                    .is_some_and(|f| f & PF_KTHREAD != 0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_process_scan_finds_this_process_and_no_kernel_thread() {
+        let by_uid = processes_by_uid();
+        let me = std::process::id();
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(by_uid[&uid].contains(&me), "{me} not under uid {uid}");
+        let listed: std::collections::HashSet<u32> = by_uid.values().flatten().copied().collect();
+        let threads = kernel_threads();
+        let listed_threads: Vec<_> = threads.iter().filter(|p| listed.contains(p)).collect();
+        assert!(listed_threads.is_empty(), "{listed_threads:?}");
+    }
+
+    /// Waits until the scan lists `pid` under `uid`, or gives up.
+    fn scan_lists(pid: u32, uid: u32) -> bool {
+        (0..200).any(|_| {
+            let found = processes_by_uid()
+                .get(&uid)
+                .is_some_and(|p| p.contains(&pid));
+            if !found {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            found
+        })
+    }
+
+    #[test]
+    fn the_process_scan_finds_effective_and_real_uids() {
+        use std::os::unix::process::CommandExt;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test starts processes under other uids: run it as root"
+        );
+        let mut effective = std::process::Command::new("sleep")
+            .arg("10")
+            .uid(64_991)
+            .gid(64_991)
+            .spawn()
+            .expect("start sleep");
+        // Root by its effective uid, as a set-user-ID program is.
+        let mut real = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os, time; os.setresuid(64992, 0, 0); time.sleep(10)",
+            ])
+            .spawn()
+            .expect("start python3");
+        let found = (
+            scan_lists(effective.id(), 64_991),
+            scan_lists(real.id(), 64_992),
+        );
+        for child in [&mut effective, &mut real] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(found, (true, true));
     }
 
     const NOBODY: QemuUser = QemuUser {

@@ -64,15 +64,16 @@ impl Agent {
             // uid, would share it with this instance; the instance's own
             // QEMU (a hard reboot's, a migration's source on this host)
             // would not.
-            taken.extend(
-                hypervisor::identity::processes_by_uid()
-                    .into_iter()
-                    .filter(|(uid, pids)| {
-                        pool.contains(uid)
-                            && pids.iter().any(|&pid| !process::runs_instance(pid, uuid))
-                    })
-                    .map(|(uid, _)| uid),
-            );
+            let others: Vec<u32> = hypervisor::identity::processes_by_uid()
+                .into_iter()
+                .filter(|(uid, pids)| {
+                    pool.contains(uid)
+                        && !taken.contains(uid)
+                        && pids.iter().any(|&pid| !process::runs_instance(pid, uuid))
+                })
+                .map(|(uid, _)| uid)
+                .collect();
+            taken.extend(others);
         }
         let picked = users.pick(previous, &taken).ok_or_else(|| {
             let pool = users.pool.clone().unwrap_or(0..=0);
