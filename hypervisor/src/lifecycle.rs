@@ -617,7 +617,8 @@ async fn launch_in(
     };
 
     let qmp_path = run_dir.join(files::QMP);
-    let connect = QmpClient::connect(&qmp_path, cfg.qmp)
+    let known_commands = qemu.qmp_commands.get().cloned();
+    let connect = QmpClient::connect_knowing(&qmp_path, cfg.qmp, known_commands)
         .instrument(debug_span!("step", step = "QMP greeting"));
     let qmp = tokio::select! {
         biased;
@@ -626,6 +627,9 @@ async fn launch_in(
     };
     match qmp {
         Ok(qmp) => {
+            // Set by the first launch; a race between two first launches
+            // stores either's list, and they are the same.
+            let _ = qemu.qmp_commands.set(qmp.commands());
             let continued = pin_and_continue(rt, &qmp, mode)
                 .instrument(debug_span!("step", step = "vCPU pinning"))
                 .await;

@@ -133,6 +133,7 @@ pub async fn probe(binary: &Path) -> Result<QemuInfo, ProbeError> {
         firmware_dir,
         module_dir,
         devices: Some(devices),
+        qmp_commands: Default::default(),
     })
 }
 
@@ -361,6 +362,7 @@ none                 empty machine
             firmware_dir: None,
             module_dir: None,
             devices: None,
+            qmp_commands: Default::default(),
         };
 
         assert_eq!(info.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));

@@ -1,10 +1,14 @@
 //! What a QEMU binary is: its version, machine types and what it takes.
-//! Data only; the `probe` module finds it out by running the binary, and a
-//! runtime, its command line and QMP's greeting use it without I/O.
+//! Data only; the `probe` module finds it out by running the binary (its
+//! first launch adds the QMP commands), and a runtime, its command line
+//! and QMP's greeting use it without I/O.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use crate::qmp::CommandSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +66,9 @@ pub struct QemuInfo {
     /// The device drivers it offers (`-device help`), by name and alias;
     /// `None` where they weren't asked.
     pub devices: Option<BTreeSet<String>>,
+    /// Its QMP commands, as the first QEMU launched from it listed them:
+    /// later launches skip asking, on the way to a ready monitor.
+    pub qmp_commands: OnceLock<Arc<CommandSet>>,
 }
 
 impl QemuInfo {

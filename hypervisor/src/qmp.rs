@@ -246,8 +246,12 @@ pub struct QmpClient {
     next_id: AtomicU64,
     config: QmpConfig,
     version: QemuVersion,
-    commands: HashSet<String>,
+    commands: Arc<CommandSet>,
 }
+
+/// The commands a QEMU offers, as `query-commands` lists them. One binary
+/// lists the same whatever its machine and options.
+pub type CommandSet = HashSet<String>;
 
 impl std::fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,8 +271,18 @@ impl QmpClient {
     /// Connects to a QMP unix socket and completes the handshake. After a
     /// fault, the client reconnects to the same path on the next command.
     pub async fn connect(path: &Path, config: QmpConfig) -> Result<Self, QmpError> {
+        Self::connect_knowing(path, config, None).await
+    }
+
+    /// [`Self::connect`] to a QEMU whose `commands` are known, as another of
+    /// its binary listed them: the handshake doesn't ask again.
+    pub async fn connect_knowing(
+        path: &Path,
+        config: QmpConfig,
+        commands: Option<Arc<CommandSet>>,
+    ) -> Result<Self, QmpError> {
         let stream = UnixStream::connect(path).await?;
-        let mut client = Self::handshake(stream, config).await?;
+        let mut client = Self::handshake_knowing(stream, config, commands).await?;
         client.path = Some(path.to_owned());
         Ok(client)
     }
@@ -276,6 +290,14 @@ impl QmpClient {
     /// Reads the greeting, sends `qmp_capabilities` and learns the supported
     /// commands. Such a client can't reconnect once its stream is gone.
     pub async fn handshake(stream: UnixStream, config: QmpConfig) -> Result<Self, QmpError> {
+        Self::handshake_knowing(stream, config, None).await
+    }
+
+    async fn handshake_knowing(
+        stream: UnixStream,
+        config: QmpConfig,
+        commands: Option<Arc<CommandSet>>,
+    ) -> Result<Self, QmpError> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (connection, version) = Connection::open(stream, &config, events.clone()).await?;
         let mut client = QmpClient {
@@ -286,23 +308,33 @@ impl QmpClient {
             next_id: AtomicU64::new(1),
             config,
             version,
-            commands: HashSet::new(),
+            commands: Arc::default(),
         };
         let timeout = client.config.command_timeout;
-        client
-            .exchange(&connection, vec![connection.capabilities()], timeout)
+        let mut handshake = vec![connection.capabilities()];
+        if commands.is_none() {
+            // QEMU answers in order, so this one runs in command mode.
+            handshake.push(Command::bare("query-commands"));
+        }
+        let mut replies = client
+            .exchange(&connection, handshake, timeout)
             .await
-            .remove(0)?;
-        let listed = client
-            .exchange(&connection, vec![Command::bare("query-commands")], timeout)
-            .await
-            .remove(0)?;
-        client.commands = listed
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
-            .collect();
+            .into_iter();
+        replies.next().expect("the capabilities' reply")?;
+        client.commands = match commands {
+            Some(known) => known,
+            None => {
+                let listed = replies.next().expect("the commands' reply")?;
+                Arc::new(
+                    listed
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+                        .collect(),
+                )
+            }
+        };
         Ok(client)
     }
 
@@ -314,6 +346,11 @@ impl QmpClient {
     /// Whether this QEMU has the command.
     pub fn supports(&self, command: &str) -> bool {
         self.commands.contains(command)
+    }
+
+    /// The commands this QEMU offers.
+    pub fn commands(&self) -> Arc<CommandSet> {
+        self.commands.clone()
     }
 
     /// Subscribes to events from now on, across reconnections.
@@ -1045,6 +1082,61 @@ mod tests {
         assert_eq!(reply["status"], "in band");
     }
 
+    /// A peer that greets and answers every request with `{}`, recording
+    /// what was asked.
+    async fn recording_qemu(server: UnixStream, asked: Arc<Mutex<Vec<String>>>) {
+        let (read, mut write) = server.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = format!("{GREETING}\n");
+        write.write_all(greeting.as_bytes()).await.unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let req: Value = serde_json::from_str(&line).unwrap();
+            let name = req["execute"].as_str().unwrap_or_default().to_owned();
+            asked.lock().unwrap().push(name);
+            let reply = json!({"return": {}, "id": req["id"]}).to_string();
+            if write
+                .write_all(format!("{reply}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_qemu_of_known_commands_is_not_asked_for_them() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(recording_qemu(server, asked.clone()));
+        let known: CommandSet = ["query-status".to_owned()].into();
+
+        let client = QmpClient::handshake_knowing(client, config(), Some(Arc::new(known)))
+            .await
+            .unwrap();
+
+        assert!(client.supports("query-status"));
+        assert!(!client.supports("cont"));
+        client.execute("query-status", None).await.unwrap();
+        let refused = client.execute("cont", None).await;
+        assert!(
+            matches!(refused, Err(QmpError::Unsupported(_))),
+            "{refused:?}"
+        );
+        assert_eq!(*asked.lock().unwrap(), ["qmp_capabilities", "query-status"]);
+    }
+
+    #[tokio::test]
+    async fn the_handshake_learns_the_commands_it_then_hands_out() {
+        let client = connected(answer_how_it_came).await;
+
+        let commands = client.commands();
+
+        let mut names: Vec<&str> = commands.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cont", "query-status", "quit"]);
+    }
+
     #[test]
     fn error_reply_keeps_class_and_desc() {
         let parsed = parse_incoming(
@@ -1341,10 +1433,10 @@ mod tests {
         assert!(matches!(err, QmpError::NoGreeting(_)), "{err:?}");
     }
 
-    /// Reads one line from a blocking socket, collecting any fds that came
-    /// with it. The client sends its next line only after a reply, so a
-    /// read never takes bytes of the line after.
-    fn recv_line_with_fds(
+    /// Reads the lines the client sent at once from a blocking socket,
+    /// collecting any fds that came with them. The client sends more only
+    /// after a reply, so a read never takes part of a later batch.
+    fn recv_lines_with_fds(
         sock: &std::os::unix::net::UnixStream,
     ) -> (String, Vec<std::os::fd::OwnedFd>) {
         use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
@@ -1380,17 +1472,19 @@ mod tests {
             use std::io::Write;
             writeln!(out, "{GREETING}").unwrap();
             loop {
-                let (line, fds) = recv_line_with_fds(&server);
-                let req: Value = serde_json::from_str(&line).unwrap();
-                let ret = match req["execute"].as_str().unwrap() {
-                    "query-commands" => json!([{"name": "getfd"}]),
-                    "getfd" => {
-                        writeln!(out, "{}", json!({"return": {}, "id": req["id"]})).unwrap();
-                        return (req, fds);
-                    }
-                    _ => json!({}),
-                };
-                writeln!(out, "{}", json!({"return": ret, "id": req["id"]})).unwrap();
+                let (lines, fds) = recv_lines_with_fds(&server);
+                for line in lines.lines() {
+                    let req: Value = serde_json::from_str(line).unwrap();
+                    let ret = match req["execute"].as_str().unwrap() {
+                        "query-commands" => json!([{"name": "getfd"}]),
+                        "getfd" => {
+                            writeln!(out, "{}", json!({"return": {}, "id": req["id"]})).unwrap();
+                            return (req, fds);
+                        }
+                        _ => json!({}),
+                    };
+                    writeln!(out, "{}", json!({"return": ret, "id": req["id"]})).unwrap();
+                }
             }
         });
         client_end.set_nonblocking(true).unwrap();

@@ -957,6 +957,7 @@ pub(crate) mod tests {
             firmware_dir: None,
             module_dir: None,
             devices: None,
+            qmp_commands: Default::default(),
             machines: vec![
                 MachineType {
                     name: "pc".into(),

@@ -705,6 +705,7 @@ pub(crate) mod tests {
             firmware_dir: None,
             module_dir: None,
             devices: None,
+            qmp_commands: Default::default(),
         };
         let argv = render_execution(&rt, &qemu, &fds).join(" ");
 
