@@ -3,14 +3,16 @@
 //! first launch adds the QMP commands), and a runtime, its command line
 //! and QMP's greeting use it without I/O.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use crate::qmp::CommandSet;
-
 use serde::{Deserialize, Serialize};
+
+/// The commands a QEMU offers, as `query-commands` lists them. One binary
+/// lists the same whatever its machine and options.
+pub type CommandSet = HashSet<String>;
 
 /// A QEMU version triple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

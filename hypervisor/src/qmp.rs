@@ -18,7 +18,7 @@
 //! broken postcopy stream never brings. It costs fd passing round trips
 //! (see [`QmpClient::pipeline`]), so only QEMUs that may need it ask.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::qemu_info::QemuVersion;
+use crate::qemu_info::{CommandSet, QemuVersion};
 
 /// Timeouts and bounds of a QMP connection.
 #[derive(Debug, Clone, Copy)]
@@ -248,10 +248,6 @@ pub struct QmpClient {
     version: QemuVersion,
     commands: Arc<CommandSet>,
 }
-
-/// The commands a QEMU offers, as `query-commands` lists them. One binary
-/// lists the same whatever its machine and options.
-pub type CommandSet = HashSet<String>;
 
 impl std::fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
