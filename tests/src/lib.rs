@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod guest;
 pub mod hosts;
+pub mod migration;
 pub mod proxy;
 pub mod tls;
 

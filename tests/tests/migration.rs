@@ -9,10 +9,10 @@ use kvm_agent_tests::guest::{
     GuestConsole, boot_guest, leave_marker, marker_and_pci_devices, pci_address,
 };
 use kvm_agent_tests::hosts::Hosts;
+use kvm_agent_tests::migration::{Migration, ResetPort};
 use kvm_agent_tests::proxy::{ApiProxy, Connection, Then};
 use kvm_agent_tests::*;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use uuid::Uuid;
@@ -20,84 +20,6 @@ use uuid::Uuid;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Slow enough that a guest's memory takes many seconds to send.
 const CRAWL: u64 = 1 << 20;
-
-/// A migration under way, followed from the test.
-struct Migration {
-    progress: watch::Receiver<Option<pb::MigrationProgress>>,
-    outcome: JoinHandle<(Vec<pb::MigrationProgress>, Result<(), tonic::Status>)>,
-}
-
-impl Migration {
-    async fn start(
-        source: &TestAgent,
-        name: &str,
-        target: &TestAgent,
-        options: pb::MigrationOptions,
-    ) -> Migration {
-        Self::start_to(source, name, target.address(), options).await
-    }
-
-    /// Starts a migration to the agent at `target`.
-    async fn start_to(
-        source: &TestAgent,
-        name: &str,
-        target: String,
-        options: pb::MigrationOptions,
-    ) -> Migration {
-        let mut stream = source
-            .client()
-            .await
-            .migrate_instance(pb::MigrateInstanceRequest {
-                name: name.into(),
-                target,
-                options: Some(options),
-            })
-            .await
-            .expect("MigrateInstance")
-            .into_inner();
-        let (tx, progress) = watch::channel(None);
-        let outcome = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(p) => {
-                        let _ = tx.send(Some(p.clone()));
-                        seen.push(p);
-                    }
-                    Err(status) => return (seen, Err(status)),
-                }
-            }
-            (seen, Ok(()))
-        });
-        Migration { progress, outcome }
-    }
-
-    /// Waits until memory is really being sent.
-    async fn wait_sending(&mut self) {
-        let sending = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.progress.wait_for(|p| {
-                p.as_ref()
-                    .is_some_and(|p| p.qemu_status == "active" && p.transferred_bytes > 0)
-            }),
-        )
-        .await;
-        let got_going = matches!(sending, Ok(Ok(_)));
-        drop(sending);
-        assert!(
-            got_going,
-            "the migration never got going: {:?}",
-            *self.progress.borrow()
-        );
-    }
-
-    async fn outcome(self) -> (Vec<pb::MigrationProgress>, Result<(), tonic::Status>) {
-        tokio::time::timeout(Duration::from_secs(60), self.outcome)
-            .await
-            .expect("the migration ends")
-            .unwrap()
-    }
-}
 
 fn state(info: &pb::InstanceInfo) -> pb::InstanceState {
     pb::InstanceState::try_from(info.state).unwrap()
@@ -362,6 +284,40 @@ async fn a_target_agent_killed_mid_migration_leaves_the_source_owner() {
     })
     .await;
     assert!(one.is_some(), "only the source's QEMU is left");
+}
+
+#[tokio::test]
+async fn a_stream_broken_mid_migration_leaves_the_guest_running_on_the_source() {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let uuid = start_guest(&source, "broken1", None).await;
+    target.track(uuid);
+    let pid = source.instance("broken1").await.pid;
+    let mut migration = Migration::start(&source, "broken1", &target, crawl()).await;
+    migration.wait_sending().await;
+    let reset = ResetPort::new(&migration.stream_port());
+    let (_, outcome) = migration.outcome().await;
+    drop(reset);
+
+    let err = outcome.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let after = source.instance("broken1").await;
+    assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
+    assert_eq!(after.pid, pid);
+    assert!(guest_running(&source, "broken1"));
+    // The target's QEMU still waits on its end of the stream; the source
+    // agent tells the target to drop it.
+    let gone = wait_for(Duration::from_secs(10), async || {
+        (target.absent("broken1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the target drops its QEMU and its record\ntarget log:\n{}",
+        target.log()
+    );
+    assert!(!target.record_path("broken1").exists());
 }
 
 #[tokio::test]
@@ -832,14 +788,7 @@ async fn multifd_channels_carry_the_guest_each_on_a_connection_of_its_own() {
 
     let mut migration = Migration::start(&source, "multi", &target, options).await;
     migration.wait_sending().await;
-    let address = migration
-        .progress
-        .borrow()
-        .as_ref()
-        .unwrap()
-        .address
-        .clone();
-    let port = address.rsplit(':').next().unwrap().to_owned();
+    let port = migration.stream_port();
     let mut most = 0;
     while !migration.outcome.is_finished() {
         most = most.max(connections_to(&port));
@@ -848,7 +797,7 @@ async fn multifd_channels_carry_the_guest_each_on_a_connection_of_its_own() {
     let (_, outcome) = migration.outcome().await;
 
     outcome.unwrap_or_else(|s| panic!("migration: {s:?}\nsource log:\n{}", source.log()));
-    assert_eq!(most, 5, "the main connection and 4 channels to {address}");
+    assert_eq!(most, 5, "the main connection and 4 channels to port {port}");
     let (seen, _) = marker_and_pci_devices(&target, "multi").await;
     assert!(seen.contains(&marker), "the guest's memory moved: {seen:?}");
 
