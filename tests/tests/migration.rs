@@ -192,6 +192,49 @@ async fn a_target_without_the_disk_refuses_and_the_source_keeps_running() {
     assert_eq!(qemu_pids_with_uuids(&[uuid].into()), vec![info.pid]);
 }
 
+/// Waits until `target` has dropped its QEMU and record of `name`, the
+/// source's `pid` being the guest's only QEMU left.
+async fn assert_target_dropped(target: &TestAgent, name: &str, uuid: Uuid, pid: u32) {
+    let gone = wait_for(Duration::from_secs(10), async || {
+        (target.absent(name).await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the target drops its QEMU and its record\ntarget log:\n{}",
+        target.log()
+    );
+    assert!(!target.record_path(name).exists());
+}
+
+/// A guest on a fresh agent whose memory crawls to another: where a
+/// migration's failures are made.
+struct UnderWay {
+    source: TestAgent,
+    target: TestAgent,
+    uuid: Uuid,
+    pid: u32,
+    migration: Migration,
+}
+
+async fn under_way(name: &str) -> UnderWay {
+    let source = TestAgent::start().await;
+    let target = TestAgent::start().await;
+    let uuid = start_guest(&source, name, None).await;
+    target.track(uuid);
+    let pid = source.instance(name).await.pid;
+    let mut migration = Migration::start(&source, name, &target, crawl()).await;
+    migration.wait_sending().await;
+    UnderWay {
+        source,
+        target,
+        uuid,
+        pid,
+        migration,
+    }
+}
+
 #[tokio::test]
 async fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
     let source = TestAgent::start().await;
@@ -246,24 +289,18 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
     let after = source.instance("cancel1").await;
     assert_eq!(state(&after), pb::InstanceState::Running, "{after:?}");
     assert!(guest_running(&source, "cancel1"));
-    let gone = wait_for(Duration::from_secs(10), async || {
-        (target.absent("cancel1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
-            .then_some(())
-    })
-    .await;
-    assert!(gone.is_some(), "the target drops its QEMU and its record");
-    assert!(!target.record_path("cancel1").exists());
+    assert_target_dropped(&target, "cancel1", uuid, pid).await;
 }
 
 #[tokio::test]
 async fn a_target_agent_killed_mid_migration_leaves_the_source_owner() {
-    let source = TestAgent::start().await;
-    let mut target = TestAgent::start().await;
-    let uuid = start_guest(&source, "orphan1", None).await;
-    target.track(uuid);
-    let pid = source.instance("orphan1").await.pid;
-    let mut migration = Migration::start(&source, "orphan1", &target, crawl()).await;
-    migration.wait_sending().await;
+    let UnderWay {
+        source,
+        mut target,
+        uuid,
+        pid,
+        migration,
+    } = under_way("orphan1").await;
 
     target.kill_agent();
     let (_, outcome) = migration.outcome().await;
@@ -288,13 +325,13 @@ async fn a_target_agent_killed_mid_migration_leaves_the_source_owner() {
 
 #[tokio::test]
 async fn a_stream_broken_mid_migration_leaves_the_guest_running_on_the_source() {
-    let source = TestAgent::start().await;
-    let target = TestAgent::start().await;
-    let uuid = start_guest(&source, "broken1", None).await;
-    target.track(uuid);
-    let pid = source.instance("broken1").await.pid;
-    let mut migration = Migration::start(&source, "broken1", &target, crawl()).await;
-    migration.wait_sending().await;
+    let UnderWay {
+        source,
+        target,
+        uuid,
+        pid,
+        migration,
+    } = under_way("broken1").await;
     let reset = ResetPort::new(&migration.stream_port());
     let (_, outcome) = migration.outcome().await;
     drop(reset);
@@ -307,28 +344,18 @@ async fn a_stream_broken_mid_migration_leaves_the_guest_running_on_the_source() 
     assert!(guest_running(&source, "broken1"));
     // The target's QEMU still waits on its end of the stream; the source
     // agent tells the target to drop it.
-    let gone = wait_for(Duration::from_secs(10), async || {
-        (target.absent("broken1").await && qemu_pids_with_uuids(&[uuid].into()) == vec![pid])
-            .then_some(())
-    })
-    .await;
-    assert!(
-        gone.is_some(),
-        "the target drops its QEMU and its record\ntarget log:\n{}",
-        target.log()
-    );
-    assert!(!target.record_path("broken1").exists());
+    assert_target_dropped(&target, "broken1", uuid, pid).await;
 }
 
 #[tokio::test]
 async fn a_source_qemu_killed_mid_migration_is_reported_crashed_and_the_target_drops_it() {
-    let source = TestAgent::start().await;
-    let target = TestAgent::start().await;
-    let uuid = start_guest(&source, "lost1", None).await;
-    target.track(uuid);
-    let pid = source.instance("lost1").await.pid;
-    let mut migration = Migration::start(&source, "lost1", &target, crawl()).await;
-    migration.wait_sending().await;
+    let UnderWay {
+        source,
+        target,
+        uuid,
+        pid,
+        migration,
+    } = under_way("lost1").await;
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
