@@ -555,6 +555,21 @@ impl Agent {
         self.registry().values().map(|i| i.view()).collect()
     }
 
+    /// Each instance's state and whether its QEMU runs unconfined: what
+    /// the metrics count, without the copy of a runtime a view makes.
+    pub fn tally(&self) -> Vec<crate::telemetry::Counted> {
+        self.registry()
+            .values()
+            .map(|i| {
+                let st = lock(&i.status);
+                crate::telemetry::Counted {
+                    state: st.state,
+                    unconfined: st.process.as_ref().is_some_and(|p| p.unconfined.is_some()),
+                }
+            })
+            .collect()
+    }
+
     /// One instance.
     pub fn get(&self, name: &str) -> Result<InstanceView, AgentError> {
         Ok(self.instance(name)?.view())

@@ -16,8 +16,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::AgentError;
-use crate::events::EventKind;
-use crate::events::Watch;
+use crate::events::{Event, EventKind, Watch};
 use crate::model::State;
 
 /// Why the metrics endpoint couldn't start.
@@ -58,7 +57,7 @@ pub struct Counted {
 }
 
 /// Starts the endpoint and keeps the instance gauges current: `states`
-/// gives every instance, asked again on each state event `watch` brings.
+/// gives every instance, asked again after state events `watch` brings.
 pub fn serve(
     addr: SocketAddr,
     watch: Watch,
@@ -71,23 +70,37 @@ pub fn serve(
         .map_err(|source| MetricsError::Exporter { addr, source })?;
     tracing::info!(%addr, "serving metrics");
     count_instances(&states());
-    tokio::spawn(async move {
-        let (mut events, _place) = (watch.live, watch.permit);
+    tokio::spawn(keep_counting(watch, states));
+    Ok(())
+}
+
+/// Counts the instances again after each burst of state events: a stop of
+/// every instance at once brings two events per instance, and a count per
+/// event would grow with the square of the instances.
+async fn keep_counting(watch: Watch, states: impl Fn() -> Vec<Counted>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let (mut events, _place) = (watch.live, watch.permit);
+    let changes_count = |e: &Event| {
+        matches!(e.kind, EventKind::State { .. } | EventKind::Deleted { .. })
+    };
+    loop {
+        let mut recount = match events.recv().await {
+            Ok(e) => changes_count(&e),
+            // Missed events only mean a recount.
+            Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => return,
+        };
         loop {
-            match events.recv().await {
-                Ok(e) if matches!(e.kind, EventKind::State { .. } | EventKind::Deleted { .. }) => {
-                    count_instances(&states())
-                }
-                Ok(_) => {}
-                // Missed events only mean a recount.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    count_instances(&states())
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            match events.try_recv() {
+                Ok(e) => recount |= changes_count(&e),
+                Err(TryRecvError::Lagged(_)) => recount = true,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
-    });
-    Ok(())
+        if recount {
+            count_instances(&states());
+        }
+    }
 }
 
 fn count_instances(instances: &[Counted]) {
@@ -307,5 +320,36 @@ mod tests {
             seconds[0] >= 0.002 && seconds[1] >= seconds[0],
             "{seconds:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_state_events_is_counted_once() {
+        let bus = crate::events::EventBus::new(256);
+        let watch = bus.watch(None).unwrap();
+        let stopped = || EventKind::State {
+            state: State::Stopped,
+            detail: String::new(),
+            guest_initiated: false,
+        };
+        for i in 0..100 {
+            bus.publish(&format!("vm{i}"), stopped());
+        }
+        let counts = Arc::new(Mutex::new(0));
+        let counted = counts.clone();
+        let counting = tokio::spawn(keep_counting(watch, move || {
+            *counted.lock().unwrap() += 1;
+            Vec::new()
+        }));
+        let settled = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            *counts.lock().unwrap()
+        };
+        assert_eq!(settled().await, 1, "one count for the hundred events");
+        bus.publish("vm0", stopped());
+        assert_eq!(settled().await, 2, "and one for a later event");
+        drop(bus);
+        counting.await.unwrap();
     }
 }

@@ -277,16 +277,7 @@ pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
             .watch_events(None)
             .map_err(|e| anyhow::anyhow!("can't follow the events for metrics: {e}"))?;
         let counted = agent.clone();
-        crate::telemetry::serve(addr, watch, move || {
-            counted
-                .list()
-                .into_iter()
-                .map(|v| crate::telemetry::Counted {
-                    state: v.state,
-                    unconfined: v.unconfined.is_some(),
-                })
-                .collect()
-        })?;
+        crate::telemetry::serve(addr, watch, move || counted.tally())?;
     }
     server::serve(agent, listeners).await
 }
