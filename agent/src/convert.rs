@@ -2,6 +2,7 @@
 //! domain types. Pure.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hotplug::support::Support;
 use hypervisor::lifecycle::StopMethod;
@@ -565,7 +566,7 @@ pub fn takeovers_to_proto(takeovers: Vec<Takeover>) -> pb::AdoptGanetiInstancesR
                         detail: String::new(),
                         pid: t.pid,
                         uptime: None,
-                        runtime: Some(*runtime),
+                        runtime: Some(Arc::from(runtime)),
                         taps: Vec::new(),
                         reconciling: false,
                         balloon_mib: None,

@@ -127,9 +127,12 @@ pub enum RecordedState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceRecord {
     /// The runtime to replay; one an earlier release wrote is upgraded as
-    /// it is read.
-    #[serde(deserialize_with = "hypervisor::runtime::format::deserialize")]
-    pub runtime: Runtime,
+    /// it is read. Shared, so that a view of the instance doesn't copy it.
+    #[serde(
+        serialize_with = "serialize_shared",
+        deserialize_with = "deserialize_shared"
+    )]
+    pub runtime: Arc<Runtime>,
     /// Last known state.
     pub state: RecordedState,
     /// Why it is in that state.
@@ -141,6 +144,14 @@ pub struct InstanceRecord {
     /// it with the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outgoing: Option<OutgoingMigration>,
+}
+
+fn serialize_shared<S: serde::Serializer>(runtime: &Arc<Runtime>, s: S) -> Result<S::Ok, S::Error> {
+    runtime.serialize(s)
+}
+
+fn deserialize_shared<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<Runtime>, D::Error> {
+    hypervisor::runtime::format::deserialize(d).map(Arc::new)
 }
 
 /// A migration a source started, as its record keeps it.
@@ -167,7 +178,7 @@ pub struct InstanceView {
     /// Time since QEMU started.
     pub uptime: Option<Duration>,
     /// The runtime in the record.
-    pub runtime: Option<Runtime>,
+    pub runtime: Option<Arc<Runtime>>,
     /// Host tap names by NIC order, while running.
     pub taps: Vec<String>,
     /// Set after an agent restart until the instance's QEMU has been found

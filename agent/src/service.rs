@@ -557,7 +557,7 @@ impl NodeAgent for NodeAgentService {
         req: Request<pb::GetRuntimeRequest>,
     ) -> Reply<pb::GetRuntimeResponse> {
         let (record, _) = self.agent.record(&req.into_inner().name).await?;
-        let runtime_json = serde_json::to_string_pretty(&record.runtime)
+        let runtime_json = serde_json::to_string_pretty(&*record.runtime)
             .map_err(|e| AgentError::Internal(e.to_string()))?;
         Ok(Response::new(pb::GetRuntimeResponse {
             runtime_json,

@@ -80,9 +80,8 @@ pub fn serve(
 async fn keep_counting(watch: Watch, states: impl Fn() -> Vec<Counted>) {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let (mut events, _place) = (watch.live, watch.permit);
-    let changes_count = |e: &Event| {
-        matches!(e.kind, EventKind::State { .. } | EventKind::Deleted { .. })
-    };
+    let changes_count =
+        |e: &Event| matches!(e.kind, EventKind::State { .. } | EventKind::Deleted { .. });
     loop {
         let mut recount = match events.recv().await {
             Ok(e) => changes_count(&e),

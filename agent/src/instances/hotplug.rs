@@ -223,7 +223,9 @@ impl Agent {
         };
         let runtime_nic = RuntimeNic::new(nic, Some(slot));
         let mut updated = record.clone();
-        updated.runtime.nics.push(runtime_nic.clone());
+        Arc::make_mut(&mut updated.runtime)
+            .nics
+            .push(runtime_nic.clone());
         let attach = hotplug::nic::attach(
             process.qmp(),
             prepared,
@@ -297,7 +299,7 @@ impl Agent {
                 device: device.to_owned(),
             })?;
         let mut updated = record.clone();
-        updated.runtime.nics[index].spec.bridge = bridge.clone();
+        Arc::make_mut(&mut updated.runtime).nics[index].spec.bridge = bridge.clone();
         updated.runtime.to_spec().validate()?;
         let from = record.runtime.nics[index].spec.bridge.clone();
         let tap = process.tap(index);
@@ -370,7 +372,9 @@ impl Agent {
             DiskPlace::ScsiTarget(target) => RuntimeDisk::on_scsi_target(disk, target),
         };
         let mut updated = record.clone();
-        updated.runtime.disks.push(runtime_disk.clone());
+        Arc::make_mut(&mut updated.runtime)
+            .disks
+            .push(runtime_disk.clone());
         let attach = hotplug::disk::attach(
             process.qmp(),
             &runtime_disk,
@@ -483,9 +487,11 @@ impl Agent {
         let changed = match (target, nic_index, disk_index) {
             (Device::Nic { .. }, Some(i), _) => {
                 let tap = process.remove_tap(i);
-                ChangedDevice::Nic(record.runtime.nics.remove(i), tap)
+                ChangedDevice::Nic(Arc::make_mut(&mut record.runtime).nics.remove(i), tap)
             }
-            (_, _, Some(i)) => ChangedDevice::Disk(record.runtime.disks.remove(i)),
+            (_, _, Some(i)) => {
+                ChangedDevice::Disk(Arc::make_mut(&mut record.runtime).disks.remove(i))
+            }
             // `target` was built from one of the two indexes.
             _ => return Err(AgentError::Internal("device index lost".into())),
         };
@@ -644,10 +650,12 @@ impl Agent {
                 .iter()
                 .position(|n| &n.spec.name == name)
             {
-                record.runtime.nics.remove(i);
+                Arc::make_mut(&mut record.runtime).nics.remove(i);
                 process.remove_tap(i);
             }
-            record.runtime.disks.retain(|d| &d.spec.name != name);
+            Arc::make_mut(&mut record.runtime)
+                .disks
+                .retain(|d| &d.spec.name != name);
             changed = true;
         }
         let known: Vec<String> = runtime_device_ids(&record).map(|(_, id)| id).collect();
@@ -716,7 +724,7 @@ async fn settle_intent(
     in_qemu: &HashMap<String, u8>,
     intent: HotplugIntent,
 ) -> bool {
-    let runtime = &mut record.runtime;
+    let runtime = Arc::make_mut(&mut record.runtime);
     let (device, recorded) = match &intent {
         HotplugIntent::AddNic { nic } => (
             Device::Nic {

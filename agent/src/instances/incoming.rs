@@ -180,7 +180,7 @@ impl Agent {
         previous: &Option<InstanceRecord>,
     ) -> Result<(InstanceRecord, Arc<Process>), AgentError> {
         let record = InstanceRecord {
-            runtime,
+            runtime: Arc::new(runtime),
             state: RecordedState::Incoming,
             detail: detail.clone(),
             outgoing: None,

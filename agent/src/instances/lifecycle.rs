@@ -247,7 +247,7 @@ impl Agent {
         let generation = previous.as_ref().map_or(0, |r| r.runtime.generation) + 1;
         let picking = self.qemu_user_pick.lock().await;
         let runtime = self
-            .generate(spec, generation, previous.as_ref().map(|r| &r.runtime))
+            .generate(spec, generation, previous.as_ref().map(|r| &*r.runtime))
             .instrument(debug_span!("step", step = "runtime"))
             .await?;
         if let Some(prev) = &previous
@@ -257,7 +257,7 @@ impl Agent {
         }
 
         let record = InstanceRecord {
-            runtime,
+            runtime: Arc::new(runtime),
             state: RecordedState::Running,
             detail: String::new(),
             outgoing: None,
@@ -302,7 +302,7 @@ impl Agent {
         spec: &mut InstanceSpec,
         previous: Option<&InstanceRecord>,
     ) -> Result<(), AgentError> {
-        Self::fill_identity(spec, previous.map(|r| &r.runtime));
+        Self::fill_identity(spec, previous.map(|r| &*r.runtime));
         spec.validate()?;
         if let Some(p) = inst.process() {
             return Err(AgentError::AlreadyRunning {
@@ -565,7 +565,7 @@ impl Agent {
                     )));
                 }
                 let previous = lock(&inst.status).record.clone();
-                let previous_runtime = previous.as_ref().map(|r| &r.runtime);
+                let previous_runtime = previous.as_ref().map(|r| &*r.runtime);
                 Self::fill_identity(&mut spec, previous_runtime);
                 spec.validate()?;
                 self.check_host_files(&spec)?;
@@ -575,7 +575,7 @@ impl Agent {
                 let runtime = self.generate(&spec, generation, previous_runtime).await?;
                 self.stop_locked(&inst, stop.force, timeouts).await?;
                 let record = InstanceRecord {
-                    runtime,
+                    runtime: Arc::new(runtime),
                     state: RecordedState::Running,
                     detail: String::new(),
                     outgoing: None,

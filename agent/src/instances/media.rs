@@ -7,6 +7,7 @@
 //! the guest notices nothing until then.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hypervisor::qmp::QmpClient;
 use hypervisor::spec::MediaDrive;
@@ -36,7 +37,7 @@ impl Agent {
                 device: drive.to_owned(),
             })?;
         let mut updated = record.clone();
-        updated.runtime.media[index].image = image;
+        Arc::make_mut(&mut updated.runtime).media[index].image = image;
         updated.runtime.to_spec().validate()?;
         let before = &record.runtime.media[index];
         let after = &updated.runtime.media[index];

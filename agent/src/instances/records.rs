@@ -1,6 +1,8 @@
 //! The durable side of an instance: reading and writing its record, and
 //! deleting or renaming a stopped one.
 
+use std::sync::Arc;
+
 use hypervisor::lifecycle::files;
 use hypervisor::process;
 
@@ -97,13 +99,16 @@ impl Agent {
         self.check_stopped(&inst)?;
         let (_, record) = inst.process_and_record();
         let record = record.ok_or_else(|| AgentError::NotFound(name.to_owned()))?;
-        let mut runtime = record.runtime.clone();
+        let mut runtime = (*record.runtime).clone();
         runtime.name = new_name.to_owned();
         runtime.argv = hypervisor::argv::render_base(&runtime);
         // Checks the new name as a spec would, and confines the runtime the
         // way this node does for that name.
         let runtime = self.adopt_runtime(&runtime).await?;
-        let renamed = InstanceRecord { runtime, ..record };
+        let renamed = InstanceRecord {
+            runtime: Arc::new(runtime),
+            ..record
+        };
         let (state, detail) = (lock(&inst.status).state, format!("renamed from {name}"));
         let new = {
             let mut registry = self.registry_mut();

@@ -151,7 +151,7 @@ impl Agent {
             instance_uuid: record.runtime.uuid.to_string(),
             was_running,
             saved_at_unix: super::unix_now(),
-            runtime: record.runtime.clone(),
+            runtime: (*record.runtime).clone(),
         };
         let writer = {
             let target = path.clone();

@@ -233,7 +233,7 @@ impl Agent {
         drop(pidfd);
         super::quarantine::devices_match(&runtime, &process.qmp).await?;
         let record = InstanceRecord {
-            runtime,
+            runtime: Arc::new(runtime),
             state: RecordedState::Running,
             detail: String::new(),
             outgoing: None,
