@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
@@ -17,6 +16,7 @@ use hypervisor::lifecycle::files;
 use hypervisor::probe::{self, QemuInfo};
 use hypervisor::process::PidFd;
 use hypervisor::qmp::QmpClient;
+use hypervisor::spawn::Spawned;
 use runtime_store::{IntentJournal, RecordStore, StoreError};
 
 use crate::config::AgentConfig;
@@ -60,7 +60,7 @@ pub(crate) struct Process {
     /// Host taps in the runtime's NIC order.
     taps: Mutex<Vec<String>>,
     /// Present when the agent itself spawned QEMU, for reaping.
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<Spawned>>,
     /// Set before the agent stops QEMU, so its exit isn't taken for a crash.
     stop_requested: AtomicBool,
     started_at: SystemTime,
@@ -80,7 +80,7 @@ impl Process {
         pidfd: Arc<PidFd>,
         qmp: QmpClient,
         taps: Vec<String>,
-        child: Option<Child>,
+        child: Option<Spawned>,
         started_at: SystemTime,
     ) -> Self {
         Self {

@@ -13,7 +13,8 @@
 //! (what a QEMU binary is) and [`identity`] (the user a confined QEMU runs
 //! as, and its access to `/dev/kvm`, decided purely). The I/O shell around it is [`probe`]
 //! (runs the binary to fill in a [`qemu_info::QemuInfo`]), [`tap`],
-//! [`process`] (spawn, pidfile, liveness, pidfd), [`qmp`], [`lifecycle`]
+//! [`process`] (pidfile, liveness, pidfd), [`spawn`] (QEMU started
+//! confined, without a fork), [`qmp`], [`lifecycle`]
 //! (launch and stop), [`affinity`] (pinning applied to QEMU's vCPU
 //! threads), [`balloon`] (the guest's memory target), [`migration`]
 //! (QEMU's side of migration, save and restore), [`guest_agent`] (the
@@ -42,6 +43,7 @@ pub mod process;
 pub mod qemu_info;
 pub mod qmp;
 pub mod runtime;
+pub mod spawn;
 pub mod spec;
 pub mod spice;
 pub mod tap;

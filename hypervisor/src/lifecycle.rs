@@ -10,7 +10,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +21,12 @@ use crate::affinity::{PinError, pin_vcpus};
 use crate::cgroup::{CgroupLayout, PreparedCgroups};
 use crate::host_files::{self, AllowedRoots, DiskImage, HostFileError};
 use crate::identity::{self, KvmAccessError, Ownership, QemuUser};
-use crate::process::{self, Credentials, PidFd, SpawnConfinement};
+use crate::process::{self, PidFd};
 use crate::qemu_info::{QemuInfo, QemuVersion};
 use crate::qmp::{QmpClient, QmpConfig, QmpError};
 use crate::runtime::ResolvedAccelerator;
 use crate::runtime::argv::{self, ExecutionFds, ImageFd, MachineFds};
+use crate::spawn::{self, Credentials, SpawnConfinement, Spawned};
 use crate::spec::{Boot, MemoryBacking, NicModel};
 use crate::tap::{self, Tap, TapError};
 
@@ -180,7 +180,7 @@ pub struct Launched {
     /// Its pidfd.
     pub pidfd: Arc<PidFd>,
     /// The child handle, for reaping its exit status.
-    pub child: Child,
+    pub child: Spawned,
     /// The connected QMP client.
     pub qmp: QmpClient,
     /// Host tap names, one per NIC in runtime order.
@@ -664,7 +664,7 @@ fn spawn_qemu(
     log_path: &Path,
     cfg: &LaunchConfig,
     confinement: &SpawnConfinement,
-) -> Result<Child, LaunchError> {
+) -> Result<Spawned, LaunchError> {
     let args = argv::render_execution(rt, qemu, fds);
     let _ = process::rotate_log(log_path, cfg.log_max_bytes, cfg.log_keep);
     // The directory may be QEMU's: never follow a link planted there.
@@ -682,7 +682,7 @@ fn spawn_qemu(
         .iter()
         .map(|dir| ("QEMU_MODULE_DIR", dir.as_os_str()))
         .collect();
-    process::spawn_detached(
+    spawn::spawn_detached(
         &qemu.binary,
         &args,
         &env,
@@ -734,7 +734,7 @@ fn prepare_cgroups(
 /// exit; silence doesn't.
 async fn qmp_failure(
     qmp_error: QmpError,
-    child: &mut Child,
+    child: &mut Spawned,
     pidfd: &PidFd,
     log_path: &Path,
 ) -> LaunchError {
@@ -804,7 +804,7 @@ async fn pin_and_continue(
     Ok(())
 }
 
-fn kill_and_reap(child: &mut Child) {
+fn kill_and_reap(child: &mut Spawned) {
     let _ = child.kill();
     let _ = child.wait();
 }

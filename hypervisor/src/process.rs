@@ -1,22 +1,15 @@
 //! QEMU as an OS process: spawning it in its own session, pidfiles,
 //! liveness that survives pid reuse, and pidfds for supervision.
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
-use caps::{CapSet, Capability, CapsHashSet};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid, setsid, write};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
-use rustix::thread::{set_keep_capabilities, set_no_new_privs};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use uuid::Uuid;
@@ -44,7 +37,7 @@ pub fn create_own_file(path: &Path) -> io::Result<File> {
 
 /// `n` in decimal with a newline, as a pidfile holds it, in `buf`.
 /// Allocates nothing, for use between fork and exec. Pure.
-fn pid_line(n: u32, buf: &mut [u8; 11]) -> &[u8] {
+pub(crate) fn pid_line(n: u32, buf: &mut [u8; 11]) -> &[u8] {
     let mut at = buf.len() - 1;
     buf[at] = b'\n';
     let mut n = n;
@@ -165,141 +158,6 @@ pub fn netdev_tap_fds(info_network: &str) -> std::collections::BTreeMap<String, 
             (first_queue && tap).then(|| (id.to_owned(), fd))
         })
         .collect()
-}
-
-/// Who a spawned process becomes before exec.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// User id (real, effective and saved).
-    pub uid: u32,
-    /// Group id (real, effective and saved).
-    pub gid: u32,
-    /// Supplementary groups; every other group is dropped.
-    pub groups: Vec<u32>,
-    /// Keep `CAP_SYS_CHROOT`, and no other capability, across exec, so
-    /// that QEMU can enter its chroot.
-    pub keep_chroot: bool,
-}
-
-/// Leaves the calling process with `keep` (`CAP_SYS_CHROOT` alone) in its
-/// effective, permitted, inheritable and ambient sets, so that it alone
-/// survives exec. Made for the time between fork and exec: `keep` is built
-/// before the fork, and the calls are capget, capset and prctl on stack
-/// memory. `caps` allocates only to describe a failure, as a string;
-/// glibc keeps malloc usable in a forked child, and the errno that std
-/// reports to the parent is read back right after.
-fn keep_only_capabilities(keep: &CapsHashSet) -> io::Result<()> {
-    let failed = |_| io::Error::last_os_error();
-    // Effective first: at every step it must stay within permitted, and
-    // inheritable may only name permitted capabilities.
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::set(None, set, keep).map_err(failed)?;
-    }
-    for &capability in keep {
-        caps::raise(None, CapSet::Ambient, capability).map_err(failed)?;
-    }
-    Ok(())
-}
-
-/// How a spawned QEMU is confined before exec.
-#[derive(Debug, Clone, Default)]
-pub struct SpawnConfinement {
-    /// Set `no_new_privs`, so no setuid binary or file capability can give
-    /// it more.
-    pub no_new_privs: bool,
-    /// Drop to this user; `None` keeps the agent's.
-    pub credentials: Option<Credentials>,
-    /// Cgroup files to write `0` to (`cgroup.procs`, or v1's `tasks`),
-    /// while still privileged, so the program runs inside its cgroups from
-    /// the start.
-    pub cgroup_procs: Vec<RawFd>,
-}
-
-/// Spawns `binary` with `args` and the agent's environment plus `env` in
-/// a new session, with stdout and stderr appended to `log`, and with
-/// `inherit` (and only those, besides 0-2) passed across exec.
-///
-/// Privileges are dropped here, between fork and exec, rather than by
-/// QEMU's `-runas`: QEMU's sandbox forbids the calls `-runas` makes.
-pub fn spawn_detached(
-    binary: &Path,
-    args: &[impl AsRef<OsStr>],
-    env: &[(&str, &OsStr)],
-    inherit: &[RawFd],
-    log: File,
-    pidfile: Option<&File>,
-    confinement: &SpawnConfinement,
-) -> io::Result<Child> {
-    let stderr = log.try_clone()?;
-    let inherit = inherit.to_vec();
-    let pidfile = pidfile.map(std::os::fd::AsRawFd::as_raw_fd);
-    let no_new_privs = confinement.no_new_privs;
-    // Everything the child needs is built here, before the fork.
-    let credentials = confinement.credentials.as_ref().map(|c| {
-        let groups: Vec<Gid> = c.groups.iter().copied().map(Gid::from_raw).collect();
-        let keep: Option<CapsHashSet> = c
-            .keep_chroot
-            .then(|| [Capability::CAP_SYS_CHROOT].into_iter().collect());
-        (Uid::from_raw(c.uid), Gid::from_raw(c.gid), groups, keep)
-    });
-    let cgroup_procs = confinement.cgroup_procs.clone();
-    let mut command = Command::new(binary);
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(stderr);
-    // SAFETY: the closure runs between fork and exec. It makes system calls
-    // (setsid, write, fcntl, setgroups, setresgid, setresuid, prctl,
-    // capget, capset) on plain integers, the stack and memory allocated
-    // before the fork, and takes no locks; only a failing capability call
-    // allocates (see `keep_only_capabilities`). The raw fds it borrows are
-    // the caller's, open until `spawn` returns; a wrong one only fails the
-    // call with EBADF.
-    unsafe {
-        command.pre_exec(move || {
-            // Its own session: QEMU outlives the agent and no terminal
-            // signal aimed at the agent reaches it.
-            setsid()?;
-            // Written by the child, so that no QEMU ever runs without its
-            // pidfile, even when the agent dies right after the fork.
-            if let Some(fd) = pidfile {
-                let mut line = [0u8; 11];
-                let pid = nix::unistd::getpid().as_raw().unsigned_abs();
-                write(BorrowedFd::borrow_raw(fd), pid_line(pid, &mut line))?;
-            }
-            // "0" is the writer itself.
-            for &fd in &cgroup_procs {
-                write(BorrowedFd::borrow_raw(fd), b"0")?;
-            }
-            for &fd in &inherit {
-                fcntl(
-                    BorrowedFd::borrow_raw(fd),
-                    FcntlArg::F_SETFD(FdFlag::empty()),
-                )?;
-            }
-            if let Some((uid, gid, groups, keep)) = &credentials {
-                // Capabilities survive the change of uid only if asked.
-                if keep.is_some() {
-                    set_keep_capabilities(true)?;
-                }
-                // Groups first: once the uid is gone, so is the right to
-                // change them.
-                setgroups(groups)?;
-                setresgid(*gid, *gid, *gid)?;
-                setresuid(*uid, *uid, *uid)?;
-                if let Some(keep) = keep {
-                    keep_only_capabilities(keep)?;
-                }
-            }
-            if no_new_privs {
-                set_no_new_privs(true)?;
-            }
-            Ok(())
-        });
-    }
-    command.spawn()
 }
 
 /// Returns the last `max_bytes` of a log file, lossily decoded.
@@ -466,7 +324,10 @@ mod tests {
 
     #[tokio::test]
     async fn pidfd_resolves_when_the_process_exits() {
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pidfd = PidFd::open(child.id()).unwrap();
         assert!(!pidfd.has_exited());
 
@@ -477,69 +338,5 @@ mod tests {
             .unwrap();
         assert!(pidfd.has_exited());
         child.wait().unwrap();
-    }
-
-    /// Runs `cat /proc/self/status` as nobody under `keep_chroot` and
-    /// returns its status lines. Needs root, as the agent does.
-    fn confined_status(keep_chroot: bool) -> String {
-        let may = |c| caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false);
-        assert!(
-            may(caps::Capability::CAP_SETUID) && may(caps::Capability::CAP_SYS_CHROOT),
-            "this test drops privileges the way the agent does, so it runs as root \
-             (CAP_SETUID and CAP_SYS_CHROOT); run the suite with scripts/test as root"
-        );
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let confinement = SpawnConfinement {
-            no_new_privs: true,
-            credentials: Some(Credentials {
-                uid: 65534,
-                gid: 65534,
-                groups: Vec::new(),
-                keep_chroot,
-            }),
-            cgroup_procs: Vec::new(),
-        };
-        let mut child = spawn_detached(
-            Path::new("/bin/cat"),
-            &["/proc/self/status"],
-            &[],
-            &[],
-            log.reopen().unwrap(),
-            None,
-            &confinement,
-        )
-        .unwrap();
-        assert!(child.wait().unwrap().success());
-        fs::read_to_string(log.path()).unwrap()
-    }
-
-    fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
-            .trim()
-    }
-
-    #[test]
-    fn a_confined_child_keeps_cap_sys_chroot_alone() {
-        let status = confined_status(true);
-
-        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-            assert_eq!(status_field(&status, set), "0000000000040000", "{set}");
-        }
-        assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
-        assert_eq!(status_field(&status, "Gid"), "65534\t65534\t65534\t65534");
-        assert_eq!(status_field(&status, "Groups"), "");
-        assert_eq!(status_field(&status, "NoNewPrivs"), "1");
-    }
-
-    #[test]
-    fn a_confined_child_without_chroot_keeps_no_capability() {
-        let status = confined_status(false);
-
-        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-            assert_eq!(status_field(&status, set), "0000000000000000", "{set}");
-        }
     }
 }
