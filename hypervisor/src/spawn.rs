@@ -184,7 +184,7 @@ fn start(plan: &ChildPlan) -> io::Result<Spawned> {
         let _blocked = BlockedSignals::all()?;
         let child = Box::new(|| {
             let Err(errno) = confine_and_exec(plan);
-            failure.store(errno, Ordering::SeqCst);
+            failure.store(errno.raw_os_error(), Ordering::SeqCst);
             // SAFETY: ends the child without running anything of the
             // agent's (atexit handlers, buffers) on the shared memory.
             unsafe { libc::_exit(127) }
@@ -274,9 +274,9 @@ impl Drop for BlockedSignals {
 /// The child's side: confines itself as `plan` says and execs; returns
 /// only on failure, with the errno. Runs in the memory of the agent,
 /// whose calling thread waits: see the module's rules.
-fn confine_and_exec(plan: &ChildPlan) -> Result<std::convert::Infallible, i32> {
+fn confine_and_exec(plan: &ChildPlan) -> Result<std::convert::Infallible, Errno> {
     reset_signal_handlers()?;
-    confine(plan).map_err(|e| e.raw_os_error())?;
+    confine(plan)?;
     // SAFETY: an empty set, then the mask QEMU starts with; the strings
     // and arrays outlive the exec.
     unsafe {
@@ -289,9 +289,16 @@ fn confine_and_exec(plan: &ChildPlan) -> Result<std::convert::Infallible, i32> {
             plan.envp.as_ptr(),
         );
     }
-    Err(io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO))
+    Err(last_errno())
+}
+
+/// The errno a libc call left, as rustix's type.
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
 }
 
 /// What the child does before exec, in raw system calls.
@@ -340,7 +347,7 @@ fn onto_stdio<'a>(
 /// Every handled signal back to its default, and SIGPIPE too (the agent,
 /// as any Rust program, ignores it; QEMU expects the default). Other
 /// ignored signals stay ignored, as across a fork.
-fn reset_signal_handlers() -> Result<(), i32> {
+fn reset_signal_handlers() -> Result<(), Errno> {
     for signal in 1..=libc::SIGRTMAX() {
         if matches!(signal, libc::SIGKILL | libc::SIGSTOP) {
             continue;
@@ -357,9 +364,7 @@ fn reset_signal_handlers() -> Result<(), i32> {
                 action.sa_sigaction = libc::SIG_DFL;
                 action.sa_flags = 0;
                 if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO));
+                    return Err(last_errno());
                 }
             }
         }
