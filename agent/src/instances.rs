@@ -38,6 +38,7 @@ mod quarantine;
 mod records;
 mod recovery;
 mod saves;
+mod slots;
 mod supervision;
 mod takeover;
 
@@ -70,6 +71,10 @@ pub(crate) struct Process {
     /// Why this QEMU runs outside the confinement its runtime gives it: one
     /// the agent adopted from another manager, until its next launch.
     unconfined: Option<String>,
+    /// The bus-0 PCI slots QEMU has taken, as its `query-pci` showed them
+    /// plus the agent's hot-adds since; `None` until asked, and again once
+    /// a device leaves or a hot-add fails. See `slots`.
+    pci_slots: Mutex<Option<Vec<u8>>>,
 }
 
 impl Process {
@@ -93,6 +98,7 @@ impl Process {
             started_at,
             balloon_mib: AtomicU64::new(0),
             unconfined: None,
+            pci_slots: Mutex::new(None),
         }
     }
 
@@ -118,6 +124,29 @@ impl Process {
     /// the agent adopted from another manager, which started it without.
     pub(crate) fn chrooted(&self, runtime: &hypervisor::Runtime) -> bool {
         runtime.chroot && self.unconfined.is_none()
+    }
+
+    /// The bus-0 slots QEMU has taken, if the agent knows them.
+    pub(crate) fn pci_slots(&self) -> Option<Vec<u8>> {
+        lock(&self.pci_slots).clone()
+    }
+
+    /// Remembers the slots a `query-pci` showed, unless newer ones are
+    /// known: one asked before a hot-add may answer after it.
+    pub(crate) fn learn_pci_slots(&self, slots: Vec<u8>) {
+        lock(&self.pci_slots).get_or_insert(slots);
+    }
+
+    /// Adds the slot of a device the agent hot-added.
+    pub(crate) fn take_pci_slot(&self, slot: u8) {
+        if let Some(slots) = lock(&self.pci_slots).as_mut() {
+            slots.push(slot);
+        }
+    }
+
+    /// Replaces the slots; `None` has the next hot-add ask QEMU.
+    pub(crate) fn set_pci_slots(&self, slots: Option<Vec<u8>>) {
+        *lock(&self.pci_slots) = slots;
     }
 
     /// The QMP connection.

@@ -141,14 +141,27 @@ pub fn bus0_devices(query_pci: &Value) -> Vec<(u8, String)> {
     found
 }
 
-/// Finds a free slot from the three sources. Pure.
+/// The bus-0 slots a `query-pci` reply shows taken, each once, in order.
+/// Pure.
+pub fn bus0_slots(query_pci: &Value) -> Vec<u8> {
+    let mut slots: Vec<u8> = bus0_devices(query_pci)
+        .into_iter()
+        .map(|(slot, _)| slot)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
+}
+
+/// Finds a free slot from the three sources: the slots QEMU has taken
+/// (from [`bus0_slots`]), the runtime's and the reserved ones. Pure.
 pub fn find_free_slot(
-    query_pci: &Value,
+    qemu_slots: impl IntoIterator<Item = u8>,
     runtime_slots: impl IntoIterator<Item = u8>,
     reserved: &[u8],
 ) -> Result<u8, SlotError> {
     let mut map = SlotMap::new(reserved);
-    for (slot, _) in bus0_devices(query_pci) {
+    for slot in qemu_slots {
         map.mark_allocated(slot.into())?;
     }
     for slot in runtime_slots {
@@ -182,28 +195,40 @@ mod tests {
         );
         // Only the ports' slots are free for a hot-add, and 3 is taken.
         let reserved: Vec<u8> = (0..32).filter(|s| ![3, 4].contains(s)).collect();
-        assert_eq!(find_free_slot(&reply, [], &reserved), Ok(4));
+        assert_eq!(find_free_slot(bus0_slots(&reply), [], &reserved), Ok(4));
+    }
+
+    #[test]
+    fn each_taken_slot_counts_once() {
+        let reply = json!([{ "bus": 0, "devices": [
+            {"slot": 5, "function": 0, "qdev_id": "nic-a"},
+            {"slot": 1, "function": 0, "qdev_id": ""},
+            {"slot": 1, "function": 1, "qdev_id": ""},
+            {"slot": 3, "function": 0, "qdev_id": "balloon0"},
+        ]}]);
+
+        assert_eq!(bus0_slots(&reply), [1, 3, 5]);
     }
 
     #[test]
     fn first_free_slot_follows_reserved_and_used_ones() {
         let reply = pci(&[(0, ""), (1, ""), (3, "disk-a")]);
 
-        assert_eq!(find_free_slot(&reply, [], &RESERVED), Ok(4));
+        assert_eq!(find_free_slot(bus0_slots(&reply), [], &RESERVED), Ok(4));
     }
 
     #[test]
     fn slot_finder_skips_devices_unknown_to_runtime() {
         let reply = pci(&[(3, "added-behind-our-back")]);
 
-        assert_eq!(find_free_slot(&reply, [4], &RESERVED), Ok(5));
+        assert_eq!(find_free_slot(bus0_slots(&reply), [4], &RESERVED), Ok(5));
     }
 
     #[test]
     fn slot_finder_skips_runtime_slots_qemu_no_longer_shows() {
         let reply = pci(&[]);
 
-        assert_eq!(find_free_slot(&reply, [3, 4], &RESERVED), Ok(5));
+        assert_eq!(find_free_slot(bus0_slots(&reply), [3, 4], &RESERVED), Ok(5));
     }
 
     #[test]
@@ -211,7 +236,7 @@ mod tests {
         let used: Vec<(u64, &str)> = (3..32).map(|s| (s, "x")).collect();
 
         assert_eq!(
-            find_free_slot(&pci(&used), [], &RESERVED),
+            find_free_slot(bus0_slots(&pci(&used)), [], &RESERVED),
             Err(SlotError::NoFreeSlot {
                 used: 29,
                 usable: 29
@@ -223,7 +248,7 @@ mod tests {
     fn other_buses_do_not_count() {
         let reply = json!([{ "bus": 1, "devices": [{"slot": 3, "qdev_id": "x"}] }]);
 
-        assert_eq!(find_free_slot(&reply, [], &RESERVED), Ok(3));
+        assert_eq!(find_free_slot(bus0_slots(&reply), [], &RESERVED), Ok(3));
     }
 
     #[test]

@@ -184,6 +184,66 @@ async fn a_full_bus_is_resource_exhausted_and_changes_nothing() {
     );
 }
 
+/// The lowest slot a hot-add can take in `qmp`'s QEMU (0-2 are reserved).
+fn lowest_free_slot(qmp: &mut Qmp) -> u64 {
+    let taken: Vec<u64> = qmp.pci_devices().iter().map(|(slot, _, _)| *slot).collect();
+    (3..32).find(|s| !taken.contains(s)).expect("a free slot")
+}
+
+#[tokio::test]
+async fn a_slot_taken_behind_the_agents_back_is_skipped_at_hot_add() {
+    let agent = TestAgent::start().await;
+    start(&agent, "sidestep").await;
+    let image = agent.raw_image("sidestep.img", 8);
+    // The first hot-add has the agent know the bus.
+    agent
+        .add_nic("sidestep", nic("eth0", "52:54:00:00:64:01"))
+        .await
+        .unwrap();
+    let mut qmp = operator_qmp(&agent, "sidestep");
+
+    for (round, kind) in ["nic", "disk"].into_iter().enumerate() {
+        let blocked = lowest_free_slot(&mut qmp);
+        qmp.execute(
+            "device_add",
+            json!({ "driver": "virtio-rng-pci", "id": format!("rng{round}"), "bus": "pci.0", "addr": format!("{blocked:#x}") }),
+        );
+        let added = match kind {
+            "nic" => {
+                agent
+                    .add_nic("sidestep", nic("eth1", "52:54:00:00:64:02"))
+                    .await
+            }
+            _ => agent.add_disk("sidestep", disk("data", &image)).await,
+        };
+        let device = added
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}\n{}", agent.log()))
+            .device
+            .unwrap();
+
+        assert_ne!(u64::from(device.pci_slot), blocked, "{kind}");
+        assert_eq!(
+            slot_of(&mut qmp, &device.qemu_id),
+            Some(device.pci_slot.into()),
+            "{kind}"
+        );
+        assert_eq!(
+            slot_of(&mut qmp, &format!("rng{round}")),
+            Some(blocked),
+            "{kind}"
+        );
+    }
+    let rt = agent.runtime_json("sidestep").await;
+    assert_eq!(rt["nics"].as_array().unwrap().len(), 2, "{rt}");
+    assert_eq!(rt["disks"].as_array().unwrap().len(), 1, "{rt}");
+    assert_eq!(
+        agent.log().matches("behind the agent's back").count(),
+        2,
+        "each hot-add found its slot taken and tried the next: {}",
+        agent.log()
+    );
+}
+
 #[tokio::test]
 async fn a_nic_refused_at_device_add_is_rolled_back_without_leaks() {
     let agent = TestAgent::start().await;

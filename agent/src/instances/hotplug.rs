@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
-use hotplug::disk::DiskPlace;
 use hotplug::remove::Device;
 use hotplug::support::Support;
 use hypervisor::InstanceSpec;
@@ -23,6 +22,7 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::{Instrument, debug_span};
 use uuid::Uuid;
 
+use super::slots::{SlotPick, Tried};
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;
 use crate::convert::free_device_name;
@@ -103,6 +103,15 @@ fn free_scsi_target(instance: &str, runtime: &Runtime) -> Result<u8, AgentError>
     })
 }
 
+/// Where a hot-added disk goes.
+#[derive(Debug, Clone, Copy)]
+enum Placed {
+    /// A PCI slot, for virtio.
+    Slot(SlotPick),
+    /// A target on the SCSI controller.
+    ScsiTarget(u8),
+}
+
 /// Opens a disk image the way QEMU will use it, so a bad path is refused
 /// before anything changes.
 fn open_image(
@@ -144,28 +153,6 @@ impl Agent {
         })
     }
 
-    async fn free_slot(
-        &self,
-        inst: &Instance,
-        process: &Process,
-        runtime: &Runtime,
-    ) -> Result<u8, AgentError> {
-        let pci = process
-            .qmp()
-            .execute("query-pci", None)
-            .instrument(debug_span!("step", step = "slot look-up"))
-            .await
-            .map_err(|source| AgentError::Qmp {
-                instance: inst.name().to_owned(),
-                source,
-            })?;
-        hotplug::slots::find_free_slot(&pci, runtime.used_slots(), &runtime.reserved_slots())
-            .map_err(|e| AgentError::Hotplug {
-                instance: inst.name().to_owned(),
-                source: e.into(),
-            })
-    }
-
     /// Hot-adds a NIC.
     pub async fn add_nic(
         &self,
@@ -195,33 +182,69 @@ impl Agent {
                 .instrument(debug_span!("step", step = "option ROM"))
                 .await;
         }
+        let mut first = true;
+        let (runtime_nic, added) = loop {
+            let tried = self.try_add_nic(&inst, &process, &record, &nic, chrooted, first);
+            match tried.await? {
+                Tried::Done(done) => break done,
+                Tried::Again => first = false,
+            }
+        };
+        process.push_tap(added.tap.clone());
+        inst.announce(EventKind::DeviceAdded {
+            device: runtime_nic.spec.name.clone(),
+            slot: runtime_nic.slot,
+            scsi_target: None,
+        });
+        tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
+        self.clear_journal_after_reply(&inst, op);
+        Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
+    }
+
+    /// One try at hot-adding `nic`: the intent journaled, then the slot
+    /// and the tap, then QEMU and the record. `first` lets a slot taken
+    /// behind the agent's back be tried again (see `slots`).
+    async fn try_add_nic(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        record: &InstanceRecord,
+        nic: &NicSpec,
+        chrooted: bool,
+        first: bool,
+    ) -> Result<Tried<(RuntimeNic, hotplug::nic::AddedNic)>, AgentError> {
         // The tap and the slot look-up don't depend on each other: the
-        // tap is made while QEMU answers query-pci. Both are quick, so the
-        // tap's ioctls run here rather than on the blocking pool, whose
-        // hand-offs cost more than they save.
-        self.journal(&inst, HotplugIntent::AddNic { nic: nic.clone() })?;
-        let slot_lookup = self.free_slot(&inst, &process, &record.runtime);
+        // tap is made while QEMU answers query-pci, if it must be asked.
+        // Both are quick, so the tap's ioctls run here rather than on the
+        // blocking pool, whose hand-offs cost more than they save.
+        self.journal(inst, HotplugIntent::AddNic { nic: nic.clone() })?;
+        // Each step's span opens when it is first polled, inside theirs.
+        let slot_lookup = async {
+            self.free_slot(inst, process, &record.runtime)
+                .instrument(debug_span!("step", step = "slot look-up"))
+                .await
+        };
         let template = &self.config().launch.tap_template;
         let tap = async {
-            debug_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(&nic, template))
+            debug_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(nic, template))
         };
         let (slot, prepared) = async { tokio::join!(slot_lookup, tap) }
             .instrument(debug_span!("step", step = "slot and tap"))
             .await;
         let ready = prepared
             .map_err(|source| AgentError::Hotplug {
-                instance: name.to_owned(),
+                instance: inst.name().to_owned(),
                 source,
             })
             .and_then(|p| Ok((p, slot?)));
-        let (prepared, slot) = match ready {
+        let (prepared, pick) = match ready {
             Ok(r) => r,
             Err(e) => {
-                self.clear_journal(&inst)?;
+                self.clear_journal(inst)?;
                 return Err(e);
             }
         };
-        let runtime_nic = RuntimeNic::new(nic, Some(slot));
+        let runtime_nic = RuntimeNic::new(nic.clone(), Some(pick.slot));
         let mut updated = record.clone();
         Arc::make_mut(&mut updated.runtime)
             .nics
@@ -233,16 +256,11 @@ impl Agent {
             chrooted,
             record.runtime.pci_layout(),
         );
-        let added = self.apply(&inst, &record, &updated, attach).await?;
-        process.push_tap(added.tap.clone());
-        inst.announce(EventKind::DeviceAdded {
-            device: runtime_nic.spec.name.clone(),
-            slot: runtime_nic.slot,
-            scsi_target: None,
-        });
-        tracing::info!(instance = %name, nic = %runtime_nic.spec.name, slot = runtime_nic.slot, tap = %added.tap, "NIC added");
-        self.clear_journal_after_reply(&inst, op);
-        Ok((inst.view(), ChangedDevice::Nic(runtime_nic, added.tap)))
+        let added = self.apply(inst, record, &updated, attach).await;
+        if self.after_hot_add(inst, process, pick, &added, first).await {
+            return Ok(Tried::Again);
+        }
+        Ok(Tried::Done((runtime_nic, added?)))
     }
 
     /// Whether `nic` can join the instance: its spec stays valid with it,
@@ -355,21 +373,56 @@ impl Agent {
         checks?;
         let image = debug_span!("step", step = "image")
             .in_scope(|| open_image(name, &disk, &self.config().allowed_roots))?;
-        self.journal(&inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
+        let mut first = true;
+        let runtime_disk = loop {
+            let tried =
+                self.try_add_disk(&inst, &process, &record, &disk, &image, scsi_target, first);
+            match tried.await? {
+                Tried::Done(done) => break done,
+                Tried::Again => first = false,
+            }
+        };
+        drop(image);
+        inst.announce(EventKind::DeviceAdded {
+            device: runtime_disk.spec.name.clone(),
+            slot: runtime_disk.slot,
+            scsi_target: runtime_disk.scsi_target,
+        });
+        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, slot = ?runtime_disk.slot, scsi_target = ?runtime_disk.scsi_target, "disk added");
+        self.clear_journal_after_reply(&inst, op);
+        Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
+    }
+
+    /// One try at hot-adding `disk` from `image`: the intent journaled,
+    /// then its place and the image handed to QEMU, then QEMU and the
+    /// record. `first` lets a slot taken behind the agent's back be tried
+    /// again (see `slots`).
+    #[allow(clippy::too_many_arguments)]
+    async fn try_add_disk(
+        &self,
+        inst: &Instance,
+        process: &Process,
+        record: &InstanceRecord,
+        disk: &DiskSpec,
+        image: &DiskImage,
+        scsi_target: Option<u8>,
+        first: bool,
+    ) -> Result<Tried<RuntimeDisk>, AgentError> {
+        self.journal(inst, HotplugIntent::AddDisk { disk: disk.clone() })?;
         let placed = self
-            .place_disk(&inst, &process, &record.runtime, &image.file, scsi_target)
+            .place_disk(inst, process, &record.runtime, &image.file, scsi_target)
             .instrument(debug_span!("step", step = "slot and add-fd"))
             .await;
         let (place, fdset) = match placed {
             Ok(ready) => ready,
             Err(e) => {
-                self.clear_journal(&inst)?;
+                self.clear_journal(inst)?;
                 return Err(e);
             }
         };
         let runtime_disk = match place {
-            DiskPlace::Slot(slot) => RuntimeDisk::new(disk, Some(slot)),
-            DiskPlace::ScsiTarget(target) => RuntimeDisk::on_scsi_target(disk, target),
+            Placed::Slot(pick) => RuntimeDisk::new(disk.clone(), Some(pick.slot)),
+            Placed::ScsiTarget(target) => RuntimeDisk::on_scsi_target(disk.clone(), target),
         };
         let mut updated = record.clone();
         Arc::make_mut(&mut updated.runtime)
@@ -382,16 +435,13 @@ impl Agent {
             image.kind,
             record.runtime.pci_layout(),
         );
-        self.apply(&inst, &record, &updated, attach).await?;
-        drop(image);
-        inst.announce(EventKind::DeviceAdded {
-            device: runtime_disk.spec.name.clone(),
-            slot: runtime_disk.slot,
-            scsi_target: runtime_disk.scsi_target,
-        });
-        tracing::info!(instance = %name, disk = %runtime_disk.spec.name, ?place, "disk added");
-        self.clear_journal_after_reply(&inst, op);
-        Ok((inst.view(), ChangedDevice::Disk(runtime_disk)))
+        let added = self.apply(inst, record, &updated, attach).await;
+        if let Placed::Slot(pick) = place
+            && self.after_hot_add(inst, process, pick, &added, first).await
+        {
+            return Ok(Tried::Again);
+        }
+        added.map(|()| Tried::Done(runtime_disk))
     }
 
     /// Hands QEMU the image and finds the disk's place: the SCSI target
@@ -404,7 +454,7 @@ impl Agent {
         runtime: &Runtime,
         image: &File,
         scsi_target: Option<u8>,
-    ) -> Result<(DiskPlace, u64), AgentError> {
+    ) -> Result<(Placed, u64), AgentError> {
         let passed = |source| AgentError::Hotplug {
             instance: inst.name().to_owned(),
             source,
@@ -413,11 +463,14 @@ impl Agent {
             .instrument(debug_span!("step", step = "add-fd"));
         if let Some(target) = scsi_target {
             let fdset = pass.await.map_err(passed)?;
-            return Ok((DiskPlace::ScsiTarget(target), fdset));
+            return Ok((Placed::ScsiTarget(target), fdset));
         }
-        let (slot, fdset) = tokio::join!(self.free_slot(inst, process, runtime), pass);
+        let slot_lookup = self
+            .free_slot(inst, process, runtime)
+            .instrument(debug_span!("step", step = "slot look-up"));
+        let (slot, fdset) = tokio::join!(slot_lookup, pass);
         match (slot, fdset.map_err(passed)) {
-            (Ok(slot), Ok(fdset)) => Ok((DiskPlace::Slot(slot), fdset)),
+            (Ok(pick), Ok(fdset)) => Ok((Placed::Slot(pick), fdset)),
             (Err(e), Ok(fdset)) => {
                 hotplug::disk::release_image(process.qmp(), fdset).await;
                 Err(e)
@@ -472,6 +525,9 @@ impl Agent {
                 device: device.to_owned(),
             },
         )?;
+        // QEMU frees the slot once the guest lets go, maybe after the
+        // wait: the next hot-add asks.
+        process.set_pci_slots(None);
         let removed =
             hotplug::remove::remove(process.qmp(), target.clone(), self.config().unplug_timeout)
                 .await;
@@ -627,6 +683,7 @@ impl Agent {
                 })
         };
         let (pci, blocks) = tokio::try_join!(ask("query-pci"), ask("query-block"))?;
+        process.learn_pci_slots(hotplug::slots::bus0_slots(&pci));
         let on_bus: HashMap<String, u8> = hotplug::slots::bus0_devices(&pci)
             .into_iter()
             .map(|(slot, id)| (id, slot))

@@ -377,6 +377,7 @@ impl Agent {
             LaunchMode::Incoming => State::Incoming,
         };
         self.supervise(inst, process.clone(), events, state);
+        super::slots::learn_pci_slots_soon(&process);
         Self::give_display_password(inst, &process, runtime).await;
         Ok(process)
     }
