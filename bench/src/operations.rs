@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
@@ -47,6 +47,8 @@ pub struct Operations {
     soft: Samples,
     reset: Samples,
     rtt: Samples,
+    /// One round trip after the machine idled for [`IDLE_GAP`].
+    idle_rtt: Samples,
     nic_add: Samples,
     disk_add: Samples,
     /// The agent's step timings before the rounds and after.
@@ -140,13 +142,16 @@ impl Operations {
         self.reset.agent.push(t);
         let t0 = Instant::now();
         for _ in 0..s.rtt_calls {
-            s.client
-                .get_instance(pb::GetInstanceRequest {
-                    name: "bench".into(),
-                })
-                .await?;
+            s.client.get_instance(bench_instance()).await?;
         }
         self.rtt.agent.push(t0.elapsed() / s.rtt_calls);
+        let mut idle = Duration::ZERO;
+        for _ in 0..IDLE_CALLS {
+            tokio::time::sleep(IDLE_GAP).await;
+            let read = async { Ok(s.client.get_instance(bench_instance()).await?) };
+            idle += timed(read).await?.0;
+        }
+        self.idle_rtt.agent.push(idle / IDLE_CALLS);
         agent_stop(s.client, "bench", true).await?;
 
         let q = RawQemu::start(s.raw_dir, s.raw_args).await?;
@@ -163,6 +168,12 @@ impl Operations {
             q.execute("query-status").await?;
         }
         self.rtt.raw.push(t0.elapsed() / s.rtt_calls);
+        let mut idle = Duration::ZERO;
+        for _ in 0..IDLE_CALLS {
+            tokio::time::sleep(IDLE_GAP).await;
+            idle += timed(q.execute("query-status")).await?.0;
+        }
+        self.idle_rtt.raw.push(idle / IDLE_CALLS);
         q.kill().await?;
         if let Some(libvirt) = s.libvirt.as_deref_mut() {
             libvirt
@@ -299,9 +310,24 @@ impl Operations {
             self.reset.row("reset (system_reset → RESET)", GOAL),
             self.rtt
                 .row("GetInstance vs query-status round trip", f64::NAN),
+            self.idle_rtt.row(IDLE_ROW, f64::NAN),
             self.nic_add.row("NIC hot-add", GOAL),
             self.disk_add.row("disk hot-add", GOAL),
         ]
+    }
+}
+
+/// The quiet before each idle round trip: long enough for the CPUs to
+/// sleep, as they do before most calls a cluster makes.
+const IDLE_GAP: Duration = Duration::from_millis(50);
+/// Idle round trips timed per round.
+const IDLE_CALLS: u32 = 5;
+/// The idle round trip's row.
+const IDLE_ROW: &str = "GetInstance vs query-status after 50 ms idle";
+
+fn bench_instance() -> pb::GetInstanceRequest {
+    pb::GetInstanceRequest {
+        name: "bench".into(),
     }
 }
 

@@ -8,13 +8,14 @@ use kvm_agent_tests::guest::guest_image;
 use kvm_agent_tests::{agent_binary, newer_qemu, require_qemu, workspace_binary};
 use serde_json::Value;
 
-const OPERATIONS: [&str; 25] = [
+const OPERATIONS: [&str; 26] = [
     "start → QMP ready",
     "stop (force)",
     "stop (powerdown, quit)",
     "soft reboot",
     "reset (system_reset → RESET)",
     "GetInstance vs query-status round trip",
+    "GetInstance vs query-status after 50 ms idle",
     "NIC hot-add",
     "disk hot-add",
     "device removal (disk, test guest)",
