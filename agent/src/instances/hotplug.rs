@@ -22,7 +22,7 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::{Instrument, debug_span};
 use uuid::Uuid;
 
-use super::slots::{SlotPick, Tried};
+use super::slots::{SlotPick, Tried, at_most_twice};
 use super::{Agent, Instance, InstanceRecord, InstanceView, Process};
 use crate::config::FaultPoint;
 use crate::convert::free_device_name;
@@ -182,14 +182,10 @@ impl Agent {
                 .instrument(debug_span!("step", step = "option ROM"))
                 .await;
         }
-        let mut first = true;
-        let (runtime_nic, added) = loop {
-            let tried = self.try_add_nic(&inst, &process, &record, &nic, chrooted, first);
-            match tried.await? {
-                Tried::Done(done) => break done,
-                Tried::Again => first = false,
-            }
-        };
+        let (runtime_nic, added) = at_most_twice(|first| {
+            self.try_add_nic(&inst, &process, &record, &nic, chrooted, first)
+        })
+        .await?;
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {
             device: runtime_nic.spec.name.clone(),
@@ -373,15 +369,10 @@ impl Agent {
         checks?;
         let image = debug_span!("step", step = "image")
             .in_scope(|| open_image(name, &disk, &self.config().allowed_roots))?;
-        let mut first = true;
-        let runtime_disk = loop {
-            let tried =
-                self.try_add_disk(&inst, &process, &record, &disk, &image, scsi_target, first);
-            match tried.await? {
-                Tried::Done(done) => break done,
-                Tried::Again => first = false,
-            }
-        };
+        let runtime_disk = at_most_twice(|first| {
+            self.try_add_disk(&inst, &process, &record, &disk, &image, scsi_target, first)
+        })
+        .await?;
         drop(image);
         inst.announce(EventKind::DeviceAdded {
             device: runtime_disk.spec.name.clone(),

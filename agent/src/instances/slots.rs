@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use hypervisor::qmp::QmpError;
 use hypervisor::runtime::Runtime;
 use tracing::Instrument;
 
@@ -35,6 +36,27 @@ pub(super) struct SlotPick {
     pub(super) remembered: bool,
 }
 
+/// Runs a hot-add's `attempt` (given whether it is the first), and once
+/// more if the first found its slot taken behind the agent's back.
+pub(super) async fn at_most_twice<T, F>(mut attempt: impl FnMut(bool) -> F) -> Result<T, AgentError>
+where
+    F: Future<Output = Result<Tried<T>, AgentError>>,
+{
+    let mut first = true;
+    loop {
+        match attempt(first).await? {
+            Tried::Done(done) => return Ok(done),
+            Tried::Again => first = false,
+        }
+    }
+}
+
+/// The bus-0 slots `process`'s QEMU shows taken in `query-pci`.
+async fn query_pci_slots(process: &Process) -> Result<Vec<u8>, QmpError> {
+    let pci = process.qmp().execute("query-pci", None).await?;
+    Ok(hotplug::slots::bus0_slots(&pci))
+}
+
 /// Asks QEMU which bus-0 slots it has taken and has `process` remember
 /// them, in the background: a freshly launched QEMU, so its first hot-add
 /// finds them known. A failure only leaves them unknown.
@@ -44,8 +66,8 @@ pub(super) fn learn_pci_slots_soon(process: &Arc<Process>) {
         let Some(process) = process.upgrade() else {
             return;
         };
-        if let Ok(pci) = process.qmp().execute("query-pci", None).await {
-            process.learn_pci_slots(hotplug::slots::bus0_slots(&pci));
+        if let Ok(slots) = query_pci_slots(&process).await {
+            process.learn_pci_slots(slots);
         }
     });
 }
@@ -57,16 +79,13 @@ impl Agent {
         inst: &Instance,
         process: &Process,
     ) -> Result<Vec<u8>, AgentError> {
-        let pci = process
-            .qmp()
-            .execute("query-pci", None)
+        let slots = query_pci_slots(process)
             .instrument(tracing::debug_span!("step", step = "query-pci"))
             .await
             .map_err(|source| AgentError::Qmp {
                 instance: inst.name().to_owned(),
                 source,
             })?;
-        let slots = hotplug::slots::bus0_slots(&pci);
         process.set_pci_slots(Some(slots.clone()));
         Ok(slots)
     }
