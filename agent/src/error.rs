@@ -520,6 +520,10 @@ impl AgentError {
                         "check the memory backing path: a hugetlbfs mount for huge pages, a file or directory otherwise",
                     )
                 }
+                LaunchError::RunDir { source, .. } if is_out_of_space(source) => (
+                    Code::ResourceExhausted,
+                    "free space where the instance's run directory is",
+                ),
                 LaunchError::Qmp(_) => (
                     Code::Unavailable,
                     "check qemu.log in the instance's run directory",
@@ -564,7 +568,7 @@ impl AgentError {
                     Code::InvalidArgument,
                     "the file is damaged or not a save file; it was left as it is",
                 ),
-                e if e.io_error().and_then(std::io::Error::raw_os_error) == Some(libc::ENOSPC) => {
+                e if e.io_error().is_some_and(is_out_of_space) => {
                     (Code::ResourceExhausted, "free space where the file goes")
                 }
                 e if e.io_error().map(std::io::Error::kind)
@@ -645,6 +649,11 @@ impl AgentError {
             ),
         }
     }
+}
+
+/// A full disk or an exhausted quota.
+fn is_out_of_space(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// The longest error message sent back to a caller. Messages echo names

@@ -1,11 +1,13 @@
 //! Durable per-instance records: any serde type, stored one file per name in
 //! a versioned, checksummed envelope, written atomically.
 //!
-//! This crate knows files and nothing about QEMU. A record is written to a
+//! This crate knows files and nothing about QEMU. A record file holds two
+//! copies (see [`slots`]): a save overwrites the older one in place and
+//! syncs its data, so a crash at any point leaves either the old or the new
+//! record. A new file, or one whose record outgrew it, is written to a
 //! temporary file, fsynced, renamed over the old one and the directory is
-//! fsynced, so a crash at any point leaves either the old or the new record.
-//! A record that can't be read is moved to `quarantine/` and reported; it is
-//! never deleted. [`journal`] keeps the cheaper intent files that say which
+//! fsynced. A record that can't be read is moved to `quarantine/` and
+//! reported; it is never deleted. [`journal`] keeps the cheaper intent files that say which
 //! operation is under way, and [`savefile`] the self-describing files a
 //! saved guest's state goes into.
 #![deny(missing_docs)]
@@ -14,21 +16,24 @@
 mod fuzz;
 pub mod journal;
 pub mod savefile;
+mod slots;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 pub use journal::{Intent, IntentJournal};
+use slots::Slots;
 
 /// Written into every envelope so a stray JSON file is never taken for a record.
 const ENVELOPE_FORMAT: &str = "kvm-agent-record";
@@ -133,8 +138,28 @@ struct EnvelopeIn {
 pub struct RecordStore {
     dir: PathBuf,
     quarantine: PathBuf,
-    revisions: Mutex<HashMap<String, u64>>,
+    /// One entry per name read or written; its lock serializes the saves
+    /// of that name, which must never write the same slot at once.
+    known: Mutex<HashMap<String, Arc<Mutex<Known>>>>,
     temp_counter: AtomicU64,
+}
+
+/// What the store knows of a record's file.
+#[derive(Debug, Default)]
+struct Known {
+    /// Whether the file was looked at yet; until then the rest is unknown.
+    probed: bool,
+    /// The newest revision, 0 when there is none.
+    revision: u64,
+    /// Its slots, when it has them and the newest copy was readable.
+    slots: Option<Slots>,
+}
+
+/// The newest readable copy in a record file.
+struct Copy<T> {
+    revision: u64,
+    value: T,
+    slots: Option<Slots>,
 }
 
 impl RecordStore {
@@ -153,7 +178,7 @@ impl RecordStore {
         Ok(Self {
             dir,
             quarantine,
-            revisions: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
             temp_counter: AtomicU64::new(0),
         })
     }
@@ -171,25 +196,54 @@ impl RecordStore {
 
     /// Writes `value` as the next revision of `name`, durably.
     ///
-    /// Returns the new revision. On error the previous record is untouched.
+    /// Returns the new revision. On error the previous record is still
+    /// the one read, unless the disk failed after taking the new one.
     pub fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<u64, StoreError> {
         let path = self.path_of(name)?;
-        let revision = self.current_revision(name, &path) + 1;
-        let bytes = encode_envelope(name, revision, value)?;
+        let entry = self.entry(name);
+        let mut known = lock(&entry);
+        if !known.probed {
+            *known = probe(&path);
+        }
+        let revision = known.revision + 1;
+        let envelope = encode_envelope(name, revision, value)?;
+        let in_place = known
+            .slots
+            .and_then(|at| Some((at, slots::fill(&envelope, at.size)?)));
+        let written = match in_place {
+            Some((at, slot)) if write_in_place(&path, at, &slot)? => Slots {
+                newest: at.next(),
+                ..at
+            },
+            _ => self.write_new_file(name, &path, &envelope)?,
+        };
+        *known = Known {
+            probed: true,
+            revision,
+            slots: Some(written),
+        };
+        Ok(revision)
+    }
 
+    /// Writes a new file holding `envelope` in its first slot.
+    fn write_new_file(
+        &self,
+        name: &str,
+        path: &Path,
+        envelope: &[u8],
+    ) -> Result<Slots, StoreError> {
+        let (bytes, written) = slots::new_file(envelope);
         let temp = self.dir.join(format!(
             ".{name}.tmp.{}.{}",
             std::process::id(),
             self.temp_counter.fetch_add(1, Ordering::Relaxed)
         ));
-        let result = write_durably(&temp, &path, &self.dir, &bytes);
+        let result = write_durably(&temp, path, &self.dir, &bytes);
         if result.is_err() {
             // Best effort: the temp file is garbage either way.
             let _ = fs::remove_file(&temp);
         }
-        result?;
-        self.set_revision(name, revision);
-        Ok(revision)
+        result.map(|()| written)
     }
 
     /// Loads `name`. `Ok(None)` when there is no record. A record that fails
@@ -207,9 +261,22 @@ impl RecordStore {
                 });
             }
         };
-        match decode_envelope::<T>(&bytes) {
-            Ok((revision, value)) => {
-                self.set_revision(name, revision);
+        match decode_file::<T>(name, &bytes) {
+            Ok(Copy {
+                revision,
+                value,
+                slots,
+            }) => {
+                let entry = self.entry(name);
+                let mut known = lock(&entry);
+                // A save since the read knows better.
+                if !known.probed || known.revision < revision {
+                    *known = Known {
+                        probed: true,
+                        revision,
+                        slots,
+                    };
+                }
                 Ok(Some(Record {
                     name: name.to_owned(),
                     revision,
@@ -259,7 +326,7 @@ impl RecordStore {
             .map(|(_, path)| path)
             .ok_or_else(|| format!("no record of {name:?} was set aside"))?;
         let bytes = fs::read(&newest).map_err(|e| format!("{}: {e}", newest.display()))?;
-        let envelope: EnvelopeIn = serde_json::from_slice(&bytes)
+        let envelope = newest_envelope_unchecked(&bytes)
             .map_err(|e| format!("{}: not a record envelope: {e}", newest.display()))?;
         let value = serde_json::from_str(envelope.payload.get())
             .map_err(|e| format!("{}: {e}", newest.display()))?;
@@ -320,35 +387,15 @@ impl RecordStore {
             }
         }
         sync_dir(&self.dir)?;
-        self.revisions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        lock(&self.known).remove(name);
         Ok(())
     }
 
-    fn current_revision(&self, name: &str, path: &Path) -> u64 {
-        if let Some(r) = self
-            .revisions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
-            return *r;
-        }
-        // Not loaded yet in this process: continue from what is on disk so
-        // revisions keep growing across agent restarts.
-        fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<EnvelopeIn>(&b).ok())
-            .map_or(0, |e| e.revision)
-    }
-
-    fn set_revision(&self, name: &str, revision: u64) {
-        self.revisions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), revision);
+    fn entry(&self, name: &str) -> Arc<Mutex<Known>> {
+        lock(&self.known)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn quarantine(&self, name: &str, path: &Path, reason: String) -> StoreError {
@@ -368,16 +415,141 @@ impl RecordStore {
                 source,
             };
         }
-        self.revisions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        lock(&self.known).remove(name);
         StoreError::Corrupt {
             name: name.to_owned(),
             reason,
             quarantined_to: target,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the store needs to know of a file it hasn't read: the revision to
+/// go on from, so revisions keep growing across agent restarts, and the
+/// slots, where the newest copy is readable. A file that isn't is
+/// rewritten whole at the next save.
+fn probe(path: &Path) -> Known {
+    let Ok(bytes) = fs::read(path) else {
+        return Known {
+            probed: true,
+            ..Known::default()
+        };
+    };
+    match decode_file::<IgnoredAny>("", &bytes) {
+        Ok(copy) => Known {
+            probed: true,
+            revision: copy.revision,
+            slots: copy.slots,
+        },
+        Err(_) => Known {
+            probed: true,
+            revision: newest_envelope_unchecked(&bytes).map_or(0, |e| e.revision),
+            slots: None,
+        },
+    }
+}
+
+/// Reads a record file of either layout: its newest intact copy. A
+/// slotted file's other copy may be damaged by a write a crash cut short;
+/// that is expected and only logged. An intact copy this agent can't read
+/// (a newer format, another payload type) is an error, never a reason to
+/// fall back to an older one. Pure but for that log.
+fn decode_file<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<Copy<T>, String> {
+    let Some(halves) = slots::split(bytes) else {
+        let (revision, value) = decode_envelope(bytes)?;
+        return Ok(Copy {
+            revision,
+            value,
+            slots: None,
+        });
+    };
+    let mut newest: Option<(usize, EnvelopeIn)> = None;
+    let mut damaged = Vec::new();
+    for (slot, half) in halves.iter().enumerate() {
+        if slots::is_blank(half) {
+            continue;
+        }
+        match verify_envelope(half) {
+            Ok(envelope) => {
+                if newest
+                    .as_ref()
+                    .is_none_or(|(_, n)| envelope.revision > n.revision)
+                {
+                    newest = Some((slot, envelope));
+                }
+            }
+            Err(problem) if problem.damaged => {
+                damaged.push(format!("copy {}: {}", slot + 1, problem.reason));
+            }
+            Err(problem) => return Err(format!("copy {}: {}", slot + 1, problem.reason)),
+        }
+    }
+    let Some((slot, envelope)) = newest else {
+        // A file of the one-envelope layout whose size happens to split.
+        return decode_envelope(bytes)
+            .map(|(revision, value)| Copy {
+                revision,
+                value,
+                slots: None,
+            })
+            .map_err(|_| match damaged.is_empty() {
+                true => "both copies are blank".to_owned(),
+                false => damaged.join("; "),
+            });
+    };
+    if !damaged.is_empty() && !name.is_empty() {
+        tracing::warn!(record = name, revision = envelope.revision, problem = %damaged.join("; "), "reading the record's other copy");
+    }
+    Ok(Copy {
+        revision: envelope.revision,
+        value: payload_of(&envelope)?,
+        slots: Some(Slots {
+            size: halves[0].len(),
+            newest: slot,
+        }),
+    })
+}
+
+/// The newest envelope in a file of either layout, read without its
+/// checksum: for salvage, and for the revision to go on from.
+fn newest_envelope_unchecked(bytes: &[u8]) -> Result<EnvelopeIn, serde_json::Error> {
+    let Some(halves) = slots::split(bytes) else {
+        return serde_json::from_slice(bytes);
+    };
+    let copies = halves.map(serde_json::from_slice::<EnvelopeIn>);
+    let [first, second] = copies;
+    match (first, second) {
+        (Ok(a), Ok(b)) => Ok(if b.revision > a.revision { b } else { a }),
+        (Ok(one), Err(_)) | (Err(_), Ok(one)) => Ok(one),
+        (Err(_), Err(_)) => serde_json::from_slice(bytes),
+    }
+}
+
+/// Overwrites the older copy of a slotted file with `slot` and syncs its
+/// data. `Ok(false)` when the file is no longer the one `at` describes
+/// (gone, or replaced by another layout), for the caller to write anew.
+fn write_in_place(path: &Path, at: Slots, slot: &[u8]) -> Result<bool, StoreError> {
+    let io_err = |op| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let file = match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(io_err("open")(source)),
+    };
+    let size = file.metadata().map_err(io_err("stat"))?.len();
+    if size != 2 * at.size as u64 {
+        return Ok(false);
+    }
+    file.write_all_at(slot, at.offset(at.next()))
+        .map_err(io_err("write"))?;
+    file.sync_data().map_err(io_err("fdatasync"))?;
+    Ok(true)
 }
 
 fn io_of(e: StoreError) -> io::Error {
@@ -445,27 +617,55 @@ pub fn encode_envelope<T: Serialize>(
 
 /// Decodes and verifies an envelope. Pure; the error says what was wrong.
 pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<(u64, T), String> {
-    let envelope: EnvelopeIn =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a record envelope: {e}"))?;
+    let envelope = verify_envelope(bytes).map_err(|problem| problem.reason)?;
+    Ok((envelope.revision, payload_of(&envelope)?))
+}
+
+/// Why an envelope didn't pass its checks.
+struct EnvelopeProblem {
+    /// Whether the bytes are damaged (not JSON, or a checksum that fails),
+    /// as a write cut short leaves them, rather than intact but of a
+    /// format this agent doesn't read.
+    damaged: bool,
+    reason: String,
+}
+
+/// Parses an envelope and checks its format, version and checksum.
+fn verify_envelope(bytes: &[u8]) -> Result<EnvelopeIn, EnvelopeProblem> {
+    let problem = |damaged, reason| EnvelopeProblem { damaged, reason };
+    let envelope: EnvelopeIn = serde_json::from_slice(bytes)
+        .map_err(|e| problem(true, format!("not a record envelope: {e}")))?;
     if envelope.format != ENVELOPE_FORMAT {
-        return Err(format!("unknown format {:?}", envelope.format));
+        return Err(problem(
+            false,
+            format!("unknown format {:?}", envelope.format),
+        ));
     }
     if !(1..=ENVELOPE_VERSION).contains(&envelope.version) {
-        return Err(format!(
-            "envelope version {} is not supported (this agent reads {ENVELOPE_VERSION})",
-            envelope.version
+        return Err(problem(
+            false,
+            format!(
+                "envelope version {} is not supported (this agent reads {ENVELOPE_VERSION})",
+                envelope.version
+            ),
         ));
     }
     let actual = envelope_digest(envelope.version, envelope.revision, envelope.payload.get());
     if actual != envelope.sha256 {
-        return Err(format!(
-            "checksum mismatch: stored {}, computed {actual}",
-            envelope.sha256
+        return Err(problem(
+            true,
+            format!(
+                "checksum mismatch: stored {}, computed {actual}",
+                envelope.sha256
+            ),
         ));
     }
-    let value = serde_json::from_str(envelope.payload.get())
-        .map_err(|e| format!("payload doesn't match the expected type: {e}"))?;
-    Ok((envelope.revision, value))
+    Ok(envelope)
+}
+
+fn payload_of<T: DeserializeOwned>(envelope: &EnvelopeIn) -> Result<T, String> {
+    serde_json::from_str(envelope.payload.get())
+        .map_err(|e| format!("payload doesn't match the expected type: {e}"))
 }
 
 fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -576,8 +776,9 @@ mod tests {
         let store = RecordStore::open(dir.path(), "runtime").unwrap();
         store.save("web1", &sample(128)).unwrap();
         let path = store.path_of("web1").unwrap();
-        let bytes = fs::read(&path).unwrap();
-        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let envelope = text.trim_end();
+        fs::write(&path, &envelope[..envelope.len() / 2]).unwrap();
 
         let err = store.load::<Sample>("web1").unwrap_err();
 
@@ -694,5 +895,134 @@ mod tests {
 
         assert!(store.load::<Sample>("a").unwrap().is_none());
         assert_eq!(store.save("a", &sample(1)).unwrap(), 1);
+    }
+
+    /// The revisions of the copies in a slotted record file, in slot order.
+    fn copies(path: &Path) -> [Option<u64>; 2] {
+        let bytes = fs::read(path).unwrap();
+        let halves = slots::split(&bytes).expect("a slotted file");
+        halves.map(|half| decode_envelope::<Sample>(half).ok().map(|(r, _)| r))
+    }
+
+    #[test]
+    fn saves_alternate_between_two_copies_in_the_same_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(1)).unwrap();
+        let path = store.path_of("web1").unwrap();
+        let created = fs::metadata(&path).unwrap();
+
+        assert_eq!(copies(&path), [Some(1), None]);
+        store.save("web1", &sample(2)).unwrap();
+        assert_eq!(copies(&path), [Some(1), Some(2)]);
+        store.save("web1", &sample(3)).unwrap();
+        assert_eq!(copies(&path), [Some(3), Some(2)]);
+
+        let now = fs::metadata(&path).unwrap();
+        assert_eq!((now.ino(), now.len()), (created.ino(), created.len()));
+        let reopened = RecordStore::open(dir.path(), "runtime").unwrap();
+        let rec: Record<Sample> = reopened.load("web1").unwrap().unwrap();
+        assert_eq!((rec.revision, rec.value), (3, sample(3)));
+        assert_eq!(reopened.save("web1", &sample(4)).unwrap(), 4);
+        assert_eq!(copies(&path), [Some(3), Some(4)]);
+    }
+
+    #[test]
+    fn a_copy_torn_by_a_crash_leaves_the_other_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(1)).unwrap();
+        store.save("web1", &sample(2)).unwrap();
+        let path = store.path_of("web1").unwrap();
+        // The third save was cut short halfway through the first copy.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[40..2048].fill(b'x');
+        fs::write(&path, &bytes).unwrap();
+
+        let reopened = RecordStore::open(dir.path(), "runtime").unwrap();
+        let rec: Record<Sample> = reopened.load("web1").unwrap().unwrap();
+        assert_eq!((rec.revision, rec.value), (2, sample(2)));
+        assert_eq!(reopened.save("web1", &sample(3)).unwrap(), 3);
+        assert_eq!(copies(&path), [Some(3), Some(2)]);
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn an_intact_newest_copy_that_cant_be_read_is_never_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(1)).unwrap();
+        store
+            .save(
+                "web1",
+                &serde_json::json!({ "written_by": "a newer agent" }),
+            )
+            .unwrap();
+
+        let err = store.load::<Sample>("web1").unwrap_err();
+
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_record_of_the_one_envelope_layout_is_read_then_written_in_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        let path = store.path_of("old").unwrap();
+        fs::write(&path, encode_envelope("old", 5, &sample(64)).unwrap()).unwrap();
+
+        let rec: Record<Sample> = store.load("old").unwrap().unwrap();
+        assert_eq!((rec.revision, rec.value), (5, sample(64)));
+        assert_eq!(store.save("old", &sample(128)).unwrap(), 6);
+        assert_eq!(copies(&path), [Some(6), None]);
+    }
+
+    #[test]
+    fn a_record_that_outgrows_its_slots_is_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(1)).unwrap();
+        let path = store.path_of("web1").unwrap();
+        let small = fs::metadata(&path).unwrap().len();
+        let big = Sample {
+            memory: 2,
+            label: "x".repeat(5000),
+        };
+
+        store.save("web1", &big).unwrap();
+
+        assert!(fs::metadata(&path).unwrap().len() > small);
+        assert_eq!(copies(&path), [Some(2), None]);
+        let rec: Record<Sample> = store.load("web1").unwrap().unwrap();
+        assert_eq!(rec.value, big);
+    }
+
+    #[test]
+    fn concurrent_saves_of_one_name_never_spoil_both_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RecordStore::open(dir.path(), "runtime").unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        store.save("web1", &sample(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+
+        let path = store.path_of("web1").unwrap();
+        assert_eq!(copies(&path), [Some(99), Some(100)]);
+        let reopened = RecordStore::open(dir.path(), "runtime").unwrap();
+        assert_eq!(
+            reopened.load::<Sample>("web1").unwrap().unwrap().revision,
+            100
+        );
     }
 }

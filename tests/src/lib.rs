@@ -9,6 +9,7 @@ pub mod guest;
 pub mod hosts;
 pub mod migration;
 pub mod proxy;
+pub mod records;
 pub mod tls;
 
 use std::collections::HashSet;

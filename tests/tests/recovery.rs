@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kvm_agent_proto::v1 as pb;
 use kvm_agent_tests::guest::{GuestConsole, boot_guest, pci_address};
+use kvm_agent_tests::records::newest_record_envelope;
 use kvm_agent_tests::*;
 use runtime_store::RecordStore;
 use serde_json::{Value, json};
@@ -366,9 +367,10 @@ async fn a_running_instance_whose_record_is_unreadable_stays_in_sight_and_blocks
     let mut agent = TestAgent::start().await;
     let first = agent.start_spec(agent.spec("orphan", 64)).await;
     agent.kill_agent();
-    // One flipped byte: the record fails its checksum at the next start.
+    // One flipped byte in the only copy left: the record fails its
+    // checksum at the next start.
     let record = agent.record_path("orphan");
-    let mut bytes = std::fs::read(&record).unwrap();
+    let mut bytes = serde_json::to_vec_pretty(&newest_record_envelope(&record)).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&record, bytes).unwrap();
@@ -426,7 +428,7 @@ async fn a_running_instance_whose_record_is_unreadable_stays_in_sight_and_blocks
 /// which then fails.
 fn tamper_with_record(agent: &TestAgent, name: &str, edit: impl FnOnce(&mut Value)) {
     let path = agent.record_path(name);
-    let mut envelope: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut envelope = newest_record_envelope(&path);
     edit(&mut envelope);
     std::fs::write(&path, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
 }

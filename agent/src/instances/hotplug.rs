@@ -599,9 +599,9 @@ impl Agent {
     }
 
     /// Runs a hot-add in QEMU and the durable write of the record that
-    /// includes the device side by side, so the fsync costs no latency. The
-    /// intent, journaled before, covers the moment where one is done and
-    /// the other isn't. If QEMU refuses, the previous record is written
+    /// includes the device side by side, so the write adds no latency of
+    /// its own. The intent, journaled before, covers the moment where one
+    /// is done and the other isn't. If QEMU refuses, the previous record is written
     /// back; if the record can't be written, the intent stays for the next
     /// start to reconcile and the error is returned. On success the intent
     /// stays too, for the caller to clear once it is done with the device.
