@@ -11,27 +11,32 @@ use hypervisor::disk::{ImageKind, SCSI_CONTROLLER_ID};
 use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeDisk;
-use hypervisor::spec::DiskFormat;
+use hypervisor::spec::{DiskAio, DiskFormat};
 use serde_json::{Value, json};
 
 use crate::HotplugError;
 use crate::pipeline::{self, Step, Undo};
 
 /// `blockdev-add` arguments of the file node. Pure.
+///
+/// The block node options leave out the values that are QEMU's defaults
+/// (writable, no `O_DIRECT`, flushes, the thread pool for I/O): QEMU reads
+/// QMP input one byte per turn of its main loop, so every byte sent is
+/// time in the hot-add, and the nodes come out the same.
 pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
     let (direct, no_flush, _) = cache_flags(disk.spec.cache);
     let mut args = json!({
         "driver": kind.protocol_driver(),
         "node-name": disk_file_node(disk.spec.uuid),
         "filename": format!("/dev/fdset/{fdset_id}"),
-        "read-only": disk.spec.read_only,
-        "cache": { "direct": direct, "no-flush": no_flush },
-        "aio": disk.spec.aio.as_str(),
     });
-    if disk.spec.discard {
-        args["discard"] = json!("unmap");
+    if direct || no_flush {
+        args["cache"] = json!({ "direct": direct, "no-flush": no_flush });
     }
-    args
+    if disk.spec.aio != DiskAio::Threads {
+        args["aio"] = json!(disk.spec.aio.as_str());
+    }
+    shared_node_options(disk, args)
 }
 
 /// `blockdev-add` arguments of the format node. Pure.
@@ -40,12 +45,19 @@ pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
         DiskFormat::Raw => "raw",
         DiskFormat::Qcow2 => "qcow2",
     };
-    let mut args = json!({
+    let args = json!({
         "driver": driver,
         "node-name": disk_format_node(disk.spec.uuid),
         "file": disk_file_node(disk.spec.uuid),
-        "read-only": disk.spec.read_only,
     });
+    shared_node_options(disk, args)
+}
+
+/// The options both block nodes of a disk take, where not QEMU's default.
+fn shared_node_options(disk: &RuntimeDisk, mut args: Value) -> Value {
+    if disk.spec.read_only {
+        args["read-only"] = json!(true);
+    }
     if disk.spec.discard {
         args["discard"] = json!("unmap");
     }
@@ -180,7 +192,7 @@ pub fn block_attached(blocks: &Value, id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use hypervisor::runtime::Uuid;
-    use hypervisor::spec::{DiskAio, DiskCache, DiskSpec};
+    use hypervisor::spec::{DiskCache, DiskSpec};
 
     use super::*;
     use crate::pipeline::tests::{executed, fake_qemu};
@@ -205,10 +217,6 @@ mod tests {
     #[test]
     fn native_aio_and_discard_reach_both_block_nodes() {
         let mut d = disk(false, DiskCache::None);
-        assert_eq!(
-            file_node_arguments(&d, 4, ImageKind::File)["aio"],
-            "threads"
-        );
         assert!(
             file_node_arguments(&d, 4, ImageKind::File)
                 .get("discard")
@@ -232,7 +240,37 @@ mod tests {
         // A block device: QEMU's file driver takes only regular files.
         assert_eq!(args["driver"], "host_device");
         assert_eq!(args["read-only"], true);
-        assert_eq!(args["cache"]["direct"], false);
+        assert_eq!(
+            format_node_arguments(&disk(true, DiskCache::None))["read-only"],
+            true
+        );
+    }
+
+    #[test]
+    fn block_nodes_leave_out_what_qemu_defaults_to() {
+        let d = disk(false, DiskCache::Writeback);
+
+        let file = file_node_arguments(&d, 4, ImageKind::File);
+        let format = format_node_arguments(&d);
+
+        assert_eq!(
+            file,
+            json!({ "driver": "file", "node-name": disk_file_node(d.spec.uuid), "filename": "/dev/fdset/4" })
+        );
+        assert_eq!(
+            format,
+            json!({ "driver": "qcow2", "node-name": disk_format_node(d.spec.uuid), "file": disk_file_node(d.spec.uuid) })
+        );
+        let bypassing = file_node_arguments(&disk(false, DiskCache::None), 4, ImageKind::File);
+        assert_eq!(
+            bypassing["cache"],
+            json!({ "direct": true, "no-flush": false })
+        );
+        let unsafe_cache = file_node_arguments(&disk(false, DiskCache::Unsafe), 4, ImageKind::File);
+        assert_eq!(
+            unsafe_cache["cache"],
+            json!({ "direct": false, "no-flush": true })
+        );
     }
 
     #[test]
