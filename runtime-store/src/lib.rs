@@ -20,8 +20,8 @@ mod slots;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -151,8 +151,17 @@ struct Known {
     probed: bool,
     /// The newest revision, 0 when there is none.
     revision: u64,
-    /// Its slots, when it has them and the newest copy was readable.
-    slots: Option<Slots>,
+    /// The file, when it has slots and the newest copy was readable.
+    file: Option<SlottedFile>,
+}
+
+/// A slotted record file as the store last read or wrote it. A save
+/// writes in place only into the very file it knows: one replaced behind
+/// its back (another inode, another size) is written anew.
+#[derive(Debug, Clone, Copy)]
+struct SlottedFile {
+    slots: Slots,
+    inode: u64,
 }
 
 /// The newest readable copy in a record file.
@@ -208,11 +217,14 @@ impl RecordStore {
         let revision = known.revision + 1;
         let envelope = encode_envelope(name, revision, value)?;
         let in_place = known
-            .slots
-            .and_then(|at| Some((at, slots::fill(&envelope, at.size)?)));
+            .file
+            .and_then(|at| Some((at, slots::fill(&envelope, at.slots.size)?)));
         let written = match in_place {
-            Some((at, slot)) if write_in_place(&path, at, &slot)? => Slots {
-                newest: at.next(),
+            Some((at, slot)) if write_in_place(&path, at, &slot)? => SlottedFile {
+                slots: Slots {
+                    newest: at.slots.next(),
+                    ..at.slots
+                },
                 ..at
             },
             _ => self.write_new_file(name, &path, &envelope)?,
@@ -220,7 +232,7 @@ impl RecordStore {
         *known = Known {
             probed: true,
             revision,
-            slots: Some(written),
+            file: Some(written),
         };
         Ok(revision)
     }
@@ -231,8 +243,8 @@ impl RecordStore {
         name: &str,
         path: &Path,
         envelope: &[u8],
-    ) -> Result<Slots, StoreError> {
-        let (bytes, written) = slots::new_file(envelope);
+    ) -> Result<SlottedFile, StoreError> {
+        let (bytes, slots) = slots::new_file(envelope);
         let temp = self.dir.join(format!(
             ".{name}.tmp.{}.{}",
             std::process::id(),
@@ -243,16 +255,16 @@ impl RecordStore {
             // Best effort: the temp file is garbage either way.
             let _ = fs::remove_file(&temp);
         }
-        result.map(|()| written)
+        result.map(|inode| SlottedFile { slots, inode })
     }
 
     /// Loads `name`. `Ok(None)` when there is no record. A record that fails
     /// its checks is quarantined and returned as [`StoreError::Corrupt`].
     pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<Record<T>>, StoreError> {
         let path = self.path_of(name)?;
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        let (bytes, inode) = match read_file(&path) {
+            Ok(Some(read)) => read,
+            Ok(None) => return Ok(None),
             Err(source) => {
                 return Err(StoreError::Io {
                     op: "read",
@@ -274,7 +286,7 @@ impl RecordStore {
                     *known = Known {
                         probed: true,
                         revision,
-                        slots,
+                        file: slots.map(|slots| SlottedFile { slots, inode }),
                     };
                 }
                 Ok(Some(Record {
@@ -433,7 +445,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// slots, where the newest copy is readable. A file that isn't is
 /// rewritten whole at the next save.
 fn probe(path: &Path) -> Known {
-    let Ok(bytes) = fs::read(path) else {
+    let Ok(Some((bytes, inode))) = read_file(path) else {
         return Known {
             probed: true,
             ..Known::default()
@@ -443,14 +455,27 @@ fn probe(path: &Path) -> Known {
         Ok(copy) => Known {
             probed: true,
             revision: copy.revision,
-            slots: copy.slots,
+            file: copy.slots.map(|slots| SlottedFile { slots, inode }),
         },
         Err(_) => Known {
             probed: true,
             revision: newest_envelope_unchecked(&bytes).map_or(0, |e| e.revision),
-            slots: None,
+            file: None,
         },
     }
+}
+
+/// A record file's bytes and inode, or `None` when there is no file.
+fn read_file(path: &Path) -> io::Result<Option<(Vec<u8>, u64)>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let inode = file.metadata()?.ino();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(Some((bytes, inode)))
 }
 
 /// Reads a record file of either layout: its newest intact copy. A
@@ -531,8 +556,8 @@ fn newest_envelope_unchecked(bytes: &[u8]) -> Result<EnvelopeIn, serde_json::Err
 
 /// Overwrites the older copy of a slotted file with `slot` and syncs its
 /// data. `Ok(false)` when the file is no longer the one `at` describes
-/// (gone, or replaced by another layout), for the caller to write anew.
-fn write_in_place(path: &Path, at: Slots, slot: &[u8]) -> Result<bool, StoreError> {
+/// (gone or replaced), for the caller to write anew.
+fn write_in_place(path: &Path, at: SlottedFile, slot: &[u8]) -> Result<bool, StoreError> {
     let io_err = |op| {
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
@@ -542,11 +567,11 @@ fn write_in_place(path: &Path, at: Slots, slot: &[u8]) -> Result<bool, StoreErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(source) => return Err(io_err("open")(source)),
     };
-    let size = file.metadata().map_err(io_err("stat"))?.len();
-    if size != 2 * at.size as u64 {
+    let found = file.metadata().map_err(io_err("stat"))?;
+    if found.ino() != at.inode || found.len() != 2 * at.slots.size as u64 {
         return Ok(false);
     }
-    file.write_all_at(slot, at.offset(at.next()))
+    file.write_all_at(slot, at.slots.offset(at.slots.next()))
         .map_err(io_err("write"))?;
     file.sync_data().map_err(io_err("fdatasync"))?;
     Ok(true)
@@ -668,7 +693,8 @@ fn payload_of<T: DeserializeOwned>(envelope: &EnvelopeIn) -> Result<T, String> {
         .map_err(|e| format!("payload doesn't match the expected type: {e}"))
 }
 
-fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Writes `bytes` to `target` through `temp`; returns the file's inode.
+fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<u64, StoreError> {
     let io_err = |op, path: &Path| {
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
@@ -680,9 +706,11 @@ fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result
         .map_err(io_err("create", temp))?;
     file.write_all(bytes).map_err(io_err("write", temp))?;
     file.sync_all().map_err(io_err("fsync", temp))?;
+    let inode = file.metadata().map_err(io_err("stat", temp))?.ino();
     drop(file);
     fs::rename(temp, target).map_err(io_err("rename", target))?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    Ok(inode)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -966,6 +994,27 @@ mod tests {
         let err = store.load::<Sample>("web1").unwrap_err();
 
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_file_replaced_behind_the_stores_back_is_written_anew_not_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path(), "runtime").unwrap();
+        store.save("web1", &sample(1)).unwrap();
+        store.save("web1", &sample(2)).unwrap();
+        // Another writer makes a new file whose other copy has a higher
+        // revision than this store would write.
+        let other = RecordStore::open(dir.path(), "runtime").unwrap();
+        other.remove("web1").unwrap();
+        for memory in 10..15 {
+            other.save("web1", &sample(memory)).unwrap();
+        }
+
+        store.save("web1", &sample(99)).unwrap();
+
+        let reopened = RecordStore::open(dir.path(), "runtime").unwrap();
+        let rec: Record<Sample> = reopened.load("web1").unwrap().unwrap();
+        assert_eq!(rec.value, sample(99));
     }
 
     #[test]
