@@ -1,5 +1,5 @@
 //! A writer killed with SIGKILL at a random moment leaves the last complete
-//! revision intact: never a torn or empty record.
+//! revision intact: never a torn or empty record, nor an older one.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,6 +52,7 @@ fn killing_a_writer_midway_keeps_a_complete_generation() {
         )
         .unwrap();
 
+    let mut newest_seen = 0;
     for round in 0..5u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "writer_child", "--nocapture", "--test-threads=1"])
@@ -71,6 +72,12 @@ fn killing_a_writer_midway_keeps_a_complete_generation() {
         let fresh = RecordStore::open(dir.path(), "runtime").unwrap();
         let record = fresh.load::<Big>("victim").unwrap().expect("record kept");
         assert!(record.value.counter >= 1);
+        assert!(
+            record.revision >= newest_seen,
+            "round {round}: revision {} read after {newest_seen}",
+            record.revision
+        );
+        newest_seen = record.revision;
         let quarantined = std::fs::read_dir(dir.path().join("quarantine"))
             .unwrap()
             .count();
