@@ -63,7 +63,7 @@ proptest! {
         bytes[at_slots.size..].copy_from_slice(&second);
         let i = at.index(bytes.len());
         bytes[i] ^= xor;
-        let copy = match decode_file::<Value>("", &bytes) {
+        let copy = match decode_file::<Value>(&bytes) {
             Ok(copy) => copy,
             // The checksum doesn't cover the format and version, and a copy
             // that claims another one is refused, not passed over.

@@ -7,9 +7,9 @@
 //! record. A new file, or one whose record outgrew it, is written to a
 //! temporary file, fsynced, renamed over the old one and the directory is
 //! fsynced. A record that can't be read is moved to `quarantine/` and
-//! reported; it is never deleted. [`journal`] keeps the cheaper intent files that say which
-//! operation is under way, and [`savefile`] the self-describing files a
-//! saved guest's state goes into.
+//! reported; it is never deleted. [`journal`] keeps the cheaper intent
+//! files that say which operation is under way, and [`savefile`] the
+//! self-describing files a saved guest's state goes into.
 #![deny(missing_docs)]
 
 #[cfg(test)]
@@ -138,17 +138,16 @@ struct EnvelopeIn {
 pub struct RecordStore {
     dir: PathBuf,
     quarantine: PathBuf,
-    /// One entry per name read or written; its lock serializes the saves
-    /// of that name, which must never write the same slot at once.
-    known: Mutex<HashMap<String, Arc<Mutex<Known>>>>,
+    /// One entry per name read or written, `None` until its file was
+    /// looked at; its lock serializes the saves of that name, which must
+    /// never write the same slot at once.
+    known: Mutex<HashMap<String, Arc<Mutex<Option<Known>>>>>,
     temp_counter: AtomicU64,
 }
 
 /// What the store knows of a record's file.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Known {
-    /// Whether the file was looked at yet; until then the rest is unknown.
-    probed: bool,
     /// The newest revision, 0 when there is none.
     revision: u64,
     /// The file, when it has slots and the newest copy was readable.
@@ -169,6 +168,8 @@ struct Copy<T> {
     revision: u64,
     value: T,
     slots: Option<Slots>,
+    /// What was wrong with the other copy, when it was damaged.
+    damaged: Option<String>,
 }
 
 impl RecordStore {
@@ -210,10 +211,8 @@ impl RecordStore {
     pub fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<u64, StoreError> {
         let path = self.path_of(name)?;
         let entry = self.entry(name);
-        let mut known = lock(&entry);
-        if !known.probed {
-            *known = probe(&path);
-        }
+        let mut entry = lock(&entry);
+        let known = entry.get_or_insert_with(|| probe(&path));
         let revision = known.revision + 1;
         let envelope = encode_envelope(name, revision, value)?;
         let in_place = known
@@ -230,7 +229,6 @@ impl RecordStore {
             _ => self.write_new_file(name, &path, &envelope)?,
         };
         *known = Known {
-            probed: true,
             revision,
             file: Some(written),
         };
@@ -273,21 +271,24 @@ impl RecordStore {
                 });
             }
         };
-        match decode_file::<T>(name, &bytes) {
+        match decode_file::<T>(&bytes) {
             Ok(Copy {
                 revision,
                 value,
                 slots,
+                damaged,
             }) => {
+                if let Some(problem) = damaged {
+                    tracing::warn!(record = name, revision, %problem, "reading the record's other copy");
+                }
                 let entry = self.entry(name);
                 let mut known = lock(&entry);
                 // A save since the read knows better.
-                if !known.probed || known.revision < revision {
-                    *known = Known {
-                        probed: true,
+                if known.as_ref().is_none_or(|k| k.revision < revision) {
+                    *known = Some(Known {
                         revision,
                         file: slots.map(|slots| SlottedFile { slots, inode }),
-                    };
+                    });
                 }
                 Ok(Some(Record {
                     name: name.to_owned(),
@@ -403,7 +404,7 @@ impl RecordStore {
         Ok(())
     }
 
-    fn entry(&self, name: &str) -> Arc<Mutex<Known>> {
+    fn entry(&self, name: &str) -> Arc<Mutex<Option<Known>>> {
         lock(&self.known)
             .entry(name.to_owned())
             .or_default()
@@ -447,18 +448,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn probe(path: &Path) -> Known {
     let Ok(Some((bytes, inode))) = read_file(path) else {
         return Known {
-            probed: true,
-            ..Known::default()
+            revision: 0,
+            file: None,
         };
     };
-    match decode_file::<IgnoredAny>("", &bytes) {
+    match decode_file::<IgnoredAny>(&bytes) {
         Ok(copy) => Known {
-            probed: true,
             revision: copy.revision,
             file: copy.slots.map(|slots| SlottedFile { slots, inode }),
         },
         Err(_) => Known {
-            probed: true,
             revision: newest_envelope_unchecked(&bytes).map_or(0, |e| e.revision),
             file: None,
         },
@@ -480,16 +479,17 @@ fn read_file(path: &Path) -> io::Result<Option<(Vec<u8>, u64)>> {
 
 /// Reads a record file of either layout: its newest intact copy. A
 /// slotted file's other copy may be damaged by a write a crash cut short;
-/// that is expected and only logged. An intact copy this agent can't read
-/// (a newer format, another payload type) is an error, never a reason to
-/// fall back to an older one. Pure but for that log.
-fn decode_file<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<Copy<T>, String> {
+/// that is expected, and only said in the copy read. An intact copy this
+/// agent can't read (a newer format, another payload type) is an error,
+/// never a reason to fall back to an older one. Pure.
+fn decode_file<T: DeserializeOwned>(bytes: &[u8]) -> Result<Copy<T>, String> {
     let Some(halves) = slots::split(bytes) else {
         let (revision, value) = decode_envelope(bytes)?;
         return Ok(Copy {
             revision,
             value,
             slots: None,
+            damaged: None,
         });
     };
     let mut newest: Option<(usize, EnvelopeIn)> = None;
@@ -520,15 +520,13 @@ fn decode_file<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<Copy<T>,
                 revision,
                 value,
                 slots: None,
+                damaged: None,
             })
             .map_err(|_| match damaged.is_empty() {
                 true => "both copies are blank".to_owned(),
                 false => damaged.join("; "),
             });
     };
-    if !damaged.is_empty() && !name.is_empty() {
-        tracing::warn!(record = name, revision = envelope.revision, problem = %damaged.join("; "), "reading the record's other copy");
-    }
     Ok(Copy {
         revision: envelope.revision,
         value: payload_of(&envelope)?,
@@ -536,6 +534,7 @@ fn decode_file<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<Copy<T>,
             size: halves[0].len(),
             newest: slot,
         }),
+        damaged: (!damaged.is_empty()).then(|| damaged.join("; ")),
     })
 }
 
@@ -545,8 +544,7 @@ fn newest_envelope_unchecked(bytes: &[u8]) -> Result<EnvelopeIn, serde_json::Err
     let Some(halves) = slots::split(bytes) else {
         return serde_json::from_slice(bytes);
     };
-    let copies = halves.map(serde_json::from_slice::<EnvelopeIn>);
-    let [first, second] = copies;
+    let [first, second] = halves.map(serde_json::from_slice::<EnvelopeIn>);
     match (first, second) {
         (Ok(a), Ok(b)) => Ok(if b.revision > a.revision { b } else { a }),
         (Ok(one), Err(_)) | (Err(_), Ok(one)) => Ok(one),
