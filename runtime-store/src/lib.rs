@@ -20,8 +20,8 @@ mod slots;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +31,7 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_64;
 
 pub use journal::{Intent, IntentJournal};
 use slots::Slots;
@@ -155,12 +156,26 @@ struct Known {
 }
 
 /// A slotted record file as the store last read or wrote it. A save
-/// writes in place only into the very file it knows: one replaced behind
-/// its back (another inode, another size) is written anew.
+/// writes in place only while the copy it keeps is the one it knows: a
+/// file changed behind its back (by another store on the same directory)
+/// is written anew. Inode numbers are reused and change times are coarse,
+/// so the copy itself is compared.
 #[derive(Debug, Clone, Copy)]
 struct SlottedFile {
     slots: Slots,
-    inode: u64,
+    /// The xxh3 of the slot holding the newest copy.
+    newest_copy: u64,
+}
+
+impl SlottedFile {
+    /// The file `bytes` are, its newest copy where `slots` says.
+    fn of(slots: Slots, bytes: &[u8]) -> Self {
+        let start = slots.offset(slots.newest) as usize;
+        SlottedFile {
+            slots,
+            newest_copy: xxh3_64(&bytes[start..start + slots.size]),
+        }
+    }
 }
 
 /// The newest readable copy in a record file.
@@ -224,7 +239,7 @@ impl RecordStore {
                     newest: at.slots.next(),
                     ..at.slots
                 },
-                ..at
+                newest_copy: xxh3_64(&slot),
             },
             _ => self.write_new_file(name, &path, &envelope)?,
         };
@@ -253,14 +268,14 @@ impl RecordStore {
             // Best effort: the temp file is garbage either way.
             let _ = fs::remove_file(&temp);
         }
-        result.map(|inode| SlottedFile { slots, inode })
+        result.map(|()| SlottedFile::of(slots, &bytes))
     }
 
     /// Loads `name`. `Ok(None)` when there is no record. A record that fails
     /// its checks is quarantined and returned as [`StoreError::Corrupt`].
     pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<Record<T>>, StoreError> {
         let path = self.path_of(name)?;
-        let (bytes, inode) = match read_file(&path) {
+        let bytes = match read_file(&path) {
             Ok(Some(read)) => read,
             Ok(None) => return Ok(None),
             Err(source) => {
@@ -287,7 +302,7 @@ impl RecordStore {
                 if known.as_ref().is_none_or(|k| k.revision < revision) {
                     *known = Some(Known {
                         revision,
-                        file: slots.map(|slots| SlottedFile { slots, inode }),
+                        file: slots.map(|slots| SlottedFile::of(slots, &bytes)),
                     });
                 }
                 Ok(Some(Record {
@@ -446,7 +461,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// slots, where the newest copy is readable. A file that isn't is
 /// rewritten whole at the next save.
 fn probe(path: &Path) -> Known {
-    let Ok(Some((bytes, inode))) = read_file(path) else {
+    let Ok(Some(bytes)) = read_file(path) else {
         return Known {
             revision: 0,
             file: None,
@@ -455,7 +470,7 @@ fn probe(path: &Path) -> Known {
     match decode_file::<IgnoredAny>(&bytes) {
         Ok(copy) => Known {
             revision: copy.revision,
-            file: copy.slots.map(|slots| SlottedFile { slots, inode }),
+            file: copy.slots.map(|slots| SlottedFile::of(slots, &bytes)),
         },
         Err(_) => Known {
             revision: newest_envelope_unchecked(&bytes).map_or(0, |e| e.revision),
@@ -464,17 +479,13 @@ fn probe(path: &Path) -> Known {
     }
 }
 
-/// A record file's bytes and inode, or `None` when there is no file.
-fn read_file(path: &Path) -> io::Result<Option<(Vec<u8>, u64)>> {
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let inode = file.metadata()?.ino();
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(Some((bytes, inode)))
+/// A record file's bytes, or `None` when there is no file.
+fn read_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a record file of either layout: its newest intact copy. A
@@ -560,13 +571,19 @@ fn write_in_place(path: &Path, at: SlottedFile, slot: &[u8]) -> Result<bool, Sto
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
     };
-    let file = match OpenOptions::new().write(true).open(path) {
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(source) => return Err(io_err("open")(source)),
     };
-    let found = file.metadata().map_err(io_err("stat"))?;
-    if found.ino() != at.inode || found.len() != 2 * at.slots.size as u64 {
+    let size = file.metadata().map_err(io_err("stat"))?.len();
+    if size != 2 * at.slots.size as u64 {
+        return Ok(false);
+    }
+    let mut kept = vec![0; at.slots.size];
+    file.read_exact_at(&mut kept, at.slots.offset(at.slots.newest))
+        .map_err(io_err("read"))?;
+    if xxh3_64(&kept) != at.newest_copy {
         return Ok(false);
     }
     file.write_all_at(slot, at.slots.offset(at.slots.next()))
@@ -691,8 +708,7 @@ fn payload_of<T: DeserializeOwned>(envelope: &EnvelopeIn) -> Result<T, String> {
         .map_err(|e| format!("payload doesn't match the expected type: {e}"))
 }
 
-/// Writes `bytes` to `target` through `temp`; returns the file's inode.
-fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<u64, StoreError> {
+fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let io_err = |op, path: &Path| {
         let path = path.to_owned();
         move |source| StoreError::Io { op, path, source }
@@ -704,11 +720,9 @@ fn write_durably(temp: &Path, target: &Path, dir: &Path, bytes: &[u8]) -> Result
         .map_err(io_err("create", temp))?;
     file.write_all(bytes).map_err(io_err("write", temp))?;
     file.sync_all().map_err(io_err("fsync", temp))?;
-    let inode = file.metadata().map_err(io_err("stat", temp))?.ino();
     drop(file);
     fs::rename(temp, target).map_err(io_err("rename", target))?;
-    sync_dir(dir)?;
-    Ok(inode)
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
