@@ -1,7 +1,6 @@
 //! Disk hot-add: the image fd through `add-fd`, `blockdev-add` of a file
 //! node on `/dev/fdset/N` and a format node on top, `device_add` at an
-//! explicit slot or SCSI target, `remove-fd`, then checks in `query-pci`
-//! (for a slot) and `query-block`.
+//! explicit slot or SCSI target, then `remove-fd`.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -113,7 +112,7 @@ pub fn device_arguments(disk: &RuntimeDisk, place: DiskPlace, layout: PciLayout)
 
 /// Hot-adds `disk` from an image the caller opened (read-only or
 /// read-write, as the disk asks). After `add-fd`, the block nodes, the
-/// device, the checks and `remove-fd` go out as one pipeline. On failure
+/// device and `remove-fd` go out as one pipeline. On failure
 /// every step that succeeded is undone.
 pub async fn add(
     qmp: &QmpClient,

@@ -1,10 +1,10 @@
-//! NIC hot-add: tap (and vhost) fds through `getfd`, `netdev_add`,
-//! `device_add` at an explicit slot, then a check in `query-pci`.
+//! NIC hot-add: tap (and vhost) fds through `getfd`, `netdev_add`, then
+//! `device_add` at an explicit slot.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{hot_added_romfile, msix_vectors, netdev_id};
+use hypervisor::argv::{msix_vectors, netdev_id};
 use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
@@ -30,9 +30,10 @@ pub fn isa_is_cold() -> HotplugError {
     )
 }
 
-/// The `device_add` arguments of a NIC, for a QEMU that is `chrooted` or
-/// not. Pure.
-pub fn device_arguments(nic: &RuntimeNic, chrooted: bool, layout: PciLayout) -> Value {
+/// The `device_add` arguments of a NIC. No `romfile`: QEMU finds the
+/// model's option ROM by its default name, in a chrooted QEMU's root too
+/// (see [`hypervisor::host_files::stage_option_roms`]). Pure.
+pub fn device_arguments(nic: &RuntimeNic, layout: PciLayout) -> Value {
     let driver = nic.spec.model.qemu_device();
     let mut args = json!({
         "driver": driver,
@@ -44,9 +45,6 @@ pub fn device_arguments(nic: &RuntimeNic, chrooted: bool, layout: PciLayout) -> 
         let (bus, addr) = layout.place(slot);
         args["bus"] = json!(bus);
         args["addr"] = json!(format!("{addr:#x}"));
-    }
-    if let Some(rom) = hot_added_romfile(nic.spec.model, chrooted) {
-        args["romfile"] = json!(rom);
     }
     if nic.spec.queues > 1 {
         args["mq"] = json!(true);
@@ -108,16 +106,13 @@ pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, Hotplug
     Ok(PreparedNic { tap, vhost })
 }
 
-/// Hot-adds `nic` at its slot: getfd, netdev_add, device_add and the
-/// query-pci check go out as one pipeline. On failure every step that
-/// succeeded is undone and the tap is closed, so it vanishes. `chrooted`
-/// says whether QEMU runs in its chroot, where it finds the NIC's option
-/// ROM at another path.
+/// Hot-adds `nic` at its slot: getfd, netdev_add and device_add go out
+/// as one pipeline. On failure every step that
+/// succeeded is undone and the tap is closed, so it vanishes.
 pub async fn attach(
     qmp: &QmpClient,
     prepared: PreparedNic,
     nic: &RuntimeNic,
-    chrooted: bool,
     layout: PciLayout,
 ) -> Result<AddedNic, HotplugError> {
     if nic.slot.is_none() {
@@ -161,7 +156,7 @@ pub async fn attach(
         ),
         Step::new(
             "device_add",
-            Command::new("device_add", device_arguments(nic, chrooted, layout)),
+            Command::new("device_add", device_arguments(nic, layout)),
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
     ];
@@ -233,19 +228,12 @@ mod tests {
     fn device_is_placed_at_its_slot_on_pci0() {
         let nic = sample_nic(NicModel::Virtio);
 
-        let args = device_arguments(&nic, false, PciLayout::RootBus);
+        let args = device_arguments(&nic, PciLayout::RootBus);
 
         assert_eq!(args["addr"], "0x7");
         assert_eq!(args["bus"], "pci.0");
         assert_eq!(args["mac"], "52:54:00:00:00:09");
         assert_eq!(args["netdev"], nic.netdev_id());
         assert!(args.get("romfile").is_none(), "{args}");
-    }
-
-    #[test]
-    fn a_chrooted_qemu_finds_the_rom_in_its_root() {
-        let args = device_arguments(&sample_nic(NicModel::E1000), true, PciLayout::RootBus);
-
-        assert_eq!(args["romfile"], "/efi-e1000.rom");
     }
 }

@@ -474,10 +474,10 @@ pub fn copy_credentials(
 }
 
 /// Links the option ROMs of the NIC models `models` into the root of
-/// `chroot`, so a NIC can still be hot-added once QEMU has shut itself in
-/// (it is then told the ROM's path, see
-/// [`crate::runtime::argv::hot_added_romfile`]). A ROM already there is
-/// kept. The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
+/// `chroot`, so a NIC can still be hot-added once QEMU has shut itself in:
+/// QEMU tries a ROM's name relative to its working directory before its
+/// data directories, and a chrooted QEMU works in its new root. A ROM
+/// already there is kept. The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
 /// directory inside its root would let it chroot again into that directory
 /// and walk out through `..`. A hard link where the filesystem allows, a
 /// copy otherwise.

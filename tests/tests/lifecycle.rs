@@ -639,6 +639,8 @@ async fn every_nic_model_sits_on_pci_with_its_mac_cold_and_hot() {
         .unwrap_or_else(|s| panic!("hot-add a pcnet NIC: {s:?}\n{}", agent.log()));
 
     let info = agent.instance("models").await;
+    let root = std::fs::read_link(format!("/proc/{}/root", info.pid)).unwrap();
+    assert_ne!(root, std::path::Path::new("/"), "QEMU runs in its chroot");
     let mut qmp = operator_qmp(&agent, "models");
     let on_pci: std::collections::HashMap<String, u64> = qmp
         .pci_devices()

@@ -176,16 +176,13 @@ impl Agent {
         }
         debug_span!("step", step = "checks")
             .in_scope(|| Self::check_nic_addition(name, &record, &process, &nic))?;
-        let chrooted = process.chrooted(&record.runtime);
-        if chrooted {
+        if process.chrooted(&record.runtime) {
             self.stage_option_rom(name, nic.model)
                 .instrument(debug_span!("step", step = "option ROM"))
                 .await;
         }
-        let (runtime_nic, added) = at_most_twice(|first| {
-            self.try_add_nic(&inst, &process, &record, &nic, chrooted, first)
-        })
-        .await?;
+        let (runtime_nic, added) =
+            at_most_twice(|first| self.try_add_nic(&inst, &process, &record, &nic, first)).await?;
         process.push_tap(added.tap.clone());
         inst.announce(EventKind::DeviceAdded {
             device: runtime_nic.spec.name.clone(),
@@ -206,7 +203,6 @@ impl Agent {
         process: &Process,
         record: &InstanceRecord,
         nic: &NicSpec,
-        chrooted: bool,
         first: bool,
     ) -> Result<Tried<(RuntimeNic, hotplug::nic::AddedNic)>, AgentError> {
         // The tap and the slot look-up don't depend on each other: the
@@ -249,7 +245,6 @@ impl Agent {
             process.qmp(),
             prepared,
             &runtime_nic,
-            chrooted,
             record.runtime.pci_layout(),
         );
         let added = self.apply(inst, record, &updated, attach).await;

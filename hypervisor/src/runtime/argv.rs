@@ -730,16 +730,6 @@ pub fn option_rom(model: NicModel) -> Option<&'static str> {
     })
 }
 
-/// The `romfile` of a hot-added NIC. QEMU looks an option ROM up by name
-/// in its data directories, which a chrooted QEMU can no longer see, so it
-/// is pointed at the copy in its chroot's root instead. Cold-plugged NICs
-/// load their ROMs before QEMU enters the chroot and keep the default.
-pub fn hot_added_romfile(model: NicModel, chrooted: bool) -> Option<String> {
-    option_rom(model)
-        .filter(|_| chrooted)
-        .map(|rom| format!("/{rom}"))
-}
-
 /// Joins fds the way `fds=` and `vhostfds=` want them.
 fn fd_list(fds: &[RawFd]) -> String {
     fds.iter()
