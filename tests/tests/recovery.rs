@@ -29,7 +29,7 @@ fn write_intent(agent: &TestAgent, name: &str, intent: Value) {
 
 fn intent_is_clear(agent: &TestAgent, name: &str) -> bool {
     std::fs::read(agent.state_dir().join(format!("journal/{name}.intent")))
-        .map_or(true, |b| b.is_empty())
+        .map_or(true, |b| b.trim_ascii().is_empty())
 }
 
 fn nic_intent(name: &str, uuid: &str, mac: &str) -> Value {
