@@ -505,9 +505,6 @@ fn stage_display_credentials(
     Ok((vnc_x509, spice_x509))
 }
 
-/// Makes `path` a new empty directory that only root may change, and
-/// opens it. Whatever was there goes first: the run directory may be
-/// QEMU's, and what QEMU left there is not to be trusted.
 /// A chrooted QEMU's empty root, with the option ROMs of the usual NIC
 /// models and the runtime's own; any other is staged when a NIC of it is
 /// hot-added.
@@ -525,6 +522,9 @@ fn prepare_chroot(
     Ok(dir)
 }
 
+/// Makes `path` a new empty directory that only root may change, and
+/// opens it. Whatever was there goes first: the run directory may be
+/// QEMU's, and what QEMU left there is not to be trusted.
 fn empty_dir(path: &Path) -> Result<File, LaunchError> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
