@@ -53,6 +53,10 @@ pub struct Operations {
     disk_add: Samples,
     /// The agent's step timings before the rounds and after.
     agent_steps: (StepSums, StepSums),
+    /// The same, summed over scrapes just before and after each start of
+    /// the start row: other rows start instances too, but only this row's
+    /// starts are timed by the client.
+    start_steps: (StepSums, StepSums),
     raw_start: RawSteps,
     raw_nic: RawSteps,
     raw_disk: RawSteps,
@@ -106,8 +110,14 @@ impl Operations {
     /// Start → QMP ready, then a forced and a graceful (powerdown, wait,
     /// quit) stop.
     async fn starts_and_stops(&mut self, s: &mut Setup<'_>) -> anyhow::Result<()> {
+        let before = profile::scrape(s.metrics).await?;
+        // The scrape woke the agent; a start comes after a quiet moment.
+        tokio::time::sleep(IDLE_GAP).await;
         let (t, _) = timed(agent_start(s.client, s.spec)).await?;
         self.start.agent.push(t);
+        let after = profile::scrape(s.metrics).await?;
+        profile::add_sums(&mut self.start_steps.0, &before);
+        profile::add_sums(&mut self.start_steps.1, &after);
         let (t, _) = timed(agent_stop(s.client, "bench", true)).await?;
         self.stop_force.agent.push(t);
         let (t, mut q) = timed(RawQemu::start(s.raw_dir, s.raw_args)).await?;
@@ -219,7 +229,8 @@ impl Operations {
         agent_stop(s.client, "bench", true).await?;
 
         let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
-        self.raw_start.add(q.take_steps());
+        // Only the start row's starts are profiled, as on the agent's side.
+        q.take_steps();
         tokio::time::sleep(SETTLE).await;
         // Slot 3 holds the balloon, as in the agent's instance.
         let (t, tap) = timed(q.add_nic(round, 4)).await?;
@@ -249,12 +260,12 @@ impl Operations {
 
     /// Where the time of a start and of each hot-add went, on both sides.
     pub fn profiles(&self) -> Vec<Profile> {
-        let (before, after) = &self.agent_steps;
         [
             (
                 "start → QMP ready",
                 "start",
                 START_STEPS,
+                &self.start_steps,
                 &self.start,
                 &self.raw_start,
             ),
@@ -262,6 +273,7 @@ impl Operations {
                 "NIC hot-add",
                 "add-nic",
                 NIC_STEPS,
+                &self.agent_steps,
                 &self.nic_add,
                 &self.raw_nic,
             ),
@@ -269,18 +281,21 @@ impl Operations {
                 "disk hot-add",
                 "add-disk",
                 DISK_STEPS,
+                &self.agent_steps,
                 &self.disk_add,
                 &self.raw_disk,
             ),
         ]
         .into_iter()
-        .map(|(operation, op, order, samples, raw)| Profile {
-            operation,
-            agent: profile::agent_steps(before, after, op, order),
-            agent_total_ms: mean_ms(&samples.agent),
-            raw: raw.means(),
-            raw_total_ms: mean_ms(&samples.raw),
-        })
+        .map(
+            |(operation, op, order, (before, after), samples, raw)| Profile {
+                operation,
+                agent: profile::agent_steps(before, after, op, order),
+                agent_total_ms: mean_ms(&samples.agent),
+                raw: raw.means(),
+                raw_total_ms: mean_ms(&samples.raw),
+            },
+        )
         .collect()
     }
 

@@ -167,6 +167,17 @@ pub fn step_sums(text: &str) -> StepSums {
     sums
 }
 
+/// Adds the sums and counts of `more` to `into`, so that the difference
+/// of two such totals is the steps of every interval between the scrapes
+/// summed. Pure.
+pub fn add_sums(into: &mut StepSums, more: &StepSums) {
+    for (key, &(sum, count)) in more {
+        let entry = into.entry(key.clone()).or_default();
+        entry.0 += sum;
+        entry.1 += count;
+    }
+}
+
 /// `a="x",b="y \"quoted\""` as a map.
 fn parse_labels(text: &str) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
@@ -357,5 +368,27 @@ kvm_agent_operation_duration_seconds_sum{op=\"start\"} 9
         };
         let steps = [step("launch", 5.0), step("launch / spawn", 3.0)];
         assert!((Profile::outside(&steps, 7.0) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn summed_scrapes_give_the_steps_between_each_pair() {
+        let key = ("start".to_owned(), "launch".to_owned());
+        let scrape = |sum: f64, count: u64| StepSums::from([(key.clone(), (sum, count))]);
+        let (mut before, mut after) = (StepSums::new(), StepSums::new());
+        // Two timed starts, 0.010 s and 0.030 s, with an untimed one of
+        // 0.5 s between them.
+        for (b, a) in [
+            (scrape(1.0, 4), scrape(1.01, 5)),
+            (scrape(1.51, 6), scrape(1.54, 7)),
+        ] {
+            add_sums(&mut before, &b);
+            add_sums(&mut after, &a);
+        }
+
+        let steps = agent_steps(&before, &after, "start", &["launch"]);
+
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].count, 2);
+        assert!((steps[0].mean_ms - 20.0).abs() < 1e-6, "{steps:?}");
     }
 }
