@@ -112,8 +112,8 @@ pub fn device_arguments(disk: &RuntimeDisk, place: DiskPlace, layout: PciLayout)
 
 /// Hot-adds `disk` from an image the caller opened (read-only or
 /// read-write, as the disk asks). After `add-fd`, the block nodes, the
-/// device and `remove-fd` go out as one pipeline. On failure
-/// every step that succeeded is undone.
+/// device and `remove-fd` go out as one pipeline. On failure every step
+/// that succeeded is undone.
 pub async fn add(
     qmp: &QmpClient,
     disk: &RuntimeDisk,

@@ -107,8 +107,8 @@ pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, Hotplug
 }
 
 /// Hot-adds `nic` at its slot: getfd, netdev_add and device_add go out
-/// as one pipeline. On failure every step that
-/// succeeded is undone and the tap is closed, so it vanishes.
+/// as one pipeline. On failure every step that succeeded is undone and
+/// the tap is closed, so it vanishes.
 pub async fn attach(
     qmp: &QmpClient,
     prepared: PreparedNic,

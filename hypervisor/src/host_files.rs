@@ -477,10 +477,10 @@ pub fn copy_credentials(
 /// `chroot`, so a NIC can still be hot-added once QEMU has shut itself in:
 /// QEMU tries a ROM's name relative to its working directory before its
 /// data directories, and a chrooted QEMU works in its new root. A ROM
-/// already there is kept. The chroot holds files only: QEMU keeps `CAP_SYS_CHROOT`, and a
-/// directory inside its root would let it chroot again into that directory
-/// and walk out through `..`. A hard link where the filesystem allows, a
-/// copy otherwise.
+/// already there is kept. The chroot holds files only: QEMU keeps
+/// `CAP_SYS_CHROOT`, and a directory inside its root would let it chroot
+/// again into that directory and walk out through `..`. A hard link where
+/// the filesystem allows, a copy otherwise.
 pub fn stage_option_roms(
     chroot: &Path,
     data_dirs: &[PathBuf],
