@@ -22,6 +22,14 @@ pub struct Libvirt {
     replies: Lines<BufReader<ChildStdout>>,
 }
 
+/// The pid of the QEMU that libvirt runs for domain `name`, from the
+/// pidfile its QEMU driver keeps.
+pub fn domain_pid(name: &str) -> anyhow::Result<u32> {
+    let file = format!("/run/libvirt/qemu/{name}.pid");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    Ok(text.trim().parse()?)
+}
+
 impl Libvirt {
     /// Sets libvirt up (`scripts/libvirt-env` installs and starts it where
     /// it is missing) and starts the helper.

@@ -14,6 +14,7 @@ mod profile;
 mod raw;
 mod removal;
 mod scale;
+mod settle;
 mod takeover;
 mod transfer;
 
@@ -70,7 +71,7 @@ enum Peer {
 /// no OS, so this only measures the escalation's own cost.
 const POWERDOWN_WAIT: Duration = Duration::from_millis(20);
 const MEMORY_MIB: u64 = 128;
-/// Time given to a fresh instance before hotplug is measured, on both sides.
+/// Time given to a fresh QEMU before it is taken over, on both sides.
 const SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Serialize)]
@@ -661,7 +662,7 @@ fn operations_table(md: &mut String, rows: &[Row]) {
         ));
     }
     md.push_str(&format!(
-        "\nThe interval is a bootstrap over the rounds, each resampled with its agent and raw halves together, since both ran in the same moment of a shared machine. A row misses its goal (✗) only when the whole interval lies above it; ? marks a goal inside the interval, where more rounds would tell. Graceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv. Device removal boots the test guest under TCG on each side, since only a guest releases a device.\n",
+        "\nThe interval is a bootstrap over the rounds, each resampled with its agent and raw halves together, since both ran in the same moment of a shared machine. A row misses its goal (✗) only when the whole interval lies above it; ? marks a goal inside the interval, where more rounds would tell. Graceful stops and soft reboots include a {} ms powerdown wait on both sides (the guests have no OS, so the ACPI request is ignored). The raw side speaks QMP directly over the same kind of socket, with the same argv. Device removal boots the test guest under TCG on each side, since only a guest releases a device. Hot-adds go into instances whose firmware is done: the guests have no OS, and SeaBIOS keeps the vCPU busy for its first seconds (POST, then every boot device), so the agent's instance and the raw QEMU start together and each hot-add waits until both use under a tenth of a CPU over 200 ms; libvirt's domain waits the same way.\n",
         POWERDOWN_WAIT.as_millis()
     ));
 }

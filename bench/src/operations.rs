@@ -15,10 +15,12 @@ use crate::profile::{
     self, DISK_STEPS, NIC_STEPS, Profile, RawSteps, START_STEPS, StepSums, mean_ms,
 };
 use crate::raw::RawQemu;
-use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, SETTLE, Samples, agent_start, agent_stop, timed};
+use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, Samples, agent_start, agent_stop, settle, timed};
 
 /// The goal of every row with one: agent/raw at the median.
 const GOAL: f64 = 1.10;
+/// How long a fresh QEMU's firmware may keep its vCPU busy (TCG is slow).
+const FIRMWARE_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the rounds run against: the agent's instance and the raw QEMU's
 /// command line, each with a disk image to hot-add.
@@ -197,10 +199,15 @@ impl Operations {
     }
 
     /// Hot-add of a NIC and a disk into a running instance, once its
-    /// firmware has settled (right after start QEMU is busy with it).
+    /// firmware is done (see `settle`). The agent's instance and the raw
+    /// QEMU start and settle together; then each is measured in turn.
     async fn hot_adds(&mut self, s: &mut Setup<'_>, round: u32) -> anyhow::Result<()> {
-        agent_start(s.client, s.spec).await?;
-        tokio::time::sleep(SETTLE).await;
+        let pid = agent_start(s.client, s.spec).await?;
+        let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
+        // Only the start row's starts are profiled, as on the agent's side.
+        q.take_steps();
+        settle::until_idle(&[pid, q.pid()?], FIRMWARE_LIMIT).await?;
+
         let nic = pb::NicSpec {
             name: "hp-nic".into(),
             mac: "52:54:00:98:00:01".into(),
@@ -228,10 +235,6 @@ impl Operations {
         // no devices, so hotplugged ones don't pile up across rounds.
         agent_stop(s.client, "bench", true).await?;
 
-        let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
-        // Only the start row's starts are profiled, as on the agent's side.
-        q.take_steps();
-        tokio::time::sleep(SETTLE).await;
         // Slot 3 holds the balloon, as in the agent's instance.
         let (t, tap) = timed(q.add_nic(round, 4)).await?;
         self.nic_add.raw.push(t);
@@ -246,7 +249,8 @@ impl Operations {
             libvirt
                 .start_domain("bench-libvirt", MEMORY_MIB, None)
                 .await?;
-            tokio::time::sleep(SETTLE).await;
+            let pid = crate::libvirt::domain_pid("bench-libvirt")?;
+            settle::until_idle(&[pid], FIRMWARE_LIMIT).await?;
             let t = libvirt.add_nic("bench-libvirt", round, 4).await?;
             self.nic_add.libvirt.push(t);
             let t = libvirt

@@ -149,6 +149,11 @@ impl RawQemu {
         Ok(raw)
     }
 
+    /// QEMU's pid.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("QEMU has been reaped")
+    }
+
     /// The steps timed since the last call, in order.
     pub fn take_steps(&mut self) -> Vec<(String, Duration)> {
         std::mem::take(&mut self.steps)
