@@ -54,12 +54,23 @@ pub fn device_arguments(nic: &RuntimeNic, layout: PciLayout) -> Value {
 }
 
 /// The names a NIC's tap fds (one per queue) and vhost fds are passed to
-/// QEMU under, by `getfd`. Pure.
-fn passed_fd_names(netdev: &str, taps: usize, vhosts: usize) -> (Vec<String>, Vec<String>) {
+/// QEMU under, by `getfd`. Short, since QEMU reads QMP a byte per turn of
+/// its main loop; they need no more, since a name lives only from `getfd`
+/// to the `netdev_add` that takes its fd, and an instance's hot-adds run
+/// one at a time. Pure.
+fn passed_fd_names(taps: usize, vhosts: usize) -> (Vec<String>, Vec<String>) {
     (
-        (0..taps).map(|q| format!("{netdev}-q{q}")).collect(),
-        (0..vhosts).map(|q| format!("{netdev}-vhost{q}")).collect(),
+        (0..taps).map(|q| format!("tap{q}")).collect(),
+        (0..vhosts).map(|q| format!("vhost{q}")).collect(),
     )
+}
+
+/// The names earlier agents passed a NIC's fds under, after its netdev:
+/// one may have left such an fd before the agent was upgraded.
+fn legacy_passed_fd_names(netdev: &str, taps: usize, vhosts: usize) -> Vec<String> {
+    let taps = (0..taps).map(|q| format!("{netdev}-q{q}"));
+    taps.chain((0..vhosts).map(|q| format!("{netdev}-vhost{q}")))
+        .collect()
 }
 
 /// Closes the fds a hot-add of `nic` passed to QEMU and no netdev took.
@@ -68,8 +79,9 @@ fn passed_fd_names(netdev: &str, taps: usize, vhosts: usize) -> (Vec<String>, Ve
 pub async fn close_passed_fds(qmp: &QmpClient, nic: &NicSpec) {
     let queues = nic.queues.max(1) as usize;
     let vhosts = if nic.vhost { queues } else { 0 };
-    let (taps, vhost) = passed_fd_names(&netdev_id(nic.uuid), queues, vhosts);
-    for name in taps.iter().chain(&vhost) {
+    let (taps, vhost) = passed_fd_names(queues, vhosts);
+    let legacy = legacy_passed_fd_names(&netdev_id(nic.uuid), queues, vhosts);
+    for name in taps.iter().chain(&vhost).chain(&legacy) {
         if qmp.closefd(name).await.is_ok() {
             tracing::info!(fd = %name, "closed an fd a cut-short hot-add left in QEMU");
         }
@@ -119,11 +131,8 @@ pub async fn attach(
         return Err(isa_is_cold());
     }
     let netdev = nic.netdev_id();
-    let (tap_names, vhost_names) = passed_fd_names(
-        &netdev,
-        prepared.tap.queue_fds().count(),
-        prepared.vhost.len(),
-    );
+    let (tap_names, vhost_names) =
+        passed_fd_names(prepared.tap.queue_fds().count(), prepared.vhost.len());
     let fds = tap_names.iter().zip(prepared.tap.queue_fds()).chain(
         vhost_names
             .iter()
@@ -206,6 +215,15 @@ mod tests {
         assert_eq!(multi["fds"], "t0:t1:t2");
         assert_eq!(multi["vhostfds"], "v0:v1:v2");
         assert_eq!(multi["vhost"], true);
+    }
+
+    #[test]
+    fn each_queue_passes_its_fds_under_names_of_its_own() {
+        let (taps, vhosts) = passed_fd_names(2, 2);
+
+        assert_eq!(taps, ["tap0", "tap1"]);
+        assert_eq!(vhosts, ["vhost0", "vhost1"]);
+        assert_eq!(passed_fd_names(1, 0), (vec!["tap0".to_owned()], vec![]));
     }
 
     fn sample_nic(model: NicModel) -> RuntimeNic {
