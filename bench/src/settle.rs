@@ -44,16 +44,15 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 /// `limit`.
 pub async fn until_idle(pids: &[u32], limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut before = pids
-        .iter()
-        .map(|&pid| cpu_ticks(pid))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let all_ticks = || {
+        pids.iter()
+            .map(|&pid| cpu_ticks(pid))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let mut before = all_ticks()?;
     loop {
         tokio::time::sleep(WINDOW).await;
-        let now = pids
-            .iter()
-            .map(|&pid| cpu_ticks(pid))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let now = all_ticks()?;
         if now.iter().zip(&before).all(|(n, b)| n - b <= IDLE_TICKS) {
             return Ok(());
         }
