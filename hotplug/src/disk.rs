@@ -1,11 +1,11 @@
-//! Disk hot-add: the image fd through `add-fd`, `blockdev-add` of a file
-//! node on `/dev/fdset/N` and a format node on top, `device_add` at an
+//! Disk hot-add: the image fd through `add-fd`, one `blockdev-add` of a
+//! format node over a file node on `/dev/fdset/N`, `device_add` at an
 //! explicit slot or SCSI target, then `remove-fd`.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 
-use hypervisor::argv::{cache_flags, disk_driver, disk_file_node, disk_format_node};
+use hypervisor::argv::{cache_flags, disk_driver, disk_format_node};
 use hypervisor::disk::{ImageKind, SCSI_CONTROLLER_ID};
 use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
@@ -16,17 +16,33 @@ use serde_json::{Value, json};
 use crate::HotplugError;
 use crate::pipeline::{self, Step, Undo};
 
-/// `blockdev-add` arguments of the file node. Pure.
+/// `blockdev-add` arguments of the disk's format node with its file node
+/// inside. Pure.
 ///
-/// The block node options leave out the values that are QEMU's defaults
-/// (writable, no `O_DIRECT`, flushes, the thread pool for I/O): QEMU reads
-/// QMP input one byte per turn of its main loop, so every byte sent is
-/// time in the hot-add, and the nodes come out the same.
-pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
+/// One command instead of two, since QEMU reads QMP input one byte per
+/// turn of its main loop: every byte and every command sent is time in
+/// the hot-add. For the same reason the options leave out QEMU's defaults
+/// (writable, no `O_DIRECT`, flushes, the thread pool for I/O), and the
+/// file node has no name: it belongs to the format node, goes with it, and
+/// nothing addresses it. The nodes come out as `-blockdev` makes them.
+pub fn node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
+    let driver = match disk.spec.format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let args = json!({
+        "driver": driver,
+        "node-name": disk_format_node(disk.spec.uuid),
+        "file": file_node_arguments(disk, fdset_id, kind),
+    });
+    shared_node_options(disk, args)
+}
+
+/// The file node inside [`node_arguments`]. Pure.
+fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -> Value {
     let (direct, no_flush, _) = cache_flags(disk.spec.cache);
     let mut args = json!({
         "driver": kind.protocol_driver(),
-        "node-name": disk_file_node(disk.spec.uuid),
         "filename": format!("/dev/fdset/{fdset_id}"),
     });
     if direct || no_flush {
@@ -35,20 +51,6 @@ pub fn file_node_arguments(disk: &RuntimeDisk, fdset_id: u64, kind: ImageKind) -
     if disk.spec.aio != DiskAio::Threads {
         args["aio"] = json!(disk.spec.aio.as_str());
     }
-    shared_node_options(disk, args)
-}
-
-/// `blockdev-add` arguments of the format node. Pure.
-pub fn format_node_arguments(disk: &RuntimeDisk) -> Value {
-    let driver = match disk.spec.format {
-        DiskFormat::Raw => "raw",
-        DiskFormat::Qcow2 => "qcow2",
-    };
-    let args = json!({
-        "driver": driver,
-        "node-name": disk_format_node(disk.spec.uuid),
-        "file": disk_file_node(disk.spec.uuid),
-    });
     shared_node_options(disk, args)
 }
 
@@ -92,11 +94,7 @@ pub fn device_arguments(disk: &RuntimeDisk, place: DiskPlace, layout: PciLayout)
         "drive": disk_format_node(disk.spec.uuid),
     });
     match place {
-        DiskPlace::Slot(slot) => {
-            let (bus, addr) = layout.place(slot);
-            args["bus"] = json!(bus);
-            args["addr"] = json!(format!("{addr:#x}"));
-        }
+        DiskPlace::Slot(slot) => crate::place_in_slot(&mut args, layout, slot),
         DiskPlace::ScsiTarget(target) => {
             args["bus"] = json!(format!("{SCSI_CONTROLLER_ID}.0"));
             args["channel"] = json!(0);
@@ -151,18 +149,15 @@ pub async fn attach(
         ));
     };
     let id = disk.device_id();
-    let delete_node =
-        |node: String| Undo::IfDone(vec![("blockdev-del", json!({ "node-name": node }))]);
     let steps = vec![
         Step::new(
-            "blockdev-add (file)",
-            Command::new("blockdev-add", file_node_arguments(disk, fdset, kind)),
-            delete_node(disk_file_node(disk.spec.uuid)),
-        ),
-        Step::new(
-            "blockdev-add (format)",
-            Command::new("blockdev-add", format_node_arguments(disk)),
-            delete_node(disk_format_node(disk.spec.uuid)),
+            "blockdev-add",
+            Command::new("blockdev-add", node_arguments(disk, fdset, kind)),
+            // Its file node goes with it.
+            Undo::IfDone(vec![(
+                "blockdev-del",
+                json!({ "node-name": disk_format_node(disk.spec.uuid) }),
+            )]),
         ),
         Step::new(
             "device_add",
@@ -217,57 +212,51 @@ mod tests {
     fn native_aio_and_discard_reach_both_block_nodes() {
         let mut d = disk(false, DiskCache::None);
         assert!(
-            file_node_arguments(&d, 4, ImageKind::File)
+            node_arguments(&d, 4, ImageKind::File)["file"]
                 .get("discard")
                 .is_none()
         );
         d.spec.aio = DiskAio::Native;
         d.spec.discard = true;
-        assert_eq!(file_node_arguments(&d, 4, ImageKind::File)["aio"], "native");
-        assert_eq!(
-            file_node_arguments(&d, 4, ImageKind::File)["discard"],
-            "unmap"
-        );
-        assert_eq!(format_node_arguments(&d)["discard"], "unmap");
+        let args = node_arguments(&d, 4, ImageKind::File);
+        assert_eq!(args["file"]["aio"], "native");
+        assert_eq!(args["file"]["discard"], "unmap");
+        assert_eq!(args["discard"], "unmap");
     }
 
     #[test]
     fn file_node_opens_the_fdset_not_the_path() {
-        let args = file_node_arguments(&disk(true, DiskCache::Writeback), 4, ImageKind::Device);
+        let args = node_arguments(&disk(true, DiskCache::Writeback), 4, ImageKind::Device);
 
-        assert_eq!(args["filename"], "/dev/fdset/4");
+        assert_eq!(args["file"]["filename"], "/dev/fdset/4");
         // A block device: QEMU's file driver takes only regular files.
-        assert_eq!(args["driver"], "host_device");
+        assert_eq!(args["file"]["driver"], "host_device");
+        assert_eq!(args["file"]["read-only"], true);
         assert_eq!(args["read-only"], true);
-        assert_eq!(
-            format_node_arguments(&disk(true, DiskCache::None))["read-only"],
-            true
-        );
     }
 
     #[test]
     fn block_nodes_leave_out_what_qemu_defaults_to() {
         let d = disk(false, DiskCache::Writeback);
 
-        let file = file_node_arguments(&d, 4, ImageKind::File);
-        let format = format_node_arguments(&d);
+        let args = node_arguments(&d, 4, ImageKind::File);
 
         assert_eq!(
-            file,
-            json!({ "driver": "file", "node-name": disk_file_node(d.spec.uuid), "filename": "/dev/fdset/4" })
+            args,
+            json!({
+                "driver": "qcow2",
+                "node-name": disk_format_node(d.spec.uuid),
+                "file": { "driver": "file", "filename": "/dev/fdset/4" },
+            })
         );
+        let bypassing = node_arguments(&disk(false, DiskCache::None), 4, ImageKind::File);
         assert_eq!(
-            format,
-            json!({ "driver": "qcow2", "node-name": disk_format_node(d.spec.uuid), "file": disk_file_node(d.spec.uuid) })
-        );
-        let bypassing = file_node_arguments(&disk(false, DiskCache::None), 4, ImageKind::File);
-        assert_eq!(
-            bypassing["cache"],
+            bypassing["file"]["cache"],
             json!({ "direct": true, "no-flush": false })
         );
-        let unsafe_cache = file_node_arguments(&disk(false, DiskCache::Unsafe), 4, ImageKind::File);
+        let unsafe_cache = node_arguments(&disk(false, DiskCache::Unsafe), 4, ImageKind::File);
         assert_eq!(
-            unsafe_cache["cache"],
+            unsafe_cache["file"]["cache"],
             json!({ "direct": false, "no-flush": true })
         );
     }
@@ -288,17 +277,18 @@ mod tests {
     }
 
     #[test]
-    fn format_node_sits_on_the_file_node() {
+    fn the_file_node_sits_inside_the_format_node_without_a_name() {
         let d = disk(false, DiskCache::None);
 
-        let args = format_node_arguments(&d);
+        let args = node_arguments(&d, 4, ImageKind::File);
 
         assert_eq!(args["driver"], "qcow2");
-        assert_eq!(args["file"], disk_file_node(d.spec.uuid));
+        assert_eq!(args["node-name"], disk_format_node(d.spec.uuid));
+        assert!(args["file"].get("node-name").is_none(), "{args}");
     }
 
     #[tokio::test]
-    async fn a_refused_device_takes_back_both_nodes_after_releasing_the_set() {
+    async fn a_refused_device_takes_back_the_nodes_after_releasing_the_set() {
         let (qmp, seen) = fake_qemu(&["device_add"]).await;
         let d = disk(false, DiskCache::None);
 
@@ -318,22 +308,14 @@ mod tests {
         let names: Vec<&str> = requests.iter().map(|(name, _)| name.as_str()).collect();
         assert_eq!(
             names,
-            [
-                "blockdev-add",
-                "blockdev-add",
-                "device_add",
-                "remove-fd",
-                "blockdev-del",
-                "blockdev-del"
-            ]
+            ["blockdev-add", "device_add", "remove-fd", "blockdev-del"]
         );
-        assert_eq!(requests[3].1, json!({ "fdset-id": 4 }));
-        assert_eq!(requests[4].1["node-name"], disk_format_node(d.spec.uuid));
-        assert_eq!(requests[5].1["node-name"], disk_file_node(d.spec.uuid));
+        assert_eq!(requests[2].1, json!({ "fdset-id": 4 }));
+        assert_eq!(requests[3].1["node-name"], disk_format_node(d.spec.uuid));
     }
 
     #[tokio::test]
-    async fn a_refused_file_node_leaves_nothing_to_take_back() {
+    async fn refused_nodes_leave_nothing_to_take_back() {
         let (qmp, seen) = fake_qemu(&["blockdev-add"]).await;
 
         let result = attach(
@@ -349,7 +331,7 @@ mod tests {
             matches!(
                 result,
                 Err(HotplugError::Qmp {
-                    step: "blockdev-add (file)",
+                    step: "blockdev-add",
                     ..
                 })
             ),

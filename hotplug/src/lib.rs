@@ -19,8 +19,10 @@ pub mod support;
 
 use std::time::Duration;
 
+use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::QmpError;
 use hypervisor::tap::TapError;
+use serde_json::{Value, json};
 
 pub use slots::{SlotError, SlotMap};
 
@@ -75,4 +77,15 @@ impl HotplugError {
     fn qmp(step: &'static str) -> impl FnOnce(QmpError) -> HotplugError {
         move |source| HotplugError::Qmp { step, source }
     }
+}
+
+/// Puts `device_add` arguments at `slot`. On the root bus layout (i440fx)
+/// the bus is left out: `pci.0` is the only PCI bus there, where QEMU puts
+/// a device anyway, and QEMU reads QMP input a byte at a time. Pure.
+pub(crate) fn place_in_slot(args: &mut Value, layout: PciLayout, slot: u8) {
+    let (bus, addr) = layout.place(slot);
+    if layout == PciLayout::RootPorts {
+        args["bus"] = json!(bus);
+    }
+    args["addr"] = json!(format!("{addr:#x}"));
 }

@@ -42,9 +42,7 @@ pub fn device_arguments(nic: &RuntimeNic, layout: PciLayout) -> Value {
         "mac": nic.spec.mac.to_string(),
     });
     if let Some(slot) = nic.slot {
-        let (bus, addr) = layout.place(slot);
-        args["bus"] = json!(bus);
-        args["addr"] = json!(format!("{addr:#x}"));
+        crate::place_in_slot(&mut args, layout, slot);
     }
     if nic.spec.queues > 1 {
         args["mq"] = json!(true);
@@ -249,9 +247,18 @@ mod tests {
         let args = device_arguments(&nic, PciLayout::RootBus);
 
         assert_eq!(args["addr"], "0x7");
-        assert_eq!(args["bus"], "pci.0");
+        // pci.0 is i440fx's only PCI bus: QEMU puts the device there.
+        assert!(args.get("bus").is_none(), "{args}");
         assert_eq!(args["mac"], "52:54:00:00:00:09");
         assert_eq!(args["netdev"], nic.netdev_id());
         assert!(args.get("romfile").is_none(), "{args}");
+    }
+
+    #[test]
+    fn on_q35_the_device_goes_behind_the_root_port_of_its_slot() {
+        let args = device_arguments(&sample_nic(NicModel::Virtio), PciLayout::RootPorts);
+
+        assert_eq!(args["bus"], hypervisor::pcie::root_port_id(7));
+        assert_eq!(args["addr"], "0x0");
     }
 }

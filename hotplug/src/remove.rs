@@ -123,12 +123,15 @@ pub async fn delete_backend(qmp: &QmpClient, device: Device) {
                 json!({ "node-name": disk_format_node(uuid) }),
             )
             .await;
-            undo(
-                qmp,
-                "blockdev-del",
-                json!({ "node-name": disk_file_node(uuid) }),
-            )
-            .await;
+            // Only a disk from the command line has a file node of its own
+            // to delete; a hot-added one's went with its format node.
+            let file_node = disk_file_node(uuid);
+            let deleted = qmp
+                .execute("blockdev-del", Some(json!({ "node-name": file_node })))
+                .await;
+            if let Err(e) = deleted {
+                tracing::debug!(node = %file_node, error = %e, "no file node of its own to delete");
+            }
         }
     }
 }

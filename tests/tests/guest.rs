@@ -12,6 +12,19 @@ async fn start_guest(agent: &TestAgent, name: &str) -> (pb::InstanceInfo, GuestC
     start_guest_with(agent, name, |_| {}).await
 }
 
+/// The names of the block nodes QEMU has, sorted.
+fn block_nodes(qmp: &mut Qmp) -> Vec<String> {
+    let nodes = qmp.execute("query-named-block-nodes", serde_json::json!({}));
+    let mut names: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[tokio::test]
 async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
     let agent = TestAgent::start().await;
@@ -28,6 +41,7 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
         f.sync_all().unwrap();
     }
     let mut client = agent.client().await;
+    let nodes_before = block_nodes(&mut operator_qmp(&agent, "guest1"));
 
     let nic = client
         .add_nic(pb::AddNicRequest {
@@ -114,6 +128,15 @@ async fn hotplugged_nic_and_disk_are_seen_by_the_guest_and_unplug_cleanly() {
         pci.iter()
             .all(|(_, id, _)| id != &nic.qemu_id && id != &disk.qemu_id),
         "{pci:?}"
+    );
+    assert_eq!(
+        block_nodes(&mut qmp),
+        nodes_before,
+        "the disk's block nodes must be gone with it"
+    );
+    assert_eq!(
+        qmp.execute("query-fdsets", serde_json::json!({})),
+        serde_json::json!([])
     );
     let rt = agent.runtime_json("guest1").await;
     assert_eq!(rt["nics"], serde_json::json!([]));
