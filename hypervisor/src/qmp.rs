@@ -1,9 +1,13 @@
 //! An async QMP client.
 //!
 //! One reader task owns the read half of the socket: it routes each reply to
-//! the caller waiting on its `id` and broadcasts events, so a caller can wait
-//! for `DEVICE_DELETED` or `RESET` while other commands flow. Every command
-//! has a timeout, and QEMU's error `class` and `desc` are kept.
+//! the caller waiting for it and broadcasts events, so a caller can wait for
+//! `DEVICE_DELETED` or `RESET` while other commands flow. QEMU answers
+//! in-band commands in the order it got them, so those are sent without an
+//! `id` and their replies matched in that order: QEMU reads QMP input one
+//! byte per turn of its main loop, and an id is most of a short command.
+//! Out-of-band commands, whose replies may overtake, carry one. Every
+//! command has a timeout, and QEMU's error `class` and `desc` are kept.
 //!
 //! A fault (a line that isn't QMP, an over-long line, a reply that never
 //! comes, a hang-up) drops the connection: after a timeout a late reply
@@ -18,7 +22,7 @@
 //! broken postcopy stream never brings. It costs fd passing round trips
 //! (see [`QmpClient::pipeline`]), so only QEMUs that may need it ask.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -126,11 +130,20 @@ impl QmpError {
     }
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>;
+type ReplySender = oneshot::Sender<Result<Value, QmpError>>;
+
+/// The commands sent on a connection and not yet answered.
+#[derive(Default)]
+struct Waiters {
+    /// Out-of-band commands, by the id each was sent with.
+    by_id: HashMap<u64, ReplySender>,
+    /// In-band commands, in the order they were written.
+    in_order: VecDeque<ReplySender>,
+}
 
 /// What one connection's reader shares with its writers.
 struct Shared {
-    pending: Pending,
+    waiters: Mutex<Waiters>,
     closed: watch::Sender<Option<String>>,
 }
 
@@ -138,7 +151,9 @@ impl Shared {
     /// Marks the connection gone and fails every waiting command. The first
     /// reason wins.
     fn finish(&self, reason: String) {
-        for (_, tx) in lock(&self.pending).drain() {
+        let waiters = std::mem::take(&mut *lock(&self.waiters));
+        let senders = waiters.by_id.into_values().chain(waiters.in_order);
+        for tx in senders {
             let _ = tx.send(Err(QmpError::Disconnected {
                 reason: Some(reason.clone()),
             }));
@@ -190,7 +205,7 @@ impl Connection {
         let out_of_band = config.out_of_band && offers_out_of_band(&greeting);
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            pending: Mutex::new(HashMap::new()),
+            waiters: Mutex::default(),
             closed,
         });
         let reader = tokio::spawn(read_loop(lines, socket, shared.clone(), events));
@@ -598,7 +613,7 @@ impl QmpClient {
                 .map(|_| Err(QmpError::Unsupported(unsupported.clone())))
                 .collect();
         }
-        let (ids, receivers, lines) = self.register(connection, &commands);
+        let (ids, receivers, lines, mut in_band) = self.register(connection, &commands);
         // Checked after registering, so a reader that ends meanwhile
         // fails these commands instead of leaving them to time out.
         if let Some(reason) = connection.closed_reason() {
@@ -630,7 +645,15 @@ impl QmpClient {
                         }
                         answered = i;
                     }
-                    write_line(&mut writer, line.as_bytes(), command.fd).await?;
+                    // The reply of an in-band command is the next one after
+                    // those of the commands written before it.
+                    let mut abandoned = AbandonedWrite::arm(connection);
+                    if let Some(tx) = in_band[i].take() {
+                        lock(&connection.shared.waiters).in_order.push_back(tx);
+                    }
+                    let written = write_line(&mut writer, line.as_bytes(), command.fd).await;
+                    abandoned.disarm();
+                    written?;
                 }
                 // Nor may another caller's fd come before the last is taken.
                 let last_fd = commands.iter().rposition(|c| c.fd.is_some());
@@ -662,31 +685,39 @@ impl QmpClient {
         outcomes(results, &commands, write_error, timeout)
     }
 
-    /// Gives each command an id and a place for its reply, and renders its
-    /// line: ids, reply receivers and lines, in command order.
+    /// Gives each command a place for its reply and renders its line: the
+    /// ids of the out-of-band ones (registered here), the reply receivers,
+    /// the lines, and the reply senders of the in-band ones (registered as
+    /// each line is written), in command order.
     fn register(&self, connection: &Connection, commands: &[Command<'_>]) -> Registered {
-        let mut ids = Vec::with_capacity(commands.len());
+        let mut ids = Vec::new();
         let mut receivers = Vec::with_capacity(commands.len());
         let mut lines = Vec::with_capacity(commands.len());
+        let mut in_band = Vec::with_capacity(commands.len());
         for command in commands {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let key = match command.out_of_band {
-                true => "exec-oob",
-                false => "execute",
+            let (tx, rx) = oneshot::channel();
+            let mut message = match command.out_of_band {
+                true => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    lock(&connection.shared.waiters).by_id.insert(id, tx);
+                    ids.push(id);
+                    in_band.push(None);
+                    json!({ "exec-oob": command.name, "id": id })
+                }
+                false => {
+                    in_band.push(Some(tx));
+                    json!({ "execute": command.name })
+                }
             };
-            let mut message = json!({ key: command.name, "id": id });
             if let Some(arguments) = &command.arguments {
                 message["arguments"] = arguments.clone();
             }
             let mut line = message.to_string();
             line.push('\n');
-            let (tx, rx) = oneshot::channel();
-            lock(&connection.shared.pending).insert(id, tx);
-            ids.push(id);
             receivers.push(rx);
             lines.push(line);
         }
-        (ids, receivers, lines)
+        (ids, receivers, lines, in_band)
     }
 }
 
@@ -695,7 +726,35 @@ type Registered = (
     Vec<u64>,
     Vec<oneshot::Receiver<Result<Value, QmpError>>>,
     Vec<String>,
+    Vec<Option<ReplySender>>,
 );
+
+/// Drops the connection when a caller gives up on a command while its line
+/// is being written: QEMU may hold part of the line, and the in-band
+/// replies would be matched one off.
+struct AbandonedWrite<'a> {
+    connection: Option<&'a Connection>,
+}
+
+impl<'a> AbandonedWrite<'a> {
+    fn arm(connection: &'a Connection) -> Self {
+        AbandonedWrite {
+            connection: Some(connection),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.connection = None;
+    }
+}
+
+impl Drop for AbandonedWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection {
+            connection.drop_with("a command was abandoned while it was being written".into());
+        }
+    }
+}
 
 /// The reply `rx` brings, or a disconnection if it can't come.
 async fn reply(rx: Option<oneshot::Receiver<Result<Value, QmpError>>>) -> Result<Value, QmpError> {
@@ -707,11 +766,13 @@ async fn reply(rx: Option<oneshot::Receiver<Result<Value, QmpError>>>) -> Result
     }
 }
 
-/// Stops waiting for the replies of `ids`, whatever became of them.
+/// Stops waiting for the replies of the out-of-band commands `ids`,
+/// whatever became of them. An in-band command's place stays until its
+/// reply comes, so the ones after it are matched right.
 fn forget(connection: &Connection, ids: &[u64]) {
-    let mut pending = lock(&connection.shared.pending);
+    let mut waiters = lock(&connection.shared.waiters);
     for id in ids {
-        pending.remove(id);
+        waiters.by_id.remove(id);
     }
 }
 
@@ -864,15 +925,14 @@ fn shorten(s: &str) -> String {
 /// One parsed line from QEMU.
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
-    /// A reply to command `id`.
+    /// A reply.
     Reply {
-        /// The id we sent.
-        id: u64,
+        /// The id of an out-of-band command; none for an in-band one,
+        /// whose reply is the next in order.
+        id: Option<u64>,
         /// `return`, or QEMU's error.
         result: Result<Value, (String, String)>,
     },
-    /// A reply without a usable id (QEMU answers unparseable input that way).
-    Orphan(Value),
     /// An event.
     Event(QmpEvent),
 }
@@ -887,9 +947,7 @@ pub fn parse_incoming(line: &str) -> Result<Incoming, QmpError> {
             data: value.get("data").cloned().unwrap_or(Value::Null),
         }));
     }
-    let Some(id) = value.get("id").and_then(Value::as_u64) else {
-        return Ok(Incoming::Orphan(value));
-    };
+    let id = value.get("id").and_then(Value::as_u64);
     if let Some(ret) = value.get("return") {
         return Ok(Incoming::Reply {
             id,
@@ -933,7 +991,13 @@ async fn read_loop(
                 let _ = events.send(event);
             }
             Ok(Incoming::Reply { id, result }) => {
-                let waiter = lock(&shared.pending).remove(&id);
+                let waiter = {
+                    let mut waiters = lock(&shared.waiters);
+                    match id {
+                        Some(id) => waiters.by_id.remove(&id),
+                        None => waiters.in_order.pop_front(),
+                    }
+                };
                 match waiter {
                     Some(tx) => {
                         let _ = tx.send(result.map_err(|(class, desc)| QmpError::Qemu {
@@ -942,11 +1006,8 @@ async fn read_loop(
                             desc,
                         }));
                     }
-                    None => tracing::warn!(id, "QMP reply with an unknown or expired id"),
+                    None => tracing::warn!(?id, "a QMP reply nobody waits for"),
                 }
-            }
-            Ok(Incoming::Orphan(value)) => {
-                tracing::warn!(reply = %shorten(&value.to_string()), "QMP reply without an id");
             }
             Err(e) => break e.to_string(),
         }
@@ -1078,6 +1139,75 @@ mod tests {
         assert_eq!(reply["status"], "in band");
     }
 
+    #[tokio::test]
+    async fn only_out_of_band_commands_carry_an_id() {
+        let config = QmpConfig {
+            out_of_band: true,
+            ..config()
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let client = connected_with(config, move |req| {
+            lock(&log).push(req.clone());
+            answer_how_it_came(req)
+        })
+        .await;
+
+        client.execute("cont", None).await.unwrap();
+        client.execute_out_of_band("cont", None).await.unwrap();
+
+        let seen = lock(&seen).clone();
+        assert!(seen[0].get("id").is_none(), "{}", seen[0]);
+        assert!(seen[1]["id"].is_u64(), "{}", seen[1]);
+    }
+
+    #[tokio::test]
+    async fn an_out_of_band_reply_may_overtake_an_in_band_one() {
+        let config = QmpConfig {
+            out_of_band: true,
+            ..config()
+        };
+        // The in-band reply is held back until the out-of-band command
+        // has been answered, as QEMU does when its main loop is busy.
+        let client = connected_with(config, |req| match req.get("exec-oob") {
+            None => vec![],
+            Some(_) => vec![
+                json!({"return": {"status": "oob"}, "id": req["id"]}).to_string(),
+                json!({"return": {"status": "in band"}}).to_string(),
+            ],
+        })
+        .await;
+
+        let (in_band, out_of_band) = tokio::join!(client.execute("query-status", None), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.execute_out_of_band("cont", None).await
+        });
+
+        assert_eq!(in_band.unwrap()["status"], "in band");
+        assert_eq!(out_of_band.unwrap()["status"], "oob");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_keeps_its_place_in_line() {
+        // `quit` is answered only when the next command comes, after its
+        // caller has given up.
+        let client = connected(|req| match req["execute"].as_str() {
+            Some("quit") => vec![],
+            _ => vec![
+                json!({"return": {"status": "quit"}}).to_string(),
+                json!({"return": {"status": "cont"}}).to_string(),
+            ],
+        })
+        .await;
+
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), client.execute("quit", None)).await;
+        let reply = client.execute("cont", None).await.unwrap();
+
+        assert!(gave_up.is_err());
+        assert_eq!(reply["status"], "cont");
+    }
+
     /// A peer that greets and answers every request with `{}`, recording
     /// what was asked.
     async fn recording_qemu(server: UnixStream, asked: Arc<Mutex<Vec<String>>>) {
@@ -1143,7 +1273,7 @@ mod tests {
         assert_eq!(
             parsed,
             Incoming::Reply {
-                id: 7,
+                id: Some(7),
                 result: Err(("GenericError".into(), "Duplicate ID".into()))
             }
         );
@@ -1633,7 +1763,7 @@ mod fuzz {
         fn qmp_shaped_json_never_panics(value in qmp_like()) {
             let line = value.to_string();
             if let Ok(Incoming::Reply { id, .. }) = parse_incoming(&line) {
-                prop_assert_eq!(Some(id), value.get("id").and_then(Value::as_u64));
+                prop_assert_eq!(id, value.get("id").and_then(Value::as_u64));
             }
             let _ = parse_greeting(&line);
         }
@@ -1652,7 +1782,7 @@ mod fuzz {
             let parsed = parse_incoming(&reply.to_string()).unwrap();
             prop_assert_eq!(
                 parsed,
-                Incoming::Reply { id, result: Ok(json!({"status": "running"})) }
+                Incoming::Reply { id: Some(id), result: Ok(json!({"status": "running"})) }
             );
         }
     }
