@@ -42,6 +42,10 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::qemu_info::{CommandSet, QemuVersion};
 
+mod parse;
+
+pub use parse::{Incoming, offers_out_of_band, parse_greeting, parse_incoming};
+
 /// Timeouts and bounds of a QMP connection.
 #[derive(Debug, Clone, Copy)]
 pub struct QmpConfig {
@@ -578,6 +582,13 @@ impl QmpClient {
                 });
             }
         };
+        if let Some(command) = commands
+            .iter()
+            .find(|c| c.out_of_band && !connection.out_of_band)
+        {
+            let unsupported = format!("{} (out of band)", command.name);
+            return fail_all(&commands, &|| QmpError::Unsupported(unsupported.clone()));
+        }
         self.exchange_until(&connection, commands, deadline, timeout)
             .await
     }
@@ -603,16 +614,6 @@ impl QmpClient {
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Vec<Result<Value, QmpError>> {
-        if let Some(command) = commands
-            .iter()
-            .find(|c| c.out_of_band && !connection.out_of_band)
-        {
-            let unsupported = format!("{} (out of band)", command.name);
-            return commands
-                .iter()
-                .map(|_| Err(QmpError::Unsupported(unsupported.clone())))
-                .collect();
-        }
         let (ids, receivers, lines, mut in_band) = self.register(connection, &commands);
         // Checked after registering, so a reader that ends meanwhile
         // fails these commands instead of leaving them to time out.
@@ -645,15 +646,8 @@ impl QmpClient {
                         }
                         answered = i;
                     }
-                    // The reply of an in-band command is the next one after
-                    // those of the commands written before it.
-                    let mut abandoned = AbandonedWrite::arm(connection);
-                    if let Some(tx) = in_band[i].take() {
-                        lock(&connection.shared.waiters).in_order.push_back(tx);
-                    }
-                    let written = write_line(&mut writer, line.as_bytes(), command.fd).await;
-                    abandoned.disarm();
-                    written?;
+                    let place = in_band[i].take();
+                    write_command(connection, &mut writer, line, command.fd, place).await?;
                 }
                 // Nor may another caller's fd come before the last is taken.
                 let last_fd = commands.iter().rposition(|c| c.fd.is_some());
@@ -849,6 +843,25 @@ impl<'a> Command<'a> {
     }
 }
 
+/// Writes one command's line, taking its place among the in-band replies
+/// first when it is in-band: its reply is the next after those of the
+/// commands written before it.
+async fn write_command(
+    connection: &Connection,
+    writer: &mut OwnedWriteHalf,
+    line: &str,
+    fd: Option<BorrowedFd<'_>>,
+    in_band: Option<ReplySender>,
+) -> std::io::Result<()> {
+    let mut abandoned = AbandonedWrite::arm(connection);
+    if let Some(tx) = in_band {
+        lock(&connection.shared.waiters).in_order.push_back(tx);
+    }
+    let written = write_line(writer, line.as_bytes(), fd).await;
+    abandoned.disarm();
+    written
+}
+
 /// Writes one command line, with an fd attached when given.
 ///
 /// The fd rides on the first chunk of the line, so QEMU has it by the time
@@ -887,89 +900,6 @@ fn line_error(e: LinesCodecError) -> QmpError {
         }
         LinesCodecError::Io(e) => QmpError::Io(e),
     }
-}
-
-/// Parses the greeting line into QEMU's version.
-pub fn parse_greeting(line: &str) -> Result<QemuVersion, QmpError> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| QmpError::Protocol(format!("greeting is not JSON: {e}")))?;
-    let q = value
-        .pointer("/QMP/version/qemu")
-        .ok_or_else(|| QmpError::Protocol(format!("not a QMP greeting: {}", shorten(line))))?;
-    let field = |name| q.get(name).and_then(Value::as_u64).map(|v| v as u32);
-    match (field("major"), field("minor"), field("micro")) {
-        (Some(major), Some(minor), Some(micro)) => Ok(QemuVersion {
-            major,
-            minor,
-            micro,
-        }),
-        _ => Err(QmpError::Protocol(format!(
-            "greeting lacks a version: {}",
-            shorten(line)
-        ))),
-    }
-}
-
-/// Whether a greeting offers out-of-band execution (capability `oob`). Pure.
-pub fn offers_out_of_band(line: &str) -> bool {
-    serde_json::from_str::<Value>(line)
-        .ok()
-        .and_then(|v| v.pointer("/QMP/capabilities")?.as_array().cloned())
-        .is_some_and(|caps| caps.iter().any(|c| c == "oob"))
-}
-
-fn shorten(s: &str) -> String {
-    s.chars().take(120).collect()
-}
-
-/// One parsed line from QEMU.
-#[derive(Debug, PartialEq)]
-pub enum Incoming {
-    /// A reply.
-    Reply {
-        /// The id of an out-of-band command; none for an in-band one,
-        /// whose reply is the next in order.
-        id: Option<u64>,
-        /// `return`, or QEMU's error.
-        result: Result<Value, (String, String)>,
-    },
-    /// An event.
-    Event(QmpEvent),
-}
-
-/// Classifies a line from QEMU. Pure.
-pub fn parse_incoming(line: &str) -> Result<Incoming, QmpError> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| QmpError::Protocol(format!("line is not JSON ({e}): {}", shorten(line))))?;
-    if let Some(name) = value.get("event").and_then(Value::as_str) {
-        return Ok(Incoming::Event(QmpEvent {
-            name: name.to_owned(),
-            data: value.get("data").cloned().unwrap_or(Value::Null),
-        }));
-    }
-    let id = value.get("id").and_then(Value::as_u64);
-    if let Some(ret) = value.get("return") {
-        return Ok(Incoming::Reply {
-            id,
-            result: Ok(ret.clone()),
-        });
-    }
-    if let Some(err) = value.get("error") {
-        let text = |k| {
-            err.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        return Ok(Incoming::Reply {
-            id,
-            result: Err((text("class"), text("desc"))),
-        });
-    }
-    Err(QmpError::Protocol(format!(
-        "reply has neither return nor error: {}",
-        shorten(line)
-    )))
 }
 
 async fn read_loop(
