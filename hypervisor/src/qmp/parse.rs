@@ -34,7 +34,7 @@ pub fn offers_out_of_band(line: &str) -> bool {
         .is_some_and(|caps| caps.iter().any(|c| c == "oob"))
 }
 
-pub(super) fn shorten(s: &str) -> String {
+fn shorten(s: &str) -> String {
     s.chars().take(120).collect()
 }
 
