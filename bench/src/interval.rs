@@ -1,10 +1,14 @@
-//! How sure a ratio is: a bootstrap over the rounds. Pure.
+//! How sure a figure is: a bootstrap over the rounds. Pure.
 //!
 //! A row's ratio is the agent's median over raw QEMU's. On shared machines
 //! a rerun of the same code moves it by a fifth or more, so a row misses
 //! its goal only when the whole 95% interval lies above it. Rounds run
 //! agent and raw in turn, so they are resampled in pairs: what slowed the
 //! machine during a round slowed both sides.
+//!
+//! A latency percentile under load is judged the same way, with the
+//! seconds of the load as its rounds: a stall of the machine delays every
+//! call made during it, so calls are resampled a second at a time.
 
 /// Resamples per interval: enough for stable 2.5% and 97.5% points.
 const RESAMPLES: usize = 2000;
@@ -43,6 +47,30 @@ pub fn ratio_interval(agent: &[f64], raw: &[f64]) -> Option<(f64, f64)> {
     }
     ratios.sort_by(f64::total_cmp);
     let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.025), at(0.975)))
+}
+
+/// The 95% bootstrap interval of the `q` quantile of all samples, taking
+/// whole blocks (the calls of one second, say) as the units resampled.
+/// `None` without samples.
+pub fn quantile_interval(blocks: &[Vec<f64>], q: f64) -> Option<(f64, f64)> {
+    let blocks: Vec<&Vec<f64>> = blocks.iter().filter(|b| !b.is_empty()).collect();
+    if blocks.is_empty() {
+        return None;
+    }
+    let mut rng = SplitMix64(SEED);
+    let mut pooled = Vec::new();
+    let mut estimates = Vec::with_capacity(RESAMPLES);
+    for _ in 0..RESAMPLES {
+        pooled.clear();
+        for _ in 0..blocks.len() {
+            pooled.extend_from_slice(blocks[rng.below(blocks.len())]);
+        }
+        let at = ((pooled.len() - 1) as f64 * q).round() as usize;
+        estimates.push(*pooled.select_nth_unstable_by(at, f64::total_cmp).1);
+    }
+    estimates.sort_by(f64::total_cmp);
+    let at = |q: f64| estimates[((estimates.len() - 1) as f64 * q).round() as usize];
     Some((at(0.025), at(0.975)))
 }
 
@@ -124,6 +152,24 @@ mod tests {
         assert!(interval.0 <= 1.10 && interval.1 > 1.10, "{interval:?}");
         assert_eq!(verdict(interval, 1.10), Verdict::Undecided);
         assert_eq!(verdict((0.9, 1.05), 1.10), Verdict::Met);
+    }
+
+    #[test]
+    fn a_percentile_is_as_sure_as_its_seconds_agree() {
+        let steady: Vec<Vec<f64>> = (0..10)
+            .map(|_| (1..=100).map(f64::from).collect())
+            .collect();
+        assert_eq!(quantile_interval(&steady, 0.99), Some((99.0, 99.0)));
+        assert_eq!(quantile_interval(&[], 0.99), None);
+        assert_eq!(quantile_interval(&[Vec::new()], 0.99), None);
+
+        // One second in ten stalled: how often the resamples draw it
+        // decides their 99th percentile, so the interval takes in both.
+        let mut stalled = steady.clone();
+        stalled[3] = vec![500.0; 100];
+        let (low, high) = quantile_interval(&stalled, 0.99).unwrap();
+        assert!(low <= 100.0 && high >= 500.0, "{low} {high}");
+        assert_eq!(verdict((low, high), 200.0), Verdict::Undecided);
     }
 
     #[test]

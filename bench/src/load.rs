@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_agent_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::{local_client, spec, start_agent};
+use crate::{interval, local_client, spec, start_agent};
 
 /// Latency of one kind of call under load.
 #[derive(Debug, Serialize, Deserialize)]
@@ -20,6 +20,12 @@ pub struct CallStats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// 95% intervals of p50 and p99, resampling the run a second at a
+    /// time (see `interval::quantile_interval`).
+    #[serde(default)]
+    pub p50_interval_ms: Option<(f64, f64)>,
+    #[serde(default)]
+    pub p99_interval_ms: Option<(f64, f64)>,
 }
 
 /// What one load run measured.
@@ -33,20 +39,43 @@ pub struct LoadReport {
     pub agent_peak_rss_mib: f64,
 }
 
-fn call_stats(mut samples: Vec<Duration>, errors: usize) -> CallStats {
-    samples.sort();
+/// One call: when it began, counted from the start of the load, and how
+/// long it took.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    began: Duration,
+    took: Duration,
+}
+
+/// The calls of each second of a load run are resampled together.
+const BLOCK: Duration = Duration::from_secs(1);
+
+fn call_stats(calls: &[Call], errors: usize) -> CallStats {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut sorted: Vec<f64> = calls.iter().map(|c| ms(c.took)).collect();
+    sorted.sort_by(f64::total_cmp);
     let at = |q: f64| {
-        samples
-            .get(((samples.len().max(1) - 1) as f64 * q).round() as usize)
-            .map_or(f64::NAN, |d| ms(*d))
+        sorted
+            .get(((sorted.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
     };
+    let mut blocks: Vec<Vec<f64>> = Vec::new();
+    for call in calls {
+        let block = (call.began.as_secs_f64() / BLOCK.as_secs_f64()) as usize;
+        if blocks.len() <= block {
+            blocks.resize_with(block + 1, Vec::new);
+        }
+        blocks[block].push(ms(call.took));
+    }
     CallStats {
-        calls: samples.len(),
+        calls: calls.len(),
         errors,
         p50_ms: at(0.5),
         p99_ms: at(0.99),
-        max_ms: samples.last().map_or(f64::NAN, |d| ms(*d)),
+        max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+        p50_interval_ms: interval::quantile_interval(&blocks, 0.5),
+        p99_interval_ms: interval::quantile_interval(&blocks, 0.99),
     }
 }
 
@@ -120,6 +149,7 @@ pub async fn hammer(
 ) -> anyhow::Result<(CallStats, CallStats)> {
     let stop = Arc::new(AtomicBool::new(false));
     let names = Arc::new(names.to_vec());
+    let load_began = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..clients {
         let mut client = local_client(socket).await?;
@@ -140,16 +170,18 @@ pub async fn hammer(
                     ticks.tick().await;
                 }
                 let name = names[i % names.len()].clone();
+                let call = |began: Instant| Call {
+                    began: began - load_began,
+                    took: began.elapsed(),
+                };
                 let began = Instant::now();
                 match client.get_instance(pb::GetInstanceRequest { name }).await {
-                    Ok(_) => gets.push(began.elapsed()),
+                    Ok(_) => gets.push(call(began)),
                     Err(_) => get_errors += 1,
                 }
                 let began = Instant::now();
                 match client.list_instances(pb::ListInstancesRequest {}).await {
-                    Ok(r) if r.get_ref().instances.len() == names.len() => {
-                        lists.push(began.elapsed())
-                    }
+                    Ok(r) if r.get_ref().instances.len() == names.len() => lists.push(call(began)),
                     _ => list_errors += 1,
                 }
                 i += 1;
@@ -168,7 +200,10 @@ pub async fn hammer(
         get_errors += ge;
         list_errors += le;
     }
-    Ok((call_stats(gets, get_errors), call_stats(lists, list_errors)))
+    Ok((
+        call_stats(&gets, get_errors),
+        call_stats(&lists, list_errors),
+    ))
 }
 
 /// The load test: `instances` running, `clients` concurrent readers.

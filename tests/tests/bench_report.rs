@@ -200,6 +200,15 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
             );
             assert_eq!(level[call]["errors"], 0, "{call}: {level}");
             assert!(positive(&level[call]["p99_ms"]), "{call}: {level}");
+            // Each percentile comes with its interval over the run's
+            // seconds, inside the range of the calls.
+            let max = level[call]["max_ms"].as_f64().unwrap();
+            for q in ["p50", "p99"] {
+                let ci = &level[call][format!("{q}_interval_ms")];
+                assert!(positive(&ci[0]) && positive(&ci[1]), "{call} {q}: {level}");
+                let (low, high) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+                assert!(low <= high && high <= max, "{call} {q}: {level}");
+            }
         }
         for field in [
             "agent_rss_mib",
