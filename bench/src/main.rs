@@ -576,7 +576,7 @@ fn growth(levels: &[scale::Level], figure: &Figure) -> Option<(f64, bool)> {
     Some((grew, grew <= bound))
 }
 
-fn yes_no(met: bool) -> &'static str {
+pub(crate) fn yes_no(met: bool) -> &'static str {
     if met { "yes" } else { "**no**" }
 }
 
@@ -753,7 +753,7 @@ fn goals_section(md: &mut String, results: &Results) {
         yes_no(missed.is_empty())
     ));
     if let Some(top) = results.scale.last() {
-        scale_goals(md, top);
+        scale::goals(md, top);
     }
     let growths: Vec<(&str, bool)> = FIGURES
         .iter()
@@ -771,83 +771,6 @@ fn goals_section(md: &mut String, results: &Results) {
             format!("; faster: {}", faster.join(", "))
         },
         yes_no(faster.is_empty())
-    ));
-}
-
-/// The read-latency, memory and adoption goals at the sweep's largest
-/// level.
-fn scale_goals(md: &mut String, top: &scale::Level) {
-    let n = top.instances;
-    let paced = "paced";
-    let saturated = "back to back";
-    let p50 = |stats: &load::CallStats| (stats.p50_ms, stats.p50_interval_ms);
-    let p99 = |stats: &load::CallStats| (stats.p99_ms, stats.p99_interval_ms);
-    let checks = [
-        (
-            "GetInstance p50 < 1 ms",
-            paced,
-            p50(&top.get_instance_paced),
-            1.0,
-        ),
-        (
-            "GetInstance p99 < 5 ms",
-            paced,
-            p99(&top.get_instance_paced),
-            5.0,
-        ),
-        (
-            "ListInstances p99 < 10 ms",
-            paced,
-            p99(&top.list_instances_paced),
-            10.0,
-        ),
-        (
-            "GetInstance p50 < 1 ms",
-            saturated,
-            p50(&top.get_instance),
-            1.0,
-        ),
-        (
-            "GetInstance p99 < 5 ms",
-            saturated,
-            p99(&top.get_instance),
-            5.0,
-        ),
-        (
-            "ListInstances p99 < 10 ms",
-            saturated,
-            p99(&top.list_instances),
-            10.0,
-        ),
-    ];
-    for (goal, load, (value, ci95), limit) in checks {
-        // As with the ratios, a latency misses its goal only when the
-        // whole interval lies above it.
-        let (measured, met) = match ci95 {
-            Some((low, high)) => (
-                format!("{value:.2} ms [{low:.2}–{high:.2}]"),
-                match interval::verdict((low, high), limit) {
-                    interval::Verdict::Met => "yes",
-                    interval::Verdict::Undecided => "?",
-                    interval::Verdict::Missed => "**no**",
-                },
-            ),
-            None => (format!("{value:.2} ms"), yes_no(value < limit)),
-        };
-        md.push_str(&format!(
-            "| {goal} at {n} instances, {} clients {load} | {measured} | {met} |\n",
-            scale::SCALE_CLIENTS,
-        ));
-    }
-    md.push_str(&format!(
-        "| agent peak RSS < 64 MiB at {n} instances | {:.2} MiB | {} |\n",
-        top.agent_peak_rss_mib,
-        yes_no(top.agent_peak_rss_mib < 64.0)
-    ));
-    md.push_str(&format!(
-        "| all {n} adopted < 2 s after kill -9 | {:.2} ms | {} |\n",
-        top.reconcile_ms,
-        yes_no(top.reconcile_ms < 2000.0)
     ));
 }
 

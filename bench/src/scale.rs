@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
 use crate::profile::{self, STOP_STEPS, mean_ms};
 use crate::raw::{RawQemu, machine_args};
-use crate::{local_client, start_agent, start_profiled_agent};
+use crate::{interval, local_client, start_agent, start_profiled_agent, yes_no};
 
 /// Instances started at once, on both sides.
 pub const START_BATCH: usize = 10;
@@ -382,4 +382,81 @@ async fn wait_adopted(socket: &Path, count: usize) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The read-latency, memory and adoption goals at the sweep's largest
+/// level.
+pub fn goals(md: &mut String, top: &Level) {
+    let n = top.instances;
+    let paced = "paced";
+    let saturated = "back to back";
+    let p50 = |stats: &CallStats| (stats.p50_ms, stats.p50_interval_ms);
+    let p99 = |stats: &CallStats| (stats.p99_ms, stats.p99_interval_ms);
+    let checks = [
+        (
+            "GetInstance p50 < 1 ms",
+            paced,
+            p50(&top.get_instance_paced),
+            1.0,
+        ),
+        (
+            "GetInstance p99 < 5 ms",
+            paced,
+            p99(&top.get_instance_paced),
+            5.0,
+        ),
+        (
+            "ListInstances p99 < 10 ms",
+            paced,
+            p99(&top.list_instances_paced),
+            10.0,
+        ),
+        (
+            "GetInstance p50 < 1 ms",
+            saturated,
+            p50(&top.get_instance),
+            1.0,
+        ),
+        (
+            "GetInstance p99 < 5 ms",
+            saturated,
+            p99(&top.get_instance),
+            5.0,
+        ),
+        (
+            "ListInstances p99 < 10 ms",
+            saturated,
+            p99(&top.list_instances),
+            10.0,
+        ),
+    ];
+    for (goal, load, (value, ci95), limit) in checks {
+        // As with the ratios, a latency misses its goal only when the
+        // whole interval lies above it.
+        let (measured, met) = match ci95 {
+            Some((low, high)) => (
+                format!("{value:.2} ms [{low:.2}–{high:.2}]"),
+                match interval::verdict((low, high), limit) {
+                    interval::Verdict::Met => "yes",
+                    interval::Verdict::Undecided => "?",
+                    interval::Verdict::Missed => "**no**",
+                },
+            ),
+            None => (format!("{value:.2} ms"), yes_no(value < limit)),
+        };
+        md.push_str(&format!(
+            "| {goal} at {n} instances, {} clients {load} | {measured} | {met} |\n",
+            SCALE_CLIENTS,
+        ));
+    }
+    md.push_str(&format!(
+        "| agent peak RSS < 64 MiB at {n} instances | {:.2} MiB | {} |\n",
+        top.agent_peak_rss_mib,
+        yes_no(top.agent_peak_rss_mib < 64.0)
+    ));
+    md.push_str(&format!(
+        "| all {n} adopted < 2 s after kill -9 | {:.2} ms | {} |\n",
+        top.reconcile_ms,
+        yes_no(top.reconcile_ms < 2000.0)
+    ));
 }
