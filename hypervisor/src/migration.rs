@@ -13,8 +13,9 @@ use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::qmp::{QmpClient, QmpError};
+use crate::qmp::{QmpClient, QmpError, QmpEvent};
 
 /// The `fdname` a save or restore stream is passed under.
 pub const STREAM_FD_NAME: &str = "kvma-stream";
@@ -265,31 +266,30 @@ pub async fn start_outgoing_to_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result
     Ok(())
 }
 
-/// Has a QEMU started with `-incoming defer` expect `multifd_channels`
-/// connections besides the main one, as its source will open, and allow
-/// a switch to `postcopy`; before [`start_incoming`].
+/// Has a QEMU started with `-incoming defer` announce its stream's status
+/// as events, expect `multifd_channels` connections besides the main one,
+/// as its source will open, and allow a switch to `postcopy`; before
+/// [`start_incoming`].
 pub async fn prepare_incoming(
     qmp: &QmpClient,
     multifd_channels: Option<u8>,
     postcopy: bool,
 ) -> Result<(), QmpError> {
-    let mut capabilities = Vec::new();
+    // Where the stream stands comes as events: the end is seen when it
+    // happens, and in postcopy a QEMU waiting for pages may not answer a
+    // query.
+    let mut capabilities = vec![json!({ "capability": "events", "state": true })];
     if multifd_channels.is_some() {
         capabilities.push(json!({ "capability": "multifd", "state": true }));
     }
     if postcopy {
         capabilities.push(json!({ "capability": "postcopy-ram", "state": true }));
-        // Where the stream stands must be known without a query: a QEMU
-        // waiting for pages may not answer one.
-        capabilities.push(json!({ "capability": "events", "state": true }));
     }
-    if !capabilities.is_empty() {
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": capabilities })),
-        )
-        .await?;
-    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": capabilities })),
+    )
+    .await?;
     if let Some(channels) = multifd_channels {
         qmp.execute(
             "migrate-set-parameters",
@@ -358,6 +358,12 @@ pub async fn resume_outgoing(qmp: &QmpClient, uri: &str) -> Result<(), QmpError>
 /// Makes a QEMU started with `-incoming defer` read its state from `fd`
 /// (the read end of a pipe).
 pub async fn start_incoming_from_fd(qmp: &QmpClient, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+    // Its end comes as an event to whoever waits with a [`StreamWatch`].
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "events", "state": true }] })),
+    )
+    .await?;
     qmp.getfd(STREAM_FD_NAME, fd).await?;
     if let Err(e) = start_incoming(qmp, &format!("fd:{STREAM_FD_NAME}")).await {
         let _ = qmp.closefd(STREAM_FD_NAME).await;
@@ -447,26 +453,101 @@ async fn run_state(qmp: &QmpClient) -> Result<String, QmpError> {
     Ok(status["status"].as_str().unwrap_or_default().to_owned())
 }
 
-/// Polls `query-migrate` every `interval` until the migration ends, calling
-/// `progress` with each snapshot; returns the last one.
+/// Paces the reads of a stream's progress: the next read is due at QEMU's
+/// next `MIGRATION` event (a change of status, with the `events`
+/// capability on) or after the poll interval, whichever comes first. The
+/// end of a stream is seen when it happens, not up to an interval later;
+/// the interval still bounds the wait where QEMU says nothing.
+pub struct StreamWatch {
+    /// `None` once the QMP client is gone.
+    events: Option<broadcast::Receiver<QmpEvent>>,
+}
+
+impl StreamWatch {
+    /// Listens from now on: make it before the stream starts, so that no
+    /// change of status falls between a read and the wait.
+    pub fn new(qmp: &QmpClient) -> Self {
+        Self {
+            events: Some(qmp.subscribe()),
+        }
+    }
+
+    /// Waits until the stream's status may have changed.
+    pub async fn next(&mut self, interval: Duration) {
+        let deadline = tokio::time::sleep(interval);
+        tokio::pin!(deadline);
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                return deadline.await;
+            };
+            tokio::select! {
+                () = &mut deadline => return,
+                event = events.recv() => match event {
+                    Ok(event) if event.name == "MIGRATION" => return,
+                    Ok(_) => {}
+                    // Whatever was missed may have been the change.
+                    Err(RecvError::Lagged(_)) => return,
+                    Err(RecvError::Closed) => self.events = None,
+                },
+            }
+        }
+    }
+}
+
+/// Reads `query-migrate` as `watch` paces it until the stream ends;
+/// returns the last status.
 pub async fn wait_until_final(
     qmp: &QmpClient,
+    mut watch: StreamWatch,
     interval: Duration,
-    mut progress: impl FnMut(&MigrationStatus),
 ) -> Result<MigrationStatus, QmpError> {
     loop {
         let status = query(qmp).await?;
-        progress(&status);
         if status.phase.is_final() {
             return Ok(status);
         }
-        tokio::time::sleep(interval).await;
+        watch.next(interval).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake QEMU that sends `event` just before its answer to any command.
+    async fn announcing(event: &'static str) -> QmpClient {
+        crate::qmp::tests::connected(move |req| {
+            vec![
+                json!({"event": event, "data": {"status": "completed"}}).to_string(),
+                json!({"return": {}, "id": req["id"]}).to_string(),
+            ]
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_change_of_status_ends_the_wait_for_the_next_read() {
+        let qmp = announcing("MIGRATION").await;
+        let mut watch = StreamWatch::new(&qmp);
+        qmp.execute("query-status", None).await.unwrap();
+
+        let waited = tokio::time::Instant::now();
+        watch.next(Duration::from_secs(30)).await;
+
+        assert!(waited.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn other_events_leave_the_wait_to_its_interval() {
+        let qmp = announcing("RESET").await;
+        let mut watch = StreamWatch::new(&qmp);
+        qmp.execute("query-status", None).await.unwrap();
+
+        let waited = tokio::time::Instant::now();
+        watch.next(Duration::from_millis(200)).await;
+
+        assert!(waited.elapsed() >= Duration::from_millis(200));
+    }
 
     #[test]
     fn an_active_migration_is_read() {

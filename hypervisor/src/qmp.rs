@@ -950,7 +950,7 @@ async fn read_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     use super::*;
@@ -998,7 +998,8 @@ mod tests {
         }
     }
 
-    async fn connected<F>(script: F) -> QmpClient
+    /// A client of a fake QEMU that answers each command with `script`'s lines.
+    pub(crate) async fn connected<F>(script: F) -> QmpClient
     where
         F: FnMut(Value) -> Vec<String> + Send + 'static,
     {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hypervisor::migration::{self as qemu_migration, MigrationPhase, MigrationStatus};
+use hypervisor::migration::{self as qemu_migration, MigrationPhase, MigrationStatus, StreamWatch};
 use tokio::sync::{Notify, mpsc};
 
 use super::migration::{POLL_INTERVAL, Reporter};
@@ -127,6 +127,7 @@ impl Agent {
         if options.offline && was_running {
             qemu_migration::pause(qmp).await.map_err(qmp_error)?;
         }
+        let mut stream = StreamWatch::new(qmp);
         qemu_migration::start_outgoing(qmp, &reporter.address)
             .await
             .map_err(qmp_error)?;
@@ -148,7 +149,7 @@ impl Agent {
                 _ => {}
             }
             tokio::select! {
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = stream.next(POLL_INTERVAL) => {}
                 () = cancel.notified(), if !cancelled => {
                     tracing::info!(instance = %name, "cancelling the migration");
                     qemu_migration::cancel(qmp).await.map_err(qmp_error)?;

@@ -14,6 +14,7 @@ use hypervisor::migration::{self as qemu_migration};
 use hypervisor::process;
 use hypervisor::qmp::QmpError;
 use hypervisor::runtime;
+use tracing::{Instrument, debug_span};
 
 use super::{Agent, Instance, Process, lock};
 use crate::config::Confinement;
@@ -23,6 +24,8 @@ use crate::model::{InstanceRecord, InstanceView, RecordedState, State};
 /// How long a target waits for its QEMU to confirm the stream it was told
 /// is complete.
 const FINALIZE_WAIT: Duration = Duration::from_secs(30);
+/// How often it asks meanwhile, when QEMU's events don't wake it first.
+const STREAM_END_POLL: Duration = Duration::from_millis(10);
 
 /// An address as QEMU's `tcp:` URIs want it: IPv6 in brackets.
 fn uri_host(address: &str) -> String {
@@ -478,7 +481,11 @@ impl Agent {
         };
         // Before the stream can reach postcopy, so no event of it is missed.
         let events = process.qmp.subscribe();
-        let postcopy = match self.wait_incoming_complete(&inst, &process).await {
+        let postcopy = match self
+            .wait_incoming_complete(&inst, &process)
+            .instrument(debug_span!("step", step = "stream end"))
+            .await
+        {
             Ok(postcopy) => postcopy,
             Err(e) => {
                 self.abort_incoming(&inst).await;
@@ -488,7 +495,9 @@ impl Agent {
         // The point where the instance becomes this node's.
         record.state = RecordedState::Running;
         record.detail = String::new();
-        self.write_record(&inst, &record).await?;
+        self.write_record(&inst, &record)
+            .instrument(debug_span!("step", step = "record"))
+            .await?;
         process.read_balloon().await;
         if let Some(port) = lock(&inst.status).incoming.take().map(|i| i.port) {
             lock(&self.incoming_ports).remove(&port);
@@ -497,7 +506,10 @@ impl Agent {
         // here would make the source resume it too.
         let (state, detail) = match resume {
             false => (State::Paused, String::new()),
-            true => match qemu_migration::resume(&process.qmp).await {
+            true => match qemu_migration::resume(&process.qmp)
+                .instrument(debug_span!("step", step = "resume"))
+                .await
+            {
                 Ok(()) => (State::Running, String::new()),
                 Err(e) => {
                     tracing::error!(instance = %name, error = %e, "migrated instance can't be resumed");
@@ -525,6 +537,7 @@ impl Agent {
         process: &Process,
     ) -> Result<bool, AgentError> {
         let deadline = Instant::now() + FINALIZE_WAIT;
+        let mut stream = qemu_migration::StreamWatch::new(&process.qmp);
         loop {
             let status = qemu_migration::query(&process.qmp)
                 .await
@@ -554,7 +567,7 @@ impl Agent {
                         ),
                     });
                 }
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                _ => stream.next(STREAM_END_POLL).await,
             }
         }
     }

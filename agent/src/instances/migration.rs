@@ -18,11 +18,12 @@ use hypervisor::lifecycle;
 use hypervisor::migration::convergence::{ConvergenceWatch, DEFAULT_STALLED_PASSES, Stall};
 use hypervisor::migration::stream_tls::{self, Endpoint};
 use hypervisor::migration::{
-    self as qemu_migration, MigrationParameters, MigrationPhase, MigrationStatus,
+    self as qemu_migration, MigrationParameters, MigrationPhase, MigrationStatus, StreamWatch,
 };
 use hypervisor::qmp::{QmpClient, QmpError};
 use tokio::sync::{Notify, mpsc};
 use tonic::Code;
+use tracing::{Instrument, debug_span};
 
 use super::{Agent, Instance, InstanceRecord, OutgoingMigration, Process, State, lock};
 use crate::config::FaultPoint;
@@ -31,7 +32,8 @@ use crate::events::EventKind;
 use crate::model::{MigrateOptions, MigrationReport, ReportPhase, StreamRequest};
 use crate::peer::{self, AgentAddress, ConnectError, PeerInstance, TargetAgent};
 
-/// How often a migration's progress is read.
+/// How often a migration's progress is read while QEMU says nothing; its
+/// `MIGRATION` events bring the next read forward.
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a broken postcopy stream is retried by default.
 const POSTCOPY_RECOVERY_WINDOW: Duration = Duration::from_secs(30);
@@ -295,11 +297,16 @@ impl Agent {
     pub(super) async fn release_to_target(&self, inst: &Instance, process: &Process) {
         let name = &inst.name;
         process.stop_requested.store(true, Ordering::SeqCst);
-        if let Err(e) = lifecycle::quit(Some(&process.qmp), &process.pidfd, self.cfg.stop).await {
+        let quit = lifecycle::quit(Some(&process.qmp), &process.pidfd, self.cfg.stop)
+            .instrument(debug_span!("step", step = "QEMU"))
+            .await;
+        if let Err(e) = quit {
             tracing::error!(instance = %name, error = %e, "can't end the source QEMU after a migration");
         }
         process.reap();
-        self.forget_migrated(inst).await;
+        self.forget_migrated(inst)
+            .instrument(debug_span!("step", step = "records"))
+            .await;
     }
 
     /// Forgets an instance the target owns, once its QEMU here is gone.
@@ -460,8 +467,15 @@ impl Agent {
         let was_running = qemu_migration::guest_running(m.qmp())
             .await
             .map_err(m.qmp_error())?;
-        let mut peer = self.prepare_target(m, was_running).await?;
-        let status = match self.send_state(m, &mut peer, was_running).await {
+        let mut peer = self
+            .prepare_target(m, was_running)
+            .instrument(debug_span!("step", step = "target ready"))
+            .await?;
+        let status = match self
+            .send_state(m, &mut peer, was_running)
+            .instrument(debug_span!("step", step = "stream"))
+            .await
+        {
             Ok(status) => status,
             // The target has the guest's devices and some of its memory.
             Err(e) if m.switched() => return Err(m.split(e.to_string())),
@@ -476,6 +490,7 @@ impl Agent {
         self.reach(FaultPoint::MigrationBeforeFinalize).await;
         match self
             .finalize_on_target(&m.target, &m.record.runtime, was_running)
+            .instrument(debug_span!("step", step = "target takes over"))
             .await
         {
             FinalizeOutcome::Taken => {}
@@ -502,7 +517,9 @@ impl Agent {
             true => self.finish_postcopy(m).await?,
             false => status,
         };
-        self.release_to_target(m.inst, m.process).await;
+        self.release_to_target(m.inst, m.process)
+            .instrument(debug_span!("step", step = "source let go"))
+            .await;
         m.inst
             .set_state(State::Stopped, format!("migrated to {}", m.target));
         tracing::info!(instance = %m.inst.name, target = %m.target, "migration completed");
@@ -585,10 +602,12 @@ impl Agent {
         if m.options.offline && was_running {
             qemu_migration::pause(qmp).await.map_err(&qmp_error)?;
         }
+        let stream = StreamWatch::new(qmp);
         qemu_migration::start_outgoing(qmp, &m.reporter.address)
             .await
             .map_err(&qmp_error)?;
         let mut watch = Watch {
+            stream,
             cancelled: false,
             abort: None,
             next_target_check: Instant::now() + TARGET_CHECK_INTERVAL,
@@ -645,7 +664,7 @@ impl Agent {
             }
         };
         tokio::select! {
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = watch.stream.next(POLL_INTERVAL) => {}
             () = m.cancel.notified(), if !watch.cancelled => {
                 if m.switched() {
                     tracing::warn!(instance = %m.inst.name, "a migration in postcopy can't be cancelled");
@@ -721,6 +740,7 @@ impl Agent {
     /// After the target took over a guest in postcopy: sends the rest of
     /// its memory, which this QEMU alone holds, until the stream completes.
     async fn finish_postcopy(&self, m: &Outgoing<'_>) -> Result<MigrationStatus, Failure> {
+        let mut stream = StreamWatch::new(m.qmp());
         loop {
             let status = match qemu_migration::query(m.qmp()).await {
                 Ok(status) => status,
@@ -729,7 +749,7 @@ impl Agent {
             m.reporter.report(ReportPhase::Active, Some(status.clone()));
             match status.phase {
                 MigrationPhase::Completed => return Ok(status),
-                MigrationPhase::Postcopy => tokio::time::sleep(POLL_INTERVAL).await,
+                MigrationPhase::Postcopy => stream.next(POLL_INTERVAL).await,
                 MigrationPhase::PostcopyPaused => {
                     let broke = status.error.unwrap_or(status.status);
                     tracing::warn!(instance = %m.inst.name, target = %m.target, %broke, "the postcopy stream broke; resuming it");
@@ -851,6 +871,7 @@ fn steer_outgoing_done(inst: &Instance) {
 
 /// How a stream being sent is followed.
 struct Watch {
+    stream: StreamWatch,
     cancelled: bool,
     /// Why the agent cancelled it, if it did.
     abort: Option<AgentError>,

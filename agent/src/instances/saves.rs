@@ -14,8 +14,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hypervisor::lifecycle;
-use hypervisor::migration::{self as qemu_migration, MigrationParameters, MigrationPhase};
-use hypervisor::qmp::{QmpClient, QmpError};
+use hypervisor::migration::{
+    self as qemu_migration, MigrationParameters, MigrationPhase, StreamWatch,
+};
+use hypervisor::qmp::QmpError;
 use hypervisor::runtime::format;
 use runtime_store::savefile::{SaveFile, SaveFileError, SaveHeader, SaveWriter};
 
@@ -23,8 +25,9 @@ use super::{Agent, Instance, InstanceView, Process, RecordedState, State, lock};
 use crate::error::AgentError;
 use crate::model::SaveOutcome;
 
-/// How often a save or restore checks on QEMU.
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How often a save or restore checks on QEMU while it says nothing; its
+/// `MIGRATION` events wake the check sooner.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// A pipe this large lets QEMU and the agent's copy overlap.
 const PIPE_SIZE: i32 = 1 << 20;
 
@@ -63,17 +66,6 @@ fn inside_state_dir(path: &Path, state_dir: &Path) -> bool {
     });
     let real_state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
     path.starts_with(state_dir) || real.is_ok_and(|real| real.starts_with(&real_state))
-}
-
-/// Waits for QEMU's side of a save or restore to end.
-async fn wait_stream_end(qmp: &QmpClient) -> Result<qemu_migration::MigrationStatus, QmpError> {
-    loop {
-        let status = qemu_migration::query(qmp).await?;
-        if status.phase.is_final() {
-            return Ok(status);
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
 }
 
 impl Agent {
@@ -231,6 +223,7 @@ impl Agent {
             let mut source = File::from(read);
             writer.copy_stream(&mut source).map(|()| writer)
         });
+        let watch = StreamWatch::new(qmp);
         let started = qemu_migration::start_outgoing_to_fd(qmp, write.as_fd()).await;
         // QEMU holds its own copy now; ours must go for the copy to see EOF.
         drop(write);
@@ -238,7 +231,9 @@ impl Agent {
             copy.abort();
             return Err(qmp_error(e));
         }
-        let status = wait_stream_end(qmp).await.map_err(qmp_error)?;
+        let status = qemu_migration::wait_until_final(qmp, watch, POLL_INTERVAL)
+            .await
+            .map_err(qmp_error)?;
         let copied = copy
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))?;
@@ -346,12 +341,13 @@ impl Agent {
             source,
         };
         let stream = file.open_stream().map_err(save_error(path))?;
+        let watch = StreamWatch::new(&process.qmp);
         qemu_migration::start_incoming_from_fd(&process.qmp, stream.as_fd())
             .await
             .map_err(qmp_error)?;
         drop(stream);
         let check = tokio::task::spawn_blocking(move || file.verify());
-        let status = wait_stream_end(&process.qmp).await;
+        let status = qemu_migration::wait_until_final(&process.qmp, watch, POLL_INTERVAL).await;
         // A damaged file explains whatever QEMU made of it.
         check
             .await
