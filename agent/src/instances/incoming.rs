@@ -113,8 +113,12 @@ impl Agent {
         source: &str,
         listen: Listen,
     ) -> Result<String, AgentError> {
-        let runtime = self.adopt_runtime(foreign).await?;
-        self.check_host_files(&runtime.to_spec())?;
+        let runtime = self
+            .adopt_runtime(foreign)
+            .instrument(debug_span!("step", step = "runtime"))
+            .await?;
+        debug_span!("step", step = "host files check")
+            .in_scope(|| self.check_host_files(&runtime.to_spec()))?;
         let inst = self.register_incoming(&runtime)?;
         // Before the lock: a source migrating this instance to its own
         // agent holds that lock until this call returns.
@@ -130,6 +134,7 @@ impl Agent {
             .await?;
         match self
             .listen_for_migration(&inst, &process, &record.runtime, &listen)
+            .instrument(debug_span!("step", step = "listen"))
             .await
         {
             Ok((host, port)) => {
@@ -188,7 +193,11 @@ impl Agent {
             detail: detail.clone(),
             outgoing: None,
         };
-        let launched = match self.write_record(inst, &record).await {
+        let written = self
+            .write_record(inst, &record)
+            .instrument(debug_span!("step", step = "record"))
+            .await;
+        let launched = match written {
             Ok(()) => {
                 inst.set_state(State::Incoming, detail);
                 self.launch(inst, &record.runtime, LaunchMode::Incoming)

@@ -551,9 +551,12 @@ impl Agent {
             }),
             ..m.record.clone()
         };
-        self.write_record(m.inst, &marked).await?;
+        self.write_record(m.inst, &marked)
+            .instrument(debug_span!("step", step = "record"))
+            .await?;
         let mut peer = self
             .connect_peer(&m.target)
+            .instrument(debug_span!("step", step = "connect"))
             .await
             .map_err(|e| unreachable(&m.target, e))?;
         let address = peer
