@@ -6,10 +6,10 @@ use crate::scale;
 /// A figure of the scale section, read off each level.
 pub(crate) struct Figure {
     pub label: &'static str,
-    pub value: fn(&scale::Level) -> f64,
+    pub value: Read,
     pub kind: FigureKind,
     /// Raw QEMU's figure for the same work, where it has one.
-    raw: Option<fn(&scale::Level) -> f64>,
+    raw: Option<Read>,
 }
 
 #[derive(PartialEq)]
@@ -22,45 +22,33 @@ pub(crate) enum FigureKind {
     Ratio,
 }
 
-const fn grows(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
+/// What a level's figure is read with.
+type Read = fn(&scale::Level) -> f64;
+
+const fn figure(label: &'static str, value: Read, kind: FigureKind, raw: Option<Read>) -> Figure {
     Figure {
         label,
         value,
-        kind: FigureKind::Agent,
-        raw: None,
+        kind,
+        raw,
     }
+}
+
+const fn grows(label: &'static str, value: Read) -> Figure {
+    figure(label, value, FigureKind::Agent, None)
 }
 
 /// An agent figure that raw QEMU's `raw` measures beside it.
-const fn grows_beside(
-    label: &'static str,
-    value: fn(&scale::Level) -> f64,
-    raw: fn(&scale::Level) -> f64,
-) -> Figure {
-    Figure {
-        label,
-        value,
-        kind: FigureKind::Agent,
-        raw: Some(raw),
-    }
+const fn grows_beside(label: &'static str, value: Read, raw: Read) -> Figure {
+    figure(label, value, FigureKind::Agent, Some(raw))
 }
 
-const fn context(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
-    Figure {
-        label,
-        value,
-        kind: FigureKind::Context,
-        raw: None,
-    }
+const fn context(label: &'static str, value: Read) -> Figure {
+    figure(label, value, FigureKind::Context, None)
 }
 
-const fn ratio(label: &'static str, value: fn(&scale::Level) -> f64) -> Figure {
-    Figure {
-        label,
-        value,
-        kind: FigureKind::Ratio,
-        raw: None,
-    }
+const fn ratio(label: &'static str, value: Read) -> Figure {
+    figure(label, value, FigureKind::Ratio, None)
 }
 
 pub(crate) const FIGURES: [Figure; 21] = [
@@ -138,7 +126,7 @@ pub(crate) fn growth(levels: &[scale::Level], figure: &Figure) -> Option<Growth>
     if figure.kind == FigureKind::Ratio || levels.len() < 2 {
         return None;
     }
-    let grew = |value: fn(&scale::Level) -> f64| value(last) / value(first);
+    let grew = |value: Read| value(last) / value(first);
     Some(Growth {
         grew: grew(figure.value),
         count: last.instances as f64 / first.instances as f64,
