@@ -294,6 +294,19 @@ impl World {
         agent.restart().await;
     }
 
+    /// Crashes the agents stopped dead at a fault point, which is where a
+    /// real crash would have struck them; returns how many.
+    async fn crash_the_stopped(&mut self, journal: &mut Journal) -> usize {
+        let mut crashed = 0;
+        for node in 0..2 {
+            if self.agents[node].log().contains("stopped at a fault point") {
+                self.crash(node, None, journal).await;
+                crashed += 1;
+            }
+        }
+        crashed
+    }
+
     /// Checks every promise against QEMU and the host.
     async fn check(&self, journal: &Journal) {
         // Never two QEMUs for one instance, on one node or across both.
@@ -637,23 +650,19 @@ async fn run(seed: u64, ops: usize) {
             world.crash(victim, fault, &mut journal).await;
             kills += 1;
             let outcome = tokio::time::timeout(HUNG, handle).await;
+            let hung = outcome.is_err();
             journal.note(format!("  -> {}", describe(outcome)));
+            // The other node may sit at a fault point, mid-operation.
+            if hung {
+                kills += world.crash_the_stopped(&mut journal).await;
+            }
             world.check(&journal).await;
         } else {
             match tokio::time::timeout(HUNG, handle).await {
                 Ok(outcome) => journal.note(format!("  -> {}", describe(Ok(outcome)))),
                 Err(_) => {
-                    // Stopped dead at a fault point: that is a crash too.
                     journal.note("  -> hung at a fault point".into());
-                    for victim in 0..2 {
-                        if world.agents[victim]
-                            .log()
-                            .contains("stopped at a fault point")
-                        {
-                            world.crash(victim, None, &mut journal).await;
-                            kills += 1;
-                        }
-                    }
+                    kills += world.crash_the_stopped(&mut journal).await;
                     world.check(&journal).await;
                 }
             }
