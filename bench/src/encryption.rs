@@ -11,9 +11,9 @@ use kvm_agent_proto::v1 as pb;
 use kvm_agent_proto::v1::node_agent_client::NodeAgentClient;
 use tonic::transport::Channel;
 
-use crate::raw::machine_args_with;
-use crate::transfer::{RawStream, RawTls, migrate_through, random_file, raw_migrate_to, spec};
-use crate::{AgentProcess, Row, Samples};
+use crate::raw::{SYSTEM_QEMU, machine_args_with};
+use crate::transfer::{RawMover, RawStream, RawTls, migrate_through, random_file, raw_dirs, spec};
+use crate::{AgentProcess, Row, Samples, settle};
 
 /// The agents' API ports on loopback.
 const API_PORTS: [u16; 2] = [49500, 49501];
@@ -135,27 +135,20 @@ pub async fn measure(
         client: &client,
         server: &server,
     };
-    let qemu = Path::new("qemu-system-x86_64");
     let processes = agents(binary, work, &credentials).await?;
     let mut clients = [
         crate::local_client(&processes[0].socket).await?,
         crate::local_client(&processes[1].socket).await?,
     ];
-    let (raw_a, raw_b) = (work.join("raw-tls-a"), work.join("raw-tls-b"));
-    std::fs::create_dir_all(&raw_a)?;
-    std::fs::create_dir_all(&raw_b)?;
     let (ram, raw_ram) = (work.join("ram-tls"), work.join("raw-ram-tls"));
     random_file(&ram, MIB)?;
     random_file(&raw_ram, MIB)?;
     let uuid = uuid::Uuid::new_v4().to_string();
     let raw_args = machine_args_with("raw", &uuid, accel, MIB, Some(&raw_ram));
     let name = "sealed";
-    clients[0]
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(spec(name, MIB, &ram)),
-            paused: false,
-        })
-        .await?;
+    let pid = crate::agent_start(&mut clients[0], &spec(name, MIB, &ram)).await?;
+    let mut raw = RawMover::start(raw_dirs(work, "raw-tls")?, &raw_args).await?;
+    settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
     let (mut against_raw, mut against_plain) = (Samples::default(), Samples::default());
     let mut holder = 0;
     for round in 0..rounds {
@@ -177,9 +170,10 @@ pub async fn measure(
             tls: Some(tls),
             ..Default::default()
         };
-        let (t, _) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], stream).await?;
+        let (t, _) = raw.migrate(Path::new(SYSTEM_QEMU), &[], stream).await?;
         against_raw.raw.push(t);
     }
+    raw.kill().await?;
     clients[holder]
         .stop_instance(pb::StopInstanceRequest {
             name: name.into(),

@@ -19,8 +19,6 @@ use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, Samples, agent_start, agent_stop, s
 
 /// The goal of every row with one: agent/raw at the median.
 const GOAL: f64 = 1.10;
-/// How long a fresh QEMU's firmware may keep its vCPU busy (TCG is slow).
-const FIRMWARE_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the rounds run against: the agent's instance and the raw QEMU's
 /// command line, each with a disk image to hot-add.
@@ -206,7 +204,7 @@ impl Operations {
         let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
         // Only the start row's starts are profiled, as on the agent's side.
         q.take_steps();
-        settle::until_idle(&[pid, q.pid()?], FIRMWARE_LIMIT).await?;
+        settle::until_idle(&[pid, q.pid()?], settle::FIRMWARE_LIMIT).await?;
 
         let nic = pb::NicSpec {
             name: "hp-nic".into(),
@@ -250,7 +248,7 @@ impl Operations {
                 .start_domain("bench-libvirt", MEMORY_MIB, None)
                 .await?;
             let pid = crate::libvirt::domain_pid("bench-libvirt")?;
-            settle::until_idle(&[pid], FIRMWARE_LIMIT).await?;
+            settle::until_idle(&[pid], settle::FIRMWARE_LIMIT).await?;
             let t = libvirt.add_nic("bench-libvirt", round, 4).await?;
             self.nic_add.libvirt.push(t);
             let t = libvirt

@@ -19,6 +19,9 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 
+/// The distribution's QEMU, found on PATH.
+pub const SYSTEM_QEMU: &str = "qemu-system-x86_64";
+
 /// A QEMU started without the agent.
 pub struct RawQemu {
     child: Child,
@@ -94,7 +97,7 @@ pub fn machine_args_with(
 impl RawQemu {
     /// Spawns QEMU and waits until QMP is ready (greeting + capabilities).
     pub async fn start(dir: &Path, args: &[String]) -> anyhow::Result<RawQemu> {
-        Self::start_binary(Path::new("qemu-system-x86_64"), dir, args).await
+        Self::start_binary(Path::new(SYSTEM_QEMU), dir, args).await
     }
 
     /// [`RawQemu::start`] with another QEMU binary.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::load::{self, CallStats, LOAD_MEMORY_MIB};
 use crate::profile::{self, STOP_STEPS, mean_ms};
 use crate::raw::{RawQemu, machine_args};
-use crate::{interval, local_client, start_agent, start_profiled_agent, yes_no};
+use crate::{AgentProcess, interval, local_client, start_agent, start_profiled_agent, yes_no};
 
 /// Instances started at once, on both sides.
 pub const START_BATCH: usize = 10;
@@ -88,10 +88,16 @@ pub struct Level {
 /// endpoint timed them, the whole call as its client timed it, and the raw
 /// driver's SIGKILL until the QEMU is reaped.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StopProfile {
     pub agent_steps: Vec<profile::Step>,
     pub agent_call_ms: f64,
     pub raw_kill_ms: f64,
+    /// CPU time per stop: the agent process's, and the whole machine's
+    /// while the agent stopped them all and while raw QEMUs were killed.
+    pub agent_cpu_ms: f64,
+    pub machine_cpu_agent_ms: f64,
+    pub machine_cpu_raw_ms: f64,
 }
 
 /// Runs every level in turn.
@@ -125,7 +131,12 @@ async fn level(
     let raw = raw_start_all(&raw_dir, instances).await?;
     let raw_start = began.elapsed();
     let began = Instant::now();
+    let busy = machine_busy_ticks();
     let raw_kills = raw_kill_all(raw).await?;
+    let raw_kills = RawKills {
+        each: raw_kills,
+        machine_ticks: machine_busy_ticks() - busy,
+    };
     let raw_stop = began.elapsed();
 
     let state = work.join(format!("scale-state-{instances}"));
@@ -161,8 +172,7 @@ async fn level(
     wait_adopted(&agent.socket, instances).await?;
     let reconcile = began.elapsed();
 
-    let (agent_stop, stop_each) =
-        stop_all_profiled(&agent.socket, metrics, &names, &raw_kills).await?;
+    let (agent_stop, stop_each) = stop_all_profiled(&agent, metrics, &names, &raw_kills).await?;
     drop(agent);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&raw_dir);
@@ -186,24 +196,41 @@ async fn level(
     })
 }
 
-/// Force-stops every instance at once through the agent on `socket`,
-/// whose metrics are at `metrics`; returns the whole time and where each
-/// stop's time went, beside the raw kills'.
+/// The raw side of a level's stops: how long each QEMU took from SIGKILL
+/// to reaped, and the machine's CPU time meanwhile.
+struct RawKills {
+    each: Vec<Duration>,
+    machine_ticks: u64,
+}
+
+/// Force-stops every instance at once through `agent`, whose metrics are
+/// at `metrics`; returns the whole time and where each stop's time and
+/// CPU went, beside the raw kills'.
 async fn stop_all_profiled(
-    socket: &Path,
+    agent: &AgentProcess,
     metrics: SocketAddr,
     names: &[String],
-    raw_kills: &[Duration],
+    raw: &RawKills,
 ) -> anyhow::Result<(Duration, StopProfile)> {
     let before = profile::scrape(metrics).await?;
+    let agent_ticks = cpu_ticks(&[agent.child.id()]);
+    let busy = machine_busy_ticks();
     let began = Instant::now();
-    let calls = agent_stop_all(socket, names).await?;
+    let calls = agent_stop_all(&agent.socket, names).await?;
     let whole = began.elapsed();
+    let machine_ticks = machine_busy_ticks() - busy;
+    let agent_ticks = cpu_ticks(&[agent.child.id()]) - agent_ticks;
     let after = profile::scrape(metrics).await?;
+    let per_stop_ms = |ticks: u64, stops: usize| {
+        ticks as f64 * 1000.0 / clock_ticks_per_second() / stops.max(1) as f64
+    };
     let each = StopProfile {
         agent_steps: profile::agent_steps(&before, &after, "stop", STOP_STEPS),
         agent_call_ms: mean_ms(&calls),
-        raw_kill_ms: mean_ms(raw_kills),
+        raw_kill_ms: mean_ms(&raw.each),
+        agent_cpu_ms: per_stop_ms(agent_ticks, calls.len()),
+        machine_cpu_agent_ms: per_stop_ms(machine_ticks, calls.len()),
+        machine_cpu_raw_ms: per_stop_ms(raw.machine_ticks, raw.each.len()),
     };
     Ok((whole, each))
 }
@@ -277,7 +304,7 @@ async fn agent_stop_all(socket: &Path, names: &[String]) -> anyhow::Result<Vec<D
 
 /// The table of where each forced stop's time went, level by level.
 pub fn stop_section(md: &mut String, levels: &[Level]) {
-    md.push_str("\n### One stop among all at once\n\nMean time in ms of one forced stop while all the level's instances stop at once: the agent's steps from its metrics endpoint (the record is written beside QEMU's end), the whole StopInstance call as its client timed it, and the raw driver's SIGKILL until the QEMU is reaped.\n\n| step |");
+    md.push_str("\n### One stop among all at once\n\nMean time in ms of one forced stop while all the level's instances stop at once: the agent's steps from its metrics endpoint (the record is written beside QEMU's end), the whole StopInstance call as its client timed it, and the raw driver's SIGKILL until the QEMU is reaped. Then the CPU time per stop, from the kernel's accounting in ticks of 10 ms summed over all the stops: the agent process's, and the whole machine's while the agent stopped them (its client and the QEMUs' ends included) and while the raw driver killed them. With both cores busy, every ms of CPU the agent spends delays the QEMUs' ends.\n\n| step |");
     for l in levels {
         md.push_str(&format!(" {} |", l.instances));
     }
@@ -306,6 +333,16 @@ pub fn stop_section(md: &mut String, levels: &[Level]) {
     row("raw: **SIGKILL to reaped**", &|l: &Level| {
         Some(l.stop_each.raw_kill_ms)
     });
+    row("CPU per stop: the agent process", &|l: &Level| {
+        Some(l.stop_each.agent_cpu_ms)
+    });
+    row(
+        "CPU per stop: the machine, through the agent",
+        &|l: &Level| Some(l.stop_each.machine_cpu_agent_ms),
+    );
+    row("CPU per stop: the machine, raw", &|l: &Level| {
+        Some(l.stop_each.machine_cpu_raw_ms)
+    });
 }
 
 /// The pids of the agent's QEMUs.
@@ -330,6 +367,26 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
             // utime and stime are fields 14 and 15 of the whole line.
             Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
         })
+        .sum()
+}
+
+/// The CPU time the whole machine spent busy (not idle, not waiting for
+/// I/O) since boot, in clock ticks.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // "cpu  user nice system idle iowait irq softirq steal guest ...";
+    // guest time is already counted in user.
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| fields.get(i))
         .sum()
 }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// How long a fresh QEMU's firmware may keep its vCPU busy (TCG is slow).
+pub const FIRMWARE_LIMIT: Duration = Duration::from_secs(60);
 /// Over how long a QEMU's CPU time is sampled.
 const WINDOW: Duration = Duration::from_millis(200);
 /// The CPU time, in clock ticks (100 a second), a QEMU may use in a window

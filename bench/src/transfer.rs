@@ -13,8 +13,8 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::libvirt::{Libvirt, PeerRow};
-use crate::raw::{RawQemu, machine_args_with};
-use crate::{Row, Samples, start_agent};
+use crate::raw::{RawQemu, SYSTEM_QEMU, machine_args_with};
+use crate::{Row, Samples, settle, start_agent};
 
 /// Port of the raw migrations; the agents use their own range.
 const RAW_MIGRATION_PORT: u16 = 49400;
@@ -148,53 +148,107 @@ async fn raw_multifd(qemu: &mut RawQemu, channels: u8) -> anyhow::Result<()> {
         .map(drop)
 }
 
-/// A direct driver's migration on loopback: start the target QEMU (of
-/// `binary`, given `target_args` too), listen, migrate with the `stream`
-/// asked for, wait, resume the target, quit the source.
-pub(crate) async fn raw_migrate_to(
-    dirs: (&Path, &Path),
-    args: &[String],
-    binary: &Path,
-    target_args: &[String],
-    stream: RawStream<'_>,
-) -> anyhow::Result<(Duration, Duration)> {
-    let RawStream {
-        tls,
-        multifd_channels,
-    } = stream;
-    let mut source = RawQemu::start(dirs.0, args).await?;
-    let started = Instant::now();
-    let mut incoming = args.to_vec();
-    incoming.extend(target_args.iter().cloned());
-    incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-    let mut target = RawQemu::start_binary(binary, dirs.1, &incoming).await?;
-    if let Some(tls) = tls {
-        let parameters = serde_json::json!({ "tls-creds": "tls-in" });
-        raw_tls(&mut target, "tls-in", "server", tls.server, parameters).await?;
+/// A raw QEMU moved between two directories by a direct driver on
+/// loopback, the way the agents move their instance: each migration
+/// starts a target in the other directory, listens, migrates, waits,
+/// resumes the target and quits the source, and the target then holds
+/// the guest.
+pub(crate) struct RawMover {
+    holder: RawQemu,
+    dirs: [PathBuf; 2],
+    at: usize,
+    args: Vec<String>,
+}
+
+impl RawMover {
+    /// Starts the guest of `args` in the first of `dirs`.
+    pub(crate) async fn start(dirs: [PathBuf; 2], args: &[String]) -> anyhow::Result<RawMover> {
+        let holder = RawQemu::start(&dirs[0], args).await?;
+        Ok(RawMover {
+            holder,
+            dirs,
+            at: 0,
+            args: args.to_vec(),
+        })
     }
-    if let Some(channels) = multifd_channels {
-        raw_multifd(&mut target, channels).await?;
-        raw_multifd(&mut source, channels).await?;
+
+    /// The pid of the QEMU holding the guest.
+    pub(crate) fn pid(&self) -> anyhow::Result<u32> {
+        self.holder.pid()
     }
-    let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
-    target
-        .execute_args("migrate-incoming", serde_json::json!({ "uri": uri }), None)
-        .await?;
-    source.uncap().await?;
-    if let Some(tls) = tls {
-        let parameters = serde_json::json!({ "tls-creds": "tls-out", "tls-hostname": "127.0.0.1" });
-        raw_tls(&mut source, "tls-out", "client", tls.client, parameters).await?;
+
+    /// Migrates the guest to a QEMU of `binary`, given `target_args` too,
+    /// with the `stream` asked for; returns total time and downtime.
+    pub(crate) async fn migrate(
+        &mut self,
+        binary: &Path,
+        target_args: &[String],
+        stream: RawStream<'_>,
+    ) -> anyhow::Result<(Duration, Duration)> {
+        let RawStream {
+            tls,
+            multifd_channels,
+        } = stream;
+        let started = Instant::now();
+        let mut incoming = self.args.clone();
+        incoming.extend(target_args.iter().cloned());
+        incoming.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let there = 1 - self.at;
+        let mut target = RawQemu::start_binary(binary, &self.dirs[there], &incoming).await?;
+        if let Some(tls) = tls {
+            let parameters = serde_json::json!({ "tls-creds": "tls-in" });
+            raw_tls(&mut target, "tls-in", "server", tls.server, parameters).await?;
+        }
+        if let Some(channels) = multifd_channels {
+            raw_multifd(&mut target, channels).await?;
+            raw_multifd(&mut self.holder, channels).await?;
+        }
+        let uri = format!("tcp:127.0.0.1:{RAW_MIGRATION_PORT}");
+        target
+            .execute_args("migrate-incoming", serde_json::json!({ "uri": uri }), None)
+            .await?;
+        self.holder.uncap().await?;
+        if let Some(tls) = tls {
+            let parameters =
+                serde_json::json!({ "tls-creds": "tls-out", "tls-hostname": "127.0.0.1" });
+            raw_tls(
+                &mut self.holder,
+                "tls-out",
+                "client",
+                tls.client,
+                parameters,
+            )
+            .await?;
+        }
+        self.holder
+            .execute_args("migrate", serde_json::json!({ "uri": uri }), None)
+            .await?;
+        let downtime = self.holder.wait_migration().await?;
+        target.wait_migration().await?;
+        target.execute("cont").await?;
+        let source = std::mem::replace(&mut self.holder, target);
+        self.at = there;
+        source.quit().await?;
+        Ok((started.elapsed(), downtime))
     }
-    source
-        .execute_args("migrate", serde_json::json!({ "uri": uri }), None)
-        .await?;
-    let downtime = source.wait_migration().await?;
-    target.wait_migration().await?;
-    target.execute("cont").await?;
-    source.quit().await?;
-    let total = started.elapsed();
-    target.kill().await?;
-    Ok((total, downtime))
+
+    /// Kills the QEMU holding the guest.
+    pub(crate) async fn kill(self) -> anyhow::Result<()> {
+        self.holder.kill().await
+    }
+}
+
+/// Two directories for raw QEMUs under `work`, named after `prefix`: a
+/// migration's source and target are in different ones.
+pub(crate) fn raw_dirs(work: &Path, prefix: &str) -> anyhow::Result<[PathBuf; 2]> {
+    let dirs = [
+        work.join(format!("{prefix}-a")),
+        work.join(format!("{prefix}-b")),
+    ];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(dirs)
 }
 
 /// Whose turn it is to hold the migrating instance.
@@ -279,8 +333,7 @@ async fn save_and_restore(
         256,
         Some(&raw_ram),
     );
-    let raw_a = agents.work.join("raw-a");
-    std::fs::create_dir_all(&raw_a)?;
+    let [raw_a, _] = raw_dirs(&agents.work, "raw")?;
     // Loaded above the first MiB, where the firmware's holes end.
     let libvirt_ram = agents.work.join("libvirt-ram-255");
     if libvirt.is_some() {
@@ -407,9 +460,6 @@ async fn migrations(
     mib: u64,
     multifd_channels: Option<u8>,
 ) -> anyhow::Result<[Samples; 2]> {
-    let (raw_a, raw_b) = (agents.work.join("raw-a"), agents.work.join("raw-b"));
-    std::fs::create_dir_all(&raw_a)?;
-    std::fs::create_dir_all(&raw_b)?;
     let ram = agents.work.join(format!("ram-{mib}"));
     random_file(&ram, mib)?;
     let raw_ram = agents.work.join(format!("raw-ram-{mib}"));
@@ -423,12 +473,11 @@ async fn migrations(
     );
     let (mut total, mut downtime) = (Samples::default(), Samples::default());
     let name = format!("mover{mib}-{}", multifd_channels.unwrap_or(0));
-    agents.clients[0]
-        .start_instance(pb::StartInstanceRequest {
-            spec: Some(spec(&name, mib, &ram)),
-            paused: false,
-        })
-        .await?;
+    let pid = crate::agent_start(&mut agents.clients[0], &spec(&name, mib, &ram)).await?;
+    let mut raw = RawMover::start(raw_dirs(&agents.work, "raw")?, &raw_args).await?;
+    // Both guests move once their firmware is done, as a running
+    // instance's would be (see `settle`).
+    settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
     for round in 0..rounds {
         eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
         // There and back: the instance alternates between the agents.
@@ -442,11 +491,11 @@ async fn migrations(
             multifd_channels,
             ..Default::default()
         };
-        let qemu = Path::new("qemu-system-x86_64");
-        let (t, d) = raw_migrate_to((&raw_a, &raw_b), &raw_args, qemu, &[], stream).await?;
+        let (t, d) = raw.migrate(Path::new(SYSTEM_QEMU), &[], stream).await?;
         total.raw.push(t);
         downtime.raw.push(d);
     }
+    raw.kill().await?;
     let holder = rounds % 2;
     agents.clients[holder]
         .stop_instance(pb::StopInstanceRequest {
@@ -499,9 +548,7 @@ async fn cross_version(
     .await?;
     let mut source = crate::local_client(&older.socket).await?;
     let mut target = crate::local_client(&newer_agent.socket).await?;
-    let (raw_a, raw_b) = (work.join("raw-a"), work.join("raw-b"));
-    std::fs::create_dir_all(&raw_a)?;
-    std::fs::create_dir_all(&raw_b)?;
+    let raw_dirs = raw_dirs(work, "raw")?;
     let (ram, raw_ram) = (work.join("ram-cross"), work.join("raw-ram-cross"));
     random_file(&ram, MIB)?;
     random_file(&raw_ram, MIB)?;
@@ -523,12 +570,9 @@ async fn cross_version(
     for round in 0..rounds {
         eprintln!("cross-version migration round {}/{rounds}", round + 1);
         let name = format!("upgraded{round}");
-        source
-            .start_instance(pb::StartInstanceRequest {
-                spec: Some(spec(&name, MIB, &ram)),
-                paused: false,
-            })
-            .await?;
+        let pid = crate::agent_start(&mut source, &spec(&name, MIB, &ram)).await?;
+        let mut raw = RawMover::start(raw_dirs.clone(), &raw_args).await?;
+        settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
         let (t, _) = agent_migrate(&mut source, &name, &newer_agent.socket, None).await?;
         total.agent.push(t);
         target
@@ -538,15 +582,11 @@ async fn cross_version(
                 ..Default::default()
             })
             .await?;
-        let (t, _) = raw_migrate_to(
-            (&raw_a, &raw_b),
-            &raw_args,
-            newer,
-            &firmware_args,
-            RawStream::default(),
-        )
-        .await?;
+        let (t, _) = raw
+            .migrate(newer, &firmware_args, RawStream::default())
+            .await?;
         total.raw.push(t);
+        raw.kill().await?;
     }
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;

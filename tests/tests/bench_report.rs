@@ -279,7 +279,7 @@ fn check_profiles(profiles: &Value) {
 }
 
 /// Each of a level's forced stops has the agent's steps, each timed once
-/// per instance, beside the call and the raw kill.
+/// per instance, beside the call and the raw kill, and the CPU they took.
 fn check_stop_profile(level: &Value) {
     let each = &level["stop_each"];
     let instances = level["instances"].as_u64().unwrap();
@@ -296,6 +296,15 @@ fn check_stop_profile(level: &Value) {
     for field in ["agent_call_ms", "raw_kill_ms"] {
         assert!(
             each[field].as_f64().is_some_and(|t| t > 0.0),
+            "{field}: {each}"
+        );
+    }
+    // Counted in 10 ms ticks, so a few quick stops may round to none.
+    for field in ["agent_cpu_ms", "machine_cpu_agent_ms", "machine_cpu_raw_ms"] {
+        assert!(
+            each[field]
+                .as_f64()
+                .is_some_and(|t| t.is_finite() && t >= 0.0),
             "{field}: {each}"
         );
     }
