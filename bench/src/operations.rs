@@ -294,6 +294,7 @@ impl Operations {
                 operation,
                 agent: profile::agent_steps(before, after, op, order),
                 agent_total_ms: mean_ms(&samples.agent),
+                agent_operation_ms: profile::operation_ms(before, after, op),
                 raw: raw.means(),
                 raw_total_ms: mean_ms(&samples.raw),
             },

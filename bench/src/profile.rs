@@ -12,6 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The histogram the agent times its steps in.
 const STEP_METRIC: &str = "kvm_agent_step_duration_seconds";
+/// The histogram the agent times its whole operations in, from the
+/// request's arrival in the operation's task to its result.
+const OPERATION_METRIC: &str = "kvm_agent_operation_duration_seconds";
+/// The name [`step_sums`] gives an operation's own time among its steps.
+const WHOLE_OPERATION: &str = "(the whole operation)";
 
 /// The agent's steps of each profiled operation, in the order they run; a
 /// step inside another follows it and is named after both.
@@ -93,6 +98,9 @@ pub struct Profile {
     pub operation: &'static str,
     pub agent: Vec<Step>,
     pub agent_total_ms: f64,
+    /// The operation's mean as the agent timed it, without the gRPC call
+    /// around it.
+    pub agent_operation_ms: Option<f64>,
     pub raw: Vec<Step>,
     pub raw_total_ms: f64,
 }
@@ -131,13 +139,18 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<StepSums> {
     Ok(step_sums(body))
 }
 
-/// The sums and counts of [`STEP_METRIC`] in Prometheus' text format.
+/// The sums and counts of [`STEP_METRIC`] in Prometheus' text format,
+/// with those of [`OPERATION_METRIC`] as a step of [`WHOLE_OPERATION`].
 /// Pure.
 pub fn step_sums(text: &str) -> StepSums {
     let mut sums = StepSums::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(STEP_METRIC) else {
-            continue;
+        let (rest, whole) = match line.strip_prefix(STEP_METRIC) {
+            Some(rest) => (rest, false),
+            None => match line.strip_prefix(OPERATION_METRIC) {
+                Some(rest) => (rest, true),
+                None => continue,
+            },
         };
         let (is_sum, rest) = match rest.strip_prefix("_sum") {
             Some(rest) => (true, rest),
@@ -150,14 +163,16 @@ pub fn step_sums(text: &str) -> StepSums {
             continue;
         };
         let labels = parse_labels(labels);
-        let (Some(op), Some(step), Ok(value)) = (
-            labels.get("op"),
-            labels.get("step"),
-            value.trim().parse::<f64>(),
-        ) else {
+        let step = match whole {
+            true => Some(WHOLE_OPERATION.to_owned()),
+            false => labels.get("step").cloned(),
+        };
+        let (Some(op), Some(step), Ok(value)) =
+            (labels.get("op"), step, value.trim().parse::<f64>())
+        else {
             continue;
         };
-        let entry = sums.entry((op.clone(), step.clone())).or_default();
+        let entry = sums.entry((op.clone(), step)).or_default();
         if is_sum {
             entry.0 = value;
         } else {
@@ -204,7 +219,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
 pub fn agent_steps(before: &StepSums, after: &StepSums, op: &str, order: &[&str]) -> Vec<Step> {
     let mut steps: Vec<Step> = after
         .iter()
-        .filter(|((o, _), _)| o == op)
+        .filter(|((o, step), _)| o == op && step != WHOLE_OPERATION)
         .filter_map(|((_, step), &(sum, count))| {
             let (sum_before, count_before) = before
                 .get(&(op.to_owned(), step.clone()))
@@ -226,6 +241,16 @@ pub fn agent_steps(before: &StepSums, after: &StepSums, op: &str, order: &[&str]
     };
     steps.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.step.cmp(&b.step)));
     steps
+}
+
+/// The mean of the operations `op` between two scrapes, as the agent timed
+/// them; none when none ran.
+pub fn operation_ms(before: &StepSums, after: &StepSums, op: &str) -> Option<f64> {
+    let key = (op.to_owned(), WHOLE_OPERATION.to_owned());
+    let (sum, count) = *after.get(&key)?;
+    let (sum_before, count_before) = before.get(&key).copied().unwrap_or_default();
+    let count = count.checked_sub(count_before).filter(|&n| n > 0)?;
+    Some((sum - sum_before) * 1000.0 / count as f64)
 }
 
 /// The raw driver's steps, in the order first seen.
@@ -270,7 +295,7 @@ impl RawSteps {
 /// The report's section: one table per operation.
 pub fn section(md: &mut String, profiles: &[Profile]) {
     md.push_str("\n## Where the time goes\n\n");
-    md.push_str("Mean time of each step in ms, over every start, hot-add and device removal of the rounds above: the agent's from its own `step` spans (its metrics endpoint's `kvm_agent_step_duration_seconds`), the raw driver's from timing its own steps, in the same run. A step inside another is named after both and is part of its time; the two inside `slot and …` and `QEMU and record` run at once. \"Outside the steps\" is the whole operation, as the client timed it, less its top-level steps: for the agent, gRPC, locks and bookkeeping.\n");
+    md.push_str("Mean time of each step in ms, over every start, hot-add and device removal of the rounds above: the agent's from its own `step` spans (its metrics endpoint's `kvm_agent_step_duration_seconds`), the raw driver's from timing its own steps, in the same run. A step inside another is named after both and is part of its time; the two inside `slot and …` and `QEMU and record` run at once. \"Outside the steps\" is the whole operation, as the client timed it, less its top-level steps. The agent's is split in two by its own timing of the operation (`kvm_agent_operation_duration_seconds`): the time the operation spent between its steps (locks, bookkeeping, making the reply), and the gRPC call around it (the request and the reply on the socket, their decoding and encoding, the operation's task, and the wake-ups of both processes).\n");
     for profile in profiles {
         md.push_str(&format!(
             "\n### {}\n\n| side | step | mean (ms) | runs |\n|---|---|---|---|\n",
@@ -286,9 +311,19 @@ pub fn section(md: &mut String, profiles: &[Profile]) {
                     s.step, s.mean_ms, s.count
                 ));
             }
+            let outside = Profile::outside(steps, total);
             md.push_str(&format!(
-                "| {side} | outside the steps | {:.3} | |\n| {side} | **whole operation** | {total:.3} | |\n",
-                Profile::outside(steps, total)
+                "| {side} | outside the steps | {outside:.3} | |\n"
+            ));
+            if let (true, Some(operation)) = (side == "agent", profile.agent_operation_ms) {
+                let call = total - operation;
+                md.push_str(&format!(
+                    "| {side} | outside the steps / in the operation | {:.3} | |\n| {side} | outside the steps / the gRPC call | {call:.3} | |\n",
+                    outside - call
+                ));
+            }
+            md.push_str(&format!(
+                "| {side} | **whole operation** | {total:.3} | |\n"
             ));
         }
     }
@@ -309,7 +344,11 @@ kvm_agent_step_duration_seconds_sum{op=\"add-nic\",step=\"say \\\"tap\\\"\"} 0.5
 kvm_agent_operation_duration_seconds_sum{op=\"start\"} 9
 ";
         let sums = step_sums(text);
-        assert_eq!(sums.len(), 2, "{sums:?}");
+        assert_eq!(sums.len(), 3, "{sums:?}");
+        assert_eq!(
+            sums[&("start".to_owned(), WHOLE_OPERATION.to_owned())],
+            (9.0, 0)
+        );
         assert_eq!(
             sums[&("start".to_owned(), "launch / spawn".to_owned())],
             (0.03, 10)

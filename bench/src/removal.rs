@@ -134,6 +134,7 @@ pub async fn measure(
         operation: ROW,
         agent: profile::agent_steps(&before, &after, "remove-device", REMOVAL_STEPS),
         agent_total_ms: mean_ms(&samples.agent),
+        agent_operation_ms: profile::operation_ms(&before, &after, "remove-device"),
         raw: raw_steps.means(),
         raw_total_ms: mean_ms(&samples.raw),
     };

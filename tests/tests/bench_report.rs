@@ -248,7 +248,8 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
 }
 
 /// Every profiled operation has each of the agent's steps, in order, and
-/// the raw driver's, each with a mean time from every run.
+/// the raw driver's, each with a mean time from every run, and the
+/// agent's own time for the whole operation.
 fn check_profiles(profiles: &Value) {
     let profiles = profiles.as_array().expect("profiles");
     let operations: Vec<&str> = profiles
@@ -275,6 +276,11 @@ fn check_profiles(profiles: &Value) {
                 "{profile}"
             );
         }
+        // The agent's own timing of the operation lies inside the call
+        // its client timed.
+        let operation = profile["agent_operation_ms"].as_f64();
+        let total = profile["agent_total_ms"].as_f64().unwrap();
+        assert!(operation.is_some_and(|t| t > 0.0 && t < total), "{profile}");
     }
 }
 
