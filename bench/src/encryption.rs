@@ -148,7 +148,7 @@ pub async fn measure(
     let name = "sealed";
     let pid = crate::agent_start(&mut clients[0], &spec(name, MIB, &ram)).await?;
     let mut raw = RawMover::start(raw_dirs(work, "raw-tls")?, &raw_args).await?;
-    settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
+    settle::until_idle(&[pid, raw.pid()?]).await?;
     let (mut against_raw, mut against_plain) = (Samples::default(), Samples::default());
     let mut holder = 0;
     for round in 0..rounds {

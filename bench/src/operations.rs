@@ -204,7 +204,7 @@ impl Operations {
         let mut q = RawQemu::start(s.raw_dir, s.raw_args).await?;
         // Only the start row's starts are profiled, as on the agent's side.
         q.take_steps();
-        settle::until_idle(&[pid, q.pid()?], settle::FIRMWARE_LIMIT).await?;
+        settle::until_idle(&[pid, q.pid()?]).await?;
 
         let nic = pb::NicSpec {
             name: "hp-nic".into(),
@@ -248,7 +248,7 @@ impl Operations {
                 .start_domain("bench-libvirt", MEMORY_MIB, None)
                 .await?;
             let pid = crate::libvirt::domain_pid("bench-libvirt")?;
-            settle::until_idle(&[pid], settle::FIRMWARE_LIMIT).await?;
+            settle::until_idle(&[pid]).await?;
             let t = libvirt.add_nic("bench-libvirt", round, 4).await?;
             self.nic_add.libvirt.push(t);
             let t = libvirt

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// How long a fresh QEMU's firmware may keep its vCPU busy (TCG is slow).
-pub const FIRMWARE_LIMIT: Duration = Duration::from_secs(60);
+const FIRMWARE_LIMIT: Duration = Duration::from_secs(60);
 /// Over how long a QEMU's CPU time is sampled.
 const WINDOW: Duration = Duration::from_millis(200);
 /// The CPU time, in clock ticks (100 a second), a QEMU may use in a window
@@ -43,8 +43,8 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 
 /// Waits until every QEMU of `pids` has been idle for a window, checking
 /// them together so their firmware runs at the same time; fails after
-/// `limit`.
-pub async fn until_idle(pids: &[u32], limit: Duration) -> anyhow::Result<()> {
+/// [`FIRMWARE_LIMIT`].
+pub async fn until_idle(pids: &[u32]) -> anyhow::Result<()> {
     let started = Instant::now();
     let all_ticks = || {
         pids.iter()
@@ -58,8 +58,8 @@ pub async fn until_idle(pids: &[u32], limit: Duration) -> anyhow::Result<()> {
         if now.iter().zip(&before).all(|(n, b)| n - b <= IDLE_TICKS) {
             return Ok(());
         }
-        if started.elapsed() > limit {
-            bail!("QEMUs {pids:?} were still busy {limit:?} after they started");
+        if started.elapsed() > FIRMWARE_LIMIT {
+            bail!("QEMUs {pids:?} were still busy {FIRMWARE_LIMIT:?} after they started");
         }
         before = now;
     }

@@ -477,7 +477,7 @@ async fn migrations(
     let mut raw = RawMover::start(raw_dirs(&agents.work, "raw")?, &raw_args).await?;
     // Both guests move once their firmware is done, as a running
     // instance's would be (see `settle`).
-    settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
+    settle::until_idle(&[pid, raw.pid()?]).await?;
     for round in 0..rounds {
         eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
         // There and back: the instance alternates between the agents.
@@ -572,7 +572,7 @@ async fn cross_version(
         let name = format!("upgraded{round}");
         let pid = crate::agent_start(&mut source, &spec(&name, MIB, &ram)).await?;
         let mut raw = RawMover::start(raw_dirs.clone(), &raw_args).await?;
-        settle::until_idle(&[pid, raw.pid()?], settle::FIRMWARE_LIMIT).await?;
+        settle::until_idle(&[pid, raw.pid()?]).await?;
         let (t, _) = agent_migrate(&mut source, &name, &newer_agent.socket, None).await?;
         total.agent.push(t);
         target
