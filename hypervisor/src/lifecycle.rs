@@ -81,7 +81,14 @@ pub struct LaunchConfig {
 impl Default for LaunchConfig {
     fn default() -> Self {
         Self {
-            qmp: QmpConfig::default(),
+            // QEMU's monitor reads a command one byte per turn of its
+            // loop, a few microseconds a byte. With `oob` it parses a
+            // pipeline's next command while it runs the one before; a
+            // receiving QEMU needs it anyway for `migrate-recover`.
+            qmp: QmpConfig {
+                out_of_band: true,
+                ..QmpConfig::default()
+            },
             operator_qmp: false,
             tap_template: "kvmtap%d".into(),
             log_max_bytes: 1024 * 1024,

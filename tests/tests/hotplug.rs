@@ -126,8 +126,7 @@ async fn multiqueue_nics_get_one_tap_fd_per_queue_at_start_and_at_hot_add() {
     }
     assert_eq!(agent.runtime_json("mq").await["nics"][1]["queues"], 4);
 
-    // A QEMU that came in by migration speaks out-of-band QMP, where each
-    // fd must wait for the one before it to be taken.
+    // The same on a QEMU that came in by migration.
     let target = TestAgent::start().await;
     target.track(info.uuid.parse().unwrap());
     agent.migrate_to("mq", &target).await.unwrap();

@@ -347,9 +347,6 @@ impl Agent {
         let run_dir = self.cfg.run_dir(&inst.name);
         let mut launch = self.cfg.launch.clone();
         launch.allowed_roots = self.cfg.allowed_roots.clone();
-        // A QEMU receiving a guest may need `migrate-recover` while its
-        // main loop is stuck (postcopy); others keep fd passing pipelined.
-        launch.qmp.out_of_band = mode == LaunchMode::Incoming;
         let qemu = self.qemu_info().await?;
         let launched = lifecycle::launch(runtime, &qemu, &run_dir, &launch, mode)
             .await
