@@ -312,7 +312,7 @@ pub async fn measure(
             total.raw.push(t);
             downtime.raw.push(d);
         }
-        rows.push(total.row(label, 1.10));
+        rows.push(total.row(label, crate::GOAL));
         rows.push(downtime.row(downtime_label, f64::NAN));
     }
     Ok(rows)

@@ -116,6 +116,40 @@ impl Row {
     }
 }
 
+/// The goal of every operation row with one: agent/raw at the median.
+const GOAL: f64 = 1.10;
+
+/// How many rounds a section runs: `least`, then more up to `most` while
+/// one of its rows still has its goal inside its interval.
+#[derive(Debug, Clone, Copy)]
+struct Rounds {
+    least: usize,
+    most: usize,
+}
+
+impl Rounds {
+    /// `least` rounds, up to twice as many for an undecided row; the quick
+    /// run takes no more.
+    fn new(least: usize, quick: bool) -> Self {
+        let most = if quick { least } else { 2 * least };
+        Self { least, most }
+    }
+
+    /// Whether to run another round after `done`, given whether a row is
+    /// still undecided.
+    fn another(self, done: usize, undecided: bool) -> bool {
+        done < self.least || (done < self.most && undecided)
+    }
+
+    /// The progress line's suffix for round `round` (counted from 1).
+    fn label(self, round: usize) -> String {
+        match round > self.least {
+            true => format!("{round}/{}, more for an undecided row", self.least),
+            false => format!("{round}/{}", self.least),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Samples {
     agent: Vec<Duration>,
@@ -129,6 +163,11 @@ impl Samples {
     fn verdict(&self, goal: f64) -> Option<interval::Verdict> {
         interval::ratio_interval(&millis(&self.agent), &millis(&self.raw))
             .map(|i| interval::verdict(i, goal))
+    }
+
+    /// Whether `goal` lies inside the interval so far.
+    fn undecided(&self, goal: f64) -> bool {
+        self.verdict(goal) == Some(interval::Verdict::Undecided)
     }
 
     /// The row with libvirt beside the agent, if it was measured.
@@ -200,7 +239,7 @@ async fn guest_rows(
     let run_dir = work.join("state").join("run");
     let (removals, removal_profile) =
         removal::measure(client, metrics, &run_dir, work, &guest, removal_rounds).await?;
-    let mut rows = vec![removals.row(removal::ROW, 1.10)];
+    let mut rows = vec![removals.row(removal::ROW, GOAL)];
     rows.extend(busy::measure(binary, work, &guest, args.quick).await?);
     Ok((rows, removal_profile))
 }
@@ -214,7 +253,7 @@ async fn transfers(
     args: &Args,
     libvirt: Option<&mut libvirt::Libvirt>,
 ) -> anyhow::Result<(Vec<Row>, Vec<libvirt::PeerRow>)> {
-    let rounds = if args.quick { 2 } else { 5 };
+    let rounds = Rounds::new(if args.quick { 2 } else { 5 }, args.quick);
     let (mut rows, peer_rows) =
         transfer::measure(binary, work, newer_qemu, accel, rounds, libvirt).await?;
     rows.extend(encryption::measure(binary, work, accel, rounds).await?);
@@ -396,8 +435,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics,
         libvirt: libvirt.as_mut(),
     };
-    let most = if args.quick { rounds } else { 2 * rounds };
-    let operations = operations::Operations::measure(&mut setup, rounds, most).await?;
+    let operations =
+        operations::Operations::measure(&mut setup, Rounds::new(rounds, args.quick)).await?;
     let (mut profiles, mut peer_rows) = (operations.profiles(), operations.libvirt_rows());
     let mut rows = operations.rows();
     let (removal_rows, removal_profile) =
@@ -514,7 +553,7 @@ fn write_report(
     let mut md = String::new();
     md.push_str("# kvm-agent benchmark\n\n");
     md.push_str(&format!(
-        "{} CPUs, kernel {}, {}, accelerator {accel}, {MEMORY_MIB} MiB per instance, {rounds} rounds (up to twice as many for the operations while one of their intervals holds its goal; report.json has each row's count); agent and raw interleaved in the same run.\n\n",
+        "{} CPUs, kernel {}, {}, accelerator {accel}, {MEMORY_MIB} MiB per instance, {rounds} rounds of the operations and fewer of the saves and migrations, each up to twice as many while a row's goal lies inside its interval (report.json has each row's count); agent and raw interleaved in the same run.\n\n",
         node.cpus,
         kernel.trim(),
         node.qemu_version
@@ -752,5 +791,31 @@ async fn main() {
     if let Err(e) = run(Args::parse()).await {
         eprintln!("bench: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undecided_row_gets_more_rounds_up_to_twice_as_many() {
+        let rounds = Rounds::new(5, false);
+
+        assert!(rounds.another(4, false));
+        assert!(!rounds.another(5, false));
+        assert!(rounds.another(5, true));
+        assert!(rounds.another(9, true));
+        assert!(!rounds.another(10, true));
+        assert_eq!(rounds.label(6), "6/5, more for an undecided row");
+    }
+
+    #[test]
+    fn a_quick_run_takes_no_more_rounds() {
+        let rounds = Rounds::new(2, true);
+
+        assert!(rounds.another(1, true));
+        assert!(!rounds.another(2, true));
+        assert_eq!(rounds.label(2), "2/2");
     }
 }

@@ -15,10 +15,9 @@ use crate::profile::{
     self, DISK_STEPS, NIC_STEPS, Profile, RawSteps, START_STEPS, StepSums, mean_ms,
 };
 use crate::raw::RawQemu;
-use crate::{MEMORY_MIB, POWERDOWN_WAIT, Row, Samples, agent_start, agent_stop, settle, timed};
-
-/// The goal of every row with one: agent/raw at the median.
-const GOAL: f64 = 1.10;
+use crate::{
+    GOAL, MEMORY_MIB, POWERDOWN_WAIT, Rounds, Row, Samples, agent_start, agent_stop, settle, timed,
+};
 
 /// What the rounds run against: the agent's instance and the raw QEMU's
 /// command line, each with a disk image to hot-add.
@@ -63,27 +62,18 @@ pub struct Operations {
 }
 
 impl Operations {
-    /// Runs `rounds` rounds of every operation, then more, up to
-    /// `most`, while a row's interval still holds its goal.
-    pub async fn measure(
-        setup: &mut Setup<'_>,
-        rounds: usize,
-        most: usize,
-    ) -> anyhow::Result<Self> {
+    /// Runs `rounds` of every operation, more while a row's interval
+    /// still holds its goal.
+    pub async fn measure(setup: &mut Setup<'_>, rounds: Rounds) -> anyhow::Result<Self> {
         for image in [&setup.agent_image, &setup.raw_image, &setup.libvirt_image] {
             std::fs::File::create(image)?.set_len(16 << 20)?;
         }
         let mut ops = Self::default();
         ops.agent_steps.0 = profile::scrape(setup.metrics).await?;
         let mut round = 0;
-        while round < rounds || (round < most && ops.undecided()) {
+        while rounds.another(round, ops.undecided()) {
             round += 1;
-            let extra = if round > rounds {
-                ", more for an undecided row"
-            } else {
-                ""
-            };
-            eprintln!("round {round}/{rounds}{extra}");
+            eprintln!("round {}", rounds.label(round));
             ops.starts_and_stops(setup).await?;
             ops.reboots_and_round_trips(setup).await?;
             ops.hot_adds(setup, round as u32).await?;
@@ -104,7 +94,7 @@ impl Operations {
             &self.disk_add,
         ]
         .iter()
-        .any(|s| s.verdict(GOAL) == Some(crate::interval::Verdict::Undecided))
+        .any(|s| s.undecided(GOAL))
     }
 
     /// Start → QMP ready, then a forced and a graceful (powerdown, wait,

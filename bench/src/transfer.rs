@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::libvirt::{Libvirt, PeerRow};
 use crate::raw::{RawQemu, SYSTEM_QEMU, machine_args_with};
-use crate::{Row, Samples, settle, start_agent};
+use crate::{GOAL, Rounds, Row, Samples, settle, start_agent};
 
 /// Port of the raw migrations; the agents use their own range.
 const RAW_MIGRATION_PORT: u16 = 49400;
@@ -283,7 +283,7 @@ pub async fn measure(
     work: &Path,
     newer_qemu: Option<&Path>,
     accel: &str,
-    rounds: usize,
+    rounds: Rounds,
     libvirt: Option<&mut Libvirt>,
 ) -> anyhow::Result<(Vec<Row>, Vec<PeerRow>)> {
     let mut agents = Agents::start(binary, work).await?;
@@ -301,12 +301,12 @@ pub async fn measure(
         ),
     ] {
         let [total, downtime] = migrations(&mut agents, accel, rounds, mib, None).await?;
-        rows.push(total.row(label, 1.10));
+        rows.push(total.row(label, GOAL));
         rows.push(downtime.row(downtime_label, f64::NAN));
     }
     let channels = Some(MULTIFD_CHANNELS);
     let [total, _] = migrations(&mut agents, accel, rounds, 1024, channels).await?;
-    rows.push(total.row("migrate 1 GiB random RAM, multifd 4 (total)", 1.10));
+    rows.push(total.row("migrate 1 GiB random RAM, multifd 4 (total)", GOAL));
     let newer_qemu = locate_newer_qemu(newer_qemu)?;
     rows.push(cross_version(binary, work, &newer_qemu, accel, rounds).await?);
     Ok((rows, peer_rows))
@@ -317,7 +317,7 @@ pub async fn measure(
 async fn save_and_restore(
     agents: &mut Agents,
     accel: &str,
-    rounds: usize,
+    rounds: Rounds,
     mut libvirt: Option<&mut Libvirt>,
 ) -> anyhow::Result<(Vec<Row>, Vec<PeerRow>)> {
     let mut rows = Vec::new();
@@ -340,8 +340,10 @@ async fn save_and_restore(
         random_file(&libvirt_ram, 255)?;
     }
     let s = spec("saved", 256, &ram);
-    for round in 0..rounds {
-        eprintln!("save/restore round {}/{rounds}", round + 1);
+    let mut round = 0;
+    while rounds.another(round, save.undecided(GOAL) || restore.undecided(GOAL)) {
+        round += 1;
+        eprintln!("save/restore round {}", rounds.label(round));
         let file = agents.work.join(format!("agent-{round}.save"));
         let (t_save, t_restore) = agent_save_and_restore(&mut agents.clients[0], &s, &file).await?;
         save.agent.push(t_save);
@@ -364,8 +366,8 @@ async fn save_and_restore(
         save.libvirt_row("save 256 MiB random RAM"),
         restore.libvirt_row("restore 256 MiB random RAM (to running)"),
     ];
-    rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", 1.10));
-    rows.push(restore.row("restore 256 MiB random RAM (to running)", 1.10));
+    rows.push(save.row("save 256 MiB random RAM (file fsynced, QEMU quit)", GOAL));
+    rows.push(restore.row("restore 256 MiB random RAM (to running)", GOAL));
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
     let _ = std::fs::remove_file(&libvirt_ram);
@@ -456,7 +458,7 @@ async fn libvirt_save_and_restore(
 async fn migrations(
     agents: &mut Agents,
     accel: &str,
-    rounds: usize,
+    rounds: Rounds,
     mib: u64,
     multifd_channels: Option<u8>,
 ) -> anyhow::Result<[Samples; 2]> {
@@ -478,8 +480,9 @@ async fn migrations(
     // Both guests move once their firmware is done, as a running
     // instance's would be (see `settle`).
     settle::until_idle(&[pid, raw.pid()?]).await?;
-    for round in 0..rounds {
-        eprintln!("migration {mib} MiB round {}/{rounds}", round + 1);
+    let mut round = 0;
+    while rounds.another(round, total.undecided(GOAL)) {
+        eprintln!("migration {mib} MiB round {}", rounds.label(round + 1));
         // There and back: the instance alternates between the agents.
         let (from, to) = (round % 2, 1 - round % 2);
         let target = agents.sockets[to].clone();
@@ -494,9 +497,10 @@ async fn migrations(
         let (t, d) = raw.migrate(Path::new(SYSTEM_QEMU), &[], stream).await?;
         total.raw.push(t);
         downtime.raw.push(d);
+        round += 1;
     }
     raw.kill().await?;
-    let holder = rounds % 2;
+    let holder = round % 2;
     agents.clients[holder]
         .stop_instance(pb::StopInstanceRequest {
             name: name.clone(),
@@ -536,7 +540,7 @@ async fn cross_version(
     work: &Path,
     newer: &Path,
     accel: &str,
-    rounds: usize,
+    rounds: Rounds,
 ) -> anyhow::Result<Row> {
     const MIB: u64 = 256;
     let older = crate::start_agent(binary, &work.join("agent-older")).await?;
@@ -567,8 +571,10 @@ async fn cross_version(
         .context("the newer QEMU's prefix")?;
     let firmware_args = ["-L".to_owned(), firmware.display().to_string()];
     let mut total = Samples::default();
-    for round in 0..rounds {
-        eprintln!("cross-version migration round {}/{rounds}", round + 1);
+    let mut round = 0;
+    while rounds.another(round, total.undecided(GOAL)) {
+        round += 1;
+        eprintln!("cross-version migration round {}", rounds.label(round));
         let name = format!("upgraded{round}");
         let pid = crate::agent_start(&mut source, &spec(&name, MIB, &ram)).await?;
         let mut raw = RawMover::start(raw_dirs.clone(), &raw_args).await?;
@@ -590,5 +596,5 @@ async fn cross_version(
     }
     std::fs::remove_file(&ram)?;
     std::fs::remove_file(&raw_ram)?;
-    Ok(total.row("migrate 256 MiB random RAM to a newer QEMU (total)", 1.10))
+    Ok(total.row("migrate 256 MiB random RAM to a newer QEMU (total)", GOAL))
 }
