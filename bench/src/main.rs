@@ -159,15 +159,10 @@ struct Samples {
 }
 
 impl Samples {
-    /// Where the samples so far stand against `goal`.
-    fn verdict(&self, goal: f64) -> Option<interval::Verdict> {
-        interval::ratio_interval(&millis(&self.agent), &millis(&self.raw))
-            .map(|i| interval::verdict(i, goal))
-    }
-
-    /// Whether `goal` lies inside the interval so far.
+    /// Whether `goal` lies inside the samples' interval so far.
     fn undecided(&self, goal: f64) -> bool {
-        self.verdict(goal) == Some(interval::Verdict::Undecided)
+        interval::ratio_interval(&millis(&self.agent), &millis(&self.raw))
+            .is_some_and(|i| interval::verdict(i, goal) == interval::Verdict::Undecided)
     }
 
     /// The row with libvirt beside the agent, if it was measured.
