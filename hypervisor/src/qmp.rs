@@ -480,7 +480,7 @@ impl QmpClient {
     /// replies, in order: one round trip instead of one per command. QEMU
     /// runs them in order, so a command that depends on a failed one fails
     /// too; the caller undoes what succeeded. With out-of-band on, a
-    /// command with an fd waits for the replies before it instead.
+    /// command with an fd goes alone instead (see [`sent_alone`]).
     pub async fn pipeline(&self, commands: Vec<Command<'_>>) -> Vec<Result<Value, QmpError>> {
         self.send_batch(commands, self.config.command_timeout).await
     }
@@ -637,10 +637,8 @@ impl QmpClient {
             {
                 let mut writer = connection.writer.lock().await;
                 for (i, (line, command)) in lines.iter().zip(&commands).enumerate() {
-                    // With out-of-band on, QEMU reads ahead of the commands
-                    // it runs, and an fd that arrives replaces one not yet
-                    // taken: an fd goes only once all before it are answered.
-                    if command.fd.is_some() && connection.out_of_band {
+                    let alone = sent_alone(command, connection);
+                    if alone {
                         for slot in &mut results[answered..i] {
                             *slot = Some(reply(receivers.next()).await);
                         }
@@ -648,14 +646,10 @@ impl QmpClient {
                     }
                     let place = in_band[i].take();
                     write_command(connection, &mut writer, line, command.fd, place).await?;
-                }
-                // Nor may another caller's fd come before the last is taken.
-                let last_fd = commands.iter().rposition(|c| c.fd.is_some());
-                if let Some(last) = last_fd.filter(|_| connection.out_of_band) {
-                    for slot in &mut results[answered..=last] {
-                        *slot = Some(reply(receivers.next()).await);
+                    if alone {
+                        results[i] = Some(reply(receivers.next()).await);
+                        answered = i + 1;
                     }
-                    answered = last + 1;
                 }
             }
             for slot in &mut results[answered..] {
@@ -707,7 +701,10 @@ impl QmpClient {
                 message["arguments"] = arguments.clone();
             }
             let mut line = message.to_string();
-            line.push('\n');
+            // Nothing may follow a command sent alone, not even its newline.
+            if !sent_alone(command, connection) {
+                line.push('\n');
+            }
             receivers.push(rx);
             lines.push(line);
         }
@@ -841,6 +838,23 @@ impl<'a> Command<'a> {
         self.fd = Some(fd);
         self
     }
+}
+
+/// Whether `command` must be the only bytes QEMU has to read from the
+/// moment it is written until it is answered: a command carrying an fd,
+/// on a connection with out-of-band on.
+///
+/// Out of band, QEMU's monitor thread reads the socket while its main
+/// thread runs the commands. In QEMU 7.2 to 10.0, every read walks the list
+/// of fds received and not yet taken, while `getfd` or `add-fd` in the
+/// main thread takes and frees that list: a byte read at that moment (the
+/// next command, or only the newline after this one) crashes QEMU with a
+/// NULL dereference in the monitor thread. So such a command waits for
+/// every reply before it, is written without a newline, and is answered
+/// before anything else is written. Without out-of-band, the main thread
+/// does the reading too, and the commands around an fd may be pipelined.
+fn sent_alone(command: &Command<'_>, connection: &Connection) -> bool {
+    command.fd.is_some() && connection.out_of_band
 }
 
 /// Writes one command's line, taking its place among the in-band replies
@@ -1599,6 +1613,121 @@ pub(crate) mod tests {
             same_file(&file, &fds[0]),
             "the received fd is the same file"
         );
+    }
+
+    /// A fake QEMU with out-of-band on that reads the socket as bytes, the
+    /// way QEMU's monitor thread does, and answers every command. After
+    /// each command that brought an fd, it waits a moment before
+    /// answering; it returns each command's name with whether any byte
+    /// came after that command before its reply.
+    fn fake_qemu_reading_bytes(
+        server: std::os::unix::net::UnixStream,
+    ) -> std::thread::JoinHandle<Vec<(String, bool)>> {
+        use std::io::Write;
+        std::thread::spawn(move || {
+            let mut out = server.try_clone().unwrap();
+            writeln!(out, "{GREETING}").unwrap();
+            let mut seen = Vec::new();
+            let mut buf = Vec::new();
+            loop {
+                let (chunk, fds) = recv_with_fds(&server);
+                if chunk.is_empty() {
+                    return seen;
+                }
+                let fd_pending = !fds.is_empty();
+                buf.extend_from_slice(&chunk);
+                let mut objects = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+                let mut parsed = Vec::new();
+                while let Some(Ok(request)) = objects.next() {
+                    parsed.push((request, objects.byte_offset()));
+                }
+                let consumed = parsed.last().map_or(0, |(_, end)| *end);
+                for (request, end) in parsed {
+                    let name = request["execute"].as_str().unwrap().to_owned();
+                    let mut followed = buf.len() > end;
+                    if fd_pending && matches!(name.as_str(), "getfd" | "add-fd") {
+                        server.set_nonblocking(false).unwrap();
+                        server
+                            .set_read_timeout(Some(Duration::from_millis(50)))
+                            .unwrap();
+                        let peeked =
+                            rustix::net::recv(&server, &mut [0u8], rustix::net::RecvFlags::PEEK);
+                        followed |= peeked.is_ok_and(|(n, _)| n > 0);
+                        server.set_read_timeout(None).unwrap();
+                    }
+                    let ret = match name.as_str() {
+                        "query-commands" => json!(
+                            ["getfd", "netdev_add", "device_add", "query-status"]
+                                .map(|name| json!({ "name": name }))
+                        ),
+                        _ => json!({}),
+                    };
+                    writeln!(out, "{}", json!({ "return": ret })).unwrap();
+                    seen.push((name, followed));
+                }
+                buf.drain(..consumed);
+            }
+        })
+    }
+
+    /// One read of whatever the client sent, with the fds that came with it.
+    fn recv_with_fds(
+        sock: &std::os::unix::net::UnixStream,
+    ) -> (Vec<u8>, Vec<std::os::fd::OwnedFd>) {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+        let msg = recvmsg(sock, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC).unwrap();
+        let fds = cmsg
+            .drain()
+            .flat_map(|c| match c {
+                RecvAncillaryMessage::ScmRights(received) => received.collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        chunk.truncate(msg.bytes);
+        (chunk, fds)
+    }
+
+    #[tokio::test]
+    async fn out_of_band_nothing_is_sent_while_qemu_takes_an_fd() {
+        let (client_end, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = fake_qemu_reading_bytes(server);
+        client_end.set_nonblocking(true).unwrap();
+        let config = QmpConfig {
+            out_of_band: true,
+            ..config()
+        };
+        let client = QmpClient::handshake(UnixStream::from_std(client_end).unwrap(), config)
+            .await
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&file);
+
+        let replies = client
+            .pipeline(vec![
+                Command::bare("query-status"),
+                Command::new("getfd", json!({ "fdname": "tap0" })).with_fd(fd),
+                Command::new(
+                    "netdev_add",
+                    json!({ "type": "tap", "id": "n", "fd": "tap0" }),
+                ),
+                Command::new("device_add", json!({ "driver": "virtio-net-pci" })),
+            ])
+            .await;
+        drop(client);
+
+        assert!(replies.iter().all(Result::is_ok), "{replies:?}");
+        let seen = peer.join().unwrap();
+        let names: Vec<&str> = seen.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names[names.len() - 4..],
+            ["query-status", "getfd", "netdev_add", "device_add"]
+        );
+        let getfd = seen.iter().find(|(name, _)| name == "getfd").unwrap();
+        assert!(!getfd.1, "bytes came after getfd before it was answered");
     }
 
     #[tokio::test]
