@@ -43,9 +43,10 @@ pub const NIC_STEPS: &[&str] = &[
     "journal",
     "slot and tap",
     "slot and tap / slot look-up",
-    "slot and tap / tap",
+    "slot and tap / tap fds",
     "QEMU and record",
     "QEMU and record / QEMU",
+    "QEMU and record / QEMU / tap interface",
     "QEMU and record / record",
 ];
 

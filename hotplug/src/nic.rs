@@ -9,7 +9,7 @@ use hypervisor::pcie::PciLayout;
 use hypervisor::qmp::{Command, QmpClient};
 use hypervisor::runtime::RuntimeNic;
 use hypervisor::spec::NicSpec;
-use hypervisor::tap::{self, Tap};
+use hypervisor::tap::{self, TapQueues};
 use serde_json::{Value, json};
 
 use crate::HotplugError;
@@ -86,52 +86,46 @@ pub async fn close_passed_fds(qmp: &QmpClient, nic: &NicSpec) {
     }
 }
 
-/// A NIC's host side, ready to hand to QEMU.
+/// A NIC's host side, ready to hand to QEMU: its tap's queues, not yet
+/// an interface, and its vhost-net fds.
 #[derive(Debug)]
 pub struct PreparedNic {
-    tap: Tap,
+    queues: TapQueues,
     /// One per queue, or none without vhost.
     vhost: Vec<File>,
 }
 
-impl PreparedNic {
-    /// The tap's interface name.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
-    }
-}
-
-/// Opens the tap (and vhost-net) of a NIC, brings it up and attaches it to
-/// its bridge. Touches no QEMU, so it can run beside other preparation.
-pub fn prepare(nic: &NicSpec, tap_template: &str) -> Result<PreparedNic, HotplugError> {
-    let tap = Tap::create(tap_template, nic.queues)?;
-    tap.set_up()?;
-    if let Some(bridge) = &nic.bridge {
-        tap.join_bridge(bridge, nic.vlan.as_ref())?;
-    }
+/// Opens the fds of a NIC's tap (and vhost-net). The interface itself is
+/// made by [`attach`], while QEMU takes the fds.
+pub fn prepare(nic: &NicSpec) -> Result<PreparedNic, HotplugError> {
+    let queues = TapQueues::open(nic.queues)?;
     let vhost_queues = if nic.vhost { nic.queues } else { 0 };
     let vhost = (0..vhost_queues)
         .map(|_| tap::open_vhost_net())
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(PreparedNic { tap, vhost })
+    Ok(PreparedNic { queues, vhost })
 }
 
-/// Hot-adds `nic` at its slot: getfd, netdev_add and device_add go out
-/// as one pipeline. On failure every step that succeeded is undone and
-/// the tap is closed, so it vanishes.
+/// Hot-adds `nic` at its slot: `getfd` for each fd, then `netdev_add` and
+/// `device_add` in one pipeline. While QEMU takes the fds, the tap is
+/// made from `tap_template`, brought up and put on its bridge: making an
+/// interface costs the kernel a few hundred microseconds, and QEMU needs
+/// it only from `netdev_add` on. On failure every step that succeeded is
+/// undone and the fds are closed, so the tap vanishes.
 pub async fn attach(
     qmp: &QmpClient,
     prepared: PreparedNic,
     nic: &RuntimeNic,
     layout: PciLayout,
+    tap_template: &str,
 ) -> Result<AddedNic, HotplugError> {
     if nic.slot.is_none() {
         return Err(isa_is_cold());
     }
     let netdev = nic.netdev_id();
     let (tap_names, vhost_names) =
-        passed_fd_names(prepared.tap.queue_fds().count(), prepared.vhost.len());
-    let fds = tap_names.iter().zip(prepared.tap.queue_fds()).chain(
+        passed_fd_names(prepared.queues.fds().count(), prepared.vhost.len());
+    let fds = tap_names.iter().zip(prepared.queues.fds()).chain(
         vhost_names
             .iter()
             .zip(prepared.vhost.iter().map(AsFd::as_fd)),
@@ -167,12 +161,29 @@ pub async fn attach(
             Undo::IfDone(vec![("device_del", json!({ "id": id }))]),
         ),
     ];
+    let interface = async {
+        tracing::debug_span!("step", step = "tap interface")
+            .in_scope(|| make_interface(&prepared.queues, &nic.spec, tap_template))
+    };
     // `device_add` with an explicit bus and address realizes the device
     // there or fails: its success is the check.
-    pipeline::run(qmp, steps, None).await?;
-    Ok(AddedNic {
-        tap: prepared.tap.name().to_owned(),
-    })
+    let tap = pipeline::run_beside(qmp, steps, 1, interface).await?;
+    Ok(AddedNic { tap })
+}
+
+/// Makes `queues` a tap named from `template`, up and on the NIC's bridge;
+/// returns its name.
+fn make_interface(
+    queues: &TapQueues,
+    nic: &NicSpec,
+    template: &str,
+) -> Result<String, HotplugError> {
+    let tap = queues.attach(template)?;
+    tap::set_up(&tap)?;
+    if let Some(bridge) = &nic.bridge {
+        tap::join_bridge(&tap, bridge, nic.vlan.as_ref())?;
+    }
+    Ok(tap)
 }
 
 /// The `netdev_add` arguments for named tap (and vhost) fds. Pure.

@@ -67,6 +67,64 @@ pub(crate) async fn run_checked(
     cleanup: Option<Command<'_>>,
     verify: impl FnOnce(&[Value]) -> Result<(), HotplugError>,
 ) -> Result<(), HotplugError> {
+    let (undos, step_results) = send(qmp, steps, cleanup).await;
+    let (failed_at, error) = match first_failure(step_results) {
+        Err(failure) => failure,
+        Ok(values) => match verify(&values) {
+            Ok(()) => return Ok(()),
+            Err(error) => (undos.len(), error),
+        },
+    };
+    take_back(qmp, undos, failed_at).await;
+    Err(error)
+}
+
+/// [`run`], with work on the host that the steps from `later` on need,
+/// done while QEMU runs the steps before: a NIC's tap is made while QEMU
+/// takes its fds. If that work fails, the steps before are taken back and
+/// the later ones never sent; otherwise its result is returned once every
+/// step has succeeded.
+pub(crate) async fn run_beside<T>(
+    qmp: &QmpClient,
+    mut steps: Vec<Step<'_>>,
+    later: usize,
+    host: impl Future<Output = Result<T, HotplugError>>,
+) -> Result<T, HotplugError> {
+    let rest = steps.split_off(later);
+    let ((mut undos, results), made) = tokio::join!(send(qmp, steps, None), host);
+    if let Err((failed_at, error)) = first_failure(results) {
+        take_back(qmp, undos, failed_at).await;
+        return Err(error);
+    }
+    let made = match made {
+        Ok(made) => made,
+        Err(error) => {
+            let past_the_last = undos.len();
+            take_back(qmp, undos, past_the_last).await;
+            return Err(error);
+        }
+    };
+    let (rest_undos, results) = send(qmp, rest, None).await;
+    undos.extend(rest_undos);
+    match first_failure(results) {
+        Ok(_) => Ok(made),
+        Err((failed_at, error)) => {
+            take_back(qmp, undos, later + failed_at).await;
+            Err(error)
+        }
+    }
+}
+
+/// Each step's results, by step name.
+type StepResults = Vec<(&'static str, Vec<Result<Value, QmpError>>)>;
+
+/// Sends the commands of `steps`, then `cleanup`, as one pipeline; returns
+/// each step's undo and results. A failed `cleanup` is only logged.
+async fn send(
+    qmp: &QmpClient,
+    steps: Vec<Step<'_>>,
+    cleanup: Option<Command<'_>>,
+) -> (Vec<Undo>, StepResults) {
     let mut undos = Vec::with_capacity(steps.len());
     let mut commands = Vec::new();
     let mut shape = Vec::with_capacity(steps.len());
@@ -84,7 +142,7 @@ pub(crate) async fn run_checked(
             .next()
             .unwrap_or(Err(QmpError::Disconnected { reason: None }))
     };
-    let step_results: Vec<(&'static str, Vec<Result<Value, QmpError>>)> = shape
+    let step_results = shape
         .into_iter()
         .map(|(name, count)| (name, (0..count).map(|_| next()).collect()))
         .collect();
@@ -94,25 +152,20 @@ pub(crate) async fn run_checked(
         // It costs QEMU a leftover, not the operation.
         tracing::warn!(command, ?arguments, error = %e, "cleanup after hot-add failed");
     }
+    (undos, step_results)
+}
 
-    let (failed_at, error) = match first_failure(step_results) {
-        Err(failure) => failure,
-        Ok(values) => match verify(&values) {
-            Ok(()) => return Ok(()),
-            Err(error) => (undos.len(), error),
-        },
-    };
+/// Takes back the steps before `failed_at`, and the failed one if its
+/// undo says so (see [`rollback`]).
+async fn take_back(qmp: &QmpClient, undos: Vec<Undo>, failed_at: usize) {
     for (command, arguments) in rollback(undos, failed_at) {
         undo(qmp, command, arguments).await;
     }
-    Err(error)
 }
 
 /// The replies of every step in order, or the index and error of the
 /// first step that failed.
-fn first_failure(
-    steps: Vec<(&'static str, Vec<Result<Value, QmpError>>)>,
-) -> Result<Vec<Value>, (usize, HotplugError)> {
+fn first_failure(steps: StepResults) -> Result<Vec<Value>, (usize, HotplugError)> {
     let mut values = Vec::new();
     for (index, (step, results)) in steps.into_iter().enumerate() {
         for result in results {
@@ -329,6 +382,60 @@ pub(crate) mod tests {
 
         run(&qmp, steps(), None).await.unwrap();
         assert_eq!(executed(&seen), ["step-a", "step-b", "step-c", "step-d"]);
+    }
+
+    #[tokio::test]
+    async fn host_work_runs_while_the_first_steps_go_and_its_failure_takes_them_back() {
+        let (qmp, seen) = fake_qemu(&[]).await;
+        let failing = async {
+            // The first steps were already sent when the host work runs.
+            tokio::task::yield_now().await;
+            Err::<(), _>(HotplugError::Unsupported("host".into()))
+        };
+
+        let result = run_beside(&qmp, steps(), 2, failing).await;
+
+        assert!(
+            matches!(result, Err(HotplugError::Unsupported(_))),
+            "{result:?}"
+        );
+        assert_eq!(executed(&seen), ["step-a", "step-b", "undo-b", "undo-a"]);
+    }
+
+    #[tokio::test]
+    async fn with_host_work_done_the_later_steps_go_and_their_failure_takes_back_all() {
+        let (qmp, seen) = fake_qemu(&["step-d"]).await;
+
+        let made = run_beside(&qmp, steps(), 2, async { Ok(7) }).await;
+
+        assert!(
+            matches!(made, Err(HotplugError::Qmp { step: "d", .. })),
+            "{made:?}"
+        );
+        assert_eq!(
+            executed(&seen),
+            [
+                "step-a", "step-b", "step-c", "step-d", "undo-c", "undo-b", "undo-a"
+            ]
+        );
+
+        let (qmp, seen) = fake_qemu(&[]).await;
+        let made = run_beside(&qmp, steps(), 2, async { Ok(7) }).await;
+        assert_eq!(made.unwrap(), 7);
+        assert_eq!(executed(&seen), ["step-a", "step-b", "step-c", "step-d"]);
+    }
+
+    #[tokio::test]
+    async fn a_first_step_that_fails_is_taken_back_whatever_the_host_work_did() {
+        let (qmp, seen) = fake_qemu(&["step-b"]).await;
+
+        let made = run_beside(&qmp, steps(), 2, async { Ok(7) }).await;
+
+        assert!(
+            matches!(made, Err(HotplugError::Qmp { step: "b", .. })),
+            "{made:?}"
+        );
+        assert_eq!(executed(&seen), ["step-a", "step-b", "undo-a"]);
     }
 
     #[test]

@@ -163,22 +163,68 @@ pub struct Tap {
     name: String,
 }
 
-/// Opens /dev/net/tun and attaches the fd to `name` (or a template).
-fn open_queue(name: &str, flags: libc::c_short) -> Result<(OwnedFd, String), TapError> {
+/// The fds of a tap's queues, opened on /dev/net/tun but not yet attached
+/// to an interface. They can go to QEMU before [`TapQueues::attach`]
+/// makes the interface: QEMU's copy and the agent's are one open file, so
+/// the interface is QEMU's too. Dropping it closes the agent's fds.
+#[derive(Debug)]
+pub struct TapQueues {
+    fds: Vec<OwnedFd>,
+}
+
+fn open_tun() -> Result<OwnedFd, TapError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(TUN_DEVICE)
         .map_err(TapError::OpenTun)?;
-    let fd = OwnedFd::from(file);
+    Ok(OwnedFd::from(file))
+}
+
+/// Attaches an fd of /dev/net/tun to `name` (or a template); returns the
+/// interface's name.
+fn set_iff(fd: BorrowedFd<'_>, name: &str, flags: libc::c_short) -> Result<String, TapError> {
     let mut req = Ifreq::new(name);
     req.set_flags(flags);
-    ifreq_ioctl(fd.as_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Create {
+    ifreq_ioctl(fd, TUNSETIFF, &mut req).map_err(|source| TapError::Create {
         template: name.to_owned(),
         source,
     })?;
-    Ok((fd, req.name()))
+    Ok(req.name())
+}
+
+impl TapQueues {
+    /// Opens one fd per queue (at least one).
+    pub fn open(queues: u32) -> Result<TapQueues, TapError> {
+        let fds = (0..queues.max(1))
+            .map(|_| open_tun())
+            .collect::<Result<_, _>>()?;
+        Ok(TapQueues { fds })
+    }
+
+    /// One fd per queue.
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.fds.iter().map(AsFd::as_fd)
+    }
+
+    /// Makes the tap: one interface, named from `template` (the kernel
+    /// replaces `%d` with the first free number), with vnet headers, and
+    /// multiqueue when there is more than one queue. Returns its name.
+    pub fn attach(&self, template: &str) -> Result<String, TapError> {
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if self.fds.len() > 1 {
+            flags |= IFF_MULTI_QUEUE;
+        }
+        let mut fds = self.fds();
+        let first = fds.next().expect("at least one queue");
+        let name = set_iff(first, template, flags)?;
+        for fd in fds {
+            // Every further queue attaches to the interface the first made.
+            set_iff(fd, &name, flags)?;
+        }
+        Ok(name)
+    }
 }
 
 impl Tap {
@@ -186,17 +232,12 @@ impl Tap {
     /// more than one). `template` may hold `%d`, which the kernel replaces
     /// with the first free number.
     pub fn create(template: &str, queues: u32) -> Result<Tap, TapError> {
-        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        if queues > 1 {
-            flags |= IFF_MULTI_QUEUE;
-        }
-        let (first, name) = open_queue(template, flags)?;
-        let mut fds = vec![first];
-        for _ in 1..queues {
-            // Every further queue attaches to the interface the first made.
-            fds.push(open_queue(&name, flags)?.0);
-        }
-        Ok(Tap { queues: fds, name })
+        let queues = TapQueues::open(queues)?;
+        let name = queues.attach(template)?;
+        Ok(Tap {
+            queues: queues.fds,
+            name,
+        })
     }
 
     /// One fd per queue.
@@ -211,26 +252,37 @@ impl Tap {
 
     /// Sets IFF_UP.
     pub fn set_up(&self) -> Result<(), TapError> {
-        let err = |source| TapError::Up {
-            tap: self.name.clone(),
-            source,
-        };
-        let sock = control_socket().map_err(err)?;
-        let mut req = Ifreq::new(&self.name);
-        ifreq_ioctl(sock.as_fd(), SIOCGIFFLAGS, &mut req).map_err(err)?;
-        req.set_flags(req.flags() | libc::IFF_UP as libc::c_short);
-        ifreq_ioctl(sock.as_fd(), SIOCSIFFLAGS, &mut req).map_err(err)
+        set_up(&self.name)
     }
 
     /// Adds the tap as a port of `bridge`, carrying the VLANs `vlan` (the
     /// bridge's default when `None`).
     pub fn join_bridge(&self, bridge: &str, vlan: Option<&Vlan>) -> Result<(), TapError> {
-        bridge_port(SIOCBRADDIF, &self.name, bridge)?;
-        if let Some(vlan) = vlan {
-            bridge_vlan::apply(&self.name, bridge, vlan)?;
-        }
-        Ok(())
+        join_bridge(&self.name, bridge, vlan)
     }
+}
+
+/// Sets IFF_UP on the tap `tap`.
+pub fn set_up(tap: &str) -> Result<(), TapError> {
+    let err = |source| TapError::Up {
+        tap: tap.to_owned(),
+        source,
+    };
+    let sock = control_socket().map_err(err)?;
+    let mut req = Ifreq::new(tap);
+    ifreq_ioctl(sock.as_fd(), SIOCGIFFLAGS, &mut req).map_err(err)?;
+    req.set_flags(req.flags() | libc::IFF_UP as libc::c_short);
+    ifreq_ioctl(sock.as_fd(), SIOCSIFFLAGS, &mut req).map_err(err)
+}
+
+/// Adds the tap `tap` as a port of `bridge`, carrying the VLANs `vlan`
+/// (the bridge's default when `None`).
+pub fn join_bridge(tap: &str, bridge: &str, vlan: Option<&Vlan>) -> Result<(), TapError> {
+    bridge_port(SIOCBRADDIF, tap, bridge)?;
+    if let Some(vlan) = vlan {
+        bridge_vlan::apply(tap, bridge, vlan)?;
+    }
+    Ok(())
 }
 
 /// Moves a tap that QEMU holds from one bridge to another (`None`: no
@@ -320,10 +372,7 @@ mod tests {
         assert_eq!(req.name(), "a-very-long-int");
     }
 
-    /// Where the process may create interfaces: a real tap, checked from
-    /// sysfs, gone again when dropped.
-    #[test]
-    fn a_multiqueue_tap_is_up_with_vnet_headers_and_no_packet_info() {
+    fn assert_may_make_taps() {
         let may = caps::has_cap(
             None,
             caps::CapSet::Effective,
@@ -334,6 +383,38 @@ mod tests {
             "this test makes a real tap, so it needs CAP_NET_ADMIN and {TUN_DEVICE}; \
              run the suite with scripts/test as root"
         );
+    }
+
+    /// What QEMU does with an fd it was handed: the interface's name and
+    /// flags, by TUNGETIFF (`_IOR('T', 210, unsigned int)`).
+    fn interface_of(fd: BorrowedFd<'_>) -> (String, libc::c_short) {
+        let mut req = Ifreq::new("");
+        ifreq_ioctl(fd, 0x8004_54d2, &mut req).unwrap();
+        (req.name(), req.flags())
+    }
+
+    #[test]
+    fn an_fd_handed_out_before_attach_becomes_the_tap() {
+        assert_may_make_taps();
+        let queues = TapQueues::open(1).unwrap();
+        let handed_out = queues.fds().next().unwrap().try_clone_to_owned().unwrap();
+
+        let name = queues.attach("kvtest%d").unwrap();
+        drop(queues);
+
+        let (seen, flags) = interface_of(handed_out.as_fd());
+        assert_eq!(seen, name);
+        assert_eq!(flags & !IFF_VNET_HDR, IFF_TAP | IFF_NO_PI);
+        assert!(std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+        drop(handed_out);
+        assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+    }
+
+    /// Where the process may create interfaces: a real tap, checked from
+    /// sysfs, gone again when dropped.
+    #[test]
+    fn a_multiqueue_tap_is_up_with_vnet_headers_and_no_packet_info() {
+        assert_may_make_taps();
         let tap = Tap::create("kvtest%d", 2).unwrap();
         let sysfs = |file: &str| {
             std::fs::read_to_string(format!("/sys/class/net/{}/{file}", tap.name())).unwrap()

@@ -205,10 +205,9 @@ impl Agent {
         nic: &NicSpec,
         first: bool,
     ) -> Result<Tried<(RuntimeNic, hotplug::nic::AddedNic)>, AgentError> {
-        // The tap and the slot look-up don't depend on each other: the
-        // tap is made while QEMU answers query-pci, if it must be asked.
-        // Both are quick, so the tap's ioctls run here rather than on the
-        // blocking pool, whose hand-offs cost more than they save.
+        // The tap's fds and the slot look-up don't depend on each other:
+        // the fds are opened while QEMU answers query-pci, if it must be
+        // asked. The interface is made later, while QEMU takes the fds.
         self.journal(inst, HotplugIntent::AddNic { nic: nic.clone() })?;
         // Each step's span opens when it is first polled, inside theirs.
         let slot_lookup = async {
@@ -216,10 +215,8 @@ impl Agent {
                 .instrument(debug_span!("step", step = "slot look-up"))
                 .await
         };
-        let template = &self.config().launch.tap_template;
-        let tap = async {
-            debug_span!("step", step = "tap").in_scope(|| hotplug::nic::prepare(nic, template))
-        };
+        let tap =
+            async { debug_span!("step", step = "tap fds").in_scope(|| hotplug::nic::prepare(nic)) };
         let (slot, prepared) = async { tokio::join!(slot_lookup, tap) }
             .instrument(debug_span!("step", step = "slot and tap"))
             .await;
@@ -246,6 +243,7 @@ impl Agent {
             prepared,
             &runtime_nic,
             record.runtime.pci_layout(),
+            &self.config().launch.tap_template,
         );
         let added = self.apply(inst, record, &updated, attach).await;
         if self.after_hot_add(inst, process, pick, &added, first).await {
