@@ -75,6 +75,8 @@ pub(crate) struct Process {
     /// plus the agent's hot-adds since; `None` until asked, and again once
     /// a device leaves or a hot-add fails. See `slots`.
     pci_slots: Mutex<Option<Vec<u8>>>,
+    /// The NIC models whose option ROM a hot-add has put in the chroot.
+    staged_roms: Mutex<Vec<hypervisor::spec::NicModel>>,
 }
 
 impl Process {
@@ -99,7 +101,18 @@ impl Process {
             balloon_mib: AtomicU64::new(0),
             unconfined: None,
             pci_slots: Mutex::new(None),
+            staged_roms: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether a hot-add has put `model`'s option ROM in the chroot.
+    pub(crate) fn rom_staged(&self, model: hypervisor::spec::NicModel) -> bool {
+        lock(&self.staged_roms).contains(&model)
+    }
+
+    /// Remembers that `model`'s option ROM is in the chroot.
+    pub(crate) fn set_rom_staged(&self, model: hypervisor::spec::NicModel) {
+        lock(&self.staged_roms).push(model);
     }
 
     /// Records the guest's memory as the balloon reported it.

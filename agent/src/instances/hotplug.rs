@@ -176,10 +176,14 @@ impl Agent {
         }
         debug_span!("step", step = "checks")
             .in_scope(|| Self::check_nic_addition(name, &record, &process, &nic))?;
-        if process.chrooted(&record.runtime) {
-            self.stage_option_rom(name, nic.model)
+        if process.chrooted(&record.runtime) && !process.rom_staged(nic.model) {
+            let staged = self
+                .stage_option_rom(name, nic.model)
                 .instrument(debug_span!("step", step = "option ROM"))
                 .await;
+            if staged {
+                process.set_rom_staged(nic.model);
+            }
         }
         let (runtime_nic, added) =
             at_most_twice(|first| self.try_add_nic(&inst, &process, &record, &nic, first)).await?;
@@ -270,18 +274,19 @@ impl Agent {
     }
 
     /// Puts the option ROM of `model` in a chrooted QEMU's root, where a
-    /// hot-added NIC of that model finds it. Without it QEMU refuses the
-    /// device and says which file it missed.
-    async fn stage_option_rom(&self, name: &str, model: NicModel) {
+    /// hot-added NIC of that model finds it; whether it is there. Without
+    /// it QEMU refuses the device and says which file it missed.
+    async fn stage_option_rom(&self, name: &str, model: NicModel) -> bool {
         let root = self.cfg.run_dir(name).join(files::CHROOT);
         let staged = match self.qemu_info().await {
             Ok(info) => hypervisor::host_files::stage_option_roms(&root, &info.data_dirs, [model])
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        if let Err(e) = staged {
+        if let Err(e) = &staged {
             tracing::warn!(instance = %name, ?model, error = %e, "can't stage the NIC's option ROM");
         }
+        staged.is_ok()
     }
 
     /// SetNicBridge: moves a running NIC's tap to `bridge` (or out of any)
