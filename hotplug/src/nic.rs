@@ -179,10 +179,7 @@ fn make_interface(
     template: &str,
 ) -> Result<String, HotplugError> {
     let tap = queues.attach(template)?;
-    tap::set_up(&tap)?;
-    if let Some(bridge) = &nic.bridge {
-        tap::join_bridge(&tap, bridge, nic.vlan.as_ref())?;
-    }
+    tap::connect(&tap, nic)?;
     Ok(tap)
 }
 

@@ -401,10 +401,7 @@ fn open_taps(rt: &Runtime, cfg: &LaunchConfig) -> Result<Vec<Tap>, TapError> {
     let mut taps = Vec::with_capacity(rt.nics.len());
     for nic in &rt.nics {
         let tap = Tap::create(&cfg.tap_template, nic.spec.queues)?;
-        tap.set_up()?;
-        if let Some(bridge) = &nic.spec.bridge {
-            tap.join_bridge(bridge, nic.spec.vlan.as_ref())?;
-        }
+        crate::tap::connect(tap.name(), &nic.spec)?;
         tracing::debug!(instance = %rt.name, nic = %nic.spec.name, tap = tap.name(), "tap ready");
         taps.push(tap);
     }

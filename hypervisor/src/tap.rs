@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 use crate::bridge_vlan;
-use crate::spec::Vlan;
+use crate::spec::{NicSpec, Vlan};
 
 const TUN_DEVICE: &str = "/dev/net/tun";
 /// `_IOW('T', 202, int)`.
@@ -262,8 +262,19 @@ impl Tap {
     }
 }
 
+/// Brings the tap `tap` up and, when `nic` has a bridge, makes it a port
+/// of that bridge carrying the NIC's VLANs: what a NIC's tap needs before
+/// the guest sends on it, at start and at hot-add alike.
+pub fn connect(tap: &str, nic: &NicSpec) -> Result<(), TapError> {
+    set_up(tap)?;
+    if let Some(bridge) = &nic.bridge {
+        join_bridge(tap, bridge, nic.vlan.as_ref())?;
+    }
+    Ok(())
+}
+
 /// Sets IFF_UP on the tap `tap`.
-pub fn set_up(tap: &str) -> Result<(), TapError> {
+fn set_up(tap: &str) -> Result<(), TapError> {
     let err = |source| TapError::Up {
         tap: tap.to_owned(),
         source,
@@ -277,7 +288,7 @@ pub fn set_up(tap: &str) -> Result<(), TapError> {
 
 /// Adds the tap `tap` as a port of `bridge`, carrying the VLANs `vlan`
 /// (the bridge's default when `None`).
-pub fn join_bridge(tap: &str, bridge: &str, vlan: Option<&Vlan>) -> Result<(), TapError> {
+fn join_bridge(tap: &str, bridge: &str, vlan: Option<&Vlan>) -> Result<(), TapError> {
     bridge_port(SIOCBRADDIF, tap, bridge)?;
     if let Some(vlan) = vlan {
         bridge_vlan::apply(tap, bridge, vlan)?;
