@@ -75,7 +75,8 @@ pub const REMOVAL_STEPS: &[&str] = &[
 ];
 
 /// The agent's steps of a stop: QEMU's end, then its files; the record
-/// of a forced stop is written beside QEMU's end.
+/// of a forced stop is written beside QEMU's end; its run files are
+/// removed after the reply.
 pub const STOP_STEPS: &[&str] = &["QEMU", "reap", "run files", "record"];
 
 /// The mean of `samples` in ms (0 for none).

@@ -788,6 +788,22 @@ impl TestAgent {
         }
     }
 
+    /// Returns once the instance's last operation is wholly done, the work
+    /// it does after its reply included (a stop removes QEMU's run files
+    /// then): a forced StopInstance of the stopped instance waits for it,
+    /// then has nothing to do.
+    pub async fn settled(&self, name: &str) {
+        self.client()
+            .await
+            .stop_instance(pb::StopInstanceRequest {
+                name: name.into(),
+                force: true,
+                powerdown_timeout_ms: 0,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("stop of a stopped {name} failed: {s:?}"));
+    }
+
     /// GetInstance.
     pub async fn instance(&self, name: &str) -> pb::InstanceInfo {
         self.client()

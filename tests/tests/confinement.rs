@@ -157,6 +157,7 @@ async fn a_confined_qemu_is_sandboxed_unprivileged_to_grow_and_memory_limited() 
         })
         .await
         .unwrap();
+    agent.settled("boxed").await;
     assert!(!dir.exists(), "the cgroup goes with QEMU");
 }
 

@@ -231,6 +231,7 @@ async fn vnc_offers_tls_and_a_password_that_only_qemu_keeps() {
         })
         .await
         .unwrap();
+    agent.settled("x509").await;
     assert!(!copy.exists(), "the key's copy goes with its QEMU");
 
     // Without a password asked for, none can be set.

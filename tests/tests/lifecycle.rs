@@ -103,6 +103,7 @@ async fn devices_sit_at_their_runtime_slots_and_taps_live_with_qemu() {
         "tap must vanish with QEMU: {:?}",
         agent.taps()
     );
+    agent.settled("web1").await;
     assert!(!agent.run_dir("web1").join("qmp.sock").exists());
     assert!(!agent.run_dir("web1").join("pid").exists());
 }
@@ -179,6 +180,7 @@ async fn stop_of_a_guest_that_ignores_powerdown_ends_with_quit() {
     );
     assert!(began.elapsed() >= Duration::from_millis(1000));
     assert!(agent.live_qemus().is_empty());
+    agent.settled("deaf").await;
     assert!(!agent.run_dir("deaf").join("qmp.sock").exists());
     assert!(!agent.run_dir("deaf").join("pid").exists());
 }
@@ -214,6 +216,7 @@ async fn stop_kills_a_qemu_that_answers_nothing() {
         began.elapsed()
     );
     assert!(!process_alive(info.pid));
+    agent.settled("hung").await;
     assert!(!agent.run_dir("hung").join("qmp.sock").exists());
     assert!(!agent.run_dir("hung").join("pid").exists());
 }

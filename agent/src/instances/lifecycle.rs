@@ -12,6 +12,7 @@ use hypervisor::probe;
 use hypervisor::process;
 use hypervisor::runtime::{self, HostFacts};
 use hypervisor::{InstanceSpec, Runtime};
+use tokio::sync::OwnedMutexGuard;
 use tracing::{Instrument, debug_span};
 use uuid::Uuid;
 
@@ -379,7 +380,6 @@ impl Agent {
         Ok(process)
     }
 
-    /// Stops QEMU if it runs. The caller holds the operation lock.
     /// The agent's stop timeouts, with the caller's powerdown timeout.
     fn stop_timeouts(&self, powerdown: Option<Duration>) -> StopTimeouts {
         let mut timeouts = self.cfg.stop;
@@ -389,6 +389,9 @@ impl Agent {
         timeouts
     }
 
+    /// Stops QEMU if it runs. The caller holds the operation lock, and
+    /// removes QEMU's run files (sockets, pidfile, chroot, cgroups) or
+    /// leaves them to the next launch, which removes leftovers first.
     async fn stop_locked(
         &self,
         inst: &Instance,
@@ -431,9 +434,6 @@ impl Agent {
             }
         };
         debug_span!("step", step = "reap").in_scope(|| process.reap());
-        lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name))
-            .instrument(debug_span!("step", step = "run files"))
-            .await;
         {
             let mut st = lock(&inst.status);
             st.process = None;
@@ -457,13 +457,13 @@ impl Agent {
         powerdown_timeout: Option<Duration>,
     ) -> Result<(InstanceView, Option<StopMethod>), AgentError> {
         let inst = self.instance(name)?;
-        let _op = if force {
+        let op = if force {
             inst.forced_stops.send_modify(|waiting| *waiting += 1);
-            let locked = inst.lock_ops().await;
+            let locked = inst.lock_ops_owned().await;
             inst.forced_stops.send_modify(|waiting| *waiting -= 1);
             locked?
         } else {
-            inst.lock_ops().await?
+            inst.lock_ops_owned().await?
         };
         if lock(&inst.status).state == State::Quarantined {
             let method = self.stop_quarantined(&inst).await?;
@@ -486,6 +486,7 @@ impl Agent {
             );
             return match stopped {
                 Ok(method) => {
+                    self.remove_run_files_after_reply(&inst, op);
                     persisted?;
                     Ok((inst.view(), method))
                 }
@@ -500,15 +501,31 @@ impl Agent {
         }
         let method = self.stop_locked(&inst, force, timeouts).await?;
         if let Some(method) = method {
-            self.persist_state(
-                &inst,
-                RecordedState::Stopped,
-                &format!("stopped by {}", stop_method_text(method)),
-            )
-            .instrument(debug_span!("step", step = "record"))
-            .await?;
+            let persisted = self
+                .persist_state(
+                    &inst,
+                    RecordedState::Stopped,
+                    &format!("stopped by {}", stop_method_text(method)),
+                )
+                .instrument(debug_span!("step", step = "record"))
+                .await;
+            self.remove_run_files_after_reply(&inst, op);
+            persisted?;
         }
         Ok((inst.view(), method))
+    }
+
+    /// Removes a stopped QEMU's run files once the stop has replied: the
+    /// caller's answer waits only for QEMU's end and the record. `op`, the
+    /// instance's operation lock, is held until they are gone, so that the
+    /// instance's next operation (a start, a delete) begins after them.
+    fn remove_run_files_after_reply(&self, inst: &Instance, op: OwnedMutexGuard<()>) {
+        let run_dir = self.cfg.run_dir(&inst.name);
+        let removal = async move {
+            lifecycle::remove_run_files(&run_dir).await;
+            drop(op);
+        };
+        tokio::spawn(removal.instrument(debug_span!("step", step = "run files")));
     }
 
     /// Reboots an instance.
@@ -591,6 +608,8 @@ impl Agent {
         Ok(inst.view())
     }
 
+    /// Launches a stopped instance's QEMU again from `record`. The launch
+    /// removes the run files the stopped QEMU left.
     async fn relaunch(
         self: &Arc<Self>,
         inst: &Arc<Instance>,
@@ -603,6 +622,8 @@ impl Agent {
                 self.persist_state(inst, RecordedState::Running, "").await
             }
             Err(e) => {
+                // A launch refused before it began leaves them.
+                lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
                 let detail = format!("restart failed: {e}");
                 inst.set_state(State::Crashed, detail.clone());
                 lock(&inst.status).record = Some(record);
