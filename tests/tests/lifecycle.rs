@@ -117,6 +117,9 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
     let mut bigger = spec.clone();
     bigger.memory_mib = 256;
     bigger.nics.push(nic("eth1", "52:54:00:00:20:02"));
+    let record = agent.record_path("seed");
+    let written = || std::fs::metadata(&record).unwrap().modified().unwrap();
+    let before = (std::fs::read(&record).unwrap(), written());
 
     let soft = agent
         .client()
@@ -133,6 +136,10 @@ async fn soft_reboot_replays_the_runtime_and_hard_reboot_applies_the_spec() {
 
     assert_ne!(soft.pid, first.pid, "a soft reboot starts a new QEMU");
     assert_eq!(soft.runtime_generation, first.runtime_generation);
+    assert!(
+        before == (std::fs::read(&record).unwrap(), written()),
+        "a soft reboot leaves the record as it was, unwritten"
+    );
     let mut qmp = operator_qmp(&agent, "seed");
     assert_eq!(qmp.base_memory(), 128 << 20);
     assert_eq!(nic_count(&mut qmp), 1);

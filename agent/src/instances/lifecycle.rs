@@ -608,8 +608,9 @@ impl Agent {
         Ok(inst.view())
     }
 
-    /// Launches a stopped instance's QEMU again from `record`. The launch
-    /// removes the run files the stopped QEMU left.
+    /// Launches a stopped instance's QEMU again from `record`, which is
+    /// the record on disk. The launch removes the run files the stopped
+    /// QEMU left.
     async fn relaunch(
         self: &Arc<Self>,
         inst: &Arc<Instance>,
@@ -618,8 +619,14 @@ impl Agent {
         inst.set_state(State::Starting, "");
         match self.launch(inst, &record.runtime, LaunchMode::Boot).await {
             Ok(_) => {
+                // A reboot leaves a running instance's record as it was:
+                // then there is nothing to write.
+                let unchanged = record.state == RecordedState::Running && record.detail.is_empty();
                 lock(&inst.status).record = Some(record);
-                self.persist_state(inst, RecordedState::Running, "").await
+                match unchanged {
+                    true => Ok(()),
+                    false => self.persist_state(inst, RecordedState::Running, "").await,
+                }
             }
             Err(e) => {
                 // A launch refused before it began leaves them.
