@@ -9,19 +9,6 @@ use kvm_agent_tests::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-async fn stop(agent: &TestAgent, name: &str) {
-    agent
-        .client()
-        .await
-        .stop_instance(pb::StopInstanceRequest {
-            name: name.into(),
-            force: true,
-            powerdown_timeout_ms: 0,
-        })
-        .await
-        .expect("stop");
-}
-
 async fn delete(agent: &TestAgent, name: &str) -> Result<(), tonic::Status> {
     agent
         .client()
@@ -90,7 +77,7 @@ async fn a_stopped_instance_is_renamed_with_its_devices_then_deleted_for_good() 
     spec.nics = vec![nic("eth0", "52:54:00:00:31:01")];
     let started = agent.start_spec(spec).await;
     agent.start_spec(agent.spec("taken", 64)).await;
-    stop(&agent, "taken").await;
+    agent.force_stop("taken").await;
 
     // Neither while QEMU runs.
     for refused in [
@@ -102,7 +89,7 @@ async fn a_stopped_instance_is_renamed_with_its_devices_then_deleted_for_good() 
         assert!(status.message().contains("stop it first"), "{status:?}");
     }
     assert_eq!(lookup(&agent, "before").await.unwrap().pid, started.pid);
-    stop(&agent, "before").await;
+    agent.force_stop("before").await;
 
     let taken = rename(&agent, "before", "taken").await.unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
@@ -138,7 +125,7 @@ async fn a_stopped_instance_is_renamed_with_its_devices_then_deleted_for_good() 
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", running.pid)).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("after"), "{cmdline}");
-    stop(&agent, "after").await;
+    agent.force_stop("after").await;
 
     delete(&agent, "after").await.unwrap();
     assert_eq!(
