@@ -629,7 +629,8 @@ impl Agent {
                 }
             }
             Err(e) => {
-                // A launch refused before it began leaves them.
+                // A launch refused before it began leaves the stopped
+                // QEMU's run files.
                 lifecycle::remove_run_files(&self.cfg.run_dir(&inst.name)).await;
                 let detail = format!("restart failed: {e}");
                 inst.set_state(State::Crashed, detail.clone());
