@@ -425,6 +425,9 @@ async fn a_full_state_disk_is_resource_exhausted_and_starts_nothing() {
         })
         .await
         .unwrap();
+    // The stop's removal of QEMU's run files, after its reply, would free
+    // room on the disk filled below.
+    agent.settled("kept").await;
     let record_before = newest_record_envelope(&state.join("runtime/kept.json"));
     disk_full.fill();
 
