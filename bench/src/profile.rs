@@ -142,6 +142,31 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<StepSums> {
     Ok(step_sums(body))
 }
 
+/// Scrapes until `op` has run `step` `count` times since `before`: then
+/// the work the operations left for after their replies (a stop's run
+/// files) is done.
+pub async fn scrape_when_done(
+    addr: SocketAddr,
+    before: &StepSums,
+    (op, step): (&str, &str),
+    count: u64,
+) -> anyhow::Result<StepSums> {
+    let key = (op.to_owned(), step.to_owned());
+    let count_before = before.get(&key).map_or(0, |&(_, n)| n);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = scrape(addr).await?;
+        let done = now.get(&key).map_or(0, |&(_, n)| n).saturating_sub(count_before);
+        if done >= count {
+            return Ok(now);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{op}: {step} ran {done} times of {count} after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The sums and counts of [`STEP_METRIC`] in Prometheus' text format,
 /// with those of [`OPERATION_METRIC`] as a step of [`WHOLE_OPERATION`].
 /// Pure.

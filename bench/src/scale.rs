@@ -218,9 +218,12 @@ async fn stop_all_profiled(
     let began = Instant::now();
     let calls = agent_stop_all(&agent.socket, names).await?;
     let whole = began.elapsed();
+    // The run files go after the replies; their time and CPU count too.
+    let after =
+        profile::scrape_when_done(metrics, &before, ("stop", "run files"), calls.len() as u64)
+            .await?;
     let machine_ticks = machine_busy_ticks() - busy;
     let agent_ticks = cpu_ticks(&[agent.child.id()]) - agent_ticks;
-    let after = profile::scrape(metrics).await?;
     let per_stop_ms = |ticks: u64, stops: usize| {
         ticks as f64 * 1000.0 / clock_ticks_per_second() / stops.max(1) as f64
     };
@@ -304,7 +307,7 @@ async fn agent_stop_all(socket: &Path, names: &[String]) -> anyhow::Result<Vec<D
 
 /// The table of where each forced stop's time went, level by level.
 pub fn stop_section(md: &mut String, levels: &[Level]) {
-    md.push_str("\n### One stop among all at once\n\nMean time in ms of one forced stop while all the level's instances stop at once: the agent's steps from its metrics endpoint (the record is written beside QEMU's end, and the run files are removed after the reply), the whole StopInstance call as its client timed it, and the raw driver's SIGKILL until the QEMU is reaped. Then the CPU time per stop, from the kernel's accounting in ticks of 10 ms summed over all the stops: the agent process's, and the whole machine's while the agent stopped them (its client and the QEMUs' ends included) and while the raw driver killed them. With both cores busy, every ms of CPU the agent spends delays the QEMUs' ends.\n\n| step |");
+    md.push_str("\n### One stop among all at once\n\nMean time in ms of one forced stop while all the level's instances stop at once: the agent's steps from its metrics endpoint (the record is written beside QEMU's end, and the run files are removed after the reply), the whole StopInstance call as its client timed it, and the raw driver's SIGKILL until the QEMU is reaped. Then the CPU time per stop, from the kernel's accounting in ticks of 10 ms summed over all the stops: the agent process's, and the whole machine's while the agent stopped them (its client, the QEMUs' ends and the removal of their run files after the replies included) and while the raw driver killed them. With both cores busy, every ms of CPU the agent spends delays the QEMUs' ends.\n\n| step |");
     for l in levels {
         md.push_str(&format!(" {} |", l.instances));
     }
