@@ -82,9 +82,13 @@ struct Stats {
     p50_ms: f64,
     p90_ms: f64,
     max_ms: f64,
+    /// Every round's time, in the order the rounds ran: a slow round can
+    /// then be set beside the other rows' same round.
+    rounds_ms: Vec<f64>,
 }
 
 fn stats(samples: &mut [Duration]) -> Stats {
+    let rounds_ms = millis(samples);
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| ms(samples[((samples.len() as f64 - 1.0) * q).round() as usize]);
@@ -93,6 +97,7 @@ fn stats(samples: &mut [Duration]) -> Stats {
         p50_ms: at(0.5),
         p90_ms: at(0.9),
         max_ms: samples.last().map_or(0.0, |d| ms(*d)),
+        rounds_ms,
     }
 }
 
@@ -548,7 +553,7 @@ fn write_report(
     let mut md = String::new();
     md.push_str("# kvm-agent benchmark\n\n");
     md.push_str(&format!(
-        "{} CPUs, kernel {}, {}, accelerator {accel}, {MEMORY_MIB} MiB per instance, {rounds} rounds of the operations and fewer of the saves and migrations, each up to twice as many while a row's goal lies inside its interval (report.json has each row's count); agent and raw interleaved in the same run.\n\n",
+        "{} CPUs, kernel {}, {}, accelerator {accel}, {MEMORY_MIB} MiB per instance, {rounds} rounds of the operations and fewer of the saves and migrations, each up to twice as many while a row's goal lies inside its interval (report.json has each row's count and every round's time); agent and raw interleaved in the same run.\n\n",
         node.cpus,
         kernel.trim(),
         node.qemu_version

@@ -146,7 +146,19 @@ fn the_quick_benchmark_reports_every_row_with_a_ratio() {
             row["ratio_p50"]
         );
         for side in ["agent", "raw"] {
-            assert!(row[side]["n"].as_u64().unwrap() > 0, "{row}");
+            let n = row[side]["n"].as_u64().unwrap();
+            assert!(n > 0, "{row}");
+            // Every round is kept, in the order run, so a slow one can be
+            // found again.
+            let rounds: Vec<f64> = row[side]["rounds_ms"]
+                .as_array()
+                .expect("each round's time")
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect();
+            assert_eq!(rounds.len() as u64, n, "{row}");
+            let slowest = rounds.iter().copied().fold(f64::MIN, f64::max);
+            assert_eq!(slowest, row[side]["max_ms"].as_f64().unwrap(), "{row}");
         }
         if !downtime {
             let interval = row["ratio_ci95"].as_array().expect("a 95% interval");
