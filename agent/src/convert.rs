@@ -494,7 +494,7 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         state: state_to_proto(view.state) as i32,
         state_detail: view.detail,
         pid: view.pid.unwrap_or(0),
-        uptime_seconds: view.uptime.map_or(0, |d| d.as_secs()),
+        uptime_seconds: uptime_seconds(view.started_at),
         reconciling: view.reconciling,
         balloon_mib: view.balloon_mib.unwrap_or(0),
         unconfined: view.unconfined.unwrap_or_default(),
@@ -526,6 +526,13 @@ pub fn view_to_proto(view: InstanceView) -> pb::InstanceInfo {
         .chain(rt.media.iter().map(media_to_proto))
         .collect();
     info
+}
+
+/// Whole seconds since QEMU started; 0 when none runs.
+pub fn uptime_seconds(started_at: Option<std::time::SystemTime>) -> u64 {
+    started_at
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The wire form of a CD-ROM or floppy drive and its medium.
@@ -565,7 +572,7 @@ pub fn takeovers_to_proto(takeovers: Vec<Takeover>) -> pb::AdoptGanetiInstancesR
                         state: State::Running,
                         detail: String::new(),
                         pid: t.pid,
-                        uptime: None,
+                        started_at: None,
                         runtime: Some(Arc::from(runtime)),
                         taps: Vec::new(),
                         reconciling: false,

@@ -295,10 +295,7 @@ impl Instance {
             state: st.state,
             detail: st.detail.clone(),
             pid: st.process.as_ref().map(|p| p.pid).or(st.quarantined_pid),
-            uptime: st
-                .process
-                .as_ref()
-                .and_then(|p| p.started_at.elapsed().ok()),
+            started_at: st.process.as_ref().map(|p| p.started_at),
             runtime: st.record.as_ref().map(|r| r.runtime.clone()),
             taps: st
                 .process

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod ganeti;
 pub mod instances;
+pub mod listing;
 pub mod model;
 pub mod peer;
 pub mod server;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hypervisor::migration::MigrationStatus;
 use hypervisor::probe::QemuInfo;
@@ -165,7 +165,7 @@ pub struct OutgoingMigration {
 }
 
 /// A read-only copy of an instance's status.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InstanceView {
     /// Name.
     pub name: String,
@@ -175,8 +175,8 @@ pub struct InstanceView {
     pub detail: String,
     /// QEMU's pid while running.
     pub pid: Option<u32>,
-    /// Time since QEMU started.
-    pub uptime: Option<Duration>,
+    /// When QEMU started.
+    pub started_at: Option<SystemTime>,
     /// The runtime in the record.
     pub runtime: Option<Arc<Runtime>>,
     /// Host tap names by NIC order, while running.

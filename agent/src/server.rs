@@ -24,6 +24,7 @@ use tonic::transport::server::{Connected, Router};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::instances::Agent;
+use crate::listing::NodeAgentApi;
 use crate::service::NodeAgentService;
 use crate::tls::TlsMaterial;
 
@@ -203,10 +204,12 @@ fn router(
         .add_service(health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(NodeAgentApi::new(
             NodeAgentServer::new(NodeAgentService::new(agent.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-        ))
+            agent.clone(),
+            MAX_REQUEST_BYTES,
+        )))
 }
 
 /// Binds the local socket, owner-only.

@@ -108,6 +108,8 @@ impl NodeAgent for NodeAgentService {
         Ok(Response::new(convert::node_info_to_proto(facts)))
     }
 
+    /// The server answers ListInstances with `listing::NodeAgentApi`,
+    /// which sends kept encodings of what this converts.
     async fn list_instances(
         &self,
         _: Request<pb::ListInstancesRequest>,

@@ -156,7 +156,10 @@ pub async fn scrape_when_done(
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let now = scrape(addr).await?;
-        let done = now.get(&key).map_or(0, |&(_, n)| n).saturating_sub(count_before);
+        let done = now
+            .get(&key)
+            .map_or(0, |&(_, n)| n)
+            .saturating_sub(count_before);
         if done >= count {
             return Ok(now);
         }
