@@ -2,9 +2,8 @@
 //! long as the instance shows what it showed when the entry was made.
 //!
 //! A cluster master polls the list far more often than instances change,
-//! and converting and encoding every entry anew was most of the call's
-//! cost: with a hundred instances, three times a GetInstance. A kept entry
-//! costs a comparison and a copy. Only the uptime changes on its own, so
+//! and converting and encoding every entry anew made a list's cost grow
+//! with the instance count; a kept entry costs a comparison and a copy. Only the uptime changes on its own, so
 //! it is left out of the kept entry and added to it at each call (a
 //! protobuf message's fields may come in any order).
 //!
